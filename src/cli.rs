@@ -1,0 +1,160 @@
+//! The command line, as clap types only; `main.rs` dispatches on them.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// flotilla: keep systemd units running across a fleet of hosts.
+#[derive(Debug, Parser)]
+#[command(name = "flotilla", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check unit files: syntax, names and [X-Fleet] rules; prints each problem as FILE:LINE.
+    Verify(VerifyArgs),
+    /// Run the flotilla daemon on this host (or only check its configuration).
+    Daemon(DaemonArgs),
+}
+
+/// `flotilla verify FILE...`
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Unit files to check; each file's name (without directories) is the unit's name,
+    /// with `.service` added when it has no type suffix.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Also print each valid unit's canonical form (what `flotilla cat` shows) and hash.
+    #[arg(long)]
+    pub print: bool,
+}
+
+/// `flotilla daemon [FLAGS]`: every flag overrides the config file and `FLOTILLA_<KEY>`.
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// Config file [default: /etc/flotilla/flotilla.toml, if it exists].
+    #[arg(long, env = "FLOTILLA_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Validate the configuration, print the effective settings and exit.
+    #[arg(long)]
+    pub check_config: bool,
+    /// This member's name in the cluster [config: name; default: the host name].
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Directory for the Raft log and the agent's identity [config: data_dir].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// API address for the CLI and agents, host:port [config: client_listen].
+    #[arg(long, value_name = "ADDR")]
+    pub client_listen: Option<String>,
+    /// Raft peer address, host:port [config: peer_listen].
+    #[arg(long, value_name = "ADDR")]
+    pub peer_listen: Option<String>,
+    /// Founding members, name=host:port,... [config: initial_cluster].
+    #[arg(long, value_name = "MEMBERS")]
+    pub initial_cluster: Option<String>,
+    /// Machine metadata, repeatable, replaces the configured set [config: metadata].
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub metadata: Vec<String>,
+    /// Log filter in RUST_LOG syntax, e.g. info or flotilla=debug [config: log].
+    #[arg(long, value_name = "FILTER")]
+    pub log: Option<String>,
+}
+
+impl DaemonArgs {
+    /// The flags that were given, as configuration overrides `(key, flag, value)`.
+    pub fn overrides(&self) -> Result<Vec<(&'static str, &'static str, toml::Value)>, String> {
+        let mut overrides = Vec::new();
+        let mut string = |key, flag, value: &Option<String>| {
+            if let Some(value) = value {
+                overrides.push((key, flag, toml::Value::String(value.clone())));
+            }
+        };
+        string("name", "--name", &self.name);
+        string("client_listen", "--client-listen", &self.client_listen);
+        string("peer_listen", "--peer-listen", &self.peer_listen);
+        string(
+            "initial_cluster",
+            "--initial-cluster",
+            &self.initial_cluster,
+        );
+        string("log", "--log", &self.log);
+        if let Some(dir) = &self.data_dir {
+            let dir = dir
+                .to_str()
+                .ok_or_else(|| format!("--data-dir {} is not valid UTF-8", dir.display()))?;
+            overrides.push((
+                "data_dir",
+                "--data-dir",
+                toml::Value::String(dir.to_string()),
+            ));
+        }
+        if !self.metadata.is_empty() {
+            let mut table = toml::Table::new();
+            for pair in &self.metadata {
+                let (key, value) = pair
+                    .split_once('=')
+                    .ok_or_else(|| format!("--metadata expects KEY=VALUE, got {pair:?}"))?;
+                table.insert(key.to_string(), toml::Value::String(value.to_string()));
+            }
+            overrides.push(("metadata", "--metadata", toml::Value::Table(table)));
+        }
+        Ok(overrides)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn daemon_flags_become_overrides() {
+        let cli = Cli::try_parse_from([
+            "flotilla",
+            "daemon",
+            "--name",
+            "n1",
+            "--data-dir",
+            "/d",
+            "--metadata",
+            "a=b",
+            "--metadata",
+            "c=d",
+        ])
+        .unwrap();
+        let Command::Daemon(args) = cli.command else {
+            panic!()
+        };
+        let overrides = args.overrides().unwrap();
+        let keys: Vec<_> = overrides.iter().map(|o| o.0).collect();
+        assert_eq!(keys, ["name", "data_dir", "metadata"]);
+        assert_eq!(overrides[2].2.as_table().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn malformed_metadata_flag_is_refused() {
+        let cli = Cli::try_parse_from(["flotilla", "daemon", "--metadata", "novalue"]).unwrap();
+        let Command::Daemon(args) = cli.command else {
+            panic!()
+        };
+        assert!(args.overrides().unwrap_err().contains("KEY=VALUE"));
+    }
+
+    #[test]
+    fn unknown_flags_and_missing_files_are_usage_errors() {
+        assert!(Cli::try_parse_from(["flotilla", "verify"]).is_err());
+        assert!(Cli::try_parse_from(["flotilla", "verify", "--bogus", "x"]).is_err());
+        assert!(Cli::try_parse_from(["flotilla", "daemon", "--bogus"]).is_err());
+    }
+}

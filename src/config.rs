@@ -1,0 +1,602 @@
+//! The daemon's configuration: one loader for every setting flotilla has.
+//!
+//! Precedence, later wins:
+//!
+//! 1. built-in defaults ([`Config::default`]);
+//! 2. the TOML file (`--config PATH`, default `/etc/flotilla/flotilla.toml`;
+//!    the default path may be absent, an explicit one must exist);
+//! 3. environment variables `FLOTILLA_<KEY>`, the key upper-cased
+//!    (`FLOTILLA_DATA_DIR=/srv/flotilla`);
+//! 4. command-line flags (`--data-dir /srv/flotilla`).
+//!
+//! An unknown key in the file is an error naming the key and `file:line`;
+//! every value is validated once, here, and an error names where the bad value
+//! came from. Later features add fields to [`Config`]; they never add a loader.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Where the daemon looks for its configuration when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/flotilla/flotilla.toml";
+
+/// The prefix of environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "FLOTILLA_";
+
+/// Environment variables with the prefix that are not configuration keys.
+///
+/// `FLOTILLA_CONFIG` picks the file itself; the others belong to the CLI.
+const ENV_NOT_KEYS: [&str; 3] = ["FLOTILLA_CONFIG", "FLOTILLA_ENDPOINT", "FLOTILLA_TOKEN"];
+
+/// Every setting of `flotilla daemon`, after all layers are applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This member's name in the cluster; defaults to the host name.
+    pub name: String,
+    /// Where the Raft log, snapshots and the agent's identity live.
+    pub data_dir: PathBuf,
+    /// Address the HTTP API listens on for the CLI and agents (`host:port`).
+    pub client_listen: String,
+    /// Address Raft peers connect to (`host:port`).
+    pub peer_listen: String,
+    /// The founding members, `name=host:port,...`; empty means a single member
+    /// made of this host alone.
+    pub initial_cluster: String,
+    /// This machine's metadata, matched by `MachineMetadata=` in unit files.
+    pub metadata: BTreeMap<String, String>,
+    /// Log filter, in `RUST_LOG` syntax (`info`, `flotilla=debug,warn`).
+    pub log: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            name: default_name(),
+            data_dir: PathBuf::from("/var/lib/flotilla"),
+            client_listen: "127.0.0.1:4001".to_string(),
+            peer_listen: "127.0.0.1:4002".to_string(),
+            initial_cluster: String::new(),
+            metadata: BTreeMap::new(),
+            log: "info".to_string(),
+        }
+    }
+}
+
+/// The host name, or `default` when it cannot be read or is not a valid member name.
+fn default_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_string())
+        .filter(|name| check_member_name(name).is_ok())
+        .unwrap_or_else(|| "default".to_string())
+}
+
+/// One founding member of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The member's name (`--name` on that host).
+    pub name: String,
+    /// Its peer address, `host:port`.
+    pub peer_addr: String,
+}
+
+/// Where a setting's value came from, so an error can point at it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// Nobody set it.
+    Default,
+    /// The TOML file, at this line.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the key.
+        line: usize,
+    },
+    /// An environment variable.
+    Env(String),
+    /// A command-line flag.
+    Flag(String),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Default => f.write_str("the built-in default"),
+            Origin::File { path, line } => write!(f, "{}:{line}", path.display()),
+            Origin::Env(var) => write!(f, "environment variable {var}"),
+            Origin::Flag(flag) => write!(f, "flag {flag}"),
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key or a value of the wrong type.
+    #[error("{}:{line}: {message}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the problem.
+        line: usize,
+        /// What is wrong (for an unknown key: the key and the keys that exist).
+        message: String,
+    },
+    /// An override (environment variable or flag) has a value of the wrong type.
+    #[error("{origin}: {message}")]
+    Override {
+        /// The variable or flag.
+        origin: Origin,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value parsed but makes no sense.
+    #[error("invalid {key} (from {origin}): {message}")]
+    Invalid {
+        /// The configuration key.
+        key: &'static str,
+        /// Where its value came from.
+        origin: Origin,
+        /// What is wrong and what to write instead.
+        message: String,
+    },
+}
+
+/// A loaded, validated configuration and where each key's value came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The settings.
+    pub config: Config,
+    /// The file that was read, if any.
+    pub file: Option<PathBuf>,
+    /// The origin of every key that was not left at its default.
+    pub origins: BTreeMap<String, Origin>,
+    /// Things worth telling the operator that did not stop the load.
+    pub warnings: Vec<String>,
+}
+
+impl Loaded {
+    /// Where `key`'s value came from.
+    pub fn origin(&self, key: &str) -> Origin {
+        self.origins.get(key).cloned().unwrap_or(Origin::Default)
+    }
+
+    /// The founding members, from `initial_cluster` or this host alone.
+    pub fn members(&self) -> Vec<Member> {
+        parse_members(&self.config.initial_cluster).unwrap_or_else(|_| {
+            vec![Member {
+                name: self.config.name.clone(),
+                peer_addr: self.config.peer_listen.clone(),
+            }]
+        })
+    }
+}
+
+/// Which file to read.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// `/etc/flotilla/flotilla.toml` if it exists.
+    DefaultPath,
+    /// This file, which must exist.
+    Explicit(PathBuf),
+}
+
+/// Loads the configuration from all layers and validates it.
+///
+/// `env` is the process environment (passed in so tests need not mutate it);
+/// `flags` are the overrides from the command line as `(key, flag, value)`.
+pub fn load(
+    source: &Source,
+    env: &[(String, String)],
+    flags: &[(&'static str, &'static str, toml::Value)],
+) -> Result<Loaded, Error> {
+    let mut warnings = Vec::new();
+    let mut origins = BTreeMap::new();
+    let mut table = toml::Table::new();
+
+    let file = match source {
+        Source::DefaultPath if !Path::new(DEFAULT_PATH).exists() => None,
+        Source::DefaultPath => Some(PathBuf::from(DEFAULT_PATH)),
+        Source::Explicit(path) => Some(path.clone()),
+    };
+    if let Some(path) = &file {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let (file_table, lines) = parse_file(path, &text)?;
+        for (key, value) in file_table {
+            let line = lines.get(&key).copied().unwrap_or(1);
+            origins.insert(
+                key.clone(),
+                Origin::File {
+                    path: path.clone(),
+                    line,
+                },
+            );
+            table.insert(key, value);
+        }
+    }
+
+    let defaults = toml::Table::try_from(Config::default()).expect("the default config serialises");
+    for (var, raw) in env {
+        let Some(suffix) = var.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if ENV_NOT_KEYS.contains(&var.as_str()) {
+            continue;
+        }
+        let key = suffix.to_ascii_lowercase();
+        let Some(default) = defaults.get(&key) else {
+            warnings.push(format!(
+                "environment variable {var} is not a configuration key and is ignored (keys: {})",
+                key_list(&defaults)
+            ));
+            continue;
+        };
+        let origin = Origin::Env(var.clone());
+        let value = env_value(default, raw).map_err(|message| Error::Override {
+            origin: origin.clone(),
+            message,
+        })?;
+        check_override(&key, &value, &origin)?;
+        table.insert(key.clone(), value);
+        origins.insert(key, origin);
+    }
+
+    for (key, flag, value) in flags {
+        let origin = Origin::Flag((*flag).to_string());
+        check_override(key, value, &origin)?;
+        table.insert((*key).to_string(), value.clone());
+        origins.insert((*key).to_string(), origin);
+    }
+
+    let config: Config = toml::Value::Table(table)
+        .try_into()
+        .expect("every layer was checked against Config on its own");
+    let loaded = Loaded {
+        config,
+        file,
+        origins,
+        warnings,
+    };
+    validate(&loaded)?;
+    Ok(loaded)
+}
+
+/// Parses the file, checking it against [`Config`], and returns its keys with their lines.
+fn parse_file(path: &Path, text: &str) -> Result<(toml::Table, BTreeMap<String, usize>), Error> {
+    let file_error = |err: toml::de::Error| Error::File {
+        path: path.to_path_buf(),
+        line: err.span().map_or(1, |span| line_of(text, span.start)),
+        message: err.message().trim().to_string(),
+    };
+    toml::from_str::<Config>(text).map_err(file_error)?;
+    let spanned: BTreeMap<toml::Spanned<String>, toml::Value> =
+        toml::from_str(text).map_err(file_error)?;
+    let mut table = toml::Table::new();
+    let mut lines = BTreeMap::new();
+    for (key, value) in spanned {
+        lines.insert(key.get_ref().clone(), line_of(text, key.span().start));
+        table.insert(key.into_inner(), value);
+    }
+    Ok((table, lines))
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+fn key_list(defaults: &toml::Table) -> String {
+    defaults
+        .keys()
+        .map(|k| format!("{ENV_PREFIX}{}", k.to_ascii_uppercase()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Reads an environment value with the type the key has by default.
+///
+/// Strings are taken as they are; a table accepts `k=v,k2=v2` or an inline
+/// TOML table; anything else is parsed as a TOML value (`10`, `true`, `[1, 2]`).
+fn env_value(default: &toml::Value, raw: &str) -> Result<toml::Value, String> {
+    match default {
+        toml::Value::String(_) => Ok(toml::Value::String(raw.to_string())),
+        toml::Value::Table(_) if !raw.trim_start().starts_with('{') => {
+            let mut table = toml::Table::new();
+            for pair in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                let (k, v) = pair.split_once('=').ok_or_else(|| {
+                    format!("expected key=value pairs separated by ',', got {pair:?}")
+                })?;
+                table.insert(
+                    k.trim().to_string(),
+                    toml::Value::String(v.trim().to_string()),
+                );
+            }
+            Ok(toml::Value::Table(table))
+        }
+        _ => toml::from_str::<toml::Table>(&format!("value = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("value"))
+            .ok_or_else(|| format!("{raw:?} is not a valid value")),
+    }
+}
+
+/// Checks that one override has the right type, so the error names its origin.
+fn check_override(key: &str, value: &toml::Value, origin: &Origin) -> Result<(), Error> {
+    let mut single = toml::Table::new();
+    single.insert(key.to_string(), value.clone());
+    toml::Value::Table(single)
+        .try_into::<Config>()
+        .map(|_| ())
+        .map_err(|err| Error::Override {
+            origin: origin.clone(),
+            message: err.message().trim().to_string(),
+        })
+}
+
+/// Checks the values that parse but could still be wrong.
+fn validate(loaded: &Loaded) -> Result<(), Error> {
+    let config = &loaded.config;
+    let invalid = |key: &'static str, message: String| Error::Invalid {
+        key,
+        origin: loaded.origin(key),
+        message,
+    };
+    check_member_name(&config.name).map_err(|m| invalid("name", m))?;
+    if config.data_dir.as_os_str().is_empty() {
+        return Err(invalid(
+            "data_dir",
+            "the data directory is empty".to_string(),
+        ));
+    }
+    check_host_port(&config.client_listen).map_err(|m| invalid("client_listen", m))?;
+    check_host_port(&config.peer_listen).map_err(|m| invalid("peer_listen", m))?;
+    if !config.initial_cluster.is_empty() {
+        let members =
+            parse_members(&config.initial_cluster).map_err(|m| invalid("initial_cluster", m))?;
+        if !members.iter().any(|m| m.name == config.name) {
+            return Err(invalid(
+                "initial_cluster",
+                format!(
+                    "this member's name {:?} is not in it; add {}={} or set name to one of its members",
+                    config.name, config.name, config.peer_listen
+                ),
+            ));
+        }
+    }
+    for (key, value) in &config.metadata {
+        if !crate::units::fleet::is_metadata_key(key) {
+            return Err(invalid(
+                "metadata",
+                format!("key {key:?} must use only letters, digits, '-', '_' and '.'"),
+            ));
+        }
+        if value.is_empty() || value.contains('=') || value.chars().any(char::is_control) {
+            return Err(invalid(
+                "metadata",
+                format!(
+                    "value {value:?} of {key} must be non-empty, without '=' or control characters"
+                ),
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(&config.log).map_err(|e| {
+        invalid(
+            "log",
+            format!("{e}; write e.g. info or flotilla=debug,warn"),
+        )
+    })?;
+    Ok(())
+}
+
+fn check_member_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a member name: use 1-63 letters, digits, '-', '_' or '.'"
+        ))
+    }
+}
+
+/// Accepts `host:port` and `[v6]:port` with a non-zero port.
+fn check_host_port(addr: &str) -> Result<(), String> {
+    let bad = || format!("{addr:?} is not host:port (for example 127.0.0.1:4001 or [::1]:4001)");
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        v6.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 && host_ok => Ok(()),
+        _ => Err(bad()),
+    }
+}
+
+/// Parses `name=host:port,name=host:port`.
+fn parse_members(spec: &str) -> Result<Vec<Member>, String> {
+    let mut members: Vec<Member> = Vec::new();
+    for entry in spec.split(',').map(str::trim) {
+        let (name, addr) = entry
+            .split_once('=')
+            .ok_or_else(|| format!("entry {entry:?} is not name=host:port"))?;
+        check_member_name(name)?;
+        check_host_port(addr)?;
+        if members.iter().any(|m| m.name == name) {
+            return Err(format!("member {name:?} appears twice"));
+        }
+        members.push(Member {
+            name: name.to_string(),
+            peer_addr: addr.to_string(),
+        });
+    }
+    Ok(members)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    fn explicit(f: &tempfile::NamedTempFile) -> Source {
+        Source::Explicit(f.path().to_path_buf())
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_need_no_file() {
+        let missing = Source::Explicit(PathBuf::from("/nonexistent/flotilla.toml"));
+        assert!(matches!(load(&missing, &[], &[]), Err(Error::Read { .. })));
+        let f = file("");
+        let loaded = load(&explicit(&f), &[], &[]).unwrap();
+        let expected = Config::default();
+        assert_eq!(loaded.config, expected);
+        assert_eq!(loaded.members().len(), 1);
+        assert_eq!(loaded.members()[0].peer_addr, "127.0.0.1:4002");
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let f = file(
+            "name = \"n1\"\ndata_dir = \"/from/file\"\nlog = \"debug\"\n[metadata]\nregion = \"eu\"\n",
+        );
+        let vars = env(&[
+            ("FLOTILLA_DATA_DIR", "/from/env"),
+            ("FLOTILLA_LOG", "warn"),
+            ("FLOTILLA_METADATA", "region=us,disk=ssd"),
+            ("PATH", "/bin"),
+        ]);
+        let flags = [("log", "--log", toml::Value::String("error".into()))];
+        let loaded = load(&explicit(&f), &vars, &flags).unwrap();
+        assert_eq!(loaded.config.name, "n1");
+        assert_eq!(loaded.config.data_dir, PathBuf::from("/from/env"));
+        assert_eq!(loaded.config.log, "error");
+        assert_eq!(loaded.config.metadata["region"], "us");
+        assert_eq!(loaded.config.metadata["disk"], "ssd");
+        assert_eq!(
+            loaded.origin("name"),
+            Origin::File {
+                path: f.path().to_path_buf(),
+                line: 1
+            }
+        );
+        assert_eq!(
+            loaded.origin("data_dir"),
+            Origin::Env("FLOTILLA_DATA_DIR".into())
+        );
+        assert_eq!(loaded.origin("log"), Origin::Flag("--log".into()));
+        assert_eq!(loaded.origin("peer_listen"), Origin::Default);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let f = file("name = \"n1\"\n\ndata_dri = \"/x\"\n");
+        let err = load(&explicit(&f), &[], &[]).unwrap_err();
+        let shown = err.to_string();
+        assert!(matches!(err, Error::File { line: 3, .. }), "{shown}");
+        assert!(shown.contains("data_dri"), "{shown}");
+        assert!(
+            shown.contains(&format!("{}:3", f.path().display())),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn wrong_types_and_syntax_errors_have_lines() {
+        let f = file("name = \"n1\"\nlog = 3\n");
+        assert!(matches!(
+            load(&explicit(&f), &[], &[]),
+            Err(Error::File { line: 2, .. })
+        ));
+        let f = file("name = \n");
+        assert!(matches!(
+            load(&explicit(&f), &[], &[]),
+            Err(Error::File { line: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn bad_env_values_name_the_variable() {
+        let f = file("");
+        let err = load(
+            &explicit(&f),
+            &env(&[("FLOTILLA_METADATA", "novalue")]),
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("FLOTILLA_METADATA"), "{err}");
+        let loaded = load(&explicit(&f), &env(&[("FLOTILLA_NOPE", "1")]), &[]).unwrap();
+        assert!(loaded.warnings[0].contains("FLOTILLA_NOPE"));
+        // The CLI's own variables are not config keys and are not warned about.
+        let loaded = load(&explicit(&f), &env(&[("FLOTILLA_ENDPOINT", "x")]), &[]).unwrap();
+        assert!(loaded.warnings.is_empty());
+    }
+
+    #[test]
+    fn semantic_errors_name_key_and_origin() {
+        let f = file("name = \"n1\"\ninitial_cluster = \"n2=127.0.0.1:1,n3=127.0.0.1:2\"\n");
+        let err = load(&explicit(&f), &[], &[]).unwrap_err().to_string();
+        assert!(err.contains("initial_cluster"), "{err}");
+        assert!(err.contains(":2"), "{err}");
+
+        let cases: [(&'static str, toml::Value); 6] = [
+            ("name", "bad name".into()),
+            ("client_listen", "nonsense".into()),
+            ("peer_listen", "127.0.0.1:0".into()),
+            ("initial_cluster", "n1=127.0.0.1:1,n1=127.0.0.1:2".into()),
+            ("log", "[[[".into()),
+            ("metadata", toml::Value::Table(toml::toml! { "a b" = "c" })),
+        ];
+        for (key, value) in cases {
+            let flags = [(key, "--flag", value)];
+            let err = load(&explicit(&file("name = \"n1\"\n")), &[], &flags).unwrap_err();
+            assert!(
+                matches!(&err, Error::Invalid { key: k, origin: Origin::Flag(_), .. } if *k == key),
+                "{key}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn initial_cluster_with_this_member() {
+        let f = file(
+            "name = \"n2\"\ninitial_cluster = \"n1=10.0.0.1:4002, n2=host-b:4002,n3=[::1]:4002\"\n",
+        );
+        let loaded = load(&explicit(&f), &[], &[]).unwrap();
+        let names: Vec<_> = loaded.members().into_iter().map(|m| m.name).collect();
+        assert_eq!(names, ["n1", "n2", "n3"]);
+    }
+}

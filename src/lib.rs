@@ -1,0 +1,16 @@
+//! flotilla: a fleet scheduler for systemd hosts.
+//!
+//! Users hand flotilla ordinary systemd unit files with an optional `[X-Fleet]`
+//! section; the cluster keeps them running on the right machines. One binary
+//! holds the daemon and the CLI.
+//!
+//! * [`units`]: the pure unit model: names, the unit-file parser, `[X-Fleet]`
+//!   rules, hashing and the placement decision. No I/O.
+//! * [`config`]: the daemon's configuration loader (file, environment, flags).
+//! * [`cli`]: the command line, as clap types.
+//! * [`verify`]: `flotilla verify`, checking unit files on disk.
+
+pub mod cli;
+pub mod config;
+pub mod units;
+pub mod verify;
