@@ -36,7 +36,8 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(
         second.options(),
         first.options(),
-        "options changed across parse -> to_text -> parse\n\
+        "options changed across parse -> to_text -> parse \
+         (left: reparsed, right: first parse)\n\
          input:    {text:?}\n\
          rendered: {rendered:?}"
     );
@@ -44,6 +45,8 @@ fuzz_target!(|data: &[u8]| {
         second.hash(),
         first.hash(),
         "hash changed across parse -> to_text -> parse although the options \
-         are equal\ninput:    {text:?}\nrendered: {rendered:?}"
+         are equal (left: reparsed, right: first parse)\n\
+         input:    {text:?}\n\
+         rendered: {rendered:?}"
     );
 });

@@ -53,6 +53,17 @@ impl Eq for UnitFile {}
 impl UnitFile {
     /// Parses unit-file text; every error found is reported, each with its line.
     pub fn parse(text: &str) -> Result<UnitFile, Error> {
+        let (file, problems) = UnitFile::parse_collecting(text)?;
+        problems.into_result()?;
+        Ok(file)
+    }
+
+    /// Parses as much as it can and hands back the problems beside the options.
+    ///
+    /// Lines with errors are left out of the file, so later checks (the
+    /// `[X-Fleet]` rules) can still run and report everything in one pass.
+    /// Only an oversized body fails outright.
+    pub(crate) fn parse_collecting(text: &str) -> Result<(UnitFile, Problems), Error> {
         if text.len() > MAX_UNIT_BYTES {
             return Err(Error::TooLarge {
                 size: text.len(),
@@ -95,8 +106,7 @@ impl UnitFile {
         if let Some((start, logical)) = pending {
             parser.line(start, &logical);
         }
-        parser.problems.into_result()?;
-        Ok(parser.file)
+        Ok((parser.file, parser.problems))
     }
 
     /// Builds a file from an options list (as fleet's API carries it), validating each option.

@@ -25,13 +25,18 @@ impl Unit {
     ///
     /// On failure the error lists every problem in the file, each with its line.
     pub fn from_text(name: &UnitName, text: &str) -> Result<Unit, Error> {
-        Unit::from_file(name, UnitFile::parse(text)?)
+        let (file, problems) = UnitFile::parse_collecting(text)?;
+        Unit::check(name, file, problems)
     }
 
     /// Validates an already parsed body for the unit `name`.
     pub fn from_file(name: &UnitName, file: UnitFile) -> Result<Unit, Error> {
-        let mut problems = Problems::default();
-        if file.is_empty() {
+        Unit::check(name, file, Problems::default())
+    }
+
+    /// Runs the unit-level checks on `file`, adding to the problems already found in it.
+    fn check(name: &UnitName, file: UnitFile, mut problems: Problems) -> Result<Unit, Error> {
+        if file.is_empty() && !problems.has_errors() {
             problems.error(
                 None,
                 "the unit file has no options; systemd would have nothing to run \
@@ -127,9 +132,9 @@ mod tests {
         let Err(Error::Invalid { problems }) = Unit::from_text(&name, text) else {
             panic!("expected errors");
         };
-        // The syntax error stops the parse before the rules run: one error, line 2.
-        assert_eq!(problems.len(), 1);
-        assert_eq!(problems[0].line, Some(2));
+        // The syntax error does not hide the rule violation below it.
+        let lines: Vec<_> = problems.iter().map(|p| p.line).collect();
+        assert_eq!(lines, [Some(2), Some(5)]);
 
         let text = "[Service]\nExecStart=/bin/true\n[X-Fleet]\nGlobal=true\nReplaces=b*\nMachineOf=x@.service\nFoo=1\n";
         let Err(Error::Invalid { problems }) = Unit::from_text(&name, text) else {

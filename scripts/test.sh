@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs the whole test suite exactly as CI does: formatting, lints, every test.
+# On a fresh Debian 12 machine run it as root: it installs what it needs.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/lib.sh
+
+ensure_toolchain
+ensure_nextest
+
+say "formatting (cargo fmt --check)"
+cargo fmt --all --check
+
+say "lints (cargo clippy -D warnings)"
+cargo clippy --locked --all-targets -- -D warnings
+
+say "tests (cargo nextest, profile ci)"
+cargo nextest run --locked --profile ci
+
+say "doc tests"
+cargo test --locked --doc
+
+say "all checks passed"

@@ -1,0 +1,299 @@
+//! The `flotilla` binary driven as a user drives it: real processes, real files,
+//! exit codes and output checked.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn flotilla(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(args)
+        .env_remove("FLOTILLA_CONFIG")
+        .output()
+        .expect("the flotilla binary runs")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn write(dir: &Path, name: &str, body: &[u8]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, body).unwrap();
+    path
+}
+
+fn examples() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/units");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e != "md"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_example_unit_verifies() {
+    let files = examples();
+    assert!(
+        files.len() >= 8,
+        "expected the example units, found {files:?}"
+    );
+    let args: Vec<&str> = files.iter().map(|p| p.to_str().unwrap()).collect();
+    let mut argv = vec!["verify"];
+    argv.extend(args);
+    let out = flotilla(&argv);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(stdout(&out).matches(": ok: ").count(), files.len());
+    assert!(!stdout(&out).contains("error"), "{}", stdout(&out));
+}
+
+#[test]
+fn examples_cover_every_x_fleet_option() {
+    let mut seen = std::collections::BTreeSet::new();
+    for file in examples() {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for line in text.lines() {
+            if let Some((key, _)) = line.split_once('=') {
+                seen.insert(key.trim().to_string());
+            }
+        }
+    }
+    for key in [
+        "MachineID",
+        "MachineOf",
+        "MachineMetadata",
+        "Conflicts",
+        "Global",
+        "Replaces",
+    ] {
+        assert!(seen.contains(key), "no example uses {key}");
+    }
+    let seed = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/units/myapp@.service"),
+    )
+    .unwrap();
+    assert!(seed.contains("Conflicts=myapp@*.service"));
+}
+
+#[test]
+fn errors_are_printed_as_file_and_line_with_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write(
+        dir.path(),
+        "bad.service",
+        b"[Service]\nExecStart=/bin/true\nthis line has no equals\n[X-Fleet]\n",
+    );
+    let good = write(
+        dir.path(),
+        "good.service",
+        b"[Service]\nExecStart=/bin/true\n",
+    );
+    let out = flotilla(&["verify", bad.to_str().unwrap(), good.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("{}:3: error: missing '='", bad.display())),
+        "{text}"
+    );
+    assert!(text.contains(&format!("{}: ok: unit good.service", good.display())));
+    assert!(stderr(&out).contains("1 of 2 unit file(s) have errors"));
+}
+
+#[test]
+fn x_fleet_rule_violations_are_errors_with_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write(
+        dir.path(),
+        "combo.service",
+        b"[Service]\nExecStart=/bin/true\n[X-Fleet]\nMachineID=0123456789abcdef0123456789abcdef\nGlobal=true\nConflicts=x[\n",
+    );
+    let out = flotilla(&["verify", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    assert!(
+        text.contains(":5: error: MachineID cannot be used with Global"),
+        "{text}"
+    );
+    assert!(
+        text.contains(":6: error: Conflicts: invalid glob"),
+        "{text}"
+    );
+}
+
+#[test]
+fn warnings_do_not_fail_verification() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "warn.service",
+        b"[Service]\nExecStart=/bin/true\n[X-Fleet]\nConflict=typo.service\n",
+    );
+    let out = flotilla(&["verify", file.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert!(stdout(&out).contains(":4: warning: unknown [X-Fleet] key"));
+}
+
+#[test]
+fn hostile_names_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in [
+        "a..service",
+        "evil$(id).service",
+        "x.bogus",
+        "-rf.service",
+        "a@b@c.service",
+    ] {
+        let file = write(dir.path(), name, b"[Service]\nExecStart=/bin/true\n");
+        let out = flotilla(&["verify", file.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{name}");
+        assert!(
+            stdout(&out).contains("invalid unit name"),
+            "{name}: {}",
+            stdout(&out)
+        );
+    }
+    // A file name with no suffix gets .service, as fleetctl does.
+    let file = write(dir.path(), "plain", b"[Service]\nExecStart=/bin/true\n");
+    let out = flotilla(&["verify", file.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert!(stdout(&out).contains("ok: unit plain.service"));
+}
+
+#[test]
+fn oversized_unreadable_and_binary_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut big = b"[Service]\nEnvironment=".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 300 * 1024));
+    let big = write(dir.path(), "big.service", &big);
+    let binary = write(
+        dir.path(),
+        "bin.service",
+        b"[Service]\nExecStart=\xff\xfe\n",
+    );
+    let missing = dir.path().join("missing.service");
+    for (file, expected) in [
+        (&big, "larger than"),
+        (&binary, ":2: error: the file is not valid UTF-8"),
+        (&missing, "cannot read the file"),
+    ] {
+        let out = flotilla(&["verify", file.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{}", file.display());
+        assert!(stdout(&out).contains(expected), "{}", stdout(&out));
+    }
+}
+
+#[test]
+fn print_shows_the_canonical_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "c.service",
+        b"# comment\n[Service]\n  ExecStart = /bin/echo \\\n   hi\n",
+    );
+    let out = flotilla(&["verify", "--print", file.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert!(
+        stdout(&out).ends_with("[Service]\nExecStart=/bin/echo     hi\n"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn unknown_flags_are_usage_errors_with_exit_2() {
+    for args in [
+        &["verify", "--bogus", "x"][..],
+        &["nope"],
+        &["daemon", "--what"],
+        &["verify"],
+    ] {
+        let out = flotilla(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(stdout(&out).is_empty());
+        assert!(!stderr(&out).is_empty());
+    }
+}
+
+#[test]
+fn check_config_validates_and_shows_effective_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "flotilla.toml",
+        b"name = \"n1\"\ndata_dir = \"/var/lib/x\"\n[metadata]\ndisk = \"ssd\"\n",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(["daemon", "--check-config", "--config"])
+        .arg(&config)
+        .args(["--data-dir", "/from/flag"])
+        .env("FLOTILLA_DATA_DIR", "/from/env")
+        .env("FLOTILLA_LOG", "debug")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("name = \"n1\""), "{text}");
+    assert!(
+        text.contains("data_dir = \"/from/flag\""),
+        "flag beats env: {text}"
+    );
+    assert!(
+        text.contains("log = \"debug\""),
+        "env beats default: {text}"
+    );
+    assert!(text.contains("disk = \"ssd\""), "{text}");
+}
+
+#[test]
+fn bad_config_names_key_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "flotilla.toml",
+        b"name = \"n1\"\nbogus_key = 1\n",
+    );
+    let out = flotilla(&[
+        "daemon",
+        "--check-config",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains(&format!("{}:2", config.display())), "{err}");
+    assert!(err.contains("bogus_key"), "{err}");
+
+    let out = flotilla(&[
+        "daemon",
+        "--check-config",
+        "--config",
+        "/nonexistent/f.toml",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("cannot read config file"));
+
+    let out = flotilla(&[
+        "daemon",
+        "--check-config",
+        "--config",
+        config.to_str().unwrap(),
+        "--client-listen",
+        "nonsense",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn daemon_without_check_config_says_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(dir.path(), "flotilla.toml", b"name = \"n1\"\n");
+    let out = flotilla(&["daemon", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("--check-config"), "{}", stderr(&out));
+}
