@@ -6,11 +6,17 @@
 //!
 //! * [`units`]: the pure unit model: names, the unit-file parser, `[X-Fleet]`
 //!   rules, hashing and the placement decision. No I/O.
+//! * [`consensus`]: the embedded Raft store; today its state machine.
+//! * [`agent`]: the per-host agent; today its pure reconcile rules.
+//! * [`lock`]: reboot coordination; today the semaphore's pure operations.
 //! * [`config`]: the daemon's configuration loader (file, environment, flags).
 //! * [`cli`]: the command line, as clap types.
 //! * [`verify`]: `flotilla verify`, checking unit files on disk.
 
+pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod consensus;
+pub mod lock;
 pub mod units;
 pub mod verify;

@@ -1,0 +1,10 @@
+//! The embedded Raft key-value store: the cluster's memory.
+//!
+//! Unit files, desired and current state, machine presence, claims and the
+//! reboot semaphore all live here.
+//!
+//! * [`kv`]: the replicated state machine (revisions, transactions, leases,
+//!   watch history). Deterministic: every member applies the same commands and
+//!   reaches the same state.
+
+pub mod kv;
