@@ -146,6 +146,15 @@ pub enum Command {
         /// Time to live in milliseconds.
         ttl_ms: u64,
     },
+    /// The lease's holder is alive: its full TTL starts again.
+    ///
+    /// Replicated (not leader-local as in etcd) so that whichever member leads
+    /// next knows when each lease was last renewed; many keep-alives share one
+    /// log append and one fsync.
+    LeaseKeepAlive {
+        /// The lease.
+        id: LeaseId,
+    },
     /// End a lease now, deleting its keys.
     LeaseRevoke {
         /// The lease.
@@ -222,6 +231,13 @@ pub enum Outcome {
         /// Its id.
         id: LeaseId,
         /// Its TTL in milliseconds.
+        ttl_ms: u64,
+    },
+    /// A lease was renewed.
+    LeaseKept {
+        /// Its id.
+        id: LeaseId,
+        /// Its TTL in milliseconds, counting from now.
         ttl_ms: u64,
     },
     /// Leases ended (revoke or expire); `ended` lists those that existed.
@@ -381,6 +397,16 @@ impl KvStore {
                 failure,
             } => self.txn(compare, success, failure, &mut events),
             Command::LeaseGrant { ttl_ms } => self.grant(*ttl_ms),
+            Command::LeaseKeepAlive { id } => match self.leases.get_mut(id) {
+                Some(lease) => {
+                    lease.remaining_ms = lease.ttl_ms;
+                    Outcome::LeaseKept {
+                        id: *id,
+                        ttl_ms: lease.ttl_ms,
+                    }
+                }
+                None => Outcome::Failed(KvError::LeaseNotFound(*id)),
+            },
             Command::LeaseRevoke { id } => self.end_leases(&[*id], &mut events),
             Command::LeaseExpire { ids } => self.end_leases(ids, &mut events),
             Command::LeaseCheckpoint { remaining } => {

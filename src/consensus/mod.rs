@@ -8,3 +8,5 @@
 //!   reaches the same state.
 
 pub mod kv;
+pub mod codec;
+pub mod storage;

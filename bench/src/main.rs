@@ -1,0 +1,226 @@
+//! `flotilla-bench`: measures write throughput and latency of flotilla's Raft
+//! KV store and of etcd, in the same run, on the same disk, through native
+//! clients driven by the same closed-loop load driver.
+//!
+//! Output: one JSON line per (target, clients) result on stdout, and a human
+//! table on stderr at the end. See README.md.
+
+mod driver;
+mod etcd;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use crate::driver::{KvTarget, LoadReport, LoadSpec};
+use crate::etcd::{EtcdCluster, EtcdTarget};
+
+/// Command line of the benchmark binary.
+#[derive(Parser, Debug)]
+#[command(name = "flotilla-bench", version, about)]
+struct Cli {
+    /// What to benchmark.
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The benchmarks this binary knows.
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Put throughput and latency of 3-member clusters on loopback.
+    Kv(KvArgs),
+}
+
+/// Options of `flotilla-bench kv`.
+#[derive(clap::Args, Debug)]
+struct KvArgs {
+    /// Stores to benchmark, in order; each gets a fresh 3-member cluster.
+    #[arg(long, value_delimiter = ',', default_value = "etcd")]
+    target: Vec<Target>,
+    /// Concurrent clients (one connection each) to measure at.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    clients: Vec<usize>,
+    /// Length of each measured window, in seconds.
+    #[arg(long, default_value_t = 5)]
+    duration_secs: u64,
+    /// Unmeasured warm-up before each window, in seconds.
+    #[arg(long, default_value_t = 1)]
+    warmup_secs: u64,
+    /// Size of every written value, in bytes.
+    #[arg(long, default_value_t = 256)]
+    value_size: usize,
+    /// Directory under which each cluster's data dirs are created (and removed
+    /// afterwards). Every target writes here, so all use the same disk; it
+    /// must not be a tmpfs, or fsync costs nothing.
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    work_dir: PathBuf,
+    /// The etcd server binary (Debian package `etcd-server`).
+    #[arg(long, default_value = "etcd")]
+    etcd_bin: PathBuf,
+}
+
+/// A store the benchmark can start and load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Target {
+    /// flotilla's embedded Raft KV store.
+    Flotilla,
+    /// etcd from Debian's `etcd-server`, via its gRPC API.
+    Etcd,
+}
+
+/// A started cluster and the target that writes to it. Fields drop in order:
+/// the target's connections close before the cluster is killed.
+struct Started {
+    /// What the driver loads.
+    target: Box<dyn KvTarget>,
+    /// Keeps the cluster's processes alive; dropping it stops them.
+    _cluster: Box<dyn Send>,
+}
+
+/// One result as printed on stdout: a single JSON line.
+#[derive(Serialize, Debug)]
+struct ResultLine {
+    /// `"etcd"` or `"flotilla"`.
+    target: &'static str,
+    /// Concurrent clients.
+    clients: usize,
+    /// Bytes per value.
+    value_size: usize,
+    /// Measured window, in seconds.
+    duration_secs: u64,
+    /// Puts acknowledged in the window.
+    writes: u64,
+    /// Acknowledged puts per second.
+    writes_per_sec: f64,
+    /// Median put latency, in milliseconds.
+    p50_ms: f64,
+    /// 99th-percentile put latency, in milliseconds.
+    p99_ms: f64,
+    /// Largest put latency, in milliseconds.
+    max_ms: f64,
+    /// Failed or timed-out puts in the window.
+    errors: u64,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Kv(args) => kv(args).await,
+    }
+}
+
+/// `flotilla-bench kv`: every target at every client count, one cluster per
+/// target, all data under one temporary directory that is removed at the end
+/// (and kept, with the clusters' logs, if the run fails).
+async fn kv(args: KvArgs) -> Result<()> {
+    let work = tempfile::Builder::new()
+        .prefix("flotilla-bench-")
+        .tempdir_in(&args.work_dir)
+        .with_context(|| format!("creating a temp dir in {}", args.work_dir.display()))?;
+    eprintln!("data under {}", work.path().display());
+    match kv_in(&args, work.path()).await {
+        Ok(lines) => {
+            print_table(&lines);
+            Ok(())
+        }
+        Err(err) => {
+            let kept = work.keep();
+            eprintln!("kept {} for inspection", kept.display());
+            Err(err)
+        }
+    }
+}
+
+/// The body of [`kv`], with all data under `dir`.
+async fn kv_in(args: &KvArgs, dir: &Path) -> Result<Vec<ResultLine>> {
+    let mut lines = Vec::new();
+    for &target in &args.target {
+        let name = target_name(target);
+        eprintln!("{name}: starting a 3-member cluster");
+        let started = start(target, args, &dir.join(name)).await?;
+        for &clients in &args.clients {
+            let spec = LoadSpec {
+                clients,
+                warmup: Duration::from_secs(args.warmup_secs),
+                duration: Duration::from_secs(args.duration_secs),
+                value_size: args.value_size,
+                op_timeout: Duration::from_secs(10),
+                key_prefix: format!("bench/{clients}c"),
+            };
+            eprintln!("{name}: {clients} clients for {}s", args.duration_secs);
+            let report = driver::run(started.target.as_ref(), &spec).await?;
+            let line = result_line(name, args, &report);
+            println!("{}", serde_json::to_string(&line)?);
+            lines.push(line);
+        }
+    }
+    Ok(lines)
+}
+
+/// Starts a fresh cluster of `target` with its data under `dir`.
+async fn start(target: Target, args: &KvArgs, dir: &Path) -> Result<Started> {
+    match target {
+        Target::Etcd => {
+            let cluster = EtcdCluster::start(&args.etcd_bin, dir).await?;
+            let target = EtcdTarget::new(cluster.endpoints());
+            Ok(Started {
+                target: Box::new(target),
+                _cluster: Box::new(cluster),
+            })
+        }
+        // ---------------------------------------------------------------
+        // TEMPORARY PLACEHOLDER: the flotilla target goes here.
+        // Start 3 flotilla members on loopback with their data under `dir`
+        // (fsync on, the default), then return a KvTarget whose connect()
+        // calls `flotilla::consensus::client::Client::connect(&endpoints)`
+        // and whose put() calls `client.put(&key, value)`, like etcd.rs.
+        // ---------------------------------------------------------------
+        Target::Flotilla => bail!(
+            "flotilla target not wired yet: it needs flotilla::consensus::client::Client \
+             (run with --target etcd meanwhile)"
+        ),
+    }
+}
+
+/// The name a target goes by in output and directory names.
+fn target_name(target: Target) -> &'static str {
+    match target {
+        Target::Flotilla => "flotilla",
+        Target::Etcd => "etcd",
+    }
+}
+
+/// Converts a driver report into the printed shape.
+fn result_line(target: &'static str, args: &KvArgs, report: &LoadReport) -> ResultLine {
+    let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+    ResultLine {
+        target,
+        clients: report.clients,
+        value_size: args.value_size,
+        duration_secs: args.duration_secs,
+        writes: report.writes,
+        writes_per_sec: (report.writes_per_sec * 10.0).round() / 10.0,
+        p50_ms: ms(report.p50),
+        p99_ms: ms(report.p99),
+        max_ms: ms(report.max),
+        errors: report.errors,
+    }
+}
+
+/// Prints all results as an aligned table on stderr.
+fn print_table(lines: &[ResultLine]) {
+    eprintln!(
+        "\n{:<9} {:>7} {:>10} {:>9} {:>9} {:>9} {:>7}",
+        "target", "clients", "writes/s", "p50 ms", "p99 ms", "max ms", "errors"
+    );
+    for l in lines {
+        eprintln!(
+            "{:<9} {:>7} {:>10.1} {:>9.3} {:>9.3} {:>9.3} {:>7}",
+            l.target, l.clients, l.writes_per_sec, l.p50_ms, l.p99_ms, l.max_ms, l.errors
+        );
+    }
+}

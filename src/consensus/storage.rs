@@ -1,0 +1,496 @@
+//! Durable Raft state: the log, the hard state and the latest snapshot.
+//!
+//! Two layers. [`Durable`] is the contract with the disk: `save` MUST NOT return
+//! before what it was given is on stable storage, because the node acknowledges
+//! writes and sends votes right after. [`RedbDisk`] keeps it with redb (one
+//! commit, one fsync per batch); [`MemDisk`] keeps it in memory for the
+//! deterministic simulation, where a "crash" discards whatever was not synced.
+//!
+//! [`LogStore`] is the in-memory view raft-rs reads through its `Storage` trait:
+//! raft-rs's own `MemStorage` for entries and states, plus our snapshot with
+//! the state machine's data so lagging members can catch up.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::storage::MemStorage;
+use raft::{GetEntriesContext, RaftState, StorageError};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::codec;
+
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
+const HARD_STATE: &str = "hard_state";
+const CONF_STATE: &str = "conf_state";
+const SNAPSHOT: &str = "snapshot";
+const FORMAT: &str = "format";
+
+/// Why the disk failed; the node stops rather than continue without durability.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// redb reported an error.
+    #[error("storage error in {path}: {message}")]
+    Redb {
+        /// The database file.
+        path: String,
+        /// redb's message.
+        message: String,
+    },
+    /// Stored bytes could not be decoded.
+    #[error("corrupt raft state on disk: {0}")]
+    Corrupt(String),
+    /// Written by a newer release.
+    #[error(transparent)]
+    Format(#[from] codec::CodecError),
+}
+
+/// Everything read back from the disk at start.
+#[derive(Debug, Default, Clone)]
+pub struct Recovered {
+    /// Term, vote and commit.
+    pub hard_state: HardState,
+    /// Voters and learners, as of the last applied change or snapshot.
+    pub conf_state: ConfState,
+    /// The latest snapshot, if any.
+    pub snapshot: Option<Snapshot>,
+    /// Log entries after the snapshot, in order.
+    pub entries: Vec<Entry>,
+}
+
+impl Recovered {
+    /// True when nothing was ever stored: a brand-new member.
+    pub fn is_empty(&self) -> bool {
+        self.snapshot.is_none() && self.entries.is_empty() && self.hard_state == HardState::default()
+    }
+}
+
+/// One batch of changes, saved atomically.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// A snapshot received from the leader: it replaces the whole log.
+    pub installed: Option<Snapshot>,
+    /// A snapshot this member took of its own state: entries before its index
+    /// are dropped (the entry at the index is kept, so the log is never empty).
+    pub taken: Option<Snapshot>,
+    /// New entries; any stored entries at or after the first one are replaced.
+    pub entries: Vec<Entry>,
+    /// The new hard state.
+    pub hard_state: Option<HardState>,
+    /// The new membership.
+    pub conf_state: Option<ConfState>,
+}
+
+impl Batch {
+    /// True when there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.installed.is_none()
+            && self.taken.is_none()
+            && self.entries.is_empty()
+            && self.hard_state.is_none()
+            && self.conf_state.is_none()
+    }
+}
+
+/// The disk contract.
+pub trait Durable: Send {
+    /// Reads back everything saved.
+    fn load(&self) -> Result<Recovered, DiskError>;
+    /// Saves a batch. MUST NOT return before the batch is on stable storage.
+    fn save(&mut self, batch: &Batch) -> Result<(), DiskError>;
+}
+
+/// The Raft state in a redb database under the member's data directory.
+pub struct RedbDisk {
+    db: redb::Database,
+    path: String,
+}
+
+impl RedbDisk {
+    /// Opens or creates `dir/raft.redb`.
+    pub fn open(dir: &Path) -> Result<RedbDisk, DiskError> {
+        let file = dir.join("raft.redb");
+        let path = file.display().to_string();
+        let err = |e: &dyn std::fmt::Display| DiskError::Redb {
+            path: path.clone(),
+            message: e.to_string(),
+        };
+        std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
+        let db = redb::Database::create(&file).map_err(|e| err(&e))?;
+        let disk = RedbDisk { db, path };
+        disk.check_format()?;
+        Ok(disk)
+    }
+
+    fn error(&self, e: impl std::fmt::Display) -> DiskError {
+        DiskError::Redb {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Refuses a database written by a newer release; stamps a new one.
+    fn check_format(&self) -> Result<(), DiskError> {
+        let txn = self.db.begin_write().map_err(|e| self.error(e))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| self.error(e))?;
+            let found = meta
+                .get(FORMAT)
+                .map_err(|e| self.error(e))?
+                .map(|v| v.value().first().copied().unwrap_or(0));
+            match found {
+                Some(v) if !(codec::OLDEST_READABLE..=codec::FORMAT_VERSION).contains(&v) => {
+                    return Err(codec::CodecError::Version { found: v }.into());
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert(FORMAT, [codec::FORMAT_VERSION].as_slice())
+                        .map_err(|e| self.error(e))?;
+                }
+            }
+            txn.open_table(LOG).map_err(|e| self.error(e))?;
+        }
+        txn.commit().map_err(|e| self.error(e))
+    }
+}
+
+fn parse<M: protobuf::Message>(bytes: &[u8]) -> Result<M, DiskError> {
+    M::parse_from_bytes(bytes).map_err(|e| DiskError::Corrupt(e.to_string()))
+}
+
+fn bytes<M: protobuf::Message>(m: &M) -> Vec<u8> {
+    m.write_to_bytes()
+        .expect("protobuf encoding of an in-memory message cannot fail")
+}
+
+impl Durable for RedbDisk {
+    fn load(&self) -> Result<Recovered, DiskError> {
+        let txn = self.db.begin_read().map_err(|e| self.error(e))?;
+        let meta = txn.open_table(META).map_err(|e| self.error(e))?;
+        let log = txn.open_table(LOG).map_err(|e| self.error(e))?;
+        let mut recovered = Recovered::default();
+        if let Some(v) = meta.get(HARD_STATE).map_err(|e| self.error(e))? {
+            recovered.hard_state = parse(v.value())?;
+        }
+        if let Some(v) = meta.get(CONF_STATE).map_err(|e| self.error(e))? {
+            recovered.conf_state = parse(v.value())?;
+        }
+        if let Some(v) = meta.get(SNAPSHOT).map_err(|e| self.error(e))? {
+            recovered.snapshot = Some(parse(v.value())?);
+        }
+        for item in log.iter().map_err(|e| self.error(e))? {
+            let (_, v) = item.map_err(|e| self.error(e))?;
+            recovered.entries.push(parse(v.value())?);
+        }
+        Ok(recovered)
+    }
+
+    fn save(&mut self, batch: &Batch) -> Result<(), DiskError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().map_err(|e| self.error(e))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| self.error(e))?;
+            let mut log = txn.open_table(LOG).map_err(|e| self.error(e))?;
+            if let Some(snapshot) = batch.installed.as_ref().or(batch.taken.as_ref()) {
+                let index = snapshot.get_metadata().index;
+                if batch.installed.is_some() {
+                    log.retain(|_, _| false).map_err(|e| self.error(e))?;
+                } else {
+                    log.retain_in(..index, |_, _| false)
+                        .map_err(|e| self.error(e))?;
+                }
+                meta.insert(SNAPSHOT, bytes(snapshot).as_slice())
+                    .map_err(|e| self.error(e))?;
+                meta.insert(CONF_STATE, bytes(snapshot.get_metadata().get_conf_state()).as_slice())
+                    .map_err(|e| self.error(e))?;
+            }
+            if let Some(first) = batch.entries.first() {
+                log.retain_in(first.index.., |_, _| false)
+                    .map_err(|e| self.error(e))?;
+                for entry in &batch.entries {
+                    log.insert(entry.index, bytes(entry).as_slice())
+                        .map_err(|e| self.error(e))?;
+                }
+            }
+            if let Some(hs) = &batch.hard_state {
+                meta.insert(HARD_STATE, bytes(hs).as_slice())
+                    .map_err(|e| self.error(e))?;
+            }
+            if let Some(cs) = &batch.conf_state {
+                meta.insert(CONF_STATE, bytes(cs).as_slice())
+                    .map_err(|e| self.error(e))?;
+            }
+        }
+        // redb's default durability is Immediate: commit returns after fsync.
+        txn.commit().map_err(|e| self.error(e))
+    }
+}
+
+/// An in-memory disk for simulation: `save` is durable only while `sync` is on.
+///
+/// Cloning shares the same platters, so a simulated crash rebuilds the node
+/// from the same `MemDisk` and sees only what was synced.
+#[derive(Clone, Default)]
+pub struct MemDisk {
+    synced: Arc<Mutex<Recovered>>,
+    /// When false, saves are acknowledged but never reach the platters: the
+    /// mutation that the simulation's checker must catch.
+    pub sync: bool,
+}
+
+impl MemDisk {
+    /// A disk that honours the durability contract.
+    pub fn new() -> MemDisk {
+        MemDisk {
+            synced: Arc::default(),
+            sync: true,
+        }
+    }
+}
+
+impl Durable for MemDisk {
+    fn load(&self) -> Result<Recovered, DiskError> {
+        Ok(self.synced.lock().expect("sim disk lock").clone())
+    }
+
+    fn save(&mut self, batch: &Batch) -> Result<(), DiskError> {
+        if !self.sync {
+            return Ok(());
+        }
+        let mut disk = self.synced.lock().expect("sim disk lock");
+        if let Some(snapshot) = batch.installed.as_ref().or(batch.taken.as_ref()) {
+            let index = snapshot.get_metadata().index;
+            if batch.installed.is_some() {
+                disk.entries.clear();
+            } else {
+                disk.entries.retain(|e| e.index >= index);
+            }
+            disk.conf_state = snapshot.get_metadata().get_conf_state().clone();
+            disk.snapshot = Some(snapshot.clone());
+        }
+        if let Some(first) = batch.entries.first() {
+            disk.entries.retain(|e| e.index < first.index);
+            disk.entries.extend(batch.entries.iter().cloned());
+        }
+        if let Some(hs) = &batch.hard_state {
+            disk.hard_state = hs.clone();
+        }
+        if let Some(cs) = &batch.conf_state {
+            disk.conf_state = cs.clone();
+        }
+        Ok(())
+    }
+}
+
+/// The log as raft-rs reads it: entries and states in memory, plus our snapshot.
+#[derive(Clone)]
+pub struct LogStore {
+    mem: MemStorage,
+    snapshot: Arc<RwLock<Snapshot>>,
+}
+
+impl LogStore {
+    /// Rebuilds the in-memory view from what the disk recovered.
+    pub fn from_recovered(recovered: &Recovered) -> Result<LogStore, DiskError> {
+        let mem = MemStorage::new();
+        let mut snapshot = Snapshot::default();
+        {
+            let mut core = mem.wl();
+            if let Some(snap) = &recovered.snapshot {
+                core.apply_snapshot(snap.clone())
+                    .map_err(|e| DiskError::Corrupt(e.to_string()))?;
+                snapshot = snap.clone();
+            }
+            core.append(&recovered.entries)
+                .map_err(|e| DiskError::Corrupt(e.to_string()))?;
+            core.set_conf_state(recovered.conf_state.clone());
+            core.set_hardstate(recovered.hard_state.clone());
+        }
+        Ok(LogStore {
+            mem,
+            snapshot: Arc::new(RwLock::new(snapshot)),
+        })
+    }
+
+    /// Applies a saved batch to the in-memory view (after [`Durable::save`]).
+    pub fn apply(&self, batch: &Batch) -> raft::Result<()> {
+        let mut core = self.mem.wl();
+        if let Some(snap) = &batch.installed {
+            core.apply_snapshot(snap.clone())?;
+            *self.snapshot.write().expect("snapshot lock") = snap.clone();
+        }
+        if let Some(snap) = &batch.taken {
+            core.compact(snap.get_metadata().index)?;
+            *self.snapshot.write().expect("snapshot lock") = snap.clone();
+        }
+        core.append(&batch.entries)?;
+        if let Some(hs) = &batch.hard_state {
+            core.set_hardstate(hs.clone());
+        }
+        if let Some(cs) = &batch.conf_state {
+            core.set_conf_state(cs.clone());
+        }
+        Ok(())
+    }
+
+    /// The latest snapshot's index (0 when there is none).
+    pub fn snapshot_index(&self) -> u64 {
+        self.snapshot.read().expect("snapshot lock").get_metadata().index
+    }
+
+    /// The term of the entry at `index`, when the log still has it.
+    pub fn term_of(&self, index: u64) -> Option<u64> {
+        raft::Storage::term(&self.mem, index).ok()
+    }
+}
+
+impl raft::Storage for LogStore {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        self.mem.initial_state()
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        self.mem.entries(low, high, max_size, context)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        self.mem.term(idx)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        self.mem.first_index()
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        self.mem.last_index()
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let snapshot = self.snapshot.read().expect("snapshot lock").clone();
+        if snapshot.get_metadata().index < request_index || snapshot.data.is_empty() {
+            // The node makes a fresh snapshot soon; raft-rs asks again.
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        Ok(snapshot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
+        let mut e = Entry::default();
+        e.index = index;
+        e.term = term;
+        e.data = data.to_vec().into();
+        e
+    }
+
+    fn hard(term: u64, commit: u64) -> HardState {
+        let mut hs = HardState::default();
+        hs.term = term;
+        hs.commit = commit;
+        hs
+    }
+
+    fn exercise(disk: &mut dyn Durable) {
+        assert!(disk.load().unwrap().is_empty());
+        disk.save(&Batch {
+            entries: vec![entry(1, 1, b"a"), entry(2, 1, b"b"), entry(3, 1, b"c")],
+            hard_state: Some(hard(1, 2)),
+            ..Batch::default()
+        })
+        .unwrap();
+        // A new leader overwrites the uncommitted tail.
+        disk.save(&Batch {
+            entries: vec![entry(3, 2, b"x")],
+            hard_state: Some(hard(2, 3)),
+            ..Batch::default()
+        })
+        .unwrap();
+        let r = disk.load().unwrap();
+        let got: Vec<_> = r.entries.iter().map(|e| (e.index, e.term)).collect();
+        assert_eq!(got, [(1, 1), (2, 1), (3, 2)]);
+        assert_eq!(r.hard_state, hard(2, 3));
+
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 2;
+        snap.mut_metadata().term = 1;
+        snap.data = b"state".to_vec().into();
+        disk.save(&Batch {
+            taken: Some(snap.clone()),
+            ..Batch::default()
+        })
+        .unwrap();
+        let r = disk.load().unwrap();
+        assert_eq!(r.snapshot.unwrap().data.as_ref(), b"state");
+        assert_eq!(r.entries.iter().map(|e| e.index).collect::<Vec<_>>(), [2, 3]);
+        snap.mut_metadata().index = 5;
+        disk.save(&Batch {
+            installed: Some(snap),
+            ..Batch::default()
+        })
+        .unwrap();
+        let r = disk.load().unwrap();
+        assert!(r.entries.is_empty());
+        assert_eq!(r.snapshot.unwrap().get_metadata().index, 5);
+    }
+
+    #[test]
+    fn redb_disk_keeps_its_contract_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut disk = RedbDisk::open(dir.path()).unwrap();
+            exercise(&mut disk);
+        }
+        let disk = RedbDisk::open(dir.path()).unwrap();
+        let r = disk.load().unwrap();
+        assert!(r.entries.is_empty());
+        assert_eq!(r.hard_state, hard(2, 3));
+    }
+
+    #[test]
+    fn mem_disk_keeps_its_contract_and_forgets_unsynced_writes() {
+        let mut disk = MemDisk::new();
+        exercise(&mut disk);
+        let mut unsynced = MemDisk::default();
+        unsynced
+            .save(&Batch {
+                entries: vec![entry(1, 1, b"a")],
+                ..Batch::default()
+            })
+            .unwrap();
+        assert!(unsynced.load().unwrap().is_empty());
+    }
+
+    #[test]
+    fn newer_formats_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(RedbDisk::open(dir.path()).unwrap());
+        {
+            let db = redb::Database::create(dir.path().join("raft.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert(FORMAT, [codec::FORMAT_VERSION + 1].as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        assert!(matches!(
+            RedbDisk::open(dir.path()),
+            Err(DiskError::Format(_))
+        ));
+    }
+}
