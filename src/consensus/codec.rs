@@ -9,8 +9,8 @@
 use std::collections::BTreeMap;
 use std::io;
 
-use serde::{Deserialize, Serialize};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::kv::{Command, KvStore};
@@ -124,9 +124,18 @@ mod tests {
         assert_eq!(decode::<Command>(&bytes).unwrap(), cmd);
         let mut future = bytes.clone();
         future[0] = FORMAT_VERSION + 1;
-        assert!(matches!(decode::<Command>(&future), Err(CodecError::Version { .. })));
-        assert!(matches!(decode::<Command>(&[]), Err(CodecError::Malformed(_))));
-        assert!(matches!(decode::<Command>(&[FORMAT_VERSION, 200]), Err(CodecError::Malformed(_))));
+        assert!(matches!(
+            decode::<Command>(&future),
+            Err(CodecError::Version { .. })
+        ));
+        assert!(matches!(
+            decode::<Command>(&[]),
+            Err(CodecError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode::<Command>(&[FORMAT_VERSION, 200]),
+            Err(CodecError::Malformed(_))
+        ));
     }
 
     #[tokio::test]
@@ -144,6 +153,9 @@ mod tests {
     async fn oversized_frames_are_refused() {
         let (mut a, mut b) = tokio::io::duplex(64);
         a.write_all(&(u32::MAX).to_be_bytes()).await.unwrap();
-        assert!(matches!(read_frame(&mut b).await, Err(CodecError::TooLarge(_))));
+        assert!(matches!(
+            read_frame(&mut b).await,
+            Err(CodecError::TooLarge(_))
+        ));
     }
 }

@@ -6,7 +6,10 @@
 //! * [`kv`]: the replicated state machine (revisions, transactions, leases,
 //!   watch history). Deterministic: every member applies the same commands and
 //!   reaches the same state.
+//! * [`linearizable`]: checks recorded client histories for linearizability.
 
-pub mod kv;
 pub mod codec;
+pub mod kv;
+pub mod linearizable;
+pub mod node;
 pub mod storage;

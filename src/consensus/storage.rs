@@ -62,7 +62,9 @@ pub struct Recovered {
 impl Recovered {
     /// True when nothing was ever stored: a brand-new member.
     pub fn is_empty(&self) -> bool {
-        self.snapshot.is_none() && self.entries.is_empty() && self.hard_state == HardState::default()
+        self.snapshot.is_none()
+            && self.entries.is_empty()
+            && self.hard_state == HardState::default()
     }
 }
 
@@ -204,8 +206,11 @@ impl Durable for RedbDisk {
                 }
                 meta.insert(SNAPSHOT, bytes(snapshot).as_slice())
                     .map_err(|e| self.error(e))?;
-                meta.insert(CONF_STATE, bytes(snapshot.get_metadata().get_conf_state()).as_slice())
-                    .map_err(|e| self.error(e))?;
+                meta.insert(
+                    CONF_STATE,
+                    bytes(snapshot.get_metadata().get_conf_state()).as_slice(),
+                )
+                .map_err(|e| self.error(e))?;
             }
             if let Some(first) = batch.entries.first() {
                 log.retain_in(first.index.., |_, _| false)
@@ -300,11 +305,21 @@ impl LogStore {
         {
             let mut core = mem.wl();
             if let Some(snap) = &recovered.snapshot {
-                core.apply_snapshot(snap.clone())
-                    .map_err(|e| DiskError::Corrupt(e.to_string()))?;
+                // Index 0 is the founding membership, taken before any entry.
+                if snap.get_metadata().index > 0 {
+                    core.apply_snapshot(snap.clone())
+                        .map_err(|e| DiskError::Corrupt(e.to_string()))?;
+                }
                 snapshot = snap.clone();
             }
-            core.append(&recovered.entries)
+            let after = snapshot.get_metadata().index;
+            let tail: Vec<Entry> = recovered
+                .entries
+                .iter()
+                .filter(|e| e.index > after)
+                .cloned()
+                .collect();
+            core.append(&tail)
                 .map_err(|e| DiskError::Corrupt(e.to_string()))?;
             core.set_conf_state(recovered.conf_state.clone());
             core.set_hardstate(recovered.hard_state.clone());
@@ -338,7 +353,11 @@ impl LogStore {
 
     /// The latest snapshot's index (0 when there is none).
     pub fn snapshot_index(&self) -> u64 {
-        self.snapshot.read().expect("snapshot lock").get_metadata().index
+        self.snapshot
+            .read()
+            .expect("snapshot lock")
+            .get_metadata()
+            .index
     }
 
     /// The term of the entry at `index`, when the log still has it.
@@ -436,7 +455,10 @@ mod tests {
         .unwrap();
         let r = disk.load().unwrap();
         assert_eq!(r.snapshot.unwrap().data.as_ref(), b"state");
-        assert_eq!(r.entries.iter().map(|e| e.index).collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(
+            r.entries.iter().map(|e| e.index).collect::<Vec<_>>(),
+            [2, 3]
+        );
         snap.mut_metadata().index = 5;
         disk.save(&Batch {
             installed: Some(snap),

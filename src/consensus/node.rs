@@ -1,0 +1,933 @@
+//! THE Ready loop: one Raft member, driven by ticks, messages and requests.
+//!
+//! [`Core`] owns the `RawNode`, the state machine and the disk, and nothing else
+//! touches them. It is synchronous and deterministic: time arrives as a
+//! millisecond count in [`Core::tick`], messages leave through the return value
+//! of [`Core::handle_ready`], and answers go to callbacks. The daemon runs one
+//! `Core` on its own thread ([`super::runner`]); the simulation runs several in
+//! one process with a simulated network and disk.
+//!
+//! Each [`Core::handle_ready`] pass follows raft-rs's Ready contract:
+//! 1. send `messages` (a leader may send before its own append is durable);
+//! 2. save the snapshot, entries and hard state in ONE disk batch (one fsync);
+//! 3. send `persisted_messages` (votes and acks only after the fsync);
+//! 4. apply committed entries, answer their proposals, feed watchers;
+//! 5. serve reads whose ReadIndex is now applied;
+//! 6. `advance`, and handle the light ready the same way.
+
+use std::collections::{BTreeMap, HashMap};
+
+use protobuf::Message as _;
+use raft::eraftpb::{
+    ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, Snapshot,
+};
+use raft::{RawNode, StateRole};
+
+use super::codec::{self, MemberInfo, SnapshotData};
+use super::kv::{Command, Compacted, Event, KvStore, LeaseId, Outcome, Revision};
+use super::storage::{Batch, DiskError, Durable, LogStore};
+
+/// A one-shot answer to a request, called exactly once.
+pub type Callback<T> = Box<dyn FnOnce(T) + Send>;
+
+/// What a watcher receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchMsg {
+    /// The events of one or more whole revisions, in order.
+    Events(Vec<Event>),
+    /// The watch cannot continue: its next revision left the history.
+    Compacted(Compacted),
+}
+
+/// Serves a linearizable read once the state machine is current enough.
+pub type ReadServe = Box<dyn for<'a> FnOnce(Result<&'a KvStore, RequestError>) + Send>;
+
+/// A watcher's sink; returns false when the receiver is gone.
+pub type WatchSink = Box<dyn FnMut(WatchMsg) -> bool + Send>;
+
+/// Why a request got no answer from the state machine.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// No leader is known: nothing was done. Retry after an election.
+    #[error(
+        "no leader is known (election in progress or quorum lost); nothing was changed, retry shortly"
+    )]
+    NoLeader,
+    /// The leader changed or the request timed out after it was proposed: it
+    /// may or may not have been applied.
+    #[error(
+        "leadership changed before the request was confirmed; it may or may not have been applied, check before retrying"
+    )]
+    Unknown,
+    /// The member is shutting down or its disk failed.
+    #[error("this member is stopping: {0}")]
+    Stopped(String),
+    /// The request itself is wrong.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Tuning for one member; times in ticks of `tick_ms`.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This member's Raft id.
+    pub id: u64,
+    /// Milliseconds per tick.
+    pub tick_ms: u64,
+    /// Ticks without a heartbeat before an election.
+    pub election_ticks: usize,
+    /// Ticks between heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Applied entries between snapshots (and log compactions).
+    pub snapshot_entries: u64,
+    /// Events kept for watches.
+    pub history_limit: usize,
+    /// Ticks between lease checkpoints on the leader.
+    pub checkpoint_ticks: u64,
+    /// Ticks before a proposal or read without an answer is failed as unknown.
+    pub request_ticks: u64,
+}
+
+impl NodeConfig {
+    /// Defaults for a member with this id and election timeout.
+    pub fn new(id: u64, tick_ms: u64, election_ms: u64) -> Self {
+        let election_ticks = (election_ms / tick_ms.max(1)).max(4) as usize;
+        NodeConfig {
+            id,
+            tick_ms,
+            election_ticks,
+            heartbeat_ticks: (election_ticks / 5).max(1),
+            snapshot_entries: 10_000,
+            history_limit: super::kv::DEFAULT_HISTORY_LIMIT,
+            checkpoint_ticks: (1000 / tick_ms.max(1)).max(1),
+            request_ticks: (10_000 / tick_ms.max(1)).max(10),
+        }
+    }
+
+    fn election_ms(&self) -> u64 {
+        self.election_ticks as u64 * self.tick_ms
+    }
+}
+
+/// A member's view of the cluster, for `status` and the CLI.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Status {
+    /// This member's id.
+    pub id: u64,
+    /// The leader's id, 0 when unknown.
+    pub leader: u64,
+    /// The current term.
+    pub term: u64,
+    /// Last applied log index.
+    pub applied: u64,
+    /// The state machine's revision.
+    pub revision: Revision,
+    /// Members by id.
+    pub members: BTreeMap<u64, MemberInfo>,
+}
+
+struct Pending {
+    reply: Callback<Result<Outcome, RequestError>>,
+    deadline: u64,
+}
+
+struct PendingRead {
+    ctx: u64,
+    index: Option<u64>,
+    deadline: u64,
+    serve: ReadServe,
+}
+
+struct Watcher {
+    prefix: String,
+    next: Revision,
+    sink: WatchSink,
+}
+
+/// One Raft member. See the module documentation.
+pub struct Core<D: Durable> {
+    config: NodeConfig,
+    raw: RawNode<LogStore>,
+    store: LogStore,
+    disk: D,
+    kv: KvStore,
+    members: BTreeMap<u64, MemberInfo>,
+    conf_state: ConfState,
+    applied: u64,
+    leader: u64,
+    ticks: u64,
+    now_ms: u64,
+    next_request: u64,
+    pending: HashMap<u64, Pending>,
+    reads: Vec<PendingRead>,
+    watchers: Vec<Watcher>,
+    /// Leader only: when each lease runs out, in `now_ms` time.
+    lessor: Option<BTreeMap<LeaseId, u64>>,
+    /// Leases whose expiry was proposed, with the tick it was proposed at.
+    expiring: BTreeMap<LeaseId, u64>,
+    commit_dirty: bool,
+}
+
+fn ctx_bytes(id: u64) -> Vec<u8> {
+    id.to_be_bytes().to_vec()
+}
+
+fn ctx_id(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+impl<D: Durable> Core<D> {
+    /// Starts a member from whatever `disk` holds.
+    ///
+    /// A brand-new disk with `bootstrap` set founds a cluster of those members;
+    /// with `bootstrap` empty the member waits to be added by an existing one.
+    pub fn new(
+        config: NodeConfig,
+        disk: D,
+        bootstrap: &BTreeMap<u64, MemberInfo>,
+        logger: &slog::Logger,
+    ) -> Result<Core<D>, DiskError> {
+        let mut recovered = disk.load()?;
+        let mut kv = KvStore::new(config.history_limit);
+        let mut members = BTreeMap::new();
+        let mut applied = 0;
+        let mut disk = disk;
+        if recovered.is_empty() && !bootstrap.is_empty() {
+            let mut cs = ConfState::default();
+            cs.voters = bootstrap.keys().copied().collect();
+            // The founding membership is the first snapshot, so a member that
+            // restarts before anything is written still knows its peers.
+            let mut snap = Snapshot::default();
+            snap.mut_metadata().set_conf_state(cs.clone());
+            snap.data = codec::encode(&SnapshotData {
+                kv: kv.clone(),
+                members: bootstrap.clone(),
+            })
+            .into();
+            let batch = Batch {
+                installed: Some(snap),
+                conf_state: Some(cs),
+                ..Batch::default()
+            };
+            disk.save(&batch)?;
+            recovered = disk.load()?;
+        }
+        if let Some(snap) = &recovered.snapshot {
+            let data: SnapshotData = codec::decode(&snap.data)?;
+            kv = data.kv;
+            members = data.members;
+            applied = snap.get_metadata().index;
+        }
+        let conf_state = recovered.conf_state.clone();
+        // Replay committed membership changes after the snapshot for the address book.
+        for entry in &recovered.entries {
+            if entry.index <= recovered.hard_state.commit {
+                if let Some((cc, info)) = decode_conf_change(entry) {
+                    apply_members(&mut members, &cc, info);
+                }
+            }
+        }
+        let store = LogStore::from_recovered(&recovered)?;
+        let raft_config = raft::Config {
+            id: config.id,
+            election_tick: config.election_ticks,
+            heartbeat_tick: config.heartbeat_ticks,
+            applied,
+            max_size_per_msg: 1024 * 1024,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            ..raft::Config::default()
+        };
+        raft_config
+            .validate()
+            .map_err(|e| DiskError::Corrupt(format!("invalid raft config: {e}")))?;
+        let raw = RawNode::new(&raft_config, store.clone(), logger)
+            .map_err(|e| DiskError::Corrupt(e.to_string()))?;
+        Ok(Core {
+            config,
+            raw,
+            store,
+            disk,
+            kv,
+            members,
+            conf_state,
+            applied,
+            leader: 0,
+            ticks: 0,
+            now_ms: 0,
+            next_request: 1,
+            pending: HashMap::new(),
+            reads: Vec::new(),
+            watchers: Vec::new(),
+            lessor: None,
+            expiring: BTreeMap::new(),
+            commit_dirty: false,
+        })
+    }
+
+    fn request_id(&mut self) -> u64 {
+        // Unique across members: proposals forwarded to the leader come back
+        // in the log with this id, and every member applies them.
+        let id = (self.config.id & 0xffff) << 48 | (self.next_request & 0xffff_ffff_ffff);
+        self.next_request += 1;
+        id
+    }
+
+    /// This member's view of the cluster.
+    pub fn status(&self) -> Status {
+        Status {
+            id: self.config.id,
+            leader: self.leader,
+            term: self.raw.raft.term,
+            applied: self.applied,
+            revision: self.kv.revision(),
+            members: self.members.clone(),
+        }
+    }
+
+    /// The state machine, for serializable reads and tests.
+    pub fn kv(&self) -> &KvStore {
+        &self.kv
+    }
+
+    /// True when this member leads.
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    /// Proposes a command; `reply` gets its outcome once applied here.
+    pub fn propose(&mut self, command: &Command, reply: Callback<Result<Outcome, RequestError>>) {
+        if self.leader == 0 {
+            return reply(Err(RequestError::NoLeader));
+        }
+        let id = self.request_id();
+        match self.raw.propose(ctx_bytes(id), codec::encode(command)) {
+            Ok(()) => {
+                self.pending.insert(
+                    id,
+                    Pending {
+                        reply,
+                        deadline: self.ticks + self.config.request_ticks,
+                    },
+                );
+            }
+            Err(_) => reply(Err(RequestError::NoLeader)),
+        }
+    }
+
+    /// Proposes adding or removing a member.
+    pub fn propose_member_change(
+        &mut self,
+        id: u64,
+        add: Option<MemberInfo>,
+        reply: Callback<Result<Outcome, RequestError>>,
+    ) {
+        if self.leader == 0 {
+            return reply(Err(RequestError::NoLeader));
+        }
+        if add.is_none() && !self.members.contains_key(&id) {
+            return reply(Err(RequestError::Invalid(format!(
+                "no member with id {id:x}; see flotilla member list"
+            ))));
+        }
+        let mut cc = ConfChangeV2::default();
+        let kind = if add.is_some() {
+            ConfChangeType::AddNode
+        } else {
+            ConfChangeType::RemoveNode
+        };
+        cc.set_changes(vec![raft_proto::new_conf_change_single(id, kind)].into());
+        if let Some(info) = &add {
+            cc.context = codec::encode(info).into();
+        }
+        let rid = self.request_id();
+        match self.raw.propose_conf_change(ctx_bytes(rid), cc) {
+            Ok(()) => {
+                self.pending.insert(
+                    rid,
+                    Pending {
+                        reply,
+                        deadline: self.ticks + self.config.request_ticks,
+                    },
+                );
+            }
+            Err(e) => reply(Err(RequestError::Invalid(format!(
+                "membership change refused: {e} (one change at a time)"
+            )))),
+        }
+    }
+
+    /// Reads after confirming leadership (ReadIndex): linearizable.
+    ///
+    /// `serve` runs once the state machine has applied everything committed
+    /// before the read began, and reads the state machine it is handed.
+    pub fn read_index(&mut self, serve: ReadServe) {
+        if self.leader == 0 {
+            return serve(Err(RequestError::NoLeader));
+        }
+        let ctx = self.request_id();
+        self.raw.read_index(ctx_bytes(ctx));
+        self.reads.push(PendingRead {
+            ctx,
+            index: None,
+            deadline: self.ticks + self.config.request_ticks,
+            serve,
+        });
+    }
+
+    /// Registers a watcher for keys under `prefix` from revision `from`.
+    ///
+    /// History it can still serve arrives at once; later events as they apply.
+    /// A revision beyond the current one waits until this member applies it.
+    pub fn watch(&mut self, prefix: String, from: Revision, mut sink: WatchSink) {
+        let from = from.max(1);
+        match self.kv.events_since(&prefix, from) {
+            Err(compacted) => {
+                sink(WatchMsg::Compacted(compacted));
+            }
+            Ok(events) => {
+                if !events.is_empty() && !sink(WatchMsg::Events(events)) {
+                    return;
+                }
+                let next = from.max(self.kv.revision() + 1);
+                self.watchers.push(Watcher { prefix, next, sink });
+            }
+        }
+    }
+
+    /// Delivers a message from a peer.
+    pub fn step(&mut self, message: Message) {
+        // Messages from removed or unknown members, or stale ones, are refused
+        // by raft-rs itself; nothing to do about the error.
+        let _ = self.raw.step(message);
+    }
+
+    /// Tells Raft a peer could not be reached, so it stops pipelining to it.
+    pub fn report_unreachable(&mut self, id: u64) {
+        self.raw.report_unreachable(id);
+    }
+
+    /// Advances time to `now_ms` by one tick.
+    pub fn tick(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+        self.ticks += 1;
+        self.raw.tick();
+        self.expire_requests();
+        if self.lessor.is_some() {
+            self.run_lessor();
+        }
+    }
+
+    fn expire_requests(&mut self) {
+        let now = self.ticks;
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(p) = self.pending.remove(&id) {
+                (p.reply)(Err(RequestError::Unknown));
+            }
+        }
+        let (late, keep): (Vec<_>, Vec<_>) = self.reads.drain(..).partition(|r| r.deadline <= now);
+        self.reads = keep;
+        for read in late {
+            (read.serve)(Err(RequestError::NoLeader));
+        }
+    }
+
+    /// Leader only: expire leases that ran out, checkpoint the rest now and then.
+    fn run_lessor(&mut self) {
+        let now = self.now_ms;
+        let lessor = self.lessor.clone().expect("leader has a lessor");
+        let retry_after = self.config.election_ticks as u64;
+        let due: Vec<LeaseId> = lessor
+            .iter()
+            .filter(|(id, deadline)| {
+                **deadline <= now
+                    && self
+                        .expiring
+                        .get(id)
+                        .is_none_or(|at| self.ticks >= at + retry_after)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        if !due.is_empty() {
+            for id in &due {
+                self.expiring.insert(*id, self.ticks);
+            }
+            let id = self.request_id();
+            let _ = self.raw.propose(
+                ctx_bytes(id),
+                codec::encode(&Command::LeaseExpire { ids: due }),
+            );
+        }
+        if self.ticks % self.config.checkpoint_ticks == 0 && !lessor.is_empty() {
+            let remaining: Vec<(LeaseId, u64)> = lessor
+                .iter()
+                .filter(|(id, _)| !self.expiring.contains_key(id))
+                .map(|(id, deadline)| (*id, deadline.saturating_sub(now)))
+                .collect();
+            if !remaining.is_empty() {
+                let id = self.request_id();
+                let _ = self.raw.propose(
+                    ctx_bytes(id),
+                    codec::encode(&Command::LeaseCheckpoint { remaining }),
+                );
+            }
+        }
+    }
+
+    /// Becoming leader: every lease gets its checkpointed remaining time plus
+    /// one election timeout, never a fresh TTL and never an instant expiry.
+    fn start_lessor(&mut self) {
+        let grace = self.config.election_ms();
+        let now = self.now_ms;
+        self.lessor = Some(
+            self.kv
+                .leases()
+                .map(|l| (l.id, now + l.remaining_ms + grace))
+                .collect(),
+        );
+        self.expiring.clear();
+    }
+
+    /// Runs one Ready pass; returns the messages to send to peers.
+    pub fn handle_ready(&mut self) -> Result<Vec<Message>, DiskError> {
+        let mut out = Vec::new();
+        if !self.raw.has_ready() {
+            return Ok(out);
+        }
+        let mut ready = self.raw.ready();
+        out.extend(ready.take_messages());
+
+        if let Some(ss) = ready.ss() {
+            self.on_soft_state(ss.leader_id, ss.raft_state);
+        }
+
+        let mut batch = Batch::default();
+        let mut installed = None;
+        if !ready.snapshot().is_empty() {
+            let snap = ready.snapshot().clone();
+            installed = Some(codec::decode::<SnapshotData>(&snap.data)?);
+            batch.conf_state = Some(snap.get_metadata().get_conf_state().clone());
+            batch.installed = Some(snap);
+        }
+        batch.entries = ready.take_entries();
+        batch.hard_state = ready.hs().cloned();
+        if self.commit_dirty && batch.hard_state.is_none() && !batch.is_empty() {
+            batch.hard_state = Some(self.store_hard_state());
+        }
+        if batch.hard_state.is_some() {
+            self.commit_dirty = false;
+        }
+        self.disk.save(&batch)?;
+        self.store
+            .apply(&batch)
+            .map_err(|e| DiskError::Corrupt(format!("log view rejected a saved batch: {e}")))?;
+        if let (Some(data), Some(snap)) = (installed, &batch.installed) {
+            self.install(data, snap.get_metadata().index);
+        }
+        out.extend(ready.take_persisted_messages());
+
+        self.apply_entries(ready.take_committed_entries())?;
+        for rs in ready.take_read_states() {
+            if let Some(ctx) = ctx_id(&rs.request_ctx) {
+                if let Some(read) = self.reads.iter_mut().find(|r| r.ctx == ctx) {
+                    read.index = Some(rs.index);
+                }
+            }
+        }
+
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.store_set_commit(commit);
+        }
+        out.extend(light.take_messages());
+        self.apply_entries(light.take_committed_entries())?;
+        self.raw.advance_apply();
+        self.serve_reads();
+        self.maybe_snapshot()?;
+        Ok(out)
+    }
+
+    fn store_hard_state(&self) -> HardState {
+        raft::Storage::initial_state(&self.store)
+            .map(|s| s.hard_state)
+            .unwrap_or_default()
+    }
+
+    fn store_set_commit(&mut self, commit: u64) {
+        let mut hs = self.store_hard_state();
+        hs.commit = commit;
+        let batch = Batch {
+            hard_state: Some(hs),
+            ..Batch::default()
+        };
+        // In memory now; on disk with the next batch (the commit index can be
+        // recomputed from a quorum, so this needs no fsync of its own).
+        let _ = self.store.apply(&batch);
+        self.commit_dirty = true;
+    }
+
+    fn on_soft_state(&mut self, leader: u64, role: StateRole) {
+        if leader != self.leader {
+            // Proposals forwarded to the old leader may be lost or may commit:
+            // their outcome is unknown to us now.
+            for (_, p) in self.pending.drain() {
+                (p.reply)(Err(RequestError::Unknown));
+            }
+            for read in self.reads.drain(..) {
+                (read.serve)(Err(RequestError::NoLeader));
+            }
+            self.leader = leader;
+        }
+        if role == StateRole::Leader && self.lessor.is_none() {
+            self.start_lessor();
+        } else if role != StateRole::Leader {
+            self.lessor = None;
+        }
+    }
+
+    fn install(&mut self, data: SnapshotData, index: u64) {
+        self.kv = data.kv;
+        self.members = data.members;
+        self.applied = index;
+        if let Some(lessor) = &mut self.lessor {
+            lessor.retain(|id, _| self.kv.lease(*id).is_some());
+        }
+        let kv = &self.kv;
+        self.watchers
+            .retain_mut(|w| match kv.events_since(&w.prefix, w.next) {
+                Ok(events) => {
+                    w.next = kv.revision() + 1;
+                    events.is_empty() || (w.sink)(WatchMsg::Events(events))
+                }
+                Err(compacted) => {
+                    (w.sink)(WatchMsg::Compacted(compacted));
+                    false
+                }
+            });
+    }
+
+    fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<(), DiskError> {
+        let mut events = Vec::new();
+        for entry in entries {
+            if entry.index <= self.applied {
+                continue;
+            }
+            self.applied = entry.index;
+            let request = ctx_id(&entry.context);
+            match entry.get_entry_type() {
+                EntryType::EntryNormal if entry.data.is_empty() => {}
+                EntryType::EntryNormal => {
+                    let command: Command = codec::decode(&entry.data)?;
+                    let (outcome, made) = self.kv.apply(&command);
+                    self.after_apply(&command, &outcome);
+                    events.extend(made);
+                    self.answer(request, Ok(outcome));
+                }
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    let result = self.apply_conf_change(&entry);
+                    self.answer(request, result);
+                }
+            }
+        }
+        if !events.is_empty() {
+            self.notify(&events);
+        }
+        Ok(())
+    }
+
+    fn answer(&mut self, request: Option<u64>, result: Result<Outcome, RequestError>) {
+        if let Some(p) = request.and_then(|id| self.pending.remove(&id)) {
+            (p.reply)(result);
+        }
+    }
+
+    /// Keeps the leader's lease deadlines in step with applied lease commands.
+    fn after_apply(&mut self, command: &Command, outcome: &Outcome) {
+        let now = self.now_ms;
+        let Some(lessor) = &mut self.lessor else {
+            return;
+        };
+        match outcome {
+            Outcome::LeaseGranted { id, ttl_ms } | Outcome::LeaseKept { id, ttl_ms } => {
+                lessor.insert(*id, now + ttl_ms);
+            }
+            Outcome::LeasesEnded { ended, .. } => {
+                for id in ended {
+                    lessor.remove(id);
+                    self.expiring.remove(id);
+                }
+            }
+            _ => {}
+        }
+        if let Command::LeaseExpire { ids } = command {
+            for id in ids {
+                self.expiring.remove(id);
+            }
+        }
+    }
+
+    fn apply_conf_change(&mut self, entry: &Entry) -> Result<Outcome, RequestError> {
+        let Some((cc, info)) = decode_conf_change(entry) else {
+            return Err(RequestError::Invalid("malformed membership change".into()));
+        };
+        match self.raw.apply_conf_change(&cc) {
+            Ok(cs) => {
+                apply_members(&mut self.members, &cc, info);
+                self.conf_state = cs.clone();
+                let batch = Batch {
+                    conf_state: Some(cs),
+                    ..Batch::default()
+                };
+                if let Err(e) = self.disk.save(&batch) {
+                    return Err(RequestError::Stopped(e.to_string()));
+                }
+                let _ = self.store.apply(&batch);
+                Ok(Outcome::Checkpointed)
+            }
+            Err(e) => Err(RequestError::Invalid(format!(
+                "membership change refused: {e}"
+            ))),
+        }
+    }
+
+    fn notify(&mut self, events: &[Event]) {
+        self.watchers.retain_mut(|w| {
+            let mine: Vec<Event> = events
+                .iter()
+                .filter(|e| e.revision() >= w.next && e.kv.key.starts_with(&w.prefix))
+                .cloned()
+                .collect();
+            if let Some(last) = events.last() {
+                w.next = w.next.max(last.revision() + 1);
+            }
+            mine.is_empty() || (w.sink)(WatchMsg::Events(mine))
+        });
+    }
+
+    fn serve_reads(&mut self) {
+        let applied = self.applied;
+        let (ready, waiting): (Vec<_>, Vec<_>) = self
+            .reads
+            .drain(..)
+            .partition(|r| r.index.is_some_and(|i| i <= applied));
+        self.reads = waiting;
+        for read in ready {
+            (read.serve)(Ok(&self.kv));
+        }
+    }
+
+    fn maybe_snapshot(&mut self) -> Result<(), DiskError> {
+        let last = self.store.snapshot_index();
+        if self.applied < last + self.config.snapshot_entries {
+            return Ok(());
+        }
+        let Some(term) = self.store.term_of(self.applied) else {
+            return Ok(());
+        };
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = self.applied;
+        snap.mut_metadata().term = term;
+        snap.mut_metadata().set_conf_state(self.conf_state.clone());
+        snap.data = codec::encode(&SnapshotData {
+            kv: self.kv.clone(),
+            members: self.members.clone(),
+        })
+        .into();
+        let batch = Batch {
+            taken: Some(snap),
+            ..Batch::default()
+        };
+        self.disk.save(&batch)?;
+        self.store
+            .apply(&batch)
+            .map_err(|e| DiskError::Corrupt(format!("compaction failed: {e}")))
+    }
+}
+
+fn decode_conf_change(entry: &Entry) -> Option<(ConfChangeV2, Option<MemberInfo>)> {
+    let cc = match entry.get_entry_type() {
+        EntryType::EntryConfChangeV2 => ConfChangeV2::parse_from_bytes(&entry.data).ok()?,
+        EntryType::EntryConfChange => {
+            let v1 = raft::eraftpb::ConfChange::parse_from_bytes(&entry.data).ok()?;
+            raft_proto::ConfChangeI::into_v2(v1)
+        }
+        EntryType::EntryNormal => return None,
+    };
+    let info = if cc.context.is_empty() {
+        None
+    } else {
+        codec::decode(&cc.context).ok()
+    };
+    Some((cc, info))
+}
+
+fn apply_members(
+    members: &mut BTreeMap<u64, MemberInfo>,
+    cc: &ConfChangeV2,
+    info: Option<MemberInfo>,
+) {
+    for change in cc.get_changes() {
+        match change.get_change_type() {
+            ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                if let Some(info) = &info {
+                    members.insert(change.node_id, info.clone());
+                }
+            }
+            ConfChangeType::RemoveNode => {
+                members.remove(&change.node_id);
+            }
+        }
+    }
+}
+
+/// A stable Raft id for a member name, so every member derives the same ids
+/// from the same `initial_cluster` without coordinating.
+pub fn member_id(name: &str) -> u64 {
+    // FNV-1a, 64-bit; 0 is reserved by raft-rs.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in name.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consensus::storage::MemDisk;
+    use std::sync::{Arc, Mutex};
+
+    fn logger() -> slog::Logger {
+        slog::Logger::root(slog::Discard, slog::o!())
+    }
+
+    fn single(disk: MemDisk) -> Core<MemDisk> {
+        let mut members = BTreeMap::new();
+        members.insert(
+            1,
+            MemberInfo {
+                name: "n1".into(),
+                peer_addr: "127.0.0.1:1".into(),
+            },
+        );
+        Core::new(NodeConfig::new(1, 10, 100), disk, &members, &logger()).unwrap()
+    }
+
+    fn run(core: &mut Core<MemDisk>, ticks: u64) {
+        for _ in 0..ticks {
+            let now = core.now_ms + 10;
+            core.tick(now);
+            assert!(
+                core.handle_ready().unwrap().is_empty(),
+                "a single member sends nothing"
+            );
+        }
+    }
+
+    #[test]
+    fn a_single_member_elects_itself_applies_and_survives_restart() {
+        let disk = MemDisk::new();
+        let mut core = single(disk.clone());
+        run(&mut core, 30);
+        assert!(core.is_leader());
+        let answer = Arc::new(Mutex::new(None));
+        let slot = answer.clone();
+        core.propose(
+            &Command::put("k", "v", None),
+            Box::new(move |r| *slot.lock().unwrap() = Some(r)),
+        );
+        run(&mut core, 1);
+        let got = answer.lock().unwrap().take().unwrap().unwrap();
+        assert!(matches!(
+            got,
+            Outcome::Txn {
+                succeeded: true,
+                revision: 1,
+                ..
+            }
+        ));
+
+        let read = Arc::new(Mutex::new(None));
+        let slot = read.clone();
+        core.read_index(Box::new(move |r| {
+            *slot.lock().unwrap() = Some(r.map(|kv| kv.get("k").map(|kv| kv.value.clone())));
+        }));
+        run(&mut core, 2);
+        assert_eq!(
+            read.lock().unwrap().take().unwrap().unwrap(),
+            Some(b"v".to_vec())
+        );
+
+        drop(core);
+        let mut again = single(disk);
+        run(&mut again, 30);
+        assert_eq!(again.kv().get("k").unwrap().value, b"v");
+    }
+
+    #[test]
+    fn leases_expire_on_the_leader_and_take_their_keys() {
+        let mut core = single(MemDisk::new());
+        run(&mut core, 30);
+        let granted = Arc::new(Mutex::new(None));
+        let slot = granted.clone();
+        core.propose(
+            &Command::LeaseGrant { ttl_ms: 200 },
+            Box::new(move |r| *slot.lock().unwrap() = Some(r)),
+        );
+        run(&mut core, 1);
+        let Ok(Outcome::LeaseGranted { id, .. }) = granted.lock().unwrap().take().unwrap() else {
+            panic!()
+        };
+        core.propose(&Command::put("/m/1", "up", Some(id)), Box::new(|_| {}));
+        run(&mut core, 10);
+        assert!(core.kv().get("/m/1").is_some(), "alive before the TTL");
+        run(&mut core, 20);
+        assert!(core.kv().get("/m/1").is_none(), "gone after the TTL");
+        assert!(core.kv().lease(id).is_none());
+    }
+
+    #[test]
+    fn snapshots_compact_the_log_and_restore() {
+        let disk = MemDisk::new();
+        let mut members = BTreeMap::new();
+        members.insert(
+            1,
+            MemberInfo {
+                name: "n1".into(),
+                peer_addr: "x:1".into(),
+            },
+        );
+        let mut config = NodeConfig::new(1, 10, 100);
+        config.snapshot_entries = 5;
+        let mut core = Core::new(config.clone(), disk.clone(), &members, &logger()).unwrap();
+        run(&mut core, 30);
+        for i in 0..20 {
+            core.propose(&Command::put(format!("k{i}"), "v", None), Box::new(|_| {}));
+            run(&mut core, 1);
+        }
+        assert!(core.store.snapshot_index() >= 15);
+        assert!(
+            disk.load().unwrap().entries.len() < 10,
+            "the log was compacted"
+        );
+        drop(core);
+        let mut again = Core::new(config, disk, &BTreeMap::new(), &logger()).unwrap();
+        run(&mut again, 30);
+        assert_eq!(again.kv().range("k").count(), 20);
+    }
+
+    #[test]
+    fn member_ids_are_stable_and_nonzero() {
+        assert_eq!(member_id("n1"), member_id("n1"));
+        assert_ne!(member_id("n1"), member_id("n2"));
+        assert_ne!(member_id(""), 0);
+    }
+}
