@@ -1306,6 +1306,54 @@ mod tests {
         history
     }
 
+    #[test]
+    fn zz_experiment() {
+        for (clients, per_key, unknown_one_in) in [(3u64, 100usize, 30u64), (5, 100, 10), (5, 100, 5), (8, 100, 10), (5, 300, 10)] {
+            let mut worst = Duration::ZERO;
+            let mut failures = 0;
+            for seed in 0..100u64 {
+                let mut state: u64 = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+                let mut next = |bound: u64| {
+                    state = state
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    (state >> 33) % bound
+                };
+                let plans: Vec<Plan> = (0..per_key)
+                    .map(|_| Plan {
+                        client: next(clients),
+                        key: 0,
+                        kind: next(5) as u8,
+                        value: next(4) as u8,
+                        expected: next(4) as u8,
+                        gap: next(6),
+                        to_effect: next(4),
+                        to_reply: next(4),
+                        no_reply: next(unknown_one_in) == 0,
+                        ambiguous: next(30) == 0,
+                        applied: next(2) == 0,
+                    })
+                    .collect();
+                let mut history = simulate(&plans);
+                let started = Instant::now();
+                assert_passes(&history);
+                worst = worst.max(started.elapsed());
+                // lose the last acknowledged write: later reads now see a value never written
+                let reads: Vec<usize> = (0..history.len()).filter(|&i| matches!(history[i].kind, OpKind::Read{..}) && history[i].completed.is_some()).collect();
+                let target = reads[reads.len() - 1 - (next(reads.len() as u64) as usize) / 2];
+                history[target].kind = OpKind::Read { observed: Some(bytes("never")) };
+                let started = Instant::now();
+                let result = run(&history);
+                worst = worst.max(started.elapsed());
+                match result {
+                    Err(CheckError::NotLinearizable { .. }) => {}
+                    other => { failures += 1; eprintln!("seed {seed}: {:?}", other.map_err(|e| e.to_string())); }
+                }
+            }
+            eprintln!("clients {clients} ops {per_key} unknown 1/{unknown_one_in}: worst {worst:?}, non-detections {failures}");
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(1000))]
 

@@ -11,6 +11,7 @@
 //! the state machine's data so lagging members can catch up.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
@@ -238,12 +239,16 @@ impl Durable for RedbDisk {
 ///
 /// Cloning shares the same platters, so a simulated crash rebuilds the node
 /// from the same `MemDisk` and sees only what was synced.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct MemDisk {
     synced: Arc<Mutex<Recovered>>,
-    /// When false, saves are acknowledged but never reach the platters: the
-    /// mutation that the simulation's checker must catch.
-    pub sync: bool,
+    sync: Arc<AtomicBool>,
+}
+
+impl Default for MemDisk {
+    fn default() -> Self {
+        MemDisk::new()
+    }
 }
 
 impl MemDisk {
@@ -251,8 +256,15 @@ impl MemDisk {
     pub fn new() -> MemDisk {
         MemDisk {
             synced: Arc::default(),
-            sync: true,
+            sync: Arc::new(AtomicBool::new(true)),
         }
+    }
+
+    /// Turns syncing off (or back on) for this disk and all its clones. With
+    /// sync off, saves are acknowledged but never reach the platters: the
+    /// mutation the simulation's checker must catch.
+    pub fn set_sync(&self, on: bool) {
+        self.sync.store(on, Ordering::SeqCst);
     }
 }
 
@@ -262,7 +274,7 @@ impl Durable for MemDisk {
     }
 
     fn save(&mut self, batch: &Batch) -> Result<(), DiskError> {
-        if !self.sync {
+        if !self.sync.load(Ordering::SeqCst) {
             return Ok(());
         }
         let mut disk = self.synced.lock().expect("sim disk lock");
@@ -487,7 +499,8 @@ mod tests {
     fn mem_disk_keeps_its_contract_and_forgets_unsynced_writes() {
         let mut disk = MemDisk::new();
         exercise(&mut disk);
-        let mut unsynced = MemDisk::default();
+        let mut unsynced = MemDisk::new();
+        unsynced.set_sync(false);
         unsynced
             .save(&Batch {
                 entries: vec![entry(1, 1, b"a")],
