@@ -8,6 +8,16 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "flotilla", version, about, long_about = None)]
 pub struct Cli {
+    /// Cluster members to talk to, host:port, comma-separated; tried in order.
+    #[arg(
+        long,
+        global = true,
+        env = "FLOTILLA_ENDPOINT",
+        value_name = "ADDRS",
+        default_value = "127.0.0.1:4001",
+        value_delimiter = ','
+    )]
+    pub endpoint: Vec<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -19,7 +29,71 @@ pub enum Command {
     /// Check unit files: syntax, names and [X-Fleet] rules; prints each problem as FILE:LINE.
     Verify(VerifyArgs),
     /// Run the flotilla daemon on this host (or only check its configuration).
-    Daemon(DaemonArgs),
+    Daemon(Box<DaemonArgs>),
+    /// List, add or remove members of the Raft store.
+    #[command(subcommand)]
+    Member(MemberCommand),
+    /// Read and write the cluster's key-value store directly (for operators and debugging).
+    #[command(subcommand)]
+    Kv(KvCommand),
+}
+
+/// `flotilla member ...`
+#[derive(Debug, Subcommand)]
+pub enum MemberCommand {
+    /// Show the members, their addresses and which one leads.
+    List,
+    /// Add a member; then start it with --initial-cluster-state existing.
+    Add {
+        /// The new member's name (its --name).
+        name: String,
+        /// Its peer address, host:port (its --peer-listen).
+        peer_addr: String,
+    },
+    /// Remove a member (one change at a time).
+    Remove {
+        /// The member's name.
+        name: String,
+    },
+}
+
+/// `flotilla kv ...`
+#[derive(Debug, Subcommand)]
+pub enum KvCommand {
+    /// Print a key's value (or every key under a prefix with --prefix).
+    Get {
+        /// Key or prefix.
+        key: String,
+        /// Treat KEY as a prefix.
+        #[arg(long)]
+        prefix: bool,
+        /// Read this member's state without confirming leadership (faster, may be stale).
+        #[arg(long)]
+        serializable: bool,
+    },
+    /// Set a key.
+    Put {
+        /// Key.
+        key: String,
+        /// Value.
+        value: String,
+    },
+    /// Delete a key (or every key under a prefix with --prefix).
+    Del {
+        /// Key or prefix.
+        key: String,
+        /// Treat KEY as a prefix.
+        #[arg(long)]
+        prefix: bool,
+    },
+    /// Print changes under a prefix as they happen.
+    Watch {
+        /// Key prefix ("" for everything).
+        prefix: String,
+        /// First revision to show [default: the next change].
+        #[arg(long, value_name = "REVISION")]
+        from: Option<u64>,
+    },
 }
 
 /// `flotilla verify FILE...`
@@ -58,6 +132,16 @@ pub struct DaemonArgs {
     /// Founding members, name=host:port,... [config: initial_cluster].
     #[arg(long, value_name = "MEMBERS")]
     pub initial_cluster: Option<String>,
+    /// `new` founds the cluster in --initial-cluster; `existing` joins after
+    /// `flotilla member add` [config: initial_cluster_state].
+    #[arg(long, value_name = "new|existing")]
+    pub initial_cluster_state: Option<String>,
+    /// Raft election timeout in milliseconds [config: election_timeout_ms].
+    #[arg(long, value_name = "MS")]
+    pub election_timeout_ms: Option<u64>,
+    /// Applied entries between snapshots [config: snapshot_entries].
+    #[arg(long, value_name = "N")]
+    pub snapshot_entries: Option<u64>,
     /// Machine metadata, repeatable, replaces the configured set [config: metadata].
     #[arg(long, value_name = "KEY=VALUE")]
     pub metadata: Vec<String>,
@@ -84,6 +168,30 @@ impl DaemonArgs {
             &self.initial_cluster,
         );
         string("log", "--log", &self.log);
+        string(
+            "initial_cluster_state",
+            "--initial-cluster-state",
+            &self.initial_cluster_state,
+        );
+        let numbers = [
+            (
+                "election_timeout_ms",
+                "--election-timeout-ms",
+                self.election_timeout_ms,
+            ),
+            (
+                "snapshot_entries",
+                "--snapshot-entries",
+                self.snapshot_entries,
+            ),
+        ];
+        for (key, flag, value) in numbers {
+            if let Some(value) = value {
+                let value =
+                    i64::try_from(value).map_err(|_| format!("{flag} {value} is too large"))?;
+                overrides.push((key, flag, toml::Value::Integer(value)));
+            }
+        }
         if let Some(dir) = &self.data_dir {
             let dir = dir
                 .to_str()

@@ -45,6 +45,13 @@ pub struct Config {
     /// The founding members, `name=host:port,...`; empty means a single member
     /// made of this host alone.
     pub initial_cluster: String,
+    /// `new` founds a cluster from `initial_cluster`; `existing` joins one
+    /// that already added this member (`flotilla member add`).
+    pub initial_cluster_state: String,
+    /// Raft election timeout in milliseconds; heartbeats go at a fifth of it.
+    pub election_timeout_ms: u64,
+    /// Applied log entries between snapshots (and log compactions).
+    pub snapshot_entries: u64,
     /// This machine's metadata, matched by `MachineMetadata=` in unit files.
     pub metadata: BTreeMap<String, String>,
     /// Log filter, in `RUST_LOG` syntax (`info`, `flotilla=debug,warn`).
@@ -59,6 +66,9 @@ impl Default for Config {
             client_listen: "127.0.0.1:4001".to_string(),
             peer_listen: "127.0.0.1:4002".to_string(),
             initial_cluster: String::new(),
+            initial_cluster_state: "new".to_string(),
+            election_timeout_ms: 1000,
+            snapshot_entries: 10_000,
             metadata: BTreeMap::new(),
             log: "info".to_string(),
         }
@@ -376,6 +386,27 @@ fn validate(loaded: &Loaded) -> Result<(), Error> {
             ));
         }
     }
+    if !matches!(config.initial_cluster_state.as_str(), "new" | "existing") {
+        return Err(invalid(
+            "initial_cluster_state",
+            format!("{:?} must be new or existing", config.initial_cluster_state),
+        ));
+    }
+    if !(50..=60_000).contains(&config.election_timeout_ms) {
+        return Err(invalid(
+            "election_timeout_ms",
+            format!(
+                "{} must be between 50 and 60000",
+                config.election_timeout_ms
+            ),
+        ));
+    }
+    if config.snapshot_entries < 10 {
+        return Err(invalid(
+            "snapshot_entries",
+            format!("{} is too small; use at least 10", config.snapshot_entries),
+        ));
+    }
     for (key, value) in &config.metadata {
         if !crate::units::fleet::is_metadata_key(key) {
             return Err(invalid(
@@ -414,6 +445,12 @@ fn check_member_name(name: &str) -> Result<(), String> {
             "{name:?} is not a member name: use 1-63 letters, digits, '-', '_' or '.'"
         ))
     }
+}
+
+/// Checks a member name and its peer address, as `flotilla member add` gets them.
+pub fn check_member(name: &str, peer_addr: &str) -> Result<(), String> {
+    check_member_name(name)?;
+    check_host_port(peer_addr)
 }
 
 /// Accepts `host:port` and `[v6]:port` with a non-zero port.

@@ -10,6 +10,7 @@
 //! * [`agent`]: the per-host agent; today its pure reconcile rules.
 //! * [`lock`]: reboot coordination; today the semaphore's pure operations.
 //! * [`config`]: the daemon's configuration loader (file, environment, flags).
+//! * [`daemon`]: `flotilla daemon`, wiring the roles together.
 //! * [`cli`]: the command line, as clap types.
 //! * [`verify`]: `flotilla verify`, checking unit files on disk.
 
@@ -17,6 +18,7 @@ pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod consensus;
+pub mod daemon;
 pub mod lock;
 pub mod units;
 pub mod verify;

@@ -6,13 +6,13 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 
-use flotilla::cli::{Cli, Command, DaemonArgs, VerifyArgs};
+use flotilla::cli::{Cli, Command, DaemonArgs, KvCommand, MemberCommand, VerifyArgs};
 use flotilla::config;
+use flotilla::consensus::client::Client;
 use flotilla::verify;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -22,10 +22,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs go to stderr; `RUST_LOG` picks the level for CLI verbs (default: warnings).
-fn init_logging() {
+/// Logs go to stderr. `RUST_LOG` wins; else the daemon's `log` setting, else warnings.
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -34,9 +34,117 @@ fn init_logging() {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Verify(args) => run_verify(&args),
+        Command::Verify(args) => {
+            init_logging("warn");
+            run_verify(&args)
+        }
         Command::Daemon(args) => run_daemon(&args),
+        Command::Member(command) => {
+            init_logging("warn");
+            client_runtime()?.block_on(run_member(&cli.endpoint, command))
+        }
+        Command::Kv(command) => {
+            init_logging("warn");
+            client_runtime()?.block_on(run_kv(&cli.endpoint, command))
+        }
     }
+}
+
+fn client_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+async fn run_member(endpoints: &[String], command: MemberCommand) -> Result<ExitCode> {
+    let client = Client::connect(endpoints).await?;
+    match command {
+        MemberCommand::List => {
+            let status = client.status().await?;
+            println!("{:<18} {:<16} {:<24} LEADER", "ID", "NAME", "PEER ADDRESS");
+            for (id, member) in &status.members {
+                let leader = if *id == status.leader { "yes" } else { "" };
+                println!(
+                    "{id:<18x} {:<16} {:<24} {leader}",
+                    member.name, member.peer_addr
+                );
+            }
+            if status.leader == 0 {
+                eprintln!(
+                    "no leader is known to this member (election in progress or quorum lost)"
+                );
+            }
+        }
+        MemberCommand::Add { name, peer_addr } => {
+            client
+                .member_add(&name, &peer_addr)
+                .await
+                .with_context(|| format!("cannot add member {name}"))?;
+            println!(
+                "added {name}; now start it with: flotilla daemon --name {name} \\
+                 --peer-listen {peer_addr} --initial-cluster-state existing ..."
+            );
+        }
+        MemberCommand::Remove { name } => {
+            client
+                .member_remove(&name)
+                .await
+                .with_context(|| format!("cannot remove member {name}"))?;
+            println!("removed {name}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_kv(endpoints: &[String], command: KvCommand) -> Result<ExitCode> {
+    let client = Client::connect(endpoints).await?;
+    match command {
+        KvCommand::Get {
+            key,
+            prefix,
+            serializable,
+        } => {
+            let (kvs, _) = client.range(&key, prefix, serializable).await?;
+            if kvs.is_empty() && !prefix {
+                bail!("key {key:?} not found");
+            }
+            for kv in kvs {
+                if prefix {
+                    println!("{}={}", kv.key, String::from_utf8_lossy(&kv.value));
+                } else {
+                    println!("{}", String::from_utf8_lossy(&kv.value));
+                }
+            }
+        }
+        KvCommand::Put { key, value } => {
+            let revision = client.put(&key, value.into_bytes()).await?;
+            println!("revision {revision}");
+        }
+        KvCommand::Del { key, prefix } => {
+            let deleted = client.delete(&key, prefix).await?;
+            println!("deleted {deleted}");
+        }
+        KvCommand::Watch { prefix, from } => {
+            let from = match from {
+                Some(from) => from,
+                None => client.range(&prefix, true, false).await?.1 + 1,
+            };
+            let mut watch = client.watch(&prefix, from);
+            loop {
+                for event in watch.next().await? {
+                    println!(
+                        "{} {:?} {}={}",
+                        event.revision(),
+                        event.kind,
+                        event.kv.key,
+                        String::from_utf8_lossy(&event.kv.value)
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_verify(args: &VerifyArgs) -> Result<ExitCode> {
@@ -69,6 +177,7 @@ fn run_daemon(args: &DaemonArgs) -> Result<ExitCode> {
         .map_err(anyhow::Error::msg)
         .context("invalid flag")?;
     let loaded = config::load(&source, &env, &overrides).context("invalid configuration")?;
+    init_logging(&loaded.config.log);
     for warning in &loaded.warnings {
         tracing::warn!("{warning}");
     }
@@ -84,8 +193,6 @@ fn run_daemon(args: &DaemonArgs) -> Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    bail!(
-        "this build of flotilla has no daemon roles yet (the Raft store and the agent come next); \
-         `flotilla daemon --check-config` validates a configuration"
-    )
+    flotilla::daemon::run(&loaded)?;
+    Ok(ExitCode::SUCCESS)
 }

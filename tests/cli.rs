@@ -290,10 +290,30 @@ fn bad_config_names_key_and_line() {
 }
 
 #[test]
-fn daemon_without_check_config_says_what_is_missing() {
+fn daemon_refuses_a_busy_port_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write(dir.path(), "flotilla.toml", b"name = \"n1\"\n");
-    let out = flotilla(&["daemon", "--config", config.to_str().unwrap()]);
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let out = flotilla(&[
+        "daemon",
+        "--name",
+        "n1",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--peer-listen",
+        &addr,
+    ]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("--check-config"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("cannot listen for peers"), "{}", stderr(&out));
+    assert!(!dir.path().join("raft").exists(), "nothing was created");
+}
+
+#[test]
+fn client_verbs_report_an_unreachable_cluster() {
+    let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = unused.local_addr().unwrap().to_string();
+    drop(unused);
+    let out = flotilla(&["--endpoint", &addr, "kv", "get", "/x"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("cannot reach any flotilla member"), "{}", stderr(&out));
 }

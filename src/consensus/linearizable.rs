@@ -1308,7 +1308,13 @@ mod tests {
 
     #[test]
     fn zz_experiment() {
-        for (clients, per_key, unknown_one_in) in [(3u64, 100usize, 30u64), (5, 100, 10), (5, 100, 5), (8, 100, 10), (5, 300, 10)] {
+        for (clients, per_key, unknown_one_in) in [
+            (3u64, 100usize, 30u64),
+            (5, 100, 10),
+            (5, 100, 5),
+            (8, 100, 10),
+            (5, 300, 10),
+        ] {
             let mut worst = Duration::ZERO;
             let mut failures = 0;
             for seed in 0..100u64 {
@@ -1339,18 +1345,30 @@ mod tests {
                 assert_passes(&history);
                 worst = worst.max(started.elapsed());
                 // lose the last acknowledged write: later reads now see a value never written
-                let reads: Vec<usize> = (0..history.len()).filter(|&i| matches!(history[i].kind, OpKind::Read{..}) && history[i].completed.is_some()).collect();
+                let reads: Vec<usize> = (0..history.len())
+                    .filter(|&i| {
+                        matches!(history[i].kind, OpKind::Read { .. })
+                            && history[i].completed.is_some()
+                    })
+                    .collect();
                 let target = reads[reads.len() - 1 - (next(reads.len() as u64) as usize) / 2];
-                history[target].kind = OpKind::Read { observed: Some(bytes("never")) };
+                history[target].kind = OpKind::Read {
+                    observed: Some(bytes("never")),
+                };
                 let started = Instant::now();
                 let result = run(&history);
                 worst = worst.max(started.elapsed());
                 match result {
                     Err(CheckError::NotLinearizable { .. }) => {}
-                    other => { failures += 1; eprintln!("seed {seed}: {:?}", other.map_err(|e| e.to_string())); }
+                    other => {
+                        failures += 1;
+                        eprintln!("seed {seed}: {:?}", other.map_err(|e| e.to_string()));
+                    }
                 }
             }
-            eprintln!("clients {clients} ops {per_key} unknown 1/{unknown_one_in}: worst {worst:?}, non-detections {failures}");
+            eprintln!(
+                "clients {clients} ops {per_key} unknown 1/{unknown_one_in}: worst {worst:?}, non-detections {failures}"
+            );
         }
     }
 

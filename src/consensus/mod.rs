@@ -8,8 +8,14 @@
 //!   reaches the same state.
 //! * [`linearizable`]: checks recorded client histories for linearizability.
 
+pub mod client;
 pub mod codec;
 pub mod kv;
 pub mod linearizable;
+pub mod log;
 pub mod node;
+pub mod protocol;
+pub mod runner;
+pub mod server;
 pub mod storage;
+pub mod transport;

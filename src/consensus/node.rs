@@ -76,6 +76,12 @@ pub struct NodeConfig {
     pub tick_ms: u64,
     /// Ticks without a heartbeat before an election.
     pub election_ticks: usize,
+    /// raft-rs waits a random `election_ticks..max_election_ticks` ticks before
+    /// campaigning (default twice `election_ticks`, raft-rs's own default). It
+    /// draws from the thread's OS-seeded generator, which would make `Core`
+    /// nondeterministic; the simulation sets `election_ticks + 1`, so the draw
+    /// is constant, and picks each member's `election_ticks` from its seed.
+    pub max_election_ticks: usize,
     /// Ticks between heartbeats.
     pub heartbeat_ticks: usize,
     /// Applied entries between snapshots (and log compactions).
@@ -96,6 +102,7 @@ impl NodeConfig {
             id,
             tick_ms,
             election_ticks,
+            max_election_ticks: election_ticks * 2,
             heartbeat_ticks: (election_ticks / 5).max(1),
             snapshot_entries: 10_000,
             history_limit: super::kv::DEFAULT_HISTORY_LIMIT,
@@ -193,8 +200,10 @@ impl<D: Durable> Core<D> {
         let mut applied = 0;
         let mut disk = disk;
         if recovered.is_empty() && !bootstrap.is_empty() {
-            let mut cs = ConfState::default();
-            cs.voters = bootstrap.keys().copied().collect();
+            let cs = ConfState {
+                voters: bootstrap.keys().copied().collect(),
+                ..ConfState::default()
+            };
             // The founding membership is the first snapshot, so a member that
             // restarts before anything is written still knows its peers.
             let mut snap = Snapshot::default();
@@ -231,6 +240,8 @@ impl<D: Durable> Core<D> {
         let raft_config = raft::Config {
             id: config.id,
             election_tick: config.election_ticks,
+            min_election_tick: config.election_ticks,
+            max_election_tick: config.max_election_ticks,
             heartbeat_tick: config.heartbeat_ticks,
             applied,
             max_size_per_msg: 1024 * 1024,

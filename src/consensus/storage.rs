@@ -422,18 +422,20 @@ mod tests {
     use super::*;
 
     fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = data.to_vec().into();
-        e
+        Entry {
+            index,
+            term,
+            data: data.to_vec().into(),
+            ..Entry::default()
+        }
     }
 
     fn hard(term: u64, commit: u64) -> HardState {
-        let mut hs = HardState::default();
-        hs.term = term;
-        hs.commit = commit;
-        hs
+        HardState {
+            term,
+            commit,
+            ..HardState::default()
+        }
     }
 
     fn exercise(disk: &mut dyn Durable) {

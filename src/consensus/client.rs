@@ -1,0 +1,434 @@
+//! The client of the Raft store, for the CLI, agents, tests and benchmarks.
+//!
+//! A client holds one connection to one member and fails over to the next
+//! endpoint when that member cannot be reached. Requests that found no leader
+//! changed nothing and are retried until the client's timeout; a request whose
+//! connection broke after it was sent has an unknown outcome and is reported
+//! as such, never silently retried.
+
+use std::time::Duration;
+
+use tokio::io::{BufReader, BufWriter};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::Mutex;
+
+use super::codec::{self, CodecError};
+use super::kv::{Command, Compare, Event, KeyValue, LeaseId, Op, OpResult, Outcome, Revision};
+use super::node::Status;
+use super::protocol::{ErrorKind, Request, Response};
+
+/// How long a request may take, retries included, unless changed.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a client request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No endpoint answered.
+    #[error(
+        "cannot reach any flotilla member at {endpoints}: {last}; is `flotilla daemon` running there? (check --endpoint)"
+    )]
+    Unreachable {
+        /// The endpoints tried.
+        endpoints: String,
+        /// The last connection error.
+        last: String,
+    },
+    /// No leader within the timeout: nothing was changed.
+    #[error(
+        "no leader was elected within {0:?} (is a majority of members up?); nothing was changed"
+    )]
+    NoLeader(Duration),
+    /// The request may or may not have been applied.
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
+    /// The member refused the request.
+    #[error("{0}")]
+    Refused(String),
+    /// A watch fell behind the history.
+    #[error("{0}")]
+    Compacted(String),
+    /// The member answered something this client cannot read.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+struct Conn {
+    read: BufReader<OwnedReadHalf>,
+    write: BufWriter<OwnedWriteHalf>,
+}
+
+async fn open(endpoint: &str) -> Result<Conn, String> {
+    let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(endpoint))
+        .await
+        .map_err(|_| "connection timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let (read, write) = stream.into_split();
+    Ok(Conn {
+        read: BufReader::new(read),
+        write: BufWriter::new(write),
+    })
+}
+
+impl Conn {
+    async fn call(&mut self, request: &Request) -> Result<Response, CodecError> {
+        use tokio::io::AsyncWriteExt;
+        codec::write_frame(&mut self.write, &codec::encode(request)).await?;
+        self.write.flush().await?;
+        self.recv().await
+    }
+
+    async fn recv(&mut self) -> Result<Response, CodecError> {
+        let frame = codec::read_frame(&mut self.read)
+            .await?
+            .ok_or_else(|| CodecError::Io(std::io::ErrorKind::UnexpectedEof.into()))?;
+        codec::decode(&frame)
+    }
+}
+
+/// A connection to the cluster.
+pub struct Client {
+    endpoints: Vec<String>,
+    timeout: Duration,
+    conn: Mutex<Option<(usize, Conn)>>,
+}
+
+impl Client {
+    /// Connects to the first reachable endpoint (`host:port`).
+    pub async fn connect(endpoints: &[String]) -> Result<Client, ClientError> {
+        let client = Client {
+            endpoints: endpoints.to_vec(),
+            timeout: DEFAULT_TIMEOUT,
+            conn: Mutex::new(None),
+        };
+        {
+            let mut slot = client.conn.lock().await;
+            *slot = Some(client.reconnect(0).await?);
+        }
+        Ok(client)
+    }
+
+    /// Changes how long requests may take, retries included.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    async fn reconnect(&self, start: usize) -> Result<(usize, Conn), ClientError> {
+        let mut last = String::from("no endpoints given");
+        for offset in 0..self.endpoints.len() {
+            let i = (start + offset) % self.endpoints.len();
+            match open(&self.endpoints[i]).await {
+                Ok(conn) => return Ok((i, conn)),
+                Err(e) => last = format!("{}: {e}", self.endpoints[i]),
+            }
+        }
+        Err(ClientError::Unreachable {
+            endpoints: self.endpoints.join(","),
+            last,
+        })
+    }
+
+    /// Sends one request; retries while no leader is known or before the request left.
+    async fn call(&self, request: Request) -> Result<Response, ClientError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut pause = Duration::from_millis(20);
+        let mut slot = self.conn.lock().await;
+        loop {
+            let (index, conn) = match slot.as_mut() {
+                Some((i, conn)) => (*i, conn),
+                None => {
+                    *slot = Some(self.reconnect(0).await?);
+                    continue;
+                }
+            };
+            let response = tokio::time::timeout_at(deadline, conn.call(&request)).await;
+            match response {
+                Err(_) => {
+                    *slot = None;
+                    return Err(ClientError::Unknown(format!(
+                        "no answer within {:?}",
+                        self.timeout
+                    )));
+                }
+                Ok(Err(e)) => {
+                    // The member went away mid-request; the next call starts on another.
+                    *slot = Some(self.reconnect(index + 1).await?);
+                    if matches!(request, Request::Range { .. } | Request::Status) {
+                        continue;
+                    }
+                    return Err(ClientError::Unknown(format!(
+                        "connection lost after the request was sent ({e})"
+                    )));
+                }
+                Ok(Ok(Response::Error {
+                    kind: ErrorKind::NoLeader,
+                    ..
+                })) if tokio::time::Instant::now() + pause < deadline => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+                Ok(Ok(Response::Error { kind, message })) => {
+                    return Err(match kind {
+                        ErrorKind::NoLeader => ClientError::NoLeader(self.timeout),
+                        ErrorKind::Unknown => ClientError::Unknown(message),
+                        ErrorKind::Compacted => ClientError::Compacted(message),
+                        ErrorKind::Stopped | ErrorKind::Invalid => ClientError::Refused(message),
+                    });
+                }
+                Ok(Ok(response)) => return Ok(response),
+            }
+        }
+    }
+
+    async fn command(&self, command: Command) -> Result<Outcome, ClientError> {
+        match self.call(Request::Command(command)).await? {
+            Response::Outcome(Outcome::Failed(e)) => Err(ClientError::Refused(e.to_string())),
+            Response::Outcome(outcome) => Ok(outcome),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Runs a transaction; returns whether the compares held, the results and the revision.
+    pub async fn txn(
+        &self,
+        compare: Vec<Compare>,
+        success: Vec<Op>,
+        failure: Vec<Op>,
+    ) -> Result<(bool, Vec<OpResult>, Revision), ClientError> {
+        match self
+            .command(Command::Txn {
+                compare,
+                success,
+                failure,
+            })
+            .await?
+        {
+            Outcome::Txn {
+                succeeded,
+                results,
+                revision,
+            } => Ok((succeeded, results, revision)),
+            other => Err(ClientError::Protocol(format!(
+                "unexpected outcome {other:?}"
+            ))),
+        }
+    }
+
+    /// Sets a key; returns the revision of the write.
+    pub async fn put(&self, key: &str, value: Vec<u8>) -> Result<Revision, ClientError> {
+        self.put_with_lease(key, value, None).await
+    }
+
+    /// Sets a key attached to a lease.
+    pub async fn put_with_lease(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> Result<Revision, ClientError> {
+        let op = Op::Put {
+            key: key.to_string(),
+            value,
+            lease,
+        };
+        Ok(self.txn(Vec::new(), vec![op], Vec::new()).await?.2)
+    }
+
+    /// Deletes a key, or every key under a prefix; returns how many went.
+    pub async fn delete(&self, key: &str, prefix: bool) -> Result<usize, ClientError> {
+        let op = Op::Delete {
+            key: key.to_string(),
+            prefix,
+        };
+        let (_, results, _) = self.txn(Vec::new(), vec![op], Vec::new()).await?;
+        Ok(match results.first() {
+            Some(OpResult::Delete { deleted }) => deleted.len(),
+            _ => 0,
+        })
+    }
+
+    /// Reads keys: linearizable unless `serializable`.
+    pub async fn range(
+        &self,
+        key: &str,
+        prefix: bool,
+        serializable: bool,
+    ) -> Result<(Vec<KeyValue>, Revision), ClientError> {
+        let request = Request::Range {
+            key: key.to_string(),
+            prefix,
+            serializable,
+        };
+        match self.call(request).await? {
+            Response::Range { kvs, revision } => Ok((kvs, revision)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Reads one key (linearizable).
+    pub async fn get(&self, key: &str) -> Result<Option<KeyValue>, ClientError> {
+        Ok(self.range(key, false, false).await?.0.into_iter().next())
+    }
+
+    /// Grants a lease; returns its id.
+    pub async fn grant(&self, ttl: Duration) -> Result<LeaseId, ClientError> {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        match self.command(Command::LeaseGrant { ttl_ms }).await? {
+            Outcome::LeaseGranted { id, .. } => Ok(id),
+            other => Err(ClientError::Protocol(format!(
+                "unexpected outcome {other:?}"
+            ))),
+        }
+    }
+
+    /// Renews a lease for its full TTL.
+    pub async fn keep_alive(&self, id: LeaseId) -> Result<(), ClientError> {
+        self.command(Command::LeaseKeepAlive { id })
+            .await
+            .map(|_| ())
+    }
+
+    /// Ends a lease now, deleting its keys.
+    pub async fn revoke(&self, id: LeaseId) -> Result<(), ClientError> {
+        self.command(Command::LeaseRevoke { id }).await.map(|_| ())
+    }
+
+    /// The connected member's status.
+    pub async fn status(&self) -> Result<Status, ClientError> {
+        match self.call(Request::Status).await? {
+            Response::Status(status) => Ok(status),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Adds a member; start it afterwards with `--initial-cluster-state existing`.
+    pub async fn member_add(&self, name: &str, peer_addr: &str) -> Result<(), ClientError> {
+        let request = Request::MemberAdd {
+            name: name.to_string(),
+            peer_addr: peer_addr.to_string(),
+        };
+        self.expect_outcome(request).await
+    }
+
+    /// Removes a member.
+    pub async fn member_remove(&self, name: &str) -> Result<(), ClientError> {
+        let request = Request::MemberRemove {
+            name: name.to_string(),
+        };
+        self.expect_outcome(request).await
+    }
+
+    async fn expect_outcome(&self, request: Request) -> Result<(), ClientError> {
+        match self.call(request).await? {
+            Response::Outcome(_) => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Watches keys under `prefix` from revision `from` (the list's revision + 1).
+    pub fn watch(&self, prefix: &str, from: Revision) -> Watch {
+        Watch {
+            endpoints: self.endpoints.clone(),
+            prefix: prefix.to_string(),
+            next: from.max(1),
+            conn: None,
+            endpoint: 0,
+        }
+    }
+}
+
+fn unexpected(response: &Response) -> ClientError {
+    ClientError::Protocol(format!("unexpected response {response:?}"))
+}
+
+/// A stream of changes that survives member failures: when its connection
+/// breaks it reconnects to the next endpoint and resumes from the first
+/// revision it has not delivered, so no event is missed or repeated.
+pub struct Watch {
+    endpoints: Vec<String>,
+    prefix: String,
+    next: Revision,
+    conn: Option<Conn>,
+    endpoint: usize,
+}
+
+impl Watch {
+    /// The first revision not yet delivered.
+    pub fn next_revision(&self) -> Revision {
+        self.next
+    }
+
+    /// The next batch of events (whole revisions, in order).
+    pub async fn next(&mut self) -> Result<Vec<Event>, ClientError> {
+        let mut failures = 0;
+        loop {
+            if self.conn.is_none() {
+                match self.subscribe().await {
+                    Ok(conn) => self.conn = Some(conn),
+                    Err(e @ ClientError::Compacted(_)) => return Err(e),
+                    Err(e) => {
+                        failures += 1;
+                        if failures > 3 * self.endpoints.len().max(1) {
+                            return Err(e);
+                        }
+                        self.endpoint += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                }
+            }
+            let conn = self.conn.as_mut().expect("connected above");
+            match conn.recv().await {
+                Ok(Response::Events(events)) => {
+                    let fresh: Vec<Event> = events
+                        .into_iter()
+                        .filter(|e| e.revision() >= self.next)
+                        .collect();
+                    if let Some(last) = fresh.last() {
+                        self.next = last.revision() + 1;
+                        return Ok(fresh);
+                    }
+                }
+                Ok(Response::Error {
+                    kind: ErrorKind::Compacted,
+                    message,
+                }) => return Err(ClientError::Compacted(message)),
+                Ok(other) => return Err(unexpected(&other)),
+                Err(_) => {
+                    self.conn = None;
+                    self.endpoint += 1;
+                }
+            }
+        }
+    }
+
+    async fn subscribe(&mut self) -> Result<Conn, ClientError> {
+        let endpoint = &self.endpoints[self.endpoint % self.endpoints.len().max(1)];
+        let mut conn = open(endpoint)
+            .await
+            .map_err(|last| ClientError::Unreachable {
+                endpoints: endpoint.clone(),
+                last,
+            })?;
+        let request = Request::Watch {
+            prefix: self.prefix.clone(),
+            from: self.next,
+        };
+        match conn.call(&request).await {
+            Ok(Response::Events(first)) if first.is_empty() => Ok(conn),
+            Ok(Response::Error {
+                message,
+                kind: ErrorKind::Compacted,
+            }) => {
+                Err(ClientError::Compacted(message))
+            }
+            Ok(other) => Err(unexpected(&other)),
+            Err(e) => Err(ClientError::Unreachable {
+                endpoints: endpoint.clone(),
+                last: e.to_string(),
+            }),
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! The client protocol: what the CLI, agents and benchmarks send a member.
+//!
+//! Length-prefixed frames (see [`super::codec`]) holding a versioned
+//! [`Request`] and answered with one [`Response`]; a `Watch` turns the
+//! connection into a stream of `Events` frames until the client hangs up.
+
+use serde::{Deserialize, Serialize};
+
+use super::kv::{Command, Event, KeyValue, Outcome, Revision};
+use super::node::{RequestError, Status};
+
+/// A client's request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Propose a state change (put, delete, txn, lease operations).
+    Command(Command),
+    /// Read a key or a prefix.
+    Range {
+        /// Key or prefix.
+        key: String,
+        /// Treat `key` as a prefix.
+        prefix: bool,
+        /// Serve from this member's state without confirming leadership.
+        serializable: bool,
+    },
+    /// Stream changes under `prefix` from revision `from` on.
+    Watch {
+        /// Key prefix.
+        prefix: String,
+        /// First revision wanted (the list's revision + 1).
+        from: Revision,
+    },
+    /// The member's view of the cluster.
+    Status,
+    /// Add a member.
+    MemberAdd {
+        /// Its name.
+        name: String,
+        /// Its peer address.
+        peer_addr: String,
+    },
+    /// Remove a member.
+    MemberRemove {
+        /// Its name.
+        name: String,
+    },
+}
+
+/// Broad classes of failure, so a client can decide whether to retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// Nothing happened; retrying is safe.
+    NoLeader,
+    /// It may or may not have happened.
+    Unknown,
+    /// The member is stopping.
+    Stopped,
+    /// The request is wrong; retrying will not help.
+    Invalid,
+    /// A watch asked for history that is gone: list again.
+    Compacted,
+}
+
+/// A member's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// The outcome of a command.
+    Outcome(Outcome),
+    /// Keys read, and the revision they were read at.
+    Range {
+        /// The keys.
+        kvs: Vec<KeyValue>,
+        /// The revision of the read.
+        revision: Revision,
+    },
+    /// Events of whole revisions, in order.
+    Events(Vec<Event>),
+    /// The member's status.
+    Status(Status),
+    /// The request failed.
+    Error {
+        /// Whether retrying can help.
+        kind: ErrorKind,
+        /// What happened and what to do.
+        message: String,
+    },
+}
+
+impl From<RequestError> for Response {
+    fn from(e: RequestError) -> Self {
+        let kind = match &e {
+            RequestError::NoLeader => ErrorKind::NoLeader,
+            RequestError::Unknown => ErrorKind::Unknown,
+            RequestError::Stopped(_) => ErrorKind::Stopped,
+            RequestError::Invalid(_) => ErrorKind::Invalid,
+        };
+        Response::Error {
+            kind,
+            message: e.to_string(),
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! Runs one [`Core`] on its own thread and gives the rest of the daemon a [`Handle`].
+//!
+//! The thread is the only owner of the Raft node. Everything else sends it a
+//! [`Msg`] over one channel. Each loop pass drains every queued message before
+//! running the Ready pass, so all proposals that arrived meanwhile share one
+//! log append and one fsync: that is the write batching. A thread, not a tokio
+//! task, because the fsync blocks.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use raft::eraftpb::Message;
+use tokio::sync::{mpsc as tmpsc, oneshot};
+
+use super::codec::MemberInfo;
+use super::kv::{Command, KeyValue, Outcome, Revision};
+use super::node::{Core, RequestError, Status, WatchMsg};
+use super::storage::Durable;
+
+/// A request to the node thread.
+pub enum Msg {
+    /// Propose a command and answer with its outcome.
+    Propose {
+        /// The command.
+        command: Command,
+        /// Where the outcome goes.
+        reply: oneshot::Sender<Result<Outcome, RequestError>>,
+    },
+    /// Read one key or a prefix.
+    Range {
+        /// Key or prefix.
+        key: String,
+        /// Treat `key` as a prefix.
+        prefix: bool,
+        /// Confirm leadership first (ReadIndex); false serves local state.
+        linearizable: bool,
+        /// Where the keys and the revision they were read at go.
+        reply: oneshot::Sender<Result<(Vec<KeyValue>, Revision), RequestError>>,
+    },
+    /// Stream changes under a prefix from a revision.
+    Watch {
+        /// Key prefix.
+        prefix: String,
+        /// First revision wanted.
+        from: Revision,
+        /// Where events go; the watch ends when it is dropped.
+        events: tmpsc::UnboundedSender<WatchMsg>,
+    },
+    /// Add (with its info) or remove a member.
+    MemberChange {
+        /// The member's Raft id.
+        id: u64,
+        /// Its info when adding.
+        add: Option<MemberInfo>,
+        /// Where the outcome goes.
+        reply: oneshot::Sender<Result<Outcome, RequestError>>,
+    },
+    /// This member's view of the cluster.
+    Status {
+        /// Where it goes.
+        reply: oneshot::Sender<Status>,
+    },
+    /// A message from a peer.
+    Raft(Message),
+    /// A peer could not be reached.
+    Unreachable(u64),
+    /// Stop the member: the thread exits after this message.
+    Stop,
+}
+
+/// Where the node thread sends Raft messages and learns peer addresses.
+pub trait Transport: Send + 'static {
+    /// Sends messages to peers. MUST NOT block; may drop (Raft retransmits).
+    fn send(&self, messages: Vec<Message>);
+    /// The current address book, after a membership change.
+    fn set_peers(&self, peers: &BTreeMap<u64, MemberInfo>);
+}
+
+/// The daemon's way to talk to its Raft member. Cheap to clone.
+#[derive(Clone)]
+pub struct Handle {
+    tx: mpsc::Sender<Msg>,
+}
+
+impl Handle {
+    /// Sends a raw message to the node thread (used by the peer listener).
+    pub fn send(&self, msg: Msg) -> Result<(), RequestError> {
+        self.tx
+            .send(msg)
+            .map_err(|_| RequestError::Stopped("the Raft thread has exited".into()))
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, RequestError>>) -> Msg,
+    ) -> Result<T, RequestError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(make(reply))?;
+        answer
+            .await
+            .map_err(|_| RequestError::Stopped("the Raft thread dropped the request".into()))?
+    }
+
+    /// Proposes a command and waits until this member applied it.
+    pub async fn propose(&self, command: Command) -> Result<Outcome, RequestError> {
+        self.ask(|reply| Msg::Propose { command, reply }).await
+    }
+
+    /// Reads a key or prefix; linearizable unless `linearizable` is false.
+    pub async fn range(
+        &self,
+        key: String,
+        prefix: bool,
+        linearizable: bool,
+    ) -> Result<(Vec<KeyValue>, Revision), RequestError> {
+        self.ask(|reply| Msg::Range {
+            key,
+            prefix,
+            linearizable,
+            reply,
+        })
+        .await
+    }
+
+    /// Adds or removes a member.
+    pub async fn member_change(
+        &self,
+        id: u64,
+        add: Option<MemberInfo>,
+    ) -> Result<Outcome, RequestError> {
+        self.ask(|reply| Msg::MemberChange { id, add, reply }).await
+    }
+
+    /// This member's view of the cluster.
+    pub async fn status(&self) -> Result<Status, RequestError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Msg::Status { reply })?;
+        answer
+            .await
+            .map_err(|_| RequestError::Stopped("the Raft thread has exited".into()))
+    }
+
+    /// Streams changes under `prefix` from revision `from`.
+    pub fn watch(
+        &self,
+        prefix: String,
+        from: Revision,
+    ) -> Result<tmpsc::UnboundedReceiver<WatchMsg>, RequestError> {
+        let (events, rx) = tmpsc::unbounded_channel();
+        self.send(Msg::Watch {
+            prefix,
+            from,
+            events,
+        })?;
+        Ok(rx)
+    }
+}
+
+fn read(kv: &super::kv::KvStore, key: &str, prefix: bool) -> (Vec<KeyValue>, Revision) {
+    let kvs = if prefix {
+        kv.range(key).cloned().collect()
+    } else {
+        kv.get(key).cloned().into_iter().collect()
+    };
+    (kvs, kv.revision())
+}
+
+/// Starts the node thread; it runs until [`Msg::Stop`], until every [`Handle`]
+/// is dropped, or until the disk fails. `transport` is built with a handle so
+/// it can report unreachable peers.
+pub fn spawn<D: Durable + 'static, T: Transport>(
+    mut core: Core<D>,
+    tick: Duration,
+    transport: impl FnOnce(Handle) -> T,
+) -> (Handle, JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel::<Msg>();
+    let transport = transport(Handle { tx: tx.clone() });
+    let thread = std::thread::Builder::new()
+        .name("raft".into())
+        .spawn(move || {
+            let start = Instant::now();
+            let mut next_tick = start + tick;
+            let mut members = core.status().members;
+            transport.set_peers(&members);
+            loop {
+                let wait = next_tick.saturating_duration_since(Instant::now());
+                let mut running = match rx.recv_timeout(wait) {
+                    Ok(msg) => handle(&mut core, msg),
+                    Err(RecvTimeoutError::Timeout) => true,
+                    Err(RecvTimeoutError::Disconnected) => false,
+                };
+                // Drain everything queued: one Ready pass (one fsync) for all of it.
+                while running {
+                    match rx.try_recv() {
+                        Ok(msg) => running = handle(&mut core, msg),
+                        Err(_) => break,
+                    }
+                }
+                if !running {
+                    break;
+                }
+                let now = Instant::now();
+                while now >= next_tick {
+                    let ms = u64::try_from(next_tick.duration_since(start).as_millis())
+                        .unwrap_or(u64::MAX);
+                    core.tick(ms);
+                    next_tick += tick;
+                }
+                match core.handle_ready() {
+                    Ok(messages) => {
+                        if !messages.is_empty() {
+                            transport.send(messages);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!("raft storage failed, stopping this member: {e}");
+                        break;
+                    }
+                }
+                let status = core.status();
+                if status.members != members {
+                    members = status.members;
+                    transport.set_peers(&members);
+                }
+            }
+        })
+        .expect("spawning the raft thread");
+    (Handle { tx }, thread)
+}
+
+/// Handles one message; false means stop.
+fn handle<D: Durable>(core: &mut Core<D>, msg: Msg) -> bool {
+    match msg {
+        Msg::Propose { command, reply } => core.propose(
+            &command,
+            Box::new(move |r| {
+                let _ = reply.send(r);
+            }),
+        ),
+        Msg::Range {
+            key,
+            prefix,
+            linearizable: false,
+            reply,
+        } => {
+            let _ = reply.send(Ok(read(core.kv(), &key, prefix)));
+        }
+        Msg::Range {
+            key, prefix, reply, ..
+        } => core.read_index(Box::new(move |r| {
+            let _ = reply.send(r.map(|kv| read(kv, &key, prefix)));
+        })),
+        Msg::Watch {
+            prefix,
+            from,
+            events,
+        } => core.watch(prefix, from, Box::new(move |m| events.send(m).is_ok())),
+        Msg::MemberChange { id, add, reply } => core.propose_member_change(
+            id,
+            add,
+            Box::new(move |r| {
+                let _ = reply.send(r);
+            }),
+        ),
+        Msg::Status { reply } => {
+            let _ = reply.send(core.status());
+        }
+        Msg::Raft(m) => core.step(m),
+        Msg::Unreachable(id) => core.report_unreachable(id),
+        Msg::Stop => return false,
+    }
+    true
+}

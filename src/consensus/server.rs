@@ -1,0 +1,121 @@
+//! The client listener: one task per connection, one request at a time.
+
+use tokio::io::{BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::codec::{self, CodecError, MemberInfo};
+use super::node::{WatchMsg, member_id};
+use super::protocol::{ErrorKind, Request, Response};
+use super::runner::Handle;
+
+/// Serves clients on `listener` until the process ends.
+pub async fn serve_clients(listener: TcpListener, node: Handle) {
+    loop {
+        let Ok((stream, from)) = listener.accept().await else {
+            continue;
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection(stream, node).await {
+                tracing::debug!("client {from}: {e}");
+            }
+        });
+    }
+}
+
+async fn connection(stream: TcpStream, node: Handle) -> Result<(), CodecError> {
+    let _ = stream.set_nodelay(true);
+    let (read, write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    let mut write = BufWriter::new(write);
+    while let Some(frame) = codec::read_frame(&mut read).await? {
+        let request = match codec::decode::<Request>(&frame) {
+            Ok(request) => request,
+            Err(e) => {
+                let answer = Response::Error {
+                    kind: ErrorKind::Invalid,
+                    message: format!("undecodable request: {e}"),
+                };
+                send(&mut write, &answer).await?;
+                return Ok(());
+            }
+        };
+        if let Request::Watch { prefix, from } = request {
+            return stream_watch(&node, prefix, from, &mut write).await;
+        }
+        let answer = answer(&node, request).await;
+        send(&mut write, &answer).await?;
+    }
+    Ok(())
+}
+
+async fn send<W: tokio::io::AsyncWrite + Unpin>(
+    write: &mut W,
+    response: &Response,
+) -> Result<(), CodecError> {
+    use tokio::io::AsyncWriteExt;
+    codec::write_frame(write, &codec::encode(response)).await?;
+    write.flush().await?;
+    Ok(())
+}
+
+async fn answer(node: &Handle, request: Request) -> Response {
+    let result = match request {
+        Request::Command(command) => node.propose(command).await.map(Response::Outcome),
+        Request::Range {
+            key,
+            prefix,
+            serializable,
+        } => node
+            .range(key, prefix, !serializable)
+            .await
+            .map(|(kvs, revision)| Response::Range { kvs, revision }),
+        Request::Status => node.status().await.map(Response::Status),
+        Request::MemberAdd { name, peer_addr } => {
+            if let Err(message) = crate::config::check_member(&name, &peer_addr) {
+                return Response::Error {
+                    kind: ErrorKind::Invalid,
+                    message,
+                };
+            }
+            let info = MemberInfo {
+                name: name.clone(),
+                peer_addr,
+            };
+            node.member_change(member_id(&name), Some(info))
+                .await
+                .map(Response::Outcome)
+        }
+        Request::MemberRemove { name } => node
+            .member_change(member_id(&name), None)
+            .await
+            .map(Response::Outcome),
+        Request::Watch { .. } => unreachable!("watches are streamed by the caller"),
+    };
+    result.unwrap_or_else(Response::from)
+}
+
+async fn stream_watch<W: tokio::io::AsyncWrite + Unpin>(
+    node: &Handle,
+    prefix: String,
+    from: u64,
+    write: &mut W,
+) -> Result<(), CodecError> {
+    let mut events = match node.watch(prefix, from) {
+        Ok(events) => events,
+        Err(e) => return send(write, &Response::from(e)).await,
+    };
+    // An empty batch first: the client knows the watch is registered.
+    send(write, &Response::Events(Vec::new())).await?;
+    while let Some(message) = events.recv().await {
+        let response = match message {
+            WatchMsg::Events(batch) => Response::Events(batch),
+            WatchMsg::Compacted(c) => Response::Error {
+                kind: ErrorKind::Compacted,
+                message: c.to_string(),
+            },
+        };
+        send(write, &response).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,120 @@
+//! `flotilla daemon`: wires the roles together and shuts them down in order.
+//!
+//! Today the daemon runs the embedded Raft store: the member's node thread,
+//! its peer listener and its client listener. The agent and the reboot
+//! coordinator join here as they are built.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+
+use crate::config::Loaded;
+use crate::consensus::codec::MemberInfo;
+use crate::consensus::node::{Core, NodeConfig, member_id};
+use crate::consensus::runner::{self, Msg};
+use crate::consensus::storage::RedbDisk;
+use crate::consensus::{log, server, transport};
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(loaded: &Loaded) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(loaded))
+}
+
+async fn serve(loaded: &Loaded) -> Result<()> {
+    let config = &loaded.config;
+    let id = member_id(&config.name);
+    let bootstrap: BTreeMap<u64, MemberInfo> = if config.initial_cluster_state == "new" {
+        loaded
+            .members()
+            .into_iter()
+            .map(|m| {
+                (
+                    member_id(&m.name),
+                    MemberInfo {
+                        name: m.name,
+                        peer_addr: m.peer_addr,
+                    },
+                )
+            })
+            .collect()
+    } else {
+        BTreeMap::new()
+    };
+
+    let peers = TcpListener::bind(&config.peer_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen for peers on {} (peer_listen); is another daemon using it?",
+                config.peer_listen
+            )
+        })?;
+    let clients = TcpListener::bind(&config.client_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen for clients on {} (client_listen); is another daemon using it?",
+                config.client_listen
+            )
+        })?;
+
+    let raft_dir = config.data_dir.join("raft");
+    let disk = RedbDisk::open(&raft_dir).with_context(|| {
+        format!(
+            "cannot open the Raft store in {}; is another flotilla daemon using this data_dir?",
+            raft_dir.display()
+        )
+    })?;
+    let tick_ms = (config.election_timeout_ms / 10).max(5);
+    let mut node_config = NodeConfig::new(id, tick_ms, config.election_timeout_ms);
+    node_config.snapshot_entries = config.snapshot_entries;
+    let core = Core::new(node_config, disk, &bootstrap, &log::raft_logger())
+        .context("cannot start the Raft member from its stored state")?;
+    if core.status().members.is_empty() {
+        tracing::warn!(
+            "this member knows no cluster yet; it waits until an existing member adds it \
+             (flotilla member add {} {})",
+            config.name,
+            config.peer_listen
+        );
+    }
+    let runtime = tokio::runtime::Handle::current();
+    let (node, thread) = runner::spawn(core, Duration::from_millis(tick_ms), |handle| {
+        transport::TcpTransport::new(id, runtime, handle)
+    });
+    tokio::spawn(transport::serve_peers(peers, node.clone()));
+    tokio::spawn(server::serve_clients(clients, node.clone()));
+    tracing::info!(
+        "flotilla member {} (raft id {id:x}) serving clients on {} and peers on {}",
+        config.name,
+        config.client_listen,
+        config.peer_listen
+    );
+
+    wait_for_shutdown().await?;
+    tracing::info!("shutting down");
+    let _ = node.send(Msg::Stop);
+    tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .context("joining the Raft thread")?
+        .map_err(|_| anyhow::anyhow!("the Raft thread panicked"))?;
+    Ok(())
+}
+
+async fn wait_for_shutdown() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
