@@ -392,6 +392,14 @@ fn validate(loaded: &Loaded) -> Result<(), Error> {
             format!("{:?} must be new or existing", config.initial_cluster_state),
         ));
     }
+    if config.initial_cluster_state == "existing" && config.initial_cluster.is_empty() {
+        return Err(invalid(
+            "initial_cluster",
+            "joining an existing cluster needs initial_cluster to list its members' peer \
+             addresses (and this one's)"
+                .to_string(),
+        ));
+    }
     if !(50..=60_000).contains(&config.election_timeout_ms) {
         return Err(invalid(
             "election_timeout_ms",

@@ -30,22 +30,24 @@ pub fn run(loaded: &Loaded) -> Result<()> {
 async fn serve(loaded: &Loaded) -> Result<()> {
     let config = &loaded.config;
     let id = member_id(&config.name);
-    let bootstrap: BTreeMap<u64, MemberInfo> = if config.initial_cluster_state == "new" {
-        loaded
-            .members()
-            .into_iter()
-            .map(|m| {
-                (
-                    member_id(&m.name),
-                    MemberInfo {
-                        name: m.name,
-                        peer_addr: m.peer_addr,
-                    },
-                )
-            })
-            .collect()
-    } else {
+    let founding: BTreeMap<u64, MemberInfo> = loaded
+        .members()
+        .into_iter()
+        .map(|m| {
+            (
+                member_id(&m.name),
+                MemberInfo {
+                    name: m.name,
+                    peer_addr: m.peer_addr,
+                },
+            )
+        })
+        .collect();
+    let joining = config.initial_cluster_state == "existing";
+    let bootstrap = if joining {
         BTreeMap::new()
+    } else {
+        founding.clone()
     };
 
     let peers = TcpListener::bind(&config.peer_listen)
@@ -75,9 +77,12 @@ async fn serve(loaded: &Loaded) -> Result<()> {
     let tick_ms = (config.election_timeout_ms / 10).max(5);
     let mut node_config = NodeConfig::new(id, tick_ms, config.election_timeout_ms);
     node_config.snapshot_entries = config.snapshot_entries;
-    let core = Core::new(node_config, disk, &bootstrap, &log::raft_logger())
+    let mut core = Core::new(node_config, disk, &bootstrap, &log::raft_logger())
         .context("cannot start the Raft member from its stored state")?;
-    if core.status().members.is_empty() {
+    if joining {
+        core.set_address_book(founding);
+    }
+    if joining && core.status().applied == 0 {
         tracing::warn!(
             "this member knows no cluster yet; it waits until an existing member adds it \
              (flotilla member add {} {})",

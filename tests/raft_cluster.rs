@@ -31,21 +31,13 @@ struct Member {
 struct Cluster {
     members: Vec<Member>,
     initial: String,
-    _root: tempfile::TempDir,
+    root: tempfile::TempDir,
 }
 
 impl Cluster {
     fn start(n: usize) -> Cluster {
         let root = tempfile::tempdir().unwrap();
-        let members: Vec<Member> = (0..n)
-            .map(|i| Member {
-                name: format!("m{i}"),
-                client: format!("127.0.0.1:{}", free_port()),
-                peer: format!("127.0.0.1:{}", free_port()),
-                dir: root.path().join(format!("m{i}")),
-                process: None,
-            })
-            .collect();
+        let members: Vec<Member> = (0..n).map(|i| new_member(root.path(), i)).collect();
         let initial = members
             .iter()
             .map(|m| format!("{}={}", m.name, m.peer))
@@ -54,7 +46,7 @@ impl Cluster {
         let mut cluster = Cluster {
             members,
             initial,
-            _root: root,
+            root,
         };
         for i in 0..n {
             cluster.boot(i);
@@ -62,7 +54,36 @@ impl Cluster {
         cluster
     }
 
+    /// Adds a member through `flotilla member add` and starts it joining.
+    async fn add_member(&mut self) -> usize {
+        let i = self.members.len();
+        let member = new_member(self.root.path(), i);
+        let out = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(["--endpoint", &self.endpoints().join(",")])
+            .args(["member", "add", &member.name, &member.peer])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.members.push(member);
+        self.initial = self
+            .members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        self.boot_as(i, "existing");
+        i
+    }
+
     fn boot(&mut self, i: usize) {
+        self.boot_as(i, "new");
+    }
+
+    fn boot_as(&mut self, i: usize, state: &str) {
         let m = &mut self.members[i];
         let log = std::fs::File::create(m.dir.with_extension("log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
@@ -70,6 +91,7 @@ impl Cluster {
             .arg(&m.dir)
             .args(["--client-listen", &m.client, "--peer-listen", &m.peer])
             .args(["--initial-cluster", &self.initial])
+            .args(["--initial-cluster-state", state, "--snapshot-entries", "50"])
             .args(["--election-timeout-ms", "300", "--log", "warn"])
             .env_remove("FLOTILLA_CONFIG")
             .stdout(Stdio::null())
@@ -116,6 +138,16 @@ impl Cluster {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+fn new_member(root: &Path, i: usize) -> Member {
+    Member {
+        name: format!("m{i}"),
+        client: format!("127.0.0.1:{}", free_port()),
+        peer: format!("127.0.0.1:{}", free_port()),
+        dir: root.join(format!("m{i}")),
+        process: None,
     }
 }
 
@@ -231,9 +263,7 @@ async fn acknowledged_writes_survive_a_leader_kill_and_watchers_see_each_revisio
         );
     }
     // ...and the restarted member catches up to all of them.
-    let restarted = Client::connect(std::slice::from_ref(&cluster.members[leader].client))
-        .await
-        .unwrap();
+    let restarted = connect_when_up(&cluster.members[leader].client).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (kvs, _) = restarted.range("/w/", true, true).await.unwrap();
@@ -271,5 +301,126 @@ async fn acknowledged_writes_survive_a_leader_kill_and_watchers_see_each_revisio
         "acked {} writes ({before_kill} before the kill), {unknown} with unknown outcome; \
          failover took {failover:?}",
         acked.len()
+    );
+}
+
+/// Connects to one member, waiting for its process to start listening.
+async fn connect_when_up(endpoint: &str) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Client::connect(&[endpoint.to_string()]).await {
+            Ok(client) => return client,
+            Err(e) => assert!(Instant::now() < deadline, "{endpoint} never came up: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `client`'s member serves every key in `keys` from its own state.
+async fn caught_up(client: &Client, keys: &BTreeSet<String>, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok((kvs, _)) = client.range("/", true, true).await {
+            let have: BTreeSet<&str> = kvs.iter().map(|kv| kv.key.as_str()).collect();
+            if keys.iter().all(|k| have.contains(k.as_str())) {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{what} did not catch up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_are_added_from_a_snapshot_and_removed_at_runtime() {
+    let mut cluster = Cluster::start(3);
+    cluster.leader(None).await;
+    let client = Client::connect(&cluster.endpoints()).await.unwrap();
+    // More writes than --snapshot-entries, so the log is compacted.
+    let mut keys = BTreeSet::new();
+    for i in 0..120 {
+        let key = format!("/k/{i}");
+        client.put(&key, b"v".to_vec()).await.unwrap();
+        keys.insert(key);
+    }
+    let added = cluster.add_member().await;
+    let newcomer = connect_when_up(&cluster.members[added].client).await;
+    caught_up(&newcomer, &keys, "the added member").await;
+    let status = newcomer.status().await.unwrap();
+    assert_eq!(status.members.len(), 4, "{status:?}");
+
+    // Remove a member that is not the leader; the rest keep working.
+    let leader = cluster.leader(None).await;
+    let victim = (0..3).find(|i| *i != leader).unwrap();
+    let name = cluster.members[victim].name.clone();
+    let out = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(["--endpoint", &cluster.endpoints().join(",")])
+        .args(["member", "remove", &name])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cluster.kill9(victim);
+    let mut survivors: Vec<String> = cluster.endpoints();
+    survivors.remove(victim);
+    let client = Client::connect(&survivors).await.unwrap();
+    client.put("/after-remove", b"ok".to_vec()).await.unwrap();
+    let status = client.status().await.unwrap();
+    assert_eq!(status.members.len(), 3);
+    assert!(!status.members.values().any(|m| m.name == name));
+    // Removing an unknown member is refused with a clear error.
+    let out = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(["--endpoint", &survivors.join(",")])
+        .args(["member", "remove", "nobody"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no member"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_keeps_leases_for_their_remaining_time_only() {
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.leader(None).await;
+    let client = Client::connect(&cluster.endpoints()).await.unwrap();
+    let ttl = Duration::from_millis(2500);
+    let lease = client.grant(ttl).await.unwrap();
+    client
+        .put_with_lease("/presence/m1", b"up".to_vec(), Some(lease))
+        .await
+        .unwrap();
+    client.keep_alive(lease).await.unwrap();
+    let kept = Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.kill9(leader);
+    cluster.leader(Some(leader)).await;
+    let mut survivors = cluster.endpoints();
+    survivors.remove(leader);
+    let client = Client::connect(&survivors).await.unwrap();
+    // Not expired at once by the new leader...
+    assert!(
+        client.get("/presence/m1").await.unwrap().is_some(),
+        "the new leader expired a live lease at once ({:?} after the keep-alive)",
+        kept.elapsed()
+    );
+    // ...and gone within TTL + election timeout (+ slack for ticks), not 2 x TTL.
+    let deadline = kept + ttl + Duration::from_millis(300 + 1200);
+    loop {
+        if client.get("/presence/m1").await.unwrap().is_none() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lease outlived its remaining time plus one election timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let gone_after = kept.elapsed();
+    assert!(gone_after >= ttl, "expired early: {gone_after:?}");
+    eprintln!(
+        "lease with TTL {ttl:?} expired {gone_after:?} after its last keep-alive across a leader kill"
     );
 }

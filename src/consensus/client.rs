@@ -421,9 +421,7 @@ impl Watch {
             Ok(Response::Error {
                 message,
                 kind: ErrorKind::Compacted,
-            }) => {
-                Err(ClientError::Compacted(message))
-            }
+            }) => Err(ClientError::Compacted(message)),
             Ok(other) => Err(unexpected(&other)),
             Err(e) => Err(ClientError::Unreachable {
                 endpoints: endpoint.clone(),

@@ -25,7 +25,7 @@
 //! a history nobody checked: [`Limits::max_ops_per_key`] refuses oversized keys
 //! up front, and [`Limits::time_budget`] stops a search that runs too long.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::{self, Write as _};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, Instant};
@@ -322,6 +322,9 @@ struct KeyModel<'a> {
     /// Interned register values; value id `n` is `values[n - 1]`.
     values: Vec<&'a [u8]>,
     required: usize,
+    /// Bit `i` set: step `i` is required.
+    required_mask: Box<[u64]>,
+    has_optional: bool,
     words: usize,
 }
 
@@ -431,7 +434,53 @@ impl Hasher for MemoHasher {
     }
 }
 
-type Memo = HashSet<(Box<[u64]>, Value), BuildHasherDefault<MemoHasher>>;
+/// The nodes explored so far, for pruning.
+///
+/// Keyed by (placed required steps, register value); each entry lists the
+/// sets of placed optional steps seen with that key, keeping only the minimal
+/// ones. A node is pruned when a listed set is a subset of its own: the node
+/// with fewer optional steps placed has every choice this one has (its later
+/// latest invocation only forbids more), so if that node failed, so does this
+/// one. Without optional steps this is plain memoisation of (placed, value);
+/// with them it stops each unanswered write from doubling the search.
+#[derive(Default)]
+struct Memo {
+    seen: HashMap<(Box<[u64]>, Value), Vec<Box<[u64]>>, BuildHasherDefault<MemoHasher>>,
+}
+
+impl Memo {
+    /// Records `node`; false if it, or a node dominating it, was seen before.
+    fn insert(&mut self, model: &KeyModel<'_>, node: &Node) -> bool {
+        let required: Box<[u64]> = node
+            .placed
+            .iter()
+            .zip(model.required_mask.iter())
+            .map(|(placed, mask)| placed & mask)
+            .collect();
+        let optional: Box<[u64]> = match model.has_optional {
+            false => Box::default(),
+            true => node
+                .placed
+                .iter()
+                .zip(model.required_mask.iter())
+                .map(|(placed, mask)| placed & !mask)
+                .collect(),
+        };
+        let sets = self.seen.entry((required, node.state)).or_default();
+        let subset = |small: &[u64], large: &[u64]| {
+            small
+                .iter()
+                .zip(large)
+                .all(|(small, large)| small & !large == 0)
+        };
+        if sets.iter().any(|seen| subset(seen, &optional)) {
+            return false;
+        }
+        sets.retain(|seen| !subset(&optional, seen));
+        sets.push(optional);
+        true
+    }
+}
 
 /// Indices below `len` whose bit in `bits` is clear, in increasing order.
 fn clear_bits(bits: &[u64], len: usize) -> impl Iterator<Item = usize> + '_ {
@@ -507,11 +556,20 @@ impl<'a> KeyModel<'a> {
 
         let required = steps.iter().filter(|step| step.required).count();
         let words = steps.len().div_ceil(64);
+        let mut required_mask = vec![0u64; words].into_boxed_slice();
+        for (index, step) in steps.iter().enumerate() {
+            if step.required {
+                required_mask[index / 64] |= 1 << (index % 64);
+            }
+        }
+        let has_optional = required < steps.len();
         KeyModel {
             ops,
             steps,
             values: interner.values,
             required,
+            required_mask,
+            has_optional,
             words,
         }
     }
@@ -623,7 +681,7 @@ impl<'a> KeyModel<'a> {
             return Outcome::Linearizable;
         }
         let mut best = (root.required_placed, path.clone());
-        memo.insert((root.placed.clone(), root.state));
+        memo.insert(self, &root);
         let mut stack = vec![Frame {
             choices: self.choices(&root),
             node: root,
@@ -656,7 +714,7 @@ impl<'a> KeyModel<'a> {
             if child.required_placed == self.required {
                 return Outcome::Linearizable;
             }
-            if !memo.insert((child.placed.clone(), child.state)) {
+            if !memo.insert(self, &child) {
                 continue;
             }
             if child.required_placed > best.0 {

@@ -173,6 +173,10 @@ pub struct Core<D: Durable> {
     /// Leases whose expiry was proposed, with the tick it was proposed at.
     expiring: BTreeMap<LeaseId, u64>,
     commit_dirty: bool,
+    /// A member was just added: snapshot and compact now, so the newcomer is
+    /// sent a snapshot (which carries the membership) instead of a log that
+    /// starts after the founding membership.
+    snapshot_now: bool,
 }
 
 fn ctx_bytes(id: u64) -> Vec<u8> {
@@ -274,7 +278,17 @@ impl<D: Durable> Core<D> {
             lessor: None,
             expiring: BTreeMap::new(),
             commit_dirty: false,
+            snapshot_now: false,
         })
+    }
+
+    /// Gives a member that is joining an existing cluster the addresses of
+    /// its peers, so it can answer them before it receives the membership.
+    /// Ignored once the member knows the cluster from its own disk.
+    pub fn set_address_book(&mut self, book: BTreeMap<u64, MemberInfo>) {
+        if self.members.is_empty() {
+            self.members = book;
+        }
     }
 
     fn request_id(&mut self) -> u64 {
@@ -690,6 +704,10 @@ impl<D: Durable> Core<D> {
         };
         match self.raw.apply_conf_change(&cc) {
             Ok(cs) => {
+                self.snapshot_now |= cc
+                    .get_changes()
+                    .iter()
+                    .any(|c| c.get_change_type() == ConfChangeType::AddNode);
                 apply_members(&mut self.members, &cc, info);
                 self.conf_state = cs.clone();
                 let batch = Batch {
@@ -736,9 +754,11 @@ impl<D: Durable> Core<D> {
 
     fn maybe_snapshot(&mut self) -> Result<(), DiskError> {
         let last = self.store.snapshot_index();
-        if self.applied < last + self.config.snapshot_entries {
+        let due = self.applied >= last + self.config.snapshot_entries;
+        if !(due || self.snapshot_now && self.applied > last) {
             return Ok(());
         }
+        self.snapshot_now = false;
         let Some(term) = self.store.term_of(self.applied) else {
             return Ok(());
         };
