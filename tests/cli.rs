@@ -304,7 +304,11 @@ fn daemon_refuses_a_busy_port_with_a_clear_error() {
         &addr,
     ]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("cannot listen for peers"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot listen for peers"),
+        "{}",
+        stderr(&out)
+    );
     assert!(!dir.path().join("raft").exists(), "nothing was created");
 }
 
@@ -315,5 +319,9 @@ fn client_verbs_report_an_unreachable_cluster() {
     drop(unused);
     let out = flotilla(&["--endpoint", &addr, "kv", "get", "/x"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("cannot reach any flotilla member"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot reach any flotilla member"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -17,11 +17,13 @@
 //! SIM_SEED=<seed> cargo test --test sim replay_one_seed -- --nocapture
 //! ```
 //!
-//! `SIM_SEED_OFFSET=<n>` shifts every batch onto fresh seeds, for soak runs.
+//! `SIM_SEED_OFFSET=<n>` shifts every batch onto fresh seeds, for soak runs;
+//! `SIM_RAFT_LOG=1` adds raft-rs's own log to a replay.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -157,7 +159,45 @@ struct Sim {
     /// Snapshot messages delivered to each member.
     snapshots_delivered: BTreeMap<u64, u64>,
     logger: slog::Logger,
+    /// `now`, for the raft-rs log.
+    clock: Arc<AtomicU64>,
     verbose: bool,
+}
+
+/// Prints raft-rs's log lines with the simulated time (replays only).
+struct RaftLog {
+    seed: u64,
+    now: Arc<AtomicU64>,
+}
+
+impl slog::Drain for RaftLog {
+    type Ok = ();
+    type Err = slog::Never;
+
+    fn log(&self, record: &slog::Record, values: &slog::OwnedKVList) -> Result<(), slog::Never> {
+        struct Line(String);
+        impl slog::Serializer for Line {
+            fn emit_arguments(
+                &mut self,
+                key: slog::Key,
+                val: &std::fmt::Arguments,
+            ) -> slog::Result {
+                let _ = write!(self.0, " {key}={val}");
+                Ok(())
+            }
+        }
+        let mut line = Line(String::new());
+        let _ = slog::KV::serialize(&record.kv(), record, &mut line);
+        let _ = slog::KV::serialize(values, record, &mut line);
+        eprintln!(
+            "[seed {} t={:>6} ms] raft {}:{}",
+            self.seed,
+            self.now.load(Ordering::Relaxed),
+            record.msg(),
+            line.0
+        );
+        Ok(())
+    }
 }
 
 impl Sim {
@@ -173,7 +213,8 @@ impl Sim {
             .collect();
         let mut sim = Sim {
             seed,
-            rng: Rng::new(seed),
+            // A stream apart from the one run_seed draws the setup from.
+            rng: Rng::new(seed ^ 0xa5a5_a5a5_a5a5_a5a5),
             now: 0,
             started: Instant::now(),
             members: BTreeMap::new(),
@@ -184,8 +225,16 @@ impl Sim {
             snapshot_entries,
             snapshots_delivered: BTreeMap::new(),
             logger: slog::Logger::root(slog::Discard, slog::o!()),
+            clock: Arc::default(),
             verbose,
         };
+        if verbose && std::env::var_os("SIM_RAFT_LOG").is_some() {
+            let drain = RaftLog {
+                seed,
+                now: sim.clock.clone(),
+            };
+            sim.logger = slog::Logger::root(drain, slog::o!());
+        }
         for id in 1..=size {
             let phase = sim.rng.below(TICK_MS);
             let member = Member {
@@ -244,7 +293,10 @@ impl Sim {
     }
 
     fn up(&self) -> Vec<u64> {
-        self.ids().into_iter().filter(|id| self.is_up(*id)).collect()
+        self.ids()
+            .into_iter()
+            .filter(|id| self.is_up(*id))
+            .collect()
     }
 
     fn core(&self, id: u64) -> &Core<MemDisk> {
@@ -367,6 +419,7 @@ impl Sim {
             self.seed
         );
         self.now += 1;
+        self.clock.store(self.now, Ordering::Relaxed);
         while let Some(entry) = self.queue.first_entry() {
             if entry.key().0 > self.now {
                 break;
@@ -571,7 +624,11 @@ impl Request {
                 OpKind::Write { value }
             }
             Request::Delete => {
-                assert_ne!(succeeded, Some(false), "a delete without compares always runs");
+                assert_ne!(
+                    succeeded,
+                    Some(false),
+                    "a delete without compares always runs"
+                );
                 OpKind::Delete
             }
             Request::Cas { expected, new } => OpKind::Cas {
@@ -834,8 +891,12 @@ fn record(history: &mut Vec<Op>, clock: &mut Clock, client: u64, call: Call, rep
         }
         // Unknown outcome, a crash that took the callback, or a client that
         // gave up: it may take effect at any later time, or never.
-        (request, None | Some(Reply::Txn(Err(RequestError::Unknown)))) => (request.kind(None), None),
-        (request, other) => panic!("client {client}: {request:?} got an unexpected reply {other:?}"),
+        (request, None | Some(Reply::Txn(Err(RequestError::Unknown)))) => {
+            (request.kind(None), None)
+        }
+        (request, other) => {
+            panic!("client {client}: {request:?} got an unexpected reply {other:?}")
+        }
     };
     history.push(Op {
         client,
@@ -976,8 +1037,7 @@ fn run_seed(seed: u64, verbose: bool) -> Summary {
     let traffic_ms = setup.between(2_500, 3_500);
     let clients = setup.between(3, 5);
     let keys = setup.between(3, 5);
-    let mut sim = Sim::new(setup.next(), size, weather, snapshot_entries, verbose);
-    sim.seed = seed;
+    let mut sim = Sim::new(seed, size, weather, snapshot_entries, verbose);
     sim.note(|| {
         format!(
             "{size} members, {weather:?}, snapshot every {snapshot_entries} entries, \
@@ -1013,7 +1073,10 @@ fn run_seed(seed: u64, verbose: bool) -> Summary {
     }
     let leader = sim.leader().expect("settled");
     let mut fingerprint = fnv(format!("{history:?}").as_bytes(), 0xcbf2_9ce4_8422_2325);
-    fingerprint = fnv(format!("{:?}", sim.core(leader).kv()).as_bytes(), fingerprint);
+    fingerprint = fnv(
+        format!("{:?}", sim.core(leader).kv()).as_bytes(),
+        fingerprint,
+    );
     Summary {
         members: size,
         ops: history.len(),
@@ -1132,7 +1195,10 @@ fn power_loss_history(seed: u64, sync: bool) -> Vec<Op> {
     }
     let mut work = Workload::new(3, 2, Mix::WRITES, 5);
     while work.acknowledged_writes() < 6 {
-        assert!(sim.now < 10_000, "seed {seed}: writes were not acknowledged");
+        assert!(
+            sim.now < 10_000,
+            "seed {seed}: writes were not acknowledged"
+        );
         work.collect(&mut sim);
         work.start_calls(&mut sim);
         sim.step();
@@ -1216,8 +1282,18 @@ fn assert_saw_exactly(who: &str, seen: &[Event], expected: &[Event]) {
 }
 
 fn put_under(sim: &mut Sim, prefix: &str, i: u64) {
-    let outcome = sim.request(&Command::put(format!("{prefix}k{}", i % 4), format!("v{i}"), None));
-    assert!(matches!(outcome, Outcome::Txn { succeeded: true, .. }));
+    let outcome = sim.request(&Command::put(
+        format!("{prefix}k{}", i % 4),
+        format!("v{i}"),
+        None,
+    ));
+    assert!(matches!(
+        outcome,
+        Outcome::Txn {
+            succeeded: true,
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -1241,7 +1317,8 @@ fn a_watcher_across_a_leader_kill_sees_every_revision_once() {
     sim.core_mut(others[0])
         .watch("/w/".into(), 1, on_follower.sink());
     let via_leader = Seen::default();
-    sim.core_mut(leader).watch("/w/".into(), 1, via_leader.sink());
+    sim.core_mut(leader)
+        .watch("/w/".into(), 1, via_leader.sink());
 
     for i in 0..15 {
         put_under(&mut sim, "/w/", i);
@@ -1272,7 +1349,9 @@ fn a_watcher_across_a_leader_kill_sees_every_revision_once() {
     sim.settle(10_000);
 
     let state = sim.core(new_leader).kv();
-    let expected = state.events_since("/w/", 1).expect("history is not compacted");
+    let expected = state
+        .events_since("/w/", 1)
+        .expect("history is not compacted");
     let others_revisions: Vec<Revision> = state
         .events_since("/x/", 1)
         .expect("history is not compacted")
@@ -1292,7 +1371,9 @@ fn a_watcher_across_a_leader_kill_sees_every_revision_once() {
     let mut across = before_switch;
     across.extend(resumed.events());
     assert_saw_exactly("watcher reconnected after the kill", &across, &expected);
-    assert!(!on_follower.compacted.load(Ordering::SeqCst) && !resumed.compacted.load(Ordering::SeqCst));
+    assert!(
+        !on_follower.compacted.load(Ordering::SeqCst) && !resumed.compacted.load(Ordering::SeqCst)
+    );
 }
 
 #[test]
@@ -1335,11 +1416,17 @@ fn a_watcher_on_a_member_that_installs_a_snapshot_sees_every_revision_once() {
          compacted past it"
     );
     let state = sim.core(leader).kv();
-    let expected = state.events_since("/s/", 1).expect("history is not compacted");
+    let expected = state
+        .events_since("/s/", 1)
+        .expect("history is not compacted");
     assert_eq!(
         expected.iter().map(Event::revision).collect::<Vec<_>>(),
         (1..=state.revision()).collect::<Vec<_>>()
     );
-    assert_saw_exactly("watcher on the member that installed a snapshot", &seen.events(), &expected);
+    assert_saw_exactly(
+        "watcher on the member that installed a snapshot",
+        &seen.events(),
+        &expected,
+    );
     assert!(!seen.compacted.load(Ordering::SeqCst));
 }

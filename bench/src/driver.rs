@@ -264,10 +264,7 @@ mod tests {
         };
         let report = run(&Sleepy(ms(10)), &spec).await.unwrap();
         // 4 workers x ~50 puts each in 500 ms; allow for timer slack.
-        assert!(
-            report.writes > 120 && report.writes <= 204,
-            "{report:?}"
-        );
+        assert!(report.writes > 120 && report.writes <= 204, "{report:?}");
         assert!(report.p50 >= ms(10) && report.p50 < ms(30), "{report:?}");
         assert_eq!(report.errors, 0);
     }

@@ -19,9 +19,10 @@ use std::collections::{BTreeMap, HashMap};
 
 use protobuf::Message as _;
 use raft::eraftpb::{
-    ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, Snapshot,
+    ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, MessageType,
+    Snapshot,
 };
-use raft::{RawNode, StateRole};
+use raft::{RawNode, SnapshotStatus, StateRole};
 
 use super::codec::{self, MemberInfo, SnapshotData};
 use super::kv::{Command, Compacted, Event, KvStore, LeaseId, Outcome, Revision};
@@ -576,6 +577,16 @@ impl<D: Durable> Core<D> {
         self.raw.advance_apply();
         self.serve_reads();
         self.maybe_snapshot()?;
+        // raft-rs stops replicating to a follower it sent a snapshot until it
+        // hears how the send went; if the follower's ack is lost it waits
+        // forever (found by tests/sim.rs). Report each snapshot as delivered
+        // once handed to the transport: if it was lost instead, the next probe
+        // is refused and raft-rs sends a fresh snapshot.
+        for message in &out {
+            if message.get_msg_type() == MessageType::MsgSnapshot {
+                self.raw.report_snapshot(message.to, SnapshotStatus::Finish);
+            }
+        }
         Ok(out)
     }
 
