@@ -64,14 +64,7 @@ fn examples_cover_every_x_fleet_option() {
             }
         }
     }
-    for key in [
-        "MachineID",
-        "MachineOf",
-        "MachineMetadata",
-        "Conflicts",
-        "Global",
-        "Replaces",
-    ] {
+    for key in flotilla::units::fleet::KEYS {
         assert!(seen.contains(key), "no example uses {key}");
     }
     let seed = std::fs::read_to_string(

@@ -58,11 +58,10 @@ impl Cluster {
     async fn add_member(&mut self) -> usize {
         let i = self.members.len();
         let member = new_member(self.root.path(), i);
-        let out = Command::new(env!("CARGO_BIN_EXE_flotilla"))
-            .args(["--endpoint", &self.endpoints().join(",")])
-            .args(["member", "add", &member.name, &member.peer])
-            .output()
-            .unwrap();
+        let out = cli(
+            &self.endpoints(),
+            &["member", "add", &member.name, &member.peer],
+        );
         assert!(
             out.status.success(),
             "{}",
@@ -139,6 +138,15 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Runs the flotilla CLI against `endpoints`.
+fn cli(endpoints: &[String], args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(["--endpoint", &endpoints.join(",")])
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn new_member(root: &Path, i: usize) -> Member {
@@ -353,11 +361,7 @@ async fn members_are_added_from_a_snapshot_and_removed_at_runtime() {
     let leader = cluster.leader(None).await;
     let victim = (0..3).find(|i| *i != leader).unwrap();
     let name = cluster.members[victim].name.clone();
-    let out = Command::new(env!("CARGO_BIN_EXE_flotilla"))
-        .args(["--endpoint", &cluster.endpoints().join(",")])
-        .args(["member", "remove", &name])
-        .output()
-        .unwrap();
+    let out = cli(&cluster.endpoints(), &["member", "remove", &name]);
     assert!(
         out.status.success(),
         "{}",
@@ -372,11 +376,7 @@ async fn members_are_added_from_a_snapshot_and_removed_at_runtime() {
     assert_eq!(status.members.len(), 3);
     assert!(!status.members.values().any(|m| m.name == name));
     // Removing an unknown member is refused with a clear error.
-    let out = Command::new(env!("CARGO_BIN_EXE_flotilla"))
-        .args(["--endpoint", &survivors.join(",")])
-        .args(["member", "remove", "nobody"])
-        .output()
-        .unwrap();
+    let out = cli(&survivors, &["member", "remove", "nobody"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no member"));
 }
