@@ -68,7 +68,7 @@ impl Default for Config {
             initial_cluster: String::new(),
             initial_cluster_state: "new".to_string(),
             election_timeout_ms: 1000,
-            snapshot_entries: 10_000,
+            snapshot_entries: 100_000,
             metadata: BTreeMap::new(),
             log: "info".to_string(),
         }

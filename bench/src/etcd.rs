@@ -155,7 +155,7 @@ impl Drop for EtcdCluster {
 /// Reserves `n` distinct free TCP ports on 127.0.0.1 by binding them all at
 /// once and releasing them. Another process could take one in between; etcd
 /// then fails to start and says so in its log.
-fn free_ports(n: usize) -> Result<Vec<u16>> {
+pub(crate) fn free_ports(n: usize) -> Result<Vec<u16>> {
     let listeners = (0..n)
         .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
         .collect::<std::io::Result<Vec<_>>>()

@@ -7,16 +7,18 @@
 
 mod driver;
 mod etcd;
+mod flotilla_target;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::driver::{KvTarget, LoadReport, LoadSpec};
 use crate::etcd::{EtcdCluster, EtcdTarget};
+use crate::flotilla_target::{FlotillaCluster, FlotillaTarget};
 
 /// Command line of the benchmark binary.
 #[derive(Parser, Debug)]
@@ -60,6 +62,9 @@ struct KvArgs {
     /// The etcd server binary (Debian package `etcd-server`).
     #[arg(long, default_value = "etcd")]
     etcd_bin: PathBuf,
+    /// The flotilla binary [default: ../target/release/flotilla next to this crate].
+    #[arg(long)]
+    flotilla_bin: Option<PathBuf>,
 }
 
 /// A store the benchmark can start and load.
@@ -172,17 +177,15 @@ async fn start(target: Target, args: &KvArgs, dir: &Path) -> Result<Started> {
                 _cluster: Box::new(cluster),
             })
         }
-        // ---------------------------------------------------------------
-        // TEMPORARY PLACEHOLDER: the flotilla target goes here.
-        // Start 3 flotilla members on loopback with their data under `dir`
-        // (fsync on, the default), then return a KvTarget whose connect()
-        // calls `flotilla::consensus::client::Client::connect(&endpoints)`
-        // and whose put() calls `client.put(&key, value)`, like etcd.rs.
-        // ---------------------------------------------------------------
-        Target::Flotilla => bail!(
-            "flotilla target not wired yet: it needs flotilla::consensus::client::Client \
-             (run with --target etcd meanwhile)"
-        ),
+        Target::Flotilla => {
+            let bin = args.flotilla_bin.clone().unwrap_or_else(flotilla_target::default_binary);
+            let cluster = FlotillaCluster::start(&bin, dir).await?;
+            let target = FlotillaTarget::new(cluster.endpoints());
+            Ok(Started {
+                target: Box::new(target),
+                _cluster: Box::new(cluster),
+            })
+        }
     }
 }
 

@@ -105,7 +105,7 @@ impl NodeConfig {
             election_ticks,
             max_election_ticks: election_ticks * 2,
             heartbeat_ticks: (election_ticks / 5).max(1),
-            snapshot_entries: 10_000,
+            snapshot_entries: 100_000,
             history_limit: super::kv::DEFAULT_HISTORY_LIMIT,
             checkpoint_ticks: (1000 / tick_ms.max(1)).max(1),
             request_ticks: (10_000 / tick_ms.max(1)).max(10),
@@ -544,13 +544,19 @@ impl<D: Durable> Core<D> {
         }
         batch.entries = ready.take_entries();
         batch.hard_state = ready.hs().cloned();
-        if self.commit_dirty && batch.hard_state.is_none() && !batch.is_empty() {
-            batch.hard_state = Some(self.store_hard_state());
-        }
-        if batch.hard_state.is_some() {
+        let needs_disk = ready.must_sync() || batch.installed.is_some() || !batch.entries.is_empty();
+        if needs_disk {
+            if self.commit_dirty && batch.hard_state.is_none() {
+                batch.hard_state = Some(self.store_hard_state());
+            }
             self.commit_dirty = false;
+            self.disk.save(&batch)?;
+        } else if batch.hard_state.is_some() {
+            // Only the commit index moved: raft-rs says no sync is needed (a
+            // quorum can always recompute it). Keep it in memory and let the
+            // next batch carry it, instead of paying an fsync per commit.
+            self.commit_dirty = true;
         }
-        self.disk.save(&batch)?;
         self.store
             .apply(&batch)
             .map_err(|e| DiskError::Corrupt(format!("log view rejected a saved batch: {e}")))?;
