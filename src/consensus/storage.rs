@@ -334,7 +334,11 @@ impl LogStore {
             core.append(&tail)
                 .map_err(|e| DiskError::Corrupt(e.to_string()))?;
             core.set_conf_state(recovered.conf_state.clone());
-            core.set_hardstate(recovered.hard_state.clone());
+            // The commit index is saved lazily; a snapshot proves at least its
+            // own index was committed, and raft-rs requires applied <= commit.
+            let mut hard_state = recovered.hard_state.clone();
+            hard_state.commit = hard_state.commit.max(after);
+            core.set_hardstate(hard_state);
         }
         Ok(LogStore {
             mem,
