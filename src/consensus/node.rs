@@ -544,7 +544,8 @@ impl<D: Durable> Core<D> {
         }
         batch.entries = ready.take_entries();
         batch.hard_state = ready.hs().cloned();
-        let needs_disk = ready.must_sync() || batch.installed.is_some() || !batch.entries.is_empty();
+        let needs_disk =
+            ready.must_sync() || batch.installed.is_some() || !batch.entries.is_empty();
         if needs_disk {
             if self.commit_dirty && batch.hard_state.is_none() {
                 batch.hard_state = Some(self.store_hard_state());
