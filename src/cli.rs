@@ -36,6 +36,9 @@ pub enum Command {
     /// Read and write the cluster's key-value store directly (for operators and debugging).
     #[command(subcommand)]
     Kv(KvCommand),
+    /// Boot and drive a lab of real-systemd hosts on this machine (root, Debian 12).
+    #[command(subcommand)]
+    Lab(crate::lab::LabCommand),
 }
 
 /// `flotilla member ...`

@@ -13,12 +13,14 @@
 //! * [`daemon`]: `flotilla daemon`, wiring the roles together.
 //! * [`cli`]: the command line, as clap types.
 //! * [`verify`]: `flotilla verify`, checking unit files on disk.
+//! * [`lab`]: `flotilla lab`, N real-systemd hosts on one machine for end-to-end tests.
 
 pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod consensus;
 pub mod daemon;
+pub mod lab;
 pub mod lock;
 pub mod units;
 pub mod verify;

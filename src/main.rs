@@ -47,6 +47,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             init_logging("warn");
             client_runtime()?.block_on(run_kv(&cli.endpoint, command))
         }
+        Command::Lab(command) => flotilla::lab::run(command),
     }
 }
 

@@ -1,0 +1,283 @@
+//! `lab up`: from nothing to a ready cluster, then one JSON object on stdout.
+//!
+//! Steps: install missing packages; run the doctor's checks; clean up whatever a
+//! previous lab in the same directory left; choose a subnet; write the shared
+//! files and every host's disk (in parallel); start the supervisor detached and
+//! wait until it has booted every host; then wait until every host's systemd has
+//! finished starting and every Raft server agrees on one leader. If anything
+//! fails, the lab is torn down again (logs and disks kept) and the error says
+//! where to look.
+
+use std::io::Read;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use super::UpArgs;
+use super::control::{self, Request};
+use super::dir::LabDir;
+use super::disk;
+use super::doctor;
+use super::down;
+use super::host;
+use super::net;
+use super::shell;
+use super::state::{CLIENT_PORT, LabState, UpHost, UpOutput};
+use super::supervisor::is_supervisor;
+
+/// Runs `lab up`.
+pub fn run(args: &UpArgs) -> Result<ExitCode> {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.timeout);
+    let hosts = usize::from(args.hosts);
+    let servers = args.servers.map_or(hosts.min(3), usize::from);
+    if servers > hosts {
+        bail!("--servers {servers} is more than --hosts {hosts}");
+    }
+    doctor::ensure_packages()?;
+    let dir = LabDir::create(&args.lab.dir)?;
+    doctor::require(dir.path())?;
+    if let Ok(old) = LabState::load(&dir) {
+        if old
+            .supervisor_pid
+            .is_some_and(|pid| is_supervisor(pid, &dir))
+        {
+            bail!(
+                "a lab of {} hosts is already running in {}; tear it down first: flotilla lab down --dir {}",
+                old.hosts.len(),
+                dir.path().display(),
+                dir.path().display()
+            );
+        }
+    }
+    // A lab that died without `lab down` may have left processes or cgroups.
+    down::teardown(&dir)?;
+
+    let subnet = net::choose_subnet(&dir)?;
+    let mut lab = LabState::new(
+        &dir,
+        subnet,
+        hosts,
+        servers,
+        args.ttl,
+        args.election_timeout_ms,
+    );
+    for host in &mut lab.hosts {
+        host.machine_id = shell::random_hex()?;
+    }
+    // A new lab starts with new disks and logs (a smaller one would otherwise
+    // inherit the old hN beyond its own).
+    for old in [dir.hosts(), dir.logs()] {
+        if old.exists() {
+            std::fs::remove_dir_all(&old)
+                .with_context(|| format!("cannot remove {}", old.display()))?;
+        }
+    }
+    let exe = std::env::current_exe().context("cannot find the flotilla binary")?;
+    disk::prepare_lab(&dir, &exe)?;
+    std::thread::scope(|scope| {
+        let jobs: Vec<_> = lab
+            .hosts
+            .iter()
+            .map(|host| scope.spawn(|| disk::prepare_host(&dir, &lab, host)))
+            .collect();
+        jobs.into_iter()
+            .try_for_each(|job| job.join().expect("preparing a disk panicked"))
+    })?;
+    lab.save(&dir)?;
+    let prepared = started.elapsed();
+
+    let result = boot_and_wait(&dir, deadline);
+    let lab = match result {
+        Ok(lab) => lab,
+        Err(err) => {
+            let cleanup = down::teardown(&dir).err();
+            down::remove_files(&dir, true);
+            let mut err = err.context(format!(
+                "lab up failed and tore the lab down; logs are in {}, the hosts' disks \
+                 (and journals) in {} until the next `lab up` or `lab down` there",
+                dir.logs().display(),
+                dir.hosts().display()
+            ));
+            if let Some(cleanup) = cleanup {
+                err = err.context(format!("and tearing it down failed too: {cleanup:#}"));
+            }
+            return Err(err);
+        }
+    };
+
+    let output = UpOutput {
+        endpoint: lab.endpoint(),
+        hosts: lab
+            .hosts
+            .iter()
+            .map(|h| UpHost {
+                name: h.name.clone(),
+                machine_id: h.machine_id.clone(),
+                ip: h.ip,
+                pid: h.pid.unwrap_or_default(),
+            })
+            .collect(),
+        ssh_key: dir.ssh_key(),
+        dir: dir.path().to_path_buf(),
+    };
+    println!("{}", serde_json::to_string(&output)?);
+    let first = &lab.hosts[0];
+    super::say(&format!(
+        "{hosts} hosts ready in {:.1} s (disks {:.1} s), Raft servers: {}; try:\n  \
+         flotilla --endpoint {} member list\n  \
+         ssh -i {} root@{}\n  \
+         flotilla lab exec {} --dir {} -- systemctl status flotilla\n  \
+         flotilla lab down --dir {}",
+        started.elapsed().as_secs_f64(),
+        prepared.as_secs_f64(),
+        lab.hosts
+            .iter()
+            .filter(|h| h.server)
+            .map(|h| h.name.as_str())
+            .collect::<Vec<_>>()
+            .join(" "),
+        lab.endpoint(),
+        dir.ssh_key().display(),
+        first.ip,
+        first.name,
+        dir.path().display(),
+        dir.path().display(),
+    ));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the supervisor and waits until the cluster is ready; returns the state
+/// with every host's pid.
+fn boot_and_wait(dir: &LabDir, deadline: Instant) -> Result<LabState> {
+    let mut supervisor = spawn_supervisor(dir)?;
+    wait_supervisor(dir, &mut supervisor, deadline)?;
+    let lab = LabState::load(dir)?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    std::thread::scope(|scope| {
+        let boots: Vec<_> = lab
+            .hosts
+            .iter()
+            .map(|h| {
+                let pid = h.pid.with_context(|| format!("{} did not boot", h.name));
+                scope.spawn(move || {
+                    host::wait_booted(&h.name, pid?, left).with_context(|| {
+                        format!(
+                            "{} did not finish booting; see {} and `journalctl -D {}`",
+                            h.name,
+                            dir.console_log(&h.name).display(),
+                            dir.journal(&h.name).display()
+                        )
+                    })
+                })
+            })
+            .collect();
+        let leader = wait_leader(lab_servers(&lab), deadline).with_context(|| {
+            format!(
+                "see the daemon's log: journalctl -u flotilla -D {}",
+                dir.journal(&lab.hosts[0].name).display()
+            )
+        });
+        for boot in boots {
+            boot.join().expect("waiting for a boot panicked")?;
+        }
+        leader
+    })?;
+    Ok(lab)
+}
+
+fn lab_servers(lab: &LabState) -> Vec<String> {
+    lab.hosts
+        .iter()
+        .filter(|h| h.server)
+        .map(|h| format!("{}:{CLIENT_PORT}", h.ip))
+        .collect()
+}
+
+/// `setsid flotilla lab supervise --dir DIR`, from the lab's copy of the binary,
+/// with its output in the supervisor's log and no tie to our terminal or pipes
+/// (a caller reading our stdout must see it close when we exit).
+fn spawn_supervisor(dir: &LabDir) -> Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.supervisor_log())
+        .with_context(|| format!("cannot open {}", dir.supervisor_log().display()))?;
+    Command::new("setsid")
+        .arg(dir.binary())
+        .args(["lab", "supervise", "--dir"])
+        .arg(dir.path())
+        .env_remove("FLOTILLA_LAB_DIR")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("cannot start the lab's supervisor (setsid flotilla lab supervise)")
+}
+
+/// Waits until the supervisor answers (it listens once every host is booting).
+fn wait_supervisor(dir: &LabDir, supervisor: &mut Child, deadline: Instant) -> Result<()> {
+    loop {
+        if let Some(status) = supervisor.try_wait()? {
+            bail!(
+                "the supervisor stopped ({status}): {}",
+                log_tail(&dir.supervisor_log())
+            );
+        }
+        if dir.socket().exists() && control::send(dir, &Request::Ping).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the supervisor did not finish booting the hosts in time: {}",
+                log_tail(&dir.supervisor_log())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until every server answers and all name the same leader.
+fn wait_leader(servers: Vec<String>, deadline: Instant) -> Result<()> {
+    use crate::consensus::client::Client;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let mut last = String::from("no answer yet");
+        while Instant::now() < deadline {
+            let mut leaders = Vec::new();
+            for endpoint in &servers {
+                let status = tokio::time::timeout(Duration::from_millis(500), async {
+                    let client = Client::connect(std::slice::from_ref(endpoint))
+                        .await?
+                        .with_timeout(Duration::from_millis(400));
+                    client.status().await
+                })
+                .await;
+                match status {
+                    Ok(Ok(status)) if status.leader != 0 => leaders.push(status.leader),
+                    Ok(Ok(_)) => last = format!("{endpoint} knows no leader yet"),
+                    Ok(Err(err)) => last = format!("{endpoint}: {err}"),
+                    Err(_) => last = format!("{endpoint}: no answer within 500 ms"),
+                }
+            }
+            if leaders.len() == servers.len() && leaders.windows(2).all(|w| w[0] == w[1]) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        bail!("the Raft servers did not agree on a leader in time (last: {last})")
+    })
+}
+
+/// The last lines of a log, for error messages.
+fn log_tail(path: &std::path::Path) -> String {
+    let mut text = String::new();
+    let _ = std::fs::File::open(path).and_then(|mut f| f.read_to_string(&mut text));
+    let lines: Vec<&str> = text.lines().rev().take(6).collect();
+    let lines: Vec<&str> = lines.into_iter().rev().collect();
+    format!("{} (from {})", lines.join(" | "), path.display())
+}
