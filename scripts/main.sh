@@ -2,10 +2,11 @@
 # The main job: builds flotilla and shows what it does today, with explanations.
 # On a fresh Debian 12 machine run it as root: it installs what it needs.
 #
-# Today flotilla checks unit files exactly as the cluster will: names, syntax,
-# [X-Fleet] rules, the canonical form and its hash; and validates the daemon's
-# configuration. Booting a real 3-host cluster comes with the Raft store, the
-# agent and the lab (see README.md, "Status").
+# It checks unit files exactly as the cluster will (names, syntax, [X-Fleet]
+# rules, the canonical form and its hash), then boots a lab of 3 hosts running
+# real systemd as PID 1, each with sshd and a flotilla daemon, and shows the
+# daemons forming a Raft cluster that survives losing its leader's host. Running
+# units on those hosts comes with the agent (see README.md, "Status").
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
@@ -59,5 +60,32 @@ initial_cluster = "n1=10.0.0.1:4002,n2=10.0.0.2:4002,n3=10.0.0.3:4002"
 region = "eu"
 TOML
 FLOTILLA_LOG=debug "$bin" daemon --check-config --config "$work/flotilla.toml" --metadata disk=ssd
+
+say "6. boot a lab: 3 hosts, each with systemd as PID 1, sshd and flotilla.service"
+echo "   (as root; missing Debian packages such as openssh-server are installed and named)"
+lab=/tmp/flotilla-main-lab
+"$bin" lab down --dir "$lab" >/dev/null 2>&1 || true
+trap '"$bin" lab down --dir "$lab" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+up=$("$bin" lab up --hosts 3 --dir "$lab" --election-timeout-ms 300)
+echo "$up"
+endpoint=$(printf '%s' "$up" | sed -n 's/.*"endpoint":"\([^"]*\)".*/\1/p')
+fl() { "$bin" --endpoint "$endpoint" "$@"; }
+
+say "7. the three daemons formed one Raft group; a write to any member is replicated"
+fl member list
+fl kv put /demo/greeting "hello from the outer machine"
+"$bin" lab exec h3 --dir "$lab" -- flotilla --endpoint 127.0.0.1:4001 kv get /demo/greeting --serializable
+
+say "8. power off the leader's host (SIGKILL of its PID 1); the others elect a new leader"
+leader=$(fl member list | awk '$4 == "yes" {print $2}')
+echo "   leader is on host $leader; killing it"
+"$bin" lab kill "$leader" --dir "$lab"
+sleep 1.5
+fl member list
+fl kv get /demo/greeting
+"$bin" lab status --dir "$lab"
+
+say "9. tear the lab down: no process, mount, namespace, cgroup or interface is left"
+"$bin" lab down --dir "$lab"
 
 say "done: see README.md for what comes next"
