@@ -12,7 +12,8 @@ use tokio::net::TcpListener;
 
 use crate::config::Loaded;
 use crate::consensus::codec::MemberInfo;
-use crate::consensus::node::{Core, NodeConfig, member_id};
+use crate::consensus::kv::Command;
+use crate::consensus::node::{Core, NodeConfig, RequestError, member_id};
 use crate::consensus::runner::{self, Msg};
 use crate::consensus::storage::RedbDisk;
 use crate::consensus::{log, server, transport};
@@ -94,6 +95,13 @@ async fn serve(loaded: &Loaded) -> Result<()> {
     let (node, thread) = runner::spawn(core, Duration::from_millis(tick_ms), |handle| {
         transport::TcpTransport::new(id, runtime, handle)
     });
+    if !config.client_listen.starts_with("0.0.0.0") && !config.client_listen.starts_with("[::]") {
+        tokio::spawn(publish_client_addr(
+            node.clone(),
+            config.name.clone(),
+            config.client_listen.clone(),
+        ));
+    }
     tokio::spawn(transport::serve_peers(peers, node.clone()));
     tokio::spawn(server::serve_clients(clients, node.clone()));
     tracing::info!(
@@ -111,6 +119,22 @@ async fn serve(loaded: &Loaded) -> Result<()> {
         .context("joining the Raft thread")?
         .map_err(|_| anyhow::anyhow!("the Raft thread panicked"))?;
     Ok(())
+}
+
+/// Records where clients reach this member, so they can write to the leader
+/// directly; retried until a leader accepts it.
+async fn publish_client_addr(node: runner::Handle, name: String, addr: String) {
+    let key = crate::consensus::keys::member_client_addr(&name);
+    loop {
+        match node
+            .propose(Command::put(key.clone(), addr.clone(), None))
+            .await
+        {
+            Ok(_) => return,
+            Err(RequestError::Stopped(_)) => return,
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
 }
 
 async fn wait_for_shutdown() -> Result<()> {

@@ -115,12 +115,26 @@ impl Client {
         self
     }
 
+    /// Connects to the first reachable endpoint from `start` on, then moves
+    /// to the leader when the member names a reachable one: writes then skip
+    /// the follower-to-leader hop. Any member still works if that fails.
     async fn reconnect(&self, start: usize) -> Result<(usize, Conn), ClientError> {
         let mut last = String::from("no endpoints given");
         for offset in 0..self.endpoints.len() {
             let i = (start + offset) % self.endpoints.len();
             match open(&self.endpoints[i]).await {
-                Ok(conn) => return Ok((i, conn)),
+                Ok(mut conn) => {
+                    if let Ok(Response::Status(status)) = conn.call(&Request::Status).await {
+                        if let Some(leader) = status.leader_client_addr {
+                            if leader != self.endpoints[i] {
+                                if let Ok(to_leader) = open(&leader).await {
+                                    conn = to_leader;
+                                }
+                            }
+                        }
+                    }
+                    return Ok((i, conn));
+                }
                 Err(e) => last = format!("{}: {e}", self.endpoints[i]),
             }
         }

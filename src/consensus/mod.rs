@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod codec;
+pub mod keys;
 pub mod kv;
 pub mod linearizable;
 pub mod log;
