@@ -93,6 +93,13 @@ pub struct NodeConfig {
     pub checkpoint_ticks: u64,
     /// Ticks before a proposal or read without an answer is failed as unknown.
     pub request_ticks: u64,
+    /// Where this start of the member begins numbering its requests (only
+    /// the low 48 bits count). A proposal or read still in flight when the
+    /// member stopped may come back after it restarts; numbering afresh from 1
+    /// handed that old entry's outcome to a new request with the same number
+    /// (found by tests/sim.rs). Defaults to the wall clock in microseconds;
+    /// the simulation sets it from its seed.
+    pub first_request: u64,
 }
 
 impl NodeConfig {
@@ -109,6 +116,9 @@ impl NodeConfig {
             history_limit: super::kv::DEFAULT_HISTORY_LIMIT,
             checkpoint_ticks: (1000 / tick_ms.max(1)).max(1),
             request_ticks: (10_000 / tick_ms.max(1)).max(10),
+            first_request: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |since| since.as_micros() as u64),
         }
     }
 
@@ -132,6 +142,8 @@ pub struct Status {
     pub revision: Revision,
     /// Members by id.
     pub members: BTreeMap<u64, MemberInfo>,
+    /// Where clients reach the leader, if it published that address.
+    pub leader_client_addr: Option<String>,
 }
 
 struct Pending {
@@ -260,6 +272,7 @@ impl<D: Durable> Core<D> {
             .map_err(|e| DiskError::Corrupt(format!("invalid raft config: {e}")))?;
         let raw = RawNode::new(&raft_config, store.clone(), logger)
             .map_err(|e| DiskError::Corrupt(e.to_string()))?;
+        let first_request = config.first_request;
         Ok(Core {
             config,
             raw,
@@ -272,7 +285,7 @@ impl<D: Durable> Core<D> {
             leader: 0,
             ticks: 0,
             now_ms: 0,
-            next_request: 1,
+            next_request: first_request,
             pending: HashMap::new(),
             reads: Vec::new(),
             watchers: Vec::new(),
@@ -296,7 +309,7 @@ impl<D: Durable> Core<D> {
         // Unique across members: proposals forwarded to the leader come back
         // in the log with this id, and every member applies them.
         let id = (self.config.id & 0xffff) << 48 | (self.next_request & 0xffff_ffff_ffff);
-        self.next_request += 1;
+        self.next_request = self.next_request.wrapping_add(1);
         id
     }
 
@@ -309,6 +322,11 @@ impl<D: Durable> Core<D> {
             applied: self.applied,
             revision: self.kv.revision(),
             members: self.members.clone(),
+            leader_client_addr: self
+                .members
+                .get(&self.leader)
+                .and_then(|m| self.kv.get(&super::keys::member_client_addr(&m.name)))
+                .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()),
         }
     }
 
