@@ -9,9 +9,11 @@
 //! exactly once across a leader kill and across a snapshot install.
 //!
 //! Everything derives from the seed: message delays and fates, faults, client
-//! choices and each member's election timeout (raft-rs would otherwise draw it
-//! from the OS; see `NodeConfig::max_election_ticks`). So a seed replays
-//! exactly, and a failing seed prints the command that replays it:
+//! choices, each member's election timeout (raft-rs would otherwise draw it
+//! from the OS; see `NodeConfig::max_election_ticks`) and where each start of
+//! a member numbers its requests (`NodeConfig::first_request`, otherwise the
+//! wall clock). So a seed replays exactly, and a failing seed prints the
+//! command that replays it:
 //!
 //! ```text
 //! SIM_SEED=<seed> cargo test --test sim replay_one_seed -- --nocapture
@@ -29,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use flotilla::consensus::codec::MemberInfo;
 use flotilla::consensus::kv::{
-    Command, Compare, CompareOp, Event, KvStore, Op as TxnOp, Outcome, Revision, Target,
+    Command, Compare, CompareOp, Event, KvStore, Op as TxnOp, OpResult, Outcome, Revision, Target,
 };
 use flotilla::consensus::linearizable::{self, CheckError, Limits, Op, OpKind};
 use flotilla::consensus::node::{Core, NodeConfig, RequestError, WatchMsg, WatchSink};
@@ -49,6 +51,9 @@ const SEED_WALL_LIMIT: Duration = Duration::from_secs(15);
 const CLIENT_TIMEOUT_MS: u64 = 1_000;
 /// The checker's cap on operations per key.
 const MAX_OPS_PER_KEY: usize = 250;
+/// Requests clients may send on one key; the rest of the cap is left for
+/// the final reads (one per member).
+const REQUESTS_PER_KEY: usize = MAX_OPS_PER_KEY - 30;
 /// The checker's time budget per history.
 const CHECK_BUDGET: Duration = Duration::from_secs(2);
 /// How to rerun one seed; printed with every failure.
@@ -156,6 +161,8 @@ struct Sim {
     /// network is whole.
     sides: BTreeMap<u64, u8>,
     snapshot_entries: u64,
+    /// Members started so far, restarts included.
+    boots: u64,
     /// Snapshot messages delivered to each member.
     snapshots_delivered: BTreeMap<u64, u64>,
     logger: slog::Logger,
@@ -223,6 +230,7 @@ impl Sim {
             sent: 0,
             sides: BTreeMap::new(),
             snapshot_entries,
+            boots: 0,
             snapshots_delivered: BTreeMap::new(),
             logger: slog::Logger::root(slog::Discard, slog::o!()),
             clock: Arc::default(),
@@ -276,6 +284,9 @@ impl Sim {
         };
         config.election_ticks = ticks;
         config.max_election_ticks = ticks + 1;
+        // Each start numbers its requests apart from every earlier one.
+        self.boots += 1;
+        config.first_request = self.boots << 32;
         config.snapshot_entries = self.snapshot_entries;
         let member = self.members.get_mut(&id).expect("booting a known member");
         let core = Core::new(config, member.disk.clone(), bootstrap, &self.logger)
@@ -359,11 +370,13 @@ impl Sim {
         if self.rng.per_mille(self.weather.drop_per_mille) {
             return;
         }
-        let copies = if self.rng.per_mille(self.weather.dup_per_mille) {
-            2
-        } else {
-            1
-        };
+        // Raft's own messages are idempotent, so any of them may arrive twice.
+        // A proposal a follower forwards to the leader is not: delivered twice,
+        // it is appended and applied twice. The TCP transport never resends a
+        // frame (at most once), so forwarded proposals are never duplicated.
+        let duplicate = self.rng.per_mille(self.weather.dup_per_mille)
+            && message.get_msg_type() != MessageType::MsgPropose;
+        let copies = if duplicate { 2 } else { 1 };
         for _ in 0..copies {
             let at = self.now + self.rng.between(1, self.weather.max_delay_ms);
             self.sent += 1;
@@ -615,22 +628,24 @@ impl Request {
         }
     }
 
+    /// True when an outcome can be this request's own: a reply carrying
+    /// another command's outcome is a bug in matching replies to requests.
+    fn answered_by(&self, succeeded: bool, results: &[OpResult]) -> bool {
+        matches!(
+            (self, succeeded, results),
+            (Request::Write(_), true, [OpResult::Put { .. }])
+                | (Request::Delete, true, [OpResult::Delete { .. }])
+                | (Request::Cas { .. }, true, [OpResult::Put { .. }])
+                | (Request::Cas { .. }, false, [])
+        )
+    }
+
     /// The register operation this request is, given what its reply said.
     fn kind(self, succeeded: Option<bool>) -> OpKind {
         match self {
             Request::Read => unreachable!("reads are recorded with what they observed"),
-            Request::Write(value) => {
-                assert_ne!(succeeded, Some(false), "a put without compares always runs");
-                OpKind::Write { value }
-            }
-            Request::Delete => {
-                assert_ne!(
-                    succeeded,
-                    Some(false),
-                    "a delete without compares always runs"
-                );
-                OpKind::Delete
-            }
+            Request::Write(value) => OpKind::Write { value },
+            Request::Delete => OpKind::Delete,
             Request::Cas { expected, new } => OpKind::Cas {
                 expected,
                 new: Some(new),
@@ -691,6 +706,16 @@ impl Mix {
     };
 }
 
+/// How clients read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reads {
+    /// Through ReadIndex, as the store promises.
+    Linearizable,
+    /// From the member's own state machine without asking the leader: a
+    /// deliberate defect the checker must catch.
+    Local,
+}
+
 /// The history's clock: one tick per recorded invocation or reply, so real
 /// time order between operations is exact (finer than the ms clock).
 #[derive(Default)]
@@ -707,7 +732,10 @@ impl Clock {
 struct Workload {
     clients: Vec<Client>,
     keys: Vec<String>,
+    /// Requests sent so far on each key, so none outgrows the checker's cap.
+    sent: Vec<usize>,
     mix: Mix,
+    reads: Reads,
     think_ms: u64,
     clock: Clock,
     history: Vec<Op>,
@@ -725,7 +753,9 @@ impl Workload {
                 })
                 .collect(),
             keys: (0..keys).map(|k| format!("/sim/k{k}")).collect(),
+            sent: vec![0; keys as usize],
             mix,
+            reads: Reads::Linearizable,
             think_ms,
             clock: Clock::default(),
             history: Vec::new(),
@@ -752,7 +782,9 @@ impl Workload {
         let Workload {
             clients,
             keys,
+            sent,
             mix,
+            reads,
             clock,
             ..
         } = self;
@@ -760,8 +792,16 @@ impl Workload {
             if client.call.is_some() || client.idle_until > sim.now {
                 continue;
             }
+            let open: Vec<usize> = (0..keys.len())
+                .filter(|k| sent[*k] < REQUESTS_PER_KEY)
+                .collect();
+            if open.is_empty() {
+                return;
+            }
             let member = sim.rng.pick(&up);
-            let key = keys[sim.rng.below(keys.len() as u64) as usize].clone();
+            let k = sim.rng.pick(&open);
+            sent[k] += 1;
+            let key = keys[k].clone();
             let total = mix.read + mix.write + mix.delete + mix.cas;
             let roll = sim.rng.below(total);
             let mut fresh = || {
@@ -785,7 +825,7 @@ impl Workload {
             };
             let slot: Slot = Arc::new(Mutex::new(None));
             let invoked = clock.stamp();
-            issue(sim.core_mut(member), &key, &request, slot.clone());
+            issue(sim.core_mut(member), &key, &request, *reads, slot.clone());
             client.call = Some(Call {
                 member,
                 incarnation: sim.incarnation(member),
@@ -819,6 +859,22 @@ impl Workload {
                 continue;
             }
             let call = client.call.take().expect("checked above");
+            sim.note(|| {
+                format!(
+                    "client {} {:?} {} via n{} (#{} at {} ms): {}",
+                    client.id,
+                    call.request,
+                    call.key,
+                    call.member,
+                    call.invoked,
+                    call.started_ms,
+                    match (&reply, died) {
+                        (Some(reply), _) => format!("{reply:?}"),
+                        (None, true) => "member crashed".to_string(),
+                        (None, false) => "gave up".to_string(),
+                    }
+                )
+            });
             record(history, clock, client.id, call, reply);
             client.idle_until = sim.now + sim.rng.below(*think_ms + 1);
         }
@@ -833,14 +889,23 @@ impl Workload {
                 loop {
                     let slot: Slot = Arc::new(Mutex::new(None));
                     let invoked = self.clock.stamp();
-                    issue(sim.core_mut(member), &key, &Request::Read, slot.clone());
+                    let reads = Reads::Linearizable;
+                    issue(
+                        sim.core_mut(member),
+                        &key,
+                        &Request::Read,
+                        reads,
+                        slot.clone(),
+                    );
+                    let deadline = sim.now + CLIENT_TIMEOUT_MS;
                     let reply = loop {
-                        if let Some(reply) = slot.lock().expect("reply slot").take() {
+                        let reply = slot.lock().expect("reply slot").take();
+                        if reply.is_some() || sim.now >= deadline {
                             break reply;
                         }
                         sim.step();
                     };
-                    if let Reply::Read(Ok(observed)) = reply {
+                    if let Some(Reply::Read(Ok(observed))) = reply {
                         let completed = Some(self.clock.stamp());
                         self.history.push(Op {
                             client,
@@ -859,8 +924,13 @@ impl Workload {
 }
 
 /// Sends one request to a member; the answer lands in `slot`.
-fn issue(core: &mut Core<MemDisk>, key: &str, request: &Request, slot: Slot) {
+fn issue(core: &mut Core<MemDisk>, key: &str, request: &Request, reads: Reads, slot: Slot) {
     match request {
+        // The mutation: answer from this member's own state, which may lag.
+        Request::Read if reads == Reads::Local => {
+            let observed = Ok(core.kv().get(key).map(|found| found.value.clone()));
+            *slot.lock().expect("reply slot") = Some(Reply::Read(observed));
+        }
         Request::Read => {
             let key = key.to_string();
             core.read_index(Box::new(move |state: Result<&KvStore, RequestError>| {
@@ -886,7 +956,18 @@ fn record(history: &mut Vec<Op>, clock: &mut Clock, client: u64, call: Call, rep
         (Request::Read, _) => return,
         // Refused before it was proposed: it never happened.
         (_, Some(Reply::Txn(Err(RequestError::NoLeader)))) => return,
-        (request, Some(Reply::Txn(Ok(Outcome::Txn { succeeded, .. })))) => {
+        (
+            request,
+            Some(Reply::Txn(Ok(Outcome::Txn {
+                succeeded, results, ..
+            }))),
+        ) => {
+            assert!(
+                request.answered_by(succeeded, &results),
+                "client {client}: {request:?} on {} was answered with another command's \
+                 outcome (succeeded: {succeeded}, results: {results:?})",
+                call.key
+            );
             (request.kind(Some(succeeded)), Some(clock.stamp()))
         }
         // Unknown outcome, a crash that took the callback, or a client that
@@ -1006,6 +1087,8 @@ impl Chaos {
 struct Summary {
     members: u64,
     ops: usize,
+    /// Operations recorded with an unknown outcome.
+    unknown: usize,
     max_ops_per_key: usize,
     faults: u64,
     simulated_ms: u64,
@@ -1021,9 +1104,18 @@ fn fnv(bytes: &[u8], mut hash: u64) -> u64 {
     hash
 }
 
+/// One seeded run that must pass.
+fn run_seed(seed: u64, verbose: bool) -> Summary {
+    let (summary, checked) = simulate(seed, Reads::Linearizable, verbose);
+    if let Err(e) = checked {
+        panic!("seed {seed}: the history does not pass the checker: {e}");
+    }
+    summary
+}
+
 /// One seeded run: clients against the group under faults, then heal,
 /// settle, read everything back and check the history.
-fn run_seed(seed: u64, verbose: bool) -> Summary {
+fn simulate(seed: u64, reads: Reads, verbose: bool) -> (Summary, Result<(), CheckError>) {
     let mut setup = Rng::new(seed);
     let size = if setup.per_mille(250) { 5 } else { 3 };
     let weather = Weather::stormy(&mut setup);
@@ -1034,9 +1126,9 @@ fn run_seed(seed: u64, verbose: bool) -> Summary {
     } else {
         10_000
     };
-    let traffic_ms = setup.between(2_500, 3_500);
+    let traffic_ms = setup.between(3_000, 5_000);
     let clients = setup.between(3, 5);
-    let keys = setup.between(3, 5);
+    let keys = setup.between(4, 6);
     let mut sim = Sim::new(seed, size, weather, snapshot_entries, verbose);
     sim.note(|| {
         format!(
@@ -1045,6 +1137,7 @@ fn run_seed(seed: u64, verbose: bool) -> Summary {
         )
     });
     let mut work = Workload::new(clients, keys, Mix::EVERYTHING, 20);
+    work.reads = reads;
     let mut chaos = Chaos::new(&mut sim.rng);
 
     while sim.now < traffic_ms {
@@ -1068,23 +1161,31 @@ fn run_seed(seed: u64, verbose: bool) -> Summary {
     for op in &history {
         *per_key.entry(op.key.as_str()).or_default() += 1;
     }
-    if let Err(e) = linearizable::check(&history, &limits()) {
-        panic!("seed {seed}: the history does not pass the checker: {e}");
-    }
+    let checked = linearizable::check(&history, &limits());
     let leader = sim.leader().expect("settled");
+    if let Err(CheckError::NotLinearizable { key, .. }) = &checked {
+        // What the store actually applied to the key, to set beside the calls.
+        if let Ok(events) = sim.core(leader).kv().events_since(key, 1) {
+            for event in events.iter().filter(|e| e.kv.key == *key) {
+                sim.note(|| format!("applied to {key}: {:?} {:?}", event.kind, event.kv));
+            }
+        }
+    }
     let mut fingerprint = fnv(format!("{history:?}").as_bytes(), 0xcbf2_9ce4_8422_2325);
     fingerprint = fnv(
         format!("{:?}", sim.core(leader).kv()).as_bytes(),
         fingerprint,
     );
-    Summary {
+    let summary = Summary {
         members: size,
         ops: history.len(),
+        unknown: history.iter().filter(|op| op.completed.is_none()).count(),
         max_ops_per_key: per_key.values().copied().max().unwrap_or(0),
         faults: chaos.faults,
         simulated_ms: sim.now,
         fingerprint,
-    }
+    };
+    (summary, checked)
 }
 
 fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
@@ -1106,10 +1207,15 @@ fn run_batch(first: u64, count: u64) {
     let mut failed = Vec::new();
     let mut slowest = (Duration::ZERO, 0);
     let mut busiest = 0;
+    let (mut ops, mut unknown) = (0, 0);
     for seed in (first..first + count).map(|s| s + offset) {
         let began = Instant::now();
         match panic::catch_unwind(AssertUnwindSafe(|| run_seed(seed, false))) {
-            Ok(summary) => busiest = busiest.max(summary.max_ops_per_key),
+            Ok(summary) => {
+                busiest = busiest.max(summary.max_ops_per_key);
+                ops += summary.ops;
+                unknown += summary.unknown;
+            }
             Err(payload) => {
                 eprintln!(
                     "seed {seed} FAILED: {}\n  replay with: SIM_SEED={seed} {REPLAY}",
@@ -1121,8 +1227,8 @@ fn run_batch(first: u64, count: u64) {
         slowest = slowest.max((began.elapsed(), seed));
     }
     eprintln!(
-        "seeds {}..{}: {} failed, {:.1?} in all, slowest seed {} took {:.1?}, \
-         at most {busiest} ops on one key",
+        "seeds {}..{}: {} failed, {:.1?} in all, slowest seed {} took {:.1?}; {ops} ops \
+         checked ({unknown} with unknown outcome), at most {busiest} on one key",
         first + offset,
         first + offset + count,
         failed.len(),
@@ -1239,6 +1345,29 @@ fn unsynced_disk_is_caught_by_the_checker() {
     assert!(
         caught > 0,
         "no seed caught the lost fsyncs: the crash model or the checker is blind"
+    );
+}
+
+/// The read-side mutation test: reads answered from a member's own state
+/// (serializable, not linearizable) must fail the checker.
+#[test]
+fn local_reads_are_caught_by_the_checker() {
+    let seeds = 1..=4;
+    let mut caught = 0;
+    for seed in seeds.clone() {
+        match simulate(seed, Reads::Local, false).1 {
+            Err(CheckError::NotLinearizable { .. }) => caught += 1,
+            Ok(()) => {}
+            Err(e) => panic!("seed {seed}: the checker could not judge the history: {e}"),
+        }
+    }
+    eprintln!(
+        "local reads caught by the checker in {caught} of {} seeds",
+        seeds.count()
+    );
+    assert!(
+        caught > 0,
+        "no seed caught stale local reads: the workload or the checker is blind"
     );
 }
 
