@@ -347,17 +347,15 @@ impl<D: Durable> Core<D> {
         }
         let id = self.request_id();
         match self.raw.propose(ctx_bytes(id), codec::encode(command)) {
-            Ok(()) => {
-                self.pending.insert(
-                    id,
-                    Pending {
-                        reply,
-                        deadline: self.ticks + self.config.request_ticks,
-                    },
-                );
-            }
+            Ok(()) => self.track(id, reply),
             Err(_) => reply(Err(RequestError::NoLeader)),
         }
+    }
+
+    /// Remembers a proposal until its entry is applied or its deadline passes.
+    fn track(&mut self, id: u64, reply: Callback<Result<Outcome, RequestError>>) {
+        let deadline = self.ticks + self.config.request_ticks;
+        self.pending.insert(id, Pending { reply, deadline });
     }
 
     /// Proposes adding or removing a member.
@@ -387,15 +385,7 @@ impl<D: Durable> Core<D> {
         }
         let rid = self.request_id();
         match self.raw.propose_conf_change(ctx_bytes(rid), cc) {
-            Ok(()) => {
-                self.pending.insert(
-                    rid,
-                    Pending {
-                        reply,
-                        deadline: self.ticks + self.config.request_ticks,
-                    },
-                );
-            }
+            Ok(()) => self.track(rid, reply),
             Err(e) => reply(Err(RequestError::Invalid(format!(
                 "membership change refused: {e} (one change at a time)"
             )))),
