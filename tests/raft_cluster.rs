@@ -380,7 +380,11 @@ async fn members_are_added_from_a_snapshot_and_removed_at_runtime() {
     // Removing an unknown member is refused with a clear error.
     let out = cli(&survivors, &["member", "remove", "nobody"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no member"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no member named \"nobody\""),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -66,6 +66,9 @@ pub enum RequestError {
     /// The request itself is wrong.
     #[error("{0}")]
     Invalid(String),
+    /// A membership change named a member the cluster does not have.
+    #[error("no member with raft id {0:x}; see flotilla member list")]
+    NoSuchMember(u64),
 }
 
 /// Tuning for one member; times in ticks of `tick_ms`.
@@ -369,9 +372,7 @@ impl<D: Durable> Core<D> {
             return reply(Err(RequestError::NoLeader));
         }
         if add.is_none() && !self.members.contains_key(&id) {
-            return reply(Err(RequestError::Invalid(format!(
-                "no member with id {id:x}; see flotilla member list"
-            ))));
+            return reply(Err(RequestError::NoSuchMember(id)));
         }
         let mut cc = ConfChangeV2::default();
         let kind = if add.is_some() {

@@ -92,7 +92,7 @@ impl From<RequestError> for Response {
             RequestError::NoLeader => ErrorKind::NoLeader,
             RequestError::Unknown => ErrorKind::Unknown,
             RequestError::Stopped(_) => ErrorKind::Stopped,
-            RequestError::Invalid(_) => ErrorKind::Invalid,
+            RequestError::Invalid(_) | RequestError::NoSuchMember(_) => ErrorKind::Invalid,
         };
         Response::Error {
             kind,

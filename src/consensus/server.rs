@@ -4,7 +4,7 @@ use tokio::io::{BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::codec::{self, CodecError, MemberInfo};
-use super::node::{WatchMsg, member_id};
+use super::node::{RequestError, WatchMsg, member_id};
 use super::protocol::{ErrorKind, Request, Response};
 use super::runner::Handle;
 
@@ -86,10 +86,12 @@ async fn answer(node: &Handle, request: Request) -> Response {
                 .await
                 .map(Response::Outcome)
         }
-        Request::MemberRemove { name } => node
-            .member_change(member_id(&name), None)
-            .await
-            .map(Response::Outcome),
+        Request::MemberRemove { name } => match node.member_change(member_id(&name), None).await {
+            Err(RequestError::NoSuchMember(_)) => Err(RequestError::Invalid(format!(
+                "no member named {name:?}; see flotilla member list"
+            ))),
+            other => other.map(Response::Outcome),
+        },
         Request::Watch { .. } => unreachable!("watches are streamed by the caller"),
     };
     result.unwrap_or_else(Response::from)
