@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::kv::{Command, KvStore};
+use super::kv::KvStore;
 
 /// The format this release writes.
 pub const FORMAT_VERSION: u8 = 1;
@@ -81,9 +81,6 @@ pub struct SnapshotData {
     pub members: BTreeMap<u64, MemberInfo>,
 }
 
-/// What a normal log entry holds.
-pub type EntryData = Command;
-
 /// Writes one length-prefixed frame: `u32` big-endian length, then the bytes.
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> Result<(), CodecError> {
     if bytes.len() > MAX_FRAME {
@@ -115,6 +112,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Vec<u8
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::consensus::kv::Command;
 
     #[test]
     fn versioned_round_trip_and_refusals() {
