@@ -24,7 +24,7 @@ use raft::eraftpb::{
 };
 use raft::{RawNode, SnapshotStatus, StateRole};
 
-use super::codec::{self, MemberInfo, SnapshotData};
+use super::codec::{self, MemberInfo, SnapshotData, SnapshotRef};
 use super::kv::{Command, Compacted, Event, KvStore, LeaseId, Outcome, Revision};
 use super::storage::{Batch, DiskError, Durable, LogStore};
 
@@ -781,7 +781,10 @@ impl<D: Durable> Core<D> {
 
     fn maybe_snapshot(&mut self) -> Result<(), DiskError> {
         let last = self.store.snapshot_index();
-        let due = self.applied >= last + self.config.snapshot_entries;
+        // Members snapshot at different points (up to a tenth of the interval
+        // apart, by id), so they never all pause for a snapshot at once.
+        let stagger = self.config.id % (self.config.snapshot_entries / 10).max(1);
+        let due = self.applied >= last + self.config.snapshot_entries + stagger;
         if !(due || self.snapshot_now && self.applied > last) {
             return Ok(());
         }
@@ -793,9 +796,9 @@ impl<D: Durable> Core<D> {
         snap.mut_metadata().index = self.applied;
         snap.mut_metadata().term = term;
         snap.mut_metadata().set_conf_state(self.conf_state.clone());
-        snap.data = codec::encode(&SnapshotData {
-            kv: self.kv.clone(),
-            members: self.members.clone(),
+        snap.data = codec::encode(&SnapshotRef {
+            kv: &self.kv,
+            members: &self.members,
         })
         .into();
         let batch = Batch {
