@@ -105,8 +105,14 @@ pub trait Durable: Send {
 }
 
 /// The Raft state in a redb database under the member's data directory.
+///
+/// Snapshot data lives beside it in `snapshot-<term>-<index>.bin` (written,
+/// fsynced and renamed into place before the database names it), because
+/// rewriting tens of megabytes inside the B-tree costs several times a plain
+/// sequential write; the database keeps the snapshot's metadata.
 pub struct RedbDisk {
     db: redb::Database,
+    dir: std::path::PathBuf,
     path: String,
 }
 
@@ -121,7 +127,11 @@ impl RedbDisk {
         };
         std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
         let db = redb::Database::create(&file).map_err(|e| err(&e))?;
-        let disk = RedbDisk { db, path };
+        let disk = RedbDisk {
+            db,
+            dir: dir.to_path_buf(),
+            path,
+        };
         disk.check_format()?;
         Ok(disk)
     }
@@ -130,6 +140,43 @@ impl RedbDisk {
         DiskError::Redb {
             path: self.path.clone(),
             message: e.to_string(),
+        }
+    }
+
+    fn snapshot_file(&self, snapshot: &Snapshot) -> std::path::PathBuf {
+        let meta = snapshot.get_metadata();
+        self.dir.join(format!(
+            "snapshot-{:016x}-{:016x}.bin",
+            meta.term, meta.index
+        ))
+    }
+
+    /// Writes a snapshot's data durably under its own name.
+    fn write_snapshot_file(&self, snapshot: &Snapshot) -> Result<(), DiskError> {
+        use std::io::Write;
+        let target = self.snapshot_file(snapshot);
+        let partial = target.with_extension("partial");
+        let io = |e: std::io::Error| self.error(format!("writing {}: {e}", partial.display()));
+        let mut file = std::fs::File::create(&partial).map_err(io)?;
+        file.write_all(&snapshot.data).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&partial, &target).map_err(io)?;
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)
+    }
+
+    /// Removes snapshot files other than `keep` (older ones, or a crash's leftovers).
+    fn remove_other_snapshot_files(&self, keep: &Path) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("snapshot-") && path != keep {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
 
@@ -180,7 +227,13 @@ impl Durable for RedbDisk {
             recovered.conf_state = parse(v.value())?;
         }
         if let Some(v) = meta.get(SNAPSHOT).map_err(|e| self.error(e))? {
-            recovered.snapshot = Some(parse(v.value())?);
+            let mut snapshot: Snapshot = parse(v.value())?;
+            let file = self.snapshot_file(&snapshot);
+            let data = std::fs::read(&file).map_err(|e| {
+                DiskError::Corrupt(format!("snapshot data {} unreadable: {e}", file.display()))
+            })?;
+            snapshot.data = data.into();
+            recovered.snapshot = Some(snapshot);
         }
         for item in log.iter().map_err(|e| self.error(e))? {
             let (_, v) = item.map_err(|e| self.error(e))?;
@@ -193,11 +246,15 @@ impl Durable for RedbDisk {
         if batch.is_empty() {
             return Ok(());
         }
+        let snapshot = batch.installed.as_ref().or(batch.taken.as_ref());
+        if let Some(snapshot) = snapshot {
+            self.write_snapshot_file(snapshot)?;
+        }
         let txn = self.db.begin_write().map_err(|e| self.error(e))?;
         {
             let mut meta = txn.open_table(META).map_err(|e| self.error(e))?;
             let mut log = txn.open_table(LOG).map_err(|e| self.error(e))?;
-            if let Some(snapshot) = batch.installed.as_ref().or(batch.taken.as_ref()) {
+            if let Some(snapshot) = snapshot {
                 let index = snapshot.get_metadata().index;
                 if batch.installed.is_some() {
                     log.retain(|_, _| false).map_err(|e| self.error(e))?;
@@ -205,7 +262,9 @@ impl Durable for RedbDisk {
                     log.retain_in(..index, |_, _| false)
                         .map_err(|e| self.error(e))?;
                 }
-                meta.insert(SNAPSHOT, bytes(snapshot).as_slice())
+                let mut metadata_only = Snapshot::default();
+                metadata_only.set_metadata(snapshot.get_metadata().clone());
+                meta.insert(SNAPSHOT, bytes(&metadata_only).as_slice())
                     .map_err(|e| self.error(e))?;
                 meta.insert(
                     CONF_STATE,
@@ -231,7 +290,11 @@ impl Durable for RedbDisk {
             }
         }
         // redb's default durability is Immediate: commit returns after fsync.
-        txn.commit().map_err(|e| self.error(e))
+        txn.commit().map_err(|e| self.error(e))?;
+        if let Some(snapshot) = snapshot {
+            self.remove_other_snapshot_files(&self.snapshot_file(snapshot));
+        }
+        Ok(())
     }
 }
 
@@ -499,6 +562,22 @@ mod tests {
         let r = disk.load().unwrap();
         assert!(r.entries.is_empty());
         assert_eq!(r.hard_state, hard(2, 3));
+        assert_eq!(r.snapshot.unwrap().data.as_ref(), b"state");
+        let files: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("snapshot-"))
+            .collect();
+        assert_eq!(
+            files.len(),
+            1,
+            "older snapshot files are removed: {files:?}"
+        );
+        std::fs::remove_file(dir.path().join(&files[0])).unwrap();
+        assert!(
+            matches!(disk.load(), Err(DiskError::Corrupt(_))),
+            "a missing snapshot file is corruption"
+        );
     }
 
     #[test]
