@@ -121,12 +121,12 @@ impl Cluster {
                 let Ok(client) = Client::connect(std::slice::from_ref(&m.client)).await else {
                     continue;
                 };
-                if let Ok(status) = client.status().await {
-                    if let Some(leader) = status.members.get(&status.leader) {
-                        let index = self.members.iter().position(|x| x.name == leader.name);
-                        if let Some(index) = index.filter(|ix| Some(*ix) != not) {
-                            return index;
-                        }
+                if let Ok(status) = client.status().await
+                    && let Some(leader) = status.members.get(&status.leader)
+                {
+                    let index = self.members.iter().position(|x| x.name == leader.name);
+                    if let Some(index) = index.filter(|ix| Some(*ix) != not) {
+                        return index;
                     }
                 }
             }

@@ -442,10 +442,10 @@ impl Sim {
         }
         let now = self.now;
         for member in self.members.values_mut() {
-            if now % TICK_MS == member.phase {
-                if let Some(core) = member.core.as_mut() {
-                    core.tick(now);
-                }
+            if now % TICK_MS == member.phase
+                && let Some(core) = member.core.as_mut()
+            {
+                core.tick(now);
             }
         }
         self.pump();

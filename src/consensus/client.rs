@@ -124,14 +124,12 @@ impl Client {
             let i = (start + offset) % self.endpoints.len();
             match open(&self.endpoints[i]).await {
                 Ok(mut conn) => {
-                    if let Ok(Response::Status(status)) = conn.call(&Request::Status).await {
-                        if let Some(leader) = status.leader_client_addr {
-                            if leader != self.endpoints[i] {
-                                if let Ok(to_leader) = open(&leader).await {
-                                    conn = to_leader;
-                                }
-                            }
-                        }
+                    if let Ok(Response::Status(status)) = conn.call(&Request::Status).await
+                        && let Some(leader) = status.leader_client_addr
+                        && leader != self.endpoints[i]
+                        && let Ok(to_leader) = open(&leader).await
+                    {
+                        conn = to_leader;
                     }
                     return Ok((i, conn));
                 }

@@ -509,12 +509,11 @@ impl KvStore {
         events: &mut Vec<Event>,
     ) -> OpResult {
         let prev = self.keys.get(key).cloned();
-        if let Some(old) = prev.as_ref().and_then(|p| p.lease) {
-            if Some(old) != lease {
-                if let Some(l) = self.leases.get_mut(&old) {
-                    l.keys.remove(key);
-                }
-            }
+        if let Some(old) = prev.as_ref().and_then(|p| p.lease)
+            && Some(old) != lease
+            && let Some(l) = self.leases.get_mut(&old)
+        {
+            l.keys.remove(key);
         }
         if let Some(id) = lease {
             self.leases

@@ -232,28 +232,27 @@ pub fn check(history: &[Op], limits: &Limits) -> Result<(), CheckError> {
 /// Rejects histories no real run can produce, so the search may trust them.
 fn validate(history: &[Op]) -> Result<(), CheckError> {
     for (index, op) in history.iter().enumerate() {
-        if let Some(completed) = op.completed {
-            if completed < op.invoked {
-                return Err(CheckError::Malformed(format!(
-                    "operation {index} (client {}, key {:?}) completed at {completed}, before it \
+        if let Some(completed) = op.completed
+            && completed < op.invoked
+        {
+            return Err(CheckError::Malformed(format!(
+                "operation {index} (client {}, key {:?}) completed at {completed}, before it \
                      was invoked at {}; timestamps must come from one clock that never goes back",
-                    op.client, op.key, op.invoked
-                )));
-            }
+                op.client, op.key, op.invoked
+            )));
         }
         if let OpKind::Cas {
             succeeded: Some(succeeded),
             ..
         } = op.kind
+            && op.completed.is_none()
         {
-            if op.completed.is_none() {
-                return Err(CheckError::Malformed(format!(
-                    "operation {index} (client {}, key {:?}) is a compare-and-swap whose outcome \
+            return Err(CheckError::Malformed(format!(
+                "operation {index} (client {}, key {:?}) is a compare-and-swap whose outcome \
                      is known (succeeded: {succeeded}) but that never completed; record when the \
                      client learned the outcome, or set succeeded to None",
-                    op.client, op.key
-                )));
-            }
+                op.client, op.key
+            )));
         }
     }
     Ok(())
@@ -762,7 +761,9 @@ impl<'a> KeyModel<'a> {
                 continue;
             };
             frame.next += 1;
-            if explored % CLOCK_EVERY == 0 && deadline.is_some_and(|end| Instant::now() >= end) {
+            if explored.is_multiple_of(CLOCK_EVERY)
+                && deadline.is_some_and(|end| Instant::now() >= end)
+            {
                 return Outcome::OutOfTime { explored };
             }
             explored += 1;

@@ -250,10 +250,10 @@ impl<D: Durable> Core<D> {
         let conf_state = recovered.conf_state.clone();
         // Replay committed membership changes after the snapshot for the address book.
         for entry in &recovered.entries {
-            if entry.index <= recovered.hard_state.commit {
-                if let Some((cc, info)) = decode_conf_change(entry) {
-                    apply_members(&mut members, &cc, info);
-                }
+            if entry.index <= recovered.hard_state.commit
+                && let Some((cc, info)) = decode_conf_change(entry)
+            {
+                apply_members(&mut members, &cc, info);
             }
         }
         let store = LogStore::from_recovered(&recovered)?;
@@ -500,7 +500,7 @@ impl<D: Durable> Core<D> {
                 codec::encode(&Command::LeaseExpire { ids: due }),
             );
         }
-        if self.ticks % self.config.checkpoint_ticks == 0 && !lessor.is_empty() {
+        if self.ticks.is_multiple_of(self.config.checkpoint_ticks) && !lessor.is_empty() {
             let remaining: Vec<(LeaseId, u64)> = lessor
                 .iter()
                 .filter(|(id, _)| !self.expiring.contains_key(id))
@@ -577,10 +577,10 @@ impl<D: Durable> Core<D> {
 
         self.apply_entries(ready.take_committed_entries())?;
         for rs in ready.take_read_states() {
-            if let Some(ctx) = ctx_id(&rs.request_ctx) {
-                if let Some(read) = self.reads.iter_mut().find(|r| r.ctx == ctx) {
-                    read.index = Some(rs.index);
-                }
+            if let Some(ctx) = ctx_id(&rs.request_ctx)
+                && let Some(read) = self.reads.iter_mut().find(|r| r.ctx == ctx)
+            {
+                read.index = Some(rs.index);
             }
         }
 

@@ -142,10 +142,10 @@ impl Layout {
             let mut dirs = self.dirs(rel);
             dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
             for dir in dirs {
-                if let Err(err) = std::fs::remove_dir(&dir) {
-                    if err.kind() != std::io::ErrorKind::NotFound {
-                        busy.push(format!("{}: {err}", dir.display()));
-                    }
+                if let Err(err) = std::fs::remove_dir(&dir)
+                    && err.kind() != std::io::ErrorKind::NotFound
+                {
+                    busy.push(format!("{}: {err}", dir.display()));
                 }
             }
             if busy.is_empty() {

@@ -201,12 +201,11 @@ impl Supervisor {
     fn poll(&mut self) {
         let names: Vec<String> = self.hosts.keys().cloned().collect();
         for name in names {
-            if let Some(exit) = self.reap(&name) {
-                if exit == Exit::Reboot {
-                    if let Err(err) = self.boot(&name) {
-                        self.log(&format!("{name}: cannot boot again: {err:#}"));
-                    }
-                }
+            if let Some(exit) = self.reap(&name)
+                && exit == Exit::Reboot
+                && let Err(err) = self.boot(&name)
+            {
+                self.log(&format!("{name}: cannot boot again: {err:#}"));
             }
         }
         if let Ok(Some(status)) = self.switch.try_wait() {

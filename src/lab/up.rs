@@ -38,18 +38,17 @@ pub fn run(args: &UpArgs) -> Result<ExitCode> {
     doctor::ensure_packages()?;
     let dir = LabDir::create(&args.lab.dir)?;
     doctor::require(dir.path())?;
-    if let Ok(old) = LabState::load(&dir) {
-        if old
+    if let Ok(old) = LabState::load(&dir)
+        && old
             .supervisor_pid
             .is_some_and(|pid| is_supervisor(pid, &dir))
-        {
-            bail!(
-                "a lab of {} hosts is already running in {}; tear it down first: flotilla lab down --dir {}",
-                old.hosts.len(),
-                dir.path().display(),
-                dir.path().display()
-            );
-        }
+    {
+        bail!(
+            "a lab of {} hosts is already running in {}; tear it down first: flotilla lab down --dir {}",
+            old.hosts.len(),
+            dir.path().display(),
+            dir.path().display()
+        );
     }
     // A lab that died without `lab down` may have left processes or cgroups.
     down::teardown(&dir)?;
