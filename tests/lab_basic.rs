@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const FLOTILLA: &str = env!("CARGO_BIN_EXE_flotilla");
+mod support;
+
+use support::{FLOTILLA, lab_in, text};
 
 /// A lab in a temporary directory, torn down when dropped (also on panic).
 struct Lab {
@@ -151,20 +153,6 @@ impl Drop for Lab {
             let _ = self.run(&["down"]);
         }
     }
-}
-
-fn lab_in(dir: &Path, args: &[&str]) -> Output {
-    Command::new(FLOTILLA)
-        .arg("lab")
-        .args(args)
-        .env("FLOTILLA_LAB_DIR", dir)
-        .env_remove("FLOTILLA_ENDPOINT")
-        .output()
-        .unwrap()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// `lab doctor --install` must pass: a lab test fails, never skips, without it.

@@ -15,13 +15,14 @@
 //! binaries one at a time (test group `lab` in .config/nextest.toml).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use flotilla::agent::systemd::{Systemd, UnitState};
 use serde_json::Value;
 
-const FLOTILLA: &str = env!("CARGO_BIN_EXE_flotilla");
+mod support;
+
+use support::{lab_in, text};
 
 /// Where the agent keeps unit files inside a host, as systemd there sees them.
 const UNITS_DIR: &str = "/run/flotilla/units";
@@ -113,20 +114,6 @@ impl Drop for Lab {
             let _ = lab_in(self.dir.path(), &["down"]);
         }
     }
-}
-
-fn lab_in(dir: &Path, args: &[&str]) -> Output {
-    Command::new(FLOTILLA)
-        .arg("lab")
-        .args(args)
-        .env("FLOTILLA_LAB_DIR", dir)
-        .env_remove("FLOTILLA_ENDPOINT")
-        .output()
-        .unwrap()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 fn step(name: &str, started: Instant) {
