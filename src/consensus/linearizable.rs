@@ -1281,31 +1281,48 @@ mod tests {
         assert!(matches!(error, CheckError::Malformed(_)), "{error:?}");
     }
 
-    #[test]
-    fn long_mostly_sequential_history_is_fast() {
-        // A linear congruential generator stands in for the simulation.
-        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = |bound: u64| {
-            seed = seed
+    /// A linear congruential generator standing in for the simulation's randomness.
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn next(&mut self, bound: u64) -> u64 {
+            self.0 = self
+                .0
                 .wrapping_mul(6_364_136_223_846_793_005)
                 .wrapping_add(1_442_695_040_888_963_407);
-            (seed >> 33) % bound
-        };
-        let plans: Vec<Plan> = (0..1_000)
-            .map(|_| Plan {
-                client: next(4),
-                key: next(5) as usize,
-                kind: next(5) as u8,
-                value: next(4) as u8,
-                expected: next(4) as u8,
-                gap: next(6),
-                to_effect: next(4),
-                to_reply: next(4),
-                no_reply: next(30) == 0,
-                ambiguous: next(30) == 0,
-                applied: next(2) == 0,
-            })
-            .collect();
+            (self.0 >> 33) % bound
+        }
+
+        /// `count` random plans over `keys` keys and `clients` clients, one op in
+        /// `no_reply_odds` left unanswered.
+        fn plans(
+            &mut self,
+            count: usize,
+            keys: u64,
+            clients: u64,
+            no_reply_odds: u64,
+        ) -> Vec<Plan> {
+            (0..count)
+                .map(|_| Plan {
+                    client: self.next(clients),
+                    key: self.next(keys) as usize,
+                    kind: self.next(5) as u8,
+                    value: self.next(4) as u8,
+                    expected: self.next(4) as u8,
+                    gap: self.next(6),
+                    to_effect: self.next(4),
+                    to_reply: self.next(4),
+                    no_reply: self.next(no_reply_odds) == 0,
+                    ambiguous: self.next(30) == 0,
+                    applied: self.next(2) == 0,
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn long_mostly_sequential_history_is_fast() {
+        let plans = Lcg(0x2545_f491_4f6c_dd1d).plans(1_000, 5, 4, 30);
         let history = simulate(&plans);
         assert_passes(&history);
     }
@@ -1442,28 +1459,8 @@ mod tests {
         // The simulation's mutation test in miniature: long histories with
         // concurrency and unanswered ops, one read corrupted.
         for seed in 0..10u64 {
-            let mut state: u64 = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-            let mut next = |bound: u64| {
-                state = state
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                (state >> 33) % bound
-            };
-            let plans: Vec<Plan> = (0..100)
-                .map(|_| Plan {
-                    client: next(5),
-                    key: 0,
-                    kind: next(5) as u8,
-                    value: next(4) as u8,
-                    expected: next(4) as u8,
-                    gap: next(6),
-                    to_effect: next(4),
-                    to_reply: next(4),
-                    no_reply: next(10) == 0,
-                    ambiguous: next(30) == 0,
-                    applied: next(2) == 0,
-                })
-                .collect();
+            let mut rng = Lcg(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let plans = rng.plans(100, 1, 5, 10);
             let mut history = simulate(&plans);
             assert_passes(&history);
             let reads: Vec<usize> = (0..history.len())
@@ -1471,7 +1468,7 @@ mod tests {
                     matches!(history[i].kind, OpKind::Read { .. }) && history[i].completed.is_some()
                 })
                 .collect();
-            let target = reads[reads.len() / 2 + next(reads.len() as u64 / 2) as usize];
+            let target = reads[reads.len() / 2 + rng.next(reads.len() as u64 / 2) as usize];
             history[target].kind = OpKind::Read {
                 observed: Some(bytes("never written")),
             };
