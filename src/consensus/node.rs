@@ -333,6 +333,11 @@ impl<D: Durable> Core<D> {
         }
     }
 
+    /// Members by Raft id: the address book the transport follows.
+    pub fn members(&self) -> &BTreeMap<u64, MemberInfo> {
+        &self.members
+    }
+
     /// The state machine, for serializable reads and tests.
     pub fn kv(&self) -> &KvStore {
         &self.kv

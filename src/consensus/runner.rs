@@ -182,7 +182,7 @@ pub fn spawn<D: Durable + 'static, T: Transport>(
         .spawn(move || {
             let start = Instant::now();
             let mut next_tick = start + tick;
-            let mut members = core.status().members;
+            let mut members = core.members().clone();
             transport.set_peers(&members);
             loop {
                 let wait = next_tick.saturating_duration_since(Instant::now());
@@ -219,9 +219,9 @@ pub fn spawn<D: Durable + 'static, T: Transport>(
                         break;
                     }
                 }
-                let status = core.status();
-                if status.members != members {
-                    members = status.members;
+                // Compared by reference each pass; cloned only when membership changed.
+                if *core.members() != members {
+                    members = core.members().clone();
                     transport.set_peers(&members);
                 }
             }
