@@ -39,6 +39,74 @@ pub enum Command {
     /// Boot and drive a lab of real-systemd hosts on this machine (root, Debian 12).
     #[command(subcommand)]
     Lab(crate::lab::LabCommand),
+    /// Store unit files in the cluster (desired state inactive).
+    Submit(SubmitArgs),
+    /// Place units on machines and start them (submitting FILEs first).
+    Start(UnitsArgs),
+    /// Stop units but keep them placed and loaded.
+    Stop(UnitsArgs),
+    /// Place units on machines and load them without starting (submitting FILEs first).
+    Load(UnitsArgs),
+    /// Stop and unload units; they stay submitted (desired state inactive).
+    Unload(UnitsArgs),
+    /// Remove units from the cluster entirely (they stop wherever they run).
+    Destroy(UnitsArgs),
+    /// Print a submitted unit's file, as stored.
+    Cat {
+        /// The unit.
+        unit: String,
+    },
+    /// Show units that are loaded or launched: where they run and systemd's states.
+    ListUnits(ListArgs),
+    /// Show every submitted unit, with its desired state and body hash.
+    ListUnitFiles(ListArgs),
+    /// Show the machines in the cluster.
+    ListMachines(ListArgs),
+    /// Move every unit off a machine and keep new ones away (undo with --undo).
+    Drain {
+        /// The machine's id (or a unique prefix).
+        machine: String,
+        /// Let the machine take units again.
+        #[arg(long)]
+        undo: bool,
+    },
+}
+
+/// `flotilla submit`
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// Unit files; each file's base name is the unit's name.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Replace the body of units already submitted (they reload where they run).
+    #[arg(long)]
+    pub replace: bool,
+}
+
+/// Verbs taking units by name (or unit files, for start and load).
+#[derive(Debug, Args)]
+pub struct UnitsArgs {
+    /// Unit names (`web@1.service`; `.service` is added when there is no suffix)
+    /// or, for start/load, paths of unit files to submit first.
+    #[arg(required = true, value_name = "UNIT")]
+    pub units: Vec<String>,
+    /// Wait until every unit reaches the state asked for (or a failed state).
+    #[arg(long)]
+    pub block: bool,
+    /// How long --block waits, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub block_timeout: u64,
+}
+
+/// Options of the list verbs.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Show full machine ids and hashes.
+    #[arg(long, short = 'l')]
+    pub full: bool,
 }
 
 /// `flotilla member ...`
@@ -151,6 +219,22 @@ pub struct DaemonArgs {
     /// Log filter in RUST_LOG syntax, e.g. info or flotilla=debug [config: log].
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,
+    /// Run only the agent, against these Raft members' client addresses,
+    /// host:port,... [config: endpoints].
+    #[arg(long = "join", value_name = "ADDRS")]
+    pub endpoints: Option<String>,
+    /// Presence TTL in seconds [config: ttl_secs; default 10].
+    #[arg(long, value_name = "SECS")]
+    pub ttl_secs: Option<u64>,
+    /// Address to publish for this machine [config: public_ip; default: detected].
+    #[arg(long, value_name = "IP")]
+    pub public_ip: Option<String>,
+    /// Do not run the agent: a store-only member [config: agent = false].
+    #[arg(long)]
+    pub no_agent: bool,
+    /// On SIGTERM stop and unload this host's units and leave [config: leave_on_stop].
+    #[arg(long)]
+    pub leave_on_stop: bool,
 }
 
 impl DaemonArgs {
@@ -171,11 +255,19 @@ impl DaemonArgs {
             &self.initial_cluster,
         );
         string("log", "--log", &self.log);
+        string("endpoints", "--join", &self.endpoints);
+        string("public_ip", "--public-ip", &self.public_ip);
         string(
             "initial_cluster_state",
             "--initial-cluster-state",
             &self.initial_cluster_state,
         );
+        if self.no_agent {
+            overrides.push(("agent", "--no-agent", toml::Value::Boolean(false)));
+        }
+        if self.leave_on_stop {
+            overrides.push(("leave_on_stop", "--leave-on-stop", toml::Value::Boolean(true)));
+        }
         let numbers = [
             (
                 "election_timeout_ms",
@@ -187,6 +279,7 @@ impl DaemonArgs {
                 "--snapshot-entries",
                 self.snapshot_entries,
             ),
+            ("ttl_secs", "--ttl-secs", self.ttl_secs),
         ];
         for (key, flag, value) in numbers {
             if let Some(value) = value {

@@ -56,6 +56,32 @@ pub struct Config {
     pub metadata: BTreeMap<String, String>,
     /// Log filter, in `RUST_LOG` syntax (`info`, `flotilla=debug,warn`).
     pub log: String,
+    /// Client addresses of the Raft members, `host:port,...`. When set, this
+    /// host runs only the agent (no Raft seat) and reaches the store there.
+    pub endpoints: String,
+    /// Run the agent (units on this host's systemd). Off for a store-only member.
+    pub agent: bool,
+    /// Presence lease TTL in seconds: a host silent this long is dead to the cluster.
+    pub ttl_secs: u64,
+    /// The address to publish for this machine; detected when empty.
+    pub public_ip: String,
+    /// Where the agent writes unit files (a tmpfs, so a reboot starts clean).
+    pub units_dir: PathBuf,
+    /// On SIGTERM, stop and unload this host's units and leave the cluster
+    /// (default: keep them running, as a restart should).
+    pub leave_on_stop: bool,
+}
+
+impl Config {
+    /// The `endpoints` setting as a list (empty: this host is a Raft member).
+    pub fn endpoint_list(&self) -> Vec<String> {
+        self.endpoints
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
 }
 
 impl Default for Config {
@@ -71,6 +97,12 @@ impl Default for Config {
             snapshot_entries: 100_000,
             metadata: BTreeMap::new(),
             log: "info".to_string(),
+            endpoints: String::new(),
+            agent: true,
+            ttl_secs: 10,
+            public_ip: String::new(),
+            units_dir: PathBuf::from("/run/flotilla/units"),
+            leave_on_stop: false,
         }
     }
 }
@@ -430,6 +462,27 @@ fn validate(loaded: &Loaded) -> Result<(), Error> {
                 ),
             ));
         }
+    }
+    for endpoint in config.endpoint_list() {
+        check_host_port(&endpoint).map_err(|m| invalid("endpoints", m))?;
+    }
+    if !(1..=3600).contains(&config.ttl_secs) {
+        return Err(invalid(
+            "ttl_secs",
+            format!("{} must be between 1 and 3600", config.ttl_secs),
+        ));
+    }
+    if !config.public_ip.is_empty() && config.public_ip.parse::<std::net::IpAddr>().is_err() {
+        return Err(invalid(
+            "public_ip",
+            format!("{:?} is not an IP address", config.public_ip),
+        ));
+    }
+    if !config.units_dir.is_absolute() {
+        return Err(invalid(
+            "units_dir",
+            format!("{} must be an absolute path", config.units_dir.display()),
+        ));
     }
     tracing_subscriber::EnvFilter::try_new(&config.log).map_err(|e| {
         invalid(

@@ -1,16 +1,26 @@
 //! `flotilla daemon`: wires the roles together and shuts them down in order.
 //!
-//! Today the daemon runs the embedded Raft store: the member's node thread,
-//! its peer listener and its client listener. The agent and the reboot
-//! coordinator join here as they are built.
+//! A Raft member runs the embedded store (node thread, peer and client
+//! listeners) and, while it leads, the scheduler. Every host runs the agent
+//! unless `agent = false`; a host with `endpoints` set runs only the agent,
+//! against those members. systemd hears READY=1 once the listeners are bound
+//! and the agent has started (it joins in the background: a member must not
+//! wait for a quorum to report ready, or a cluster booting at once deadlocks).
+//!
+//! Shutdown (SIGTERM/SIGINT): the agent stops first (leaving units running
+//! unless `leave_on_stop`), then the Raft member.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 
+use crate::agent::run::AgentConfig;
+use crate::agent::{self, notify};
 use crate::config::Loaded;
+use crate::scheduler;
 use crate::consensus::codec::MemberInfo;
 use crate::consensus::kv::Command;
 use crate::consensus::node::{Core, NodeConfig, RequestError, member_id};
@@ -28,7 +38,82 @@ pub fn run(loaded: &Loaded) -> Result<()> {
     runtime.block_on(serve(loaded))
 }
 
+/// How long an unclaimed proposal waits before the scheduler moves it.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
+
 async fn serve(loaded: &Loaded) -> Result<()> {
+    let config = &loaded.config;
+    let (stop_agent, stopped) = tokio::sync::watch::channel(false);
+    let agent_only = !config.endpoint_list().is_empty();
+    let member = if agent_only {
+        tracing::info!(
+            "agent-only host: the store is at {}",
+            config.endpoint_list().join(",")
+        );
+        None
+    } else {
+        Some(start_member(loaded).await?)
+    };
+    let endpoints = if agent_only {
+        config.endpoint_list()
+    } else {
+        vec![local_client_addr(&config.client_listen)]
+    };
+    let agent = config.agent.then(|| {
+        let agent_config = AgentConfig {
+            endpoints: endpoints.clone(),
+            data_dir: config.data_dir.clone(),
+            units_dir: config.units_dir.clone(),
+            machine_id_path: PathBuf::from("/etc/machine-id"),
+            ttl: Duration::from_secs(config.ttl_secs),
+            public_ip: Some(config.public_ip.clone()).filter(|ip| !ip.is_empty()),
+            metadata: config.metadata.clone(),
+            leave_on_stop: config.leave_on_stop,
+        };
+        tokio::spawn(agent::run::run(agent_config, stopped))
+    });
+    if let Some((node, _)) = &member {
+        tokio::spawn(scheduler::run(node.clone(), endpoints, CLAIM_TIMEOUT));
+    }
+    match notify::notify("READY=1\nSTATUS=serving") {
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot tell systemd we are ready: {e}"),
+    }
+
+    wait_for_shutdown().await?;
+    tracing::info!("shutting down");
+    let _ = notify::notify("STOPPING=1");
+    let _ = stop_agent.send(true);
+    if let Some(agent) = agent {
+        match tokio::time::timeout(Duration::from_secs(60), agent).await {
+            Ok(Ok(Err(e))) => tracing::error!("agent: {e}"),
+            Ok(Err(e)) => tracing::error!("the agent task failed: {e}"),
+            Err(_) => tracing::error!("the agent did not stop within 60 s"),
+            Ok(Ok(Ok(()))) => {}
+        }
+    }
+    if let Some((node, thread)) = member {
+        let _ = node.send(Msg::Stop);
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .context("joining the Raft thread")?
+            .map_err(|_| anyhow::anyhow!("the Raft thread panicked"))?;
+    }
+    Ok(())
+}
+
+/// The address this host's own clients reach the member at.
+fn local_client_addr(listen: &str) -> String {
+    match listen.rsplit_once(':') {
+        Some(("0.0.0.0" | "[::]", port)) => format!("127.0.0.1:{port}"),
+        _ => listen.to_string(),
+    }
+}
+
+/// Starts this host's Raft member; returns its handle and thread.
+async fn start_member(
+    loaded: &Loaded,
+) -> Result<(runner::Handle, std::thread::JoinHandle<()>)> {
     let config = &loaded.config;
     let id = member_id(&config.name);
     let founding: BTreeMap<u64, MemberInfo> = loaded
@@ -110,15 +195,7 @@ async fn serve(loaded: &Loaded) -> Result<()> {
         config.client_listen,
         config.peer_listen
     );
-
-    wait_for_shutdown().await?;
-    tracing::info!("shutting down");
-    let _ = node.send(Msg::Stop);
-    tokio::task::spawn_blocking(move || thread.join())
-        .await
-        .context("joining the Raft thread")?
-        .map_err(|_| anyhow::anyhow!("the Raft thread panicked"))?;
-    Ok(())
+    Ok((node, thread))
 }
 
 /// Records where clients reach this member, so they can write to the leader

@@ -7,7 +7,10 @@
 //! * [`units`]: the pure unit model: names, the unit-file parser, `[X-Fleet]`
 //!   rules, hashing and the placement decision. No I/O.
 //! * [`consensus`]: the embedded Raft store; today its state machine.
-//! * [`agent`]: the per-host agent; today its pure reconcile rules.
+//! * [`agent`]: the per-host agent: presence, claims, systemd over D-Bus.
+//! * [`registry`]: the cluster's records of units and machines, and the
+//!   user-facing operations on them.
+//! * [`scheduler`]: on the Raft leader, proposes units to machines.
 //! * [`lock`]: reboot coordination; today the semaphore's pure operations.
 //! * [`config`]: the daemon's configuration loader (file, environment, flags).
 //! * [`daemon`]: `flotilla daemon`, wiring the roles together.
@@ -22,5 +25,7 @@ pub mod consensus;
 pub mod daemon;
 pub mod lab;
 pub mod lock;
+pub mod registry;
+pub mod scheduler;
 pub mod units;
 pub mod verify;

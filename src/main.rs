@@ -9,7 +9,10 @@ use clap::Parser;
 use flotilla::cli::{Cli, Command, DaemonArgs, KvCommand, MemberCommand, VerifyArgs};
 use flotilla::config;
 use flotilla::consensus::client::Client;
+use flotilla::registry::records::DesiredState;
 use flotilla::verify;
+
+mod unit_verbs;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -48,6 +51,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
             client_runtime()?.block_on(run_kv(&cli.endpoint, command))
         }
         Command::Lab(command) => flotilla::lab::run(command),
+        command => {
+            init_logging("warn");
+            client_runtime()?.block_on(run_unit_verb(&cli.endpoint, command))
+        }
+    }
+}
+
+async fn run_unit_verb(endpoints: &[String], command: Command) -> Result<ExitCode> {
+    let client = Client::connect(endpoints).await?;
+    match command {
+        Command::Submit(args) => unit_verbs::submit(&client, &args).await,
+        Command::Start(args) => {
+            unit_verbs::set_state(&client, &args, DesiredState::Launched).await
+        }
+        Command::Load(args) => unit_verbs::set_state(&client, &args, DesiredState::Loaded).await,
+        Command::Unload(args) => {
+            unit_verbs::set_state(&client, &args, DesiredState::Inactive).await
+        }
+        Command::Stop(args) => unit_verbs::stop(&client, &args).await,
+        Command::Destroy(args) => unit_verbs::destroy(&client, &args).await,
+        Command::Cat { unit } => unit_verbs::cat(&client, &unit).await,
+        Command::ListUnits(args) => unit_verbs::list_units(&client, &args).await,
+        Command::ListUnitFiles(args) => unit_verbs::list_unit_files(&client, &args).await,
+        Command::ListMachines(args) => unit_verbs::list_machines(&client, &args).await,
+        Command::Drain { machine, undo } => unit_verbs::drain(&client, &machine, undo).await,
+        Command::Verify(_) | Command::Daemon(_) | Command::Member(_) | Command::Kv(_) | Command::Lab(_) => {
+            unreachable!("dispatched in run()")
+        }
     }
 }
 

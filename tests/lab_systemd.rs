@@ -17,7 +17,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use flotilla::agent::systemd::{Systemd, UnitState};
+use flotilla::agent::systemd::{Error, Systemd, UnitState};
 use serde_json::Value;
 
 mod support;
@@ -35,12 +35,25 @@ Description=flotilla lab_systemd: a service that runs until stopped
 ExecStart=/bin/sleep infinity
 ";
 
+/// Fails 0.2 s after it starts, long after its start job is done: no job
+/// reports the failure, only the unit's properties do.
 const BROKEN: &str = "\
 [Unit]
 Description=flotilla lab_systemd: a service whose ExecStart fails
 
 [Service]
-ExecStart=/bin/false
+ExecStart=/bin/sh -c 'sleep 0.2; exec /bin/false'
+";
+
+const ENABLED: &str = "\
+[Unit]
+Description=flotilla lab_systemd: a service enabled for multi-user.target
+
+[Service]
+ExecStart=/bin/sleep infinity
+
+[Install]
+WantedBy=multi-user.target
 ";
 
 /// A 1-host lab in a temporary directory, torn down when dropped (also on panic).
@@ -82,6 +95,13 @@ impl Lab {
         Path::new(&format!("/proc/{}/root", self.pid)).join(path.trim_start_matches('/'))
     }
 
+    /// Whether `path` inside h1 exists, as a file or as a link. The links
+    /// systemd makes are absolute, so following them from outside h1 would
+    /// look in this machine's directories, not h1's.
+    fn has(&self, path: &str) -> bool {
+        self.inside(path).symlink_metadata().is_ok()
+    }
+
     /// Writes a unit file into h1's unit directory; returns its path inside h1.
     fn write_unit(&self, name: &str, body: &str) -> String {
         std::fs::create_dir_all(self.inside(UNITS_DIR)).unwrap();
@@ -92,9 +112,14 @@ impl Lab {
 
     /// `systemctl is-active NAME` inside h1, as systemctl prints it.
     fn is_active(&self, name: &str) -> String {
+        self.systemctl("is-active", name)
+    }
+
+    /// `systemctl VERB NAME` inside h1, as systemctl prints it.
+    fn systemctl(&self, verb: &str, name: &str) -> String {
         let out = lab_in(
             self.dir.path(),
-            &["exec", "h1", "--", "systemctl", "is-active", name],
+            &["exec", "h1", "--", "systemctl", verb, name],
         );
         text(&out.stdout).trim().to_string()
     }
@@ -136,6 +161,35 @@ async fn wait_active(systemd: &Systemd, name: &str, active: &str) -> UnitState {
     }
 }
 
+/// Reads `name`'s state each time `changes` reports it, until its ActiveState
+/// is `active`; panics if no report leads there within 10 s. Returns every
+/// state read, the last one `active`.
+async fn wait_reported(
+    systemd: &Systemd,
+    changes: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    name: &str,
+    active: &str,
+) -> Vec<UnitState> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut reported = Vec::new();
+    let mut states = Vec::new();
+    loop {
+        let next = tokio::time::timeout_at(deadline, changes.recv()).await;
+        let unit = next
+            .unwrap_or_else(|_| panic!("no report took {name} to {active}; got {reported:?}"))
+            .expect("the watcher ended while the connection was open");
+        if unit == name {
+            let state = systemd.state(name).await.unwrap();
+            let done = state.active == active;
+            states.push(state);
+            if done {
+                return states;
+            }
+        }
+        reported.push(unit);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lab_systemd_drives_units_over_the_system_bus() {
     let started = Instant::now();
@@ -161,12 +215,92 @@ async fn lab_systemd_drives_units_over_the_system_bus() {
     assert_eq!(state.active, "inactive", "{state:?}");
     step("linked and reloaded", started);
 
+    // A unit that was never active has no start time.
+    assert_eq!(
+        systemd
+            .active_enter_timestamp("hello.service")
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        systemd
+            .active_enter_timestamp("never-was.service")
+            .await
+            .unwrap(),
+        0
+    );
+
     // start: active/running, and systemctl inside the host agrees.
     systemd.start("hello.service").await.unwrap();
     let state = wait_active(&systemd, "hello.service", "active").await;
     assert_eq!(state.sub, "running", "{state:?}");
     assert_eq!(lab.is_active("hello.service"), "active");
+    let hello_started = systemd
+        .active_enter_timestamp("hello.service")
+        .await
+        .unwrap();
+    assert!(hello_started > 0);
     step("started", started);
+
+    // Globs find the running unit, and neither a loaded stopped one nor others.
+    let idle = lab.write_unit("hello-idle.service", HELLO);
+    systemd.link_runtime(Path::new(&idle)).await.unwrap();
+    systemd.reload().await.unwrap();
+    assert_eq!(
+        systemd.state("hello-idle.service").await.unwrap().load,
+        "loaded"
+    );
+    let globs = |patterns: &[&str]| patterns.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        systemd
+            .active_units_matching(&globs(&["hello*.service", "*.nothing"]))
+            .await
+            .unwrap(),
+        ["hello.service"]
+    );
+    assert!(
+        systemd
+            .active_units_matching(&globs(&["hello-idle.service", "nothing-*"]))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(systemd.active_units_matching(&[]).await.unwrap().is_empty());
+    systemd.disable_runtime("hello-idle.service").await.unwrap();
+    step("active units by glob", started);
+
+    // enable: the unit's link and its [Install] section's link, until reboot.
+    const WANTED: &str = "/run/systemd/system/multi-user.target.wants/enabled.service";
+    let enabled = lab.write_unit("enabled.service", ENABLED);
+    let changes = systemd.enable_runtime(Path::new(&enabled)).await.unwrap();
+    assert!(
+        changes
+            .iter()
+            .any(|(kind, file, _)| kind == "symlink" && file == WANTED),
+        "{changes:?}"
+    );
+    assert!(lab.has(WANTED));
+    systemd.reload().await.unwrap();
+    assert_eq!(
+        lab.systemctl("is-enabled", "enabled.service"),
+        "enabled-runtime"
+    );
+    // A unit without [Install] has nothing to enable, and says so.
+    let error = systemd.enable_runtime(Path::new(&hello)).await.unwrap_err();
+    assert!(matches!(error, Error::NoInstallSection { .. }), "{error:?}");
+    systemd.disable_runtime("enabled.service").await.unwrap();
+    assert!(!lab.has(WANTED));
+    systemd.reload().await.unwrap();
+    // Two reloads later, hello was never restarted.
+    assert_eq!(
+        systemd
+            .active_enter_timestamp("hello.service")
+            .await
+            .unwrap(),
+        hello_started
+    );
+    step("enabled and disabled", started);
 
     // stop: inactive/dead.
     assert!(systemd.stop("hello.service").await.unwrap().is_some());
@@ -183,7 +317,7 @@ async fn lab_systemd_drives_units_over_the_system_bus() {
             .any(|(kind, file, _)| kind == "unlink" && file == "/run/systemd/system/hello.service"),
         "{changes:?}"
     );
-    assert!(!lab.inside("/run/systemd/system/hello.service").exists());
+    assert!(!lab.has("/run/systemd/system/hello.service"));
     systemd.reload().await.unwrap();
     let state = systemd.state("hello.service").await.unwrap();
     assert_eq!(state.load, "not-found", "{state:?}");
@@ -195,12 +329,19 @@ async fn lab_systemd_drives_units_over_the_system_bus() {
     systemd.reset_failed("never-was.service").await.unwrap();
     step("disabled; stop of unloaded units succeeds", started);
 
-    // A unit whose ExecStart fails ends up failed; reset-failed clears that.
+    // A unit whose ExecStart fails ends up failed, and the watcher reports it:
+    // the start job is done once the shell is forked, 0.2 s before it fails, so
+    // only a PropertiesChanged tells of the failure. reset-failed clears it.
     let broken = lab.write_unit("broken.service", BROKEN);
     systemd.link_runtime(Path::new(&broken)).await.unwrap();
     systemd.reload().await.unwrap();
+    let mut changes = systemd.watch_changes().await.unwrap();
     systemd.start("broken.service").await.unwrap();
-    let state = wait_active(&systemd, "broken.service", "failed").await;
+    let states = wait_reported(&systemd, &mut changes, "broken.service", "failed").await;
+    // Reported while it ran (the job), and again once it failed (properties).
+    assert!(states.len() >= 2, "{states:?}");
+    assert_ne!(states[0].active, "failed", "{states:?}");
+    let state = states.last().unwrap();
     assert_eq!(state.sub, "failed", "{state:?}");
     assert_eq!(lab.is_active("broken.service"), "failed");
     systemd.reset_failed("broken.service").await.unwrap();
@@ -212,4 +353,10 @@ async fn lab_systemd_drives_units_over_the_system_bus() {
     drop(systemd);
     drop(lab);
     step("lab down", started);
+
+    // The host's bus went with it, and so did the watcher, closing its channel.
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while changes.recv().await.is_some() {}
+    });
+    ended.await.expect("the watcher outlived its connection");
 }

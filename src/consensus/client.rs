@@ -14,7 +14,9 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Mutex;
 
 use super::codec::{self, CodecError};
-use super::kv::{Command, Compare, Event, KeyValue, LeaseId, Op, OpResult, Outcome, Revision};
+use super::kv::{
+    Command, Compare, Event, KeyValue, KvError, LeaseId, Op, OpResult, Outcome, Revision,
+};
 use super::node::Status;
 use super::protocol::{ErrorKind, Request, Response};
 
@@ -45,6 +47,9 @@ pub enum ClientError {
     /// The member refused the request.
     #[error("{0}")]
     Refused(String),
+    /// The lease named does not exist (expired or revoked).
+    #[error("lease {0:x} not found (it expired or was revoked); grant a new lease")]
+    LeaseNotFound(LeaseId),
     /// A watch fell behind the history.
     #[error("{0}")]
     Compacted(String),
@@ -196,6 +201,9 @@ impl Client {
 
     async fn command(&self, command: Command) -> Result<Outcome, ClientError> {
         match self.call(Request::Command(command)).await? {
+            Response::Outcome(Outcome::Failed(KvError::LeaseNotFound(id))) => {
+                Err(ClientError::LeaseNotFound(id))
+            }
             Response::Outcome(Outcome::Failed(e)) => Err(ClientError::Refused(e.to_string())),
             Response::Outcome(outcome) => Ok(outcome),
             other => Err(unexpected(&other)),

@@ -69,6 +69,9 @@ pub const TARGET: &str = "flotilla-lab.target";
 /// Where the daemon's config lives inside a host.
 pub const DAEMON_CONFIG: &str = "/etc/flotilla/flotilla.toml";
 
+/// The daemon's unit as shipped for real hosts; lab hosts run it unchanged.
+const FLOTILLA_SERVICE: &str = include_str!("../../dist/flotilla.service");
+
 /// The host key types generated per host. RSA is left out: generating one takes
 /// over a second per host, and every ssh client since 2014 speaks ed25519.
 const HOST_KEY_TYPES: &[&str] = &["ed25519", "ecdsa"];
@@ -130,7 +133,7 @@ pub fn prepare_host(dir: &LabDir, lab: &LabState, host: &HostState) -> Result<()
     disk.write("etc/machine-id", &format!("{}\n", host.machine_id), 0o444)?;
     disk.write("etc/hostname", &format!("{name}\n"), 0o644)?;
     disk.write("etc/hosts", &hosts_file(lab), 0o644)?;
-    disk.systemd(host)?;
+    disk.systemd()?;
     disk.ssh(dir, host)?;
     disk.flotilla(dir, lab, host)?;
     Ok(())
@@ -154,16 +157,12 @@ struct Disk {
 
 impl Disk {
     /// The systemd configuration: target, masks, accounting off, the daemon's unit.
-    fn systemd(&self, host: &HostState) -> Result<()> {
+    fn systemd(&self) -> Result<()> {
         let units = "etc/systemd/system";
         for unit in MASKED_UNITS {
             self.symlink(&format!("{units}/{unit}"), "/dev/null")?;
         }
-        let services = if host.server {
-            "ssh.service flotilla.service"
-        } else {
-            "ssh.service"
-        };
+        let services = "ssh.service flotilla.service";
         self.write(
             &format!("{units}/{TARGET}"),
             &format!(
@@ -178,28 +177,12 @@ impl Disk {
             0o644,
         )?;
         self.symlink(&format!("{units}/default.target"), TARGET)?;
-        if host.server {
-            self.write(
-                &format!("{units}/flotilla.service"),
-                &format!(
-                    "# Written by `flotilla lab`.\n\
-                     [Unit]\n\
-                     Description=flotilla daemon\n\
-                     After=network.target\n\
-                     \n\
-                     [Service]\n\
-                     # simple, not notify: the daemon does not call sd_notify yet.\n\
-                     Type=simple\n\
-                     ExecStart=/usr/local/bin/flotilla daemon --config {DAEMON_CONFIG}\n\
-                     Restart=on-failure\n\
-                     RestartSec=1s\n\
-                     \n\
-                     [Install]\n\
-                     WantedBy=multi-user.target\n"
-                ),
-                0o644,
-            )?;
-        }
+        // The unit real hosts install, unchanged.
+        self.write(
+            &format!("{units}/flotilla.service"),
+            &format!("# Shipped with flotilla (dist/flotilla.service).\n{FLOTILLA_SERVICE}"),
+            0o644,
+        )?;
         self.write(
             "etc/systemd/system.conf.d/flotilla-lab.conf",
             "# Written by `flotilla lab`: many systemd instances share this kernel, so\n\
@@ -297,17 +280,28 @@ impl Disk {
         let data = self.upper.join("var/lib/flotilla");
         std::fs::create_dir_all(&data)?;
         std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))?;
-        if !host.server {
-            // Non-server hosts will run the agent (`flotilla daemon` without a Raft
-            // seat) once it exists; until then they run no flotilla at all.
-            return Ok(());
-        }
         let mut config = toml::Table::new();
         let mut set = |key: &str, value: toml::Value| {
             config.insert(key.to_string(), value);
         };
         set("name", host.name.clone().into());
         set("data_dir", "/var/lib/flotilla".into());
+        set(
+            "ttl_secs",
+            i64::try_from(lab.ttl_secs)
+                .context("the TTL is too large")?
+                .into(),
+        );
+        if !host.server {
+            // An agent-only host: no Raft seat, the servers' store.
+            set("endpoints", lab.endpoint().into());
+            let text = toml::to_string(&config).context("cannot write the daemon's config")?;
+            return self.write(
+                DAEMON_CONFIG.trim_start_matches('/'),
+                &format!("# Written by `flotilla lab` for {}.\n{text}", host.name),
+                0o644,
+            );
+        }
         set(
             "client_listen",
             format!("0.0.0.0:{}", super::state::CLIENT_PORT).into(),

@@ -105,7 +105,7 @@ pub struct UpArgs {
     /// Number of Raft servers, the first K hosts [default: min(N, 3)].
     #[arg(long, value_name = "K", value_parser = clap::value_parser!(u16).range(1..=250))]
     pub servers: Option<u16>,
-    /// Agent presence TTL in seconds; recorded for the agent (which does not exist yet).
+    /// Agent presence TTL in seconds (every host's ttl_secs).
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub ttl: u64,
     /// Raft election timeout of the servers, in milliseconds.

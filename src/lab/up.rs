@@ -181,9 +181,47 @@ fn boot_and_wait(dir: &LabDir, deadline: Instant) -> Result<LabState> {
         for boot in boots {
             boot.join().expect("waiting for a boot panicked")?;
         }
-        leader
+        leader?;
+        wait_agents(lab_servers(&lab), lab.hosts.len(), deadline).with_context(|| {
+            format!(
+                "see the agents' logs: journalctl -u flotilla -D {}",
+                dir.journal(&lab.hosts[0].name).display()
+            )
+        })
     })?;
     Ok(lab)
+}
+
+/// Waits until every host's agent has published its presence.
+fn wait_agents(servers: Vec<String>, hosts: usize, deadline: Instant) -> Result<()> {
+    use crate::consensus::client::Client;
+    use crate::registry::keys::MACHINES;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let mut last = String::from("no answer yet");
+        while Instant::now() < deadline {
+            let found = tokio::time::timeout(Duration::from_secs(2), async {
+                let client = Client::connect(&servers)
+                    .await?
+                    .with_timeout(Duration::from_secs(1));
+                client.range(MACHINES, true, false).await
+            })
+            .await;
+            match found {
+                Ok(Ok((machines, _))) if machines.len() >= hosts => return Ok(()),
+                Ok(Ok((machines, _))) => {
+                    last = format!("{} of {hosts} agents joined", machines.len());
+                }
+                Ok(Err(err)) => last = err.to_string(),
+                Err(_) => last = "no answer within 2 s".to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        bail!("not every host's agent joined the cluster in time (last: {last})")
+    })
 }
 
 fn lab_servers(lab: &LabState) -> Vec<String> {

@@ -29,14 +29,18 @@ use super::problem::{Problem, Problems};
 pub const SECTION: &str = "X-Fleet";
 
 /// The keys flotilla understands in `[X-Fleet]`, in documentation order.
-pub const KEYS: [&str; 6] = [
+pub const KEYS: [&str; 7] = [
     "MachineID",
     "MachineOf",
     "MachineMetadata",
     "Conflicts",
     "Global",
     "Replaces",
+    "FenceAfter",
 ];
+
+/// The longest `FenceAfter=` accepted, in seconds (a day).
+pub const MAX_FENCE_AFTER_SECS: u64 = 86_400;
 
 /// Which values one `MachineMetadata` key accepts and refuses.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -70,6 +74,9 @@ pub struct Requirements {
     pub global: bool,
     /// Globs of units this one displaces to another machine.
     pub replaces: Vec<UnitGlob>,
+    /// flotilla's own key: stop the unit on a host cut off from the cluster
+    /// this many seconds, for singletons where two copies are worse than none.
+    pub fence_after_secs: Option<u64>,
 }
 
 impl Requirements {
@@ -144,6 +151,7 @@ enum Key {
     Conflicts,
     Global,
     Replaces,
+    FenceAfter,
 }
 
 impl Key {
@@ -156,6 +164,7 @@ impl Key {
             "Conflicts" => (Key::Conflicts, None),
             "Global" => (Key::Global, None),
             "Replaces" => (Key::Replaces, None),
+            "FenceAfter" => (Key::FenceAfter, None),
             "X-ConditionMachineID" => (Key::MachineIdDeprecated, Some("MachineID")),
             "X-ConditionMachineBootID" => (Key::MachineBootIdLegacy, Some("MachineID")),
             "X-ConditionMachineOf" => (Key::MachineOf, Some("MachineOf")),
@@ -178,6 +187,7 @@ impl Key {
             Key::Conflicts => "Conflicts",
             Key::Global => "Global",
             Key::Replaces => "Replaces",
+            Key::FenceAfter => "FenceAfter",
         }
     }
 }
@@ -386,6 +396,20 @@ fn build(name: &UnitName, values: &Values, problems: &mut Problems) -> Requireme
                     last.text
                 ),
             );
+        }
+    }
+    if let Some(last) = values.get(&Key::FenceAfter).and_then(|list| list.last()) {
+        match last.text.parse::<u64>() {
+            Ok(secs) if (1..=MAX_FENCE_AFTER_SECS).contains(&secs) => {
+                requirements.fence_after_secs = Some(secs);
+            }
+            _ => problems.error(
+                last.line,
+                format!(
+                    "FenceAfter={:?} must be a whole number of seconds from 1 to {MAX_FENCE_AFTER_SECS}",
+                    last.text
+                ),
+            ),
         }
     }
     requirements

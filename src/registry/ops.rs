@@ -1,0 +1,448 @@
+//! The user-facing operations on the registry: what `flotilla submit`, `start`,
+//! `stop`, `destroy`, `list-units` and `list-machines` do, over a [`Client`].
+//!
+//! Each change is one transaction that compares what it read, so two users
+//! racing never lose a write: the loser gets an error saying to retry. Bad
+//! input (an invalid unit, a name that is not a unit) is refused before
+//! anything is written.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::keys::{self, MachineKey};
+use super::records::{
+    self, Claim, DesiredState, MachineRecord, Proposal, RecordError, ReportedState, UnitRecord,
+};
+use crate::consensus::client::{Client, ClientError};
+use crate::consensus::kv::{Compare, CompareOp, KeyValue, Op, Target as KvTarget};
+use crate::units::{self, Unit, UnitKind, UnitName};
+
+/// Why an operation changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The cluster could not be asked.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// A stored record is unreadable.
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    /// No such unit was submitted.
+    #[error("unit {0} is not submitted; submit its file first (flotilla submit FILE)")]
+    NoSuchUnit(UnitName),
+    /// The unit exists with another body.
+    #[error(
+        "unit {0} is already submitted with different contents; \
+         use `flotilla submit --replace` to change it"
+    )]
+    Exists(UnitName),
+    /// The unit's body is invalid.
+    #[error("unit {name} is invalid: {source}")]
+    Invalid {
+        /// The unit.
+        name: UnitName,
+        /// What is wrong.
+        #[source]
+        source: units::Error,
+    },
+    /// Templates are never scheduled themselves.
+    #[error(
+        "{0} is a template; start an instance of it instead, e.g. {example}",
+        example = example_instance(.0)
+    )]
+    Template(UnitName),
+    /// Someone else changed the unit at the same moment.
+    #[error("unit {0} changed while this request ran; nothing was changed, try again")]
+    Raced(UnitName),
+    /// No machine matches the id or prefix.
+    #[error("no machine has an id starting with {0:?}; see flotilla list-machines")]
+    NoSuchMachine(String),
+    /// More than one machine matches the prefix.
+    #[error("{0:?} matches more than one machine; give more of its id")]
+    AmbiguousMachine(String),
+}
+
+fn example_instance(template: &UnitName) -> String {
+    template
+        .instantiate("1")
+        .map(|n| n.to_string())
+        .unwrap_or_default()
+}
+
+/// What [`submit`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Submitted {
+    /// A new unit.
+    Created,
+    /// The same body was already there.
+    Unchanged,
+    /// The body was replaced (`--replace`); its desired state is kept.
+    Replaced,
+}
+
+/// Stores `unit` (its canonical text, which is what `flotilla cat` shows) with
+/// desired state `inactive`, or replaces its body when `replace` is set.
+pub async fn submit(client: &Client, unit: &Unit, replace: bool) -> Result<Submitted, RegistryError> {
+    let text = unit.file().to_text();
+    let name = unit.name();
+    let key = keys::unit(name);
+    let existing = client.get(&key).await?;
+    let current = existing
+        .as_ref()
+        .map(|kv| records::decode::<UnitRecord>(&kv.key, &kv.value))
+        .transpose()?;
+    let (record, outcome) = match current {
+        Some(record) if record.hash == unit.hash() => return Ok(Submitted::Unchanged),
+        Some(_) if !replace => return Err(RegistryError::Exists(name.clone())),
+        Some(record) => (
+            UnitRecord {
+                hash: unit.hash(),
+                ..record
+            },
+            Submitted::Replaced,
+        ),
+        None => (
+            UnitRecord {
+                name: name.clone(),
+                hash: unit.hash(),
+                desired: DesiredState::Inactive,
+            },
+            Submitted::Created,
+        ),
+    };
+    let compare = vec![same_revision(&key, existing.as_ref())];
+    let ops = vec![
+        put(keys::body(&unit.hash()), text.as_bytes().to_vec()),
+        put(key, records::encode(&record)),
+    ];
+    let (ok, _, _) = client.txn(compare, ops, Vec::new()).await?;
+    if !ok {
+        return Err(RegistryError::Raced(name.clone()));
+    }
+    Ok(outcome)
+}
+
+/// How many units one transaction of [`set_desired`] changes at most.
+const DESIRED_BATCH: usize = 256;
+
+/// Sets the desired state of every unit in `names`. An instance that was
+/// never submitted is made from its submitted template first, as fleet does.
+/// Checks every name before writing anything; returns how many changed.
+pub async fn set_desired(
+    client: &Client,
+    names: &[UnitName],
+    desired: DesiredState,
+) -> Result<usize, RegistryError> {
+    for name in names {
+        if name.kind() == UnitKind::Template && desired != DesiredState::Inactive {
+            return Err(RegistryError::Template(name.clone()));
+        }
+    }
+    let (kvs, _) = client.range(keys::UNITS, true, false).await?;
+    let existing: BTreeMap<&str, &KeyValue> = kvs.iter().map(|kv| (kv.key.as_str(), kv)).collect();
+    let mut changes = Vec::new();
+    let mut templates: BTreeMap<UnitName, Unit> = BTreeMap::new();
+    for name in names {
+        let key = keys::unit(name);
+        let read = existing.get(key.as_str()).copied();
+        let mut ops = Vec::new();
+        let record = match read {
+            Some(kv) => records::decode::<UnitRecord>(&kv.key, &kv.value)?,
+            None => {
+                let instance = instantiate(client, name, &existing, &mut templates).await?;
+                ops.push(put(
+                    keys::body(&instance.hash()),
+                    instance.file().to_text().into_bytes(),
+                ));
+                UnitRecord {
+                    name: name.clone(),
+                    hash: instance.hash(),
+                    desired: DesiredState::Inactive,
+                }
+            }
+        };
+        if record.desired == desired && read.is_some() {
+            continue;
+        }
+        ops.push(put(key.clone(), records::encode(&UnitRecord { desired, ..record })));
+        changes.push((name.clone(), same_revision(&key, read), ops));
+    }
+    let changed = changes.len();
+    for batch in changes.chunks(DESIRED_BATCH) {
+        let compare = batch.iter().map(|(_, c, _)| c.clone()).collect();
+        let ops = batch.iter().flat_map(|(_, _, o)| o.iter().cloned()).collect();
+        let (ok, _, _) = client.txn(compare, ops, Vec::new()).await?;
+        if !ok {
+            return Err(RegistryError::Raced(batch[0].0.clone()));
+        }
+    }
+    Ok(changed)
+}
+
+/// The instance `name` made from its submitted template (templates read
+/// once per call, in `templates`).
+async fn instantiate(
+    client: &Client,
+    name: &UnitName,
+    units: &BTreeMap<&str, &KeyValue>,
+    templates: &mut BTreeMap<UnitName, Unit>,
+) -> Result<Unit, RegistryError> {
+    let missing = || RegistryError::NoSuchUnit(name.clone());
+    let (template, instance) = match (name.template(), name.instance()) {
+        (Some(t), Some(i)) => (t, i.to_string()),
+        _ => return Err(missing()),
+    };
+    if !templates.contains_key(&template) {
+        let kv = units
+            .get(keys::unit(&template).as_str())
+            .copied()
+            .ok_or_else(missing)?;
+        let record: UnitRecord = records::decode(&kv.key, &kv.value)?;
+        let text = body_text(client, &record).await?;
+        let parsed = Unit::from_text(&template, &text).map_err(|source| RegistryError::Invalid {
+            name: template.clone(),
+            source,
+        })?;
+        templates.insert(template.clone(), parsed);
+    }
+    templates[&template]
+        .instantiate(&instance)
+        .map_err(|source| RegistryError::Invalid {
+            name: name.clone(),
+            source,
+        })
+}
+
+/// The file text of a stored unit.
+pub async fn body_text(client: &Client, record: &UnitRecord) -> Result<String, RegistryError> {
+    let key = keys::body(&record.hash);
+    let kv = client
+        .get(&key)
+        .await?
+        .ok_or_else(|| RegistryError::NoSuchUnit(record.name.clone()))?;
+    Ok(String::from_utf8_lossy(&kv.value).into_owned())
+}
+
+/// The record of `name`.
+pub async fn unit_record(client: &Client, name: &UnitName) -> Result<UnitRecord, RegistryError> {
+    let kv = client
+        .get(&keys::unit(name))
+        .await?
+        .ok_or_else(|| RegistryError::NoSuchUnit(name.clone()))?;
+    Ok(records::decode(&kv.key, &kv.value)?)
+}
+
+/// Removes `name` from the cluster (its machine stops and unloads it); its
+/// body goes too when no other unit uses it. Returns whether it existed.
+pub async fn destroy(client: &Client, name: &UnitName) -> Result<bool, RegistryError> {
+    let key = keys::unit(name);
+    let Some(kv) = client.get(&key).await? else {
+        return Ok(false);
+    };
+    let record: UnitRecord = records::decode(&kv.key, &kv.value)?;
+    let (all, _) = client.range(keys::UNITS, true, false).await?;
+    let shared = all.iter().any(|other| {
+        other.key != key
+            && records::decode::<UnitRecord>(&other.key, &other.value)
+                .is_ok_and(|r| r.hash == record.hash)
+    });
+    let mut ops = vec![delete(key.clone(), false)];
+    if !shared {
+        ops.push(delete(keys::body(&record.hash), false));
+    }
+    let compare = vec![same_revision(&key, Some(&kv))];
+    let (ok, _, _) = client.txn(compare, ops, Vec::new()).await?;
+    if !ok {
+        return Err(RegistryError::Raced(name.clone()));
+    }
+    Ok(true)
+}
+
+/// Every submitted unit, by name.
+pub async fn unit_records(client: &Client) -> Result<Vec<UnitRecord>, RegistryError> {
+    let (kvs, _) = client.range(keys::UNITS, true, false).await?;
+    kvs.iter()
+        .map(|kv| records::decode(&kv.key, &kv.value).map_err(RegistryError::from))
+        .collect()
+}
+
+/// One machine, as `list-machines` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineRow {
+    /// Its presence record.
+    pub record: MachineRecord,
+    /// Whether it is drained.
+    pub drained: bool,
+    /// How many units it has claimed.
+    pub units: usize,
+}
+
+/// Every machine with a live presence.
+pub async fn machines(client: &Client) -> Result<Vec<MachineRow>, RegistryError> {
+    let (kvs, _) = client.range(keys::MACHINES, true, false).await?;
+    let (drains, _) = client.range(keys::DRAIN, true, false).await?;
+    let (per_machine, _) = client.range(keys::PER_MACHINE, true, false).await?;
+    let mut claims: BTreeMap<String, usize> = BTreeMap::new();
+    for kv in &per_machine {
+        if let Some(MachineKey::Claim(id, _)) = keys::parse_machine_key(&kv.key) {
+            *claims.entry(id).or_default() += 1;
+        }
+    }
+    let drained: BTreeSet<&str> = drains
+        .iter()
+        .filter_map(|kv| kv.key.strip_prefix(keys::DRAIN))
+        .collect();
+    kvs.iter()
+        .map(|kv| {
+            let record: MachineRecord = records::decode(&kv.key, &kv.value)?;
+            Ok(MachineRow {
+                drained: drained.contains(record.id.as_str()),
+                units: claims.get(&record.id).copied().unwrap_or(0),
+                record,
+            })
+        })
+        .collect()
+}
+
+/// The one machine whose id is `prefix` or starts with it.
+pub async fn find_machine(client: &Client, prefix: &str) -> Result<MachineRecord, RegistryError> {
+    let rows = machines(client).await?;
+    let mut found = rows
+        .into_iter()
+        .filter(|row| row.record.id.starts_with(prefix) && !prefix.is_empty());
+    match (found.next(), found.next()) {
+        (Some(row), None) => Ok(row.record),
+        (None, _) => Err(RegistryError::NoSuchMachine(prefix.to_string())),
+        (Some(_), Some(_)) => Err(RegistryError::AmbiguousMachine(prefix.to_string())),
+    }
+}
+
+/// Marks machine `id` drained (its units move away, it takes no new ones) or
+/// undrained.
+pub async fn set_drained(client: &Client, id: &str, drained: bool) -> Result<(), RegistryError> {
+    let op = if drained {
+        put(keys::drain(id), Vec::new())
+    } else {
+        delete(keys::drain(id), false)
+    };
+    client.txn(Vec::new(), vec![op], Vec::new()).await?;
+    Ok(())
+}
+
+/// One unit on one machine (or nowhere), as `list-units` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnitRow {
+    /// The unit.
+    pub name: UnitName,
+    /// What the user asked for.
+    pub desired: DesiredState,
+    /// The machine holding a claim or a proposal, if any.
+    pub machine: Option<String>,
+    /// That machine's IP, if known.
+    pub ip: Option<String>,
+    /// Whether the machine claimed it (not only proposed).
+    pub claimed: bool,
+    /// systemd's states there, as last reported.
+    pub state: Option<ReportedState>,
+}
+
+/// Every unit that is loaded or launched, one row per machine it is on (a
+/// global unit has several), and one row without machine while unplaced.
+pub async fn unit_rows(client: &Client) -> Result<Vec<UnitRow>, RegistryError> {
+    let units = unit_records(client).await?;
+    let (per_machine, _) = client.range(keys::PER_MACHINE, true, false).await?;
+    let (states, _) = client.range(keys::STATES, true, false).await?;
+    let machines: BTreeMap<String, MachineRecord> = machines(client)
+        .await?
+        .into_iter()
+        .map(|row| (row.record.id.clone(), row.record))
+        .collect();
+    let mut holders: BTreeMap<UnitName, BTreeMap<String, bool>> = BTreeMap::new();
+    for kv in &per_machine {
+        match keys::parse_machine_key(&kv.key) {
+            Some(MachineKey::Proposal(id, unit)) => {
+                holders.entry(unit).or_default().entry(id).or_insert(false);
+            }
+            Some(MachineKey::Claim(id, unit)) => {
+                records::decode::<Claim>(&kv.key, &kv.value)?;
+                holders.entry(unit).or_default().insert(id, true);
+            }
+            _ => {}
+        }
+    }
+    let mut reported: BTreeMap<(UnitName, String), ReportedState> = BTreeMap::new();
+    for kv in &states {
+        let Some(rest) = kv.key.strip_prefix(keys::STATES) else {
+            continue;
+        };
+        let Some((unit, id)) = rest.rsplit_once('/') else {
+            continue;
+        };
+        if let Ok(unit) = UnitName::parse(unit) {
+            reported.insert((unit, id.to_string()), records::decode(&kv.key, &kv.value)?);
+        }
+    }
+    let mut rows = Vec::new();
+    for record in units {
+        if record.desired == DesiredState::Inactive || record.name.kind() == UnitKind::Template {
+            continue;
+        }
+        let on = holders.remove(&record.name).unwrap_or_default();
+        if on.is_empty() {
+            rows.push(UnitRow {
+                name: record.name.clone(),
+                desired: record.desired,
+                machine: None,
+                ip: None,
+                claimed: false,
+                state: None,
+            });
+        }
+        for (id, claimed) in on {
+            rows.push(UnitRow {
+                state: reported.remove(&(record.name.clone(), id.clone())),
+                ip: machines.get(&id).map(|m| m.ip.clone()),
+                name: record.name.clone(),
+                desired: record.desired,
+                machine: Some(id),
+                claimed,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// Decodes a proposal, for callers reading `/flotilla/m/`.
+pub fn proposal(kv: &KeyValue) -> Result<Proposal, RecordError> {
+    records::decode(&kv.key, &kv.value)
+}
+
+/// A compare that holds while `key` is exactly as read (`None`: still absent).
+pub fn same_revision(key: &str, read: Option<&KeyValue>) -> Compare {
+    Compare {
+        key: key.to_string(),
+        op: CompareOp::Equal,
+        target: KvTarget::ModRevision(read.map_or(0, |kv| kv.mod_revision)),
+    }
+}
+
+/// A compare that holds while `key` exists.
+pub fn exists(key: &str) -> Compare {
+    Compare {
+        key: key.to_string(),
+        op: CompareOp::Equal,
+        target: KvTarget::Exists(true),
+    }
+}
+
+/// A put without lease.
+pub fn put(key: String, value: Vec<u8>) -> Op {
+    Op::Put {
+        key,
+        value,
+        lease: None,
+    }
+}
+
+/// A delete of one key, or of a prefix.
+pub fn delete(key: String, prefix: bool) -> Op {
+    Op::Delete { key, prefix }
+}

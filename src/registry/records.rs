@@ -1,0 +1,134 @@
+//! The values stored under [`super::keys`], as JSON so `flotilla kv get` shows
+//! them readably. Each record has one writer: unit records the CLI/API,
+//! proposals the scheduler, claims and states the owning agent.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde::de::DeserializeOwned;
+
+use crate::units::{UnitHash, UnitName};
+
+/// The state a user asks for, fleet's three desired states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DesiredState {
+    /// Stored only; runs nowhere.
+    Inactive,
+    /// Placed on a machine, file written and linked, not started.
+    Loaded,
+    /// Placed, loaded and started.
+    Launched,
+}
+
+impl fmt::Display for DesiredState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DesiredState::Inactive => "inactive",
+            DesiredState::Loaded => "loaded",
+            DesiredState::Launched => "launched",
+        })
+    }
+}
+
+/// A submitted unit: which body, and what the user wants of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitRecord {
+    /// The unit's name.
+    pub name: UnitName,
+    /// The hash of its body (under [`super::keys::body`]).
+    pub hash: UnitHash,
+    /// What the user asked for.
+    pub desired: DesiredState,
+}
+
+/// A machine's presence: written on its lease, gone when the lease expires.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineRecord {
+    /// `/etc/machine-id`.
+    pub id: String,
+    /// The daemon install's own id (from its data dir): same machine id and
+    /// instance is the same daemon coming back; another instance is a duplicate.
+    pub instance: String,
+    /// The host name, for people.
+    pub hostname: String,
+    /// The address other hosts and `flotilla ssh` reach it at.
+    pub ip: String,
+    /// Matched by `MachineMetadata=`.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// What the scheduler places for a machine to claim and run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// Load it (file written and linked) without starting it.
+    Loaded,
+    /// Load and start it.
+    Launched,
+}
+
+impl Target {
+    /// The target for a desired state; `None` for inactive (runs nowhere).
+    pub fn of(desired: DesiredState) -> Option<Target> {
+        match desired {
+            DesiredState::Inactive => None,
+            DesiredState::Loaded => Some(Target::Loaded),
+            DesiredState::Launched => Some(Target::Launched),
+        }
+    }
+}
+
+/// The scheduler's proposal that a machine run a unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    /// The body to run.
+    pub hash: UnitHash,
+    /// Loaded or launched.
+    pub target: Target,
+}
+
+/// A machine's claim on a unit, on its presence lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    /// The claiming daemon's instance id.
+    pub instance: String,
+}
+
+/// systemd's view of a unit on one machine, as the agent last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportedState {
+    /// The body loaded there.
+    pub hash: UnitHash,
+    /// LoadState.
+    pub load: String,
+    /// ActiveState.
+    pub active: String,
+    /// SubState.
+    pub sub: String,
+}
+
+/// Why a stored record could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("the record at {key} is unreadable ({source}); was it written by a newer flotilla?")]
+pub struct RecordError {
+    /// The key.
+    pub key: String,
+    /// The parse error.
+    #[source]
+    pub source: serde_json::Error,
+}
+
+/// Encodes a record for the store.
+pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
+    serde_json::to_vec(record).expect("records always serialise")
+}
+
+/// Decodes the record stored at `key`.
+pub fn decode<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, RecordError> {
+    serde_json::from_slice(value).map_err(|source| RecordError {
+        key: key.to_string(),
+        source,
+    })
+}

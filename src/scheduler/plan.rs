@@ -1,0 +1,454 @@
+//! One scheduling pass, as a pure function: the cluster as read from the
+//! store in, the proposals to write and withdraw out.
+//!
+//! Rules, in this order:
+//! 1. Proposals of units nobody wants any more (destroyed, set inactive) are
+//!    withdrawn; the machine's agent stops the unit and releases its claim.
+//! 2. Two units proposed or claimed on one machine that must not share it (a
+//!    `Conflicts` glob or `Replaces` that now matches, after a `--replace`)
+//!    evict one: the unit matched by the other's glob goes (both matching each
+//!    other: the greater name goes), so the unit whose file asked for the
+//!    exclusion keeps its place.
+//! 3. Units are then decided one by one in name order with
+//!    [`crate::units::placement::decide`], counting every proposal made so far
+//!    in this pass, so a bulk start spreads over the machines.
+//!    * A global unit is proposed to every eligible machine and withdrawn
+//!      from the others.
+//!    * A non-global unit keeps its proposal while its machine is alive,
+//!      undrained and eligible. A proposal nobody claimed within the bound
+//!      (`stale`) moves to another eligible machine, if there is one. A unit
+//!      still claimed somewhere without a proposal waits: its machine is
+//!      stopping it, and it must not run twice.
+//!
+//! Every change carries the revisions it was decided from, so the scheduler's
+//! transactions fail instead of acting on a stale view.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::consensus::kv::Revision;
+use crate::registry::records::Proposal;
+use crate::units::placement::{Cluster, Machine, Outcome, Placed, decide};
+use crate::units::{Requirements, UnitName};
+
+/// A unit that should run (loaded or launched), as the scheduler sees it.
+#[derive(Debug, Clone)]
+pub struct Wanted {
+    /// The proposal every machine running it should have.
+    pub proposal: Proposal,
+    /// Its `[X-Fleet]` rules.
+    pub requirements: Requirements,
+}
+
+/// A proposal as read, with its revision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    /// The proposal.
+    pub proposal: Proposal,
+    /// Its key's mod revision.
+    pub mod_revision: Revision,
+}
+
+/// The cluster as one pass sees it.
+#[derive(Debug, Clone, Default)]
+pub struct World {
+    /// Units that should run, by name.
+    pub wanted: BTreeMap<UnitName, Wanted>,
+    /// Machines that may take work: alive and not drained.
+    pub machines: Vec<Machine>,
+    /// Every proposal: unit → machine → proposal.
+    pub proposals: BTreeMap<UnitName, BTreeMap<String, Seen>>,
+    /// Every claim: unit → machines holding one.
+    pub claims: BTreeMap<UnitName, BTreeSet<String>>,
+    /// Placement pointers of non-global units: unit → (machine, mod revision).
+    pub placed: BTreeMap<UnitName, (String, Revision)>,
+    /// Unclaimed proposals older than the claim bound: (unit, machine).
+    pub stale: BTreeSet<(UnitName, String)>,
+}
+
+/// One write the pass asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Propose `unit` to `machine` (moving it from `from`, if set).
+    Propose {
+        /// The unit.
+        unit: UnitName,
+        /// Where it should run.
+        machine: String,
+        /// The proposal.
+        proposal: Proposal,
+        /// The machine whose unclaimed proposal this replaces, with its revision.
+        from: Option<(String, Revision)>,
+        /// The placement pointer's revision as read (0: none); `None` for a
+        /// global unit, which has no pointer.
+        placed_revision: Option<Revision>,
+    },
+    /// Rewrite a proposal whose body or target changed.
+    Update {
+        /// The unit.
+        unit: UnitName,
+        /// The machine.
+        machine: String,
+        /// The new proposal.
+        proposal: Proposal,
+        /// The proposal's revision as read.
+        mod_revision: Revision,
+    },
+    /// Remove a proposal; the machine stops the unit and releases it.
+    Withdraw {
+        /// The unit.
+        unit: UnitName,
+        /// The machine.
+        machine: String,
+        /// The proposal's revision as read.
+        mod_revision: Revision,
+        /// The placement pointer to remove with it, with its revision.
+        placed_revision: Option<Revision>,
+    },
+}
+
+/// What one pass decided.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// The writes, in order.
+    pub changes: Vec<Change>,
+    /// Units that fit nowhere, with the reason.
+    pub unplaceable: Vec<(UnitName, String)>,
+}
+
+/// Runs one pass over `world`.
+pub fn plan(world: &World) -> Plan {
+    let mut pass = Pass::new(world);
+    pass.withdraw_unwanted();
+    pass.evict_conflicts();
+    for (name, wanted) in &world.wanted {
+        if wanted.requirements.global {
+            pass.place_global(name, wanted);
+        } else {
+            pass.place_one(name, wanted);
+        }
+    }
+    pass.plan
+}
+
+struct Pass<'w> {
+    world: &'w World,
+    plan: Plan,
+    /// (unit, machine) pairs that occupy a machine: proposed or claimed.
+    occupants: BTreeSet<(UnitName, String)>,
+    /// Proposals withdrawn in this pass.
+    withdrawn: BTreeSet<(UnitName, String)>,
+    alive: BTreeSet<&'w str>,
+}
+
+impl<'w> Pass<'w> {
+    fn new(world: &'w World) -> Self {
+        let mut occupants = BTreeSet::new();
+        for (unit, on) in &world.proposals {
+            for machine in on.keys() {
+                occupants.insert((unit.clone(), machine.clone()));
+            }
+        }
+        for (unit, on) in &world.claims {
+            for machine in on {
+                occupants.insert((unit.clone(), machine.clone()));
+            }
+        }
+        Pass {
+            world,
+            plan: Plan::default(),
+            occupants,
+            withdrawn: BTreeSet::new(),
+            alive: world.machines.iter().map(|m| m.id.as_str()).collect(),
+        }
+    }
+
+    fn withdraw(&mut self, unit: &UnitName, machine: &str) {
+        let Some(seen) = self.world.proposals.get(unit).and_then(|on| on.get(machine)) else {
+            return;
+        };
+        if !self.withdrawn.insert((unit.clone(), machine.to_string())) {
+            return;
+        }
+        let placed_revision = self
+            .world
+            .placed
+            .get(unit)
+            .filter(|(m, _)| m == machine)
+            .map(|(_, rev)| *rev);
+        self.plan.changes.push(Change::Withdraw {
+            unit: unit.clone(),
+            machine: machine.to_string(),
+            mod_revision: seen.mod_revision,
+            placed_revision,
+        });
+        // A claimed unit keeps occupying the machine until its agent releases it.
+        let claimed = self
+            .world
+            .claims
+            .get(unit)
+            .is_some_and(|on| on.contains(machine));
+        if !claimed {
+            self.occupants.remove(&(unit.clone(), machine.to_string()));
+        }
+    }
+
+    fn withdraw_unwanted(&mut self) {
+        for (unit, on) in &self.world.proposals {
+            if !self.world.wanted.contains_key(unit) {
+                for machine in on.keys() {
+                    self.withdraw(unit, machine);
+                }
+            }
+        }
+    }
+
+    fn evict_conflicts(&mut self) {
+        let mut by_machine: BTreeMap<&str, Vec<&UnitName>> = BTreeMap::new();
+        for (unit, machine) in &self.occupants {
+            if self.world.wanted.contains_key(unit) {
+                by_machine.entry(machine.as_str()).or_default().push(unit);
+            }
+        }
+        let mut evict = Vec::new();
+        for (machine, units) in by_machine {
+            for (i, a) in units.iter().enumerate() {
+                for b in &units[i + 1..] {
+                    if let Some(loser) = loser(&self.world.wanted, a, b) {
+                        evict.push((loser.clone(), machine.to_string()));
+                    }
+                }
+            }
+        }
+        for (unit, machine) in evict {
+            self.withdraw(&unit, &machine);
+        }
+    }
+
+    /// Where placement puts `unit` given every occupant (a withdrawn unit still
+    /// claimed counts until released), never on `exclude`.
+    fn decide(&self, unit: &UnitName, wanted: &Wanted, exclude: Option<&str>) -> Outcome {
+        let placed: Vec<Placed<'_>> = self
+            .occupants
+            .iter()
+            .filter_map(|(u, m)| {
+                self.world.wanted.get(u).map(|w| Placed {
+                    name: u,
+                    requirements: &w.requirements,
+                    machine: m,
+                })
+            })
+            .collect();
+        let machines: Vec<Machine> = self
+            .world
+            .machines
+            .iter()
+            .filter(|m| Some(m.id.as_str()) != exclude)
+            .cloned()
+            .collect();
+        let cluster = Cluster {
+            machines: &machines,
+            placed: &placed,
+        };
+        decide(cluster, unit, &wanted.requirements).outcome
+    }
+
+    fn claimed(&self, unit: &UnitName, machine: &str) -> bool {
+        self.world
+            .claims
+            .get(unit)
+            .is_some_and(|on| on.contains(machine))
+    }
+
+    fn place_global(&mut self, unit: &UnitName, wanted: &Wanted) {
+        let targets: BTreeSet<String> = match self.decide(unit, wanted, None) {
+            Outcome::Every { machines } => machines.into_iter().collect(),
+            Outcome::NotPlaceable { reason } => {
+                self.plan.unplaceable.push((unit.clone(), reason));
+                BTreeSet::new()
+            }
+            Outcome::One { machine, .. } => BTreeSet::from([machine]),
+        };
+        let current = self.world.proposals.get(unit).cloned().unwrap_or_default();
+        for (machine, seen) in &current {
+            if self.withdrawn.contains(&(unit.clone(), machine.clone())) {
+                continue;
+            }
+            if !targets.contains(machine) {
+                self.withdraw(unit, machine);
+            } else if seen.proposal != wanted.proposal {
+                self.update(unit, machine, wanted, seen);
+            }
+        }
+        for machine in targets {
+            if !current.contains_key(&machine) {
+                self.propose(unit, &machine, wanted, None, None);
+            }
+        }
+    }
+
+    fn place_one(&mut self, unit: &UnitName, wanted: &Wanted) {
+        let mut current: Vec<(String, Seen)> = self
+            .world
+            .proposals
+            .get(unit)
+            .map(|on| {
+                on.iter()
+                    .filter(|(m, _)| !self.withdrawn.contains(&(unit.clone(), (*m).clone())))
+                    .map(|(m, s)| (m.clone(), *s))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // Never more than one proposal: keep a claimed one, else the first.
+        current.sort_by_key(|(m, _)| (!self.claimed(unit, m), m.clone()));
+        for (machine, _) in current.iter().skip(1) {
+            self.withdraw(unit, machine);
+        }
+        let placed_revision = Some(self.world.placed.get(unit).map_or(0, |(_, rev)| *rev));
+        let Some((machine, seen)) = current.into_iter().next() else {
+            let elsewhere = self.world.claims.get(unit).is_some_and(|on| !on.is_empty());
+            if !elsewhere {
+                match self.decide(unit, wanted, None) {
+                    Outcome::One { machine, displaces } => {
+                        for other in displaces {
+                            self.withdraw(&other, &machine);
+                        }
+                        self.propose(unit, &machine, wanted, None, placed_revision);
+                    }
+                    Outcome::NotPlaceable { reason } => {
+                        self.plan.unplaceable.push((unit.clone(), reason));
+                    }
+                    Outcome::Every { .. } => {}
+                }
+            }
+            return;
+        };
+        let claimed = self.claimed(unit, &machine);
+        if !self.alive.contains(machine.as_str()) {
+            if claimed {
+                // Drained: its agent stops the unit and releases it first.
+                self.withdraw(unit, &machine);
+            } else {
+                self.move_unclaimed(unit, wanted, &machine, &seen, true);
+            }
+            return;
+        }
+        if !claimed && self.world.stale.contains(&(unit.clone(), machine.clone())) {
+            self.move_unclaimed(unit, wanted, &machine, &seen, false);
+            return;
+        }
+        if !self.still_eligible(unit, wanted, &machine) {
+            self.withdraw(unit, &machine);
+            return;
+        }
+        if seen.proposal != wanted.proposal {
+            self.update(unit, &machine, wanted, &seen);
+        }
+    }
+
+    /// Whether `machine` may still run `unit` given everything else there.
+    fn still_eligible(&self, unit: &UnitName, wanted: &Wanted, machine: &str) -> bool {
+        let only: Vec<Machine> = self
+            .world
+            .machines
+            .iter()
+            .filter(|m| m.id == machine)
+            .cloned()
+            .collect();
+        let placed: Vec<Placed<'_>> = self
+            .occupants
+            .iter()
+            .filter(|(u, m)| m == machine && !self.withdrawn.contains(&(u.clone(), m.clone())))
+            .filter_map(|(u, m)| {
+                self.world.wanted.get(u).map(|w| Placed {
+                    name: u,
+                    requirements: &w.requirements,
+                    machine: m,
+                })
+            })
+            .collect();
+        let decision = decide(
+            Cluster {
+                machines: &only,
+                placed: &placed,
+            },
+            unit,
+            &wanted.requirements,
+        );
+        decision.eligible.iter().any(|m| m == machine)
+    }
+
+    /// Moves an unclaimed proposal off `machine`; `gone` when the machine is
+    /// dead or drained (then it is withdrawn even if nowhere else fits).
+    fn move_unclaimed(
+        &mut self,
+        unit: &UnitName,
+        wanted: &Wanted,
+        machine: &str,
+        seen: &Seen,
+        gone: bool,
+    ) {
+        let placed_revision = Some(self.world.placed.get(unit).map_or(0, |(_, rev)| *rev));
+        match self.decide(unit, wanted, Some(machine)) {
+            Outcome::One { machine: to, .. } => {
+                self.withdrawn.insert((unit.clone(), machine.to_string()));
+                self.occupants.remove(&(unit.clone(), machine.to_string()));
+                self.propose(
+                    unit,
+                    &to,
+                    wanted,
+                    Some((machine.to_string(), seen.mod_revision)),
+                    placed_revision,
+                );
+            }
+            Outcome::NotPlaceable { reason } if gone => {
+                self.withdraw(unit, machine);
+                self.plan.unplaceable.push((unit.clone(), reason));
+            }
+            _ => {}
+        }
+    }
+
+    fn propose(
+        &mut self,
+        unit: &UnitName,
+        machine: &str,
+        wanted: &Wanted,
+        from: Option<(String, Revision)>,
+        placed_revision: Option<Revision>,
+    ) {
+        self.occupants.insert((unit.clone(), machine.to_string()));
+        self.plan.changes.push(Change::Propose {
+            unit: unit.clone(),
+            machine: machine.to_string(),
+            proposal: wanted.proposal,
+            from,
+            placed_revision,
+        });
+    }
+
+    fn update(&mut self, unit: &UnitName, machine: &str, wanted: &Wanted, seen: &Seen) {
+        self.plan.changes.push(Change::Update {
+            unit: unit.clone(),
+            machine: machine.to_string(),
+            proposal: wanted.proposal,
+            mod_revision: seen.mod_revision,
+        });
+    }
+}
+
+/// Which of two co-located units must leave, if they may not share a machine.
+fn loser<'a>(
+    wanted: &BTreeMap<UnitName, Wanted>,
+    a: &'a UnitName,
+    b: &'a UnitName,
+) -> Option<&'a UnitName> {
+    let (ra, rb) = (&wanted.get(a)?.requirements, &wanted.get(b)?.requirements);
+    let a_excludes_b = ra.conflict_glob_for(b).is_some() || ra.replace_glob_for(b).is_some();
+    let b_excludes_a = rb.conflict_glob_for(a).is_some() || rb.replace_glob_for(a).is_some();
+    match (a_excludes_b, b_excludes_a) {
+        (false, false) => None,
+        (true, false) => Some(b),
+        (false, true) => Some(a),
+        (true, true) => Some(if a > b { a } else { b }),
+    }
+}
