@@ -28,21 +28,26 @@ use crate::consensus::runner::{self, Msg};
 use crate::consensus::storage::RedbDisk;
 use crate::consensus::{log, server, transport};
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub fn run(loaded: &Loaded) -> Result<()> {
+/// Reads the configuration again (for SIGHUP).
+pub type Reload<'a> = &'a (dyn Fn() -> std::result::Result<Loaded, crate::config::Error> + Sync);
+
+/// Runs the daemon until SIGTERM or SIGINT; SIGHUP rereads the configuration
+/// and applies what can change at runtime (today: `metadata`).
+pub fn run(loaded: &Loaded, reload: Reload<'_>) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(loaded))
+    runtime.block_on(serve(loaded, reload))
 }
 
 /// How long an unclaimed proposal waits before the scheduler moves it.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn serve(loaded: &Loaded) -> Result<()> {
+async fn serve(loaded: &Loaded, reload: Reload<'_>) -> Result<()> {
     let config = &loaded.config;
+    let (metadata_tx, metadata_rx) = tokio::sync::watch::channel(config.metadata.clone());
     let (stop_agent, stopped) = tokio::sync::watch::channel(false);
     let agent_only = !config.endpoint_list().is_empty();
     let member = if agent_only {
@@ -66,9 +71,10 @@ async fn serve(loaded: &Loaded) -> Result<()> {
             units_dir: config.units_dir.clone(),
             machine_id_path: PathBuf::from("/etc/machine-id"),
             ttl: Duration::from_secs(config.ttl_secs),
-            public_ip: Some(config.public_ip.clone()).filter(|ip| !ip.is_empty()),
+            public_ip: public_ip(config, agent_only),
             metadata: config.metadata.clone(),
             leave_on_stop: config.leave_on_stop,
+            metadata_updates: Some(metadata_rx),
         };
         tokio::spawn(agent::run::run(agent_config, stopped))
     });
@@ -80,7 +86,14 @@ async fn serve(loaded: &Loaded) -> Result<()> {
         Err(e) => tracing::warn!("cannot tell systemd we are ready: {e}"),
     }
 
-    wait_for_shutdown().await?;
+    wait_for_shutdown(|| match reload() {
+        Ok(fresh) => {
+            tracing::info!("configuration reread; applying metadata (other keys need a restart)");
+            metadata_tx.send_replace(fresh.config.metadata);
+        }
+        Err(e) => tracing::error!("configuration not reloaded: {e}"),
+    })
+    .await?;
     tracing::info!("shutting down");
     let _ = notify::notify("STOPPING=1");
     let _ = stop_agent.send(true);
@@ -100,6 +113,20 @@ async fn serve(loaded: &Loaded) -> Result<()> {
             .map_err(|_| anyhow::anyhow!("the Raft thread panicked"))?;
     }
     Ok(())
+}
+
+/// The address to publish: configured, else a member's specific peer address
+/// (what its peers already reach it at), else detected by the agent.
+fn public_ip(config: &crate::config::Config, agent_only: bool) -> Option<String> {
+    if !config.public_ip.is_empty() {
+        return Some(config.public_ip.clone());
+    }
+    if agent_only {
+        return None;
+    }
+    let (host, _) = config.peer_listen.rsplit_once(':')?;
+    let ip: std::net::IpAddr = host.trim_matches(['[', ']']).parse().ok()?;
+    (!ip.is_loopback() && !ip.is_unspecified()).then(|| ip.to_string())
 }
 
 /// The address this host's own clients reach the member at.
@@ -214,13 +241,17 @@ async fn publish_client_addr(node: runner::Handle, name: String, addr: String) {
     }
 }
 
-async fn wait_for_shutdown() -> Result<()> {
+/// Returns on SIGTERM or SIGINT; calls `on_hangup` for every SIGHUP.
+async fn wait_for_shutdown(on_hangup: impl Fn()) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => on_hangup(),
+        }
     }
-    Ok(())
 }

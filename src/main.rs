@@ -225,6 +225,7 @@ fn run_daemon(args: &DaemonArgs) -> Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    flotilla::daemon::run(&loaded)?;
+    let reload = || config::load(&source, &env, &overrides);
+    flotilla::daemon::run(&loaded, &reload)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -63,6 +63,8 @@ pub struct AgentConfig {
     pub metadata: BTreeMap<String, String>,
     /// Stop and unload every unit and leave the cluster on shutdown.
     pub leave_on_stop: bool,
+    /// New metadata while running (the daemon's SIGHUP reload).
+    pub metadata_updates: Option<watch::Receiver<BTreeMap<String, String>>>,
 }
 
 /// Why the agent could not run at all.
@@ -146,6 +148,7 @@ pub async fn run(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result
     ));
     let mut keeper = None;
     let mut last_full = Instant::now();
+    let mut metadata = agent.config.metadata_updates.take();
     loop {
         if agent.lease == 0 || agent.take_lost() {
             if let Some(task) = keeper.take() {
@@ -176,6 +179,10 @@ pub async fn run(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result
         tokio::select! {
             _ = stop.changed() => break,
             _ = wake.notified() => {}
+            Ok(()) = next_metadata(&mut metadata) => {
+                let fresh = metadata.as_ref().map(|m| m.borrow().clone()).unwrap_or_default();
+                agent.update_metadata(fresh).await;
+            }
             Some(unit) = next_change(&mut changes) => {
                 agent.mark_dirty(unit);
                 while let Some(Ok(unit)) = changes.as_mut().map(|c| c.try_recv()) {
@@ -195,6 +202,15 @@ pub async fn run(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result
         agent.leave().await;
     }
     Ok(())
+}
+
+async fn next_metadata(
+    updates: &mut Option<watch::Receiver<BTreeMap<String, String>>>,
+) -> Result<(), watch::error::RecvError> {
+    match updates {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn next_change(
@@ -374,6 +390,32 @@ impl Agent {
                 let _ = self.client.revoke(lease).await;
                 self.lease = 0;
                 Err(e)
+            }
+        }
+    }
+
+    /// Publishes new metadata (scheduling follows: units whose
+    /// `MachineMetadata` no longer matches move away, newly matching ones come).
+    async fn update_metadata(&mut self, metadata: BTreeMap<String, String>) {
+        if metadata == self.me.metadata {
+            return;
+        }
+        tracing::info!("agent: metadata is now {metadata:?}");
+        self.me.metadata = metadata;
+        if self.lease == 0 {
+            return;
+        }
+        let key = keys::machine(&self.me.id);
+        for _ in 0..3 {
+            let read = match self.client.get(&key).await {
+                Ok(read) => read,
+                Err(e) => {
+                    tracing::warn!("agent: cannot publish new metadata now: {e}");
+                    return;
+                }
+            };
+            if self.publish(&key, read.as_ref()).await.is_ok() {
+                return;
             }
         }
     }

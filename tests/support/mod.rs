@@ -23,3 +23,5 @@ pub fn lab_in(dir: &Path, args: &[&str]) -> Output {
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
+
+pub mod cluster;

@@ -1,0 +1,308 @@
+//! A lab running flotilla on every host, driven through the CLI, for the
+//! end-to-end tests of the agent and scheduler. Torn down when dropped.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::{FLOTILLA, lab_in, text};
+
+/// One lab host, as `lab up` printed it.
+#[derive(Debug, Clone)]
+pub struct Host {
+    /// h1, h2, ...
+    pub name: String,
+    /// Its /etc/machine-id.
+    pub machine_id: String,
+}
+
+/// One row of `flotilla list-units --json`.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// The unit.
+    pub unit: String,
+    /// The machine id, if placed.
+    pub machine: Option<String>,
+    /// systemd's ACTIVE there, if reported.
+    pub active: Option<String>,
+}
+
+/// A running lab with flotilla on every host.
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    /// `--endpoint` value.
+    pub endpoint: String,
+    /// The hosts, in order.
+    pub hosts: Vec<Host>,
+    /// The presence TTL the lab was booted with.
+    pub ttl: Duration,
+}
+
+impl Cluster {
+    /// Boots `hosts` hosts with presence TTL `ttl_secs` and a 300 ms election timeout.
+    pub fn up(hosts: u16, ttl_secs: u64) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("flotilla-cluster-test")
+            .tempdir()
+            .unwrap();
+        let doctor = lab_in(dir.path(), &["doctor", "--install"]);
+        assert!(
+            doctor.status.success(),
+            "lab doctor failed: {}{}",
+            text(&doctor.stdout),
+            text(&doctor.stderr)
+        );
+        let (hosts_arg, ttl_arg) = (hosts.to_string(), ttl_secs.to_string());
+        let started = Instant::now();
+        let out = lab_in(
+            dir.path(),
+            &[
+                "up",
+                "--hosts",
+                &hosts_arg,
+                "--ttl",
+                &ttl_arg,
+                "--election-timeout-ms",
+                "300",
+            ],
+        );
+        assert!(out.status.success(), "lab up failed: {}", text(&out.stderr));
+        eprintln!("lab up --hosts {hosts}: {:?}", started.elapsed());
+        let up: Value = serde_json::from_slice(&out.stdout).expect("lab up prints JSON");
+        let hosts = up["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| Host {
+                name: h["name"].as_str().unwrap().to_string(),
+                machine_id: h["machine_id"].as_str().unwrap().to_string(),
+            })
+            .collect();
+        Cluster {
+            endpoint: up["endpoint"].as_str().unwrap().to_string(),
+            dir,
+            hosts,
+            ttl: Duration::from_secs(ttl_secs),
+        }
+    }
+
+    /// The lab's directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Runs `flotilla --endpoint E ARGS...` from the outer machine.
+    pub fn flotilla(&self, args: &[&str]) -> Output {
+        Command::new(FLOTILLA)
+            .arg("--endpoint")
+            .arg(&self.endpoint)
+            .args(args)
+            .env_remove("FLOTILLA_ENDPOINT")
+            .output()
+            .unwrap()
+    }
+
+    /// Runs a flotilla verb that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.flotilla(args);
+        assert!(
+            out.status.success(),
+            "flotilla {args:?} failed: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+
+    /// Writes unit files into a temporary directory and submits them.
+    pub fn submit(&self, units: &[(&str, &str)]) {
+        let files = self.dir().join("units");
+        std::fs::create_dir_all(&files).unwrap();
+        let mut args = vec!["submit".to_string()];
+        for (name, body) in units {
+            let path = files.join(name);
+            std::fs::write(&path, body).unwrap();
+            args.push(path.to_string_lossy().into_owned());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.ok(&args);
+    }
+
+    /// Like [`Cluster::submit`] with `--replace`.
+    pub fn replace(&self, name: &str, body: &str) {
+        let path = self.dir().join("units").join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, body).unwrap();
+        self.ok(&["submit", "--replace", path.to_str().unwrap()]);
+    }
+
+    /// Runs a command inside a host.
+    pub fn exec(&self, host: &str, command: &[&str]) -> Output {
+        let mut args = vec!["exec", host, "--"];
+        args.extend(command);
+        lab_in(self.dir(), &args)
+    }
+
+    /// Runs a lab verb (kill, start, partition, heal, ...) that must succeed.
+    pub fn lab(&self, args: &[&str]) {
+        let out = lab_in(self.dir(), args);
+        assert!(out.status.success(), "lab {args:?} failed: {}", text(&out.stderr));
+    }
+
+    /// The host with this machine id.
+    pub fn host_of(&self, machine: &str) -> &str {
+        &self
+            .hosts
+            .iter()
+            .find(|h| h.machine_id == machine)
+            .unwrap_or_else(|| panic!("no host has machine id {machine}"))
+            .name
+    }
+
+    /// The machine id of host `name`.
+    pub fn id_of(&self, name: &str) -> &str {
+        &self.hosts.iter().find(|h| h.name == name).unwrap().machine_id
+    }
+
+    /// `list-units --json`, parsed; `None` while the cluster does not answer.
+    pub fn try_rows(&self) -> Option<Vec<Row>> {
+        let out = self.flotilla(&["list-units", "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        let rows: Value = serde_json::from_slice(&out.stdout).ok()?;
+        Some(
+            rows.as_array()?
+                .iter()
+                .map(|r| Row {
+                    unit: r["unit"].as_str().unwrap().to_string(),
+                    machine: r["machine"].as_str().map(str::to_string),
+                    active: r["active"].as_str().map(str::to_string),
+                })
+                .collect(),
+        )
+    }
+
+    /// `list-units --json`, which must answer.
+    pub fn rows(&self) -> Vec<Row> {
+        self.try_rows().expect("list-units answers")
+    }
+
+    /// Units reported active, with the host running each.
+    pub fn active(&self) -> BTreeMap<String, Vec<String>> {
+        let mut active: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for row in self.try_rows().unwrap_or_default() {
+            if let (Some(machine), Some("active")) = (&row.machine, row.active.as_deref()) {
+                active
+                    .entry(row.unit)
+                    .or_default()
+                    .push(self.host_of(machine).to_string());
+            }
+        }
+        active
+    }
+
+    /// Ids of the machines with a live presence.
+    pub fn machines(&self) -> Vec<String> {
+        let out = self.flotilla(&["list-machines", "--json", "--full"]);
+        if !out.status.success() {
+            return Vec::new();
+        }
+        let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["machine"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// Units systemd on `host` reports active among those matching `pattern`.
+    pub fn systemd_active(&self, host: &str, pattern: &str) -> Vec<String> {
+        let out = self.exec(
+            host,
+            &[
+                "systemctl",
+                "list-units",
+                "--state=active",
+                "--no-legend",
+                "--plain",
+                pattern,
+            ],
+        );
+        text(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Units systemd on `host` reports failed among those matching `pattern`.
+    pub fn systemd_failed(&self, host: &str, pattern: &str) -> Vec<String> {
+        let out = self.exec(
+            host,
+            &[
+                "systemctl",
+                "list-units",
+                "--state=failed",
+                "--no-legend",
+                "--plain",
+                pattern,
+            ],
+        );
+        text(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// systemd's ActiveEnterTimestampMonotonic of a unit on a host.
+    pub fn entered(&self, host: &str, unit: &str) -> String {
+        let out = self.exec(
+            host,
+            &[
+                "systemctl",
+                "show",
+                "-P",
+                "ActiveEnterTimestampMonotonic",
+                unit,
+            ],
+        );
+        text(&out.stdout).trim().to_string()
+    }
+
+    /// The host whose Raft member leads.
+    pub fn leader(&self) -> String {
+        let out = self.ok(&["member", "list"]);
+        out.lines()
+            .find(|l| l.trim_end().ends_with("yes"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .expect("a leader")
+            .to_string()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let out = lab_in(self.dir.path(), &["down"]);
+        if !out.status.success() {
+            eprintln!("lab down failed: {}", text(&out.stderr));
+        }
+    }
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or panics after `limit`
+/// naming `what`. Returns the value and how long it took.
+pub fn wait_for<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> (T, Duration) {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return (value, started.elapsed());
+        }
+        assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
