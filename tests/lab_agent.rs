@@ -178,3 +178,154 @@ fn killed_hosts_units_move_within_the_ttl() {
         });
     }
 }
+
+#[test]
+fn a_partitioned_host_is_replaced_and_stops_its_copies_before_rejoining() {
+    let cluster = Cluster::up(3, 2);
+    let leader = cluster.leader();
+    let cut = cluster
+        .hosts
+        .iter()
+        .rev()
+        .find(|h| h.name != leader)
+        .unwrap()
+        .clone();
+    let fenced = format!(
+        "[Service]\nExecStart=/bin/sleep infinity\n[X-Fleet]\nMachineID={}\nFenceAfter=3\n",
+        cut.machine_id
+    );
+    cluster.submit(&[("plain@.service", PLAIN), ("fenced.service", &fenced)]);
+    let names: Vec<String> = (1..=6).map(|i| format!("plain@{i}.service")).collect();
+    let mut args = vec!["start", "fenced"];
+    args.extend(names.iter().map(String::as_str));
+    cluster.ok(&args);
+    wait_for(Duration::from_secs(15), "7 active units", || {
+        (cluster.active().len() == 7).then_some(())
+    });
+    let on_cut: Vec<String> = cluster.systemd_active(&cut.name, "plain@*");
+    assert!(!on_cut.is_empty(), "{} runs some plain units", cut.name);
+
+    cluster.lab(&["partition", &cut.name]);
+    let cut_at = Instant::now();
+    // The cluster starts them elsewhere once the lease (2 s) expires...
+    let (_, took) = wait_for(Duration::from_secs(15), "units to start elsewhere", || {
+        let active = cluster.active();
+        on_cut
+            .iter()
+            .all(|u| active.get(u).is_some_and(|h| !h.contains(&cut.name)))
+            .then_some(())
+    });
+    eprintln!("{} units restarted elsewhere {took:?} after the cut", on_cut.len());
+    // ...while the cut-off host keeps running its copies (at-least-once),
+    // except the unit that asked to be fenced after 3 s.
+    while cut_at.elapsed() < cluster.ttl * 2 + Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        cluster.systemd_active(&cut.name, "plain@*"),
+        on_cut,
+        "units keep running on the cut-off host"
+    );
+    assert!(
+        cluster.systemd_active(&cut.name, "fenced.service").is_empty(),
+        "FenceAfter=3 stopped fenced.service on the cut-off host"
+    );
+
+    // Heal: the host stops its stale copies BEFORE it is present again.
+    cluster.lab(&["heal", &cut.name]);
+    let (_, took) = wait_for(Duration::from_secs(20), "the healed host to rejoin", || {
+        cluster
+            .machines()
+            .contains(&cut.machine_id)
+            .then_some(())
+    });
+    let stale = cluster.systemd_active(&cut.name, "plain@*");
+    let before: BTreeSet<&String> = on_cut.iter().collect();
+    assert!(
+        stale.iter().all(|u| !before.contains(u)),
+        "when {} is present again its stale copies are stopped: {stale:?}",
+        cut.name
+    );
+    eprintln!("healed host rejoined {took:?} after the heal");
+    // Exactly one copy of everything, cluster-wide, from systemd's own view.
+    let mut copies: BTreeMap<String, usize> = BTreeMap::new();
+    for units in systemd_view(&cluster, "plain@*").values() {
+        for unit in units {
+            *copies.entry(unit.clone()).or_default() += 1;
+        }
+    }
+    assert_eq!(copies.len(), 6, "{copies:?}");
+    assert!(copies.values().all(|n| *n == 1), "one copy each: {copies:?}");
+    // The pinned, fenced unit comes back on its host.
+    wait_for(Duration::from_secs(15), "fenced.service back on its host", || {
+        (cluster.systemd_active(&cut.name, "fenced.service").len() == 1).then_some(())
+    });
+}
+
+#[test]
+fn a_restarted_daemon_adopts_its_units_and_a_duplicate_stays_out() {
+    // systemd restarts the daemon after RestartSec=1s; a 5 s TTL leaves that
+    // restart well inside the lease whenever the kill lands.
+    let cluster = Cluster::up(3, 5);
+    cluster.submit(&[("plain@.service", PLAIN)]);
+    cluster.ok(&["start", "plain@1", "plain@2", "plain@3", "plain@4", "plain@5", "plain@6"]);
+    wait_for(Duration::from_secs(15), "6 active units", || {
+        (cluster.active().len() == 6).then_some(())
+    });
+    let before = cluster.active();
+    let entered: BTreeMap<String, String> = before
+        .iter()
+        .map(|(unit, hosts)| (unit.clone(), cluster.entered(&hosts[0], unit)))
+        .collect();
+    let host = "h2";
+    let pid = |c: &Cluster| {
+        text(&c.exec(host, &["systemctl", "show", "-P", "MainPID", "flotilla"]).stdout)
+            .trim()
+            .to_string()
+    };
+    let old_pid = pid(&cluster);
+    let out = cluster.exec(host, &["systemctl", "kill", "-s", "KILL", "flotilla"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // systemd restarts it (Restart=on-failure) well within the TTL.
+    wait_for(Duration::from_secs(10), "a new daemon process", || {
+        let now = pid(&cluster);
+        (now != old_pid && now != "0" && !now.is_empty()).then_some(())
+    });
+    std::thread::sleep(cluster.ttl * 2);
+    assert_eq!(cluster.active(), before, "no unit moved");
+    for (unit, hosts) in &before {
+        assert_eq!(
+            cluster.entered(&hosts[0], unit),
+            entered[unit],
+            "{unit} was not restarted"
+        );
+    }
+
+    // h3 takes h1's machine id: a different install with the same id must stay out.
+    let h1_id = cluster.id_of("h1").to_string();
+    let h3_id = cluster.id_of("h3").to_string();
+    let out = cluster.exec(
+        "h3",
+        &["sh", "-c", &format!("echo {h1_id} > /etc/machine-id && systemctl restart flotilla")],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_for(Duration::from_secs(15), "h3's old presence to expire", || {
+        (!cluster.machines().contains(&h3_id)).then_some(())
+    });
+    let (_, _) = wait_for(Duration::from_secs(15), "the duplicate's error in h3's journal", || {
+        // --merge: journalctl alone reads the journal of the NEW machine id.
+        let log = cluster.exec("h3", &["journalctl", "--merge", "-u", "flotilla", "--no-pager"]);
+        text(&log.stdout)
+            .contains("another flotilla daemon")
+            .then_some(())
+    });
+    let machines = cluster.machines();
+    assert_eq!(machines.len(), 2, "the duplicate is not registered: {machines:?}");
+    assert!(machines.contains(&h1_id));
+    // h3's units moved away (its presence expired), h1 kept its own.
+    wait_for(Duration::from_secs(15), "h3's units elsewhere", || {
+        let active = cluster.active();
+        (active.len() == 6 && active.values().flatten().all(|h| h != "h3")).then_some(())
+    });
+    assert!(cluster.systemd_active("h3", "plain@*").is_empty(), "h3 stopped its copies");
+}

@@ -349,6 +349,9 @@ impl Agent {
             let record: MachineRecord =
                 records::decode(&kv.key, &kv.value).map_err(|e| e.to_string())?;
             if record.instance != self.me.instance {
+                // Whatever runs here from an earlier life is not claimed by
+                // this install, and the cluster runs it elsewhere.
+                self.unload_everything("staying out as a duplicate").await;
                 return Err(format!(
                     "another flotilla daemon (instance {}, host {}, {}) is registered with this \
                      machine id {}; this host stays out of the cluster. Was the machine cloned? \
