@@ -329,3 +329,172 @@ fn a_restarted_daemon_adopts_its_units_and_a_duplicate_stays_out() {
     });
     assert!(cluster.systemd_active("h3", "plain@*").is_empty(), "h3 stopped its copies");
 }
+
+/// Gives a host metadata at runtime: rewrite its config, `systemctl reload flotilla`.
+fn set_metadata(cluster: &Cluster, host: &str, pairs: &str) {
+    let script = format!(
+        "sed -i '/^\\[metadata\\]/,$d' /etc/flotilla/flotilla.toml && \
+         printf '[metadata]\\n{pairs}\\n' >> /etc/flotilla/flotilla.toml && \
+         systemctl reload flotilla"
+    );
+    let out = cluster.exec(host, &["sh", "-c", &script]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// Hosts where `unit` is reported active, sorted.
+fn hosts_of(cluster: &Cluster, unit: &str) -> Vec<String> {
+    let mut hosts = cluster.active().remove(unit).unwrap_or_default();
+    hosts.sort();
+    hosts
+}
+
+#[test]
+fn affinity_pinning_metadata_and_global_units() {
+    let cluster = Cluster::up(3, 2);
+    set_metadata(&cluster, "h1", "disk = \"ssd\"\nregion = \"eu\"");
+    set_metadata(&cluster, "h2", "disk = \"hdd\"\nregion = \"eu\"");
+    set_metadata(&cluster, "h3", "disk = \"ssd\"\nregion = \"us\"");
+    let pin = format!(
+        "{PLAIN}[X-Fleet]\nMachineID={}\n",
+        &cluster.id_of("h2")[..8]
+    );
+    cluster.submit(&[
+        ("app.service", PLAIN),
+        ("app-sidekick.service", &format!("{PLAIN}[X-Fleet]\nMachineOf=app.service\n")),
+        ("pinned.service", &pin),
+        // AND across keys, OR within one: ssd in eu → only h1.
+        ("ssd-eu.service", &format!("{PLAIN}[X-Fleet]\nMachineMetadata=disk=ssd\nMachineMetadata=region=eu\n")),
+        // OR within a key: hdd or nvme → h2 only.
+        ("either.service", &format!("{PLAIN}[X-Fleet]\nGlobal=true\nMachineMetadata=\"disk=hdd\" \"disk=nvme\"\n")),
+        // Negation, global: everywhere but hdd → h1, h3.
+        ("not-hdd.service", &format!("{PLAIN}[X-Fleet]\nGlobal=true\nMachineMetadata=disk!=hdd\n")),
+        ("everywhere.service", &format!("{PLAIN}[X-Fleet]\nGlobal=true\n")),
+    ]);
+    wait_for(Duration::from_secs(10), "metadata published", || {
+        let out = cluster.ok(&["list-machines"]);
+        (out.matches("disk=").count() == 3).then_some(())
+    });
+    cluster.ok(&[
+        "start", "app", "app-sidekick", "pinned", "ssd-eu", "either", "not-hdd", "everywhere",
+    ]);
+    wait_for(Duration::from_secs(15), "every unit active", || {
+        let active = cluster.active();
+        (active.len() == 7 && active["everywhere.service"].len() == 3).then_some(())
+    });
+    let app = hosts_of(&cluster, "app.service");
+    assert_eq!(hosts_of(&cluster, "app-sidekick.service"), app, "MachineOf co-locates");
+    assert_eq!(hosts_of(&cluster, "pinned.service"), ["h2"]);
+    assert_eq!(hosts_of(&cluster, "ssd-eu.service"), ["h1"]);
+    assert_eq!(hosts_of(&cluster, "either.service"), ["h2"]);
+    assert_eq!(hosts_of(&cluster, "not-hdd.service"), ["h1", "h3"]);
+    assert_eq!(hosts_of(&cluster, "everywhere.service"), ["h1", "h2", "h3"]);
+    for host in ["h1", "h2", "h3"] {
+        let mine = cluster.systemd_active(host, "*.service");
+        assert_eq!(
+            mine.contains(&"everywhere.service".to_string()),
+            true,
+            "systemd on {host} runs the global unit: {mine:?}"
+        );
+    }
+
+    // Metadata changes at runtime: h2 becomes ssd, so not-hdd comes, either goes.
+    set_metadata(&cluster, "h2", "disk = \"ssd\"\nregion = \"eu\"");
+    wait_for(Duration::from_secs(15), "global units to follow metadata", || {
+        (hosts_of(&cluster, "not-hdd.service") == ["h1", "h2", "h3"]
+            && hosts_of(&cluster, "either.service").is_empty())
+        .then_some(())
+    });
+    assert!(cluster.systemd_active("h2", "either.service").is_empty());
+
+    // A host that joins later gets the global units: h3 leaves (its daemon
+    // stops, its lease expires) and comes back.
+    let out = cluster.exec("h3", &["systemctl", "stop", "flotilla"]);
+    assert!(out.status.success());
+    let h3 = cluster.id_of("h3").to_string();
+    wait_for(Duration::from_secs(15), "h3 to leave", || {
+        (!cluster.machines().contains(&h3)).then_some(())
+    });
+    let out = cluster.exec("h3", &["systemctl", "start", "flotilla"]);
+    assert!(out.status.success());
+    wait_for(Duration::from_secs(15), "the global unit on the returning host", || {
+        (hosts_of(&cluster, "everywhere.service") == ["h1", "h2", "h3"]).then_some(())
+    });
+
+    // MachineOf pairs move together when their host dies (the leader's host
+    // is spared so the test is about the pair, not about elections).
+    let leader = cluster.leader();
+    if app[0] == leader {
+        return;
+    }
+    cluster.lab(&["kill", &app[0]]);
+    let (moved, took) = wait_for(Duration::from_secs(15), "the pair to move", || {
+        let app_now = hosts_of(&cluster, "app.service");
+        (app_now.len() == 1 && app_now != app && hosts_of(&cluster, "app-sidekick.service") == app_now)
+            .then_some(app_now)
+    });
+    eprintln!("the MachineOf pair moved from {app:?} to {moved:?} in {took:?}");
+}
+
+#[test]
+fn replace_evicts_replaces_displaces_and_drain_moves() {
+    let cluster = Cluster::up(3, 2);
+    cluster.submit(&[("a.service", PLAIN), ("b.service", PLAIN), ("v1.service", PLAIN)]);
+    cluster.ok(&["start", "a", "v1"]);
+    wait_for(Duration::from_secs(15), "a and v1 active", || {
+        (cluster.active().len() == 2).then_some(())
+    });
+    let a_host = hosts_of(&cluster, "a.service");
+    // b follows a by MachineOf, so it lands beside a.
+    cluster.replace("b.service", &format!("{PLAIN}[X-Fleet]\nMachineOf=a.service\n"));
+    cluster.ok(&["start", "b"]);
+    wait_for(Duration::from_secs(15), "b beside a", || {
+        (hosts_of(&cluster, "b.service") == a_host).then_some(())
+    });
+    let a_entered = cluster.entered(&a_host[0], "a.service");
+
+    // --replace a with a Conflicts glob matching b: b is evicted (its MachineOf
+    // keeps it from going anywhere else), a is reloaded with its new body.
+    cluster.replace("a.service", &format!("{PLAIN}[X-Fleet]\nConflicts=b.service\n"));
+    wait_for(Duration::from_secs(15), "b evicted", || {
+        (cluster.systemd_active(&a_host[0], "b.service").is_empty()
+            && hosts_of(&cluster, "a.service") == a_host
+            && cluster.entered(&a_host[0], "a.service") != a_entered)
+            .then_some(())
+    });
+    assert!(hosts_of(&cluster, "b.service").is_empty(), "b runs nowhere");
+    let out = cluster.ok(&["cat", "a.service"]);
+    assert!(out.contains("Conflicts=b.service"), "{out}");
+
+    // Replaces: v2 goes where v1 runs and v1 moves elsewhere.
+    let v1_before = hosts_of(&cluster, "v1.service");
+    cluster.submit(&[("v2.service", &format!("{PLAIN}[X-Fleet]\nReplaces=v1.service\n"))]);
+    cluster.ok(&["start", "v2"]);
+    wait_for(Duration::from_secs(15), "v2 to displace v1", || {
+        let v1 = hosts_of(&cluster, "v1.service");
+        (hosts_of(&cluster, "v2.service") == v1_before && v1.len() == 1 && v1 != v1_before)
+            .then_some(())
+    });
+
+    // Drain: every unit leaves h3 and nothing new goes there; undo lets it work again.
+    let h3 = cluster.id_of("h3").to_string();
+    cluster.submit(&[("plain@.service", PLAIN)]);
+    cluster.ok(&["start", "plain@1", "plain@2", "plain@3", "plain@4", "plain@5", "plain@6"]);
+    wait_for(Duration::from_secs(15), "plain units active", || {
+        (cluster.active().keys().filter(|u| u.starts_with("plain@")).count() == 6).then_some(())
+    });
+    cluster.ok(&["drain", &h3[..8]]);
+    wait_for(Duration::from_secs(15), "h3 drained", || {
+        let active = cluster.active();
+        (active.keys().filter(|u| u.starts_with("plain@")).count() == 6
+            && active.values().flatten().all(|h| h != "h3")
+            && cluster.systemd_active("h3", "*.service").iter().all(|u| !u.starts_with("plain@")))
+        .then_some(())
+    });
+    let out = cluster.ok(&["list-machines"]);
+    assert!(out.lines().any(|l| l.starts_with(&h3[..8]) && l.contains("yes")), "{out}");
+    cluster.ok(&["drain", "--undo", &h3[..8]]);
+    cluster.ok(&["start", "plain@7", "plain@8", "plain@9"]);
+    wait_for(Duration::from_secs(15), "h3 takes new units", || {
+        cluster.active().values().flatten().any(|h| h == "h3").then_some(())
+    });
+}
