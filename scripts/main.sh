@@ -5,8 +5,8 @@
 # It checks unit files exactly as the cluster will (names, syntax, [X-Fleet]
 # rules, the canonical form and its hash), then boots a lab of 3 hosts running
 # real systemd as PID 1, each with sshd and a flotilla daemon, and shows the
-# daemons forming a Raft cluster that survives losing its leader's host. Running
-# units on those hosts comes with the agent (see README.md, "Status").
+# daemons forming a Raft cluster, running units on the hosts' systemd by their
+# [X-Fleet] rules, and moving them when a host (the Raft leader's) dies.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
@@ -66,7 +66,7 @@ echo "   (as root; missing Debian packages such as openssh-server are installed 
 lab=/tmp/flotilla-main-lab
 "$bin" lab down --dir "$lab" >/dev/null 2>&1 || true
 trap '"$bin" lab down --dir "$lab" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
-up=$("$bin" lab up --hosts 3 --dir "$lab" --election-timeout-ms 300)
+up=$("$bin" lab up --hosts 3 --dir "$lab" --election-timeout-ms 300 --ttl 3)
 echo "$up"
 endpoint=$(printf '%s' "$up" | sed -n 's/.*"endpoint":"\([^"]*\)".*/\1/p')
 fl() { "$bin" --endpoint "$endpoint" "$@"; }
@@ -76,16 +76,37 @@ fl member list
 fl kv put /demo/greeting "hello from the outer machine"
 "$bin" lab exec h3 --dir "$lab" -- flotilla --endpoint 127.0.0.1:4001 kv get /demo/greeting --serializable
 
-say "8. power off the leader's host (SIGKILL of its PID 1); the others elect a new leader"
-leader=$(fl member list | awk '$4 == "yes" {print $2}')
-echo "   leader is on host $leader; killing it"
-"$bin" lab kill "$leader" --dir "$lab"
+say "8. every host's agent joined (presence lease, TTL 3 s here, 10 s by default)"
+fl list-machines
+
+say "9. submit a template with Conflicts=myapp@*.service and start 4 instances on 3 hosts"
+echo "   three run, one per host; the fourth waits for a free host"
+fl submit examples/units/myapp@.service
+fl start myapp@1 myapp@2 myapp@3 myapp@4
 sleep 1.5
+fl list-units
+for h in h1 h2 h3; do
+  printf '   systemd on %s runs: ' "$h"
+  "$bin" lab exec "$h" --dir "$lab" -- systemctl list-units 'myapp@*' --state=active --no-legend --plain | awk '{printf "%s ", $1} END {print ""}'
+done
+
+say "10. a global unit runs on every host"
+fl start examples/units/node-exporter.service --block
+fl list-units
+
+say "11. power off the Raft leader's host (SIGKILL of its PID 1)"
+leader=$(fl member list | awk '$4 == "yes" {print $2}')
+echo "   leader is on host $leader; killing it. Its lease expires within the TTL,"
+echo "   a new leader is elected, and its units start on the surviving hosts."
+"$bin" lab kill "$leader" --dir "$lab"
+sleep 5
 fl member list
+fl list-units
+echo "   (the data written before is still there:)"
 fl kv get /demo/greeting
 "$bin" lab status --dir "$lab"
 
-say "9. tear the lab down: no process, mount, namespace, cgroup or interface is left"
+say "12. tear the lab down: no process, mount, namespace, cgroup or interface is left"
 "$bin" lab down --dir "$lab"
 
 say "done: see README.md for what comes next"

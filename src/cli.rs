@@ -266,7 +266,11 @@ impl DaemonArgs {
             overrides.push(("agent", "--no-agent", toml::Value::Boolean(false)));
         }
         if self.leave_on_stop {
-            overrides.push(("leave_on_stop", "--leave-on-stop", toml::Value::Boolean(true)));
+            overrides.push((
+                "leave_on_stop",
+                "--leave-on-stop",
+                toml::Value::Boolean(true),
+            ));
         }
         let numbers = [
             (

@@ -70,6 +70,27 @@ pub struct Config {
     /// On SIGTERM, stop and unload this host's units and leave the cluster
     /// (default: keep them running, as a restart should).
     pub leave_on_stop: bool,
+    /// The HTTP API's unix socket (fleet's `/fleet/v1`). It is made mode 0600,
+    /// so only root may use it and it needs no token; empty disables it.
+    pub api_socket: PathBuf,
+    /// The HTTP API's TCP address (`host:port`); empty disables it. Anything
+    /// but loopback needs `api_token`, as the port is then open to the network.
+    pub api_listen: String,
+    /// A bearer token every TCP request to the API must carry
+    /// (`Authorization: Bearer TOKEN`); empty means none. The unix socket
+    /// never asks for it. `--check-config` shows it redacted.
+    #[serde(serialize_with = "redacted")]
+    pub api_token: String,
+}
+
+/// What `--check-config` shows instead of a set secret.
+const REDACTED: &str = "(set, not shown)";
+
+/// Serialises a secret as [`REDACTED`] unless it is empty, so printing the
+/// effective settings never leaks it (the empty default still gives the key
+/// its type for environment overrides).
+fn redacted<S: serde::Serializer>(secret: &str, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(if secret.is_empty() { "" } else { REDACTED })
 }
 
 impl Config {
@@ -103,6 +124,9 @@ impl Default for Config {
             public_ip: String::new(),
             units_dir: PathBuf::from("/run/flotilla/units"),
             leave_on_stop: false,
+            api_socket: PathBuf::from("/run/flotilla/api.sock"),
+            api_listen: "127.0.0.1:4003".to_string(),
+            api_token: String::new(),
         }
     }
 }
@@ -484,6 +508,32 @@ fn validate(loaded: &Loaded) -> Result<(), Error> {
             format!("{} must be an absolute path", config.units_dir.display()),
         ));
     }
+    if !config.api_socket.as_os_str().is_empty() && !config.api_socket.is_absolute() {
+        return Err(invalid(
+            "api_socket",
+            format!(
+                "{} must be an absolute path (or empty to disable the socket)",
+                config.api_socket.display()
+            ),
+        ));
+    }
+    if !config.api_token.is_empty() {
+        check_token(&config.api_token).map_err(|m| invalid("api_token", m))?;
+    }
+    if !config.api_listen.is_empty() {
+        check_host_port(&config.api_listen).map_err(|m| invalid("api_listen", m))?;
+        if config.api_token.is_empty() && !is_loopback(&config.api_listen) {
+            return Err(invalid(
+                "api_listen",
+                format!(
+                    "{:?} is reachable from other machines, so the API needs a token: set \
+                     api_token (e.g. to the output of `openssl rand -hex 32`) or listen on \
+                     127.0.0.1",
+                    config.api_listen
+                ),
+            ));
+        }
+    }
     tracing_subscriber::EnvFilter::try_new(&config.log).map_err(|e| {
         invalid(
             "log",
@@ -530,6 +580,34 @@ fn check_host_port(addr: &str) -> Result<(), String> {
         Ok(p) if p > 0 && host_ok => Ok(()),
         _ => Err(bad()),
     }
+}
+
+/// Whether `host:port` (already checked) only listens on this machine.
+fn is_loopback(addr: &str) -> bool {
+    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The shortest API token accepted: guessing one must be hopeless.
+const MIN_TOKEN_LEN: usize = 16;
+
+/// A token travels in an HTTP header: visible ASCII only, and long enough.
+fn check_token(token: &str) -> Result<(), String> {
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("the token may only use visible ASCII characters (no spaces)".to_string());
+    }
+    if token.len() < MIN_TOKEN_LEN {
+        return Err(format!(
+            "the token has {} characters; use at least {MIN_TOKEN_LEN} \
+             (e.g. the output of `openssl rand -hex 32`)",
+            token.len()
+        ));
+    }
+    Ok(())
 }
 
 /// Parses `name=host:port,name=host:port`.
@@ -686,6 +764,55 @@ mod tests {
                 "{key}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn api_keys_need_a_token_off_loopback_and_never_show_it() {
+        let flag = |key: &'static str, value: &str| (key, "--flag", toml::Value::from(value));
+        let f = file("name = \"n1\"\n");
+        let open = [flag("api_listen", "0.0.0.0:4003")];
+        let err = load(&explicit(&f), &[], &open).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::Invalid {
+                    key: "api_listen",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("api_token"), "{err}");
+
+        let token = "0123456789abcdef0123";
+        let vars = env(&[("FLOTILLA_API_TOKEN", token)]);
+        let loaded = load(&explicit(&f), &vars, &open).unwrap();
+        assert_eq!(loaded.config.api_token, token);
+        let shown = toml::to_string(&loaded.config).unwrap();
+        assert!(!shown.contains(token), "{shown}");
+        assert!(shown.contains(REDACTED), "{shown}");
+
+        for (key, value) in [
+            ("api_token", "short"),
+            ("api_token", "has a space in it, long enough"),
+            ("api_socket", "relative/api.sock"),
+            ("api_listen", "nonsense"),
+        ] {
+            let err = load(&explicit(&f), &[], &[flag(key, value)]).unwrap_err();
+            assert!(
+                matches!(&err, Error::Invalid { key: k, .. } if *k == key),
+                "{key}={value}: {err}"
+            );
+        }
+
+        let off = [flag("api_listen", ""), flag("api_socket", "")];
+        let loaded = load(&explicit(&f), &[], &off).unwrap();
+        assert!(loaded.config.api_listen.is_empty());
+        assert!(loaded.config.api_socket.as_os_str().is_empty());
+        for local in ["127.0.0.1:4003", "[::1]:4003", "localhost:4003"] {
+            assert!(is_loopback(local), "{local}");
+        }
+        assert!(!is_loopback("10.0.0.1:4003"));
     }
 
     #[test]

@@ -20,13 +20,13 @@ use tokio::net::TcpListener;
 use crate::agent::run::AgentConfig;
 use crate::agent::{self, notify};
 use crate::config::Loaded;
-use crate::scheduler;
 use crate::consensus::codec::MemberInfo;
 use crate::consensus::kv::Command;
 use crate::consensus::node::{Core, NodeConfig, RequestError, member_id};
 use crate::consensus::runner::{self, Msg};
 use crate::consensus::storage::RedbDisk;
 use crate::consensus::{log, server, transport};
+use crate::scheduler;
 
 /// Reads the configuration again (for SIGHUP).
 pub type Reload<'a> = &'a (dyn Fn() -> std::result::Result<Loaded, crate::config::Error> + Sync);
@@ -78,6 +78,10 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>) -> Result<()> {
         };
         tokio::spawn(agent::run::run(agent_config, stopped))
     });
+    // Serves until dropped, when serve() returns.
+    let _api = crate::api::start(loaded, &endpoints)
+        .await
+        .context("cannot start the HTTP API")?;
     if let Some((node, _)) = &member {
         tokio::spawn(scheduler::run(node.clone(), endpoints, CLAIM_TIMEOUT));
     }
@@ -138,9 +142,7 @@ fn local_client_addr(listen: &str) -> String {
 }
 
 /// Starts this host's Raft member; returns its handle and thread.
-async fn start_member(
-    loaded: &Loaded,
-) -> Result<(runner::Handle, std::thread::JoinHandle<()>)> {
+async fn start_member(loaded: &Loaded) -> Result<(runner::Handle, std::thread::JoinHandle<()>)> {
     let config = &loaded.config;
     let id = member_id(&config.name);
     let founding: BTreeMap<u64, MemberInfo> = loaded

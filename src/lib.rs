@@ -14,11 +14,13 @@
 //! * [`lock`]: reboot coordination; today the semaphore's pure operations.
 //! * [`config`]: the daemon's configuration loader (file, environment, flags).
 //! * [`daemon`]: `flotilla daemon`, wiring the roles together.
+//! * [`api`]: the daemon's HTTP JSON API, fleet's `/fleet/v1`, on a unix socket and TCP.
 //! * [`cli`]: the command line, as clap types.
 //! * [`verify`]: `flotilla verify`, checking unit files on disk.
 //! * [`lab`]: `flotilla lab`, N real-systemd hosts on one machine for end-to-end tests.
 
 pub mod agent;
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod consensus;

@@ -62,9 +62,7 @@ async fn run_unit_verb(endpoints: &[String], command: Command) -> Result<ExitCod
     let client = Client::connect(endpoints).await?;
     match command {
         Command::Submit(args) => unit_verbs::submit(&client, &args).await,
-        Command::Start(args) => {
-            unit_verbs::set_state(&client, &args, DesiredState::Launched).await
-        }
+        Command::Start(args) => unit_verbs::set_state(&client, &args, DesiredState::Launched).await,
         Command::Load(args) => unit_verbs::set_state(&client, &args, DesiredState::Loaded).await,
         Command::Unload(args) => {
             unit_verbs::set_state(&client, &args, DesiredState::Inactive).await
@@ -76,7 +74,11 @@ async fn run_unit_verb(endpoints: &[String], command: Command) -> Result<ExitCod
         Command::ListUnitFiles(args) => unit_verbs::list_unit_files(&client, &args).await,
         Command::ListMachines(args) => unit_verbs::list_machines(&client, &args).await,
         Command::Drain { machine, undo } => unit_verbs::drain(&client, &machine, undo).await,
-        Command::Verify(_) | Command::Daemon(_) | Command::Member(_) | Command::Kv(_) | Command::Lab(_) => {
+        Command::Verify(_)
+        | Command::Daemon(_)
+        | Command::Member(_)
+        | Command::Kv(_)
+        | Command::Lab(_) => {
             unreachable!("dispatched in run()")
         }
     }

@@ -62,7 +62,10 @@ async fn names(client: &Client, args: &[String], submit_files: bool) -> Result<V
     for arg in args {
         if is_path(arg) {
             if !submit_files {
-                bail!("{arg} looks like a file; give the unit's name (e.g. {})", file_unit_hint(arg));
+                bail!(
+                    "{arg} looks like a file; give the unit's name (e.g. {})",
+                    file_unit_hint(arg)
+                );
             }
             let unit = read_unit(Path::new(arg))?;
             names.push(unit.name().clone());
@@ -89,7 +92,11 @@ fn file_unit_hint(arg: &str) -> String {
 }
 
 /// start, stop, load, unload: set the desired state, optionally wait for it.
-pub async fn set_state(client: &Client, args: &UnitsArgs, desired: DesiredState) -> Result<ExitCode> {
+pub async fn set_state(
+    client: &Client,
+    args: &UnitsArgs,
+    desired: DesiredState,
+) -> Result<ExitCode> {
     let submit_files = matches!(desired, DesiredState::Launched | DesiredState::Loaded);
     let names = names(client, &args.units, submit_files).await?;
     let changed = ops::set_desired(client, &names, desired).await?;
@@ -100,7 +107,13 @@ pub async fn set_state(client: &Client, args: &UnitsArgs, desired: DesiredState)
     };
     println!("{verb} {} unit(s) ({changed} changed)", names.len());
     if args.block {
-        return block(client, &names, desired, Duration::from_secs(args.block_timeout)).await;
+        return block(
+            client,
+            &names,
+            desired,
+            Duration::from_secs(args.block_timeout),
+        )
+        .await;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -114,8 +127,13 @@ pub async fn stop(client: &Client, args: &UnitsArgs) -> Result<ExitCode> {
     let changed = ops::set_desired(client, &names, DesiredState::Loaded).await?;
     println!("stopped {} unit(s) ({changed} changed)", names.len());
     if args.block {
-        return block(client, &names, DesiredState::Loaded, Duration::from_secs(args.block_timeout))
-            .await;
+        return block(
+            client,
+            &names,
+            DesiredState::Loaded,
+            Duration::from_secs(args.block_timeout),
+        )
+        .await;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -145,9 +163,9 @@ async fn block(
             let done = match desired {
                 DesiredState::Launched => {
                     !mine.is_empty()
-                        && mine.iter().all(|r| {
-                            r.state.as_ref().is_some_and(|s| s.active == "active")
-                        })
+                        && mine
+                            .iter()
+                            .all(|r| r.state.as_ref().is_some_and(|s| s.active == "active"))
                 }
                 DesiredState::Loaded => {
                     !mine.is_empty()
@@ -190,8 +208,13 @@ pub async fn destroy(client: &Client, args: &UnitsArgs) -> Result<ExitCode> {
         }
     }
     if args.block {
-        block(client, &names, DesiredState::Inactive, Duration::from_secs(args.block_timeout))
-            .await?;
+        block(
+            client,
+            &names,
+            DesiredState::Inactive,
+            Duration::from_secs(args.block_timeout),
+        )
+        .await?;
     }
     Ok(if missing > 0 {
         ExitCode::FAILURE
@@ -282,7 +305,11 @@ pub async fn list_unit_files(client: &Client, args: &ListArgs) -> Result<ExitCod
         println!(
             "{:<40} {:<12} {}",
             r.name.as_str(),
-            if args.full { hash.as_str() } else { &hash[..hash.len().min(7)] },
+            if args.full {
+                hash.as_str()
+            } else {
+                &hash[..hash.len().min(7)]
+            },
             r.desired
         );
     }
@@ -309,7 +336,10 @@ pub async fn list_machines(client: &Client, args: &ListArgs) -> Result<ExitCode>
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<34} {:<16} {:<6} {:<8} METADATA", "MACHINE", "IP", "UNITS", "DRAINED");
+    println!(
+        "{:<34} {:<16} {:<6} {:<8} METADATA",
+        "MACHINE", "IP", "UNITS", "DRAINED"
+    );
     for r in rows {
         let metadata: Vec<String> = r
             .record
@@ -323,7 +353,11 @@ pub async fn list_machines(client: &Client, args: &ListArgs) -> Result<ExitCode>
             r.record.ip,
             r.units,
             if r.drained { "yes" } else { "no" },
-            if metadata.is_empty() { "-".to_string() } else { metadata.join(",") }
+            if metadata.is_empty() {
+                "-".to_string()
+            } else {
+                metadata.join(",")
+            }
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -36,7 +36,11 @@ ExecStart=/bin/sleep infinity
 fn assert_none_failed(cluster: &Cluster, pattern: &str) {
     for host in &cluster.hosts {
         let failed = cluster.systemd_failed(&host.name, pattern);
-        assert!(failed.is_empty(), "{} has failed units: {failed:?}", host.name);
+        assert!(
+            failed.is_empty(),
+            "{} has failed units: {failed:?}",
+            host.name
+        );
     }
 }
 
@@ -71,35 +75,64 @@ fn conflicting_instances_spread_wait_and_take_over() {
         .collect();
     assert_eq!(waiting.len(), 2, "two wait unplaced: {rows:?}");
     for (host, units) in systemd_view(&cluster, "hello@*") {
-        assert_eq!(units.len(), 1, "systemd on {host} runs exactly one hello: {units:?}");
+        assert_eq!(
+            units.len(),
+            1,
+            "systemd on {host} runs exactly one hello: {units:?}"
+        );
     }
 
     // Destroy one: a waiting instance takes its host.
-    let (victim, on) = active.iter().next().map(|(u, h)| (u.clone(), h[0].clone())).unwrap();
+    let (victim, on) = active
+        .iter()
+        .next()
+        .map(|(u, h)| (u.clone(), h[0].clone()))
+        .unwrap();
     cluster.ok(&["destroy", &victim]);
-    let (after, took) = wait_for(Duration::from_secs(15), "a waiting instance to start", || {
-        let now = cluster.active();
-        (now.len() == 3 && !now.contains_key(&victim)).then_some(now)
-    });
+    let (after, took) = wait_for(
+        Duration::from_secs(15),
+        "a waiting instance to start",
+        || {
+            let now = cluster.active();
+            (now.len() == 3 && !now.contains_key(&victim)).then_some(now)
+        },
+    );
     eprintln!("a waiting instance took over in {took:?}");
     let newcomer = after.keys().find(|u| !active.contains_key(*u)).unwrap();
-    assert_eq!(after[newcomer], vec![on.clone()], "it runs where {victim} ran");
-    assert_eq!(cluster.systemd_active(&on, "hello@*"), vec![newcomer.clone()]);
+    assert_eq!(
+        after[newcomer],
+        vec![on.clone()],
+        "it runs where {victim} ran"
+    );
+    assert_eq!(
+        cluster.systemd_active(&on, "hello@*"),
+        vec![newcomer.clone()]
+    );
     assert_none_failed(&cluster, "hello@*");
 
     // A unit whose ExecStart fails is reported failed, not hidden.
     cluster.submit(&[("broken.service", "[Service]\nExecStart=/bin/false\n")]);
     cluster.ok(&["start", "broken"]);
-    wait_for(Duration::from_secs(15), "broken.service reported failed", || {
-        cluster
-            .rows()
-            .into_iter()
-            .any(|r| r.unit == "broken.service" && r.active.as_deref() == Some("failed"))
-            .then_some(())
-    });
+    wait_for(
+        Duration::from_secs(15),
+        "broken.service reported failed",
+        || {
+            cluster
+                .rows()
+                .into_iter()
+                .any(|r| r.unit == "broken.service" && r.active.as_deref() == Some("failed"))
+                .then_some(())
+        },
+    );
     let out = cluster.ok(&["list-units"]);
-    let line = out.lines().find(|l| l.starts_with("broken.service")).unwrap();
-    assert!(line.contains("failed"), "list-units shows it failed: {line}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("broken.service"))
+        .unwrap();
+    assert!(
+        line.contains("failed"),
+        "list-units shows it failed: {line}"
+    );
 }
 
 #[test]
@@ -137,34 +170,25 @@ fn killed_hosts_units_move_within_the_ttl() {
         assert!(!moving.is_empty(), "{victim} runs some units");
         let killed = Instant::now();
         cluster.lab(&["kill", &victim]);
-        let (_, took) = wait_for(bound * 3, "units to move off the killed host", || {
+        wait_for(bound * 3, "units to move off the killed host", || {
             let active = cluster.active();
             moving
                 .iter()
                 .all(|u| active.get(u).is_some_and(|h| !h.contains(&victim)))
                 .then_some(())
         });
-        let took = took.max(killed.elapsed().min(took));
+        // From the kill, not from the first poll.
+        let took = killed.elapsed();
         eprintln!(
             "{} units moved off killed {victim} in {took:?} (bound {bound:?})",
             moving.len()
         );
         assert!(took <= bound, "moved in {took:?}, over the bound {bound:?}");
         for unit in &moving {
-            let running: Vec<&String> = systemd_view(&cluster, unit)
+            let running: Vec<String> = systemd_view(&cluster, unit)
                 .into_iter()
                 .filter(|(_, units)| !units.is_empty())
                 .map(|(host, _)| host)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .map(|h| {
-                    cluster
-                        .hosts
-                        .iter()
-                        .find(|x| x.name == h)
-                        .map(|x| &x.name)
-                        .unwrap()
-                })
                 .collect();
             assert_eq!(running.len(), 1, "{unit} runs once: {running:?}");
         }
@@ -215,7 +239,10 @@ fn a_partitioned_host_is_replaced_and_stops_its_copies_before_rejoining() {
             .all(|u| active.get(u).is_some_and(|h| !h.contains(&cut.name)))
             .then_some(())
     });
-    eprintln!("{} units restarted elsewhere {took:?} after the cut", on_cut.len());
+    eprintln!(
+        "{} units restarted elsewhere {took:?} after the cut",
+        on_cut.len()
+    );
     // ...while the cut-off host keeps running its copies (at-least-once),
     // except the unit that asked to be fenced after 3 s.
     while cut_at.elapsed() < cluster.ttl * 2 + Duration::from_secs(2) {
@@ -227,17 +254,16 @@ fn a_partitioned_host_is_replaced_and_stops_its_copies_before_rejoining() {
         "units keep running on the cut-off host"
     );
     assert!(
-        cluster.systemd_active(&cut.name, "fenced.service").is_empty(),
+        cluster
+            .systemd_active(&cut.name, "fenced.service")
+            .is_empty(),
         "FenceAfter=3 stopped fenced.service on the cut-off host"
     );
 
     // Heal: the host stops its stale copies BEFORE it is present again.
     cluster.lab(&["heal", &cut.name]);
     let (_, took) = wait_for(Duration::from_secs(20), "the healed host to rejoin", || {
-        cluster
-            .machines()
-            .contains(&cut.machine_id)
-            .then_some(())
+        cluster.machines().contains(&cut.machine_id).then_some(())
     });
     let stale = cluster.systemd_active(&cut.name, "plain@*");
     let before: BTreeSet<&String> = on_cut.iter().collect();
@@ -255,11 +281,16 @@ fn a_partitioned_host_is_replaced_and_stops_its_copies_before_rejoining() {
         }
     }
     assert_eq!(copies.len(), 6, "{copies:?}");
-    assert!(copies.values().all(|n| *n == 1), "one copy each: {copies:?}");
+    assert!(
+        copies.values().all(|n| *n == 1),
+        "one copy each: {copies:?}"
+    );
     // The pinned, fenced unit comes back on its host.
-    wait_for(Duration::from_secs(15), "fenced.service back on its host", || {
-        (cluster.systemd_active(&cut.name, "fenced.service").len() == 1).then_some(())
-    });
+    wait_for(
+        Duration::from_secs(15),
+        "fenced.service back on its host",
+        || (cluster.systemd_active(&cut.name, "fenced.service").len() == 1).then_some(()),
+    );
 }
 
 #[test]
@@ -268,7 +299,9 @@ fn a_restarted_daemon_adopts_its_units_and_a_duplicate_stays_out() {
     // restart well inside the lease whenever the kill lands.
     let cluster = Cluster::up(3, 5);
     cluster.submit(&[("plain@.service", PLAIN)]);
-    cluster.ok(&["start", "plain@1", "plain@2", "plain@3", "plain@4", "plain@5", "plain@6"]);
+    cluster.ok(&[
+        "start", "plain@1", "plain@2", "plain@3", "plain@4", "plain@5", "plain@6",
+    ]);
     wait_for(Duration::from_secs(15), "6 active units", || {
         (cluster.active().len() == 6).then_some(())
     });
@@ -279,9 +312,12 @@ fn a_restarted_daemon_adopts_its_units_and_a_duplicate_stays_out() {
         .collect();
     let host = "h2";
     let pid = |c: &Cluster| {
-        text(&c.exec(host, &["systemctl", "show", "-P", "MainPID", "flotilla"]).stdout)
-            .trim()
-            .to_string()
+        text(
+            &c.exec(host, &["systemctl", "show", "-P", "MainPID", "flotilla"])
+                .stdout,
+        )
+        .trim()
+        .to_string()
     };
     let old_pid = pid(&cluster);
     let out = cluster.exec(host, &["systemctl", "kill", "-s", "KILL", "flotilla"]);
@@ -306,28 +342,48 @@ fn a_restarted_daemon_adopts_its_units_and_a_duplicate_stays_out() {
     let h3_id = cluster.id_of("h3").to_string();
     let out = cluster.exec(
         "h3",
-        &["sh", "-c", &format!("echo {h1_id} > /etc/machine-id && systemctl restart flotilla")],
+        &[
+            "sh",
+            "-c",
+            &format!("echo {h1_id} > /etc/machine-id && systemctl restart flotilla"),
+        ],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    wait_for(Duration::from_secs(15), "h3's old presence to expire", || {
-        (!cluster.machines().contains(&h3_id)).then_some(())
-    });
-    let (_, _) = wait_for(Duration::from_secs(15), "the duplicate's error in h3's journal", || {
-        // --merge: journalctl alone reads the journal of the NEW machine id.
-        let log = cluster.exec("h3", &["journalctl", "--merge", "-u", "flotilla", "--no-pager"]);
-        text(&log.stdout)
-            .contains("another flotilla daemon")
-            .then_some(())
-    });
+    wait_for(
+        Duration::from_secs(15),
+        "h3's old presence to expire",
+        || (!cluster.machines().contains(&h3_id)).then_some(()),
+    );
+    let (_, _) = wait_for(
+        Duration::from_secs(15),
+        "the duplicate's error in h3's journal",
+        || {
+            // --merge: journalctl alone reads the journal of the NEW machine id.
+            let log = cluster.exec(
+                "h3",
+                &["journalctl", "--merge", "-u", "flotilla", "--no-pager"],
+            );
+            text(&log.stdout)
+                .contains("another flotilla daemon")
+                .then_some(())
+        },
+    );
     let machines = cluster.machines();
-    assert_eq!(machines.len(), 2, "the duplicate is not registered: {machines:?}");
+    assert_eq!(
+        machines.len(),
+        2,
+        "the duplicate is not registered: {machines:?}"
+    );
     assert!(machines.contains(&h1_id));
     // h3's units moved away (its presence expired), h1 kept its own.
     wait_for(Duration::from_secs(15), "h3's units elsewhere", || {
         let active = cluster.active();
         (active.len() == 6 && active.values().flatten().all(|h| h != "h3")).then_some(())
     });
-    assert!(cluster.systemd_active("h3", "plain@*").is_empty(), "h3 stopped its copies");
+    assert!(
+        cluster.systemd_active("h3", "plain@*").is_empty(),
+        "h3 stopped its copies"
+    );
 }
 
 /// Gives a host metadata at runtime: rewrite its config, `systemctl reload flotilla`.
@@ -360,29 +416,55 @@ fn affinity_pinning_metadata_and_global_units() {
     );
     cluster.submit(&[
         ("app.service", PLAIN),
-        ("app-sidekick.service", &format!("{PLAIN}[X-Fleet]\nMachineOf=app.service\n")),
+        (
+            "app-sidekick.service",
+            &format!("{PLAIN}[X-Fleet]\nMachineOf=app.service\n"),
+        ),
         ("pinned.service", &pin),
         // AND across keys, OR within one: ssd in eu → only h1.
-        ("ssd-eu.service", &format!("{PLAIN}[X-Fleet]\nMachineMetadata=disk=ssd\nMachineMetadata=region=eu\n")),
+        (
+            "ssd-eu.service",
+            &format!("{PLAIN}[X-Fleet]\nMachineMetadata=disk=ssd\nMachineMetadata=region=eu\n"),
+        ),
         // OR within a key: hdd or nvme → h2 only.
-        ("either.service", &format!("{PLAIN}[X-Fleet]\nGlobal=true\nMachineMetadata=\"disk=hdd\" \"disk=nvme\"\n")),
+        (
+            "either.service",
+            &format!("{PLAIN}[X-Fleet]\nGlobal=true\nMachineMetadata=\"disk=hdd\" \"disk=nvme\"\n"),
+        ),
         // Negation, global: everywhere but hdd → h1, h3.
-        ("not-hdd.service", &format!("{PLAIN}[X-Fleet]\nGlobal=true\nMachineMetadata=disk!=hdd\n")),
-        ("everywhere.service", &format!("{PLAIN}[X-Fleet]\nGlobal=true\n")),
+        (
+            "not-hdd.service",
+            &format!("{PLAIN}[X-Fleet]\nGlobal=true\nMachineMetadata=disk!=hdd\n"),
+        ),
+        (
+            "everywhere.service",
+            &format!("{PLAIN}[X-Fleet]\nGlobal=true\n"),
+        ),
     ]);
     wait_for(Duration::from_secs(10), "metadata published", || {
         let out = cluster.ok(&["list-machines"]);
         (out.matches("disk=").count() == 3).then_some(())
     });
     cluster.ok(&[
-        "start", "app", "app-sidekick", "pinned", "ssd-eu", "either", "not-hdd", "everywhere",
+        "start",
+        "app",
+        "app-sidekick",
+        "pinned",
+        "ssd-eu",
+        "either",
+        "not-hdd",
+        "everywhere",
     ]);
     wait_for(Duration::from_secs(15), "every unit active", || {
         let active = cluster.active();
         (active.len() == 7 && active["everywhere.service"].len() == 3).then_some(())
     });
     let app = hosts_of(&cluster, "app.service");
-    assert_eq!(hosts_of(&cluster, "app-sidekick.service"), app, "MachineOf co-locates");
+    assert_eq!(
+        hosts_of(&cluster, "app-sidekick.service"),
+        app,
+        "MachineOf co-locates"
+    );
     assert_eq!(hosts_of(&cluster, "pinned.service"), ["h2"]);
     assert_eq!(hosts_of(&cluster, "ssd-eu.service"), ["h1"]);
     assert_eq!(hosts_of(&cluster, "either.service"), ["h2"]);
@@ -390,20 +472,23 @@ fn affinity_pinning_metadata_and_global_units() {
     assert_eq!(hosts_of(&cluster, "everywhere.service"), ["h1", "h2", "h3"]);
     for host in ["h1", "h2", "h3"] {
         let mine = cluster.systemd_active(host, "*.service");
-        assert_eq!(
+        assert!(
             mine.contains(&"everywhere.service".to_string()),
-            true,
             "systemd on {host} runs the global unit: {mine:?}"
         );
     }
 
     // Metadata changes at runtime: h2 becomes ssd, so not-hdd comes, either goes.
     set_metadata(&cluster, "h2", "disk = \"ssd\"\nregion = \"eu\"");
-    wait_for(Duration::from_secs(15), "global units to follow metadata", || {
-        (hosts_of(&cluster, "not-hdd.service") == ["h1", "h2", "h3"]
-            && hosts_of(&cluster, "either.service").is_empty())
-        .then_some(())
-    });
+    wait_for(
+        Duration::from_secs(15),
+        "global units to follow metadata",
+        || {
+            (hosts_of(&cluster, "not-hdd.service") == ["h1", "h2", "h3"]
+                && hosts_of(&cluster, "either.service").is_empty())
+            .then_some(())
+        },
+    );
     assert!(cluster.systemd_active("h2", "either.service").is_empty());
 
     // A host that joins later gets the global units: h3 leaves (its daemon
@@ -416,9 +501,11 @@ fn affinity_pinning_metadata_and_global_units() {
     });
     let out = cluster.exec("h3", &["systemctl", "start", "flotilla"]);
     assert!(out.status.success());
-    wait_for(Duration::from_secs(15), "the global unit on the returning host", || {
-        (hosts_of(&cluster, "everywhere.service") == ["h1", "h2", "h3"]).then_some(())
-    });
+    wait_for(
+        Duration::from_secs(15),
+        "the global unit on the returning host",
+        || (hosts_of(&cluster, "everywhere.service") == ["h1", "h2", "h3"]).then_some(()),
+    );
 
     // MachineOf pairs move together when their host dies (the leader's host
     // is spared so the test is about the pair, not about elections).
@@ -429,7 +516,9 @@ fn affinity_pinning_metadata_and_global_units() {
     cluster.lab(&["kill", &app[0]]);
     let (moved, took) = wait_for(Duration::from_secs(15), "the pair to move", || {
         let app_now = hosts_of(&cluster, "app.service");
-        (app_now.len() == 1 && app_now != app && hosts_of(&cluster, "app-sidekick.service") == app_now)
+        (app_now.len() == 1
+            && app_now != app
+            && hosts_of(&cluster, "app-sidekick.service") == app_now)
             .then_some(app_now)
     });
     eprintln!("the MachineOf pair moved from {app:?} to {moved:?} in {took:?}");
@@ -438,14 +527,21 @@ fn affinity_pinning_metadata_and_global_units() {
 #[test]
 fn replace_evicts_replaces_displaces_and_drain_moves() {
     let cluster = Cluster::up(3, 2);
-    cluster.submit(&[("a.service", PLAIN), ("b.service", PLAIN), ("v1.service", PLAIN)]);
+    cluster.submit(&[
+        ("a.service", PLAIN),
+        ("b.service", PLAIN),
+        ("v1.service", PLAIN),
+    ]);
     cluster.ok(&["start", "a", "v1"]);
     wait_for(Duration::from_secs(15), "a and v1 active", || {
         (cluster.active().len() == 2).then_some(())
     });
     let a_host = hosts_of(&cluster, "a.service");
     // b follows a by MachineOf, so it lands beside a.
-    cluster.replace("b.service", &format!("{PLAIN}[X-Fleet]\nMachineOf=a.service\n"));
+    cluster.replace(
+        "b.service",
+        &format!("{PLAIN}[X-Fleet]\nMachineOf=a.service\n"),
+    );
     cluster.ok(&["start", "b"]);
     wait_for(Duration::from_secs(15), "b beside a", || {
         (hosts_of(&cluster, "b.service") == a_host).then_some(())
@@ -454,7 +550,10 @@ fn replace_evicts_replaces_displaces_and_drain_moves() {
 
     // --replace a with a Conflicts glob matching b: b is evicted (its MachineOf
     // keeps it from going anywhere else), a is reloaded with its new body.
-    cluster.replace("a.service", &format!("{PLAIN}[X-Fleet]\nConflicts=b.service\n"));
+    cluster.replace(
+        "a.service",
+        &format!("{PLAIN}[X-Fleet]\nConflicts=b.service\n"),
+    );
     wait_for(Duration::from_secs(15), "b evicted", || {
         (cluster.systemd_active(&a_host[0], "b.service").is_empty()
             && hosts_of(&cluster, "a.service") == a_host
@@ -467,7 +566,10 @@ fn replace_evicts_replaces_displaces_and_drain_moves() {
 
     // Replaces: v2 goes where v1 runs and v1 moves elsewhere.
     let v1_before = hosts_of(&cluster, "v1.service");
-    cluster.submit(&[("v2.service", &format!("{PLAIN}[X-Fleet]\nReplaces=v1.service\n"))]);
+    cluster.submit(&[(
+        "v2.service",
+        &format!("{PLAIN}[X-Fleet]\nReplaces=v1.service\n"),
+    )]);
     cluster.ok(&["start", "v2"]);
     wait_for(Duration::from_secs(15), "v2 to displace v1", || {
         let v1 = hosts_of(&cluster, "v1.service");
@@ -478,23 +580,83 @@ fn replace_evicts_replaces_displaces_and_drain_moves() {
     // Drain: every unit leaves h3 and nothing new goes there; undo lets it work again.
     let h3 = cluster.id_of("h3").to_string();
     cluster.submit(&[("plain@.service", PLAIN)]);
-    cluster.ok(&["start", "plain@1", "plain@2", "plain@3", "plain@4", "plain@5", "plain@6"]);
+    cluster.ok(&[
+        "start", "plain@1", "plain@2", "plain@3", "plain@4", "plain@5", "plain@6",
+    ]);
     wait_for(Duration::from_secs(15), "plain units active", || {
-        (cluster.active().keys().filter(|u| u.starts_with("plain@")).count() == 6).then_some(())
+        (cluster
+            .active()
+            .keys()
+            .filter(|u| u.starts_with("plain@"))
+            .count()
+            == 6)
+            .then_some(())
     });
     cluster.ok(&["drain", &h3[..8]]);
     wait_for(Duration::from_secs(15), "h3 drained", || {
         let active = cluster.active();
         (active.keys().filter(|u| u.starts_with("plain@")).count() == 6
             && active.values().flatten().all(|h| h != "h3")
-            && cluster.systemd_active("h3", "*.service").iter().all(|u| !u.starts_with("plain@")))
+            && cluster
+                .systemd_active("h3", "*.service")
+                .iter()
+                .all(|u| !u.starts_with("plain@")))
         .then_some(())
     });
     let out = cluster.ok(&["list-machines"]);
-    assert!(out.lines().any(|l| l.starts_with(&h3[..8]) && l.contains("yes")), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&h3[..8]) && l.contains("yes")),
+        "{out}"
+    );
     cluster.ok(&["drain", "--undo", &h3[..8]]);
     cluster.ok(&["start", "plain@7", "plain@8", "plain@9"]);
     wait_for(Duration::from_secs(15), "h3 takes new units", || {
-        cluster.active().values().flatten().any(|h| h == "h3").then_some(())
+        cluster
+            .active()
+            .values()
+            .flatten()
+            .any(|h| h == "h3")
+            .then_some(())
     });
+}
+
+#[test]
+fn a_host_running_a_conflicting_unit_outside_flotilla_is_skipped() {
+    let cluster = Cluster::up(3, 3);
+    // h3 runs hello@0 outside flotilla, holding h3's hello lock.
+    let out = cluster.exec(
+        "h3",
+        &[
+            "systemd-run",
+            "--unit=hello@0.service",
+            "/usr/bin/flock",
+            "-n",
+            "/run/hello.lock",
+            "/bin/sleep",
+            "infinity",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    cluster.submit(&[("hello@.service", HELLO)]);
+    cluster.ok(&["start", "hello@1", "hello@2", "hello@3"]);
+    wait_for(Duration::from_secs(15), "2 active hello units", || {
+        (cluster.active().len() == 2).then_some(())
+    });
+    // Longer than the claim bound (5 s): the third is re-proposed, never lands on h3.
+    std::thread::sleep(Duration::from_secs(6));
+    let active = cluster.active();
+    assert_eq!(active.len(), 2, "{active:?}");
+    assert!(active.values().flatten().all(|h| h != "h3"), "{active:?}");
+    assert_eq!(cluster.systemd_active("h3", "hello@*"), ["hello@0.service"]);
+    assert_none_failed(&cluster, "hello@*");
+    // Once the foreign unit stops, h3 takes the waiting instance.
+    let out = cluster.exec("h3", &["systemctl", "stop", "hello@0.service"]);
+    assert!(out.status.success());
+    let (_, took) = wait_for(Duration::from_secs(20), "the third instance on h3", || {
+        (cluster.active().len() == 3).then_some(())
+    });
+    eprintln!("h3 took the waiting instance {took:?} after the foreign unit stopped");
+    assert_eq!(cluster.systemd_active("h3", "hello@*").len(), 1);
+    assert_none_failed(&cluster, "hello@*");
 }

@@ -93,6 +93,10 @@ impl Cluster {
             .args(["--initial-cluster-state", state, "--snapshot-entries", "50"])
             .args(["--election-timeout-ms", "300", "--log", "warn"])
             .env_remove("FLOTILLA_CONFIG")
+            // A store-only member: no agent, no API listeners on the outer machine.
+            .arg("--no-agent")
+            .env("FLOTILLA_API_SOCKET", "")
+            .env("FLOTILLA_API_LISTEN", "")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

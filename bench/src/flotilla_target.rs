@@ -56,6 +56,10 @@ impl FlotillaCluster {
                 .args(["--client-listen", &endpoints[i], "--peer-listen", &peers[i]])
                 .args(["--initial-cluster", &initial, "--log", "warn"])
                 .env_remove("FLOTILLA_CONFIG")
+                // A store-only member: no agent, no API listeners on the outer machine.
+                .arg("--no-agent")
+                .env("FLOTILLA_API_SOCKET", "")
+                .env("FLOTILLA_API_LISTEN", "")
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()

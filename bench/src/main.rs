@@ -4,10 +4,14 @@
 //!
 //! Output: one JSON line per (target, clients) result on stdout, and a human
 //! table on stderr at the end. See README.md.
+//!
+//! `flotilla-bench schedule` measures the scheduler instead: unit start and
+//! failover times in a lab of real systemd hosts (see `schedule.rs`).
 
 mod driver;
 mod etcd;
 mod flotilla_target;
+mod schedule;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -34,6 +38,8 @@ struct Cli {
 enum Command {
     /// Put throughput and latency of 3-member clusters on loopback.
     Kv(KvArgs),
+    /// Start and failover times of units in a 3-host lab (root, Debian 12).
+    Schedule(schedule::ScheduleArgs),
 }
 
 /// Options of `flotilla-bench kv`.
@@ -115,6 +121,7 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Kv(args) => kv(args).await,
+        Command::Schedule(args) => tokio::task::block_in_place(|| schedule::run(&args)),
     }
 }
 

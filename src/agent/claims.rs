@@ -84,13 +84,20 @@ mod tests {
     fn present_units_block_by_either_side() {
         let running = unit("db.service", "Conflicts=web*.service");
         let web = unit("web.service", "");
-        let (chosen, waiting) = choose(&[(&running.0, &running.1)], &[&running.0], &[(&web.0, &web.1)]);
+        let (chosen, waiting) = choose(
+            &[(&running.0, &running.1)],
+            &[&running.0],
+            &[(&web.0, &web.1)],
+        );
         assert!(chosen.is_empty());
         assert_eq!(waiting, vec![(&web.0, Wait::Excludes(running.0.clone()))]);
         let replacer = unit("v2.service", "Replaces=v1.service");
         let v1 = unit("v1.service", "");
         let (chosen, _) = choose(&[(&v1.0, &v1.1)], &[&v1.0], &[(&replacer.0, &replacer.1)]);
-        assert!(chosen.is_empty(), "a replacing unit waits until the replaced one left");
+        assert!(
+            chosen.is_empty(),
+            "a replacing unit waits until the replaced one left"
+        );
     }
 
     #[test]

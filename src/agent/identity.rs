@@ -108,7 +108,11 @@ pub fn hostname() -> String {
 pub fn detect_ip(endpoints: &[String]) -> Option<IpAddr> {
     endpoints.iter().find_map(|endpoint| {
         let target: SocketAddr = endpoint.to_socket_addrs().ok()?.next()?;
-        let bind = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+        let bind = if target.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
         let socket = UdpSocket::bind(bind).ok()?;
         socket.connect(target).ok()?;
         let ip = socket.local_addr().ok()?.ip();
@@ -125,7 +129,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("machine-id");
         std::fs::write(&path, "0123456789ABCDEF0123456789abcdef\n").unwrap();
-        assert_eq!(machine_id(&path).unwrap(), "0123456789abcdef0123456789abcdef");
+        assert_eq!(
+            machine_id(&path).unwrap(),
+            "0123456789abcdef0123456789abcdef"
+        );
         std::fs::write(&path, "uninitialized\n").unwrap();
         let err = machine_id(&path).unwrap_err().to_string();
         assert!(err.contains("systemd-machine-id-setup"), "{err}");

@@ -10,10 +10,10 @@
 //! * [`systemd`]: the client for systemd's D-Bus API (link, reload, start,
 //!   stop, unit states), over systemd's private socket or the system bus.
 
-pub mod notify;
 pub mod claims;
 pub mod files;
 pub mod identity;
+pub mod notify;
 pub mod reconcile;
 pub mod run;
 pub mod systemd;

@@ -12,7 +12,11 @@
 //! 3. On every change under its own prefix (and every few seconds as a
 //!    backstop): claim the proposals it may run, in one transaction that
 //!    bumps the machine's generation key; release claims whose proposal went;
-//!    bring systemd to what is claimed ([`super::reconcile`]).
+//!    bring systemd to what is claimed ([`super::reconcile`]). systemd is
+//!    reloaded at most once per pass, and only when the pass unloads a unit or
+//!    loads one systemd already holds (a changed body): systemd (252 checked)
+//!    loads a newly linked file on demand, and a reload with hundreds of units
+//!    loaded costs most of a second of systemd's time.
 //! 4. Report LOAD/ACTIVE/SUB of its units, driven by systemd's signals.
 //!
 //! A unit with `FenceAfter=N` is stopped when the store has been out of reach
@@ -34,9 +38,7 @@ use crate::consensus::client::{Client, ClientError};
 use crate::consensus::kv::{KeyValue, LeaseId, Op, Revision};
 use crate::registry::keys::{self, MachineKey};
 use crate::registry::ops::{delete, exists, same_revision};
-use crate::registry::records::{
-    self, Claim, MachineRecord, Proposal, ReportedState, Target,
-};
+use crate::registry::records::{self, Claim, MachineRecord, Proposal, ReportedState, Target};
 use crate::units::{Requirements, Unit, UnitHash, UnitName};
 
 /// How often the agent reconciles when nothing wakes it.
@@ -99,9 +101,15 @@ pub async fn run(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result
         ip,
         metadata: config.metadata.clone(),
     };
-    tracing::info!("agent: machine {} ({}), instance {}", me.id, me.ip, me.instance);
+    tracing::info!(
+        "agent: machine {} ({}), instance {}",
+        me.id,
+        me.ip,
+        me.instance
+    );
 
-    let Some(systemd) = until_stopped(&mut stop, "systemd's D-Bus API", Systemd::connect_system).await
+    let Some(systemd) =
+        until_stopped(&mut stop, "systemd's D-Bus API", Systemd::connect_system).await
     else {
         return Ok(());
     };
@@ -115,7 +123,9 @@ pub async fn run(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result
     let timeout = (config.ttl / 3).max(Duration::from_secs(1));
     let endpoints = config.endpoints.clone();
     let Some(client) = until_stopped(&mut stop, "the cluster", || async {
-        Client::connect(&endpoints).await.map(|c| c.with_timeout(timeout))
+        Client::connect(&endpoints)
+            .await
+            .map(|c| c.with_timeout(timeout))
     })
     .await
     else {
@@ -178,7 +188,10 @@ pub async fn run(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result
         agent.report().await;
         tokio::select! {
             _ = stop.changed() => break,
-            _ = wake.notified() => {}
+            _ = wake.notified() => {
+                // Let a burst of proposals land: one pass, one reload for all.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             Ok(()) = next_metadata(&mut metadata) => {
                 let fresh = metadata.as_ref().map(|m| m.borrow().clone()).unwrap_or_default();
                 agent.update_metadata(fresh).await;
@@ -452,7 +465,7 @@ impl Agent {
         let mut actions: Vec<Action> = local.keys().cloned().map(Action::Stop).collect();
         actions.extend(local.keys().cloned().map(Action::Unload));
         actions.push(Action::Reload);
-        self.execute(&actions, &BTreeMap::new()).await;
+        self.execute(&actions).await;
     }
 
     /// Reads this machine's proposals, claims and generation.
@@ -514,6 +527,7 @@ impl Agent {
         }
         let mut actual = BTreeMap::new();
         let mut broken = Vec::new();
+        self.read_states(local.keys()).await;
         for (unit, found) in &local {
             match found {
                 Some(found) => {
@@ -532,9 +546,20 @@ impl Agent {
         let mut actions: Vec<Action> = broken.iter().cloned().map(Action::Stop).collect();
         actions.extend(broken.into_iter().map(Action::Unload));
         actions.extend(reconcile::reconcile(&desired, &actual));
-        if actions.iter().any(|a| matches!(a, Action::Unload(_) | Action::Load(..)))
-            && !actions.contains(&Action::Reload)
-        {
+        let loads: Vec<UnitName> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Load(unit, _) => Some(unit.clone()),
+                _ => None,
+            })
+            .collect();
+        self.read_states(loads.iter()).await;
+        let reload = actions.iter().any(|a| matches!(a, Action::Unload(_)))
+            || loads.iter().any(|u| {
+                actual.contains_key(u) || self.states.get(u).is_some_and(|s| s.load != "not-found")
+            });
+        actions.retain(|a| *a != Action::Reload);
+        if reload {
             let at = actions
                 .iter()
                 .position(|a| matches!(a, Action::Start(_)))
@@ -543,7 +568,7 @@ impl Agent {
         }
         if !actions.is_empty() {
             tracing::debug!("agent: {} actions", actions.len());
-            self.execute(&actions, &desired).await;
+            self.execute(&actions).await;
         }
         self.release(&view).await?;
         Ok(again)
@@ -609,14 +634,19 @@ impl Agent {
                 .collect();
             match self.systemd.active_units_matching(&patterns).await {
                 Ok(active) => {
-                    let foreign: Vec<String> =
-                        active.into_iter().filter(|n| !managed.contains(n)).collect();
+                    let foreign: Vec<String> = active
+                        .into_iter()
+                        .filter(|n| !managed.contains(n))
+                        .collect();
                     if foreign.is_empty() {
                         chosen_now.push(unit.clone());
                     } else {
                         self.note_waiting(
                             unit,
-                            format!("systemd here runs {} which it conflicts with", foreign.join(", ")),
+                            format!(
+                                "systemd here runs {} which it conflicts with",
+                                foreign.join(", ")
+                            ),
                         );
                     }
                 }
@@ -707,13 +737,26 @@ impl Agent {
         Ok(())
     }
 
-    /// The unit's activity as systemd reports it (read if not cached).
-    async fn activity(&mut self, unit: &UnitName) -> Activity {
-        if !self.states.contains_key(unit)
-            && let Ok(state) = self.systemd.state(unit.as_str()).await
-        {
-            self.states.insert(unit.clone(), state);
+    /// Reads from systemd, in one call, the states of `units` not cached.
+    async fn read_states<'u>(&mut self, units: impl Iterator<Item = &'u UnitName>) {
+        let missing: Vec<&str> = units
+            .filter(|u| !self.states.contains_key(*u))
+            .map(UnitName::as_str)
+            .collect();
+        match self.systemd.states(&missing).await {
+            Ok(states) => {
+                for (name, state) in states {
+                    if let Ok(name) = UnitName::parse(&name) {
+                        self.states.insert(name, state);
+                    }
+                }
+            }
+            Err(e) => tracing::debug!("agent: {e}"),
         }
+    }
+
+    /// The unit's activity as systemd reports it (after [`Agent::read_states`]).
+    async fn activity(&mut self, unit: &UnitName) -> Activity {
         match self.states.get(unit).map(|s| s.active.as_str()) {
             Some("active" | "activating" | "reloading") => Activity::Running,
             Some("failed") => Activity::Failed,
@@ -722,60 +765,113 @@ impl Agent {
     }
 
     /// Asks systemd for each action in order; failures are logged and the
-    /// next pass tries again.
-    async fn execute(&mut self, actions: &[Action], desired: &BTreeMap<UnitName, Desired>) {
-        for action in actions {
-            let result = match action {
-                Action::Stop(unit) => self.systemd.stop(unit.as_str()).await.map(drop),
-                Action::Unload(unit) => self.unload(unit).await,
-                Action::Load(unit, hash) => self.load(unit, hash).await,
+    /// next pass tries again. Runs of loads and of unloads go to systemd as
+    /// one link or disable call each.
+    async fn execute(&mut self, actions: &[Action]) {
+        let mut i = 0;
+        while i < actions.len() {
+            let run = actions[i..]
+                .iter()
+                .take_while(|a| std::mem::discriminant(*a) == std::mem::discriminant(&actions[i]))
+                .count();
+            let batch = &actions[i..i + run];
+            i += run;
+            let result = match &batch[0] {
+                Action::Load(..) => self.load_all(batch).await,
+                Action::Unload(_) => self.unload_all(batch).await,
                 Action::Reload => self.systemd.reload().await,
-                Action::Start(unit) => self.systemd.start(unit.as_str()).await.map(drop),
+                Action::Stop(_) | Action::Start(_) => {
+                    self.jobs(batch).await;
+                    Ok(())
+                }
             };
-            match action {
-                Action::Stop(unit) | Action::Unload(unit) | Action::Start(unit) => {
+            for action in batch {
+                if let Action::Stop(unit)
+                | Action::Unload(unit)
+                | Action::Start(unit)
+                | Action::Load(unit, _) = action
+                {
                     self.states.remove(unit);
                     self.dirty.insert(unit.clone());
                 }
-                Action::Load(unit, _) => {
-                    self.states.remove(unit);
-                    self.dirty.insert(unit.clone());
-                }
-                Action::Reload => {}
             }
             if let Err(e) = result {
                 tracing::warn!("agent: {e}");
             }
         }
-        let _ = desired;
     }
 
-    async fn unload(&mut self, unit: &UnitName) -> super::systemd::Result<()> {
-        self.systemd.disable_runtime(unit.as_str()).await?;
-        self.systemd.reset_failed(unit.as_str()).await?;
-        if let Err(e) = self.files.remove(unit) {
-            tracing::warn!("agent: cannot remove the file of {unit}: {e}");
+    /// Queues the start or stop jobs of a run of units, all calls in flight at
+    /// once so systemd never waits on a round trip between them.
+    async fn jobs(&self, batch: &[Action]) {
+        let mut calls = tokio::task::JoinSet::new();
+        for action in batch {
+            let systemd = self.systemd.clone();
+            let action = action.clone();
+            calls.spawn(async move {
+                match &action {
+                    Action::Stop(unit) => systemd.stop(unit.as_str()).await.map(drop),
+                    Action::Start(unit) => systemd.start(unit.as_str()).await.map(drop),
+                    _ => Ok(()),
+                }
+            });
+        }
+        while let Some(done) = calls.join_next().await {
+            match done {
+                Ok(Err(e)) => tracing::warn!("agent: {e}"),
+                Err(e) => tracing::warn!("agent: a systemd call failed to run: {e}"),
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+
+    /// Unloads a run of units: one disable call, then reset-failed and the files.
+    async fn unload_all(&mut self, batch: &[Action]) -> super::systemd::Result<()> {
+        let units: Vec<&UnitName> = batch
+            .iter()
+            .filter_map(|a| match a {
+                Action::Unload(unit) => Some(unit),
+                _ => None,
+            })
+            .collect();
+        let names: Vec<&str> = units.iter().map(|u| u.as_str()).collect();
+        self.systemd.disable_runtime_all(&names).await?;
+        for unit in units {
+            self.systemd.reset_failed(unit.as_str()).await?;
+            if let Err(e) = self.files.remove(unit) {
+                tracing::warn!("agent: cannot remove the file of {unit}: {e}");
+            }
         }
         Ok(())
     }
 
-    async fn load(&mut self, unit: &UnitName, hash: &UnitHash) -> super::systemd::Result<()> {
-        let Some(text) = self.body(hash).await else {
-            tracing::warn!("agent: the body of {unit} is not in the store; not loading it");
-            return Ok(());
-        };
-        let path = match self.files.write(unit, &text) {
-            Ok(path) => path,
-            Err(e) => {
-                tracing::warn!("agent: cannot write the file of {unit}: {e}");
-                return Ok(());
+    /// Loads a run of units: writes every file, links them in one call, then
+    /// enables those with an `[Install]` section.
+    async fn load_all(&mut self, batch: &[Action]) -> super::systemd::Result<()> {
+        let mut paths = Vec::new();
+        let mut installs = Vec::new();
+        for action in batch {
+            let Action::Load(unit, hash) = action else {
+                continue;
+            };
+            let Some(text) = self.body(hash).await else {
+                tracing::warn!("agent: the body of {unit} is not in the store; not loading it");
+                continue;
+            };
+            match self.files.write(unit, &text) {
+                Ok(path) => {
+                    let has_install = Unit::from_text(unit, &text)
+                        .is_ok_and(|u| u.file().section("Install").next().is_some());
+                    if has_install {
+                        installs.push(path.clone());
+                    }
+                    paths.push(path);
+                }
+                Err(e) => tracing::warn!("agent: cannot write the file of {unit}: {e}"),
             }
-        };
-        self.systemd.link_runtime(&path).await?;
-        let installs = Unit::from_text(unit, &text)
-            .map(|u| u.file().section("Install").next().is_some())
-            .unwrap_or(false);
-        if installs {
+        }
+        self.systemd.link_runtime_all(&paths).await?;
+        for path in installs {
             self.systemd.enable_runtime(&path).await?;
         }
         Ok(())
@@ -789,19 +885,14 @@ impl Agent {
         let local = self.files.list().unwrap_or_default();
         let mut ops = Vec::new();
         let units: Vec<UnitName> = local.keys().cloned().collect();
+        self.read_states(units.iter()).await;
         for unit in units {
             let Some(Some(found)) = local.get(&unit) else {
                 continue;
             };
-            if !self.states.contains_key(&unit) {
-                match self.systemd.state(unit.as_str()).await {
-                    Ok(state) => {
-                        self.states.insert(unit.clone(), state);
-                    }
-                    Err(_) => continue,
-                }
-            }
-            let state = &self.states[&unit];
+            let Some(state) = self.states.get(&unit) else {
+                continue;
+            };
             let record = ReportedState {
                 hash: found.hash,
                 load: state.load.clone(),

@@ -129,6 +129,9 @@ pub trait Manager {
     /// unit whose LoadState is "not-found", not an error).
     fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
 
+    /// The named units with their states, loading any that are not loaded.
+    fn list_units_by_names(&self, names: &[&str]) -> zbus::Result<Vec<UnitListing>>;
+
     /// The loaded units whose name matches one of the glob `patterns` and one
     /// of whose LoadState, ActiveState or SubState is in `states`. An empty list
     /// matches everything, in both arguments.
@@ -366,6 +369,62 @@ impl Systemd {
             .link_unit_files(&[text], true, true)
             .await
             .map_err(call("link", text))
+    }
+
+    /// Links many files at once, like [`Systemd::link_runtime`] (one call,
+    /// however many units a batch loads).
+    pub async fn link_runtime_all(&self, files: &[PathBuf]) -> Result<Vec<Change>> {
+        if files.is_empty() {
+            return Ok(Vec::new());
+        }
+        let texts = files
+            .iter()
+            .map(|f| unit_file_text(f))
+            .collect::<Result<Vec<&str>>>()?;
+        self.manager
+            .link_unit_files(&texts, true, true)
+            .await
+            .map_err(call("link", &texts.join(" ")))
+    }
+
+    /// Removes the runtime links of many units at once.
+    pub async fn disable_runtime_all(&self, names: &[&str]) -> Result<Vec<Change>> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.manager
+            .disable_unit_files(names, true)
+            .await
+            .map_err(call("disable", &names.join(" ")))
+    }
+
+    /// The LOAD/ACTIVE/SUB states of many units in one call. A unit systemd
+    /// does not list (never loaded, or garbage-collected) reads
+    /// `not-found`/`inactive`/`dead`, as [`Systemd::state`] has it.
+    pub async fn states(&self, names: &[&str]) -> Result<Vec<(String, UnitState)>> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let listed = self
+            .manager
+            .list_units_by_names(names)
+            .await
+            .map_err(call("list", &names.join(" ")))?;
+        let mut found: std::collections::HashMap<String, UnitState> = listed
+            .into_iter()
+            .map(|(name, _, load, active, sub, ..)| (name, UnitState { load, active, sub }))
+            .collect();
+        Ok(names
+            .iter()
+            .map(|name| {
+                let state = found.remove(*name).unwrap_or_else(|| UnitState {
+                    load: "not-found".to_string(),
+                    active: "inactive".to_string(),
+                    sub: "dead".to_string(),
+                });
+                (name.to_string(), state)
+            })
+            .collect())
     }
 
     /// Enables `file` (a path as systemd sees it) until the next boot, as

@@ -80,7 +80,11 @@ pub enum Submitted {
 
 /// Stores `unit` (its canonical text, which is what `flotilla cat` shows) with
 /// desired state `inactive`, or replaces its body when `replace` is set.
-pub async fn submit(client: &Client, unit: &Unit, replace: bool) -> Result<Submitted, RegistryError> {
+pub async fn submit(
+    client: &Client,
+    unit: &Unit,
+    replace: bool,
+) -> Result<Submitted, RegistryError> {
     let text = unit.file().to_text();
     let name = unit.name();
     let key = keys::unit(name);
@@ -121,7 +125,7 @@ pub async fn submit(client: &Client, unit: &Unit, replace: bool) -> Result<Submi
 }
 
 /// How many units one transaction of [`set_desired`] changes at most.
-const DESIRED_BATCH: usize = 256;
+const DESIRED_BATCH: usize = 1024;
 
 /// Sets the desired state of every unit in `names`. An instance that was
 /// never submitted is made from its submitted template first, as fleet does.
@@ -162,13 +166,19 @@ pub async fn set_desired(
         if record.desired == desired && read.is_some() {
             continue;
         }
-        ops.push(put(key.clone(), records::encode(&UnitRecord { desired, ..record })));
+        ops.push(put(
+            key.clone(),
+            records::encode(&UnitRecord { desired, ..record }),
+        ));
         changes.push((name.clone(), same_revision(&key, read), ops));
     }
     let changed = changes.len();
     for batch in changes.chunks(DESIRED_BATCH) {
         let compare = batch.iter().map(|(_, c, _)| c.clone()).collect();
-        let ops = batch.iter().flat_map(|(_, _, o)| o.iter().cloned()).collect();
+        let ops = batch
+            .iter()
+            .flat_map(|(_, _, o)| o.iter().cloned())
+            .collect();
         let (ok, _, _) = client.txn(compare, ops, Vec::new()).await?;
         if !ok {
             return Err(RegistryError::Raced(batch[0].0.clone()));
@@ -197,10 +207,11 @@ async fn instantiate(
             .ok_or_else(missing)?;
         let record: UnitRecord = records::decode(&kv.key, &kv.value)?;
         let text = body_text(client, &record).await?;
-        let parsed = Unit::from_text(&template, &text).map_err(|source| RegistryError::Invalid {
-            name: template.clone(),
-            source,
-        })?;
+        let parsed =
+            Unit::from_text(&template, &text).map_err(|source| RegistryError::Invalid {
+                name: template.clone(),
+                source,
+            })?;
         templates.insert(template.clone(), parsed);
     }
     templates[&template]

@@ -28,7 +28,7 @@ use plan::{Change, Seen, Wanted, World};
 /// How often the scheduler runs a pass when nothing wakes it.
 const TICK: Duration = Duration::from_millis(500);
 /// How many changes share one transaction.
-const BATCH: usize = 128;
+const BATCH: usize = 1024;
 
 /// Runs the scheduler whenever this member leads, until the member stops.
 pub async fn run(node: Handle, endpoints: Vec<String>, claim_timeout: Duration) {
@@ -196,10 +196,7 @@ impl Scheduler {
         let mut live = HashMap::new();
         for (unit, on) in &world.proposals {
             for (machine, seen) in on {
-                let claimed = world
-                    .claims
-                    .get(unit)
-                    .is_some_and(|c| c.contains(machine));
+                let claimed = world.claims.get(unit).is_some_and(|c| c.contains(machine));
                 if claimed {
                     continue;
                 }

@@ -149,7 +149,11 @@ impl Cluster {
     /// Runs a lab verb (kill, start, partition, heal, ...) that must succeed.
     pub fn lab(&self, args: &[&str]) {
         let out = lab_in(self.dir(), args);
-        assert!(out.status.success(), "lab {args:?} failed: {}", text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "lab {args:?} failed: {}",
+            text(&out.stderr)
+        );
     }
 
     /// The host with this machine id.
@@ -164,7 +168,12 @@ impl Cluster {
 
     /// The machine id of host `name`.
     pub fn id_of(&self, name: &str) -> &str {
-        &self.hosts.iter().find(|h| h.name == name).unwrap().machine_id
+        &self
+            .hosts
+            .iter()
+            .find(|h| h.name == name)
+            .unwrap()
+            .machine_id
     }
 
     /// `list-units --json`, parsed; `None` while the cluster does not answer.
@@ -296,13 +305,20 @@ impl Drop for Cluster {
 
 /// Polls `check` every 100 ms until it returns `Some`, or panics after `limit`
 /// naming `what`. Returns the value and how long it took.
-pub fn wait_for<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> (T, Duration) {
+pub fn wait_for<T>(
+    limit: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Option<T>,
+) -> (T, Duration) {
     let started = Instant::now();
     loop {
         if let Some(value) = check() {
             return (value, started.elapsed());
         }
-        assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }

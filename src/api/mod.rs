@@ -1,0 +1,366 @@
+//! The HTTP JSON API of `flotilla daemon`, in the shapes of CoreOS fleet's
+//! `/fleet/v1`, served on a unix socket and on TCP.
+//!
+//! | route | what |
+//! | --- | --- |
+//! | `GET /fleet/v1/units` | `{"units":[unit...]}` |
+//! | `GET /fleet/v1/units/NAME` | one unit: name, options, desiredState, currentState, machineID |
+//! | `PUT /fleet/v1/units/NAME` | create from `options` (201) and/or set `desiredState` (204) |
+//! | `DELETE /fleet/v1/units/NAME` | destroy (204) |
+//! | `GET /fleet/v1/state` | `{"states":[...]}`: systemd's states per unit and machine |
+//! | `GET /fleet/v1/machines` | `{"machines":[{id, primaryIP, metadata}]}` |
+//! | `GET /health` | `ok` |
+//!
+//! Errors are fleet's `{"error":{"code":N,"message":"..."}}` ([`error`]).
+//!
+//! Who may call it: the unix socket is mode 0600, so only root ([`socket`]);
+//! on TCP, every request carries `Authorization: Bearer TOKEN` when
+//! `api_token` is set (config refuses a non-loopback `api_listen` without
+//! one). The API is a client of the store like the CLI: it goes through
+//! [`crate::registry::ops`] with a [`Client`] of this daemon's store endpoints,
+//! connected on first use, so it serves (with 503s) before the store answers.
+//!
+//! * [`error`]: failures as statuses and fleet's error body.
+//! * [`units`]: `/fleet/v1/units` and `/fleet/v1/state`.
+//! * [`machines`]: the machines, at `/fleet/v1/machines`.
+//! * [`socket`]: binding the root-only unix socket.
+
+pub mod error;
+pub mod machines;
+pub mod socket;
+pub mod units;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::header;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::sync::OnceCell;
+use tokio::task::JoinHandle;
+
+use crate::config::{Loaded, Origin};
+use crate::consensus::client::Client;
+use error::ApiError;
+
+/// The largest request body accepted (413 beyond). A unit is at most
+/// [`crate::units::MAX_UNIT_BYTES`]; JSON quoting may grow it, not fourfold.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// Why the API could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The unix socket could not be put in place.
+    #[error("cannot serve the API on the unix socket {}: {source}", path.display())]
+    Socket {
+        /// `api_socket`.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// Another live process answers on the socket.
+    #[error(
+        "another process already serves {}; is another flotilla daemon running? \
+         (stop it, or set api_socket to another path or to \"\" to disable the socket)",
+        .0.display()
+    )]
+    SocketInUse(PathBuf),
+    /// The socket path holds something else, which is left alone.
+    #[error(
+        "{} exists and is not a socket; remove it or set api_socket to another path",
+        .0.display()
+    )]
+    NotASocket(PathBuf),
+    /// The TCP address could not be bound.
+    #[error(
+        "cannot serve the API on {addr} (api_listen): {source}; is another daemon using it? \
+         (set api_listen to another address, or to \"\" to disable TCP)"
+    )]
+    Listen {
+        /// `api_listen`.
+        addr: String,
+        /// What failed.
+        source: std::io::Error,
+    },
+}
+
+/// What every handler shares: the way to the store.
+pub struct Shared {
+    endpoints: Vec<String>,
+    client: OnceCell<Client>,
+}
+
+impl Shared {
+    /// A state whose client connects to `endpoints` on first use.
+    pub fn new(endpoints: Vec<String>) -> Shared {
+        Shared {
+            endpoints,
+            client: OnceCell::new(),
+        }
+    }
+
+    /// The store's client, connecting now if no request has yet; while the
+    /// store does not answer, each request tries again (and gets a 503).
+    pub async fn client(&self) -> Result<&Client, ApiError> {
+        Ok(self
+            .client
+            .get_or_try_init(|| Client::connect(&self.endpoints))
+            .await?)
+    }
+}
+
+/// The routes, without authentication (the unix socket's router).
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route("/fleet/v1/units", get(units::list))
+        .route(
+            // A catch-all, so a name with '/' in it reaches the name check (400)
+            // instead of falling through to "no such endpoint".
+            "/fleet/v1/units/{*name}",
+            get(units::get).put(units::put).delete(units::delete),
+        )
+        .route("/fleet/v1/state", get(units::states))
+        .route("/fleet/v1/machines", get(machines::list))
+        .fallback(|| async {
+            ApiError::not_found(
+                "no such endpoint; see /fleet/v1/units, /fleet/v1/state, /fleet/v1/machines",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed here (units: GET, PUT, DELETE; the rest: GET)",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(shared)
+}
+
+/// `router` behind a bearer-token check (the TCP router when `api_token` is set).
+pub fn router_with_token(shared: Arc<Shared>, token: &str) -> Router {
+    let expected: Arc<[u8; 32]> = Arc::new(Sha256::digest(token.as_bytes()).into());
+    router(shared).layer(middleware::from_fn_with_state(expected, require_token))
+}
+
+/// Lets a request through only with `Authorization: Bearer TOKEN`.
+async fn require_token(
+    State(expected): State<Arc<[u8; 32]>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(token) if same_digest(&Sha256::digest(token.as_bytes()).into(), &expected) => {
+            next.run(request).await
+        }
+        _ => ApiError::unauthorized().into_response(),
+    }
+}
+
+/// Compares two digests in time independent of where they differ, so
+/// response times tell an attacker nothing about the token.
+fn same_digest(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
+/// The running API: its server tasks, and the socket file it placed. Dropping
+/// it stops serving and removes the socket file.
+#[derive(Debug, Default)]
+pub struct Api {
+    tasks: Vec<JoinHandle<()>>,
+    socket: Option<socket::Owned>,
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Starts the API on `api_socket` and `api_listen` (each unless empty), with
+/// a store client for `endpoints`.
+///
+/// A listener left at its default that cannot be bound (a second daemon on
+/// one machine, as tests run them; a daemon without root) is logged and
+/// skipped; one the operator configured must bind, or the daemon stops.
+pub async fn start(loaded: &Loaded, endpoints: &[String]) -> Result<Api, Error> {
+    let config = &loaded.config;
+    let shared = Arc::new(Shared::new(endpoints.to_vec()));
+    let mut api = Api::default();
+    let tolerated = |key: &str, err: Error| {
+        if loaded.origin(key) == Origin::Default {
+            tracing::warn!("not serving the API there: {err}");
+            Ok(())
+        } else {
+            Err(err)
+        }
+    };
+
+    if !config.api_socket.as_os_str().is_empty() {
+        match socket::bind(&config.api_socket).await {
+            Ok((listener, owned)) => {
+                tracing::info!("API on unix socket {}", config.api_socket.display());
+                let app = router(shared.clone());
+                api.tasks.push(tokio::spawn(async move {
+                    if let Err(e) = axum::serve(listener, app).await {
+                        tracing::error!("the API's unix socket stopped: {e}");
+                    }
+                }));
+                api.socket = Some(owned);
+            }
+            Err(err) => tolerated("api_socket", err)?,
+        }
+    }
+
+    if !config.api_listen.is_empty() {
+        match TcpListener::bind(&config.api_listen).await {
+            Ok(listener) => {
+                let app = if config.api_token.is_empty() {
+                    router(shared.clone())
+                } else {
+                    router_with_token(shared.clone(), &config.api_token)
+                };
+                let addr = listener
+                    .local_addr()
+                    .map_or_else(|_| config.api_listen.clone(), |a| a.to_string());
+                tracing::info!(
+                    "API on http://{addr}{}",
+                    if config.api_token.is_empty() {
+                        ""
+                    } else {
+                        " (bearer token required)"
+                    }
+                );
+                api.tasks.push(tokio::spawn(async move {
+                    if let Err(e) = axum::serve(listener, app).await {
+                        tracing::error!("the API's TCP listener stopped: {e}");
+                    }
+                }));
+            }
+            Err(source) => tolerated(
+                "api_listen",
+                Error::Listen {
+                    addr: config.api_listen.clone(),
+                    source,
+                },
+            )?,
+        }
+    }
+    Ok(api)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Serves `app` on a fresh unix socket; returns its path (and the dir).
+    async fn serve(app: Router) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let (listener, owned) = socket::bind(&path).await.unwrap();
+        std::mem::forget(owned);
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (dir, path)
+    }
+
+    /// Sends one raw HTTP/1.1 request; returns the status and the body.
+    async fn call(path: &std::path::Path, request: Vec<u8>) -> (u16, String) {
+        let mut stream = tokio::net::UnixStream::connect(path).await.unwrap();
+        stream.write_all(&request).await.unwrap();
+        let mut response = Vec::new();
+        let _ = stream.read_to_end(&mut response).await;
+        let text = String::from_utf8_lossy(&response).into_owned();
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = text
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_string();
+        (status, body)
+    }
+
+    fn request(method: &str, target: &str, headers: &str, body: &[u8]) -> Vec<u8> {
+        let mut out = format!(
+            "{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// A store nobody answers at: every request that reaches it is a 503.
+    fn unreachable() -> Arc<Shared> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Arc::new(Shared::new(vec![format!("127.0.0.1:{port}")]))
+    }
+
+    #[tokio::test]
+    async fn input_is_checked_before_the_store_is_asked() {
+        let (_dir, path) = serve(router(unreachable())).await;
+        let put = |target: &str, body: &[u8]| request("PUT", target, "", body);
+        let launched = br#"{"desiredState":"launched"}"#;
+        let cases: Vec<(Vec<u8>, u16)> = vec![
+            (request("GET", "/health", "", b""), 200),
+            (request("GET", "/fleet/v1/units", "", b""), 503),
+            (put("/fleet/v1/units/..%2F..%2Fetc%2Fx", launched), 400),
+            (put("/fleet/v1/units/../../etc/x", launched), 400),
+            (put("/fleet/v1/units/a%00.service", launched), 400),
+            (put("/fleet/v1/units/a.service", b"{\"bogus\":1}"), 400),
+            (put("/fleet/v1/units/a.service", b"{}"), 400),
+            (put("/fleet/v1/units/web@.service", launched), 400),
+            (put("/fleet/v1/units/a.service", launched), 503),
+            (
+                put("/fleet/v1/units/a.service", &vec![b' '; MAX_BODY_BYTES + 1]),
+                413,
+            ),
+            (request("POST", "/fleet/v1/units", "", b""), 405),
+            (request("GET", "/nope", "", b""), 404),
+        ];
+        for (raw, expected) in cases {
+            let shown = String::from_utf8_lossy(&raw[..raw.len().min(60)]).into_owned();
+            let (status, body) = call(&path, raw).await;
+            assert_eq!(status, expected, "{shown}: {body}");
+            if expected != 200 {
+                let parsed: serde_json::Value = serde_json::from_str(&body)
+                    .unwrap_or_else(|e| panic!("{shown}: body {body:?} is not JSON: {e}"));
+                assert_eq!(parsed["error"]["code"], expected, "{shown}: {body}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn tcp_router_wants_the_token() {
+        let token = "0123456789abcdef";
+        let (_dir, path) = serve(router_with_token(unreachable(), token)).await;
+        let health = |headers: &str| request("GET", "/health", headers, b"");
+        let (status, body) = call(&path, health("")).await;
+        assert_eq!(status, 401, "{body}");
+        let (status, _) = call(&path, health("Authorization: Bearer wrong\r\n")).await;
+        assert_eq!(status, 401);
+        let good = format!("Authorization: Bearer {token}\r\n");
+        let (status, body) = call(&path, health(&good)).await;
+        assert_eq!((status, body.as_str()), (200, "ok"));
+    }
+}
