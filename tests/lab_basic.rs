@@ -291,10 +291,17 @@ fn lab_verbs_on_one_lab() {
     assert!(members.contains("yes"), "a leader: {members}");
     let put = flotilla(&endpoint, &["kv", "put", "lab/key", "value"]);
     assert!(put.status.success(), "{}", text(&put.stderr));
+    // h4 holds no Raft seat but runs flotilla all the same: its agent.
     assert_eq!(
         lab.sh("h4", "systemctl is-active flotilla || true"),
-        "inactive"
+        "active"
     );
+    let config = lab.sh("h4", "cat /etc/flotilla/flotilla.toml");
+    assert!(
+        config.contains("endpoints = "),
+        "an agent-only host: {config}"
+    );
+    assert!(!config.contains("initial_cluster"), "{config}");
 
     // exec: runs inside the host, as PID 1's namespaces and root, exit code passed through.
     let out = lab.exec("h1", &["sh", "-c", "echo inside; exit 7"]);

@@ -24,8 +24,10 @@ mod support;
 
 use support::{lab_in, text};
 
-/// Where the agent keeps unit files inside a host, as systemd there sees them.
-const UNITS_DIR: &str = "/run/flotilla/units";
+/// Where this test keeps unit files inside a host, as systemd there sees them.
+/// Not the agent's /run/flotilla/units: the host's own flotilla agent owns
+/// that directory and unloads whatever it did not put there.
+const UNITS_DIR: &str = "/run/lab-systemd-test/units";
 
 const HELLO: &str = "\
 [Unit]

@@ -396,7 +396,7 @@ async fn a_new_leader_keeps_leases_for_their_remaining_time_only() {
     let mut cluster = Cluster::start(3);
     let leader = cluster.leader(None).await;
     let client = Client::connect(&cluster.endpoints()).await.unwrap();
-    let ttl = Duration::from_millis(2500);
+    let ttl = Duration::from_millis(4000);
     let lease = client.grant(ttl).await.unwrap();
     client
         .put_with_lease("/presence/m1", b"up".to_vec(), Some(lease))
@@ -416,8 +416,10 @@ async fn a_new_leader_keeps_leases_for_their_remaining_time_only() {
         "the new leader expired a live lease at once ({:?} after the keep-alive)",
         kept.elapsed()
     );
-    // ...and gone within TTL + election timeout (+ slack for ticks), not 2 x TTL.
-    let deadline = kept + ttl + Duration::from_millis(300 + 1200);
+    // ...and gone within TTL + election timeout (+ slack for ticks and for an
+    // election slowed by a busy machine: lab tests run beside this one), well
+    // before 2 x TTL (what renewing it in full at takeover would give).
+    let deadline = kept + ttl + Duration::from_millis(300 + 2200);
     loop {
         if client.get("/presence/m1").await.unwrap().is_none() {
             break;

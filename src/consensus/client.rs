@@ -20,6 +20,9 @@ use super::kv::{
 use super::node::Status;
 use super::protocol::{ErrorKind, Request, Response};
 
+/// The head start each endpoint gets over the next when connecting.
+const STAGGER: Duration = Duration::from_millis(150);
+
 /// How long a request may take, retries included, unless changed.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -124,21 +127,38 @@ impl Client {
     /// to the leader when the member names a reachable one: writes then skip
     /// the follower-to-leader hop. Any member still works if that fails.
     async fn reconnect(&self, start: usize) -> Result<(usize, Conn), ClientError> {
-        let mut last = String::from("no endpoints given");
+        let (i, mut conn) = self.open_first(start).await?;
+        if let Ok(Response::Status(status)) = conn.call(&Request::Status).await
+            && let Some(leader) = status.leader_client_addr
+            && leader != self.endpoints[i]
+            && let Ok(to_leader) = open(&leader).await
+        {
+            conn = to_leader;
+        }
+        Ok((i, conn))
+    }
+
+    /// Opens the first endpoint that answers, preferring them in order from
+    /// `start`: each attempt starts [`STAGGER`] after the previous one rather
+    /// than after it fails, so a dead member (whose address swallows packets
+    /// until the connect timeout) costs a fraction of a second, not seconds.
+    async fn open_first(&self, start: usize) -> Result<(usize, Conn), ClientError> {
+        let mut attempts = tokio::task::JoinSet::new();
         for offset in 0..self.endpoints.len() {
             let i = (start + offset) % self.endpoints.len();
-            match open(&self.endpoints[i]).await {
-                Ok(mut conn) => {
-                    if let Ok(Response::Status(status)) = conn.call(&Request::Status).await
-                        && let Some(leader) = status.leader_client_addr
-                        && leader != self.endpoints[i]
-                        && let Ok(to_leader) = open(&leader).await
-                    {
-                        conn = to_leader;
-                    }
-                    return Ok((i, conn));
-                }
-                Err(e) => last = format!("{}: {e}", self.endpoints[i]),
+            let endpoint = self.endpoints[i].clone();
+            let delay = STAGGER * u32::try_from(offset).unwrap_or(u32::MAX);
+            attempts.spawn(async move {
+                tokio::time::sleep(delay).await;
+                (i, open(&endpoint).await)
+            });
+        }
+        let mut last = String::from("no endpoints given");
+        while let Some(done) = attempts.join_next().await {
+            match done {
+                Ok((i, Ok(conn))) => return Ok((i, conn)),
+                Ok((i, Err(e))) => last = format!("{}: {e}", self.endpoints[i]),
+                Err(e) => last = e.to_string(),
             }
         }
         Err(ClientError::Unreachable {
