@@ -196,10 +196,7 @@ fn boot_and_wait(dir: &LabDir, deadline: Instant) -> Result<LabState> {
 fn wait_agents(servers: Vec<String>, hosts: usize, deadline: Instant) -> Result<()> {
     use crate::consensus::client::Client;
     use crate::registry::keys::MACHINES;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = client_runtime()?;
     runtime.block_on(async {
         let mut last = String::from("no answer yet");
         while Instant::now() < deadline {
@@ -275,13 +272,18 @@ fn wait_supervisor(dir: &LabDir, supervisor: &mut Child, deadline: Instant) -> R
     }
 }
 
+/// A runtime for the lab's few client calls.
+fn client_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
 /// Waits until every server answers and all name the same leader.
 fn wait_leader(servers: Vec<String>, deadline: Instant) -> Result<()> {
     use crate::consensus::client::Client;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = client_runtime()?;
     runtime.block_on(async {
         let mut last = String::from("no answer yet");
         while Instant::now() < deadline {

@@ -230,32 +230,23 @@ impl Cluster {
 
     /// Units systemd on `host` reports active among those matching `pattern`.
     pub fn systemd_active(&self, host: &str, pattern: &str) -> Vec<String> {
-        let out = self.exec(
-            host,
-            &[
-                "systemctl",
-                "list-units",
-                "--state=active",
-                "--no-legend",
-                "--plain",
-                pattern,
-            ],
-        );
-        text(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split_whitespace().next())
-            .map(str::to_string)
-            .collect()
+        self.systemd_units(host, "active", pattern)
     }
 
     /// Units systemd on `host` reports failed among those matching `pattern`.
     pub fn systemd_failed(&self, host: &str, pattern: &str) -> Vec<String> {
+        self.systemd_units(host, "failed", pattern)
+    }
+
+    /// `systemctl list-units --state=STATE PATTERN` on `host`: the names.
+    fn systemd_units(&self, host: &str, state: &str, pattern: &str) -> Vec<String> {
+        let state = format!("--state={state}");
         let out = self.exec(
             host,
             &[
                 "systemctl",
                 "list-units",
-                "--state=failed",
+                &state,
                 "--no-legend",
                 "--plain",
                 pattern,
