@@ -90,14 +90,26 @@ for h in h1 h2 h3; do
   "$bin" lab exec "$h" --dir "$lab" -- systemctl list-units 'myapp@*' --state=active --no-legend --plain | awk '{printf "%s ", $1} END {print ""}'
 done
 
-say "10. a global unit runs on every host"
+say "10. units without rules spread evenly: 6 instances of a plain template, 2 per host"
+cat > "$work/hello@.service" <<'UNIT'
+[Unit]
+Description=hello %i, a unit with no [X-Fleet] rules
+[Service]
+ExecStart=/bin/sh -c 'while true; do echo "hello %i"; sleep 10; done'
+UNIT
+fl submit "$work/hello@.service"
+fl start hello@1 hello@2 hello@3 hello@4 hello@5 hello@6 --block
+
+say "10b. a global unit runs on every host"
 fl start examples/units/node-exporter.service --block
 fl list-units
 
 say "11. power off the Raft leader's host (SIGKILL of its PID 1)"
 leader=$(fl member list | awk '$4 == "yes" {print $2}')
-echo "   leader is on host $leader; killing it. Its lease expires within the TTL,"
-echo "   a new leader is elected, and its units start on the surviving hosts."
+echo "   leader is on host $leader; killing it. A new leader is elected, the host's"
+echo "   lease expires within the TTL (3 s), and its hello units start on the other"
+echo "   hosts; its myapp instance has nowhere to go (each survivor already runs one)"
+echo "   and waits, exactly as Conflicts= asks."
 "$bin" lab kill "$leader" --dir "$lab"
 sleep 5
 fl member list
