@@ -58,29 +58,50 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// The unit verbs: every argument is checked first, so bad input never
+/// needs (or waits for) the cluster.
 async fn run_unit_verb(endpoints: &[String], command: Command) -> Result<ExitCode> {
-    let client = Client::connect(endpoints).await?;
+    let connect = || Client::connect(endpoints);
     match command {
-        Command::Submit(args) => unit_verbs::submit(&client, &args).await,
-        Command::Start(args) => unit_verbs::set_state(&client, &args, DesiredState::Launched).await,
-        Command::Load(args) => unit_verbs::set_state(&client, &args, DesiredState::Loaded).await,
-        Command::Unload(args) => {
-            unit_verbs::set_state(&client, &args, DesiredState::Inactive).await
+        Command::Submit(args) => {
+            let units = unit_verbs::submit_units(&args)?;
+            unit_verbs::submit(&connect().await?, &units, &args).await
         }
-        Command::Stop(args) => unit_verbs::stop(&client, &args).await,
-        Command::Destroy(args) => unit_verbs::destroy(&client, &args).await,
-        Command::Cat { unit } => unit_verbs::cat(&client, &unit).await,
-        Command::ListUnits(args) => unit_verbs::list_units(&client, &args).await,
-        Command::ListUnitFiles(args) => unit_verbs::list_unit_files(&client, &args).await,
-        Command::ListMachines(args) => unit_verbs::list_machines(&client, &args).await,
-        Command::Drain { machine, undo } => unit_verbs::drain(&client, &machine, undo).await,
+        Command::Start(args) => {
+            let targets = unit_verbs::targets(&args.units, true)?;
+            unit_verbs::set_state(&connect().await?, &targets, &args, DesiredState::Launched).await
+        }
+        Command::Load(args) => {
+            let targets = unit_verbs::targets(&args.units, true)?;
+            unit_verbs::set_state(&connect().await?, &targets, &args, DesiredState::Loaded).await
+        }
+        Command::Unload(args) => {
+            let targets = unit_verbs::targets(&args.units, false)?;
+            unit_verbs::set_state(&connect().await?, &targets, &args, DesiredState::Inactive).await
+        }
+        Command::Stop(args) => {
+            let targets = unit_verbs::targets(&args.units, false)?;
+            unit_verbs::stop(&connect().await?, &targets, &args).await
+        }
+        Command::Destroy(args) => {
+            let targets = unit_verbs::targets(&args.units, false)?;
+            unit_verbs::destroy(&connect().await?, &targets, &args).await
+        }
+        Command::Cat { unit } => {
+            let name = unit_verbs::targets(std::slice::from_ref(&unit), false)?.names;
+            unit_verbs::cat(&connect().await?, &name[0]).await
+        }
+        Command::ListUnits(args) => unit_verbs::list_units(&connect().await?, &args).await,
+        Command::ListUnitFiles(args) => unit_verbs::list_unit_files(&connect().await?, &args).await,
+        Command::ListMachines(args) => unit_verbs::list_machines(&connect().await?, &args).await,
+        Command::Drain { machine, undo } => {
+            unit_verbs::drain(&connect().await?, &machine, undo).await
+        }
         Command::Verify(_)
         | Command::Daemon(_)
         | Command::Member(_)
         | Command::Kv(_)
-        | Command::Lab(_) => {
-            unreachable!("dispatched in run()")
-        }
+        | Command::Lab(_) => unreachable!("dispatched in run()"),
     }
 }
 

@@ -34,14 +34,14 @@ fn is_path(arg: &str) -> bool {
     arg.contains('/') || Path::new(arg).is_file()
 }
 
-/// `flotilla submit`
-pub async fn submit(client: &Client, args: &SubmitArgs) -> Result<ExitCode> {
-    let units: Vec<Unit> = args
-        .files
-        .iter()
-        .map(|p| read_unit(p))
-        .collect::<Result<_>>()?;
-    for unit in &units {
+/// Reads and validates every file of `flotilla submit`, before connecting.
+pub fn submit_units(args: &SubmitArgs) -> Result<Vec<Unit>> {
+    args.files.iter().map(|p| read_unit(p)).collect()
+}
+
+/// `flotilla submit`, with the units from [`submit_units`].
+pub async fn submit(client: &Client, units: &[Unit], args: &SubmitArgs) -> Result<ExitCode> {
+    for unit in units {
         let outcome = ops::submit(client, unit, args.replace)
             .await
             .with_context(|| format!("cannot submit {}", unit.name()))?;
@@ -54,34 +54,49 @@ pub async fn submit(client: &Client, args: &SubmitArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Unit names from arguments; files are read, validated and submitted first
-/// when `submit_files` is set (start, load), refused otherwise.
-async fn names(client: &Client, args: &[String], submit_files: bool) -> Result<Vec<UnitName>> {
-    let mut files = Vec::new();
-    let mut names = Vec::new();
+/// What a verb's arguments name: units, and files to submit first.
+pub struct Targets {
+    /// The units, in argument order.
+    pub names: Vec<UnitName>,
+    /// Unit files given as paths (start, load), validated.
+    pub files: Vec<Unit>,
+}
+
+/// Checks every argument before anything is sent: names must be unit names,
+/// files (only where `files_allowed`) must be valid unit files.
+pub fn targets(args: &[String], files_allowed: bool) -> Result<Targets> {
+    let mut targets = Targets {
+        names: Vec::new(),
+        files: Vec::new(),
+    };
     for arg in args {
         if is_path(arg) {
-            if !submit_files {
+            if !files_allowed {
                 bail!(
                     "{arg} looks like a file; give the unit's name (e.g. {})",
                     file_unit_hint(arg)
                 );
             }
             let unit = read_unit(Path::new(arg))?;
-            names.push(unit.name().clone());
-            files.push(unit);
+            targets.names.push(unit.name().clone());
+            targets.files.push(unit);
         } else {
-            names.push(
+            targets.names.push(
                 UnitName::from_user(arg).with_context(|| format!("{arg:?} is not a unit name"))?,
             );
         }
     }
-    for unit in &files {
+    Ok(targets)
+}
+
+/// Submits the files among `targets` (unchanged ones are fine).
+async fn submit_files(client: &Client, targets: &Targets) -> Result<()> {
+    for unit in &targets.files {
         ops::submit(client, unit, false)
             .await
             .with_context(|| format!("cannot submit {}", unit.name()))?;
     }
-    Ok(names)
+    Ok(())
 }
 
 fn file_unit_hint(arg: &str) -> String {
@@ -91,15 +106,16 @@ fn file_unit_hint(arg: &str) -> String {
         .unwrap_or_else(|| "web.service".to_string())
 }
 
-/// start, stop, load, unload: set the desired state, optionally wait for it.
+/// start, load, unload: set the desired state, optionally wait for it.
 pub async fn set_state(
     client: &Client,
+    targets: &Targets,
     args: &UnitsArgs,
     desired: DesiredState,
 ) -> Result<ExitCode> {
-    let submit_files = matches!(desired, DesiredState::Launched | DesiredState::Loaded);
-    let names = names(client, &args.units, submit_files).await?;
-    let changed = ops::set_desired(client, &names, desired).await?;
+    submit_files(client, targets).await?;
+    let names = &targets.names;
+    let changed = ops::set_desired(client, names, desired).await?;
     let verb = match desired {
         DesiredState::Launched => "started",
         DesiredState::Loaded => "loaded",
@@ -107,33 +123,23 @@ pub async fn set_state(
     };
     println!("{verb} {} unit(s) ({changed} changed)", names.len());
     if args.block {
-        return block(
-            client,
-            &names,
-            desired,
-            Duration::from_secs(args.block_timeout),
-        )
-        .await;
+        let timeout = Duration::from_secs(args.block_timeout);
+        return block(client, names, desired, timeout).await;
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// `flotilla stop`: launched → loaded.
-pub async fn stop(client: &Client, args: &UnitsArgs) -> Result<ExitCode> {
-    let names = names(client, &args.units, false).await?;
-    for name in &names {
+/// `flotilla stop`: launched → loaded (units must exist).
+pub async fn stop(client: &Client, targets: &Targets, args: &UnitsArgs) -> Result<ExitCode> {
+    let names = &targets.names;
+    for name in names {
         ops::unit_record(client, name).await?;
     }
-    let changed = ops::set_desired(client, &names, DesiredState::Loaded).await?;
+    let changed = ops::set_desired(client, names, DesiredState::Loaded).await?;
     println!("stopped {} unit(s) ({changed} changed)", names.len());
     if args.block {
-        return block(
-            client,
-            &names,
-            DesiredState::Loaded,
-            Duration::from_secs(args.block_timeout),
-        )
-        .await;
+        let timeout = Duration::from_secs(args.block_timeout);
+        return block(client, names, DesiredState::Loaded, timeout).await;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -147,6 +153,21 @@ async fn block(
 ) -> Result<ExitCode> {
     let deadline = Instant::now() + timeout;
     loop {
+        if desired == DesiredState::Inactive {
+            let placed = ops::still_placed(client, names).await?;
+            if placed.is_empty() {
+                return Ok(ExitCode::SUCCESS);
+            }
+            if Instant::now() >= deadline {
+                let placed: Vec<String> = placed.iter().map(|u| u.to_string()).collect();
+                bail!(
+                    "timed out after {timeout:?}: still on a machine: {}",
+                    placed.join(" ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
         let rows = ops::unit_rows(client).await?;
         let mut pending = Vec::new();
         for name in names {
@@ -175,7 +196,7 @@ async fn block(
                                 .is_some_and(|s| s.load == "loaded" && s.active != "active")
                         })
                 }
-                DesiredState::Inactive => mine.is_empty(),
+                DesiredState::Inactive => unreachable!("handled above"),
             };
             if !done {
                 pending.push(name.to_string());
@@ -196,10 +217,10 @@ async fn block(
 }
 
 /// `flotilla destroy`
-pub async fn destroy(client: &Client, args: &UnitsArgs) -> Result<ExitCode> {
-    let names = names(client, &args.units, false).await?;
+pub async fn destroy(client: &Client, targets: &Targets, args: &UnitsArgs) -> Result<ExitCode> {
+    let names = &targets.names;
     let mut missing = 0;
-    for name in &names {
+    for name in names {
         if ops::destroy(client, name).await? {
             println!("destroyed {name}");
         } else {
@@ -208,13 +229,8 @@ pub async fn destroy(client: &Client, args: &UnitsArgs) -> Result<ExitCode> {
         }
     }
     if args.block {
-        block(
-            client,
-            &names,
-            DesiredState::Inactive,
-            Duration::from_secs(args.block_timeout),
-        )
-        .await?;
+        let timeout = Duration::from_secs(args.block_timeout);
+        block(client, names, DesiredState::Inactive, timeout).await?;
     }
     Ok(if missing > 0 {
         ExitCode::FAILURE
@@ -224,9 +240,8 @@ pub async fn destroy(client: &Client, args: &UnitsArgs) -> Result<ExitCode> {
 }
 
 /// `flotilla cat`
-pub async fn cat(client: &Client, unit: &str) -> Result<ExitCode> {
-    let name = UnitName::from_user(unit).with_context(|| format!("{unit:?} is not a unit name"))?;
-    let record = ops::unit_record(client, &name).await?;
+pub async fn cat(client: &Client, name: &UnitName) -> Result<ExitCode> {
+    let record = ops::unit_record(client, name).await?;
     print!("{}", ops::body_text(client, &record).await?);
     Ok(ExitCode::SUCCESS)
 }

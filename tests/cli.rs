@@ -318,3 +318,60 @@ fn client_verbs_report_an_unreachable_cluster() {
         stderr(&out)
     );
 }
+
+/// The unit verbs against an endpoint where nothing listens: bad input must be
+/// refused on its own merits (exit 1, a message about the input), before any
+/// attempt to reach the cluster; good input gets a clear "cannot reach".
+#[test]
+fn unit_verbs_refuse_bad_input_before_reaching_the_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let nowhere = "127.0.0.1:9";
+    let run = |args: &[&str]| {
+        let mut all = vec!["--endpoint", nowhere];
+        all.extend(args);
+        flotilla(&all)
+    };
+    let big = write(
+        dir.path(),
+        "big.service",
+        format!(
+            "[Service]\nExecStart=/bin/true\n# {}\n",
+            "x".repeat(300 * 1024)
+        )
+        .as_bytes(),
+    );
+    let broken = write(dir.path(), "broken.service", b"[Service]\nno equals sign\n");
+    let good = write(
+        dir.path(),
+        "good.service",
+        b"[Service]\nExecStart=/bin/true\n",
+    );
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["start", "../../etc/x"], "etc/x"),
+        (vec!["stop", "../../etc/x"], "looks like a file"),
+        (vec!["destroy", "web@1.bogus"], "not a unit name"),
+        (vec!["cat", "a b.service"], "not a unit name"),
+        (vec!["submit", big.to_str().unwrap()], "big.service"),
+        (vec!["submit", broken.to_str().unwrap()], "broken.service:2"),
+        (vec!["start", broken.to_str().unwrap()], "broken.service:2"),
+    ];
+    for (args, expect) in cases {
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains(expect), "{args:?}: {err}");
+        assert!(
+            !err.contains("cannot reach"),
+            "{args:?} was checked first: {err}"
+        );
+    }
+    let out = run(&["submit", good.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("cannot reach any flotilla member"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(&["list-units", "--bogus"]);
+    assert_eq!(out.status.code(), Some(2), "unknown flag: {}", stderr(&out));
+}

@@ -110,6 +110,41 @@ fn conflicting_instances_spread_wait_and_take_over() {
     );
     assert_none_failed(&cluster, "hello@*");
 
+    // stop keeps the unit placed and loaded; start runs it again there; unload
+    // removes it from the host (file and systemd's link) but keeps it submitted.
+    let (host, unit) = (after[newcomer][0].clone(), newcomer.clone());
+    cluster.ok(&["stop", &unit, "--block"]);
+    assert!(
+        cluster.systemd_active(&host, &unit).is_empty(),
+        "stopped on {host}"
+    );
+    let load = cluster.exec(&host, &["systemctl", "show", "-P", "LoadState", &unit]);
+    assert_eq!(
+        text(&load.stdout).trim(),
+        "loaded",
+        "still loaded after stop"
+    );
+    cluster.ok(&["start", &unit, "--block"]);
+    assert_eq!(
+        cluster.systemd_active(&host, &unit),
+        std::slice::from_ref(&unit),
+        "back on {host}"
+    );
+    cluster.ok(&["unload", &unit, "--block"]);
+    assert!(cluster.systemd_active(&host, &unit).is_empty());
+    let file = cluster.exec(
+        &host,
+        &["test", "-e", &format!("/run/flotilla/units/{unit}")],
+    );
+    assert!(!file.status.success(), "the unit file is gone from {host}");
+    let files = cluster.ok(&["list-unit-files"]);
+    assert!(
+        files
+            .lines()
+            .any(|l| l.starts_with(unit.as_str()) && l.ends_with("inactive")),
+        "{files}"
+    );
+
     // A unit whose ExecStart fails is reported failed, not hidden.
     cluster.submit(&[("broken.service", "[Service]\nExecStart=/bin/false\n")]);
     cluster.ok(&["start", "broken"]);

@@ -421,6 +421,39 @@ pub async fn unit_rows(client: &Client) -> Result<Vec<UnitRow>, RegistryError> {
     Ok(rows)
 }
 
+/// The units among `names` still proposed, claimed or reported anywhere:
+/// after unload or destroy, the ones some machine has not let go of yet.
+pub async fn still_placed(
+    client: &Client,
+    names: &[UnitName],
+) -> Result<BTreeSet<UnitName>, RegistryError> {
+    let wanted: BTreeSet<&UnitName> = names.iter().collect();
+    let (per_machine, _) = client.range(keys::PER_MACHINE, true, false).await?;
+    let (states, _) = client.range(keys::STATES, true, false).await?;
+    let mut placed = BTreeSet::new();
+    for kv in &per_machine {
+        if let Some(MachineKey::Proposal(_, unit) | MachineKey::Claim(_, unit)) =
+            keys::parse_machine_key(&kv.key)
+            && wanted.contains(&unit)
+        {
+            placed.insert(unit);
+        }
+    }
+    for kv in &states {
+        let unit = kv
+            .key
+            .strip_prefix(keys::STATES)
+            .and_then(|rest| rest.rsplit_once('/'))
+            .and_then(|(unit, _)| UnitName::parse(unit).ok());
+        if let Some(unit) = unit
+            && wanted.contains(&unit)
+        {
+            placed.insert(unit);
+        }
+    }
+    Ok(placed)
+}
+
 /// Decodes a proposal, for callers reading `/flotilla/m/`.
 pub fn proposal(kv: &KeyValue) -> Result<Proposal, RecordError> {
     records::decode(&kv.key, &kv.value)
