@@ -705,3 +705,45 @@ fn a_host_running_a_conflicting_unit_outside_flotilla_is_skipped() {
     assert_eq!(cluster.systemd_active("h3", "hello@*").len(), 1);
     assert_none_failed(&cluster, "hello@*");
 }
+
+#[test]
+fn losing_quorum_stops_nothing_and_recovery_restarts_nothing() {
+    let cluster = Cluster::up(3, 3);
+    cluster.submit(&[("plain@.service", PLAIN)]);
+    cluster.ok(&[
+        "start", "plain@1", "plain@2", "plain@3", "plain@4", "plain@5", "plain@6",
+    ]);
+    wait_for(Duration::from_secs(15), "6 active units", || {
+        (cluster.active().len() == 6).then_some(())
+    });
+    let survivor = "h3";
+    let mine = cluster.systemd_active(survivor, "plain@*");
+    assert!(!mine.is_empty(), "{survivor} runs some units");
+    let entered: Vec<String> = mine.iter().map(|u| cluster.entered(survivor, u)).collect();
+
+    // Two of three Raft members die: no quorum, no leader, no store.
+    cluster.lab(&["kill", "h1"]);
+    cluster.lab(&["kill", "h2"]);
+    std::thread::sleep(cluster.ttl * 3);
+    assert_eq!(
+        cluster.systemd_active(survivor, "plain@*"),
+        mine,
+        "nothing stops while the store is gone"
+    );
+
+    // The quorum comes back: the survivor keeps its lease (it renews within
+    // the remaining time the new leader grants) and restarts nothing.
+    cluster.lab(&["start", "h1"]);
+    cluster.lab(&["start", "h2"]);
+    wait_for(Duration::from_secs(30), "all 6 units active again", || {
+        (cluster.active().len() == 6).then_some(())
+    });
+    std::thread::sleep(cluster.ttl);
+    assert_eq!(cluster.systemd_active(survivor, "plain@*"), mine);
+    let after: Vec<String> = mine.iter().map(|u| cluster.entered(survivor, u)).collect();
+    assert_eq!(after, entered, "no unit on {survivor} was restarted");
+    let active = cluster.active();
+    for unit in &mine {
+        assert_eq!(active[unit], [survivor], "{unit} stayed on {survivor}");
+    }
+}

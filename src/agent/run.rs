@@ -264,16 +264,34 @@ where
 
 /// Renews the lease every TTL/3; records success, and loss of the lease.
 async fn keep_alive(client: Arc<Client>, lease: LeaseId, ttl: Duration, health: Arc<Health>) {
+    let mut pause = ttl / 3;
+    let mut failures = 0u32;
     loop {
-        tokio::time::sleep(ttl / 3).await;
+        tokio::time::sleep(pause).await;
+        // After a failure, retry soon: when the store comes back (a new
+        // leader after a quorum outage), the lease's remaining time is all
+        // the agent has to renew it before its units would be moved.
+        pause = (ttl / 3).min(Duration::from_millis(250));
         match client.keep_alive(lease).await {
-            Ok(()) => *health.last_ok.lock().expect("health lock") = Instant::now(),
+            Ok(()) => {
+                *health.last_ok.lock().expect("health lock") = Instant::now();
+                pause = ttl / 3;
+                if failures > 0 {
+                    tracing::info!("agent: presence renewed again after {failures} failed tries");
+                    failures = 0;
+                }
+            }
             Err(ClientError::LeaseNotFound(_)) => {
                 tracing::warn!("agent: the presence lease expired while cut off; rejoining");
                 *health.lost.lock().expect("health lock") = true;
                 return;
             }
-            Err(e) => tracing::warn!("agent: cannot renew presence: {e}; units keep running"),
+            Err(e) => {
+                failures += 1;
+                if failures == 1 {
+                    tracing::warn!("agent: cannot renew presence: {e}; units keep running");
+                }
+            }
         }
     }
 }
