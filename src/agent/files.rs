@@ -5,10 +5,11 @@
 //! each one to know which body it holds. It lives on /run, a tmpfs, so a
 //! reboot starts from nothing, as systemd's runtime links do.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use crate::units::{Unit, UnitHash, UnitName};
 
@@ -24,16 +25,25 @@ pub struct LocalUnit {
     pub unit: Unit,
 }
 
-/// The agent's unit-file directory.
+/// The agent's unit-file directory. Listing it is on the agent's hot path
+/// (every pass and every state report), so parsed files are cached and a
+/// file is parsed again only when its size or modification time changes.
 #[derive(Debug, Clone)]
 pub struct UnitFiles {
     dir: PathBuf,
+    parsed: HashMap<UnitName, (Stamp, Option<LocalUnit>)>,
 }
+
+/// What identifies one version of a file: size and modification time.
+type Stamp = (u64, Option<SystemTime>);
 
 impl UnitFiles {
     /// The directory at `dir` (created on first write).
     pub fn new(dir: impl Into<PathBuf>) -> UnitFiles {
-        UnitFiles { dir: dir.into() }
+        UnitFiles {
+            dir: dir.into(),
+            parsed: HashMap::new(),
+        }
     }
 
     /// Where unit `name`'s file is.
@@ -64,11 +74,14 @@ impl UnitFiles {
 
     /// Every unit file here, parsed. A file that no longer parses (or is not
     /// a unit name) maps to `None`: the agent unloads it.
-    pub fn list(&self) -> std::io::Result<BTreeMap<UnitName, Option<LocalUnit>>> {
+    pub fn list(&mut self) -> std::io::Result<BTreeMap<UnitName, Option<LocalUnit>>> {
         let mut found = BTreeMap::new();
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.parsed.clear();
+                return Ok(found);
+            }
             Err(e) => return Err(e),
         };
         for entry in entries {
@@ -80,9 +93,19 @@ impl UnitFiles {
             let Ok(name) = UnitName::parse(&file_name) else {
                 continue;
             };
-            let unit = read(&entry.path(), &name);
+            let metadata = entry.metadata()?;
+            let stamp = (metadata.len(), metadata.modified().ok());
+            let unit = match self.parsed.get(&name) {
+                Some((seen, unit)) if *seen == stamp && stamp.1.is_some() => unit.clone(),
+                _ => {
+                    let unit = read(&entry.path(), &name);
+                    self.parsed.insert(name.clone(), (stamp, unit.clone()));
+                    unit
+                }
+            };
             found.insert(name, unit);
         }
+        self.parsed.retain(|name, _| found.contains_key(name));
         Ok(found)
     }
 }
@@ -103,7 +126,7 @@ mod tests {
     #[test]
     fn write_list_remove() {
         let dir = tempfile::tempdir().unwrap();
-        let files = UnitFiles::new(dir.path().join("units"));
+        let mut files = UnitFiles::new(dir.path().join("units"));
         assert!(files.list().unwrap().is_empty());
         let name = UnitName::parse("a@1.service").unwrap();
         let text = "[Service]\nExecStart=/bin/true\n";
@@ -115,6 +138,14 @@ mod tests {
         assert_eq!(local.hash, Unit::from_text(&name, text).unwrap().hash());
         std::fs::write(files.path(&UnitName::parse("bad.service").unwrap()), "x").unwrap();
         assert!(files.list().unwrap()[&UnitName::parse("bad.service").unwrap()].is_none());
+        let other = "[Service]\nExecStart=/bin/false\n";
+        files.write(&name, other).unwrap();
+        let relisted = files.list().unwrap();
+        assert_eq!(
+            relisted[&name].as_ref().unwrap().hash,
+            Unit::from_text(&name, other).unwrap().hash(),
+            "a rewritten file is parsed again"
+        );
         files.remove(&name).unwrap();
         files.remove(&name).unwrap();
         assert!(!files.list().unwrap().contains_key(&name));
