@@ -529,8 +529,11 @@ impl Agent {
 
         let mut desired = BTreeMap::new();
         for (unit, (proposal, _)) in &view.proposals {
-            if view.claims.contains_key(unit) && !self.fenced.contains(unit) {
+            if view.claims.contains_key(unit) {
+                // A fenced unit stays loaded but is not started until the
+                // cluster is in reach again.
                 let target = match proposal.target {
+                    _ if self.fenced.contains(unit) => TargetState::Loaded,
                     Target::Loaded => TargetState::Loaded,
                     Target::Launched => TargetState::Launched,
                 };
@@ -948,7 +951,14 @@ impl Agent {
     /// Stops units with `FenceAfter=` once the store has been unreachable that long.
     async fn fence(&mut self) {
         let cut_off = self.health.last_ok.lock().expect("health lock").elapsed();
-        if cut_off < Duration::from_secs(1) {
+        // Renewals come every TTL/3: silence up to then (plus a second for
+        // the call itself) is normal, and clears any fence.
+        let normal = self.config.ttl / 3 + Duration::from_secs(1);
+        if cut_off < normal {
+            if !self.fenced.is_empty() {
+                tracing::info!("agent: in touch with the cluster again; fenced units may run");
+                self.fenced.clear();
+            }
             return;
         }
         let local = self.files.list().unwrap_or_default();
@@ -959,7 +969,8 @@ impl Agent {
             else {
                 continue;
             };
-            if cut_off >= Duration::from_secs(secs) && self.fenced.insert(unit.clone()) {
+            if cut_off >= Duration::from_secs(secs).max(normal) && self.fenced.insert(unit.clone())
+            {
                 tracing::warn!(
                     "agent: cut off from the cluster for {cut_off:?}; stopping {unit} (FenceAfter={secs})"
                 );
@@ -968,9 +979,6 @@ impl Agent {
                 }
                 self.states.remove(unit);
             }
-        }
-        if cut_off < Duration::from_secs(1) {
-            self.fenced.clear();
         }
     }
 
