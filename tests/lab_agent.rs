@@ -747,3 +747,64 @@ fn losing_quorum_stops_nothing_and_recovery_restarts_nothing() {
         assert_eq!(active[unit], [survivor], "{unit} stayed on {survivor}");
     }
 }
+
+#[test]
+fn a_fenced_unit_stops_when_cut_off_and_runs_again_when_back_within_the_ttl() {
+    // TTL 6 s, FenceAfter=2 (raised to TTL/3 + 1 s = 3 s): a 5 s cut stops the
+    // unit but keeps the lease, so it comes back where it was.
+    let cluster = Cluster::up(3, 6);
+    let leader = cluster.leader();
+    let cut = cluster
+        .hosts
+        .iter()
+        .rev()
+        .find(|h| h.name != leader)
+        .unwrap()
+        .clone();
+    let fenced = format!(
+        "[Service]\nExecStart=/bin/sleep infinity\n[X-Fleet]\nMachineID={}\nFenceAfter=2\n",
+        cut.machine_id
+    );
+    cluster.submit(&[("fenced.service", &fenced), ("plain.service", PLAIN)]);
+    cluster.ok(&["start", "fenced", "--block"]);
+    let before = cluster.entered(&cut.name, "fenced.service");
+    cluster.lab(&["partition", &cut.name]);
+    let (_, took) = wait_for(
+        Duration::from_secs(10),
+        "the fence to stop the unit",
+        || {
+            cluster
+                .systemd_active(&cut.name, "fenced.service")
+                .is_empty()
+                .then_some(())
+        },
+    );
+    eprintln!("fenced.service stopped {took:?} after the cut");
+    // Not before FenceAfter (the last renewal came at most TTL/3 = 2 s before
+    // the cut), at most 3 s after that renewal plus the agent's 250 ms fence
+    // clock and this test's polling.
+    assert!(
+        took >= Duration::from_secs(1),
+        "not before FenceAfter: {took:?}"
+    );
+    assert!(
+        took <= Duration::from_millis(4500),
+        "fenced too late: {took:?}"
+    );
+    std::thread::sleep(Duration::from_secs(5).saturating_sub(took));
+    cluster.lab(&["heal", &cut.name]);
+    wait_for(
+        Duration::from_secs(10),
+        "fenced.service running again",
+        || (cluster.systemd_active(&cut.name, "fenced.service").len() == 1).then_some(()),
+    );
+    assert_ne!(
+        cluster.entered(&cut.name, "fenced.service"),
+        before,
+        "it was restarted"
+    );
+    assert!(
+        cluster.machines().contains(&cut.machine_id),
+        "the lease survived the 5 s cut"
+    );
+}

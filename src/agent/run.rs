@@ -43,6 +43,8 @@ use crate::units::{Requirements, Unit, UnitHash, UnitName};
 
 /// How often the agent reconciles when nothing wakes it.
 const RESYNC: Duration = Duration::from_secs(5);
+/// How often the loop checks whether renewals stopped (FenceAfter's resolution).
+const CUT_OFF_TICK: Duration = Duration::from_millis(250);
 /// How often every unit's state is read from systemd again, signals or not.
 const FULL_RESYNC: Duration = Duration::from_secs(30);
 
@@ -159,6 +161,9 @@ pub async fn run(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result
     let mut keeper = None;
     let mut last_full = Instant::now();
     let mut metadata = agent.config.metadata_updates.take();
+    let mut fence_clock = tokio::time::interval(CUT_OFF_TICK);
+    fence_clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let (mut work, mut was_out_of_touch) = (true, false);
     loop {
         if agent.lease == 0 || agent.take_lost() {
             if let Some(task) = keeper.take() {
@@ -174,18 +179,25 @@ pub async fn run(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result
                 agent.health.clone(),
             )));
         }
-        agent.fence().await;
-        let full = last_full.elapsed() >= FULL_RESYNC;
-        if full {
+        let out_of_touch = agent.fence().await;
+        // Back in touch after a cut: reconcile at once.
+        work |= was_out_of_touch && !out_of_touch;
+        was_out_of_touch = out_of_touch;
+        if last_full.elapsed() >= FULL_RESYNC {
             last_full = Instant::now();
             agent.states.clear();
         }
-        match agent.pass().await {
-            Ok(again) if again => wake.notify_one(),
-            Ok(_) => {}
-            Err(e) => tracing::debug!("agent pass: {e}"),
+        // Cut off, a pass or a report would only wait for its timeout; the
+        // loop then just keeps time for FenceAfter until renewals succeed.
+        if work && !out_of_touch {
+            match agent.pass().await {
+                Ok(again) if again => wake.notify_one(),
+                Ok(_) => {}
+                Err(e) => tracing::debug!("agent pass: {e}"),
+            }
+            agent.report().await;
         }
-        agent.report().await;
+        work = true;
         tokio::select! {
             _ = stop.changed() => break,
             _ = wake.notified() => {
@@ -204,6 +216,8 @@ pub async fn run(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result
                 // Coalesce a burst of signals into one report.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
+            // Only the fence clock: no pass unless something else woke us.
+            _ = fence_clock.tick() => work = false,
             _ = tokio::time::sleep(RESYNC) => {}
         }
     }
@@ -948,8 +962,10 @@ impl Agent {
         }
     }
 
-    /// Stops units with `FenceAfter=` once the store has been unreachable that long.
-    async fn fence(&mut self) {
+    /// Stops units with `FenceAfter=` once the store has been unreachable that
+    /// long (counted from the last renewal, never below the normal gap).
+    /// Returns whether renewals have been failing for longer than normal.
+    async fn fence(&mut self) -> bool {
         let cut_off = self.health.last_ok.lock().expect("health lock").elapsed();
         // Renewals come every TTL/3: silence up to then (plus a second for
         // the call itself) is normal, and clears any fence.
@@ -959,7 +975,7 @@ impl Agent {
                 tracing::info!("agent: in touch with the cluster again; fenced units may run");
                 self.fenced.clear();
             }
-            return;
+            return false;
         }
         let local = self.files.list().unwrap_or_default();
         for (unit, found) in &local {
@@ -980,6 +996,7 @@ impl Agent {
                 self.states.remove(unit);
             }
         }
+        true
     }
 
     /// `--leave-on-stop`: unload everything, drop claims and presence.
