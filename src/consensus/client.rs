@@ -66,6 +66,35 @@ struct Conn {
     write: BufWriter<OwnedWriteHalf>,
 }
 
+/// Opens the first endpoint that answers, preferring them in order from
+/// `start`: each attempt starts [`STAGGER`] after the previous one rather
+/// than after it fails, so a dead member (whose address swallows packets
+/// until the connect timeout) costs a fraction of a second, not seconds.
+async fn open_first(endpoints: &[String], start: usize) -> Result<(usize, Conn), ClientError> {
+    let mut attempts = tokio::task::JoinSet::new();
+    for offset in 0..endpoints.len() {
+        let i = (start + offset) % endpoints.len();
+        let endpoint = endpoints[i].clone();
+        let delay = STAGGER * u32::try_from(offset).unwrap_or(u32::MAX);
+        attempts.spawn(async move {
+            tokio::time::sleep(delay).await;
+            (i, open(&endpoint).await)
+        });
+    }
+    let mut last = String::from("no endpoints given");
+    while let Some(done) = attempts.join_next().await {
+        match done {
+            Ok((i, Ok(conn))) => return Ok((i, conn)),
+            Ok((i, Err(e))) => last = format!("{}: {e}", endpoints[i]),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(ClientError::Unreachable {
+        endpoints: endpoints.join(","),
+        last,
+    })
+}
+
 async fn open(endpoint: &str) -> Result<Conn, String> {
     let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(endpoint))
         .await
@@ -138,33 +167,8 @@ impl Client {
         Ok((i, conn))
     }
 
-    /// Opens the first endpoint that answers, preferring them in order from
-    /// `start`: each attempt starts [`STAGGER`] after the previous one rather
-    /// than after it fails, so a dead member (whose address swallows packets
-    /// until the connect timeout) costs a fraction of a second, not seconds.
     async fn open_first(&self, start: usize) -> Result<(usize, Conn), ClientError> {
-        let mut attempts = tokio::task::JoinSet::new();
-        for offset in 0..self.endpoints.len() {
-            let i = (start + offset) % self.endpoints.len();
-            let endpoint = self.endpoints[i].clone();
-            let delay = STAGGER * u32::try_from(offset).unwrap_or(u32::MAX);
-            attempts.spawn(async move {
-                tokio::time::sleep(delay).await;
-                (i, open(&endpoint).await)
-            });
-        }
-        let mut last = String::from("no endpoints given");
-        while let Some(done) = attempts.join_next().await {
-            match done {
-                Ok((i, Ok(conn))) => return Ok((i, conn)),
-                Ok((i, Err(e))) => last = format!("{}: {e}", self.endpoints[i]),
-                Err(e) => last = e.to_string(),
-            }
-        }
-        Err(ClientError::Unreachable {
-            endpoints: self.endpoints.join(","),
-            last,
-        })
+        open_first(&self.endpoints, start).await
     }
 
     /// Sends one request; retries while no leader is known or before the request left.
@@ -445,13 +449,10 @@ impl Watch {
     }
 
     async fn subscribe(&mut self) -> Result<Conn, ClientError> {
-        let endpoint = &self.endpoints[self.endpoint % self.endpoints.len().max(1)];
-        let mut conn = open(endpoint)
-            .await
-            .map_err(|last| ClientError::Unreachable {
-                endpoints: endpoint.clone(),
-                last,
-            })?;
+        let start = self.endpoint % self.endpoints.len().max(1);
+        let (at, mut conn) = open_first(&self.endpoints, start).await?;
+        self.endpoint = at;
+        let endpoint = &self.endpoints[at];
         let request = Request::Watch {
             prefix: self.prefix.clone(),
             from: self.next,
