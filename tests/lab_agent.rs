@@ -32,6 +32,23 @@ const PLAIN: &str = "\
 ExecStart=/bin/sleep infinity
 ";
 
+/// The last host whose Raft member does not lead (cutting it keeps a quorum).
+fn last_follower(cluster: &Cluster) -> support::cluster::Host {
+    let leader = cluster.leader();
+    cluster
+        .hosts
+        .iter()
+        .rev()
+        .find(|h| h.name != leader)
+        .unwrap()
+        .clone()
+}
+
+/// A unit pinned to `machine` that fences itself after `secs` cut off.
+fn fenced_unit(machine: &str, secs: u64) -> String {
+    format!("{PLAIN}[X-Fleet]\nMachineID={machine}\nFenceAfter={secs}\n")
+}
+
 /// Every host's failed units matching `pattern`, which must be none.
 fn assert_none_failed(cluster: &Cluster, pattern: &str) {
     for host in &cluster.hosts {
@@ -245,18 +262,8 @@ fn killed_hosts_units_move_within_the_ttl() {
 #[test]
 fn a_partitioned_host_is_replaced_and_stops_its_copies_before_rejoining() {
     let cluster = Cluster::up(3, 2);
-    let leader = cluster.leader();
-    let cut = cluster
-        .hosts
-        .iter()
-        .rev()
-        .find(|h| h.name != leader)
-        .unwrap()
-        .clone();
-    let fenced = format!(
-        "[Service]\nExecStart=/bin/sleep infinity\n[X-Fleet]\nMachineID={}\nFenceAfter=3\n",
-        cut.machine_id
-    );
+    let cut = last_follower(&cluster);
+    let fenced = fenced_unit(&cut.machine_id, 3);
     cluster.submit(&[("plain@.service", PLAIN), ("fenced.service", &fenced)]);
     let names: Vec<String> = (1..=6).map(|i| format!("plain@{i}.service")).collect();
     let mut args = vec!["start", "fenced"];
@@ -753,18 +760,8 @@ fn a_fenced_unit_stops_when_cut_off_and_runs_again_when_back_within_the_ttl() {
     // TTL 6 s, FenceAfter=2 (raised to TTL/3 + 1 s = 3 s): a 5 s cut stops the
     // unit but keeps the lease, so it comes back where it was.
     let cluster = Cluster::up(3, 6);
-    let leader = cluster.leader();
-    let cut = cluster
-        .hosts
-        .iter()
-        .rev()
-        .find(|h| h.name != leader)
-        .unwrap()
-        .clone();
-    let fenced = format!(
-        "[Service]\nExecStart=/bin/sleep infinity\n[X-Fleet]\nMachineID={}\nFenceAfter=2\n",
-        cut.machine_id
-    );
+    let cut = last_follower(&cluster);
+    let fenced = fenced_unit(&cut.machine_id, 2);
     cluster.submit(&[("fenced.service", &fenced), ("plain.service", PLAIN)]);
     cluster.ok(&["start", "fenced", "--block"]);
     let before = cluster.entered(&cut.name, "fenced.service");

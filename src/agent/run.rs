@@ -37,7 +37,7 @@ use super::systemd::{Systemd, UnitState};
 use crate::consensus::client::{Client, ClientError};
 use crate::consensus::kv::{KeyValue, LeaseId, Op, Revision};
 use crate::registry::keys::{self, MachineKey};
-use crate::registry::ops::{delete, exists, same_revision};
+use crate::registry::ops::{delete, exists, revision_is, same_revision};
 use crate::registry::records::{self, Claim, MachineRecord, Proposal, ReportedState, Target};
 use crate::units::{Requirements, Unit, UnitHash, UnitName};
 
@@ -566,7 +566,7 @@ impl Agent {
         for (unit, found) in &local {
             match found {
                 Some(found) => {
-                    let activity = self.activity(unit).await;
+                    let activity = self.activity(unit);
                     actual.insert(
                         unit.clone(),
                         Actual {
@@ -710,11 +710,7 @@ impl Agent {
         });
         for unit in &chosen_now {
             let (_, revision) = view.proposals[unit];
-            compare.push(crate::consensus::kv::Compare {
-                key: keys::proposal(&self.me.id, unit),
-                op: crate::consensus::kv::CompareOp::Equal,
-                target: crate::consensus::kv::Target::ModRevision(revision),
-            });
+            compare.push(revision_is(&keys::proposal(&self.me.id, unit), revision));
             compare.push(same_revision(&keys::claim(&self.me.id, unit), None));
             for peer in &candidate_rules[unit].machine_of {
                 compare.push(exists(&keys::claim(&self.me.id, peer)));
@@ -757,11 +753,7 @@ impl Agent {
             if view.proposals.contains_key(unit) || local.contains_key(unit) {
                 continue;
             }
-            compare.push(crate::consensus::kv::Compare {
-                key: keys::claim(&self.me.id, unit),
-                op: crate::consensus::kv::CompareOp::Equal,
-                target: crate::consensus::kv::Target::ModRevision(*revision),
-            });
+            compare.push(revision_is(&keys::claim(&self.me.id, unit), *revision));
             ops.push(delete(keys::claim(&self.me.id, unit), false));
             ops.push(delete(keys::state(unit, &self.me.id), false));
             self.reported.remove(unit);
@@ -791,7 +783,7 @@ impl Agent {
     }
 
     /// The unit's activity as systemd reports it (after [`Agent::read_states`]).
-    async fn activity(&mut self, unit: &UnitName) -> Activity {
+    fn activity(&self, unit: &UnitName) -> Activity {
         match self.states.get(unit).map(|s| s.active.as_str()) {
             Some("active" | "activating" | "reloading") => Activity::Running,
             Some("failed") => Activity::Failed,

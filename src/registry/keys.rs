@@ -114,6 +114,12 @@ pub fn parse_machine_key(key: &str) -> Option<MachineKey> {
     }
 }
 
+/// `/flotilla/states/<unit>/<id>` taken apart; `None` for anything else.
+pub fn parse_state_key(key: &str) -> Option<(UnitName, String)> {
+    let (unit, id) = key.strip_prefix(STATES)?.rsplit_once('/')?;
+    Some((UnitName::parse(unit).ok()?, id.to_string()))
+}
+
 /// The unit name at the end of a key under `prefix`.
 pub fn unit_after(prefix: &str, key: &str) -> Option<UnitName> {
     UnitName::parse(key.strip_prefix(prefix)?).ok()
@@ -140,6 +146,11 @@ mod tests {
         );
         assert_eq!(parse_machine_key("/flotilla/m/abc/x/web.service"), None);
         assert_eq!(parse_machine_key("/flotilla/units/web.service"), None);
+        assert_eq!(
+            parse_state_key(&state(&name, "abc")),
+            Some((name.clone(), "abc".into()))
+        );
+        assert_eq!(parse_state_key("/flotilla/states/nounit"), None);
         assert_eq!(unit_after(UNITS, &unit(&name)), Some(name));
     }
 }

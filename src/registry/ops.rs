@@ -10,10 +10,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::keys::{self, MachineKey};
 use super::records::{
-    self, Claim, DesiredState, MachineRecord, Proposal, RecordError, ReportedState, UnitRecord,
+    self, Claim, DesiredState, MachineRecord, RecordError, ReportedState, UnitRecord,
 };
 use crate::consensus::client::{Client, ClientError};
-use crate::consensus::kv::{Compare, CompareOp, KeyValue, Op, Target as KvTarget};
+use crate::consensus::kv::{Compare, CompareOp, KeyValue, Op, Revision, Target as KvTarget};
 use crate::units::{self, Unit, UnitKind, UnitName};
 
 /// Why an operation changed nothing.
@@ -381,14 +381,8 @@ pub async fn unit_rows(client: &Client) -> Result<Vec<UnitRow>, RegistryError> {
     }
     let mut reported: BTreeMap<(UnitName, String), ReportedState> = BTreeMap::new();
     for kv in &states {
-        let Some(rest) = kv.key.strip_prefix(keys::STATES) else {
-            continue;
-        };
-        let Some((unit, id)) = rest.rsplit_once('/') else {
-            continue;
-        };
-        if let Ok(unit) = UnitName::parse(unit) {
-            reported.insert((unit, id.to_string()), records::decode(&kv.key, &kv.value)?);
+        if let Some(at) = keys::parse_state_key(&kv.key) {
+            reported.insert(at, records::decode(&kv.key, &kv.value)?);
         }
     }
     let mut rows = Vec::new();
@@ -440,12 +434,7 @@ pub async fn still_placed(
         }
     }
     for kv in &states {
-        let unit = kv
-            .key
-            .strip_prefix(keys::STATES)
-            .and_then(|rest| rest.rsplit_once('/'))
-            .and_then(|(unit, _)| UnitName::parse(unit).ok());
-        if let Some(unit) = unit
+        if let Some((unit, _)) = keys::parse_state_key(&kv.key)
             && wanted.contains(&unit)
         {
             placed.insert(unit);
@@ -454,18 +443,18 @@ pub async fn still_placed(
     Ok(placed)
 }
 
-/// Decodes a proposal, for callers reading `/flotilla/m/`.
-pub fn proposal(kv: &KeyValue) -> Result<Proposal, RecordError> {
-    records::decode(&kv.key, &kv.value)
+/// A compare that holds while `key`'s mod revision is `revision` (0: absent).
+pub fn revision_is(key: &str, revision: Revision) -> Compare {
+    Compare {
+        key: key.to_string(),
+        op: CompareOp::Equal,
+        target: KvTarget::ModRevision(revision),
+    }
 }
 
 /// A compare that holds while `key` is exactly as read (`None`: still absent).
 pub fn same_revision(key: &str, read: Option<&KeyValue>) -> Compare {
-    Compare {
-        key: key.to_string(),
-        op: CompareOp::Equal,
-        target: KvTarget::ModRevision(read.map_or(0, |kv| kv.mod_revision)),
-    }
+    revision_is(key, read.map_or(0, |kv| kv.mod_revision))
 }
 
 /// A compare that holds while `key` exists.

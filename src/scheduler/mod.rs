@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::consensus::client::{Client, ClientError};
-use crate::consensus::kv::{Compare, CompareOp, KeyValue, Op, Revision, Target as KvTarget};
+use crate::consensus::kv::{Compare, Op, Revision};
 use crate::consensus::runner::Handle;
 use crate::registry::keys::{self, MachineKey};
-use crate::registry::ops::{delete, put, same_revision};
+use crate::registry::ops::{delete, put, revision_is, same_revision};
 use crate::registry::records::{self, MachineRecord, Proposal, Target, UnitRecord};
 use crate::units::placement::Machine;
 use crate::units::{Requirements, Unit, UnitHash, UnitKind, UnitName};
@@ -296,11 +296,6 @@ async fn apply(client: &Client, changes: &[Change]) -> Result<(), ClientError> {
 
 /// The guarded writes of one change.
 fn transaction(change: &Change) -> (Vec<Compare>, Vec<Op>) {
-    let revision_is = |key: String, revision: Revision| Compare {
-        key,
-        op: CompareOp::Equal,
-        target: KvTarget::ModRevision(revision),
-    };
     match change {
         Change::Propose {
             unit,
@@ -314,13 +309,13 @@ fn transaction(change: &Change) -> (Vec<Compare>, Vec<Op>) {
             let mut ops = vec![put(target.clone(), records::encode(proposal))];
             match placed_revision {
                 Some(revision) => {
-                    compare.push(revision_is(keys::placed(unit), *revision));
+                    compare.push(revision_is(&keys::placed(unit), *revision));
                     ops.push(put(keys::placed(unit), machine.as_bytes().to_vec()));
                 }
-                None => compare.push(same_revision(&target, None::<&KeyValue>)),
+                None => compare.push(same_revision(&target, None)),
             }
             if let Some((old, revision)) = from {
-                compare.push(revision_is(keys::proposal(old, unit), *revision));
+                compare.push(revision_is(&keys::proposal(old, unit), *revision));
                 compare.push(same_revision(&keys::claim(old, unit), None));
                 ops.push(delete(keys::proposal(old, unit), false));
             }
@@ -334,7 +329,7 @@ fn transaction(change: &Change) -> (Vec<Compare>, Vec<Op>) {
         } => {
             let key = keys::proposal(machine, unit);
             (
-                vec![revision_is(key.clone(), *mod_revision)],
+                vec![revision_is(&key, *mod_revision)],
                 vec![put(key, records::encode(proposal))],
             )
         }
@@ -345,10 +340,10 @@ fn transaction(change: &Change) -> (Vec<Compare>, Vec<Op>) {
             placed_revision,
         } => {
             let key = keys::proposal(machine, unit);
-            let mut compare = vec![revision_is(key.clone(), *mod_revision)];
+            let mut compare = vec![revision_is(&key, *mod_revision)];
             let mut ops = vec![delete(key, false)];
             if let Some(revision) = placed_revision {
-                compare.push(revision_is(keys::placed(unit), *revision));
+                compare.push(revision_is(&keys::placed(unit), *revision));
                 ops.push(delete(keys::placed(unit), false));
             }
             (compare, ops)
