@@ -206,8 +206,10 @@ async fn start_member(loaded: &Loaded) -> Result<(runner::Handle, std::thread::J
         );
     }
     let runtime = tokio::runtime::Handle::current();
+    let table = transport::Peers::default();
+    let writers = table.clone();
     let (node, thread) = runner::spawn(core, Duration::from_millis(tick_ms), |handle| {
-        transport::TcpTransport::new(id, runtime, handle)
+        transport::TcpTransport::new(id, runtime, handle, writers)
     });
     if !config.client_listen.starts_with("0.0.0.0") && !config.client_listen.starts_with("[::]") {
         tokio::spawn(publish_client_addr(
@@ -216,7 +218,7 @@ async fn start_member(loaded: &Loaded) -> Result<(runner::Handle, std::thread::J
             config.client_listen.clone(),
         ));
     }
-    tokio::spawn(transport::serve_peers(peers, node.clone()));
+    tokio::spawn(transport::serve_peers(peers, node.clone(), table));
     tokio::spawn(server::serve_clients(clients, node.clone()));
     tracing::info!(
         "flotilla member {} (raft id {id:x}) serving clients on {} and peers on {}",

@@ -79,6 +79,21 @@ pub enum AgentError {
     Identity(#[from] identity::IdentityError),
 }
 
+/// Why joining failed, which decides how soon to try again.
+#[derive(Debug)]
+enum JoinError {
+    /// Another install holds this machine id: retry slowly, loudly.
+    Duplicate(String),
+    /// The store did not answer or the write raced: retry soon.
+    Store(String),
+}
+
+impl From<ClientError> for JoinError {
+    fn from(e: ClientError) -> Self {
+        JoinError::Store(e.to_string())
+    }
+}
+
 /// Shared between the loop and the keep-alive task.
 struct Health {
     /// When the lease was last renewed.
@@ -370,64 +385,82 @@ impl Agent {
     }
 
     /// Joins the cluster (step 1 of the module doc); false if told to stop.
+    ///
+    /// While the store is unreachable it retries soon (a daemon restarting
+    /// with its host must re-take its lease within the lease's remaining
+    /// time, or its units move), backing off to the slow pace a duplicate
+    /// machine id retries at.
     async fn join(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
+        let slowest = self.config.ttl.min(Duration::from_secs(5));
+        let mut pause = (self.config.ttl / 3).min(Duration::from_millis(250));
+        let mut last_error = String::new();
         loop {
-            match self.try_join().await {
+            let wait = match self.try_join().await {
                 Ok(()) => {
                     *self.health.last_ok.lock().expect("health lock") = Instant::now();
                     self.fenced.clear();
                     return true;
                 }
-                Err(message) => tracing::error!("agent: {message}"),
-            }
+                Err(JoinError::Duplicate(message)) => {
+                    tracing::error!("agent: {message}");
+                    slowest
+                }
+                Err(JoinError::Store(message)) => {
+                    if message != last_error {
+                        tracing::warn!("agent: cannot join the cluster yet: {message}; retrying");
+                        last_error = message;
+                    }
+                    let wait = pause;
+                    pause = (pause * 2).min(slowest);
+                    wait
+                }
+            };
             tokio::select! {
                 _ = stop.changed() => return false,
-                _ = tokio::time::sleep(self.config.ttl.min(Duration::from_secs(5))) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
         }
     }
 
-    async fn try_join(&mut self) -> Result<(), String> {
+    async fn try_join(&mut self) -> Result<(), JoinError> {
         let key = keys::machine(&self.me.id);
-        let found = self.client.get(&key).await.map_err(|e| e.to_string())?;
+        let found = self.client.get(&key).await?;
         if let Some(kv) = &found {
             let record: MachineRecord =
-                records::decode(&kv.key, &kv.value).map_err(|e| e.to_string())?;
+                records::decode(&kv.key, &kv.value).map_err(|e| JoinError::Store(e.to_string()))?;
             if record.instance != self.me.instance {
                 // Whatever runs here from an earlier life is not claimed by
                 // this install, and the cluster runs it elsewhere.
                 self.unload_everything("staying out as a duplicate").await;
-                return Err(format!(
+                return Err(JoinError::Duplicate(format!(
                     "another flotilla daemon (instance {}, host {}, {}) is registered with this \
                      machine id {}; this host stays out of the cluster. Was the machine cloned? \
                      Give it its own id (rm /etc/machine-id && systemd-machine-id-setup) and \
                      restart flotilla",
                     record.instance, record.hostname, record.ip, self.me.id
-                ));
+                )));
             }
             if let Some(lease) = kv.lease {
                 match self.client.keep_alive(lease).await {
                     Ok(()) => {
                         self.lease = lease;
                         if record != self.me {
-                            self.publish(&key, Some(kv)).await?;
+                            self.publish(&key, Some(kv))
+                                .await
+                                .map_err(JoinError::Store)?;
                         }
                         tracing::info!("agent: rejoined with the same lease; adopting its units");
                         return Ok(());
                     }
                     Err(ClientError::LeaseNotFound(_)) => {}
-                    Err(e) => return Err(e.to_string()),
+                    Err(e) => return Err(e.into()),
                 }
             }
         }
         // A fresh presence: nothing claimed survives from before, so nothing
         // from before may keep running here.
         self.unload_everything("joining the cluster").await;
-        let lease = self
-            .client
-            .grant(self.config.ttl)
-            .await
-            .map_err(|e| e.to_string())?;
+        let lease = self.client.grant(self.config.ttl).await?;
         self.lease = lease;
         match self.publish(&key, found.as_ref()).await {
             Ok(()) => {
@@ -437,7 +470,7 @@ impl Agent {
             Err(e) => {
                 let _ = self.client.revoke(lease).await;
                 self.lease = 0;
-                Err(e)
+                Err(JoinError::Store(e))
             }
         }
     }

@@ -5,7 +5,16 @@
 //! never blocks the Raft thread, and when the queue is full or the peer is down
 //! messages are dropped. That is safe: Raft retransmits, and the peer is
 //! reported unreachable so the leader stops pipelining to it. Reconnects back
-//! off up to two seconds. TLS wraps the stream here when it comes.
+//! off up to one second. TLS wraps the stream here when it comes.
+//!
+//! A peer whose host died (power off, a killed network namespace) sends no
+//! reset: the kernel would keep a connection to it "open" and queue our
+//! messages into it for minutes, and once the peer was back, TCP's backed-off
+//! retransmission could take seconds more to find out. So outbound
+//! connections carry `TCP_USER_TIMEOUT` ([`UNACKED_LIMIT`]): unacknowledged
+//! data that old ends the connection. And a peer that dials in is evidently
+//! back, so its writer, if it is waiting to reconnect, tries again at once.
+//! Inbound connections carry TCP keepalive so a dead peer's reader ends too.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -15,7 +24,7 @@ use protobuf::Message as _;
 use raft::eraftpb::Message;
 use tokio::io::BufWriter;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use super::codec::{self, CodecError, MemberInfo};
 use super::runner::{self, Handle, Msg};
@@ -24,6 +33,16 @@ use super::runner::{self, Handle, Msg};
 const QUEUE: usize = 4096;
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The first pause before reconnecting; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+/// The longest pause between reconnect attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// How long sent data may stay unacknowledged before the connection is
+/// given up (a live peer's kernel acknowledges within milliseconds, however
+/// busy the peer is).
+const UNACKED_LIMIT: Duration = Duration::from_secs(2);
+/// Keepalive on inbound connections: idle time, probe interval, probes.
+const KEEPALIVE: (Duration, Duration, u32) = (Duration::from_secs(5), Duration::from_secs(1), 3);
 
 fn encode(message: &Message) -> Vec<u8> {
     let mut frame = vec![codec::FORMAT_VERSION];
@@ -46,23 +65,41 @@ fn decode(frame: &[u8]) -> Result<Message, CodecError> {
 struct Peer {
     addr: String,
     queue: mpsc::Sender<Message>,
+    /// Woken when this peer dials in: it is reachable again.
+    back: Arc<Notify>,
+}
+
+/// The peers' writers, shared by the transport (which sends through them)
+/// and the peer listener (which tells a writer when its peer dialed in).
+#[derive(Clone, Default)]
+pub struct Peers(Arc<Mutex<HashMap<u64, Peer>>>);
+
+impl Peers {
+    /// Peer `id` connected to us: if its writer is waiting to reconnect, it
+    /// tries at once instead of sitting out its back-off.
+    fn dialed_in(&self, id: u64) {
+        if let Some(peer) = self.0.lock().expect("peer table lock").get(&id) {
+            peer.back.notify_one();
+        }
+    }
 }
 
 /// The TCP transport: one writer task per peer, created as members appear.
 pub struct TcpTransport {
     me: u64,
     runtime: tokio::runtime::Handle,
-    peers: Arc<Mutex<HashMap<u64, Peer>>>,
+    peers: Peers,
     node: Handle,
 }
 
 impl TcpTransport {
-    /// A transport for member `me` whose writer tasks run on `runtime`.
-    pub fn new(me: u64, runtime: tokio::runtime::Handle, node: Handle) -> Self {
+    /// A transport for member `me` whose writer tasks run on `runtime`;
+    /// give the same `peers` to [`serve_peers`].
+    pub fn new(me: u64, runtime: tokio::runtime::Handle, node: Handle, peers: Peers) -> Self {
         TcpTransport {
             me,
             runtime,
-            peers: Arc::default(),
+            peers,
             node,
         }
     }
@@ -70,7 +107,7 @@ impl TcpTransport {
 
 impl runner::Transport for TcpTransport {
     fn send(&self, messages: Vec<Message>) {
-        let peers = self.peers.lock().expect("peer table lock");
+        let peers = self.peers.0.lock().expect("peer table lock");
         for message in messages {
             let to = message.to;
             match peers.get(&to) {
@@ -85,52 +122,74 @@ impl runner::Transport for TcpTransport {
     }
 
     fn set_peers(&self, members: &BTreeMap<u64, MemberInfo>) {
-        let mut peers = self.peers.lock().expect("peer table lock");
+        let mut peers = self.peers.0.lock().expect("peer table lock");
         peers.retain(|id, peer| members.get(id).is_some_and(|m| m.peer_addr == peer.addr));
         for (id, member) in members {
             if *id == self.me || peers.contains_key(id) {
                 continue;
             }
             let (queue, rx) = mpsc::channel(QUEUE);
+            let back = Arc::new(Notify::new());
             self.runtime.spawn(write_to_peer(
                 *id,
                 member.peer_addr.clone(),
                 rx,
                 self.node.clone(),
+                back.clone(),
             ));
             peers.insert(
                 *id,
                 Peer {
                     addr: member.peer_addr.clone(),
                     queue,
+                    back,
                 },
             );
         }
     }
 }
 
+/// Connects to a peer within [`CONNECT_TIMEOUT`], with [`UNACKED_LIMIT`] set.
+/// `None` when it cannot, or when `back` says to start over at once.
+async fn dial(addr: &str, back: &Notify) -> Option<TcpStream> {
+    let attempt = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr));
+    let stream = tokio::select! {
+        connected = attempt => connected.ok()?.ok()?,
+        () = back.notified() => return None,
+    };
+    let _ = stream.set_nodelay(true);
+    if let Err(e) = socket2::SockRef::from(&stream).set_tcp_user_timeout(Some(UNACKED_LIMIT)) {
+        tracing::debug!("cannot set TCP_USER_TIMEOUT towards {addr}: {e}");
+    }
+    Some(stream)
+}
+
 /// Keeps one connection to a peer and writes its queue to it; ends when the
 /// peer is removed (its queue's sender is dropped).
-async fn write_to_peer(id: u64, addr: String, mut queue: mpsc::Receiver<Message>, node: Handle) {
+async fn write_to_peer(
+    id: u64,
+    addr: String,
+    mut queue: mpsc::Receiver<Message>,
+    node: Handle,
+    back: Arc<Notify>,
+) {
     use tokio::io::AsyncWriteExt;
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = FIRST_BACKOFF;
     loop {
-        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await {
-            Ok(Ok(stream)) => stream,
-            _ => {
-                let _ = node.send(Msg::Unreachable(id));
-                // Drop what queued up while the peer was away; Raft resends.
-                while queue.try_recv().is_ok() {}
-                if queue.is_closed() {
-                    return;
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-                continue;
+        let Some(stream) = dial(&addr, &back).await else {
+            let _ = node.send(Msg::Unreachable(id));
+            // Drop what queued up while the peer was away; Raft resends.
+            while queue.try_recv().is_ok() {}
+            if queue.is_closed() {
+                return;
             }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => backoff = (backoff * 2).min(MAX_BACKOFF),
+                () = back.notified() => backoff = FIRST_BACKOFF,
+            }
+            continue;
         };
-        backoff = Duration::from_millis(50);
-        let _ = stream.set_nodelay(true);
+        backoff = FIRST_BACKOFF;
         let mut writer = BufWriter::new(stream);
         loop {
             let Some(first) = queue.recv().await else {
@@ -157,20 +216,33 @@ async fn write_to_peer(id: u64, addr: String, mut queue: mpsc::Receiver<Message>
     }
 }
 
-/// Accepts peer connections and hands their messages to the node thread.
-pub async fn serve_peers(listener: TcpListener, node: Handle) {
+/// Accepts peer connections and hands their messages to the node thread;
+/// `peers` is the transport's, so a peer that dials in is redialled at once.
+pub async fn serve_peers(listener: TcpListener, node: Handle, peers: Peers) {
+    let (idle, interval, probes) = KEEPALIVE;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(interval)
+        .with_retries(probes);
     loop {
         let Ok((stream, from)) = listener.accept().await else {
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
         let node = node.clone();
+        let peers = peers.clone();
         tokio::spawn(async move {
             let mut stream = tokio::io::BufReader::new(stream);
+            let mut greeted = false;
             loop {
                 match codec::read_frame(&mut stream).await {
                     Ok(Some(frame)) => match decode(&frame) {
                         Ok(message) => {
+                            if !greeted {
+                                greeted = true;
+                                peers.dialed_in(message.from);
+                            }
                             if node.send(Msg::Raft(message)).is_err() {
                                 return;
                             }

@@ -274,6 +274,33 @@ impl Cluster {
         text(&out.stdout).trim().to_string()
     }
 
+    /// Prints the end of every host's flotilla journal, so a failed test
+    /// shows what the daemons saw (hosts that are down print nothing).
+    pub fn print_journals(&self) {
+        for host in &self.hosts {
+            let out = self.exec(
+                &host.name,
+                &[
+                    "journalctl",
+                    "-u",
+                    "flotilla",
+                    "--no-pager",
+                    "-n",
+                    "150",
+                    "-o",
+                    "short-monotonic",
+                ],
+            );
+            eprintln!(
+                "---- {} ({}) flotilla journal ----\n{}{}",
+                host.name,
+                host.machine_id,
+                text(&out.stdout),
+                text(&out.stderr)
+            );
+        }
+    }
+
     /// The host whose Raft member leads.
     pub fn leader(&self) -> String {
         let out = self.ok(&["member", "list"]);
@@ -287,6 +314,9 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_journals();
+        }
         let out = lab_in(self.dir.path(), &["down"]);
         if !out.status.success() {
             eprintln!("lab down failed: {}", text(&out.stderr));
