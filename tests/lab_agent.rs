@@ -824,3 +824,61 @@ fn a_fenced_unit_stops_when_cut_off_and_runs_again_when_back_within_the_ttl() {
         "the lease survived the 5 s cut"
     );
 }
+
+#[test]
+fn an_agent_only_host_claims_promptly_after_the_server_it_watched_goes_silent() {
+    // h4 has no Raft seat: its agent watches its own prefix through a server,
+    // h1 first. A server cut off (or powered off) sends no reset, so that
+    // watch must find out by itself that it went silent, and move on.
+    let cluster = Cluster::up(4, 5);
+    let h4 = cluster.id_of("h4").to_string();
+    cluster.submit(&[(
+        "pinned@.service",
+        &format!("{PLAIN}[X-Fleet]\nMachineID={h4}\n"),
+    )]);
+    cluster.ok(&["start", "pinned@0", "--block"]);
+    let out = cluster.exec(
+        "h4",
+        &["ss", "-Htn", "state", "established", "( dport = :4001 )"],
+    );
+    let h1 = format!(
+        "{}:4001",
+        cluster
+            .endpoint
+            .split(',')
+            .next()
+            .unwrap()
+            .split(':')
+            .next()
+            .unwrap()
+    );
+    assert!(
+        text(&out.stdout).contains(&h1),
+        "h4's agent talks to h1 first: {}",
+        text(&out.stdout)
+    );
+    // Cut off, h1 goes silent: no reset, no end of stream, nothing.
+    cluster.lab(&["partition", "h1"]);
+    // Longer than a watch may stay silent before it is given up.
+    std::thread::sleep(Duration::from_secs(4));
+    wait_for(Duration::from_secs(10), "the cluster to answer", || {
+        cluster.try_rows()
+    });
+    for i in 1..=3 {
+        let unit = format!("pinned@{i}.service");
+        cluster.ok(&["start", &unit]);
+        let (_, took) = wait_for(Duration::from_secs(10), "the unit on h4", || {
+            (cluster.systemd_active("h4", &unit).len() == 1).then_some(())
+        });
+        eprintln!("{unit} active on h4 {took:?} after start");
+        // Woken by its watch, not by a periodic pass.
+        assert!(
+            took < Duration::from_millis(1500),
+            "{unit} took {took:?} to start on h4"
+        );
+    }
+    let rows = cluster.rows();
+    for row in rows.iter().filter(|r| r.unit.starts_with("pinned@")) {
+        assert_eq!(row.machine.as_deref(), Some(h4.as_str()), "{row:?}");
+    }
+}

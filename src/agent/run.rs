@@ -178,6 +178,10 @@ pub async fn run(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result
     let mut metadata = agent.config.metadata_updates.take();
     let mut fence_clock = tokio::time::interval(CUT_OFF_TICK);
     fence_clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // The backstop pass: a deadline that survives the loop's other wake-ups
+    // (a fresh sleep in the select would be restarted by every fence tick).
+    let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + RESYNC, RESYNC);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut work, mut was_out_of_touch) = (true, false);
     loop {
         if agent.lease == 0 || agent.take_lost() {
@@ -205,6 +209,7 @@ pub async fn run(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result
         // Cut off, a pass or a report would only wait for its timeout; the
         // loop then just keeps time for FenceAfter until renewals succeed.
         if work && !out_of_touch {
+            resync.reset();
             match agent.pass().await {
                 Ok(again) if again => wake.notify_one(),
                 Ok(_) => {}
@@ -233,7 +238,7 @@ pub async fn run(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result
             }
             // Only the fence clock: no pass unless something else woke us.
             _ = fence_clock.tick() => work = false,
-            _ = tokio::time::sleep(RESYNC) => {}
+            _ = resync.tick() => {}
         }
     }
     watcher.abort();

@@ -18,7 +18,7 @@ use super::kv::{
     Command, Compare, Event, KeyValue, KvError, LeaseId, Op, OpResult, Outcome, Revision,
 };
 use super::node::Status;
-use super::protocol::{ErrorKind, Request, Response};
+use super::protocol::{ErrorKind, Request, Response, WATCH_SILENCE};
 
 /// The head start each endpoint gets over the next when connecting.
 const STAGGER: Duration = Duration::from_millis(150);
@@ -424,7 +424,18 @@ impl Watch {
                 }
             }
             let conn = self.conn.as_mut().expect("connected above");
-            match conn.recv().await {
+            // Members send a heartbeat on idle watches: silence this long
+            // means the member is gone without a word (cut off, powered off).
+            let Ok(received) = tokio::time::timeout(WATCH_SILENCE, conn.recv()).await else {
+                tracing::debug!(
+                    "watch on {}: silent for {WATCH_SILENCE:?}; moving to another member",
+                    self.endpoints[self.endpoint % self.endpoints.len().max(1)]
+                );
+                self.conn = None;
+                self.endpoint += 1;
+                continue;
+            };
+            match received {
                 Ok(Response::Events(events)) => {
                     let fresh: Vec<Event> = events
                         .into_iter()
@@ -457,7 +468,10 @@ impl Watch {
             prefix: self.prefix.clone(),
             from: self.next,
         };
-        match conn.call(&request).await {
+        let answer = tokio::time::timeout(WATCH_SILENCE, conn.call(&request))
+            .await
+            .unwrap_or_else(|_| Err(CodecError::Io(std::io::ErrorKind::TimedOut.into())));
+        match answer {
             Ok(Response::Events(first)) if first.is_empty() => Ok(conn),
             Ok(Response::Error {
                 message,

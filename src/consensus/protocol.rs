@@ -3,11 +3,23 @@
 //! Length-prefixed frames (see [`super::codec`]) holding a versioned
 //! [`Request`] and answered with one [`Response`]; a `Watch` turns the
 //! connection into a stream of `Events` frames until the client hangs up.
+//! While a watch has nothing to say, the member sends an empty `Events`
+//! frame every [`WATCH_HEARTBEAT`], so a client can tell a quiet watch from a
+//! member that went silent (cut off or powered off: no reset ever comes).
+
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::kv::{Command, Event, KeyValue, Outcome, Revision};
 use super::node::{RequestError, Status};
+
+/// How often a member sends an empty `Events` frame on an idle watch.
+pub const WATCH_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// How long a client waits on a silent watch before it gives the member up
+/// and resumes the watch on another.
+pub const WATCH_SILENCE: Duration = Duration::from_secs(3);
 
 /// A client's request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,7 +5,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::codec::{self, CodecError, MemberInfo};
 use super::node::{RequestError, WatchMsg, member_id};
-use super::protocol::{ErrorKind, Request, Response};
+use super::protocol::{ErrorKind, Request, Response, WATCH_HEARTBEAT};
 use super::runner::Handle;
 
 /// Serves clients on `listener` until the process ends.
@@ -25,6 +25,9 @@ pub async fn serve_clients(listener: TcpListener, node: Handle) {
 
 async fn connection(stream: TcpStream, node: Handle) -> Result<(), CodecError> {
     let _ = stream.set_nodelay(true);
+    // A client that went away without a reset (its host died) is noticed
+    // when its watch heartbeats stay unacknowledged, and its watch ends.
+    super::transport::limit_unacked(&stream);
     let (read, write) = stream.into_split();
     let mut read = BufReader::new(read);
     let mut write = BufWriter::new(write);
@@ -107,9 +110,20 @@ async fn stream_watch<W: tokio::io::AsyncWrite + Unpin>(
         Ok(events) => events,
         Err(e) => return send(write, &Response::from(e)).await,
     };
-    // An empty batch first: the client knows the watch is registered.
+    // An empty batch first: the client knows the watch is registered. Then
+    // one whenever the watch has been idle for a heartbeat.
     send(write, &Response::Events(Vec::new())).await?;
-    while let Some(message) = events.recv().await {
+    loop {
+        let message = tokio::select! {
+            message = events.recv() => match message {
+                Some(message) => message,
+                None => return Ok(()),
+            },
+            () = tokio::time::sleep(WATCH_HEARTBEAT) => {
+                send(write, &Response::Events(Vec::new())).await?;
+                continue;
+            }
+        };
         let response = match message {
             WatchMsg::Events(batch) => Response::Events(batch),
             WatchMsg::Compacted(c) => Response::Error {
@@ -119,5 +133,4 @@ async fn stream_watch<W: tokio::io::AsyncWrite + Unpin>(
         };
         send(write, &response).await?;
     }
-    Ok(())
 }

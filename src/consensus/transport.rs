@@ -158,10 +158,17 @@ async fn dial(addr: &str, back: &Notify) -> Option<TcpStream> {
         () = back.notified() => return None,
     };
     let _ = stream.set_nodelay(true);
-    if let Err(e) = socket2::SockRef::from(&stream).set_tcp_user_timeout(Some(UNACKED_LIMIT)) {
-        tracing::debug!("cannot set TCP_USER_TIMEOUT towards {addr}: {e}");
-    }
+    limit_unacked(&stream);
     Some(stream)
+}
+
+/// Sets `TCP_USER_TIMEOUT` to [`UNACKED_LIMIT`]: data a live peer's kernel
+/// would have acknowledged long ago ends the connection instead of queueing
+/// behind it for minutes.
+pub(super) fn limit_unacked(stream: &TcpStream) {
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_user_timeout(Some(UNACKED_LIMIT)) {
+        tracing::debug!("cannot set TCP_USER_TIMEOUT: {e}");
+    }
 }
 
 /// Keeps one connection to a peer and writes its queue to it; ends when the
