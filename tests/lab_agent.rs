@@ -882,3 +882,54 @@ fn an_agent_only_host_claims_promptly_after_the_server_it_watched_goes_silent() 
         assert_eq!(row.machine.as_deref(), Some(h4.as_str()), "{row:?}");
     }
 }
+
+#[test]
+fn a_frozen_member_neither_hangs_the_cli_nor_stops_the_cluster() {
+    let cluster = Cluster::up(3, 4);
+    cluster.submit(&[("plain@.service", PLAIN)]);
+    // Every client tries h1 first. Frozen, its daemon still has its port
+    // open (the kernel accepts connections for it) but answers nothing.
+    let out = cluster.exec(
+        "h1",
+        &["systemctl", "kill", "--signal=SIGSTOP", "flotilla.service"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // A bounded CLI call, so a hang fails here instead of stalling the suite.
+    let cli = |args: &[&str]| {
+        let started = Instant::now();
+        let out = std::process::Command::new("timeout")
+            .arg("30")
+            .arg(support::FLOTILLA)
+            .arg("--endpoint")
+            .arg(&cluster.endpoint)
+            .args(args)
+            .env_remove("FLOTILLA_ENDPOINT")
+            .output()
+            .unwrap();
+        (out, started.elapsed())
+    };
+    let (out, took) = cli(&["list-units"]);
+    assert!(
+        out.status.success(),
+        "list-units with h1 frozen: {}",
+        text(&out.stderr)
+    );
+    eprintln!("list-units answered in {took:?} with h1 frozen");
+    assert!(took < Duration::from_secs(5), "list-units took {took:?}");
+    let (out, took) = cli(&["start", "plain@1", "plain@2"]);
+    assert!(out.status.success(), "start: {}", text(&out.stderr));
+    eprintln!("start answered in {took:?} with h1 frozen");
+    assert!(took < Duration::from_secs(5), "start took {took:?}");
+    // h1's agent is frozen too: its lease runs out and nothing lands there.
+    let (active, took) = wait_for(Duration::from_secs(20), "2 active units", || {
+        let active = cluster.active();
+        (active.len() == 2).then_some(active)
+    });
+    eprintln!("both units active {took:?} after start: {active:?}");
+    assert!(active.values().flatten().all(|h| h != "h1"), "{active:?}");
+    let out = cluster.exec(
+        "h1",
+        &["systemctl", "kill", "--signal=SIGCONT", "flotilla.service"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

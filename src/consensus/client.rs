@@ -1,11 +1,14 @@
 //! The client of the Raft store, for the CLI, agents, tests and benchmarks.
 //!
 //! A client holds one connection to one member and fails over to the next
-//! endpoint when that member cannot be reached. Requests that found no leader
+//! endpoint when that member cannot be reached, or accepts but does not
+//! answer (a frozen member's kernel still accepts connections for it); after
+//! a member failed it, the client starts its next connection past it. Requests that found no leader
 //! changed nothing and are retried until the client's timeout; a request whose
 //! connection broke after it was sent has an unknown outcome and is reported
 //! as such, never silently retried.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::{BufReader, BufWriter};
@@ -22,6 +25,11 @@ use super::protocol::{ErrorKind, Request, Response, WATCH_SILENCE};
 
 /// The head start each endpoint gets over the next when connecting.
 const STAGGER: Duration = Duration::from_millis(150);
+
+/// How long a member that accepted a connection may take to answer its first
+/// request (its status) before the client tries the next one. A frozen or
+/// wedged member still accepts connections: its kernel does that for it.
+const FIRST_ANSWER: Duration = Duration::from_secs(1);
 
 /// How long a request may take, retries included, unless changed.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -129,6 +137,9 @@ pub struct Client {
     endpoints: Vec<String>,
     timeout: Duration,
     conn: Mutex<Option<(usize, Conn)>>,
+    /// Where the next reconnect starts: past a member that just failed us,
+    /// so a member that is down or wedged is not tried first every time.
+    prefer: AtomicUsize,
 }
 
 impl Client {
@@ -138,6 +149,7 @@ impl Client {
             endpoints: endpoints.to_vec(),
             timeout: DEFAULT_TIMEOUT,
             conn: Mutex::new(None),
+            prefer: AtomicUsize::new(0),
         };
         {
             let mut slot = client.conn.lock().await;
@@ -152,19 +164,62 @@ impl Client {
         self
     }
 
-    /// Connects to the first reachable endpoint from `start` on, then moves
-    /// to the leader when the member names a reachable one: writes then skip
-    /// the follower-to-leader hop. Any member still works if that fails.
+    /// Connects to the first endpoint from `start` on that answers, then
+    /// moves to the leader when the member names a reachable one: writes then
+    /// skip the follower-to-leader hop. Any member still works if that fails.
+    /// A member that accepts but does not answer within [`FIRST_ANSWER`] is
+    /// passed over for the next.
     async fn reconnect(&self, start: usize) -> Result<(usize, Conn), ClientError> {
-        let (i, mut conn) = self.open_first(start).await?;
-        if let Ok(Response::Status(status)) = conn.call(&Request::Status).await
-            && let Some(leader) = status.leader_client_addr
-            && leader != self.endpoints[i]
-            && let Ok(to_leader) = open(&leader).await
-        {
-            conn = to_leader;
+        let mut from = start;
+        let mut last = String::new();
+        for _ in 0..self.endpoints.len().max(1) {
+            let (i, mut conn) = self.open_first(from).await?;
+            // If this member hangs and the caller gives up, start past it.
+            self.prefer.store(i + 1, Ordering::Relaxed);
+            let status = match tokio::time::timeout(FIRST_ANSWER, conn.call(&Request::Status)).await
+            {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(e)) => {
+                    last = format!("{}: {e}", self.endpoints[i]);
+                    from = i + 1;
+                    continue;
+                }
+                Err(_) => {
+                    last = format!("{}: no answer within {FIRST_ANSWER:?}", self.endpoints[i]);
+                    from = i + 1;
+                    continue;
+                }
+            };
+            self.prefer.store(i, Ordering::Relaxed);
+            if let Response::Status(status) = status
+                && let Some(leader) = status.leader_client_addr
+                && leader != self.endpoints[i]
+                && let Ok(to_leader) = open(&leader).await
+            {
+                conn = to_leader;
+            }
+            return Ok((i, conn));
         }
-        Ok((i, conn))
+        Err(ClientError::Unreachable {
+            endpoints: self.endpoints.join(","),
+            last,
+        })
+    }
+
+    /// [`Client::reconnect`], given up at `deadline`.
+    async fn reconnect_by(
+        &self,
+        start: usize,
+        deadline: tokio::time::Instant,
+    ) -> Result<(usize, Conn), ClientError> {
+        tokio::time::timeout_at(deadline, self.reconnect(start))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ClientError::Unreachable {
+                    endpoints: self.endpoints.join(","),
+                    last: format!("no member answered within {:?}", self.timeout),
+                })
+            })
     }
 
     async fn open_first(&self, start: usize) -> Result<(usize, Conn), ClientError> {
@@ -180,7 +235,8 @@ impl Client {
             let (index, conn) = match slot.as_mut() {
                 Some((i, conn)) => (*i, conn),
                 None => {
-                    *slot = Some(self.reconnect(0).await?);
+                    let start = self.prefer.load(Ordering::Relaxed);
+                    *slot = Some(self.reconnect_by(start, deadline).await?);
                     continue;
                 }
             };
@@ -188,6 +244,8 @@ impl Client {
             match response {
                 Err(_) => {
                     *slot = None;
+                    // Start past this member next time: it may be wedged.
+                    self.prefer.store(index + 1, Ordering::Relaxed);
                     return Err(ClientError::Unknown(format!(
                         "no answer within {:?}",
                         self.timeout
@@ -195,7 +253,7 @@ impl Client {
                 }
                 Ok(Err(e)) => {
                     // The member went away mid-request; the next call starts on another.
-                    *slot = Some(self.reconnect(index + 1).await?);
+                    *slot = Some(self.reconnect_by(index + 1, deadline).await?);
                     if matches!(request, Request::Range { .. } | Request::Status) {
                         continue;
                     }
