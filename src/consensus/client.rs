@@ -3,10 +3,10 @@
 //! A client holds one connection to one member and fails over to the next
 //! endpoint when that member cannot be reached, or accepts but does not
 //! answer (a frozen member's kernel still accepts connections for it); after
-//! a member failed it, the client starts its next connection past it. Requests that found no leader
-//! changed nothing and are retried until the client's timeout; a request whose
-//! connection broke after it was sent has an unknown outcome and is reported
-//! as such, never silently retried.
+//! a member failed it, the client starts its next connection past it.
+//! Requests that found no leader changed nothing and are retried until the
+//! client's timeout; a request whose connection broke after it was sent has
+//! an unknown outcome and is reported as such, never silently retried.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
