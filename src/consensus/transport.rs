@@ -157,6 +157,12 @@ async fn dial(addr: &str, back: &Notify) -> Option<TcpStream> {
         connected = attempt => connected.ok()?.ok()?,
         () = back.notified() => return None,
     };
+    // Connected: a "peer is back" from before this is news no longer.
+    tokio::select! {
+        biased;
+        () = back.notified() => {}
+        () = std::future::ready(()) => {}
+    }
     let _ = stream.set_nodelay(true);
     limit_unacked(&stream);
     Some(stream)
