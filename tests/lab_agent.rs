@@ -847,8 +847,16 @@ fn an_agent_only_host_claims_promptly_after_the_server_it_watched_goes_silent() 
         "h4's agent talks to h1 first: {}",
         text(&out.stdout)
     );
+    // h4's own address, as its side of those connections shows it.
+    let h4_ip = text(&out.stdout)
+        .split_whitespace()
+        .nth(2)
+        .and_then(|local| local.rsplit_once(':'))
+        .map(|(ip, _)| format!("{ip}:"))
+        .expect("a connection line");
     // Cut off, h1 goes silent: no reset, no end of stream, nothing.
     cluster.lab(&["partition", "h1"]);
+    let cut = Instant::now();
     // Longer than a watch may stay silent before it is given up.
     std::thread::sleep(Duration::from_secs(4));
     wait_for(Duration::from_secs(10), "the cluster to answer", || {
@@ -871,6 +879,23 @@ fn an_agent_only_host_claims_promptly_after_the_server_it_watched_goes_silent() 
     for row in rows.iter().filter(|r| r.unit.starts_with("pinned@")) {
         assert_eq!(row.machine.as_deref(), Some(h4.as_str()), "{row:?}");
     }
+    // And h1 lets go of h4's connections (watch heartbeats unacknowledged,
+    // keepalive probes unanswered) instead of keeping them forever.
+    wait_for(
+        Duration::from_secs(20),
+        "h1 to drop h4's connections",
+        || {
+            let out = cluster.exec(
+                "h1",
+                &["ss", "-Htn", "state", "established", "( sport = :4001 )"],
+            );
+            (!text(&out.stdout).contains(&h4_ip)).then_some(())
+        },
+    );
+    eprintln!(
+        "h1 dropped h4's connections {:?} after the cut",
+        cut.elapsed()
+    );
 }
 
 #[test]

@@ -25,9 +25,11 @@ pub async fn serve_clients(listener: TcpListener, node: Handle) {
 
 async fn connection(stream: TcpStream, node: Handle) -> Result<(), CodecError> {
     let _ = stream.set_nodelay(true);
-    // A client that went away without a reset (its host died) is noticed
-    // when its watch heartbeats stay unacknowledged, and its watch ends.
+    // A client that went away without a reset (its host died) is noticed:
+    // on a watch when heartbeats stay unacknowledged, on an idle connection
+    // by keepalive probes. Its task and socket end either way.
     super::transport::limit_unacked(&stream);
+    super::transport::probe_when_idle(&stream);
     let (read, write) = stream.into_split();
     let mut read = BufReader::new(read);
     let mut write = BufWriter::new(write);

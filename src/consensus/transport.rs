@@ -177,6 +177,20 @@ pub(super) fn limit_unacked(stream: &TcpStream) {
     }
 }
 
+/// Turns on TCP keepalive ([`KEEPALIVE`]) for a connection we only read
+/// from: an idle one to a host that died without a reset then ends within
+/// seconds instead of holding its task and socket forever.
+pub(super) fn probe_when_idle(stream: &TcpStream) {
+    let (idle, interval, probes) = KEEPALIVE;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(interval)
+        .with_retries(probes);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        tracing::debug!("cannot set TCP keepalive: {e}");
+    }
+}
+
 /// Keeps one connection to a peer and writes its queue to it; ends when the
 /// peer is removed (its queue's sender is dropped).
 async fn write_to_peer(
@@ -232,17 +246,12 @@ async fn write_to_peer(
 /// Accepts peer connections and hands their messages to the node thread;
 /// `peers` is the transport's, so a peer that dials in is redialled at once.
 pub async fn serve_peers(listener: TcpListener, node: Handle, peers: Peers) {
-    let (idle, interval, probes) = KEEPALIVE;
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(idle)
-        .with_interval(interval)
-        .with_retries(probes);
     loop {
         let Ok((stream, from)) = listener.accept().await else {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+        probe_when_idle(&stream);
         let node = node.clone();
         let peers = peers.clone();
         tokio::spawn(async move {
