@@ -49,6 +49,12 @@ fn fenced_unit(machine: &str, secs: u64) -> String {
     format!("{PLAIN}[X-Fleet]\nMachineID={machine}\nFenceAfter={secs}\n")
 }
 
+/// `ss`'s established TCP connections on `host` matching `filter`, one a line.
+fn established(cluster: &Cluster, host: &str, filter: &str) -> String {
+    let out = cluster.exec(host, &["ss", "-Htn", "state", "established", filter]);
+    text(&out.stdout)
+}
+
 /// Every host's failed units matching `pattern`, which must be none.
 fn assert_none_failed(cluster: &Cluster, pattern: &str) {
     for host in &cluster.hosts {
@@ -837,18 +843,14 @@ fn an_agent_only_host_claims_promptly_after_the_server_it_watched_goes_silent() 
         &format!("{PLAIN}[X-Fleet]\nMachineID={h4}\n"),
     )]);
     cluster.ok(&["start", "pinned@0", "--block"]);
-    let out = cluster.exec(
-        "h4",
-        &["ss", "-Htn", "state", "established", "( dport = :4001 )"],
-    );
+    let h4_conns = established(&cluster, "h4", "( dport = :4001 )");
     let h1 = cluster.endpoint.split(',').next().unwrap().to_string();
     assert!(
-        text(&out.stdout).contains(&h1),
-        "h4's agent talks to h1 first: {}",
-        text(&out.stdout)
+        h4_conns.contains(&h1),
+        "h4's agent talks to h1 first: {h4_conns}"
     );
     // h4's own address, as its side of those connections shows it.
-    let h4_ip = text(&out.stdout)
+    let h4_ip = h4_conns
         .split_whitespace()
         .nth(2)
         .and_then(|local| local.rsplit_once(':'))
@@ -884,13 +886,7 @@ fn an_agent_only_host_claims_promptly_after_the_server_it_watched_goes_silent() 
     wait_for(
         Duration::from_secs(20),
         "h1 to drop h4's connections",
-        || {
-            let out = cluster.exec(
-                "h1",
-                &["ss", "-Htn", "state", "established", "( sport = :4001 )"],
-            );
-            (!text(&out.stdout).contains(&h4_ip)).then_some(())
-        },
+        || (!established(&cluster, "h1", "( sport = :4001 )").contains(&h4_ip)).then_some(()),
     );
     eprintln!(
         "h1 dropped h4's connections {:?} after the cut",
