@@ -18,5 +18,6 @@ pub mod node;
 pub mod protocol;
 pub mod runner;
 pub mod server;
+mod sockets;
 pub mod storage;
 pub mod transport;

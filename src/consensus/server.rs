@@ -28,8 +28,8 @@ async fn connection(stream: TcpStream, node: Handle) -> Result<(), CodecError> {
     // A client that went away without a reset (its host died) is noticed:
     // on a watch when heartbeats stay unacknowledged, on an idle connection
     // by keepalive probes. Its task and socket end either way.
-    super::transport::limit_unacked(&stream);
-    super::transport::probe_when_idle(&stream);
+    super::sockets::limit_unacked(&stream);
+    super::sockets::probe_when_idle(&stream);
     let (read, write) = stream.into_split();
     let mut read = BufReader::new(read);
     let mut write = BufWriter::new(write);

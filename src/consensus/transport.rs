@@ -11,8 +11,8 @@
 //! reset: the kernel would keep a connection to it "open" and queue our
 //! messages into it for minutes, and once the peer was back, TCP's backed-off
 //! retransmission could take seconds more to find out. So outbound
-//! connections carry `TCP_USER_TIMEOUT` ([`UNACKED_LIMIT`]): unacknowledged
-//! data that old ends the connection. And a peer that dials in is evidently
+//! connections carry `TCP_USER_TIMEOUT` (see `sockets.rs`):
+//! unacknowledged data that old ends the connection. And a peer that dials in is evidently
 //! back, so its writer, if it is waiting to reconnect, tries again at once.
 //! Inbound connections carry TCP keepalive so a dead peer's reader ends too.
 
@@ -28,6 +28,7 @@ use tokio::sync::{Notify, mpsc};
 
 use super::codec::{self, CodecError, MemberInfo};
 use super::runner::{self, Handle, Msg};
+use super::sockets::{limit_unacked, probe_when_idle};
 
 /// Messages queued per peer before new ones are dropped.
 const QUEUE: usize = 4096;
@@ -37,12 +38,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 /// The longest pause between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
-/// How long sent data may stay unacknowledged before the connection is
-/// given up (a live peer's kernel acknowledges within milliseconds, however
-/// busy the peer is).
-const UNACKED_LIMIT: Duration = Duration::from_secs(2);
-/// Keepalive on inbound connections: idle time, probe interval, probes.
-const KEEPALIVE: (Duration, Duration, u32) = (Duration::from_secs(5), Duration::from_secs(1), 3);
 
 fn encode(message: &Message) -> Vec<u8> {
     let mut frame = vec![codec::FORMAT_VERSION];
@@ -149,7 +144,7 @@ impl runner::Transport for TcpTransport {
     }
 }
 
-/// Connects to a peer within [`CONNECT_TIMEOUT`], with [`UNACKED_LIMIT`] set.
+/// Connects to a peer within [`CONNECT_TIMEOUT`], with [`limit_unacked`] set.
 /// `None` when it cannot, or when `back` says to start over at once.
 async fn dial(addr: &str, back: &Notify) -> Option<TcpStream> {
     let attempt = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr));
@@ -166,29 +161,6 @@ async fn dial(addr: &str, back: &Notify) -> Option<TcpStream> {
     let _ = stream.set_nodelay(true);
     limit_unacked(&stream);
     Some(stream)
-}
-
-/// Sets `TCP_USER_TIMEOUT` to [`UNACKED_LIMIT`]: data a live peer's kernel
-/// would have acknowledged long ago ends the connection instead of queueing
-/// behind it for minutes.
-pub(super) fn limit_unacked(stream: &TcpStream) {
-    if let Err(e) = socket2::SockRef::from(stream).set_tcp_user_timeout(Some(UNACKED_LIMIT)) {
-        tracing::debug!("cannot set TCP_USER_TIMEOUT: {e}");
-    }
-}
-
-/// Turns on TCP keepalive ([`KEEPALIVE`]) for a connection we only read
-/// from: an idle one to a host that died without a reset then ends within
-/// seconds instead of holding its task and socket forever.
-pub(super) fn probe_when_idle(stream: &TcpStream) {
-    let (idle, interval, probes) = KEEPALIVE;
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(idle)
-        .with_interval(interval)
-        .with_retries(probes);
-    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
-        tracing::debug!("cannot set TCP keepalive: {e}");
-    }
 }
 
 /// Keeps one connection to a peer and writes its queue to it; ends when the
