@@ -6,10 +6,11 @@
 //!    withdrawn; the machine's agent stops the unit and releases its claim.
 //! 2. Two units proposed on one machine that must not share it (a
 //!    `Conflicts` glob or `Replaces` that now matches, after a `--replace`)
-//!    evict one: the unit matched by the other's glob goes (both matching each
-//!    other: the greater name goes), so the unit whose file asked for the
-//!    exclusion keeps its place. A unit already evicted, or only claimed there
-//!    (being stopped), evicts nobody: it is leaving.
+//!    evict one, the one [`crate::units::colocation::evicted`] names: the unit
+//!    matched by the other's glob goes (both matching each other: the greater
+//!    name goes), so the unit whose file asked for the exclusion keeps its
+//!    place. A unit already evicted, or only claimed there (being stopped),
+//!    evicts nobody: it is leaving.
 //! 3. Units are then decided one by one in name order with
 //!    [`crate::units::placement::decide`], counting every proposal made so far
 //!    in this pass, so a bulk start spreads over the machines.
