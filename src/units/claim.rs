@@ -59,14 +59,7 @@ pub fn choose<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::units::{Requirements, Unit};
-
-    fn unit(name: &str, xfleet: &str) -> (UnitName, Requirements) {
-        let name = UnitName::parse(name).unwrap();
-        let text = format!("[Service]\nExecStart=/bin/true\n[X-Fleet]\n{xfleet}\n");
-        let unit = Unit::from_text(&name, &text).unwrap();
-        (name, unit.requirements().clone())
-    }
+    use crate::units::colocation::tests::unit;
 
     #[test]
     fn conflicting_candidates_are_never_chosen_together() {

@@ -99,11 +99,12 @@ fn naming(rules: &Requirements, other: &UnitName) -> Option<Rule> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::units::Unit;
 
-    fn unit(name: &str, xfleet: &str) -> (UnitName, Requirements) {
+    /// The unit `name` with `xfleet` as its `[X-Fleet]` section, as the rules see it.
+    pub(in crate::units) fn unit(name: &str, xfleet: &str) -> (UnitName, Requirements) {
         let name = UnitName::parse(name).unwrap();
         let text = format!("[Service]\nExecStart=/bin/true\n[X-Fleet]\n{xfleet}\n");
         let unit = Unit::from_text(&name, &text).unwrap();
