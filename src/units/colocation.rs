@@ -52,26 +52,35 @@ pub struct Exclusion {
 
 impl Exclusion {
     /// True when neither unit's rules keep them apart.
+    #[inline]
     pub fn allows_sharing(self) -> bool {
         self.by_first.is_none() && self.by_second.is_none()
     }
 }
 
 /// What the rules of `first` and `second` say about sharing one machine.
+///
+/// Placement asks this for every unit on every machine it considers, so it is
+/// kept cheap: names are compared only when a rule matched.
+#[inline]
 pub fn between(first: Ruled<'_>, second: Ruled<'_>) -> Exclusion {
-    if first.0 == second.0 {
-        return Exclusion {
-            by_first: None,
-            by_second: None,
-        };
-    }
-    Exclusion {
+    let exclusion = Exclusion {
         by_first: naming(first.1, second.0),
         by_second: naming(second.1, first.0),
+    };
+    if exclusion.allows_sharing() || first.0 != second.0 {
+        exclusion
+    } else {
+        // A unit never excludes itself.
+        Exclusion {
+            by_first: None,
+            by_second: None,
+        }
     }
 }
 
 /// Which of two units found on one machine must leave it, if they may not share it.
+#[inline]
 pub fn evicted<'a>(first: Ruled<'a>, second: Ruled<'a>) -> Option<&'a UnitName> {
     let exclusion = between(first, second);
     match (exclusion.by_first.is_some(), exclusion.by_second.is_some()) {
@@ -88,6 +97,7 @@ pub fn missing_peer(rules: &Requirements, here: impl Fn(&UnitName) -> bool) -> O
 }
 
 /// The option of a unit with `rules` that names `other`; `Conflicts` first.
+#[inline]
 fn naming(rules: &Requirements, other: &UnitName) -> Option<Rule> {
     if rules.conflict_glob_for(other).is_some() {
         Some(Rule::Conflicts)
