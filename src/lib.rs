@@ -5,7 +5,8 @@
 //! holds the daemon and the CLI.
 //!
 //! * [`units`]: the pure unit model: names, the unit-file parser, `[X-Fleet]`
-//!   rules, hashing and the placement decision. No I/O.
+//!   rules, hashing, which units may share a machine, the placement decision
+//!   and the claim check. No I/O.
 //! * [`consensus`]: the embedded Raft store; today its state machine.
 //! * [`agent`]: the per-host agent: presence, claims, systemd over D-Bus.
 //! * [`registry`]: the cluster's records of units and machines, and the

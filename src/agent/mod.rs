@@ -2,7 +2,7 @@
 //!
 //! * [`run`]: the loop: presence lease, claims, systemd, state reports.
 //! * [`identity`]: machine id, instance id, host name, published address.
-//! * [`claims`]: which proposals may be claimed together (pure).
+//! * [`claims`]: which proposals may be claimed together ([`crate::units::claim`], re-exported).
 //! * [`files`]: the unit files the agent wrote, under /run/flotilla/units.
 //! * [`notify`]: sd_notify without libsystemd (READY=1, STATUS=...).
 //! * [`reconcile`]: desired unit states against what systemd reports, turned

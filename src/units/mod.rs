@@ -11,9 +11,14 @@
 //! * [`fleet`]: the `[X-Fleet]` section's scheduling requirements.
 //! * [`glob`]: shell globs over unit names for `Conflicts=` and `Replaces=`.
 //! * [`unit`]: a named, validated unit file with its requirements.
+//! * [`colocation`]: which units may share a machine (`Conflicts`, `Replaces`,
+//!   `MachineOf`), the one rule placement, eviction and claims all ask.
 //! * [`placement`]: the scheduling decision as a pure function.
+//! * [`claim`]: which proposed units a machine may claim now, beside placement.
 //! * [`problem`]: diagnostics with line numbers, shared by all of the above.
 
+pub mod claim;
+pub mod colocation;
 pub mod file;
 pub mod fleet;
 pub mod glob;

@@ -1,7 +1,9 @@
 //! The placement decision: which machines may run a unit, and which one should.
 //!
-//! A pure function of its inputs, so the scheduler, the agent's claim check and
-//! the simulator reach the same answer from the same facts. fleet's rules, per
+//! A pure function of its inputs, so every node reaches the same answer from the
+//! same facts. What may share a machine (rules 3 to 5) is asked of
+//! [`super::colocation`], as the agent's claim check ([`super::claim`]) and the
+//! scheduler's eviction ask it, so all three apply one rule. fleet's rules, per
 //! candidate machine:
 //!
 //! 1. `MachineID` must name it (a full id, or an 8-character prefix that names
@@ -23,6 +25,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use super::colocation::{Rule, between, missing_peer};
 use super::fleet::{Requirements, id_matches};
 use super::name::UnitName;
 
@@ -236,37 +239,30 @@ fn check_machine(
             key: key.to_string(),
         });
     }
-    if let Some(peer) = requirements
-        .machine_of
-        .iter()
-        .find(|peer| !here.iter().any(|p| p.name == *peer))
-    {
+    if let Some(peer) = missing_peer(requirements, |peer| here.iter().any(|p| p.name == peer)) {
         return Err(Ineligible::MissingPeer { peer: peer.clone() });
     }
     let mut displaces = Vec::new();
     for placed in here {
-        if requirements.conflict_glob_for(placed.name).is_some()
-            || placed.requirements.conflict_glob_for(name).is_some()
-        {
-            return Err(Ineligible::Conflict {
-                with: placed.name.clone(),
-            });
-        }
-        let ours = requirements.replace_glob_for(placed.name).is_some();
-        let theirs = placed.requirements.replace_glob_for(name).is_some();
-        match (ours, theirs) {
-            (true, true) => {
+        let exclusion = between((name, requirements), (placed.name, placed.requirements));
+        match (exclusion.by_first, exclusion.by_second) {
+            (Some(Rule::Conflicts), _) | (_, Some(Rule::Conflicts)) => {
+                return Err(Ineligible::Conflict {
+                    with: placed.name.clone(),
+                });
+            }
+            (Some(Rule::Replaces), Some(Rule::Replaces)) => {
                 return Err(Ineligible::MutualReplace {
                     with: placed.name.clone(),
                 });
             }
-            (false, true) => {
+            (None, Some(Rule::Replaces)) => {
                 return Err(Ineligible::ReplacedBy {
                     by: placed.name.clone(),
                 });
             }
-            (true, false) => displaces.push(placed.name.clone()),
-            (false, false) => {}
+            (Some(Rule::Replaces), None) => displaces.push(placed.name.clone()),
+            (None, None) => {}
         }
     }
     Ok(displaces)
