@@ -35,9 +35,8 @@ use super::identity;
 use super::reconcile::{self, Action, Activity, Actual, Desired, TargetState};
 use super::systemd::{Systemd, UnitState};
 use crate::consensus::client::{Client, ClientError};
-use crate::consensus::kv::{KeyValue, LeaseId, Op, Revision};
+use crate::consensus::kv::{Compare, KeyValue, LeaseId, Op, Revision};
 use crate::registry::keys::{self, MachineKey};
-use crate::registry::ops::{delete, exists, revision_is, same_revision};
 use crate::registry::records::{self, Claim, MachineRecord, Proposal, ReportedState, Target};
 use crate::units::{Requirements, Unit, UnitHash, UnitName};
 
@@ -508,14 +507,10 @@ impl Agent {
 
     /// Writes the presence record on the current lease, if `key` is as read.
     async fn publish(&mut self, key: &str, read: Option<&KeyValue>) -> Result<(), String> {
-        let op = Op::Put {
-            key: key.to_string(),
-            value: records::encode(&self.me),
-            lease: Some(self.lease),
-        };
+        let op = Op::put_on_lease(key.to_string(), records::encode(&self.me), self.lease);
         let (ok, _, _) = self
             .client
-            .txn(vec![same_revision(key, read)], vec![op], Vec::new())
+            .txn(vec![Compare::unchanged(key, read)], vec![op], Vec::new())
             .await
             .map_err(|e| e.to_string())?;
         if ok {
@@ -737,27 +732,26 @@ impl Agent {
             return Ok(false);
         }
         let generation = keys::generation(&self.me.id);
-        let mut compare = vec![same_revision(&generation, view.generation.as_ref())];
-        let mut ops = vec![Op::Put {
-            key: generation,
-            value: Vec::new(),
-            lease: None,
-        }];
+        let mut compare = vec![Compare::unchanged(&generation, view.generation.as_ref())];
+        let mut ops = vec![Op::put(generation, Vec::new())];
         let claim = records::encode(&Claim {
             instance: self.me.instance.clone(),
         });
         for unit in &chosen_now {
             let (_, revision) = view.proposals[unit];
-            compare.push(revision_is(&keys::proposal(&self.me.id, unit), revision));
-            compare.push(same_revision(&keys::claim(&self.me.id, unit), None));
+            compare.push(Compare::revision_is(
+                &keys::proposal(&self.me.id, unit),
+                revision,
+            ));
+            compare.push(Compare::unchanged(&keys::claim(&self.me.id, unit), None));
             for peer in &candidate_rules[unit].machine_of {
-                compare.push(exists(&keys::claim(&self.me.id, peer)));
+                compare.push(Compare::exists(&keys::claim(&self.me.id, peer)));
             }
-            ops.push(Op::Put {
-                key: keys::claim(&self.me.id, unit),
-                value: claim.clone(),
-                lease: Some(self.lease),
-            });
+            ops.push(Op::put_on_lease(
+                keys::claim(&self.me.id, unit),
+                claim.clone(),
+                self.lease,
+            ));
         }
         let (ok, _, revision) = self.client.txn(compare, ops, Vec::new()).await?;
         if !ok {
@@ -791,9 +785,12 @@ impl Agent {
             if view.proposals.contains_key(unit) || local.contains_key(unit) {
                 continue;
             }
-            compare.push(revision_is(&keys::claim(&self.me.id, unit), *revision));
-            ops.push(delete(keys::claim(&self.me.id, unit), false));
-            ops.push(delete(keys::state(unit, &self.me.id), false));
+            compare.push(Compare::revision_is(
+                &keys::claim(&self.me.id, unit),
+                *revision,
+            ));
+            ops.push(Op::delete(keys::claim(&self.me.id, unit)));
+            ops.push(Op::delete(keys::state(unit, &self.me.id)));
             self.reported.remove(unit);
         }
         if !ops.is_empty() {
@@ -965,11 +962,11 @@ impl Agent {
                 sub: state.sub.clone(),
             };
             if self.reported.get(&unit) != Some(&record) {
-                ops.push(Op::Put {
-                    key: keys::state(&unit, &self.me.id),
-                    value: records::encode(&record),
-                    lease: Some(self.lease),
-                });
+                ops.push(Op::put_on_lease(
+                    keys::state(&unit, &self.me.id),
+                    records::encode(&record),
+                    self.lease,
+                ));
                 self.reported.insert(unit.clone(), record);
             }
         }
@@ -980,7 +977,7 @@ impl Agent {
             .cloned()
             .collect();
         for unit in gone {
-            ops.push(delete(keys::state(&unit, &self.me.id), false));
+            ops.push(Op::delete(keys::state(&unit, &self.me.id)));
             self.reported.remove(&unit);
         }
         self.dirty.clear();

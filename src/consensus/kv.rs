@@ -80,6 +80,31 @@ pub struct Compare {
     pub target: Target,
 }
 
+impl Compare {
+    /// Holds while `key`'s mod revision is `revision` (0: the key is absent).
+    pub fn revision_is(key: &str, revision: Revision) -> Compare {
+        Compare {
+            key: key.to_string(),
+            op: CompareOp::Equal,
+            target: Target::ModRevision(revision),
+        }
+    }
+
+    /// Holds while `key` is exactly as `read` found it (`None`: still absent).
+    pub fn unchanged(key: &str, read: Option<&KeyValue>) -> Compare {
+        Compare::revision_is(key, read.map_or(0, |kv| kv.mod_revision))
+    }
+
+    /// Holds while `key` exists.
+    pub fn exists(key: &str) -> Compare {
+        Compare {
+            key: key.to_string(),
+            op: CompareOp::Equal,
+            target: Target::Exists(true),
+        }
+    }
+}
+
 /// One operation inside a transaction.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
@@ -106,6 +131,31 @@ pub enum Op {
         /// Treat `key` as a prefix.
         prefix: bool,
     },
+}
+
+impl Op {
+    /// Sets `key` with no lease: it stays until deleted.
+    pub fn put(key: String, value: Vec<u8>) -> Op {
+        Op::Put {
+            key,
+            value,
+            lease: None,
+        }
+    }
+
+    /// Sets `key` on `lease`: it vanishes when the lease ends.
+    pub fn put_on_lease(key: String, value: Vec<u8>, lease: LeaseId) -> Op {
+        Op::Put {
+            key,
+            value,
+            lease: Some(lease),
+        }
+    }
+
+    /// Deletes the one key `key`.
+    pub fn delete(key: String) -> Op {
+        Op::Delete { key, prefix: false }
+    }
 }
 
 /// The result of one [`Op`].

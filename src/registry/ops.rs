@@ -13,7 +13,7 @@ use super::records::{
     self, Claim, DesiredState, MachineRecord, RecordError, ReportedState, UnitRecord,
 };
 use crate::consensus::client::{Client, ClientError};
-use crate::consensus::kv::{Compare, CompareOp, KeyValue, Op, Revision, Target as KvTarget};
+use crate::consensus::kv::{Compare, KeyValue, Op};
 use crate::units::{self, Unit, UnitKind, UnitName};
 
 /// Why an operation changed nothing.
@@ -112,10 +112,10 @@ pub async fn submit(
             Submitted::Created,
         ),
     };
-    let compare = vec![same_revision(&key, existing.as_ref())];
+    let compare = vec![Compare::unchanged(&key, existing.as_ref())];
     let ops = vec![
-        put(keys::body(&unit.hash()), text.as_bytes().to_vec()),
-        put(key, records::encode(&record)),
+        Op::put(keys::body(&unit.hash()), text.as_bytes().to_vec()),
+        Op::put(key, records::encode(&record)),
     ];
     let (ok, _, _) = client.txn(compare, ops, Vec::new()).await?;
     if !ok {
@@ -152,7 +152,7 @@ pub async fn set_desired(
             Some(kv) => records::decode::<UnitRecord>(&kv.key, &kv.value)?,
             None => {
                 let instance = instantiate(client, name, &existing, &mut templates).await?;
-                ops.push(put(
+                ops.push(Op::put(
                     keys::body(&instance.hash()),
                     instance.file().to_text().into_bytes(),
                 ));
@@ -166,11 +166,11 @@ pub async fn set_desired(
         if record.desired == desired && read.is_some() {
             continue;
         }
-        ops.push(put(
+        ops.push(Op::put(
             key.clone(),
             records::encode(&UnitRecord { desired, ..record }),
         ));
-        changes.push((name.clone(), same_revision(&key, read), ops));
+        changes.push((name.clone(), Compare::unchanged(&key, read), ops));
     }
     let changed = changes.len();
     for batch in changes.chunks(DESIRED_BATCH) {
@@ -255,11 +255,11 @@ pub async fn destroy(client: &Client, name: &UnitName) -> Result<bool, RegistryE
             && records::decode::<UnitRecord>(&other.key, &other.value)
                 .is_ok_and(|r| r.hash == record.hash)
     });
-    let mut ops = vec![delete(key.clone(), false)];
+    let mut ops = vec![Op::delete(key.clone())];
     if !shared {
-        ops.push(delete(keys::body(&record.hash), false));
+        ops.push(Op::delete(keys::body(&record.hash)));
     }
-    let compare = vec![same_revision(&key, Some(&kv))];
+    let compare = vec![Compare::unchanged(&key, Some(&kv))];
     let (ok, _, _) = client.txn(compare, ops, Vec::new()).await?;
     if !ok {
         return Err(RegistryError::Raced(name.clone()));
@@ -330,9 +330,9 @@ pub async fn find_machine(client: &Client, prefix: &str) -> Result<MachineRecord
 /// undrained.
 pub async fn set_drained(client: &Client, id: &str, drained: bool) -> Result<(), RegistryError> {
     let op = if drained {
-        put(keys::drain(id), Vec::new())
+        Op::put(keys::drain(id), Vec::new())
     } else {
-        delete(keys::drain(id), false)
+        Op::delete(keys::drain(id))
     };
     client.txn(Vec::new(), vec![op], Vec::new()).await?;
     Ok(())
@@ -441,41 +441,4 @@ pub async fn still_placed(
         }
     }
     Ok(placed)
-}
-
-/// A compare that holds while `key`'s mod revision is `revision` (0: absent).
-pub fn revision_is(key: &str, revision: Revision) -> Compare {
-    Compare {
-        key: key.to_string(),
-        op: CompareOp::Equal,
-        target: KvTarget::ModRevision(revision),
-    }
-}
-
-/// A compare that holds while `key` is exactly as read (`None`: still absent).
-pub fn same_revision(key: &str, read: Option<&KeyValue>) -> Compare {
-    revision_is(key, read.map_or(0, |kv| kv.mod_revision))
-}
-
-/// A compare that holds while `key` exists.
-pub fn exists(key: &str) -> Compare {
-    Compare {
-        key: key.to_string(),
-        op: CompareOp::Equal,
-        target: KvTarget::Exists(true),
-    }
-}
-
-/// A put without lease.
-pub fn put(key: String, value: Vec<u8>) -> Op {
-    Op::Put {
-        key,
-        value,
-        lease: None,
-    }
-}
-
-/// A delete of one key, or of a prefix.
-pub fn delete(key: String, prefix: bool) -> Op {
-    Op::Delete { key, prefix }
 }

@@ -19,7 +19,6 @@ use crate::consensus::client::{Client, ClientError};
 use crate::consensus::kv::{Compare, Op, Revision};
 use crate::consensus::runner::Handle;
 use crate::registry::keys::{self, MachineKey};
-use crate::registry::ops::{delete, put, revision_is, same_revision};
 use crate::registry::records::{self, MachineRecord, Proposal, Target, UnitRecord};
 use crate::units::placement::Machine;
 use crate::units::{Requirements, Unit, UnitHash, UnitKind, UnitName};
@@ -306,18 +305,18 @@ fn transaction(change: &Change) -> (Vec<Compare>, Vec<Op>) {
         } => {
             let target = keys::proposal(machine, unit);
             let mut compare = Vec::new();
-            let mut ops = vec![put(target.clone(), records::encode(proposal))];
+            let mut ops = vec![Op::put(target.clone(), records::encode(proposal))];
             match placed_revision {
                 Some(revision) => {
-                    compare.push(revision_is(&keys::placed(unit), *revision));
-                    ops.push(put(keys::placed(unit), machine.as_bytes().to_vec()));
+                    compare.push(Compare::revision_is(&keys::placed(unit), *revision));
+                    ops.push(Op::put(keys::placed(unit), machine.as_bytes().to_vec()));
                 }
-                None => compare.push(same_revision(&target, None)),
+                None => compare.push(Compare::unchanged(&target, None)),
             }
             if let Some((old, revision)) = from {
-                compare.push(revision_is(&keys::proposal(old, unit), *revision));
-                compare.push(same_revision(&keys::claim(old, unit), None));
-                ops.push(delete(keys::proposal(old, unit), false));
+                compare.push(Compare::revision_is(&keys::proposal(old, unit), *revision));
+                compare.push(Compare::unchanged(&keys::claim(old, unit), None));
+                ops.push(Op::delete(keys::proposal(old, unit)));
             }
             (compare, ops)
         }
@@ -329,8 +328,8 @@ fn transaction(change: &Change) -> (Vec<Compare>, Vec<Op>) {
         } => {
             let key = keys::proposal(machine, unit);
             (
-                vec![revision_is(&key, *mod_revision)],
-                vec![put(key, records::encode(proposal))],
+                vec![Compare::revision_is(&key, *mod_revision)],
+                vec![Op::put(key, records::encode(proposal))],
             )
         }
         Change::Withdraw {
@@ -340,11 +339,11 @@ fn transaction(change: &Change) -> (Vec<Compare>, Vec<Op>) {
             placed_revision,
         } => {
             let key = keys::proposal(machine, unit);
-            let mut compare = vec![revision_is(&key, *mod_revision)];
-            let mut ops = vec![delete(key, false)];
+            let mut compare = vec![Compare::revision_is(&key, *mod_revision)];
+            let mut ops = vec![Op::delete(key)];
             if let Some(revision) = placed_revision {
-                compare.push(revision_is(&keys::placed(unit), *revision));
-                ops.push(delete(keys::placed(unit), false));
+                compare.push(Compare::revision_is(&keys::placed(unit), *revision));
+                ops.push(Op::delete(keys::placed(unit)));
             }
             (compare, ops)
         }
