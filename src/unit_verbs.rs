@@ -12,7 +12,7 @@ use serde_json::json;
 use flotilla::cli::{ListArgs, SubmitArgs, UnitsArgs};
 use flotilla::consensus::client::Client;
 use flotilla::registry::ops::{self, Submitted, UnitRow};
-use flotilla::registry::records::DesiredState;
+use flotilla::registry::records::{DesiredState, Target};
 use flotilla::units::{Unit, UnitName};
 use flotilla::verify;
 
@@ -168,36 +168,24 @@ async fn block(
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         }
+        let target = Target::of(desired).expect("inactive is handled above");
         let rows = ops::unit_rows(client).await?;
         let mut pending = Vec::new();
         for name in names {
             let mine: Vec<&UnitRow> = rows.iter().filter(|r| &r.name == name).collect();
             if let Some(failed) = mine
                 .iter()
-                .find(|r| r.state.as_ref().is_some_and(|s| s.active == "failed"))
+                .find(|r| r.state.as_ref().is_some_and(|s| s.state.is_failed()))
             {
                 bail!(
-                    "{name} failed on machine {}; see `flotilla status {name}` or its journal there",
+                    "{name} failed on machine {}; read its log there: journalctl -u {name}",
                     failed.machine.as_deref().unwrap_or("?")
                 );
             }
-            let done = match desired {
-                DesiredState::Launched => {
-                    !mine.is_empty()
-                        && mine
-                            .iter()
-                            .all(|r| r.state.as_ref().is_some_and(|s| s.active == "active"))
-                }
-                DesiredState::Loaded => {
-                    !mine.is_empty()
-                        && mine.iter().all(|r| {
-                            r.state
-                                .as_ref()
-                                .is_some_and(|s| s.load == "loaded" && s.active != "active")
-                        })
-                }
-                DesiredState::Inactive => unreachable!("handled above"),
-            };
+            let done = !mine.is_empty()
+                && mine
+                    .iter()
+                    .all(|r| r.state.as_ref().is_some_and(|s| s.state.reached(target)));
             if !done {
                 pending.push(name.to_string());
             }
@@ -263,9 +251,9 @@ pub async fn list_units(client: &Client, args: &ListArgs) -> Result<ExitCode> {
                     "machine": r.machine,
                     "ip": r.ip,
                     "claimed": r.claimed,
-                    "load": r.state.as_ref().map(|s| s.load.clone()),
-                    "active": r.state.as_ref().map(|s| s.active.clone()),
-                    "sub": r.state.as_ref().map(|s| s.sub.clone()),
+                    "load": r.state.as_ref().map(|s| s.state.load.clone()),
+                    "active": r.state.as_ref().map(|s| s.state.active.clone()),
+                    "sub": r.state.as_ref().map(|s| s.state.sub.clone()),
                 })
             })
             .collect();
@@ -283,7 +271,11 @@ pub async fn list_units(client: &Client, args: &ListArgs) -> Result<ExitCode> {
             (None, _) => "-".to_string(),
         };
         let (load, active, sub) = match &r.state {
-            Some(s) => (s.load.as_str(), s.active.as_str(), s.sub.as_str()),
+            Some(s) => (
+                s.state.load.as_str(),
+                s.state.active.as_str(),
+                s.state.sub.as_str(),
+            ),
             None if r.claimed => ("-", "-", "-"),
             None if r.machine.is_some() => ("-", "proposed", "-"),
             None => ("-", "unplaced", "-"),

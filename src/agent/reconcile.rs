@@ -4,28 +4,28 @@
 //! state (`loaded`: file written and linked; `launched`: also started), and
 //! what systemd reports for the units flotilla manages. This module turns the
 //! difference into actions in a safe order: stops first, then unloads, then
-//! loads, one daemon reload for the whole batch, then starts. A unit whose body
-//! changed is unloaded and loaded again. A unit systemd reports `failed` is left
-//! to its own `Restart=` policy and reported, not restarted in a loop here.
+//! loads, at most one daemon reload for the whole batch, then starts. A unit
+//! whose body changed is unloaded and loaded again; a file flotilla wrote that
+//! no longer parses is stopped and unloaded. A unit systemd reports `failed`
+//! is left to its own `Restart=` policy and reported, not restarted in a loop
+//! here.
+//!
+//! systemd is reloaded only when the batch unloads a unit or loads one under a
+//! name systemd still holds (a changed body, or a unit from before that it
+//! remembers): systemd (252 checked) loads a newly linked file on demand, and
+//! a reload with hundreds of units loaded costs most of a second of its time.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
+use crate::registry::UnitState;
+use crate::registry::records::Target;
 use crate::units::{UnitHash, UnitName};
-
-/// The state the cluster wants a unit in on this host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TargetState {
-    /// File written and linked into systemd, not started.
-    Loaded,
-    /// Loaded and started.
-    Launched,
-}
 
 /// What the cluster wants for one unit on this host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Desired {
     /// Loaded or launched.
-    pub target: TargetState,
+    pub target: Target,
     /// The body to run.
     pub hash: UnitHash,
 }
@@ -41,11 +41,23 @@ pub enum Activity {
     Failed,
 }
 
+impl Activity {
+    /// The activity of a unit in `state`; stopped when systemd said nothing.
+    pub fn of(state: Option<&UnitState>) -> Activity {
+        match state {
+            Some(s) if s.is_running() => Activity::Running,
+            Some(s) if s.is_failed() => Activity::Failed,
+            _ => Activity::Stopped,
+        }
+    }
+}
+
 /// What this host has for one flotilla-managed unit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Actual {
-    /// The body whose file is written and linked.
-    pub hash: UnitHash,
+    /// The body whose file is written and linked; `None` when the file no
+    /// longer parses (it is stopped and unloaded).
+    pub hash: Option<UnitHash>,
     /// What systemd reports.
     pub activity: Activity,
 }
@@ -66,43 +78,51 @@ pub enum Action {
 }
 
 /// The actions that take `actual` to `desired`, in execution order.
+/// `held` names the units systemd holds in memory (LoadState other than
+/// `not-found`; see [`UnitState::is_held`]) among those with no file here:
+/// loading one of them needs a daemon reload, loading any other does not.
 pub fn reconcile(
     desired: &BTreeMap<UnitName, Desired>,
     actual: &BTreeMap<UnitName, Actual>,
+    held: &BTreeSet<UnitName>,
 ) -> Vec<Action> {
     let mut stops = Vec::new();
     let mut unloads = Vec::new();
     let mut loads = Vec::new();
     let mut starts = Vec::new();
     for (name, have) in actual {
-        let unwanted = desired.get(name).is_none_or(|want| want.hash != have.hash);
-        let should_stop = unwanted
-            || desired
-                .get(name)
-                .is_some_and(|want| want.target == TargetState::Loaded);
-        if should_stop && have.activity == Activity::Running {
+        let want = desired
+            .get(name)
+            .filter(|want| have.hash == Some(want.hash));
+        let should_stop = match have.hash {
+            // Unreadable: whatever systemd runs from it must go.
+            None => true,
+            Some(_) => {
+                have.activity == Activity::Running
+                    && want.is_none_or(|want| want.target == Target::Loaded)
+            }
+        };
+        if should_stop {
             stops.push(Action::Stop(name.clone()));
         }
-        if unwanted {
+        if want.is_none() {
             unloads.push(Action::Unload(name.clone()));
         }
     }
+    let mut reload = !unloads.is_empty();
     for (name, want) in desired {
-        let have = actual.get(name).filter(|have| have.hash == want.hash);
+        let have = actual.get(name).filter(|have| have.hash == Some(want.hash));
         if have.is_none() {
             loads.push(Action::Load(name.clone(), want.hash));
+            reload |= held.contains(name);
         }
         let running = have.is_some_and(|h| h.activity == Activity::Running);
         let failed = have.is_some_and(|h| h.activity == Activity::Failed);
-        if want.target == TargetState::Launched && !running && !failed {
+        if want.target == Target::Launched && !running && !failed {
             starts.push(Action::Start(name.clone()));
         }
     }
-    let reload = if loads.is_empty() && unloads.is_empty() {
-        None
-    } else {
-        Some(Action::Reload)
-    };
+    let reload = reload.then_some(Action::Reload);
     stops
         .into_iter()
         .chain(unloads)
@@ -127,7 +147,7 @@ mod tests {
             .hash()
     }
 
-    fn want(pairs: &[(&str, TargetState, &str)]) -> BTreeMap<UnitName, Desired> {
+    fn want(pairs: &[(&str, Target, &str)]) -> BTreeMap<UnitName, Desired> {
         pairs
             .iter()
             .map(|(n, t, b)| {
@@ -150,21 +170,26 @@ mod tests {
                     name(n),
                     Actual {
                         activity: *a,
-                        hash: hash(b),
+                        hash: Some(hash(b)),
                     },
                 )
             })
             .collect()
     }
 
+    /// Nothing loaded by systemd under any name.
+    fn none_held() -> BTreeSet<UnitName> {
+        BTreeSet::new()
+    }
+
     use Activity::*;
-    use TargetState::*;
+    use Target::*;
 
     #[test]
     fn nothing_to_do_when_converged() {
         let d = want(&[("a.service", Launched, "x"), ("b.service", Loaded, "y")]);
         let a = have(&[("a.service", Running, "x"), ("b.service", Stopped, "y")]);
-        assert!(reconcile(&d, &a).is_empty());
+        assert!(reconcile(&d, &a, &none_held()).is_empty());
     }
 
     #[test]
@@ -174,7 +199,10 @@ mod tests {
             ("b.service", Launched, "y"),
             ("c.service", Loaded, "z"),
         ]);
-        let actions = reconcile(&d, &BTreeMap::new());
+        // systemd still holds one of the names (a unit from before): one
+        // reload for the whole batch.
+        let held = BTreeSet::from([name("b.service")]);
+        let actions = reconcile(&d, &BTreeMap::new(), &held);
         assert_eq!(
             actions,
             [
@@ -189,10 +217,58 @@ mod tests {
     }
 
     #[test]
+    fn names_systemd_never_held_load_without_a_reload() {
+        let d = want(&[("a.service", Launched, "x"), ("c.service", Loaded, "z")]);
+        assert_eq!(
+            reconcile(&d, &BTreeMap::new(), &none_held()),
+            [
+                Action::Load(name("a.service"), hash("x")),
+                Action::Load(name("c.service"), hash("z")),
+                Action::Start(name("a.service")),
+            ]
+        );
+    }
+
+    #[test]
+    fn unreadable_files_are_stopped_and_unloaded_whatever_their_state() {
+        let mut a = have(&[("a.service", Stopped, "x")]);
+        a.insert(
+            name("broken.service"),
+            Actual {
+                hash: None,
+                activity: Stopped,
+            },
+        );
+        let d = want(&[("a.service", Launched, "x")]);
+        assert_eq!(
+            reconcile(&d, &a, &none_held()),
+            [
+                Action::Stop(name("broken.service")),
+                Action::Unload(name("broken.service")),
+                Action::Reload,
+                Action::Start(name("a.service")),
+            ]
+        );
+    }
+
+    #[test]
+    fn activity_reads_systemd_s_active_state() {
+        let state = |active: &str| UnitState {
+            load: "loaded".into(),
+            active: active.into(),
+            sub: String::new(),
+        };
+        assert_eq!(Activity::of(Some(&state("activating"))), Running);
+        assert_eq!(Activity::of(Some(&state("failed"))), Failed);
+        assert_eq!(Activity::of(Some(&state("deactivating"))), Stopped);
+        assert_eq!(Activity::of(None), Stopped);
+    }
+
+    #[test]
     fn unwanted_units_stop_then_unload() {
         let a = have(&[("a.service", Running, "x"), ("b.service", Stopped, "y")]);
         assert_eq!(
-            reconcile(&BTreeMap::new(), &a),
+            reconcile(&BTreeMap::new(), &a, &none_held()),
             [
                 Action::Stop(name("a.service")),
                 Action::Unload(name("a.service")),
@@ -207,7 +283,7 @@ mod tests {
         let d = want(&[("a.service", Launched, "new")]);
         let a = have(&[("a.service", Running, "old")]);
         assert_eq!(
-            reconcile(&d, &a),
+            reconcile(&d, &a, &none_held()),
             [
                 Action::Stop(name("a.service")),
                 Action::Unload(name("a.service")),
@@ -223,7 +299,7 @@ mod tests {
         let d = want(&[("a.service", Loaded, "x"), ("b.service", Launched, "y")]);
         let a = have(&[("a.service", Running, "x"), ("b.service", Stopped, "y")]);
         assert_eq!(
-            reconcile(&d, &a),
+            reconcile(&d, &a, &none_held()),
             [
                 Action::Stop(name("a.service")),
                 Action::Start(name("b.service"))
@@ -235,6 +311,6 @@ mod tests {
     fn failed_units_are_left_to_systemd() {
         let d = want(&[("a.service", Launched, "x")]);
         let a = have(&[("a.service", Failed, "x")]);
-        assert!(reconcile(&d, &a).is_empty());
+        assert!(reconcile(&d, &a, &none_held()).is_empty());
     }
 }

@@ -32,7 +32,7 @@ use tokio::sync::{Notify, watch};
 use super::claims::{self, Ruled};
 use super::files::{LocalUnit, UnitFiles};
 use super::identity;
-use super::reconcile::{self, Action, Activity, Actual, Desired, TargetState};
+use super::reconcile::{self, Action, Activity, Actual, Desired};
 use super::systemd::{Systemd, UnitState};
 use crate::consensus::client::{Client, ClientError};
 use crate::consensus::kv::{Compare, KeyValue, LeaseId, Op, Revision};
@@ -580,9 +580,8 @@ impl Agent {
                 // A fenced unit stays loaded but is not started until the
                 // cluster is in reach again.
                 let target = match proposal.target {
-                    _ if self.fenced.contains(unit) => TargetState::Loaded,
-                    Target::Loaded => TargetState::Loaded,
-                    Target::Launched => TargetState::Launched,
+                    _ if self.fenced.contains(unit) => Target::Loaded,
+                    target => target,
                 };
                 desired.insert(
                     unit.clone(),
@@ -593,47 +592,25 @@ impl Agent {
                 );
             }
         }
-        let mut actual = BTreeMap::new();
-        let mut broken = Vec::new();
         self.read_states(local.keys()).await;
-        for (unit, found) in &local {
-            match found {
-                Some(found) => {
-                    let activity = self.activity(unit);
-                    actual.insert(
-                        unit.clone(),
-                        Actual {
-                            hash: found.hash,
-                            activity,
-                        },
-                    );
-                }
-                None => broken.push(unit.clone()),
-            }
-        }
-        let mut actions: Vec<Action> = broken.iter().cloned().map(Action::Stop).collect();
-        actions.extend(broken.into_iter().map(Action::Unload));
-        actions.extend(reconcile::reconcile(&desired, &actual));
-        let loads: Vec<UnitName> = actions
+        let actual: BTreeMap<UnitName, Actual> = local
             .iter()
-            .filter_map(|a| match a {
-                Action::Load(unit, _) => Some(unit.clone()),
-                _ => None,
+            .map(|(unit, found)| {
+                let have = Actual {
+                    hash: found.as_ref().map(|f| f.hash),
+                    activity: Activity::of(self.states.get(unit)),
+                };
+                (unit.clone(), have)
             })
             .collect();
-        self.read_states(loads.iter()).await;
-        let reload = actions.iter().any(|a| matches!(a, Action::Unload(_)))
-            || loads.iter().any(|u| {
-                actual.contains_key(u) || self.states.get(u).is_some_and(|s| s.load != "not-found")
-            });
-        actions.retain(|a| *a != Action::Reload);
-        if reload {
-            let at = actions
-                .iter()
-                .position(|a| matches!(a, Action::Start(_)))
-                .unwrap_or(actions.len());
-            actions.insert(at, Action::Reload);
-        }
+        let absent: Vec<&UnitName> = desired.keys().filter(|u| !local.contains_key(*u)).collect();
+        self.read_states(absent.iter().copied()).await;
+        let held = absent
+            .into_iter()
+            .filter(|u| self.states.get(*u).is_some_and(UnitState::is_held))
+            .cloned()
+            .collect();
+        let actions = reconcile::reconcile(&desired, &actual, &held);
         if !actions.is_empty() {
             tracing::debug!("agent: {} actions", actions.len());
             self.execute(&actions).await;
@@ -817,15 +794,6 @@ impl Agent {
         }
     }
 
-    /// The unit's activity as systemd reports it (after [`Agent::read_states`]).
-    fn activity(&self, unit: &UnitName) -> Activity {
-        match self.states.get(unit).map(|s| s.active.as_str()) {
-            Some("active" | "activating" | "reloading") => Activity::Running,
-            Some("failed") => Activity::Failed,
-            _ => Activity::Stopped,
-        }
-    }
-
     /// Asks systemd for each action in order; failures are logged and the
     /// next pass tries again. Runs of loads and of unloads go to systemd as
     /// one link or disable call each.
@@ -957,9 +925,7 @@ impl Agent {
             };
             let record = ReportedState {
                 hash: found.hash,
-                load: state.load.clone(),
-                active: state.active.clone(),
-                sub: state.sub.clone(),
+                state: state.clone(),
             };
             if self.reported.get(&unit) != Some(&record) {
                 ops.push(Op::put_on_lease(

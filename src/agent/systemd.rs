@@ -30,6 +30,8 @@ use zbus::message::Type as MessageType;
 use zbus::proxy::CacheProperties;
 use zbus::{Connection, MatchRule, Message, MessageStream, ObjectPath, OwnedObjectPath, proxy};
 
+use crate::registry::unit_state::OCCUPYING_STATES;
+
 /// The D-Bus error systemd answers when a unit it was asked about is not loaded.
 const NO_SUCH_UNIT: &str = "org.freedesktop.systemd1.NoSuchUnit";
 
@@ -47,10 +49,6 @@ const UNIT_PATH_PREFIX: &str = "/org/freedesktop/systemd1/unit/";
 /// interface (`...Service`, `...Socket`, ...), so watching it alone misses no
 /// state change and halves the signals the watcher reads.
 const UNIT_INTERFACE: &str = "org.freedesktop.systemd1.Unit";
-
-/// ActiveStates in which a unit is running or on its way in or out, as
-/// [`Systemd::active_units_matching`] counts them.
-const ACTIVE_STATES: [&str; 4] = ["active", "activating", "reloading", "deactivating"];
 
 /// How many signals zbus may queue for the watcher before its socket reader
 /// waits (which stalls every call on the connection). The watcher drains the
@@ -176,15 +174,14 @@ pub trait Unit {
     fn active_enter_timestamp(&self) -> zbus::Result<u64>;
 }
 
-/// A unit's three states as systemd reports them (fleet's LOAD/ACTIVE/SUB).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UnitState {
-    /// LoadState, e.g. "loaded" or "not-found".
-    pub load: String,
-    /// ActiveState, e.g. "active" or "failed".
-    pub active: String,
-    /// SubState, e.g. "running" or "dead".
-    pub sub: String,
+/// A unit's three states, the registry's own type: what systemd reports is
+/// what the store holds.
+pub use crate::registry::UnitState;
+
+/// The name and states of a listed unit.
+fn listed(unit: UnitListing) -> (String, UnitState) {
+    let (name, _, load, active, sub, ..) = unit;
+    (name, UnitState { load, active, sub })
 }
 
 /// What went wrong talking to systemd.
@@ -405,23 +402,17 @@ impl Systemd {
         if names.is_empty() {
             return Ok(Vec::new());
         }
-        let listed = self
+        let units = self
             .manager
             .list_units_by_names(names)
             .await
             .map_err(call("list", &names.join(" ")))?;
-        let mut found: std::collections::HashMap<String, UnitState> = listed
-            .into_iter()
-            .map(|(name, _, load, active, sub, ..)| (name, UnitState { load, active, sub }))
-            .collect();
+        let mut found: std::collections::HashMap<String, UnitState> =
+            units.into_iter().map(listed).collect();
         Ok(names
             .iter()
             .map(|name| {
-                let state = found.remove(*name).unwrap_or_else(|| UnitState {
-                    load: "not-found".to_string(),
-                    active: "inactive".to_string(),
-                    sub: "dead".to_string(),
-                });
+                let state = found.remove(*name).unwrap_or_else(UnitState::not_found);
                 (name.to_string(), state)
             })
             .collect())
@@ -534,15 +525,16 @@ impl Systemd {
         let patterns: Vec<&str> = patterns.iter().map(String::as_str).collect();
         let units = self
             .manager
-            .list_units_by_patterns(&ACTIVE_STATES, &patterns)
+            .list_units_by_patterns(&OCCUPYING_STATES, &patterns)
             .await
             .map_err(call("list the units matching", &patterns.join(" ")))?;
         // systemd keeps a unit when any of its three states is in the list, and
         // some SubStates share a name with an ActiveState, so check ActiveState.
         Ok(units
             .into_iter()
-            .filter(|unit| ACTIVE_STATES.contains(&unit.3.as_str()))
-            .map(|unit| unit.0)
+            .map(listed)
+            .filter(|(_, state)| state.is_occupying())
+            .map(|(name, _)| name)
             .collect())
     }
 

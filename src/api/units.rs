@@ -150,17 +150,10 @@ pub fn unit_from_options(name: &UnitName, options: &[OptionJson]) -> Result<Unit
     Ok(Unit::from_file(name, file)?)
 }
 
-/// fleet's current state from systemd's report on one machine: `launched`
-/// while the unit is active (or on its way), `loaded` while systemd has it
-/// loaded otherwise (stopped or failed), else `inactive`.
+/// fleet's current state from systemd's report on one machine
+/// ([`crate::registry::UnitState::current_state`]); `inactive` where nothing was reported.
 pub fn current_state(state: Option<&ReportedState>) -> DesiredState {
-    match state {
-        Some(s) if matches!(s.active.as_str(), "active" | "activating" | "reloading") => {
-            DesiredState::Launched
-        }
-        Some(s) if s.load == "loaded" => DesiredState::Loaded,
-        _ => DesiredState::Inactive,
-    }
+    state.map_or(DesiredState::Inactive, |s| s.state.current_state())
 }
 
 /// Stored bodies as options, each parsed once per request.
@@ -326,9 +319,9 @@ pub async fn states(State(shared): State<Arc<Shared>>) -> Result<Json<StateList>
                 name: row.name.to_string(),
                 hash: state.hash.to_string(),
                 machine_id: machine,
-                load: state.load,
-                active: state.active,
-                sub: state.sub,
+                load: state.state.load,
+                active: state.state.active,
+                sub: state.state.sub,
             })
         })
         .collect();
@@ -338,6 +331,7 @@ pub async fn states(State(shared): State<Arc<Shared>>) -> Result<Json<StateList>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::UnitState;
 
     fn name(n: &str) -> UnitName {
         UnitName::parse(n).unwrap()
@@ -416,9 +410,11 @@ mod tests {
     fn current_state_follows_systemd() {
         let reported = |load: &str, active: &str| ReportedState {
             hash: UnitHash::of_text(""),
-            load: load.into(),
-            active: active.into(),
-            sub: String::new(),
+            state: UnitState {
+                load: load.into(),
+                active: active.into(),
+                sub: String::new(),
+            },
         };
         let cases = [
             (Some(reported("loaded", "active")), DesiredState::Launched),

@@ -7,8 +7,12 @@
 //!
 //! * [`keys`]: one function per key family.
 //! * [`records`]: the JSON values stored under those keys.
+//! * [`unit_state`]: systemd's LOAD/ACTIVE/SUB and the questions asked of them.
 //! * [`ops`]: the user-facing operations (submit, start, stop, destroy, list).
 
 pub mod keys;
 pub mod ops;
 pub mod records;
+pub mod unit_state;
+
+pub use unit_state::UnitState;

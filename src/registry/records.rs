@@ -8,6 +8,7 @@ use std::fmt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::UnitState;
 use crate::units::{UnitHash, UnitName};
 
 /// The state a user asks for, fleet's three desired states.
@@ -97,16 +98,15 @@ pub struct Claim {
 }
 
 /// systemd's view of a unit on one machine, as the agent last saw it.
+///
+/// Stored as one flat object, `{"hash","load","active","sub"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReportedState {
     /// The body loaded there.
     pub hash: UnitHash,
-    /// LoadState.
-    pub load: String,
-    /// ActiveState.
-    pub active: String,
-    /// SubState.
-    pub sub: String,
+    /// LOAD/ACTIVE/SUB there.
+    #[serde(flatten)]
+    pub state: UnitState,
 }
 
 /// Why a stored record could not be read.
@@ -131,4 +131,31 @@ pub fn decode<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, RecordE
         key: key.to_string(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reported_states_are_one_flat_object() {
+        let record = ReportedState {
+            hash: UnitHash::of_text("[Service]\nExecStart=/bin/true\n"),
+            state: UnitState {
+                load: "loaded".into(),
+                active: "active".into(),
+                sub: "running".into(),
+            },
+        };
+        let json: serde_json::Value = serde_json::from_slice(&encode(&record)).unwrap();
+        let fields: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        assert_eq!(fields, ["active", "hash", "load", "sub"]);
+        let back: ReportedState = decode("k", json.to_string().as_bytes()).unwrap();
+        assert_eq!(back, record);
+    }
 }
