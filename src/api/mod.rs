@@ -46,6 +46,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Loaded, Origin};
 use crate::consensus::client::Client;
+use crate::registry::BodyCache;
 use error::ApiError;
 
 /// The largest request body accepted (413 beyond). A unit is at most
@@ -89,10 +90,14 @@ pub enum Error {
     },
 }
 
-/// What every handler shares: the way to the store.
+/// What every handler shares: the way to the store, and the unit bodies
+/// already read from it.
 pub struct Shared {
     endpoints: Vec<String>,
     client: OnceCell<Client>,
+    /// Bodies by hash, kept across requests (a body never changes under its
+    /// hash); `GET /fleet/v1/units` drops those of units no longer stored.
+    bodies: BodyCache,
 }
 
 impl Shared {
@@ -101,6 +106,7 @@ impl Shared {
         Shared {
             endpoints,
             client: OnceCell::new(),
+            bodies: BodyCache::new(),
         }
     }
 

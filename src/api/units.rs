@@ -6,7 +6,6 @@
 //! the same options is the same unit. Every name and body is checked before
 //! the store is asked anything: bad input changes nothing.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Json;
@@ -20,9 +19,10 @@ use serde::{Deserialize, Serialize};
 use super::Shared;
 use super::error::{ApiError, different_options};
 use crate::consensus::client::Client;
+use crate::registry::BodyCache;
 use crate::registry::ops::{self, RegistryError, Submitted, UnitRow};
 use crate::registry::records::{DesiredState, ReportedState, UnitRecord};
-use crate::units::{Unit, UnitFile, UnitHash, UnitKind, UnitName, UnitOption};
+use crate::units::{Unit, UnitFile, UnitKind, UnitName, UnitOption};
 
 /// One unit-file option as fleet's API writes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,37 +156,26 @@ pub fn current_state(state: Option<&ReportedState>) -> DesiredState {
     state.map_or(DesiredState::Inactive, |s| s.state.current_state())
 }
 
-/// Stored bodies as options, each parsed once per request.
-#[derive(Default)]
-struct Bodies(BTreeMap<UnitHash, Vec<OptionJson>>);
-
-impl Bodies {
-    /// The options of `record`'s body.
-    async fn options(
-        &mut self,
-        client: &Client,
-        record: &UnitRecord,
-    ) -> Result<Vec<OptionJson>, ApiError> {
-        if let Some(options) = self.0.get(&record.hash) {
-            return Ok(options.clone());
-        }
-        let text = ops::body_text(client, record).await?;
-        let file = UnitFile::parse(&text).map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("the stored body of {} is unreadable: {e}", record.name),
-            )
-        })?;
-        let options: Vec<OptionJson> = file.options().iter().map(OptionJson::from).collect();
-        self.0.insert(record.hash, options.clone());
-        Ok(options)
-    }
+/// The options of `record`'s stored body.
+async fn options(
+    client: &Client,
+    bodies: &BodyCache,
+    record: &UnitRecord,
+) -> Result<Vec<OptionJson>, ApiError> {
+    let body = bodies.of(client, record).await?;
+    let file = body.file().map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the stored body of {} is unreadable: {e}", record.name),
+        )
+    })?;
+    Ok(file.options().iter().map(OptionJson::from).collect())
 }
 
 /// A unit's view from its record, its body and the rows placing it.
 async fn unit_json(
     client: &Client,
-    bodies: &mut Bodies,
+    bodies: &BodyCache,
     record: UnitRecord,
     rows: &[UnitRow],
 ) -> Result<UnitJson, ApiError> {
@@ -205,7 +194,7 @@ async fn unit_json(
         .unwrap_or(DesiredState::Inactive);
     Ok(UnitJson {
         name: record.name.to_string(),
-        options: bodies.options(client, &record).await?,
+        options: options(client, bodies, &record).await?,
         desired_state: record.desired,
         current_state: current,
         machine_id,
@@ -217,10 +206,11 @@ pub async fn list(State(shared): State<Arc<Shared>>) -> Result<Json<UnitList>, A
     let client = shared.client().await?;
     let records = ops::unit_records(client).await?;
     let rows = ops::unit_rows(client).await?;
-    let mut bodies = Bodies::default();
+    let live = records.iter().map(|r| r.hash).collect();
+    shared.bodies.keep_only(&live);
     let mut units = Vec::with_capacity(records.len());
     for record in records {
-        match unit_json(client, &mut bodies, record, &rows).await {
+        match unit_json(client, &shared.bodies, record, &rows).await {
             Ok(unit) => units.push(unit),
             // Destroyed while this list was read: it is gone, leave it out.
             Err(e) if e.status == StatusCode::NOT_FOUND => {}
@@ -240,7 +230,7 @@ pub async fn get(
     let record = ops::unit_record(client, &name).await?;
     let rows = ops::unit_rows(client).await?;
     Ok(Json(
-        unit_json(client, &mut Bodies::default(), record, &rows).await?,
+        unit_json(client, &shared.bodies, record, &rows).await?,
     ))
 }
 
@@ -332,6 +322,7 @@ pub async fn states(State(shared): State<Arc<Shared>>) -> Result<Json<StateList>
 mod tests {
     use super::*;
     use crate::registry::UnitState;
+    use crate::units::UnitHash;
 
     fn name(n: &str) -> UnitName {
         UnitName::parse(n).unwrap()

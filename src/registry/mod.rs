@@ -7,12 +7,15 @@
 //!
 //! * [`keys`]: one function per key family.
 //! * [`records`]: the JSON values stored under those keys.
+//! * [`bodies`]: unit bodies by hash, read and parsed once ([`BodyCache`]).
 //! * [`unit_state`]: systemd's LOAD/ACTIVE/SUB and the questions asked of them.
 //! * [`ops`]: the user-facing operations (submit, start, stop, destroy, list).
 
+pub mod bodies;
 pub mod keys;
 pub mod ops;
 pub mod records;
 pub mod unit_state;
 
+pub use bodies::BodyCache;
 pub use unit_state::UnitState;

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::bodies::BodyCache;
 use super::keys::{self, MachineKey};
 use super::records::{
     self, Claim, DesiredState, MachineRecord, RecordError, ReportedState, UnitRecord,
@@ -143,7 +144,7 @@ pub async fn set_desired(
     let (kvs, _) = client.range(keys::UNITS, true, false).await?;
     let existing: BTreeMap<&str, &KeyValue> = kvs.iter().map(|kv| (kv.key.as_str(), kv)).collect();
     let mut changes = Vec::new();
-    let mut templates: BTreeMap<UnitName, Unit> = BTreeMap::new();
+    let templates = BodyCache::new();
     for name in names {
         let key = keys::unit(name);
         let read = existing.get(key.as_str()).copied();
@@ -151,7 +152,7 @@ pub async fn set_desired(
         let record = match read {
             Some(kv) => records::decode::<UnitRecord>(&kv.key, &kv.value)?,
             None => {
-                let instance = instantiate(client, name, &existing, &mut templates).await?;
+                let instance = instantiate(client, name, &existing, &templates).await?;
                 ops.push(Op::put(
                     keys::body(&instance.hash()),
                     instance.file().to_text().into_bytes(),
@@ -187,49 +188,34 @@ pub async fn set_desired(
     Ok(changed)
 }
 
-/// The instance `name` made from its submitted template (templates read
-/// once per call, in `templates`).
+/// The instance `name` made from its submitted template (templates' bodies
+/// read once per call, in `templates`).
 async fn instantiate(
     client: &Client,
     name: &UnitName,
     units: &BTreeMap<&str, &KeyValue>,
-    templates: &mut BTreeMap<UnitName, Unit>,
+    templates: &BodyCache,
 ) -> Result<Unit, RegistryError> {
     let missing = || RegistryError::NoSuchUnit(name.clone());
-    let (template, instance) = match (name.template(), name.instance()) {
-        (Some(t), Some(i)) => (t, i.to_string()),
-        _ => return Err(missing()),
+    let template = name.template().ok_or_else(missing)?;
+    let kv = units
+        .get(keys::unit(&template).as_str())
+        .copied()
+        .ok_or_else(missing)?;
+    let record: UnitRecord = records::decode(&kv.key, &kv.value)?;
+    let body = templates.of(client, &record).await?;
+    let invalid = |name: &UnitName| {
+        let name = name.clone();
+        move |source| RegistryError::Invalid { name, source }
     };
-    if !templates.contains_key(&template) {
-        let kv = units
-            .get(keys::unit(&template).as_str())
-            .copied()
-            .ok_or_else(missing)?;
-        let record: UnitRecord = records::decode(&kv.key, &kv.value)?;
-        let text = body_text(client, &record).await?;
-        let parsed =
-            Unit::from_text(&template, &text).map_err(|source| RegistryError::Invalid {
-                name: template.clone(),
-                source,
-            })?;
-        templates.insert(template.clone(), parsed);
-    }
-    templates[&template]
-        .instantiate(&instance)
-        .map_err(|source| RegistryError::Invalid {
-            name: name.clone(),
-            source,
-        })
+    body.unit(&template).map_err(invalid(&template))?;
+    body.unit(name).map_err(invalid(name))
 }
 
 /// The file text of a stored unit.
 pub async fn body_text(client: &Client, record: &UnitRecord) -> Result<String, RegistryError> {
-    let key = keys::body(&record.hash);
-    let kv = client
-        .get(&key)
-        .await?
-        .ok_or_else(|| RegistryError::NoSuchUnit(record.name.clone()))?;
-    Ok(String::from_utf8_lossy(&kv.value).into_owned())
+    let body = BodyCache::new().of(client, record).await?;
+    Ok(body.text().to_string())
 }
 
 /// The record of `name`.

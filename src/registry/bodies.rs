@@ -1,0 +1,160 @@
+//! Unit bodies by hash: read from the store once, parsed once.
+//!
+//! A body is stored under its content address ([`super::keys::body`]), so
+//! the text under a hash never changes, and neither does anything parsed from
+//! it. The scheduler (the `[X-Fleet]` rules of every unit it places), the
+//! agent (the rules of what it claims, the text of what it loads), the API
+//! (the options it shows) and the user operations (a template's body for its
+//! instances) each keep a [`BodyCache`] rather than fetching and parsing on
+//! their own terms.
+//!
+//! A template's instances share its body (and hash) but not its rules (`%i`
+//! expands to each instance's name), so a [`Body`] keeps the rules per unit
+//! name beside the one parsed file.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use super::keys;
+use super::ops::RegistryError;
+use super::records::UnitRecord;
+use crate::consensus::client::{Client, ClientError};
+use crate::units::{self, Requirements, Unit, UnitFile, UnitHash, UnitName};
+
+/// One stored body: its text, parsed on first use.
+#[derive(Debug)]
+pub struct Body {
+    text: String,
+    file: OnceLock<Result<UnitFile, units::Error>>,
+    /// The `[X-Fleet]` rules of each unit name that asked, checked once.
+    requirements: Mutex<HashMap<UnitName, Result<Requirements, units::Error>>>,
+}
+
+impl Body {
+    fn new(text: String) -> Body {
+        Body {
+            text,
+            file: OnceLock::new(),
+            requirements: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The text as stored: the canonical form, what `flotilla cat` prints.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The parsed unit file.
+    pub fn file(&self) -> Result<&UnitFile, &units::Error> {
+        self.file
+            .get_or_init(|| UnitFile::parse(&self.text))
+            .as_ref()
+    }
+
+    /// The unit `name` with this body, checked as `flotilla submit` checks one.
+    pub fn unit(&self, name: &UnitName) -> Result<Unit, units::Error> {
+        Unit::from_file(name, self.file().map_err(Clone::clone)?.clone())
+    }
+
+    /// The `[X-Fleet]` rules of unit `name` with this body; worked out once per name.
+    pub fn requirements(&self, name: &UnitName) -> Result<Requirements, units::Error> {
+        let mut known = self.requirements.lock().expect("body rules lock");
+        known
+            .entry(name.clone())
+            .or_insert_with(|| self.unit(name).map(|unit| unit.requirements().clone()))
+            .clone()
+    }
+}
+
+/// Bodies already read, by hash. Shared by reference between tasks: a miss
+/// reads the store without holding the lock.
+#[derive(Debug, Default)]
+pub struct BodyCache {
+    bodies: Mutex<HashMap<UnitHash, Arc<Body>>>,
+}
+
+impl BodyCache {
+    /// An empty cache.
+    pub fn new() -> BodyCache {
+        BodyCache::default()
+    }
+
+    /// The body stored under `hash`, read from the store on first use;
+    /// `None` while the store has none (not remembered: it may be written).
+    pub async fn get(
+        &self,
+        client: &Client,
+        hash: &UnitHash,
+    ) -> Result<Option<Arc<Body>>, ClientError> {
+        if let Some(body) = self.lock().get(hash) {
+            return Ok(Some(body.clone()));
+        }
+        let Some(kv) = client.get(&keys::body(hash)).await? else {
+            return Ok(None);
+        };
+        let body = Arc::new(Body::new(String::from_utf8_lossy(&kv.value).into_owned()));
+        Ok(Some(self.lock().entry(*hash).or_insert(body).clone()))
+    }
+
+    /// The body of the unit `record`; a body gone from the store means the
+    /// unit was destroyed meanwhile: [`RegistryError::NoSuchUnit`].
+    pub async fn of(
+        &self,
+        client: &Client,
+        record: &UnitRecord,
+    ) -> Result<Arc<Body>, RegistryError> {
+        self.get(client, &record.hash)
+            .await?
+            .ok_or_else(|| RegistryError::NoSuchUnit(record.name.clone()))
+    }
+
+    /// Forgets every body whose hash is not in `live` (units destroyed or
+    /// replaced), so a long-running cache holds only what is still stored.
+    pub fn keep_only(&self, live: &HashSet<UnitHash>) {
+        self.lock().retain(|hash, _| live.contains(hash));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<UnitHash, Arc<Body>>> {
+        self.bodies.lock().expect("body cache lock")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(n: &str) -> UnitName {
+        UnitName::parse(n).unwrap()
+    }
+
+    #[test]
+    fn instances_share_the_file_but_not_the_rules() {
+        let body = Body::new(
+            "[Service]\nExecStart=/bin/true\n\n[X-Fleet]\nMachineOf=app@%i.service\n".into(),
+        );
+        let one = body.requirements(&name("side@1.service")).unwrap();
+        let two = body.requirements(&name("side@2.service")).unwrap();
+        assert_eq!(one.machine_of[0].as_str(), "app@1.service");
+        assert_eq!(two.machine_of[0].as_str(), "app@2.service");
+        assert_eq!(
+            body.unit(&name("side@1.service")).unwrap().hash(),
+            body.file().unwrap().hash()
+        );
+    }
+
+    #[test]
+    fn bad_bodies_stay_bad() {
+        let body = Body::new("no section\n".into());
+        assert!(body.file().is_err());
+        assert!(body.requirements(&name("a.service")).is_err());
+        assert_eq!(body.text(), "no section\n");
+        let rules = Body::new(
+            "[Service]\nExecStart=/bin/true\n[X-Fleet]\nGlobal=true\nReplaces=b*\n".into(),
+        );
+        assert!(rules.file().is_ok(), "the file parses");
+        assert!(
+            rules.requirements(&name("a.service")).is_err(),
+            "its rules do not"
+        );
+    }
+}
