@@ -10,12 +10,15 @@
 //! * [`bodies`]: unit bodies by hash, read and parsed once ([`BodyCache`]).
 //! * [`unit_state`]: systemd's LOAD/ACTIVE/SUB and the questions asked of them.
 //! * [`ops`]: the user-facing operations (submit, start, stop, destroy, list).
+//! * [`schedule`]: the scheduler's reads of the world and writes of proposals.
 
 pub mod bodies;
 pub mod keys;
 pub mod ops;
 pub mod records;
+pub mod schedule;
 pub mod unit_state;
 
+pub use crate::consensus::kv::{LeaseId, Revision};
 pub use bodies::BodyCache;
 pub use unit_state::UnitState;

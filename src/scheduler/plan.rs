@@ -1,5 +1,7 @@
 //! One scheduling pass, as a pure function: the cluster as read from the
-//! store in, the proposals to write and withdraw out.
+//! store in, the proposals to write and withdraw out. Both are the registry's
+//! types ([`World`], [`Change`], from [`crate::registry::schedule`]), which
+//! reads the one and writes the other.
 //!
 //! Rules, in this order:
 //! 1. Proposals of units nobody wants any more (destroyed, set inactive) are
@@ -31,87 +33,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::consensus::kv::Revision;
-use crate::registry::records::Proposal;
+pub use crate::registry::schedule::{Change, Seen, Wanted, World};
+
+use crate::registry::Revision;
+use crate::units::UnitName;
 use crate::units::colocation;
 use crate::units::placement::{Cluster, Machine, Outcome, Placed, decide};
-use crate::units::{Requirements, UnitName};
-
-/// A unit that should run (loaded or launched), as the scheduler sees it.
-#[derive(Debug, Clone)]
-pub struct Wanted {
-    /// The proposal every machine running it should have.
-    pub proposal: Proposal,
-    /// Its `[X-Fleet]` rules.
-    pub requirements: Requirements,
-}
-
-/// A proposal as read, with its revision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Seen {
-    /// The proposal.
-    pub proposal: Proposal,
-    /// Its key's mod revision.
-    pub mod_revision: Revision,
-}
-
-/// The cluster as one pass sees it.
-#[derive(Debug, Clone, Default)]
-pub struct World {
-    /// Units that should run, by name.
-    pub wanted: BTreeMap<UnitName, Wanted>,
-    /// Machines that may take work: alive and not drained.
-    pub machines: Vec<Machine>,
-    /// Every proposal: unit → machine → proposal.
-    pub proposals: BTreeMap<UnitName, BTreeMap<String, Seen>>,
-    /// Every claim: unit → machines holding one.
-    pub claims: BTreeMap<UnitName, BTreeSet<String>>,
-    /// Placement pointers of non-global units: unit → (machine, mod revision).
-    pub placed: BTreeMap<UnitName, (String, Revision)>,
-    /// Unclaimed proposals older than the claim bound: (unit, machine).
-    pub stale: BTreeSet<(UnitName, String)>,
-}
-
-/// One write the pass asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
-    /// Propose `unit` to `machine` (moving it from `from`, if set).
-    Propose {
-        /// The unit.
-        unit: UnitName,
-        /// Where it should run.
-        machine: String,
-        /// The proposal.
-        proposal: Proposal,
-        /// The machine whose unclaimed proposal this replaces, with its revision.
-        from: Option<(String, Revision)>,
-        /// The placement pointer's revision as read (0: none); `None` for a
-        /// global unit, which has no pointer.
-        placed_revision: Option<Revision>,
-    },
-    /// Rewrite a proposal whose body or target changed.
-    Update {
-        /// The unit.
-        unit: UnitName,
-        /// The machine.
-        machine: String,
-        /// The new proposal.
-        proposal: Proposal,
-        /// The proposal's revision as read.
-        mod_revision: Revision,
-    },
-    /// Remove a proposal; the machine stops the unit and releases it.
-    Withdraw {
-        /// The unit.
-        unit: UnitName,
-        /// The machine.
-        machine: String,
-        /// The proposal's revision as read.
-        mod_revision: Revision,
-        /// The placement pointer to remove with it, with its revision.
-        placed_revision: Option<Revision>,
-    },
-}
 
 /// What one pass decided.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -1,5 +1,5 @@
 use super::*;
-use crate::registry::records::Target;
+use crate::registry::records::{Proposal, Target};
 use crate::units::colocation;
 use crate::units::{Unit, UnitHash};
 use proptest::prelude::*;
