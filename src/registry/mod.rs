@@ -11,9 +11,11 @@
 //! * [`unit_state`]: systemd's LOAD/ACTIVE/SUB and the questions asked of them.
 //! * [`ops`]: the user-facing operations (submit, start, stop, destroy, list).
 //! * [`schedule`]: the scheduler's reads of the world and writes of proposals.
+//! * [`machine`]: one machine's presence, claims, releases and reports.
 
 pub mod bodies;
 pub mod keys;
+pub mod machine;
 pub mod ops;
 pub mod records;
 pub mod schedule;

@@ -1,0 +1,223 @@
+//! This host as the agent drives it: systemd and the unit files flotilla
+//! wrote, and the [`Action`]s of [`super::reconcile`] carried out on them.
+//!
+//! systemd's states of local units are cached here and read again, in one
+//! call for many units, once a signal says a unit changed or an action
+//! touched it. Runs of loads and of unloads go to systemd as one link or
+//! disable call each; runs of starts or stops are queued all at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use super::files::{LocalUnit, UnitFiles};
+use super::reconcile::Action;
+use super::systemd::{self, Systemd, UnitState};
+use crate::registry::machine::MachineStore;
+use crate::units::UnitName;
+
+/// systemd, the agent's unit files, and what systemd last said of them.
+pub struct Host {
+    systemd: Systemd,
+    files: UnitFiles,
+    /// systemd's states of local units, as last read.
+    states: BTreeMap<UnitName, UnitState>,
+}
+
+impl Host {
+    /// systemd over `systemd`, unit files under `units_dir`.
+    pub fn new(systemd: Systemd, units_dir: &Path) -> Host {
+        Host {
+            systemd,
+            files: UnitFiles::new(units_dir),
+            states: BTreeMap::new(),
+        }
+    }
+
+    /// Every unit file flotilla wrote here (`None`: it no longer parses).
+    pub fn local(&mut self) -> BTreeMap<UnitName, Option<LocalUnit>> {
+        self.files.list().unwrap_or_default()
+    }
+
+    /// Notes that systemd says `unit` changed: its state is read again.
+    pub fn changed(&mut self, unit: &str) {
+        if let Ok(name) = UnitName::parse(unit) {
+            self.states.remove(&name);
+        }
+    }
+
+    /// Forgets every state read, so each is read again (the full resync).
+    pub fn forget_states(&mut self) {
+        self.states.clear();
+    }
+
+    /// systemd's state of `unit`, as last read by [`Host::read_states`].
+    pub fn state(&self, unit: &UnitName) -> Option<&UnitState> {
+        self.states.get(unit)
+    }
+
+    /// Reads from systemd, in one call, the states of `units` not cached.
+    pub async fn read_states<'u>(&mut self, units: impl Iterator<Item = &'u UnitName>) {
+        let missing: Vec<&str> = units
+            .filter(|u| !self.states.contains_key(*u))
+            .map(UnitName::as_str)
+            .collect();
+        match self.systemd.states(&missing).await {
+            Ok(states) => {
+                for (name, state) in states {
+                    if let Ok(name) = UnitName::parse(&name) {
+                        self.states.insert(name, state);
+                    }
+                }
+            }
+            Err(e) => tracing::debug!("agent: {e}"),
+        }
+    }
+
+    /// The active units here, not managed by flotilla, that match one of
+    /// `patterns` (a candidate's `Conflicts=`/`Replaces=` globs).
+    pub async fn foreign_units_matching(
+        &self,
+        patterns: &[String],
+        managed: &BTreeSet<String>,
+    ) -> systemd::Result<Vec<String>> {
+        let active = self.systemd.active_units_matching(patterns).await?;
+        Ok(active
+            .into_iter()
+            .filter(|n| !managed.contains(n))
+            .collect())
+    }
+
+    /// Stops `unit` now (FenceAfter), outside any batch.
+    pub async fn stop(&mut self, unit: &UnitName) {
+        if let Err(e) = self.systemd.stop(unit.as_str()).await {
+            tracing::warn!("agent: {e}");
+        }
+        self.states.remove(unit);
+    }
+
+    /// Stops and unloads every unit file this agent ever wrote here.
+    pub async fn unload_everything(&mut self, store: &MachineStore, why: &str) {
+        let local = self.local();
+        if local.is_empty() {
+            return;
+        }
+        tracing::info!("agent: {why}: stopping {} units from before", local.len());
+        let mut actions: Vec<Action> = local.keys().cloned().map(Action::Stop).collect();
+        actions.extend(local.keys().cloned().map(Action::Unload));
+        actions.push(Action::Reload);
+        self.execute(store, &actions).await;
+    }
+
+    /// Asks systemd for each action in order; failures are logged and the
+    /// next pass tries again. Runs of loads and of unloads go to systemd as
+    /// one link or disable call each. Bodies to load come from `store`.
+    pub async fn execute(&mut self, store: &MachineStore, actions: &[Action]) {
+        let mut i = 0;
+        while i < actions.len() {
+            let run = actions[i..]
+                .iter()
+                .take_while(|a| std::mem::discriminant(*a) == std::mem::discriminant(&actions[i]))
+                .count();
+            let batch = &actions[i..i + run];
+            i += run;
+            let result = match &batch[0] {
+                Action::Load(..) => self.load_all(store, batch).await,
+                Action::Unload(_) => self.unload_all(batch).await,
+                Action::Reload => self.systemd.reload().await,
+                Action::Stop(_) | Action::Start(_) => {
+                    self.jobs(batch).await;
+                    Ok(())
+                }
+            };
+            for action in batch {
+                if let Action::Stop(unit)
+                | Action::Unload(unit)
+                | Action::Start(unit)
+                | Action::Load(unit, _) = action
+                {
+                    self.states.remove(unit);
+                }
+            }
+            if let Err(e) = result {
+                tracing::warn!("agent: {e}");
+            }
+        }
+    }
+
+    /// Queues the start or stop jobs of a run of units, all calls in flight at
+    /// once so systemd never waits on a round trip between them.
+    async fn jobs(&self, batch: &[Action]) {
+        let mut calls = tokio::task::JoinSet::new();
+        for action in batch {
+            let systemd = self.systemd.clone();
+            let action = action.clone();
+            calls.spawn(async move {
+                match &action {
+                    Action::Stop(unit) => systemd.stop(unit.as_str()).await.map(drop),
+                    Action::Start(unit) => systemd.start(unit.as_str()).await.map(drop),
+                    _ => Ok(()),
+                }
+            });
+        }
+        while let Some(done) = calls.join_next().await {
+            match done {
+                Ok(Err(e)) => tracing::warn!("agent: {e}"),
+                Err(e) => tracing::warn!("agent: a systemd call failed to run: {e}"),
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+
+    /// Unloads a run of units: one disable call, then reset-failed and the files.
+    async fn unload_all(&mut self, batch: &[Action]) -> systemd::Result<()> {
+        let units: Vec<&UnitName> = batch
+            .iter()
+            .filter_map(|a| match a {
+                Action::Unload(unit) => Some(unit),
+                _ => None,
+            })
+            .collect();
+        let names: Vec<&str> = units.iter().map(|u| u.as_str()).collect();
+        self.systemd.disable_runtime_all(&names).await?;
+        for unit in units {
+            self.systemd.reset_failed(unit.as_str()).await?;
+            if let Err(e) = self.files.remove(unit) {
+                tracing::warn!("agent: cannot remove the file of {unit}: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads a run of units: writes every file, links them in one call, then
+    /// enables those with an `[Install]` section.
+    async fn load_all(&mut self, store: &MachineStore, batch: &[Action]) -> systemd::Result<()> {
+        let mut paths = Vec::new();
+        let mut installs = Vec::new();
+        for action in batch {
+            let Action::Load(unit, hash) = action else {
+                continue;
+            };
+            let Ok(Some(body)) = store.body(hash).await else {
+                tracing::warn!("agent: the body of {unit} is not in the store; not loading it");
+                continue;
+            };
+            match self.files.write(unit, body.text()) {
+                Ok(path) => {
+                    let has_install = body
+                        .file()
+                        .is_ok_and(|f| f.section("Install").next().is_some());
+                    if has_install {
+                        installs.push(path.clone());
+                    }
+                    paths.push(path);
+                }
+                Err(e) => tracing::warn!("agent: cannot write the file of {unit}: {e}"),
+            }
+        }
+        self.systemd.link_runtime_all(&paths).await?;
+        for path in installs {
+            self.systemd.enable_runtime(&path).await?;
+        }
+        Ok(())
+    }
+}

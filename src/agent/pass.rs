@@ -1,0 +1,205 @@
+//! One pass of the agent: claim what may be claimed, bring systemd to what
+//! is claimed, release what is no longer proposed.
+//!
+//! Claiming checks the rules of [`super::claims`] against every unit present
+//! here, and asks systemd whether a unit the candidate conflicts with runs
+//! outside flotilla; the claim itself is one transaction of the registry
+//! ([`MachineStore::claim`]). Bringing systemd along is [`reconcile`]'s
+//! decision, carried out by [`super::execute`]. A claim is released only once
+//! its unit is unloaded here.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::claims::{self, Ruled};
+use super::files::LocalUnit;
+use super::reconcile::{self, Activity, Actual, Desired};
+use super::run::Agent;
+use crate::consensus::client::ClientError;
+use crate::registry::UnitState;
+use crate::registry::machine::{MachineStore, OwnView};
+use crate::registry::records::Target;
+use crate::units::{Requirements, UnitHash, UnitName};
+
+/// Why each proposal is not claimed yet, kept to log only changes.
+#[derive(Debug, Default)]
+pub struct Waiting(BTreeMap<UnitName, String>);
+
+impl Waiting {
+    fn note(&mut self, unit: &UnitName, why: String) {
+        if self.0.get(unit) != Some(&why) {
+            tracing::info!("agent: not claiming {unit} yet: {why}");
+            self.0.insert(unit.clone(), why);
+        }
+    }
+}
+
+impl Agent {
+    /// One pass; returns whether another should follow at once (a claim raced).
+    pub(super) async fn pass(&mut self) -> Result<bool, ClientError> {
+        let mut view = self.store.own_view().await?;
+        let local = self.host.local();
+        let again = self.claim(&mut view, &local).await?;
+
+        let mut desired = BTreeMap::new();
+        for (unit, (proposal, _)) in &view.proposals {
+            if view.claims.contains_key(unit) {
+                // A fenced unit stays loaded but is not started until the
+                // cluster is in reach again.
+                let target = match proposal.target {
+                    _ if self.presence.is_fenced(unit) => Target::Loaded,
+                    target => target,
+                };
+                desired.insert(
+                    unit.clone(),
+                    Desired {
+                        target,
+                        hash: proposal.hash,
+                    },
+                );
+            }
+        }
+        self.host.read_states(local.keys()).await;
+        let actual: BTreeMap<UnitName, Actual> = local
+            .iter()
+            .map(|(unit, found)| {
+                let have = Actual {
+                    hash: found.as_ref().map(|f| f.hash),
+                    activity: Activity::of(self.host.state(unit)),
+                };
+                (unit.clone(), have)
+            })
+            .collect();
+        let absent: Vec<&UnitName> = desired.keys().filter(|u| !local.contains_key(*u)).collect();
+        self.host.read_states(absent.iter().copied()).await;
+        let held = absent
+            .into_iter()
+            .filter(|u| self.host.state(u).is_some_and(UnitState::is_held))
+            .cloned()
+            .collect();
+        let actions = reconcile::reconcile(&desired, &actual, &held);
+        if !actions.is_empty() {
+            tracing::debug!("agent: {} actions", actions.len());
+            self.host.execute(&self.store, &actions).await;
+        }
+        self.release(&view).await?;
+        Ok(again)
+    }
+
+    /// Claims what it may (one transaction); true if the claim raced.
+    async fn claim(
+        &mut self,
+        view: &mut OwnView,
+        local: &BTreeMap<UnitName, Option<LocalUnit>>,
+    ) -> Result<bool, ClientError> {
+        let unclaimed: Vec<(UnitName, UnitHash)> = view
+            .proposals
+            .iter()
+            .filter(|(u, _)| !view.claims.contains_key(*u))
+            .map(|(u, (p, _))| (u.clone(), p.hash))
+            .collect();
+        if unclaimed.is_empty() {
+            self.waiting.0.clear();
+            return Ok(false);
+        }
+        // Rules of every unit present here and of every candidate.
+        let mut rules: BTreeMap<UnitName, Requirements> = BTreeMap::new();
+        for (unit, found) in local {
+            if let Some(found) = found {
+                rules.insert(unit.clone(), found.unit.requirements().clone());
+            }
+        }
+        for unit in view.claims.keys() {
+            if !rules.contains_key(unit)
+                && let Some((proposal, _)) = view.proposals.get(unit)
+                && let Some(found) = requirements(&self.store, unit, &proposal.hash).await
+            {
+                rules.insert(unit.clone(), found);
+            }
+        }
+        let mut candidate_rules = BTreeMap::new();
+        for (unit, hash) in &unclaimed {
+            match requirements(&self.store, unit, hash).await {
+                Some(found) => {
+                    candidate_rules.insert(unit.clone(), found);
+                }
+                None => tracing::warn!("agent: cannot read the body of {unit}; not claiming it"),
+            }
+        }
+        let present: Vec<Ruled<'_>> = rules
+            .iter()
+            .filter(|(u, _)| local.contains_key(*u) || view.claims.contains_key(*u))
+            .collect();
+        let claimed: Vec<&UnitName> = view.claims.keys().collect();
+        let candidates: Vec<Ruled<'_>> = candidate_rules.iter().collect();
+        let (chosen, waiting) = claims::choose(&present, &claimed, &candidates);
+
+        let mut chosen_now = Vec::new();
+        let managed: BTreeSet<String> = local.keys().map(|u| u.to_string()).collect();
+        for unit in chosen {
+            let rules = &candidate_rules[unit];
+            let patterns: Vec<String> = rules
+                .conflicts
+                .iter()
+                .chain(&rules.replaces)
+                .map(|g| g.as_str().to_string())
+                .collect();
+            match self.host.foreign_units_matching(&patterns, &managed).await {
+                Ok(foreign) if foreign.is_empty() => chosen_now.push(unit.clone()),
+                Ok(foreign) => self.waiting.note(
+                    unit,
+                    format!(
+                        "systemd here runs {} which it conflicts with",
+                        foreign.join(", ")
+                    ),
+                ),
+                Err(e) => self.waiting.note(unit, format!("cannot ask systemd: {e}")),
+            }
+        }
+        for (unit, why) in waiting {
+            let why = match why {
+                claims::Wait::Peer(peer) => format!("waiting for MachineOf peer {peer} here"),
+                claims::Wait::Excludes(other) => format!("may not run beside {other}"),
+            };
+            self.waiting.note(unit, why);
+        }
+        if chosen_now.is_empty() {
+            return Ok(false);
+        }
+        let claiming: Vec<(&UnitName, &Requirements)> = chosen_now
+            .iter()
+            .map(|unit| (unit, &candidate_rules[unit]))
+            .collect();
+        if !self.store.claim(view, &claiming).await? {
+            return Ok(true);
+        }
+        for unit in &chosen_now {
+            self.waiting.0.remove(unit);
+        }
+        Ok(false)
+    }
+
+    /// Drops claims whose proposal is gone, once the unit is unloaded here.
+    async fn release(&mut self, view: &OwnView) -> Result<(), ClientError> {
+        let local = self.host.local();
+        let released: Vec<&UnitName> = view
+            .claims
+            .keys()
+            .filter(|unit| !view.proposals.contains_key(*unit) && !local.contains_key(*unit))
+            .collect();
+        for unit in &released {
+            self.reports.forget(unit);
+        }
+        self.store.release(view, &released).await
+    }
+}
+
+/// The `[X-Fleet]` rules of unit `unit` with body `hash`, if the body is
+/// stored and valid.
+async fn requirements(
+    store: &MachineStore,
+    unit: &UnitName,
+    hash: &UnitHash,
+) -> Option<Requirements> {
+    let body = store.body(hash).await.ok()??;
+    body.requirements(unit).ok()
+}

@@ -1,0 +1,63 @@
+//! Reporting systemd's LOAD/ACTIVE/SUB of this host's units into the store.
+//!
+//! Only what changed since the last report is written, in one transaction on
+//! the presence lease (so a dead host's reports vanish with it); a unit gone
+//! from here has its report deleted. The loop reports after every pass, and
+//! systemd's signals make sure a pass's states are fresh.
+
+use std::collections::BTreeMap;
+
+use super::execute::Host;
+use crate::registry::machine::MachineStore;
+use crate::registry::records::ReportedState;
+use crate::units::UnitName;
+
+/// What was last written to the store, per unit.
+#[derive(Debug, Default)]
+pub struct Reports {
+    reported: BTreeMap<UnitName, ReportedState>,
+}
+
+impl Reports {
+    /// Forgets `unit`'s report (its claim and report were just released).
+    pub fn forget(&mut self, unit: &UnitName) {
+        self.reported.remove(unit);
+    }
+
+    /// Writes the states of changed units into the store, on the lease.
+    pub async fn report(&mut self, store: &MachineStore, host: &mut Host) {
+        if store.lease().is_none() {
+            return;
+        }
+        let local = host.local();
+        host.read_states(local.keys()).await;
+        let mut changed = Vec::new();
+        for (unit, found) in &local {
+            let (Some(found), Some(state)) = (found, host.state(unit)) else {
+                continue;
+            };
+            let record = ReportedState {
+                hash: found.hash,
+                state: state.clone(),
+            };
+            if self.reported.get(unit) != Some(&record) {
+                self.reported.insert(unit.clone(), record.clone());
+                changed.push((unit.clone(), Some(record)));
+            }
+        }
+        let gone: Vec<UnitName> = self
+            .reported
+            .keys()
+            .filter(|u| !local.contains_key(*u))
+            .cloned()
+            .collect();
+        for unit in gone {
+            self.reported.remove(&unit);
+            changed.push((unit, None));
+        }
+        if let Err(e) = store.report(&changed).await {
+            tracing::debug!("agent: cannot report states: {e}");
+            self.reported.clear();
+        }
+    }
+}
