@@ -111,35 +111,18 @@ mod tests {
     #[test]
     fn each_question_reads_the_right_state() {
         // (load, active) → running, active, failed, occupying, loaded, held
+        let (t, f) = (true, false);
         let cases = [
-            (("loaded", "active"), [true, true, false, true, true, true]),
-            (
-                ("loaded", "activating"),
-                [true, false, false, true, true, true],
-            ),
-            (
-                ("loaded", "reloading"),
-                [true, false, false, true, true, true],
-            ),
-            (
-                ("loaded", "deactivating"),
-                [false, false, false, true, true, true],
-            ),
-            (
-                ("loaded", "inactive"),
-                [false, false, false, false, true, true],
-            ),
-            (
-                ("loaded", "failed"),
-                [false, false, true, false, true, true],
-            ),
-            (
-                ("masked", "inactive"),
-                [false, false, false, false, false, true],
-            ),
-            (("not-found", "inactive"), [false; 6]),
+            ("loaded", "active", [t, t, f, t, t, t]),
+            ("loaded", "activating", [t, f, f, t, t, t]),
+            ("loaded", "reloading", [t, f, f, t, t, t]),
+            ("loaded", "deactivating", [f, f, f, t, t, t]),
+            ("loaded", "inactive", [f, f, f, f, t, t]),
+            ("loaded", "failed", [f, f, t, f, t, t]),
+            ("masked", "inactive", [f, f, f, f, f, t]),
+            ("not-found", "inactive", [f; 6]),
         ];
-        for ((load, active), expected) in cases {
+        for (load, active, expected) in cases {
             let s = state(load, active);
             let got = [
                 s.is_running(),
