@@ -9,8 +9,8 @@
 //!   and the claim check. No I/O.
 //! * [`consensus`]: the embedded Raft store; today its state machine.
 //! * [`agent`]: the per-host agent: presence, claims, systemd over D-Bus.
-//! * [`registry`]: the cluster's records of units and machines, and the
-//!   user-facing operations on them.
+//! * [`registry`]: the cluster's records of units and machines, and every
+//!   transaction on them: the user's, the scheduler's and each machine's.
 //! * [`scheduler`]: on the Raft leader, proposes units to machines.
 //! * [`lock`]: reboot coordination; today the semaphore's pure operations.
 //! * [`config`]: the daemon's configuration loader (file, environment, flags).
