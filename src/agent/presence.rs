@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::execute::Host;
-use crate::registry::machine::{LeaseKeeper, MachineStore, Presence as Found, Renewal};
+use crate::registry::machine::{LeaseKeeper, MachineStore, Renewal, StoredPresence};
 use crate::registry::ops::RegistryError;
 use crate::registry::records::MachineRecord;
 use crate::units::UnitName;
@@ -206,7 +206,11 @@ impl Presence {
     }
 
     /// Writes the presence record on the current lease, if it is as read.
-    async fn publish(&self, store: &MachineStore, read: Option<&Found>) -> Result<(), JoinError> {
+    async fn publish(
+        &self,
+        store: &MachineStore,
+        read: Option<&StoredPresence>,
+    ) -> Result<(), JoinError> {
         if store.publish(&self.me, read).await? {
             Ok(())
         } else {

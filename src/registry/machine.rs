@@ -25,7 +25,7 @@ use crate::units::{Requirements, UnitHash, UnitName};
 
 /// A machine's presence record as read, with what guards a write over it.
 #[derive(Debug, Clone)]
-pub struct Presence {
+pub struct StoredPresence {
     /// The record.
     pub record: MachineRecord,
     /// The lease it is on.
@@ -112,11 +112,11 @@ impl MachineStore {
     }
 
     /// This machine's presence record as stored now, if any.
-    pub async fn presence(&self) -> Result<Option<Presence>, RegistryError> {
+    pub async fn presence(&self) -> Result<Option<StoredPresence>, RegistryError> {
         let Some(kv) = self.client.get(&keys::machine(&self.id)).await? else {
             return Ok(None);
         };
-        Ok(Some(Presence {
+        Ok(Some(StoredPresence {
             record: records::decode(&kv.key, &kv.value)?,
             lease: kv.lease,
             revision: kv.mod_revision,
@@ -154,7 +154,7 @@ impl MachineStore {
     pub async fn publish(
         &self,
         me: &MachineRecord,
-        read: Option<&Presence>,
+        read: Option<&StoredPresence>,
     ) -> Result<bool, ClientError> {
         let Some(lease) = self.lease else {
             return Ok(false);
