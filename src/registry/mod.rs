@@ -9,11 +9,13 @@
 //! * [`records`]: the JSON values stored under those keys.
 //! * [`bodies`]: unit bodies by hash, read and parsed once ([`BodyCache`]).
 //! * [`unit_state`]: systemd's LOAD/ACTIVE/SUB and the questions asked of them.
+//! * [`error`]: [`RegistryError`], why an operation changed nothing.
 //! * [`ops`]: the user-facing operations (submit, start, stop, destroy, list).
 //! * [`schedule`]: the scheduler's reads of the world and writes of proposals.
 //! * [`machine`]: one machine's presence, claims, releases and reports.
 
 pub mod bodies;
+pub mod error;
 pub mod keys;
 pub mod machine;
 pub mod ops;
@@ -23,4 +25,5 @@ pub mod unit_state;
 
 pub use crate::consensus::kv::{LeaseId, Revision};
 pub use bodies::BodyCache;
+pub use error::RegistryError;
 pub use unit_state::UnitState;

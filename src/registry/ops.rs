@@ -9,64 +9,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::bodies::BodyCache;
+pub use super::error::RegistryError;
 use super::keys::{self, MachineKey};
-use super::records::{
-    self, Claim, DesiredState, MachineRecord, RecordError, ReportedState, UnitRecord,
-};
-use crate::consensus::client::{Client, ClientError};
+use super::records::{self, Claim, DesiredState, MachineRecord, ReportedState, UnitRecord};
+use crate::consensus::client::Client;
 use crate::consensus::kv::{Compare, KeyValue, Op};
-use crate::units::{self, Unit, UnitKind, UnitName};
-
-/// Why an operation changed nothing.
-#[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
-    /// The cluster could not be asked.
-    #[error(transparent)]
-    Client(#[from] ClientError),
-    /// A stored record is unreadable.
-    #[error(transparent)]
-    Record(#[from] RecordError),
-    /// No such unit was submitted.
-    #[error("unit {0} is not submitted; submit its file first (flotilla submit FILE)")]
-    NoSuchUnit(UnitName),
-    /// The unit exists with another body.
-    #[error(
-        "unit {0} is already submitted with different contents; \
-         use `flotilla submit --replace` to change it"
-    )]
-    Exists(UnitName),
-    /// The unit's body is invalid.
-    #[error("unit {name} is invalid: {source}")]
-    Invalid {
-        /// The unit.
-        name: UnitName,
-        /// What is wrong.
-        #[source]
-        source: units::Error,
-    },
-    /// Templates are never scheduled themselves.
-    #[error(
-        "{0} is a template; start an instance of it instead, e.g. {example}",
-        example = example_instance(.0)
-    )]
-    Template(UnitName),
-    /// Someone else changed the unit at the same moment.
-    #[error("unit {0} changed while this request ran; nothing was changed, try again")]
-    Raced(UnitName),
-    /// No machine matches the id or prefix.
-    #[error("no machine has an id starting with {0:?}; see flotilla list-machines")]
-    NoSuchMachine(String),
-    /// More than one machine matches the prefix.
-    #[error("{0:?} matches more than one machine; give more of its id")]
-    AmbiguousMachine(String),
-}
-
-fn example_instance(template: &UnitName) -> String {
-    template
-        .instantiate("1")
-        .map(|n| n.to_string())
-        .unwrap_or_default()
-}
+use crate::units::{Unit, UnitKind, UnitName};
 
 /// What [`submit`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
