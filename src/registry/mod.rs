@@ -8,7 +8,10 @@
 //! * [`keys`]: one function per key family.
 //! * [`records`]: the JSON values stored under those keys.
 //! * [`ops`]: the user-facing operations (submit, start, stop, destroy, list).
+//! * [`lock`]: the reboot semaphores and reboot marks, and what a machine's
+//!   reboot coordinator reads about itself.
 
 pub mod keys;
+pub mod lock;
 pub mod ops;
 pub mod records;
