@@ -20,7 +20,9 @@ use crate::consensus::kv::{Compare, Op, Revision};
 use crate::consensus::runner::Handle;
 use crate::registry::keys::{self, MachineKey};
 use crate::registry::ops::{delete, put, revision_is, same_revision};
-use crate::registry::records::{self, MachineRecord, Proposal, Target, UnitRecord};
+use crate::registry::records::{
+    self, MachineRecord, Proposal, ReportedState, Target, UnitRecord,
+};
 use crate::units::placement::Machine;
 use crate::units::{Requirements, Unit, UnitHash, UnitKind, UnitName};
 use plan::{Change, Seen, Wanted, World};
@@ -156,9 +158,14 @@ impl Scheduler {
                     id: m.id,
                     metadata: m.metadata,
                 }),
-                Ok(_) => {}
+                Ok(m) => {
+                    world.draining.insert(m.id);
+                }
                 Err(e) => tracing::warn!("{e}"),
             }
+        }
+        if !world.draining.is_empty() {
+            self.read_reported(client, &mut world).await?;
         }
         for kv in &per_machine {
             match keys::parse_machine_key(&kv.key) {
@@ -188,6 +195,20 @@ impl Scheduler {
         }
         self.age_proposals(&mut world);
         Ok(world)
+    }
+
+    /// Reads systemd's reported states, which make-before-break needs while
+    /// a machine drains (a replacement counts once it is active).
+    async fn read_reported(&self, client: &Client, world: &mut World) -> Result<(), ClientError> {
+        let (states, _) = client.range(keys::STATES, true, false).await?;
+        for kv in &states {
+            if let Some(at) = keys::parse_state_key(&kv.key)
+                && let Ok(state) = records::decode::<ReportedState>(&kv.key, &kv.value)
+            {
+                world.reported.insert(at, state);
+            }
+        }
+        Ok(())
     }
 
     /// Marks proposals nobody claimed within the bound as stale.

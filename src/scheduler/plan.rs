@@ -25,13 +25,19 @@
 //!      is withdrawn; one proposed earlier in this same pass is decided again
 //!      instead, so the two are never proposed to one machine.
 //!
+//!    * A unit claimed on a draining machine (alive, drained) moves
+//!      make-before-break ([`handover`]): it keeps its place there until a
+//!      replacement is active on another machine.
+//!
 //! Every change carries the revisions it was decided from, so the scheduler's
 //! transactions fail instead of acting on a stale view.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+mod handover;
+
 use crate::consensus::kv::Revision;
-use crate::registry::records::Proposal;
+use crate::registry::records::{Proposal, ReportedState};
 use crate::units::placement::{Cluster, Machine, Outcome, Placed, decide};
 use crate::units::{Requirements, UnitName};
 
@@ -68,6 +74,11 @@ pub struct World {
     pub placed: BTreeMap<UnitName, (String, Revision)>,
     /// Unclaimed proposals older than the claim bound: (unit, machine).
     pub stale: BTreeSet<(UnitName, String)>,
+    /// Machines alive but drained: their units move make-before-break.
+    pub draining: BTreeSet<String>,
+    /// systemd's states as reported, by (unit, machine); needed only while
+    /// a machine drains (a replacement counts once it is in its target state).
+    pub reported: BTreeMap<(UnitName, String), ReportedState>,
 }
 
 /// One write the pass asks for.
@@ -307,7 +318,7 @@ impl<'w> Pass<'w> {
             if self.withdrawn.contains(&(unit.clone(), machine.clone())) {
                 continue;
             }
-            if !targets.contains(machine) {
+            if !targets.contains(machine) && !self.stays_while_draining(unit, machine) {
                 self.withdraw(unit, machine);
             } else if seen.proposal != wanted.proposal {
                 self.update(unit, machine, wanted, seen);
@@ -321,6 +332,9 @@ impl<'w> Pass<'w> {
     }
 
     fn place_one(&mut self, unit: &UnitName, wanted: &Wanted) {
+        if self.hand_over(unit, wanted) {
+            return;
+        }
         let mut current: Vec<(String, Seen)> = self
             .world
             .proposals
