@@ -878,6 +878,44 @@ mod tests {
     }
 
     #[test]
+    fn reboot_keys_are_typed_and_checked_together() {
+        let f = file(
+            "name = \"n1\"\nreboot_window_start = \"Thu 04:00\"\nreboot_window_length = \"90m\"\n\
+             stale_after = \"30m\"\nreboot_timeout = \"15m\"\nreboot_group = \"db\"\n",
+        );
+        let loaded = load(&explicit(&f), &[], &[]).unwrap();
+        let settings = loaded.config.reboot_settings().unwrap();
+        assert_eq!(settings.strategy, crate::lock::step::Strategy::Lock);
+        assert_eq!(settings.group, "db");
+        assert_eq!(settings.window.unwrap().to_string(), "Thu 04:00 UTC for 1h30m");
+        assert_eq!(settings.stale_after, Some(std::time::Duration::from_secs(1800)));
+        let defaults = Config::default().reboot_settings().unwrap();
+        assert_eq!(defaults.group, "default");
+        assert_eq!(defaults.stale_after, None, "off by default, as locksmith");
+        assert_eq!(defaults.window, None);
+
+        let flag = |key: &'static str, value: &str| (key, "--flag", toml::Value::from(value));
+        for (key, value, says) in [
+            ("reboot_strategy", "sometimes", "lock, reboot or off"),
+            ("reboot_group", "a/b", "group name"),
+            ("reboot_window_start", "Thx 04:00", "Thu 04:00"),
+            ("reboot_window_length", "forever", "duration"),
+            ("drain_timeout", "0", "longer than 0s"),
+            ("reboot_timeout", "5s", "at least 10s"),
+            ("stale_after", "5m", "shorter than reboot_timeout"),
+            ("boot_id_file", "relative", "absolute"),
+        ] {
+            let err = load(&explicit(&file("name = \"n1\"\n")), &[], &[flag(key, value)])
+                .unwrap_err();
+            assert!(
+                matches!(&err, Error::Invalid { key: k, .. } if *k == key),
+                "{key}={value}: {err}"
+            );
+            assert!(err.to_string().contains(says), "{key}={value}: {err}");
+        }
+    }
+
+    #[test]
     fn semantic_errors_name_key_and_origin() {
         let f = file("name = \"n1\"\ninitial_cluster = \"n2=127.0.0.1:1,n3=127.0.0.1:2\"\n");
         let err = load(&explicit(&f), &[], &[]).unwrap_err().to_string();
