@@ -1,7 +1,8 @@
 //! Rebooting this host through D-Bus, and knowing which boot this is.
 //!
 //! logind's `Reboot` is the polite way where logind runs (it honours
-//! inhibitors and does what `systemctl reboot` does). Where logind is absent
+//! inhibitors and does what `systemctl reboot` does). Where logind does not
+//! run
 //! (minimal hosts, containers, the lab) the reboot goes to systemd itself:
 //! `StartUnit("reboot.target", "replace-irreversibly")` on its Manager, which
 //! is what `systemctl reboot` falls back to. systemd's `Manager.Reboot()` is
@@ -16,7 +17,10 @@ use zbus::proxy;
 
 use crate::agent::systemd::Systemd;
 
-/// How long logind may take to answer (bus activation included).
+/// logind's name on the system bus.
+const LOGIND: &str = "org.freedesktop.login1";
+
+/// How long logind may take to answer.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `org.freedesktop.login1.Manager`, only its reboot.
@@ -55,25 +59,14 @@ pub enum RebootError {
     },
 }
 
-/// Asks for a reboot, through logind if it answers, else through systemd;
-/// returns which one took it.
+/// Asks for a reboot: through logind if it runs (its name has an owner on
+/// the system bus; it is never started just for this), else through
+/// systemd. Returns which one took it.
 pub async fn reboot(systemd: &Systemd) -> Result<&'static str, RebootError> {
-    let connection = zbus::connection::Builder::system()
-        .method_timeout(CALL_TIMEOUT)
-        .build()
-        .await;
-    let logind = match connection {
-        Ok(connection) => match LoginProxy::new(&connection).await {
-            Ok(proxy) => proxy.reboot(false).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        },
-        Err(e) => Err(e.to_string()),
-    };
-    let logind = match logind {
+    let logind = match logind_reboot().await {
         Ok(()) => return Ok("logind"),
         Err(e) => e,
     };
-    tracing::info!("reboot: logind did not take it ({logind}); asking systemd");
     match systemd
         .manager()
         .start_unit("reboot.target", "replace-irreversibly")
@@ -84,6 +77,36 @@ pub async fn reboot(systemd: &Systemd) -> Result<&'static str, RebootError> {
             logind,
             systemd: e.to_string(),
         }),
+    }
+}
+
+/// logind's Reboot, if logind runs. A reply that never comes because
+/// logind (or the bus) went down with the host counts as done: the
+/// reboot is under way.
+async fn logind_reboot() -> Result<(), String> {
+    let connection = zbus::connection::Builder::system()
+        .method_timeout(CALL_TIMEOUT)
+        .build()
+        .await
+        .map_err(|e| e.to_string())?;
+    let bus = zbus::fdo::DBusProxy::new(&connection)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = zbus::names::BusName::try_from(LOGIND).map_err(|e| e.to_string())?;
+    if !bus.name_has_owner(name).await.map_err(|e| e.to_string())? {
+        return Err("logind does not run here".to_string());
+    }
+    let login = LoginProxy::new(&connection)
+        .await
+        .map_err(|e| e.to_string())?;
+    match login.reboot(false).await {
+        Ok(()) => Ok(()),
+        Err(zbus::Error::MethodError(name, _, _))
+            if name.as_str() == "org.freedesktop.DBus.Error.NoReply" =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e.to_string()),
     }
 }
 
