@@ -172,7 +172,10 @@ impl Config {
         let reboot_timeout = duration("reboot_timeout", &self.reboot_timeout)?;
         let stale_after = duration("stale_after", &self.stale_after)?;
         if drain_timeout.is_zero() {
-            return Err(("drain_timeout", "must be longer than 0s, e.g. 10m".to_string()));
+            return Err((
+                "drain_timeout",
+                "must be longer than 0s, e.g. 10m".to_string(),
+            ));
         }
         if reboot_timeout < std::time::Duration::from_secs(10) {
             return Err((
@@ -887,8 +890,14 @@ mod tests {
         let settings = loaded.config.reboot_settings().unwrap();
         assert_eq!(settings.strategy, crate::lock::step::Strategy::Lock);
         assert_eq!(settings.group, "db");
-        assert_eq!(settings.window.unwrap().to_string(), "Thu 04:00 UTC for 1h30m");
-        assert_eq!(settings.stale_after, Some(std::time::Duration::from_secs(1800)));
+        assert_eq!(
+            settings.window.unwrap().to_string(),
+            "Thu 04:00 UTC for 1h30m"
+        );
+        assert_eq!(
+            settings.stale_after,
+            Some(std::time::Duration::from_secs(1800))
+        );
         let defaults = Config::default().reboot_settings().unwrap();
         assert_eq!(defaults.group, "default");
         assert_eq!(defaults.stale_after, None, "off by default, as locksmith");
@@ -905,8 +914,12 @@ mod tests {
             ("stale_after", "5m", "shorter than reboot_timeout"),
             ("boot_id_file", "relative", "absolute"),
         ] {
-            let err = load(&explicit(&file("name = \"n1\"\n")), &[], &[flag(key, value)])
-                .unwrap_err();
+            let err = load(
+                &explicit(&file("name = \"n1\"\n")),
+                &[],
+                &[flag(key, value)],
+            )
+            .unwrap_err();
             assert!(
                 matches!(&err, Error::Invalid { key: k, .. } if *k == key),
                 "{key}={value}: {err}"

@@ -21,9 +21,9 @@ pub async fn run(endpoints: &[String], args: LockArgs) -> Result<ExitCode> {
         bail!("{group:?} is not a lock group name: use 1-63 letters, digits, '-', '_' or '.'");
     }
     let id = match &args.command {
-        LockCommand::Acquire { id } | LockCommand::Release { id } | LockCommand::NeedReboot { id, .. } => {
-            Some(holder_id(id.as_deref())?)
-        }
+        LockCommand::Acquire { id }
+        | LockCommand::Release { id }
+        | LockCommand::NeedReboot { id, .. } => Some(holder_id(id.as_deref())?),
         LockCommand::Status { .. } | LockCommand::SetMax { .. } => None,
     };
     let client = Client::connect(endpoints).await?;

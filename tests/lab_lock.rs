@@ -139,7 +139,8 @@ impl History {
         let mut values = Vec::new();
         for line in lines.iter() {
             let mut parts = line.splitn(3, ' ');
-            let (Some(revision), Some(kind), Some(rest)) = (parts.next(), parts.next(), parts.next())
+            let (Some(revision), Some(kind), Some(rest)) =
+                (parts.next(), parts.next(), parts.next())
             else {
                 continue;
             };
@@ -204,13 +205,16 @@ struct Interval {
     end: Option<u64>,
 }
 
+/// (host, unit, "enter" or "exit", CLOCK_MONOTONIC µs).
+type Stamp = (String, String, &'static str, u64);
+
 /// systemd's ActiveEnter/ActiveExit of units matching a prefix on every
 /// host, from its PropertiesChanged signals, read by `busctl monitor` in each
 /// host; the monitor is started again after each boot.
 struct Monitor {
     stop: Arc<AtomicBool>,
-    /// (host, unit) → (ActiveEnter, ActiveExit) as last seen, per activation.
-    events: Arc<Mutex<Vec<(String, String, &'static str, u64)>>>,
+    /// Every timestamp seen.
+    events: Arc<Mutex<Vec<Stamp>>>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -363,15 +367,20 @@ fn gaps(intervals: &[Interval]) -> Vec<(u64, u64)> {
 fn three_hosts_reboot_one_at_a_time_and_the_service_never_goes_down() {
     let cluster = Cluster::up(3, 3);
     // h2 has no logind: its coordinator must reboot through systemd itself.
-    let out = cluster.exec("h2", &["systemctl", "mask", "--now", "systemd-logind.service"]);
+    let out = cluster.exec(
+        "h2",
+        &["systemctl", "mask", "--now", "systemd-logind.service"],
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let mut history = History::start(&cluster, "/flotilla/lock/");
     let monitor = Monitor::start(&cluster, "hello@");
     cluster.submit(&[("hello@.service", HELLO)]);
     cluster.ok(&["start", "hello@1", "hello@2"]);
-    wait_for(Duration::from_secs(20), "both hello instances active", || {
-        (cluster.active().len() == 2).then_some(())
-    });
+    wait_for(
+        Duration::from_secs(20),
+        "both hello instances active",
+        || (cluster.active().len() == 2).then_some(()),
+    );
     let before = boot_ids(&cluster);
 
     // Sample hosts down (PID 1 gone, or out of the cluster) while they reboot.
@@ -406,7 +415,11 @@ fn three_hosts_reboot_one_at_a_time_and_the_service_never_goes_down() {
                         .iter()
                         .map(|r| r["machine"].as_str().unwrap())
                         .collect();
-                    down.extend(ids.iter().filter(|id| !present.contains(id.as_str())).cloned());
+                    down.extend(
+                        ids.iter()
+                            .filter(|id| !present.contains(id.as_str()))
+                            .cloned(),
+                    );
                 }
                 let mut worst = worst.lock().unwrap();
                 if down.len() > worst.0 {
@@ -429,9 +442,7 @@ fn three_hosts_reboot_one_at_a_time_and_the_service_never_goes_down() {
             let rebooted = now
                 .iter()
                 .all(|(name, (up, boot))| *up && *boot != before[name].1);
-            let Some(status) = try_lock_status(&cluster) else {
-                return None;
-            };
+            let status = try_lock_status(&cluster)?;
             (rebooted
                 && holders(&status).is_empty()
                 && status["need_reboot"].as_array().unwrap().is_empty()
@@ -439,12 +450,17 @@ fn three_hosts_reboot_one_at_a_time_and_the_service_never_goes_down() {
                 .then_some(())
         },
     );
-    eprintln!("3 rolling reboots, max 1: {took:?} ({:?} since the requests)", started.elapsed());
+    eprintln!(
+        "3 rolling reboots, max 1: {took:?} ({:?} since the requests)",
+        started.elapsed()
+    );
     sampling.store(false, Ordering::Relaxed);
     sampler.join().unwrap();
-    wait_for(Duration::from_secs(20), "both hello instances active again", || {
-        (cluster.active().len() == 2).then_some(())
-    });
+    wait_for(
+        Duration::from_secs(20),
+        "both hello instances active again",
+        || (cluster.active().len() == 2).then_some(()),
+    );
 
     // Every revision of the semaphore: at most one holder; each host held it.
     history.stop();
@@ -477,10 +493,17 @@ fn three_hosts_reboot_one_at_a_time_and_the_service_never_goes_down() {
             "rebooting now (asked "
         };
         assert!(log.contains(asked), "{}: {log}", host.name);
-        assert!(log.contains("released the reboot lock"), "{}: {log}", host.name);
+        assert!(
+            log.contains("released the reboot lock"),
+            "{}: {log}",
+            host.name
+        );
     }
     let moved: BTreeSet<&str> = intervals.iter().map(|i| i.host.as_str()).collect();
-    assert!(moved.len() == 3, "instances ran on every host: {intervals:?}");
+    assert!(
+        moved.len() == 3,
+        "instances ran on every host: {intervals:?}"
+    );
     let gaps = gaps(&intervals);
     assert!(
         gaps.is_empty(),
@@ -522,7 +545,10 @@ fn concurrent_acquires_and_a_killed_holder_with_and_without_stale_after() {
                 .unwrap()
         })
         .collect();
-    let outcomes: Vec<_> = racers.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    let outcomes: Vec<_> = racers
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
     let won: Vec<String> = outcomes
         .iter()
         .filter(|o| o.status.success())
@@ -538,10 +564,18 @@ fn concurrent_acquires_and_a_killed_holder_with_and_without_stale_after() {
     assert_eq!(status["available"], 0);
     // Acquiring a lock already held succeeds; releasing one not held fails.
     let winner = holders(&status)[0].clone();
-    assert!(cluster.ok(&["lock", "lock", &winner]).contains("already holds"));
+    assert!(
+        cluster
+            .ok(&["lock", "lock", &winner])
+            .contains("already holds")
+    );
     let out = cluster.flotilla(&["lock", "unlock", "racer-nobody"]);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("does not hold"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("does not hold"),
+        "{}",
+        text(&out.stderr)
+    );
     for id in holders(&status) {
         cluster.ok(&["lock", "release", &id]);
     }
@@ -565,7 +599,10 @@ fn concurrent_acquires_and_a_killed_holder_with_and_without_stale_after() {
     });
     std::thread::sleep(Duration::from_secs(12));
     let status = cluster.ok(&["lock", "status"]);
-    assert!(status.contains(&h3), "lock status names the holder: {status}");
+    assert!(
+        status.contains(&h3),
+        "lock status names the holder: {status}"
+    );
     assert!(status.contains("Available: 0"), "{status}");
 
     // stale_after on h1 (10 s; reboot_timeout lowered to match): freed after it.
@@ -600,7 +637,11 @@ fn concurrent_acquires_and_a_killed_holder_with_and_without_stale_after() {
         ],
     );
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("shorter than reboot_timeout"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("shorter than reboot_timeout"),
+        "{}",
+        text(&out.stderr)
+    );
 
     history.stop();
     assert_never_over(&history, 2);
@@ -628,10 +669,17 @@ fn a_host_outside_its_window_waits_and_a_drain_with_nowhere_to_go_postpones() {
     });
     assert!(log.contains(&start), "{log}");
     std::thread::sleep(Duration::from_secs(4));
-    assert!(holders(&lock_status(&cluster)).is_empty(), "h1 took no lock");
+    assert!(
+        holders(&lock_status(&cluster)).is_empty(),
+        "h1 took no lock"
+    );
     assert_eq!(boot_ids(&cluster)["h1"], before["h1"], "h1 did not reboot");
     // Withdraw the request so h1 stays out of the rest.
-    cluster.ok(&["kv", "del", &format!("/flotilla/reboot/{}", cluster.id_of("h1"))]);
+    cluster.ok(&[
+        "kv",
+        "del",
+        &format!("/flotilla/reboot/{}", cluster.id_of("h1")),
+    ]);
 
     // Three conflicting instances fill the three hosts: h2's has nowhere to go.
     cluster.submit(&[("hello@.service", HELLO)]);
@@ -652,24 +700,40 @@ fn a_host_outside_its_window_waits_and_a_drain_with_nowhere_to_go_postpones() {
         log.contains("reboot postponed").then_some(log)
     });
     eprintln!("h2 postponed after {took:?}");
-    let line = log.lines().find(|l| l.contains("reboot postponed")).unwrap();
-    assert!(line.contains(&format!("{on_h2} has nowhere to go")), "{line}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("reboot postponed"))
+        .unwrap();
+    assert!(
+        line.contains(&format!("{on_h2} has nowhere to go")),
+        "{line}"
+    );
     assert!(line.contains("conflicts with hello@"), "{line}");
     // Withdraw the request (it would be tried again after drain_timeout).
     // Nothing was broken meanwhile: h2 still runs its instance (never
     // restarted), gave the lock back, is schedulable, and did not reboot.
-    cluster.ok(&["kv", "del", &format!("/flotilla/reboot/{}", cluster.id_of("h2"))]);
-    wait_for(Duration::from_secs(10), "the lock given back, h2 undrained", || {
-        (holders(&lock_status(&cluster)).is_empty()
-            && !cluster.ok(&["list-machines"]).contains("yes"))
-        .then_some(())
-    });
+    cluster.ok(&[
+        "kv",
+        "del",
+        &format!("/flotilla/reboot/{}", cluster.id_of("h2")),
+    ]);
+    wait_for(
+        Duration::from_secs(10),
+        "the lock given back, h2 undrained",
+        || {
+            (holders(&lock_status(&cluster)).is_empty()
+                && !cluster.ok(&["list-machines"]).contains("yes"))
+            .then_some(())
+        },
+    );
     assert_eq!(cluster.entered("h2", &on_h2), entered);
     assert_eq!(boot_ids(&cluster)["h2"], before["h2"]);
     history.stop();
     let values = assert_never_over(&history, 1);
     assert!(
-        values.iter().any(|(_, _, ids)| ids == &[cluster.id_of("h2").to_string()]),
+        values
+            .iter()
+            .any(|(_, _, ids)| ids == &[cluster.id_of("h2").to_string()]),
         "h2 held the lock while draining: {values:?}"
     );
 }

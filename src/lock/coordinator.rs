@@ -221,8 +221,7 @@ impl Coordinator {
         };
         let next = step::next(&facts);
         tracing::debug!("reboot coordinator: {next:?}");
-        self.act(next, &view, &staying, mark.as_ref(), hold)
-            .await?;
+        self.act(next, &view, &staying, mark.as_ref(), hold).await?;
         Ok(true)
     }
 
@@ -266,8 +265,7 @@ impl Coordinator {
                 }
             }
             Step::Drain => {
-                ops::set_drained(&*self.client().await?, &me, true)
-                    .await?;
+                ops::set_drained(&*self.client().await?, &me, true).await?;
                 self.timers.drain_started = Some(Instant::now());
                 self.say(
                     format!(
@@ -286,8 +284,7 @@ impl Coordinator {
             Step::Postpone(stuck) => {
                 let why = self.explain(view, &stuck).await?;
                 let client = self.client().await?;
-                ops::set_drained(&client, &me, false)
-                    .await?;
+                ops::set_drained(&client, &me, false).await?;
                 if hold == Hold::ThisBoot {
                     store::release(&client, &group, &me).await?;
                 }
@@ -307,8 +304,7 @@ impl Coordinator {
             Step::Reboot => self.reboot(staying, mark).await?,
             Step::WaitReboot => self.say("waiting for the reboot to begin".to_string(), false),
             Step::Undrain => {
-                ops::set_drained(&*self.client().await?, &me, false)
-                    .await?;
+                ops::set_drained(&*self.client().await?, &me, false).await?;
                 self.timers.drain_started = None;
                 self.say("this host takes units again".to_string(), false);
             }
@@ -410,7 +406,11 @@ impl Coordinator {
     }
 
     /// One sentence per unit that did not leave, saying why.
-    async fn explain(&mut self, view: &HostView, stuck: &[UnitName]) -> Result<String, LockOpError> {
+    async fn explain(
+        &mut self,
+        view: &HostView,
+        stuck: &[UnitName],
+    ) -> Result<String, LockOpError> {
         let placement = store::placement_view(&*self.client().await?).await?;
         let reasons: Vec<String> = stuck
             .iter()

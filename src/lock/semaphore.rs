@@ -195,7 +195,10 @@ mod tests {
         let s = s.record_boot("m1", "b").unwrap();
         assert_eq!(s.holder("m1").unwrap().boot_id.as_deref(), Some("b"));
         assert_eq!(s.holder("m1").unwrap().since, 5);
-        assert_eq!(s.record_boot("m2", "b"), Err(LockError::NotHeld("m2".into())));
+        assert_eq!(
+            s.record_boot("m2", "b"),
+            Err(LockError::NotHeld("m2".into()))
+        );
     }
 
     #[test]

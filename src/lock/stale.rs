@@ -118,8 +118,16 @@ mod tests {
         let holders = [holder("a", 1), holder("b", 2)];
         let present: BTreeSet<String> = ["b".to_string()].into();
         let at = |s| t0 + Duration::from_secs(s);
-        assert!(absence.observe("g", &holders, &present, at(0), after).is_empty());
-        assert!(absence.observe("g", &holders, &present, at(59), after).is_empty());
+        assert!(
+            absence
+                .observe("g", &holders, &present, at(0), after)
+                .is_empty()
+        );
+        assert!(
+            absence
+                .observe("g", &holders, &present, at(59), after)
+                .is_empty()
+        );
         assert_eq!(
             absence.observe("g", &holders, &present, at(60), after),
             vec![holder("a", 1)]
@@ -127,10 +135,23 @@ mod tests {
         // Back for a moment: the clock starts over.
         let all: BTreeSet<String> = ["a".to_string(), "b".to_string()].into();
         absence.observe("g", &holders, &all, at(61), after);
-        assert!(absence.observe("g", &holders, &present, at(100), after).is_empty());
-        assert_eq!(absence.observe("g", &holders, &present, at(161), after).len(), 1);
+        assert!(
+            absence
+                .observe("g", &holders, &present, at(100), after)
+                .is_empty()
+        );
+        assert_eq!(
+            absence
+                .observe("g", &holders, &present, at(161), after)
+                .len(),
+            1
+        );
         // Another group is timed on its own.
-        assert!(absence.observe("h", &holders, &present, at(161), after).is_empty());
+        assert!(
+            absence
+                .observe("h", &holders, &present, at(161), after)
+                .is_empty()
+        );
     }
 
     #[test]

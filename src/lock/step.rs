@@ -469,7 +469,12 @@ mod tests {
             units: vec![
                 unit("a.service", "", true, launched),
                 unit("b.service", "Global=true", true, launched),
-                unit("c.service", &format!("MachineID={}", "f".repeat(32)), true, launched),
+                unit(
+                    "c.service",
+                    &format!("MachineID={}", "f".repeat(32)),
+                    true,
+                    launched,
+                ),
                 unit("d.service", "Global=true", true, None),
             ],
         };
@@ -511,7 +516,10 @@ mod tests {
         local.insert(name("a.service"), ("loaded".into(), "active".into()));
         assert_eq!(health(&view, &local), Ok(()));
         view.units[0].claimed = false;
-        assert!(health(&view, &local).is_err(), "an unclaimed proposal waits");
+        assert!(
+            health(&view, &local).is_err(),
+            "an unclaimed proposal waits"
+        );
     }
 
     #[test]
@@ -531,13 +539,19 @@ mod tests {
             ],
         };
         let why = explain(&name("hello@1.service"), Some(&hello), &view, &a);
-        assert!(why.starts_with("hello@1.service has nowhere to go"), "{why}");
+        assert!(
+            why.starts_with("hello@1.service has nowhere to go"),
+            "{why}"
+        );
         assert!(why.contains("conflicts with hello@2.service"), "{why}");
         let free = PlacementView {
             placed: view.placed[..2].to_vec(),
             ..view.clone()
         };
         let why = explain(&name("hello@1.service"), Some(&hello), &free, &a);
-        assert_eq!(why, format!("hello@1.service did not become active on {c} in time"));
+        assert_eq!(
+            why,
+            format!("hello@1.service did not become active on {c} in time")
+        );
     }
 }

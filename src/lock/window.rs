@@ -43,7 +43,9 @@ impl Window {
     /// week when a day is named).
     pub fn parse(start: &str, length: Duration) -> Result<Window, String> {
         let bad = |why: &str| {
-            format!("{start:?} is not a window start ({why}); write e.g. \"Thu 04:00\" or \"04:00\"")
+            format!(
+                "{start:?} is not a window start ({why}); write e.g. \"Thu 04:00\" or \"04:00\""
+            )
         };
         let mut words: Vec<&str> = start.split_whitespace().collect();
         let offset = match words.last() {
@@ -300,13 +302,24 @@ mod tests {
         assert!(matches!(w.state(THU + 2 * H), WindowState::Open(_)));
         assert!(matches!(w.state(THU + 4 * H), WindowState::Closed(_)));
         assert_eq!(w.to_string(), "Thu 04:00 +02:00 for 1h");
-        assert_eq!(window("04:00 UTC", "90m").to_string(), "04:00 UTC for 1h30m");
+        assert_eq!(
+            window("04:00 UTC", "90m").to_string(),
+            "04:00 UTC for 1h30m"
+        );
     }
 
     #[test]
     fn bad_windows_say_what_to_write() {
         let hour = Duration::from_secs(H);
-        for bad in ["", "Thu", "Thx 04:00", "25:00", "04:61", "4", "Thu 04:00 +99:00"] {
+        for bad in [
+            "",
+            "Thu",
+            "Thx 04:00",
+            "25:00",
+            "04:61",
+            "4",
+            "Thu 04:00 +99:00",
+        ] {
             let err = Window::parse(bad, hour).unwrap_err();
             assert!(err.contains("Thu 04:00"), "{bad}: {err}");
         }
@@ -317,8 +330,18 @@ mod tests {
 
     #[test]
     fn durations_round_trip() {
-        for (text, secs) in [("90s", 90), ("5m", 300), ("1h30m", 5400), ("2d", 172_800), ("7", 7)] {
-            assert_eq!(parse_duration(text), Ok(Duration::from_secs(secs)), "{text}");
+        for (text, secs) in [
+            ("90s", 90),
+            ("5m", 300),
+            ("1h30m", 5400),
+            ("2d", 172_800),
+            ("7", 7),
+        ] {
+            assert_eq!(
+                parse_duration(text),
+                Ok(Duration::from_secs(secs)),
+                "{text}"
+            );
         }
         assert_eq!(show_duration(Duration::from_secs(5400)), "1h30m");
         for bad in ["", "m", "5x", "1h5", "-5s", "99999999999999999999d"] {

@@ -196,7 +196,9 @@ pub async fn release_stale(
     holder: &Holder,
 ) -> Result<bool, LockOpError> {
     let (_, released) = change(client, group, |s| {
-        if s.holder(&holder.id).is_some_and(|h| h.since == holder.since) {
+        if s.holder(&holder.id)
+            .is_some_and(|h| h.since == holder.since)
+        {
             Ok((Some(s.unlock(&holder.id)?), true))
         } else {
             Ok((None, false))
@@ -243,7 +245,10 @@ pub async fn reboot_mark(
     let Some(kv) = client.get(&keys::reboot_mark(id)).await? else {
         return Ok(None);
     };
-    Ok(Some((records::decode(&kv.key, &kv.value)?, kv.mod_revision)))
+    Ok(Some((
+        records::decode(&kv.key, &kv.value)?,
+        kv.mod_revision,
+    )))
 }
 
 /// Removes the reboot mark of `id` if it is still the one read at

@@ -20,9 +20,7 @@ use crate::consensus::kv::{Compare, Op, Revision};
 use crate::consensus::runner::Handle;
 use crate::registry::keys::{self, MachineKey};
 use crate::registry::ops::{delete, put, revision_is, same_revision};
-use crate::registry::records::{
-    self, MachineRecord, Proposal, ReportedState, Target, UnitRecord,
-};
+use crate::registry::records::{self, MachineRecord, Proposal, ReportedState, Target, UnitRecord};
 use crate::units::placement::Machine;
 use crate::units::{Requirements, Unit, UnitHash, UnitKind, UnitName};
 use plan::{Change, Seen, Wanted, World};

@@ -206,7 +206,10 @@ mod tests {
 
         // Pass 1: a replacement is proposed, nothing is withdrawn.
         let p = plan(&w);
-        assert_eq!(proposed_to(&p.changes), vec![(name("web.service"), id('b'))]);
+        assert_eq!(
+            proposed_to(&p.changes),
+            vec![(name("web.service"), id('b'))]
+        );
         assert!(withdrawn(&p.changes).is_empty(), "{:?}", p.changes);
 
         // Pass 2: proposed on b, claimed there, still activating: both stay.
@@ -254,8 +257,15 @@ mod tests {
         assert!(withdrawn(&p.changes).is_empty(), "{:?}", p.changes);
         assert!(proposed_to(&p.changes).is_empty(), "{:?}", p.changes);
         let stuck: Vec<&UnitName> = p.unplaceable.iter().map(|(u, _)| u).collect();
-        assert_eq!(stuck, vec![&name("hello@1.service"), &name("pinned.service")]);
-        assert!(p.unplaceable[0].1.contains("draining machine"), "{:?}", p.unplaceable);
+        assert_eq!(
+            stuck,
+            vec![&name("hello@1.service"), &name("pinned.service")]
+        );
+        assert!(
+            p.unplaceable[0].1.contains("draining machine"),
+            "{:?}",
+            p.unplaceable
+        );
     }
 
     #[test]
