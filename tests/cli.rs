@@ -384,8 +384,14 @@ fn lock_verbs_check_their_arguments_before_the_cluster() {
     for (args, says) in [
         (&["lock", "acquire", "a/b"][..], "is not a machine id"),
         (&["lock", "need-reboot", "x y"], "is not a machine id"),
-        (&["lock", "status", "--group", "no/such"], "is not a lock group name"),
-        (&["lock", "release", "--group", ""], "is not a lock group name"),
+        (
+            &["lock", "status", "--group", "no/such"],
+            "is not a lock group name",
+        ),
+        (
+            &["lock", "release", "--group", ""],
+            "is not a lock group name",
+        ),
     ] {
         let mut argv = none.to_vec();
         argv.extend(args);
@@ -394,7 +400,12 @@ fn lock_verbs_check_their_arguments_before_the_cluster() {
         assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
     }
     let out = flotilla(&["lock", "set-max", "-1"]);
-    assert_eq!(out.status.code(), Some(2), "a usage error: {}", stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a usage error: {}",
+        stderr(&out)
+    );
     let out = flotilla(&[&none[..], &["lock", "status"]].concat());
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("cannot reach"), "{}", stderr(&out));
@@ -404,5 +415,9 @@ fn lock_verbs_check_their_arguments_before_the_cluster() {
         assert!(help.contains(verb), "{help}");
     }
     let out = flotilla(&[&none[..], &["lock", "unlock", "a/b"]].concat());
-    assert!(stderr(&out).contains("is not a machine id"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is not a machine id"),
+        "{}",
+        stderr(&out)
+    );
 }

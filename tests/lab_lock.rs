@@ -26,16 +26,7 @@ use serde_json::Value;
 mod support;
 
 use support::cluster::{Cluster, wait_for};
-use support::{FLOTILLA, lab_in, text};
-
-const HELLO: &str = "\
-[Unit]
-Description=hello %i: holds this host's hello lock or fails
-[Service]
-ExecStart=/usr/bin/flock -n -E 99 /run/hello.lock /bin/sleep infinity
-[X-Fleet]
-Conflicts=hello@*.service
-";
+use support::{FLOTILLA, HELLO, lab_in, text};
 
 /// Sets `FLOTILLA_<KEY>=value` for `host`'s daemon (a drop-in) and restarts
 /// it; waits until the host is in the cluster again.

@@ -117,36 +117,25 @@ mod tests {
         let after = Duration::from_secs(60);
         let holders = [holder("a", 1), holder("b", 2)];
         let present: BTreeSet<String> = ["b".to_string()].into();
-        let at = |s| t0 + Duration::from_secs(s);
-        assert!(
-            absence
-                .observe("g", &holders, &present, at(0), after)
-                .is_empty()
-        );
-        assert!(
-            absence
-                .observe("g", &holders, &present, at(59), after)
-                .is_empty()
-        );
-        assert_eq!(
-            absence.observe("g", &holders, &present, at(60), after),
-            vec![holder("a", 1)]
-        );
+        let mut seen = |present: &BTreeSet<String>, secs| {
+            absence.observe(
+                "g",
+                &holders,
+                present,
+                t0 + Duration::from_secs(secs),
+                after,
+            )
+        };
+        assert!(seen(&present, 0).is_empty());
+        assert!(seen(&present, 59).is_empty());
+        assert_eq!(seen(&present, 60), vec![holder("a", 1)]);
         // Back for a moment: the clock starts over.
         let all: BTreeSet<String> = ["a".to_string(), "b".to_string()].into();
-        absence.observe("g", &holders, &all, at(61), after);
-        assert!(
-            absence
-                .observe("g", &holders, &present, at(100), after)
-                .is_empty()
-        );
-        assert_eq!(
-            absence
-                .observe("g", &holders, &present, at(161), after)
-                .len(),
-            1
-        );
+        seen(&all, 61);
+        assert!(seen(&present, 100).is_empty());
+        assert_eq!(seen(&present, 161).len(), 1);
         // Another group is timed on its own.
+        let at = |s| t0 + Duration::from_secs(s);
         assert!(
             absence
                 .observe("h", &holders, &present, at(161), after)

@@ -103,11 +103,19 @@ pub async fn read(client: &Client, group: &str) -> Result<Read, LockOpError> {
 
 /// Every semaphore that was ever written, by group.
 pub async fn semaphores(client: &Client) -> Result<BTreeMap<String, Semaphore>, LockOpError> {
-    let (kvs, _) = client.range(keys::LOCKS, true, false).await?;
+    records_under(client, keys::LOCKS).await
+}
+
+/// Every record under `prefix`, by the rest of its key.
+async fn records_under<T: serde::de::DeserializeOwned>(
+    client: &Client,
+    prefix: &str,
+) -> Result<BTreeMap<String, T>, LockOpError> {
+    let (kvs, _) = client.range(prefix, true, false).await?;
     let mut all = BTreeMap::new();
     for kv in kvs {
-        if let Some(group) = kv.key.strip_prefix(keys::LOCKS) {
-            all.insert(group.to_string(), records::decode(&kv.key, &kv.value)?);
+        if let Some(rest) = kv.key.strip_prefix(prefix) {
+            all.insert(rest.to_string(), records::decode(&kv.key, &kv.value)?);
         }
     }
     Ok(all)
@@ -268,14 +276,7 @@ pub async fn clear_reboot_mark(
 
 /// Every machine asked to reboot, by id.
 pub async fn reboot_marks(client: &Client) -> Result<BTreeMap<String, RebootMark>, LockOpError> {
-    let (kvs, _) = client.range(keys::REBOOTS, true, false).await?;
-    let mut marks = BTreeMap::new();
-    for kv in kvs {
-        if let Some(id) = kv.key.strip_prefix(keys::REBOOTS) {
-            marks.insert(id.to_string(), records::decode(&kv.key, &kv.value)?);
-        }
-    }
-    Ok(marks)
+    records_under(client, keys::REBOOTS).await
 }
 
 /// The ids of the machines with a live presence.
