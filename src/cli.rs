@@ -62,6 +62,8 @@ pub enum Command {
     ListUnitFiles(ListArgs),
     /// Show the machines in the cluster.
     ListMachines(ListArgs),
+    /// The reboot lock, locksmithctl's verbs: status, acquire, release, set-max, need-reboot.
+    Lock(LockArgs),
     /// Move every unit off a machine and keep new ones away (undo with --undo).
     Drain {
         /// The machine's id (or a unique prefix).
@@ -69,6 +71,55 @@ pub enum Command {
         /// Let the machine take units again.
         #[arg(long)]
         undo: bool,
+    },
+}
+
+/// `flotilla lock ...`
+#[derive(Debug, Args)]
+pub struct LockArgs {
+    /// The lock group (machines take turns within a group; see reboot_group).
+    #[arg(long, global = true, value_name = "GROUP", default_value = "default")]
+    pub group: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: LockCommand,
+}
+
+/// The reboot lock's verbs.
+#[derive(Debug, Subcommand)]
+pub enum LockCommand {
+    /// Show free slots, the limit, the holders (machine id, since when) and
+    /// the machines asked to reboot.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a slot for a machine (default: this one). Holding one already is fine.
+    #[command(visible_alias = "lock")]
+    Acquire {
+        /// The holder's id [default: this machine's id, /etc/machine-id].
+        id: Option<String>,
+    },
+    /// Give a machine's slot back (default: this one's).
+    #[command(visible_alias = "unlock")]
+    Release {
+        /// The holder's id [default: this machine's id, /etc/machine-id].
+        id: Option<String>,
+    },
+    /// Set how many machines may hold the lock at once (0 stops every reboot).
+    SetMax {
+        /// The new limit.
+        max: u32,
+    },
+    /// Ask a machine (default: this one) to reboot: its coordinator takes the
+    /// lock in its window, drains and reboots.
+    NeedReboot {
+        /// The machine's id [default: this machine's id, /etc/machine-id].
+        id: Option<String>,
+        /// Reboot even if the drain cannot move every unit within drain_timeout.
+        #[arg(long)]
+        force: bool,
     },
 }
 

@@ -12,7 +12,8 @@
 //! * [`registry`]: the cluster's records of units and machines, and every
 //!   transaction on them: the user's, the scheduler's and each machine's.
 //! * [`scheduler`]: on the Raft leader, proposes units to machines.
-//! * [`lock`]: reboot coordination; today the semaphore's pure operations.
+//! * [`lock`]: reboot coordination: the semaphore, reboot windows, and each
+//!   host's reboot coordinator (drain make-before-break, reboot, release).
 //! * [`config`]: the daemon's configuration loader (file, environment, flags).
 //! * [`daemon`]: `flotilla daemon`, wiring the roles together.
 //! * [`api`]: the daemon's HTTP JSON API, fleet's `/fleet/v1`, on a unix socket and TCP.

@@ -12,6 +12,7 @@ use flotilla::consensus::client::Client;
 use flotilla::registry::records::DesiredState;
 use flotilla::verify;
 
+mod lock_verbs;
 mod unit_verbs;
 
 fn main() -> ExitCode {
@@ -51,6 +52,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             client_runtime()?.block_on(run_kv(&cli.endpoint, command))
         }
         Command::Lab(command) => flotilla::lab::run(command),
+        Command::Lock(args) => {
+            init_logging("warn");
+            client_runtime()?.block_on(lock_verbs::run(&cli.endpoint, args))
+        }
         command => {
             init_logging("warn");
             client_runtime()?.block_on(run_unit_verb(&cli.endpoint, command))
@@ -101,6 +106,7 @@ async fn run_unit_verb(endpoints: &[String], command: Command) -> Result<ExitCod
         | Command::Daemon(_)
         | Command::Member(_)
         | Command::Kv(_)
+        | Command::Lock(_)
         | Command::Lab(_) => unreachable!("dispatched in run()"),
     }
 }

@@ -375,3 +375,49 @@ fn unit_verbs_refuse_bad_input_before_reaching_the_cluster() {
     let out = run(&["list-units", "--bogus"]);
     assert_eq!(out.status.code(), Some(2), "unknown flag: {}", stderr(&out));
 }
+
+#[test]
+fn lock_verbs_check_their_arguments_before_the_cluster() {
+    // An endpoint nobody listens on: a check that needed the cluster would
+    // report it unreachable instead of naming the bad argument.
+    let none = ["--endpoint", "127.0.0.1:9"];
+    for (args, says) in [
+        (&["lock", "acquire", "a/b"][..], "is not a machine id"),
+        (&["lock", "need-reboot", "x y"], "is not a machine id"),
+        (
+            &["lock", "status", "--group", "no/such"],
+            "is not a lock group name",
+        ),
+        (
+            &["lock", "release", "--group", ""],
+            "is not a lock group name",
+        ),
+    ] {
+        let mut argv = none.to_vec();
+        argv.extend(args);
+        let out = flotilla(&argv);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+    }
+    let out = flotilla(&["lock", "set-max", "-1"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a usage error: {}",
+        stderr(&out)
+    );
+    let out = flotilla(&[&none[..], &["lock", "status"]].concat());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("cannot reach"), "{}", stderr(&out));
+    // locksmithctl's names work too.
+    let help = stdout(&flotilla(&["lock", "--help"]));
+    for verb in ["status", "acquire", "release", "set-max", "need-reboot"] {
+        assert!(help.contains(verb), "{help}");
+    }
+    let out = flotilla(&[&none[..], &["lock", "unlock", "a/b"]].concat());
+    assert!(
+        stderr(&out).contains("is not a machine id"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -286,6 +286,8 @@ impl Disk {
         };
         set("name", host.name.clone().into());
         set("data_dir", "/var/lib/flotilla".into());
+        // Every host shares the kernel's boot id: the lab writes one per boot.
+        set("boot_id_file", super::init::BOOT_ID_FILE.into());
         set(
             "ttl_secs",
             i64::try_from(lab.ttl_secs)

@@ -10,6 +10,8 @@
 //! /flotilla/m/<id>/c/<unit>          Claim: <id> runs <unit> (on its presence lease)
 //! /flotilla/m/<id>/gen               bumped by every claim on <id>: serialises claims
 //! /flotilla/states/<unit>/<id>       ReportedState: systemd's LOAD/ACTIVE/SUB there
+//! /flotilla/lock/<group>             Semaphore: the reboot lock of a group of machines
+//! /flotilla/reboot/<id>              RebootMark: `flotilla lock need-reboot` asked <id> to reboot
 //! ```
 //!
 //! Everything an agent must react to lives under its own `/flotilla/m/<id>/`,
@@ -123,6 +125,21 @@ pub fn parse_state_key(key: &str) -> Option<(UnitName, String)> {
 /// The unit name at the end of a key under `prefix`.
 pub fn unit_after(prefix: &str, key: &str) -> Option<UnitName> {
     UnitName::parse(key.strip_prefix(prefix)?).ok()
+}
+
+/// Prefix of every reboot semaphore.
+pub const LOCKS: &str = "/flotilla/lock/";
+/// Prefix of the marks of machines asked to reboot.
+pub const REBOOTS: &str = "/flotilla/reboot/";
+
+/// The reboot semaphore of machine group `group`.
+pub fn semaphore(group: &str) -> String {
+    format!("{LOCKS}{group}")
+}
+
+/// The mark asking machine `id` to reboot.
+pub fn reboot_mark(id: &str) -> String {
+    format!("{REBOOTS}{id}")
 }
 
 #[cfg(test)]

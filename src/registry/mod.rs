@@ -13,10 +13,13 @@
 //! * [`ops`]: the user-facing operations (submit, start, stop, destroy, list).
 //! * [`schedule`]: the scheduler's reads of the world and writes of proposals.
 //! * [`machine`]: one machine's presence, claims, releases and reports.
+//! * [`lock`]: the reboot semaphores and reboot marks, and what a machine's
+//!   reboot coordinator reads about itself.
 
 pub mod bodies;
 pub mod error;
 pub mod keys;
+pub mod lock;
 pub mod machine;
 pub mod ops;
 pub mod records;

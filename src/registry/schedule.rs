@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 
 use super::bodies::BodyCache;
 use super::keys::{self, MachineKey};
-use super::records::{self, MachineRecord, Proposal, Target, UnitRecord};
+use super::records::{self, MachineRecord, Proposal, ReportedState, Target, UnitRecord};
 use crate::consensus::client::{Client, ClientError};
 use crate::consensus::kv::{Compare, Op, Revision};
 use crate::units::placement::Machine;
@@ -58,6 +58,11 @@ pub struct World {
     pub placed: BTreeMap<UnitName, (String, Revision)>,
     /// Unclaimed proposals older than the claim bound: (unit, machine).
     pub stale: BTreeSet<(UnitName, String)>,
+    /// Machines alive but drained: their units move make-before-break.
+    pub draining: BTreeSet<String>,
+    /// systemd's states as reported, by (unit, machine); read only while a
+    /// machine drains (a replacement counts once it is in its target state).
+    pub reported: BTreeMap<(UnitName, String), ReportedState>,
 }
 
 /// One write the pass asks for.
@@ -163,9 +168,14 @@ pub async fn read_world(client: &Client, bodies: &BodyCache) -> Result<Reading, 
                 id: m.id,
                 metadata: m.metadata,
             }),
-            Ok(_) => {}
+            Ok(m) => {
+                world.draining.insert(m.id);
+            }
             Err(e) => tracing::warn!("{e}"),
         }
+    }
+    if !world.draining.is_empty() {
+        read_reported(client, world).await?;
     }
     for kv in &per_machine {
         match keys::parse_machine_key(&kv.key) {
@@ -194,6 +204,20 @@ pub async fn read_world(client: &Client, bodies: &BodyCache) -> Result<Reading, 
         }
     }
     Ok(reading)
+}
+
+/// Reads systemd's reported states, which make-before-break needs while a
+/// machine drains (a replacement counts once it is active).
+async fn read_reported(client: &Client, world: &mut World) -> Result<(), ClientError> {
+    let (states, _) = client.range(keys::STATES, true, false).await?;
+    for kv in &states {
+        if let Some(at) = keys::parse_state_key(&kv.key)
+            && let Ok(state) = records::decode::<ReportedState>(&kv.key, &kv.value)
+        {
+            world.reported.insert(at, state);
+        }
+    }
+    Ok(())
 }
 
 /// The `[X-Fleet]` rules of `record`'s unit, or why it cannot be scheduled.

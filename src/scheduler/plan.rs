@@ -28,10 +28,16 @@
 //!      is withdrawn; one proposed earlier in this same pass is decided again
 //!      instead, so the two are never proposed to one machine.
 //!
+//!    * A unit claimed on a draining machine (alive, drained) moves
+//!      make-before-break ([`handover`]): it keeps its place there until a
+//!      replacement is active on another machine.
+//!
 //! Every change carries the revisions it was decided from, so the scheduler's
 //! transactions fail instead of acting on a stale view.
 
 use std::collections::{BTreeMap, BTreeSet};
+
+mod handover;
 
 pub use crate::registry::schedule::{Change, Seen, Wanted, World};
 
@@ -247,7 +253,7 @@ impl<'w> Pass<'w> {
             if self.withdrawn.contains(&(unit.clone(), machine.clone())) {
                 continue;
             }
-            if !targets.contains(machine) {
+            if !targets.contains(machine) && !self.stays_while_draining(unit, machine) {
                 self.withdraw(unit, machine);
             } else if seen.proposal != wanted.proposal {
                 self.update(unit, machine, wanted, seen);
@@ -261,6 +267,9 @@ impl<'w> Pass<'w> {
     }
 
     fn place_one(&mut self, unit: &UnitName, wanted: &Wanted) {
+        if self.hand_over(unit, wanted) {
+            return;
+        }
         let mut current: Vec<(String, Seen)> = self
             .world
             .proposals
