@@ -26,38 +26,28 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs go to stderr. `RUST_LOG` wins; else the daemon's `log` setting, else warnings.
-fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Verify(args) => {
-            init_logging("warn");
+            flotilla::logging::init("warn");
             run_verify(&args)
         }
         Command::Daemon(args) => run_daemon(&args),
         Command::Member(command) => {
-            init_logging("warn");
+            flotilla::logging::init("warn");
             client_runtime()?.block_on(run_member(&cli.endpoint, command))
         }
         Command::Kv(command) => {
-            init_logging("warn");
+            flotilla::logging::init("warn");
             client_runtime()?.block_on(run_kv(&cli.endpoint, command))
         }
         Command::Lab(command) => flotilla::lab::run(command),
         Command::Lock(args) => {
-            init_logging("warn");
+            flotilla::logging::init("warn");
             client_runtime()?.block_on(lock_verbs::run(&cli.endpoint, args))
         }
         command => {
-            init_logging("warn");
+            flotilla::logging::init("warn");
             client_runtime()?.block_on(run_unit_verb(&cli.endpoint, command))
         }
     }
@@ -238,7 +228,7 @@ fn run_daemon(args: &DaemonArgs) -> Result<ExitCode> {
         .map_err(anyhow::Error::msg)
         .context("invalid flag")?;
     let loaded = config::load(&source, &env, &overrides).context("invalid configuration")?;
-    init_logging(&loaded.config.log);
+    flotilla::logging::init(&loaded.config.log);
     for warning in &loaded.warnings {
         tracing::warn!("{warning}");
     }
