@@ -72,6 +72,19 @@ pub enum Command {
         #[arg(long)]
         undo: bool,
     },
+    /// Print a completion script for a shell, e.g. `flotilla completion bash >
+    /// /etc/bash_completion.d/flotilla` (the Debian package installs them).
+    Completion {
+        /// bash, zsh or fish (also elvish and powershell).
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), or write one page per verb into a directory.
+    #[command(hide = true)]
+    Man {
+        /// Write flotilla.1 and flotilla-VERB.1 for every verb here instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// `flotilla lock ...`

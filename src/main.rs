@@ -46,6 +46,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             flotilla::logging::init("warn");
             client_runtime()?.block_on(lock_verbs::run(&cli.endpoint, args))
         }
+        Command::Completion { shell } => {
+            flotilla::cli_docs::completion(shell, &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => {
+            match dir {
+                Some(dir) => flotilla::cli_docs::man_pages(&dir)
+                    .with_context(|| format!("cannot write manual pages into {}", dir.display()))?,
+                None => flotilla::cli_docs::man_page(&mut std::io::stdout())
+                    .context("cannot write the manual page")?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         command => {
             flotilla::logging::init("warn");
             client_runtime()?.block_on(run_unit_verb(&cli.endpoint, command))
@@ -97,7 +110,9 @@ async fn run_unit_verb(endpoints: &[String], command: Command) -> Result<ExitCod
         | Command::Member(_)
         | Command::Kv(_)
         | Command::Lock(_)
-        | Command::Lab(_) => unreachable!("dispatched in run()"),
+        | Command::Lab(_)
+        | Command::Completion { .. }
+        | Command::Man { .. } => unreachable!("dispatched in run()"),
     }
 }
 
