@@ -33,6 +33,9 @@ pub enum Command {
     /// List, add or remove members of the Raft store.
     #[command(subcommand)]
     Member(MemberCommand),
+    /// The cluster as a whole: `flotilla cluster health`.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Read and write the cluster's key-value store directly (for operators and debugging).
     #[command(subcommand)]
     Kv(KvCommand),
@@ -189,6 +192,19 @@ pub enum MemberCommand {
     Remove {
         /// The member's name.
         name: String,
+    },
+}
+
+/// `flotilla cluster ...`
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Members, leader, each member's lag, quorum, store size, machines whose
+    /// presence lease expired. Exit status 0 when healthy; 1 when a member does
+    /// not answer, no leader is known or quorum is lost (or nothing answers).
+    Health {
+        /// Print the report as JSON (on stdout, healthy or not).
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 
-use flotilla::cli::{Cli, Command, DaemonArgs, KvCommand, MemberCommand, VerifyArgs};
+use flotilla::cli::{
+    Cli, ClusterCommand, Command, DaemonArgs, KvCommand, MemberCommand, VerifyArgs,
+};
 use flotilla::config;
 use flotilla::consensus::client::Client;
 use flotilla::registry::records::DesiredState;
@@ -36,6 +38,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Member(command) => {
             flotilla::logging::init("warn");
             client_runtime()?.block_on(run_member(&cli.endpoint, command))
+        }
+        Command::Cluster(command) => {
+            flotilla::logging::init("warn");
+            client_runtime()?.block_on(run_cluster(&cli.endpoint, command))
         }
         Command::Kv(command) => {
             flotilla::logging::init("warn");
@@ -108,6 +114,7 @@ async fn run_unit_verb(endpoints: &[String], command: Command) -> Result<ExitCod
         Command::Verify(_)
         | Command::Daemon(_)
         | Command::Member(_)
+        | Command::Cluster(_)
         | Command::Kv(_)
         | Command::Lock(_)
         | Command::Lab(_)
@@ -161,6 +168,27 @@ async fn run_member(endpoints: &[String], command: MemberCommand) -> Result<Exit
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn run_cluster(endpoints: &[String], command: ClusterCommand) -> Result<ExitCode> {
+    match command {
+        ClusterCommand::Health { json } => {
+            let health = flotilla::health::check(endpoints).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&health).context("cannot print the report")?
+                );
+            } else {
+                print!("{}", health.table());
+            }
+            Ok(if health.healthy {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
 }
 
 async fn run_kv(endpoints: &[String], command: KvCommand) -> Result<ExitCode> {

@@ -15,6 +15,7 @@
 //! * [`machine`]: one machine's presence, claims, releases and reports.
 //! * [`lock`]: the reboot semaphores and reboot marks, and what a machine's
 //!   reboot coordinator reads about itself.
+//! * [`presence`]: live machines, and those whose presence lease expired.
 
 pub mod bodies;
 pub mod error;
@@ -22,6 +23,7 @@ pub mod keys;
 pub mod lock;
 pub mod machine;
 pub mod ops;
+pub mod presence;
 pub mod records;
 pub mod schedule;
 pub mod unit_state;
