@@ -63,6 +63,7 @@ install -d "$root/usr/share/bash-completion/completions" \
 "$flotilla" man --dir "$root/usr/share/man/man1"
 gzip -9n "$root"/usr/share/man/man1/*.1
 install -m 0644 README.md "$root/usr/share/doc/flotilla/README.md"
+install -D -m 0644 -t "$root/usr/share/doc/flotilla/docs" docs/*.md
 cat > "$root/usr/share/doc/flotilla/copyright" <<COPYRIGHT
 Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
 Upstream-Name: flotilla

@@ -167,6 +167,18 @@ pub async fn check(endpoints: &[String]) -> Result<Health, HealthError> {
                         .cloned()
                         .unwrap_or_else(|| "no answer".to_string())),
                 },
+                (None, None) if !failed.is_empty() => Answer {
+                    addr: None,
+                    status: Err(format!(
+                        "it publishes no client address, and these --endpoint addresses did \
+                         not answer: {}",
+                        failed
+                            .iter()
+                            .map(|(addr, why)| format!("{addr} ({why})"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )),
+                },
                 (None, None) => Answer {
                     addr: None,
                     status: Err(

@@ -1,9 +1,10 @@
-//! The commented default configuration the Debian package installs as
-//! `/etc/flotilla/flotilla.toml` (`dist/flotilla.toml`), checked against the
-//! loader: it must name every key the loader accepts, each with its built-in
-//! default, so it cannot go stale when a key is added or a default changes.
+//! The configuration as documented, checked against the loader so neither can
+//! go stale when a key is added or a default changes: the commented default
+//! file the Debian package installs as `/etc/flotilla/flotilla.toml`
+//! (`dist/flotilla.toml`) and the reference table in `docs/configuration.md`
+//! must each name every key the loader accepts, with its built-in default.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use flotilla::config::{self, Config, Source};
@@ -74,4 +75,70 @@ fn the_shipped_file_names_every_key_with_its_default() {
         loaded.config, expected,
         "a value in dist/flotilla.toml is not the built-in default"
     );
+}
+
+/// The reference's table rows: key → (flag cell, default cell).
+fn reference_rows() -> BTreeMap<String, (String, String)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/configuration.md");
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .filter(|line| line.starts_with("| `"))
+        .map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let key = cells[1].trim_matches('`').to_string();
+            (key, (cells[2].to_string(), cells[3].to_string()))
+        })
+        .collect()
+}
+
+/// The long flags `flotilla daemon` accepts.
+fn daemon_flags() -> BTreeSet<String> {
+    use clap::CommandFactory;
+    let cli = flotilla::cli::Cli::command();
+    let daemon = cli.find_subcommand("daemon").unwrap();
+    daemon
+        .get_arguments()
+        .filter_map(|a| a.get_long())
+        .map(|long| format!("--{long}"))
+        .collect()
+}
+
+#[test]
+fn the_reference_names_every_key_with_its_default_and_flag() {
+    let rows = reference_rows();
+    let documented: BTreeSet<String> = rows.keys().cloned().collect();
+    let keys = loader_keys();
+    assert_eq!(
+        documented.difference(&keys).collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "docs/configuration.md documents keys the loader does not accept"
+    );
+    assert_eq!(
+        keys.difference(&documented).collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "docs/configuration.md lacks keys the loader accepts: add a row for each"
+    );
+    let defaults = toml::Table::try_from(Config::default()).unwrap();
+    let flags = daemon_flags();
+    for (key, (flag, default)) in &rows {
+        let expected = match &defaults[key] {
+            _ if key == "name" => "host name".to_string(),
+            toml::Value::String(s) if s.is_empty() => "empty".to_string(),
+            toml::Value::Table(t) if t.is_empty() => "empty".to_string(),
+            toml::Value::String(s) => format!("`{s}`"),
+            other => format!("`{other}`"),
+        };
+        assert!(
+            default.starts_with(&expected),
+            "docs/configuration.md: {key}'s default reads {default:?}, the loader's is {expected}"
+        );
+        for word in flag.split(|c: char| c == '`' || c.is_whitespace()) {
+            if word.starts_with("--") {
+                assert!(
+                    flags.contains(word),
+                    "docs/configuration.md: {key}'s flag {word} is not a flag of flotilla daemon"
+                );
+            }
+        }
+    }
 }
