@@ -24,8 +24,8 @@ use crate::consensus::client::{Client, ClientError, member_status};
 use crate::consensus::codec::MemberInfo;
 use crate::consensus::keys::member_client_addr;
 use crate::consensus::node::Status;
+use crate::registry::liveness::{self, Liveness};
 use crate::registry::ops::RegistryError;
-use crate::registry::presence::{self, Presence};
 
 /// How long one member may take to answer its status.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -46,7 +46,7 @@ pub struct Health {
     /// Every member, by name.
     pub members: Vec<MemberHealth>,
     /// The machines, as their presence leases say.
-    pub machines: Presence,
+    pub machines: Liveness,
 }
 
 /// Members following the leader against the majority needed.
@@ -192,7 +192,7 @@ pub async fn check(endpoints: &[String]) -> Result<Health, HealthError> {
             (*id, answer)
         })
         .collect();
-    let machines = presence::presence(&client).await?;
+    let machines = liveness::liveness(&client).await?;
     Ok(assess(&members, &answers, machines))
 }
 
@@ -200,7 +200,7 @@ pub async fn check(endpoints: &[String]) -> Result<Health, HealthError> {
 pub fn assess(
     members: &BTreeMap<u64, MemberInfo>,
     answers: &BTreeMap<u64, Answer>,
-    machines: Presence,
+    machines: Liveness,
 ) -> Health {
     let statuses: Vec<&Status> = answers
         .values()
@@ -428,8 +428,8 @@ mod tests {
         )
     }
 
-    fn no_machines() -> Presence {
-        Presence {
+    fn no_machines() -> Liveness {
+        Liveness {
             live: Vec::new(),
             expired: Vec::new(),
         }

@@ -15,15 +15,15 @@
 //! * [`machine`]: one machine's presence, claims, releases and reports.
 //! * [`lock`]: the reboot semaphores and reboot marks, and what a machine's
 //!   reboot coordinator reads about itself.
-//! * [`presence`]: live machines, and those whose presence lease expired.
+//! * [`liveness`]: live machines, and those whose presence lease expired.
 
 pub mod bodies;
 pub mod error;
 pub mod keys;
+pub mod liveness;
 pub mod lock;
 pub mod machine;
 pub mod ops;
-pub mod presence;
 pub mod records;
 pub mod schedule;
 pub mod unit_state;

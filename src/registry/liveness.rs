@@ -13,8 +13,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
+use super::RegistryError;
 use super::keys::{self, MachineKey};
-use super::ops::RegistryError;
 use crate::consensus::client::Client;
 
 /// A machine the store knows whose presence lease has expired.
@@ -28,9 +28,9 @@ pub struct ExpiredMachine {
     pub proposals: usize,
 }
 
-/// The machines, as presence sees them.
+/// The machines, as their presence leases say: alive or expired.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Presence {
+pub struct Liveness {
     /// Machines with a live presence.
     pub live: Vec<String>,
     /// Machines without one that the store still remembers.
@@ -38,7 +38,7 @@ pub struct Presence {
 }
 
 /// Reads which machines are live and which have expired.
-pub async fn presence(client: &Client) -> Result<Presence, RegistryError> {
+pub async fn liveness(client: &Client) -> Result<Liveness, RegistryError> {
     let (machines, _) = client.range(keys::MACHINES, true, true).await?;
     let (drains, _) = client.range(keys::DRAIN, true, true).await?;
     let (per_machine, _) = client.range(keys::PER_MACHINE, true, true).await?;
@@ -70,7 +70,7 @@ pub async fn presence(client: &Client) -> Result<Presence, RegistryError> {
             proposals,
         })
         .collect();
-    Ok(Presence {
+    Ok(Liveness {
         live: live.into_iter().collect(),
         expired,
     })
