@@ -24,8 +24,8 @@ use crate::consensus::client::{Client, ClientError, member_status};
 use crate::consensus::codec::MemberInfo;
 use crate::consensus::keys::member_client_addr;
 use crate::consensus::node::Status;
+use crate::registry::RegistryError;
 use crate::registry::liveness::{self, Liveness};
-use crate::registry::ops::RegistryError;
 
 /// How long one member may take to answer its status.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
