@@ -33,6 +33,9 @@ pub enum Command {
     /// List, add or remove members of the Raft store.
     #[command(subcommand)]
     Member(MemberCommand),
+    /// The cluster as a whole: `flotilla cluster health`.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Read and write the cluster's key-value store directly (for operators and debugging).
     #[command(subcommand)]
     Kv(KvCommand),
@@ -71,6 +74,19 @@ pub enum Command {
         /// Let the machine take units again.
         #[arg(long)]
         undo: bool,
+    },
+    /// Print a completion script for a shell, e.g. `flotilla completion bash >
+    /// /etc/bash_completion.d/flotilla` (the Debian package installs them).
+    Completion {
+        /// bash, zsh or fish (also elvish and powershell).
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), or write one page per verb into a directory.
+    #[command(hide = true)]
+    Man {
+        /// Write flotilla.1 and flotilla-VERB.1 for every verb here instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -176,6 +192,19 @@ pub enum MemberCommand {
     Remove {
         /// The member's name.
         name: String,
+    },
+}
+
+/// `flotilla cluster ...`
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Members, leader, each member's lag, quorum, store size, machines whose
+    /// presence lease expired. Exit status 0 when healthy; 1 when a member does
+    /// not answer, no leader is known or quorum is lost (or nothing answers).
+    Health {
+        /// Print the report as JSON (on stdout, healthy or not).
+        #[arg(long)]
+        json: bool,
     },
 }
 

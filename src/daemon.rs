@@ -37,7 +37,7 @@ use crate::scheduler;
 pub type Reload<'a> = &'a (dyn Fn() -> std::result::Result<Loaded, crate::config::Error> + Sync);
 
 /// Runs the daemon until SIGTERM or SIGINT; SIGHUP rereads the configuration
-/// and applies what can change at runtime (today: `metadata`).
+/// and applies what can change at runtime (today: `metadata` and `log`).
 pub fn run(loaded: &Loaded, reload: Reload<'_>) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -117,7 +117,10 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>) -> Result<()> {
 
     wait_for_shutdown(|| match reload() {
         Ok(fresh) => {
-            tracing::info!("configuration reread; applying metadata (other keys need a restart)");
+            tracing::info!(
+                "configuration reread; applying metadata and log (other keys need a restart)"
+            );
+            crate::logging::apply_config_filter(&fresh.config.log);
             metadata_tx.send_replace(fresh.config.metadata);
         }
         Err(e) => tracing::error!("configuration not reloaded: {e}"),

@@ -16,19 +16,25 @@
 //!   host's reboot coordinator (drain make-before-break, reboot, release).
 //! * [`config`]: the daemon's configuration loader (file, environment, flags).
 //! * [`daemon`]: `flotilla daemon`, wiring the roles together.
+//! * [`health`]: `flotilla cluster health`: members, leader, lag, quorum, machines.
+//! * [`logging`]: log lines for journald or for people; the filter reloadable on SIGHUP.
 //! * [`api`]: the daemon's HTTP JSON API, fleet's `/fleet/v1`, on a unix socket and TCP.
 //! * [`cli`]: the command line, as clap types.
+//! * [`cli_docs`]: shell completions and manual pages generated from [`cli`].
 //! * [`verify`]: `flotilla verify`, checking unit files on disk.
 //! * [`lab`]: `flotilla lab`, N real-systemd hosts on one machine for end-to-end tests.
 
 pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod cli_docs;
 pub mod config;
 pub mod consensus;
 pub mod daemon;
+pub mod health;
 pub mod lab;
 pub mod lock;
+pub mod logging;
 pub mod registry;
 pub mod scheduler;
 pub mod units;

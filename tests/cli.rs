@@ -421,3 +421,46 @@ fn lock_verbs_check_their_arguments_before_the_cluster() {
         stderr(&out)
     );
 }
+
+/// What bash offers after `flotilla WORD<TAB>`, with the script
+/// `flotilla completion bash` prints loaded.
+fn bash_completes(script: &Path, word: &str) -> Vec<String> {
+    let program = format!(
+        "source {script}; COMP_WORDS=(flotilla '{word}'); COMP_CWORD=1; \
+         COMP_LINE='flotilla {word}'; COMP_POINT=${{#COMP_LINE}}; \
+         _flotilla flotilla '{word}' flotilla; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        script = script.display()
+    );
+    let out = Command::new("bash")
+        .args(["--norc", "-c", &program])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out).lines().map(str::to_string).collect()
+}
+
+#[test]
+fn bash_completion_offers_the_real_verbs() {
+    let out = flotilla(&["completion", "bash"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dir = tempfile::tempdir().unwrap();
+    let script = write(dir.path(), "flotilla.bash", &out.stdout);
+    assert_eq!(bash_completes(&script, "list-m"), ["list-machines"]);
+    let all = bash_completes(&script, "");
+    for verb in [
+        "submit",
+        "start",
+        "list-units",
+        "daemon",
+        "member",
+        "completion",
+    ] {
+        assert!(all.iter().any(|w| w == verb), "{verb} not offered: {all:?}");
+    }
+    let out = flotilla(&["completion", "tcsh"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+}

@@ -440,3 +440,105 @@ async fn a_new_leader_keeps_leases_for_their_remaining_time_only() {
         "lease with TTL {ttl:?} expired {gone_after:?} after its last keep-alive across a leader kill"
     );
 }
+
+/// `flotilla cluster health --json` against `endpoints`: exit status and report.
+fn health(endpoints: &[String]) -> (Option<i32>, serde_json::Value) {
+    let out = cli(endpoints, &["cluster", "health", "--json"]);
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON report ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code(), report)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_health_sees_every_member_and_fails_when_members_die() {
+    use flotilla::registry::{keys, records};
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.leader(None).await;
+    let endpoints = cluster.endpoints();
+    // One live machine (presence on a lease) and one the store remembers
+    // (its claim generation key) whose lease is gone.
+    let client = Client::connect(&endpoints).await.unwrap();
+    let lease = client.grant(Duration::from_secs(60)).await.unwrap();
+    let record = records::MachineRecord {
+        id: "live0001".into(),
+        instance: "i1".into(),
+        hostname: "live".into(),
+        ip: "127.0.0.1".into(),
+        metadata: BTreeMap::new(),
+    };
+    client
+        .put_with_lease(
+            &keys::machine("live0001"),
+            records::encode(&record),
+            Some(lease),
+        )
+        .await
+        .unwrap();
+    client
+        .put(&keys::generation("gone0001"), b"1".to_vec())
+        .await
+        .unwrap();
+
+    // Healthy once every member follows the leader (a follower may not have
+    // heard its first heartbeat yet right after the election).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let report = loop {
+        let (code, report) = health(&endpoints);
+        if code == Some(0) {
+            break report;
+        }
+        assert!(Instant::now() < deadline, "never healthy: {report:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(report["healthy"], true);
+    assert_eq!(report["leader"], cluster.members[leader].name.as_str());
+    assert_eq!(report["quorum"]["following"], 3);
+    let members = report["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3);
+    for m in members {
+        assert!(m["lag"].as_u64().is_some(), "{m}");
+        assert!(m["keys"].as_u64().unwrap() >= 2, "{m}");
+        assert!(m["store_bytes"].as_u64().unwrap() > 0, "{m}");
+    }
+    assert_eq!(report["machines"]["live"], serde_json::json!(["live0001"]));
+    assert_eq!(report["machines"]["expired"][0]["machine"], "gone0001");
+
+    // A follower dies: quorum holds, but the cluster is unhealthy, naming it.
+    let follower = (leader + 1) % 3;
+    cluster.kill9(follower);
+    let (code, report) = health(&endpoints);
+    assert_eq!(code, Some(1), "{report:#}");
+    assert_eq!(report["quorum"]["ok"], true, "{report:#}");
+    let problems = report["problems"].to_string();
+    let name = &cluster.members[follower].name;
+    assert!(
+        problems.contains(&format!("member {name} is unreachable")),
+        "{problems}"
+    );
+    let text = cli(&endpoints, &["cluster", "health"]);
+    assert_eq!(text.status.code(), Some(1));
+    let shown = String::from_utf8_lossy(&text.stdout);
+    assert!(shown.starts_with("cluster is UNHEALTHY"), "{shown}");
+    assert!(shown.contains("unreachable"), "{shown}");
+
+    // The leader dies too: no quorum, still a report from the survivor.
+    cluster.kill9(leader);
+    let (code, report) = health(&endpoints);
+    assert_eq!(code, Some(1), "{report:#}");
+    assert_eq!(report["quorum"]["ok"], false, "{report:#}");
+    assert_eq!(
+        report["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["role"] == "unreachable")
+            .count(),
+        2,
+        "{report:#}"
+    );
+}

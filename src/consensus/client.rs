@@ -441,6 +441,26 @@ impl Client {
     }
 }
 
+/// Asks the member at `endpoint` itself for its status, where a [`Client`]
+/// would move on to the leader: a health check must hear every member.
+pub async fn member_status(endpoint: &str, timeout: Duration) -> Result<Status, ClientError> {
+    let unreachable = |last: String| ClientError::Unreachable {
+        endpoints: endpoint.to_string(),
+        last,
+    };
+    let ask = async {
+        let mut conn = open(endpoint).await.map_err(unreachable)?;
+        match conn.call(&Request::Status).await {
+            Ok(Response::Status(status)) => Ok(status),
+            Ok(other) => Err(unexpected(&other)),
+            Err(e) => Err(unreachable(e.to_string())),
+        }
+    };
+    tokio::time::timeout(timeout, ask)
+        .await
+        .unwrap_or_else(|_| Err(unreachable(format!("no answer within {timeout:?}"))))
+}
+
 fn unexpected(response: &Response) -> ClientError {
     ClientError::Protocol(format!("unexpected response {response:?}"))
 }

@@ -397,6 +397,11 @@ impl KvStore {
         self.compacted + 1
     }
 
+    /// How many keys there are.
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
     /// One key.
     pub fn get(&self, key: &str) -> Option<&KeyValue> {
         self.keys.get(key)

@@ -147,6 +147,10 @@ pub struct Status {
     pub members: BTreeMap<u64, MemberInfo>,
     /// Where clients reach the leader, if it published that address.
     pub leader_client_addr: Option<String>,
+    /// Keys in this member's state machine.
+    pub keys: u64,
+    /// Bytes this member's store takes on disk (log, database, snapshots).
+    pub store_bytes: u64,
 }
 
 struct Pending {
@@ -330,6 +334,8 @@ impl<D: Durable> Core<D> {
                 .get(&self.leader)
                 .and_then(|m| self.kv.get(&super::keys::member_client_addr(&m.name)))
                 .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()),
+            keys: self.kv.key_count() as u64,
+            store_bytes: self.disk.size_bytes(),
         }
     }
 

@@ -102,6 +102,10 @@ pub trait Durable: Send {
     fn load(&self) -> Result<Recovered, DiskError>;
     /// Saves a batch. MUST NOT return before the batch is on stable storage.
     fn save(&mut self, batch: &Batch) -> Result<(), DiskError>;
+    /// Bytes the store takes on disk, for health reports (0: no files).
+    fn size_bytes(&self) -> u64 {
+        0
+    }
 }
 
 /// The Raft state in a redb database under the member's data directory.
@@ -295,6 +299,20 @@ impl Durable for RedbDisk {
             self.remove_other_snapshot_files(&self.snapshot_file(snapshot));
         }
         Ok(())
+    }
+
+    fn size_bytes(&self) -> u64 {
+        // The database and the snapshot files beside it.
+        std::fs::read_dir(&self.dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
     }
 }
 

@@ -124,7 +124,7 @@ impl LabDir {
     }
 
     /// The lab's copy of the flotilla binary: the supervisor runs it and every host
-    /// has it (hard-linked) as /usr/local/bin/flotilla, so rebuilding the checkout
+    /// has it (hard-linked) as /usr/bin/flotilla, where the Debian package puts it, so rebuilding the checkout
     /// never changes a running lab.
     pub fn binary(&self) -> PathBuf {
         self.path.join("bin").join("flotilla")

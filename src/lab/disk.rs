@@ -270,8 +270,8 @@ impl Disk {
 
     /// The binary (hard-linked to the lab's copy), its config and its data dir.
     fn flotilla(&self, dir: &LabDir, lab: &LabState, host: &HostState) -> Result<()> {
-        self.mkdirs("usr/local/bin")?;
-        let target = self.upper.join("usr/local/bin/flotilla");
+        self.mkdirs("usr/bin")?;
+        let target = self.upper.join("usr/bin/flotilla");
         if std::fs::hard_link(dir.binary(), &target).is_err() {
             std::fs::copy(dir.binary(), &target)
                 .with_context(|| format!("cannot copy flotilla to {}", target.display()))?;

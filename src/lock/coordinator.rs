@@ -32,8 +32,8 @@ use crate::agent::systemd::Systemd;
 use crate::config::RebootSettings;
 use crate::consensus::client::Client;
 use crate::lock::semaphore::LockError;
-use crate::registry::lock::{self as store, HostView, LockOpError, RebootMark};
 use crate::registry::BodyCache;
+use crate::registry::lock::{self as store, HostView, LockOpError, RebootMark};
 use crate::registry::ops;
 use crate::units::UnitName;
 

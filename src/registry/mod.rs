@@ -15,10 +15,12 @@
 //! * [`machine`]: one machine's presence, claims, releases and reports.
 //! * [`lock`]: the reboot semaphores and reboot marks, and what a machine's
 //!   reboot coordinator reads about itself.
+//! * [`liveness`]: live machines, and those whose presence lease expired.
 
 pub mod bodies;
 pub mod error;
 pub mod keys;
+pub mod liveness;
 pub mod lock;
 pub mod machine;
 pub mod ops;
