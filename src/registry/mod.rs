@@ -12,10 +12,13 @@
 //! * [`ops`]: the user-facing operations (submit, start, stop, destroy, list).
 //! * [`schedule`]: the scheduler's reads of the world and writes of proposals.
 //! * [`machine`]: one machine's presence, claims, releases and reports.
+//! * [`metadata`]: machine metadata set through the API, merged with the
+//!   machine's own wherever metadata is read.
 
 pub mod bodies;
 pub mod keys;
 pub mod machine;
+pub mod metadata;
 pub mod ops;
 pub mod records;
 pub mod schedule;

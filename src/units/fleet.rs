@@ -822,7 +822,11 @@ mod tests {
         assert_eq!(pinned.machine_id.as_deref(), Some(id));
         // An instance whose expanded value is wrong is refused when made.
         assert!(!errors("pin@web1.service", "MachineID=%i\n").is_empty());
-        assert!(ok("whole@.service", "MachineMetadata=%i\n").metadata.is_empty());
+        assert!(
+            ok("whole@.service", "MachineMetadata=%i\n")
+                .metadata
+                .is_empty()
+        );
         assert!(!errors("whole@x.service", "MachineMetadata=%i\n").is_empty());
         // Values without %i are still checked on the template itself, and
         // so are combinations.
