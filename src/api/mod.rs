@@ -408,10 +408,16 @@ mod tests {
             (put("/fleet/v1/units/a%00.service", launched), 400),
             (put("/fleet/v1/units/a.service", b"{\"bogus\":1}"), 400),
             (put("/fleet/v1/units/a.service", b"{"), 400),
-            (put("/fleet/v1/units/a.service", br#"{"name":"b.service"}"#), 400),
+            (
+                put("/fleet/v1/units/a.service", br#"{"name":"b.service"}"#),
+                400,
+            ),
             (put("/fleet/v1/units/web@.service", launched), 400),
             (put("/fleet/v1/units/a.service", launched), 503),
-            (request("PUT", "/fleet/v1/units/a.service", "", launched), 415),
+            (
+                request("PUT", "/fleet/v1/units/a.service", "", launched),
+                415,
+            ),
             (
                 request(
                     "PUT",
