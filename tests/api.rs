@@ -8,7 +8,6 @@
 //! real systemd is tested in `lab_api.rs`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
