@@ -20,34 +20,9 @@ use flotilla::registry::machine::MachineStore;
 use flotilla::registry::records::{MachineRecord, ReportedState, Target};
 use flotilla::units::{Requirements, UnitName};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod support;
 
-/// One answer: status, the Content-Type, and the body.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    body: String,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
-    }
-
-    /// The error message of a fleet error body.
-    fn message(&self) -> String {
-        self.json()["error"]["message"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no error message: {self:?}"))
-            .to_string()
-    }
-}
+use support::{Answer, free_port};
 
 /// A store-only daemon with its API on loopback TCP.
 struct Daemon {

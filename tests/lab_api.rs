@@ -18,23 +18,9 @@ use serde_json::{Value, json};
 mod support;
 
 use support::cluster::{Cluster, wait_for};
-use support::text;
+use support::{Answer, text};
 
 const SOCKET: &str = "/run/flotilla/api.sock";
-
-/// One answer of the API: the status and the body.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    body: String,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
-    }
-}
 
 /// Runs a shell snippet on `host` whose last word is curl's options; adds
 /// `-w` so the status comes back on the last line.

@@ -42,7 +42,82 @@ fn states() -> Value {
     json!({"type": "string", "enum": ["inactive", "loaded", "launched"]})
 }
 
+fn string() -> Value {
+    json!({"type": "string"})
+}
+
+/// An object schema.
+fn object(id: &str, properties: Value) -> Value {
+    json!({"id": id, "type": "object", "properties": properties})
+}
+
+/// An object schema whose properties are all strings.
+fn strings(id: &str, names: &[&str]) -> Value {
+    let properties = names.iter().map(|n| (n.to_string(), string())).collect();
+    object(id, Value::Object(properties))
+}
+
+/// A page of `item`s under `list`, with the next page's token.
+fn page(id: &str, list: &str, item: &str) -> Value {
+    let mut properties = serde_json::Map::new();
+    properties.insert(
+        list.to_string(),
+        json!({"type": "array", "items": {"$ref": item}}),
+    );
+    properties.insert("nextPageToken".to_string(), string());
+    object(id, Value::Object(properties))
+}
+
+/// A method; `unit` methods take the unit's name in the path.
+fn method(id: &str, description: &str, verb: &str, path: &str, parameters: Value) -> Value {
+    let mut method = json!({
+        "id": id,
+        "description": description,
+        "httpMethod": verb,
+        "path": path,
+        "parameters": parameters,
+    });
+    if path.ends_with("{unitName}") {
+        method["parameterOrder"] = json!(["unitName"]);
+    }
+    method
+}
+
 fn build() -> Value {
+    let mut machine = strings("Machine", &["id", "primaryIP"]);
+    machine["properties"]["metadata"] = json!({
+        "type": "object",
+        "properties": {},
+        "additionalProperties": string(),
+    });
+    let unit = object(
+        "Unit",
+        json!({
+            "name": string(),
+            "options": {"type": "array", "items": {"$ref": "UnitOption"}},
+            "desiredState": states(),
+            "currentState": states(),
+            "machineID": {"type": "string", "required": true},
+        }),
+    );
+    let state_fields = [
+        "name",
+        "hash",
+        "machineID",
+        "systemdLoadState",
+        "systemdActiveState",
+        "systemdSubState",
+    ];
+    let with = |mut method: Value, part: &str, schema: &str| {
+        method[part] = json!({"$ref": schema});
+        method
+    };
+    let paged = json!({"nextPageToken": page_token()});
+    let state_query = json!({
+        "nextPageToken": page_token(),
+        "unitName": {"type": "string", "location": "query"},
+        "machineID": {"type": "string", "location": "query"},
+    });
     json!({
         "kind": "discovery#restDescription",
         "discoveryVersion": "v1",
@@ -63,152 +138,40 @@ fn build() -> Value {
         "parameters": {},
         "auth": {},
         "schemas": {
-            "Machine": {
-                "id": "Machine",
-                "type": "object",
-                "properties": {
-                    "id": {"type": "string"},
-                    "primaryIP": {"type": "string"},
-                    "metadata": {
-                        "type": "object",
-                        "properties": {},
-                        "additionalProperties": {"type": "string"}
-                    }
-                }
-            },
-            "MachinePage": {
-                "id": "MachinePage",
-                "type": "object",
-                "properties": {
-                    "machines": {"type": "array", "items": {"$ref": "Machine"}},
-                    "nextPageToken": {"type": "string"}
-                }
-            },
-            "UnitOption": {
-                "id": "UnitOption",
-                "type": "object",
-                "properties": {
-                    "section": {"type": "string"},
-                    "name": {"type": "string"},
-                    "value": {"type": "string"}
-                }
-            },
-            "Unit": {
-                "id": "Unit",
-                "type": "object",
-                "properties": {
-                    "name": {"type": "string"},
-                    "options": {"type": "array", "items": {"$ref": "UnitOption"}},
-                    "desiredState": states(),
-                    "currentState": states(),
-                    "machineID": {"type": "string", "required": true}
-                }
-            },
-            "UnitPage": {
-                "id": "UnitPage",
-                "type": "object",
-                "properties": {
-                    "units": {"type": "array", "items": {"$ref": "Unit"}},
-                    "nextPageToken": {"type": "string"}
-                }
-            },
-            "UnitState": {
-                "id": "UnitState",
-                "type": "object",
-                "properties": {
-                    "name": {"type": "string"},
-                    "hash": {"type": "string"},
-                    "machineID": {"type": "string"},
-                    "systemdLoadState": {"type": "string"},
-                    "systemdActiveState": {"type": "string"},
-                    "systemdSubState": {"type": "string"}
-                }
-            },
-            "UnitStatePage": {
-                "id": "UnitStatePage",
-                "type": "object",
-                "properties": {
-                    "states": {"type": "array", "items": {"$ref": "UnitState"}},
-                    "nextPageToken": {"type": "string"}
-                }
-            }
+            "Machine": machine,
+            "MachinePage": page("MachinePage", "machines", "Machine"),
+            "UnitOption": strings("UnitOption", &["section", "name", "value"]),
+            "Unit": unit,
+            "UnitPage": page("UnitPage", "units", "Unit"),
+            "UnitState": strings("UnitState", &state_fields),
+            "UnitStatePage": page("UnitStatePage", "states", "UnitState"),
         },
         "resources": {
-            "Machines": {
-                "methods": {
-                    "List": {
-                        "id": "fleet.Machine.List",
-                        "description": "Retrieve a page of Machine objects.",
-                        "httpMethod": "GET",
-                        "path": "machines",
-                        "parameters": {"nextPageToken": page_token()},
-                        "response": {"$ref": "MachinePage"}
-                    }
-                }
-            },
-            "Units": {
-                "methods": {
-                    "List": {
-                        "id": "fleet.Unit.List",
-                        "description": "Retrieve a page of Unit objects.",
-                        "httpMethod": "GET",
-                        "path": "units",
-                        "parameters": {"nextPageToken": page_token()},
-                        "response": {"$ref": "UnitPage"}
-                    },
-                    "Get": {
-                        "id": "fleet.Unit.Get",
-                        "description": "Retrieve a single Unit object.",
-                        "httpMethod": "GET",
-                        "path": "units/{unitName}",
-                        "parameters": unit_name_param(),
-                        "parameterOrder": ["unitName"],
-                        "response": {"$ref": "Unit"}
-                    },
-                    "Delete": {
-                        "id": "fleet.Unit.Delete",
-                        "description": "Delete the referenced Unit object.",
-                        "httpMethod": "DELETE",
-                        "path": "units/{unitName}",
-                        "parameters": unit_name_param(),
-                        "parameterOrder": ["unitName"]
-                    },
-                    "Set": {
-                        "id": "fleet.Unit.Set",
-                        "description": "Create or update a Unit.",
-                        "httpMethod": "PUT",
-                        "path": "units/{unitName}",
-                        "parameters": unit_name_param(),
-                        "parameterOrder": ["unitName"],
-                        "request": {"$ref": "Unit"}
-                    }
-                }
-            },
-            "UnitState": {
-                "methods": {
-                    "Get": {
-                        "id": "fleet.UnitState.Get",
-                        "description": "Retrieve the state of one Unit.",
-                        "httpMethod": "GET",
-                        "path": "state/{unitName}",
-                        "parameters": unit_name_param(),
-                        "parameterOrder": ["unitName"],
-                        "response": {"$ref": "UnitState"}
-                    },
-                    "List": {
-                        "id": "fleet.UnitState.List",
-                        "description": "Retrieve a page of UnitState objects.",
-                        "httpMethod": "GET",
-                        "path": "state",
-                        "parameters": {
-                            "nextPageToken": page_token(),
-                            "unitName": {"type": "string", "location": "query"},
-                            "machineID": {"type": "string", "location": "query"}
-                        },
-                        "response": {"$ref": "UnitStatePage"}
-                    }
-                }
-            }
+            "Machines": {"methods": {
+                "List": with(
+                    method("fleet.Machine.List", "Retrieve a page of Machine objects.", "GET", "machines", paged.clone()),
+                    "response", "MachinePage"),
+            }},
+            "Units": {"methods": {
+                "List": with(
+                    method("fleet.Unit.List", "Retrieve a page of Unit objects.", "GET", "units", paged),
+                    "response", "UnitPage"),
+                "Get": with(
+                    method("fleet.Unit.Get", "Retrieve a single Unit object.", "GET", "units/{unitName}", unit_name_param()),
+                    "response", "Unit"),
+                "Delete": method("fleet.Unit.Delete", "Delete the referenced Unit object.", "DELETE", "units/{unitName}", unit_name_param()),
+                "Set": with(
+                    method("fleet.Unit.Set", "Create or update a Unit.", "PUT", "units/{unitName}", unit_name_param()),
+                    "request", "Unit"),
+            }},
+            "UnitState": {"methods": {
+                "Get": with(
+                    method("fleet.UnitState.Get", "Retrieve the state of one Unit.", "GET", "state/{unitName}", unit_name_param()),
+                    "response", "UnitState"),
+                "List": with(
+                    method("fleet.UnitState.List", "Retrieve a page of UnitState objects.", "GET", "state", state_query),
+                    "response", "UnitStatePage"),
+            }},
         }
     })
 }
