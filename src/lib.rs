@@ -15,7 +15,8 @@
 //! * [`lock`]: reboot coordination; today the semaphore's pure operations.
 //! * [`config`]: the daemon's configuration loader (file, environment, flags).
 //! * [`daemon`]: `flotilla daemon`, wiring the roles together.
-//! * [`api`]: the daemon's HTTP JSON API, fleet's `/fleet/v1`, on a unix socket and TCP.
+//! * [`api`]: the daemon's HTTP JSON API, fleet's `/fleet/v1` with fleet's semantics
+//!   and flotilla's `/flotilla/v1` (explain, drain, status, journal), on a unix socket and TCP.
 //! * [`cli`]: the command line, as clap types.
 //! * [`verify`]: `flotilla verify`, checking unit files on disk.
 //! * [`lab`]: `flotilla lab`, N real-systemd hosts on one machine for end-to-end tests.
