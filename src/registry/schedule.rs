@@ -118,8 +118,6 @@ pub struct Reading {
     /// The reasons stored for units that could not be placed (see
     /// [`record_reasons`]).
     pub reasons: BTreeMap<UnitName, String>,
-    /// Machines alive but drained: they take no work.
-    pub drained: BTreeSet<String>,
 }
 
 /// Reads units, machines (with the metadata set through the API merged in,
@@ -176,9 +174,7 @@ pub async fn read_world(client: &Client, bodies: &BodyCache) -> Result<Reading, 
                 metadata: metadata::merge(&m.metadata, dynamic.get(&m.id)),
                 id: m.id,
             }),
-            Ok(m) => {
-                reading.drained.insert(m.id);
-            }
+            Ok(_) => {}
             Err(e) => tracing::warn!("{e}"),
         }
     }
