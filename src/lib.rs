@@ -18,7 +18,8 @@
 //! * [`daemon`]: `flotilla daemon`, wiring the roles together.
 //! * [`health`]: `flotilla cluster health`: members, leader, lag, quorum, machines.
 //! * [`logging`]: log lines for journald or for people; the filter reloadable on SIGHUP.
-//! * [`api`]: the daemon's HTTP JSON API, fleet's `/fleet/v1`, on a unix socket and TCP.
+//! * [`api`]: the daemon's HTTP JSON API, fleet's `/fleet/v1` with fleet's semantics
+//!   and flotilla's `/flotilla/v1` (explain, drain, status, journal), on a unix socket and TCP.
 //! * [`cli`]: the command line, as clap types.
 //! * [`cli_docs`]: shell completions and manual pages generated from [`cli`].
 //! * [`verify`]: `flotilla verify`, checking unit files on disk.

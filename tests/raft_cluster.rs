@@ -12,13 +12,9 @@ use std::time::{Duration, Instant};
 use flotilla::consensus::client::{Client, ClientError};
 use flotilla::consensus::kv::Revision;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod support;
+
+use support::free_port;
 
 struct Member {
     name: String,

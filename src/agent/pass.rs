@@ -66,6 +66,7 @@ impl Agent {
                 let have = Actual {
                     hash: found.as_ref().map(|f| f.hash),
                     activity: Activity::of(self.host.state(unit)),
+                    applied: self.applied.get(unit).copied(),
                 };
                 (unit.clone(), have)
             })
@@ -81,6 +82,12 @@ impl Agent {
         if !actions.is_empty() {
             tracing::debug!("agent: {} actions", actions.len());
             self.host.execute(&self.store, &actions).await;
+        }
+        // What the agent has now applied: fleet's currentState, reported
+        // with each unit's states, and what decides a stop (reconcile).
+        self.applied.retain(|unit, _| desired.contains_key(unit));
+        for (unit, want) in &desired {
+            self.applied.insert(unit.clone(), want.target);
         }
         self.release(&view).await?;
         Ok(again)

@@ -42,12 +42,22 @@ pub enum RegistryError {
     /// Someone else changed the unit at the same moment.
     #[error("unit {0} changed while this request ran; nothing was changed, try again")]
     Raced(UnitName),
-    /// No machine matches the id or prefix.
-    #[error("no machine has an id starting with {0:?}; see flotilla list-machines")]
+    /// No machine matches the id, prefix, host name or address.
+    #[error(
+        "no machine has the id, id prefix, host name or address {0:?}; see flotilla list-machines"
+    )]
     NoSuchMachine(String),
-    /// More than one machine matches the prefix.
-    #[error("{0:?} matches more than one machine; give more of its id")]
-    AmbiguousMachine(String),
+    /// More than one machine matches.
+    #[error(
+        "{given:?} matches more than one machine ({}); give more of the id",
+        candidates.join(", ")
+    )]
+    AmbiguousMachine {
+        /// What was given.
+        given: String,
+        /// The machines it matches, as `id (hostname, ip)`.
+        candidates: Vec<String>,
+    },
 }
 
 fn example_instance(template: &UnitName) -> String {

@@ -12,6 +12,9 @@
 //! /flotilla/states/<unit>/<id>       ReportedState: systemd's LOAD/ACTIVE/SUB there
 //! /flotilla/lock/<group>             Semaphore: the reboot lock of a group of machines
 //! /flotilla/reboot/<id>              RebootMark: `flotilla lock need-reboot` asked <id> to reboot
+//! /flotilla/metadata/<id>/<key>      metadata set through the API ("": key removed)
+//! /flotilla/reasons/<unit>           why the scheduler cannot place <unit>
+//! /flotilla/renewed/<id>             Renewal: when <id> last renewed (on its lease)
 //! ```
 //!
 //! Everything an agent must react to lives under its own `/flotilla/m/<id>/`,
@@ -33,6 +36,12 @@ pub const PLACED: &str = "/flotilla/placed/";
 pub const PER_MACHINE: &str = "/flotilla/m/";
 /// Prefix of every reported unit state.
 pub const STATES: &str = "/flotilla/states/";
+/// Prefix of the metadata set through the API, per machine and key.
+pub const METADATA: &str = "/flotilla/metadata/";
+/// Prefix of the scheduler's reasons for units it cannot place.
+pub const REASONS: &str = "/flotilla/reasons/";
+/// Prefix of every machine's last renewal.
+pub const RENEWALS: &str = "/flotilla/renewed/";
 
 /// The record of unit `name`.
 pub fn unit(name: &UnitName) -> String {
@@ -87,6 +96,26 @@ pub fn states_of(name: &UnitName) -> String {
 /// The state of unit `name` reported by machine `id`.
 pub fn state(name: &UnitName, id: &str) -> String {
     format!("{STATES}{name}/{id}")
+}
+
+/// Metadata `key` of machine `id`, as set through the API.
+pub fn metadata(id: &str, key: &str) -> String {
+    format!("{METADATA}{id}/{key}")
+}
+
+/// `/flotilla/metadata/<id>/<key>` taken apart; `None` for anything else.
+pub fn parse_metadata_key(key: &str) -> Option<(&str, &str)> {
+    key.strip_prefix(METADATA)?.split_once('/')
+}
+
+/// Why the scheduler cannot place unit `name`.
+pub fn reason(name: &UnitName) -> String {
+    format!("{REASONS}{name}")
+}
+
+/// When machine `id` last renewed its presence.
+pub fn renewal(id: &str) -> String {
+    format!("{RENEWALS}{id}")
 }
 
 /// A key under `/flotilla/m/`, taken apart.
@@ -168,6 +197,12 @@ mod tests {
             Some((name.clone(), "abc".into()))
         );
         assert_eq!(parse_state_key("/flotilla/states/nounit"), None);
-        assert_eq!(unit_after(UNITS, &unit(&name)), Some(name));
+        assert_eq!(unit_after(UNITS, &unit(&name)), Some(name.clone()));
+        assert_eq!(unit_after(REASONS, &reason(&name)), Some(name));
+        assert_eq!(
+            parse_metadata_key(&metadata("abc", "region")),
+            Some(("abc", "region"))
+        );
+        assert_eq!(parse_metadata_key("/flotilla/metadata/abc"), None);
     }
 }

@@ -16,6 +16,8 @@
 //! * [`lock`]: the reboot semaphores and reboot marks, and what a machine's
 //!   reboot coordinator reads about itself.
 //! * [`liveness`]: live machines, and those whose presence lease expired.
+//! * [`metadata`]: machine metadata set through the API, merged with the
+//!   machine's own wherever metadata is read.
 
 pub mod bodies;
 pub mod error;
@@ -23,6 +25,7 @@ pub mod keys;
 pub mod liveness;
 pub mod lock;
 pub mod machine;
+pub mod metadata;
 pub mod ops;
 pub mod records;
 pub mod schedule;

@@ -44,7 +44,7 @@ pub use crate::registry::schedule::{Change, Seen, Wanted, World};
 use crate::registry::Revision;
 use crate::units::UnitName;
 use crate::units::colocation;
-use crate::units::placement::{Cluster, Machine, Outcome, Placed, decide};
+use crate::units::placement::{Cluster, Decision, Machine, Outcome, Placed, decide};
 
 /// What one pass decided.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -68,6 +68,15 @@ pub fn plan(world: &World) -> Plan {
         }
     }
     pass.plan
+}
+
+/// The decision the pass makes for `unit` from `world`, machine by machine,
+/// with the same facts (every unit proposed or claimed counts), for
+/// `flotilla explain`; `None` when the unit is not wanted (inactive, a
+/// template, an unreadable body).
+pub fn explain(world: &World, unit: &UnitName) -> Option<Decision> {
+    let wanted = world.wanted.get(unit)?;
+    Some(Pass::new(world).decision(unit, wanted, None))
 }
 
 struct Pass<'w> {
@@ -203,6 +212,11 @@ impl<'w> Pass<'w> {
     /// claimed counts until released, except as a `MachineOf` peer: it is
     /// leaving), never on `exclude`.
     fn decide(&self, unit: &UnitName, wanted: &Wanted, exclude: Option<&str>) -> Outcome {
+        self.decision(unit, wanted, exclude).outcome
+    }
+
+    /// [`Pass::decide`] with every machine's verdict.
+    fn decision(&self, unit: &UnitName, wanted: &Wanted, exclude: Option<&str>) -> Decision {
         let placed: Vec<Placed<'_>> = self
             .occupants
             .iter()
@@ -229,7 +243,7 @@ impl<'w> Pass<'w> {
             machines: &machines,
             placed: &placed,
         };
-        decide(cluster, unit, &wanted.requirements).outcome
+        decide(cluster, unit, &wanted.requirements)
     }
 
     fn claimed(&self, unit: &UnitName, machine: &str) -> bool {

@@ -1,4 +1,4 @@
-//! Helpers shared by the lab test binaries (each includes this with `mod support;`).
+//! Helpers shared by the integration test binaries (each includes this with `mod support;`).
 
 #![allow(dead_code)] // each test binary uses its own subset
 
@@ -29,6 +29,39 @@ pub fn lab_in(dir: &Path, args: &[&str]) -> Output {
         .env_remove("FLOTILLA_ENDPOINT")
         .output()
         .unwrap()
+}
+
+/// A free TCP port on loopback (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One answer of the HTTP API: the status and the body.
+#[derive(Debug)]
+pub struct Answer {
+    /// The HTTP status.
+    pub status: u16,
+    /// The body, as text.
+    pub body: String,
+}
+
+impl Answer {
+    /// The body as JSON, which it must be.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+    }
+
+    /// The message of fleet's error body.
+    pub fn message(&self) -> String {
+        self.json()["error"]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error message: {self:?}"))
+            .to_string()
+    }
 }
 
 /// Process output as text, for assertions and messages.

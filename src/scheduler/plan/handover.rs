@@ -177,6 +177,7 @@ mod tests {
                     active: active.into(),
                     sub: "running".into(),
                 },
+                target: Some(proposal.target),
             },
         );
     }
