@@ -4,9 +4,10 @@
 //! and reorders messages and can be partitioned, and against simulated disks
 //! ([`MemDisk`]) where a crash keeps ONLY what was fsynced. Clients issue puts,
 //! deletes, compare-and-swaps and linearizable reads; what they asked and what
-//! they heard back is the history that `consensus::linearizable` judges, one
-//! register per key. The watch tests check that a watcher sees every revision
-//! exactly once across a leader kill and across a snapshot install.
+//! they heard back is the history that the checker in
+//! `tests/support/linearizable.rs` judges, one register per key. The watch
+//! tests check that a watcher sees every revision exactly once across a
+//! leader kill and across a snapshot install.
 //!
 //! Everything derives from the seed: message delays and fates, faults, client
 //! choices, each member's election timeout (raft-rs would otherwise draw it
@@ -33,10 +34,14 @@ use flotilla::consensus::codec::MemberInfo;
 use flotilla::consensus::kv::{
     Command, Compare, CompareOp, Event, KvStore, Op as TxnOp, OpResult, Outcome, Revision, Target,
 };
-use flotilla::consensus::linearizable::{self, CheckError, Limits, Op, OpKind};
 use flotilla::consensus::node::{Core, NodeConfig, RequestError, WatchMsg, WatchSink};
 use flotilla::consensus::storage::MemDisk;
 use raft::eraftpb::{Message, MessageType};
+
+#[path = "support/linearizable.rs"]
+mod linearizable;
+
+use linearizable::{CheckError, Limits, Op, OpKind};
 
 /// Milliseconds per Raft tick.
 const TICK_MS: u64 = 10;

@@ -25,7 +25,8 @@ use raft::eraftpb::{
 use raft::{RawNode, SnapshotStatus, StateRole};
 
 use super::codec::{self, MemberInfo, SnapshotData, SnapshotRef};
-use super::kv::{Command, Compacted, Event, KvStore, LeaseId, Outcome, Revision};
+use super::kv::{Command, Compacted, Event, KvStore, Outcome, Revision};
+use super::lessor::Lessor;
 use super::storage::{Batch, DiskError, Durable, LogStore};
 
 /// A one-shot answer to a request, called exactly once.
@@ -184,10 +185,8 @@ pub struct Core<D: Durable> {
     pending: HashMap<u64, Pending>,
     reads: Vec<PendingRead>,
     watchers: Vec<Watcher>,
-    /// Leader only: when each lease runs out, in `now_ms` time.
-    lessor: Option<BTreeMap<LeaseId, u64>>,
-    /// Leases whose expiry was proposed, with the tick it was proposed at.
-    expiring: BTreeMap<LeaseId, u64>,
+    /// Leader only: the lease clock.
+    lessor: Option<Lessor>,
     commit_dirty: bool,
     /// A member was just added: snapshot and compact now, so the newcomer is
     /// sent a snapshot (which carries the membership) instead of a log that
@@ -293,7 +292,6 @@ impl<D: Durable> Core<D> {
             reads: Vec::new(),
             watchers: Vec::new(),
             lessor: None,
-            expiring: BTreeMap::new(),
             commit_dirty: false,
             snapshot_now: false,
         })
@@ -454,9 +452,7 @@ impl<D: Durable> Core<D> {
         self.ticks += 1;
         self.raw.tick();
         self.expire_requests();
-        if self.lessor.is_some() {
-            self.run_lessor();
-        }
+        self.run_lessor();
     }
 
     fn expire_requests(&mut self) {
@@ -479,60 +475,18 @@ impl<D: Durable> Core<D> {
         }
     }
 
-    /// Leader only: expire leases that ran out, checkpoint the rest now and then.
+    /// Leader only: proposes what the lease clock asks for this tick.
     fn run_lessor(&mut self) {
-        let now = self.now_ms;
-        let lessor = self.lessor.clone().expect("leader has a lessor");
+        let Some(lessor) = &mut self.lessor else {
+            return;
+        };
+        let checkpoint_due = self.ticks.is_multiple_of(self.config.checkpoint_ticks);
         let retry_after = self.config.election_ticks as u64;
-        let due: Vec<LeaseId> = lessor
-            .iter()
-            .filter(|(id, deadline)| {
-                **deadline <= now
-                    && self
-                        .expiring
-                        .get(id)
-                        .is_none_or(|at| self.ticks >= at + retry_after)
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        if !due.is_empty() {
-            for id in &due {
-                self.expiring.insert(*id, self.ticks);
-            }
+        let proposals = lessor.tick(self.now_ms, self.ticks, retry_after, checkpoint_due);
+        for command in proposals {
             let id = self.request_id();
-            let _ = self.raw.propose(
-                ctx_bytes(id),
-                codec::encode(&Command::LeaseExpire { ids: due }),
-            );
+            let _ = self.raw.propose(ctx_bytes(id), codec::encode(&command));
         }
-        if self.ticks.is_multiple_of(self.config.checkpoint_ticks) && !lessor.is_empty() {
-            let remaining: Vec<(LeaseId, u64)> = lessor
-                .iter()
-                .filter(|(id, _)| !self.expiring.contains_key(id))
-                .map(|(id, deadline)| (*id, deadline.saturating_sub(now)))
-                .collect();
-            if !remaining.is_empty() {
-                let id = self.request_id();
-                let _ = self.raw.propose(
-                    ctx_bytes(id),
-                    codec::encode(&Command::LeaseCheckpoint { remaining }),
-                );
-            }
-        }
-    }
-
-    /// Becoming leader: every lease gets its checkpointed remaining time plus
-    /// one election timeout, never a fresh TTL and never an instant expiry.
-    fn start_lessor(&mut self) {
-        let grace = self.config.election_ms();
-        let now = self.now_ms;
-        self.lessor = Some(
-            self.kv
-                .leases()
-                .map(|l| (l.id, now + l.remaining_ms + grace))
-                .collect(),
-        );
-        self.expiring.clear();
     }
 
     /// Runs one Ready pass; returns the messages to send to peers.
@@ -643,7 +597,8 @@ impl<D: Durable> Core<D> {
             self.leader = leader;
         }
         if role == StateRole::Leader && self.lessor.is_none() {
-            self.start_lessor();
+            let grace = self.config.election_ms();
+            self.lessor = Some(Lessor::promote(&self.kv, self.now_ms, grace));
         } else if role != StateRole::Leader {
             self.lessor = None;
         }
@@ -654,7 +609,7 @@ impl<D: Durable> Core<D> {
         self.members = data.members;
         self.applied = index;
         if let Some(lessor) = &mut self.lessor {
-            lessor.retain(|id, _| self.kv.lease(*id).is_some());
+            lessor.installed(&self.kv);
         }
         let kv = &self.kv;
         self.watchers
@@ -683,7 +638,9 @@ impl<D: Durable> Core<D> {
                 EntryType::EntryNormal => {
                     let command: Command = codec::decode(&entry.data)?;
                     let (outcome, made) = self.kv.apply(&command);
-                    self.after_apply(&command, &outcome);
+                    if let Some(lessor) = &mut self.lessor {
+                        lessor.applied(&command, &outcome, self.now_ms);
+                    }
                     events.extend(made);
                     self.answer(request, Ok(outcome));
                 }
@@ -702,31 +659,6 @@ impl<D: Durable> Core<D> {
     fn answer(&mut self, request: Option<u64>, result: Result<Outcome, RequestError>) {
         if let Some(p) = request.and_then(|id| self.pending.remove(&id)) {
             (p.reply)(result);
-        }
-    }
-
-    /// Keeps the leader's lease deadlines in step with applied lease commands.
-    fn after_apply(&mut self, command: &Command, outcome: &Outcome) {
-        let now = self.now_ms;
-        let Some(lessor) = &mut self.lessor else {
-            return;
-        };
-        match outcome {
-            Outcome::LeaseGranted { id, ttl_ms } | Outcome::LeaseKept { id, ttl_ms } => {
-                lessor.insert(*id, now + ttl_ms);
-            }
-            Outcome::LeasesEnded { ended, .. } => {
-                for id in ended {
-                    lessor.remove(id);
-                    self.expiring.remove(id);
-                }
-            }
-            _ => {}
-        }
-        if let Command::LeaseExpire { ids } = command {
-            for id in ids {
-                self.expiring.remove(id);
-            }
         }
     }
 

@@ -77,7 +77,7 @@ async fn answer(node: &Handle, request: Request) -> Response {
             .map(|(kvs, revision)| Response::Range { kvs, revision }),
         Request::Status => node.status().await.map(Response::Status),
         Request::MemberAdd { name, peer_addr } => {
-            if let Err(message) = crate::config::check_member(&name, &peer_addr) {
+            if let Err(message) = super::member::check(&name, &peer_addr) {
                 return Response::Error {
                     kind: ErrorKind::Invalid,
                     message,
