@@ -23,7 +23,7 @@
 //! `SIM_SEED_OFFSET=<n>` shifts every batch onto fresh seeds, for soak runs;
 //! `SIM_RAFT_LOG=1` adds raft-rs's own log to a replay.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,7 +32,8 @@ use std::time::{Duration, Instant};
 
 use flotilla::consensus::codec::MemberInfo;
 use flotilla::consensus::kv::{
-    Command, Compare, CompareOp, Event, KvStore, Op as TxnOp, OpResult, Outcome, Revision, Target,
+    Command, Compare, CompareOp, Event, KvStore, LeaseId, Op as TxnOp, OpResult, Outcome, Revision,
+    Target,
 };
 use flotilla::consensus::node::{Core, NodeConfig, RequestError, WatchMsg, WatchSink};
 use flotilla::consensus::storage::MemDisk;
@@ -41,6 +42,10 @@ use raft::eraftpb::{Message, MessageType};
 #[path = "support/linearizable.rs"]
 mod linearizable;
 
+#[path = "support/leases.rs"]
+mod leases;
+
+use leases::{LeaseLife, Violation};
 use linearizable::{CheckError, Limits, Op, OpKind};
 
 /// Milliseconds per Raft tick.
@@ -148,6 +153,24 @@ struct Member {
     /// Bumped at every crash, so a client can tell its request died with the
     /// member (the Core drops pending callbacks without calling them).
     incarnation: u64,
+    /// While stalled (a long fsync, a paused VM), until when; the member
+    /// neither ticks nor runs its Ready loop, and what reaches it waits in
+    /// `inbox`, as it waits in the runner's channel.
+    stalled_until: Option<u64>,
+    /// Messages and proposals that reached the member while it was stalled.
+    inbox: Vec<Inbound>,
+    /// The last tick the member took, so a stall's missed ticks can be fired
+    /// at once afterwards, as the runner does.
+    last_tick: u64,
+}
+
+/// Something that reached a stalled member.
+enum Inbound {
+    Raft(Message),
+    Propose(
+        Command,
+        Box<dyn FnOnce(Result<Outcome, RequestError>) + Send>,
+    ),
 }
 
 /// The Raft group, its network and a logical clock in ms.
@@ -256,6 +279,9 @@ impl Sim {
                 phase,
                 election_ticks: 0,
                 incarnation: 0,
+                stalled_until: None,
+                inbox: Vec::new(),
+                last_tick: 0,
             };
             sim.members.insert(id, member);
             sim.boot(id, &bootstrap);
@@ -298,6 +324,9 @@ impl Sim {
             .unwrap_or_else(|e| panic!("member {id} cannot start from its disk: {e}"));
         member.core = Some(core);
         member.election_ticks = ticks;
+        member.stalled_until = None;
+        member.inbox.clear();
+        member.last_tick = self.now;
     }
 
     fn ids(&self) -> Vec<u64> {
@@ -362,7 +391,68 @@ impl Sim {
         let member = self.members.get_mut(&id).expect("crashing a known member");
         member.core = None;
         member.incarnation += 1;
+        member.stalled_until = None;
+        member.inbox.clear();
         self.queue.retain(|_, m| m.to != id);
+    }
+
+    /// Stalls a live member for `ms`: then it takes what queued up, and fires
+    /// every tick it missed at once, before its next Ready pass.
+    fn stall(&mut self, id: u64, ms: u64) {
+        self.note(|| format!("stall n{id} for {ms} ms"));
+        let until = self.now + ms;
+        if let Some(member) = self.members.get_mut(&id)
+            && member.core.is_some()
+        {
+            member.stalled_until = Some(until);
+        }
+    }
+
+    fn is_stalled(&self, id: u64) -> bool {
+        self.members
+            .get(&id)
+            .is_some_and(|m| m.stalled_until.is_some())
+    }
+
+    /// Proposes `command` on member `id` (queued while it is stalled).
+    fn propose_on(
+        &mut self,
+        id: u64,
+        command: Command,
+        reply: Box<dyn FnOnce(Result<Outcome, RequestError>) + Send>,
+    ) {
+        let member = self.members.get_mut(&id).expect("a known member");
+        if member.stalled_until.is_some() {
+            member.inbox.push(Inbound::Propose(command, reply));
+        } else if let Some(core) = member.core.as_mut() {
+            core.propose(&command, reply);
+        }
+    }
+
+    /// Ends the stalls that are over: queued input first, then the missed ticks.
+    fn wake_stalled(&mut self) {
+        let now = self.now;
+        for member in self.members.values_mut() {
+            if member.stalled_until.is_none_or(|until| until > now) {
+                continue;
+            }
+            member.stalled_until = None;
+            let Some(core) = member.core.as_mut() else {
+                continue;
+            };
+            for inbound in member.inbox.drain(..) {
+                match inbound {
+                    Inbound::Raft(message) => core.step(message),
+                    Inbound::Propose(command, reply) => core.propose(&command, reply),
+                }
+            }
+            for at in member.last_tick + 1..now {
+                if at % TICK_MS == member.phase {
+                    core.tick(at);
+                    member.last_tick = at;
+                }
+            }
+        }
     }
 
     /// Restarts a crashed member from its disk, with no bootstrap membership.
@@ -394,7 +484,14 @@ impl Sim {
             return;
         }
         let to = message.to;
-        let Some(core) = self.members.get_mut(&to).and_then(|m| m.core.as_mut()) else {
+        let Some(member) = self.members.get_mut(&to) else {
+            return;
+        };
+        if member.stalled_until.is_some() {
+            member.inbox.push(Inbound::Raft(message));
+            return;
+        }
+        let Some(core) = member.core.as_mut() else {
             return;
         };
         if message.get_msg_type() == MessageType::MsgSnapshot {
@@ -410,6 +507,9 @@ impl Sim {
             let Some(core) = member.core.as_mut() else {
                 continue;
             };
+            if member.stalled_until.is_some() {
+                continue;
+            }
             for _ in 0..16 {
                 let sent = core
                     .handle_ready()
@@ -445,12 +545,15 @@ impl Sim {
             let message = entry.remove();
             self.deliver(message);
         }
+        self.wake_stalled();
         let now = self.now;
         for member in self.members.values_mut() {
             if now % TICK_MS == member.phase
+                && member.stalled_until.is_none()
                 && let Some(core) = member.core.as_mut()
             {
                 core.tick(now);
+                member.last_tick = now;
             }
         }
         self.pump();
@@ -999,6 +1102,9 @@ struct Chaos {
     heal_at: Option<u64>,
     restart_at: BTreeMap<u64, u64>,
     faults: u64,
+    /// Longest stall, in ms; 0 means the schedule stalls no member.
+    max_stall_ms: u64,
+    stalls: u64,
 }
 
 impl Chaos {
@@ -1008,7 +1114,15 @@ impl Chaos {
             heal_at: None,
             restart_at: BTreeMap::new(),
             faults: 0,
+            max_stall_ms: 0,
+            stalls: 0,
         }
+    }
+
+    /// The same schedule with stalls of up to `max_ms` among its faults.
+    fn with_stalls(mut self, max_ms: u64) -> Chaos {
+        self.max_stall_ms = max_ms;
+        self
     }
 
     fn act(&mut self, sim: &mut Sim) {
@@ -1034,6 +1148,20 @@ impl Chaos {
         self.faults += 1;
         let ids = sim.ids();
         let up = sim.up();
+        // A stall, the leader's most of the time: it takes what queued up and
+        // fires all its missed ticks at once when it ends.
+        if self.max_stall_ms > 0 && sim.rng.per_mille(350) {
+            let victim = match sim.leader() {
+                Some(leader) if sim.rng.per_mille(700) => leader,
+                _ => sim.rng.pick(&ids),
+            };
+            if sim.is_up(victim) && !sim.is_stalled(victim) {
+                let ms = sim.rng.between(20, self.max_stall_ms);
+                sim.stall(victim, ms);
+                self.stalls += 1;
+            }
+            return;
+        }
         match sim.rng.below(100) {
             // Isolate one member, the leader half of the time.
             0..=29 if self.heal_at.is_none() => {
@@ -1563,4 +1691,346 @@ fn a_watcher_on_a_member_that_installs_a_snapshot_sees_every_revision_once() {
         &expected,
     );
     assert!(!seen.compacted.load(Ordering::SeqCst));
+}
+
+// ---------------------------------------------------------------------------
+// Leases under faults: holders grant, keep alive, revoke and abandon leases
+// while members crash, are cut off and stall; the checker in
+// tests/support/leases.rs holds every lease to the store's promise.
+
+/// What a lease holder asked a member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LeaseAsk {
+    Grant,
+    KeepAlive(LeaseId),
+    Revoke(LeaseId),
+}
+
+impl LeaseAsk {
+    fn command(self, ttl_ms: u64) -> Command {
+        match self {
+            LeaseAsk::Grant => Command::LeaseGrant { ttl_ms },
+            LeaseAsk::KeepAlive(id) => Command::LeaseKeepAlive { id },
+            LeaseAsk::Revoke(id) => Command::LeaseRevoke { id },
+        }
+    }
+}
+
+type LeaseSlot = Arc<Mutex<Option<Result<Outcome, RequestError>>>>;
+
+struct LeaseCall {
+    member: u64,
+    incarnation: u64,
+    ask: LeaseAsk,
+    sent: u64,
+    slot: LeaseSlot,
+}
+
+/// One holder, like an agent's presence: one lease at a time, renewed every
+/// third of its TTL.
+struct Holder {
+    ttl_ms: u64,
+    lease: Option<LeaseId>,
+    call: Option<LeaseCall>,
+    next_at: u64,
+}
+
+/// The lease holders, every lease they were granted, and what each member's
+/// state held at the last step (to see when a lease ended).
+struct LeaseWork {
+    holders: Vec<Holder>,
+    lives: BTreeMap<LeaseId, LeaseLife>,
+    held: BTreeMap<u64, (u64, BTreeSet<LeaseId>)>,
+    kept: u64,
+    lost: u64,
+    /// Stop sending; let whatever is held run out.
+    quiet: bool,
+}
+
+impl LeaseWork {
+    fn new(rng: &mut Rng, holders: u64) -> LeaseWork {
+        LeaseWork {
+            holders: (0..holders)
+                .map(|_| Holder {
+                    ttl_ms: rng.between(150, 600),
+                    lease: None,
+                    call: None,
+                    next_at: rng.below(200),
+                })
+                .collect(),
+            lives: BTreeMap::new(),
+            held: BTreeMap::new(),
+            kept: 0,
+            lost: 0,
+            quiet: false,
+        }
+    }
+
+    /// Collects answers and sends each idle holder's next request.
+    fn act(&mut self, sim: &mut Sim) {
+        for holder in &mut self.holders {
+            if let Some(call) = &holder.call {
+                let reply = call.slot.lock().expect("lease slot").take();
+                let died = sim.incarnation(call.member) != call.incarnation;
+                let gave_up = sim.now >= call.sent + CLIENT_TIMEOUT_MS;
+                if reply.is_none() && !died && !gave_up {
+                    continue;
+                }
+                let call = holder.call.take().expect("checked above");
+                sim.note(|| {
+                    format!(
+                        "lease holder: {:?} sent at {} ms: {reply:?}",
+                        call.ask, call.sent
+                    )
+                });
+                let period = holder.ttl_ms / 3;
+                holder.next_at = sim.now + 1;
+                match (call.ask, reply) {
+                    (LeaseAsk::Grant, Some(Ok(Outcome::LeaseGranted { id, ttl_ms }))) => {
+                        self.lives.insert(
+                            id,
+                            LeaseLife {
+                                id,
+                                ttl_ms,
+                                kept: vec![call.sent],
+                                revoked: None,
+                                ended: None,
+                            },
+                        );
+                        holder.lease = Some(id);
+                        holder.next_at = sim.now + period;
+                    }
+                    (LeaseAsk::KeepAlive(id), Some(Ok(Outcome::LeaseKept { .. }))) => {
+                        self.kept += 1;
+                        if let Some(life) = self.lives.get_mut(&id) {
+                            life.kept.push(call.sent);
+                        }
+                        holder.next_at = (call.sent + period).max(sim.now + 1);
+                    }
+                    (LeaseAsk::KeepAlive(_), Some(Ok(Outcome::Failed(_)))) => {
+                        self.lost += 1;
+                        holder.lease = None;
+                    }
+                    (LeaseAsk::Revoke(_), Some(Ok(_))) => holder.lease = None,
+                    // No answer, no leader, unknown: try again (a keep-alive
+                    // sooner, as an agent does).
+                    _ => {}
+                }
+            }
+            if holder.call.is_some() || self.quiet || sim.now < holder.next_at {
+                continue;
+            }
+            let up = sim.up();
+            if up.is_empty() {
+                continue;
+            }
+            let ask = match holder.lease {
+                None => LeaseAsk::Grant,
+                Some(id) => match sim.rng.below(100) {
+                    0..=1 => {
+                        if let Some(life) = self.lives.get_mut(&id) {
+                            life.revoked.get_or_insert(sim.now);
+                        }
+                        LeaseAsk::Revoke(id)
+                    }
+                    // The holder dies: its lease is left to run out.
+                    2..=3 => {
+                        holder.lease = None;
+                        holder.next_at = sim.now + sim.rng.between(0, 2 * holder.ttl_ms);
+                        continue;
+                    }
+                    _ => LeaseAsk::KeepAlive(id),
+                },
+            };
+            let member = sim.rng.pick(&up);
+            let slot: LeaseSlot = Arc::new(Mutex::new(None));
+            let reply = slot.clone();
+            sim.propose_on(
+                member,
+                ask.command(holder.ttl_ms),
+                Box::new(move |r| *reply.lock().expect("lease slot") = Some(r)),
+            );
+            holder.call = Some(LeaseCall {
+                member,
+                incarnation: sim.incarnation(member),
+                ask,
+                sent: sim.now,
+                slot,
+            });
+        }
+    }
+
+    /// Notes the first moment any member's state lost a lease it held.
+    fn observe(&mut self, sim: &Sim) {
+        for (id, member) in &sim.members {
+            let Some(core) = &member.core else {
+                self.held.remove(id);
+                continue;
+            };
+            let now_held: BTreeSet<LeaseId> = core.kv().leases().map(|l| l.id).collect();
+            if let Some((incarnation, before)) = self.held.get(id)
+                && *incarnation == member.incarnation
+            {
+                for gone in before.difference(&now_held) {
+                    if let Some(life) = self.lives.get_mut(gone) {
+                        life.ended.get_or_insert(sim.now);
+                    }
+                }
+            }
+            self.held.insert(*id, (member.incarnation, now_held));
+        }
+    }
+}
+
+/// What one lease seed did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LeaseSummary {
+    leases: usize,
+    ended: usize,
+    kept: u64,
+    lost: u64,
+    faults: u64,
+    stalls: u64,
+}
+
+/// One seeded run of lease holders under faults, stalls included.
+fn simulate_leases(seed: u64, verbose: bool) -> (LeaseSummary, Vec<Violation>) {
+    let mut setup = Rng::new(seed ^ 0x1ea5_e5ee_d5ee_d5ee);
+    let size = if setup.per_mille(250) { 5 } else { 3 };
+    let weather = Weather::stormy(&mut setup);
+    let snapshot_entries = if setup.per_mille(500) {
+        setup.between(15, 60)
+    } else {
+        10_000
+    };
+    let traffic_ms = setup.between(3_000, 5_000);
+    let holders = setup.between(2, 4);
+    let mut sim = Sim::new(seed, size, weather, snapshot_entries, verbose);
+    sim.note(|| {
+        format!("{size} members, {weather:?}, {holders} lease holders for {traffic_ms} ms")
+    });
+    let mut work = LeaseWork::new(&mut sim.rng, holders);
+    let mut chaos = Chaos::new(&mut sim.rng).with_stalls(400);
+    while sim.now < traffic_ms {
+        chaos.act(&mut sim);
+        work.act(&mut sim);
+        sim.step();
+        work.observe(&sim);
+    }
+    chaos.end(&mut sim);
+    // Holders fall silent: every lease left must run out.
+    work.quiet = true;
+    let quiet_until = sim.now + 3_000;
+    while sim.now < quiet_until {
+        work.act(&mut sim);
+        sim.step();
+        work.observe(&sim);
+    }
+    sim.settle(10_000);
+    sim.assert_converged();
+    let lives: Vec<LeaseLife> = work.lives.into_values().collect();
+    let summary = LeaseSummary {
+        leases: lives.len(),
+        ended: lives.iter().filter(|l| l.ended.is_some()).count(),
+        kept: work.kept,
+        lost: work.lost,
+        faults: chaos.faults,
+        stalls: chaos.stalls,
+    };
+    (summary, leases::check(&lives))
+}
+
+/// Runs `count` lease seeds from `first` (shifted by SIM_SEED_OFFSET).
+fn run_lease_batch(first: u64, count: u64) {
+    let offset: u64 = std::env::var("SIM_SEED_OFFSET")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let started = Instant::now();
+    let mut failed = Vec::new();
+    let mut totals = LeaseSummary {
+        leases: 0,
+        ended: 0,
+        kept: 0,
+        lost: 0,
+        faults: 0,
+        stalls: 0,
+    };
+    for seed in (first..first + count).map(|s| s + offset) {
+        match panic::catch_unwind(AssertUnwindSafe(|| simulate_leases(seed, false))) {
+            Ok((summary, violations)) => {
+                totals.leases += summary.leases;
+                totals.ended += summary.ended;
+                totals.kept += summary.kept;
+                totals.lost += summary.lost;
+                totals.faults += summary.faults;
+                totals.stalls += summary.stalls;
+                if let Some(first) = violations.first() {
+                    eprintln!(
+                        "seed {seed} FAILED: {} violation(s), first: {first}\n  replay with: \
+                         SIM_SEED={seed} {LEASE_REPLAY}",
+                        violations.len()
+                    );
+                    failed.push(seed);
+                }
+            }
+            Err(payload) => {
+                eprintln!(
+                    "seed {seed} FAILED: {}\n  replay with: SIM_SEED={seed} {LEASE_REPLAY}",
+                    panic_text(payload.as_ref())
+                );
+                failed.push(seed);
+            }
+        }
+    }
+    eprintln!(
+        "lease seeds {}..{}: {} failed, {:.1?}; {} leases ({} ended), {} keep-alives kept, \
+         {} found their lease gone, {} faults of which {} stalls",
+        first + offset,
+        first + offset + count,
+        failed.len(),
+        started.elapsed(),
+        totals.leases,
+        totals.ended,
+        totals.kept,
+        totals.lost,
+        totals.faults,
+        totals.stalls,
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {count} lease seeds failed: {failed:?}; replay one with SIM_SEED=<seed> \
+         {LEASE_REPLAY}",
+        failed.len()
+    );
+}
+
+/// How to rerun one lease seed.
+const LEASE_REPLAY: &str = "cargo test --test sim replay_one_lease_seed -- --nocapture";
+
+#[test]
+fn lease_seeds_000_to_049() {
+    run_lease_batch(0, SEEDS_PER_BATCH);
+}
+
+#[test]
+fn lease_seeds_050_to_099() {
+    run_lease_batch(SEEDS_PER_BATCH, SEEDS_PER_BATCH);
+}
+
+/// `SIM_SEED=<seed> cargo test --test sim replay_one_lease_seed -- --nocapture`.
+#[test]
+fn replay_one_lease_seed() {
+    let Ok(seed) = std::env::var("SIM_SEED") else {
+        return;
+    };
+    let seed: u64 = seed
+        .parse()
+        .unwrap_or_else(|_| panic!("SIM_SEED must be a number, got {seed:?}"));
+    let (summary, violations) = simulate_leases(seed, true);
+    for violation in &violations {
+        eprintln!("VIOLATION: {violation}");
+    }
+    eprintln!("seed {seed}: {summary:?}");
+    assert!(violations.is_empty());
 }

@@ -15,17 +15,17 @@
 //! 5. serve reads whose ReadIndex is now applied;
 //! 6. `advance`, and handle the light ready the same way.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use protobuf::Message as _;
 use raft::eraftpb::{
     ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, MessageType,
     Snapshot,
 };
-use raft::{RawNode, SnapshotStatus, StateRole};
+use raft::{GetEntriesContext, RawNode, SnapshotStatus, StateRole};
 
 use super::codec::{self, MemberInfo, SnapshotData, SnapshotRef};
-use super::kv::{Command, Compacted, Event, KvStore, Outcome, Revision};
+use super::kv::{Command, Compacted, Event, KvStore, LeaseId, Outcome, Revision};
 use super::lessor::Lessor;
 use super::storage::{Batch, DiskError, Durable, LogStore};
 
@@ -476,17 +476,58 @@ impl<D: Durable> Core<D> {
     }
 
     /// Leader only: proposes what the lease clock asks for this tick.
+    ///
+    /// Only the leader of the lessor's own term proposes: raft-rs steps down
+    /// while it steps a message, before the next Ready pass reports it, and a
+    /// follower's proposal is forwarded to the new leader, where an expiry
+    /// from the old leader's clock would overtake keep-alives it never saw.
     fn run_lessor(&mut self) {
-        let Some(lessor) = &mut self.lessor else {
+        let term = self.raw.raft.term;
+        if !self.is_leader() {
+            self.lessor = None;
+            return;
+        }
+        if self.lessor.as_ref().is_some_and(|l| l.term() != term) {
+            self.start_lessor();
+        }
+        let Some(mut lessor) = self.lessor.take() else {
             return;
         };
         let checkpoint_due = self.ticks.is_multiple_of(self.config.checkpoint_ticks);
         let retry_after = self.config.election_ticks as u64;
-        let proposals = lessor.tick(self.now_ms, self.ticks, retry_after, checkpoint_due);
+        let proposals = lessor.tick(self.now_ms, self.ticks, retry_after, checkpoint_due, || {
+            self.renewing_leases()
+        });
+        self.lessor = Some(lessor);
         for command in proposals {
             let id = self.request_id();
             let _ = self.raw.propose(ctx_bytes(id), codec::encode(&command));
         }
+    }
+
+    fn start_lessor(&mut self) {
+        let (term, now, grace) = (self.raw.raft.term, self.now_ms, self.config.election_ms());
+        let lessor = Lessor::promote(&self.kv, term, now, grace, self.config.tick_ms);
+        self.lessor = Some(lessor);
+    }
+
+    /// Leases with a keep-alive in this member's log that is not applied yet;
+    /// `None` if the log cannot be read.
+    fn renewing_leases(&self) -> Option<BTreeSet<LeaseId>> {
+        let log = &self.raw.raft.raft_log;
+        let entries = log
+            .entries(self.applied + 1, None, GetEntriesContext::empty(false))
+            .ok()?;
+        let mut renewing = BTreeSet::new();
+        for entry in entries {
+            if entry.get_entry_type() == EntryType::EntryNormal
+                && !entry.data.is_empty()
+                && let Ok(Command::LeaseKeepAlive { id }) = codec::decode(&entry.data)
+            {
+                renewing.insert(id);
+            }
+        }
+        Some(renewing)
     }
 
     /// Runs one Ready pass; returns the messages to send to peers.
@@ -597,8 +638,7 @@ impl<D: Durable> Core<D> {
             self.leader = leader;
         }
         if role == StateRole::Leader && self.lessor.is_none() {
-            let grace = self.config.election_ms();
-            self.lessor = Some(Lessor::promote(&self.kv, self.now_ms, grace));
+            self.start_lessor();
         } else if role != StateRole::Leader {
             self.lessor = None;
         }
