@@ -7,7 +7,13 @@
 //! they heard back is the history that the checker in
 //! `tests/support/linearizable.rs` judges, one register per key. The watch
 //! tests check that a watcher sees every revision exactly once across a
-//! leader kill and across a snapshot install.
+//! leader kill and across a snapshot install. The lease family runs lease
+//! holders (grants, keep-alives every third of the TTL, revokes, holders that
+//! die) while members crash, are cut off and stall (a stalled member takes
+//! what queued up and fires its missed ticks at once, as the runner does);
+//! `tests/support/leases.rs` checks that no lease ended before its TTL after
+//! its last acknowledged keep-alive. Two scenario tests pin the two lease
+//! bugs of issue 11 each to one interleaving.
 //!
 //! Everything derives from the seed: message delays and fates, faults, client
 //! choices, each member's election timeout (raft-rs would otherwise draw it
@@ -18,6 +24,7 @@
 //!
 //! ```text
 //! SIM_SEED=<seed> cargo test --test sim replay_one_seed -- --nocapture
+//! SIM_SEED=<seed> cargo test --test sim replay_one_lease_seed -- --nocapture
 //! ```
 //!
 //! `SIM_SEED_OFFSET=<n>` shifts every batch onto fresh seeds, for soak runs;
@@ -53,8 +60,8 @@ const TICK_MS: u64 = 10;
 /// The configured election timeout; each member's actual one is drawn from
 /// the seed between this and twice this.
 const ELECTION_MS: u64 = 100;
-/// Seeds per batch test; four batches make the 200 CI runs.
-const SEEDS_PER_BATCH: u64 = 50;
+/// Seeds per batch test; four batches make the 1,000 CI runs of each family.
+const SEEDS_PER_BATCH: u64 = 250;
 /// Wall-clock time one seed may take before it fails loudly.
 const SEED_WALL_LIMIT: Duration = Duration::from_secs(15);
 /// A client gives up on a request after this long and records it as unknown.
@@ -162,6 +169,8 @@ struct Member {
     /// The last tick the member took, so a stall's missed ticks can be fired
     /// at once afterwards, as the runner does.
     last_tick: u64,
+    /// Ticks since this incarnation started, as its Core counts them.
+    ticks: u64,
 }
 
 /// Something that reached a stalled member.
@@ -189,6 +198,8 @@ struct Sim {
     /// network is whole.
     sides: BTreeMap<u64, u8>,
     snapshot_entries: u64,
+    /// Ticks between the leader's lease checkpoints, when not the default.
+    checkpoint_ticks: Option<u64>,
     /// Members started so far, restarts included.
     boots: u64,
     /// Snapshot messages delivered to each member.
@@ -258,6 +269,7 @@ impl Sim {
             sent: 0,
             sides: BTreeMap::new(),
             snapshot_entries,
+            checkpoint_ticks: None,
             boots: 0,
             snapshots_delivered: BTreeMap::new(),
             logger: slog::Logger::root(slog::Discard, slog::o!()),
@@ -282,6 +294,7 @@ impl Sim {
                 stalled_until: None,
                 inbox: Vec::new(),
                 last_tick: 0,
+                ticks: 0,
             };
             sim.members.insert(id, member);
             sim.boot(id, &bootstrap);
@@ -319,6 +332,9 @@ impl Sim {
         self.boots += 1;
         config.first_request = self.boots << 32;
         config.snapshot_entries = self.snapshot_entries;
+        if let Some(ticks) = self.checkpoint_ticks {
+            config.checkpoint_ticks = ticks;
+        }
         let member = self.members.get_mut(&id).expect("booting a known member");
         let core = Core::new(config, member.disk.clone(), bootstrap, &self.logger)
             .unwrap_or_else(|e| panic!("member {id} cannot start from its disk: {e}"));
@@ -327,6 +343,7 @@ impl Sim {
         member.stalled_until = None;
         member.inbox.clear();
         member.last_tick = self.now;
+        member.ticks = 0;
     }
 
     fn ids(&self) -> Vec<u64> {
@@ -450,6 +467,7 @@ impl Sim {
                 if at % TICK_MS == member.phase {
                     core.tick(at);
                     member.last_tick = at;
+                    member.ticks += 1;
                 }
             }
         }
@@ -554,6 +572,7 @@ impl Sim {
             {
                 core.tick(now);
                 member.last_tick = now;
+                member.ticks += 1;
             }
         }
         self.pump();
@@ -1377,22 +1396,22 @@ fn run_batch(first: u64, count: u64) {
 }
 
 #[test]
-fn random_faults_seeds_000_to_049() {
+fn random_faults_seeds_000_to_249() {
     run_batch(0, SEEDS_PER_BATCH);
 }
 
 #[test]
-fn random_faults_seeds_050_to_099() {
+fn random_faults_seeds_250_to_499() {
     run_batch(SEEDS_PER_BATCH, SEEDS_PER_BATCH);
 }
 
 #[test]
-fn random_faults_seeds_100_to_149() {
+fn random_faults_seeds_500_to_749() {
     run_batch(2 * SEEDS_PER_BATCH, SEEDS_PER_BATCH);
 }
 
 #[test]
-fn random_faults_seeds_150_to_199() {
+fn random_faults_seeds_750_to_999() {
     run_batch(3 * SEEDS_PER_BATCH, SEEDS_PER_BATCH);
 }
 
@@ -1752,7 +1771,7 @@ impl LeaseWork {
         LeaseWork {
             holders: (0..holders)
                 .map(|_| Holder {
-                    ttl_ms: rng.between(150, 600),
+                    ttl_ms: rng.between(150, 1_500),
                     lease: None,
                     call: None,
                     next_at: rng.below(200),
@@ -1905,9 +1924,16 @@ fn simulate_leases(seed: u64, verbose: bool) -> (LeaseSummary, Vec<Violation>) {
     };
     let traffic_ms = setup.between(3_000, 5_000);
     let holders = setup.between(2, 4);
+    // Checkpoints far more often than the daemon's once a second, so many
+    // land while a keep-alive waits in the log.
+    let checkpoint_ticks = setup.between(1, 30);
     let mut sim = Sim::new(seed, size, weather, snapshot_entries, verbose);
+    sim.checkpoint_ticks = Some(checkpoint_ticks);
     sim.note(|| {
-        format!("{size} members, {weather:?}, {holders} lease holders for {traffic_ms} ms")
+        format!(
+            "{size} members, {weather:?}, {holders} lease holders for {traffic_ms} ms, \
+             checkpoints every {checkpoint_ticks} ticks"
+        )
     });
     let mut work = LeaseWork::new(&mut sim.rng, holders);
     let mut chaos = Chaos::new(&mut sim.rng).with_stalls(400);
@@ -2009,13 +2035,23 @@ fn run_lease_batch(first: u64, count: u64) {
 const LEASE_REPLAY: &str = "cargo test --test sim replay_one_lease_seed -- --nocapture";
 
 #[test]
-fn lease_seeds_000_to_049() {
+fn lease_seeds_000_to_249() {
     run_lease_batch(0, SEEDS_PER_BATCH);
 }
 
 #[test]
-fn lease_seeds_050_to_099() {
+fn lease_seeds_250_to_499() {
     run_lease_batch(SEEDS_PER_BATCH, SEEDS_PER_BATCH);
+}
+
+#[test]
+fn lease_seeds_500_to_749() {
+    run_lease_batch(2 * SEEDS_PER_BATCH, SEEDS_PER_BATCH);
+}
+
+#[test]
+fn lease_seeds_750_to_999() {
+    run_lease_batch(3 * SEEDS_PER_BATCH, SEEDS_PER_BATCH);
 }
 
 /// `SIM_SEED=<seed> cargo test --test sim replay_one_lease_seed -- --nocapture`.
@@ -2033,4 +2069,122 @@ fn replay_one_lease_seed() {
     }
     eprintln!("seed {seed}: {summary:?}");
     assert!(violations.is_empty());
+}
+
+/// Proposes `command` on member `id` and steps until it is answered.
+fn answer_from(sim: &mut Sim, id: u64, command: Command) -> Result<Outcome, RequestError> {
+    let slot: LeaseSlot = Arc::new(Mutex::new(None));
+    let reply = slot.clone();
+    sim.propose_on(
+        id,
+        command,
+        Box::new(move |r| *reply.lock().expect("lease slot") = Some(r)),
+    );
+    let deadline = sim.now + 3_000;
+    loop {
+        if let Some(result) = slot.lock().expect("lease slot").take() {
+            return result;
+        }
+        assert!(sim.now < deadline, "no answer from n{id}");
+        sim.step();
+    }
+}
+
+fn grant_on(sim: &mut Sim, id: u64, ttl_ms: u64) -> LeaseId {
+    match answer_from(sim, id, Command::LeaseGrant { ttl_ms }) {
+        Ok(Outcome::LeaseGranted { id, .. }) => id,
+        other => panic!("grant failed: {other:?}"),
+    }
+}
+
+/// Steps until no member holds `lease`; returns when that happened.
+fn lease_end(sim: &mut Sim, lease: LeaseId, within_ms: u64) -> u64 {
+    let deadline = sim.now + within_ms;
+    while sim
+        .up()
+        .iter()
+        .any(|id| sim.core(*id).kv().lease(lease).is_some())
+    {
+        assert!(sim.now < deadline, "lease {lease:x} never ended");
+        sim.step();
+    }
+    sim.now
+}
+
+/// Issue 11, bug 1: the leader computes a checkpoint while a keep-alive sits
+/// in its log, not yet applied; applied after it, the checkpoint's older
+/// time left replaced the keep-alive's full TTL, and the next leader ended
+/// the lease early. Mutation: checkpoint renewing leases too → this fails.
+#[test]
+fn a_checkpoint_never_overwrites_a_newer_keep_alive() {
+    const TTL: u64 = 2_000;
+    const CHECKPOINT_TICKS: u64 = 50;
+    let mut sim = Sim::new(21, 3, Weather::CALM, 10_000, false);
+    sim.checkpoint_ticks = Some(CHECKPOINT_TICKS);
+    let leader = sim.wait_for_leader(5_000);
+    let lease = grant_on(&mut sim, leader, TTL);
+    sim.run_for(TTL * 3 / 4);
+    // Step to the instant before the leader's next checkpoint tick.
+    loop {
+        let member = &sim.members[&leader];
+        let ticks_now = (sim.now + 1) % TICK_MS == member.phase;
+        if ticks_now && (member.ticks + 1).is_multiple_of(CHECKPOINT_TICKS) {
+            break;
+        }
+        sim.step();
+    }
+    // The keep-alive is appended; the tick in the same pass checkpoints.
+    let sent = sim.now;
+    let kept = Arc::new(Mutex::new(None));
+    let reply = kept.clone();
+    sim.core_mut(leader).propose(
+        &Command::LeaseKeepAlive { id: lease },
+        Box::new(move |r| *reply.lock().expect("slot") = Some(r)),
+    );
+    sim.run_for(100);
+    assert!(
+        matches!(
+            *kept.lock().expect("slot"),
+            Some(Ok(Outcome::LeaseKept { .. }))
+        ),
+        "the keep-alive was acknowledged"
+    );
+    sim.settle(1_000);
+    sim.crash(leader);
+    let new_leader = sim.wait_for_leader(5_000);
+    assert_ne!(new_leader, leader);
+    let ended = lease_end(&mut sim, lease, 3 * TTL);
+    assert!(
+        ended >= sent + TTL,
+        "the lease ended at t={ended} ms, {} ms after a keep-alive sent at t={sent} ms with \
+         TTL {TTL} ms was acknowledged",
+        ended - sent
+    );
+}
+
+/// Issue 11, bug 2: a stalled leader takes the keep-alives that queued up,
+/// then fires its missed ticks; the expiry it proposed then was applied
+/// right after the keep-alive it had not applied yet: "kept", and gone.
+/// Mutation: expire renewing leases too → this fails.
+#[test]
+fn an_expiry_loses_to_a_keep_alive_ordered_before_it() {
+    const TTL: u64 = 300;
+    let mut sim = Sim::new(22, 1, Weather::CALM, 10_000, false);
+    let leader = sim.wait_for_leader(5_000);
+    let lease = grant_on(&mut sim, leader, TTL);
+    sim.stall(leader, TTL + 100);
+    sim.run_for(TTL - 50);
+    let sent = sim.now;
+    let answer = answer_from(&mut sim, leader, Command::LeaseKeepAlive { id: lease });
+    assert!(
+        matches!(answer, Ok(Outcome::LeaseKept { .. })),
+        "{answer:?}"
+    );
+    let acknowledged = sim.now;
+    assert!(
+        sim.core(leader).kv().lease(lease).is_some(),
+        "the lease was deleted in the pass that acknowledged its keep-alive (t={acknowledged} ms)"
+    );
+    let ended = lease_end(&mut sim, lease, 3 * TTL);
+    assert!(ended >= sent + TTL, "ended at {ended}, kept at {sent}");
 }

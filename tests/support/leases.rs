@@ -73,7 +73,7 @@ pub fn check(lives: &[LeaseLife]) -> Vec<Violation> {
                 .max()?;
             let early = life.revoked.is_none_or(|revoked| revoked > ended)
                 && ended < pinned_until + life.ttl_ms;
-            early.then(|| Violation {
+            early.then_some(Violation {
                 id: life.id,
                 ttl_ms: life.ttl_ms,
                 kept_at: *pinned_until,
