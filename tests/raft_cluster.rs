@@ -36,6 +36,15 @@ struct Cluster {
 
 impl Cluster {
     fn start(n: usize) -> Cluster {
+        let mut cluster = Cluster::prepare(n);
+        for i in 0..n {
+            cluster.boot(i);
+        }
+        cluster
+    }
+
+    /// A cluster of `n` founding members, none started yet.
+    fn prepare(n: usize) -> Cluster {
         let root = tempfile::tempdir().unwrap();
         let members: Vec<Member> = (0..n).map(|i| new_member(root.path(), i)).collect();
         let initial = members
@@ -43,15 +52,11 @@ impl Cluster {
             .map(|m| format!("{}={}", m.name, m.peer))
             .collect::<Vec<_>>()
             .join(",");
-        let mut cluster = Cluster {
+        Cluster {
             members,
             initial,
             root,
-        };
-        for i in 0..n {
-            cluster.boot(i);
         }
-        cluster
     }
 
     /// Adds a member through `flotilla member add` and starts it joining.
@@ -439,4 +444,48 @@ async fn a_new_leader_keeps_leases_for_their_remaining_time_only() {
     eprintln!(
         "lease with TTL {ttl:?} expired {gone_after:?} after its last keep-alive across a leader kill"
     );
+}
+
+/// Issue 11, item 5: a member that never has a leader (two of its three
+/// founders never start) answers every request and every watch, but can
+/// change nothing and learns of nothing. A client listing it first must move
+/// on to a member with a leader: writes after "no leader", require-leader
+/// watches when the member ends them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_and_require_leader_watches_move_off_a_member_without_a_leader() {
+    let mut lonely = Cluster::prepare(3);
+    lonely.boot(0);
+    let healthy = Cluster::start(1);
+    healthy.leader(None).await;
+    let endpoints = vec![
+        lonely.members[0].client.clone(),
+        healthy.members[0].client.clone(),
+    ];
+    let lonely_only = connect_when_up(&lonely.members[0].client).await;
+    assert_eq!(lonely_only.status().await.unwrap().leader, 0);
+
+    let client = Client::connect(&endpoints)
+        .await
+        .unwrap()
+        .with_timeout(Duration::from_secs(5));
+    // Before the fix the client retried the lonely member until its timeout
+    // and failed with "no leader".
+    let revision = client.put("/w/k", b"1".to_vec()).await.unwrap();
+    assert_eq!(client.get("/w/k").await.unwrap().unwrap().value, b"1");
+
+    // The lonely member refuses the require-leader watch; it resumes on the
+    // healthy one and sees the next write.
+    let watcher = Client::connect(&endpoints).await.unwrap();
+    let mut watch = watcher.watch("/w/", revision + 1).require_leader();
+    let writer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        client.put("/w/k", b"2".to_vec()).await.unwrap()
+    });
+    let events = tokio::time::timeout(Duration::from_secs(20), watch.next())
+        .await
+        .expect("the watch moved to the member with a leader")
+        .unwrap();
+    let written = writer.await.unwrap();
+    assert_eq!(events.last().unwrap().revision(), written);
+    assert_eq!(events.last().unwrap().kv.value, b"2");
 }

@@ -55,10 +55,11 @@ pub enum RequestError {
         "no leader is known (election in progress or quorum lost); nothing was changed, retry shortly"
     )]
     NoLeader,
-    /// The leader changed or the request timed out after it was proposed: it
-    /// may or may not have been applied.
+    /// The leader changed, the request timed out after it was proposed, or
+    /// the Raft thread exited with it in hand: it may or may not have been
+    /// applied.
     #[error(
-        "leadership changed before the request was confirmed; it may or may not have been applied, check before retrying"
+        "the request was not confirmed (leadership changed, it timed out or the member stopped); it may or may not have been applied, check before retrying"
     )]
     Unknown,
     /// The member is shutting down or its disk failed.

@@ -92,15 +92,17 @@ impl Handle {
             .map_err(|_| RequestError::Stopped("the Raft thread has exited".into()))
     }
 
+    /// Sends a request and waits for its answer. A request the thread never
+    /// took changed nothing ([`RequestError::Stopped`]); one the thread took
+    /// and then dropped without an answer (it exited: disk failure, stop) may
+    /// have been proposed, so its outcome is [`RequestError::Unknown`].
     async fn ask<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, RequestError>>) -> Msg,
     ) -> Result<T, RequestError> {
         let (reply, answer) = oneshot::channel();
         self.send(make(reply))?;
-        answer
-            .await
-            .map_err(|_| RequestError::Stopped("the Raft thread dropped the request".into()))?
+        answer.await.map_err(|_| RequestError::Unknown)?
     }
 
     /// Proposes a command and waits until this member applied it.
@@ -272,4 +274,72 @@ fn handle<D: Durable>(core: &mut Core<D>, msg: Msg) -> bool {
         Msg::Stop => return false,
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consensus::node::NodeConfig;
+    use crate::consensus::storage::{Batch, DiskError, MemDisk, Recovered};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A disk that starts failing every save when told to.
+    struct BreakingDisk {
+        inner: MemDisk,
+        broken: Arc<AtomicBool>,
+    }
+
+    impl Durable for BreakingDisk {
+        fn load(&self) -> Result<Recovered, DiskError> {
+            self.inner.load()
+        }
+
+        fn save(&mut self, batch: &Batch) -> Result<(), DiskError> {
+            if self.broken.load(Ordering::SeqCst) {
+                return Err(DiskError::Corrupt("the disk broke".into()));
+            }
+            self.inner.save(batch)
+        }
+    }
+
+    /// A single member sends nothing.
+    struct Nowhere;
+
+    impl Transport for Nowhere {
+        fn send(&self, _: Vec<Message>) {}
+        fn set_peers(&self, _: &BTreeMap<u64, MemberInfo>) {}
+    }
+
+    #[tokio::test]
+    async fn a_request_in_hand_when_the_thread_dies_has_an_unknown_outcome() {
+        let broken = Arc::new(AtomicBool::new(false));
+        let disk = BreakingDisk {
+            inner: MemDisk::new(),
+            broken: broken.clone(),
+        };
+        let members = BTreeMap::from([(
+            1,
+            MemberInfo {
+                name: "n1".into(),
+                peer_addr: "127.0.0.1:1".into(),
+            },
+        )]);
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let core = Core::new(NodeConfig::new(1, 5, 50), disk, &members, &logger).unwrap();
+        let (handle, thread) = spawn(core, Duration::from_millis(5), |_| Nowhere);
+        while handle.status().await.unwrap().leader == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        handle.propose(Command::put("k", "v", None)).await.unwrap();
+        broken.store(true, Ordering::SeqCst);
+        // Proposed, then the thread fails to save it and exits: it may or may
+        // not have been applied, as far as the caller can know.
+        let in_hand = handle.propose(Command::put("k", "w", None)).await;
+        assert_eq!(in_hand, Err(RequestError::Unknown));
+        thread.join().unwrap();
+        // Sent after the thread is gone: certainly not applied.
+        let after = handle.propose(Command::put("k", "x", None)).await;
+        assert!(matches!(after, Err(RequestError::Stopped(_))), "{after:?}");
+    }
 }
