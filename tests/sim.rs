@@ -2188,3 +2188,45 @@ fn an_expiry_loses_to_a_keep_alive_ordered_before_it() {
     let ended = lease_end(&mut sim, lease, 3 * TTL);
     assert!(ended >= sent + TTL, "ended at {ended}, kept at {sent}");
 }
+
+/// Issue 11, item 6: raft-rs drops, without a word, a ReadIndex request that
+/// reaches a leader before it committed an entry in its term. Asked once, a
+/// read issued right after an election waited for its 10 s deadline; asked
+/// again each heartbeat, it is served as soon as the term's first entry
+/// commits.
+#[test]
+fn a_read_issued_before_a_new_leader_commits_in_its_term_is_served_promptly() {
+    let mut sim = Sim::new(23, 3, Weather::CALM, 10_000, false);
+    let old = sim.wait_for_leader(5_000);
+    sim.request(&Command::put("/r/k", "v", None));
+    sim.crash(old);
+    let deadline = sim.now + 5_000;
+    let new = loop {
+        if let Some(id) = sim.up().into_iter().find(|id| sim.core(*id).is_leader()) {
+            break id;
+        }
+        assert!(sim.now < deadline, "no new leader");
+        sim.step();
+    };
+    let slot: Slot = Arc::new(Mutex::new(None));
+    let asked = sim.now;
+    issue(
+        sim.core_mut(new),
+        "/r/k",
+        &Request::Read,
+        Reads::Linearizable,
+        slot.clone(),
+    );
+    while slot.lock().expect("slot").is_none() {
+        assert!(
+            sim.now < asked + 1_000,
+            "the read was not served within 1 s of simulated time"
+        );
+        sim.step();
+    }
+    let reply = slot.lock().expect("slot").take();
+    assert!(
+        matches!(reply, Some(Reply::Read(Ok(Some(ref v)))) if v == b"v"),
+        "{reply:?}"
+    );
+}

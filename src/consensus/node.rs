@@ -8,12 +8,17 @@
 //! one process with a simulated network and disk.
 //!
 //! Each [`Core::handle_ready`] pass follows raft-rs's Ready contract:
-//! 1. send `messages` (a leader may send before its own append is durable);
+//! 1. take `messages` (raft-rs would let a leader send them before its own
+//!    append is durable, as etcd does; this loop does not: it returns them
+//!    with the rest, after step 2);
 //! 2. save the snapshot, entries and hard state in ONE disk batch (one fsync);
-//! 3. send `persisted_messages` (votes and acks only after the fsync);
+//! 3. take `persisted_messages` (votes and acks, which MUST wait for the fsync);
 //! 4. apply committed entries, answer their proposals, feed watchers;
 //! 5. serve reads whose ReadIndex is now applied;
 //! 6. `advance`, and handle the light ready the same way.
+//!
+//! Every message of a pass leaves through its return value, so none is sent
+//! before the pass's fsync.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -98,8 +103,8 @@ pub struct NodeConfig {
     pub checkpoint_ticks: u64,
     /// Ticks before a proposal or read without an answer is failed as unknown.
     pub request_ticks: u64,
-    /// Where this start of the member begins numbering its requests (only
-    /// the low 48 bits count). A proposal or read still in flight when the
+    /// Where this start of the member begins numbering its requests. A
+    /// proposal or read still in flight when the
     /// member stopped may come back after it restarts; numbering afresh from 1
     /// handed that old entry's outcome to a new request with the same number
     /// (found by tests/sim.rs). Defaults to the wall clock in microseconds;
@@ -157,8 +162,11 @@ struct Pending {
 }
 
 struct PendingRead {
-    ctx: u64,
+    ctx: RequestId,
     index: Option<u64>,
+    /// The tick it was last asked of Raft: a leader that has not committed
+    /// in its term yet drops ReadIndex requests, so they are asked again.
+    asked: u64,
     deadline: u64,
     serve: ReadServe,
 }
@@ -183,7 +191,7 @@ pub struct Core<D: Durable> {
     ticks: u64,
     now_ms: u64,
     next_request: u64,
-    pending: HashMap<u64, Pending>,
+    pending: HashMap<RequestId, Pending>,
     reads: Vec<PendingRead>,
     watchers: Vec<Watcher>,
     /// Leader only: the lease clock.
@@ -195,12 +203,19 @@ pub struct Core<D: Durable> {
     snapshot_now: bool,
 }
 
-fn ctx_bytes(id: u64) -> Vec<u8> {
+/// Names one proposal or read of one member: the member's full Raft id in
+/// the high half, its own counter in the low half, so no two members' ids
+/// meet (a follower's proposal comes back to every member in the log).
+type RequestId = u128;
+
+fn ctx_bytes(id: RequestId) -> Vec<u8> {
     id.to_be_bytes().to_vec()
 }
 
-fn ctx_id(bytes: &[u8]) -> Option<u64> {
-    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+/// The request an entry or read state belongs to; `None` for entries that
+/// answer nobody (the leader's empty entries, or ids of an older format).
+fn ctx_id(bytes: &[u8]) -> Option<RequestId> {
+    Some(RequestId::from_be_bytes(bytes.try_into().ok()?))
 }
 
 impl<D: Durable> Core<D> {
@@ -307,12 +322,16 @@ impl<D: Durable> Core<D> {
         }
     }
 
-    fn request_id(&mut self) -> u64 {
-        // Unique across members: proposals forwarded to the leader come back
-        // in the log with this id, and every member applies them.
-        let id = (self.config.id & 0xffff) << 48 | (self.next_request & 0xffff_ffff_ffff);
-        self.next_request = self.next_request.wrapping_add(1);
-        id
+    /// A fresh request id, never one still waiting for its answer (the
+    /// counter wraps, and a restart may start it anywhere).
+    fn request_id(&mut self) -> RequestId {
+        loop {
+            let id = RequestId::from(self.config.id) << 64 | RequestId::from(self.next_request);
+            self.next_request = self.next_request.wrapping_add(1);
+            if !self.pending.contains_key(&id) && !self.reads.iter().any(|r| r.ctx == id) {
+                return id;
+            }
+        }
     }
 
     /// This member's view of the cluster.
@@ -360,7 +379,7 @@ impl<D: Durable> Core<D> {
     }
 
     /// Remembers a proposal until its entry is applied or its deadline passes.
-    fn track(&mut self, id: u64, reply: Callback<Result<Outcome, RequestError>>) {
+    fn track(&mut self, id: RequestId, reply: Callback<Result<Outcome, RequestError>>) {
         let deadline = self.ticks + self.config.request_ticks;
         self.pending.insert(id, Pending { reply, deadline });
     }
@@ -410,6 +429,7 @@ impl<D: Durable> Core<D> {
         self.reads.push(PendingRead {
             ctx,
             index: None,
+            asked: self.ticks,
             deadline: self.ticks + self.config.request_ticks,
             serve,
         });
@@ -453,12 +473,32 @@ impl<D: Durable> Core<D> {
         self.ticks += 1;
         self.raw.tick();
         self.expire_requests();
+        self.ask_reads_again();
         self.run_lessor();
+    }
+
+    /// Asks Raft again for the ReadIndex of reads still without one after a
+    /// heartbeat interval. raft-rs drops a ReadIndex request, without a word,
+    /// that reaches a leader before it committed an entry in its term (right
+    /// after an election); asked once, such a read waited for its deadline.
+    /// A second answer for the same read is harmless: any index at or after
+    /// the read began serves it linearizably.
+    fn ask_reads_again(&mut self) {
+        if self.leader == 0 {
+            return;
+        }
+        let every = self.config.heartbeat_ticks as u64;
+        for read in &mut self.reads {
+            if read.index.is_none() && self.ticks >= read.asked + every {
+                read.asked = self.ticks;
+                self.raw.read_index(ctx_bytes(read.ctx));
+            }
+        }
     }
 
     fn expire_requests(&mut self) {
         let now = self.ticks;
-        let expired: Vec<u64> = self
+        let expired: Vec<RequestId> = self
             .pending
             .iter()
             .filter(|(_, p)| p.deadline <= now)
@@ -697,7 +737,7 @@ impl<D: Durable> Core<D> {
         Ok(())
     }
 
-    fn answer(&mut self, request: Option<u64>, result: Result<Outcome, RequestError>) {
+    fn answer(&mut self, request: Option<RequestId>, result: Result<Outcome, RequestError>) {
         if let Some(p) = request.and_then(|id| self.pending.remove(&id)) {
             (p.reply)(result);
         }
@@ -961,6 +1001,20 @@ mod tests {
         let mut again = Core::new(config, disk, &BTreeMap::new(), &logger()).unwrap();
         run(&mut again, 30);
         assert_eq!(again.kv().range("k").count(), 20);
+    }
+
+    #[test]
+    fn request_ids_carry_the_whole_member_id_and_skip_ids_in_use() {
+        let mut core = single(MemDisk::new());
+        core.config.id = 1 | 1 << 40;
+        core.next_request = 7;
+        let first = core.request_id();
+        assert_eq!(first >> 64, 1 | 1 << 40, "members 1 and 1 + 2^40 differ");
+        assert_eq!(first as u64, 7);
+        // A request still waiting under the next number is never reused.
+        let taken = RequestId::from(core.config.id) << 64 | 8;
+        core.track(taken, Box::new(|_| {}));
+        assert_eq!(core.request_id() as u64, 9);
     }
 
     #[test]
