@@ -394,6 +394,39 @@ async fn members_are_added_from_a_snapshot_and_removed_at_runtime() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // Remove the leader itself: it hands leadership to another member (raft-rs
+    // alone would keep it leading), and the other two go on without it.
+    let leader = cluster.leader(None).await;
+    let name = cluster.members[leader].name.clone();
+    let out = cli(&survivors, &["member", "remove", &name]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let next = cluster.leader(Some(leader)).await;
+    assert_ne!(next, leader);
+    let rest: Vec<String> = survivors
+        .iter()
+        .filter(|e| **e != cluster.members[leader].client)
+        .cloned()
+        .collect();
+    let client = Client::connect(&rest).await.unwrap();
+    client
+        .put("/after-leader-remove", b"ok".to_vec())
+        .await
+        .unwrap();
+    let status = client.status().await.unwrap();
+    assert_eq!(status.members.len(), 2, "{status:?}");
+    assert!(!status.members.values().any(|m| m.name == name));
+    // The removed member, still running, refuses requests.
+    let removed = Client::connect(std::slice::from_ref(&cluster.members[leader].client))
+        .await
+        .unwrap()
+        .with_timeout(Duration::from_secs(1));
+    let refused = removed.put("/k", b"no".to_vec()).await.unwrap_err();
+    assert!(refused.to_string().contains("removed"), "{refused}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

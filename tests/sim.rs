@@ -2230,3 +2230,153 @@ fn a_read_issued_before_a_new_leader_commits_in_its_term_is_served_promptly() {
         "{reply:?}"
     );
 }
+
+fn member_info(id: u64) -> MemberInfo {
+    MemberInfo {
+        name: format!("n{id}"),
+        peer_addr: format!("sim-{id}:2380"),
+    }
+}
+
+/// Proposes a membership change on member `on`; the answer lands in the slot.
+fn change_members(sim: &mut Sim, on: u64, id: u64, add: bool) -> LeaseSlot {
+    let slot: LeaseSlot = Arc::new(Mutex::new(None));
+    let reply = slot.clone();
+    let info = add.then(|| member_info(id));
+    sim.core_mut(on).propose_member_change(
+        id,
+        info,
+        Box::new(move |r| *reply.lock().expect("slot") = Some(r)),
+    );
+    slot
+}
+
+fn wait_answer(sim: &mut Sim, slot: &LeaseSlot, within_ms: u64) -> Result<Outcome, RequestError> {
+    let deadline = sim.now + within_ms;
+    loop {
+        if let Some(result) = slot.lock().expect("slot").take() {
+            return result;
+        }
+        assert!(sim.now < deadline, "no answer within {within_ms} ms");
+        sim.step();
+    }
+}
+
+impl Sim {
+    /// Starts a brand-new member that waits to be added (no bootstrap).
+    fn add_empty_member(&mut self, id: u64) {
+        let phase = self.rng.below(TICK_MS);
+        self.members.insert(
+            id,
+            Member {
+                disk: MemDisk::new(),
+                core: None,
+                phase,
+                election_ticks: 0,
+                incarnation: 0,
+                stalled_until: None,
+                inbox: Vec::new(),
+                last_tick: 0,
+                ticks: 0,
+            },
+        );
+        self.boot(id, &BTreeMap::new());
+    }
+}
+
+/// Issue 11, item 3: a member joins as a learner, so one that never starts
+/// costs no quorum (a single member that added a voter with a wrong address
+/// lost its quorum for good); a second change while one is pending is
+/// refused at once; a learner that caught up is promoted.
+#[test]
+fn members_join_as_learners_and_are_promoted_once_caught_up() {
+    let mut sim = Sim::new(24, 1, Weather::CALM, 10_000, false);
+    let leader = sim.wait_for_leader(5_000);
+    sim.request(&Command::put("/m/a", "1", None));
+    let first = change_members(&mut sim, leader, 9, true);
+    let second = change_members(&mut sim, leader, 2, true);
+    let refused = wait_answer(&mut sim, &second, 1);
+    assert!(
+        matches!(&refused, Err(RequestError::Invalid(m)) if m.contains("another membership change")),
+        "{refused:?}"
+    );
+    assert!(wait_answer(&mut sim, &first, 1_000).is_ok());
+    assert_eq!(sim.core(leader).learners(), [9]);
+    // n9 never starts: the single voter still commits alone.
+    let write = Arc::new(Mutex::new(None));
+    let reply = write.clone();
+    sim.core_mut(leader).propose(
+        &Command::put("/m/b", "2", None),
+        Box::new(move |r| *reply.lock().expect("slot") = Some(r)),
+    );
+    assert!(wait_answer(&mut sim, &write, 1_000).is_ok());
+    sim.run_for(500);
+    assert_eq!(sim.core(leader).voters(), [leader], "n9 was never promoted");
+
+    let gone = change_members(&mut sim, leader, 9, false);
+    assert!(wait_answer(&mut sim, &gone, 1_000).is_ok());
+    let added = change_members(&mut sim, leader, 2, true);
+    assert!(wait_answer(&mut sim, &added, 1_000).is_ok());
+    sim.add_empty_member(2);
+    let deadline = sim.now + 5_000;
+    while sim.core(leader).voters() != [1, 2] {
+        assert!(sim.now < deadline, "n2 was not promoted");
+        sim.step();
+    }
+    sim.settle(5_000);
+    assert_eq!(
+        sim.core(2).kv().get("/m/b").map(|kv| kv.value.clone()),
+        Some(b"2".to_vec())
+    );
+}
+
+/// Issue 11, item 3: raft-rs keeps a removed leader leading; the leader that
+/// applies its own removal hands leadership over at once and then refuses
+/// requests.
+#[test]
+fn removing_the_leader_hands_leadership_over() {
+    let mut sim = Sim::new(25, 3, Weather::CALM, 10_000, false);
+    let old = sim.wait_for_leader(5_000);
+    sim.request(&Command::put("/m/a", "1", None));
+    let removal = change_members(&mut sim, old, old, false);
+    assert!(wait_answer(&mut sim, &removal, 1_000).is_ok());
+    let deadline = sim.now + 1_000;
+    let new = loop {
+        if let Some(id) = sim
+            .up()
+            .into_iter()
+            .find(|id| *id != old && sim.core(*id).is_leader())
+        {
+            break id;
+        }
+        assert!(
+            sim.now < deadline,
+            "n{old} still leads after removing itself"
+        );
+        sim.step();
+    };
+    assert!(sim.core(old).is_removed());
+    // It learns of the new term from the first answer to its heartbeats.
+    while sim.core(old).is_leader() {
+        assert!(sim.now < deadline + 1_000, "n{old} never stepped down");
+        sim.step();
+    }
+    let slot: Slot = Arc::new(Mutex::new(None));
+    issue(
+        sim.core_mut(old),
+        "/m/a",
+        &Request::Read,
+        Reads::Linearizable,
+        slot.clone(),
+    );
+    let refused = slot.lock().expect("slot").take();
+    assert!(
+        matches!(refused, Some(Reply::Read(Err(RequestError::Stopped(_))))),
+        "{refused:?}"
+    );
+    sim.crash(old);
+    sim.members.remove(&old);
+    assert_eq!(sim.core(new).voters().len(), 2);
+    sim.request(&Command::put("/m/b", "2", None));
+    sim.settle(5_000);
+}

@@ -425,7 +425,8 @@ impl Client {
         }
     }
 
-    /// Adds a member; start it afterwards with `--initial-cluster-state existing`.
+    /// Adds a member as a learner (promoted to a voter once caught up); start
+    /// it afterwards with `--initial-cluster-state existing`.
     pub async fn member_add(&self, name: &str, peer_addr: &str) -> Result<(), ClientError> {
         let request = Request::MemberAdd {
             name: name.to_string(),

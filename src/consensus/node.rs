@@ -197,6 +197,8 @@ pub struct Core<D: Durable> {
     /// Leader only: the lease clock.
     lessor: Option<Lessor>,
     commit_dirty: bool,
+    /// This member was removed from the group: it serves nothing more.
+    removed: bool,
     /// A member was just added: snapshot and compact now, so the newcomer is
     /// sent a snapshot (which carries the membership) instead of a log that
     /// starts after the founding membership.
@@ -291,6 +293,11 @@ impl<D: Durable> Core<D> {
         let raw = RawNode::new(&raft_config, store.clone(), logger)
             .map_err(|e| DiskError::Corrupt(e.to_string()))?;
         let first_request = config.first_request;
+        // Restarted after its own removal: it still serves nothing. (A member
+        // waiting to join has no membership at all yet.)
+        let in_group = conf_state.voters.contains(&config.id)
+            || conf_state.learners.contains(&config.id)
+            || (conf_state.voters.is_empty() && conf_state.learners.is_empty());
         Ok(Core {
             config,
             raw,
@@ -310,6 +317,7 @@ impl<D: Durable> Core<D> {
             lessor: None,
             commit_dirty: false,
             snapshot_now: false,
+            removed: !in_group,
         })
     }
 
@@ -366,10 +374,41 @@ impl<D: Durable> Core<D> {
         self.raw.raft.state == StateRole::Leader
     }
 
+    /// Why this member cannot take a request now, if it cannot.
+    fn refusal(&self) -> Option<RequestError> {
+        if self.removed {
+            Some(RequestError::Stopped(
+                "this member was removed from the cluster and serves no requests; \
+                 use another member"
+                    .into(),
+            ))
+        } else if self.leader == 0 {
+            Some(RequestError::NoLeader)
+        } else {
+            None
+        }
+    }
+
+    /// The voting members' Raft ids.
+    pub fn voters(&self) -> &[u64] {
+        &self.conf_state.voters
+    }
+
+    /// The learners' Raft ids: members that receive the log but do not vote
+    /// until the leader promotes them.
+    pub fn learners(&self) -> &[u64] {
+        &self.conf_state.learners
+    }
+
+    /// True once this member was removed from the group.
+    pub fn is_removed(&self) -> bool {
+        self.removed
+    }
+
     /// Proposes a command; `reply` gets its outcome once applied here.
     pub fn propose(&mut self, command: &Command, reply: Callback<Result<Outcome, RequestError>>) {
-        if self.leader == 0 {
-            return reply(Err(RequestError::NoLeader));
+        if let Some(refused) = self.refusal() {
+            return reply(Err(refused));
         }
         let id = self.request_id();
         match self.raw.propose(ctx_bytes(id), codec::encode(command)) {
@@ -385,21 +424,47 @@ impl<D: Durable> Core<D> {
     }
 
     /// Proposes adding or removing a member.
+    ///
+    /// A new member joins as a learner: it receives the log but does not
+    /// vote, so a member that never starts (a wrong address) costs the group
+    /// no quorum. The leader promotes it to a voter once it has caught up
+    /// (see [`Core::promote_caught_up_learners`]), as etcd does.
+    ///
+    /// One change at a time: while one is in the log and not yet applied, a
+    /// second is refused at once (raft-rs would silently turn it into an
+    /// empty entry, leaving its caller to time out).
     pub fn propose_member_change(
         &mut self,
         id: u64,
         add: Option<MemberInfo>,
         reply: Callback<Result<Outcome, RequestError>>,
     ) {
-        if self.leader == 0 {
-            return reply(Err(RequestError::NoLeader));
+        if let Some(refused) = self.refusal() {
+            return reply(Err(refused));
         }
         if add.is_none() && !self.members.contains_key(&id) {
             return reply(Err(RequestError::NoSuchMember(id)));
         }
+        if add.is_some() && self.members.contains_key(&id) {
+            return reply(Err(RequestError::Invalid(format!(
+                "member {id:x} is already in the cluster; see flotilla member list"
+            ))));
+        }
+        if add.is_none() && self.conf_state.voters.len() == 1 && self.conf_state.voters[0] == id {
+            return reply(Err(RequestError::Invalid(
+                "this is the cluster's last voting member; add another before removing it".into(),
+            )));
+        }
+        if self.change_pending() {
+            return reply(Err(RequestError::Invalid(
+                "another membership change is still being applied; nothing was changed, \
+                 retry in a moment (flotilla member list shows the current members)"
+                    .into(),
+            )));
+        }
         let mut cc = ConfChangeV2::default();
         let kind = if add.is_some() {
-            ConfChangeType::AddNode
+            ConfChangeType::AddLearnerNode
         } else {
             ConfChangeType::RemoveNode
         };
@@ -416,13 +481,51 @@ impl<D: Durable> Core<D> {
         }
     }
 
+    /// Whether a membership change is in the log and not applied yet: the
+    /// leader's own record, or one this member's log holds.
+    fn change_pending(&self) -> bool {
+        self.raw.raft.has_pending_conf()
+            || self.unapplied_entries().is_none_or(|entries| {
+                entries
+                    .iter()
+                    .any(|e| e.get_entry_type() != EntryType::EntryNormal)
+            })
+    }
+
+    /// Leader only: promotes each learner whose log has caught up with the
+    /// commit index, one change at a time.
+    ///
+    /// Caught up means, as in etcd, holding at least 90% of the committed
+    /// log: under steady writes a learner is always a few entries behind.
+    fn promote_caught_up_learners(&mut self) {
+        if self.conf_state.learners.is_empty() || !self.is_leader() || self.change_pending() {
+            return;
+        }
+        let committed = self.raw.raft.raft_log.committed;
+        let ready = self.conf_state.learners.iter().copied().find(|id| {
+            self.raw
+                .raft
+                .prs()
+                .get(*id)
+                .is_some_and(|p| p.matched.saturating_mul(10) >= committed.saturating_mul(9))
+        });
+        let Some(learner) = ready else {
+            return;
+        };
+        let mut cc = ConfChangeV2::default();
+        let promote = raft_proto::new_conf_change_single(learner, ConfChangeType::AddNode);
+        cc.set_changes(vec![promote].into());
+        let id = self.request_id();
+        let _ = self.raw.propose_conf_change(ctx_bytes(id), cc);
+    }
+
     /// Reads after confirming leadership (ReadIndex): linearizable.
     ///
     /// `serve` runs once the state machine has applied everything committed
     /// before the read began, and reads the state machine it is handed.
     pub fn read_index(&mut self, serve: ReadServe) {
-        if self.leader == 0 {
-            return serve(Err(RequestError::NoLeader));
+        if let Some(refused) = self.refusal() {
+            return serve(Err(refused));
         }
         let ctx = self.request_id();
         self.raw.read_index(ctx_bytes(ctx));
@@ -475,6 +578,15 @@ impl<D: Durable> Core<D> {
         self.expire_requests();
         self.ask_reads_again();
         self.run_lessor();
+        self.promote_caught_up_learners();
+        // A removed leader whose hand-over did not happen tries again.
+        if self.removed
+            && self.is_leader()
+            && self.ticks.is_multiple_of(self.config.election_ticks as u64)
+            && let Some(next) = self.most_caught_up_voter()
+        {
+            self.raw.transfer_leader(next);
+        }
     }
 
     /// Asks Raft again for the ReadIndex of reads still without one after a
@@ -552,13 +664,18 @@ impl<D: Durable> Core<D> {
         self.lessor = Some(lessor);
     }
 
+    /// The entries in this member's log after the last applied one; `None`
+    /// if the log cannot be read.
+    fn unapplied_entries(&self) -> Option<Vec<Entry>> {
+        let log = &self.raw.raft.raft_log;
+        log.entries(self.applied + 1, None, GetEntriesContext::empty(false))
+            .ok()
+    }
+
     /// Leases with a keep-alive in this member's log that is not applied yet;
     /// `None` if the log cannot be read.
     fn renewing_leases(&self) -> Option<BTreeSet<LeaseId>> {
-        let log = &self.raw.raft.raft_log;
-        let entries = log
-            .entries(self.applied + 1, None, GetEntriesContext::empty(false))
-            .ok()?;
+        let entries = self.unapplied_entries()?;
         let mut renewing = BTreeSet::new();
         for entry in entries {
             if entry.get_entry_type() == EntryType::EntryNormal
@@ -726,7 +843,7 @@ impl<D: Durable> Core<D> {
                     self.answer(request, Ok(outcome));
                 }
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    let result = self.apply_conf_change(&entry);
+                    let result = self.apply_conf_change(&entry)?;
                     self.answer(request, result);
                 }
             }
@@ -743,32 +860,70 @@ impl<D: Durable> Core<D> {
         }
     }
 
-    fn apply_conf_change(&mut self, entry: &Entry) -> Result<Outcome, RequestError> {
+    /// Applies a committed membership change. The outer error is the disk's
+    /// and fatal: a member that changed its membership in memory but could
+    /// not record it must not go on (it would restart with the old one).
+    fn apply_conf_change(
+        &mut self,
+        entry: &Entry,
+    ) -> Result<Result<Outcome, RequestError>, DiskError> {
         let Some((cc, info)) = decode_conf_change(entry) else {
-            return Err(RequestError::Invalid("malformed membership change".into()));
+            return Ok(Err(RequestError::Invalid(
+                "malformed membership change".into(),
+            )));
         };
-        match self.raw.apply_conf_change(&cc) {
-            Ok(cs) => {
-                self.snapshot_now |= cc
-                    .get_changes()
-                    .iter()
-                    .any(|c| c.get_change_type() == ConfChangeType::AddNode);
-                apply_members(&mut self.members, &cc, info);
-                self.conf_state = cs.clone();
-                let batch = Batch {
-                    conf_state: Some(cs),
-                    ..Batch::default()
-                };
-                if let Err(e) = self.disk.save(&batch) {
-                    return Err(RequestError::Stopped(e.to_string()));
-                }
-                let _ = self.store.apply(&batch);
-                Ok(Outcome::Checkpointed)
+        let cs = match self.raw.apply_conf_change(&cc) {
+            Ok(cs) => cs,
+            Err(e) => {
+                return Ok(Err(RequestError::Invalid(format!(
+                    "membership change refused: {e}"
+                ))));
             }
-            Err(e) => Err(RequestError::Invalid(format!(
-                "membership change refused: {e}"
-            ))),
+        };
+        // A newcomer is sent a snapshot (which carries the membership)
+        // instead of a log that starts after the founding membership.
+        let known = |id: u64| {
+            self.conf_state.voters.contains(&id) || self.conf_state.learners.contains(&id)
+        };
+        self.snapshot_now |= cc
+            .get_changes()
+            .iter()
+            .any(|c| c.get_change_type() != ConfChangeType::RemoveNode && !known(c.node_id));
+        apply_members(&mut self.members, &cc, info);
+        self.conf_state = cs.clone();
+        let batch = Batch {
+            conf_state: Some(cs),
+            ..Batch::default()
+        };
+        self.disk.save(&batch)?;
+        self.store
+            .apply(&batch)
+            .map_err(|e| DiskError::Corrupt(format!("log view rejected a membership: {e}")))?;
+        let me = self.config.id;
+        if !self.conf_state.voters.contains(&me) && !self.conf_state.learners.contains(&me) {
+            self.removed = true;
+            // raft-rs keeps a removed leader leading (it only stops being
+            // promotable): hand leadership to the voter furthest along, who
+            // takes over at once, instead of leading a group it left.
+            if self.is_leader()
+                && let Some(next) = self.most_caught_up_voter()
+            {
+                self.raw.transfer_leader(next);
+            }
         }
+        Ok(Ok(Outcome::Checkpointed))
+    }
+
+    /// The voter (not this member) whose log matches the leader's furthest.
+    fn most_caught_up_voter(&self) -> Option<u64> {
+        let me = self.config.id;
+        self.conf_state
+            .voters
+            .iter()
+            .filter(|id| **id != me)
+            .filter_map(|id| Some((self.raw.raft.prs().get(*id)?.matched, *id)))
+            .max()
+            .map(|(_, id)| id)
     }
 
     fn notify(&mut self, events: &[Event]) {
@@ -1015,6 +1170,26 @@ mod tests {
         let taken = RequestId::from(core.config.id) << 64 | 8;
         core.track(taken, Box::new(|_| {}));
         assert_eq!(core.request_id() as u64, 9);
+    }
+
+    #[test]
+    fn a_disk_error_while_applying_a_membership_change_stops_the_member() {
+        let disk = MemDisk::new();
+        let mut core = single(disk.clone());
+        run(&mut core, 30);
+        let info = MemberInfo {
+            name: "n2".into(),
+            peer_addr: "127.0.0.1:2".into(),
+        };
+        core.propose_member_change(2, Some(info), Box::new(|_| {}));
+        // The change's entry is saved; recording the new membership fails.
+        disk.fail_after(1);
+        core.tick(core.now_ms + 10);
+        let failed = core.handle_ready();
+        assert!(
+            matches!(failed, Err(DiskError::Failed(_))),
+            "the member went on: {failed:?}"
+        );
     }
 
     #[test]

@@ -280,28 +280,7 @@ fn handle<D: Durable>(core: &mut Core<D>, msg: Msg) -> bool {
 mod tests {
     use super::*;
     use crate::consensus::node::NodeConfig;
-    use crate::consensus::storage::{Batch, DiskError, MemDisk, Recovered};
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    /// A disk that starts failing every save when told to.
-    struct BreakingDisk {
-        inner: MemDisk,
-        broken: Arc<AtomicBool>,
-    }
-
-    impl Durable for BreakingDisk {
-        fn load(&self) -> Result<Recovered, DiskError> {
-            self.inner.load()
-        }
-
-        fn save(&mut self, batch: &Batch) -> Result<(), DiskError> {
-            if self.broken.load(Ordering::SeqCst) {
-                return Err(DiskError::Corrupt("the disk broke".into()));
-            }
-            self.inner.save(batch)
-        }
-    }
+    use crate::consensus::storage::MemDisk;
 
     /// A single member sends nothing.
     struct Nowhere;
@@ -313,11 +292,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_in_hand_when_the_thread_dies_has_an_unknown_outcome() {
-        let broken = Arc::new(AtomicBool::new(false));
-        let disk = BreakingDisk {
-            inner: MemDisk::new(),
-            broken: broken.clone(),
-        };
+        let disk = MemDisk::new();
         let members = BTreeMap::from([(
             1,
             MemberInfo {
@@ -326,13 +301,13 @@ mod tests {
             },
         )]);
         let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let core = Core::new(NodeConfig::new(1, 5, 50), disk, &members, &logger).unwrap();
+        let core = Core::new(NodeConfig::new(1, 5, 50), disk.clone(), &members, &logger).unwrap();
         let (handle, thread) = spawn(core, Duration::from_millis(5), |_| Nowhere);
         while handle.status().await.unwrap().leader == 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         handle.propose(Command::put("k", "v", None)).await.unwrap();
-        broken.store(true, Ordering::SeqCst);
+        disk.fail_after(0);
         // Proposed, then the thread fails to save it and exits: it may or may
         // not have been applied, as far as the caller can know.
         let in_hand = handle.propose(Command::put("k", "w", None)).await;
