@@ -1265,20 +1265,46 @@ fn run_seed(seed: u64, verbose: bool) -> Summary {
     summary
 }
 
+/// The group a seed runs: drawn first from the seed, the same way by every
+/// family.
+struct Group {
+    size: u64,
+    weather: Weather,
+    snapshot_entries: u64,
+    traffic_ms: u64,
+}
+
+impl Group {
+    fn draw(setup: &mut Rng) -> Group {
+        let size = if setup.per_mille(250) { 5 } else { 3 };
+        let weather = Weather::stormy(setup);
+        // Half the seeds compact often, so snapshots are sent, installed and
+        // recovered from after crashes.
+        let snapshot_entries = if setup.per_mille(500) {
+            setup.between(15, 60)
+        } else {
+            10_000
+        };
+        let traffic_ms = setup.between(3_000, 5_000);
+        Group {
+            size,
+            weather,
+            snapshot_entries,
+            traffic_ms,
+        }
+    }
+}
+
 /// One seeded run: clients against the group under faults, then heal,
 /// settle, read everything back and check the history.
 fn simulate(seed: u64, reads: Reads, verbose: bool) -> (Summary, Result<(), CheckError>) {
     let mut setup = Rng::new(seed);
-    let size = if setup.per_mille(250) { 5 } else { 3 };
-    let weather = Weather::stormy(&mut setup);
-    // Half the seeds compact often, so snapshots are sent, installed and
-    // recovered from after crashes.
-    let snapshot_entries = if setup.per_mille(500) {
-        setup.between(15, 60)
-    } else {
-        10_000
-    };
-    let traffic_ms = setup.between(3_000, 5_000);
+    let Group {
+        size,
+        weather,
+        snapshot_entries,
+        traffic_ms,
+    } = Group::draw(&mut setup);
     let clients = setup.between(3, 5);
     let keys = setup.between(4, 6);
     let mut sim = Sim::new(seed, size, weather, snapshot_entries, verbose);
@@ -1348,9 +1374,46 @@ fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message".to_string())
 }
 
-/// Runs `count` seeds from `first` (shifted by SIM_SEED_OFFSET); fails listing
-/// every failing seed with the command that replays it.
-fn run_batch(first: u64, count: u64) {
+/// What a batch of seeds did.
+struct Batch {
+    seeds: std::ops::Range<u64>,
+    failed: Vec<u64>,
+    elapsed: Duration,
+    slowest: (Duration, u64),
+}
+
+impl Batch {
+    /// Prints what the `family`'s seeds did (`stats`) and fails listing every
+    /// failing seed with the command that replays it.
+    fn finish(self, family: &str, stats: &str, replay: &str) {
+        eprintln!(
+            "{family} seeds {}..{}: {} failed, {:.1?} in all, slowest seed {} took {:.1?}; {}",
+            self.seeds.start,
+            self.seeds.end,
+            self.failed.len(),
+            self.elapsed,
+            self.slowest.1,
+            self.slowest.0,
+            stats
+        );
+        assert!(
+            self.failed.is_empty(),
+            "{} of {} seeds failed: {:?}; replay one with SIM_SEED=<seed> {replay}",
+            self.failed.len(),
+            self.seeds.end - self.seeds.start,
+            self.failed
+        );
+    }
+}
+
+/// Runs `count` seeds from `first`, shifted by SIM_SEED_OFFSET (soak runs use
+/// fresh seeds), through `run`, which returns why a seed failed or panics.
+fn run_seeds(
+    first: u64,
+    count: u64,
+    replay: &str,
+    mut run: impl FnMut(u64) -> Result<(), String>,
+) -> Batch {
     let offset: u64 = std::env::var("SIM_SEED_OFFSET")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -1358,74 +1421,80 @@ fn run_batch(first: u64, count: u64) {
     let started = Instant::now();
     let mut failed = Vec::new();
     let mut slowest = (Duration::ZERO, 0);
-    let mut busiest = 0;
-    let (mut ops, mut unknown) = (0, 0);
     for seed in (first..first + count).map(|s| s + offset) {
         let began = Instant::now();
-        match panic::catch_unwind(AssertUnwindSafe(|| run_seed(seed, false))) {
-            Ok(summary) => {
-                busiest = busiest.max(summary.max_ops_per_key);
-                ops += summary.ops;
-                unknown += summary.unknown;
-            }
-            Err(payload) => {
-                eprintln!(
-                    "seed {seed} FAILED: {}\n  replay with: SIM_SEED={seed} {REPLAY}",
-                    panic_text(payload.as_ref())
-                );
-                failed.push(seed);
-            }
+        let outcome = panic::catch_unwind(AssertUnwindSafe(|| run(seed)))
+            .unwrap_or_else(|payload| Err(panic_text(payload.as_ref())));
+        if let Err(why) = outcome {
+            eprintln!("seed {seed} FAILED: {why}\n  replay with: SIM_SEED={seed} {replay}");
+            failed.push(seed);
         }
         slowest = slowest.max((began.elapsed(), seed));
     }
-    eprintln!(
-        "seeds {}..{}: {} failed, {:.1?} in all, slowest seed {} took {:.1?}; {ops} ops \
-         checked ({unknown} with unknown outcome), at most {busiest} on one key",
-        first + offset,
-        first + offset + count,
-        failed.len(),
-        started.elapsed(),
-        slowest.1,
-        slowest.0,
+    Batch {
+        seeds: first + offset..first + offset + count,
+        failed,
+        elapsed: started.elapsed(),
+        slowest,
+    }
+}
+
+/// The seed a replay test was asked for, if any.
+fn replay_seed() -> Option<u64> {
+    let seed = std::env::var("SIM_SEED").ok()?;
+    Some(
+        seed.parse()
+            .unwrap_or_else(|_| panic!("SIM_SEED must be a number, got {seed:?}")),
+    )
+}
+
+/// Runs `count` linearizability seeds from `first`.
+fn run_batch(first: u64, count: u64) {
+    let (mut ops, mut unknown, mut busiest) = (0, 0, 0);
+    let batch = run_seeds(first, count, REPLAY, |seed| {
+        let summary = run_seed(seed, false);
+        busiest = busiest.max(summary.max_ops_per_key);
+        ops += summary.ops;
+        unknown += summary.unknown;
+        Ok(())
+    });
+    batch.finish(
+        "random-fault",
+        &format!(
+            "{ops} ops checked ({unknown} with unknown outcome), at most {busiest} on one key"
+        ),
+        REPLAY,
     );
-    assert!(
-        failed.is_empty(),
-        "{} of {count} seeds failed: {failed:?}; replay one with SIM_SEED=<seed> {REPLAY}",
-        failed.len()
-    );
 }
 
-#[test]
-fn random_faults_seeds_000_to_249() {
-    run_batch(0, SEEDS_PER_BATCH);
+/// One test per batch of [`SEEDS_PER_BATCH`] seeds, so the test runner runs
+/// the batches of a family side by side.
+macro_rules! seed_batches {
+    ($run:ident: $($name:ident = $batch:expr),+ $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                $run($batch * SEEDS_PER_BATCH, SEEDS_PER_BATCH);
+            }
+        )+
+    };
 }
 
-#[test]
-fn random_faults_seeds_250_to_499() {
-    run_batch(SEEDS_PER_BATCH, SEEDS_PER_BATCH);
-}
-
-#[test]
-fn random_faults_seeds_500_to_749() {
-    run_batch(2 * SEEDS_PER_BATCH, SEEDS_PER_BATCH);
-}
-
-#[test]
-fn random_faults_seeds_750_to_999() {
-    run_batch(3 * SEEDS_PER_BATCH, SEEDS_PER_BATCH);
-}
+seed_batches!(run_batch:
+    random_faults_seeds_000_to_249 = 0,
+    random_faults_seeds_250_to_499 = 1,
+    random_faults_seeds_500_to_749 = 2,
+    random_faults_seeds_750_to_999 = 3,
+);
 
 /// Replay entry point: `SIM_SEED=<seed> cargo test --test sim replay_one_seed
 /// -- --nocapture` reruns one seed with a trace of its faults. Without
 /// SIM_SEED it does nothing.
 #[test]
 fn replay_one_seed() {
-    let Ok(seed) = std::env::var("SIM_SEED") else {
+    let Some(seed) = replay_seed() else {
         return;
     };
-    let seed: u64 = seed
-        .parse()
-        .unwrap_or_else(|_| panic!("SIM_SEED must be a number, got {seed:?}"));
     let summary = run_seed(seed, true);
     eprintln!("seed {seed} passed: {summary:?}");
 }
@@ -1915,14 +1984,12 @@ struct LeaseSummary {
 /// One seeded run of lease holders under faults, stalls included.
 fn simulate_leases(seed: u64, verbose: bool) -> (LeaseSummary, Vec<Violation>) {
     let mut setup = Rng::new(seed ^ 0x1ea5_e5ee_d5ee_d5ee);
-    let size = if setup.per_mille(250) { 5 } else { 3 };
-    let weather = Weather::stormy(&mut setup);
-    let snapshot_entries = if setup.per_mille(500) {
-        setup.between(15, 60)
-    } else {
-        10_000
-    };
-    let traffic_ms = setup.between(3_000, 5_000);
+    let Group {
+        size,
+        weather,
+        snapshot_entries,
+        traffic_ms,
+    } = Group::draw(&mut setup);
     let holders = setup.between(2, 4);
     // Checkpoints far more often than the daemon's once a second, so many
     // land while a keep-alive waits in the log.
@@ -1966,14 +2033,8 @@ fn simulate_leases(seed: u64, verbose: bool) -> (LeaseSummary, Vec<Violation>) {
     (summary, leases::check(&lives))
 }
 
-/// Runs `count` lease seeds from `first` (shifted by SIM_SEED_OFFSET).
+/// Runs `count` lease seeds from `first`.
 fn run_lease_batch(first: u64, count: u64) {
-    let offset: u64 = std::env::var("SIM_SEED_OFFSET")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let started = Instant::now();
-    let mut failed = Vec::new();
     let mut totals = LeaseSummary {
         leases: 0,
         ended: 0,
@@ -1982,87 +2043,47 @@ fn run_lease_batch(first: u64, count: u64) {
         faults: 0,
         stalls: 0,
     };
-    for seed in (first..first + count).map(|s| s + offset) {
-        match panic::catch_unwind(AssertUnwindSafe(|| simulate_leases(seed, false))) {
-            Ok((summary, violations)) => {
-                totals.leases += summary.leases;
-                totals.ended += summary.ended;
-                totals.kept += summary.kept;
-                totals.lost += summary.lost;
-                totals.faults += summary.faults;
-                totals.stalls += summary.stalls;
-                if let Some(first) = violations.first() {
-                    eprintln!(
-                        "seed {seed} FAILED: {} violation(s), first: {first}\n  replay with: \
-                         SIM_SEED={seed} {LEASE_REPLAY}",
-                        violations.len()
-                    );
-                    failed.push(seed);
-                }
-            }
-            Err(payload) => {
-                eprintln!(
-                    "seed {seed} FAILED: {}\n  replay with: SIM_SEED={seed} {LEASE_REPLAY}",
-                    panic_text(payload.as_ref())
-                );
-                failed.push(seed);
-            }
+    let batch = run_seeds(first, count, LEASE_REPLAY, |seed| {
+        let (summary, violations) = simulate_leases(seed, false);
+        totals.leases += summary.leases;
+        totals.ended += summary.ended;
+        totals.kept += summary.kept;
+        totals.lost += summary.lost;
+        totals.faults += summary.faults;
+        totals.stalls += summary.stalls;
+        match violations.first() {
+            None => Ok(()),
+            Some(first) => Err(format!("{} violation(s), first: {first}", violations.len())),
         }
-    }
-    eprintln!(
-        "lease seeds {}..{}: {} failed, {:.1?}; {} leases ({} ended), {} keep-alives kept, \
-         {} found their lease gone, {} faults of which {} stalls",
-        first + offset,
-        first + offset + count,
-        failed.len(),
-        started.elapsed(),
-        totals.leases,
-        totals.ended,
-        totals.kept,
-        totals.lost,
-        totals.faults,
-        totals.stalls,
-    );
-    assert!(
-        failed.is_empty(),
-        "{} of {count} lease seeds failed: {failed:?}; replay one with SIM_SEED=<seed> \
-         {LEASE_REPLAY}",
-        failed.len()
+    });
+    let t = totals;
+    batch.finish(
+        "lease",
+        &format!(
+            "{} leases ({} ended), {} keep-alives kept, {} found their lease gone, \
+             {} faults of which {} stalls",
+            t.leases, t.ended, t.kept, t.lost, t.faults, t.stalls
+        ),
+        LEASE_REPLAY,
     );
 }
 
 /// How to rerun one lease seed.
 const LEASE_REPLAY: &str = "cargo test --test sim replay_one_lease_seed -- --nocapture";
 
-#[test]
-fn lease_seeds_000_to_249() {
-    run_lease_batch(0, SEEDS_PER_BATCH);
-}
-
-#[test]
-fn lease_seeds_250_to_499() {
-    run_lease_batch(SEEDS_PER_BATCH, SEEDS_PER_BATCH);
-}
-
-#[test]
-fn lease_seeds_500_to_749() {
-    run_lease_batch(2 * SEEDS_PER_BATCH, SEEDS_PER_BATCH);
-}
-
-#[test]
-fn lease_seeds_750_to_999() {
-    run_lease_batch(3 * SEEDS_PER_BATCH, SEEDS_PER_BATCH);
-}
+seed_batches!(run_lease_batch:
+    lease_seeds_000_to_249 = 0,
+    lease_seeds_250_to_499 = 1,
+    lease_seeds_500_to_749 = 2,
+    lease_seeds_750_to_999 = 3,
+);
 
 /// `SIM_SEED=<seed> cargo test --test sim replay_one_lease_seed -- --nocapture`.
 #[test]
 fn replay_one_lease_seed() {
-    let Ok(seed) = std::env::var("SIM_SEED") else {
+    let Some(seed) = replay_seed() else {
         return;
     };
-    let seed: u64 = seed
-        .parse()
-        .unwrap_or_else(|_| panic!("SIM_SEED must be a number, got {seed:?}"));
     let (summary, violations) = simulate_leases(seed, true);
     for violation in &violations {
         eprintln!("VIOLATION: {violation}");
