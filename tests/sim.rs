@@ -479,8 +479,24 @@ impl Sim {
         self.boot(id, &BTreeMap::new());
     }
 
+    /// The simulated transport's report on a snapshot it carried (see
+    /// `Core::report_snapshot`): delivered, or lost with the connection.
+    fn snapshot_outcome(&mut self, message: &Message, delivered: bool) {
+        if message.get_msg_type() != MessageType::MsgSnapshot {
+            return;
+        }
+        if let Some(core) = self
+            .members
+            .get_mut(&message.from)
+            .and_then(|m| m.core.as_mut())
+        {
+            core.report_snapshot(message.to, delivered);
+        }
+    }
+
     fn send(&mut self, message: Message) {
         if self.rng.per_mille(self.weather.drop_per_mille) {
+            self.snapshot_outcome(&message, false);
             return;
         }
         // Raft's own messages are idempotent, so any of them may arrive twice.
@@ -498,24 +514,27 @@ impl Sim {
     }
 
     fn deliver(&mut self, message: Message) {
-        if self.cut(message.from, message.to) {
+        let to = message.to;
+        let up = self.members.get(&to).is_some_and(|m| m.core.is_some());
+        if self.cut(message.from, to) || !up {
+            self.snapshot_outcome(&message, false);
             return;
         }
-        let to = message.to;
-        let Some(member) = self.members.get_mut(&to) else {
-            return;
-        };
+        let member = self.members.get_mut(&to).expect("checked above");
+        let core = member.core.as_mut().expect("checked above");
+        let snapshot = message.get_msg_type() == MessageType::MsgSnapshot;
+        let report = snapshot.then(|| message.clone());
         if member.stalled_until.is_some() {
             member.inbox.push(Inbound::Raft(message));
-            return;
+        } else {
+            if snapshot {
+                *self.snapshots_delivered.entry(to).or_default() += 1;
+            }
+            core.step(message);
         }
-        let Some(core) = member.core.as_mut() else {
-            return;
-        };
-        if message.get_msg_type() == MessageType::MsgSnapshot {
-            *self.snapshots_delivered.entry(to).or_default() += 1;
+        if let Some(report) = report {
+            self.snapshot_outcome(&report, true);
         }
-        core.step(message);
     }
 
     /// Runs every live member's Ready loop and sends what it produced.

@@ -24,8 +24,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use protobuf::Message as _;
 use raft::eraftpb::{
-    ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, MessageType,
-    Snapshot,
+    ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, Snapshot,
 };
 use raft::{GetEntriesContext, RawNode, SnapshotStatus, StateRole};
 
@@ -565,6 +564,22 @@ impl<D: Durable> Core<D> {
         let _ = self.raw.step(message);
     }
 
+    /// Tells Raft how sending a snapshot to `to` ended. raft-rs replicates
+    /// nothing more to a member it sent a snapshot until it hears this, so the
+    /// transport MUST report every `MsgSnapshot` it was handed: delivered
+    /// (the receiver has all of it) or failed (raft-rs then probes and sends
+    /// a fresh one). Reporting at hand-off instead made a large snapshot's
+    /// receiver refuse the appends that followed and get sent the snapshot
+    /// again while the first was still on its way.
+    pub fn report_snapshot(&mut self, to: u64, delivered: bool) {
+        let status = if delivered {
+            SnapshotStatus::Finish
+        } else {
+            SnapshotStatus::Failure
+        };
+        self.raw.report_snapshot(to, status);
+    }
+
     /// Tells Raft a peer could not be reached, so it stops pipelining to it.
     pub fn report_unreachable(&mut self, id: u64) {
         self.raw.report_unreachable(id);
@@ -751,16 +766,6 @@ impl<D: Durable> Core<D> {
         self.raw.advance_apply();
         self.serve_reads();
         self.maybe_snapshot()?;
-        // raft-rs stops replicating to a follower it sent a snapshot until it
-        // hears how the send went; if the follower's ack is lost it waits
-        // forever (found by tests/sim.rs). Report each snapshot as delivered
-        // once handed to the transport: if it was lost instead, the next probe
-        // is refused and raft-rs sends a fresh snapshot.
-        for message in &out {
-            if message.get_msg_type() == MessageType::MsgSnapshot {
-                self.raw.report_snapshot(message.to, SnapshotStatus::Finish);
-            }
-        }
         Ok(out)
     }
 

@@ -66,6 +66,13 @@ pub enum Msg {
     Raft(Message),
     /// A peer could not be reached.
     Unreachable(u64),
+    /// How sending a snapshot ended: true once the receiver has all of it.
+    SnapshotSent {
+        /// The receiver.
+        to: u64,
+        /// Whether it got the whole snapshot.
+        delivered: bool,
+    },
     /// Stop the member: the thread exits after this message.
     Stop,
 }
@@ -73,6 +80,8 @@ pub enum Msg {
 /// Where the node thread sends Raft messages and learns peer addresses.
 pub trait Transport: Send + 'static {
     /// Sends messages to peers. MUST NOT block; may drop (Raft retransmits).
+    /// Every `MsgSnapshot` MUST be followed by a [`Msg::SnapshotSent`]
+    /// saying how its delivery ended (see `Core::report_snapshot`).
     fn send(&self, messages: Vec<Message>);
     /// The current address book, after a membership change.
     fn set_peers(&self, peers: &BTreeMap<u64, MemberInfo>);
@@ -271,6 +280,7 @@ fn handle<D: Durable>(core: &mut Core<D>, msg: Msg) -> bool {
         }
         Msg::Raft(m) => core.step(m),
         Msg::Unreachable(id) => core.report_unreachable(id),
+        Msg::SnapshotSent { to, delivered } => core.report_snapshot(to, delivered),
         Msg::Stop => return false,
     }
     true
