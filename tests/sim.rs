@@ -1,19 +1,25 @@
 //! Deterministic simulation of the Raft group in one process.
 //!
 //! Several [`Core`]s run against a simulated network that loses, duplicates
-//! and reorders messages and can be partitioned, and against simulated disks
-//! ([`MemDisk`]) where a crash keeps ONLY what was fsynced. Clients issue puts,
-//! deletes, compare-and-swaps and linearizable reads; what they asked and what
-//! they heard back is the history that the checker in
-//! `tests/support/linearizable.rs` judges, one register per key. The watch
-//! tests check that a watcher sees every revision exactly once across a
-//! leader kill and across a snapshot install. The lease family runs lease
-//! holders (grants, keep-alives every third of the TTL, revokes, holders that
-//! die) while members crash, are cut off and stall (a stalled member takes
-//! what queued up and fires its missed ticks at once, as the runner does);
-//! `tests/support/leases.rs` checks that no lease ended before its TTL after
-//! its last acknowledged keep-alive. Two scenario tests pin the two lease
-//! bugs of issue 11 each to one interleaving.
+//! and reorders messages and can be partitioned (both ways, or one way only),
+//! and against simulated disks ([`MemDisk`]) where a crash keeps ONLY what
+//! was fsynced and that refuse writes on request (the member stops, as the
+//! runner does, and is restarted later). Members also stall: a stalled
+//! member takes what queued up and fires its missed ticks at once, as the
+//! runner does after a long fsync.
+//!
+//! Two families of 1,000 seeds each run under those faults and crashes. In
+//! the first, clients issue puts, deletes, compare-and-swaps and
+//! linearizable reads; what they asked and what they heard back is the
+//! history that the checker in `tests/support/linearizable.rs` judges, one
+//! register per key. In the second, lease holders grant, keep alive every
+//! third of the TTL, revoke and abandon leases; `tests/support/leases.rs`
+//! checks that no lease ended before its TTL after its last acknowledged
+//! keep-alive. Scenario tests pin single interleavings: the two lease bugs of
+//! issue 11, membership changes (learners, a member that never starts,
+//! removing the leader), reads right after an election, and watchers that
+//! see every revision exactly once across a leader kill and a snapshot
+//! install.
 //!
 //! Everything derives from the seed: message delays and fates, faults, client
 //! choices, each member's election timeout (raft-rs would otherwise draw it
@@ -43,7 +49,7 @@ use flotilla::consensus::kv::{
     Target,
 };
 use flotilla::consensus::node::{Core, NodeConfig, RequestError, WatchMsg, WatchSink};
-use flotilla::consensus::storage::MemDisk;
+use flotilla::consensus::storage::{self, MemDisk};
 use raft::eraftpb::{Message, MessageType};
 
 #[path = "support/linearizable.rs"]
@@ -197,6 +203,12 @@ struct Sim {
     /// Which side of the current partition each member is on; empty when the
     /// network is whole.
     sides: BTreeMap<u64, u8>,
+    /// A one-way cut: messages from the first member to the second are lost
+    /// while the other way works (a half-broken link or firewall).
+    one_way: Option<(u64, u64)>,
+    /// Members whose disk refused a write since the fault schedule last
+    /// looked: each stopped, as the runner stops.
+    disk_failed: Vec<u64>,
     snapshot_entries: u64,
     /// Ticks between the leader's lease checkpoints, when not the default.
     checkpoint_ticks: Option<u64>,
@@ -268,6 +280,8 @@ impl Sim {
             queue: BTreeMap::new(),
             sent: 0,
             sides: BTreeMap::new(),
+            one_way: None,
+            disk_failed: Vec::new(),
             snapshot_entries,
             checkpoint_ticks: None,
             boots: 0,
@@ -384,6 +398,12 @@ impl Sim {
         !self.sides.is_empty() && self.sides.get(&a) != self.sides.get(&b)
     }
 
+    /// Loses every message from `from` to `to`, and only those.
+    fn cut_one_way(&mut self, from: u64, to: u64) {
+        self.note(|| format!("cut n{from} -> n{to} (one way)"));
+        self.one_way = Some((from, to));
+    }
+
     /// Puts `minority` on one side of a partition and everyone else on the other.
     fn partition(&mut self, minority: &[u64]) {
         self.note(|| format!("partition {minority:?} from the rest"));
@@ -395,10 +415,11 @@ impl Sim {
     }
 
     fn heal(&mut self) {
-        if !self.sides.is_empty() {
+        if !self.sides.is_empty() || self.one_way.is_some() {
             self.note(|| "heal the partition".to_string());
         }
         self.sides.clear();
+        self.one_way = None;
     }
 
     /// Power loss: the Core and everything in memory go; the disk keeps what
@@ -473,9 +494,11 @@ impl Sim {
         }
     }
 
-    /// Restarts a crashed member from its disk, with no bootstrap membership.
+    /// Restarts a crashed member from its disk, with no bootstrap membership
+    /// (a disk that failed was mended meanwhile, its contents kept).
     fn restart(&mut self, id: u64) {
         self.note(|| format!("restart n{id}"));
+        self.members[&id].disk.fail_after(u64::MAX);
         self.boot(id, &BTreeMap::new());
     }
 
@@ -516,7 +539,7 @@ impl Sim {
     fn deliver(&mut self, message: Message) {
         let to = message.to;
         let up = self.members.get(&to).is_some_and(|m| m.core.is_some());
-        if self.cut(message.from, to) || !up {
+        if self.cut(message.from, to) || self.one_way == Some((message.from, to)) || !up {
             self.snapshot_outcome(&message, false);
             return;
         }
@@ -538,8 +561,11 @@ impl Sim {
     }
 
     /// Runs every live member's Ready loop and sends what it produced.
+    /// A member whose disk refused a write stops, sending nothing of that
+    /// pass, as the runner does; the fault schedule restarts it later.
     fn pump(&mut self) {
         let mut out = Vec::new();
+        let mut failed = Vec::new();
         for (id, member) in &mut self.members {
             let Some(core) = member.core.as_mut() else {
                 continue;
@@ -548,14 +574,24 @@ impl Sim {
                 continue;
             }
             for _ in 0..16 {
-                let sent = core
-                    .handle_ready()
-                    .unwrap_or_else(|e| panic!("member {id}: the Ready loop failed: {e}"));
+                let sent = match core.handle_ready() {
+                    Ok(sent) => sent,
+                    Err(storage::DiskError::Failed(_)) => {
+                        failed.push(*id);
+                        break;
+                    }
+                    Err(e) => panic!("member {id}: the Ready loop failed: {e}"),
+                };
                 if sent.is_empty() {
                     break;
                 }
                 out.extend(sent);
             }
+        }
+        for id in failed {
+            self.note(|| format!("n{id}: its disk refused a write; it stops"));
+            self.crash(id);
+            self.disk_failed.push(id);
         }
         for message in out {
             self.send(message);
@@ -1139,10 +1175,38 @@ struct Chaos {
     next_fault: u64,
     heal_at: Option<u64>,
     restart_at: BTreeMap<u64, u64>,
-    faults: u64,
     /// Longest stall, in ms; 0 means the schedule stalls no member.
     max_stall_ms: u64,
+    count: Faults,
+}
+
+/// How many faults of each kind a schedule made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Faults {
+    /// Faults of every kind (a disk failure counts when the disk refuses).
+    all: u64,
     stalls: u64,
+    one_way_cuts: u64,
+    disk_failures: u64,
+}
+
+impl std::ops::AddAssign for Faults {
+    fn add_assign(&mut self, other: Faults) {
+        self.all += other.all;
+        self.stalls += other.stalls;
+        self.one_way_cuts += other.one_way_cuts;
+        self.disk_failures += other.disk_failures;
+    }
+}
+
+impl std::fmt::Display for Faults {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} faults ({} stalls, {} one-way cuts, {} disk failures)",
+            self.all, self.stalls, self.one_way_cuts, self.disk_failures
+        )
+    }
 }
 
 impl Chaos {
@@ -1151,9 +1215,8 @@ impl Chaos {
             next_fault: rng.between(100, 600),
             heal_at: None,
             restart_at: BTreeMap::new(),
-            faults: 0,
             max_stall_ms: 0,
-            stalls: 0,
+            count: Faults::default(),
         }
     }
 
@@ -1165,6 +1228,11 @@ impl Chaos {
 
     fn act(&mut self, sim: &mut Sim) {
         let now = sim.now;
+        for id in std::mem::take(&mut sim.disk_failed) {
+            self.count.disk_failures += 1;
+            let back = now + sim.rng.between(100, 1_500);
+            self.restart_at.insert(id, back);
+        }
         let due: Vec<u64> = self
             .restart_at
             .iter()
@@ -1183,7 +1251,7 @@ impl Chaos {
             return;
         }
         self.next_fault = now + sim.rng.between(150, 900);
-        self.faults += 1;
+        self.count.all += 1;
         let ids = sim.ids();
         let up = sim.up();
         // A stall, the leader's most of the time: it takes what queued up and
@@ -1196,11 +1264,36 @@ impl Chaos {
             if sim.is_up(victim) && !sim.is_stalled(victim) {
                 let ms = sim.rng.between(20, self.max_stall_ms);
                 sim.stall(victim, ms);
-                self.stalls += 1;
+                self.count.stalls += 1;
             }
             return;
         }
-        match sim.rng.below(100) {
+        match sim.rng.below(120) {
+            // Cut one direction of one link, the leader's half of the time.
+            100..=109 if self.heal_at.is_none() => {
+                let from = match sim.leader() {
+                    Some(leader) if sim.rng.per_mille(500) => leader,
+                    _ => sim.rng.pick(&ids),
+                };
+                let others: Vec<u64> = ids.iter().copied().filter(|id| *id != from).collect();
+                let to = sim.rng.pick(&others);
+                let (from, to) = if sim.rng.per_mille(500) {
+                    (from, to)
+                } else {
+                    (to, from)
+                };
+                sim.cut_one_way(from, to);
+                self.count.one_way_cuts += 1;
+                self.heal_at = Some(now + sim.rng.between(200, 2_500));
+            }
+            // A disk that refuses writes from its next save or two on.
+            110..=119 => {
+                if !up.is_empty() {
+                    let victim = sim.rng.pick(&up);
+                    sim.note(|| format!("n{victim}'s disk is failing"));
+                    sim.members[&victim].disk.fail_after(sim.rng.below(3));
+                }
+            }
             // Isolate one member, the leader half of the time.
             0..=29 if self.heal_at.is_none() => {
                 let victim = match sim.leader() {
@@ -1243,10 +1336,17 @@ impl Chaos {
         self.restart_at.insert(id, back);
     }
 
-    /// Ends every fault: heal, and restart whoever is down.
+    /// Ends every fault: heal, mend the disks, and restart whoever is down.
     fn end(&mut self, sim: &mut Sim) {
         sim.heal();
         self.heal_at = None;
+        for member in sim.members.values() {
+            member.disk.fail_after(u64::MAX);
+        }
+        for id in std::mem::take(&mut sim.disk_failed) {
+            self.count.disk_failures += 1;
+            self.restart_at.insert(id, 0);
+        }
         for id in std::mem::take(&mut self.restart_at).into_keys() {
             sim.restart(id);
         }
@@ -1261,7 +1361,7 @@ struct Summary {
     /// Operations recorded with an unknown outcome.
     unknown: usize,
     max_ops_per_key: usize,
-    faults: u64,
+    faults: Faults,
     simulated_ms: u64,
     /// FNV-1a over the history and final state: equal runs, equal prints.
     fingerprint: u64,
@@ -1335,7 +1435,7 @@ fn simulate(seed: u64, reads: Reads, verbose: bool) -> (Summary, Result<(), Chec
     });
     let mut work = Workload::new(clients, keys, Mix::EVERYTHING, 20);
     work.reads = reads;
-    let mut chaos = Chaos::new(&mut sim.rng);
+    let mut chaos = Chaos::new(&mut sim.rng).with_stalls(400);
 
     while sim.now < traffic_ms {
         chaos.act(&mut sim);
@@ -1378,7 +1478,7 @@ fn simulate(seed: u64, reads: Reads, verbose: bool) -> (Summary, Result<(), Chec
         ops: history.len(),
         unknown: history.iter().filter(|op| op.completed.is_none()).count(),
         max_ops_per_key: per_key.values().copied().max().unwrap_or(0),
-        faults: chaos.faults,
+        faults: chaos.count,
         simulated_ms: sim.now,
         fingerprint,
     };
@@ -1470,17 +1570,20 @@ fn replay_seed() -> Option<u64> {
 /// Runs `count` linearizability seeds from `first`.
 fn run_batch(first: u64, count: u64) {
     let (mut ops, mut unknown, mut busiest) = (0, 0, 0);
+    let mut faults = Faults::default();
     let batch = run_seeds(first, count, REPLAY, |seed| {
         let summary = run_seed(seed, false);
         busiest = busiest.max(summary.max_ops_per_key);
         ops += summary.ops;
         unknown += summary.unknown;
+        faults += summary.faults;
         Ok(())
     });
     batch.finish(
         "random-fault",
         &format!(
-            "{ops} ops checked ({unknown} with unknown outcome), at most {busiest} on one key"
+            "{ops} ops checked ({unknown} with unknown outcome), at most {busiest} on one key; \
+             {faults}"
         ),
         REPLAY,
     );
@@ -1996,8 +2099,7 @@ struct LeaseSummary {
     ended: usize,
     kept: u64,
     lost: u64,
-    faults: u64,
-    stalls: u64,
+    faults: Faults,
 }
 
 /// One seeded run of lease holders under faults, stalls included.
@@ -2046,8 +2148,7 @@ fn simulate_leases(seed: u64, verbose: bool) -> (LeaseSummary, Vec<Violation>) {
         ended: lives.iter().filter(|l| l.ended.is_some()).count(),
         kept: work.kept,
         lost: work.lost,
-        faults: chaos.faults,
-        stalls: chaos.stalls,
+        faults: chaos.count,
     };
     (summary, leases::check(&lives))
 }
@@ -2059,8 +2160,7 @@ fn run_lease_batch(first: u64, count: u64) {
         ended: 0,
         kept: 0,
         lost: 0,
-        faults: 0,
-        stalls: 0,
+        faults: Faults::default(),
     };
     let batch = run_seeds(first, count, LEASE_REPLAY, |seed| {
         let (summary, violations) = simulate_leases(seed, false);
@@ -2069,7 +2169,6 @@ fn run_lease_batch(first: u64, count: u64) {
         totals.kept += summary.kept;
         totals.lost += summary.lost;
         totals.faults += summary.faults;
-        totals.stalls += summary.stalls;
         match violations.first() {
             None => Ok(()),
             Some(first) => Err(format!("{} violation(s), first: {first}", violations.len())),
@@ -2079,9 +2178,8 @@ fn run_lease_batch(first: u64, count: u64) {
     batch.finish(
         "lease",
         &format!(
-            "{} leases ({} ended), {} keep-alives kept, {} found their lease gone, \
-             {} faults of which {} stalls",
-            t.leases, t.ended, t.kept, t.lost, t.faults, t.stalls
+            "{} leases ({} ended), {} keep-alives kept, {} found their lease gone; {}",
+            t.leases, t.ended, t.kept, t.lost, t.faults
         ),
         LEASE_REPLAY,
     );
