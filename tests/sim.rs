@@ -389,8 +389,30 @@ impl Sim {
             .unwrap_or_else(|| panic!("member {id} is down"))
     }
 
+    /// The member's incarnation; a member retired from the simulation has
+    /// none, which no call's recorded incarnation equals.
     fn incarnation(&self, id: u64) -> u64 {
-        self.members[&id].incarnation
+        self.members.get(&id).map_or(u64::MAX, |m| m.incarnation)
+    }
+
+    /// A removed member leaves the simulation: its operator stops it.
+    fn retire(&mut self, id: u64) {
+        self.note(|| format!("n{id} was removed; it is stopped"));
+        if self.is_up(id) {
+            self.crash(id);
+        }
+        self.members.remove(&id);
+        self.queue.retain(|_, m| m.to != id);
+    }
+
+    /// The membership as the most advanced live member applied it.
+    fn membership(&self) -> Option<(Vec<u64>, Vec<u64>)> {
+        let core = self
+            .members
+            .values()
+            .filter_map(|m| m.core.as_ref())
+            .max_by_key(|core| core.status().applied)?;
+        Some((core.voters().to_vec(), core.learners().to_vec()))
     }
 
     /// True when the partition separates `a` from `b`.
@@ -497,8 +519,11 @@ impl Sim {
     /// Restarts a crashed member from its disk, with no bootstrap membership
     /// (a disk that failed was mended meanwhile, its contents kept).
     fn restart(&mut self, id: u64) {
+        let Some(member) = self.members.get(&id) else {
+            return;
+        };
+        member.disk.fail_after(u64::MAX);
         self.note(|| format!("restart n{id}"));
-        self.members[&id].disk.fail_after(u64::MAX);
         self.boot(id, &BTreeMap::new());
     }
 
@@ -1178,6 +1203,100 @@ struct Chaos {
     /// Longest stall, in ms; 0 means the schedule stalls no member.
     max_stall_ms: u64,
     count: Faults,
+    /// Membership changes among the faults, when the schedule makes them.
+    churn: Option<Churn>,
+}
+
+/// Membership changes made by the fault schedule: members added (learners
+/// first; some never start) and removed (the leader too), one at a time.
+#[derive(Default)]
+struct Churn {
+    next_id: u64,
+    /// An add waiting for its answer: the id, whether it will start, the
+    /// answer's slot, and when it was asked.
+    adding: Option<(u64, bool, LeaseSlot, u64)>,
+    /// Members whose removal was proposed.
+    removing: BTreeSet<u64>,
+    /// Added, but never started.
+    absent: Vec<u64>,
+}
+
+impl Churn {
+    /// Follows up on the change in flight: starts a member once its add is
+    /// applied, retires a member once its removal is.
+    fn follow_up(&mut self, sim: &mut Sim, restart_at: &mut BTreeMap<u64, u64>) {
+        if let Some((id, starts, slot, asked)) = &self.adding {
+            let answer = slot.lock().expect("slot").take();
+            let (id, starts) = (*id, *starts);
+            match answer {
+                Some(Ok(_)) if starts => {
+                    sim.note(|| format!("n{id} was added; it starts"));
+                    sim.add_empty_member(id);
+                    self.adding = None;
+                }
+                Some(Ok(_)) => {
+                    sim.note(|| format!("n{id} was added; it never starts"));
+                    self.absent.push(id);
+                    self.adding = None;
+                }
+                // Refused, or no answer in time: it may be in the group.
+                Some(Err(_)) => self.adding = None,
+                None if sim.now > *asked + 3_000 => {
+                    self.absent.push(id);
+                    self.adding = None;
+                }
+                None => {}
+            }
+        }
+        let Some((voters, learners)) = sim.membership() else {
+            return;
+        };
+        let gone: Vec<u64> = self
+            .removing
+            .iter()
+            .copied()
+            .filter(|id| !voters.contains(id) && !learners.contains(id))
+            .collect();
+        for id in gone {
+            self.removing.remove(&id);
+            restart_at.remove(&id);
+            if sim.members.contains_key(&id) {
+                sim.retire(id);
+            }
+        }
+    }
+
+    /// Proposes the next change through the leader: an add while the group
+    /// has three voters or fewer (or half the time), else a removal.
+    fn change(&mut self, sim: &mut Sim) -> bool {
+        if self.adding.is_some() || !self.removing.is_empty() {
+            return false;
+        }
+        let Some(leader) = sim.leader() else {
+            return false;
+        };
+        let voters = sim.core(leader).voters().to_vec();
+        if voters.len() <= 3 || sim.rng.per_mille(500) {
+            self.next_id = self.next_id.max(100) + 1;
+            let id = self.next_id;
+            let starts = !sim.rng.per_mille(200);
+            sim.note(|| format!("propose adding n{id}"));
+            let slot = change_members(sim, leader, id, true);
+            self.adding = Some((id, starts, slot, sim.now));
+        } else {
+            let victim = if sim.rng.per_mille(333) {
+                leader
+            } else if !self.absent.is_empty() && sim.rng.per_mille(500) {
+                self.absent.remove(0)
+            } else {
+                sim.rng.pick(&voters)
+            };
+            sim.note(|| format!("propose removing n{victim}"));
+            change_members(sim, leader, victim, false);
+            self.removing.insert(victim);
+        }
+        true
+    }
 }
 
 /// How many faults of each kind a schedule made.
@@ -1188,6 +1307,7 @@ struct Faults {
     stalls: u64,
     one_way_cuts: u64,
     disk_failures: u64,
+    membership_changes: u64,
 }
 
 impl std::ops::AddAssign for Faults {
@@ -1196,6 +1316,7 @@ impl std::ops::AddAssign for Faults {
         self.stalls += other.stalls;
         self.one_way_cuts += other.one_way_cuts;
         self.disk_failures += other.disk_failures;
+        self.membership_changes += other.membership_changes;
     }
 }
 
@@ -1203,8 +1324,8 @@ impl std::fmt::Display for Faults {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} faults ({} stalls, {} one-way cuts, {} disk failures)",
-            self.all, self.stalls, self.one_way_cuts, self.disk_failures
+            "{} faults ({} stalls, {} one-way cuts, {} disk failures, {} membership changes)",
+            self.all, self.stalls, self.one_way_cuts, self.disk_failures, self.membership_changes
         )
     }
 }
@@ -1217,7 +1338,23 @@ impl Chaos {
             restart_at: BTreeMap::new(),
             max_stall_ms: 0,
             count: Faults::default(),
+            churn: None,
         }
+    }
+
+    /// The same schedule with membership changes among its faults.
+    fn with_membership_changes(mut self) -> Chaos {
+        self.churn = Some(Churn::default());
+        self
+    }
+
+    /// Follows up on membership changes still in flight; true while any is.
+    fn settle_membership(&mut self, sim: &mut Sim) -> bool {
+        let Some(churn) = &mut self.churn else {
+            return false;
+        };
+        churn.follow_up(sim, &mut self.restart_at);
+        churn.adding.is_some() || !churn.removing.is_empty()
     }
 
     /// The same schedule with stalls of up to `max_ms` among its faults.
@@ -1233,6 +1370,7 @@ impl Chaos {
             let back = now + sim.rng.between(100, 1_500);
             self.restart_at.insert(id, back);
         }
+        self.settle_membership(sim);
         let due: Vec<u64> = self
             .restart_at
             .iter()
@@ -1252,6 +1390,13 @@ impl Chaos {
         }
         self.next_fault = now + sim.rng.between(150, 900);
         self.count.all += 1;
+        if let Some(churn) = &mut self.churn
+            && sim.rng.per_mille(250)
+            && churn.change(sim)
+        {
+            self.count.membership_changes += 1;
+            return;
+        }
         let ids = sim.ids();
         let up = sim.up();
         // A stall, the leader's most of the time: it takes what queued up and
@@ -1435,7 +1580,9 @@ fn simulate(seed: u64, reads: Reads, verbose: bool) -> (Summary, Result<(), Chec
     });
     let mut work = Workload::new(clients, keys, Mix::EVERYTHING, 20);
     work.reads = reads;
-    let mut chaos = Chaos::new(&mut sim.rng).with_stalls(400);
+    let mut chaos = Chaos::new(&mut sim.rng)
+        .with_stalls(400)
+        .with_membership_changes();
 
     while sim.now < traffic_ms {
         chaos.act(&mut sim);
@@ -1444,7 +1591,8 @@ fn simulate(seed: u64, reads: Reads, verbose: bool) -> (Summary, Result<(), Chec
         sim.step();
     }
     chaos.end(&mut sim);
-    while work.busy() {
+    let wind_down = sim.now + 10_000;
+    while (chaos.settle_membership(&mut sim) || work.busy()) && sim.now < wind_down {
         work.collect(&mut sim);
         sim.step();
     }

@@ -198,6 +198,8 @@ pub struct Core<D: Durable> {
     commit_dirty: bool,
     /// This member was removed from the group: it serves nothing more.
     removed: bool,
+    /// Committed entries held back until the pass's `advance`.
+    deferred: Vec<Entry>,
     /// A member was just added: snapshot and compact now, so the newcomer is
     /// sent a snapshot (which carries the membership) instead of a log that
     /// starts after the founding membership.
@@ -317,6 +319,7 @@ impl<D: Durable> Core<D> {
             commit_dirty: false,
             snapshot_now: false,
             removed: !in_group,
+            deferred: Vec::new(),
         })
     }
 
@@ -445,9 +448,9 @@ impl<D: Durable> Core<D> {
             return reply(Err(RequestError::NoSuchMember(id)));
         }
         if add.is_some() && self.members.contains_key(&id) {
-            return reply(Err(RequestError::Invalid(format!(
-                "member {id:x} is already in the cluster; see flotilla member list"
-            ))));
+            return reply(Err(RequestError::Invalid(
+                "a member of that name is already in the cluster; see flotilla member list".into(),
+            )));
         }
         if add.is_none() && self.conf_state.voters.len() == 1 && self.conf_state.voters[0] == id {
             return reply(Err(RequestError::Invalid(
@@ -763,6 +766,7 @@ impl<D: Durable> Core<D> {
         }
         out.extend(light.take_messages());
         self.apply_entries(light.take_committed_entries())?;
+        self.apply_deferred()?;
         self.raw.advance_apply();
         self.serve_reads();
         self.maybe_snapshot()?;
@@ -828,11 +832,24 @@ impl<D: Durable> Core<D> {
             });
     }
 
+    /// Applies committed entries in order. Before the pass's `advance`, a
+    /// membership change that removes this member, and everything after it,
+    /// waits in `deferred` (see [`Core::apply_deferred`]).
     fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<(), DiskError> {
+        self.apply_committed(entries, false)
+    }
+
+    fn apply_committed(&mut self, entries: Vec<Entry>, advanced: bool) -> Result<(), DiskError> {
         let mut events = Vec::new();
-        for entry in entries {
+        let mut entries = entries.into_iter();
+        while let Some(entry) = entries.next() {
             if entry.index <= self.applied {
                 continue;
+            }
+            if !advanced && (!self.deferred.is_empty() || self.removes_me(&entry)) {
+                self.deferred.push(entry);
+                self.deferred.extend(entries);
+                break;
             }
             self.applied = entry.index;
             let request = ctx_id(&entry.context);
@@ -857,6 +874,25 @@ impl<D: Durable> Core<D> {
             self.notify(&events);
         }
         Ok(())
+    }
+
+    /// Whether `entry` is a membership change that removes this member.
+    fn removes_me(&self, entry: &Entry) -> bool {
+        decode_conf_change(entry).is_some_and(|(cc, _)| {
+            cc.get_changes().iter().any(|c| {
+                c.node_id == self.config.id && c.get_change_type() == ConfChangeType::RemoveNode
+            })
+        })
+    }
+
+    /// Applies the entries held back by [`Core::apply_entries`], once the
+    /// pass's entries are persisted and `advance` has run. raft-rs panics
+    /// when a leader applies its own removal and then `advance` reports the
+    /// persistence of entries it appended before (it looks up its own,
+    /// removed, progress); found by tests/sim.rs.
+    fn apply_deferred(&mut self) -> Result<(), DiskError> {
+        let entries = std::mem::take(&mut self.deferred);
+        self.apply_committed(entries, true)
     }
 
     fn answer(&mut self, request: Option<RequestId>, result: Result<Outcome, RequestError>) {
