@@ -1215,8 +1215,8 @@ struct Churn {
     /// An add waiting for its answer: the id, whether it will start, the
     /// answer's slot, and when it was asked.
     adding: Option<(u64, bool, LeaseSlot, u64)>,
-    /// Members whose removal was proposed.
-    removing: BTreeSet<u64>,
+    /// A removal proposed: the member, the answer's slot, and when.
+    removing: Option<(u64, LeaseSlot, u64)>,
     /// Added, but never started.
     absent: Vec<u64>,
 }
@@ -1248,28 +1248,37 @@ impl Churn {
                 None => {}
             }
         }
+        let Some((id, slot, asked)) = &self.removing else {
+            return;
+        };
+        let (id, asked) = (*id, *asked);
+        if matches!(
+            *slot.lock().expect("slot"),
+            Some(Err(RequestError::Invalid(_)))
+        ) {
+            // Refused (another change was pending): nothing changed.
+            self.removing = None;
+            return;
+        }
         let Some((voters, learners)) = sim.membership() else {
             return;
         };
-        let gone: Vec<u64> = self
-            .removing
-            .iter()
-            .copied()
-            .filter(|id| !voters.contains(id) && !learners.contains(id))
-            .collect();
-        for id in gone {
-            self.removing.remove(&id);
+        if !voters.contains(&id) && !learners.contains(&id) {
+            self.removing = None;
             restart_at.remove(&id);
             if sim.members.contains_key(&id) {
                 sim.retire(id);
             }
+        } else if sim.now > asked + 5_000 {
+            // Lost with a leadership change: it stays a member.
+            self.removing = None;
         }
     }
 
     /// Proposes the next change through the leader: an add while the group
     /// has three voters or fewer (or half the time), else a removal.
     fn change(&mut self, sim: &mut Sim) -> bool {
-        if self.adding.is_some() || !self.removing.is_empty() {
+        if self.adding.is_some() || self.removing.is_some() {
             return false;
         }
         let Some(leader) = sim.leader() else {
@@ -1292,8 +1301,8 @@ impl Churn {
                 sim.rng.pick(&voters)
             };
             sim.note(|| format!("propose removing n{victim}"));
-            change_members(sim, leader, victim, false);
-            self.removing.insert(victim);
+            let slot = change_members(sim, leader, victim, false);
+            self.removing = Some((victim, slot, sim.now));
         }
         true
     }
@@ -1354,7 +1363,7 @@ impl Chaos {
             return false;
         };
         churn.follow_up(sim, &mut self.restart_at);
-        churn.adding.is_some() || !churn.removing.is_empty()
+        churn.adding.is_some() || churn.removing.is_some()
     }
 
     /// The same schedule with stalls of up to `max_ms` among its faults.
@@ -2272,7 +2281,9 @@ fn simulate_leases(seed: u64, verbose: bool) -> (LeaseSummary, Vec<Violation>) {
         )
     });
     let mut work = LeaseWork::new(&mut sim.rng, holders);
-    let mut chaos = Chaos::new(&mut sim.rng).with_stalls(400);
+    let mut chaos = Chaos::new(&mut sim.rng)
+        .with_stalls(400)
+        .with_membership_changes();
     while sim.now < traffic_ms {
         chaos.act(&mut sim);
         work.act(&mut sim);
@@ -2283,7 +2294,11 @@ fn simulate_leases(seed: u64, verbose: bool) -> (LeaseSummary, Vec<Violation>) {
     // Holders fall silent: every lease left must run out.
     work.quiet = true;
     let quiet_until = sim.now + 3_000;
-    while sim.now < quiet_until {
+    while sim.now < quiet_until || chaos.settle_membership(&mut sim) {
+        assert!(
+            sim.now < quiet_until + 10_000,
+            "a membership change never settled"
+        );
         work.act(&mut sim);
         sim.step();
         work.observe(&sim);
