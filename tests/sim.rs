@@ -2681,3 +2681,86 @@ fn removing_the_leader_hands_leadership_over() {
     sim.request(&Command::put("/m/b", "2", None));
     sim.settle(5_000);
 }
+
+/// A leader stalls just before a lease runs out on its clock, long enough to
+/// be replaced; its successor acknowledges keep-alives meanwhile. When the
+/// old leader wakes, it steps the queued messages (and steps down inside
+/// raft-rs) before it fires its missed ticks: its lease clock must not
+/// propose the expiry then, for a follower forwards proposals to the new
+/// leader, where it would end a lease that is being kept alive. (The
+/// deadline must fall in the first ticks after the wake: a few more and the
+/// member, hearing nothing, forgets its leader and drops proposals.)
+/// Mutation: let the lessor run on a member that stepped down → this fails.
+#[test]
+fn a_deposed_leaders_lease_clock_proposes_nothing() {
+    const TTL: u64 = 600;
+    let mut sim = Sim::new(26, 3, Weather::CALM, 10_000, false);
+    let old = sim.wait_for_leader(5_000);
+    let lease = grant_on(&mut sim, old, TTL);
+    sim.run_for(TTL - 40);
+    sim.stall(old, 500);
+    let mut kept_at = Vec::new();
+    let until = sim.now + 1_000;
+    while sim.now < until {
+        let others: Vec<u64> = sim.up().into_iter().filter(|id| *id != old).collect();
+        let via = others[kept_at.len() % others.len()];
+        let sent = sim.now;
+        if let Ok(Outcome::LeaseKept { .. }) =
+            answer_from(&mut sim, via, Command::LeaseKeepAlive { id: lease })
+        {
+            kept_at.push(sent);
+        }
+        sim.run_for(50);
+        if let Some(&last) = kept_at.last() {
+            let gone = sim
+                .up()
+                .iter()
+                .any(|id| sim.core(*id).kv().lease(lease).is_none());
+            assert!(
+                !gone,
+                "the lease ended at t={} ms, {} ms after a keep-alive sent at t={last} ms \
+                 (TTL {TTL} ms) was acknowledged",
+                sim.now,
+                sim.now - last
+            );
+        }
+    }
+    assert!(
+        kept_at.len() >= 4,
+        "keep-alives were acknowledged: {kept_at:?}"
+    );
+    assert!(
+        !sim.core(old).is_leader(),
+        "the stalled leader was replaced"
+    );
+}
+
+/// The leader reads its clock at ticks only: a keep-alive applied between
+/// two ticks used to count its TTL from the tick before, so the lease could
+/// end up to a tick before TTL after the keep-alive was sent. Mutation: drop
+/// the tick of slack from the deadline → this fails.
+#[test]
+fn a_keep_alive_applied_between_ticks_counts_from_the_apply() {
+    const TTL: u64 = 200;
+    let mut sim = Sim::new(27, 1, Weather::CALM, 10_000, false);
+    let leader = sim.wait_for_leader(5_000);
+    let lease = grant_on(&mut sim, leader, TTL);
+    // Half a tick after the leader's tick: a single member applies at once.
+    while sim.now % TICK_MS != sim.members[&leader].phase {
+        sim.step();
+    }
+    sim.run_for(TICK_MS / 2);
+    let sent = sim.now;
+    let answer = answer_from(&mut sim, leader, Command::LeaseKeepAlive { id: lease });
+    assert!(
+        matches!(answer, Ok(Outcome::LeaseKept { .. })),
+        "{answer:?}"
+    );
+    let ended = lease_end(&mut sim, lease, 3 * TTL);
+    assert!(
+        ended >= sent + TTL,
+        "the lease ended at t={ended} ms, {} ms after a keep-alive sent at t={sent} ms with \
+         TTL {TTL} ms was acknowledged",
+        ended - sent
+    );
+}

@@ -13,7 +13,10 @@
 //!    with the rest, after step 2);
 //! 2. save the snapshot, entries and hard state in ONE disk batch (one fsync);
 //! 3. take `persisted_messages` (votes and acks, which MUST wait for the fsync);
-//! 4. apply committed entries, answer their proposals, feed watchers;
+//! 4. apply committed entries, answer their proposals, feed watchers (a
+//!    membership change that removes this member, and what follows it, waits
+//!    until after step 6: raft-rs cannot `advance` a leader that already
+//!    left);
 //! 5. serve reads whose ReadIndex is now applied;
 //! 6. `advance`, and handle the light ready the same way.
 //!
