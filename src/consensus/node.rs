@@ -750,7 +750,7 @@ impl<D: Durable> Core<D> {
             .apply(&batch)
             .map_err(|e| DiskError::Corrupt(format!("log view rejected a saved batch: {e}")))?;
         if let (Some(data), Some(snap)) = (installed, &batch.installed) {
-            self.install(data, snap.get_metadata().index);
+            self.install(data, snap.get_metadata());
         }
         out.extend(ready.take_persisted_messages());
 
@@ -814,10 +814,19 @@ impl<D: Durable> Core<D> {
         }
     }
 
-    fn install(&mut self, data: SnapshotData, index: u64) {
+    /// Takes a snapshot received from the leader as this member's state,
+    /// membership included: the snapshots this member takes later, and
+    /// sends if it leads, record the membership it holds (a stale one here
+    /// gave a restarted member or a newcomer a group without its newest
+    /// members; found by tests/sim.rs).
+    fn install(&mut self, data: SnapshotData, meta: &raft::eraftpb::SnapshotMetadata) {
         self.kv = data.kv;
         self.members = data.members;
-        self.applied = index;
+        self.applied = meta.index;
+        self.conf_state = meta.get_conf_state().clone();
+        let me = self.config.id;
+        self.removed =
+            !self.conf_state.voters.contains(&me) && !self.conf_state.learners.contains(&me);
         if let Some(lessor) = &mut self.lessor {
             lessor.installed(&self.kv);
         }
