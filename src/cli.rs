@@ -181,7 +181,8 @@ pub struct ListArgs {
 pub enum MemberCommand {
     /// Show the members, their addresses and which one leads.
     List,
-    /// Add a member; then start it with --initial-cluster-state existing.
+    /// Add a member (a learner until it catches up); then start it with
+    /// --initial-cluster-state existing.
     Add {
         /// The new member's name (its --name).
         name: String,

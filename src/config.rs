@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::consensus::member::{check_address, check_name};
+
 /// Where the daemon looks for its configuration when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/flotilla/flotilla.toml";
 
@@ -266,7 +268,7 @@ fn default_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|name| name.trim().to_string())
-        .filter(|name| check_member_name(name).is_ok())
+        .filter(|name| check_name(name).is_ok())
         .unwrap_or_else(|| "default".to_string())
 }
 
@@ -550,15 +552,15 @@ fn validate(loaded: &Loaded) -> Result<(), Error> {
         origin: loaded.origin(key),
         message,
     };
-    check_member_name(&config.name).map_err(|m| invalid("name", m))?;
+    check_name(&config.name).map_err(|m| invalid("name", m))?;
     if config.data_dir.as_os_str().is_empty() {
         return Err(invalid(
             "data_dir",
             "the data directory is empty".to_string(),
         ));
     }
-    check_host_port(&config.client_listen).map_err(|m| invalid("client_listen", m))?;
-    check_host_port(&config.peer_listen).map_err(|m| invalid("peer_listen", m))?;
+    check_address(&config.client_listen).map_err(|m| invalid("client_listen", m))?;
+    check_address(&config.peer_listen).map_err(|m| invalid("peer_listen", m))?;
     if !config.initial_cluster.is_empty() {
         let members =
             parse_members(&config.initial_cluster).map_err(|m| invalid("initial_cluster", m))?;
@@ -618,7 +620,7 @@ fn validate(loaded: &Loaded) -> Result<(), Error> {
         }
     }
     for endpoint in config.endpoint_list() {
-        check_host_port(&endpoint).map_err(|m| invalid("endpoints", m))?;
+        check_address(&endpoint).map_err(|m| invalid("endpoints", m))?;
     }
     if !(1..=3600).contains(&config.ttl_secs) {
         return Err(invalid(
@@ -651,7 +653,7 @@ fn validate(loaded: &Loaded) -> Result<(), Error> {
         check_token(&config.api_token).map_err(|m| invalid("api_token", m))?;
     }
     if !config.api_listen.is_empty() {
-        check_host_port(&config.api_listen).map_err(|m| invalid("api_listen", m))?;
+        check_address(&config.api_listen).map_err(|m| invalid("api_listen", m))?;
         if config.api_token.is_empty() && !is_loopback(&config.api_listen) {
             return Err(invalid(
                 "api_listen",
@@ -680,45 +682,6 @@ fn validate(loaded: &Loaded) -> Result<(), Error> {
         )
     })?;
     Ok(())
-}
-
-fn check_member_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{name:?} is not a member name: use 1-63 letters, digits, '-', '_' or '.'"
-        ))
-    }
-}
-
-/// Checks a member name and its peer address, as `flotilla member add` gets them.
-pub fn check_member(name: &str, peer_addr: &str) -> Result<(), String> {
-    check_member_name(name)?;
-    check_host_port(peer_addr)
-}
-
-/// Accepts `host:port` and `[v6]:port` with a non-zero port.
-fn check_host_port(addr: &str) -> Result<(), String> {
-    let bad = || format!("{addr:?} is not host:port (for example 127.0.0.1:4001 or [::1]:4001)");
-    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
-    let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        v6.parse::<std::net::Ipv6Addr>().is_ok()
-    } else {
-        !host.is_empty()
-            && host
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
-    };
-    match port.parse::<u16>() {
-        Ok(p) if p > 0 && host_ok => Ok(()),
-        _ => Err(bad()),
-    }
 }
 
 /// Whether `host:port` (already checked) only listens on this machine.
@@ -756,8 +719,8 @@ fn parse_members(spec: &str) -> Result<Vec<Member>, String> {
         let (name, addr) = entry
             .split_once('=')
             .ok_or_else(|| format!("entry {entry:?} is not name=host:port"))?;
-        check_member_name(name)?;
-        check_host_port(addr)?;
+        check_name(name)?;
+        check_address(addr)?;
         if members.iter().any(|m| m.name == name) {
             return Err(format!("member {name:?} appears twice"));
         }

@@ -522,14 +522,16 @@ impl MachineStore {
 }
 
 /// Wakes `wake` on every change under machine `id`'s own prefix (and once
-/// on every (re)subscription, for what it may have missed), for ever.
+/// on every (re)subscription, for what it may have missed), for ever. The
+/// watch requires a leader: a member cut off from the majority learns of no
+/// new proposal, so the watch moves to a member that does.
 pub async fn wake_on_own_changes(endpoints: Vec<String>, id: String, wake: Arc<Notify>) {
     let prefix = keys::machine_prefix(&id);
     loop {
         if let Ok(client) = Client::connect(&endpoints).await
             && let Ok((_, revision)) = client.range(&prefix, true, true).await
         {
-            let mut watch = client.watch(&prefix, revision + 1);
+            let mut watch = client.watch(&prefix, revision + 1).require_leader();
             wake.notify_one();
             while watch.next().await.is_ok() {
                 wake.notify_one();
