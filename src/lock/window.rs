@@ -223,9 +223,10 @@ pub fn format_utc(secs: u64) -> String {
     )
 }
 
-/// The calendar date of a day number (days since 1970-01-01), by the
-/// well-known era arithmetic of the proleptic Gregorian calendar.
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
+/// The calendar date (year, month, day) of a day number (days since
+/// 1970-01-01), by the well-known era arithmetic of the proleptic Gregorian
+/// calendar; also what the API's RFC 3339 times are written with.
+pub fn civil_from_days(days: u64) -> (u64, u64, u64) {
     let z = days + 719_468;
     let era = z / 146_097;
     let doe = z - era * 146_097;

@@ -224,13 +224,7 @@ impl<'w> Pass<'w> {
                 !wanted.requirements.machine_of.contains(u)
                     || self.live.contains(&(u.clone(), m.clone()))
             })
-            .filter_map(|(u, m)| {
-                self.world.wanted.get(u).map(|w| Placed {
-                    name: u,
-                    requirements: &w.requirements,
-                    machine: m,
-                })
-            })
+            .filter_map(|(u, m)| self.placed_unit(u, m))
             .collect();
         let machines: Vec<Machine> = self
             .world
@@ -244,6 +238,38 @@ impl<'w> Pass<'w> {
             placed: &placed,
         };
         decide(cluster, unit, &wanted.requirements)
+    }
+
+    /// Proposes `unit` where placement decides, displacing what it replaces
+    /// there; when it fits nowhere, records why (`why` words the reason).
+    fn place_new(
+        &mut self,
+        unit: &UnitName,
+        wanted: &Wanted,
+        placed_revision: Option<Revision>,
+        why: impl Fn(String) -> String,
+    ) {
+        match self.decide(unit, wanted, None) {
+            Outcome::One { machine, displaces } => {
+                self.propose(unit, &machine, wanted, None, placed_revision);
+                for other in displaces {
+                    self.displace(&other, &machine);
+                }
+            }
+            Outcome::NotPlaceable { reason } => {
+                self.plan.unplaceable.push((unit.clone(), why(reason)));
+            }
+            Outcome::Every { .. } => {}
+        }
+    }
+
+    /// `unit` on `machine` as placement counts it, when it should run at all.
+    fn placed_unit<'p>(&'p self, unit: &'p UnitName, machine: &'p String) -> Option<Placed<'p>> {
+        self.world.wanted.get(unit).map(|w| Placed {
+            name: unit,
+            requirements: &w.requirements,
+            machine,
+        })
     }
 
     fn claimed(&self, unit: &UnitName, machine: &str) -> bool {
@@ -304,18 +330,7 @@ impl<'w> Pass<'w> {
         let Some((machine, seen)) = current.into_iter().next() else {
             let elsewhere = self.world.claims.get(unit).is_some_and(|on| !on.is_empty());
             if !elsewhere {
-                match self.decide(unit, wanted, None) {
-                    Outcome::One { machine, displaces } => {
-                        self.propose(unit, &machine, wanted, None, placed_revision);
-                        for other in displaces {
-                            self.displace(&other, &machine);
-                        }
-                    }
-                    Outcome::NotPlaceable { reason } => {
-                        self.plan.unplaceable.push((unit.clone(), reason));
-                    }
-                    Outcome::Every { .. } => {}
-                }
+                self.place_new(unit, wanted, placed_revision, |reason| reason);
             }
             return;
         };
@@ -362,13 +377,7 @@ impl<'w> Pass<'w> {
             .live
             .iter()
             .filter(|(_, m)| m == machine)
-            .filter_map(|(u, m)| {
-                self.world.wanted.get(u).map(|w| Placed {
-                    name: u,
-                    requirements: &w.requirements,
-                    machine: m,
-                })
-            })
+            .filter_map(|(u, m)| self.placed_unit(u, m))
             .collect();
         let decision = decide(
             Cluster {

@@ -19,7 +19,7 @@
 //! Undraining mid-way is handled by the ordinary rules: the unit then has
 //! two proposals and keeps one, a claimed one first.
 
-use super::{Outcome, Pass, Seen, Wanted};
+use super::{Pass, Seen, Wanted};
 use crate::registry::records::Target;
 use crate::units::UnitName;
 
@@ -77,21 +77,9 @@ impl Pass<'_> {
     /// Proposes `unit` to the best other machine, keeping it where it is.
     fn propose_replacement(&mut self, unit: &UnitName, wanted: &Wanted) {
         let placed_revision = Some(self.world.placed.get(unit).map_or(0, |(_, rev)| *rev));
-        match self.decide(unit, wanted, None) {
-            Outcome::One { machine, displaces } => {
-                self.propose(unit, &machine, wanted, None, placed_revision);
-                for other in displaces {
-                    self.displace(&other, &machine);
-                }
-            }
-            Outcome::NotPlaceable { reason } => {
-                self.plan.unplaceable.push((
-                    unit.clone(),
-                    format!("it stays on its draining machine: {reason}"),
-                ));
-            }
-            Outcome::Every { .. } => {}
-        }
+        self.place_new(unit, wanted, placed_revision, |reason| {
+            format!("it stays on its draining machine: {reason}")
+        });
     }
 
     /// Whether `machine` reports `unit` in its target state, with the body
