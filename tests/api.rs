@@ -183,18 +183,30 @@ struct Machine {
 }
 
 impl Machine {
-    /// Claims `unit` as proposed here (the proposal must exist).
+    /// Claims `unit` as proposed here (the proposal must exist), as an agent
+    /// does: a claim that lost a race with the scheduler (its proposal or this
+    /// machine's generation changed between the read and the transaction) is
+    /// tried again on a fresh read, for up to 5 s.
     async fn claim(&self, unit: &str) {
         let name = UnitName::parse(unit).unwrap();
-        let mut view = self.store.own_view().await.unwrap();
         let rules = Requirements::default();
-        assert!(
-            self.store
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut view = self.store.own_view().await.unwrap();
+            if self
+                .store
                 .claim(&mut view, &[(&name, &rules)])
                 .await
-                .unwrap(),
-            "claim {unit}"
-        );
+                .unwrap()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "claim {unit}: still refused after 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Reports systemd's states of `unit` here, and the agent's target.
