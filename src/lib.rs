@@ -17,12 +17,14 @@
 //! * [`daemon`]: `flotilla daemon`, wiring the roles together.
 //! * [`api`]: the daemon's HTTP JSON API, fleet's `/fleet/v1`, on a unix socket and TCP.
 //! * [`cli`]: the command line, as clap types.
+//! * [`client`]: the CLI's HTTP client of the API (unix socket, http(s), ssh tunnel).
 //! * [`verify`]: `flotilla verify`, checking unit files on disk.
 //! * [`lab`]: `flotilla lab`, N real-systemd hosts on one machine for end-to-end tests.
 
 pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod consensus;
 pub mod daemon;
