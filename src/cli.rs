@@ -32,28 +32,26 @@ pub struct Cli {
 }
 
 /// How the unit verbs reach the API (fleetctl's global flags). Each may be
-/// given before or after the verb; after wins.
+/// given before or after the verb (after wins), or in its environment
+/// variable (the flags win).
 #[derive(Debug, Clone, Default, Args)]
 pub struct ApiArgs {
     /// The API: unix:///PATH or http(s)://HOST:PORT; several comma-separated are
     /// tried in order and the one that answers is remembered
-    /// [default: unix:///run/flotilla/api.sock]
-    #[arg(long, env = "FLOTILLA_ENDPOINT", value_name = "URL")]
+    /// [env: FLOTILLA_ENDPOINT] [default: unix:///run/flotilla/api.sock]
+    #[arg(long, value_name = "URL")]
     pub endpoint: Option<String>,
-    /// Bearer token for an http(s) endpoint: the daemons' api_token.
-    #[arg(
-        long,
-        env = "FLOTILLA_API_TOKEN",
-        value_name = "TOKEN",
-        hide_env_values = true
-    )]
+    /// Bearer token for an http(s) endpoint: the daemons' api_token
+    /// [env: FLOTILLA_API_TOKEN]
+    #[arg(long, value_name = "TOKEN")]
     pub api_token: Option<String>,
-    /// Seconds to wait for each answer of the API [default: 10]
-    #[arg(long, env = "FLOTILLA_REQUEST_TIMEOUT", value_name = "SECS")]
+    /// Seconds to wait for each answer of the API [env: FLOTILLA_REQUEST_TIMEOUT]
+    /// [default: 10]
+    #[arg(long, value_name = "SECS")]
     pub request_timeout: Option<f64>,
-    /// Reach the API through ssh to this host, HOST[:PORT] (its
-    /// --endpoint is then the one on that host).
-    #[arg(long, env = "FLOTILLA_TUNNEL", value_name = "HOST[:PORT]")]
+    /// Reach the API through ssh to this host, HOST[:PORT] (its --endpoint is
+    /// then the one on that host) [env: FLOTILLA_TUNNEL]
+    #[arg(long, value_name = "HOST[:PORT]")]
     pub tunnel: Option<String>,
     /// ssh settings, for --tunnel, ssh, status and journal.
     #[command(flatten)]
@@ -63,26 +61,29 @@ pub struct ApiArgs {
 /// How `ssh`, `status`, `journal` and `--tunnel` log in to cluster hosts.
 #[derive(Debug, Clone, Default, Args)]
 pub struct SshArgs {
-    /// The user to log in as on cluster hosts [default: core]
-    #[arg(long, env = "FLOTILLA_SSH_USERNAME", value_name = "USER")]
+    /// The user to log in as on cluster hosts [env: FLOTILLA_SSH_USERNAME]
+    /// [default: core]
+    #[arg(long, value_name = "USER")]
     pub ssh_username: Option<String>,
-    /// The port of cluster hosts' sshd [default: 22]
-    #[arg(long, env = "FLOTILLA_SSH_PORT", value_name = "PORT")]
+    /// The port of cluster hosts' sshd [env: FLOTILLA_SSH_PORT] [default: 22]
+    #[arg(long, value_name = "PORT")]
     pub ssh_port: Option<u16>,
-    /// A private key to log in with (instead of the agent's and ssh's defaults).
-    #[arg(long, env = "FLOTILLA_SSH_IDENTITY", value_name = "FILE")]
+    /// A private key to log in with, instead of the agent's and ssh's defaults
+    /// [env: FLOTILLA_SSH_IDENTITY]
+    #[arg(long, value_name = "FILE")]
     pub ssh_identity: Option<PathBuf>,
-    /// Check hosts' keys against known_hosts; false accepts any key [default: true]
+    /// Check hosts' keys against known_hosts; false accepts any key
+    /// [env: FLOTILLA_STRICT_HOST_KEY_CHECKING] [default: true]
     #[arg(
         long,
-        env = "FLOTILLA_STRICT_HOST_KEY_CHECKING",
         value_name = "BOOL",
         num_args = 0..=1,
         default_missing_value = "true"
     )]
     pub strict_host_key_checking: Option<bool>,
-    /// The known_hosts file to check host keys against [default: ssh's own]
-    #[arg(long, env = "FLOTILLA_KNOWN_HOSTS_FILE", value_name = "FILE")]
+    /// The known_hosts file to check host keys against
+    /// [env: FLOTILLA_KNOWN_HOSTS_FILE] [default: ssh's own]
+    #[arg(long, value_name = "FILE")]
     pub known_hosts_file: Option<PathBuf>,
 }
 

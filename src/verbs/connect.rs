@@ -15,7 +15,54 @@ use super::Usage;
 /// `--request-timeout`'s default, in seconds.
 const REQUEST_TIMEOUT_SECS: f64 = 10.0;
 
-/// The ssh options, from the flags (`forward_agent` from verbs that have `-A`).
+/// A variable of the environment, when set and not empty.
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// A variable of the environment read as `T`, or a usage error naming it.
+fn env_parsed<T: std::str::FromStr>(name: &str) -> Result<Option<T>, Usage> {
+    env(name)
+        .map(|raw| {
+            raw.parse()
+                .map_err(|_| Usage(format!("{name}={raw:?} is not a valid value")))
+        })
+        .transpose()
+}
+
+/// The flags with the environment filled in where no flag was given (a flag
+/// always wins, before or after the verb).
+pub fn resolve(args: &ApiArgs) -> Result<ApiArgs, Usage> {
+    let mut args = args.clone();
+    let ssh = &mut args.ssh;
+    args.endpoint = args.endpoint.or_else(|| env("FLOTILLA_ENDPOINT"));
+    args.api_token = args.api_token.or_else(|| env("FLOTILLA_API_TOKEN"));
+    args.tunnel = args.tunnel.or_else(|| env("FLOTILLA_TUNNEL"));
+    if args.request_timeout.is_none() {
+        args.request_timeout = env_parsed("FLOTILLA_REQUEST_TIMEOUT")?;
+    }
+    ssh.ssh_username = ssh
+        .ssh_username
+        .take()
+        .or_else(|| env("FLOTILLA_SSH_USERNAME"));
+    if ssh.ssh_port.is_none() {
+        ssh.ssh_port = env_parsed("FLOTILLA_SSH_PORT")?;
+    }
+    ssh.ssh_identity = ssh
+        .ssh_identity
+        .take()
+        .or_else(|| env("FLOTILLA_SSH_IDENTITY").map(Into::into));
+    if ssh.strict_host_key_checking.is_none() {
+        ssh.strict_host_key_checking = env_parsed("FLOTILLA_STRICT_HOST_KEY_CHECKING")?;
+    }
+    ssh.known_hosts_file = ssh
+        .known_hosts_file
+        .take()
+        .or_else(|| env("FLOTILLA_KNOWN_HOSTS_FILE").map(Into::into));
+    Ok(args)
+}
+
+/// The ssh options, from resolved flags (`forward_agent` from verbs with `-A`).
 pub fn ssh_options(args: &ApiArgs, forward_agent: bool) -> SshOptions {
     SshOptions {
         username: args
@@ -32,7 +79,8 @@ pub fn ssh_options(args: &ApiArgs, forward_agent: bool) -> SshOptions {
     }
 }
 
-/// The client settings, checked (a bad endpoint or timeout is a usage error).
+/// The client settings from resolved flags, checked (a bad endpoint or
+/// timeout is a usage error).
 pub fn settings(args: &ApiArgs) -> Result<Settings, Usage> {
     let given = args.endpoint.as_deref().unwrap_or(endpoint::DEFAULT);
     let endpoints = Endpoint::parse_list(given).map_err(|e| Usage(e.to_string()))?;
@@ -45,10 +93,9 @@ pub fn settings(args: &ApiArgs) -> Result<Settings, Usage> {
                 "--request-timeout {secs} must be a positive number of seconds"
             ))
         })?;
-    let token = args.api_token.clone().filter(|t| !t.is_empty());
     Ok(Settings {
         endpoints,
-        token,
+        token: args.api_token.clone(),
         timeout,
         tunnel: args
             .tunnel
@@ -58,7 +105,12 @@ pub fn settings(args: &ApiArgs) -> Result<Settings, Usage> {
     })
 }
 
-/// A client of the API the flags name (opening `--tunnel` now).
+/// The flags given before (`outer`) and after the verb, with the environment.
+pub fn api_args(verb: ApiArgs, outer: &ApiArgs) -> Result<ApiArgs, Usage> {
+    resolve(&verb.or(outer))
+}
+
+/// A client of the API the (resolved) flags name, opening `--tunnel` now.
 pub fn client(args: &ApiArgs) -> Result<ApiClient> {
     let settings = settings(args)?;
     ApiClient::new(settings).context("cannot reach the API")

@@ -72,7 +72,7 @@ pub async fn list_units(args: ListArgs, outer: &ApiArgs) -> Result<ExitCode> {
         &UNIT_FIELDS,
         &UNIT_FIELDS[..4],
     )?;
-    let client = connect::client(&args.api.clone().or(outer))?;
+    let client = connect::client(&connect::api_args(args.api.clone(), outer)?)?;
     let units = create::unit_map(&client).await?;
     let states = client.states(None).await?;
     let machines = machine_map(client.machines().await?);
@@ -151,7 +151,7 @@ pub async fn list_unit_files(args: ListArgs, outer: &ApiArgs) -> Result<ExitCode
         &FILE_FIELDS,
         &FILE_FIELDS[..5],
     )?;
-    let client = connect::client(&args.api.clone().or(outer))?;
+    let client = connect::client(&connect::api_args(args.api.clone(), outer)?)?;
     let units = create::unit_map(&client).await?;
     let machines = machine_map(client.machines().await?);
     let mut rows = Vec::new();
@@ -212,7 +212,7 @@ pub async fn list_machines(args: ListArgs, outer: &ApiArgs) -> Result<ExitCode> 
         &MACHINE_FIELDS,
         &MACHINE_FIELDS[..3],
     )?;
-    let client = connect::client(&args.api.clone().or(outer))?;
+    let client = connect::client(&connect::api_args(args.api.clone(), outer)?)?;
     let mut machines = client.machines().await?;
     machines.sort_by(|a, b| a.id.cmp(&b.id));
     let rows = machines
@@ -253,7 +253,7 @@ pub async fn list_machines(args: ListArgs, outer: &ApiArgs) -> Result<ExitCode> 
 /// `flotilla cat`
 pub async fn cat(args: UnitArg, outer: &ApiArgs) -> Result<ExitCode> {
     let name = UnitName::from_user(&args.unit)?;
-    let client = connect::client(&args.api.or(outer))?;
+    let client = connect::client(&connect::api_args(args.api, outer)?)?;
     let Some(unit) = client.unit(&name).await? else {
         let units = client.units().await?;
         bail!(
@@ -271,7 +271,7 @@ pub async fn cat(args: UnitArg, outer: &ApiArgs) -> Result<ExitCode> {
 /// `flotilla explain`: each machine and the rule that decided.
 pub async fn explain(args: UnitArg, outer: &ApiArgs) -> Result<ExitCode> {
     let name = UnitName::from_user(&args.unit)?;
-    let client = connect::client(&args.api.or(outer))?;
+    let client = connect::client(&connect::api_args(args.api, outer)?)?;
     let Some(explained) = client.explain(&name).await? else {
         let units = client.units().await?;
         bail!(
@@ -317,7 +317,7 @@ pub async fn explain(args: UnitArg, outer: &ApiArgs) -> Result<ExitCode> {
 
 /// `flotilla drain [--undo]`
 pub async fn drain(args: DrainArgs, outer: &ApiArgs) -> Result<ExitCode> {
-    let client = connect::client(&args.api.or(outer))?;
+    let client = connect::client(&connect::api_args(args.api, outer)?)?;
     client
         .drain(&args.machine, args.undo)
         .await

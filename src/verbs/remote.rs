@@ -98,7 +98,7 @@ fn run(mut command: Command) -> Result<ExitCode> {
 
 /// `flotilla ssh MACHINE|UNIT [CMD...]`
 pub async fn ssh(args: SshVerbArgs, outer: &ApiArgs) -> Result<ExitCode> {
-    let api = args.api.clone().or(outer);
+    let api = connect::api_args(args.api.clone(), outer)?;
     let client = connect::client(&api)?;
     let machines = client.machines().await?;
     let (as_machine, as_unit) = match (&args.machine, &args.unit, &args.target) {
@@ -208,7 +208,7 @@ async fn on_host_of(
 /// `flotilla status UNIT...`: `systemctl status -l` on each unit's host.
 pub async fn status(args: StatusArgs, outer: &ApiArgs) -> Result<ExitCode> {
     let names = targets::names(&args.units)?;
-    let api = args.api.clone().or(outer);
+    let api = connect::api_args(args.api.clone(), outer)?;
     let client = connect::client(&api)?;
     for (i, name) in names.iter().enumerate() {
         if i > 0 {
@@ -262,7 +262,7 @@ fn check_output_mode(mode: &str) -> Result<(), super::Usage> {
 pub async fn journal(args: JournalArgs, outer: &ApiArgs) -> Result<ExitCode> {
     let name = targets::names(std::slice::from_ref(&args.unit))?.remove(0);
     check_output_mode(&args.output)?;
-    let api = args.api.clone().or(outer);
+    let api = connect::api_args(args.api.clone(), outer)?;
     let client = connect::client(&api)?;
     if args.via_api {
         client

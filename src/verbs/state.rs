@@ -32,7 +32,7 @@ fn attempts(block: &BlockArgs) -> Option<u32> {
 /// `flotilla submit`
 pub async fn submit(args: SubmitArgs, outer: &ApiArgs) -> Result<ExitCode> {
     let targets = targets::with_files(&args.units, args.force)?;
-    let client = connect::client(&args.api.or(outer))?;
+    let client = connect::client(&connect::api_args(args.api, outer)?)?;
     let mut units = create::unit_map(&client).await?;
     let outcomes = create::create(&client, &targets, &mut units, "submit", args.replace, 0).await?;
     for (target, outcome) in targets.iter().zip(outcomes) {
@@ -51,7 +51,7 @@ pub async fn start_or_load(args: StartArgs, outer: &ApiArgs, goal: Goal) -> Resu
     };
     let targets = targets::with_files(&args.units, args.force)?;
     let block = attempts(&args.block);
-    let client = connect::client(&args.api.or(outer))?;
+    let client = connect::client(&connect::api_args(args.api, outer)?)?;
     let mut units = create::unit_map(&client).await?;
     create::create(
         &client,
@@ -119,7 +119,7 @@ async fn finish(
 pub async fn stop(args: StateArgs, outer: &ApiArgs) -> Result<ExitCode> {
     let names = targets::names(&args.units)?;
     let block = attempts(&args.block);
-    let client = connect::client(&args.api.or(outer))?;
+    let client = connect::client(&connect::api_args(args.api, outer)?)?;
     let units = create::unit_map(&client).await?;
     let found = create::existing(&names, &units, "stop")?;
     let idle: Vec<String> = found
@@ -141,7 +141,7 @@ pub async fn stop(args: StateArgs, outer: &ApiArgs) -> Result<ExitCode> {
 pub async fn unload(args: StateArgs, outer: &ApiArgs) -> Result<ExitCode> {
     let names = targets::names(&args.units)?;
     let block = attempts(&args.block);
-    let client = connect::client(&args.api.or(outer))?;
+    let client = connect::client(&connect::api_args(args.api, outer)?)?;
     let units = create::unit_map(&client).await?;
     create::existing(&names, &units, "unload")?;
     let waited = set_all(&client, &names, &units, DesiredState::Inactive, "unload").await?;
@@ -152,7 +152,7 @@ pub async fn unload(args: StateArgs, outer: &ApiArgs) -> Result<ExitCode> {
 /// another, so a service of several instances keeps serving.
 pub async fn restart(args: RestartArgs, outer: &ApiArgs) -> Result<ExitCode> {
     let targets = targets::with_files(&args.units, false)?;
-    let client = connect::client(&args.api.or(outer))?;
+    let client = connect::client(&connect::api_args(args.api, outer)?)?;
     let mut units = create::unit_map(&client).await?;
     create::create(
         &client,
@@ -222,7 +222,7 @@ pub async fn restart(args: RestartArgs, outer: &ApiArgs) -> Result<ExitCode> {
 /// `flotilla destroy`: a unit that does not exist is already destroyed.
 pub async fn destroy(args: DestroyArgs, outer: &ApiArgs) -> Result<ExitCode> {
     let names = targets::names(&args.units)?;
-    let client = connect::client(&args.api.or(outer))?;
+    let client = connect::client(&connect::api_args(args.api, outer)?)?;
     let units = create::unit_map(&client).await?;
     let all: Vec<UnitJson> = units.values().cloned().collect();
     for name in &names {
