@@ -1,7 +1,7 @@
 //! The HTTP API end to end: on a 3-host lab, a unit PUT through fleet's
 //! `/fleet/v1` on h1's unix socket runs on real systemd, shows in `/state`,
 //! and goes away on DELETE; hostile names and oversized bodies are refused and
-//! change nothing; the socket is root-only and TCP on loopback answers.
+//! change nothing; the socket is root-only and TCP answers only with the token.
 //!
 //! Every request is made with curl INSIDE a lab host (the hosts see the outer
 //! machine's files, curl included). Root on Debian 12 is needed; nextest runs
@@ -193,8 +193,17 @@ fn fleet_api_runs_lists_refuses_and_destroys() {
     assert_eq!(oversized.status, 413, "{oversized:?}");
     assert_eq!(unit_names(&cluster), [UNIT], "nothing else was stored");
 
-    // TCP on loopback inside the host: no token is configured, none needed.
+    // TCP (the lab's hosts listen on every address, with the lab's token).
     let tcp = curl(&cluster, "h1", "curl http://127.0.0.1:4003/fleet/v1/units");
+    assert_eq!(tcp.status, 401, "{tcp:?}");
+    let tcp = curl(
+        &cluster,
+        "h1",
+        &format!(
+            "curl -H 'Authorization: Bearer {}' http://127.0.0.1:4003/fleet/v1/units",
+            cluster.api_token
+        ),
+    );
     assert_eq!(tcp.status, 200, "{tcp:?}");
     assert_eq!(tcp.json()["units"][0]["name"], UNIT);
 

@@ -207,13 +207,46 @@ fn ssh_status_journal_and_the_tunnel_reach_a_units_host() {
     eprintln!("start of a failing unit failed after {took:?}");
 
     // What needs the API's flotilla extras: a machine by host name, and
-    // status and journal through the API, without ssh.
+    // status and journal through the API of the unit's host, without ssh
+    // (another host's API refuses: it does not forward the token).
     assert_eq!(ssh_host("h2"), "h2");
-    // Through the API, without ssh (the API's status and journal routes).
-    let status = cluster.ok(&["status", "--via-api", "hello.service"]);
+    let its_api = format!("http://{ip}:4003");
+    let status = cluster.ok(&[
+        "status",
+        "--via-api",
+        "--endpoint",
+        &its_api,
+        "hello.service",
+    ]);
     assert!(status.contains("Active: active"), "{status}");
-    let journal = cluster.ok(&["journal", "--via-api", "hello.service"]);
+    let journal = cluster.ok(&[
+        "journal",
+        "--via-api",
+        "--endpoint",
+        &its_api,
+        "hello.service",
+    ]);
     assert!(journal.contains("hello-from-unit"), "{journal}");
+    let elsewhere = cluster
+        .hosts
+        .iter()
+        .find(|h| h.name != host)
+        .map(|h| h.name.clone())
+        .unwrap();
+    let other_ip = entry(&elsewhere).split(',').next().unwrap().to_string();
+    let other_api = format!("http://{other_ip}:4003");
+    let out = cluster.flotilla(&[
+        "status",
+        "--via-api",
+        "--endpoint",
+        &other_api,
+        "hello.service",
+    ]);
+    let err = fails(&out, "status --via-api through another host");
+    assert!(
+        err.contains("use ssh: flotilla status hello.service"),
+        "{err}"
+    );
 }
 
 /// `list-units` rows as (unit, active), from the table.

@@ -392,10 +392,15 @@ impl ApiClient {
             .await
     }
 
-    /// `PUT /fleet/v1/units/NAME` with options: creates the unit (desired
-    /// `inactive`) or replaces its body, as fleetctl's CreateUnit.
-    pub async fn create_unit(&self, name: &UnitName, options: &[UnitOption]) -> Result<(), Error> {
-        let body = json!({ "name": name.as_str(), "options": options });
+    /// `PUT /fleet/v1/units/NAME` with options and a desired state: creates
+    /// the unit, or replaces its body (fleet's CreateUnit, with the state).
+    pub async fn create_unit(
+        &self,
+        name: &UnitName,
+        options: &[UnitOption],
+        desired: DesiredState,
+    ) -> Result<(), Error> {
+        let body = json!({ "name": name.as_str(), "options": options, "desiredState": desired });
         self.call_found(
             Method::PUT,
             &unit_path("/fleet/v1/units", name),
@@ -480,15 +485,23 @@ impl ApiClient {
         .await
     }
 
-    /// `GET /flotilla/v1/units/UNIT/status`: `systemctl status` from its host.
-    pub async fn status_text(&self, name: &UnitName) -> Result<String, Error> {
+    /// `GET /flotilla/v1/units/UNIT/status`: `systemctl status` from its
+    /// host, and systemctl's exit status (header `Flotilla-Exit-Status`).
+    pub async fn status_text(&self, name: &UnitName) -> Result<(String, i32), Error> {
         let path = format!("{}/status", unit_path("/flotilla/v1/units", name));
         let response = self.call_found(Method::GET, &path, None).await?;
-        response.text().await.map_err(|e| Error::Unexpected {
+        let exit = response
+            .headers()
+            .get("Flotilla-Exit-Status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        let text = response.text().await.map_err(|e| Error::Unexpected {
             endpoint: String::new(),
             what: format!("GET {path}"),
             reason: cause(&e),
-        })
+        })?;
+        Ok((text, exit))
     }
 
     /// `GET /flotilla/v1/units/UNIT/journal`: its journal from its host,

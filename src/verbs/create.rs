@@ -2,13 +2,13 @@
 //! start and restart.
 //!
 //! A unit the cluster has is used as it is: a local file that differs only
-//! gets a warning, unless `--replace` asks to replace it (allowed while its
-//! desired state is one the verb may change: submit only inactive units,
-//! load inactive or loaded ones, start any). A unit the cluster lacks is
-//! created from its file, or, for an instance, from its template (the
-//! cluster's, else the file beside it). A replaced unit drops to inactive
-//! first (the API resets its desired state), and this waits for that, so the
-//! new body is the one that starts.
+//! gets a warning, unless `--replace` asks to replace it. A unit the cluster
+//! lacks is created from its file, or, for an instance, from its template
+//! (the cluster's, else the file beside it). Each unit made or replaced is
+//! one PUT with its options and the desired state the verb wants (start:
+//! launched, load: loaded; submit: inactive for a new unit and, beyond
+//! fleetctl, the state it had for a replaced one), so a replaced unit that
+//! runs restarts in place with its new body.
 
 use std::collections::BTreeMap;
 
@@ -21,7 +21,6 @@ use flotilla::units::{Unit, UnitName};
 
 use super::outln;
 use super::targets::{Target, did_you_mean};
-use super::wait::{self, Goal, Machines};
 
 /// What [`create`] did to one unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,91 +33,56 @@ pub enum Created {
     Replaced,
 }
 
-/// Which desired states a verb may replace a unit's body in (fleetctl's).
-pub fn replaceable(verb: &str) -> &'static [DesiredState] {
-    match verb {
-        "submit" => &[DesiredState::Inactive],
-        "load" => &[DesiredState::Inactive, DesiredState::Loaded],
-        _ => &[
-            DesiredState::Inactive,
-            DesiredState::Loaded,
-            DesiredState::Launched,
-        ],
-    }
-}
-
-/// Makes sure the cluster has every target's unit; returns what it did to
-/// each, in order. `units` is the cluster's list, updated with what was made.
+/// Makes sure the cluster has every target's unit, with `desired` as its
+/// desired state where it was made or replaced (`None`: inactive for a new
+/// unit, unchanged for a replaced one). Returns what it did to each, in
+/// order; `units` (the cluster's list) is updated with what was made.
 pub async fn create(
     client: &ApiClient,
     targets: &[Target],
     units: &mut BTreeMap<String, UnitJson>,
-    verb: &str,
     replace: bool,
-    block_attempts: u32,
+    desired: Option<DesiredState>,
 ) -> Result<Vec<Created>> {
     let mut outcomes = Vec::new();
-    let mut replaced = Vec::new();
     for target in targets {
         let name = &target.name;
-        let outcome = match units.get(name.as_str()) {
-            Some(stored) => keep_or_replace(target, stored, verb, replace)?,
-            None => Some(new_body(target, units)?),
-        };
-        let Some(unit) = outcome else {
-            outcomes.push(Created::Kept);
-            continue;
+        let stored = units.get(name.as_str());
+        let (unit, created, state) = match stored {
+            Some(stored) => match keep_or_replace(target, stored, replace)? {
+                Some(unit) => (unit, Created::Replaced, desired.unwrap_or(stored.desired())),
+                None => {
+                    outcomes.push(Created::Kept);
+                    continue;
+                }
+            },
+            None => (
+                new_body(target, units)?,
+                Created::New,
+                desired.unwrap_or(DesiredState::Inactive),
+            ),
         };
         let options = unit.file().options();
         client
-            .create_unit(name, options)
+            .create_unit(name, options, state)
             .await
             .with_context(|| format!("cannot submit {name}"))?;
-        let created = if units.contains_key(name.as_str()) {
-            replaced.push(name.clone());
-            Created::Replaced
-        } else {
-            Created::New
-        };
-        // Created, or replaced (which resets the desired state, as in fleet).
         units.insert(
             name.to_string(),
             serde_json::from_value(serde_json::json!({
                 "name": name.as_str(),
                 "options": options,
-                "desiredState": DesiredState::Inactive,
+                "desiredState": state,
             }))
             .expect("a unit's JSON reads back"),
         );
         outcomes.push(created);
     }
-    if !replaced.is_empty() {
-        let stuck = wait::wait(
-            client,
-            &replaced,
-            Goal::Inactive,
-            block_attempts,
-            &mut Machines::default(),
-        )
-        .await?;
-        if !stuck.is_empty() {
-            return Err(wait::stuck_error(
-                "unload to take the new body",
-                replaced.len(),
-                &stuck,
-            ));
-        }
-    }
     Ok(outcomes)
 }
 
 /// For a unit the cluster has: the local body to replace it with, if any.
-fn keep_or_replace(
-    target: &Target,
-    stored: &UnitJson,
-    verb: &str,
-    replace: bool,
-) -> Result<Option<Unit>> {
+fn keep_or_replace(target: &Target, stored: &UnitJson, replace: bool) -> Result<Option<Unit>> {
     let name = &target.name;
     let Some((path, local)) = target.local() else {
         if replace {
@@ -129,8 +93,7 @@ fn keep_or_replace(
         }
         return Ok(None);
     };
-    let same = stored.unit().is_ok_and(|s| s.hash() == local.hash());
-    if same {
+    if stored.unit().is_ok_and(|s| s.hash() == local.hash()) {
         if replace {
             outln!("Found same Unit({name}) in Registry, nothing to do")?;
         }
@@ -141,14 +104,6 @@ fn keep_or_replace(
             "warning: unit {name} in the cluster differs from the local file {}; add --replace \
              to use the file",
             path.display()
-        );
-        return Ok(None);
-    }
-    let desired = stored.desired();
-    if !replaceable(verb).contains(&desired) {
-        eprintln!(
-            "warning: cannot replace unit {name} while its desired state is {desired}; \
-             use start --replace (or unload it first)"
         );
         return Ok(None);
     }

@@ -215,11 +215,14 @@ pub async fn status(args: StatusArgs, outer: &ApiArgs) -> Result<ExitCode> {
             outln!()?;
         }
         if args.via_api {
-            let text = client
+            let (text, exit) = client
                 .status_text(name)
                 .await
                 .map_err(|e| via_api_error(e, "status", name))?;
             super::out!("{text}")?;
+            if exit != 0 {
+                return Ok(ExitCode::from(u8::try_from(exit).unwrap_or(1)));
+            }
             continue;
         }
         let unit = loaded_unit(&client, name, "loaded").await?;
@@ -235,16 +238,18 @@ pub async fn status(args: StatusArgs, outer: &ApiArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// An API that cannot do status/journal for a unit points back at ssh.
+/// The API answers `--via-api` only on the unit's own host (501 elsewhere,
+/// with its own hint: the daemons do not forward the cluster's token).
 fn via_api_error(err: flotilla::client::Error, verb: &str, name: &UnitName) -> anyhow::Error {
-    match err.status() {
-        Some(501) | Some(405) => anyhow::anyhow!(
-            "{err}; the API cannot read {name}'s host, use ssh: flotilla {verb} {name}"
+    let context = match err.status() {
+        Some(501) => format!(
+            "this endpoint is not {name}'s host; point --endpoint at that host's API, \
+             or use ssh: flotilla {verb} {name}"
         ),
-        _ => {
-            anyhow::Error::new(err).context(format!("cannot read {name}'s {verb} through the API"))
-        }
-    }
+        Some(404) => format!("no unit {name} in the cluster (see flotilla list-unit-files)"),
+        _ => format!("cannot read {name}'s {verb} through the API"),
+    };
+    anyhow::Error::new(err).context(context)
 }
 
 /// journalctl's `--output` modes are single words.

@@ -34,10 +34,15 @@ pub async fn submit(args: SubmitArgs, outer: &ApiArgs) -> Result<ExitCode> {
     let targets = targets::with_files(&args.units, args.force)?;
     let client = connect::client(&connect::api_args(args.api, outer)?)?;
     let mut units = create::unit_map(&client).await?;
-    let outcomes = create::create(&client, &targets, &mut units, "submit", args.replace, 0).await?;
+    let outcomes = create::create(&client, &targets, &mut units, args.replace, None).await?;
     for (target, outcome) in targets.iter().zip(outcomes) {
-        if outcome != Created::Kept {
-            outln!("Unit {} inactive", target.name)?;
+        match outcome {
+            Created::New => outln!("Unit {} inactive", target.name)?,
+            Created::Replaced => {
+                let desired = units[target.name.as_str()].desired();
+                outln!("Unit {} replaced ({desired})", target.name)?;
+            }
+            Created::Kept => {}
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -53,15 +58,7 @@ pub async fn start_or_load(args: StartArgs, outer: &ApiArgs, goal: Goal) -> Resu
     let block = attempts(&args.block);
     let client = connect::client(&connect::api_args(args.api, outer)?)?;
     let mut units = create::unit_map(&client).await?;
-    create::create(
-        &client,
-        &targets,
-        &mut units,
-        verb,
-        args.replace,
-        block.unwrap_or(0),
-    )
-    .await?;
+    create::create(&client, &targets, &mut units, args.replace, Some(desired)).await?;
     let names: Vec<UnitName> = targets.iter().map(|t| t.name.clone()).collect();
     let waited = set_all(&client, &names, &units, desired, verb).await?;
     finish(&client, waited, goal, block, verb).await
@@ -154,15 +151,7 @@ pub async fn restart(args: RestartArgs, outer: &ApiArgs) -> Result<ExitCode> {
     let targets = targets::with_files(&args.units, false)?;
     let client = connect::client(&connect::api_args(args.api, outer)?)?;
     let mut units = create::unit_map(&client).await?;
-    create::create(
-        &client,
-        &targets,
-        &mut units,
-        "restart",
-        false,
-        args.block_attempts,
-    )
-    .await?;
+    create::create(&client, &targets, &mut units, false, None).await?;
     let mut machines = Machines::default();
     let mut stuck = Vec::new();
     for target in &targets {

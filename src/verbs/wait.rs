@@ -1,10 +1,11 @@
 //! Waiting for units to reach a state, as fleetctl's blocking verbs did,
 //! with progress a person can watch.
 //!
-//! Each check is one `GET /fleet/v1/units` (and for `launched` one `GET
-//! /fleet/v1/state`), whatever the number of units, every 500 ms. A unit
-//! counts as:
-//! * inactive / loaded: when fleet's `currentState` says so;
+//! Each check is one `GET /fleet/v1/units` and one `GET /fleet/v1/state`,
+//! whatever the number of units, every 500 ms. A unit counts as:
+//! * inactive: when fleet's `currentState` says so and no machine reports it;
+//! * loaded: when `currentState` says so and no machine reports it running
+//!   (or starting or stopping);
 //! * launched: when `currentState` is `launched` (then fleetctl's line `Unit
 //!   X launched on <id8>.../<ip>` is printed) and systemd reports it active;
 //!   a unit systemd reports `failed` on three checks in a row has failed,
@@ -24,6 +25,7 @@ use anyhow::Result;
 use flotilla::client::ApiClient;
 use flotilla::client::wire::{MachineJson, StateJson};
 use flotilla::registry::records::DesiredState;
+use flotilla::registry::unit_state::OCCUPYING_STATES;
 use flotilla::units::UnitName;
 
 use super::{machine_legend, outln};
@@ -221,11 +223,7 @@ pub async fn wait(
             .into_iter()
             .map(|u| (u.name.clone(), u))
             .collect();
-        let states: Vec<StateJson> = if goal == Goal::Launched {
-            client.states(None).await?
-        } else {
-            Vec::new()
-        };
+        let states: Vec<StateJson> = client.states(None).await?;
         let mut arrived = Vec::new();
         for (name, watch) in &mut watches {
             let Some(unit) = units.get(name.as_str()) else {
@@ -255,12 +253,17 @@ pub async fn wait(
                 watch.last = format!("not placed: {reason}");
                 progress.note(format!("{name} is not placed: {reason}"));
             }
+            let reported = || states.iter().filter(|s| s.name == name.as_str());
             let reached = match goal {
-                Goal::Inactive | Goal::Loaded => current == goal.state(),
+                // Unloaded: no machine reports it any more.
+                Goal::Inactive => current == goal.state() && reported().next().is_none(),
+                // Stopped: no machine reports it running (or on its way).
+                Goal::Loaded => {
+                    current == goal.state()
+                        && reported().all(|s| !OCCUPYING_STATES.contains(&s.active.as_str()))
+                }
                 Goal::Launched => {
-                    let rows: Vec<&StateJson> = states
-                        .iter()
-                        .filter(|s| s.name == name.as_str())
+                    let rows: Vec<&StateJson> = reported()
                         .filter(|s| unit.machine_id.as_ref().is_none_or(|m| &s.machine_id == m))
                         .collect();
                     if rows.iter().any(|s| s.active == "failed") {
