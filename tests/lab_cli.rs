@@ -330,7 +330,7 @@ fn fleets_client_scenarios_replace_restart_and_200_units() {
     for (unit, (host, entered)) in names(3).iter().zip(&before) {
         assert_eq!(
             cluster.systemd_active(host, unit),
-            [unit.clone()],
+            std::slice::from_ref(unit),
             "{unit} active on {host}"
         );
         assert_ne!(

@@ -400,26 +400,27 @@ impl ApiClient {
         options: &[UnitOption],
         desired: DesiredState,
     ) -> Result<(), Error> {
-        let body = json!({ "name": name.as_str(), "options": options, "desiredState": desired });
-        self.call_found(
-            Method::PUT,
-            &unit_path("/fleet/v1/units", name),
-            Some(&body),
+        self.put_unit(
+            name,
+            json!({ "name": name.as_str(), "options": options, "desiredState": desired }),
         )
         .await
-        .map(drop)
     }
 
     /// `PUT /fleet/v1/units/NAME` with a desired state.
     pub async fn set_desired(&self, name: &UnitName, desired: DesiredState) -> Result<(), Error> {
-        let body = json!({ "name": name.as_str(), "desiredState": desired });
-        self.call_found(
-            Method::PUT,
-            &unit_path("/fleet/v1/units", name),
-            Some(&body),
+        self.put_unit(
+            name,
+            json!({ "name": name.as_str(), "desiredState": desired }),
         )
         .await
-        .map(drop)
+    }
+
+    async fn put_unit(&self, name: &UnitName, body: Value) -> Result<(), Error> {
+        let path = unit_path("/fleet/v1/units", name);
+        self.call_found(Method::PUT, &path, Some(&body))
+            .await
+            .map(drop)
     }
 
     /// `DELETE /fleet/v1/units/NAME`; false when there was no such unit.

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
 use flotilla::cli::{ApiArgs, DrainArgs, ListArgs, UnitArg};
@@ -12,7 +12,7 @@ use flotilla::client::wire::{MachineJson, StateJson, UnitJson};
 use flotilla::registry::records::DesiredState;
 use flotilla::units::UnitName;
 
-use super::targets::did_you_mean;
+use super::targets::no_such_unit;
 use super::{connect, create, machine_legend, out, outln, table};
 
 /// Fields of list-units; the first four are fleetctl's default.
@@ -255,11 +255,7 @@ pub async fn cat(args: UnitArg, outer: &ApiArgs) -> Result<ExitCode> {
     let name = UnitName::from_user(&args.unit)?;
     let client = connect::client(&connect::api_args(args.api, outer)?)?;
     let Some(unit) = client.unit(&name).await? else {
-        let units = client.units().await?;
-        bail!(
-            "no unit {name} in the cluster{} (see flotilla list-unit-files)",
-            did_you_mean(&name, &units)
-        );
+        return Err(no_such_unit(&client, &name).await);
     };
     let body = unit
         .unit()
@@ -273,11 +269,7 @@ pub async fn explain(args: UnitArg, outer: &ApiArgs) -> Result<ExitCode> {
     let name = UnitName::from_user(&args.unit)?;
     let client = connect::client(&connect::api_args(args.api, outer)?)?;
     let Some(explained) = client.explain(&name).await? else {
-        let units = client.units().await?;
-        bail!(
-            "no unit {name} in the cluster{} (see flotilla list-unit-files)",
-            did_you_mean(&name, &units)
-        );
+        return Err(no_such_unit(&client, &name).await);
     };
     let desired = explained
         .desired_state

@@ -16,7 +16,7 @@ use flotilla::client::wire::{MachineJson, UnitJson};
 use flotilla::registry::records::DesiredState;
 use flotilla::units::UnitName;
 
-use super::targets::{self, did_you_mean};
+use super::targets;
 use super::{connect, machine_legend, outln};
 
 /// The machines `given` names: by exact id, id prefix, host name or IP.
@@ -166,8 +166,7 @@ fn local_machine_id() -> Option<String> {
 /// The unit for status/journal: it must exist and be scheduled somewhere.
 async fn loaded_unit(client: &ApiClient, name: &UnitName, running: &str) -> Result<UnitJson> {
     let Some(unit) = client.unit(name).await? else {
-        let units = client.units().await?;
-        bail!("Unit {name} does not exist.{}", did_you_mean(name, &units));
+        return Err(targets::no_such_unit(client, name).await);
     };
     if unit.is_global() {
         bail!(

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
+use flotilla::client::ApiClient;
 use flotilla::client::wire::UnitJson;
 use flotilla::units::{self, Unit, UnitKind, UnitName, suggest};
 use flotilla::verify;
@@ -145,6 +146,18 @@ pub fn with_files(args: &[String], force: bool) -> Result<Vec<Target>> {
         });
     }
     Ok(targets)
+}
+
+/// The error for a unit the cluster does not have, naming the closest one
+/// it has.
+pub async fn no_such_unit(client: &ApiClient, name: &UnitName) -> anyhow::Error {
+    match client.units().await {
+        Ok(units) => anyhow::anyhow!(
+            "no unit {name} in the cluster{} (see flotilla list-unit-files)",
+            did_you_mean(name, &units)
+        ),
+        Err(err) => err.into(),
+    }
 }
 
 /// A "did you mean" for a unit the cluster does not have: the closest
