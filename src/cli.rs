@@ -128,6 +128,9 @@ pub enum Command {
     /// List, add or remove members of the Raft store (over the store's protocol).
     #[command(subcommand)]
     Member(MemberCommand),
+    /// The cluster as a whole: `flotilla cluster health`.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Read and write the cluster's key-value store directly (for operators and debugging).
     #[command(subcommand)]
     Kv(KvCommand),
@@ -168,6 +171,8 @@ pub enum Command {
     /// Fields: machine, ip, metadata (the default), and flotilla's hostname,
     /// drained, renewed (when its presence was last renewed).
     ListMachines(ListArgs),
+    /// The reboot lock, locksmithctl's verbs: status, acquire, release, set-max, need-reboot.
+    Lock(LockArgs),
     /// Move every unit off a machine and keep new ones away (undo with --undo).
     Drain(DrainArgs),
     /// Say where a unit may run and why not elsewhere: each machine and the
@@ -181,6 +186,68 @@ pub enum Command {
     Journal(JournalArgs),
     /// Print flotilla's version.
     Version,
+    /// Print a completion script for a shell, e.g. `flotilla completion bash >
+    /// /etc/bash_completion.d/flotilla` (the Debian package installs them).
+    Completion {
+        /// bash, zsh or fish (also elvish and powershell).
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), or write one page per verb into a directory.
+    #[command(hide = true)]
+    Man {
+        /// Write flotilla.1 and flotilla-VERB.1 for every verb here instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// `flotilla lock ...`
+#[derive(Debug, Args)]
+pub struct LockArgs {
+    /// The lock group (machines take turns within a group; see reboot_group).
+    #[arg(long, global = true, value_name = "GROUP", default_value = "default")]
+    pub group: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: LockCommand,
+}
+
+/// The reboot lock's verbs.
+#[derive(Debug, Subcommand)]
+pub enum LockCommand {
+    /// Show free slots, the limit, the holders (machine id, since when) and
+    /// the machines asked to reboot.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a slot for a machine (default: this one). Holding one already is fine.
+    #[command(visible_alias = "lock")]
+    Acquire {
+        /// The holder's id [default: this machine's id, /etc/machine-id].
+        id: Option<String>,
+    },
+    /// Give a machine's slot back (default: this one's).
+    #[command(visible_alias = "unlock")]
+    Release {
+        /// The holder's id [default: this machine's id, /etc/machine-id].
+        id: Option<String>,
+    },
+    /// Set how many machines may hold the lock at once (0 stops every reboot).
+    SetMax {
+        /// The new limit.
+        max: u32,
+    },
+    /// Ask a machine (default: this one) to reboot: its coordinator takes the
+    /// lock in its window, drains and reboots.
+    NeedReboot {
+        /// The machine's id [default: this machine's id, /etc/machine-id].
+        id: Option<String>,
+        /// Reboot even if the drain cannot move every unit within drain_timeout.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// How long the state verbs wait (fleetctl's --no-block and --block-attempts).
@@ -385,7 +452,8 @@ pub struct JournalArgs {
 pub enum MemberCommand {
     /// Show the members, their addresses and which one leads.
     List,
-    /// Add a member; then start it with --initial-cluster-state existing.
+    /// Add a member (a learner until it catches up); then start it with
+    /// --initial-cluster-state existing.
     Add {
         /// The new member's name (its --name).
         name: String,
@@ -396,6 +464,19 @@ pub enum MemberCommand {
     Remove {
         /// The member's name.
         name: String,
+    },
+}
+
+/// `flotilla cluster ...`
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Members, leader, each member's lag, quorum, store size, machines whose
+    /// presence lease expired. Exit status 0 when healthy; 1 when a member does
+    /// not answer, no leader is known or quorum is lost (or nothing answers).
+    Health {
+        /// Print the report as JSON (on stdout, healthy or not).
+        #[arg(long)]
+        json: bool,
     },
 }
 

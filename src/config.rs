@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::consensus::member::{check_address, check_name};
+
 /// Where the daemon looks for its configuration when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/flotilla/flotilla.toml";
 
@@ -94,6 +96,31 @@ pub struct Config {
     /// never asks for it. `--check-config` shows it redacted.
     #[serde(serialize_with = "redacted")]
     pub api_token: String,
+    /// What this host does when it needs a reboot (`/run/reboot-required`
+    /// exists or `flotilla lock need-reboot` asked): `lock` takes a slot of
+    /// its group's reboot lock, drains, reboots and releases the slot once
+    /// healthy again; `reboot` does the same without the lock; `off` does nothing.
+    pub reboot_strategy: String,
+    /// The reboot lock group this host takes turns in; empty: the default group.
+    pub reboot_group: String,
+    /// When reboots may start: `"Thu 04:00"` (weekly) or `"04:00"` (daily),
+    /// UTC unless an offset follows (`"Thu 04:00 +02:00"`); empty: any time.
+    pub reboot_window_start: String,
+    /// How long a reboot window stays open, e.g. `1h` or `30m`.
+    pub reboot_window_length: String,
+    /// How long the drain before a reboot may take to move this host's units
+    /// elsewhere; then the reboot is postponed (unless `need-reboot --force`).
+    pub drain_timeout: String,
+    /// The longest a reboot may take, from going down until healthy again; a
+    /// coordinator still up this long after asking for a reboot asks again.
+    pub reboot_timeout: String,
+    /// Release the reboot lock of a holder whose machine has been absent
+    /// this long (`0`: never, as locksmith). Must not be shorter than
+    /// `reboot_timeout`, or a slow reboot would free the lock while down.
+    pub stale_after: String,
+    /// The file holding the id of the current boot, which tells the reboot
+    /// coordinator that a reboot really happened.
+    pub boot_id_file: PathBuf,
 }
 
 /// What `--check-config` shows instead of a set secret.
@@ -116,6 +143,103 @@ impl Config {
             .map(str::to_string)
             .collect()
     }
+
+    /// The reboot coordinator's settings, typed; `Err((key, message))` names
+    /// the first key whose value is unusable.
+    pub fn reboot_settings(&self) -> Result<RebootSettings, (&'static str, String)> {
+        use crate::lock::step::Strategy;
+        use crate::lock::window::{Window, parse_duration, show_duration};
+        let strategy = match self.reboot_strategy.as_str() {
+            "lock" => Strategy::Lock,
+            "reboot" => Strategy::Reboot,
+            "off" => Strategy::Off,
+            other => {
+                return Err((
+                    "reboot_strategy",
+                    format!("{other:?} must be lock, reboot or off"),
+                ));
+            }
+        };
+        let group = if self.reboot_group.is_empty() {
+            crate::registry::lock::DEFAULT_GROUP.to_string()
+        } else if crate::registry::lock::is_group_name(&self.reboot_group) {
+            self.reboot_group.clone()
+        } else {
+            return Err((
+                "reboot_group",
+                format!(
+                    "{:?} is not a group name: use 1-63 letters, digits, '-', '_' or '.'",
+                    self.reboot_group
+                ),
+            ));
+        };
+        let duration = |key: &'static str, text: &str| parse_duration(text).map_err(|m| (key, m));
+        let length = duration("reboot_window_length", &self.reboot_window_length)?;
+        let window = if self.reboot_window_start.is_empty() {
+            None
+        } else {
+            Some(
+                Window::parse(&self.reboot_window_start, length)
+                    .map_err(|m| ("reboot_window_start", m))?,
+            )
+        };
+        let drain_timeout = duration("drain_timeout", &self.drain_timeout)?;
+        let reboot_timeout = duration("reboot_timeout", &self.reboot_timeout)?;
+        let stale_after = duration("stale_after", &self.stale_after)?;
+        if drain_timeout.is_zero() {
+            return Err((
+                "drain_timeout",
+                "must be longer than 0s, e.g. 10m".to_string(),
+            ));
+        }
+        if reboot_timeout < std::time::Duration::from_secs(10) {
+            return Err((
+                "reboot_timeout",
+                "must be at least 10s: a reboot takes longer than that".to_string(),
+            ));
+        }
+        if !stale_after.is_zero() && stale_after < reboot_timeout {
+            return Err((
+                "stale_after",
+                format!(
+                    "{} is shorter than reboot_timeout ({}): a slow reboot would free the \
+                     lock while its host is down; set stale_after to at least {} (or 0 to never \
+                     free a stale holder)",
+                    show_duration(stale_after),
+                    show_duration(reboot_timeout),
+                    show_duration(reboot_timeout)
+                ),
+            ));
+        }
+        Ok(RebootSettings {
+            strategy,
+            group,
+            window,
+            drain_timeout,
+            reboot_timeout,
+            stale_after: (!stale_after.is_zero()).then_some(stale_after),
+            boot_id_file: self.boot_id_file.clone(),
+        })
+    }
+}
+
+/// The reboot coordinator's settings, from [`Config::reboot_settings`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebootSettings {
+    /// What to do when a reboot is needed.
+    pub strategy: crate::lock::step::Strategy,
+    /// The lock group.
+    pub group: String,
+    /// When reboots may start (`None`: any time).
+    pub window: Option<crate::lock::window::Window>,
+    /// How long the drain may take.
+    pub drain_timeout: std::time::Duration,
+    /// How long a reboot may take.
+    pub reboot_timeout: std::time::Duration,
+    /// When an absent holder's slot is freed (`None`: never).
+    pub stale_after: Option<std::time::Duration>,
+    /// Where this boot's id is read.
+    pub boot_id_file: PathBuf,
 }
 
 impl Default for Config {
@@ -140,6 +264,14 @@ impl Default for Config {
             api_socket: PathBuf::from("/run/flotilla/api.sock"),
             api_listen: "127.0.0.1:4003".to_string(),
             api_token: String::new(),
+            reboot_strategy: "lock".to_string(),
+            reboot_group: String::new(),
+            reboot_window_start: String::new(),
+            reboot_window_length: "1h".to_string(),
+            drain_timeout: "10m".to_string(),
+            reboot_timeout: "10m".to_string(),
+            stale_after: "0".to_string(),
+            boot_id_file: PathBuf::from("/proc/sys/kernel/random/boot_id"),
         }
     }
 }
@@ -149,7 +281,7 @@ fn default_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|name| name.trim().to_string())
-        .filter(|name| check_member_name(name).is_ok())
+        .filter(|name| check_name(name).is_ok())
         .unwrap_or_else(|| "default".to_string())
 }
 
@@ -433,15 +565,15 @@ fn validate(loaded: &Loaded) -> Result<(), Error> {
         origin: loaded.origin(key),
         message,
     };
-    check_member_name(&config.name).map_err(|m| invalid("name", m))?;
+    check_name(&config.name).map_err(|m| invalid("name", m))?;
     if config.data_dir.as_os_str().is_empty() {
         return Err(invalid(
             "data_dir",
             "the data directory is empty".to_string(),
         ));
     }
-    check_host_port(&config.client_listen).map_err(|m| invalid("client_listen", m))?;
-    check_host_port(&config.peer_listen).map_err(|m| invalid("peer_listen", m))?;
+    check_address(&config.client_listen).map_err(|m| invalid("client_listen", m))?;
+    check_address(&config.peer_listen).map_err(|m| invalid("peer_listen", m))?;
     if !config.initial_cluster.is_empty() {
         let members =
             parse_members(&config.initial_cluster).map_err(|m| invalid("initial_cluster", m))?;
@@ -501,7 +633,7 @@ fn validate(loaded: &Loaded) -> Result<(), Error> {
         }
     }
     for endpoint in config.endpoint_list() {
-        check_host_port(&endpoint).map_err(|m| invalid("endpoints", m))?;
+        check_address(&endpoint).map_err(|m| invalid("endpoints", m))?;
     }
     if !(1..=3600).contains(&config.ttl_secs) {
         return Err(invalid(
@@ -534,7 +666,7 @@ fn validate(loaded: &Loaded) -> Result<(), Error> {
         check_token(&config.api_token).map_err(|m| invalid("api_token", m))?;
     }
     if !config.api_listen.is_empty() {
-        check_host_port(&config.api_listen).map_err(|m| invalid("api_listen", m))?;
+        check_address(&config.api_listen).map_err(|m| invalid("api_listen", m))?;
         if config.api_token.is_empty() && !is_loopback(&config.api_listen) {
             return Err(invalid(
                 "api_listen",
@@ -547,6 +679,15 @@ fn validate(loaded: &Loaded) -> Result<(), Error> {
             ));
         }
     }
+    config
+        .reboot_settings()
+        .map_err(|(key, message)| invalid(key, message))?;
+    if !config.boot_id_file.is_absolute() {
+        return Err(invalid(
+            "boot_id_file",
+            format!("{} must be an absolute path", config.boot_id_file.display()),
+        ));
+    }
     tracing_subscriber::EnvFilter::try_new(&config.log).map_err(|e| {
         invalid(
             "log",
@@ -554,45 +695,6 @@ fn validate(loaded: &Loaded) -> Result<(), Error> {
         )
     })?;
     Ok(())
-}
-
-fn check_member_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{name:?} is not a member name: use 1-63 letters, digits, '-', '_' or '.'"
-        ))
-    }
-}
-
-/// Checks a member name and its peer address, as `flotilla member add` gets them.
-pub fn check_member(name: &str, peer_addr: &str) -> Result<(), String> {
-    check_member_name(name)?;
-    check_host_port(peer_addr)
-}
-
-/// Accepts `host:port` and `[v6]:port` with a non-zero port.
-fn check_host_port(addr: &str) -> Result<(), String> {
-    let bad = || format!("{addr:?} is not host:port (for example 127.0.0.1:4001 or [::1]:4001)");
-    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
-    let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        v6.parse::<std::net::Ipv6Addr>().is_ok()
-    } else {
-        !host.is_empty()
-            && host
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
-    };
-    match port.parse::<u16>() {
-        Ok(p) if p > 0 && host_ok => Ok(()),
-        _ => Err(bad()),
-    }
 }
 
 /// Whether `host:port` (already checked) only listens on this machine.
@@ -630,8 +732,8 @@ fn parse_members(spec: &str) -> Result<Vec<Member>, String> {
         let (name, addr) = entry
             .split_once('=')
             .ok_or_else(|| format!("entry {entry:?} is not name=host:port"))?;
-        check_member_name(name)?;
-        check_host_port(addr)?;
+        check_name(name)?;
+        check_address(addr)?;
         if members.iter().any(|m| m.name == name) {
             return Err(format!("member {name:?} appears twice"));
         }
@@ -752,6 +854,54 @@ mod tests {
         // The CLI's own variables are not config keys and are not warned about.
         let loaded = load(&explicit(&f), &env(&[("FLOTILLA_ENDPOINT", "x")]), &[]).unwrap();
         assert!(loaded.warnings.is_empty());
+    }
+
+    #[test]
+    fn reboot_keys_are_typed_and_checked_together() {
+        let f = file(
+            "name = \"n1\"\nreboot_window_start = \"Thu 04:00\"\nreboot_window_length = \"90m\"\n\
+             stale_after = \"30m\"\nreboot_timeout = \"15m\"\nreboot_group = \"db\"\n",
+        );
+        let loaded = load(&explicit(&f), &[], &[]).unwrap();
+        let settings = loaded.config.reboot_settings().unwrap();
+        assert_eq!(settings.strategy, crate::lock::step::Strategy::Lock);
+        assert_eq!(settings.group, "db");
+        assert_eq!(
+            settings.window.unwrap().to_string(),
+            "Thu 04:00 UTC for 1h30m"
+        );
+        assert_eq!(
+            settings.stale_after,
+            Some(std::time::Duration::from_secs(1800))
+        );
+        let defaults = Config::default().reboot_settings().unwrap();
+        assert_eq!(defaults.group, "default");
+        assert_eq!(defaults.stale_after, None, "off by default, as locksmith");
+        assert_eq!(defaults.window, None);
+
+        let flag = |key: &'static str, value: &str| (key, "--flag", toml::Value::from(value));
+        for (key, value, says) in [
+            ("reboot_strategy", "sometimes", "lock, reboot or off"),
+            ("reboot_group", "a/b", "group name"),
+            ("reboot_window_start", "Thx 04:00", "Thu 04:00"),
+            ("reboot_window_length", "forever", "duration"),
+            ("drain_timeout", "0", "longer than 0s"),
+            ("reboot_timeout", "5s", "at least 10s"),
+            ("stale_after", "5m", "shorter than reboot_timeout"),
+            ("boot_id_file", "relative", "absolute"),
+        ] {
+            let err = load(
+                &explicit(&file("name = \"n1\"\n")),
+                &[],
+                &[flag(key, value)],
+            )
+            .unwrap_err();
+            assert!(
+                matches!(&err, Error::Invalid { key: k, .. } if *k == key),
+                "{key}={value}: {err}"
+            );
+            assert!(err.to_string().contains(says), "{key}={value}: {err}");
+        }
     }
 
     #[test]

@@ -7,6 +7,10 @@
 //! and the agent has started (it joins in the background: a member must not
 //! wait for a quorum to report ready, or a cluster booting at once deadlocks).
 //!
+//! With the agent, the reboot coordinator runs too (unless
+//! `reboot_strategy = "off"`), and with `stale_after` set every host frees
+//! the reboot-lock slots of holders gone that long ([`crate::lock`]).
+//!
 //! Shutdown (SIGTERM/SIGINT): the agent stops first (leaving units running
 //! unless `leave_on_stop`), then the Raft member.
 
@@ -26,13 +30,14 @@ use crate::consensus::node::{Core, NodeConfig, RequestError, member_id};
 use crate::consensus::runner::{self, Msg};
 use crate::consensus::storage::RedbDisk;
 use crate::consensus::{log, server, transport};
+use crate::lock::{self, coordinator::CoordinatorConfig};
 use crate::scheduler;
 
 /// Reads the configuration again (for SIGHUP).
 pub type Reload<'a> = &'a (dyn Fn() -> std::result::Result<Loaded, crate::config::Error> + Sync);
 
 /// Runs the daemon until SIGTERM or SIGINT; SIGHUP rereads the configuration
-/// and applies what can change at runtime (today: `metadata`).
+/// and applies what can change at runtime (today: `metadata` and `log`).
 pub fn run(loaded: &Loaded, reload: Reload<'_>) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -76,8 +81,28 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>) -> Result<()> {
             leave_on_stop: config.leave_on_stop,
             metadata_updates: Some(metadata_rx),
         };
-        tokio::spawn(agent::run::run(agent_config, stopped))
+        tokio::spawn(agent::run::run(agent_config, stopped.clone()))
     });
+    let reboot = config
+        .reboot_settings()
+        .map_err(|(key, message)| anyhow::anyhow!("invalid {key}: {message}"))?;
+    if let Some(after) = reboot.stale_after {
+        tokio::spawn(lock::stale::run(endpoints.clone(), after, stopped.clone()));
+    }
+    if config.agent && reboot.strategy != lock::step::Strategy::Off {
+        let coordinator = CoordinatorConfig {
+            endpoints: endpoints.clone(),
+            settings: reboot,
+            machine_id_path: PathBuf::from("/etc/machine-id"),
+            reboot_required: PathBuf::from(lock::coordinator::REBOOT_REQUIRED),
+        };
+        let stopped = stopped.clone();
+        tokio::spawn(async move {
+            if let Err(e) = lock::coordinator::run(coordinator, stopped).await {
+                tracing::error!("the reboot coordinator cannot run: {e}");
+            }
+        });
+    }
     // Serves until dropped, when serve() returns.
     let _api = crate::api::start(loaded, &endpoints)
         .await
@@ -92,7 +117,10 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>) -> Result<()> {
 
     wait_for_shutdown(|| match reload() {
         Ok(fresh) => {
-            tracing::info!("configuration reread; applying metadata (other keys need a restart)");
+            tracing::info!(
+                "configuration reread; applying metadata and log (other keys need a restart)"
+            );
+            crate::logging::apply_config_filter(&fresh.config.log);
             metadata_tx.send_replace(fresh.config.metadata);
         }
         Err(e) => tracing::error!("configuration not reloaded: {e}"),

@@ -12,24 +12,32 @@
 //! * [`registry`]: the cluster's records of units and machines, and every
 //!   transaction on them: the user's, the scheduler's and each machine's.
 //! * [`scheduler`]: on the Raft leader, proposes units to machines.
-//! * [`lock`]: reboot coordination; today the semaphore's pure operations.
+//! * [`lock`]: reboot coordination: the semaphore, reboot windows, and each
+//!   host's reboot coordinator (drain make-before-break, reboot, release).
 //! * [`config`]: the daemon's configuration loader (file, environment, flags).
 //! * [`daemon`]: `flotilla daemon`, wiring the roles together.
-//! * [`api`]: the daemon's HTTP JSON API, fleet's `/fleet/v1`, on a unix socket and TCP.
+//! * [`health`]: `flotilla cluster health`: members, leader, lag, quorum, machines.
+//! * [`logging`]: log lines for journald or for people; the filter reloadable on SIGHUP.
+//! * [`api`]: the daemon's HTTP JSON API, fleet's `/fleet/v1` with fleet's semantics
+//!   and flotilla's `/flotilla/v1` (explain, drain, status, journal), on a unix socket and TCP.
 //! * [`cli`]: the command line, as clap types.
 //! * [`client`]: the CLI's HTTP client of the API (unix socket, http(s), ssh tunnel).
+//! * [`cli_docs`]: shell completions and manual pages generated from [`cli`].
 //! * [`verify`]: `flotilla verify`, checking unit files on disk.
 //! * [`lab`]: `flotilla lab`, N real-systemd hosts on one machine for end-to-end tests.
 
 pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod cli_docs;
 pub mod client;
 pub mod config;
 pub mod consensus;
 pub mod daemon;
+pub mod health;
 pub mod lab;
 pub mod lock;
+pub mod logging;
 pub mod registry;
 pub mod scheduler;
 pub mod units;

@@ -6,11 +6,14 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 
-use flotilla::cli::{Cli, Command, DaemonArgs, KvCommand, MemberCommand, VerifyArgs};
+use flotilla::cli::{
+    Cli, ClusterCommand, Command, DaemonArgs, KvCommand, MemberCommand, VerifyArgs,
+};
 use flotilla::config;
 use flotilla::consensus::client::Client;
 use flotilla::verify;
 
+mod lock_verbs;
 mod verbs;
 
 use verbs::wait::Goal;
@@ -42,38 +45,49 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
     })
 }
 
-/// Logs go to stderr. `RUST_LOG` wins; else the daemon's `log` setting, else warnings.
-fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Verify(args) => {
-            init_logging("warn");
+            flotilla::logging::init("warn");
             run_verify(&args)
         }
         Command::Daemon(args) => run_daemon(&args),
         Command::Member(command) => {
-            init_logging("warn");
+            flotilla::logging::init("warn");
             client_runtime()?.block_on(run_member(&cli.store_endpoint, command))
         }
+        Command::Cluster(command) => {
+            flotilla::logging::init("warn");
+            client_runtime()?.block_on(run_cluster(&cli.store_endpoint, command))
+        }
         Command::Kv(command) => {
-            init_logging("warn");
+            flotilla::logging::init("warn");
             client_runtime()?.block_on(run_kv(&cli.store_endpoint, command))
         }
         Command::Lab(command) => flotilla::lab::run(command),
+        Command::Lock(args) => {
+            flotilla::logging::init("warn");
+            client_runtime()?.block_on(lock_verbs::run(&cli.store_endpoint, args))
+        }
+        Command::Completion { shell } => {
+            flotilla::cli_docs::completion(shell, &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => {
+            match dir {
+                Some(dir) => flotilla::cli_docs::man_pages(&dir)
+                    .with_context(|| format!("cannot write manual pages into {}", dir.display()))?,
+                None => flotilla::cli_docs::man_page(&mut std::io::stdout())
+                    .context("cannot write the manual page")?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Version => {
             outln!("flotilla version {}", env!("CARGO_PKG_VERSION"))?;
             Ok(ExitCode::SUCCESS)
         }
         command => {
-            init_logging("warn");
+            flotilla::logging::init("warn");
             client_runtime()?.block_on(run_api_verb(&cli.api, command))
         }
     }
@@ -102,8 +116,12 @@ async fn run_api_verb(outer: &flotilla::cli::ApiArgs, command: Command) -> Resul
         Command::Verify(_)
         | Command::Daemon(_)
         | Command::Member(_)
+        | Command::Cluster(_)
         | Command::Kv(_)
+        | Command::Lock(_)
         | Command::Lab(_)
+        | Command::Completion { .. }
+        | Command::Man { .. }
         | Command::Version => unreachable!("dispatched in run()"),
     }
 }
@@ -154,6 +172,27 @@ async fn run_member(endpoints: &[String], command: MemberCommand) -> Result<Exit
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn run_cluster(endpoints: &[String], command: ClusterCommand) -> Result<ExitCode> {
+    match command {
+        ClusterCommand::Health { json } => {
+            let health = flotilla::health::check(endpoints).await?;
+            if json {
+                outln!(
+                    "{}",
+                    serde_json::to_string_pretty(&health).context("cannot print the report")?
+                )?;
+            } else {
+                out!("{}", health.table())?;
+            }
+            Ok(if health.healthy {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
 }
 
 async fn run_kv(endpoints: &[String], command: KvCommand) -> Result<ExitCode> {
@@ -236,7 +275,7 @@ fn run_daemon(args: &DaemonArgs) -> Result<ExitCode> {
         .map_err(anyhow::Error::msg)
         .context("invalid flag")?;
     let loaded = config::load(&source, &env, &overrides).context("invalid configuration")?;
-    init_logging(&loaded.config.log);
+    flotilla::logging::init(&loaded.config.log);
     for warning in &loaded.warnings {
         tracing::warn!("{warning}");
     }

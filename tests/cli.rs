@@ -524,3 +524,92 @@ fn a_closed_pipe_ends_a_verb_quietly() {
         assert!(stderr(&out).is_empty(), "{}", stderr(&out));
     }
 }
+
+#[test]
+fn lock_verbs_check_their_arguments_before_the_cluster() {
+    // An endpoint nobody listens on: a check that needed the cluster would
+    // report it unreachable instead of naming the bad argument.
+    let none = ["--endpoint", "127.0.0.1:9"];
+    for (args, says) in [
+        (&["lock", "acquire", "a/b"][..], "is not a machine id"),
+        (&["lock", "need-reboot", "x y"], "is not a machine id"),
+        (
+            &["lock", "status", "--group", "no/such"],
+            "is not a lock group name",
+        ),
+        (
+            &["lock", "release", "--group", ""],
+            "is not a lock group name",
+        ),
+    ] {
+        let mut argv = none.to_vec();
+        argv.extend(args);
+        let out = flotilla(&argv);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+    }
+    let out = flotilla(&["lock", "set-max", "-1"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a usage error: {}",
+        stderr(&out)
+    );
+    let out = flotilla(&[&none[..], &["lock", "status"]].concat());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("cannot reach"), "{}", stderr(&out));
+    // locksmithctl's names work too.
+    let help = stdout(&flotilla(&["lock", "--help"]));
+    for verb in ["status", "acquire", "release", "set-max", "need-reboot"] {
+        assert!(help.contains(verb), "{help}");
+    }
+    let out = flotilla(&[&none[..], &["lock", "unlock", "a/b"]].concat());
+    assert!(
+        stderr(&out).contains("is not a machine id"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// What bash offers after `flotilla WORD<TAB>`, with the script
+/// `flotilla completion bash` prints loaded.
+fn bash_completes(script: &Path, word: &str) -> Vec<String> {
+    let program = format!(
+        "source {script}; COMP_WORDS=(flotilla '{word}'); COMP_CWORD=1; \
+         COMP_LINE='flotilla {word}'; COMP_POINT=${{#COMP_LINE}}; \
+         _flotilla flotilla '{word}' flotilla; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        script = script.display()
+    );
+    let out = Command::new("bash")
+        .args(["--norc", "-c", &program])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out).lines().map(str::to_string).collect()
+}
+
+#[test]
+fn bash_completion_offers_the_real_verbs() {
+    let out = flotilla(&["completion", "bash"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dir = tempfile::tempdir().unwrap();
+    let script = write(dir.path(), "flotilla.bash", &out.stdout);
+    assert_eq!(bash_completes(&script, "list-m"), ["list-machines"]);
+    let all = bash_completes(&script, "");
+    for verb in [
+        "submit",
+        "start",
+        "list-units",
+        "daemon",
+        "member",
+        "completion",
+    ] {
+        assert!(all.iter().any(|w| w == verb), "{verb} not offered: {all:?}");
+    }
+    let out = flotilla(&["completion", "tcsh"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+}

@@ -16,16 +16,7 @@ use std::time::{Duration, Instant};
 mod support;
 
 use support::cluster::{Cluster, wait_for};
-use support::text;
-
-const HELLO: &str = "\
-[Unit]
-Description=hello %i: holds this host's hello lock or fails
-[Service]
-ExecStart=/usr/bin/flock -n -E 99 /run/hello.lock /bin/sleep infinity
-[X-Fleet]
-Conflicts=hello@*.service
-";
+use support::{HELLO, text};
 
 const PLAIN: &str = "\
 [Service]

@@ -12,13 +12,9 @@ use std::time::{Duration, Instant};
 use flotilla::consensus::client::{Client, ClientError};
 use flotilla::consensus::kv::Revision;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod support;
+
+use support::free_port;
 
 struct Member {
     name: String,
@@ -36,6 +32,15 @@ struct Cluster {
 
 impl Cluster {
     fn start(n: usize) -> Cluster {
+        let mut cluster = Cluster::prepare(n);
+        for i in 0..n {
+            cluster.boot(i);
+        }
+        cluster
+    }
+
+    /// A cluster of `n` founding members, none started yet.
+    fn prepare(n: usize) -> Cluster {
         let root = tempfile::tempdir().unwrap();
         let members: Vec<Member> = (0..n).map(|i| new_member(root.path(), i)).collect();
         let initial = members
@@ -43,15 +48,11 @@ impl Cluster {
             .map(|m| format!("{}={}", m.name, m.peer))
             .collect::<Vec<_>>()
             .join(",");
-        let mut cluster = Cluster {
+        Cluster {
             members,
             initial,
             root,
-        };
-        for i in 0..n {
-            cluster.boot(i);
         }
-        cluster
     }
 
     /// Adds a member through `flotilla member add` and starts it joining.
@@ -389,6 +390,39 @@ async fn members_are_added_from_a_snapshot_and_removed_at_runtime() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // Remove the leader itself: it hands leadership to another member (raft-rs
+    // alone would keep it leading), and the other two go on without it.
+    let leader = cluster.leader(None).await;
+    let name = cluster.members[leader].name.clone();
+    let out = cli(&survivors, &["member", "remove", &name]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let next = cluster.leader(Some(leader)).await;
+    assert_ne!(next, leader);
+    let rest: Vec<String> = survivors
+        .iter()
+        .filter(|e| **e != cluster.members[leader].client)
+        .cloned()
+        .collect();
+    let client = Client::connect(&rest).await.unwrap();
+    client
+        .put("/after-leader-remove", b"ok".to_vec())
+        .await
+        .unwrap();
+    let status = client.status().await.unwrap();
+    assert_eq!(status.members.len(), 2, "{status:?}");
+    assert!(!status.members.values().any(|m| m.name == name));
+    // The removed member, still running, refuses requests.
+    let removed = Client::connect(std::slice::from_ref(&cluster.members[leader].client))
+        .await
+        .unwrap()
+        .with_timeout(Duration::from_secs(1));
+    let refused = removed.put("/k", b"no".to_vec()).await.unwrap_err();
+    assert!(refused.to_string().contains("removed"), "{refused}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -439,4 +473,201 @@ async fn a_new_leader_keeps_leases_for_their_remaining_time_only() {
     eprintln!(
         "lease with TTL {ttl:?} expired {gone_after:?} after its last keep-alive across a leader kill"
     );
+}
+
+/// `flotilla cluster health --json` against `endpoints`: exit status and report.
+fn health(endpoints: &[String]) -> (Option<i32>, serde_json::Value) {
+    let out = cli(endpoints, &["cluster", "health", "--json"]);
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON report ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code(), report)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_health_sees_every_member_and_fails_when_members_die() {
+    use flotilla::registry::{keys, records};
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.leader(None).await;
+    let endpoints = cluster.endpoints();
+    // One live machine (presence on a lease) and one the store remembers
+    // (its claim generation key) whose lease is gone.
+    let client = Client::connect(&endpoints).await.unwrap();
+    let lease = client.grant(Duration::from_secs(60)).await.unwrap();
+    let record = records::MachineRecord {
+        id: "live0001".into(),
+        instance: "i1".into(),
+        hostname: "live".into(),
+        ip: "127.0.0.1".into(),
+        metadata: BTreeMap::new(),
+    };
+    client
+        .put_with_lease(
+            &keys::machine("live0001"),
+            records::encode(&record),
+            Some(lease),
+        )
+        .await
+        .unwrap();
+    client
+        .put(&keys::generation("gone0001"), b"1".to_vec())
+        .await
+        .unwrap();
+
+    // Healthy once every member follows the leader (a follower may not have
+    // heard its first heartbeat yet right after the election).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let report = loop {
+        let (code, report) = health(&endpoints);
+        if code == Some(0) {
+            break report;
+        }
+        assert!(Instant::now() < deadline, "never healthy: {report:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(report["healthy"], true);
+    assert_eq!(report["leader"], cluster.members[leader].name.as_str());
+    assert_eq!(report["quorum"]["following"], 3);
+    let members = report["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3);
+    for m in members {
+        assert!(m["lag"].as_u64().is_some(), "{m}");
+        assert!(m["keys"].as_u64().unwrap() >= 2, "{m}");
+        assert!(m["store_bytes"].as_u64().unwrap() > 0, "{m}");
+    }
+    assert_eq!(report["machines"]["live"], serde_json::json!(["live0001"]));
+    assert_eq!(report["machines"]["expired"][0]["machine"], "gone0001");
+
+    // A follower dies: quorum holds, but the cluster is unhealthy, naming it.
+    let follower = (leader + 1) % 3;
+    cluster.kill9(follower);
+    let (code, report) = health(&endpoints);
+    assert_eq!(code, Some(1), "{report:#}");
+    assert_eq!(report["quorum"]["ok"], true, "{report:#}");
+    let problems = report["problems"].to_string();
+    let name = &cluster.members[follower].name;
+    assert!(
+        problems.contains(&format!("member {name} is unreachable")),
+        "{problems}"
+    );
+    let text = cli(&endpoints, &["cluster", "health"]);
+    assert_eq!(text.status.code(), Some(1));
+    let shown = String::from_utf8_lossy(&text.stdout);
+    assert!(shown.starts_with("cluster is UNHEALTHY"), "{shown}");
+    assert!(shown.contains("unreachable"), "{shown}");
+
+    // The leader dies too: no quorum, still a report from the survivor.
+    cluster.kill9(leader);
+    let (code, report) = health(&endpoints);
+    assert_eq!(code, Some(1), "{report:#}");
+    assert_eq!(report["quorum"]["ok"], false, "{report:#}");
+    assert_eq!(
+        report["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["role"] == "unreachable")
+            .count(),
+        2,
+        "{report:#}"
+    );
+}
+
+/// Issue 11, item 5: a member that never has a leader (two of its three
+/// founders never start) answers every request and every watch, but can
+/// change nothing and learns of nothing. A client listing it first must move
+/// on to a member with a leader: writes after "no leader", require-leader
+/// watches when the member ends them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_and_require_leader_watches_move_off_a_member_without_a_leader() {
+    let mut lonely = Cluster::prepare(3);
+    lonely.boot(0);
+    let healthy = Cluster::start(1);
+    healthy.leader(None).await;
+    let endpoints = vec![
+        lonely.members[0].client.clone(),
+        healthy.members[0].client.clone(),
+    ];
+    let lonely_only = connect_when_up(&lonely.members[0].client).await;
+    assert_eq!(lonely_only.status().await.unwrap().leader, 0);
+
+    let client = Client::connect(&endpoints)
+        .await
+        .unwrap()
+        .with_timeout(Duration::from_secs(5));
+    // Before the fix the client retried the lonely member until its timeout
+    // and failed with "no leader".
+    let revision = client.put("/w/k", b"1".to_vec()).await.unwrap();
+    assert_eq!(client.get("/w/k").await.unwrap().unwrap().value, b"1");
+
+    // The lonely member refuses the require-leader watch; it resumes on the
+    // healthy one and sees the next write.
+    let watcher = Client::connect(&endpoints).await.unwrap();
+    let mut watch = watcher.watch("/w/", revision + 1).require_leader();
+    let writer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        client.put("/w/k", b"2".to_vec()).await.unwrap()
+    });
+    let events = tokio::time::timeout(Duration::from_secs(20), watch.next())
+        .await
+        .expect("the watch moved to the member with a leader")
+        .unwrap();
+    let written = writer.await.unwrap();
+    assert_eq!(events.last().unwrap().revision(), written);
+    assert_eq!(events.last().unwrap().kv.value, b"2");
+}
+
+/// Issue 11, item 4: a member added to a store whose snapshot outgrows the
+/// largest frame (64 MiB) receives it in chunks on a connection of its own.
+/// Sent as one message, it could never arrive, and the newcomer was sent it
+/// again and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_joins_a_store_larger_than_one_frame() {
+    let mut cluster = Cluster::start(1);
+    cluster.leader(None).await;
+    let client = Client::connect(&cluster.endpoints())
+        .await
+        .unwrap()
+        .with_timeout(Duration::from_secs(60));
+    // 40 values of 1 MiB: with the watch history holding each value once
+    // more, the snapshot is about 80 MiB. Fewer entries than the test's
+    // --snapshot-entries, so the one snapshot is taken for the newcomer.
+    let value = vec![0x5a; 1024 * 1024];
+    let keys = 40;
+    for i in 0..keys {
+        if let Err(e) = client.put(&format!("/big/{i}"), value.clone()).await {
+            let log = std::fs::read_to_string(cluster.members[0].dir.with_extension("log"));
+            panic!("put {i} failed: {e}; member log: {log:?}");
+        }
+    }
+    let added = cluster.add_member().await;
+    // A debug build takes seconds to decode and store 80 MiB: be patient.
+    let newcomer = connect_when_up(&cluster.members[added].client)
+        .await
+        .with_timeout(Duration::from_secs(60));
+    let last = format!("/big/{}", keys - 1);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok((kvs, _)) = newcomer.range(&last, false, true).await
+            && kvs.first().is_some_and(|kv| kv.value == value)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the newcomer never received the snapshot; logs in {}",
+            log_dir(&cluster.members[0].dir)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (first, _) = newcomer.range("/big/0", false, true).await.unwrap();
+    assert_eq!(first[0].value, value);
+    // Caught up, it is promoted: the two members then commit together.
+    client.put("/after-join", b"ok".to_vec()).await.unwrap();
+    let status = newcomer.status().await.unwrap();
+    assert_eq!(status.members.len(), 2, "{status:?}");
 }

@@ -1,12 +1,25 @@
 //! Deterministic simulation of the Raft group in one process.
 //!
 //! Several [`Core`]s run against a simulated network that loses, duplicates
-//! and reorders messages and can be partitioned, and against simulated disks
-//! ([`MemDisk`]) where a crash keeps ONLY what was fsynced. Clients issue puts,
-//! deletes, compare-and-swaps and linearizable reads; what they asked and what
-//! they heard back is the history that `consensus::linearizable` judges, one
-//! register per key. The watch tests check that a watcher sees every revision
-//! exactly once across a leader kill and across a snapshot install.
+//! and reorders messages and can be partitioned (both ways, or one way only),
+//! and against simulated disks ([`MemDisk`]) where a crash keeps ONLY what
+//! was fsynced and that refuse writes on request (the member stops, as the
+//! runner does, and is restarted later). Members also stall: a stalled
+//! member takes what queued up and fires its missed ticks at once, as the
+//! runner does after a long fsync.
+//!
+//! Two families of 1,000 seeds each run under those faults and crashes. In
+//! the first, clients issue puts, deletes, compare-and-swaps and
+//! linearizable reads; what they asked and what they heard back is the
+//! history that the checker in `tests/support/linearizable.rs` judges, one
+//! register per key. In the second, lease holders grant, keep alive every
+//! third of the TTL, revoke and abandon leases; `tests/support/leases.rs`
+//! checks that no lease ended before its TTL after its last acknowledged
+//! keep-alive. Scenario tests pin single interleavings: the two lease bugs of
+//! issue 11, membership changes (learners, a member that never starts,
+//! removing the leader), reads right after an election, and watchers that
+//! see every revision exactly once across a leader kill and a snapshot
+//! install.
 //!
 //! Everything derives from the seed: message delays and fates, faults, client
 //! choices, each member's election timeout (raft-rs would otherwise draw it
@@ -17,12 +30,13 @@
 //!
 //! ```text
 //! SIM_SEED=<seed> cargo test --test sim replay_one_seed -- --nocapture
+//! SIM_SEED=<seed> cargo test --test sim replay_one_lease_seed -- --nocapture
 //! ```
 //!
 //! `SIM_SEED_OFFSET=<n>` shifts every batch onto fresh seeds, for soak runs;
 //! `SIM_RAFT_LOG=1` adds raft-rs's own log to a replay.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,20 +45,29 @@ use std::time::{Duration, Instant};
 
 use flotilla::consensus::codec::MemberInfo;
 use flotilla::consensus::kv::{
-    Command, Compare, CompareOp, Event, KvStore, Op as TxnOp, OpResult, Outcome, Revision, Target,
+    Command, Compare, CompareOp, Event, KvStore, LeaseId, Op as TxnOp, OpResult, Outcome, Revision,
+    Target,
 };
-use flotilla::consensus::linearizable::{self, CheckError, Limits, Op, OpKind};
 use flotilla::consensus::node::{Core, NodeConfig, RequestError, WatchMsg, WatchSink};
-use flotilla::consensus::storage::MemDisk;
+use flotilla::consensus::storage::{self, MemDisk};
 use raft::eraftpb::{Message, MessageType};
+
+#[path = "support/linearizable.rs"]
+mod linearizable;
+
+#[path = "support/leases.rs"]
+mod leases;
+
+use leases::{LeaseLife, Violation};
+use linearizable::{CheckError, Limits, Op, OpKind};
 
 /// Milliseconds per Raft tick.
 const TICK_MS: u64 = 10;
 /// The configured election timeout; each member's actual one is drawn from
 /// the seed between this and twice this.
 const ELECTION_MS: u64 = 100;
-/// Seeds per batch test; four batches make the 200 CI runs.
-const SEEDS_PER_BATCH: u64 = 50;
+/// Seeds per batch test; four batches make the 1,000 CI runs of each family.
+const SEEDS_PER_BATCH: u64 = 250;
 /// Wall-clock time one seed may take before it fails loudly.
 const SEED_WALL_LIMIT: Duration = Duration::from_secs(15);
 /// A client gives up on a request after this long and records it as unknown.
@@ -143,6 +166,26 @@ struct Member {
     /// Bumped at every crash, so a client can tell its request died with the
     /// member (the Core drops pending callbacks without calling them).
     incarnation: u64,
+    /// While stalled (a long fsync, a paused VM), until when; the member
+    /// neither ticks nor runs its Ready loop, and what reaches it waits in
+    /// `inbox`, as it waits in the runner's channel.
+    stalled_until: Option<u64>,
+    /// Messages and proposals that reached the member while it was stalled.
+    inbox: Vec<Inbound>,
+    /// The last tick the member took, so a stall's missed ticks can be fired
+    /// at once afterwards, as the runner does.
+    last_tick: u64,
+    /// Ticks since this incarnation started, as its Core counts them.
+    ticks: u64,
+}
+
+/// Something that reached a stalled member.
+enum Inbound {
+    Raft(Message),
+    Propose(
+        Command,
+        Box<dyn FnOnce(Result<Outcome, RequestError>) + Send>,
+    ),
 }
 
 /// The Raft group, its network and a logical clock in ms.
@@ -160,7 +203,15 @@ struct Sim {
     /// Which side of the current partition each member is on; empty when the
     /// network is whole.
     sides: BTreeMap<u64, u8>,
+    /// A one-way cut: messages from the first member to the second are lost
+    /// while the other way works (a half-broken link or firewall).
+    one_way: Option<(u64, u64)>,
+    /// Members whose disk refused a write since the fault schedule last
+    /// looked: each stopped, as the runner stops.
+    disk_failed: Vec<u64>,
     snapshot_entries: u64,
+    /// Ticks between the leader's lease checkpoints, when not the default.
+    checkpoint_ticks: Option<u64>,
     /// Members started so far, restarts included.
     boots: u64,
     /// Snapshot messages delivered to each member.
@@ -229,7 +280,10 @@ impl Sim {
             queue: BTreeMap::new(),
             sent: 0,
             sides: BTreeMap::new(),
+            one_way: None,
+            disk_failed: Vec::new(),
             snapshot_entries,
+            checkpoint_ticks: None,
             boots: 0,
             snapshots_delivered: BTreeMap::new(),
             logger: slog::Logger::root(slog::Discard, slog::o!()),
@@ -251,6 +305,10 @@ impl Sim {
                 phase,
                 election_ticks: 0,
                 incarnation: 0,
+                stalled_until: None,
+                inbox: Vec::new(),
+                last_tick: 0,
+                ticks: 0,
             };
             sim.members.insert(id, member);
             sim.boot(id, &bootstrap);
@@ -288,11 +346,18 @@ impl Sim {
         self.boots += 1;
         config.first_request = self.boots << 32;
         config.snapshot_entries = self.snapshot_entries;
+        if let Some(ticks) = self.checkpoint_ticks {
+            config.checkpoint_ticks = ticks;
+        }
         let member = self.members.get_mut(&id).expect("booting a known member");
         let core = Core::new(config, member.disk.clone(), bootstrap, &self.logger)
             .unwrap_or_else(|e| panic!("member {id} cannot start from its disk: {e}"));
         member.core = Some(core);
         member.election_ticks = ticks;
+        member.stalled_until = None;
+        member.inbox.clear();
+        member.last_tick = self.now;
+        member.ticks = 0;
     }
 
     fn ids(&self) -> Vec<u64> {
@@ -324,13 +389,41 @@ impl Sim {
             .unwrap_or_else(|| panic!("member {id} is down"))
     }
 
+    /// The member's incarnation; a member retired from the simulation has
+    /// none, which no call's recorded incarnation equals.
     fn incarnation(&self, id: u64) -> u64 {
-        self.members[&id].incarnation
+        self.members.get(&id).map_or(u64::MAX, |m| m.incarnation)
+    }
+
+    /// A removed member leaves the simulation: its operator stops it.
+    fn retire(&mut self, id: u64) {
+        self.note(|| format!("n{id} was removed; it is stopped"));
+        if self.is_up(id) {
+            self.crash(id);
+        }
+        self.members.remove(&id);
+        self.queue.retain(|_, m| m.to != id);
+    }
+
+    /// The membership as the most advanced live member applied it.
+    fn membership(&self) -> Option<(Vec<u64>, Vec<u64>)> {
+        let core = self
+            .members
+            .values()
+            .filter_map(|m| m.core.as_ref())
+            .max_by_key(|core| core.status().applied)?;
+        Some((core.voters().to_vec(), core.learners().to_vec()))
     }
 
     /// True when the partition separates `a` from `b`.
     fn cut(&self, a: u64, b: u64) -> bool {
         !self.sides.is_empty() && self.sides.get(&a) != self.sides.get(&b)
+    }
+
+    /// Loses every message from `from` to `to`, and only those.
+    fn cut_one_way(&mut self, from: u64, to: u64) {
+        self.note(|| format!("cut n{from} -> n{to} (one way)"));
+        self.one_way = Some((from, to));
     }
 
     /// Puts `minority` on one side of a partition and everyone else on the other.
@@ -344,10 +437,11 @@ impl Sim {
     }
 
     fn heal(&mut self) {
-        if !self.sides.is_empty() {
+        if !self.sides.is_empty() || self.one_way.is_some() {
             self.note(|| "heal the partition".to_string());
         }
         self.sides.clear();
+        self.one_way = None;
     }
 
     /// Power loss: the Core and everything in memory go; the disk keeps what
@@ -357,17 +451,100 @@ impl Sim {
         let member = self.members.get_mut(&id).expect("crashing a known member");
         member.core = None;
         member.incarnation += 1;
+        member.stalled_until = None;
+        member.inbox.clear();
         self.queue.retain(|_, m| m.to != id);
     }
 
-    /// Restarts a crashed member from its disk, with no bootstrap membership.
+    /// Stalls a live member for `ms`: then it takes what queued up, and fires
+    /// every tick it missed at once, before its next Ready pass.
+    fn stall(&mut self, id: u64, ms: u64) {
+        self.note(|| format!("stall n{id} for {ms} ms"));
+        let until = self.now + ms;
+        if let Some(member) = self.members.get_mut(&id)
+            && member.core.is_some()
+        {
+            member.stalled_until = Some(until);
+        }
+    }
+
+    fn is_stalled(&self, id: u64) -> bool {
+        self.members
+            .get(&id)
+            .is_some_and(|m| m.stalled_until.is_some())
+    }
+
+    /// Proposes `command` on member `id` (queued while it is stalled).
+    fn propose_on(
+        &mut self,
+        id: u64,
+        command: Command,
+        reply: Box<dyn FnOnce(Result<Outcome, RequestError>) + Send>,
+    ) {
+        let member = self.members.get_mut(&id).expect("a known member");
+        if member.stalled_until.is_some() {
+            member.inbox.push(Inbound::Propose(command, reply));
+        } else if let Some(core) = member.core.as_mut() {
+            core.propose(&command, reply);
+        }
+    }
+
+    /// Ends the stalls that are over: queued input first, then the missed ticks.
+    fn wake_stalled(&mut self) {
+        let now = self.now;
+        for member in self.members.values_mut() {
+            if member.stalled_until.is_none_or(|until| until > now) {
+                continue;
+            }
+            member.stalled_until = None;
+            let Some(core) = member.core.as_mut() else {
+                continue;
+            };
+            for inbound in member.inbox.drain(..) {
+                match inbound {
+                    Inbound::Raft(message) => core.step(message),
+                    Inbound::Propose(command, reply) => core.propose(&command, reply),
+                }
+            }
+            for at in member.last_tick + 1..now {
+                if at % TICK_MS == member.phase {
+                    core.tick(at);
+                    member.last_tick = at;
+                    member.ticks += 1;
+                }
+            }
+        }
+    }
+
+    /// Restarts a crashed member from its disk, with no bootstrap membership
+    /// (a disk that failed was mended meanwhile, its contents kept).
     fn restart(&mut self, id: u64) {
+        let Some(member) = self.members.get(&id) else {
+            return;
+        };
+        member.disk.fail_after(u64::MAX);
         self.note(|| format!("restart n{id}"));
         self.boot(id, &BTreeMap::new());
     }
 
+    /// The simulated transport's report on a snapshot it carried (see
+    /// `Core::report_snapshot`): delivered, or lost with the connection.
+    fn snapshot_outcome(&mut self, message: &Message, delivered: bool) {
+        if message.get_msg_type() != MessageType::MsgSnapshot {
+            return;
+        }
+        if let Some(core) = self
+            .members
+            .get_mut(&message.from)
+            .and_then(|m| m.core.as_mut())
+        {
+            core.report_snapshot(message.to, delivered);
+        }
+    }
+
     fn send(&mut self, message: Message) {
         if self.rng.per_mille(self.weather.drop_per_mille) {
+            self.snapshot_outcome(&message, false);
             return;
         }
         // Raft's own messages are idempotent, so any of them may arrive twice.
@@ -385,35 +562,61 @@ impl Sim {
     }
 
     fn deliver(&mut self, message: Message) {
-        if self.cut(message.from, message.to) {
-            return;
-        }
         let to = message.to;
-        let Some(core) = self.members.get_mut(&to).and_then(|m| m.core.as_mut()) else {
+        let up = self.members.get(&to).is_some_and(|m| m.core.is_some());
+        if self.cut(message.from, to) || self.one_way == Some((message.from, to)) || !up {
+            self.snapshot_outcome(&message, false);
             return;
-        };
-        if message.get_msg_type() == MessageType::MsgSnapshot {
-            *self.snapshots_delivered.entry(to).or_default() += 1;
         }
-        core.step(message);
+        let member = self.members.get_mut(&to).expect("checked above");
+        let core = member.core.as_mut().expect("checked above");
+        let snapshot = message.get_msg_type() == MessageType::MsgSnapshot;
+        let report = snapshot.then(|| message.clone());
+        if member.stalled_until.is_some() {
+            member.inbox.push(Inbound::Raft(message));
+        } else {
+            if snapshot {
+                *self.snapshots_delivered.entry(to).or_default() += 1;
+            }
+            core.step(message);
+        }
+        if let Some(report) = report {
+            self.snapshot_outcome(&report, true);
+        }
     }
 
     /// Runs every live member's Ready loop and sends what it produced.
+    /// A member whose disk refused a write stops, sending nothing of that
+    /// pass, as the runner does; the fault schedule restarts it later.
     fn pump(&mut self) {
         let mut out = Vec::new();
+        let mut failed = Vec::new();
         for (id, member) in &mut self.members {
             let Some(core) = member.core.as_mut() else {
                 continue;
             };
+            if member.stalled_until.is_some() {
+                continue;
+            }
             for _ in 0..16 {
-                let sent = core
-                    .handle_ready()
-                    .unwrap_or_else(|e| panic!("member {id}: the Ready loop failed: {e}"));
+                let sent = match core.handle_ready() {
+                    Ok(sent) => sent,
+                    Err(storage::DiskError::Failed(_)) => {
+                        failed.push(*id);
+                        break;
+                    }
+                    Err(e) => panic!("member {id}: the Ready loop failed: {e}"),
+                };
                 if sent.is_empty() {
                     break;
                 }
                 out.extend(sent);
             }
+        }
+        for id in failed {
+            self.note(|| format!("n{id}: its disk refused a write; it stops"));
+            self.crash(id);
+            self.disk_failed.push(id);
         }
         for message in out {
             self.send(message);
@@ -440,12 +643,16 @@ impl Sim {
             let message = entry.remove();
             self.deliver(message);
         }
+        self.wake_stalled();
         let now = self.now;
         for member in self.members.values_mut() {
             if now % TICK_MS == member.phase
+                && member.stalled_until.is_none()
                 && let Some(core) = member.core.as_mut()
             {
                 core.tick(now);
+                member.last_tick = now;
+                member.ticks += 1;
             }
         }
         self.pump();
@@ -993,7 +1200,143 @@ struct Chaos {
     next_fault: u64,
     heal_at: Option<u64>,
     restart_at: BTreeMap<u64, u64>,
-    faults: u64,
+    /// Longest stall, in ms; 0 means the schedule stalls no member.
+    max_stall_ms: u64,
+    count: Faults,
+    /// Membership changes among the faults, when the schedule makes them.
+    churn: Option<Churn>,
+}
+
+/// Membership changes made by the fault schedule: members added (learners
+/// first; some never start) and removed (the leader too), one at a time.
+#[derive(Default)]
+struct Churn {
+    next_id: u64,
+    /// An add waiting for its answer: the id, whether it will start, the
+    /// answer's slot, and when it was asked.
+    adding: Option<(u64, bool, LeaseSlot, u64)>,
+    /// A removal proposed: the member, the answer's slot, and when.
+    removing: Option<(u64, LeaseSlot, u64)>,
+    /// Added, but never started.
+    absent: Vec<u64>,
+}
+
+impl Churn {
+    /// Follows up on the change in flight: starts a member once its add is
+    /// applied, retires a member once its removal is.
+    fn follow_up(&mut self, sim: &mut Sim, restart_at: &mut BTreeMap<u64, u64>) {
+        if let Some((id, starts, slot, asked)) = &self.adding {
+            let answer = slot.lock().expect("slot").take();
+            let (id, starts) = (*id, *starts);
+            match answer {
+                Some(Ok(_)) if starts => {
+                    sim.note(|| format!("n{id} was added; it starts"));
+                    sim.add_empty_member(id);
+                    self.adding = None;
+                }
+                Some(Ok(_)) => {
+                    sim.note(|| format!("n{id} was added; it never starts"));
+                    self.absent.push(id);
+                    self.adding = None;
+                }
+                // Refused, or no answer in time: it may be in the group.
+                Some(Err(_)) => self.adding = None,
+                None if sim.now > *asked + 3_000 => {
+                    self.absent.push(id);
+                    self.adding = None;
+                }
+                None => {}
+            }
+        }
+        let Some((id, slot, asked)) = &self.removing else {
+            return;
+        };
+        let (id, asked) = (*id, *asked);
+        if matches!(
+            *slot.lock().expect("slot"),
+            Some(Err(RequestError::Invalid(_)))
+        ) {
+            // Refused (another change was pending): nothing changed.
+            self.removing = None;
+            return;
+        }
+        let Some((voters, learners)) = sim.membership() else {
+            return;
+        };
+        if !voters.contains(&id) && !learners.contains(&id) {
+            self.removing = None;
+            restart_at.remove(&id);
+            if sim.members.contains_key(&id) {
+                sim.retire(id);
+            }
+        } else if sim.now > asked + 5_000 {
+            // Lost with a leadership change: it stays a member.
+            self.removing = None;
+        }
+    }
+
+    /// Proposes the next change through the leader: an add while the group
+    /// has three voters or fewer (or half the time), else a removal.
+    fn change(&mut self, sim: &mut Sim) -> bool {
+        if self.adding.is_some() || self.removing.is_some() {
+            return false;
+        }
+        let Some(leader) = sim.leader() else {
+            return false;
+        };
+        let voters = sim.core(leader).voters().to_vec();
+        if voters.len() <= 3 || sim.rng.per_mille(500) {
+            self.next_id = self.next_id.max(100) + 1;
+            let id = self.next_id;
+            let starts = !sim.rng.per_mille(200);
+            sim.note(|| format!("propose adding n{id}"));
+            let slot = change_members(sim, leader, id, true);
+            self.adding = Some((id, starts, slot, sim.now));
+        } else {
+            let victim = if sim.rng.per_mille(333) {
+                leader
+            } else if !self.absent.is_empty() && sim.rng.per_mille(500) {
+                self.absent.remove(0)
+            } else {
+                sim.rng.pick(&voters)
+            };
+            sim.note(|| format!("propose removing n{victim}"));
+            let slot = change_members(sim, leader, victim, false);
+            self.removing = Some((victim, slot, sim.now));
+        }
+        true
+    }
+}
+
+/// How many faults of each kind a schedule made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Faults {
+    /// Faults of every kind (a disk failure counts when the disk refuses).
+    all: u64,
+    stalls: u64,
+    one_way_cuts: u64,
+    disk_failures: u64,
+    membership_changes: u64,
+}
+
+impl std::ops::AddAssign for Faults {
+    fn add_assign(&mut self, other: Faults) {
+        self.all += other.all;
+        self.stalls += other.stalls;
+        self.one_way_cuts += other.one_way_cuts;
+        self.disk_failures += other.disk_failures;
+        self.membership_changes += other.membership_changes;
+    }
+}
+
+impl std::fmt::Display for Faults {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} faults ({} stalls, {} one-way cuts, {} disk failures, {} membership changes)",
+            self.all, self.stalls, self.one_way_cuts, self.disk_failures, self.membership_changes
+        )
+    }
 }
 
 impl Chaos {
@@ -1002,12 +1345,41 @@ impl Chaos {
             next_fault: rng.between(100, 600),
             heal_at: None,
             restart_at: BTreeMap::new(),
-            faults: 0,
+            max_stall_ms: 0,
+            count: Faults::default(),
+            churn: None,
         }
+    }
+
+    /// The same schedule with membership changes among its faults.
+    fn with_membership_changes(mut self) -> Chaos {
+        self.churn = Some(Churn::default());
+        self
+    }
+
+    /// Follows up on membership changes still in flight; true while any is.
+    fn settle_membership(&mut self, sim: &mut Sim) -> bool {
+        let Some(churn) = &mut self.churn else {
+            return false;
+        };
+        churn.follow_up(sim, &mut self.restart_at);
+        churn.adding.is_some() || churn.removing.is_some()
+    }
+
+    /// The same schedule with stalls of up to `max_ms` among its faults.
+    fn with_stalls(mut self, max_ms: u64) -> Chaos {
+        self.max_stall_ms = max_ms;
+        self
     }
 
     fn act(&mut self, sim: &mut Sim) {
         let now = sim.now;
+        for id in std::mem::take(&mut sim.disk_failed) {
+            self.count.disk_failures += 1;
+            let back = now + sim.rng.between(100, 1_500);
+            self.restart_at.insert(id, back);
+        }
+        self.settle_membership(sim);
         let due: Vec<u64> = self
             .restart_at
             .iter()
@@ -1026,10 +1398,56 @@ impl Chaos {
             return;
         }
         self.next_fault = now + sim.rng.between(150, 900);
-        self.faults += 1;
+        self.count.all += 1;
+        if let Some(churn) = &mut self.churn
+            && sim.rng.per_mille(250)
+            && churn.change(sim)
+        {
+            self.count.membership_changes += 1;
+            return;
+        }
         let ids = sim.ids();
         let up = sim.up();
-        match sim.rng.below(100) {
+        // A stall, the leader's most of the time: it takes what queued up and
+        // fires all its missed ticks at once when it ends.
+        if self.max_stall_ms > 0 && sim.rng.per_mille(350) {
+            let victim = match sim.leader() {
+                Some(leader) if sim.rng.per_mille(700) => leader,
+                _ => sim.rng.pick(&ids),
+            };
+            if sim.is_up(victim) && !sim.is_stalled(victim) {
+                let ms = sim.rng.between(20, self.max_stall_ms);
+                sim.stall(victim, ms);
+                self.count.stalls += 1;
+            }
+            return;
+        }
+        match sim.rng.below(120) {
+            // Cut one direction of one link, the leader's half of the time.
+            100..=109 if self.heal_at.is_none() => {
+                let from = match sim.leader() {
+                    Some(leader) if sim.rng.per_mille(500) => leader,
+                    _ => sim.rng.pick(&ids),
+                };
+                let others: Vec<u64> = ids.iter().copied().filter(|id| *id != from).collect();
+                let to = sim.rng.pick(&others);
+                let (from, to) = if sim.rng.per_mille(500) {
+                    (from, to)
+                } else {
+                    (to, from)
+                };
+                sim.cut_one_way(from, to);
+                self.count.one_way_cuts += 1;
+                self.heal_at = Some(now + sim.rng.between(200, 2_500));
+            }
+            // A disk that refuses writes from its next save or two on.
+            110..=119 => {
+                if !up.is_empty() {
+                    let victim = sim.rng.pick(&up);
+                    sim.note(|| format!("n{victim}'s disk is failing"));
+                    sim.members[&victim].disk.fail_after(sim.rng.below(3));
+                }
+            }
             // Isolate one member, the leader half of the time.
             0..=29 if self.heal_at.is_none() => {
                 let victim = match sim.leader() {
@@ -1072,10 +1490,17 @@ impl Chaos {
         self.restart_at.insert(id, back);
     }
 
-    /// Ends every fault: heal, and restart whoever is down.
+    /// Ends every fault: heal, mend the disks, and restart whoever is down.
     fn end(&mut self, sim: &mut Sim) {
         sim.heal();
         self.heal_at = None;
+        for member in sim.members.values() {
+            member.disk.fail_after(u64::MAX);
+        }
+        for id in std::mem::take(&mut sim.disk_failed) {
+            self.count.disk_failures += 1;
+            self.restart_at.insert(id, 0);
+        }
         for id in std::mem::take(&mut self.restart_at).into_keys() {
             sim.restart(id);
         }
@@ -1090,7 +1515,7 @@ struct Summary {
     /// Operations recorded with an unknown outcome.
     unknown: usize,
     max_ops_per_key: usize,
-    faults: u64,
+    faults: Faults,
     simulated_ms: u64,
     /// FNV-1a over the history and final state: equal runs, equal prints.
     fingerprint: u64,
@@ -1113,20 +1538,46 @@ fn run_seed(seed: u64, verbose: bool) -> Summary {
     summary
 }
 
+/// The group a seed runs: drawn first from the seed, the same way by every
+/// family.
+struct Group {
+    size: u64,
+    weather: Weather,
+    snapshot_entries: u64,
+    traffic_ms: u64,
+}
+
+impl Group {
+    fn draw(setup: &mut Rng) -> Group {
+        let size = if setup.per_mille(250) { 5 } else { 3 };
+        let weather = Weather::stormy(setup);
+        // Half the seeds compact often, so snapshots are sent, installed and
+        // recovered from after crashes.
+        let snapshot_entries = if setup.per_mille(500) {
+            setup.between(15, 60)
+        } else {
+            10_000
+        };
+        let traffic_ms = setup.between(3_000, 5_000);
+        Group {
+            size,
+            weather,
+            snapshot_entries,
+            traffic_ms,
+        }
+    }
+}
+
 /// One seeded run: clients against the group under faults, then heal,
 /// settle, read everything back and check the history.
 fn simulate(seed: u64, reads: Reads, verbose: bool) -> (Summary, Result<(), CheckError>) {
     let mut setup = Rng::new(seed);
-    let size = if setup.per_mille(250) { 5 } else { 3 };
-    let weather = Weather::stormy(&mut setup);
-    // Half the seeds compact often, so snapshots are sent, installed and
-    // recovered from after crashes.
-    let snapshot_entries = if setup.per_mille(500) {
-        setup.between(15, 60)
-    } else {
-        10_000
-    };
-    let traffic_ms = setup.between(3_000, 5_000);
+    let Group {
+        size,
+        weather,
+        snapshot_entries,
+        traffic_ms,
+    } = Group::draw(&mut setup);
     let clients = setup.between(3, 5);
     let keys = setup.between(4, 6);
     let mut sim = Sim::new(seed, size, weather, snapshot_entries, verbose);
@@ -1138,7 +1589,9 @@ fn simulate(seed: u64, reads: Reads, verbose: bool) -> (Summary, Result<(), Chec
     });
     let mut work = Workload::new(clients, keys, Mix::EVERYTHING, 20);
     work.reads = reads;
-    let mut chaos = Chaos::new(&mut sim.rng);
+    let mut chaos = Chaos::new(&mut sim.rng)
+        .with_stalls(400)
+        .with_membership_changes();
 
     while sim.now < traffic_ms {
         chaos.act(&mut sim);
@@ -1147,7 +1600,8 @@ fn simulate(seed: u64, reads: Reads, verbose: bool) -> (Summary, Result<(), Chec
         sim.step();
     }
     chaos.end(&mut sim);
-    while work.busy() {
+    let wind_down = sim.now + 10_000;
+    while (chaos.settle_membership(&mut sim) || work.busy()) && sim.now < wind_down {
         work.collect(&mut sim);
         sim.step();
     }
@@ -1181,7 +1635,7 @@ fn simulate(seed: u64, reads: Reads, verbose: bool) -> (Summary, Result<(), Chec
         ops: history.len(),
         unknown: history.iter().filter(|op| op.completed.is_none()).count(),
         max_ops_per_key: per_key.values().copied().max().unwrap_or(0),
-        faults: chaos.faults,
+        faults: chaos.count,
         simulated_ms: sim.now,
         fingerprint,
     };
@@ -1196,9 +1650,46 @@ fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message".to_string())
 }
 
-/// Runs `count` seeds from `first` (shifted by SIM_SEED_OFFSET); fails listing
-/// every failing seed with the command that replays it.
-fn run_batch(first: u64, count: u64) {
+/// What a batch of seeds did.
+struct Batch {
+    seeds: std::ops::Range<u64>,
+    failed: Vec<u64>,
+    elapsed: Duration,
+    slowest: (Duration, u64),
+}
+
+impl Batch {
+    /// Prints what the `family`'s seeds did (`stats`) and fails listing every
+    /// failing seed with the command that replays it.
+    fn finish(self, family: &str, stats: &str, replay: &str) {
+        eprintln!(
+            "{family} seeds {}..{}: {} failed, {:.1?} in all, slowest seed {} took {:.1?}; {}",
+            self.seeds.start,
+            self.seeds.end,
+            self.failed.len(),
+            self.elapsed,
+            self.slowest.1,
+            self.slowest.0,
+            stats
+        );
+        assert!(
+            self.failed.is_empty(),
+            "{} of {} seeds failed: {:?}; replay one with SIM_SEED=<seed> {replay}",
+            self.failed.len(),
+            self.seeds.end - self.seeds.start,
+            self.failed
+        );
+    }
+}
+
+/// Runs `count` seeds from `first`, shifted by SIM_SEED_OFFSET (soak runs use
+/// fresh seeds), through `run`, which returns why a seed failed or panics.
+fn run_seeds(
+    first: u64,
+    count: u64,
+    replay: &str,
+    mut run: impl FnMut(u64) -> Result<(), String>,
+) -> Batch {
     let offset: u64 = std::env::var("SIM_SEED_OFFSET")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -1206,74 +1697,83 @@ fn run_batch(first: u64, count: u64) {
     let started = Instant::now();
     let mut failed = Vec::new();
     let mut slowest = (Duration::ZERO, 0);
-    let mut busiest = 0;
-    let (mut ops, mut unknown) = (0, 0);
     for seed in (first..first + count).map(|s| s + offset) {
         let began = Instant::now();
-        match panic::catch_unwind(AssertUnwindSafe(|| run_seed(seed, false))) {
-            Ok(summary) => {
-                busiest = busiest.max(summary.max_ops_per_key);
-                ops += summary.ops;
-                unknown += summary.unknown;
-            }
-            Err(payload) => {
-                eprintln!(
-                    "seed {seed} FAILED: {}\n  replay with: SIM_SEED={seed} {REPLAY}",
-                    panic_text(payload.as_ref())
-                );
-                failed.push(seed);
-            }
+        let outcome = panic::catch_unwind(AssertUnwindSafe(|| run(seed)))
+            .unwrap_or_else(|payload| Err(panic_text(payload.as_ref())));
+        if let Err(why) = outcome {
+            eprintln!("seed {seed} FAILED: {why}\n  replay with: SIM_SEED={seed} {replay}");
+            failed.push(seed);
         }
         slowest = slowest.max((began.elapsed(), seed));
     }
-    eprintln!(
-        "seeds {}..{}: {} failed, {:.1?} in all, slowest seed {} took {:.1?}; {ops} ops \
-         checked ({unknown} with unknown outcome), at most {busiest} on one key",
-        first + offset,
-        first + offset + count,
-        failed.len(),
-        started.elapsed(),
-        slowest.1,
-        slowest.0,
+    Batch {
+        seeds: first + offset..first + offset + count,
+        failed,
+        elapsed: started.elapsed(),
+        slowest,
+    }
+}
+
+/// The seed a replay test was asked for, if any.
+fn replay_seed() -> Option<u64> {
+    let seed = std::env::var("SIM_SEED").ok()?;
+    Some(
+        seed.parse()
+            .unwrap_or_else(|_| panic!("SIM_SEED must be a number, got {seed:?}")),
+    )
+}
+
+/// Runs `count` linearizability seeds from `first`.
+fn run_batch(first: u64, count: u64) {
+    let (mut ops, mut unknown, mut busiest) = (0, 0, 0);
+    let mut faults = Faults::default();
+    let batch = run_seeds(first, count, REPLAY, |seed| {
+        let summary = run_seed(seed, false);
+        busiest = busiest.max(summary.max_ops_per_key);
+        ops += summary.ops;
+        unknown += summary.unknown;
+        faults += summary.faults;
+        Ok(())
+    });
+    batch.finish(
+        "random-fault",
+        &format!(
+            "{ops} ops checked ({unknown} with unknown outcome), at most {busiest} on one key; \
+             {faults}"
+        ),
+        REPLAY,
     );
-    assert!(
-        failed.is_empty(),
-        "{} of {count} seeds failed: {failed:?}; replay one with SIM_SEED=<seed> {REPLAY}",
-        failed.len()
-    );
 }
 
-#[test]
-fn random_faults_seeds_000_to_049() {
-    run_batch(0, SEEDS_PER_BATCH);
+/// One test per batch of [`SEEDS_PER_BATCH`] seeds, so the test runner runs
+/// the batches of a family side by side.
+macro_rules! seed_batches {
+    ($run:ident: $($name:ident = $batch:expr),+ $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                $run($batch * SEEDS_PER_BATCH, SEEDS_PER_BATCH);
+            }
+        )+
+    };
 }
 
-#[test]
-fn random_faults_seeds_050_to_099() {
-    run_batch(SEEDS_PER_BATCH, SEEDS_PER_BATCH);
-}
-
-#[test]
-fn random_faults_seeds_100_to_149() {
-    run_batch(2 * SEEDS_PER_BATCH, SEEDS_PER_BATCH);
-}
-
-#[test]
-fn random_faults_seeds_150_to_199() {
-    run_batch(3 * SEEDS_PER_BATCH, SEEDS_PER_BATCH);
-}
+seed_batches!(run_batch:
+    random_faults_seeds_000_to_249 = 0,
+    random_faults_seeds_250_to_499 = 1,
+    random_faults_seeds_500_to_749 = 2,
+    random_faults_seeds_750_to_999 = 3,
+);
 
 /// Replay entry point: `SIM_SEED=<seed> cargo test --test sim replay_one_seed
 /// -- --nocapture` reruns one seed with a trace of its faults. Without
 /// SIM_SEED it does nothing.
 #[test]
 fn replay_one_seed() {
-    let Ok(seed) = std::env::var("SIM_SEED") else {
+    let Some(seed) = replay_seed() else {
         return;
     };
-    let seed: u64 = seed
-        .parse()
-        .unwrap_or_else(|_| panic!("SIM_SEED must be a number, got {seed:?}"));
     let summary = run_seed(seed, true);
     eprintln!("seed {seed} passed: {summary:?}");
 }
@@ -1558,4 +2058,709 @@ fn a_watcher_on_a_member_that_installs_a_snapshot_sees_every_revision_once() {
         &expected,
     );
     assert!(!seen.compacted.load(Ordering::SeqCst));
+}
+
+// ---------------------------------------------------------------------------
+// Leases under faults: holders grant, keep alive, revoke and abandon leases
+// while members crash, are cut off and stall; the checker in
+// tests/support/leases.rs holds every lease to the store's promise.
+
+/// What a lease holder asked a member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LeaseAsk {
+    Grant,
+    KeepAlive(LeaseId),
+    Revoke(LeaseId),
+}
+
+impl LeaseAsk {
+    fn command(self, ttl_ms: u64) -> Command {
+        match self {
+            LeaseAsk::Grant => Command::LeaseGrant { ttl_ms },
+            LeaseAsk::KeepAlive(id) => Command::LeaseKeepAlive { id },
+            LeaseAsk::Revoke(id) => Command::LeaseRevoke { id },
+        }
+    }
+}
+
+type LeaseSlot = Arc<Mutex<Option<Result<Outcome, RequestError>>>>;
+
+struct LeaseCall {
+    member: u64,
+    incarnation: u64,
+    ask: LeaseAsk,
+    sent: u64,
+    slot: LeaseSlot,
+}
+
+/// One holder, like an agent's presence: one lease at a time, renewed every
+/// third of its TTL.
+struct Holder {
+    ttl_ms: u64,
+    lease: Option<LeaseId>,
+    call: Option<LeaseCall>,
+    next_at: u64,
+}
+
+/// The lease holders, every lease they were granted, and what each member's
+/// state held at the last step (to see when a lease ended).
+struct LeaseWork {
+    holders: Vec<Holder>,
+    lives: BTreeMap<LeaseId, LeaseLife>,
+    held: BTreeMap<u64, (u64, BTreeSet<LeaseId>)>,
+    kept: u64,
+    lost: u64,
+    /// Stop sending; let whatever is held run out.
+    quiet: bool,
+}
+
+impl LeaseWork {
+    fn new(rng: &mut Rng, holders: u64) -> LeaseWork {
+        LeaseWork {
+            holders: (0..holders)
+                .map(|_| Holder {
+                    ttl_ms: rng.between(150, 1_500),
+                    lease: None,
+                    call: None,
+                    next_at: rng.below(200),
+                })
+                .collect(),
+            lives: BTreeMap::new(),
+            held: BTreeMap::new(),
+            kept: 0,
+            lost: 0,
+            quiet: false,
+        }
+    }
+
+    /// Collects answers and sends each idle holder's next request.
+    fn act(&mut self, sim: &mut Sim) {
+        for holder in &mut self.holders {
+            if let Some(call) = &holder.call {
+                let reply = call.slot.lock().expect("lease slot").take();
+                let died = sim.incarnation(call.member) != call.incarnation;
+                let gave_up = sim.now >= call.sent + CLIENT_TIMEOUT_MS;
+                if reply.is_none() && !died && !gave_up {
+                    continue;
+                }
+                let call = holder.call.take().expect("checked above");
+                sim.note(|| {
+                    format!(
+                        "lease holder: {:?} sent at {} ms: {reply:?}",
+                        call.ask, call.sent
+                    )
+                });
+                let period = holder.ttl_ms / 3;
+                holder.next_at = sim.now + 1;
+                match (call.ask, reply) {
+                    (LeaseAsk::Grant, Some(Ok(Outcome::LeaseGranted { id, ttl_ms }))) => {
+                        self.lives.insert(
+                            id,
+                            LeaseLife {
+                                id,
+                                ttl_ms,
+                                kept: vec![call.sent],
+                                revoked: None,
+                                ended: None,
+                            },
+                        );
+                        holder.lease = Some(id);
+                        holder.next_at = sim.now + period;
+                    }
+                    (LeaseAsk::KeepAlive(id), Some(Ok(Outcome::LeaseKept { .. }))) => {
+                        self.kept += 1;
+                        if let Some(life) = self.lives.get_mut(&id) {
+                            life.kept.push(call.sent);
+                        }
+                        holder.next_at = (call.sent + period).max(sim.now + 1);
+                    }
+                    (LeaseAsk::KeepAlive(_), Some(Ok(Outcome::Failed(_)))) => {
+                        self.lost += 1;
+                        holder.lease = None;
+                    }
+                    (LeaseAsk::Revoke(_), Some(Ok(_))) => holder.lease = None,
+                    // No answer, no leader, unknown: try again (a keep-alive
+                    // sooner, as an agent does).
+                    _ => {}
+                }
+            }
+            if holder.call.is_some() || self.quiet || sim.now < holder.next_at {
+                continue;
+            }
+            let up = sim.up();
+            if up.is_empty() {
+                continue;
+            }
+            let ask = match holder.lease {
+                None => LeaseAsk::Grant,
+                Some(id) => match sim.rng.below(100) {
+                    0..=1 => {
+                        if let Some(life) = self.lives.get_mut(&id) {
+                            life.revoked.get_or_insert(sim.now);
+                        }
+                        LeaseAsk::Revoke(id)
+                    }
+                    // The holder dies: its lease is left to run out.
+                    2..=3 => {
+                        holder.lease = None;
+                        holder.next_at = sim.now + sim.rng.between(0, 2 * holder.ttl_ms);
+                        continue;
+                    }
+                    _ => LeaseAsk::KeepAlive(id),
+                },
+            };
+            let member = sim.rng.pick(&up);
+            let slot: LeaseSlot = Arc::new(Mutex::new(None));
+            let reply = slot.clone();
+            sim.propose_on(
+                member,
+                ask.command(holder.ttl_ms),
+                Box::new(move |r| *reply.lock().expect("lease slot") = Some(r)),
+            );
+            holder.call = Some(LeaseCall {
+                member,
+                incarnation: sim.incarnation(member),
+                ask,
+                sent: sim.now,
+                slot,
+            });
+        }
+    }
+
+    /// Notes the first moment any member's state lost a lease it held.
+    fn observe(&mut self, sim: &Sim) {
+        for (id, member) in &sim.members {
+            let Some(core) = &member.core else {
+                self.held.remove(id);
+                continue;
+            };
+            let now_held: BTreeSet<LeaseId> = core.kv().leases().map(|l| l.id).collect();
+            if let Some((incarnation, before)) = self.held.get(id)
+                && *incarnation == member.incarnation
+            {
+                for gone in before.difference(&now_held) {
+                    if let Some(life) = self.lives.get_mut(gone) {
+                        life.ended.get_or_insert(sim.now);
+                    }
+                }
+            }
+            self.held.insert(*id, (member.incarnation, now_held));
+        }
+    }
+}
+
+/// What one lease seed did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LeaseSummary {
+    leases: usize,
+    ended: usize,
+    kept: u64,
+    lost: u64,
+    faults: Faults,
+}
+
+/// One seeded run of lease holders under faults, stalls included.
+fn simulate_leases(seed: u64, verbose: bool) -> (LeaseSummary, Vec<Violation>) {
+    let mut setup = Rng::new(seed ^ 0x1ea5_e5ee_d5ee_d5ee);
+    let Group {
+        size,
+        weather,
+        snapshot_entries,
+        traffic_ms,
+    } = Group::draw(&mut setup);
+    let holders = setup.between(2, 4);
+    // Checkpoints far more often than the daemon's once a second, so many
+    // land while a keep-alive waits in the log.
+    let checkpoint_ticks = setup.between(1, 30);
+    let mut sim = Sim::new(seed, size, weather, snapshot_entries, verbose);
+    sim.checkpoint_ticks = Some(checkpoint_ticks);
+    sim.note(|| {
+        format!(
+            "{size} members, {weather:?}, {holders} lease holders for {traffic_ms} ms, \
+             checkpoints every {checkpoint_ticks} ticks"
+        )
+    });
+    let mut work = LeaseWork::new(&mut sim.rng, holders);
+    let mut chaos = Chaos::new(&mut sim.rng)
+        .with_stalls(400)
+        .with_membership_changes();
+    while sim.now < traffic_ms {
+        chaos.act(&mut sim);
+        work.act(&mut sim);
+        sim.step();
+        work.observe(&sim);
+    }
+    chaos.end(&mut sim);
+    // Holders fall silent: every lease left must run out.
+    work.quiet = true;
+    let quiet_until = sim.now + 3_000;
+    while sim.now < quiet_until || chaos.settle_membership(&mut sim) {
+        assert!(
+            sim.now < quiet_until + 10_000,
+            "a membership change never settled"
+        );
+        work.act(&mut sim);
+        sim.step();
+        work.observe(&sim);
+    }
+    sim.settle(10_000);
+    sim.assert_converged();
+    let lives: Vec<LeaseLife> = work.lives.into_values().collect();
+    let summary = LeaseSummary {
+        leases: lives.len(),
+        ended: lives.iter().filter(|l| l.ended.is_some()).count(),
+        kept: work.kept,
+        lost: work.lost,
+        faults: chaos.count,
+    };
+    (summary, leases::check(&lives))
+}
+
+/// Runs `count` lease seeds from `first`.
+fn run_lease_batch(first: u64, count: u64) {
+    let mut totals = LeaseSummary {
+        leases: 0,
+        ended: 0,
+        kept: 0,
+        lost: 0,
+        faults: Faults::default(),
+    };
+    let batch = run_seeds(first, count, LEASE_REPLAY, |seed| {
+        let (summary, violations) = simulate_leases(seed, false);
+        totals.leases += summary.leases;
+        totals.ended += summary.ended;
+        totals.kept += summary.kept;
+        totals.lost += summary.lost;
+        totals.faults += summary.faults;
+        match violations.first() {
+            None => Ok(()),
+            Some(first) => Err(format!("{} violation(s), first: {first}", violations.len())),
+        }
+    });
+    let t = totals;
+    batch.finish(
+        "lease",
+        &format!(
+            "{} leases ({} ended), {} keep-alives kept, {} found their lease gone; {}",
+            t.leases, t.ended, t.kept, t.lost, t.faults
+        ),
+        LEASE_REPLAY,
+    );
+}
+
+/// How to rerun one lease seed.
+const LEASE_REPLAY: &str = "cargo test --test sim replay_one_lease_seed -- --nocapture";
+
+seed_batches!(run_lease_batch:
+    lease_seeds_000_to_249 = 0,
+    lease_seeds_250_to_499 = 1,
+    lease_seeds_500_to_749 = 2,
+    lease_seeds_750_to_999 = 3,
+);
+
+/// `SIM_SEED=<seed> cargo test --test sim replay_one_lease_seed -- --nocapture`.
+#[test]
+fn replay_one_lease_seed() {
+    let Some(seed) = replay_seed() else {
+        return;
+    };
+    let (summary, violations) = simulate_leases(seed, true);
+    for violation in &violations {
+        eprintln!("VIOLATION: {violation}");
+    }
+    eprintln!("seed {seed}: {summary:?}");
+    assert!(violations.is_empty());
+}
+
+/// Proposes `command` on member `id` and steps until it is answered.
+fn answer_from(sim: &mut Sim, id: u64, command: Command) -> Result<Outcome, RequestError> {
+    let slot: LeaseSlot = Arc::new(Mutex::new(None));
+    let reply = slot.clone();
+    sim.propose_on(
+        id,
+        command,
+        Box::new(move |r| *reply.lock().expect("lease slot") = Some(r)),
+    );
+    let deadline = sim.now + 3_000;
+    loop {
+        if let Some(result) = slot.lock().expect("lease slot").take() {
+            return result;
+        }
+        assert!(sim.now < deadline, "no answer from n{id}");
+        sim.step();
+    }
+}
+
+fn grant_on(sim: &mut Sim, id: u64, ttl_ms: u64) -> LeaseId {
+    match answer_from(sim, id, Command::LeaseGrant { ttl_ms }) {
+        Ok(Outcome::LeaseGranted { id, .. }) => id,
+        other => panic!("grant failed: {other:?}"),
+    }
+}
+
+/// Steps until no member holds `lease`; returns when that happened.
+fn lease_end(sim: &mut Sim, lease: LeaseId, within_ms: u64) -> u64 {
+    let deadline = sim.now + within_ms;
+    while sim
+        .up()
+        .iter()
+        .any(|id| sim.core(*id).kv().lease(lease).is_some())
+    {
+        assert!(sim.now < deadline, "lease {lease:x} never ended");
+        sim.step();
+    }
+    sim.now
+}
+
+/// Issue 11, bug 1: the leader computes a checkpoint while a keep-alive sits
+/// in its log, not yet applied; applied after it, the checkpoint's older
+/// time left replaced the keep-alive's full TTL, and the next leader ended
+/// the lease early. Mutation: checkpoint renewing leases too → this fails.
+#[test]
+fn a_checkpoint_never_overwrites_a_newer_keep_alive() {
+    const TTL: u64 = 2_000;
+    const CHECKPOINT_TICKS: u64 = 50;
+    let mut sim = Sim::new(21, 3, Weather::CALM, 10_000, false);
+    sim.checkpoint_ticks = Some(CHECKPOINT_TICKS);
+    let leader = sim.wait_for_leader(5_000);
+    let lease = grant_on(&mut sim, leader, TTL);
+    sim.run_for(TTL * 3 / 4);
+    // Step to the instant before the leader's next checkpoint tick.
+    loop {
+        let member = &sim.members[&leader];
+        let ticks_now = (sim.now + 1) % TICK_MS == member.phase;
+        if ticks_now && (member.ticks + 1).is_multiple_of(CHECKPOINT_TICKS) {
+            break;
+        }
+        sim.step();
+    }
+    // The keep-alive is appended; the tick in the same pass checkpoints.
+    let sent = sim.now;
+    let kept = Arc::new(Mutex::new(None));
+    let reply = kept.clone();
+    sim.core_mut(leader).propose(
+        &Command::LeaseKeepAlive { id: lease },
+        Box::new(move |r| *reply.lock().expect("slot") = Some(r)),
+    );
+    sim.run_for(100);
+    assert!(
+        matches!(
+            *kept.lock().expect("slot"),
+            Some(Ok(Outcome::LeaseKept { .. }))
+        ),
+        "the keep-alive was acknowledged"
+    );
+    sim.settle(1_000);
+    sim.crash(leader);
+    let new_leader = sim.wait_for_leader(5_000);
+    assert_ne!(new_leader, leader);
+    let ended = lease_end(&mut sim, lease, 3 * TTL);
+    assert!(
+        ended >= sent + TTL,
+        "the lease ended at t={ended} ms, {} ms after a keep-alive sent at t={sent} ms with \
+         TTL {TTL} ms was acknowledged",
+        ended - sent
+    );
+}
+
+/// Issue 11, bug 2: a stalled leader takes the keep-alives that queued up,
+/// then fires its missed ticks; the expiry it proposed then was applied
+/// right after the keep-alive it had not applied yet: "kept", and gone.
+/// Mutation: expire renewing leases too → this fails.
+#[test]
+fn an_expiry_loses_to_a_keep_alive_ordered_before_it() {
+    const TTL: u64 = 300;
+    let mut sim = Sim::new(22, 1, Weather::CALM, 10_000, false);
+    let leader = sim.wait_for_leader(5_000);
+    let lease = grant_on(&mut sim, leader, TTL);
+    sim.stall(leader, TTL + 100);
+    sim.run_for(TTL - 50);
+    let sent = sim.now;
+    let answer = answer_from(&mut sim, leader, Command::LeaseKeepAlive { id: lease });
+    assert!(
+        matches!(answer, Ok(Outcome::LeaseKept { .. })),
+        "{answer:?}"
+    );
+    let acknowledged = sim.now;
+    assert!(
+        sim.core(leader).kv().lease(lease).is_some(),
+        "the lease was deleted in the pass that acknowledged its keep-alive (t={acknowledged} ms)"
+    );
+    let ended = lease_end(&mut sim, lease, 3 * TTL);
+    assert!(ended >= sent + TTL, "ended at {ended}, kept at {sent}");
+}
+
+/// Issue 11, item 6: raft-rs drops, without a word, a ReadIndex request that
+/// reaches a leader before it committed an entry in its term. Asked once, a
+/// read issued right after an election waited for its 10 s deadline; asked
+/// again each heartbeat, it is served as soon as the term's first entry
+/// commits.
+#[test]
+fn a_read_issued_before_a_new_leader_commits_in_its_term_is_served_promptly() {
+    let mut sim = Sim::new(23, 3, Weather::CALM, 10_000, false);
+    let old = sim.wait_for_leader(5_000);
+    sim.request(&Command::put("/r/k", "v", None));
+    sim.crash(old);
+    let deadline = sim.now + 5_000;
+    let new = loop {
+        if let Some(id) = sim.up().into_iter().find(|id| sim.core(*id).is_leader()) {
+            break id;
+        }
+        assert!(sim.now < deadline, "no new leader");
+        sim.step();
+    };
+    let slot: Slot = Arc::new(Mutex::new(None));
+    let asked = sim.now;
+    issue(
+        sim.core_mut(new),
+        "/r/k",
+        &Request::Read,
+        Reads::Linearizable,
+        slot.clone(),
+    );
+    while slot.lock().expect("slot").is_none() {
+        assert!(
+            sim.now < asked + 1_000,
+            "the read was not served within 1 s of simulated time"
+        );
+        sim.step();
+    }
+    let reply = slot.lock().expect("slot").take();
+    assert!(
+        matches!(reply, Some(Reply::Read(Ok(Some(ref v)))) if v == b"v"),
+        "{reply:?}"
+    );
+}
+
+fn member_info(id: u64) -> MemberInfo {
+    MemberInfo {
+        name: format!("n{id}"),
+        peer_addr: format!("sim-{id}:2380"),
+    }
+}
+
+/// Proposes a membership change on member `on`; the answer lands in the slot.
+fn change_members(sim: &mut Sim, on: u64, id: u64, add: bool) -> LeaseSlot {
+    let slot: LeaseSlot = Arc::new(Mutex::new(None));
+    let reply = slot.clone();
+    let info = add.then(|| member_info(id));
+    sim.core_mut(on).propose_member_change(
+        id,
+        info,
+        Box::new(move |r| *reply.lock().expect("slot") = Some(r)),
+    );
+    slot
+}
+
+fn wait_answer(sim: &mut Sim, slot: &LeaseSlot, within_ms: u64) -> Result<Outcome, RequestError> {
+    let deadline = sim.now + within_ms;
+    loop {
+        if let Some(result) = slot.lock().expect("slot").take() {
+            return result;
+        }
+        assert!(sim.now < deadline, "no answer within {within_ms} ms");
+        sim.step();
+    }
+}
+
+impl Sim {
+    /// Starts a brand-new member that waits to be added (no bootstrap).
+    fn add_empty_member(&mut self, id: u64) {
+        let phase = self.rng.below(TICK_MS);
+        self.members.insert(
+            id,
+            Member {
+                disk: MemDisk::new(),
+                core: None,
+                phase,
+                election_ticks: 0,
+                incarnation: 0,
+                stalled_until: None,
+                inbox: Vec::new(),
+                last_tick: 0,
+                ticks: 0,
+            },
+        );
+        self.boot(id, &BTreeMap::new());
+    }
+}
+
+/// Issue 11, item 3: a member joins as a learner, so one that never starts
+/// costs no quorum (a single member that added a voter with a wrong address
+/// lost its quorum for good); a second change while one is pending is
+/// refused at once; a learner that caught up is promoted.
+#[test]
+fn members_join_as_learners_and_are_promoted_once_caught_up() {
+    let mut sim = Sim::new(24, 1, Weather::CALM, 10_000, false);
+    let leader = sim.wait_for_leader(5_000);
+    sim.request(&Command::put("/m/a", "1", None));
+    let first = change_members(&mut sim, leader, 9, true);
+    let second = change_members(&mut sim, leader, 2, true);
+    let refused = wait_answer(&mut sim, &second, 1);
+    assert!(
+        matches!(&refused, Err(RequestError::Invalid(m)) if m.contains("another membership change")),
+        "{refused:?}"
+    );
+    assert!(wait_answer(&mut sim, &first, 1_000).is_ok());
+    assert_eq!(sim.core(leader).learners(), [9]);
+    // n9 never starts: the single voter still commits alone.
+    let write = Arc::new(Mutex::new(None));
+    let reply = write.clone();
+    sim.core_mut(leader).propose(
+        &Command::put("/m/b", "2", None),
+        Box::new(move |r| *reply.lock().expect("slot") = Some(r)),
+    );
+    assert!(wait_answer(&mut sim, &write, 1_000).is_ok());
+    sim.run_for(500);
+    assert_eq!(sim.core(leader).voters(), [leader], "n9 was never promoted");
+
+    let gone = change_members(&mut sim, leader, 9, false);
+    assert!(wait_answer(&mut sim, &gone, 1_000).is_ok());
+    let added = change_members(&mut sim, leader, 2, true);
+    assert!(wait_answer(&mut sim, &added, 1_000).is_ok());
+    sim.add_empty_member(2);
+    let deadline = sim.now + 5_000;
+    while sim.core(leader).voters() != [1, 2] {
+        assert!(sim.now < deadline, "n2 was not promoted");
+        sim.step();
+    }
+    sim.settle(5_000);
+    assert_eq!(
+        sim.core(2).kv().get("/m/b").map(|kv| kv.value.clone()),
+        Some(b"2".to_vec())
+    );
+}
+
+/// Issue 11, item 3: raft-rs keeps a removed leader leading; the leader that
+/// applies its own removal hands leadership over at once and then refuses
+/// requests.
+#[test]
+fn removing_the_leader_hands_leadership_over() {
+    let mut sim = Sim::new(25, 3, Weather::CALM, 10_000, false);
+    let old = sim.wait_for_leader(5_000);
+    sim.request(&Command::put("/m/a", "1", None));
+    let removal = change_members(&mut sim, old, old, false);
+    assert!(wait_answer(&mut sim, &removal, 1_000).is_ok());
+    let deadline = sim.now + 1_000;
+    let new = loop {
+        if let Some(id) = sim
+            .up()
+            .into_iter()
+            .find(|id| *id != old && sim.core(*id).is_leader())
+        {
+            break id;
+        }
+        assert!(
+            sim.now < deadline,
+            "n{old} still leads after removing itself"
+        );
+        sim.step();
+    };
+    assert!(sim.core(old).is_removed());
+    // It learns of the new term from the first answer to its heartbeats.
+    while sim.core(old).is_leader() {
+        assert!(sim.now < deadline + 1_000, "n{old} never stepped down");
+        sim.step();
+    }
+    let slot: Slot = Arc::new(Mutex::new(None));
+    issue(
+        sim.core_mut(old),
+        "/m/a",
+        &Request::Read,
+        Reads::Linearizable,
+        slot.clone(),
+    );
+    let refused = slot.lock().expect("slot").take();
+    assert!(
+        matches!(refused, Some(Reply::Read(Err(RequestError::Stopped(_))))),
+        "{refused:?}"
+    );
+    sim.crash(old);
+    sim.members.remove(&old);
+    assert_eq!(sim.core(new).voters().len(), 2);
+    sim.request(&Command::put("/m/b", "2", None));
+    sim.settle(5_000);
+}
+
+/// A leader stalls just before a lease runs out on its clock, long enough to
+/// be replaced; its successor acknowledges keep-alives meanwhile. When the
+/// old leader wakes, it steps the queued messages (and steps down inside
+/// raft-rs) before it fires its missed ticks: its lease clock must not
+/// propose the expiry then, for a follower forwards proposals to the new
+/// leader, where it would end a lease that is being kept alive. (The
+/// deadline must fall in the first ticks after the wake: a few more and the
+/// member, hearing nothing, forgets its leader and drops proposals.)
+/// Mutation: let the lessor run on a member that stepped down → this fails.
+#[test]
+fn a_deposed_leaders_lease_clock_proposes_nothing() {
+    const TTL: u64 = 600;
+    let mut sim = Sim::new(26, 3, Weather::CALM, 10_000, false);
+    let old = sim.wait_for_leader(5_000);
+    let lease = grant_on(&mut sim, old, TTL);
+    sim.run_for(TTL - 40);
+    sim.stall(old, 500);
+    let mut kept_at = Vec::new();
+    let until = sim.now + 1_000;
+    while sim.now < until {
+        let others: Vec<u64> = sim.up().into_iter().filter(|id| *id != old).collect();
+        let via = others[kept_at.len() % others.len()];
+        let sent = sim.now;
+        if let Ok(Outcome::LeaseKept { .. }) =
+            answer_from(&mut sim, via, Command::LeaseKeepAlive { id: lease })
+        {
+            kept_at.push(sent);
+        }
+        sim.run_for(50);
+        if let Some(&last) = kept_at.last() {
+            let gone = sim
+                .up()
+                .iter()
+                .any(|id| sim.core(*id).kv().lease(lease).is_none());
+            assert!(
+                !gone,
+                "the lease ended at t={} ms, {} ms after a keep-alive sent at t={last} ms \
+                 (TTL {TTL} ms) was acknowledged",
+                sim.now,
+                sim.now - last
+            );
+        }
+    }
+    assert!(
+        kept_at.len() >= 4,
+        "keep-alives were acknowledged: {kept_at:?}"
+    );
+    assert!(
+        !sim.core(old).is_leader(),
+        "the stalled leader was replaced"
+    );
+}
+
+/// The leader reads its clock at ticks only: a keep-alive applied between
+/// two ticks used to count its TTL from the tick before, so the lease could
+/// end up to a tick before TTL after the keep-alive was sent. Mutation: drop
+/// the tick of slack from the deadline → this fails.
+#[test]
+fn a_keep_alive_applied_between_ticks_counts_from_the_apply() {
+    const TTL: u64 = 200;
+    let mut sim = Sim::new(27, 1, Weather::CALM, 10_000, false);
+    let leader = sim.wait_for_leader(5_000);
+    let lease = grant_on(&mut sim, leader, TTL);
+    // Half a tick after the leader's tick: a single member applies at once.
+    while sim.now % TICK_MS != sim.members[&leader].phase {
+        sim.step();
+    }
+    sim.run_for(TICK_MS / 2);
+    let sent = sim.now;
+    let answer = answer_from(&mut sim, leader, Command::LeaseKeepAlive { id: lease });
+    assert!(
+        matches!(answer, Ok(Outcome::LeaseKept { .. })),
+        "{answer:?}"
+    );
+    let ended = lease_end(&mut sim, lease, 3 * TTL);
+    assert!(
+        ended >= sent + TTL,
+        "the lease ended at t={ended} ms, {} ms after a keep-alive sent at t={sent} ms with \
+         TTL {TTL} ms was acknowledged",
+        ended - sent
+    );
 }

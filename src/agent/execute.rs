@@ -97,13 +97,22 @@ impl Host {
 
     /// Stops and unloads every unit file this agent ever wrote here.
     pub async fn unload_everything(&mut self, store: &MachineStore, why: &str) {
-        let local = self.local();
-        if local.is_empty() {
+        self.unload_all_but(store, &[], why).await;
+    }
+
+    /// Stops and unloads every unit file this agent wrote here but `keep`.
+    pub async fn unload_all_but(&mut self, store: &MachineStore, keep: &[UnitName], why: &str) {
+        let gone: Vec<UnitName> = self
+            .local()
+            .into_keys()
+            .filter(|unit| !keep.contains(unit))
+            .collect();
+        if gone.is_empty() {
             return;
         }
-        tracing::info!("agent: {why}: stopping {} units from before", local.len());
-        let mut actions: Vec<Action> = local.keys().cloned().map(Action::Stop).collect();
-        actions.extend(local.keys().cloned().map(Action::Unload));
+        tracing::info!("agent: {why}: stopping {} units from before", gone.len());
+        let mut actions: Vec<Action> = gone.iter().cloned().map(Action::Stop).collect();
+        actions.extend(gone.into_iter().map(Action::Unload));
         actions.push(Action::Reload);
         self.execute(store, &actions).await;
     }

@@ -10,7 +10,6 @@
 //! * [`execute`]: this host's systemd and unit files; actions carried out.
 //! * [`report`]: systemd's states of local units, written into the store.
 //! * [`identity`]: machine id, instance id, host name, published address.
-//! * [`claims`]: which proposals may be claimed together ([`crate::units::claim`], re-exported).
 //! * [`files`]: the unit files the agent wrote, under /run/flotilla/units.
 //! * [`notify`]: sd_notify without libsystemd (READY=1, STATUS=...).
 //! * [`reconcile`]: desired unit states against what systemd reports, turned
@@ -19,7 +18,6 @@
 //! * [`systemd`]: the client for systemd's D-Bus API (link, reload, start,
 //!   stop, unit states), over systemd's private socket or the system bus.
 
-pub mod claims;
 pub mod execute;
 pub mod files;
 pub mod identity;

@@ -1,7 +1,7 @@
 //! One pass of the agent: claim what may be claimed, bring systemd to what
 //! is claimed, release what is no longer proposed.
 //!
-//! Claiming checks the rules of [`super::claims`] against every unit present
+//! Claiming checks the rules of [`crate::units::claim`] against every unit present
 //! here, and asks systemd whether a unit the candidate conflicts with runs
 //! outside flotilla; the claim itself is one transaction of the registry
 //! ([`MachineStore::claim`]). Bringing systemd along is [`reconcile`]'s
@@ -10,7 +10,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::claims::{self, Ruled};
 use super::files::LocalUnit;
 use super::reconcile::{self, Activity, Actual, Desired};
 use super::run::Agent;
@@ -18,6 +17,8 @@ use crate::consensus::client::ClientError;
 use crate::registry::UnitState;
 use crate::registry::machine::{MachineStore, OwnView};
 use crate::registry::records::Target;
+use crate::units::claim::{self, Ruled};
+use crate::units::colocation;
 use crate::units::{Requirements, UnitHash, UnitName};
 
 /// Why each proposal is not claimed yet, kept to log only changes.
@@ -65,6 +66,7 @@ impl Agent {
                 let have = Actual {
                     hash: found.as_ref().map(|f| f.hash),
                     activity: Activity::of(self.host.state(unit)),
+                    applied: self.applied.get(unit).copied(),
                 };
                 (unit.clone(), have)
             })
@@ -80,6 +82,12 @@ impl Agent {
         if !actions.is_empty() {
             tracing::debug!("agent: {} actions", actions.len());
             self.host.execute(&self.store, &actions).await;
+        }
+        // What the agent has now applied: fleet's currentState, reported
+        // with each unit's states, and what decides a stop (reconcile).
+        self.applied.retain(|unit, _| desired.contains_key(unit));
+        for (unit, want) in &desired {
+            self.applied.insert(unit.clone(), want.target);
         }
         self.release(&view).await?;
         Ok(again)
@@ -131,17 +139,14 @@ impl Agent {
             .collect();
         let claimed: Vec<&UnitName> = view.claims.keys().collect();
         let candidates: Vec<Ruled<'_>> = candidate_rules.iter().collect();
-        let (chosen, waiting) = claims::choose(&present, &claimed, &candidates);
+        let (chosen, waiting) = claim::choose(&present, &claimed, &candidates);
 
         let mut chosen_now = Vec::new();
         let managed: BTreeSet<String> = local.keys().map(|u| u.to_string()).collect();
         for unit in chosen {
             let rules = &candidate_rules[unit];
-            let patterns: Vec<String> = rules
-                .conflicts
-                .iter()
-                .chain(&rules.replaces)
-                .map(|g| g.as_str().to_string())
+            let patterns: Vec<String> = colocation::excluded_globs(rules)
+                .map(str::to_string)
                 .collect();
             match self.host.foreign_units_matching(&patterns, &managed).await {
                 Ok(foreign) if foreign.is_empty() => chosen_now.push(unit.clone()),
@@ -157,8 +162,8 @@ impl Agent {
         }
         for (unit, why) in waiting {
             let why = match why {
-                claims::Wait::Peer(peer) => format!("waiting for MachineOf peer {peer} here"),
-                claims::Wait::Excludes(other) => format!("may not run beside {other}"),
+                claim::Wait::Peer(peer) => format!("waiting for MachineOf peer {peer} here"),
+                claim::Wait::Excludes(other) => format!("may not run beside {other}"),
             };
             self.waiting.note(unit, why);
         }

@@ -2,10 +2,15 @@
 //!
 //! * Join: find this machine's presence record. The same instance (a daemon
 //!   restart within the TTL) re-takes its lease and adopts everything it
-//!   runs. Otherwise every unit still running here from an earlier life is
-//!   stopped and unloaded FIRST, and only then is presence published: a host
-//!   coming back from a partition never runs a unit the cluster moved away.
-//!   Another instance with this machine id is a duplicate and stays out.
+//!   runs. Otherwise (the lease expired while the host was cut off, or the
+//!   daemon was down longer than the TTL) the units still here from before
+//!   that now run elsewhere, or are no longer wanted, are stopped and
+//!   unloaded FIRST: a host coming back from a partition never runs a unit
+//!   the cluster moved away. Then presence is published and what nobody
+//!   else took meanwhile is claimed back, in one transaction, so it keeps
+//!   running without a restart (fleet's single-host connectivity loss stops
+//!   nothing). Another instance with this machine id is a duplicate and
+//!   stays out.
 //! * Keep-alive: the lease is renewed every [`renew_interval`] by a task of
 //!   its own, never delayed by systemd. Losing the cluster stops nothing; a
 //!   lease found expired on reconnect sends the agent back to join.
@@ -21,7 +26,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::execute::Host;
-use crate::registry::machine::{LeaseKeeper, MachineStore, Renewal, StoredPresence};
+use crate::registry::machine::{LeaseKeeper, Leftover, MachineStore, Renewed, StoredPresence};
 use crate::registry::ops::RegistryError;
 use crate::registry::records::MachineRecord;
 use crate::units::UnitName;
@@ -180,7 +185,7 @@ impl Presence {
                 )));
             }
             if let Some(lease) = found.lease
-                && store.adopt(lease).await? == Renewal::Renewed
+                && store.adopt(lease).await? == Renewed::Renewed
             {
                 if *record != self.me {
                     self.publish(store, Some(found)).await?;
@@ -189,18 +194,45 @@ impl Presence {
                 return Ok(());
             }
         }
-        // A fresh presence: nothing claimed survives from before, so nothing
-        // from before may keep running here.
-        host.unload_everything(store, "joining the cluster").await;
-        let lease = store.take_lease(self.ttl).await?;
-        match self.publish(store, found.as_ref()).await {
-            Ok(()) => {
-                tracing::info!("agent: joined the cluster (lease {lease:x})");
+        // A fresh presence: what nobody else took meanwhile is claimed back;
+        // everything else stops here first.
+        let local = host.local();
+        let leftovers: Vec<Leftover<'_>> = local
+            .iter()
+            .filter_map(|(name, found)| {
+                let found = found.as_ref()?;
+                Some(Leftover {
+                    name,
+                    hash: found.hash,
+                    requirements: found.unit.requirements(),
+                })
+            })
+            .collect();
+        let reclaim = store.reclaimable(&leftovers).await?;
+        let keep = reclaim.units();
+        let kept: Vec<UnitName> = keep.iter().map(|u| (*u).clone()).collect();
+        drop(leftovers);
+        host.unload_all_but(store, &kept, "joining the cluster")
+            .await;
+        let lease = store.take_lease().await?;
+        match store.rejoin(&self.me, found.as_ref(), &reclaim).await {
+            Ok(true) => {
+                tracing::info!(
+                    "agent: joined the cluster (lease {lease:x}); claimed back {} units \
+                     nobody else took",
+                    kept.len()
+                );
                 Ok(())
+            }
+            Ok(false) => {
+                let _ = store.revoke().await;
+                Err(JoinError::Store(
+                    "the cluster changed while joining; retrying".to_string(),
+                ))
             }
             Err(e) => {
                 let _ = store.revoke().await;
-                Err(e)
+                Err(e.into())
             }
         }
     }
@@ -309,7 +341,7 @@ async fn keep_alive(keeper: LeaseKeeper, ttl: Duration, health: Arc<Health>) {
         tokio::time::sleep(pause).await;
         pause = retry_soon(ttl);
         match keeper.renew().await {
-            Ok(Renewal::Renewed) => {
+            Ok(Renewed::Renewed) => {
                 health.renewed();
                 pause = renew_interval(ttl);
                 if failures > 0 {
@@ -317,7 +349,7 @@ async fn keep_alive(keeper: LeaseKeeper, ttl: Duration, health: Arc<Health>) {
                     failures = 0;
                 }
             }
-            Ok(Renewal::Expired) => {
+            Ok(Renewed::Expired) => {
                 tracing::warn!("agent: the presence lease expired while cut off; rejoining");
                 *health.lost.lock().expect("health lock") = true;
                 return;

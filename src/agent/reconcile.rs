@@ -60,6 +60,9 @@ pub struct Actual {
     pub hash: Option<UnitHash>,
     /// What systemd reports.
     pub activity: Activity,
+    /// The target the agent last brought it to (`None`: not known to have
+    /// done anything with it, e.g. right after it was loaded here).
+    pub applied: Option<Target>,
 }
 
 /// One thing to ask of the host.
@@ -98,8 +101,9 @@ pub fn reconcile(
             // Unreadable: whatever systemd runs from it must go.
             None => true,
             Some(_) => {
+                let launched_here = have.applied == Some(Target::Launched);
                 have.activity == Activity::Running
-                    && want.is_none_or(|want| want.target == Target::Loaded)
+                    && want.is_none_or(|want| want.target == Target::Loaded && launched_here)
             }
         };
         if should_stop {
@@ -171,6 +175,7 @@ mod tests {
                     Actual {
                         activity: *a,
                         hash: Some(hash(b)),
+                        applied: Some(Target::Launched),
                     },
                 )
             })
@@ -237,6 +242,7 @@ mod tests {
             Actual {
                 hash: None,
                 activity: Stopped,
+                applied: None,
             },
         );
         let d = want(&[("a.service", Launched, "x")]);
@@ -303,6 +309,33 @@ mod tests {
             [
                 Action::Stop(name("a.service")),
                 Action::Start(name("b.service"))
+            ]
+        );
+    }
+
+    #[test]
+    fn a_loaded_unit_systemd_started_itself_is_left_running() {
+        let d = want(&[("dep.service", Loaded, "x")]);
+        let mut a = have(&[("dep.service", Running, "x")]);
+        // Loaded here, then started by systemd (WantedBy= of a running unit).
+        for applied in [None, Some(Loaded)] {
+            a.get_mut(&name("dep.service")).unwrap().applied = applied;
+            assert!(reconcile(&d, &a, &none_held()).is_empty(), "{applied:?}");
+        }
+        // Launched by the agent, now wanted loaded: stopped.
+        a.get_mut(&name("dep.service")).unwrap().applied = Some(Launched);
+        assert_eq!(
+            reconcile(&d, &a, &none_held()),
+            [Action::Stop(name("dep.service"))]
+        );
+        // Unwanted: stopped and unloaded whoever started it.
+        a.get_mut(&name("dep.service")).unwrap().applied = None;
+        assert_eq!(
+            reconcile(&BTreeMap::new(), &a, &none_held()),
+            [
+                Action::Stop(name("dep.service")),
+                Action::Unload(name("dep.service")),
+                Action::Reload
             ]
         );
     }

@@ -1,5 +1,8 @@
 //! Reporting systemd's LOAD/ACTIVE/SUB of this host's units into the store.
 //!
+//! Each report carries the target the agent last applied to the unit, which
+//! is fleet's `currentState` (see [`ReportedState::current_state`]).
+//!
 //! Only what changed since the last report is written, in one transaction on
 //! the presence lease (so a dead host's reports vanish with it); a unit gone
 //! from here has its report deleted. The loop reports after every pass, and
@@ -9,7 +12,7 @@ use std::collections::BTreeMap;
 
 use super::execute::Host;
 use crate::registry::machine::MachineStore;
-use crate::registry::records::ReportedState;
+use crate::registry::records::{ReportedState, Target};
 use crate::units::UnitName;
 
 /// What was last written to the store, per unit.
@@ -24,8 +27,14 @@ impl Reports {
         self.reported.remove(unit);
     }
 
-    /// Writes the states of changed units into the store, on the lease.
-    pub async fn report(&mut self, store: &MachineStore, host: &mut Host) {
+    /// Writes the states of changed units into the store, on the lease, each
+    /// with the target the agent last `applied` to it.
+    pub async fn report(
+        &mut self,
+        store: &MachineStore,
+        host: &mut Host,
+        applied: &BTreeMap<UnitName, Target>,
+    ) {
         if store.lease().is_none() {
             return;
         }
@@ -39,6 +48,7 @@ impl Reports {
             let record = ReportedState {
                 hash: found.hash,
                 state: state.clone(),
+                target: applied.get(unit).copied(),
             };
             if self.reported.get(unit) != Some(&record) {
                 self.reported.insert(unit.clone(), record.clone());

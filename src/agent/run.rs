@@ -28,7 +28,8 @@ use super::report::Reports;
 use super::systemd::Systemd;
 use crate::consensus::client::Client;
 use crate::registry::machine::{self, MachineStore};
-use crate::registry::records::MachineRecord;
+use crate::registry::records::{MachineRecord, Target};
+use crate::units::UnitName;
 
 /// How often the agent reconciles when nothing wakes it.
 const RESYNC: Duration = Duration::from_secs(5);
@@ -79,6 +80,8 @@ pub(super) struct Agent {
     pub(super) presence: Presence,
     pub(super) reports: Reports,
     pub(super) waiting: Waiting,
+    /// The target the agent last brought each claimed unit to.
+    pub(super) applied: BTreeMap<UnitName, Target>,
 }
 
 /// Runs the agent until `stop` turns true.
@@ -118,11 +121,12 @@ pub async fn run(
     ));
     let mut wakeups = Wakeups::new(proposals, config.metadata_updates.take(), changes);
     let mut agent = Agent {
-        store: MachineStore::new(client, &me.id, &me.instance),
+        store: MachineStore::new(client, &me.id, &me.instance, config.ttl),
         host: Host::new(systemd, &config.units_dir),
         presence: Presence::new(me, config.ttl),
         reports: Reports::default(),
         waiting: Waiting::default(),
+        applied: BTreeMap::new(),
     };
     agent.run_until_stopped(&mut wakeups, &mut stop).await;
     watcher.abort();
@@ -167,13 +171,15 @@ impl Agent {
         let mut last_full = Instant::now();
         let (mut work, mut was_out_of_touch) = (true, false);
         loop {
-            if self.presence.must_join(&self.store)
-                && !self
+            if self.presence.must_join(&self.store) {
+                if !self
                     .presence
                     .join(&mut self.store, &mut self.host, stop)
                     .await
-            {
-                return;
+                {
+                    return;
+                }
+                self.joined().await;
             }
             let out_of_touch = self.presence.fence(&mut self.host).await;
             // Back in touch after a cut: reconcile at once.
@@ -190,7 +196,9 @@ impl Agent {
                     Ok(false) => {}
                     Err(e) => tracing::debug!("agent pass: {e}"),
                 }
-                self.reports.report(&self.store, &mut self.host).await;
+                self.reports
+                    .report(&self.store, &mut self.host, &self.applied)
+                    .await;
             }
             work = match wakeups.next(stop).await {
                 Wakeup::Stop => return,
@@ -208,6 +216,24 @@ impl Agent {
                 // Only the fence clock: no pass unless something else woke us.
                 Wakeup::FenceTick => false,
             };
+        }
+    }
+}
+
+impl Agent {
+    /// After a join: reports go again (a fresh lease holds none), and what
+    /// an earlier run of this daemon applied is read back from its reports
+    /// (a daemon restart adopting its lease), so a unit it had launched and
+    /// that is wanted loaded now is still stopped.
+    async fn joined(&mut self) {
+        self.reports = Reports::default();
+        match self.store.reported_targets().await {
+            Ok(targets) => {
+                for (unit, target) in targets {
+                    self.applied.entry(unit).or_insert(target);
+                }
+            }
+            Err(e) => tracing::debug!("agent: cannot read its reports back: {e}"),
         }
     }
 }

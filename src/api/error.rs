@@ -1,5 +1,6 @@
 //! How the API says no: an HTTP status and fleet's error body,
-//! `{"error":{"code":404,"message":"..."}}`.
+//! `{"error":{"code":404,"message":"..."}}`, with flotilla's `"hint"` (the
+//! next step) inside `"error"` where there is one.
 //!
 //! Every failure of a handler becomes an [`ApiError`] here, in one place, so
 //! the same fact always gets the same status: bad input is 400 and changed
@@ -21,8 +22,10 @@ use crate::units;
 pub struct ApiError {
     /// The HTTP status.
     pub status: StatusCode,
-    /// What happened and, where it helps, what to do next.
+    /// What happened.
     pub message: String,
+    /// What to do next, when the message alone does not say.
+    pub hint: Option<String>,
 }
 
 impl ApiError {
@@ -31,7 +34,14 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            hint: None,
         }
+    }
+
+    /// The same error with `hint` as the next step.
+    pub fn with_hint(mut self, hint: impl Into<String>) -> ApiError {
+        self.hint = Some(hint.into());
+        self
     }
 
     /// 400: the request itself is wrong; nothing was changed.
@@ -58,9 +68,13 @@ impl ApiError {
         )
     }
 
-    /// fleet's error body.
+    /// fleet's error body, with the hint if any.
     fn body(&self) -> serde_json::Value {
-        json!({ "error": { "code": self.status.as_u16(), "message": self.message } })
+        let mut error = json!({ "code": self.status.as_u16(), "message": self.message });
+        if let Some(hint) = &self.hint {
+            error["hint"] = json!(hint);
+        }
+        json!({ "error": error })
     }
 }
 
@@ -100,15 +114,18 @@ impl From<RegistryError> for ApiError {
     fn from(err: RegistryError) -> ApiError {
         match err {
             RegistryError::Client(err) => err.into(),
-            RegistryError::NoSuchUnit(name) => ApiError::not_found(format!(
-                "unit {name} does not exist; PUT it with its options first"
-            )),
+            RegistryError::NoSuchUnit(name) => ApiError::not_found("unit does not exist")
+                .with_hint(format!(
+                    "unit {name} is not submitted; PUT it with its options first"
+                )),
             RegistryError::Exists(name) => different_options(&name),
-            RegistryError::Raced(_) => ApiError::conflict(err.to_string()),
+            RegistryError::Raced(_) | RegistryError::AmbiguousMachine { .. } => {
+                ApiError::conflict(err.to_string())
+            }
             RegistryError::NoSuchMachine(_) => ApiError::not_found(err.to_string()),
-            RegistryError::Invalid { .. }
-            | RegistryError::Template(_)
-            | RegistryError::AmbiguousMachine(_) => ApiError::bad_request(err.to_string()),
+            RegistryError::Invalid { .. } | RegistryError::Template(_) => {
+                ApiError::bad_request(err.to_string())
+            }
             RegistryError::Record(_) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())
             }
@@ -116,13 +133,11 @@ impl From<RegistryError> for ApiError {
     }
 }
 
-/// 409 for a PUT whose options differ from the stored unit's: like fleet, the
-/// API never swaps a unit's body under a running unit.
+/// 409 where a unit exists with other contents and the caller did not ask
+/// to replace it.
 pub fn different_options(name: &units::UnitName) -> ApiError {
-    ApiError::conflict(format!(
-        "unit {name} already exists with different options; DELETE it first to replace \
-         it, or PUT only {{\"desiredState\": ...}} to change its state"
-    ))
+    ApiError::conflict(format!("unit {name} already exists with different options"))
+        .with_hint("PUT the unit with its new options to replace its body (fleet's --replace)")
 }
 
 #[cfg(test)]
@@ -169,6 +184,11 @@ mod tests {
         assert_eq!(
             body,
             json!({ "error": { "code": 404, "message": "no such unit" } })
+        );
+        let body = ApiError::conflict("busy").with_hint("wait").body();
+        assert_eq!(
+            body,
+            json!({ "error": { "code": 409, "message": "busy", "hint": "wait" } })
         );
         let response = ApiError::unauthorized().into_response();
         assert_eq!(response.headers()[header::WWW_AUTHENTICATE], "Bearer");

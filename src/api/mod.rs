@@ -1,33 +1,51 @@
-//! The HTTP JSON API of `flotilla daemon`, in the shapes of CoreOS fleet's
-//! `/fleet/v1`, served on a unix socket and on TCP.
+//! The HTTP JSON API of `flotilla daemon`, in the shapes and semantics of
+//! CoreOS fleet v1.0.0's `/fleet/v1` (stock fleetctl works against it), plus
+//! flotilla's own `/flotilla/v1`, served on a unix socket and on TCP.
 //!
 //! | route | what |
 //! | --- | --- |
-//! | `GET /fleet/v1/units` | `{"units":[unit...]}` |
-//! | `GET /fleet/v1/units/NAME` | one unit: name, options, desiredState, currentState, machineID |
-//! | `PUT /fleet/v1/units/NAME` | create from `options` (201) and/or set `desiredState` (204) |
+//! | `GET /fleet/v1/units[?nextPageToken=T]` | `{"units":[unit...],"nextPageToken"?}`, by name, 100 a page |
+//! | `GET /fleet/v1/units/NAME` | one unit: name, options, desiredState, currentState, machineID; hash, reason, machines |
+//! | `PUT /fleet/v1/units/NAME` | create (201), replace the body (201), or set `desiredState` (204); JSON only (415) |
 //! | `DELETE /fleet/v1/units/NAME` | destroy (204) |
-//! | `GET /fleet/v1/state` | `{"states":[...]}`: systemd's states per unit and machine |
-//! | `GET /fleet/v1/machines` | `{"machines":[{id, primaryIP, metadata}]}` |
+//! | `GET /fleet/v1/state[?unitName=&machineID=&nextPageToken=]` | `{"states":[...]}`: systemd's states per unit and machine |
+//! | `GET /fleet/v1/state/NAME` | one unit's states where it runs (404 while none is reported) |
+//! | `GET /fleet/v1/machines[?nextPageToken=T]` | `{"machines":[{id, primaryIP, metadata, hostname, lastRenewal, renewedSecsAgo, overdue, drained, units}]}` |
+//! | `PATCH /fleet/v1/machines` | JSON-patch of machine metadata (204; 400 and nothing applied for a bad one) |
+//! | `GET /fleet/v1/discovery` | fleet's discovery document |
+//! | `POST`/`DELETE /flotilla/v1/machines/M/drain` | drain / undrain machine M (id, id prefix, host name or address) |
+//! | `GET /flotilla/v1/explain/NAME` | every machine and why the unit may or may not run there |
+//! | `GET /flotilla/v1/units/NAME/status` | `systemctl status -l NAME` on the unit's host (text) |
+//! | `GET /flotilla/v1/units/NAME/journal?lines=&follow=&output=` | `journalctl` of the unit on its host (text, streamed with `follow=true`) |
 //! | `GET /health` | `ok` |
 //!
-//! Errors are fleet's `{"error":{"code":N,"message":"..."}}` ([`error`]).
+//! Errors are fleet's `{"error":{"code":N,"message":"..."}}`, with a `"hint"`
+//! where flotilla knows the next step ([`error`]). Unknown query parameters
+//! are ignored (fleetctl sends `alt=json`); a bad `nextPageToken` is 400.
 //!
 //! Who may call it: the unix socket is mode 0600, so only root ([`socket`]);
 //! on TCP, every request carries `Authorization: Bearer TOKEN` when
 //! `api_token` is set (config refuses a non-loopback `api_listen` without
 //! one). The API is a client of the store like the CLI: it goes through
-//! [`crate::registry::ops`] with a [`Client`] of this daemon's store endpoints,
+//! [`crate::registry`] with a [`Client`] of this daemon's store endpoints,
 //! connected on first use, so it serves (with 503s) before the store answers.
 //!
 //! * [`error`]: failures as statuses and fleet's error body.
+//! * [`paging`]: fleet's page tokens and lenient query strings.
 //! * [`units`]: `/fleet/v1/units` and `/fleet/v1/state`.
-//! * [`machines`]: the machines, at `/fleet/v1/machines`.
+//! * [`machines`]: the machines, their metadata and drain.
+//! * [`discovery`]: fleet's discovery document.
+//! * [`explain`]: why a unit runs where it does, machine by machine.
+//! * [`status`]: `systemctl status` and `journalctl` of units on this host.
 //! * [`socket`]: binding the root-only unix socket.
 
+pub mod discovery;
 pub mod error;
+pub mod explain;
 pub mod machines;
+pub mod paging;
 pub mod socket;
+pub mod status;
 pub mod units;
 
 use std::path::PathBuf;
@@ -35,10 +53,10 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::header;
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{any, delete, get};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::OnceCell;
@@ -90,23 +108,31 @@ pub enum Error {
     },
 }
 
-/// What every handler shares: the way to the store, and the unit bodies
-/// already read from it.
+/// What every handler shares: the way to the store, the unit bodies
+/// already read from it, and this host's identity.
 pub struct Shared {
     endpoints: Vec<String>,
     client: OnceCell<Client>,
     /// Bodies by hash, kept across requests (a body never changes under its
     /// hash); `GET /fleet/v1/units` drops those of units no longer stored.
     bodies: BodyCache,
+    /// Units this daemon recently lowered from launched to loaded.
+    stops: units::RecentStops,
+    /// This host's machine id, if known: status and journal are answered
+    /// only for units claimed here.
+    machine_id: Option<String>,
 }
 
 impl Shared {
-    /// A state whose client connects to `endpoints` on first use.
-    pub fn new(endpoints: Vec<String>) -> Shared {
+    /// A state whose client connects to `endpoints` on first use, on the
+    /// host with `machine_id`.
+    pub fn new(endpoints: Vec<String>, machine_id: Option<String>) -> Shared {
         Shared {
             endpoints,
             client: OnceCell::new(),
             bodies: BodyCache::new(),
+            stops: units::RecentStops::default(),
+            machine_id,
         }
     }
 
@@ -120,28 +146,68 @@ impl Shared {
     }
 }
 
+/// A 405 with fleet's message for a resource's other methods.
+fn only(allowed: &'static str) -> impl Fn() -> std::future::Ready<ApiError> + Clone {
+    move || {
+        std::future::ready(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("only {allowed} supported against this resource"),
+        ))
+    }
+}
+
 /// The routes, without authentication (the unix socket's router).
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/health", get(|| async { "ok" }))
-        .route("/fleet/v1/units", get(units::list))
+        .route("/fleet/v1/units", get(units::list).fallback(only("GET")))
         .route(
             // A catch-all, so a name with '/' in it reaches the name check (400)
             // instead of falling through to "no such endpoint".
             "/fleet/v1/units/{*name}",
-            get(units::get).put(units::put).delete(units::delete),
+            get(units::get)
+                .put(units::put)
+                .delete(units::delete)
+                .fallback(only("GET, PUT and DELETE")),
         )
-        .route("/fleet/v1/state", get(units::states))
-        .route("/fleet/v1/machines", get(machines::list))
+        .route("/fleet/v1/state", get(units::states).fallback(only("GET")))
+        .route(
+            "/fleet/v1/state/{*name}",
+            get(units::state_of).fallback(only("GET")),
+        )
+        .route(
+            "/fleet/v1/machines",
+            get(machines::list)
+                .patch(machines::patch)
+                .fallback(only("GET and PATCH")),
+        )
+        .route(
+            "/fleet/v1/discovery",
+            get(discovery::document).fallback(discovery::not_get),
+        )
+        .route("/fleet/v1", any(only("resources below /fleet/v1/")))
+        .route(
+            "/flotilla/v1/machines/{machine}/drain",
+            delete(machines::undrain)
+                .post(machines::drain)
+                .fallback(only("POST and DELETE")),
+        )
+        .route(
+            "/flotilla/v1/explain/{*name}",
+            get(explain::explain).fallback(only("GET")),
+        )
+        .route(
+            "/flotilla/v1/units/{name}/status",
+            get(status::status).fallback(only("GET")),
+        )
+        .route(
+            "/flotilla/v1/units/{name}/journal",
+            get(status::journal).fallback(only("GET")),
+        )
         .fallback(|| async {
-            ApiError::not_found(
-                "no such endpoint; see /fleet/v1/units, /fleet/v1/state, /fleet/v1/machines",
-            )
-        })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                axum::http::StatusCode::METHOD_NOT_ALLOWED,
-                "method not allowed here (units: GET, PUT, DELETE; the rest: GET)",
+            ApiError::not_found("no such endpoint").with_hint(
+                "see /fleet/v1/units, /fleet/v1/state, /fleet/v1/machines, \
+                 /fleet/v1/discovery and /flotilla/v1/explain/UNIT",
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -203,7 +269,10 @@ impl Drop for Api {
 /// skipped; one the operator configured must bind, or the daemon stops.
 pub async fn start(loaded: &Loaded, endpoints: &[String]) -> Result<Api, Error> {
     let config = &loaded.config;
-    let shared = Arc::new(Shared::new(endpoints.to_vec()));
+    let machine_id = crate::agent::identity::machine_id(std::path::Path::new("/etc/machine-id"))
+        .map_err(|e| tracing::debug!("the API does not know this host's machine id: {e}"))
+        .ok();
+    let shared = Arc::new(Shared::new(endpoints.to_vec(), machine_id));
     let mut api = Api::default();
     let tolerated = |key: &str, err: Error| {
         if loaded.origin(key) == Origin::Default {
@@ -319,36 +388,78 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        Arc::new(Shared::new(vec![format!("127.0.0.1:{port}")]))
+        Arc::new(Shared::new(vec![format!("127.0.0.1:{port}")], None))
     }
 
     #[tokio::test]
     async fn input_is_checked_before_the_store_is_asked() {
         let (_dir, path) = serve(router(unreachable())).await;
-        let put = |target: &str, body: &[u8]| request("PUT", target, "", body);
+        let json = "Content-Type: application/json\r\n";
+        let put = |target: &str, body: &[u8]| request("PUT", target, json, body);
+        let get = |target: &str| request("GET", target, "", b"");
         let launched = br#"{"desiredState":"launched"}"#;
         let cases: Vec<(Vec<u8>, u16)> = vec![
-            (request("GET", "/health", "", b""), 200),
-            (request("GET", "/fleet/v1/units", "", b""), 503),
+            (get("/health"), 200),
+            (get("/fleet/v1/units"), 503),
+            (get("/fleet/v1/discovery?alt=json"), 200),
+            (request("POST", "/fleet/v1/discovery", "", b""), 400),
             (put("/fleet/v1/units/..%2F..%2Fetc%2Fx", launched), 400),
             (put("/fleet/v1/units/../../etc/x", launched), 400),
             (put("/fleet/v1/units/a%00.service", launched), 400),
             (put("/fleet/v1/units/a.service", b"{\"bogus\":1}"), 400),
-            (put("/fleet/v1/units/a.service", b"{}"), 400),
+            (put("/fleet/v1/units/a.service", b"{"), 400),
+            (
+                put("/fleet/v1/units/a.service", br#"{"name":"b.service"}"#),
+                400,
+            ),
             (put("/fleet/v1/units/web@.service", launched), 400),
             (put("/fleet/v1/units/a.service", launched), 503),
+            (
+                request("PUT", "/fleet/v1/units/a.service", "", launched),
+                415,
+            ),
+            (
+                request(
+                    "PUT",
+                    "/fleet/v1/units/a.service",
+                    "Content-Type: text/plain\r\n",
+                    launched,
+                ),
+                415,
+            ),
             (
                 put("/fleet/v1/units/a.service", &vec![b' '; MAX_BODY_BYTES + 1]),
                 413,
             ),
+            (get("/fleet/v1/units?nextPageToken=garbage!"), 400),
+            (get("/fleet/v1/state?nextPageToken=EwBMLg%3D%3D"), 400),
+            (get("/fleet/v1/machines?nextPageToken=ZAAAAA%3D%3D"), 400),
+            (request("PATCH", "/fleet/v1/machines", "", b"{}"), 400),
+            (
+                request(
+                    "PATCH",
+                    "/fleet/v1/machines",
+                    "",
+                    br#"[{"op":"add","path":"/m/foo","value":"x"}]"#,
+                ),
+                400,
+            ),
+            (request("PATCH", "/fleet/v1/machines", "", b"[]"), 204),
             (request("POST", "/fleet/v1/units", "", b""), 405),
-            (request("GET", "/nope", "", b""), 404),
+            (request("POST", "/fleet/v1/units/a.service", "", b""), 405),
+            (request("PUT", "/fleet/v1/machines", "", b""), 405),
+            (get("/fleet/v1"), 405),
+            (get("/flotilla/v1/journal/a.service"), 404),
+            (get("/flotilla/v1/units/a.service/journal?lines=x"), 400),
+            (get("/flotilla/v1/units/a.service/journal?output=rm"), 400),
+            (get("/flotilla/v1/explain/web@.service"), 400),
+            (get("/nope"), 404),
         ];
         for (raw, expected) in cases {
             let shown = String::from_utf8_lossy(&raw[..raw.len().min(60)]).into_owned();
             let (status, body) = call(&path, raw).await;
             assert_eq!(status, expected, "{shown}: {body}");
-            if expected != 200 {
+            if expected >= 400 {
                 let parsed: serde_json::Value = serde_json::from_str(&body)
                     .unwrap_or_else(|e| panic!("{shown}: body {body:?} is not JSON: {e}"));
                 assert_eq!(parsed["error"]["code"], expected, "{shown}: {body}");

@@ -1,28 +1,53 @@
 //! `/fleet/v1/units` and `/fleet/v1/state`: fleet's unit resources over the
-//! registry's operations ([`crate::registry::ops`]).
+//! registry's operations ([`crate::registry::ops`]), with fleet v1.0.0's
+//! semantics, which stock fleetctl relies on.
 //!
 //! A unit travels as fleet's options list, `[{"section","name","value"}]`,
 //! which is also the canonical form flotilla hashes, so a unit PUT twice with
 //! the same options is the same unit. Every name and body is checked before
 //! the store is asked anything: bad input changes nothing.
+//!
+//! `currentState` is fleet's, not systemd's health: `launched` once the agent
+//! on the unit's machine asked systemd to start it (a failing ExecStart is
+//! still `launched`; `/state` shows `failed`), `loaded` once it loaded it
+//! there, else `inactive` ([`ReportedState::current_state`]). fleet's
+//! `currentState` lagged a lowered desired state by the agent's heartbeat,
+//! and `fleetctl restart` depends on that lag (it sets `loaded`, then waits
+//! for `launched`); so for [`STOP_GRACE`] after this daemon lowered a unit
+//! from launched to loaded, a unit the agent reports `loaded` still shows
+//! `launched` ([`RecentStops`]).
+//!
+//! `PUT` follows fleet: `Content-Type: application/json` or 415; options for
+//! a unit that does not exist create it (201); options with another body
+//! replace it and set its desired state to the body's, or `inactive` (201,
+//! fleetctl's `--replace`); otherwise `desiredState` is required (409
+//! without it, and for a unit that does not exist).
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
 use super::Shared;
-use super::error::{ApiError, different_options};
+use super::error::ApiError;
+use super::paging::{Query, page_of};
 use crate::consensus::client::Client;
 use crate::registry::BodyCache;
 use crate::registry::ops::{self, RegistryError, Submitted, UnitRow};
 use crate::registry::records::{DesiredState, ReportedState, UnitRecord};
 use crate::units::{Unit, UnitFile, UnitKind, UnitName, UnitOption};
+
+/// How long a unit lowered from launched to loaded through this daemon
+/// keeps showing `launched` (see the module doc): longer than fleetctl takes
+/// to ask after its PUT, shorter than its 500 ms between polls twice over.
+pub const STOP_GRACE: Duration = Duration::from_millis(900);
 
 /// One unit-file option as fleet's API writes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,7 +71,8 @@ impl From<&UnitOption> for OptionJson {
     }
 }
 
-/// A unit as `GET /fleet/v1/units[/NAME]` shows it.
+/// A unit as `GET /fleet/v1/units[/NAME]` shows it: fleet's fields, then
+/// flotilla's (fleetctl ignores fields it does not know).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct UnitJson {
@@ -56,25 +82,40 @@ pub struct UnitJson {
     pub options: Vec<OptionJson>,
     /// What the user asked for: `inactive`, `loaded` or `launched`.
     pub desired_state: DesiredState,
-    /// Where it got, from systemd's reports (see [`current_state`]).
+    /// fleet's current state (see the module doc).
     pub current_state: DesiredState,
-    /// The machine it is on, when exactly one.
+    /// The machine it is scheduled to, when exactly one.
     #[serde(rename = "machineID", skip_serializing_if = "Option::is_none")]
     pub machine_id: Option<String>,
+    /// The content address of its body (64 hex digits).
+    pub hash: String,
+    /// Why the scheduler cannot place it, while it cannot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The machines that claimed it (several for a global unit).
+    pub machines: Vec<String>,
 }
 
-/// `GET /fleet/v1/units`: fleet's list of units (not paginated).
+/// `GET /fleet/v1/units`: fleet's page of units.
 #[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct UnitList {
-    /// Every unit.
+    /// The units of this page, by name.
     pub units: Vec<UnitJson>,
+    /// The next page's token, while more may follow.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_page_token: Option<String>,
 }
 
-/// `GET /fleet/v1/state`: fleet's list of unit states (not paginated).
+/// `GET /fleet/v1/state`: fleet's page of unit states.
 #[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct StateList {
-    /// One per unit and machine.
+    /// One per unit and machine, by unit name then machine.
     pub states: Vec<StateJson>,
+    /// The next page's token, while more may follow.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_page_token: Option<String>,
 }
 
 /// The body of `PUT /fleet/v1/units/NAME`.
@@ -96,6 +137,15 @@ pub struct PutUnit {
     /// Read-only; ignored.
     #[serde(default, rename = "machineID")]
     pub machine_id: Option<IgnoredAny>,
+    /// Read-only; ignored.
+    #[serde(default)]
+    pub hash: Option<IgnoredAny>,
+    /// Read-only; ignored.
+    #[serde(default)]
+    pub reason: Option<IgnoredAny>,
+    /// Read-only; ignored.
+    #[serde(default)]
+    pub machines: Option<IgnoredAny>,
 }
 
 /// One unit on one machine, as `GET /fleet/v1/state` shows it.
@@ -119,20 +169,79 @@ pub struct StateJson {
     pub sub: String,
 }
 
+impl StateJson {
+    /// The state a row reports, if any.
+    fn of(row: &UnitRow) -> Option<StateJson> {
+        let (machine, state) = (row.machine.as_ref()?, row.state.as_ref()?);
+        Some(StateJson {
+            name: row.name.to_string(),
+            hash: state.hash.to_string(),
+            machine_id: machine.clone(),
+            load: state.state.load.clone(),
+            active: state.state.active.clone(),
+            sub: state.state.sub.clone(),
+        })
+    }
+}
+
+/// Units this daemon lowered from launched to loaded, and when (see the
+/// module doc). Only this daemon's PUTs count: fleetctl asks the daemon it
+/// just told.
+#[derive(Debug, Default)]
+pub struct RecentStops(Mutex<HashMap<UnitName, Instant>>);
+
+impl RecentStops {
+    /// Notes that `unit` was lowered from launched to loaded now.
+    fn note(&self, unit: &UnitName) {
+        let mut stops = self.0.lock().expect("recent stops lock");
+        stops.retain(|_, at| at.elapsed() < STOP_GRACE);
+        stops.insert(unit.clone(), Instant::now());
+    }
+
+    /// Whether `unit` was lowered less than [`STOP_GRACE`] ago.
+    fn recent(&self, unit: &UnitName) -> bool {
+        let stops = self.0.lock().expect("recent stops lock");
+        stops.get(unit).is_some_and(|at| at.elapsed() < STOP_GRACE)
+    }
+}
+
 /// The unit name in a path: checked like the CLI checks one (`web` means
 /// `web.service`), so a hostile name is refused before anything is read.
-fn unit_name(path: Result<Path<String>, PathRejection>) -> Result<UnitName, ApiError> {
+pub fn unit_name(path: Result<Path<String>, PathRejection>) -> Result<UnitName, ApiError> {
     let Path(raw) = path.map_err(|e| ApiError::bad_request(e.body_text()))?;
     Ok(UnitName::from_user(&raw)?)
+}
+
+/// fleet's check of a PUT's `Content-Type`, made before the body is read:
+/// exactly one header, media type `application/json` (parameters allowed).
+pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let given: Vec<_> = headers.get_all(header::CONTENT_TYPE).iter().collect();
+    let unsupported = |message: String| {
+        ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, message)
+            .with_hint("send the body as JSON with the header Content-Type: application/json")
+    };
+    let [one] = given.as_slice() else {
+        return Err(unsupported(format!(
+            "expected 1 Content-Type, got {}",
+            given.len()
+        )));
+    };
+    let media = one.to_str().unwrap_or("").split(';').next().unwrap_or("");
+    if media.trim() != "application/json" {
+        return Err(unsupported(
+            "only acceptable Content-Type is application/json".to_string(),
+        ));
+    }
+    Ok(())
 }
 
 /// Parses a PUT body; every problem is a 400.
 pub fn parse_put(body: &[u8]) -> Result<PutUnit, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(format!(
-            "the body is not a unit ({e}); send e.g. {{\"desiredState\":\"launched\",\
-             \"options\":[{{\"section\":\"Service\",\"name\":\"ExecStart\",\"value\":\"/bin/true\"}}]}}"
-        ))
+        ApiError::bad_request(format!("unable to decode body: {e}")).with_hint(
+            "send e.g. {\"desiredState\":\"launched\",\"options\":[{\"section\":\"Service\",\
+             \"name\":\"ExecStart\",\"value\":\"/bin/true\"}]}",
+        )
     })
 }
 
@@ -150,10 +259,10 @@ pub fn unit_from_options(name: &UnitName, options: &[OptionJson]) -> Result<Unit
     Ok(Unit::from_file(name, file)?)
 }
 
-/// fleet's current state from systemd's report on one machine
-/// ([`crate::registry::UnitState::current_state`]); `inactive` where nothing was reported.
+/// fleet's current state of a unit on one machine; `inactive` where nothing
+/// was reported ([`ReportedState::current_state`]).
 pub fn current_state(state: Option<&ReportedState>) -> DesiredState {
-    state.map_or(DesiredState::Inactive, |s| s.state.current_state())
+    state.map_or(DesiredState::Inactive, ReportedState::current_state)
 }
 
 /// The options of `record`'s stored body.
@@ -172,14 +281,22 @@ async fn options(
     Ok(file.options().iter().map(OptionJson::from).collect())
 }
 
+/// What a unit's view is built from, besides its record.
+struct Facts<'a> {
+    rows: &'a [UnitRow],
+    reasons: &'a BTreeMap<UnitName, String>,
+    stops: &'a RecentStops,
+}
+
 /// A unit's view from its record, its body and the rows placing it.
 async fn unit_json(
     client: &Client,
     bodies: &BodyCache,
     record: UnitRecord,
-    rows: &[UnitRow],
+    facts: &Facts<'_>,
 ) -> Result<UnitJson, ApiError> {
-    let placed: Vec<&UnitRow> = rows
+    let placed: Vec<&UnitRow> = facts
+        .rows
         .iter()
         .filter(|r| r.name == record.name && r.machine.is_some())
         .collect();
@@ -187,37 +304,65 @@ async fn unit_json(
         [one] => one.machine.clone(),
         _ => None,
     };
-    let current = placed
+    let mut current = placed
         .iter()
         .map(|r| current_state(r.state.as_ref()))
         .max()
         .unwrap_or(DesiredState::Inactive);
+    if record.desired == DesiredState::Loaded
+        && current == DesiredState::Loaded
+        && facts.stops.recent(&record.name)
+    {
+        current = DesiredState::Launched;
+    }
     Ok(UnitJson {
         name: record.name.to_string(),
         options: options(client, bodies, &record).await?,
         desired_state: record.desired,
         current_state: current,
         machine_id,
+        hash: record.hash.to_string(),
+        reason: facts.reasons.get(&record.name).cloned(),
+        machines: placed
+            .iter()
+            .filter(|r| r.claimed)
+            .filter_map(|r| r.machine.clone())
+            .collect(),
     })
 }
 
-/// `GET /fleet/v1/units`: every submitted unit, templates included.
-pub async fn list(State(shared): State<Arc<Shared>>) -> Result<Json<UnitList>, ApiError> {
+/// `GET /fleet/v1/units[?nextPageToken=T]`: every submitted unit, templates
+/// included, by name, a page at a time.
+pub async fn list(
+    State(shared): State<Arc<Shared>>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<UnitList>, ApiError> {
+    let page = Query::parse(query.as_deref()).page()?;
     let client = shared.client().await?;
     let records = ops::unit_records(client).await?;
     let rows = ops::unit_rows(client).await?;
+    let reasons = ops::reasons(client).await?;
     let live = records.iter().map(|r| r.hash).collect();
     shared.bodies.keep_only(&live);
+    let (records, next_page_token) = page_of(records, page);
+    let facts = Facts {
+        rows: &rows,
+        reasons: &reasons,
+        stops: &shared.stops,
+    };
     let mut units = Vec::with_capacity(records.len());
     for record in records {
-        match unit_json(client, &shared.bodies, record, &rows).await {
+        match unit_json(client, &shared.bodies, record, &facts).await {
             Ok(unit) => units.push(unit),
             // Destroyed while this list was read: it is gone, leave it out.
             Err(e) if e.status == StatusCode::NOT_FOUND => {}
             Err(e) => return Err(e),
         }
     }
-    Ok(Json(UnitList { units }))
+    Ok(Json(UnitList {
+        units,
+        next_page_token,
+    }))
 }
 
 /// `GET /fleet/v1/units/NAME`
@@ -229,57 +374,88 @@ pub async fn get(
     let client = shared.client().await?;
     let record = ops::unit_record(client, &name).await?;
     let rows = ops::unit_rows(client).await?;
+    let reasons = ops::reasons(client).await?;
+    let facts = Facts {
+        rows: &rows,
+        reasons: &reasons,
+        stops: &shared.stops,
+    };
     Ok(Json(
-        unit_json(client, &shared.bodies, record, &rows).await?,
+        unit_json(client, &shared.bodies, record, &facts).await?,
     ))
 }
 
-/// `PUT /fleet/v1/units/NAME`: creates the unit from `options` (201), and/or
-/// sets its `desiredState` (204). Options that differ from the stored unit's
-/// are a 409: DELETE it first.
+/// `PUT /fleet/v1/units/NAME`, in fleet's order of checks (module doc):
+/// 201 when the body was created or replaced, 204 when only the desired
+/// state was set.
 pub async fn put(
     State(shared): State<Arc<Shared>>,
     path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
-    let name = unit_name(path)?;
+    require_json(&headers)?;
     let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let request = parse_put(&body)?;
+    let name = unit_name(path)?;
     if let Some(given) = &request.name
+        && !given.is_empty()
         && UnitName::from_user(given).ok().as_ref() != Some(&name)
     {
         return Err(ApiError::bad_request(format!(
-            "the body names unit {given:?} but the path names {name}"
+            "name in URL {:?} differs from unit name in request body {given:?}",
+            name.as_str()
         )));
     }
     let desired = request.desired_state;
+    if name.kind() == UnitKind::Template && desired.is_some_and(|d| d != DesiredState::Inactive) {
+        return Err(RegistryError::Template(name).into());
+    }
     let unit = match request.options.as_deref() {
         Some(options) if !options.is_empty() => Some(unit_from_options(&name, options)?),
         _ => None,
     };
-    if name.kind() == UnitKind::Template && desired.is_some_and(|d| d != DesiredState::Inactive) {
-        return Err(RegistryError::Template(name).into());
-    }
-    if unit.is_none() && desired.is_none() {
-        return Err(ApiError::bad_request(
-            "nothing to do: give options (to create the unit), desiredState, or both",
-        ));
-    }
 
     let client = shared.client().await?;
-    let mut status = StatusCode::NO_CONTENT;
-    if let Some(unit) = &unit {
-        match ops::submit(client, unit, false).await {
-            Ok(Submitted::Created) => status = StatusCode::CREATED,
-            Ok(Submitted::Unchanged | Submitted::Replaced) => {}
-            Err(RegistryError::Exists(_)) => return Err(different_options(&name)),
-            Err(e) => return Err(e.into()),
+    let stored = match ops::unit_record(client, &name).await {
+        Ok(record) => Some(record),
+        Err(RegistryError::NoSuchUnit(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(unit) = &unit
+        && stored.as_ref().is_none_or(|r| r.hash != unit.hash())
+    {
+        let desired = desired.unwrap_or(DesiredState::Inactive);
+        match ops::submit_as(client, unit, desired).await? {
+            Submitted::Created | Submitted::Replaced => return Ok(StatusCode::CREATED),
+            // Someone stored the same body meanwhile: the state rules apply.
+            Submitted::Unchanged => {}
         }
     }
-    if let Some(desired) = desired {
-        ops::set_desired(client, std::slice::from_ref(&name), desired).await?;
+    let Some(desired) = desired else {
+        return Err(match stored {
+            None => ApiError::conflict("unit does not exist and options field empty")
+                .with_hint("PUT the unit's options to create it"),
+            Some(_) => ApiError::conflict("must provide DesiredState to update existing unit"),
+        });
+    };
+    match ops::set_desired(client, std::slice::from_ref(&name), desired).await {
+        Ok(_) => {}
+        Err(RegistryError::NoSuchUnit(_)) => {
+            return Err(
+                ApiError::conflict("unit does not exist and options field empty").with_hint(
+                    format!("PUT the options of {name} (or of its template) to create it"),
+                ),
+            );
+        }
+        Err(e) => return Err(e.into()),
     }
-    Ok(status)
+    if stored.is_some_and(|r| r.desired == DesiredState::Launched)
+        && desired == DesiredState::Loaded
+    {
+        shared.stops.note(&name);
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// `DELETE /fleet/v1/units/NAME`: destroys the unit (its machine stops it).
@@ -296,26 +472,56 @@ pub async fn delete(
     }
 }
 
-/// `GET /fleet/v1/state`: one entry per unit and machine that systemd
-/// reported on; units not yet reported anywhere are not listed (as in fleet).
-pub async fn states(State(shared): State<Arc<Shared>>) -> Result<Json<StateList>, ApiError> {
+/// `GET /fleet/v1/state[?unitName=&machineID=&nextPageToken=]`: one entry
+/// per unit and machine that systemd reported on (units not reported
+/// anywhere are not listed, as in fleet), filtered by exact unit name and
+/// machine id before paging.
+pub async fn states(
+    State(shared): State<Arc<Shared>>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<StateList>, ApiError> {
+    let query = Query::parse(query.as_deref());
+    let page = query.page()?;
+    let (unit, machine) = (query.first("unitName"), query.first("machineID"));
     let client = shared.client().await?;
     let states: Vec<StateJson> = ops::unit_rows(client)
         .await?
-        .into_iter()
-        .filter_map(|row| {
-            let (machine, state) = (row.machine?, row.state?);
-            Some(StateJson {
-                name: row.name.to_string(),
-                hash: state.hash.to_string(),
-                machine_id: machine,
-                load: state.state.load,
-                active: state.state.active,
-                sub: state.state.sub,
-            })
-        })
+        .iter()
+        .filter_map(StateJson::of)
+        .filter(|s| unit.is_none_or(|u| s.name == u))
+        .filter(|s| machine.is_none_or(|m| s.machine_id == m))
         .collect();
-    Ok(Json(StateList { states }))
+    let (states, next_page_token) = page_of(states, page);
+    Ok(Json(StateList {
+        states,
+        next_page_token,
+    }))
+}
+
+/// `GET /fleet/v1/state/NAME`: systemd's states of one unit where it is
+/// claimed (a global unit: any one machine's), what `fleetctl start` checks
+/// after `launched`; 404 while nothing was reported.
+pub async fn state_of(
+    State(shared): State<Arc<Shared>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<StateJson>, ApiError> {
+    let name = unit_name(path)?;
+    let client = shared.client().await?;
+    let rows = ops::unit_rows(client).await?;
+    let mut reported: Vec<&UnitRow> = rows
+        .iter()
+        .filter(|r| r.name == name && r.state.is_some())
+        .collect();
+    reported.sort_by_key(|r| !r.claimed);
+    reported
+        .first()
+        .and_then(|row| StateJson::of(row))
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::not_found("unit state does not exist").with_hint(format!(
+                "no machine reported {name} yet; is it submitted and loaded? (GET /fleet/v1/units/{name})"
+            ))
+        })
 }
 
 #[cfg(test)]
@@ -398,6 +604,38 @@ mod tests {
     }
 
     #[test]
+    fn content_type_is_checked_as_fleet_does() {
+        let headers = |values: &[&str]| {
+            let mut map = HeaderMap::new();
+            for v in values {
+                map.append(header::CONTENT_TYPE, v.parse().unwrap());
+            }
+            map
+        };
+        assert!(require_json(&headers(&["application/json"])).is_ok());
+        assert!(require_json(&headers(&["application/json; charset=utf-8"])).is_ok());
+        for bad in [
+            headers(&[]),
+            headers(&["text/plain"]),
+            headers(&["application/json", "application/json"]),
+            headers(&["application/jsonx"]),
+        ] {
+            let err = require_json(&bad).unwrap_err();
+            assert_eq!(err.status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_recent_stop_shows_launched_only_for_the_grace() {
+        let stops = RecentStops::default();
+        let unit = name("a.service");
+        assert!(!stops.recent(&unit));
+        stops.note(&unit);
+        assert!(stops.recent(&unit));
+        assert!(!stops.recent(&name("b.service")));
+    }
+
+    #[test]
     fn current_state_follows_systemd() {
         let reported = |load: &str, active: &str| ReportedState {
             hash: UnitHash::of_text(""),
@@ -406,6 +644,7 @@ mod tests {
                 active: active.into(),
                 sub: String::new(),
             },
+            target: None,
         };
         let cases = [
             (Some(reported("loaded", "active")), DesiredState::Launched),
@@ -434,6 +673,9 @@ mod tests {
             desired_state: DesiredState::Launched,
             current_state: DesiredState::Inactive,
             machine_id: Some("m1".into()),
+            hash: "ab".into(),
+            reason: None,
+            machines: vec!["m1".into()],
         };
         assert_eq!(
             serde_json::to_value(&unit).unwrap(),
@@ -443,6 +685,8 @@ mod tests {
                 "desiredState": "launched",
                 "currentState": "inactive",
                 "machineID": "m1",
+                "hash": "ab",
+                "machines": ["m1"],
             })
         );
     }

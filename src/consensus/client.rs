@@ -4,9 +4,18 @@
 //! endpoint when that member cannot be reached, or accepts but does not
 //! answer (a frozen member's kernel still accepts connections for it); after
 //! a member failed it, the client starts its next connection past it.
-//! Requests that found no leader changed nothing and are retried until the
-//! client's timeout; a request whose connection broke after it was sent has
-//! an unknown outcome and is reported as such, never silently retried.
+//! Requests that found no leader (or a member that is stopping) changed
+//! nothing: the client moves on to the next member and retries there, round
+//! the endpoints, until its timeout, so a client of a member cut off in a
+//! minority reaches the majority. A request whose connection broke after it
+//! was sent, or whose member stopped with it in hand, has an unknown outcome
+//! and is reported as such, never silently retried (reads excepted: they
+//! change nothing and are retried).
+//!
+//! A watch normally stays on its member while that member answers; one made
+//! with [`Watch::require_leader`] is also ended by a member that has no leader
+//! (cut off from the majority), and resumes on another, as etcd's
+//! require-leader watches do.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -254,19 +263,30 @@ impl Client {
                 Ok(Err(e)) => {
                     // The member went away mid-request; the next call starts on another.
                     *slot = Some(self.reconnect_by(index + 1, deadline).await?);
-                    if matches!(request, Request::Range { .. } | Request::Status) {
+                    if is_read(&request) {
                         continue;
                     }
                     return Err(ClientError::Unknown(format!(
                         "connection lost after the request was sent ({e})"
                     )));
                 }
+                // Nothing happened here: try the next member, so a client of
+                // a member without a leader (or a stopping one) moves on.
                 Ok(Ok(Response::Error {
-                    kind: ErrorKind::NoLeader,
+                    kind: ErrorKind::NoLeader | ErrorKind::Stopped,
                     ..
                 })) if tokio::time::Instant::now() + pause < deadline => {
+                    *slot = None;
+                    self.prefer.store(index + 1, Ordering::Relaxed);
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(500));
+                }
+                Ok(Ok(Response::Error {
+                    kind: ErrorKind::Unknown,
+                    ..
+                })) if is_read(&request) && tokio::time::Instant::now() + pause < deadline => {
+                    *slot = None;
+                    self.prefer.store(index + 1, Ordering::Relaxed);
                 }
                 Ok(Ok(Response::Error { kind, message })) => {
                     return Err(match kind {
@@ -405,7 +425,8 @@ impl Client {
         }
     }
 
-    /// Adds a member; start it afterwards with `--initial-cluster-state existing`.
+    /// Adds a member as a learner (promoted to a voter once caught up); start
+    /// it afterwards with `--initial-cluster-state existing`.
     pub async fn member_add(&self, name: &str, peer_addr: &str) -> Result<(), ClientError> {
         let request = Request::MemberAdd {
             name: name.to_string(),
@@ -437,8 +458,34 @@ impl Client {
             next: from.max(1),
             conn: None,
             endpoint: 0,
+            require_leader: false,
         }
     }
+}
+
+/// Asks the member at `endpoint` itself for its status, where a [`Client`]
+/// would move on to the leader: a health check must hear every member.
+pub async fn member_status(endpoint: &str, timeout: Duration) -> Result<Status, ClientError> {
+    let unreachable = |last: String| ClientError::Unreachable {
+        endpoints: endpoint.to_string(),
+        last,
+    };
+    let ask = async {
+        let mut conn = open(endpoint).await.map_err(unreachable)?;
+        match conn.call(&Request::Status).await {
+            Ok(Response::Status(status)) => Ok(status),
+            Ok(other) => Err(unexpected(&other)),
+            Err(e) => Err(unreachable(e.to_string())),
+        }
+    };
+    tokio::time::timeout(timeout, ask)
+        .await
+        .unwrap_or_else(|_| Err(unreachable(format!("no answer within {timeout:?}"))))
+}
+
+/// Requests that change nothing, so retrying them is always safe.
+fn is_read(request: &Request) -> bool {
+    matches!(request, Request::Range { .. } | Request::Status)
 }
 
 fn unexpected(response: &Response) -> ClientError {
@@ -454,9 +501,19 @@ pub struct Watch {
     next: Revision,
     conn: Option<Conn>,
     endpoint: usize,
+    require_leader: bool,
 }
 
 impl Watch {
+    /// Asks members to end this watch when they have no leader, and resumes
+    /// it on another member then. A member cut off from the majority still
+    /// answers (heartbeats included) but learns of no change: without this,
+    /// a watch on it waits for events that never come.
+    pub fn require_leader(mut self) -> Self {
+        self.require_leader = true;
+        self
+    }
+
     /// The first revision not yet delivered.
     pub fn next_revision(&self) -> Revision {
         self.next
@@ -508,6 +565,17 @@ impl Watch {
                     kind: ErrorKind::Compacted,
                     message,
                 }) => return Err(ClientError::Compacted(message)),
+                Ok(Response::Error {
+                    kind: ErrorKind::NoLeader,
+                    message,
+                }) => {
+                    tracing::debug!(
+                        "watch on {}: {message}; moving to another member",
+                        self.endpoints[self.endpoint % self.endpoints.len().max(1)]
+                    );
+                    self.conn = None;
+                    self.endpoint += 1;
+                }
                 Ok(other) => return Err(unexpected(&other)),
                 Err(_) => {
                     self.conn = None;
@@ -522,9 +590,11 @@ impl Watch {
         let (at, mut conn) = open_first(&self.endpoints, start).await?;
         self.endpoint = at;
         let endpoint = &self.endpoints[at];
-        let request = Request::Watch {
-            prefix: self.prefix.clone(),
-            from: self.next,
+        let (prefix, from) = (self.prefix.clone(), self.next);
+        let request = if self.require_leader {
+            Request::WatchRequireLeader { prefix, from }
+        } else {
+            Request::Watch { prefix, from }
         };
         let answer = tokio::time::timeout(WATCH_SILENCE, conn.call(&request))
             .await
@@ -535,6 +605,13 @@ impl Watch {
                 message,
                 kind: ErrorKind::Compacted,
             }) => Err(ClientError::Compacted(message)),
+            Ok(Response::Error {
+                message,
+                kind: ErrorKind::NoLeader,
+            }) => Err(ClientError::Unreachable {
+                endpoints: endpoint.clone(),
+                last: message,
+            }),
             Ok(other) => Err(unexpected(&other)),
             Err(e) => Err(ClientError::Unreachable {
                 endpoints: endpoint.clone(),

@@ -4,8 +4,8 @@
 //! Every member applies the same committed [`Command`]s in the same order and so
 //! reaches the same state: nothing here reads a clock, a random source or the
 //! environment. Time enters only through commands the leader proposes
-//! ([`Command::LeaseExpire`], [`Command::LeaseCheckpoint`]), so every member
-//! agrees on when a lease ended.
+//! ([`Command::LeaseExpire`], [`Command::LeaseCheckpoint`], decided by the
+//! leader's [`super::lessor`]), so every member agrees on when a lease ended.
 //!
 //! Revisions work as in etcd: one global counter, bumped once by each command
 //! that changes at least one key; every key records the revision that created it
@@ -395,6 +395,11 @@ impl KvStore {
     /// The oldest revision a watch can still start from.
     pub fn oldest_watchable(&self) -> Revision {
         self.compacted + 1
+    }
+
+    /// How many keys there are.
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
     }
 
     /// One key.

@@ -6,14 +6,22 @@
 //! * [`kv`]: the replicated state machine (revisions, transactions, leases,
 //!   watch history). Deterministic: every member applies the same commands and
 //!   reaches the same state.
-//! * [`linearizable`]: checks recorded client histories for linearizability.
+//! * [`lessor`]: the leader's clock for leases: when each one runs out, and
+//!   the expiries and checkpoints the leader proposes.
+//! * [`node`]: THE Ready loop around raft-rs; [`runner`] runs it on a thread.
+//! * [`storage`]: the Raft log and snapshots on redb, fsynced before any ack.
+//! * [`transport`]: peer messages over TCP; [`server`], [`protocol`] and
+//!   [`client`]: the client port.
+//! * [`member`]: what a valid member name and address are.
+//! * [`codec`]: versioned encodings on disk and on the wire.
 
 pub mod client;
 pub mod codec;
 pub mod keys;
 pub mod kv;
-pub mod linearizable;
+pub mod lessor;
 pub mod log;
+pub mod member;
 pub mod node;
 pub mod protocol;
 pub mod runner;

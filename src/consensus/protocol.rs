@@ -2,7 +2,8 @@
 //!
 //! Length-prefixed frames (see [`super::codec`]) holding a versioned
 //! [`Request`] and answered with one [`Response`]; a `Watch` turns the
-//! connection into a stream of `Events` frames until the client hangs up.
+//! connection into a stream of `Events` frames until the client hangs up
+//! (or, for `WatchRequireLeader`, until the member has no leader).
 //! While a watch has nothing to say, the member sends an empty `Events`
 //! frame every [`WATCH_HEARTBEAT`], so a client can tell a quiet watch from a
 //! member that went silent (cut off or powered off: no reset ever comes).
@@ -55,6 +56,17 @@ pub enum Request {
     MemberRemove {
         /// Its name.
         name: String,
+    },
+    /// A `Watch` the member ends with a `NoLeader` error when it has no
+    /// leader (checked when it registers the watch and at each heartbeat),
+    /// so the client resumes it on a member in the majority. etcd's
+    /// require-leader watch. Last of the variants, so older clients' requests
+    /// still decode.
+    WatchRequireLeader {
+        /// Key prefix.
+        prefix: String,
+        /// First revision wanted (the list's revision + 1).
+        from: Revision,
     },
 }
 

@@ -66,6 +66,13 @@ pub enum Msg {
     Raft(Message),
     /// A peer could not be reached.
     Unreachable(u64),
+    /// How sending a snapshot ended: true once the receiver has all of it.
+    SnapshotSent {
+        /// The receiver.
+        to: u64,
+        /// Whether it got the whole snapshot.
+        delivered: bool,
+    },
     /// Stop the member: the thread exits after this message.
     Stop,
 }
@@ -73,6 +80,8 @@ pub enum Msg {
 /// Where the node thread sends Raft messages and learns peer addresses.
 pub trait Transport: Send + 'static {
     /// Sends messages to peers. MUST NOT block; may drop (Raft retransmits).
+    /// Every `MsgSnapshot` MUST be followed by a [`Msg::SnapshotSent`]
+    /// saying how its delivery ended (see `Core::report_snapshot`).
     fn send(&self, messages: Vec<Message>);
     /// The current address book, after a membership change.
     fn set_peers(&self, peers: &BTreeMap<u64, MemberInfo>);
@@ -92,15 +101,17 @@ impl Handle {
             .map_err(|_| RequestError::Stopped("the Raft thread has exited".into()))
     }
 
+    /// Sends a request and waits for its answer. A request the thread never
+    /// took changed nothing ([`RequestError::Stopped`]); one the thread took
+    /// and then dropped without an answer (it exited: disk failure, stop) may
+    /// have been proposed, so its outcome is [`RequestError::Unknown`].
     async fn ask<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, RequestError>>) -> Msg,
     ) -> Result<T, RequestError> {
         let (reply, answer) = oneshot::channel();
         self.send(make(reply))?;
-        answer
-            .await
-            .map_err(|_| RequestError::Stopped("the Raft thread dropped the request".into()))?
+        answer.await.map_err(|_| RequestError::Unknown)?
     }
 
     /// Proposes a command and waits until this member applied it.
@@ -269,7 +280,51 @@ fn handle<D: Durable>(core: &mut Core<D>, msg: Msg) -> bool {
         }
         Msg::Raft(m) => core.step(m),
         Msg::Unreachable(id) => core.report_unreachable(id),
+        Msg::SnapshotSent { to, delivered } => core.report_snapshot(to, delivered),
         Msg::Stop => return false,
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consensus::node::NodeConfig;
+    use crate::consensus::storage::MemDisk;
+
+    /// A single member sends nothing.
+    struct Nowhere;
+
+    impl Transport for Nowhere {
+        fn send(&self, _: Vec<Message>) {}
+        fn set_peers(&self, _: &BTreeMap<u64, MemberInfo>) {}
+    }
+
+    #[tokio::test]
+    async fn a_request_in_hand_when_the_thread_dies_has_an_unknown_outcome() {
+        let disk = MemDisk::new();
+        let members = BTreeMap::from([(
+            1,
+            MemberInfo {
+                name: "n1".into(),
+                peer_addr: "127.0.0.1:1".into(),
+            },
+        )]);
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let core = Core::new(NodeConfig::new(1, 5, 50), disk.clone(), &members, &logger).unwrap();
+        let (handle, thread) = spawn(core, Duration::from_millis(5), |_| Nowhere);
+        while handle.status().await.unwrap().leader == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        handle.propose(Command::put("k", "v", None)).await.unwrap();
+        disk.fail_after(0);
+        // Proposed, then the thread fails to save it and exits: it may or may
+        // not have been applied, as far as the caller can know.
+        let in_hand = handle.propose(Command::put("k", "w", None)).await;
+        assert_eq!(in_hand, Err(RequestError::Unknown));
+        thread.join().unwrap();
+        // Sent after the thread is gone: certainly not applied.
+        let after = handle.propose(Command::put("k", "x", None)).await;
+        assert!(matches!(after, Err(RequestError::Stopped(_))), "{after:?}");
+    }
 }

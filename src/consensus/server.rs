@@ -45,8 +45,14 @@ async fn connection(stream: TcpStream, node: Handle) -> Result<(), CodecError> {
                 return Ok(());
             }
         };
-        if let Request::Watch { prefix, from } = request {
-            return stream_watch(&node, prefix, from, &mut write).await;
+        match request {
+            Request::Watch { prefix, from } => {
+                return stream_watch(&node, prefix, from, false, &mut write).await;
+            }
+            Request::WatchRequireLeader { prefix, from } => {
+                return stream_watch(&node, prefix, from, true, &mut write).await;
+            }
+            _ => {}
         }
         let answer = answer(&node, request).await;
         send(&mut write, &answer).await?;
@@ -77,7 +83,7 @@ async fn answer(node: &Handle, request: Request) -> Response {
             .map(|(kvs, revision)| Response::Range { kvs, revision }),
         Request::Status => node.status().await.map(Response::Status),
         Request::MemberAdd { name, peer_addr } => {
-            if let Err(message) = crate::config::check_member(&name, &peer_addr) {
+            if let Err(message) = super::member::check(&name, &peer_addr) {
                 return Response::Error {
                     kind: ErrorKind::Invalid,
                     message,
@@ -97,17 +103,28 @@ async fn answer(node: &Handle, request: Request) -> Response {
             ))),
             other => other.map(Response::Outcome),
         },
-        Request::Watch { .. } => unreachable!("watches are streamed by the caller"),
+        Request::Watch { .. } | Request::WatchRequireLeader { .. } => {
+            unreachable!("watches are streamed by the caller")
+        }
     };
     result.unwrap_or_else(Response::from)
+}
+
+/// Whether the member has a leader; with `require_leader` unset, always.
+async fn leader_known(node: &Handle, require_leader: bool) -> bool {
+    !require_leader || node.status().await.is_ok_and(|s| s.leader != 0)
 }
 
 async fn stream_watch<W: tokio::io::AsyncWrite + Unpin>(
     node: &Handle,
     prefix: String,
     from: u64,
+    require_leader: bool,
     write: &mut W,
 ) -> Result<(), CodecError> {
+    if !leader_known(node, require_leader).await {
+        return send(write, &Response::from(RequestError::NoLeader)).await;
+    }
     let mut events = match node.watch(prefix, from) {
         Ok(events) => events,
         Err(e) => return send(write, &Response::from(e)).await,
@@ -122,6 +139,9 @@ async fn stream_watch<W: tokio::io::AsyncWrite + Unpin>(
                 None => return Ok(()),
             },
             () = tokio::time::sleep(WATCH_HEARTBEAT) => {
+                if !leader_known(node, require_leader).await {
+                    return send(write, &Response::from(RequestError::NoLeader)).await;
+                }
                 send(write, &Response::Events(Vec::new())).await?;
                 continue;
             }

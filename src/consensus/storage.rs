@@ -11,7 +11,7 @@
 //! the state machine's data so lagging members can catch up.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
@@ -42,6 +42,10 @@ pub enum DiskError {
     /// Stored bytes could not be decoded.
     #[error("corrupt raft state on disk: {0}")]
     Corrupt(String),
+    /// The disk refused a write (failed or full; the simulation's disks fail
+    /// on request).
+    #[error("the disk refused a write: {0}")]
+    Failed(String),
     /// Written by a newer release.
     #[error(transparent)]
     Format(#[from] codec::CodecError),
@@ -102,6 +106,10 @@ pub trait Durable: Send {
     fn load(&self) -> Result<Recovered, DiskError>;
     /// Saves a batch. MUST NOT return before the batch is on stable storage.
     fn save(&mut self, batch: &Batch) -> Result<(), DiskError>;
+    /// Bytes the store takes on disk, for health reports (0: no files).
+    fn size_bytes(&self) -> u64 {
+        0
+    }
 }
 
 /// The Raft state in a redb database under the member's data directory.
@@ -296,6 +304,20 @@ impl Durable for RedbDisk {
         }
         Ok(())
     }
+
+    fn size_bytes(&self) -> u64 {
+        // The database and the snapshot files beside it.
+        std::fs::read_dir(&self.dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
 }
 
 /// An in-memory disk for simulation: `save` is durable only while `sync` is on.
@@ -306,6 +328,8 @@ impl Durable for RedbDisk {
 pub struct MemDisk {
     synced: Arc<Mutex<Recovered>>,
     sync: Arc<AtomicBool>,
+    /// Saves left before every save fails; `u64::MAX` for never.
+    saves_left: Arc<AtomicU64>,
 }
 
 impl Default for MemDisk {
@@ -320,6 +344,7 @@ impl MemDisk {
         MemDisk {
             synced: Arc::default(),
             sync: Arc::new(AtomicBool::new(true)),
+            saves_left: Arc::new(AtomicU64::new(u64::MAX)),
         }
     }
 
@@ -329,6 +354,12 @@ impl MemDisk {
     pub fn set_sync(&self, on: bool) {
         self.sync.store(on, Ordering::SeqCst);
     }
+
+    /// Lets `saves` more saves succeed, then fails every one after (a disk
+    /// that died or filled up), for this disk and all its clones.
+    pub fn fail_after(&self, saves: u64) {
+        self.saves_left.store(saves, Ordering::SeqCst);
+    }
 }
 
 impl Durable for MemDisk {
@@ -337,6 +368,13 @@ impl Durable for MemDisk {
     }
 
     fn save(&mut self, batch: &Batch) -> Result<(), DiskError> {
+        let left = self.saves_left.load(Ordering::SeqCst);
+        if left == 0 {
+            return Err(DiskError::Failed("simulated disk failure".into()));
+        }
+        if left != u64::MAX {
+            self.saves_left.store(left - 1, Ordering::SeqCst);
+        }
         if !self.sync.load(Ordering::SeqCst) {
             return Ok(());
         }

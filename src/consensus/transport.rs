@@ -15,14 +15,25 @@
 //! unacknowledged data that old ends the connection. And a peer that dials in is evidently
 //! back, so its writer, if it is waiting to reconnect, tries again at once.
 //! Inbound connections carry TCP keepalive so a dead peer's reader ends too.
+//!
+//! A snapshot does not fit the ordinary stream: it can outgrow any frame (a
+//! store of 100k units makes one of hundreds of MiB) and, sent there, would
+//! hold up heartbeats for as long as it takes. Each `MsgSnapshot` gets a
+//! connection of its own: a header frame starting with [`SNAPSHOT_STREAM`]
+//! (the message without its data, and the data's length), then the data in
+//! [`CHUNK`]-sized frames, written as fast as the receiver reads them (TCP's
+//! flow control paces the sender), then one byte back from the receiver once
+//! it has the whole snapshot and handed it to its node. Only then is the
+//! snapshot reported delivered ([`Msg::SnapshotSent`]); any failure on the
+//! way reports it failed, and Raft sends a fresh one later.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use protobuf::Message as _;
-use raft::eraftpb::Message;
-use tokio::io::BufWriter;
+use raft::eraftpb::{Message, MessageType};
+use tokio::io::{AsyncRead, AsyncWrite, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc};
 
@@ -38,6 +49,17 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 /// The longest pause between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// First byte of the frame that opens a snapshot stream; an ordinary frame
+/// starts with the format version, which is far below it.
+const SNAPSHOT_STREAM: u8 = 0x80;
+/// Snapshot data travels in frames of this size.
+pub const CHUNK: usize = 4 * 1024 * 1024;
+/// The largest snapshot a member accepts (bounds what a peer can make it hold).
+const MAX_SNAPSHOT: u64 = 16 * 1024 * 1024 * 1024;
+/// The longest a snapshot stream may go without progress, either way.
+const SNAPSHOT_STALL: Duration = Duration::from_secs(30);
+/// The receiver's confirmation that it has the whole snapshot.
+const SNAPSHOT_RECEIVED: u8 = 1;
 
 fn encode(message: &Message) -> Vec<u8> {
     let mut frame = vec![codec::FORMAT_VERSION];
@@ -105,6 +127,12 @@ impl runner::Transport for TcpTransport {
         let peers = self.peers.0.lock().expect("peer table lock");
         for message in messages {
             let to = message.to;
+            if message.get_msg_type() == MessageType::MsgSnapshot {
+                let addr = peers.get(&to).map(|p| p.addr.clone());
+                self.runtime
+                    .spawn(stream_snapshot(addr, message, self.node.clone()));
+                continue;
+            }
             match peers.get(&to) {
                 Some(peer) => {
                     if peer.queue.try_send(message).is_err() {
@@ -142,6 +170,117 @@ impl runner::Transport for TcpTransport {
             );
         }
     }
+}
+
+/// Sends one snapshot on a connection of its own and reports how it ended.
+async fn stream_snapshot(addr: Option<String>, message: Message, node: Handle) {
+    let to = message.to;
+    let sent = async {
+        let addr = addr.ok_or_else(|| format!("no address for raft peer {to:x}"))?;
+        let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
+            .await
+            .map_err(|_| format!("connecting to {addr} timed out"))?
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        limit_unacked(&stream);
+        send_snapshot(&mut stream, &message)
+            .await
+            .map_err(|e| format!("sending to {addr}: {e}"))
+    };
+    let delivered = match sent.await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!("snapshot for raft peer {to:x} not delivered: {e}");
+            false
+        }
+    };
+    let _ = node.send(Msg::SnapshotSent { to, delivered });
+}
+
+/// Writes a snapshot stream (header, data chunks) and waits for the
+/// receiver's confirmation. Each step must progress within [`SNAPSHOT_STALL`].
+pub async fn send_snapshot<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    message: &Message,
+) -> Result<(), CodecError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stalled = || CodecError::Io(std::io::ErrorKind::TimedOut.into());
+    let data = message.get_snapshot().get_data();
+    let mut header = message.clone();
+    header.mut_snapshot().data = Default::default();
+    let mut frame = vec![SNAPSHOT_STREAM, codec::FORMAT_VERSION];
+    frame.extend_from_slice(&(data.len() as u64).to_be_bytes());
+    header
+        .write_to_vec(&mut frame)
+        .expect("protobuf encoding of an in-memory message cannot fail");
+    let mut writer = BufWriter::new(&mut *stream);
+    for part in std::iter::once(frame.as_slice()).chain(data.chunks(CHUNK)) {
+        tokio::time::timeout(SNAPSHOT_STALL, codec::write_frame(&mut writer, part))
+            .await
+            .map_err(|_| stalled())??;
+    }
+    tokio::time::timeout(SNAPSHOT_STALL, writer.flush())
+        .await
+        .map_err(|_| stalled())??;
+    drop(writer);
+    let mut ack = [0u8];
+    tokio::time::timeout(SNAPSHOT_STALL, stream.read_exact(&mut ack))
+        .await
+        .map_err(|_| stalled())??;
+    if ack[0] == SNAPSHOT_RECEIVED {
+        Ok(())
+    } else {
+        Err(CodecError::Malformed(format!(
+            "unexpected snapshot confirmation {}",
+            ack[0]
+        )))
+    }
+}
+
+/// Reads the data of a snapshot stream whose first frame was `header`, and
+/// returns the whole message.
+pub async fn receive_snapshot<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    header: &[u8],
+) -> Result<Message, CodecError> {
+    let malformed = |what: &str| CodecError::Malformed(format!("snapshot stream: {what}"));
+    let rest = header
+        .strip_prefix(&[SNAPSHOT_STREAM])
+        .ok_or_else(|| malformed("no stream header"))?;
+    let (&version, rest) = rest
+        .split_first()
+        .ok_or_else(|| malformed("empty header"))?;
+    if !(codec::OLDEST_READABLE..=codec::FORMAT_VERSION).contains(&version) {
+        return Err(CodecError::Version { found: version });
+    }
+    let (len, body) = rest
+        .split_first_chunk::<8>()
+        .ok_or_else(|| malformed("no length"))?;
+    let len = u64::from_be_bytes(*len);
+    if len > MAX_SNAPSHOT {
+        return Err(malformed(&format!(
+            "{len} bytes exceeds the {MAX_SNAPSHOT}-byte limit"
+        )));
+    }
+    let mut message =
+        Message::parse_from_bytes(body).map_err(|e| CodecError::Malformed(e.to_string()))?;
+    if message.get_msg_type() != MessageType::MsgSnapshot {
+        return Err(malformed("not a snapshot message"));
+    }
+    let len = usize::try_from(len).map_err(|_| malformed("too long for this machine"))?;
+    let mut data = Vec::with_capacity(len);
+    while data.len() < len {
+        let chunk = tokio::time::timeout(SNAPSHOT_STALL, codec::read_frame(reader))
+            .await
+            .map_err(|_| CodecError::Io(std::io::ErrorKind::TimedOut.into()))??
+            .ok_or_else(|| malformed("ended early"))?;
+        if data.len() + chunk.len() > len {
+            return Err(malformed("more data than announced"));
+        }
+        data.extend_from_slice(&chunk);
+    }
+    message.mut_snapshot().data = data.into();
+    Ok(message)
 }
 
 /// Connects to a peer within [`CONNECT_TIMEOUT`], with [`limit_unacked`] set.
@@ -231,6 +370,12 @@ pub async fn serve_peers(listener: TcpListener, node: Handle, peers: Peers) {
             let mut greeted = false;
             loop {
                 match codec::read_frame(&mut stream).await {
+                    Ok(Some(frame)) if frame.first() == Some(&SNAPSHOT_STREAM) => {
+                        if let Err(e) = take_snapshot(&mut stream, &frame, &node).await {
+                            tracing::warn!("snapshot from peer {from} not received: {e}");
+                        }
+                        return;
+                    }
                     Ok(Some(frame)) => match decode(&frame) {
                         Ok(message) => {
                             if !greeted {
@@ -257,9 +402,84 @@ pub async fn serve_peers(listener: TcpListener, node: Handle, peers: Peers) {
     }
 }
 
+/// Receives a snapshot stream, hands the snapshot to the node, confirms.
+async fn take_snapshot<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    header: &[u8],
+    node: &Handle,
+) -> Result<(), CodecError> {
+    use tokio::io::AsyncWriteExt;
+    let message = receive_snapshot(stream, header).await?;
+    node.send(Msg::Raft(message))
+        .map_err(|e| CodecError::Io(std::io::Error::other(e.to_string())))?;
+    stream.write_all(&[SNAPSHOT_RECEIVED]).await?;
+    stream.flush().await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_snapshot_larger_than_a_frame_streams_in_chunks_and_is_confirmed() {
+        let mut message = Message {
+            to: 2,
+            from: 1,
+            term: 4,
+            ..Message::default()
+        };
+        message.set_msg_type(MessageType::MsgSnapshot);
+        message.mut_snapshot().mut_metadata().index = 77;
+        let data: Vec<u8> = (0..codec::MAX_FRAME + 3 * CHUNK + 5)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        message.mut_snapshot().data = data.into();
+        let (mut sender, receiver) = tokio::io::duplex(64 * 1024);
+        let expected = message.clone();
+        let receiving = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let mut receiver = tokio::io::BufReader::new(receiver);
+            let header = codec::read_frame(&mut receiver).await.unwrap().unwrap();
+            assert!(header.len() < 1024, "the header carries no data");
+            let got = receive_snapshot(&mut receiver, &header).await.unwrap();
+            receiver.write_all(&[SNAPSHOT_RECEIVED]).await.unwrap();
+            got
+        });
+        send_snapshot(&mut sender, &message).await.unwrap();
+        assert_eq!(receiving.await.unwrap(), expected);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_stream_cut_short_is_refused() {
+        let mut message = Message::default();
+        message.set_msg_type(MessageType::MsgSnapshot);
+        message.mut_snapshot().data = vec![7u8; 3 * CHUNK].into();
+        let (mut sender, receiver) = tokio::io::duplex(1024 * 1024);
+        let sending = tokio::spawn(async move { send_snapshot(&mut sender, &message).await });
+        let mut receiver = tokio::io::BufReader::new(receiver);
+        let header = codec::read_frame(&mut receiver).await.unwrap().unwrap();
+        let first = codec::read_frame(&mut receiver).await.unwrap().unwrap();
+        assert_eq!(first.len(), CHUNK);
+        drop(receiver);
+        assert!(
+            sending.await.unwrap().is_err(),
+            "no confirmation, no success"
+        );
+        let mut short = header.clone();
+        short.truncate(5);
+        assert!(
+            receive_snapshot(&mut tokio::io::empty(), &short)
+                .await
+                .is_err()
+        );
+        assert!(
+            receive_snapshot(&mut tokio::io::empty(), &header)
+                .await
+                .is_err(),
+            "a stream that ends before its data is refused"
+        );
+    }
 
     #[test]
     fn frames_carry_the_version_and_refuse_others() {

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
+use super::shell;
+
 /// A lab's directory and the paths and names inside it.
 #[derive(Debug, Clone)]
 pub struct LabDir {
@@ -103,6 +105,20 @@ impl LabDir {
         self.path.join("lab.json")
     }
 
+    /// Whether `pid` is this lab's supervisor: a live process whose command
+    /// line is `flotilla lab supervise --dir` this directory. Lives with the
+    /// directory because the directory is what identifies a lab, so the
+    /// supervisor, `lab up`, `lab down` and the status all ask it here.
+    pub fn is_supervisor(&self, pid: u32) -> bool {
+        shell::is_alive(pid)
+            && shell::cmdline(pid).is_some_and(|args| {
+                args.iter().any(|a| a == "supervise")
+                    && args
+                        .iter()
+                        .any(|a| a.as_str() == self.path.to_string_lossy())
+            })
+    }
+
     /// The supervisor's control socket.
     pub fn socket(&self) -> PathBuf {
         self.path.join("supervisor.sock")
@@ -124,7 +140,7 @@ impl LabDir {
     }
 
     /// The lab's copy of the flotilla binary: the supervisor runs it and every host
-    /// has it (hard-linked) as /usr/local/bin/flotilla, so rebuilding the checkout
+    /// has it (hard-linked) as /usr/bin/flotilla, where the Debian package puts it, so rebuilding the checkout
     /// never changes a running lab.
     pub fn binary(&self) -> PathBuf {
         self.path.join("bin").join("flotilla")

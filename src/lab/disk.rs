@@ -290,8 +290,8 @@ impl Disk {
 
     /// The binary (hard-linked to the lab's copy), its config and its data dir.
     fn flotilla(&self, dir: &LabDir, lab: &LabState, host: &HostState) -> Result<()> {
-        self.mkdirs("usr/local/bin")?;
-        let target = self.upper.join("usr/local/bin/flotilla");
+        self.mkdirs("usr/bin")?;
+        let target = self.upper.join("usr/bin/flotilla");
         if std::fs::hard_link(dir.binary(), &target).is_err() {
             std::fs::copy(dir.binary(), &target)
                 .with_context(|| format!("cannot copy flotilla to {}", target.display()))?;
@@ -306,6 +306,8 @@ impl Disk {
         };
         set("name", host.name.clone().into());
         set("data_dir", "/var/lib/flotilla".into());
+        // Every host shares the kernel's boot id: the lab writes one per boot.
+        set("boot_id_file", super::init::BOOT_ID_FILE.into());
         set(
             "ttl_secs",
             i64::try_from(lab.ttl_secs)

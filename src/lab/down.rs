@@ -24,7 +24,6 @@ use super::host;
 use super::net;
 use super::shell;
 use super::state::LabState;
-use super::supervisor::is_supervisor;
 
 /// `lab down`: tear down, then remove the lab's files but its logs (and, with
 /// `keep_disks`, the hosts' disks).
@@ -51,13 +50,13 @@ pub fn teardown(dir: &LabDir) -> Result<bool> {
 
     let mut supervisors: Vec<u32> = shell::all_pids()
         .into_iter()
-        .filter(|pid| is_supervisor(*pid, dir))
+        .filter(|pid| dir.is_supervisor(*pid))
         .collect();
     supervisors.extend(
         state
             .as_ref()
             .and_then(|s| s.supervisor_pid)
-            .filter(|pid| is_supervisor(*pid, dir)),
+            .filter(|pid| dir.is_supervisor(*pid)),
     );
     supervisors.sort_unstable();
     supervisors.dedup();

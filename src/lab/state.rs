@@ -291,9 +291,7 @@ impl Status {
     /// The status as `lab.json` records it, checked against the running processes.
     pub fn read(dir: &LabDir) -> Result<Status> {
         let lab = LabState::load(dir)?;
-        let supervisor = lab
-            .supervisor_pid
-            .is_some_and(|pid| super::supervisor::is_supervisor(pid, dir));
+        let supervisor = lab.supervisor_pid.is_some_and(|pid| dir.is_supervisor(pid));
         let hosts = lab
             .hosts
             .iter()

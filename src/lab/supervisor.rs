@@ -32,17 +32,6 @@ use super::state::LabState;
 /// How often hosts are checked for having exited.
 const POLL: Duration = Duration::from_millis(20);
 
-/// Whether `pid` is the supervisor of the lab in `dir`.
-pub fn is_supervisor(pid: u32, dir: &LabDir) -> bool {
-    shell::is_alive(pid)
-        && shell::cmdline(pid).is_some_and(|args| {
-            args.iter().any(|a| a == "supervise")
-                && args
-                    .iter()
-                    .any(|a| a.as_str() == dir.path().to_string_lossy())
-        })
-}
-
 /// Runs the supervisor of the lab in `dir` until it is killed.
 pub fn run(dir: &LabDir) -> Result<ExitCode> {
     let mut lab = LabState::load(dir)?;

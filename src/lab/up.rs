@@ -24,7 +24,6 @@ use super::host;
 use super::net;
 use super::shell;
 use super::state::{CLIENT_PORT, LabState, UpHost, UpOutput};
-use super::supervisor::is_supervisor;
 
 /// Runs `lab up`.
 pub fn run(args: &UpArgs) -> Result<ExitCode> {
@@ -39,9 +38,7 @@ pub fn run(args: &UpArgs) -> Result<ExitCode> {
     let dir = LabDir::create(&args.lab.dir)?;
     doctor::require(dir.path())?;
     if let Ok(old) = LabState::load(&dir)
-        && old
-            .supervisor_pid
-            .is_some_and(|pid| is_supervisor(pid, &dir))
+        && old.supervisor_pid.is_some_and(|pid| dir.is_supervisor(pid))
     {
         bail!(
             "a lab of {} hosts is already running in {}; tear it down first: flotilla lab down --dir {}",

@@ -10,6 +10,11 @@
 //! /flotilla/m/<id>/c/<unit>          Claim: <id> runs <unit> (on its presence lease)
 //! /flotilla/m/<id>/gen               bumped by every claim on <id>: serialises claims
 //! /flotilla/states/<unit>/<id>       ReportedState: systemd's LOAD/ACTIVE/SUB there
+//! /flotilla/lock/<group>             Semaphore: the reboot lock of a group of machines
+//! /flotilla/reboot/<id>              RebootMark: `flotilla lock need-reboot` asked <id> to reboot
+//! /flotilla/metadata/<id>/<key>      metadata set through the API ("": key removed)
+//! /flotilla/reasons/<unit>           why the scheduler cannot place <unit>
+//! /flotilla/renewed/<id>             Renewal: when <id> last renewed (on its lease)
 //! ```
 //!
 //! Everything an agent must react to lives under its own `/flotilla/m/<id>/`,
@@ -31,6 +36,12 @@ pub const PLACED: &str = "/flotilla/placed/";
 pub const PER_MACHINE: &str = "/flotilla/m/";
 /// Prefix of every reported unit state.
 pub const STATES: &str = "/flotilla/states/";
+/// Prefix of the metadata set through the API, per machine and key.
+pub const METADATA: &str = "/flotilla/metadata/";
+/// Prefix of the scheduler's reasons for units it cannot place.
+pub const REASONS: &str = "/flotilla/reasons/";
+/// Prefix of every machine's last renewal.
+pub const RENEWALS: &str = "/flotilla/renewed/";
 
 /// The record of unit `name`.
 pub fn unit(name: &UnitName) -> String {
@@ -87,6 +98,26 @@ pub fn state(name: &UnitName, id: &str) -> String {
     format!("{STATES}{name}/{id}")
 }
 
+/// Metadata `key` of machine `id`, as set through the API.
+pub fn metadata(id: &str, key: &str) -> String {
+    format!("{METADATA}{id}/{key}")
+}
+
+/// `/flotilla/metadata/<id>/<key>` taken apart; `None` for anything else.
+pub fn parse_metadata_key(key: &str) -> Option<(&str, &str)> {
+    key.strip_prefix(METADATA)?.split_once('/')
+}
+
+/// Why the scheduler cannot place unit `name`.
+pub fn reason(name: &UnitName) -> String {
+    format!("{REASONS}{name}")
+}
+
+/// When machine `id` last renewed its presence.
+pub fn renewal(id: &str) -> String {
+    format!("{RENEWALS}{id}")
+}
+
 /// A key under `/flotilla/m/`, taken apart.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MachineKey {
@@ -125,6 +156,21 @@ pub fn unit_after(prefix: &str, key: &str) -> Option<UnitName> {
     UnitName::parse(key.strip_prefix(prefix)?).ok()
 }
 
+/// Prefix of every reboot semaphore.
+pub const LOCKS: &str = "/flotilla/lock/";
+/// Prefix of the marks of machines asked to reboot.
+pub const REBOOTS: &str = "/flotilla/reboot/";
+
+/// The reboot semaphore of machine group `group`.
+pub fn semaphore(group: &str) -> String {
+    format!("{LOCKS}{group}")
+}
+
+/// The mark asking machine `id` to reboot.
+pub fn reboot_mark(id: &str) -> String {
+    format!("{REBOOTS}{id}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,6 +197,12 @@ mod tests {
             Some((name.clone(), "abc".into()))
         );
         assert_eq!(parse_state_key("/flotilla/states/nounit"), None);
-        assert_eq!(unit_after(UNITS, &unit(&name)), Some(name));
+        assert_eq!(unit_after(UNITS, &unit(&name)), Some(name.clone()));
+        assert_eq!(unit_after(REASONS, &reason(&name)), Some(name));
+        assert_eq!(
+            parse_metadata_key(&metadata("abc", "region")),
+            Some(("abc", "region"))
+        );
+        assert_eq!(parse_metadata_key("/flotilla/metadata/abc"), None);
     }
 }

@@ -3,24 +3,30 @@
 //! A machine publishes its presence on a lease, reads what the scheduler
 //! proposed to it, claims proposals (on the lease, serialised by its
 //! generation key), releases claims whose proposal went, and reports
-//! systemd's states of its units (on the lease). Every one of those is one
+//! systemd's states of its units (on the lease). With every renewal it
+//! stamps the time ([`Renewal`]), so people see how long ago it was heard of.
+//! Joining again after its lease expired, it re-claims in one transaction
+//! what nobody else took meanwhile ([`MachineStore::reclaimable`],
+//! [`MachineStore::rejoin`]). Every one of those is one
 //! transaction built here, so the agent ([`crate::agent`]) decides what to do
 //! and never how the store spells it. Everything it reacts to lives under its
 //! own prefix ([`super::keys::machine_prefix`]), which [`wake_on_own_changes`]
 //! watches.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::Notify;
 
 use super::bodies::{Body, BodyCache};
 use super::keys::{self, MachineKey};
 use super::ops::RegistryError;
-use super::records::{self, Claim, MachineRecord, Proposal, ReportedState};
+use super::records::{
+    self, Claim, DesiredState, MachineRecord, Proposal, Renewal, ReportedState, Target, UnitRecord,
+};
 use crate::consensus::client::{Client, ClientError};
-use crate::consensus::kv::{Compare, LeaseId, Op, Revision};
+use crate::consensus::kv::{Compare, KeyValue, LeaseId, Op, Revision};
 use crate::units::{Requirements, UnitHash, UnitName};
 
 /// A machine's presence record as read, with what guards a write over it.
@@ -47,7 +53,7 @@ pub struct OwnView {
 
 /// What renewing a lease found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Renewal {
+pub enum Renewed {
     /// The lease lives on for another TTL.
     Renewed,
     /// The lease is gone (it expired, or was revoked): its records with it.
@@ -59,20 +65,72 @@ pub enum Renewal {
 pub struct LeaseKeeper {
     client: Arc<Client>,
     lease: LeaseId,
+    id: String,
+    ttl: Duration,
 }
 
 impl LeaseKeeper {
-    /// Renews the lease once.
-    pub async fn renew(&self) -> Result<Renewal, ClientError> {
-        renew(&self.client, self.lease).await
+    /// Renews the lease once, then stamps the time of the renewal (a stamp
+    /// that fails is only logged: the next renewal writes it again).
+    pub async fn renew(&self) -> Result<Renewed, ClientError> {
+        let renewal = renew(&self.client, self.lease).await?;
+        if renewal == Renewed::Renewed {
+            let op = renewal_stamp(&self.id, self.ttl, self.lease);
+            if let Err(e) = self.client.txn(Vec::new(), vec![op], Vec::new()).await {
+                tracing::debug!("agent: cannot stamp the renewal: {e}");
+            }
+        }
+        Ok(renewal)
     }
 }
 
-async fn renew(client: &Client, lease: LeaseId) -> Result<Renewal, ClientError> {
+async fn renew(client: &Client, lease: LeaseId) -> Result<Renewed, ClientError> {
     match client.keep_alive(lease).await {
-        Ok(()) => Ok(Renewal::Renewed),
-        Err(ClientError::LeaseNotFound(_)) => Ok(Renewal::Expired),
+        Ok(()) => Ok(Renewed::Renewed),
+        Err(ClientError::LeaseNotFound(_)) => Ok(Renewed::Expired),
         Err(e) => Err(e),
+    }
+}
+
+/// The write of machine `id`'s renewal stamp, now, on `lease`.
+fn renewal_stamp(id: &str, ttl: Duration, lease: LeaseId) -> Op {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let stamp = Renewal {
+        at_ms: u64::try_from(now.as_millis()).unwrap_or(u64::MAX),
+        ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+    };
+    Op::put_on_lease(keys::renewal(id), records::encode(&stamp), lease)
+}
+
+/// A unit file still on this machine from before its lease expired.
+#[derive(Debug, Clone, Copy)]
+pub struct Leftover<'a> {
+    /// The unit.
+    pub name: &'a UnitName,
+    /// The body its file holds.
+    pub hash: UnitHash,
+    /// Its `[X-Fleet]` rules.
+    pub requirements: &'a Requirements,
+}
+
+/// What [`MachineStore::reclaimable`] found: the leftovers nobody else took,
+/// and what the re-claim must find unchanged.
+#[derive(Debug, Default)]
+pub struct Reclaim {
+    /// Units still proposed here with the same body, with the proposal's revision.
+    proposed: BTreeMap<UnitName, Revision>,
+    /// Units proposed nowhere, unchanged and still wanted: proposed here
+    /// again, with the unit record as read and the proposal to write.
+    orphaned: BTreeMap<UnitName, (KeyValue, Proposal, bool)>,
+    generation: Revision,
+}
+
+impl Reclaim {
+    /// The units the re-claim takes.
+    pub fn units(&self) -> BTreeSet<&UnitName> {
+        self.proposed.keys().chain(self.orphaned.keys()).collect()
     }
 }
 
@@ -82,17 +140,21 @@ pub struct MachineStore {
     client: Arc<Client>,
     id: String,
     instance: String,
+    /// The presence lease's TTL.
+    ttl: Duration,
     lease: Option<LeaseId>,
     bodies: BodyCache,
 }
 
 impl MachineStore {
-    /// Machine `id`, install `instance`, over `client`; no lease yet.
-    pub fn new(client: Client, id: &str, instance: &str) -> MachineStore {
+    /// Machine `id`, install `instance`, over `client`, with presence leases
+    /// of `ttl`; no lease yet.
+    pub fn new(client: Client, id: &str, instance: &str, ttl: Duration) -> MachineStore {
         MachineStore {
             client: Arc::new(client),
             id: id.to_string(),
             instance: instance.to_string(),
+            ttl,
             lease: None,
             bodies: BodyCache::new(),
         }
@@ -108,6 +170,8 @@ impl MachineStore {
         self.lease.map(|lease| LeaseKeeper {
             client: self.client.clone(),
             lease,
+            id: self.id.clone(),
+            ttl: self.ttl,
         })
     }
 
@@ -125,17 +189,17 @@ impl MachineStore {
 
     /// Takes over `lease` (a daemon restarting within its TTL): renews it,
     /// and holds it from now on if it still exists.
-    pub async fn adopt(&mut self, lease: LeaseId) -> Result<Renewal, ClientError> {
+    pub async fn adopt(&mut self, lease: LeaseId) -> Result<Renewed, ClientError> {
         let renewal = renew(&self.client, lease).await?;
-        if renewal == Renewal::Renewed {
+        if renewal == Renewed::Renewed {
             self.lease = Some(lease);
         }
         Ok(renewal)
     }
 
-    /// Grants a fresh presence lease of `ttl` and holds it from now on.
-    pub async fn take_lease(&mut self, ttl: Duration) -> Result<LeaseId, ClientError> {
-        let lease = self.client.grant(ttl).await?;
+    /// Grants a fresh presence lease and holds it from now on.
+    pub async fn take_lease(&mut self) -> Result<LeaseId, ClientError> {
+        let lease = self.client.grant(self.ttl).await?;
         self.lease = Some(lease);
         Ok(lease)
     }
@@ -156,14 +220,183 @@ impl MachineStore {
         me: &MachineRecord,
         read: Option<&StoredPresence>,
     ) -> Result<bool, ClientError> {
+        let Some((compare, ops)) = self.presence_writes(me, read) else {
+            return Ok(false);
+        };
+        let (ok, _, _) = self.client.txn(compare, ops, Vec::new()).await?;
+        Ok(ok)
+    }
+
+    /// The guarded writes of `me` as this machine's presence (see
+    /// [`MachineStore::publish`]), with a renewal stamp; `None` without a lease.
+    fn presence_writes(
+        &self,
+        me: &MachineRecord,
+        read: Option<&StoredPresence>,
+    ) -> Option<(Vec<Compare>, Vec<Op>)> {
+        let lease = self.lease?;
+        let key = keys::machine(&self.id);
+        let compare = Compare::revision_is(&key, read.map_or(0, |p| p.revision));
+        let ops = vec![
+            Op::put_on_lease(key, records::encode(me), lease),
+            renewal_stamp(&self.id, self.ttl, lease),
+        ];
+        Some((vec![compare], ops))
+    }
+
+    /// Which of `leftovers` (unit files here from before this machine's
+    /// lease expired) nobody else took meanwhile, so [`MachineStore::rejoin`]
+    /// may claim them back: those still proposed here with the same body,
+    /// and those proposed nowhere (and claimed nowhere else) whose unit is
+    /// unchanged and still wanted. A unit whose `MachineOf` peers are not
+    /// among them is left out. Everything else runs elsewhere now, or is no
+    /// longer wanted: the caller stops it before rejoining.
+    pub async fn reclaimable(&self, leftovers: &[Leftover<'_>]) -> Result<Reclaim, RegistryError> {
+        let view = self.own_view().await?;
+        let mut reclaim = Reclaim {
+            generation: view.generation,
+            ..Reclaim::default()
+        };
+        let mut claimed_elsewhere: Option<BTreeSet<UnitName>> = None;
+        for leftover in leftovers {
+            if let Some((proposal, revision)) = view.proposals.get(leftover.name) {
+                if proposal.hash == leftover.hash {
+                    reclaim.proposed.insert(leftover.name.clone(), *revision);
+                }
+                continue;
+            }
+            let Some(kv) = self.client.get(&keys::unit(leftover.name)).await? else {
+                continue;
+            };
+            let record: UnitRecord = records::decode(&kv.key, &kv.value)?;
+            let Some(target) = Target::of(record.desired) else {
+                continue;
+            };
+            let global = leftover.requirements.global;
+            if record.hash != leftover.hash || record.desired == DesiredState::Inactive {
+                continue;
+            }
+            if !global {
+                if self
+                    .client
+                    .get(&keys::placed(leftover.name))
+                    .await?
+                    .is_some()
+                {
+                    continue;
+                }
+                if claimed_elsewhere.is_none() {
+                    claimed_elsewhere = Some(self.claims_elsewhere().await?);
+                }
+                if claimed_elsewhere
+                    .as_ref()
+                    .is_some_and(|c| c.contains(leftover.name))
+                {
+                    continue;
+                }
+            }
+            let proposal = Proposal {
+                hash: record.hash,
+                target,
+            };
+            reclaim
+                .orphaned
+                .insert(leftover.name.clone(), (kv, proposal, global));
+        }
+        // A unit whose MachineOf peer stays out stays out too, until none does.
+        loop {
+            let taken: BTreeSet<UnitName> = reclaim.units().into_iter().cloned().collect();
+            let out: Vec<&UnitName> = leftovers
+                .iter()
+                .filter(|l| taken.contains(l.name))
+                .filter(|l| l.requirements.machine_of.iter().any(|p| !taken.contains(p)))
+                .map(|l| l.name)
+                .collect();
+            if out.is_empty() {
+                return Ok(reclaim);
+            }
+            for unit in out {
+                reclaim.proposed.remove(unit);
+                reclaim.orphaned.remove(unit);
+            }
+        }
+    }
+
+    /// Units claimed by any other machine.
+    async fn claims_elsewhere(&self) -> Result<BTreeSet<UnitName>, ClientError> {
+        let (kvs, _) = self.client.range(keys::PER_MACHINE, true, false).await?;
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| match keys::parse_machine_key(&kv.key) {
+                Some(MachineKey::Claim(id, unit)) if id != self.id => Some(unit),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Publishes `me` (as [`MachineStore::publish`]) and claims what
+    /// `reclaim` found, in ONE transaction on the lease held: an orphaned
+    /// unit is proposed here again (with its placement pointer) in the same
+    /// write, and every read it was decided from must be unchanged. False
+    /// when anything changed meanwhile: nothing was written.
+    pub async fn rejoin(
+        &self,
+        me: &MachineRecord,
+        read: Option<&StoredPresence>,
+        reclaim: &Reclaim,
+    ) -> Result<bool, ClientError> {
+        let Some((mut compare, mut ops)) = self.presence_writes(me, read) else {
+            return Ok(false);
+        };
         let Some(lease) = self.lease else {
             return Ok(false);
         };
-        let key = keys::machine(&self.id);
-        let compare = Compare::revision_is(&key, read.map_or(0, |p| p.revision));
-        let op = Op::put_on_lease(key, records::encode(me), lease);
-        let (ok, _, _) = self.client.txn(vec![compare], vec![op], Vec::new()).await?;
+        if !reclaim.units().is_empty() {
+            let generation = keys::generation(&self.id);
+            compare.push(Compare::revision_is(&generation, reclaim.generation));
+            ops.push(Op::put(generation, Vec::new()));
+        }
+        let claim = records::encode(&Claim {
+            instance: self.instance.clone(),
+        });
+        for (unit, revision) in &reclaim.proposed {
+            compare.push(Compare::revision_is(
+                &keys::proposal(&self.id, unit),
+                *revision,
+            ));
+        }
+        for (unit, (kv, proposal, global)) in &reclaim.orphaned {
+            let here = keys::proposal(&self.id, unit);
+            compare.push(Compare::unchanged(&kv.key, Some(kv)));
+            compare.push(Compare::unchanged(&here, None));
+            ops.push(Op::put(here, records::encode(proposal)));
+            if !global {
+                compare.push(Compare::unchanged(&keys::placed(unit), None));
+                ops.push(Op::put(keys::placed(unit), self.id.as_bytes().to_vec()));
+            }
+        }
+        for unit in reclaim.units() {
+            let key = keys::claim(&self.id, unit);
+            compare.push(Compare::unchanged(&key, None));
+            ops.push(Op::put_on_lease(key, claim.clone(), lease));
+        }
+        let (ok, _, _) = self.client.txn(compare, ops, Vec::new()).await?;
         Ok(ok)
+    }
+
+    /// The target this machine's reports say it applied to each unit (read
+    /// back after a daemon restart that adopted its lease).
+    pub async fn reported_targets(&self) -> Result<BTreeMap<UnitName, Target>, ClientError> {
+        let (kvs, _) = self.client.range(keys::STATES, true, false).await?;
+        Ok(kvs
+            .iter()
+            .filter(|kv| kv.lease.is_some() && kv.lease == self.lease)
+            .filter_map(|kv| {
+                let (unit, id) = keys::parse_state_key(&kv.key)?;
+                let state: ReportedState = records::decode(&kv.key, &kv.value).ok()?;
+                (id == self.id).then_some((unit, state.target?))
+            })
+            .collect())
     }
 
     /// Reads this machine's proposals, its claims on the lease held, and its
@@ -289,14 +522,16 @@ impl MachineStore {
 }
 
 /// Wakes `wake` on every change under machine `id`'s own prefix (and once
-/// on every (re)subscription, for what it may have missed), for ever.
+/// on every (re)subscription, for what it may have missed), for ever. The
+/// watch requires a leader: a member cut off from the majority learns of no
+/// new proposal, so the watch moves to a member that does.
 pub async fn wake_on_own_changes(endpoints: Vec<String>, id: String, wake: Arc<Notify>) {
     let prefix = keys::machine_prefix(&id);
     loop {
         if let Ok(client) = Client::connect(&endpoints).await
             && let Ok((_, revision)) = client.range(&prefix, true, true).await
         {
-            let mut watch = client.watch(&prefix, revision + 1);
+            let mut watch = client.watch(&prefix, revision + 1).require_leader();
             wake.notify_one();
             while watch.next().await.is_ok() {
                 wake.notify_one();

@@ -9,13 +9,23 @@
 //! * [`records`]: the JSON values stored under those keys.
 //! * [`bodies`]: unit bodies by hash, read and parsed once ([`BodyCache`]).
 //! * [`unit_state`]: systemd's LOAD/ACTIVE/SUB and the questions asked of them.
+//! * [`error`]: [`RegistryError`], why an operation changed nothing.
 //! * [`ops`]: the user-facing operations (submit, start, stop, destroy, list).
 //! * [`schedule`]: the scheduler's reads of the world and writes of proposals.
 //! * [`machine`]: one machine's presence, claims, releases and reports.
+//! * [`lock`]: the reboot semaphores and reboot marks, and what a machine's
+//!   reboot coordinator reads about itself.
+//! * [`liveness`]: live machines, and those whose presence lease expired.
+//! * [`metadata`]: machine metadata set through the API, merged with the
+//!   machine's own wherever metadata is read.
 
 pub mod bodies;
+pub mod error;
 pub mod keys;
+pub mod liveness;
+pub mod lock;
 pub mod machine;
+pub mod metadata;
 pub mod ops;
 pub mod records;
 pub mod schedule;
@@ -23,4 +33,5 @@ pub mod unit_state;
 
 pub use crate::consensus::kv::{LeaseId, Revision};
 pub use bodies::BodyCache;
+pub use error::RegistryError;
 pub use unit_state::UnitState;

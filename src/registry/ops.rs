@@ -9,82 +9,72 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::bodies::BodyCache;
+pub use super::error::RegistryError;
 use super::keys::{self, MachineKey};
+use super::metadata;
 use super::records::{
-    self, Claim, DesiredState, MachineRecord, RecordError, ReportedState, UnitRecord,
+    self, Claim, DesiredState, MachineRecord, Renewal, ReportedState, UnitRecord,
 };
-use crate::consensus::client::{Client, ClientError};
+use crate::consensus::client::Client;
 use crate::consensus::kv::{Compare, KeyValue, Op};
-use crate::units::{self, Unit, UnitKind, UnitName};
+use crate::units::{Unit, UnitKind, UnitName};
 
-/// Why an operation changed nothing.
-#[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
-    /// The cluster could not be asked.
-    #[error(transparent)]
-    Client(#[from] ClientError),
-    /// A stored record is unreadable.
-    #[error(transparent)]
-    Record(#[from] RecordError),
-    /// No such unit was submitted.
-    #[error("unit {0} is not submitted; submit its file first (flotilla submit FILE)")]
-    NoSuchUnit(UnitName),
-    /// The unit exists with another body.
-    #[error(
-        "unit {0} is already submitted with different contents; \
-         use `flotilla submit --replace` to change it"
-    )]
-    Exists(UnitName),
-    /// The unit's body is invalid.
-    #[error("unit {name} is invalid: {source}")]
-    Invalid {
-        /// The unit.
-        name: UnitName,
-        /// What is wrong.
-        #[source]
-        source: units::Error,
-    },
-    /// Templates are never scheduled themselves.
-    #[error(
-        "{0} is a template; start an instance of it instead, e.g. {example}",
-        example = example_instance(.0)
-    )]
-    Template(UnitName),
-    /// Someone else changed the unit at the same moment.
-    #[error("unit {0} changed while this request ran; nothing was changed, try again")]
-    Raced(UnitName),
-    /// No machine matches the id or prefix.
-    #[error("no machine has an id starting with {0:?}; see flotilla list-machines")]
-    NoSuchMachine(String),
-    /// More than one machine matches the prefix.
-    #[error("{0:?} matches more than one machine; give more of its id")]
-    AmbiguousMachine(String),
-}
-
-fn example_instance(template: &UnitName) -> String {
-    template
-        .instantiate("1")
-        .map(|n| n.to_string())
-        .unwrap_or_default()
-}
-
-/// What [`submit`] did.
+/// What [`submit`] and [`submit_as`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Submitted {
     /// A new unit.
     Created,
     /// The same body was already there.
     Unchanged,
-    /// The body was replaced (`--replace`); its desired state is kept.
+    /// The body was replaced.
     Replaced,
 }
 
+/// What storing a unit does to a stored unit with another body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnDifferent {
+    /// Refuse: [`RegistryError::Exists`].
+    Refuse,
+    /// Replace the body, keep the desired state.
+    Replace,
+    /// Replace the body and set this desired state (fleet's PUT).
+    Reset(DesiredState),
+}
+
 /// Stores `unit` (its canonical text, which is what `flotilla cat` shows) with
-/// desired state `inactive`, or replaces its body when `replace` is set.
+/// desired state `inactive`, or replaces its body when `replace` is set,
+/// keeping its desired state.
 pub async fn submit(
     client: &Client,
     unit: &Unit,
     replace: bool,
+) -> Result<Submitted, RegistryError> {
+    let policy = if replace {
+        OnDifferent::Replace
+    } else {
+        OnDifferent::Refuse
+    };
+    store_unit(client, unit, DesiredState::Inactive, policy).await
+}
+
+/// fleet's `PUT /fleet/v1/units/NAME` with options: creates `unit` with
+/// desired state `desired`, or, when it exists with another body, replaces
+/// the body AND sets `desired`, in one transaction (fleetctl then waits for
+/// the old body to stop before it starts the new one). The same body is
+/// [`Submitted::Unchanged`] and changes nothing.
+pub async fn submit_as(
+    client: &Client,
+    unit: &Unit,
+    desired: DesiredState,
+) -> Result<Submitted, RegistryError> {
+    store_unit(client, unit, desired, OnDifferent::Reset(desired)).await
+}
+
+async fn store_unit(
+    client: &Client,
+    unit: &Unit,
+    created: DesiredState,
+    on_different: OnDifferent,
 ) -> Result<Submitted, RegistryError> {
     let text = unit.file().to_text();
     let name = unit.name();
@@ -94,21 +84,29 @@ pub async fn submit(
         .as_ref()
         .map(|kv| records::decode::<UnitRecord>(&kv.key, &kv.value))
         .transpose()?;
-    let (record, outcome) = match current {
-        Some(record) if record.hash == unit.hash() => return Ok(Submitted::Unchanged),
-        Some(_) if !replace => return Err(RegistryError::Exists(name.clone())),
-        Some(record) => (
+    let (record, outcome) = match (current, on_different) {
+        (Some(record), _) if record.hash == unit.hash() => return Ok(Submitted::Unchanged),
+        (Some(_), OnDifferent::Refuse) => return Err(RegistryError::Exists(name.clone())),
+        (Some(record), OnDifferent::Replace) => (
             UnitRecord {
                 hash: unit.hash(),
                 ..record
             },
             Submitted::Replaced,
         ),
-        None => (
+        (Some(record), OnDifferent::Reset(desired)) => (
+            UnitRecord {
+                hash: unit.hash(),
+                desired,
+                ..record
+            },
+            Submitted::Replaced,
+        ),
+        (None, _) => (
             UnitRecord {
                 name: name.clone(),
                 hash: unit.hash(),
-                desired: DesiredState::Inactive,
+                desired: created,
             },
             Submitted::Created,
         ),
@@ -241,7 +239,7 @@ pub async fn destroy(client: &Client, name: &UnitName) -> Result<bool, RegistryE
             && records::decode::<UnitRecord>(&other.key, &other.value)
                 .is_ok_and(|r| r.hash == record.hash)
     });
-    let mut ops = vec![Op::delete(key.clone())];
+    let mut ops = vec![Op::delete(key.clone()), Op::delete(keys::reason(name))];
     if !shared {
         ops.push(Op::delete(keys::body(&record.hash)));
     }
@@ -264,19 +262,24 @@ pub async fn unit_records(client: &Client) -> Result<Vec<UnitRecord>, RegistryEr
 /// One machine, as `list-machines` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MachineRow {
-    /// Its presence record.
+    /// Its presence record, with the metadata set through the API merged
+    /// in ([`metadata::merge`]): what placement sees.
     pub record: MachineRecord,
     /// Whether it is drained.
     pub drained: bool,
     /// How many units it has claimed.
     pub units: usize,
+    /// When it last renewed its presence, if it said.
+    pub renewal: Option<Renewal>,
 }
 
-/// Every machine with a live presence.
+/// Every machine with a live presence, by id.
 pub async fn machines(client: &Client) -> Result<Vec<MachineRow>, RegistryError> {
     let (kvs, _) = client.range(keys::MACHINES, true, false).await?;
     let (drains, _) = client.range(keys::DRAIN, true, false).await?;
     let (per_machine, _) = client.range(keys::PER_MACHINE, true, false).await?;
+    let (renewals, _) = client.range(keys::RENEWALS, true, false).await?;
+    let dynamic = metadata::dynamic(client).await?;
     let mut claims: BTreeMap<String, usize> = BTreeMap::new();
     for kv in &per_machine {
         if let Some(MachineKey::Claim(id, _)) = keys::parse_machine_key(&kv.key) {
@@ -287,29 +290,75 @@ pub async fn machines(client: &Client) -> Result<Vec<MachineRow>, RegistryError>
         .iter()
         .filter_map(|kv| kv.key.strip_prefix(keys::DRAIN))
         .collect();
+    let renewed: BTreeMap<&str, Renewal> = renewals
+        .iter()
+        .filter_map(|kv| {
+            let id = kv.key.strip_prefix(keys::RENEWALS)?;
+            Some((id, records::decode(&kv.key, &kv.value).ok()?))
+        })
+        .collect();
     kvs.iter()
         .map(|kv| {
-            let record: MachineRecord = records::decode(&kv.key, &kv.value)?;
+            let mut record: MachineRecord = records::decode(&kv.key, &kv.value)?;
+            record.metadata = metadata::merge(&record.metadata, dynamic.get(&record.id));
             Ok(MachineRow {
                 drained: drained.contains(record.id.as_str()),
                 units: claims.get(&record.id).copied().unwrap_or(0),
+                renewal: renewed.get(record.id.as_str()).copied(),
                 record,
             })
         })
         .collect()
 }
 
-/// The one machine whose id is `prefix` or starts with it.
-pub async fn find_machine(client: &Client, prefix: &str) -> Result<MachineRecord, RegistryError> {
+/// The one machine `given` names: its full id, its host name or its
+/// address, else the one machine whose id starts with it.
+pub async fn find_machine(client: &Client, given: &str) -> Result<MachineRecord, RegistryError> {
     let rows = machines(client).await?;
-    let mut found = rows
-        .into_iter()
-        .filter(|row| row.record.id.starts_with(prefix) && !prefix.is_empty());
-    match (found.next(), found.next()) {
-        (Some(row), None) => Ok(row.record),
-        (None, _) => Err(RegistryError::NoSuchMachine(prefix.to_string())),
-        (Some(_), Some(_)) => Err(RegistryError::AmbiguousMachine(prefix.to_string())),
+    let records: Vec<MachineRecord> = rows.into_iter().map(|row| row.record).collect();
+    pick_machine(records, given)
+}
+
+/// [`find_machine`]'s choice among `machines`.
+fn pick_machine(machines: Vec<MachineRecord>, given: &str) -> Result<MachineRecord, RegistryError> {
+    if given.is_empty() {
+        return Err(RegistryError::NoSuchMachine(given.to_string()));
     }
+    let named = |m: &MachineRecord| m.id == given || m.hostname == given || m.ip == given;
+    let (exact, rest): (Vec<MachineRecord>, Vec<MachineRecord>) =
+        machines.into_iter().partition(named);
+    let found = if exact.is_empty() {
+        rest.into_iter()
+            .filter(|m| m.id.starts_with(given))
+            .collect()
+    } else {
+        exact
+    };
+    let mut found = found.into_iter();
+    match (found.next(), found.next()) {
+        (Some(one), None) => Ok(one),
+        (None, _) => Err(RegistryError::NoSuchMachine(given.to_string())),
+        (Some(a), Some(b)) => Err(RegistryError::AmbiguousMachine {
+            given: given.to_string(),
+            candidates: [a, b]
+                .into_iter()
+                .chain(found)
+                .map(|m| format!("{} ({}, {})", m.id, m.hostname, m.ip))
+                .collect(),
+        }),
+    }
+}
+
+/// The scheduler's reason for every unit it cannot place.
+pub async fn reasons(client: &Client) -> Result<BTreeMap<UnitName, String>, RegistryError> {
+    let (kvs, _) = client.range(keys::REASONS, true, false).await?;
+    Ok(kvs
+        .iter()
+        .filter_map(|kv| {
+            let unit = keys::unit_after(keys::REASONS, &kv.key)?;
+            Some((unit, String::from_utf8_lossy(&kv.value).into_owned()))
+        })
+        .collect())
 }
 
 /// Marks machine `id` drained (its units move away, it takes no new ones) or
@@ -433,4 +482,42 @@ pub async fn still_placed(
         }
     }
     Ok(placed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine(id: &str, hostname: &str, ip: &str) -> MachineRecord {
+        MachineRecord {
+            id: id.to_string(),
+            instance: "i".to_string(),
+            hostname: hostname.to_string(),
+            ip: ip.to_string(),
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn machines_are_found_by_id_prefix_host_name_or_address() {
+        let all = vec![
+            machine("aaaa1111", "web1", "10.0.0.1"),
+            machine("aaaa2222", "web2", "10.0.0.2"),
+            machine("bbbb3333", "aaaa", "10.0.0.3"),
+        ];
+        let pick = |given: &str| pick_machine(all.clone(), given).map(|m| m.id);
+        assert_eq!(pick("aaaa1111").unwrap(), "aaaa1111");
+        assert_eq!(pick("aaaa2").unwrap(), "aaaa2222");
+        assert_eq!(pick("web2").unwrap(), "aaaa2222");
+        assert_eq!(pick("10.0.0.1").unwrap(), "aaaa1111");
+        // A host name that is also an id prefix names the host.
+        assert_eq!(pick("aaaa").unwrap(), "bbbb3333");
+        let Err(RegistryError::AmbiguousMachine { candidates, .. }) = pick("a") else {
+            panic!("ambiguous")
+        };
+        assert_eq!(candidates.len(), 2);
+        assert!(candidates[0].contains("web1"), "{candidates:?}");
+        assert!(matches!(pick("zz"), Err(RegistryError::NoSuchMachine(_))));
+        assert!(matches!(pick(""), Err(RegistryError::NoSuchMachine(_))));
+    }
 }

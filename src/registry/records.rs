@@ -81,6 +81,15 @@ impl Target {
     }
 }
 
+impl From<Target> for DesiredState {
+    fn from(target: Target) -> DesiredState {
+        match target {
+            Target::Loaded => DesiredState::Loaded,
+            Target::Launched => DesiredState::Launched,
+        }
+    }
+}
+
 /// The scheduler's proposal that a machine run a unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Proposal {
@@ -97,9 +106,11 @@ pub struct Claim {
     pub instance: String,
 }
 
-/// systemd's view of a unit on one machine, as the agent last saw it.
+/// systemd's view of a unit on one machine, as the agent last saw it, and
+/// what the agent last did with it.
 ///
-/// Stored as one flat object, `{"hash","load","active","sub"}`.
+/// Stored as one flat object, `{"hash","load","active","sub","target"}`;
+/// `target` is absent in reports of older agents.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReportedState {
     /// The body loaded there.
@@ -107,6 +118,33 @@ pub struct ReportedState {
     /// LOAD/ACTIVE/SUB there.
     #[serde(flatten)]
     pub state: UnitState,
+    /// The target the agent last brought the unit to there: `launched` once
+    /// it asked systemd to start it, whatever systemd made of that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Target>,
+}
+
+impl ReportedState {
+    /// fleet's `currentState` of the unit on this machine: what the agent
+    /// applied (`launched` even when ExecStart failed: `/state` shows the
+    /// failure), not systemd's health. Reports without a target fall back
+    /// to systemd's states ([`UnitState::current_state`]).
+    pub fn current_state(&self) -> DesiredState {
+        self.target
+            .map_or_else(|| self.state.current_state(), DesiredState::from)
+    }
+}
+
+/// When a machine last renewed its presence, by its own clock.
+///
+/// Written by the machine's agent on its presence lease with every renewal,
+/// so `list-machines` can say how long ago each machine was last heard of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Renewal {
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// The presence lease's TTL, in milliseconds.
+    pub ttl_ms: u64,
 }
 
 /// Why a stored record could not be read.
@@ -146,6 +184,7 @@ mod tests {
                 active: "active".into(),
                 sub: "running".into(),
             },
+            target: Some(Target::Launched),
         };
         let json: serde_json::Value = serde_json::from_slice(&encode(&record)).unwrap();
         let fields: Vec<&str> = json
@@ -154,8 +193,38 @@ mod tests {
             .keys()
             .map(|k| k.as_str())
             .collect();
-        assert_eq!(fields, ["active", "hash", "load", "sub"]);
+        assert_eq!(fields, ["active", "hash", "load", "sub", "target"]);
         let back: ReportedState = decode("k", json.to_string().as_bytes()).unwrap();
         assert_eq!(back, record);
+        // An older agent's report has no target: systemd's states decide.
+        let mut old = json.clone();
+        old.as_object_mut().unwrap().remove("target");
+        let old: ReportedState = decode("k", old.to_string().as_bytes()).unwrap();
+        assert_eq!(old.target, None);
+        assert_eq!(old.current_state(), DesiredState::Launched);
+    }
+
+    #[test]
+    fn current_state_is_what_the_agent_applied() {
+        let reported = |active: &str, target| ReportedState {
+            hash: UnitHash::of_text(""),
+            state: UnitState {
+                load: "loaded".into(),
+                active: active.into(),
+                sub: String::new(),
+            },
+            target,
+        };
+        let cases = [
+            ("failed", Some(Target::Launched), DesiredState::Launched),
+            ("active", Some(Target::Loaded), DesiredState::Loaded),
+            ("inactive", Some(Target::Launched), DesiredState::Launched),
+            ("active", None, DesiredState::Launched),
+            ("failed", None, DesiredState::Loaded),
+        ];
+        for (active, target, expected) in cases {
+            let state = reported(active, target);
+            assert_eq!(state.current_state(), expected, "{state:?}");
+        }
     }
 }

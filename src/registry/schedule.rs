@@ -7,6 +7,10 @@
 //! carries the revisions it was decided from and fails, changing nothing, when
 //! the store moved on. Reading and writing both speak the key layout of
 //! [`super::keys`], so the scheduler itself never sees a key.
+//!
+//! The scheduler's reason for each unit it cannot place is stored too
+//! ([`record_reasons`]), written only when it changes, so `list-units`, the
+//! API and `explain` can show it on any host.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
@@ -16,7 +20,8 @@ use tokio::sync::Notify;
 
 use super::bodies::BodyCache;
 use super::keys::{self, MachineKey};
-use super::records::{self, MachineRecord, Proposal, Target, UnitRecord};
+use super::metadata;
+use super::records::{self, MachineRecord, Proposal, ReportedState, Target, UnitRecord};
 use crate::consensus::client::{Client, ClientError};
 use crate::consensus::kv::{Compare, Op, Revision};
 use crate::units::placement::Machine;
@@ -58,6 +63,11 @@ pub struct World {
     pub placed: BTreeMap<UnitName, (String, Revision)>,
     /// Unclaimed proposals older than the claim bound: (unit, machine).
     pub stale: BTreeSet<(UnitName, String)>,
+    /// Machines alive but drained: their units move make-before-break.
+    pub draining: BTreeSet<String>,
+    /// systemd's states as reported, by (unit, machine); read only while a
+    /// machine drains (a replacement counts once it is in its target state).
+    pub reported: BTreeMap<(UnitName, String), ReportedState>,
 }
 
 /// One write the pass asks for.
@@ -110,17 +120,23 @@ pub struct Reading {
     pub world: World,
     /// Units left out of `world.wanted`: no stored body, or an invalid one.
     pub unschedulable: Vec<(UnitName, String)>,
+    /// The reasons stored for units that could not be placed (see
+    /// [`record_reasons`]).
+    pub reasons: BTreeMap<UnitName, String>,
 }
 
-/// Reads units, machines, drain marks, proposals, claims and placement
-/// pointers; the `[X-Fleet]` rules of each unit come through `bodies`, which
-/// afterwards holds only the bodies of stored units.
+/// Reads units, machines (with the metadata set through the API merged in,
+/// [`metadata::merge`]), drain marks, proposals, claims, placement pointers
+/// and stored reasons; the `[X-Fleet]` rules of each unit come through
+/// `bodies`, which afterwards holds only the bodies of stored units.
 pub async fn read_world(client: &Client, bodies: &BodyCache) -> Result<Reading, ClientError> {
     let (units, _) = client.range(keys::UNITS, true, false).await?;
     let (machines, _) = client.range(keys::MACHINES, true, false).await?;
     let (drains, _) = client.range(keys::DRAIN, true, false).await?;
     let (per_machine, _) = client.range(keys::PER_MACHINE, true, false).await?;
     let (placed, _) = client.range(keys::PLACED, true, false).await?;
+    let (reasons, _) = client.range(keys::REASONS, true, false).await?;
+    let dynamic = metadata::dynamic(client).await?;
     let mut reading = Reading::default();
     let world = &mut reading.world;
 
@@ -160,11 +176,22 @@ pub async fn read_world(client: &Client, bodies: &BodyCache) -> Result<Reading, 
     for kv in &machines {
         match records::decode::<MachineRecord>(&kv.key, &kv.value) {
             Ok(m) if !drained.contains(m.id.as_str()) => world.machines.push(Machine {
+                metadata: metadata::merge(&m.metadata, dynamic.get(&m.id)),
                 id: m.id,
-                metadata: m.metadata,
             }),
-            Ok(_) => {}
+            Ok(m) => {
+                world.draining.insert(m.id);
+            }
             Err(e) => tracing::warn!("{e}"),
+        }
+    }
+    if !world.draining.is_empty() {
+        read_reported(client, world).await?;
+    }
+    for kv in &reasons {
+        if let Some(unit) = keys::unit_after(keys::REASONS, &kv.key) {
+            let reason = String::from_utf8_lossy(&kv.value).into_owned();
+            reading.reasons.insert(unit, reason);
         }
     }
     for kv in &per_machine {
@@ -196,6 +223,20 @@ pub async fn read_world(client: &Client, bodies: &BodyCache) -> Result<Reading, 
     Ok(reading)
 }
 
+/// Reads systemd's reported states, which make-before-break needs while a
+/// machine drains (a replacement counts once it is active).
+async fn read_reported(client: &Client, world: &mut World) -> Result<(), ClientError> {
+    let (states, _) = client.range(keys::STATES, true, false).await?;
+    for kv in &states {
+        if let Some(at) = keys::parse_state_key(&kv.key)
+            && let Ok(state) = records::decode::<ReportedState>(&kv.key, &kv.value)
+        {
+            world.reported.insert(at, state);
+        }
+    }
+    Ok(())
+}
+
 /// The `[X-Fleet]` rules of `record`'s unit, or why it cannot be scheduled.
 async fn requirements(
     client: &Client,
@@ -217,8 +258,16 @@ pub async fn revision(client: &Client) -> Result<Revision, ClientError> {
     Ok(revision)
 }
 
-/// Wakes the scheduler whenever anything but a state report changes, from
-/// revision `from` on, resubscribing (at the then current revision, with a
+/// Whether a change under `key` may change what the scheduler decides:
+/// state reports, renewal stamps and its own reasons do not.
+fn concerns_scheduler(key: &str) -> bool {
+    ![keys::STATES, keys::RENEWALS, keys::REASONS]
+        .iter()
+        .any(|prefix| key.starts_with(prefix))
+}
+
+/// Wakes the scheduler whenever anything but a state report, a renewal or a
+/// reason changes, from revision `from` on, resubscribing (at the then current revision, with a
 /// wake-up for what it may have missed) whenever the watch fails.
 pub async fn wake_on_changes(endpoints: Vec<String>, mut from: Revision, wake: Arc<Notify>) {
     loop {
@@ -231,7 +280,7 @@ pub async fn wake_on_changes(endpoints: Vec<String>, mut from: Revision, wake: A
             match watch.next().await {
                 Ok(events) => {
                     from = watch.next_revision();
-                    if events.iter().any(|e| !e.kv.key.starts_with(keys::STATES)) {
+                    if events.iter().any(|e| concerns_scheduler(&e.kv.key)) {
                         wake.notify_one();
                     }
                 }
@@ -247,6 +296,33 @@ pub async fn wake_on_changes(endpoints: Vec<String>, mut from: Revision, wake: A
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Stores the reason of every unit in `now` (units that cannot be placed)
+/// whose stored reason differs, and deletes the reasons `stored` holds for
+/// units no longer in `now`: nothing is written while the reasons stay the
+/// same.
+pub async fn record_reasons(
+    client: &Client,
+    stored: &BTreeMap<UnitName, String>,
+    now: &[&(UnitName, String)],
+) -> Result<(), ClientError> {
+    let current: BTreeMap<&UnitName, &String> = now.iter().map(|(u, r)| (u, r)).collect();
+    let mut ops = Vec::new();
+    for (unit, reason) in &current {
+        if stored.get(*unit) != Some(*reason) {
+            ops.push(Op::put(keys::reason(unit), reason.as_bytes().to_vec()));
+        }
+    }
+    for unit in stored.keys() {
+        if !current.contains_key(unit) {
+            ops.push(Op::delete(keys::reason(unit)));
+        }
+    }
+    for batch in ops.chunks(BATCH) {
+        client.txn(Vec::new(), batch.to_vec(), Vec::new()).await?;
+    }
+    Ok(())
 }
 
 /// Writes the changes: a batch per transaction, and one by one when a batch

@@ -82,9 +82,11 @@ impl UnitState {
         }
     }
 
-    /// fleet's `currentState`: `launched` while the unit is running (or on its
-    /// way), `loaded` while systemd has it loaded otherwise (stopped or
-    /// failed), else `inactive`.
+    /// An estimate of fleet's `currentState` from systemd's states alone, for
+    /// reports that do not say what the agent applied (older agents; see
+    /// [`super::records::ReportedState::current_state`]): `launched` while the
+    /// unit is running (or on its way), `loaded` while systemd has it loaded
+    /// otherwise (stopped or failed), else `inactive`.
     pub fn current_state(&self) -> DesiredState {
         if self.is_running() {
             DesiredState::Launched

@@ -109,6 +109,7 @@ impl Scheduler {
         }
         let still: BTreeSet<&UnitName> = unplaceable.iter().map(|(u, _)| u).collect();
         self.unplaceable.retain(|u, _| still.contains(u));
+        schedule::record_reasons(client, &reading.reasons, &unplaceable).await?;
         if !plan.changes.is_empty() {
             tracing::debug!("scheduler: {} changes", plan.changes.len());
             schedule::apply(client, &plan.changes).await?;

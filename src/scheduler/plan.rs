@@ -28,17 +28,23 @@
 //!      is withdrawn; one proposed earlier in this same pass is decided again
 //!      instead, so the two are never proposed to one machine.
 //!
+//!    * A unit claimed on a draining machine (alive, drained) moves
+//!      make-before-break ([`handover`]): it keeps its place there until a
+//!      replacement is active on another machine.
+//!
 //! Every change carries the revisions it was decided from, so the scheduler's
 //! transactions fail instead of acting on a stale view.
 
 use std::collections::{BTreeMap, BTreeSet};
+
+mod handover;
 
 pub use crate::registry::schedule::{Change, Seen, Wanted, World};
 
 use crate::registry::Revision;
 use crate::units::UnitName;
 use crate::units::colocation;
-use crate::units::placement::{Cluster, Machine, Outcome, Placed, decide};
+use crate::units::placement::{Cluster, Decision, Machine, Outcome, Placed, decide};
 
 /// What one pass decided.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -62,6 +68,15 @@ pub fn plan(world: &World) -> Plan {
         }
     }
     pass.plan
+}
+
+/// The decision the pass makes for `unit` from `world`, machine by machine,
+/// with the same facts (every unit proposed or claimed counts), for
+/// `flotilla explain`; `None` when the unit is not wanted (inactive, a
+/// template, an unreadable body).
+pub fn explain(world: &World, unit: &UnitName) -> Option<Decision> {
+    let wanted = world.wanted.get(unit)?;
+    Some(Pass::new(world).decision(unit, wanted, None))
 }
 
 struct Pass<'w> {
@@ -197,6 +212,11 @@ impl<'w> Pass<'w> {
     /// claimed counts until released, except as a `MachineOf` peer: it is
     /// leaving), never on `exclude`.
     fn decide(&self, unit: &UnitName, wanted: &Wanted, exclude: Option<&str>) -> Outcome {
+        self.decision(unit, wanted, exclude).outcome
+    }
+
+    /// [`Pass::decide`] with every machine's verdict.
+    fn decision(&self, unit: &UnitName, wanted: &Wanted, exclude: Option<&str>) -> Decision {
         let placed: Vec<Placed<'_>> = self
             .occupants
             .iter()
@@ -223,7 +243,7 @@ impl<'w> Pass<'w> {
             machines: &machines,
             placed: &placed,
         };
-        decide(cluster, unit, &wanted.requirements).outcome
+        decide(cluster, unit, &wanted.requirements)
     }
 
     fn claimed(&self, unit: &UnitName, machine: &str) -> bool {
@@ -247,7 +267,7 @@ impl<'w> Pass<'w> {
             if self.withdrawn.contains(&(unit.clone(), machine.clone())) {
                 continue;
             }
-            if !targets.contains(machine) {
+            if !targets.contains(machine) && !self.stays_while_draining(unit, machine) {
                 self.withdraw(unit, machine);
             } else if seen.proposal != wanted.proposal {
                 self.update(unit, machine, wanted, seen);
@@ -261,6 +281,9 @@ impl<'w> Pass<'w> {
     }
 
     fn place_one(&mut self, unit: &UnitName, wanted: &Wanted) {
+        if self.hand_over(unit, wanted) {
+            return;
+        }
         let mut current: Vec<(String, Seen)> = self
             .world
             .proposals

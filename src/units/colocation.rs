@@ -96,6 +96,17 @@ pub fn missing_peer(rules: &Requirements, here: impl Fn(&UnitName) -> bool) -> O
     rules.machine_of.iter().find(|peer| !here(peer))
 }
 
+/// The globs of the units a unit with `rules` may not share a machine with
+/// (its `Conflicts=` and `Replaces=`): what the agent asks systemd about before
+/// claiming, so a unit systemd runs outside flotilla is respected too.
+pub fn excluded_globs(rules: &Requirements) -> impl Iterator<Item = &str> {
+    rules
+        .conflicts
+        .iter()
+        .chain(&rules.replaces)
+        .map(|glob| glob.as_str())
+}
+
 /// The option of a unit with `rules` that names `other`; `Conflicts` first.
 #[inline]
 fn naming(rules: &Requirements, other: &UnitName) -> Option<Rule> {

@@ -12,7 +12,10 @@
 //! * `Replaces=` globs of units this one displaces to another machine.
 //!
 //! The specifiers `%n %N %p %i` are expanded in every value, so a template can
-//! say `MachineOf=app@%i.service`. As in systemd, an empty value clears the
+//! say `MachineOf=app@%i.service`. A template is checked as a template: a
+//! `MachineID=` or `MachineMetadata=` value that uses `%i` means something
+//! only for an instance (fleet's `MachineMetadata=hostname=%i`), so it is
+//! checked, and counts, when an instance is made. As in systemd, an empty value clears the
 //! values given before it for that key. fleet's deprecated spellings
 //! (`X-ConditionMachineOf=`, `X-Conflicts=`, ...) are accepted with a warning;
 //! unknown keys are a warning, not an error, so newer unit files still load.
@@ -208,6 +211,8 @@ impl Key {
 struct Value {
     text: String,
     line: Option<u32>,
+    /// A template's value that uses `%i`: it has a meaning only per instance.
+    per_instance: bool,
 }
 
 type Values = BTreeMap<Key, Vec<Value>>;
@@ -240,15 +245,18 @@ fn collect_values(name: &UnitName, file: &UnitFile, problems: &mut Problems) -> 
         }
         for entry in split_quoted(&option.value) {
             let expanded = expand_specifiers(&entry, name);
+            let per_instance = name.kind() == UnitKind::Template && entry.contains("%i");
             if key.splits_on_whitespace() {
                 list.extend(expanded.split_whitespace().map(|text| Value {
                     text: text.to_string(),
                     line,
+                    per_instance,
                 }));
             } else {
                 list.push(Value {
                     text: expanded,
                     line,
+                    per_instance,
                 });
             }
         }
@@ -320,7 +328,9 @@ fn build(name: &UnitName, values: &Values, problems: &mut Problems) -> Requireme
             );
         }
         let id = first.text.to_ascii_lowercase();
-        if (id.len() == 32 || id.len() == 8) && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if first.per_instance {
+            // Checked when an instance is made; a template never runs itself.
+        } else if (id.len() == 32 || id.len() == 8) && id.bytes().all(|b| b.is_ascii_hexdigit()) {
             requirements.machine_id = Some(id);
         } else {
             problems.error(
@@ -360,7 +370,8 @@ fn build(name: &UnitName, values: &Values, problems: &mut Problems) -> Requireme
         }
     }
 
-    for value in values.get(&Key::MachineMetadata).into_iter().flatten() {
+    let metadata = values.get(&Key::MachineMetadata).into_iter().flatten();
+    for value in metadata.filter(|v| !v.per_instance) {
         match parse_metadata(&value.text) {
             Err(reason) => problems.error(value.line, reason),
             Ok((key, wanted, negated)) => {
@@ -806,6 +817,32 @@ mod tests {
         // A template checks out with %i empty, as fleet did; its peer is a template then.
         let req = ok("app-sidekick@.service", "MachineOf=app@%i.service\n");
         assert_eq!(req.machine_of[0].as_str(), "app@.service");
+    }
+
+    #[test]
+    fn templates_are_checked_as_templates_and_instances_when_made() {
+        // fleet's own fixtures: metadata@.service and pin@.service.
+        let xfleet = "MachineMetadata=hostname=%i\nMachineMetadata=region=eu\n";
+        let template = ok("metadata@.service", xfleet);
+        assert_eq!(template.metadata.keys().collect::<Vec<_>>(), ["region"]);
+        let instance = ok("metadata@smoke1.service", xfleet);
+        assert!(instance.metadata["hostname"].allowed.contains("smoke1"));
+        assert!(ok("pin@.service", "MachineID=%i\n").machine_id.is_none());
+        let id = "0123456789abcdef0123456789abcdef";
+        let pinned = ok(&format!("pin@{id}.service"), "MachineID=%i\n");
+        assert_eq!(pinned.machine_id.as_deref(), Some(id));
+        // An instance whose expanded value is wrong is refused when made.
+        assert!(!errors("pin@web1.service", "MachineID=%i\n").is_empty());
+        assert!(
+            ok("whole@.service", "MachineMetadata=%i\n")
+                .metadata
+                .is_empty()
+        );
+        assert!(!errors("whole@x.service", "MachineMetadata=%i\n").is_empty());
+        // Values without %i are still checked on the template itself, and
+        // so are combinations.
+        assert!(!errors("pin@.service", "MachineID=web1\n").is_empty());
+        assert!(!errors("pin@.service", "MachineID=%i\nGlobal=true\n").is_empty());
     }
 
     #[test]

@@ -50,8 +50,15 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Boots `hosts` hosts with presence TTL `ttl_secs` and a 300 ms election timeout.
+    /// Boots `hosts` hosts with presence TTL `ttl_secs` and a 300 ms election
+    /// timeout; the first min(hosts, 3) are Raft servers.
     pub fn up(hosts: u16, ttl_secs: u64) -> Cluster {
+        Cluster::up_with(hosts, hosts.min(3), ttl_secs)
+    }
+
+    /// Like [`Cluster::up`] with the first `servers` hosts as Raft servers and
+    /// the others agent-only.
+    pub fn up_with(hosts: u16, servers: u16, ttl_secs: u64) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("flotilla-cluster-test")
             .tempdir()
@@ -63,7 +70,8 @@ impl Cluster {
             text(&doctor.stdout),
             text(&doctor.stderr)
         );
-        let (hosts_arg, ttl_arg) = (hosts.to_string(), ttl_secs.to_string());
+        let (hosts_arg, servers_arg) = (hosts.to_string(), servers.to_string());
+        let ttl_arg = ttl_secs.to_string();
         let started = Instant::now();
         let out = lab_in(
             dir.path(),
@@ -71,6 +79,8 @@ impl Cluster {
                 "up",
                 "--hosts",
                 &hosts_arg,
+                "--servers",
+                &servers_arg,
                 "--ttl",
                 &ttl_arg,
                 "--election-timeout-ms",

@@ -1,4 +1,4 @@
-//! Helpers shared by the lab test binaries (each includes this with `mod support;`).
+//! Helpers shared by the integration test binaries (each includes this with `mod support;`).
 
 #![allow(dead_code)] // each test binary uses its own subset
 
@@ -7,6 +7,18 @@ use std::process::{Command, Output};
 
 /// The flotilla binary under test.
 pub const FLOTILLA: &str = env!("CARGO_BIN_EXE_flotilla");
+
+/// A template whose instances conflict, and prove it: each takes a per-host
+/// `flock -n` on /run/hello.lock and exits 99 (failing loudly) when another
+/// instance already holds it, so two instances on one host never go unnoticed.
+pub const HELLO: &str = "\
+[Unit]
+Description=hello %i: holds this host's hello lock or fails
+[Service]
+ExecStart=/usr/bin/flock -n -E 99 /run/hello.lock /bin/sleep infinity
+[X-Fleet]
+Conflicts=hello@*.service
+";
 
 /// Runs `flotilla lab ARGS...` for the lab in `dir`.
 pub fn lab_in(dir: &Path, args: &[&str]) -> Output {
@@ -17,6 +29,39 @@ pub fn lab_in(dir: &Path, args: &[&str]) -> Output {
         .env_remove("FLOTILLA_ENDPOINT")
         .output()
         .unwrap()
+}
+
+/// A free TCP port on loopback (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One answer of the HTTP API: the status and the body.
+#[derive(Debug)]
+pub struct Answer {
+    /// The HTTP status.
+    pub status: u16,
+    /// The body, as text.
+    pub body: String,
+}
+
+impl Answer {
+    /// The body as JSON, which it must be.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+    }
+
+    /// The message of fleet's error body.
+    pub fn message(&self) -> String {
+        self.json()["error"]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error message: {self:?}"))
+            .to_string()
+    }
 }
 
 /// Process output as text, for assertions and messages.
