@@ -90,7 +90,7 @@ mod tests {
         assert_eq!(closest("service", &types), None, "never itself");
         let names = vec!["myapp@3.service".to_string(), "db.service".to_string()];
         assert_eq!(closest("myap@3.service", &names), Some("myapp@3.service"));
-        assert_eq!(closest("web.service", &names), None);
+        assert_eq!(closest("zzz.socket", &names), None);
         assert_eq!(closest("ab", &["ax", "ay"]), Some("ax"), "ties: the first");
     }
 }

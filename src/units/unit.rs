@@ -44,6 +44,7 @@ impl Unit {
             );
         }
         if name.suffix() == "service"
+            && !problems.has_errors()
             && !file.is_empty()
             && file.section("Service").next().is_none()
         {

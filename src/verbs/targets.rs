@@ -161,20 +161,26 @@ pub async fn no_such_unit(client: &ApiClient, name: &UnitName) -> anyhow::Error 
 }
 
 /// A "did you mean" for a unit the cluster does not have: the closest
-/// name among its units, and among the instances its templates would make.
+/// name among its units of the same type, and among the instances its
+/// templates would make (names compared without their type, so a short
+/// name is not matched to any other short name).
 pub fn did_you_mean(name: &UnitName, units: &[UnitJson]) -> String {
-    let mut candidates: BTreeSet<String> = units.iter().map(|u| u.name.clone()).collect();
+    let known: Vec<UnitName> = units
+        .iter()
+        .filter_map(|u| UnitName::parse(&u.name).ok())
+        .filter(|u| u.suffix() == name.suffix())
+        .collect();
+    let mut stems: BTreeSet<String> = known.iter().map(|u| u.stem().to_string()).collect();
     if let Some(instance) = name.instance().filter(|i| !i.is_empty()) {
-        for unit in units {
-            if let Ok(template) = UnitName::parse(&unit.name)
-                && let Ok(made) = template.instantiate(instance)
-            {
-                candidates.insert(made.to_string());
+        for template in &known {
+            if let Ok(made) = template.instantiate(instance) {
+                stems.insert(made.stem().to_string());
             }
         }
     }
-    match suggest::closest(name.as_str(), &candidates) {
-        Some(close) => format!(" (did you mean {}?)", close.trim_end_matches(".service")),
+    match suggest::closest(name.stem(), &stems) {
+        Some(stem) if name.suffix() == "service" => format!(" (did you mean {stem}?)"),
+        Some(stem) => format!(" (did you mean {stem}.{}?)", name.suffix()),
         None => String::new(),
     }
 }
