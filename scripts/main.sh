@@ -68,13 +68,16 @@ lab=/tmp/flotilla-main-lab
 trap '"$bin" lab down --dir "$lab" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 up=$("$bin" lab up --hosts 3 --dir "$lab" --election-timeout-ms 300 --ttl 3)
 echo "$up"
-endpoint=$(printf '%s' "$up" | sed -n 's/.*"endpoint":"\([^"]*\)".*/\1/p')
-fl() { "$bin" --endpoint "$endpoint" "$@"; }
+field() { printf '%s' "$up" | sed -n "s/.*\"$1\":\"\([^\"]*\)\".*/\1/p"; }
+# The CLI talks to the hosts' API (with the lab's token); member and kv to the store.
+export FLOTILLA_ENDPOINT=$(field endpoint) FLOTILLA_API_TOKEN=$(field api_token)
+export FLOTILLA_STORE_ENDPOINT=$(field store_endpoint)
+fl() { "$bin" "$@"; }
 
 say "7. the three daemons formed one Raft group; a write to any member is replicated"
 fl member list
 fl kv put /demo/greeting "hello from the outer machine"
-"$bin" lab exec h3 --dir "$lab" -- flotilla --endpoint 127.0.0.1:4001 kv get /demo/greeting --serializable
+"$bin" lab exec h3 --dir "$lab" -- flotilla --store-endpoint 127.0.0.1:4001 kv get /demo/greeting --serializable
 
 say "8. every host's agent joined (presence lease, TTL 3 s here, 10 s by default)"
 fl list-machines
@@ -82,7 +85,7 @@ fl list-machines
 say "9. submit a template with Conflicts=myapp@*.service and start 4 instances on 3 hosts"
 echo "   three run, one per host; the fourth waits for a free host"
 fl submit examples/units/myapp@.service
-fl start myapp@1 myapp@2 myapp@3 myapp@4
+fl start --no-block myapp@1 myapp@2 myapp@3 myapp@4   # the fourth could wait for ever
 sleep 1.5
 fl list-units
 for h in h1 h2 h3; do
@@ -98,10 +101,11 @@ Description=hello %i, a unit with no [X-Fleet] rules
 ExecStart=/bin/sh -c 'while true; do echo "hello %i"; sleep 10; done'
 UNIT
 fl submit "$work/hello@.service"
-fl start hello@1 hello@2 hello@3 hello@4 hello@5 hello@6 --block
+fl start hello@1 hello@2 hello@3 hello@4 hello@5 hello@6   # waits until all are active
 
 say "10b. a global unit runs on every host"
-fl start examples/units/node-exporter.service --block
+fl start examples/units/node-exporter.service   # global: triggered, not waited for
+sleep 1
 fl list-units
 
 say "11. power off the Raft leader's host (SIGKILL of its PID 1)"

@@ -5,22 +5,117 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 /// flotilla: keep systemd units running across a fleet of hosts.
+///
+/// The unit verbs talk to the daemon's HTTP API, as fleetctl talked to fleet's:
+/// by default its root-only socket on this host, unix:///run/flotilla/api.sock;
+/// from elsewhere `--endpoint http://HOST:4003 --api-token TOKEN` or `--tunnel HOST`.
+/// `kv` and `member` speak the store's own protocol (`--store-endpoint`).
+/// Exit codes: 0 success, 1 failure, 2 bad usage.
 #[derive(Debug, Parser)]
-#[command(name = "flotilla", version, about, long_about = None)]
+#[command(name = "flotilla", version, about, long_about)]
 pub struct Cli {
-    /// Cluster members to talk to, host:port, comma-separated; tried in order.
+    /// How to reach the API (these may also follow the verb).
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// The store's members, host:port, comma-separated; tried in order (`kv`, `member`).
     #[arg(
         long,
-        global = true,
-        env = "FLOTILLA_ENDPOINT",
+        env = "FLOTILLA_STORE_ENDPOINT",
         value_name = "ADDRS",
         default_value = "127.0.0.1:4001",
         value_delimiter = ','
     )]
-    pub endpoint: Vec<String>,
+    pub store_endpoint: Vec<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How the unit verbs reach the API (fleetctl's global flags). Each may be
+/// given before or after the verb (after wins), or in its environment
+/// variable (the flags win).
+#[derive(Debug, Clone, Default, Args)]
+pub struct ApiArgs {
+    /// The API: unix:///PATH or http(s)://HOST:PORT; several comma-separated are
+    /// tried in order and the one that answers is remembered
+    /// [env: FLOTILLA_ENDPOINT] [default: unix:///run/flotilla/api.sock]
+    #[arg(long, value_name = "URL")]
+    pub endpoint: Option<String>,
+    /// Bearer token for an http(s) endpoint: the daemons' api_token
+    /// [env: FLOTILLA_API_TOKEN]
+    #[arg(long, value_name = "TOKEN")]
+    pub api_token: Option<String>,
+    /// Seconds to wait for each answer of the API [env: FLOTILLA_REQUEST_TIMEOUT]
+    /// [default: 10]
+    #[arg(long, value_name = "SECS")]
+    pub request_timeout: Option<f64>,
+    /// Reach the API through ssh to this host, HOST[:PORT] (its --endpoint is
+    /// then the one on that host) [env: FLOTILLA_TUNNEL]
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub tunnel: Option<String>,
+    /// ssh settings, for --tunnel, ssh, status and journal.
+    #[command(flatten)]
+    pub ssh: SshArgs,
+}
+
+/// How `ssh`, `status`, `journal` and `--tunnel` log in to cluster hosts.
+#[derive(Debug, Clone, Default, Args)]
+pub struct SshArgs {
+    /// The user to log in as on cluster hosts [env: FLOTILLA_SSH_USERNAME]
+    /// [default: core]
+    #[arg(long, value_name = "USER")]
+    pub ssh_username: Option<String>,
+    /// The port of cluster hosts' sshd [env: FLOTILLA_SSH_PORT] [default: 22]
+    #[arg(long, value_name = "PORT")]
+    pub ssh_port: Option<u16>,
+    /// A private key to log in with, instead of the agent's and ssh's defaults
+    /// [env: FLOTILLA_SSH_IDENTITY]
+    #[arg(long, value_name = "FILE")]
+    pub ssh_identity: Option<PathBuf>,
+    /// Check hosts' keys against known_hosts; false accepts any key
+    /// [env: FLOTILLA_STRICT_HOST_KEY_CHECKING] [default: true]
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub strict_host_key_checking: Option<bool>,
+    /// The known_hosts file to check host keys against
+    /// [env: FLOTILLA_KNOWN_HOSTS_FILE] [default: ssh's own]
+    #[arg(long, value_name = "FILE")]
+    pub known_hosts_file: Option<PathBuf>,
+}
+
+impl ApiArgs {
+    /// These settings, with `outer`'s (given before the verb) where these have none.
+    pub fn or(self, outer: &ApiArgs) -> ApiArgs {
+        ApiArgs {
+            endpoint: self.endpoint.or_else(|| outer.endpoint.clone()),
+            api_token: self.api_token.or_else(|| outer.api_token.clone()),
+            request_timeout: self.request_timeout.or(outer.request_timeout),
+            tunnel: self.tunnel.or_else(|| outer.tunnel.clone()),
+            ssh: SshArgs {
+                ssh_username: self
+                    .ssh
+                    .ssh_username
+                    .or_else(|| outer.ssh.ssh_username.clone()),
+                ssh_port: self.ssh.ssh_port.or(outer.ssh.ssh_port),
+                ssh_identity: self
+                    .ssh
+                    .ssh_identity
+                    .or_else(|| outer.ssh.ssh_identity.clone()),
+                strict_host_key_checking: self
+                    .ssh
+                    .strict_host_key_checking
+                    .or(outer.ssh.strict_host_key_checking),
+                known_hosts_file: self
+                    .ssh
+                    .known_hosts_file
+                    .or_else(|| outer.ssh.known_hosts_file.clone()),
+            },
+        }
+    }
 }
 
 /// The verbs.
@@ -30,7 +125,7 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Run the flotilla daemon on this host (or only check its configuration).
     Daemon(Box<DaemonArgs>),
-    /// List, add or remove members of the Raft store.
+    /// List, add or remove members of the Raft store (over the store's protocol).
     #[command(subcommand)]
     Member(MemberCommand),
     /// The cluster as a whole: `flotilla cluster health`.
@@ -42,39 +137,55 @@ pub enum Command {
     /// Boot and drive a lab of real-systemd hosts on this machine (root, Debian 12).
     #[command(subcommand)]
     Lab(crate::lab::LabCommand),
-    /// Store unit files in the cluster (desired state inactive).
+    /// Store units in the cluster (desired state inactive), from their files.
     Submit(SubmitArgs),
-    /// Place units on machines and start them (submitting FILEs first).
-    Start(UnitsArgs),
-    /// Stop units but keep them placed and loaded.
-    Stop(UnitsArgs),
-    /// Place units on machines and load them without starting (submitting FILEs first).
-    Load(UnitsArgs),
+    /// Schedule units and start them, submitting their files first; waits
+    /// until each is active.
+    Start(StartArgs),
+    /// Stop units but keep them scheduled and loaded; waits until each stopped.
+    Stop(StateArgs),
+    /// Schedule units and load them without starting, submitting their files
+    /// first; waits until each is loaded.
+    Load(StartArgs),
     /// Stop and unload units; they stay submitted (desired state inactive).
-    Unload(UnitsArgs),
-    /// Remove units from the cluster entirely (they stop wherever they run).
-    Destroy(UnitsArgs),
+    Unload(StateArgs),
+    /// Stop and start units again, one after another; waits until each is active.
+    Restart(RestartArgs),
+    /// Remove units from the cluster (they stop wherever they run). A unit
+    /// that does not exist is not an error.
+    Destroy(DestroyArgs),
     /// Print a submitted unit's file, as stored.
-    Cat {
-        /// The unit.
-        unit: String,
-    },
-    /// Show units that are loaded or launched: where they run and systemd's states.
+    Cat(UnitArg),
+    /// Show units and their systemd states, one row per unit and machine.
+    ///
+    /// Fields: unit, machine, active, sub (the default), load, hash, and
+    /// flotilla's desired, reason (why it is not placed), hostname, ip.
     ListUnits(ListArgs),
-    /// Show every submitted unit, with its desired state and body hash.
+    /// Show every submitted unit: its hash, desired and current state, and target.
+    ///
+    /// Fields: unit, hash, dstate, state, target (the default), global, desc,
+    /// and flotilla's desired (same as dstate), reason.
     ListUnitFiles(ListArgs),
     /// Show the machines in the cluster.
+    ///
+    /// Fields: machine, ip, metadata (the default), and flotilla's hostname,
+    /// drained, renewed (when its presence was last renewed).
     ListMachines(ListArgs),
     /// The reboot lock, locksmithctl's verbs: status, acquire, release, set-max, need-reboot.
     Lock(LockArgs),
     /// Move every unit off a machine and keep new ones away (undo with --undo).
-    Drain {
-        /// The machine's id (or a unique prefix).
-        machine: String,
-        /// Let the machine take units again.
-        #[arg(long)]
-        undo: bool,
-    },
+    Drain(DrainArgs),
+    /// Say where a unit may run and why not elsewhere: each machine and the
+    /// rule that excluded it.
+    Explain(UnitArg),
+    /// Open an ssh session (or run CMD) on the host of a machine or a unit.
+    Ssh(SshVerbArgs),
+    /// Show `systemctl status -l` of units, run on each unit's host.
+    Status(StatusArgs),
+    /// Show a unit's journal (journalctl), read on its host.
+    Journal(JournalArgs),
+    /// Print flotilla's version.
+    Version,
     /// Print a completion script for a shell, e.g. `flotilla completion bash >
     /// /etc/bash_completion.d/flotilla` (the Debian package installs them).
     Completion {
@@ -139,41 +250,201 @@ pub enum LockCommand {
     },
 }
 
+/// How long the state verbs wait (fleetctl's --no-block and --block-attempts).
+#[derive(Debug, Clone, Args)]
+pub struct BlockArgs {
+    /// Do not wait for the units to reach their state.
+    #[arg(long, conflicts_with = "block_attempts")]
+    pub no_block: bool,
+    /// How many times to check (every 500 ms) before giving up; 0 waits for ever.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub block_attempts: u32,
+}
+
 /// `flotilla submit`
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
-    /// Unit files; each file's base name is the unit's name.
-    #[arg(required = true, value_name = "FILE")]
-    pub files: Vec<PathBuf>,
-    /// Replace the body of units already submitted (they reload where they run).
+    /// Unit files, or unit names with a file of that name here (an instance
+    /// may use its template's file, `web@.service` for `web@1.service`).
+    #[arg(required = true, value_name = "UNIT|FILE")]
+    pub units: Vec<String>,
+    /// Replace the body of units already submitted with different contents
+    /// (their desired state becomes inactive).
     #[arg(long)]
     pub replace: bool,
+    /// Submit files with unknown [X-Fleet] keys (otherwise refused: a typo
+    /// there silently drops a placement rule).
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
-/// Verbs taking units by name (or unit files, for start and load).
+/// `flotilla start` and `flotilla load`.
 #[derive(Debug, Args)]
-pub struct UnitsArgs {
-    /// Unit names (`web@1.service`; `.service` is added when there is no suffix)
-    /// or, for start/load, paths of unit files to submit first.
+pub struct StartArgs {
+    /// Units (`web@1.service`; `.service` is added when there is no type),
+    /// or their files; a unit not yet submitted is submitted from its file,
+    /// or made from its template (submitted, or a file beside it).
+    #[arg(required = true, value_name = "UNIT|FILE")]
+    pub units: Vec<String>,
+    /// Replace the body of units already submitted with different contents
+    /// (they restart with the new one).
+    #[arg(long)]
+    pub replace: bool,
+    /// Accept files with unknown [X-Fleet] keys.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub block: BlockArgs,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// `flotilla stop` and `flotilla unload`: units by name.
+#[derive(Debug, Args)]
+pub struct StateArgs {
+    /// Unit names (`web@1.service`; `.service` is added when there is no type).
     #[arg(required = true, value_name = "UNIT")]
     pub units: Vec<String>,
-    /// Wait until every unit reaches the state asked for (or a failed state).
-    #[arg(long)]
-    pub block: bool,
-    /// How long --block waits, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 60)]
-    pub block_timeout: u64,
+    #[command(flatten)]
+    pub block: BlockArgs,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// `flotilla restart`
+#[derive(Debug, Args)]
+pub struct RestartArgs {
+    /// Units (or their files, submitted first as by start).
+    #[arg(required = true, value_name = "UNIT|FILE")]
+    pub units: Vec<String>,
+    /// How many times to check each step (every 500 ms) before giving up; 0 waits for ever.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub block_attempts: u32,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// `flotilla destroy`
+#[derive(Debug, Args)]
+pub struct DestroyArgs {
+    /// Unit names (`web@1.service`; `.service` is added when there is no type).
+    #[arg(required = true, value_name = "UNIT")]
+    pub units: Vec<String>,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// A verb on one unit.
+#[derive(Debug, Args)]
+pub struct UnitArg {
+    /// The unit's name (`.service` is added when there is no type).
+    #[arg(value_name = "UNIT")]
+    pub unit: String,
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
 /// Options of the list verbs.
 #[derive(Debug, Args)]
 pub struct ListArgs {
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    pub json: bool,
+    /// Columns to show, comma-separated (see the verb's fields above).
+    #[arg(long, value_name = "FIELDS")]
+    pub fields: Option<String>,
     /// Show full machine ids and hashes.
     #[arg(long, short = 'l')]
     pub full: bool,
+    /// Leave out the header line.
+    #[arg(long)]
+    pub no_legend: bool,
+    /// Print JSON (every field) instead of a table.
+    #[arg(long, conflicts_with_all = ["fields", "no_legend"])]
+    pub json: bool,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// `flotilla drain`
+#[derive(Debug, Args)]
+pub struct DrainArgs {
+    /// The machine: its id (or a unique prefix), host name or IP.
+    pub machine: String,
+    /// Let the machine take units again.
+    #[arg(long)]
+    pub undo: bool,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// `flotilla ssh`
+#[derive(Debug, Args)]
+pub struct SshVerbArgs {
+    /// A machine (id prefix, host name or IP) or a unit (its host).
+    #[arg(value_name = "MACHINE|UNIT", required_unless_present_any = ["machine", "unit"])]
+    pub target: Option<String>,
+    /// The command to run there (an interactive shell without one).
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
+    pub command: Vec<String>,
+    /// Take the target as a machine only.
+    #[arg(long, value_name = "MACHINE", conflicts_with_all = ["unit"])]
+    pub machine: Option<String>,
+    /// Take the target as a unit only.
+    #[arg(long, value_name = "UNIT")]
+    pub unit: Option<String>,
+    /// Forward the ssh agent (off by default).
+    #[arg(short = 'A', long)]
+    pub forward_agent: bool,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// `flotilla status`
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Units.
+    #[arg(required = true, value_name = "UNIT")]
+    pub units: Vec<String>,
+    /// Ask the unit's host through the API instead of ssh (no ssh keys needed).
+    #[arg(long)]
+    pub via_api: bool,
+    /// Forward the ssh agent (off by default).
+    #[arg(short = 'A', long)]
+    pub forward_agent: bool,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// `flotilla journal`
+#[derive(Debug, Args)]
+pub struct JournalArgs {
+    /// The unit.
+    #[arg(value_name = "UNIT")]
+    pub unit: String,
+    /// How many of the last lines to show.
+    #[arg(long, short = 'n', value_name = "N", default_value_t = 10)]
+    pub lines: u32,
+    /// Keep printing new lines as they come.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// journalctl's output mode (short, json, cat, verbose, ...).
+    #[arg(long, short = 'o', value_name = "MODE", default_value = "short")]
+    pub output: String,
+    /// Run journalctl with sudo.
+    #[arg(long)]
+    pub sudo: bool,
+    /// Read the journal through the API instead of ssh (no ssh keys needed).
+    #[arg(long, conflicts_with = "sudo")]
+    pub via_api: bool,
+    /// Forward the ssh agent (off by default).
+    #[arg(short = 'A', long)]
+    pub forward_agent: bool,
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
 /// `flotilla member ...`

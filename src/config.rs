@@ -30,7 +30,20 @@ pub const ENV_PREFIX: &str = "FLOTILLA_";
 /// Environment variables with the prefix that are not configuration keys.
 ///
 /// `FLOTILLA_CONFIG` picks the file itself; the others belong to the CLI.
-const ENV_NOT_KEYS: [&str; 3] = ["FLOTILLA_CONFIG", "FLOTILLA_ENDPOINT", "FLOTILLA_TOKEN"];
+const ENV_NOT_KEYS: [&str; 12] = [
+    "FLOTILLA_CONFIG",
+    "FLOTILLA_ENDPOINT",
+    "FLOTILLA_TOKEN",
+    "FLOTILLA_STORE_ENDPOINT",
+    "FLOTILLA_REQUEST_TIMEOUT",
+    "FLOTILLA_TUNNEL",
+    "FLOTILLA_SSH_USERNAME",
+    "FLOTILLA_SSH_PORT",
+    "FLOTILLA_SSH_IDENTITY",
+    "FLOTILLA_STRICT_HOST_KEY_CHECKING",
+    "FLOTILLA_KNOWN_HOSTS_FILE",
+    "FLOTILLA_LAB_DIR",
+];
 
 /// Every setting of `flotilla daemon`, after all layers are applied.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -21,6 +21,7 @@
 //! * [`api`]: the daemon's HTTP JSON API, fleet's `/fleet/v1` with fleet's semantics
 //!   and flotilla's `/flotilla/v1` (explain, drain, status, journal), on a unix socket and TCP.
 //! * [`cli`]: the command line, as clap types.
+//! * [`client`]: the CLI's HTTP client of the API (unix socket, http(s), ssh tunnel).
 //! * [`cli_docs`]: shell completions and manual pages generated from [`cli`].
 //! * [`verify`]: `flotilla verify`, checking unit files on disk.
 //! * [`lab`]: `flotilla lab`, N real-systemd hosts on one machine for end-to-end tests.
@@ -29,6 +30,7 @@ pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod cli_docs;
+pub mod client;
 pub mod config;
 pub mod consensus;
 pub mod daemon;

@@ -2,6 +2,7 @@
 //! argument is checked before the cluster is contacted; every change is one
 //! of the registry's compare-and-swap transactions.
 
+use crate::verbs::outln;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -32,9 +33,9 @@ pub async fn run(endpoints: &[String], args: LockArgs) -> Result<ExitCode> {
         LockCommand::Acquire { .. } => {
             let id = id.expect("checked above");
             match store::acquire(&client, group, &id, unix_now(), None).await? {
-                Acquired::Taken => println!("{id} took the reboot lock of group {group}"),
+                Acquired::Taken => outln!("{id} took the reboot lock of group {group}")?,
                 Acquired::AlreadyHeld => {
-                    println!("{id} already holds the reboot lock of group {group}")
+                    outln!("{id} already holds the reboot lock of group {group}")?
                 }
             }
         }
@@ -43,11 +44,11 @@ pub async fn run(endpoints: &[String], args: LockArgs) -> Result<ExitCode> {
             store::release(&client, group, &id)
                 .await
                 .with_context(|| format!("cannot release the reboot lock of group {group}"))?;
-            println!("{id} released the reboot lock of group {group}");
+            outln!("{id} released the reboot lock of group {group}")?;
         }
         LockCommand::SetMax { max } => {
             let (old, new) = store::set_max(&client, group, max).await?;
-            println!("Old: {old}\nNew: {new}");
+            outln!("Old: {old}\nNew: {new}")?;
         }
         LockCommand::NeedReboot { force, .. } => {
             let id = id.expect("checked above");
@@ -57,7 +58,7 @@ pub async fn run(endpoints: &[String], args: LockArgs) -> Result<ExitCode> {
                 from_boot: None,
             };
             store::mark_reboot(&client, &id, &mark).await?;
-            println!(
+            outln!(
                 "{id} will reboot{}: its coordinator takes the lock in its window, drains, \
                  reboots and releases the lock when healthy (see flotilla lock status)",
                 if force {
@@ -65,7 +66,7 @@ pub async fn run(endpoints: &[String], args: LockArgs) -> Result<ExitCode> {
                 } else {
                     ""
                 }
-            );
+            )?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -116,36 +117,36 @@ async fn status(client: &Client, group: &str, as_json: bool) -> Result<()> {
             "holders": holders,
             "need_reboot": marks,
         });
-        println!("{}", serde_json::to_string_pretty(&shown)?);
+        outln!("{}", serde_json::to_string_pretty(&shown)?)?;
         return Ok(());
     }
-    println!("Group: {group}");
-    println!("Available: {}", semaphore.available());
-    println!("Max: {}", semaphore.max);
+    outln!("Group: {group}")?;
+    outln!("Available: {}", semaphore.available())?;
+    outln!("Max: {}", semaphore.max)?;
     if !semaphore.holders.is_empty() {
-        println!();
-        println!("{:<34} SINCE", "MACHINE");
+        outln!()?;
+        outln!("{:<34} SINCE", "MACHINE")?;
         for holder in &semaphore.holders {
-            println!(
+            outln!(
                 "{:<34} {} ({} ago)",
                 holder.id,
                 format_utc(holder.since),
                 show_duration(std::time::Duration::from_secs(
                     now.saturating_sub(holder.since)
                 ))
-            );
+            )?;
         }
     }
     if !marks.is_empty() {
-        println!();
-        println!("Asked to reboot:");
+        outln!()?;
+        outln!("Asked to reboot:")?;
         for (id, mark) in &marks {
             let state = match (&mark.from_boot, mark.force) {
                 (Some(_), _) => " (rebooting)",
                 (None, true) => " (forced)",
                 (None, false) => "",
             };
-            println!("{id:<34} since {}{state}", format_utc(mark.since));
+            outln!("{id:<34} since {}{state}", format_utc(mark.since))?;
         }
     }
     Ok(())

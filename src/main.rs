@@ -11,21 +11,38 @@ use flotilla::cli::{
 };
 use flotilla::config;
 use flotilla::consensus::client::Client;
-use flotilla::registry::records::DesiredState;
 use flotilla::verify;
 
 mod lock_verbs;
-mod unit_verbs;
+mod verbs;
+
+use verbs::wait::Goal;
+use verbs::{Usage, out, outln};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
+        // `flotilla list-units | head -1`: the reader is gone; so are we, quietly.
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::FAILURE
+            if err.is::<Usage>() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
+}
+
+/// Whether the error is a write to a pipe whose reader has left.
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -37,20 +54,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Daemon(args) => run_daemon(&args),
         Command::Member(command) => {
             flotilla::logging::init("warn");
-            client_runtime()?.block_on(run_member(&cli.endpoint, command))
+            client_runtime()?.block_on(run_member(&cli.store_endpoint, command))
         }
         Command::Cluster(command) => {
             flotilla::logging::init("warn");
-            client_runtime()?.block_on(run_cluster(&cli.endpoint, command))
+            client_runtime()?.block_on(run_cluster(&cli.store_endpoint, command))
         }
         Command::Kv(command) => {
             flotilla::logging::init("warn");
-            client_runtime()?.block_on(run_kv(&cli.endpoint, command))
+            client_runtime()?.block_on(run_kv(&cli.store_endpoint, command))
         }
         Command::Lab(command) => flotilla::lab::run(command),
         Command::Lock(args) => {
             flotilla::logging::init("warn");
-            client_runtime()?.block_on(lock_verbs::run(&cli.endpoint, args))
+            client_runtime()?.block_on(lock_verbs::run(&cli.store_endpoint, args))
         }
         Command::Completion { shell } => {
             flotilla::cli_docs::completion(shell, &mut std::io::stdout());
@@ -65,52 +82,37 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Version => {
+            outln!("flotilla version {}", env!("CARGO_PKG_VERSION"))?;
+            Ok(ExitCode::SUCCESS)
+        }
         command => {
             flotilla::logging::init("warn");
-            client_runtime()?.block_on(run_unit_verb(&cli.endpoint, command))
+            client_runtime()?.block_on(run_api_verb(&cli.api, command))
         }
     }
 }
 
-/// The unit verbs: every argument is checked first, so bad input never
-/// needs (or waits for) the cluster.
-async fn run_unit_verb(endpoints: &[String], command: Command) -> Result<ExitCode> {
-    let connect = || Client::connect(endpoints);
+/// The verbs that talk to the API; `outer` holds the flags given before the verb.
+async fn run_api_verb(outer: &flotilla::cli::ApiArgs, command: Command) -> Result<ExitCode> {
+    use verbs::{lists, remote, state};
     match command {
-        Command::Submit(args) => {
-            let units = unit_verbs::submit_units(&args)?;
-            unit_verbs::submit(&connect().await?, &units, &args).await
-        }
-        Command::Start(args) => {
-            let targets = unit_verbs::targets(&args.units, true)?;
-            unit_verbs::set_state(&connect().await?, &targets, &args, DesiredState::Launched).await
-        }
-        Command::Load(args) => {
-            let targets = unit_verbs::targets(&args.units, true)?;
-            unit_verbs::set_state(&connect().await?, &targets, &args, DesiredState::Loaded).await
-        }
-        Command::Unload(args) => {
-            let targets = unit_verbs::targets(&args.units, false)?;
-            unit_verbs::set_state(&connect().await?, &targets, &args, DesiredState::Inactive).await
-        }
-        Command::Stop(args) => {
-            let targets = unit_verbs::targets(&args.units, false)?;
-            unit_verbs::stop(&connect().await?, &targets, &args).await
-        }
-        Command::Destroy(args) => {
-            let targets = unit_verbs::targets(&args.units, false)?;
-            unit_verbs::destroy(&connect().await?, &targets, &args).await
-        }
-        Command::Cat { unit } => {
-            let name = unit_verbs::targets(std::slice::from_ref(&unit), false)?.names;
-            unit_verbs::cat(&connect().await?, &name[0]).await
-        }
-        Command::ListUnits(args) => unit_verbs::list_units(&connect().await?, &args).await,
-        Command::ListUnitFiles(args) => unit_verbs::list_unit_files(&connect().await?, &args).await,
-        Command::ListMachines(args) => unit_verbs::list_machines(&connect().await?, &args).await,
-        Command::Drain { machine, undo } => {
-            unit_verbs::drain(&connect().await?, &machine, undo).await
-        }
+        Command::Submit(args) => state::submit(args, outer).await,
+        Command::Start(args) => state::start_or_load(args, outer, Goal::Launched).await,
+        Command::Load(args) => state::start_or_load(args, outer, Goal::Loaded).await,
+        Command::Stop(args) => state::stop(args, outer).await,
+        Command::Unload(args) => state::unload(args, outer).await,
+        Command::Restart(args) => state::restart(args, outer).await,
+        Command::Destroy(args) => state::destroy(args, outer).await,
+        Command::Cat(args) => lists::cat(args, outer).await,
+        Command::ListUnits(args) => lists::list_units(args, outer).await,
+        Command::ListUnitFiles(args) => lists::list_unit_files(args, outer).await,
+        Command::ListMachines(args) => lists::list_machines(args, outer).await,
+        Command::Drain(args) => lists::drain(args, outer).await,
+        Command::Explain(args) => lists::explain(args, outer).await,
+        Command::Ssh(args) => remote::ssh(args, outer).await,
+        Command::Status(args) => remote::status(args, outer).await,
+        Command::Journal(args) => remote::journal(args, outer).await,
         Command::Verify(_)
         | Command::Daemon(_)
         | Command::Member(_)
@@ -119,7 +121,8 @@ async fn run_unit_verb(endpoints: &[String], command: Command) -> Result<ExitCod
         | Command::Lock(_)
         | Command::Lab(_)
         | Command::Completion { .. }
-        | Command::Man { .. } => unreachable!("dispatched in run()"),
+        | Command::Man { .. }
+        | Command::Version => unreachable!("dispatched in run()"),
     }
 }
 
@@ -135,13 +138,14 @@ async fn run_member(endpoints: &[String], command: MemberCommand) -> Result<Exit
     match command {
         MemberCommand::List => {
             let status = client.status().await?;
-            println!("{:<18} {:<16} {:<24} LEADER", "ID", "NAME", "PEER ADDRESS");
+            outln!("{:<18} {:<16} {:<24} LEADER", "ID", "NAME", "PEER ADDRESS")?;
             for (id, member) in &status.members {
                 let leader = if *id == status.leader { "yes" } else { "" };
-                println!(
+                outln!(
                     "{id:<18x} {:<16} {:<24} {leader}",
-                    member.name, member.peer_addr
-                );
+                    member.name,
+                    member.peer_addr
+                )?;
             }
             if status.leader == 0 {
                 eprintln!(
@@ -154,17 +158,17 @@ async fn run_member(endpoints: &[String], command: MemberCommand) -> Result<Exit
                 .member_add(&name, &peer_addr)
                 .await
                 .with_context(|| format!("cannot add member {name}"))?;
-            println!(
+            outln!(
                 "added {name}; now start it with: flotilla daemon --name {name} \\
                  --peer-listen {peer_addr} --initial-cluster-state existing ..."
-            );
+            )?;
         }
         MemberCommand::Remove { name } => {
             client
                 .member_remove(&name)
                 .await
                 .with_context(|| format!("cannot remove member {name}"))?;
-            println!("removed {name}");
+            outln!("removed {name}")?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -175,12 +179,12 @@ async fn run_cluster(endpoints: &[String], command: ClusterCommand) -> Result<Ex
         ClusterCommand::Health { json } => {
             let health = flotilla::health::check(endpoints).await?;
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&health).context("cannot print the report")?
-                );
+                )?;
             } else {
-                print!("{}", health.table());
+                out!("{}", health.table())?;
             }
             Ok(if health.healthy {
                 ExitCode::SUCCESS
@@ -205,19 +209,19 @@ async fn run_kv(endpoints: &[String], command: KvCommand) -> Result<ExitCode> {
             }
             for kv in kvs {
                 if prefix {
-                    println!("{}={}", kv.key, String::from_utf8_lossy(&kv.value));
+                    outln!("{}={}", kv.key, String::from_utf8_lossy(&kv.value))?;
                 } else {
-                    println!("{}", String::from_utf8_lossy(&kv.value));
+                    outln!("{}", String::from_utf8_lossy(&kv.value))?;
                 }
             }
         }
         KvCommand::Put { key, value } => {
             let revision = client.put(&key, value.into_bytes()).await?;
-            println!("revision {revision}");
+            outln!("revision {revision}")?;
         }
         KvCommand::Del { key, prefix } => {
             let deleted = client.delete(&key, prefix).await?;
-            println!("deleted {deleted}");
+            outln!("deleted {deleted}")?;
         }
         KvCommand::Watch { prefix, from } => {
             let from = match from {
@@ -227,13 +231,13 @@ async fn run_kv(endpoints: &[String], command: KvCommand) -> Result<ExitCode> {
             let mut watch = client.watch(&prefix, from);
             loop {
                 for event in watch.next().await? {
-                    println!(
+                    outln!(
                         "{} {:?} {}={}",
                         event.revision(),
                         event.kind,
                         event.kv.key,
                         String::from_utf8_lossy(&event.kv.value)
-                    );
+                    )?;
                 }
             }
         }
@@ -248,7 +252,7 @@ fn run_verify(args: &VerifyArgs) -> Result<ExitCode> {
         if checked.has_errors() {
             failed += 1;
         }
-        print!("{}", verify::report(path, &checked, args.print));
+        out!("{}", verify::report(path, &checked, args.print))?;
     }
     if failed > 0 {
         eprintln!(

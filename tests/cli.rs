@@ -310,22 +310,39 @@ fn client_verbs_report_an_unreachable_cluster() {
     let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = unused.local_addr().unwrap().to_string();
     drop(unused);
-    let out = flotilla(&["--endpoint", &addr, "kv", "get", "/x"]);
+    let out = flotilla(&["--store-endpoint", &addr, "kv", "get", "/x"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).contains("cannot reach any flotilla member"),
         "{}",
         stderr(&out)
     );
+    let url = format!("http://{addr}");
+    let out = flotilla(&["--endpoint", &url, "list-units"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(
+        err.contains(&format!("cannot reach the flotilla API at {url}")),
+        "{err}"
+    );
+    let out = flotilla(&["list-units", "--endpoint", "unix:///nonexistent/api.sock"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("is the daemon running on this host"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// The unit verbs against an endpoint where nothing listens: bad input must be
-/// refused on its own merits (exit 1, a message about the input), before any
-/// attempt to reach the cluster; good input gets a clear "cannot reach".
+/// refused on its own merits (exit 1, a message about the input; exit 2 for a
+/// bad flag), before any attempt to reach the cluster; good input gets a clear
+/// "cannot reach".
 #[test]
 fn unit_verbs_refuse_bad_input_before_reaching_the_cluster() {
     let dir = tempfile::tempdir().unwrap();
-    let nowhere = "127.0.0.1:9";
+    let nowhere = "http://127.0.0.1:9";
     let run = |args: &[&str]| {
         let mut all = vec!["--endpoint", nowhere];
         all.extend(args);
@@ -341,39 +358,171 @@ fn unit_verbs_refuse_bad_input_before_reaching_the_cluster() {
         .as_bytes(),
     );
     let broken = write(dir.path(), "broken.service", b"[Service]\nno equals sign\n");
+    let typo = write(
+        dir.path(),
+        "typo.service",
+        b"[Service]\nExecStart=/bin/true\n[X-Fleet]\nMachinOf=db.service\n",
+    );
     let good = write(
         dir.path(),
         "good.service",
         b"[Service]\nExecStart=/bin/true\n",
     );
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["start", "../../etc/x"], "etc/x"),
+        (vec!["start", "../../etc/x"], "etc/x: no such file"),
         (vec!["stop", "../../etc/x"], "looks like a file"),
-        (vec!["destroy", "web@1.bogus"], "not a unit name"),
-        (vec!["cat", "a b.service"], "not a unit name"),
+        (vec!["destroy", "web@1.bogus"], "invalid unit name"),
+        (vec!["cat", "a b.service"], "invalid unit name"),
+        (
+            vec!["start", "myapp@3.serivce"],
+            "did you mean myapp@3.service?",
+        ),
         (vec!["submit", big.to_str().unwrap()], "big.service"),
         (vec!["submit", broken.to_str().unwrap()], "broken.service:2"),
         (vec!["start", broken.to_str().unwrap()], "broken.service:2"),
+        (
+            vec!["submit", typo.to_str().unwrap()],
+            "unknown [X-Fleet] keys (MachinOf)",
+        ),
     ];
     for (args, expect) in cases {
         let out = run(&args);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
         let err = stderr(&out);
+        assert!(
+            err.starts_with("error: ") || err.contains("\nerror: "),
+            "{args:?}: {err}"
+        );
         assert!(err.contains(expect), "{args:?}: {err}");
         assert!(
             !err.contains("cannot reach"),
             "{args:?} was checked first: {err}"
         );
     }
-    let out = run(&["submit", good.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1));
+    // The typo's warning is printed as verify prints it, with the fix.
+    let out = run(&["submit", typo.to_str().unwrap()]);
     assert!(
-        stderr(&out).contains("cannot reach any flotilla member"),
+        stderr(&out).contains(
+            ":4: warning: unknown [X-Fleet] key \"MachinOf\" is ignored; did you mean MachineOf=?"
+        ),
         "{}",
         stderr(&out)
     );
-    let out = run(&["list-units", "--bogus"]);
-    assert_eq!(out.status.code(), Some(2), "unknown flag: {}", stderr(&out));
+    for good_input in [
+        vec!["submit", good.to_str().unwrap()],
+        vec!["submit", "--force", typo.to_str().unwrap()],
+    ] {
+        let out = run(&good_input);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(
+            stderr(&out).contains("cannot reach the flotilla API"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    let usage: Vec<Vec<&str>> = vec![
+        vec!["list-units", "--bogus"],
+        vec!["list-units", "--fields", "unit,bogus"],
+        vec!["--endpoint", "127.0.0.1:4001", "list-units"],
+        vec!["start", "--no-block", "--block-attempts", "3", "a"],
+        vec!["journal", "--output", "json;id", "a"],
+    ];
+    for args in usage {
+        let out = flotilla(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(
+            !stderr(&out).contains("cannot reach"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
+/// The help a newcomer reads: no flag shown as required that is not, no
+/// flag offered where it means nothing, no talk of files where none are taken.
+#[test]
+fn help_texts_say_what_each_verb_takes() {
+    let help = |args: &[&str]| {
+        let out = flotilla(args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        stdout(&out)
+    };
+    let top = help(&["--help"]);
+    assert!(top.contains("Usage: flotilla [OPTIONS] <COMMAND>"), "{top}");
+    for verb in [
+        "list-units",
+        "restart",
+        "ssh",
+        "status",
+        "journal",
+        "explain",
+        "version",
+    ] {
+        assert!(top.contains(&format!("  {verb} ")), "{verb} missing: {top}");
+    }
+    let kill = help(&["lab", "kill", "--help"]);
+    assert!(!kill.contains("--endpoint"), "{kill}");
+    assert!(!kill.contains("--api-token"), "{kill}");
+    let stop = help(&["stop", "--help"]);
+    let (what, _) = stop.split_once("Options:").unwrap();
+    assert!(!what.to_lowercase().contains("file"), "{stop}");
+    assert!(
+        stop.contains("--no-block") && stop.contains("--block-attempts"),
+        "{stop}"
+    );
+    assert!(
+        stop.contains("Usage: flotilla stop [OPTIONS] <UNIT>..."),
+        "{stop}"
+    );
+    let start = help(&["start", "--help"]);
+    for flag in [
+        "--replace",
+        "--force",
+        "--endpoint",
+        "--tunnel",
+        "--request-timeout",
+    ] {
+        assert!(start.contains(flag), "{flag}: {start}");
+    }
+    let list = help(&["list-units", "--help"]);
+    for flag in ["--fields", "--full", "-l", "--no-legend"] {
+        assert!(list.contains(flag), "{flag}: {list}");
+    }
+    let ssh = help(&["ssh", "--help"]);
+    for flag in [
+        "--forward-agent",
+        "--ssh-username",
+        "--ssh-port",
+        "--strict-host-key-checking",
+        "--known-hosts-file",
+    ] {
+        assert!(ssh.contains(flag), "{flag}: {ssh}");
+    }
+    let version = help(&["version"]);
+    assert_eq!(
+        version,
+        format!("flotilla version {}\n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// Any verb whose reader leaves early (`| head -1`) exits quietly.
+#[test]
+fn a_closed_pipe_ends_a_verb_quietly() {
+    let files: Vec<PathBuf> = examples();
+    for _ in 0..3 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .arg("verify")
+            .args(&files)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+        assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+    }
 }
 
 #[test]

@@ -72,7 +72,13 @@ fn conflicting_instances_spread_wait_and_take_over() {
     let cluster = Cluster::up(3, 3);
     cluster.submit(&[("hello@.service", HELLO)]);
     cluster.ok(&[
-        "start", "hello@1", "hello@2", "hello@3", "hello@4", "hello@5",
+        "start",
+        "--no-block",
+        "hello@1",
+        "hello@2",
+        "hello@3",
+        "hello@4",
+        "hello@5",
     ]);
     let (active, took) = wait_for(Duration::from_secs(15), "3 active hello units", || {
         let active = cluster.active();
@@ -127,7 +133,7 @@ fn conflicting_instances_spread_wait_and_take_over() {
     // stop keeps the unit placed and loaded; start runs it again there; unload
     // removes it from the host (file and systemd's link) but keeps it submitted.
     let (host, unit) = (after[newcomer][0].clone(), newcomer.clone());
-    cluster.ok(&["stop", &unit, "--block"]);
+    cluster.ok(&["stop", &unit]);
     assert!(
         cluster.systemd_active(&host, &unit).is_empty(),
         "stopped on {host}"
@@ -138,13 +144,13 @@ fn conflicting_instances_spread_wait_and_take_over() {
         "loaded",
         "still loaded after stop"
     );
-    cluster.ok(&["start", &unit, "--block"]);
+    cluster.ok(&["start", &unit]);
     assert_eq!(
         cluster.systemd_active(&host, &unit),
         std::slice::from_ref(&unit),
         "back on {host}"
     );
-    cluster.ok(&["unload", &unit, "--block"]);
+    cluster.ok(&["unload", &unit]);
     assert!(cluster.systemd_active(&host, &unit).is_empty());
     let file = cluster.exec(
         &host,
@@ -153,15 +159,14 @@ fn conflicting_instances_spread_wait_and_take_over() {
     assert!(!file.status.success(), "the unit file is gone from {host}");
     let files = cluster.ok(&["list-unit-files"]);
     assert!(
-        files
-            .lines()
-            .any(|l| l.starts_with(unit.as_str()) && l.ends_with("inactive")),
+        files.lines().any(|l| l.starts_with(unit.as_str())
+            && l.split('\t').filter(|c| !c.is_empty()).nth(2) == Some("inactive")),
         "{files}"
     );
 
     // A unit whose ExecStart fails is reported failed, not hidden.
     cluster.submit(&[("broken.service", "[Service]\nExecStart=/bin/false\n")]);
-    cluster.ok(&["start", "broken"]);
+    cluster.ok(&["start", "--no-block", "broken"]);
     wait_for(
         Duration::from_secs(15),
         "broken.service reported failed",
@@ -189,7 +194,7 @@ fn killed_hosts_units_move_within_the_ttl() {
     let cluster = Cluster::up(3, 3);
     cluster.submit(&[("plain@.service", PLAIN)]);
     let names: Vec<String> = (1..=9).map(|i| format!("plain@{i}.service")).collect();
-    let mut args = vec!["start"];
+    let mut args = vec!["start", "--no-block"];
     args.extend(names.iter().map(String::as_str));
     cluster.ok(&args);
     wait_for(Duration::from_secs(15), "9 active units", || {
@@ -263,7 +268,7 @@ fn a_partitioned_host_is_replaced_and_stops_its_copies_before_rejoining() {
     let fenced = fenced_unit(&cut.machine_id, 3);
     cluster.submit(&[("plain@.service", PLAIN), ("fenced.service", &fenced)]);
     let names: Vec<String> = (1..=6).map(|i| format!("plain@{i}.service")).collect();
-    let mut args = vec!["start", "fenced"];
+    let mut args = vec!["start", "--no-block", "fenced"];
     args.extend(names.iter().map(String::as_str));
     cluster.ok(&args);
     wait_for(Duration::from_secs(15), "7 active units", || {
@@ -343,7 +348,14 @@ fn a_restarted_daemon_adopts_its_units_and_a_duplicate_stays_out() {
     let cluster = Cluster::up(3, 5);
     cluster.submit(&[("plain@.service", PLAIN)]);
     cluster.ok(&[
-        "start", "plain@1", "plain@2", "plain@3", "plain@4", "plain@5", "plain@6",
+        "start",
+        "--no-block",
+        "plain@1",
+        "plain@2",
+        "plain@3",
+        "plain@4",
+        "plain@5",
+        "plain@6",
     ]);
     wait_for(Duration::from_secs(15), "6 active units", || {
         (cluster.active().len() == 6).then_some(())
@@ -490,6 +502,7 @@ fn affinity_pinning_metadata_and_global_units() {
     });
     cluster.ok(&[
         "start",
+        "--no-block",
         "app",
         "app-sidekick",
         "pinned",
@@ -575,7 +588,7 @@ fn replace_evicts_replaces_displaces_and_drain_moves() {
         ("b.service", PLAIN),
         ("v1.service", PLAIN),
     ]);
-    cluster.ok(&["start", "a", "v1"]);
+    cluster.ok(&["start", "--no-block", "a", "v1"]);
     wait_for(Duration::from_secs(15), "a and v1 active", || {
         (cluster.active().len() == 2).then_some(())
     });
@@ -585,7 +598,7 @@ fn replace_evicts_replaces_displaces_and_drain_moves() {
         "b.service",
         &format!("{PLAIN}[X-Fleet]\nMachineOf=a.service\n"),
     );
-    cluster.ok(&["start", "b"]);
+    cluster.ok(&["start", "--no-block", "b"]);
     wait_for(Duration::from_secs(15), "b beside a", || {
         (hosts_of(&cluster, "b.service") == a_host).then_some(())
     });
@@ -619,7 +632,7 @@ fn replace_evicts_replaces_displaces_and_drain_moves() {
         "v2.service",
         &format!("{PLAIN}[X-Fleet]\nReplaces=v1.service\n"),
     )]);
-    cluster.ok(&["start", "v2"]);
+    cluster.ok(&["start", "--no-block", "v2"]);
     wait_for(Duration::from_secs(15), "v2 to displace v1", || {
         let v1 = hosts_of(&cluster, "v1.service");
         (hosts_of(&cluster, "v2.service") == v1_before && v1.len() == 1 && v1 != v1_before)
@@ -630,7 +643,14 @@ fn replace_evicts_replaces_displaces_and_drain_moves() {
     let h3 = cluster.id_of("h3").to_string();
     cluster.submit(&[("plain@.service", PLAIN)]);
     cluster.ok(&[
-        "start", "plain@1", "plain@2", "plain@3", "plain@4", "plain@5", "plain@6",
+        "start",
+        "--no-block",
+        "plain@1",
+        "plain@2",
+        "plain@3",
+        "plain@4",
+        "plain@5",
+        "plain@6",
     ]);
     wait_for(Duration::from_secs(15), "plain units active", || {
         (cluster
@@ -652,14 +672,14 @@ fn replace_evicts_replaces_displaces_and_drain_moves() {
                 .all(|u| !u.starts_with("plain@")))
         .then_some(())
     });
-    let out = cluster.ok(&["list-machines"]);
+    let out = cluster.ok(&["list-machines", "--fields", "machine,drained"]);
     assert!(
         out.lines()
-            .any(|l| l.starts_with(&h3[..8]) && l.contains("yes")),
+            .any(|l| l.starts_with(&h3[..8]) && l.ends_with("true")),
         "{out}"
     );
     cluster.ok(&["drain", "--undo", &h3[..8]]);
-    cluster.ok(&["start", "plain@7", "plain@8", "plain@9"]);
+    cluster.ok(&["start", "--no-block", "plain@7", "plain@8", "plain@9"]);
     wait_for(Duration::from_secs(15), "h3 takes new units", || {
         cluster
             .active()
@@ -688,7 +708,7 @@ fn a_host_running_a_conflicting_unit_outside_flotilla_is_skipped() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     cluster.submit(&[("hello@.service", HELLO)]);
-    cluster.ok(&["start", "hello@1", "hello@2", "hello@3"]);
+    cluster.ok(&["start", "--no-block", "hello@1", "hello@2", "hello@3"]);
     wait_for(Duration::from_secs(15), "2 active hello units", || {
         (cluster.active().len() == 2).then_some(())
     });
@@ -715,7 +735,14 @@ fn losing_quorum_stops_nothing_and_recovery_restarts_nothing() {
     let cluster = Cluster::up(3, 3);
     cluster.submit(&[("plain@.service", PLAIN)]);
     cluster.ok(&[
-        "start", "plain@1", "plain@2", "plain@3", "plain@4", "plain@5", "plain@6",
+        "start",
+        "--no-block",
+        "plain@1",
+        "plain@2",
+        "plain@3",
+        "plain@4",
+        "plain@5",
+        "plain@6",
     ]);
     wait_for(Duration::from_secs(15), "6 active units", || {
         (cluster.active().len() == 6).then_some(())
@@ -779,7 +806,7 @@ fn a_fenced_unit_stops_when_cut_off_and_runs_again_when_back_within_the_ttl() {
     let cut = last_follower(&cluster);
     let fenced = fenced_unit(&cut.machine_id, 2);
     cluster.submit(&[("fenced.service", &fenced), ("plain.service", PLAIN)]);
-    cluster.ok(&["start", "fenced", "--block"]);
+    cluster.ok(&["start", "fenced"]);
     let before = cluster.entered(&cut.name, "fenced.service");
     cluster.lab(&["partition", &cut.name]);
     let (_, took) = wait_for(
@@ -833,9 +860,14 @@ fn an_agent_only_host_claims_promptly_after_the_server_it_watched_goes_silent() 
         "pinned@.service",
         &format!("{PLAIN}[X-Fleet]\nMachineID={h4}\n"),
     )]);
-    cluster.ok(&["start", "pinned@0", "--block"]);
+    cluster.ok(&["start", "pinned@0"]);
     let h4_conns = established(&cluster, "h4", "( dport = :4001 )");
-    let h1 = cluster.endpoint.split(',').next().unwrap().to_string();
+    let h1 = cluster
+        .store_endpoint
+        .split(',')
+        .next()
+        .unwrap()
+        .to_string();
     assert!(
         h4_conns.contains(&h1),
         "h4's agent talks to h1 first: {h4_conns}"
@@ -857,7 +889,7 @@ fn an_agent_only_host_claims_promptly_after_the_server_it_watched_goes_silent() 
     });
     for i in 1..=3 {
         let unit = format!("pinned@{i}.service");
-        cluster.ok(&["start", &unit]);
+        cluster.ok(&["start", "--no-block", &unit]);
         let (_, took) = wait_for(Duration::from_secs(10), "the unit on h4", || {
             (cluster.systemd_active("h4", &unit).len() == 1).then_some(())
         });
@@ -899,13 +931,12 @@ fn a_frozen_member_neither_hangs_the_cli_nor_stops_the_cluster() {
     // A bounded CLI call, so a hang fails here instead of stalling the suite.
     let cli = |args: &[&str]| {
         let started = Instant::now();
+        let command = cluster.command();
         let out = std::process::Command::new("timeout")
             .arg("30")
-            .arg(support::FLOTILLA)
-            .arg("--endpoint")
-            .arg(&cluster.endpoint)
+            .arg(command.get_program())
             .args(args)
-            .env_remove("FLOTILLA_ENDPOINT")
+            .envs(command.get_envs().filter_map(|(k, v)| Some((k, v?))))
             .output()
             .unwrap();
         (out, started.elapsed())
@@ -918,7 +949,7 @@ fn a_frozen_member_neither_hangs_the_cli_nor_stops_the_cluster() {
     );
     eprintln!("list-units answered in {took:?} with h1 frozen");
     assert!(took < Duration::from_secs(5), "list-units took {took:?}");
-    let (out, took) = cli(&["start", "plain@1", "plain@2"]);
+    let (out, took) = cli(&["start", "--no-block", "plain@1", "plain@2"]);
     assert!(out.status.success(), "start: {}", text(&out.stderr));
     eprintln!("start answered in {took:?} with h1 frozen");
     assert!(took < Duration::from_secs(5), "start took {took:?}");

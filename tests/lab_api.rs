@@ -273,8 +273,17 @@ fn fleetctl_sequences_run_on_real_systemd() {
         2
     );
 
-    // TCP on loopback inside the host: no token is configured, none needed.
+    // TCP (the lab's hosts listen on every address, with the lab's token).
     let tcp = curl(&cluster, "h1", "curl http://127.0.0.1:4003/fleet/v1/units");
+    assert_eq!(tcp.status, 401, "{tcp:?}");
+    let tcp = curl(
+        &cluster,
+        "h1",
+        &format!(
+            "curl -H 'Authorization: Bearer {}' http://127.0.0.1:4003/fleet/v1/units",
+            cluster.api_token
+        ),
+    );
     assert_eq!(tcp.status, 200, "{tcp:?}");
 
     // destroy: gone from the registry, from /state and from systemd; again: 404.

@@ -166,9 +166,10 @@ fn doctor(dir: &Path) {
     );
 }
 
+/// `flotilla --store-endpoint E ARGS...`: the store verbs (kv, member).
 fn flotilla(endpoint: &str, args: &[&str]) -> Output {
     Command::new(FLOTILLA)
-        .arg("--endpoint")
+        .arg("--store-endpoint")
         .arg(endpoint)
         .args(args)
         .output()
@@ -275,7 +276,7 @@ fn lab_verbs_on_one_lab() {
         assert!(alive(host["pid"].as_u64().unwrap()));
     }
     assert!(Path::new(lab.up["ssh_key"].as_str().unwrap()).exists());
-    let endpoint = lab.up["endpoint"].as_str().unwrap().to_string();
+    let endpoint = lab.up["store_endpoint"].as_str().unwrap().to_string();
     assert_eq!(
         endpoint.split(',').count(),
         3,
@@ -511,7 +512,10 @@ fn lab_two_labs_side_by_side() {
     assert_ne!(id_a, id_b, "two labs share interface names");
     // Each lab's cluster works from outside; neither lab reaches the other.
     for lab in [&a, &b] {
-        let out = flotilla(lab.up["endpoint"].as_str().unwrap(), &["member", "list"]);
+        let out = flotilla(
+            lab.up["store_endpoint"].as_str().unwrap(),
+            &["member", "list"],
+        );
         assert!(text(&out.stdout).contains("yes"), "{}", text(&out.stderr));
     }
     let probe = format!("</dev/tcp/{ip_b}/22");

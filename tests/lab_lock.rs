@@ -116,7 +116,13 @@ struct History {
 impl History {
     fn start(cluster: &Cluster, prefix: &str) -> History {
         let mut child = Command::new(FLOTILLA)
-            .args(["--endpoint", &cluster.endpoint, "kv", "watch", prefix])
+            .args([
+                "--store-endpoint",
+                &cluster.store_endpoint,
+                "kv",
+                "watch",
+                prefix,
+            ])
             .env_remove("FLOTILLA_ENDPOINT")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -386,7 +392,7 @@ fn three_hosts_reboot_one_at_a_time_and_the_service_never_goes_down() {
     let mut history = History::start(&cluster, "/flotilla/lock/");
     let monitor = Monitor::start(&cluster, "hello@");
     cluster.submit(&[("hello@.service", HELLO)]);
-    cluster.ok(&["start", "hello@1", "hello@2"]);
+    cluster.ok(&["start", "--no-block", "hello@1", "hello@2"]);
     wait_for(
         Duration::from_secs(20),
         "both hello instances active",
@@ -399,7 +405,11 @@ fn three_hosts_reboot_one_at_a_time_and_the_service_never_goes_down() {
     let worst = Arc::new(Mutex::new((0usize, String::new())));
     let sampler = {
         let (sampling, worst) = (sampling.clone(), worst.clone());
-        let (dir, endpoint) = (cluster.dir().to_path_buf(), cluster.endpoint.clone());
+        let (dir, endpoint, token) = (
+            cluster.dir().to_path_buf(),
+            cluster.endpoint.clone(),
+            cluster.api_token.clone(),
+        );
         let ids: Vec<String> = cluster.hosts.iter().map(|h| h.machine_id.clone()).collect();
         std::thread::spawn(move || {
             while sampling.load(Ordering::Relaxed) {
@@ -416,7 +426,8 @@ fn three_hosts_reboot_one_at_a_time_and_the_service_never_goes_down() {
                     })
                     .unwrap_or_default();
                 let listed = Command::new(FLOTILLA)
-                    .args(["--endpoint", &endpoint, "list-machines", "--json", "--full"])
+                    .args(["--endpoint", &endpoint, "--api-token", &token])
+                    .args(["list-machines", "--json", "--full"])
                     .output()
                     .unwrap();
                 if let Ok(rows) = serde_json::from_slice::<Value>(&listed.stdout) {
@@ -547,7 +558,12 @@ fn concurrent_acquires_and_a_killed_holder_with_and_without_stale_after() {
     let racers: Vec<Child> = (0..24)
         .map(|i| {
             Command::new(FLOTILLA)
-                .args(["--endpoint", &cluster.endpoint, "lock", "acquire"])
+                .args([
+                    "--store-endpoint",
+                    &cluster.store_endpoint,
+                    "lock",
+                    "acquire",
+                ])
                 .arg(format!("racer-{i}"))
                 .env_remove("FLOTILLA_ENDPOINT")
                 .stdout(Stdio::piped())
@@ -698,7 +714,7 @@ fn a_host_outside_its_window_waits_and_a_drain_with_nowhere_to_go_postpones() {
 
     // Three conflicting instances fill the three hosts: h2's has nowhere to go.
     cluster.submit(&[("hello@.service", HELLO)]);
-    cluster.ok(&["start", "hello@1", "hello@2", "hello@3"]);
+    cluster.ok(&["start", "--no-block", "hello@1", "hello@2", "hello@3"]);
     let (active, _) = wait_for(Duration::from_secs(20), "three hello instances", || {
         let active = cluster.active();
         (active.len() == 3).then_some(active)
@@ -737,7 +753,9 @@ fn a_host_outside_its_window_waits_and_a_drain_with_nowhere_to_go_postpones() {
         "the lock given back, h2 undrained",
         || {
             (holders(&lock_status(&cluster)).is_empty()
-                && !cluster.ok(&["list-machines"]).contains("yes"))
+                && !cluster
+                    .ok(&["list-machines", "--fields", "drained"])
+                    .contains("true"))
             .then_some(())
         },
     );

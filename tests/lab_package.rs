@@ -157,7 +157,7 @@ fn the_package_installs_joins_the_cluster_and_runs_a_unit() {
     );
 
     // Configure it as an agent of the lab's store and start it.
-    let h1 = cluster.endpoint.split(',').next().unwrap();
+    let h1 = cluster.store_endpoint.split(',').next().unwrap();
     sh(
         &cluster,
         HOST,
@@ -222,7 +222,7 @@ fn the_package_installs_joins_the_cluster_and_runs_a_unit() {
         "packaged.service",
         "[Service]\nExecStart=/bin/sleep infinity\n[X-Fleet]\nMachineMetadata=installed=deb\n",
     )]);
-    cluster.ok(&["start", "packaged.service", "--block"]);
+    cluster.ok(&["start", "packaged.service"]);
     assert_eq!(
         cluster.systemd_active(HOST, "packaged.service"),
         ["packaged.service"]

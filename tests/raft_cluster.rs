@@ -148,7 +148,7 @@ impl Cluster {
 /// Runs the flotilla CLI against `endpoints`.
 fn cli(endpoints: &[String], args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_flotilla"))
-        .args(["--endpoint", &endpoints.join(",")])
+        .args(["--store-endpoint", &endpoints.join(",")])
         .args(args)
         .output()
         .unwrap()

@@ -151,6 +151,11 @@ impl LabDir {
         self.path.join("ssh").join("id_ed25519")
     }
 
+    /// The known_hosts file listing every host's ssh host keys, by IP and name.
+    pub fn known_hosts(&self) -> PathBuf {
+        self.path.join("ssh").join("known_hosts")
+    }
+
     /// Every host's disk lives under here.
     pub fn hosts(&self) -> PathBuf {
         self.path.join("hosts")

@@ -139,6 +139,26 @@ pub fn prepare_host(dir: &LabDir, lab: &LabState, host: &HostState) -> Result<()
     Ok(())
 }
 
+/// The known_hosts lines of a prepared host: each of its host keys under its
+/// IP and its name, so `ssh` to either is checked (and a rebuilt lab, with new
+/// keys, is not refused by an old entry in the user's own known_hosts).
+pub fn known_hosts_lines(dir: &LabDir, host: &HostState) -> Result<String> {
+    let mut lines = String::new();
+    for kind in HOST_KEY_TYPES {
+        let path = dir
+            .upper(&host.name)
+            .join(format!("etc/ssh/ssh_host_{kind}_key.pub"));
+        let public = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let mut words = public.split_whitespace();
+        let (Some(algorithm), Some(key)) = (words.next(), words.next()) else {
+            anyhow::bail!("{} is not an ssh public key", path.display());
+        };
+        lines.push_str(&format!("{},{} {algorithm} {key}\n", host.ip, host.name));
+    }
+    Ok(lines)
+}
+
 /// /etc/hosts: every host by name, and the outer machine as `lab-outer`.
 fn hosts_file(lab: &LabState) -> String {
     let mut text =
@@ -294,6 +314,12 @@ impl Disk {
                 .context("the TTL is too large")?
                 .into(),
         );
+        // Every host serves the API to the outer machine, with the lab's token.
+        set(
+            "api_listen",
+            format!("0.0.0.0:{}", super::state::API_PORT).into(),
+        );
+        set("api_token", lab.api_token.clone().into());
         if !host.server {
             // An agent-only host: no Raft seat, the servers' store.
             set("endpoints", lab.endpoint().into());

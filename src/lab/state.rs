@@ -21,6 +21,9 @@ pub const CLIENT_PORT: u16 = 4001;
 /// The port Raft peers talk on.
 pub const PEER_PORT: u16 = 4002;
 
+/// The port every host's API listens on (with the lab's token).
+pub const API_PORT: u16 = 4003;
+
 /// Everything the lab knows about itself.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LabState {
@@ -41,6 +44,10 @@ pub struct LabState {
     pub supervisor_pid: Option<u32>,
     /// The pid of the process holding the switch network namespace.
     pub switch_pid: Option<u32>,
+    /// Every host's API token (`api_token`): the bearer token its API on
+    /// [`API_PORT`] wants.
+    #[serde(default)]
+    pub api_token: String,
     /// The hosts, h1..hN.
     pub hosts: Vec<HostState>,
 }
@@ -103,6 +110,7 @@ impl LabState {
             election_timeout_ms,
             supervisor_pid: None,
             switch_pid: None,
+            api_token: String::new(),
             hosts,
         }
     }
@@ -162,7 +170,17 @@ impl LabState {
         host_ip(self.subnet, 254)
     }
 
-    /// The servers' client addresses, comma-separated: a `flotilla --endpoint` value.
+    /// Every host's API, comma-separated: a `flotilla --endpoint` value.
+    pub fn api_endpoint(&self) -> String {
+        self.hosts
+            .iter()
+            .map(|h| format!("http://{}:{API_PORT}", h.ip))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The servers' store addresses, comma-separated: a `flotilla
+    /// --store-endpoint` value (and agent-only hosts' `endpoints`).
     pub fn endpoint(&self) -> String {
         self.hosts
             .iter()
@@ -198,8 +216,14 @@ pub fn host_ip(subnet: [u8; 3], i: usize) -> Ipv4Addr {
 /// What `lab up` prints: the stable interface tests and tools read.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct UpOutput {
-    /// `flotilla --endpoint` value reaching the servers from the outer machine.
+    /// `flotilla --endpoint` value: every host's API, from the outer machine.
     pub endpoint: String,
+    /// `flotilla --api-token` value for those endpoints.
+    pub api_token: String,
+    /// `flotilla --store-endpoint` value: the Raft servers' store.
+    pub store_endpoint: String,
+    /// A known_hosts file with every host's ssh host keys (by IP and name).
+    pub known_hosts: PathBuf,
     /// The hosts.
     pub hosts: Vec<UpHost>,
     /// Path of a private key that root on every host accepts.
@@ -230,8 +254,10 @@ pub struct Status {
     pub supervisor: bool,
     /// The lab's subnet.
     pub subnet: String,
-    /// The `flotilla --endpoint` value.
+    /// The `flotilla --endpoint` value (every host's API).
     pub endpoint: String,
+    /// The `flotilla --store-endpoint` value.
+    pub store_endpoint: String,
     /// The hosts.
     pub hosts: Vec<StatusHost>,
 }
@@ -289,7 +315,8 @@ impl Status {
             dir: lab.dir.clone(),
             supervisor,
             subnet: lab.subnet_cidr(),
-            endpoint: lab.endpoint(),
+            endpoint: lab.api_endpoint(),
+            store_endpoint: lab.endpoint(),
             hosts,
         })
     }
@@ -314,6 +341,10 @@ mod tests {
             "h1=10.99.7.1:4002,h2=10.99.7.2:4002,h3=10.99.7.3:4002"
         );
         assert_eq!(lab.gateway(), Ipv4Addr::new(10, 99, 7, 254));
+        assert_eq!(
+            lab.api_endpoint(),
+            "http://10.99.7.1:4003,http://10.99.7.2:4003,http://10.99.7.3:4003,http://10.99.7.4:4003"
+        );
         let json = serde_json::to_string(&lab).unwrap();
         let back: LabState = serde_json::from_str(&json).unwrap();
         assert_eq!(back.hosts[3].ip, lab.hosts[3].ip);

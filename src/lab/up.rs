@@ -62,6 +62,7 @@ pub fn run(args: &UpArgs) -> Result<ExitCode> {
     for host in &mut lab.hosts {
         host.machine_id = shell::random_hex()?;
     }
+    lab.api_token = shell::random_hex()?;
     // A new lab starts with new disks and logs (a smaller one would otherwise
     // inherit the old hN beyond its own).
     for old in [dir.hosts(), dir.logs()] {
@@ -81,6 +82,13 @@ pub fn run(args: &UpArgs) -> Result<ExitCode> {
         jobs.into_iter()
             .try_for_each(|job| job.join().expect("preparing a disk panicked"))
     })?;
+    let known_hosts: String = lab
+        .hosts
+        .iter()
+        .map(|host| disk::known_hosts_lines(&dir, host))
+        .collect::<Result<_>>()?;
+    std::fs::write(dir.known_hosts(), known_hosts)
+        .with_context(|| format!("cannot write {}", dir.known_hosts().display()))?;
     lab.save(&dir)?;
     let prepared = started.elapsed();
 
@@ -104,7 +112,10 @@ pub fn run(args: &UpArgs) -> Result<ExitCode> {
     };
 
     let output = UpOutput {
-        endpoint: lab.endpoint(),
+        endpoint: lab.api_endpoint(),
+        api_token: lab.api_token.clone(),
+        store_endpoint: lab.endpoint(),
+        known_hosts: dir.known_hosts(),
         hosts: lab
             .hosts
             .iter()
@@ -119,13 +130,15 @@ pub fn run(args: &UpArgs) -> Result<ExitCode> {
         dir: dir.path().to_path_buf(),
     };
     println!("{}", serde_json::to_string(&output)?);
+    let exe = std::env::current_exe().context("cannot find the flotilla binary")?;
     let first = &lab.hosts[0];
     super::say(&format!(
-        "{hosts} hosts ready in {:.1} s (disks {:.1} s), Raft servers: {}; try:\n  \
-         flotilla --endpoint {} member list\n  \
-         ssh -i {} root@{}\n  \
-         flotilla lab exec {} --dir {} -- systemctl status flotilla\n  \
-         flotilla lab down --dir {}",
+        "{hosts} hosts ready in {:.1} s (disks {:.1} s), Raft servers: {}. To use it from \
+         this shell (the flotilla binary is {}):\n\n{}\n\nthen try:\n  \
+         flotilla list-machines\n  \
+         flotilla ssh {} hostname\n  \
+         flotilla lab exec {} -- systemctl status flotilla\n  \
+         flotilla lab down",
         started.elapsed().as_secs_f64(),
         prepared.as_secs_f64(),
         lab.hosts
@@ -134,14 +147,36 @@ pub fn run(args: &UpArgs) -> Result<ExitCode> {
             .map(|h| h.name.as_str())
             .collect::<Vec<_>>()
             .join(" "),
-        lab.endpoint(),
-        dir.ssh_key().display(),
-        first.ip,
+        exe.display(),
+        env_lines(&lab, &dir, &exe),
         first.name,
-        dir.path().display(),
-        dir.path().display(),
+        first.name,
     ));
     Ok(ExitCode::SUCCESS)
+}
+
+/// The `export` lines that point flotilla at the lab: the API and its
+/// token, the store, the lab's directory, and ssh as root with the lab's
+/// key and known_hosts.
+fn env_lines(lab: &LabState, dir: &LabDir, exe: &std::path::Path) -> String {
+    let bin = exe
+        .parent()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    [
+        format!("export PATH=\"{bin}:$PATH\""),
+        format!("export FLOTILLA_ENDPOINT={}", lab.api_endpoint()),
+        format!("export FLOTILLA_API_TOKEN={}", lab.api_token),
+        format!("export FLOTILLA_STORE_ENDPOINT={}", lab.endpoint()),
+        format!("export FLOTILLA_LAB_DIR={}", dir.path().display()),
+        "export FLOTILLA_SSH_USERNAME=root".to_string(),
+        format!("export FLOTILLA_SSH_IDENTITY={}", dir.ssh_key().display()),
+        format!(
+            "export FLOTILLA_KNOWN_HOSTS_FILE={}",
+            dir.known_hosts().display()
+        ),
+    ]
+    .join("\n")
 }
 
 /// Starts the supervisor and waits until the cluster is ready; returns the state

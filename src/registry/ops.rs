@@ -391,7 +391,8 @@ pub struct UnitRow {
 }
 
 /// Every unit that is loaded or launched, one row per machine it is on (a
-/// global unit has several), and one row without machine while unplaced.
+/// global unit has several), and one row without machine while unplaced;
+/// and an unloaded unit on each machine still holding it.
 pub async fn unit_rows(client: &Client) -> Result<Vec<UnitRow>, RegistryError> {
     let units = unit_records(client).await?;
     let (per_machine, _) = client.range(keys::PER_MACHINE, true, false).await?;
@@ -422,10 +423,15 @@ pub async fn unit_rows(client: &Client) -> Result<Vec<UnitRow>, RegistryError> {
     }
     let mut rows = Vec::new();
     for record in units {
-        if record.desired == DesiredState::Inactive || record.name.kind() == UnitKind::Template {
+        if record.name.kind() == UnitKind::Template {
             continue;
         }
         let on = holders.remove(&record.name).unwrap_or_default();
+        // An inactive unit shows only while a machine still holds it: it is
+        // being unloaded there, and its state says how far that got.
+        if record.desired == DesiredState::Inactive && on.is_empty() {
+            continue;
+        }
         if on.is_empty() {
             rows.push(UnitRow {
                 name: record.name.clone(),

@@ -127,6 +127,17 @@ impl Requirements {
     }
 }
 
+/// The `[X-Fleet]` options of `file` whose key flotilla does not know, with
+/// their lines. They are only a warning to the cluster (newer files still
+/// load), but a typo among them silently drops a placement rule, so the CLI
+/// refuses them unless forced.
+pub fn unknown_keys(file: &UnitFile) -> Vec<(&str, Option<u32>)> {
+    file.section(SECTION)
+        .filter(|(option, _)| Key::lookup(&option.name).is_none())
+        .map(|(option, line)| (option.name.as_str(), line))
+        .collect()
+}
+
 /// True when `key` may name a machine metadata key: letters, digits, `-`, `_`, `.`.
 ///
 /// The same rule binds `MachineMetadata=` in unit files and `metadata` in the
@@ -211,13 +222,13 @@ fn collect_values(name: &UnitName, file: &UnitFile, problems: &mut Problems) -> 
     let mut values = Values::new();
     for (option, line) in file.section(SECTION) {
         let Some((key, modern)) = Key::lookup(&option.name) else {
+            let hint = match super::suggest::closest(&option.name, &KEYS) {
+                Some(known) => format!("did you mean {known}=?"),
+                None => format!("known keys: {}", KEYS.join(", ")),
+            };
             problems.warning(
                 line,
-                format!(
-                    "unknown [X-Fleet] key {:?} is ignored; known keys: {}",
-                    option.name,
-                    KEYS.join(", ")
-                ),
+                format!("unknown [X-Fleet] key {:?} is ignored; {hint}", option.name),
             );
             continue;
         };
@@ -841,7 +852,9 @@ mod tests {
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].severity, Severity::Warning);
         assert_eq!(problems[0].line, Some(4));
-        assert!(problems[0].message.contains("Conflict"));
+        assert!(problems[0].message.contains("did you mean Conflicts=?"));
+        let file = UnitFile::parse("[X-Fleet]\nMachinOf=a.service\nGlobal=true\n").unwrap();
+        assert_eq!(unknown_keys(&file), [("MachinOf", Some(2))]);
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! * [`placement`]: the scheduling decision as a pure function.
 //! * [`claim`]: which proposed units a machine may claim now, beside placement.
 //! * [`problem`]: diagnostics with line numbers, shared by all of the above.
+//! * [`suggest`]: the closest known word to a mistyped one ("did you mean ...?").
 
 pub mod claim;
 pub mod colocation;
@@ -26,6 +27,7 @@ pub mod hash;
 pub mod name;
 pub mod placement;
 pub mod problem;
+pub mod suggest;
 pub mod unit;
 
 pub use file::{UnitFile, UnitOption};

@@ -219,8 +219,12 @@ fn check(name: &str) -> Result<(), String> {
     };
     let (stem, suffix) = (&name[..dot], &name[dot + 1..]);
     if !UNIT_SUFFIXES.contains(&suffix) {
+        let meant = match super::suggest::closest(suffix, &UNIT_SUFFIXES) {
+            Some(known) => format!("{stem}.{known}"),
+            None => format!("{name}.service"),
+        };
         return Err(format!(
-            "unknown unit type '.{suffix}'; known types: {} (did you mean {name}.service?)",
+            "unknown unit type '.{suffix}'; known types: {} (did you mean {meant}?)",
             UNIT_SUFFIXES.join(", ")
         ));
     }
@@ -332,7 +336,13 @@ mod tests {
             "db.socket"
         );
         let err = UnitName::from_user("web.sevice").unwrap_err().to_string();
-        assert!(err.contains("did you mean web.sevice.service"), "{err}");
+        assert!(err.contains("did you mean web.service?"), "{err}");
+        let err = UnitName::from_user("myapp@3.serivce")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("did you mean myapp@3.service?"), "{err}");
+        let err = UnitName::from_user("web.conf").unwrap_err().to_string();
+        assert!(err.contains("did you mean web.conf.service?"), "{err}");
         let err = UnitName::from_user("../x").unwrap_err().to_string();
         assert!(err.contains("\"../x\""), "reports the typed name: {err}");
         assert!(UnitName::from_user("").is_err());

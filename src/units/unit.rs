@@ -43,6 +43,17 @@ impl Unit {
                  (was the right file given?)",
             );
         }
+        if name.suffix() == "service"
+            && !problems.has_errors()
+            && !file.is_empty()
+            && file.section("Service").next().is_none()
+        {
+            problems.warning(
+                None,
+                "the file has no [Service] section, so systemd has no command to run \
+                 (was [Service] misspelt?)",
+            );
+        }
         let (requirements, found) = Requirements::read(name, &file);
         problems.extend(found);
         let warnings = problems.into_result()?;
@@ -150,6 +161,20 @@ mod tests {
                 (Some(7), false), // unknown key warns
             ]
         );
+    }
+
+    #[test]
+    fn a_service_without_a_service_section_is_a_warning() {
+        let name = UnitName::parse("a.service").unwrap();
+        let unit = Unit::from_text(
+            &name,
+            "[Unit]\nDescription=x\n[Servce]\nExecStart=/bin/true\n",
+        )
+        .unwrap();
+        assert!(unit.warnings()[0].message.contains("no [Service] section"));
+        let socket = UnitName::parse("a.socket").unwrap();
+        let unit = Unit::from_text(&socket, "[Socket]\nListenStream=80\n").unwrap();
+        assert!(unit.warnings().is_empty());
     }
 
     #[test]

@@ -33,8 +33,16 @@ pub struct Row {
 /// A running lab with flotilla on every host.
 pub struct Cluster {
     dir: tempfile::TempDir,
-    /// `--endpoint` value.
+    /// `--endpoint` value: every host's API.
     pub endpoint: String,
+    /// `--api-token` value.
+    pub api_token: String,
+    /// `--store-endpoint` value: the Raft servers.
+    pub store_endpoint: String,
+    /// The lab's known_hosts file.
+    pub known_hosts: String,
+    /// The lab's ssh key (root on every host).
+    pub ssh_key: String,
     /// The hosts, in order.
     pub hosts: Vec<Host>,
     /// The presence TTL the lab was booted with.
@@ -91,8 +99,13 @@ impl Cluster {
                 machine_id: h["machine_id"].as_str().unwrap().to_string(),
             })
             .collect();
+        let field = |key: &str| up[key].as_str().unwrap().to_string();
         Cluster {
-            endpoint: up["endpoint"].as_str().unwrap().to_string(),
+            endpoint: field("endpoint"),
+            api_token: field("api_token"),
+            store_endpoint: field("store_endpoint"),
+            known_hosts: field("known_hosts"),
+            ssh_key: field("ssh_key"),
             dir,
             hosts,
             ttl: Duration::from_secs(ttl_secs),
@@ -104,15 +117,25 @@ impl Cluster {
         self.dir.path()
     }
 
-    /// Runs `flotilla --endpoint E ARGS...` from the outer machine.
+    /// `flotilla` set up for this lab from the outer machine: its API and
+    /// token, its store, and ssh as root with the lab's key and known_hosts.
+    pub fn command(&self) -> Command {
+        let mut command = Command::new(FLOTILLA);
+        command
+            .env("FLOTILLA_ENDPOINT", &self.endpoint)
+            .env("FLOTILLA_API_TOKEN", &self.api_token)
+            .env("FLOTILLA_STORE_ENDPOINT", &self.store_endpoint)
+            .env("FLOTILLA_SSH_USERNAME", "root")
+            .env("FLOTILLA_SSH_IDENTITY", &self.ssh_key)
+            .env("FLOTILLA_KNOWN_HOSTS_FILE", &self.known_hosts)
+            .env("XDG_CACHE_HOME", self.dir().join("cache"))
+            .env_remove("FLOTILLA_TUNNEL");
+        command
+    }
+
+    /// Runs `flotilla ARGS...` from the outer machine, set up for this lab.
     pub fn flotilla(&self, args: &[&str]) -> Output {
-        Command::new(FLOTILLA)
-            .arg("--endpoint")
-            .arg(&self.endpoint)
-            .args(args)
-            .env_remove("FLOTILLA_ENDPOINT")
-            .output()
-            .unwrap()
+        self.command().args(args).output().unwrap()
     }
 
     /// Runs a flotilla verb that must succeed; returns its stdout.

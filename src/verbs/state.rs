@@ -1,0 +1,232 @@
+//! The verbs that change units: submit, start, load, stop, unload, restart
+//! and destroy, with fleetctl's call sequences and output.
+//!
+//! They block by default until every unit is where it was asked to be
+//! (`--no-block` returns at once, `--block-attempts=N` gives up after N
+//! checks), and fail naming every unit that did not get there and why.
+//! Global units are set and announced (`Triggered global unit X start`), not
+//! waited for, as in fleetctl.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+
+use flotilla::cli::{BlockArgs, DestroyArgs, RestartArgs, StartArgs, StateArgs, SubmitArgs};
+use flotilla::client::ApiClient;
+use flotilla::client::wire::UnitJson;
+use flotilla::registry::records::DesiredState;
+use flotilla::units::UnitName;
+
+use super::create::{self, Created};
+use super::targets::{self, did_you_mean};
+use super::wait::{self, Goal, Machines};
+use super::{connect, outln};
+use flotilla::cli::ApiArgs;
+
+/// Block attempts: `None` for `--no-block`, else checks (0 = for ever).
+fn attempts(block: &BlockArgs) -> Option<u32> {
+    (!block.no_block).then_some(block.block_attempts)
+}
+
+/// `flotilla submit`
+pub async fn submit(args: SubmitArgs, outer: &ApiArgs) -> Result<ExitCode> {
+    let targets = targets::with_files(&args.units, args.force)?;
+    let client = connect::client(&connect::api_args(args.api, outer)?)?;
+    let mut units = create::unit_map(&client).await?;
+    let outcomes = create::create(&client, &targets, &mut units, args.replace, None).await?;
+    for (target, outcome) in targets.iter().zip(outcomes) {
+        match outcome {
+            Created::New => outln!("Unit {} inactive", target.name)?,
+            Created::Replaced => {
+                let desired = units[target.name.as_str()].desired();
+                outln!("Unit {} replaced ({desired})", target.name)?;
+            }
+            Created::Kept => {}
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `flotilla start` (`goal` launched) and `flotilla load` (loaded).
+pub async fn start_or_load(args: StartArgs, outer: &ApiArgs, goal: Goal) -> Result<ExitCode> {
+    let (verb, desired) = match goal {
+        Goal::Launched => ("start", DesiredState::Launched),
+        _ => ("load", DesiredState::Loaded),
+    };
+    let targets = targets::with_files(&args.units, args.force)?;
+    let block = attempts(&args.block);
+    let client = connect::client(&connect::api_args(args.api, outer)?)?;
+    let mut units = create::unit_map(&client).await?;
+    create::create(&client, &targets, &mut units, args.replace, Some(desired)).await?;
+    let names: Vec<UnitName> = targets.iter().map(|t| t.name.clone()).collect();
+    let waited = set_all(&client, &names, &units, desired, verb).await?;
+    finish(&client, waited, goal, block, verb).await
+}
+
+/// Sets `desired` on every unit that is not there yet; returns the units to
+/// wait for (globals are announced instead).
+async fn set_all(
+    client: &ApiClient,
+    names: &[UnitName],
+    units: &BTreeMap<String, UnitJson>,
+    desired: DesiredState,
+    verb: &str,
+) -> Result<Vec<UnitName>> {
+    let mut waited = Vec::new();
+    for name in names {
+        let unit = units.get(name.as_str());
+        if unit.is_none_or(|u| u.desired() != desired) {
+            client
+                .set_desired(name, desired)
+                .await
+                .with_context(|| format!("cannot {verb} {name}"))?;
+        }
+        if unit.is_some_and(UnitJson::is_global) {
+            outln!("Triggered global unit {name} {verb}")?;
+        } else {
+            waited.push(name.clone());
+        }
+    }
+    Ok(waited)
+}
+
+/// Waits (unless `--no-block`) and turns what did not arrive into the error.
+async fn finish(
+    client: &ApiClient,
+    names: Vec<UnitName>,
+    goal: Goal,
+    block: Option<u32>,
+    verb: &str,
+) -> Result<ExitCode> {
+    let Some(attempts) = block else {
+        for name in &names {
+            outln!("Triggered unit {name} {verb}")?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let stuck = wait::wait(client, &names, goal, attempts, &mut Machines::default()).await?;
+    if stuck.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    Err(wait::stuck_error(verb, names.len(), &stuck))
+}
+
+/// `flotilla stop`: launched units to loaded.
+pub async fn stop(args: StateArgs, outer: &ApiArgs) -> Result<ExitCode> {
+    let names = targets::names(&args.units)?;
+    let block = attempts(&args.block);
+    let client = connect::client(&connect::api_args(args.api, outer)?)?;
+    let units = create::unit_map(&client).await?;
+    let found = create::existing(&names, &units, "stop")?;
+    let idle: Vec<String> = found
+        .iter()
+        .filter(|(_, u)| u.desired() == DesiredState::Inactive && !u.is_global())
+        .map(|(n, _)| n.to_string())
+        .collect();
+    if !idle.is_empty() {
+        bail!(
+            "cannot stop {}: not loaded anywhere (desired state inactive); nothing was changed",
+            idle.join(", ")
+        );
+    }
+    let waited = set_all(&client, &names, &units, DesiredState::Loaded, "stop").await?;
+    finish(&client, waited, Goal::Loaded, block, "stop").await
+}
+
+/// `flotilla unload`: units to inactive (still submitted).
+pub async fn unload(args: StateArgs, outer: &ApiArgs) -> Result<ExitCode> {
+    let names = targets::names(&args.units)?;
+    let block = attempts(&args.block);
+    let client = connect::client(&connect::api_args(args.api, outer)?)?;
+    let units = create::unit_map(&client).await?;
+    create::existing(&names, &units, "unload")?;
+    let waited = set_all(&client, &names, &units, DesiredState::Inactive, "unload").await?;
+    finish(&client, waited, Goal::Inactive, block, "unload").await
+}
+
+/// `flotilla restart`: each unit stopped and started again, one after
+/// another, so a service of several instances keeps serving.
+pub async fn restart(args: RestartArgs, outer: &ApiArgs) -> Result<ExitCode> {
+    let targets = targets::with_files(&args.units, false)?;
+    let client = connect::client(&connect::api_args(args.api, outer)?)?;
+    let mut units = create::unit_map(&client).await?;
+    create::create(&client, &targets, &mut units, false, None).await?;
+    let mut machines = Machines::default();
+    let mut stuck = Vec::new();
+    for target in &targets {
+        let name = &target.name;
+        let unit = &units[name.as_str()];
+        let one = std::slice::from_ref(name);
+        if unit.is_global() {
+            client.set_desired(name, DesiredState::Loaded).await?;
+            client.set_desired(name, DesiredState::Launched).await?;
+            outln!("Triggered global unit {name} restart")?;
+            continue;
+        }
+        if unit.desired() == DesiredState::Inactive {
+            eprintln!("error: cannot restart {name}: it is not loaded anywhere (start it instead)");
+            stuck.push(name.to_string());
+            continue;
+        }
+        if unit.current() == DesiredState::Launched || unit.desired() == DesiredState::Launched {
+            client.set_desired(name, DesiredState::Loaded).await?;
+            let down = wait::wait(
+                &client,
+                one,
+                Goal::Loaded,
+                args.block_attempts,
+                &mut machines,
+            )
+            .await?;
+            if !down.is_empty() {
+                stuck.push(format!("{name} ({})", down[0].why));
+                continue;
+            }
+        }
+        client.set_desired(name, DesiredState::Launched).await?;
+        let up = wait::wait(
+            &client,
+            one,
+            Goal::Launched,
+            args.block_attempts,
+            &mut machines,
+        )
+        .await?;
+        if let Some(s) = up.first() {
+            stuck.push(format!("{name} ({})", s.why));
+        }
+    }
+    if stuck.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    bail!(
+        "{} of {} unit(s) did not restart: {}",
+        stuck.len(),
+        targets.len(),
+        stuck.join("; ")
+    )
+}
+
+/// `flotilla destroy`: a unit that does not exist is already destroyed.
+pub async fn destroy(args: DestroyArgs, outer: &ApiArgs) -> Result<ExitCode> {
+    let names = targets::names(&args.units)?;
+    let client = connect::client(&connect::api_args(args.api, outer)?)?;
+    let units = create::unit_map(&client).await?;
+    let all: Vec<UnitJson> = units.values().cloned().collect();
+    for name in &names {
+        if !units.contains_key(name.as_str()) {
+            eprintln!(
+                "warning: unit {name} does not exist; nothing to destroy{}",
+                did_you_mean(name, &all)
+            );
+            continue;
+        }
+        client
+            .destroy(name)
+            .await
+            .with_context(|| format!("cannot destroy {name}"))?;
+        outln!("Destroyed {name}")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

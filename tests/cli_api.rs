@@ -1,0 +1,399 @@
+//! The CLI against a real daemon's API, without systemd: one store-only
+//! member (no agent, so nothing is ever placed) serving its API on a unix
+//! socket and on TCP with a token. What needs real hosts is in the lab tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+mod support;
+
+use support::{free_port, text};
+
+/// A running store-only daemon and a directory for unit files.
+struct Daemon {
+    dir: tempfile::TempDir,
+    child: Child,
+    socket: PathBuf,
+    http: String,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let (client, peer, api) = (free_port(), free_port(), free_port());
+        let socket = dir.path().join("api.sock");
+        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(["daemon", "--name", "n1", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--client-listen", &format!("127.0.0.1:{client}")])
+            .args(["--peer-listen", &format!("127.0.0.1:{peer}")])
+            .args(["--initial-cluster", &format!("n1=127.0.0.1:{peer}")])
+            .args([
+                "--election-timeout-ms",
+                "300",
+                "--no-agent",
+                "--log",
+                "warn",
+            ])
+            .env_remove("FLOTILLA_CONFIG")
+            .env("FLOTILLA_API_SOCKET", &socket)
+            .env("FLOTILLA_API_LISTEN", format!("127.0.0.1:{api}"))
+            .env("FLOTILLA_API_TOKEN", TOKEN)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let daemon = Daemon {
+            dir,
+            child,
+            socket,
+            http: format!("http://127.0.0.1:{api}"),
+        };
+        let started = Instant::now();
+        loop {
+            if daemon.run(&["list-unit-files"]).status.success() {
+                return daemon;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the daemon did not serve its API: {}",
+                std::fs::read_to_string(daemon.dir.path().join("daemon.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `flotilla` pointed at the unix socket, with a private cache.
+    fn command(&self) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_flotilla"));
+        command
+            .env(
+                "FLOTILLA_ENDPOINT",
+                format!("unix://{}", self.socket.display()),
+            )
+            .env("XDG_CACHE_HOME", self.dir.path().join("cache"))
+            .env_remove("FLOTILLA_API_TOKEN")
+            .env_remove("FLOTILLA_TUNNEL")
+            .current_dir(self.dir.path());
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().unwrap()
+    }
+
+    /// Runs a verb that must succeed; returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "flotilla {args:?}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+
+    /// Runs a verb that must fail with exit 1; returns its stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "flotilla {args:?}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        let err = text(&out.stderr);
+        assert!(err.contains("error: "), "{args:?}: {err}");
+        err
+    }
+
+    fn write(&self, name: &str, body: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, body).unwrap();
+        path
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const APP: &str = "[Unit]\nDescription=my app\n[Service]\nExecStart=/bin/sleep infinity\n\
+                   [X-Fleet]\nConflicts=myapp@*.service\n";
+
+#[test]
+fn submit_list_cat_and_destroy_as_fleetctl_shows_them() {
+    let daemon = Daemon::start();
+    daemon.write("myapp@.service", APP);
+    daemon.write("zeta.service", "[Service]\nExecStart=/bin/true\n");
+    let out = daemon.ok(&["submit", "zeta", "myapp@.service", "myapp@1.service"]);
+    assert_eq!(
+        out,
+        "Unit zeta.service inactive\nUnit myapp@.service inactive\nUnit myapp@1.service inactive\n"
+    );
+    // Submitting again changes nothing and says nothing.
+    assert_eq!(daemon.ok(&["submit", "zeta.service"]), "");
+
+    let files = daemon.ok(&["list-unit-files"]);
+    let lines: Vec<&str> = files.lines().collect();
+    assert_eq!(
+        lines[0], "UNIT\t\tHASH\tDSTATE\t\tSTATE\t\tTARGET",
+        "{files}"
+    );
+    let units: Vec<&str> = lines[1..]
+        .iter()
+        .map(|l| l.split('\t').next().unwrap())
+        .collect();
+    assert_eq!(
+        units,
+        ["myapp@.service", "myapp@1.service", "zeta.service"],
+        "sorted"
+    );
+    let cells: Vec<&str> = lines[3].split('\t').filter(|c| !c.is_empty()).collect();
+    assert_eq!(cells[2..], ["inactive", "inactive", "-"], "{files}");
+    assert_eq!(cells[1].len(), 7, "a short hash: {files}");
+    let bare = daemon.ok(&[
+        "list-unit-files",
+        "--no-legend",
+        "--fields",
+        "unit,desc,global",
+        "-l",
+    ]);
+    assert_eq!(
+        bare.lines().next().unwrap(),
+        "myapp@.service\tmy app\tfalse"
+    );
+
+    // cat prints the stored body; the instance has its template's.
+    let cat = daemon.ok(&["cat", "myapp@1"]);
+    assert!(cat.starts_with("[Unit]\nDescription=my app\n"), "{cat}");
+    assert!(cat.contains("Conflicts=myapp@*.service"), "{cat}");
+
+    // Nothing runs without agents: list-units shows the wish, `-` for the rest.
+    daemon.ok(&["start", "--no-block", "myapp@2"]);
+    let units = daemon.ok(&["list-units"]);
+    assert_eq!(
+        units,
+        "UNIT\t\tMACHINE\tACTIVE\tSUB\nmyapp@2.service\t-\t-\t-\n"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&daemon.ok(&["list-units", "--json"])).unwrap();
+    assert_eq!(json[0]["desired"], "launched");
+    assert_eq!(daemon.ok(&["list-machines"]), "MACHINE\tIP\tMETADATA\n");
+
+    // destroy: a missing unit is a success with a word about it.
+    let out = daemon.run(&["destroy", "myapp@1", "nosuch", "myap@2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "Destroyed myapp@1.service\n");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("warning: unit nosuch.service does not exist"),
+        "{err}"
+    );
+    assert!(err.contains("did you mean myapp@2?"), "{err}");
+    assert!(!daemon.ok(&["list-unit-files"]).contains("myapp@1.service"));
+}
+
+#[test]
+fn unknown_units_get_distinct_errors_and_suggestions() {
+    let daemon = Daemon::start();
+    daemon.write("myapp@.service", APP);
+    daemon.ok(&["submit", "myapp@.service", "myapp@3"]);
+    let err = daemon.fails(&["start", "--no-block", "myap@3"]);
+    assert!(err.contains("did you mean myapp@3?"), "{err}");
+    assert!(err.contains("not in the cluster"), "{err}");
+    let err = daemon.fails(&["stop", "myapp@4", "myap@3"]);
+    assert!(
+        err.contains("cannot stop: no unit myapp@4.service"),
+        "{err}"
+    );
+    assert!(
+        err.contains("no unit myap@3.service (did you mean myapp@3?)"),
+        "{err}"
+    );
+    assert!(!err.contains("submit"), "{err}");
+    let err = daemon.fails(&["unload", "nosuch"]);
+    assert!(
+        err.contains("cannot unload: no unit nosuch.service"),
+        "{err}"
+    );
+    let err = daemon.fails(&["cat", "myap@3"]);
+    assert!(
+        err.contains("no unit myap@3.service in the cluster (did you mean myapp@3?)"),
+        "{err}"
+    );
+    // Nothing was changed by the refused calls.
+    let files = daemon.ok(&["list-unit-files", "--fields", "unit,dstate", "--no-legend"]);
+    assert_eq!(
+        files,
+        "myapp@.service\tinactive\nmyapp@3.service\tinactive\n"
+    );
+}
+
+#[test]
+fn files_warn_like_verify_and_differences_need_replace() {
+    let daemon = Daemon::start();
+    let typo = daemon.write(
+        "typo.service",
+        "[Service]\nExecStart=/bin/true\n[X-Fleet]\nConflict=x.service\n",
+    );
+    let err = daemon.fails(&["start", "--no-block", typo.to_str().unwrap()]);
+    assert!(err.contains("unknown [X-Fleet] keys (Conflict)"), "{err}");
+    assert!(err.contains("did you mean Conflicts=?"), "{err}");
+    assert!(
+        daemon.ok(&["list-unit-files", "--no-legend"]).is_empty(),
+        "refused: nothing stored"
+    );
+    let out = daemon.run(&["submit", "--force", typo.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("typo.service:4: warning"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let plain = daemon.write(
+        "plain.service",
+        "[Unit]\nDescription=x\n[Servce]\nExecStart=/bin/true\n",
+    );
+    let out = daemon.run(&["submit", plain.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert!(
+        text(&out.stderr).contains("no [Service] section"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A local file that differs from the cluster's unit is a warning, and
+    // the cluster's unit stays, unless --replace (depends on the API's fleet
+    // replace semantics for the new body to be stored).
+    daemon.write("plain.service", "[Service]\nExecStart=/bin/echo two\n");
+    let out = daemon.run(&["submit", "plain.service"]);
+    assert!(out.status.success());
+    assert!(
+        text(&out.stderr).contains("differs from the local file"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(daemon.ok(&["cat", "plain"]).contains("[Servce]"));
+    daemon.ok(&["submit", "--replace", "plain.service"]);
+    assert_eq!(
+        daemon.ok(&["cat", "plain"]),
+        "[Service]\nExecStart=/bin/echo two\n"
+    );
+}
+
+#[test]
+fn a_unit_that_cannot_be_placed_fails_after_its_attempts_naming_it() {
+    let daemon = Daemon::start();
+    daemon.write(
+        "lonely.service",
+        "[Service]\nExecStart=/bin/sleep infinity\n",
+    );
+    let started = Instant::now();
+    let err = daemon.fails(&["start", "--block-attempts", "3", "lonely.service"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        err.contains("1 of 1 unit(s) did not start: lonely.service"),
+        "{err}"
+    );
+    assert!(err.contains("within 3 checks"), "{err}");
+}
+
+#[test]
+fn http_needs_the_token_and_a_dead_endpoint_is_skipped_and_remembered() {
+    let daemon = Daemon::start();
+    let out = daemon
+        .command()
+        .args(["list-machines", "--endpoint", &daemon.http])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("Bearer"),
+        "{}",
+        text(&out.stderr)
+    );
+    let with_token = |endpoint: &str| {
+        daemon
+            .command()
+            .args([
+                "--endpoint",
+                endpoint,
+                "--api-token",
+                TOKEN,
+                "list-machines",
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = with_token(&daemon.http);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // A first endpoint that answers nothing at all: one that accepts
+    // connections and never replies, the worst kind.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let list = format!("http://{},{}", silent.local_addr().unwrap(), daemon.http);
+    let started = Instant::now();
+    let out = with_token(&list);
+    let first = started.elapsed();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(first < Duration::from_secs(5), "{first:?}");
+    let started = Instant::now();
+    let out = with_token(&list);
+    let second = started.elapsed();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        second < Duration::from_secs(1),
+        "the good endpoint is remembered: {second:?} after {first:?}"
+    );
+    let memory = std::fs::read_to_string(daemon.path().join("cache/flotilla/endpoints")).unwrap();
+    assert_eq!(memory, format!("{list}\t{}\n", daemon.http));
+}
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let daemon = Daemon::start();
+    let names: Vec<String> = (0..300).map(|i| format!("u{i}.service")).collect();
+    for name in &names {
+        daemon.write(name, "[Service]\nExecStart=/bin/true\n");
+    }
+    let mut args = vec!["submit"];
+    args.extend(names.iter().map(String::as_str));
+    daemon.ok(&args);
+    let mut shell = Command::new("bash");
+    shell
+        .arg("-c")
+        .arg("set -o pipefail; \"$0\" list-unit-files | head -1")
+        .arg(env!("CARGO_BIN_EXE_flotilla"));
+    for (key, value) in daemon.command().get_envs() {
+        match value {
+            Some(value) => shell.env(key, value),
+            None => shell.env_remove(key),
+        };
+    }
+    for _ in 0..4 {
+        let out = shell.output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let printed = text(&out.stdout);
+        assert!(printed.starts_with("UNIT\t"), "{printed}");
+        assert!(text(&out.stderr).is_empty(), "{}", text(&out.stderr));
+    }
+}
