@@ -67,6 +67,9 @@ pub async fn reboot(systemd: &Systemd) -> Result<&'static str, RebootError> {
         Ok(()) => return Ok("logind"),
         Err(e) => e,
     };
+    // Said before the call: once systemd starts shutting down, a line logged
+    // after it may never reach the journal.
+    tracing::info!("reboot coordinator: rebooting now (asking systemd)");
     match systemd
         .manager()
         .start_unit("reboot.target", "replace-irreversibly")
@@ -99,6 +102,7 @@ async fn logind_reboot() -> Result<(), String> {
     let login = LoginProxy::new(&connection)
         .await
         .map_err(|e| e.to_string())?;
+    tracing::info!("reboot coordinator: rebooting now (asking logind)");
     match login.reboot(false).await {
         Ok(()) => Ok(()),
         Err(zbus::Error::MethodError(name, _, _))
