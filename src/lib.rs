@@ -17,6 +17,7 @@
 //! * [`config`]: the daemon's configuration loader (file, environment, flags).
 //! * [`daemon`]: `flotilla daemon`, wiring the roles together.
 //! * [`health`]: `flotilla cluster health`: members, leader, lag, quorum, machines.
+//! * [`metrics`]: the daemon's counters, gauges and latency histograms, as `/metrics` serves them.
 //! * [`logging`]: log lines for journald or for people; the filter reloadable on SIGHUP.
 //! * [`api`]: the daemon's HTTP JSON API, fleet's `/fleet/v1` with fleet's semantics
 //!   and flotilla's `/flotilla/v1` (explain, drain, status, journal), on a unix socket and TCP.
@@ -38,6 +39,7 @@ pub mod health;
 pub mod lab;
 pub mod lock;
 pub mod logging;
+pub mod metrics;
 pub mod registry;
 pub mod scheduler;
 pub mod units;

@@ -189,9 +189,74 @@ fn conflicting_instances_spread_wait_and_take_over() {
     );
 }
 
+/// One scrape of `GET /metrics` on `host`'s unix socket: each series (name
+/// and labels) with its value.
+type Scrape = BTreeMap<String, f64>;
+
+fn scrape(cluster: &Cluster, host: &str) -> Scrape {
+    let out = cluster.exec(
+        host,
+        &[
+            "curl",
+            "-sS",
+            "--fail",
+            "--unix-socket",
+            "/run/flotilla/api.sock",
+            "http://x/metrics",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "scraping {host}: {}",
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The sum of `series` over several hosts' scrapes (absent counts 0).
+fn total(scrapes: &[Scrape], series: &str) -> f64 {
+    scrapes.iter().filter_map(|s| s.get(series)).sum()
+}
+
+fn scrape_all(cluster: &Cluster, hosts: &[String]) -> Vec<Scrape> {
+    hosts.iter().map(|h| scrape(cluster, h)).collect()
+}
+
+/// The metrics issue 15 names, as `/metrics` spells them (a prefix is
+/// enough: histograms have several series, some are labelled).
+const METRIC_NAMES: [&str; 18] = [
+    "flotilla_raft_term ",
+    "flotilla_raft_commit_index",
+    "flotilla_raft_applied_index",
+    "flotilla_raft_leader_changes_total",
+    "flotilla_raft_proposal_duration_seconds_bucket",
+    "flotilla_disk_fsync_duration_seconds_count",
+    "flotilla_store_size_bytes",
+    "flotilla_store_keys",
+    "flotilla_leases",
+    "flotilla_units{desired_state=\"launched\"}",
+    "flotilla_unit_states{active_state=",
+    "flotilla_units_claimed",
+    "flotilla_placements_total",
+    "flotilla_claim_conflicts_total",
+    "flotilla_lease_expiries_total",
+    "flotilla_systemd_call_duration_seconds_count{method=\"StartUnit\"}",
+    "flotilla_api_request_duration_seconds_count{method=\"GET\",route=",
+    "flotilla_machines",
+];
+
 #[test]
 fn killed_hosts_units_move_within_the_ttl() {
     let cluster = Cluster::up(3, 3);
+    let all: Vec<String> = cluster.hosts.iter().map(|h| h.name.clone()).collect();
+    let before = scrape_all(&cluster, &all);
     cluster.submit(&[("plain@.service", PLAIN)]);
     let names: Vec<String> = (1..=9).map(|i| format!("plain@{i}.service")).collect();
     let mut args = vec!["start", "--no-block"];
@@ -200,6 +265,45 @@ fn killed_hosts_units_move_within_the_ttl() {
     wait_for(Duration::from_secs(15), "9 active units", || {
         (cluster.active().len() == 9).then_some(())
     });
+
+    // Metrics: every name is there, and starting 9 units moved the counters.
+    let started = scrape_all(&cluster, &all);
+    for name in METRIC_NAMES {
+        for (host, scrape) in all.iter().zip(&started) {
+            assert!(
+                scrape
+                    .keys()
+                    .any(|series| format!("{series} ").starts_with(name)),
+                "{host}'s /metrics has no {name}: {scrape:?}"
+            );
+        }
+    }
+    let rise = |after: &[Scrape], before: &[Scrape], series: &str| {
+        total(after, series) - total(before, series)
+    };
+    assert!(rise(&started, &before, "flotilla_placements_total") >= 9.0);
+    let starts = "flotilla_systemd_call_duration_seconds_count{method=\"StartUnit\"}";
+    assert!(rise(&started, &before, starts) >= 9.0);
+    assert!(
+        rise(
+            &started,
+            &before,
+            "flotilla_raft_proposal_duration_seconds_count"
+        ) >= 9.0
+    );
+    assert!(rise(&started, &before, "flotilla_raft_applied_index") >= 9.0 * 3.0);
+    for scrape in &started {
+        assert_eq!(scrape["flotilla_units{desired_state=\"launched\"}"], 9.0);
+        assert_eq!(scrape["flotilla_unit_states{active_state=\"active\"}"], 9.0);
+        assert_eq!(scrape["flotilla_machines"], 3.0);
+        assert_eq!(scrape["flotilla_store_reachable"], 1.0);
+    }
+    eprintln!(
+        "metrics after 9 starts: placements +{}, StartUnit calls +{}, leases {}",
+        rise(&started, &before, "flotilla_placements_total"),
+        rise(&started, &before, starts),
+        started[0]["flotilla_leases"]
+    );
 
     // A follower host first, then the Raft leader's host.
     let leader = cluster.leader();
@@ -216,7 +320,7 @@ fn killed_hosts_units_move_within_the_ttl() {
         // last checkpointed remaining time plus one election timeout, so a
         // lease can outlive the kill by up to about a second more than the
         // TTL; then the usual path runs (as for the follower, about 1 s).
-        (leader, cluster.ttl + Duration::from_secs(3)),
+        (leader.clone(), cluster.ttl + Duration::from_secs(3)),
     ] {
         let moving: Vec<String> = cluster
             .active()
@@ -237,6 +341,29 @@ fn killed_hosts_units_move_within_the_ttl() {
         });
         // From the kill, not from the first poll.
         let took = killed.elapsed();
+        if victim != leader {
+            // Metrics: the survivors applied the expiry and re-placed the units.
+            let survivors: Vec<String> = all.iter().filter(|h| **h != victim).cloned().collect();
+            let was: Vec<Scrape> = all
+                .iter()
+                .zip(&started)
+                .filter(|(h, _)| **h != victim)
+                .map(|(_, s)| s.clone())
+                .collect();
+            let now = scrape_all(&cluster, &survivors);
+            for (host, (now, was)) in survivors.iter().zip(now.iter().zip(&was)) {
+                let expired =
+                    now["flotilla_lease_expiries_total"] - was["flotilla_lease_expiries_total"];
+                assert!(expired >= 1.0, "{host} applied no lease expiry");
+                assert_eq!(now["flotilla_machines"], 2.0, "{host}");
+            }
+            let placed = rise(&now, &was, "flotilla_placements_total");
+            assert!(
+                placed >= moving.len() as f64,
+                "{placed} placements for {} moved units",
+                moving.len()
+            );
+        }
         eprintln!(
             "{} units moved off killed {victim} in {took:?} (bound {bound:?})",
             moving.len()

@@ -162,6 +162,19 @@ pub struct Status {
     pub store_bytes: u64,
 }
 
+/// Where this member's log stands, for metrics ([`Core::progress`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// The current term.
+    pub term: u64,
+    /// The highest index known committed.
+    pub commit: u64,
+    /// The highest index applied.
+    pub applied: u64,
+    /// The leader's id, 0 when unknown.
+    pub leader: u64,
+}
+
 struct Pending {
     reply: Callback<Result<Outcome, RequestError>>,
     deadline: u64,
@@ -367,6 +380,17 @@ impl<D: Durable> Core<D> {
                 .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()),
             keys: self.kv.key_count() as u64,
             store_bytes: self.disk.size_bytes(),
+        }
+    }
+
+    /// Term, commit and applied index and leader: what the daemon publishes
+    /// as metrics after every pass, so cheap to read.
+    pub fn progress(&self) -> Progress {
+        Progress {
+            term: self.raw.raft.term,
+            commit: self.raw.raft.raft_log.committed,
+            applied: self.applied,
+            leader: self.leader,
         }
     }
 
@@ -875,6 +899,12 @@ impl<D: Durable> Core<D> {
                 EntryType::EntryNormal if entry.data.is_empty() => {}
                 EntryType::EntryNormal => {
                     let command: Command = codec::decode(&entry.data)?;
+                    if let Command::LeaseExpire { ids } = &command {
+                        let live = ids.iter().filter(|id| self.kv.lease(**id).is_some());
+                        crate::metrics::METRICS
+                            .lease_expiries
+                            .add(live.count() as u64);
+                    }
                     let (outcome, made) = self.kv.apply(&command);
                     if let Some(lessor) = &mut self.lessor {
                         lessor.applied(&command, &outcome, self.now_ms);
