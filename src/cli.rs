@@ -134,6 +134,9 @@ pub enum Command {
     /// Read and write the cluster's key-value store directly (for operators and debugging).
     #[command(subcommand)]
     Kv(KvCommand),
+    /// Back up the store to a file, or make a new cluster's data dir from one.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Boot and drive a lab of real-systemd hosts on this machine (root, Debian 12).
     #[command(subcommand)]
     Lab(crate::lab::LabCommand),
@@ -467,6 +470,30 @@ pub enum MemberCommand {
     },
 }
 
+/// `flotilla snapshot ...`
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Save a consistent backup of the store, read from a live member (over
+    /// --store-endpoint), to FILE.
+    Save {
+        /// Where to write it (replaced atomically).
+        file: PathBuf,
+    },
+    /// Make a new cluster's data dir from a backup. Run it on every founding
+    /// member with the same --initial-cluster, then start each with
+    /// `flotilla daemon --name NAME --data-dir DIR`.
+    Restore {
+        /// The backup file.
+        file: PathBuf,
+        /// The new member's data dir (its Raft store must not exist yet).
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// The new cluster's founding members, name=host:port,...
+        #[arg(long, value_name = "MEMBERS")]
+        initial_cluster: String,
+    },
+}
+
 /// `flotilla cluster ...`
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
@@ -587,6 +614,11 @@ pub struct DaemonArgs {
     /// On SIGTERM stop and unload this host's units and leave [config: leave_on_stop].
     #[arg(long)]
     pub leave_on_stop: bool,
+    /// Disaster recovery when a quorum is lost for good: start a one-member
+    /// cluster from this member's data dir, keeping every entry its log holds.
+    /// Use it once, on one survivor; then add members (flotilla member add).
+    #[arg(long)]
+    pub force_new_cluster: bool,
 }
 
 impl DaemonArgs {

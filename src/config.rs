@@ -725,8 +725,9 @@ fn check_token(token: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Parses `name=host:port,name=host:port`.
-fn parse_members(spec: &str) -> Result<Vec<Member>, String> {
+/// Parses `name=host:port,name=host:port` (`initial_cluster`; also
+/// `flotilla snapshot restore --initial-cluster`).
+pub fn parse_members(spec: &str) -> Result<Vec<Member>, String> {
     let mut members: Vec<Member> = Vec::new();
     for entry in spec.split(',').map(str::trim) {
         let (name, addr) = entry

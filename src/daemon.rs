@@ -29,7 +29,7 @@ use crate::consensus::kv::Command;
 use crate::consensus::node::{Core, NodeConfig, RequestError, member_id};
 use crate::consensus::runner::{self, Msg};
 use crate::consensus::storage::RedbDisk;
-use crate::consensus::{log, server, transport};
+use crate::consensus::{backup, log, server, transport};
 use crate::lock::{self, coordinator::CoordinatorConfig};
 use crate::scheduler;
 
@@ -38,23 +38,31 @@ pub type Reload<'a> = &'a (dyn Fn() -> std::result::Result<Loaded, crate::config
 
 /// Runs the daemon until SIGTERM or SIGINT; SIGHUP rereads the configuration
 /// and applies what can change at runtime (today: `metadata` and `log`).
-pub fn run(loaded: &Loaded, reload: Reload<'_>) -> Result<()> {
+/// `force_new_cluster` first turns this member's store into a one-member
+/// cluster ([`crate::consensus::backup::force_new_cluster`]).
+pub fn run(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(loaded, reload))
+    runtime.block_on(serve(loaded, reload, force_new_cluster))
 }
 
 /// How long an unclaimed proposal waits before the scheduler moves it.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn serve(loaded: &Loaded, reload: Reload<'_>) -> Result<()> {
+async fn serve(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> Result<()> {
     let config = &loaded.config;
     let (metadata_tx, metadata_rx) = tokio::sync::watch::channel(config.metadata.clone());
     let (stop_agent, stopped) = tokio::sync::watch::channel(false);
     let agent_only = !config.endpoint_list().is_empty();
+    if agent_only && force_new_cluster {
+        anyhow::bail!(
+            "--force-new-cluster needs a Raft member's data dir; this host is agent-only \
+             (endpoints is set)"
+        );
+    }
     let member = if agent_only {
         tracing::info!(
             "agent-only host: the store is at {}",
@@ -62,7 +70,7 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>) -> Result<()> {
         );
         None
     } else {
-        Some(start_member(loaded).await?)
+        Some(start_member(loaded, force_new_cluster).await?)
     };
     let endpoints = if agent_only {
         config.endpoint_list()
@@ -170,7 +178,10 @@ fn local_client_addr(listen: &str) -> String {
 }
 
 /// Starts this host's Raft member; returns its handle and thread.
-async fn start_member(loaded: &Loaded) -> Result<(runner::Handle, std::thread::JoinHandle<()>)> {
+async fn start_member(
+    loaded: &Loaded,
+    force_new_cluster: bool,
+) -> Result<(runner::Handle, std::thread::JoinHandle<()>)> {
     let config = &loaded.config;
     let id = member_id(&config.name);
     let founding: BTreeMap<u64, MemberInfo> = loaded
@@ -211,12 +222,33 @@ async fn start_member(loaded: &Loaded) -> Result<(runner::Handle, std::thread::J
         })?;
 
     let raft_dir = config.data_dir.join("raft");
-    let disk = RedbDisk::open(&raft_dir).with_context(|| {
+    let mut disk = RedbDisk::open(&raft_dir).with_context(|| {
         format!(
             "cannot open the Raft store in {}; is another flotilla daemon using this data_dir?",
             raft_dir.display()
         )
     })?;
+    if force_new_cluster {
+        let me = MemberInfo {
+            name: config.name.clone(),
+            peer_addr: config.peer_listen.clone(),
+        };
+        let forced = backup::force_new_cluster(&mut disk, id, me)
+            .context("cannot force a new cluster from this data dir")?;
+        tracing::warn!(
+            "forced a new one-member cluster from this data dir at log index {} (revision {}, \
+             {} log entries kept beyond the last snapshot); left behind: {}. Start without \
+             --force-new-cluster from now on, and add members with flotilla member add",
+            forced.index,
+            forced.revision,
+            forced.entries,
+            if forced.dropped.is_empty() {
+                "nobody".to_string()
+            } else {
+                forced.dropped.join(", ")
+            }
+        );
+    }
     let tick_ms = (config.election_timeout_ms / 10).max(5);
     let mut node_config = NodeConfig::new(id, tick_ms, config.election_timeout_ms);
     node_config.snapshot_entries = config.snapshot_entries;

@@ -64,6 +64,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             flotilla::logging::init("warn");
             client_runtime()?.block_on(run_kv(&cli.store_endpoint, command))
         }
+        Command::Snapshot(command) => {
+            flotilla::logging::init("warn");
+            client_runtime()?.block_on(verbs::snapshot::run(&cli.store_endpoint, command))
+        }
         Command::Lab(command) => flotilla::lab::run(command),
         Command::Lock(args) => {
             flotilla::logging::init("warn");
@@ -118,6 +122,7 @@ async fn run_api_verb(outer: &flotilla::cli::ApiArgs, command: Command) -> Resul
         | Command::Member(_)
         | Command::Cluster(_)
         | Command::Kv(_)
+        | Command::Snapshot(_)
         | Command::Lock(_)
         | Command::Lab(_)
         | Command::Completion { .. }
@@ -292,6 +297,6 @@ fn run_daemon(args: &DaemonArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let reload = || config::load(&source, &env, &overrides);
-    flotilla::daemon::run(&loaded, &reload)?;
+    flotilla::daemon::run(&loaded, &reload, args.force_new_cluster)?;
     Ok(ExitCode::SUCCESS)
 }

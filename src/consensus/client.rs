@@ -425,6 +425,15 @@ impl Client {
         }
     }
 
+    /// A backup file of the store, read at a linearizable point by the
+    /// member this client talks to ([`super::backup`]).
+    pub async fn snapshot(&self) -> Result<Vec<u8>, ClientError> {
+        match self.call(Request::Snapshot).await? {
+            Response::Snapshot(file) => Ok(file),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Adds a member as a learner (promoted to a voter once caught up); start
     /// it afterwards with `--initial-cluster-state existing`.
     pub async fn member_add(&self, name: &str, peer_addr: &str) -> Result<(), ClientError> {

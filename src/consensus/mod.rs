@@ -14,7 +14,10 @@
 //!   [`client`]: the client port.
 //! * [`member`]: what a valid member name and address are.
 //! * [`codec`]: versioned encodings on disk and on the wire.
+//! * [`backup`]: backup files, restoring one into a new cluster, and forcing
+//!   a new cluster from a survivor's disk.
 
+pub mod backup;
 pub mod client;
 pub mod codec;
 pub mod keys;

@@ -258,25 +258,7 @@ impl<D: Durable> Core<D> {
         let mut applied = 0;
         let mut disk = disk;
         if recovered.is_empty() && !bootstrap.is_empty() {
-            let cs = ConfState {
-                voters: bootstrap.keys().copied().collect(),
-                ..ConfState::default()
-            };
-            // The founding membership is the first snapshot, so a member that
-            // restarts before anything is written still knows its peers.
-            let mut snap = Snapshot::default();
-            snap.mut_metadata().set_conf_state(cs.clone());
-            snap.data = codec::encode(&SnapshotData {
-                kv: kv.clone(),
-                members: bootstrap.clone(),
-            })
-            .into();
-            let batch = Batch {
-                installed: Some(snap),
-                conf_state: Some(cs),
-                ..Batch::default()
-            };
-            disk.save(&batch)?;
+            disk.save(&founding_batch(&kv, bootstrap))?;
             recovered = disk.load()?;
         }
         if let Some(snap) = &recovered.snapshot {
@@ -1071,6 +1053,25 @@ impl<D: Durable> Core<D> {
         self.store
             .apply(&batch)
             .map_err(|e| DiskError::Corrupt(format!("compaction failed: {e}")))
+    }
+}
+
+/// What a brand-new cluster's disk first holds: the founding membership,
+/// with the state machine `kv` (empty, or restored from a backup), as the
+/// snapshot at index 0, so a member that restarts before anything is
+/// written still knows its peers.
+pub fn founding_batch(kv: &KvStore, members: &BTreeMap<u64, MemberInfo>) -> Batch {
+    let cs = ConfState {
+        voters: members.keys().copied().collect(),
+        ..ConfState::default()
+    };
+    let mut snap = Snapshot::default();
+    snap.mut_metadata().set_conf_state(cs.clone());
+    snap.data = codec::encode(&SnapshotRef { kv, members }).into();
+    Batch {
+        installed: Some(snap),
+        conf_state: Some(cs),
+        ..Batch::default()
     }
 }
 

@@ -68,6 +68,10 @@ pub enum Request {
         /// First revision wanted (the list's revision + 1).
         from: Revision,
     },
+    /// A backup file of the state machine, read at a linearizable point
+    /// ([`super::backup`]). After the older variants, so their encodings
+    /// do not change.
+    Snapshot,
 }
 
 /// Broad classes of failure, so a client can decide whether to retry.
@@ -108,6 +112,8 @@ pub enum Response {
         /// What happened and what to do.
         message: String,
     },
+    /// A backup file's bytes. Last, so older encodings do not change.
+    Snapshot(Vec<u8>),
 }
 
 impl From<RequestError> for Response {

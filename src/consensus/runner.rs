@@ -63,6 +63,12 @@ pub enum Msg {
         /// Where it goes.
         reply: oneshot::Sender<Status>,
     },
+    /// A backup file of the state machine, read at a linearizable point
+    /// ([`super::backup`]).
+    Backup {
+        /// Where the file's bytes go.
+        reply: oneshot::Sender<Result<Vec<u8>, RequestError>>,
+    },
     /// A message from a peer.
     Raft(Message),
     /// A peer could not be reached.
@@ -143,6 +149,11 @@ impl Handle {
         add: Option<MemberInfo>,
     ) -> Result<Outcome, RequestError> {
         self.ask(|reply| Msg::MemberChange { id, add, reply }).await
+    }
+
+    /// A backup file of the state machine, as of now (linearizable).
+    pub async fn backup(&self) -> Result<Vec<u8>, RequestError> {
+        self.ask(|reply| Msg::Backup { reply }).await
     }
 
     /// This member's view of the cluster.
@@ -317,6 +328,12 @@ fn handle<D: Durable>(core: &mut Core<D>, msg: Msg) -> bool {
         ),
         Msg::Status { reply } => {
             let _ = reply.send(core.status());
+        }
+        Msg::Backup { reply } => {
+            let members = core.members().clone();
+            core.read_index(Box::new(move |r| {
+                let _ = reply.send(r.map(|kv| super::backup::encode(kv, &members)));
+            }));
         }
         Msg::Raft(m) => core.step(m),
         Msg::Unreachable(id) => core.report_unreachable(id),

@@ -82,6 +82,7 @@ async fn answer(node: &Handle, request: Request) -> Response {
             .await
             .map(|(kvs, revision)| Response::Range { kvs, revision }),
         Request::Status => node.status().await.map(Response::Status),
+        Request::Snapshot => node.backup().await.map(Response::Snapshot),
         Request::MemberAdd { name, peer_addr } => {
             if let Err(message) = super::member::check(&name, &peer_addr) {
                 return Response::Error {
