@@ -498,8 +498,9 @@ pub enum SnapshotCommand {
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
     /// Members, leader, each member's lag, quorum, store size, machines whose
-    /// presence lease expired. Exit status 0 when healthy; 1 when a member does
-    /// not answer, no leader is known or quorum is lost (or nothing answers).
+    /// renewal is overdue or whose presence lease expired. Exit status 0 when
+    /// healthy; 1 when a member does not answer, no leader is known, quorum is
+    /// lost or a machine's renewal is overdue (or nothing answers).
     Health {
         /// Print the report as JSON (on stdout, healthy or not).
         #[arg(long)]

@@ -561,6 +561,43 @@ async fn cluster_health_sees_every_member_and_fails_when_members_die() {
     assert_eq!(report["machines"]["live"], serde_json::json!(["live0001"]));
     assert_eq!(report["machines"]["expired"][0]["machine"], "gone0001");
 
+    // The live machine misses renewals (its last one 9 s ago, TTL 10 s):
+    // unhealthy, naming it; renewed again, healthy again.
+    let renew = |ago_ms: u64| {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let renewal = records::Renewal {
+            at_ms: now_ms - ago_ms,
+            ttl_ms: 10_000,
+        };
+        let key = keys::renewal("live0001");
+        let client = &client;
+        async move {
+            let value = records::encode(&renewal);
+            client
+                .put_with_lease(&key, value, Some(lease))
+                .await
+                .unwrap();
+        }
+    };
+    renew(9_000).await;
+    let (code, report) = health(&endpoints);
+    assert_eq!(code, Some(1), "{report:#}");
+    assert_eq!(report["machines"]["overdue"][0]["machine"], "live0001");
+    let problems = report["problems"].to_string();
+    assert!(
+        problems.contains("machine live0001 last renewed its presence 9 s ago"),
+        "{problems}"
+    );
+    let shown = cli(&endpoints, &["cluster", "health"]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("(1 overdue: live0001)"), "{shown}");
+    renew(1_000).await;
+    let (code, report) = health(&endpoints);
+    assert_eq!(code, Some(0), "{report:#}");
+
     // A follower dies: quorum holds, but the cluster is unhealthy, naming it.
     let follower = (leader + 1) % 3;
     cluster.kill9(follower);
