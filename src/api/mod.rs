@@ -19,6 +19,7 @@
 //! | `GET /flotilla/v1/units/NAME/journal?lines=&follow=&output=` | `journalctl` of the unit on its host (text, streamed with `follow=true`) |
 //! | `GET /health` | `ok` |
 //! | `GET /metrics` | Prometheus text format ([`crate::metrics`]) |
+//! | `GET /ui` | the status page: members, machines, units, reboot locks (HTML, reloads itself) |
 //!
 //! Errors are fleet's `{"error":{"code":N,"message":"..."}}`, with a `"hint"`
 //! where flotilla knows the next step ([`error`]). Unknown query parameters
@@ -38,6 +39,7 @@
 //! * [`discovery`]: fleet's discovery document.
 //! * [`explain`]: why a unit runs where it does, machine by machine.
 //! * [`status`]: `systemctl status` and `journalctl` of units on this host.
+//! * [`page`]: `GET /ui`, the read-only status page.
 //! * [`scrape`]: `GET /metrics` and the timing of every request by route.
 //! * [`socket`]: binding the root-only unix socket.
 
@@ -45,6 +47,7 @@ pub mod discovery;
 pub mod error;
 pub mod explain;
 pub mod machines;
+pub mod page;
 pub mod paging;
 pub mod scrape;
 pub mod socket;
@@ -164,6 +167,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(scrape::metrics).fallback(only("GET")))
+        .route("/ui", get(page::page).fallback(only("GET")))
         .route("/fleet/v1/units", get(units::list).fallback(only("GET")))
         .route(
             // A catch-all, so a name with '/' in it reaches the name check (400)
@@ -489,6 +493,8 @@ mod tests {
         let metrics = |headers: &str| request("GET", "/metrics", headers, b"");
         let (status, _) = call(&path, metrics("")).await;
         assert_eq!(status, 401, "/metrics wants the token too");
+        let (status, _) = call(&path, request("GET", "/ui", "", b"")).await;
+        assert_eq!(status, 401, "the status page wants the token too");
         let (status, body) = call(&path, metrics(&good)).await;
         assert_eq!(status, 200);
         assert!(body.contains("flotilla_store_reachable 0"), "{body}");
