@@ -1093,3 +1093,172 @@ fn a_frozen_member_neither_hangs_the_cli_nor_stops_the_cluster() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+/// Runs a shell snippet on `host` that must succeed; returns its stdout.
+fn sh(cluster: &Cluster, host: &str, script: &str) -> String {
+    let out = cluster.exec(host, &["sh", "-c", script]);
+    assert!(
+        out.status.success(),
+        "{host}: {script}: {}",
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// One `key = value` line of `host`'s daemon configuration, as written.
+fn config_line(cluster: &Cluster, host: &str, key: &str) -> String {
+    sh(cluster, host, "cat /etc/flotilla/flotilla.toml")
+        .lines()
+        .find(|l| l.starts_with(&format!("{key} =")))
+        .unwrap_or_else(|| panic!("{host}'s config has no {key}"))
+        .to_string()
+}
+
+#[test]
+fn a_survivor_forced_into_a_new_cluster_keeps_every_unit_running_and_takes_new_members() {
+    // h1-h3 hold the Raft seats; h4 and h5 run only the agent.
+    let cluster = Cluster::up_with(5, 3, 3);
+    cluster.submit(&[("plain@.service", PLAIN)]);
+    let names: Vec<String> = (1..=10).map(|i| format!("plain@{i}.service")).collect();
+    let mut args = vec!["start", "--no-block"];
+    args.extend(names.iter().map(String::as_str));
+    cluster.ok(&args);
+    wait_for(Duration::from_secs(20), "10 active units", || {
+        (cluster.active().len() == 10).then_some(())
+    });
+    let survivors = ["h3", "h4", "h5"];
+    let running: BTreeMap<&str, Vec<(String, String)>> = survivors
+        .iter()
+        .map(|h| {
+            let units = cluster.systemd_active(h, "plain@*");
+            (
+                *h,
+                units
+                    .iter()
+                    .map(|u| (u.clone(), cluster.entered(h, u)))
+                    .collect(),
+            )
+        })
+        .collect();
+
+    // Two of the three members die for good: no quorum, ever again.
+    cluster.lab(&["kill", "h1"]);
+    cluster.lab(&["kill", "h2"]);
+    std::thread::sleep(cluster.ttl);
+
+    // h3's daemon restarts once with --force-new-cluster (a drop-in, as an
+    // operator would do it), then the drop-in goes for later restarts.
+    let forced = Instant::now();
+    sh(
+        &cluster,
+        "h3",
+        "mkdir -p /run/systemd/system/flotilla.service.d && \
+         printf '[Service]\\nExecStart=\\nExecStart=/usr/bin/flotilla daemon \
+         --config /etc/flotilla/flotilla.toml --force-new-cluster\\n' \
+         > /run/systemd/system/flotilla.service.d/recover.conf && \
+         systemctl daemon-reload && systemctl restart flotilla && \
+         rm /run/systemd/system/flotilla.service.d/recover.conf && systemctl daemon-reload",
+    );
+    let members = cluster.ok(&["member", "list"]);
+    assert_eq!(members.lines().count(), 2, "h3 alone: {members}");
+    assert!(
+        members.contains("h3") && members.contains("yes"),
+        "{members}"
+    );
+    // The dead hosts' units come back on the survivors; each runs once.
+    wait_for(
+        Duration::from_secs(30),
+        "10 active units after the recovery",
+        || {
+            let active = cluster.active();
+            (active.len() == 10
+                && active.values().all(|h| {
+                    h.len() == 1 && !h.contains(&"h1".to_string()) && !h.contains(&"h2".to_string())
+                }))
+            .then_some(())
+        },
+    );
+    eprintln!(
+        "10 units active again {:?} after the forced restart",
+        forced.elapsed()
+    );
+
+    // Two new members: h4 and h5 become Raft members (added, then restarted
+    // as members joining an existing cluster).
+    let h3_peer = config_line(&cluster, "h3", "peer_listen");
+    let h3_peer = h3_peer.split('"').nth(1).unwrap().to_string();
+    let mut initial = format!("h3={h3_peer}");
+    // The members' client addresses: they listen on 0.0.0.0 and publish none.
+    let mut stores = vec![h3_peer.replace(":4002", ":4001")];
+    for host in ["h4", "h5"] {
+        let ip = sh(&cluster, host, "hostname -I");
+        let ip = ip.split_whitespace().next().unwrap().to_string();
+        let peer = format!("{ip}:4002");
+        // One membership change at a time: the last newcomer's promotion may
+        // still be on its way.
+        wait_for(Duration::from_secs(20), "member add to be taken", || {
+            let out = cluster.flotilla(&["member", "add", host, &peer]);
+            out.status.success().then_some(())
+        });
+        initial.push_str(&format!(",{host}={peer}"));
+        let mut config: Vec<String> = sh(&cluster, host, "cat /etc/flotilla/flotilla.toml")
+            .lines()
+            .filter(|l| !l.starts_with("endpoints ="))
+            .map(str::to_string)
+            .collect();
+        config.push("client_listen = \"0.0.0.0:4001\"".into());
+        config.push(format!("peer_listen = \"{peer}\""));
+        config.push(format!("initial_cluster = \"{initial}\""));
+        config.push("initial_cluster_state = \"existing\"".into());
+        config.push(config_line(&cluster, "h3", "election_timeout_ms"));
+        let out = cluster.exec(
+            host,
+            &[
+                "sh",
+                "-c",
+                "printf '%s\\n' \"$0\" > /etc/flotilla/flotilla.toml && systemctl restart flotilla",
+                &config.join("\n"),
+            ],
+        );
+        assert!(out.status.success(), "{host}: {}", text(&out.stderr));
+        stores.push(format!("{ip}:4001"));
+    }
+    let members = cluster.ok(&["member", "list"]);
+    assert_eq!(members.lines().count(), 4, "h3, h4, h5: {members}");
+    // Healthy: all three answer and follow the leader.
+    let stores = stores.join(",");
+    let (report, _) = wait_for(
+        Duration::from_secs(30),
+        "a healthy 3-member cluster",
+        || {
+            let out =
+                cluster.flotilla(&["--store-endpoint", &stores, "cluster", "health", "--json"]);
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            (out.status.success() && report["quorum"]["following"] == 3).then_some(report)
+        },
+    );
+    eprintln!("after adding h4 and h5: {}", report["members"]);
+    cluster.ok(&["kv", "put", "/after-recovery", "ok"]);
+
+    // Throughout, nothing that ran on a survivor stopped or restarted.
+    for (host, units) in &running {
+        let now = cluster.systemd_active(host, "plain@*");
+        for (unit, entered) in units {
+            assert!(now.contains(unit), "{unit} still runs on {host}: {now:?}");
+            assert_eq!(
+                &cluster.entered(host, unit),
+                entered,
+                "{unit} on {host} was not restarted"
+            );
+        }
+    }
+    let mut copies: BTreeMap<String, usize> = BTreeMap::new();
+    for unit in systemd_view(&cluster, "plain@*").into_values().flatten() {
+        *copies.entry(unit).or_default() += 1;
+    }
+    assert_eq!(copies.len(), 10, "every unit runs: {copies:?}");
+    assert!(
+        copies.values().all(|n| *n == 1),
+        "each runs once: {copies:?}"
+    );
+}
