@@ -1262,3 +1262,110 @@ fn a_survivor_forced_into_a_new_cluster_keeps_every_unit_running_and_takes_new_m
         "each runs once: {copies:?}"
     );
 }
+
+/// Each unit file's name, desired state and hash, as `list-unit-files` shows them.
+fn unit_files(cluster: &Cluster) -> BTreeMap<String, (String, String)> {
+    let out = cluster.ok(&["list-unit-files", "--json"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    rows.iter()
+        .map(|r| {
+            let field = |k: &str| r[k].as_str().unwrap_or_default().to_string();
+            (field("unit"), (field("desired"), field("hash")))
+        })
+        .collect()
+}
+
+#[test]
+fn a_backup_restored_into_fresh_stores_gives_back_every_unit_and_agents_converge() {
+    let cluster = Cluster::up(3, 5);
+    cluster.submit(&[("plain@.service", PLAIN)]);
+    cluster.ok(&["start", "plain@1", "plain@2", "plain@3", "plain@4"]);
+    cluster.ok(&["load", "plain@5"]);
+    cluster.ok(&["submit", "plain@6"]);
+    let files = unit_files(&cluster);
+    assert_eq!(files.len(), 7, "the template and 6 instances: {files:?}");
+    // Where every host sees it (the hosts' /tmp is their own).
+    let kept = tempfile::Builder::new()
+        .prefix("flotilla-backup-test")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let file = kept.path().join("store.snap");
+    let file = file.to_str().unwrap();
+    let saved = cluster.ok(&["snapshot", "save", file]);
+    eprintln!("{}", saved.trim());
+
+    // Every member loses its store; the units keep running meanwhile.
+    let hosts = ["h1", "h2", "h3"];
+    for host in hosts {
+        sh(
+            &cluster,
+            host,
+            "systemctl stop flotilla && rm -r /var/lib/flotilla/raft",
+        );
+    }
+    for host in hosts {
+        let initial = config_line(&cluster, host, "initial_cluster");
+        let initial = initial.split('"').nth(1).unwrap().to_string();
+        sh(
+            &cluster,
+            host,
+            &format!(
+                "flotilla snapshot restore {file} --data-dir /var/lib/flotilla \
+                 --initial-cluster {initial}"
+            ),
+        );
+    }
+    let restored = Instant::now();
+    for host in hosts {
+        sh(&cluster, host, "systemctl start flotilla");
+    }
+    assert_eq!(
+        unit_files(&cluster),
+        files,
+        "every unit, desired state and body"
+    );
+    // The agents converge: the 4 launched units active, each on one host;
+    // plain@5 loaded (placed, not running); plain@6 nowhere.
+    wait_for(Duration::from_secs(30), "the launched units active", || {
+        let active = cluster.active();
+        (active.len() == 4 && active.values().all(|h| h.len() == 1)).then_some(())
+    });
+    eprintln!(
+        "4 units active {:?} after the restored members started",
+        restored.elapsed()
+    );
+    let mut copies: BTreeMap<String, usize> = BTreeMap::new();
+    for unit in systemd_view(&cluster, "plain@*").into_values().flatten() {
+        *copies.entry(unit).or_default() += 1;
+    }
+    let expected: BTreeMap<String, usize> =
+        (1..=4).map(|i| (format!("plain@{i}.service"), 1)).collect();
+    assert_eq!(copies, expected, "systemd runs each launched unit once");
+    let rows = cluster.rows();
+    let loaded: Vec<&support::cluster::Row> = rows
+        .iter()
+        .filter(|r| r.unit == "plain@5.service")
+        .collect();
+    assert_eq!(loaded.len(), 1, "{rows:?}");
+    assert!(loaded[0].machine.is_some(), "plain@5 is placed: {rows:?}");
+    assert!(
+        !rows.iter().any(|r| r.unit == "plain@6.service"),
+        "plain@6 stays inactive: {rows:?}"
+    );
+    // The states above could be the backup's own; these are the agents'
+    // work on the restored cluster: past two TTLs every machine is still
+    // present (it renews its lease), and changes reach systemd.
+    std::thread::sleep(cluster.ttl * 2);
+    assert_eq!(cluster.machines().len(), 3, "every agent renews");
+    cluster.ok(&["stop", "plain@1"]);
+    cluster.ok(&["start", "plain@6"]);
+    let running: BTreeSet<String> = systemd_view(&cluster, "plain@*")
+        .into_values()
+        .flatten()
+        .collect();
+    let expected: BTreeSet<String> = [2, 3, 4, 6]
+        .iter()
+        .map(|i| format!("plain@{i}.service"))
+        .collect();
+    assert_eq!(running, expected, "systemd follows the restored cluster");
+}
