@@ -137,6 +137,23 @@ impl Histogram {
     }
 }
 
+/// A histogram family as the exposition writes it: every label set's series.
+trait Series {
+    fn write_series(&self, out: &mut String, name: &str);
+}
+
+impl Series for Histogram {
+    fn write_series(&self, out: &mut String, name: &str) {
+        self.write(out, name, "");
+    }
+}
+
+impl Series for Family {
+    fn write_series(&self, out: &mut String, name: &str) {
+        self.write(out, name);
+    }
+}
+
 /// Histograms by label set (API route, systemd method), created on first use.
 #[derive(Debug, Default)]
 pub struct Family {
@@ -337,38 +354,32 @@ pub fn render(cluster: Option<&Cluster>) -> String {
         header(&mut out, name, help, "counter");
         let _ = writeln!(out, "{name} {}", counter.get());
     }
-    let name = "flotilla_raft_proposal_duration_seconds";
-    header(
-        &mut out,
-        name,
-        "From a proposal reaching the Raft thread to its outcome.",
-        "histogram",
-    );
-    m.raft_proposal_seconds.write(&mut out, name, "");
-    let name = "flotilla_disk_fsync_duration_seconds";
-    header(
-        &mut out,
-        name,
-        "One durable write of the Raft log (commit and fsync).",
-        "histogram",
-    );
-    m.disk_fsync_seconds.write(&mut out, name, "");
-    let name = "flotilla_systemd_call_duration_seconds";
-    header(
-        &mut out,
-        name,
-        "systemd D-Bus calls of this host's agent, by method.",
-        "histogram",
-    );
-    m.systemd_call_seconds.write(&mut out, name);
-    let name = "flotilla_api_request_duration_seconds";
-    header(
-        &mut out,
-        name,
-        "API requests served by this host, by method and route.",
-        "histogram",
-    );
-    m.api_request_seconds.write(&mut out, name);
+    let histograms: [(&str, &str, &dyn Series); 4] = [
+        (
+            "flotilla_raft_proposal_duration_seconds",
+            "From a proposal reaching the Raft thread to its outcome.",
+            &m.raft_proposal_seconds,
+        ),
+        (
+            "flotilla_disk_fsync_duration_seconds",
+            "One durable write of the Raft log (commit and fsync).",
+            &m.disk_fsync_seconds,
+        ),
+        (
+            "flotilla_systemd_call_duration_seconds",
+            "systemd D-Bus calls of this host's agent, by method.",
+            &m.systemd_call_seconds,
+        ),
+        (
+            "flotilla_api_request_duration_seconds",
+            "API requests served by this host, by method and route.",
+            &m.api_request_seconds,
+        ),
+    ];
+    for (name, help, histogram) in histograms {
+        header(&mut out, name, help, "histogram");
+        histogram.write_series(&mut out, name);
+    }
     if let Some(cluster) = cluster {
         write_cluster(&mut out, cluster);
     }

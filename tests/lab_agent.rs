@@ -58,6 +58,15 @@ fn assert_none_failed(cluster: &Cluster, pattern: &str) {
     }
 }
 
+/// How many hosts' systemd runs each unit matching `pattern`.
+fn copies(cluster: &Cluster, pattern: &str) -> BTreeMap<String, usize> {
+    let mut copies: BTreeMap<String, usize> = BTreeMap::new();
+    for unit in systemd_view(cluster, pattern).into_values().flatten() {
+        *copies.entry(unit).or_default() += 1;
+    }
+    copies
+}
+
 /// Active units matching `pattern`, by host, from systemd itself.
 fn systemd_view(cluster: &Cluster, pattern: &str) -> BTreeMap<String, Vec<String>> {
     cluster
@@ -913,10 +922,7 @@ fn losing_quorum_stops_nothing_and_recovery_restarts_nothing() {
     for unit in &mine {
         assert_eq!(active[unit], [survivor], "{unit} stayed on {survivor}");
     }
-    let mut copies: BTreeMap<String, usize> = BTreeMap::new();
-    for unit in systemd_view(&cluster, "plain@*").into_values().flatten() {
-        *copies.entry(unit).or_default() += 1;
-    }
+    let copies = copies(&cluster, "plain@*");
     assert_eq!(copies.len(), 6, "every unit runs: {copies:?}");
     assert!(
         copies.values().all(|n| *n == 1),
@@ -1252,10 +1258,7 @@ fn a_survivor_forced_into_a_new_cluster_keeps_every_unit_running_and_takes_new_m
             );
         }
     }
-    let mut copies: BTreeMap<String, usize> = BTreeMap::new();
-    for unit in systemd_view(&cluster, "plain@*").into_values().flatten() {
-        *copies.entry(unit).or_default() += 1;
-    }
+    let copies = copies(&cluster, "plain@*");
     assert_eq!(copies.len(), 10, "every unit runs: {copies:?}");
     assert!(
         copies.values().all(|n| *n == 1),
@@ -1334,10 +1337,7 @@ fn a_backup_restored_into_fresh_stores_gives_back_every_unit_and_agents_converge
         "4 units active {:?} after the restored members started",
         restored.elapsed()
     );
-    let mut copies: BTreeMap<String, usize> = BTreeMap::new();
-    for unit in systemd_view(&cluster, "plain@*").into_values().flatten() {
-        *copies.entry(unit).or_default() += 1;
-    }
+    let copies = copies(&cluster, "plain@*");
     let expected: BTreeMap<String, usize> =
         (1..=4).map(|i| (format!("plain@{i}.service"), 1)).collect();
     assert_eq!(copies, expected, "systemd runs each launched unit once");

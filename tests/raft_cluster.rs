@@ -350,6 +350,17 @@ async fn connect_when_up(endpoint: &str) -> Client {
     }
 }
 
+/// Writes `/k/0` .. `/k/{n-1}`, each acknowledged; returns their keys.
+async fn put_keys(client: &Client, n: usize) -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    for i in 0..n {
+        let key = format!("/k/{i}");
+        client.put(&key, b"v".to_vec()).await.unwrap();
+        keys.insert(key);
+    }
+    keys
+}
+
 /// Waits until `client`'s member serves every key in `keys` from its own state.
 async fn caught_up(client: &Client, keys: &BTreeSet<String>, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -371,12 +382,7 @@ async fn members_are_added_from_a_snapshot_and_removed_at_runtime() {
     cluster.leader(None).await;
     let client = Client::connect(&cluster.endpoints()).await.unwrap();
     // More writes than --snapshot-entries, so the log is compacted.
-    let mut keys = BTreeSet::new();
-    for i in 0..120 {
-        let key = format!("/k/{i}");
-        client.put(&key, b"v".to_vec()).await.unwrap();
-        keys.insert(key);
-    }
+    let keys = put_keys(&client, 120).await;
     let added = cluster.add_member().await;
     let newcomer = connect_when_up(&cluster.members[added].client).await;
     caught_up(&newcomer, &keys, "the added member").await;
@@ -867,12 +873,7 @@ async fn force_new_cluster_recovers_a_survivor_of_a_lost_quorum() {
     let mut cluster = Cluster::start(3);
     let leader = cluster.leader(None).await;
     let client = Client::connect(&cluster.endpoints()).await.unwrap();
-    let mut acked = BTreeSet::new();
-    for i in 0..120 {
-        let key = format!("/k/{i}");
-        client.put(&key, b"v".to_vec()).await.unwrap();
-        acked.insert(key);
-    }
+    let mut acked = put_keys(&client, 120).await;
     drop(client);
     // The leader and another member die for good; a follower survives (its
     // own record of what was committed may lag the leader's).
