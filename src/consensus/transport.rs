@@ -631,6 +631,64 @@ mod tests {
     }
 
     #[test]
+    fn only_current_members_speaking_as_themselves_are_admitted() {
+        let who = |role, name: &str| Identity {
+            cluster: "c".into(),
+            role,
+            name: name.into(),
+        };
+        let (m1, m2) = (member_id("m1"), member_id("m2"));
+        let members = BTreeMap::from([(m1, "m1".to_string()), (m2, "m2".to_string())]);
+        let from = |from, to| Message {
+            from,
+            to,
+            ..Message::default()
+        };
+        let m2_cert = who(Role::Member, "m2");
+        assert_eq!(admit(Some(&m2_cert), &from(m2, m1), m1, &members), Ok(()));
+        assert_eq!(
+            admit(None, &from(m2, m1), m1, &members),
+            Ok(()),
+            "plaintext"
+        );
+        let refused = [
+            (who(Role::Member, "m2"), from(m1, m1), "sent a message from"),
+            (
+                who(Role::Agent, "m2"),
+                from(m2, m1),
+                "no member certificate",
+            ),
+            (
+                who(Role::Admin, "m2"),
+                from(m2, m1),
+                "no member certificate",
+            ),
+            (
+                who(Role::Member, "m9"),
+                from(member_id("m9"), m1),
+                "not a current member",
+            ),
+            (who(Role::Member, "m2"), from(m2, m2), "not this member"),
+        ];
+        for (cert, message, why) in refused {
+            let err = admit(Some(&cert), &message, m1, &members).unwrap_err();
+            assert!(err.contains(why), "{cert}: {err}");
+        }
+        // A member still joining knows nobody yet: any member certificate
+        // speaking as itself is heard.
+        let joiner = who(Role::Member, "m9");
+        assert_eq!(
+            admit(
+                Some(&joiner),
+                &from(member_id("m9"), m1),
+                m1,
+                &BTreeMap::new()
+            ),
+            Ok(())
+        );
+    }
+
+    #[test]
     fn frames_carry_the_version_and_refuse_others() {
         let m = Message {
             to: 7,
