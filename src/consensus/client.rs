@@ -228,7 +228,7 @@ impl Client {
                 Ok(Ok(answer)) => answer,
                 Ok(Err(e)) => {
                     let hint = if self.tls.is_none() {
-                        " (if the cluster uses TLS, give --ca, --cert and --key)"
+                        " (if the cluster uses TLS, give --tls-ca, --tls-cert and --tls-key)"
                     } else {
                         ""
                     };
