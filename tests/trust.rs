@@ -31,17 +31,33 @@ struct Member {
     process: Child,
     client: String,
     peer: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Member {
     async fn start(limits: &[(&str, &str)]) -> Member {
+        Member::start_with(limits, None).await
+    }
+
+    /// [`Member::start`], with at most `files` file descriptors if given.
+    async fn start_with(limits: &[(&str, &str)], files: Option<u32>) -> Member {
         let pki = shared();
         let dir = tempfile::tempdir().unwrap();
         let client = format!("127.0.0.1:{}", free_port());
         let peer = format!("127.0.0.1:{}", free_port());
         let log = std::fs::File::create(dir.path().join("m1.log")).unwrap();
-        let process = Command::new(FLOTILLA)
+        let mut command = match files {
+            Some(n) => {
+                let mut prlimit = Command::new("prlimit");
+                prlimit
+                    .arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(FLOTILLA);
+                prlimit
+            }
+            None => Command::new(FLOTILLA),
+        };
+        let process = command
             .args(["daemon", "--name", "m1", "--data-dir"])
             .arg(dir.path().join("data"))
             .args(["--client-listen", &client, "--peer-listen", &peer])
@@ -66,7 +82,7 @@ impl Member {
             process,
             client,
             peer,
-            _dir: dir,
+            dir,
         };
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -120,6 +136,10 @@ impl Member {
 
     fn pid(&self) -> u32 {
         self.process.id()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("m1.log")).unwrap()
     }
 }
 
@@ -323,27 +343,13 @@ async fn the_client_port_refuses_strangers_and_keeps_agents_to_their_machine() {
         }
         other => panic!("{what}: not denied: {other:?}"),
     };
-    denied(
-        agent
-            .put("/flotilla/units/evil.service", b"{}".to_vec())
-            .await
-            .map(drop),
-        "a unit write",
-    );
-    denied(
-        agent
-            .put("/flotilla/bodies/0000", b"[Service]".to_vec())
-            .await
-            .map(drop),
-        "a body write",
-    );
-    denied(
-        agent
-            .put("/flotilla/machines/bbbb", b"{}".to_vec())
-            .await
-            .map(drop),
-        "another machine's record",
-    );
+    for (key, what) in [
+        ("/flotilla/units/evil.service", "a unit write"),
+        ("/flotilla/bodies/0000", "a body write"),
+        ("/flotilla/machines/bbbb", "another machine's record"),
+    ] {
+        denied(agent.put(key, b"{}".to_vec()).await.map(drop), what);
+    }
     denied(
         agent.delete("/flotilla/m/bbbb/", true).await.map(drop),
         "another machine's claims",
@@ -476,5 +482,56 @@ async fn listeners_bound_connections_frames_and_handshakes() {
     drop(idle);
 
     assert_eq!(member.contents().await, before, "the store changed");
+    member.still_serving(term).await;
+}
+
+/// CPU time (user + system) the process has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // Fields 14 and 15 of stat; the name (field 2) and state (3) come first.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_the_member_pauses_instead_of_spinning() {
+    let member = Member::start_with(
+        &[
+            ("MAX_CONNECTIONS", "100000"),
+            ("TLS_HANDSHAKE_TIMEOUT_MS", "1000"),
+        ],
+        Some(96),
+    )
+    .await;
+    let pid = member.pid();
+    let admin = member.admin().await.unwrap();
+    admin.put("/acked", b"kept".to_vec()).await.unwrap();
+    let term = admin.status().await.unwrap().term;
+    drop(admin);
+
+    let addr: SocketAddr = member.client.parse().unwrap();
+    let mut flood = Vec::new();
+    for _ in 0..400 {
+        if let Ok(stream) = TcpStream::connect(addr).await {
+            flood.push(stream);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_ticks(pid) - before;
+    // A spinning accept loop burns a whole core: 200 ticks in 2 s.
+    assert!(
+        used < 60,
+        "the member used {used} ticks in 2 s while out of files"
+    );
+    let log = member.log();
+    assert_eq!(
+        log.matches("out of file descriptors").count(),
+        1,
+        "said once: {log}"
+    );
+    drop(flood);
     member.still_serving(term).await;
 }

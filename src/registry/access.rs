@@ -8,7 +8,8 @@
 //!   (`machines/<id>`, `renewed/<id>`), everything under its own
 //!   `m/<id>/` (claims, the claim generation, proposals it re-places on
 //!   itself when it rejoins), its own unit states (`states/<unit>/<id>`),
-//!   its reboot mark, the reboot semaphores (shared by a group's machines,
+//!   its reboot mark and drain mark (its reboot coordinator drains it before
+//!   a reboot), the reboot semaphores (shared by a group's machines,
 //!   which take and free slots in them), and a placement pointer that names
 //!   itself (`placed/<unit>` = `<id>`, written when it re-places an orphan).
 //!   Units, bodies, membership and other machines' keys are refused.
@@ -91,6 +92,7 @@ pub fn agent_owns(id: &str, key: &str, value: Option<&[u8]>) -> bool {
         || key.starts_with(&keys::machine_prefix(id))
         || keys::parse_state_key(key).is_some_and(|(_, machine)| machine == id)
         || key == keys::reboot_mark(id)
+        || key == keys::drain(id)
         || key.starts_with(keys::LOCKS)
         || (key.starts_with(keys::PLACED) && value == Some(id.as_bytes()))
 }
@@ -124,6 +126,7 @@ mod tests {
             keys::proposal("aaa", &unit),
             keys::state(&unit, "aaa"),
             keys::reboot_mark("aaa"),
+            keys::drain("aaa"),
             keys::semaphore("default"),
         ] {
             assert_eq!(RolePolicy.check(&me, &put(&key, "x")), Ok(()), "{key}");
@@ -143,7 +146,7 @@ mod tests {
             keys::reboot_mark("bbb"),
             keys::unit(&unit),
             "/flotilla/bodies/0123".to_string(),
-            keys::drain("aaa"),
+            keys::drain("bbb"),
             keys::metadata("aaa", "region"),
             "/flotilla/m/aaa".to_string(),
             "/elsewhere".to_string(),

@@ -60,14 +60,7 @@ pub fn init(dir: &Path) -> Result<Ca, TlsError> {
     if cert_path.exists() || key_path.exists() {
         return Err(TlsError::Exists(dir.to_path_buf()));
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| TlsError::File {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+    private_dir(dir)?;
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(generate)?;
     let cluster = identity::cluster_id(key.public_key_raw());
     let mut params = CertificateParams::default();
@@ -108,8 +101,8 @@ pub fn issue(
         what: format!("not a private key in PEM form ({e})"),
     })?;
     let cluster = identity::cluster_id(ca_key.public_key_raw());
-    let ca_der = rustls_pki_der(&ca_cert_path, &ca_pem)?;
-    if identity::cluster_id_of_ca(&ca_der).ok().as_deref() != Some(cluster.as_str()) {
+    let ca_der = super::stream::certs_in(&ca_cert_path)?;
+    if identity::cluster_id_of_ca(&ca_der[0]).ok().as_deref() != Some(cluster.as_str()) {
         return Err(TlsError::BadFile {
             path: ca_key_path,
             what: format!("is not the key of {}", ca_cert_path.display()),
@@ -149,14 +142,7 @@ pub fn issue(
     params.not_after = now + Duration::days(i64::from(days.max(1)));
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(generate)?;
     let cert = params.signed_by(&key, &issuer).map_err(generate)?;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(out)
-        .map_err(|source| TlsError::File {
-            path: out.to_path_buf(),
-            source,
-        })?;
+    private_dir(out)?;
     let cert_path = out.join(format!("{name}.pem"));
     let key_path = out.join(format!("{name}.key"));
     write_private(&key_path, key.serialize_pem().as_bytes())?;
@@ -184,15 +170,15 @@ fn read(path: &Path) -> Result<String, TlsError> {
     })
 }
 
-/// The DER of the first certificate in `pem`.
-fn rustls_pki_der(path: &Path, pem: &str) -> Result<Vec<u8>, TlsError> {
-    super::stream::certs_from_pem(path, pem.as_bytes())?
-        .into_iter()
-        .next()
-        .map(|c| c.to_vec())
-        .ok_or_else(|| TlsError::BadFile {
-            path: path.to_path_buf(),
-            what: "holds no certificate".into(),
+/// Creates `dir` (and missing parents) readable by its owner only.
+fn private_dir(dir: &Path) -> Result<(), TlsError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| TlsError::File {
+            path: dir.to_path_buf(),
+            source,
         })
 }
 

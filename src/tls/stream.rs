@@ -63,21 +63,14 @@ impl Trust {
     /// Loads the CA certificate, this node's certificate and its key, and
     /// checks that they belong together.
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Trust, TlsError> {
-        let ca_certs = certs_from_pem(ca, &read(ca)?)?;
-        let ca_der = ca_certs.first().ok_or_else(|| TlsError::BadFile {
-            path: ca.to_path_buf(),
-            what: "holds no certificate".into(),
-        })?;
-        let cluster = identity::cluster_id_of_ca(ca_der).map_err(|what| TlsError::BadFile {
-            path: ca.to_path_buf(),
-            what,
-        })?;
-        let chain = certs_from_pem(cert, &read(cert)?)?;
-        let leaf = chain.first().ok_or_else(|| TlsError::BadFile {
-            path: cert.to_path_buf(),
-            what: "holds no certificate".into(),
-        })?;
-        let me = Identity::from_der(leaf).map_err(|e| TlsError::BadFile {
+        let ca_certs = certs_in(ca)?;
+        let cluster =
+            identity::cluster_id_of_ca(&ca_certs[0]).map_err(|what| TlsError::BadFile {
+                path: ca.to_path_buf(),
+                what,
+            })?;
+        let chain = certs_in(cert)?;
+        let me = Identity::from_der(&chain[0]).map_err(|e| TlsError::BadFile {
             path: cert.to_path_buf(),
             what: e.to_string(),
         })?;
@@ -205,6 +198,18 @@ fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Result<Identity, TlsEr
         .and_then(|c| c.first())
         .ok_or_else(|| TlsError::Identity("the other end presented no certificate".into()))?;
     Identity::from_der(leaf)
+}
+
+/// The certificates in the PEM file `path`: at least one.
+pub fn certs_in(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = certs_from_pem(path, &read(path)?)?;
+    if certs.is_empty() {
+        return Err(TlsError::BadFile {
+            path: path.to_path_buf(),
+            what: "holds no certificate".into(),
+        });
+    }
+    Ok(certs)
 }
 
 /// The certificates in a PEM file's bytes.
