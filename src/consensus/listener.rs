@@ -24,7 +24,8 @@ use super::codec::FrameLimits;
 use crate::tls::stream::BoxStream;
 use crate::tls::{Identity, ServerTls};
 
-/// The limits of one listener; see the module docs.
+/// The limits of one listener; see the module docs. The daemon's come from
+/// its configuration ([`crate::config::Config::listener_limits`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerLimits {
     /// Connections served at once.
@@ -33,19 +34,6 @@ pub struct ListenerLimits {
     pub handshake_timeout: Duration,
     /// What one frame may cost.
     pub frame: FrameLimits,
-}
-
-impl Default for ListenerLimits {
-    fn default() -> Self {
-        ListenerLimits {
-            max_connections: 1024,
-            handshake_timeout: Duration::from_secs(5),
-            frame: FrameLimits {
-                max_bytes: super::codec::MAX_FRAME,
-                deadline: Duration::from_secs(10),
-            },
-        }
-    }
 }
 
 /// How long the accept loop pauses when the process has no file descriptor
