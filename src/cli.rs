@@ -26,9 +26,30 @@ pub struct Cli {
         value_delimiter = ','
     )]
     pub store_endpoint: Vec<String>,
+    /// The certificate the store verbs present (`kv`, `member`, `cluster`, `lock`).
+    #[command(flatten)]
+    pub store_tls: StoreTlsArgs,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The identity the store's verbs present when the cluster uses TLS: the
+/// cluster CA, and a certificate and key from `flotilla tls issue` (an
+/// admin's, to change units or members). The environment variables are the
+/// daemon's own `tls_*` settings, so on a member host they already point at
+/// its certificate.
+#[derive(Debug, Clone, Default, Args)]
+pub struct StoreTlsArgs {
+    /// The cluster CA certificate (ca.pem)
+    #[arg(long, env = "FLOTILLA_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This user's or host's certificate
+    #[arg(long, env = "FLOTILLA_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert
+    #[arg(long, env = "FLOTILLA_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// How the unit verbs reach the API (fleetctl's global flags). Each may be
@@ -137,6 +158,9 @@ pub enum Command {
     /// Back up the store to a file, or make a new cluster's data dir from one.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Make the cluster CA and certificates for members, agents and admins.
+    #[command(subcommand)]
+    Tls(TlsCommand),
     /// Boot and drive a lab of real-systemd hosts on this machine (root, Debian 12).
     #[command(subcommand)]
     Lab(crate::lab::LabCommand),
@@ -505,6 +529,36 @@ pub enum ClusterCommand {
         /// Print the report as JSON (on stdout, healthy or not).
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// `flotilla tls ...`
+#[derive(Debug, Subcommand)]
+pub enum TlsCommand {
+    /// Make a new cluster CA in DIR (ca.pem, ca.key) and print the cluster id.
+    /// Keep ca.key off the hosts.
+    Init {
+        /// Where to write it (created if missing; must not hold a CA yet).
+        dir: PathBuf,
+    },
+    /// Issue a certificate and key for a member, an agent or an admin, signed
+    /// by the CA; writes NAME.pem, NAME.key and ca.pem into --out.
+    Issue {
+        /// A member's name, an agent's machine id (/etc/machine-id), or an
+        /// admin's user name.
+        name: String,
+        /// member (a Raft server), agent (an agent-only host), admin (a person or tool).
+        #[arg(long)]
+        role: String,
+        /// The CA's directory (from `flotilla tls init`).
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// Where to write the files [default: the CA's directory]
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = crate::tls::ca::DEFAULT_DAYS)]
+        days: u32,
     },
 }
 

@@ -8,6 +8,8 @@
 //!   rules, hashing, which units may share a machine, the placement decision
 //!   and the claim check. No I/O.
 //! * [`consensus`]: the embedded Raft store; today its state machine.
+//! * [`tls`]: the cluster CA, certificates naming a role, mutual TLS on the
+//!   store's ports.
 //! * [`agent`]: the per-host agent: presence, claims, systemd over D-Bus.
 //! * [`registry`]: the cluster's records of units and machines, and every
 //!   transaction on them: the user's, the scheduler's and each machine's.
@@ -42,5 +44,6 @@ pub mod logging;
 pub mod metrics;
 pub mod registry;
 pub mod scheduler;
+pub mod tls;
 pub mod units;
 pub mod verify;

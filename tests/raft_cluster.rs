@@ -2,6 +2,9 @@
 //! clients write and a watcher listens, then check that every acknowledged
 //! write survived, a new leader took over, and the watcher saw every revision
 //! exactly once.
+//!
+//! The members speak mutual TLS, each with its member certificate of one
+//! test CA ([`support::pki`]); the test's own clients present an admin's.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -11,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use flotilla::consensus::client::{Client, ClientError};
 use flotilla::consensus::kv::Revision;
+use flotilla::tls::Role;
 
 mod support;
 
@@ -41,6 +45,7 @@ impl Cluster {
 
     /// A cluster of `n` founding members, none started yet.
     fn prepare(n: usize) -> Cluster {
+        support::pki::shared();
         let root = tempfile::tempdir().unwrap();
         let members: Vec<Member> = (0..n).map(|i| new_member(root.path(), i)).collect();
         let initial = members
@@ -117,6 +122,7 @@ impl Cluster {
             .args(extra)
             .env("FLOTILLA_API_SOCKET", "")
             .env("FLOTILLA_API_LISTEN", "")
+            .envs(support::pki::shared().env(&m.name, Role::Member))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -168,6 +174,7 @@ impl Cluster {
 fn cli(endpoints: &[String], args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_flotilla"))
         .args(["--store-endpoint", &endpoints.join(",")])
+        .envs(support::pki::shared().env("tester", Role::Admin))
         .args(args)
         .output()
         .unwrap()

@@ -87,6 +87,9 @@ pub enum ErrorKind {
     Invalid,
     /// A watch asked for history that is gone: list again.
     Compacted,
+    /// The caller's identity may not make this request; nothing changed.
+    /// Last of the variants, so older members' answers still decode.
+    Denied,
 }
 
 /// A member's answer.
