@@ -1207,11 +1207,45 @@ fn a_survivor_forced_into_a_new_cluster_keeps_every_unit_running_and_takes_new_m
             out.status.success().then_some(())
         });
         initial.push_str(&format!(",{host}={peer}"));
+        // A member needs a member certificate: the agent one names its machine.
+        let issued = tempfile::tempdir().unwrap();
+        let ca = cluster.dir().join("tls");
+        cluster.ok(&[
+            "tls",
+            "issue",
+            host,
+            "--role",
+            "member",
+            "--ca",
+            ca.to_str().unwrap(),
+            "--out",
+            issued.path().to_str().unwrap(),
+        ]);
+        let read = |ext: &str| std::fs::read_to_string(issued.path().join(format!("{host}.{ext}")));
+        let (cert, key) = (read("pem").unwrap(), read("key").unwrap());
+        let out = cluster.exec(
+            host,
+            &[
+                "sh",
+                "-c",
+                "umask 077 && printf '%s' \"$0\" > /etc/flotilla/tls/member.pem && \
+                 printf '%s' \"$1\" > /etc/flotilla/tls/member.key",
+                &cert,
+                &key,
+            ],
+        );
+        assert!(out.status.success(), "{host}: {}", text(&out.stderr));
         let mut config: Vec<String> = sh(&cluster, host, "cat /etc/flotilla/flotilla.toml")
             .lines()
-            .filter(|l| !l.starts_with("endpoints ="))
+            .filter(|l| {
+                !l.starts_with("endpoints =")
+                    && !l.starts_with("tls_cert =")
+                    && !l.starts_with("tls_key =")
+            })
             .map(str::to_string)
             .collect();
+        config.push("tls_cert = \"/etc/flotilla/tls/member.pem\"".into());
+        config.push("tls_key = \"/etc/flotilla/tls/member.key\"".into());
         config.push("client_listen = \"0.0.0.0:4001\"".into());
         config.push(format!("peer_listen = \"{peer}\""));
         config.push(format!("initial_cluster = \"{initial}\""));
