@@ -44,7 +44,11 @@ pub fn run(loaded: &Loaded, reload: Reload<'_>) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(loaded, reload))
+    let result = runtime.block_on(serve(loaded, reload));
+    // Dropping a runtime waits for its blocking tasks without end; a member
+    // that failed must exit now, so systemd restarts it.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    result
 }
 
 /// How long an unclaimed proposal waits before the scheduler moves it.
@@ -55,7 +59,7 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>) -> Result<()> {
     let (metadata_tx, metadata_rx) = tokio::sync::watch::channel(config.metadata.clone());
     let (stop_agent, stopped) = tokio::sync::watch::channel(false);
     let agent_only = !config.endpoint_list().is_empty();
-    let member = if agent_only {
+    let mut member = if agent_only {
         tracing::info!(
             "agent-only host: the store is at {}",
             config.endpoint_list().join(",")
@@ -107,15 +111,15 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>) -> Result<()> {
     let _api = crate::api::start(loaded, &endpoints)
         .await
         .context("cannot start the HTTP API")?;
-    if let Some((node, _)) = &member {
-        tokio::spawn(scheduler::run(node.clone(), endpoints, CLAIM_TIMEOUT));
-    }
+    let mut scheduler = member
+        .as_ref()
+        .map(|(node, _)| tokio::spawn(scheduler::run(node.clone(), endpoints, CLAIM_TIMEOUT)));
     match notify::notify("READY=1\nSTATUS=serving") {
         Ok(_) => {}
         Err(e) => tracing::warn!("cannot tell systemd we are ready: {e}"),
     }
 
-    wait_for_shutdown(|| match reload() {
+    let shutdown = wait_for_shutdown(|| match reload() {
         Ok(fresh) => {
             tracing::info!(
                 "configuration reread; applying metadata and log (other keys need a restart)"
@@ -124,8 +128,44 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>) -> Result<()> {
             metadata_tx.send_replace(fresh.config.metadata);
         }
         Err(e) => tracing::error!("configuration not reloaded: {e}"),
-    })
-    .await?;
+    });
+    // Fail whole: a member whose Raft thread ended on its own (a disk error,
+    // a panic), or whose scheduler task died, takes the daemon down with a
+    // failure status, so systemd restarts it, rather than leaving its ports
+    // bound answering errors.
+    let member_failed = async {
+        match member.as_mut() {
+            Some((_, exited)) => match exited.await {
+                runner::Exit::Failed(why) => why,
+                runner::Exit::Stopped => "its Raft thread stopped unasked".into(),
+            },
+            None => std::future::pending().await,
+        }
+    };
+    let scheduler_failed = async {
+        match scheduler.as_mut() {
+            Some(task) => match task.await {
+                Err(e) => format!("the scheduler task failed: {e}"),
+                Ok(()) => "the scheduler task ended unasked".into(),
+            },
+            None => std::future::pending().await,
+        }
+    };
+    let why = tokio::select! {
+        signalled = shutdown => {
+            signalled?;
+            None
+        }
+        why = member_failed => Some(why),
+        why = scheduler_failed => Some(why),
+    };
+    if let Some(why) = why {
+        let _ = notify::notify("STOPPING=1");
+        anyhow::bail!(
+            "this member cannot go on: {why}; exiting so systemd restarts it \
+             (check the disk under data_dir if this repeats)"
+        );
+    }
     tracing::info!("shutting down");
     let _ = notify::notify("STOPPING=1");
     let _ = stop_agent.send(true);
@@ -137,14 +177,26 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>) -> Result<()> {
             Ok(Ok(Ok(()))) => {}
         }
     }
-    if let Some((node, thread)) = member {
+    if let Some((node, exited)) = member {
         let _ = node.send(Msg::Stop);
-        tokio::task::spawn_blocking(move || thread.join())
-            .await
-            .context("joining the Raft thread")?
-            .map_err(|_| anyhow::anyhow!("the Raft thread panicked"))?;
+        if let runner::Exit::Failed(why) = exited.await {
+            anyhow::bail!("the Raft member failed while stopping: {why}");
+        }
     }
     Ok(())
+}
+
+/// The Raft thread's end, as a future: resolves with why it ended.
+type Exited = std::pin::Pin<Box<dyn std::future::Future<Output = runner::Exit> + Send>>;
+
+fn exited(thread: std::thread::JoinHandle<runner::Exit>) -> Exited {
+    Box::pin(async move {
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_else(|| runner::Exit::Failed("the Raft thread could not be joined".into()))
+    })
 }
 
 /// The address to publish: configured, else a member's specific peer address
@@ -170,7 +222,7 @@ fn local_client_addr(listen: &str) -> String {
 }
 
 /// Starts this host's Raft member; returns its handle and thread.
-async fn start_member(loaded: &Loaded) -> Result<(runner::Handle, std::thread::JoinHandle<()>)> {
+async fn start_member(loaded: &Loaded) -> Result<(runner::Handle, Exited)> {
     let config = &loaded.config;
     let id = member_id(&config.name);
     let founding: BTreeMap<u64, MemberInfo> = loaded
@@ -220,6 +272,9 @@ async fn start_member(loaded: &Loaded) -> Result<(runner::Handle, std::thread::J
     let tick_ms = (config.election_timeout_ms / 10).max(5);
     let mut node_config = NodeConfig::new(id, tick_ms, config.election_timeout_ms);
     node_config.snapshot_entries = config.snapshot_entries;
+    node_config.snapshot_bytes = config.snapshot_bytes;
+    node_config.history_bytes = usize::try_from(config.watch_history_bytes).unwrap_or(usize::MAX);
+    node_config.limits = config.store_limits();
     let mut core = Core::new(node_config, disk, &bootstrap, &log::raft_logger())
         .context("cannot start the Raft member from its stored state")?;
     if joining {
@@ -237,7 +292,7 @@ async fn start_member(loaded: &Loaded) -> Result<(runner::Handle, std::thread::J
     let table = transport::Peers::default();
     let writers = table.clone();
     let (node, thread) = runner::spawn(core, Duration::from_millis(tick_ms), |handle| {
-        transport::TcpTransport::new(id, runtime, handle, writers)
+        transport::TcpTransport::new(id, runtime, handle, writers, Some(raft_dir))
     });
     if !config.client_listen.starts_with("0.0.0.0") && !config.client_listen.starts_with("[::]") {
         tokio::spawn(publish_client_addr(
@@ -254,7 +309,7 @@ async fn start_member(loaded: &Loaded) -> Result<(runner::Handle, std::thread::J
         config.client_listen,
         config.peer_listen
     );
-    Ok((node, thread))
+    Ok((node, exited(thread)))
 }
 
 /// Records where clients reach this member, so they can write to the leader

@@ -12,6 +12,7 @@
 //! * [`storage`]: the Raft log and snapshots on redb, fsynced before any ack.
 //! * [`transport`]: peer messages over TCP; [`server`], [`protocol`] and
 //!   [`client`]: the client port.
+//! * [`limits`]: what one request may ask, and the store quota (no-space alarm).
 //! * [`member`]: what a valid member name and address are.
 //! * [`codec`]: versioned encodings on disk and on the wire.
 
@@ -20,6 +21,7 @@ pub mod codec;
 pub mod keys;
 pub mod kv;
 pub mod lessor;
+pub mod limits;
 pub mod log;
 pub mod member;
 pub mod node;
