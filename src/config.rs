@@ -67,8 +67,9 @@ pub struct Config {
     pub election_timeout_ms: u64,
     /// Applied log entries between snapshots (and log compactions).
     pub snapshot_entries: u64,
-    /// Bytes of applied log entries that also trigger a snapshot, so the log
-    /// a restart reads back stays small.
+    /// Bytes of applied log entries that also trigger a snapshot (once they
+    /// exceed the keys and values held too), so the log a restart reads back
+    /// stays bounded.
     pub snapshot_bytes: u64,
     /// Bytes of change events kept for watches (besides the event count).
     pub watch_history_bytes: u64,

@@ -15,7 +15,9 @@
 //! register per key. In the second, lease holders grant, keep alive every
 //! third of the TTL, revoke and abandon leases; `tests/support/leases.rs`
 //! checks that no lease ended before its TTL after its last acknowledged
-//! keep-alive. Scenario tests pin single interleavings: the two lease bugs of
+//! keep-alive; its members' clocks run at different rates (within the
+//! lessor's drift bound, up to 2% fast or slow). Scenario tests pin single
+//! interleavings: the two lease bugs of
 //! issue 11, membership changes (learners, a member that never starts,
 //! removing the leader), reads right after an election, and watchers that
 //! see every revision exactly once across a leader kill and a snapshot
@@ -34,7 +36,9 @@
 //! ```
 //!
 //! `SIM_SEED_OFFSET=<n>` shifts every batch onto fresh seeds, for soak runs;
-//! `SIM_RAFT_LOG=1` adds raft-rs's own log to a replay.
+//! `SIM_RAFT_LOG=1` adds raft-rs's own log to a replay; `SIM_CLOCK_DRIFT=<‰>`
+//! sets the lessor's clock-drift bound (0: the mutation that ends leases
+//! early on a leader whose clock runs fast).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -378,7 +382,10 @@ impl Sim {
         config.snapshot_entries = self.snapshot_entries;
         // The workload's leases are shorter than a real member's minimum.
         config.limits.min_lease_ttl_ms = 1;
-        if let Some(drift) = CLOCK_DRIFT.get() {
+        let mutated = std::env::var("SIM_CLOCK_DRIFT")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        if let Some(drift) = CLOCK_DRIFT.get().or(mutated) {
             config.clock_drift_per_mille = drift;
         }
         if let Some(ticks) = self.checkpoint_ticks {

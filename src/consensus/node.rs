@@ -111,8 +111,10 @@ pub struct NodeConfig {
     pub heartbeat_ticks: usize,
     /// Applied entries between snapshots (and log compactions).
     pub snapshot_entries: u64,
-    /// Bytes of applied entries that also trigger a snapshot: the log a
-    /// restart reads back, and holds in memory, stays below about this.
+    /// Bytes of applied entries that also trigger a snapshot, once they
+    /// also exceed the keys and values held: the log a restart reads back,
+    /// and holds in memory, stays below about this or the state's own size,
+    /// and a large state is not rewritten for every few MiB written.
     pub snapshot_bytes: u64,
     /// Events kept for watches.
     pub history_limit: usize,
@@ -1103,7 +1105,10 @@ impl<D: Durable> Core<D> {
         // Members snapshot at different points (up to a tenth of the interval
         // apart, by id), so they never all pause for a snapshot at once.
         let stagger = self.config.id % (self.config.snapshot_entries / 10).max(1);
-        let bytes = self.config.snapshot_bytes;
+        // Writing a snapshot costs the whole state: after as many bytes of
+        // log as it holds at least, so each written byte is rewritten about
+        // once more, not once per snapshot_bytes.
+        let bytes = self.config.snapshot_bytes.max(self.kv.data_bytes());
         let byte_stagger = bytes / 100 * (self.config.id % 10);
         let due = self.applied >= last + self.config.snapshot_entries + stagger
             || self.applied_bytes >= bytes.saturating_add(byte_stagger);
