@@ -67,6 +67,27 @@ pub struct Config {
     pub election_timeout_ms: u64,
     /// Applied log entries between snapshots (and log compactions).
     pub snapshot_entries: u64,
+    /// Bytes of applied log entries that also trigger a snapshot (once they
+    /// exceed the keys and values held too), so the log a restart reads back
+    /// stays bounded.
+    pub snapshot_bytes: u64,
+    /// Bytes of change events kept for watches (besides the event count).
+    pub watch_history_bytes: u64,
+    /// The largest request (one store command, encoded) a member takes.
+    pub max_request_bytes: u64,
+    /// The largest value one put may carry.
+    pub max_value_bytes: u64,
+    /// The most compares and operations one transaction may hold.
+    pub max_txn_ops: u64,
+    /// The shortest lease TTL a member grants, in milliseconds.
+    pub min_lease_ttl_ms: u64,
+    /// The longest lease TTL a member grants, in milliseconds.
+    pub max_lease_ttl_ms: u64,
+    /// The most leases the store may hold.
+    pub max_leases: u64,
+    /// Bytes of keys and values past which the store refuses new writes
+    /// (the no-space alarm) until space is freed.
+    pub quota_bytes: u64,
     /// This machine's metadata, matched by `MachineMetadata=` in unit files.
     pub metadata: BTreeMap<String, String>,
     /// Log filter, in `RUST_LOG` syntax (`info`, `flotilla=debug,warn`).
@@ -272,6 +293,15 @@ impl Default for Config {
             initial_cluster_state: "new".to_string(),
             election_timeout_ms: 1000,
             snapshot_entries: 100_000,
+            snapshot_bytes: 64 * 1024 * 1024,
+            watch_history_bytes: 64 * 1024 * 1024,
+            max_request_bytes: 1536 * 1024,
+            max_value_bytes: 1024 * 1024,
+            max_txn_ops: 128,
+            min_lease_ttl_ms: 1000,
+            max_lease_ttl_ms: 86_400_000,
+            max_leases: 10_000,
+            quota_bytes: 2 * 1024 * 1024 * 1024,
             metadata: BTreeMap::new(),
             log: "info".to_string(),
             endpoints: String::new(),
@@ -583,6 +613,73 @@ fn check_override(key: &str, value: &toml::Value, origin: &Origin) -> Result<(),
         })
 }
 
+/// Checks the store's limits: each within a range a member can work with.
+fn check_store_limits(config: &Config) -> Result<(), (&'static str, String)> {
+    const MIB: u64 = 1024 * 1024;
+    let ranges: [(&'static str, u64, u64, u64); 9] = [
+        ("snapshot_bytes", config.snapshot_bytes, MIB, u64::MAX),
+        (
+            "watch_history_bytes",
+            config.watch_history_bytes,
+            MIB,
+            u64::MAX,
+        ),
+        (
+            "max_request_bytes",
+            config.max_request_bytes,
+            64 * 1024,
+            32 * MIB,
+        ),
+        ("max_value_bytes", config.max_value_bytes, 1024, 32 * MIB),
+        ("max_txn_ops", config.max_txn_ops, 8, 100_000),
+        ("min_lease_ttl_ms", config.min_lease_ttl_ms, 1, u64::MAX),
+        ("max_lease_ttl_ms", config.max_lease_ttl_ms, 1000, u64::MAX),
+        ("max_leases", config.max_leases, 1, u64::MAX),
+        ("quota_bytes", config.quota_bytes, MIB, u64::MAX),
+    ];
+    for (key, value, low, high) in ranges {
+        if !(low..=high).contains(&value) {
+            return Err((key, format!("{value} must be between {low} and {high}")));
+        }
+    }
+    if config.max_value_bytes > config.max_request_bytes {
+        return Err((
+            "max_value_bytes",
+            format!(
+                "{} exceeds max_request_bytes ({}): no request could carry such a value",
+                config.max_value_bytes, config.max_request_bytes
+            ),
+        ));
+    }
+    let ttl_ms = config.ttl_secs.saturating_mul(1000);
+    if !(config.min_lease_ttl_ms..=config.max_lease_ttl_ms).contains(&ttl_ms) {
+        return Err((
+            "min_lease_ttl_ms",
+            format!(
+                "the presence lease (ttl_secs = {}) must be within min_lease_ttl_ms..=max_lease_ttl_ms ({}..={})",
+                config.ttl_secs, config.min_lease_ttl_ms, config.max_lease_ttl_ms
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// The store's request limits and quota, as this member enforces them.
+    pub fn store_limits(&self) -> crate::consensus::limits::Limits {
+        let size = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        crate::consensus::limits::Limits {
+            request_bytes: size(self.max_request_bytes),
+            value_bytes: size(self.max_value_bytes),
+            txn_ops: size(self.max_txn_ops),
+            min_lease_ttl_ms: self.min_lease_ttl_ms,
+            max_lease_ttl_ms: self.max_lease_ttl_ms,
+            leases: size(self.max_leases),
+            quota_bytes: self.quota_bytes,
+        }
+    }
+}
+
 /// Checks the values that parse but could still be wrong.
 fn validate(loaded: &Loaded) -> Result<(), Error> {
     let config = &loaded.config;
@@ -642,6 +739,7 @@ fn validate(loaded: &Loaded) -> Result<(), Error> {
             format!("{} is too small; use at least 10", config.snapshot_entries),
         ));
     }
+    check_store_limits(config).map_err(|(key, m)| invalid(key, m))?;
     for (key, value) in &config.metadata {
         if !crate::units::fleet::is_metadata_key(key) {
             return Err(invalid(

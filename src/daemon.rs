@@ -54,7 +54,11 @@ pub fn run(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> Resu
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(loaded, reload, force_new_cluster))
+    let result = runtime.block_on(serve(loaded, reload, force_new_cluster));
+    // Dropping a runtime waits for its blocking tasks without end; a member
+    // that failed must exit now, so systemd restarts it.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    result
 }
 
 /// How long an unclaimed proposal waits before the scheduler moves it.
@@ -75,7 +79,7 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> 
     if let Some(trust) = &trust {
         crate::tls::stream::set_default_client(trust.client.clone());
     }
-    let member = if agent_only {
+    let mut member = if agent_only {
         tracing::info!(
             "agent-only host: the store is at {}",
             config.endpoint_list().join(",")
@@ -127,15 +131,15 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> 
     let _api = crate::api::start(loaded, &endpoints)
         .await
         .context("cannot start the HTTP API")?;
-    if let Some((node, _)) = &member {
-        tokio::spawn(scheduler::run(node.clone(), endpoints, CLAIM_TIMEOUT));
-    }
+    let mut scheduler = member
+        .as_ref()
+        .map(|(node, _)| tokio::spawn(scheduler::run(node.clone(), endpoints, CLAIM_TIMEOUT)));
     match notify::notify("READY=1\nSTATUS=serving") {
         Ok(_) => {}
         Err(e) => tracing::warn!("cannot tell systemd we are ready: {e}"),
     }
 
-    wait_for_shutdown(|| match reload() {
+    let shutdown = wait_for_shutdown(|| match reload() {
         Ok(fresh) => {
             tracing::info!(
                 "configuration reread; applying metadata and log (other keys need a restart)"
@@ -144,8 +148,44 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> 
             metadata_tx.send_replace(fresh.config.metadata);
         }
         Err(e) => tracing::error!("configuration not reloaded: {e}"),
-    })
-    .await?;
+    });
+    // Fail whole: a member whose Raft thread ended on its own (a disk error,
+    // a panic), or whose scheduler task died, takes the daemon down with a
+    // failure status, so systemd restarts it, rather than leaving its ports
+    // bound answering errors.
+    let member_failed = async {
+        match member.as_mut() {
+            Some((_, exited)) => match exited.await {
+                runner::Exit::Failed(why) => why,
+                runner::Exit::Stopped => "its Raft thread stopped unasked".into(),
+            },
+            None => std::future::pending().await,
+        }
+    };
+    let scheduler_failed = async {
+        match scheduler.as_mut() {
+            Some(task) => match task.await {
+                Err(e) => format!("the scheduler task failed: {e}"),
+                Ok(()) => "the scheduler task ended unasked".into(),
+            },
+            None => std::future::pending().await,
+        }
+    };
+    let why = tokio::select! {
+        signalled = shutdown => {
+            signalled?;
+            None
+        }
+        why = member_failed => Some(why),
+        why = scheduler_failed => Some(why),
+    };
+    if let Some(why) = why {
+        let _ = notify::notify("STOPPING=1");
+        anyhow::bail!(
+            "this member cannot go on: {why}; exiting so systemd restarts it \
+             (check the disk under data_dir if this repeats)"
+        );
+    }
     tracing::info!("shutting down");
     let _ = notify::notify("STOPPING=1");
     let _ = stop_agent.send(true);
@@ -157,14 +197,26 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> 
             Ok(Ok(Ok(()))) => {}
         }
     }
-    if let Some((node, thread)) = member {
+    if let Some((node, exited)) = member {
         let _ = node.send(Msg::Stop);
-        tokio::task::spawn_blocking(move || thread.join())
-            .await
-            .context("joining the Raft thread")?
-            .map_err(|_| anyhow::anyhow!("the Raft thread panicked"))?;
+        if let runner::Exit::Failed(why) = exited.await {
+            anyhow::bail!("the Raft member failed while stopping: {why}");
+        }
     }
     Ok(())
+}
+
+/// The Raft thread's end, as a future: resolves with why it ended.
+type Exited = std::pin::Pin<Box<dyn std::future::Future<Output = runner::Exit> + Send>>;
+
+fn exited(thread: std::thread::JoinHandle<runner::Exit>) -> Exited {
+    Box::pin(async move {
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_else(|| runner::Exit::Failed("the Raft thread could not be joined".into()))
+    })
 }
 
 /// The address to publish: configured, else a member's specific peer address
@@ -205,7 +257,8 @@ fn load_trust(config: &crate::config::Config) -> Result<Option<Trust>> {
     let me = &trust.me;
     if !agent_only && (me.role != Role::Member || me.name != config.name) {
         anyhow::bail!(
-            "{} names {me}, but this host is member {:?}: issue it one with              `flotilla tls issue {} --role member`",
+            "{} names {me}, but this host is member {:?}: issue it one with \
+             `flotilla tls issue {} --role member`",
             config.tls_cert.display(),
             config.name,
             config.name
@@ -215,7 +268,8 @@ fn load_trust(config: &crate::config::Config) -> Result<Option<Trust>> {
         let id = agent::identity::machine_id(Path::new(MACHINE_ID))?;
         if me.name != id {
             anyhow::bail!(
-                "{} names {me}, but this machine's id is {id}: an agent's certificate is                  named by its machine id (`flotilla tls issue {id} --role agent`)",
+                "{} names {me}, but this machine's id is {id}: an agent's certificate is \
+                 named by its machine id (`flotilla tls issue {id} --role agent`)",
                 config.tls_cert.display()
             );
         }
@@ -236,7 +290,9 @@ fn store_bind_addr(key: &str, listen: &str, tls: bool) -> String {
     let port = listen.rsplit_once(':').map_or("", |(_, port)| port);
     let bound = format!("127.0.0.1:{port}");
     tracing::error!(
-        "TLS IS OFF: the store accepts anyone who reaches it, so {key} {listen} is bound to          {bound} only; other hosts cannot reach this member. Set tls_ca, tls_cert and          tls_key (see SECURITY.md) to serve other hosts."
+        "TLS IS OFF: the store accepts anyone who reaches it, so {key} {listen} is bound to \
+         {bound} only; other hosts cannot reach this member. Set tls_ca, tls_cert and \
+         tls_key (see SECURITY.md) to serve other hosts."
     );
     bound
 }
@@ -246,7 +302,7 @@ async fn start_member(
     loaded: &Loaded,
     trust: Option<&Trust>,
     force_new_cluster: bool,
-) -> Result<(runner::Handle, std::thread::JoinHandle<()>)> {
+) -> Result<(runner::Handle, Exited)> {
     let config = &loaded.config;
     let peer_listen = store_bind_addr("peer_listen", &config.peer_listen, trust.is_some());
     let client_listen = store_bind_addr("client_listen", &config.client_listen, trust.is_some());
@@ -317,6 +373,9 @@ async fn start_member(
     let tick_ms = (config.election_timeout_ms / 10).max(5);
     let mut node_config = NodeConfig::new(id, tick_ms, config.election_timeout_ms);
     node_config.snapshot_entries = config.snapshot_entries;
+    node_config.snapshot_bytes = config.snapshot_bytes;
+    node_config.history_bytes = usize::try_from(config.watch_history_bytes).unwrap_or(usize::MAX);
+    node_config.limits = config.store_limits();
     let mut core = Core::new(node_config, disk, &bootstrap, &log::raft_logger())
         .context("cannot start the Raft member from its stored state")?;
     if joining {
@@ -334,7 +393,7 @@ async fn start_member(
     let table = transport::Peers::new(trust.map(|t| t.client.clone()));
     let writers = table.clone();
     let (node, thread) = runner::spawn(core, Duration::from_millis(tick_ms), |handle| {
-        transport::TcpTransport::new(id, runtime, handle, writers)
+        transport::TcpTransport::new(id, runtime, handle, writers, Some(raft_dir))
     });
     if !client_listen.starts_with("0.0.0.0") && !client_listen.starts_with("[::]") {
         tokio::spawn(publish_client_addr(
@@ -359,7 +418,7 @@ async fn start_member(
             " (no TLS: loopback only)"
         }
     );
-    Ok((node, thread))
+    Ok((node, exited(thread)))
 }
 
 /// Records where clients reach this member, so they can write to the leader

@@ -257,6 +257,13 @@ pub fn assess(
         if let Some(reason) = &error {
             problems.push(format!("member {} is unreachable: {reason}", info.name));
         }
+        if status.is_some_and(|s| s.no_space) {
+            problems.push(format!(
+                "member {}: the NOSPACE alarm is on (the store is over quota_bytes); writes are \
+                 refused until keys are deleted",
+                info.name
+            ));
+        }
         let role = match status {
             None => "unreachable",
             Some(_) if Some(*id) == leader => "leader",
@@ -424,6 +431,7 @@ mod tests {
             leader_client_addr: None,
             keys: 7,
             store_bytes: 3 << 20,
+            no_space: false,
         };
         let addr = Some(format!("127.0.0.1:{}", 5000 + id));
         (
@@ -539,6 +547,23 @@ mod tests {
         assert_eq!(health.leader, None);
         assert_eq!(health.term, 5);
         assert!(!health.healthy);
+    }
+
+    #[test]
+    fn a_member_with_the_no_space_alarm_makes_the_cluster_unhealthy() {
+        let mut full = up(2, 1, 5, 100);
+        if let Ok(status) = &mut full.1.status {
+            status.no_space = true;
+        }
+        let answers = [up(1, 1, 5, 100), full, up(3, 1, 5, 100)].into();
+        let health = assess(&members(3), &answers, no_machines());
+        assert!(!health.healthy);
+        assert!(health.quorum.ok);
+        assert!(
+            health.problems[0].contains("member n2: the NOSPACE alarm is on"),
+            "{:?}",
+            health.problems
+        );
     }
 
     #[test]

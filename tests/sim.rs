@@ -15,7 +15,9 @@
 //! register per key. In the second, lease holders grant, keep alive every
 //! third of the TTL, revoke and abandon leases; `tests/support/leases.rs`
 //! checks that no lease ended before its TTL after its last acknowledged
-//! keep-alive. Scenario tests pin single interleavings: the two lease bugs of
+//! keep-alive; its members' clocks run at different rates (within the
+//! lessor's drift bound, up to 2% fast or slow). Scenario tests pin single
+//! interleavings: the two lease bugs of
 //! issue 11, membership changes (learners, a member that never starts,
 //! removing the leader), reads right after an election, and watchers that
 //! see every revision exactly once across a leader kill and a snapshot
@@ -34,7 +36,9 @@
 //! ```
 //!
 //! `SIM_SEED_OFFSET=<n>` shifts every batch onto fresh seeds, for soak runs;
-//! `SIM_RAFT_LOG=1` adds raft-rs's own log to a replay.
+//! `SIM_RAFT_LOG=1` adds raft-rs's own log to a replay; `SIM_CLOCK_DRIFT=<‰>`
+//! sets the lessor's clock-drift bound (0: the mutation that ends leases
+//! early on a leader whose clock runs fast).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -48,7 +52,9 @@ use flotilla::consensus::kv::{
     Command, Compare, CompareOp, Event, KvStore, LeaseId, Op as TxnOp, OpResult, Outcome, Revision,
     Target,
 };
-use flotilla::consensus::node::{Core, NodeConfig, RequestError, WatchMsg, WatchSink};
+use flotilla::consensus::node::{
+    Core, DEFAULT_CLOCK_DRIFT_PER_MILLE, NodeConfig, RequestError, WatchMsg, WatchSink,
+};
 use flotilla::consensus::storage::{self, MemDisk};
 use raft::eraftpb::{Message, MessageType};
 
@@ -177,6 +183,33 @@ struct Member {
     last_tick: u64,
     /// Ticks since this incarnation started, as its Core counts them.
     ticks: u64,
+    /// How fast this member's clock runs, in thousandths of real time.
+    rate: u64,
+}
+
+impl Member {
+    /// This member's clock reading at simulated time `at`.
+    fn local_ms(&self, at: u64) -> u64 {
+        at * self.rate / 1000
+    }
+
+    /// Whether this member's clock reaches a tick at simulated time `at`.
+    /// A member at the true rate ticks where it always did (its seeds replay
+    /// unchanged); one off it ticks where its own clock crosses a multiple
+    /// of the tick.
+    fn ticks_at(&self, at: u64) -> bool {
+        if self.rate == 1000 {
+            return at % TICK_MS == self.phase;
+        }
+        let tick = |t: u64| (self.local_ms(t) + TICK_MS - self.phase) / TICK_MS;
+        at > 0 && tick(at) > tick(at - 1)
+    }
+}
+
+thread_local! {
+    /// A mutation: the drift bound every member's lessor allows for, when
+    /// not the default (see `a_fast_leader_clock_is_caught_without_the_drift_bound`).
+    static CLOCK_DRIFT: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
 }
 
 /// Something that reached a stalled member.
@@ -309,6 +342,7 @@ impl Sim {
                 inbox: Vec::new(),
                 last_tick: 0,
                 ticks: 0,
+                rate: 1000,
             };
             sim.members.insert(id, member);
             sim.boot(id, &bootstrap);
@@ -346,6 +380,14 @@ impl Sim {
         self.boots += 1;
         config.first_request = self.boots << 32;
         config.snapshot_entries = self.snapshot_entries;
+        // The workload's leases are shorter than a real member's minimum.
+        config.limits.min_lease_ttl_ms = 1;
+        let mutated = std::env::var("SIM_CLOCK_DRIFT")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        if let Some(drift) = CLOCK_DRIFT.get().or(mutated) {
+            config.clock_drift_per_mille = drift;
+        }
         if let Some(ticks) = self.checkpoint_ticks {
             config.checkpoint_ticks = ticks;
         }
@@ -489,6 +531,15 @@ impl Sim {
         }
     }
 
+    /// Sets each member's clock rate within `spread` thousandths of real
+    /// time, drawn from a stream of its own (the seed's other draws stay).
+    fn skew_clocks(&mut self, spread: u64) {
+        let mut rng = Rng::new(self.seed ^ 0xc10c_c10c_c10c_c10c);
+        for member in self.members.values_mut() {
+            member.rate = rng.between(1000 - spread, 1000 + spread);
+        }
+    }
+
     /// Ends the stalls that are over: queued input first, then the missed ticks.
     fn wake_stalled(&mut self) {
         let now = self.now;
@@ -507,8 +558,10 @@ impl Sim {
                 }
             }
             for at in member.last_tick + 1..now {
-                if at % TICK_MS == member.phase {
-                    core.tick(at);
+                if member.ticks_at(at) {
+                    let local = member.local_ms(at);
+                    let core = member.core.as_mut().expect("checked above");
+                    core.tick(local);
                     member.last_tick = at;
                     member.ticks += 1;
                 }
@@ -646,11 +699,12 @@ impl Sim {
         self.wake_stalled();
         let now = self.now;
         for member in self.members.values_mut() {
-            if now % TICK_MS == member.phase
+            let local = member.local_ms(now);
+            if member.ticks_at(now)
                 && member.stalled_until.is_none()
                 && let Some(core) = member.core.as_mut()
             {
-                core.tick(now);
+                core.tick(local);
                 member.last_tick = now;
                 member.ticks += 1;
             }
@@ -2274,6 +2328,8 @@ fn simulate_leases(seed: u64, verbose: bool) -> (LeaseSummary, Vec<Violation>) {
     let checkpoint_ticks = setup.between(1, 30);
     let mut sim = Sim::new(seed, size, weather, snapshot_entries, verbose);
     sim.checkpoint_ticks = Some(checkpoint_ticks);
+    // Clocks run up to the drift bound fast or slow.
+    sim.skew_clocks(DEFAULT_CLOCK_DRIFT_PER_MILLE);
     sim.note(|| {
         format!(
             "{size} members, {weather:?}, {holders} lease holders for {traffic_ms} ms, \
@@ -2428,7 +2484,7 @@ fn a_checkpoint_never_overwrites_a_newer_keep_alive() {
     // Step to the instant before the leader's next checkpoint tick.
     loop {
         let member = &sim.members[&leader];
-        let ticks_now = (sim.now + 1) % TICK_MS == member.phase;
+        let ticks_now = member.ticks_at(sim.now + 1);
         if ticks_now && (member.ticks + 1).is_multiple_of(CHECKPOINT_TICKS) {
             break;
         }
@@ -2460,6 +2516,36 @@ fn a_checkpoint_never_overwrites_a_newer_keep_alive() {
         "the lease ended at t={ended} ms, {} ms after a keep-alive sent at t={sent} ms with \
          TTL {TTL} ms was acknowledged",
         ended - sent
+    );
+}
+
+/// Issue 11: members whose clocks run at different rates. A leader whose
+/// clock runs 2% fast measures a TTL in 2% less real time; the lessor
+/// stretches every span by the drift bound, so the lease still lasts its
+/// TTL. Mutation: no drift bound → the lease ends early, and this fails.
+#[test]
+fn a_fast_leader_clock_is_caught_without_the_drift_bound() {
+    const TTL: u64 = 1_500;
+    let lease_lasts = |drift: Option<u64>| {
+        CLOCK_DRIFT.set(drift);
+        let mut sim = Sim::new(28, 1, Weather::CALM, 10_000, false);
+        sim.members.get_mut(&1).expect("member 1").rate = 1000 + DEFAULT_CLOCK_DRIFT_PER_MILLE;
+        let leader = sim.wait_for_leader(5_000);
+        let sent = sim.now;
+        let lease = grant_on(&mut sim, leader, TTL);
+        let ended = lease_end(&mut sim, lease, 3 * TTL);
+        CLOCK_DRIFT.set(None);
+        ended - sent
+    };
+    let bounded = lease_lasts(None);
+    assert!(
+        bounded >= TTL,
+        "ended {bounded} ms after the grant, TTL {TTL} ms"
+    );
+    let unbounded = lease_lasts(Some(0));
+    assert!(
+        unbounded < TTL,
+        "the mutation (no drift bound) must end the lease early: {unbounded} ms"
     );
 }
 
@@ -2579,6 +2665,7 @@ impl Sim {
                 inbox: Vec::new(),
                 last_tick: 0,
                 ticks: 0,
+                rate: 1000,
             },
         );
         self.boot(id, &BTreeMap::new());

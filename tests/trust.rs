@@ -273,9 +273,15 @@ where
         );
     }
     if let Ok(mut stream) = connect().await {
-        let sent =
-            flotilla::consensus::transport::send_snapshot(&mut stream, &forged_snapshot(from))
-                .await;
+        let forged = forged_snapshot(from);
+        let data = forged.get_snapshot().get_data();
+        let sent = flotilla::consensus::transport::send_snapshot(
+            &mut stream,
+            &forged,
+            data,
+            data.len() as u64,
+        )
+        .await;
         assert!(sent.is_err(), "{who}: a forged snapshot was confirmed");
     }
 }

@@ -225,6 +225,16 @@ impl Client {
             self.prefer.store(i + 1, Ordering::Relaxed);
             let status = match tokio::time::timeout(FIRST_ANSWER, conn.call(&Request::Status)).await
             {
+                // A member that says it is stopping (its Raft thread ended,
+                // or it was removed) serves nothing: skip it.
+                Ok(Ok(Response::Error {
+                    kind: ErrorKind::Stopped,
+                    message,
+                })) => {
+                    last = format!("{}: {message}", self.endpoints[i]);
+                    from = i + 1;
+                    continue;
+                }
                 Ok(Ok(answer)) => answer,
                 Ok(Err(e)) => {
                     let hint = if self.tls.is_none() {
@@ -336,7 +346,9 @@ impl Client {
                         ErrorKind::NoLeader => ClientError::NoLeader(self.timeout),
                         ErrorKind::Unknown => ClientError::Unknown(message),
                         ErrorKind::Compacted => ClientError::Compacted(message),
-                        ErrorKind::Stopped | ErrorKind::Invalid => ClientError::Refused(message),
+                        ErrorKind::Stopped | ErrorKind::Invalid | ErrorKind::NoSpace => {
+                            ClientError::Refused(message)
+                        }
                         ErrorKind::Denied => ClientError::Denied(message),
                     });
                 }

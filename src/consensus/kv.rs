@@ -30,6 +30,7 @@ pub struct KeyValue {
     /// The key.
     pub key: String,
     /// The value (empty for a delete event).
+    #[serde(with = "super::codec::bytes")]
     pub value: Vec<u8>,
     /// Revision of the write that created the key.
     pub create_revision: Revision,
@@ -113,6 +114,7 @@ pub enum Op {
         /// The key.
         key: String,
         /// The new value.
+        #[serde(with = "super::codec::bytes")]
         value: Vec<u8>,
         /// Attach to this lease (it must exist).
         lease: Option<LeaseId>,
@@ -354,8 +356,15 @@ pub struct Lease {
     pub keys: BTreeSet<String>,
 }
 
+/// How many bytes of change events the history keeps by default.
+pub const DEFAULT_HISTORY_BYTES: usize = 64 * 1024 * 1024;
+
 /// The whole replicated state; serialisable as a snapshot.
+///
+/// The byte counts are not serialised (a snapshot's format is unchanged):
+/// they are recounted when a store is decoded ([`KvState`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "KvState")]
 pub struct KvStore {
     revision: Revision,
     keys: BTreeMap<String, KeyValue>,
@@ -365,6 +374,54 @@ pub struct KvStore {
     history_limit: usize,
     /// Every revision up to this one has left the history.
     compacted: Revision,
+    /// Bytes of the keys and values held: what the quota counts.
+    #[serde(skip)]
+    data_bytes: u64,
+    /// Bytes of the events the history holds.
+    #[serde(skip)]
+    history_bytes: usize,
+    /// The most bytes of events the history keeps; a member's own setting.
+    #[serde(skip)]
+    history_byte_limit: usize,
+}
+
+/// [`KvStore`] as a snapshot holds it: the fields it serialises, in order.
+#[derive(Deserialize)]
+struct KvState {
+    revision: Revision,
+    keys: BTreeMap<String, KeyValue>,
+    leases: BTreeMap<LeaseId, Lease>,
+    next_lease: LeaseId,
+    history: VecDeque<Event>,
+    history_limit: usize,
+    compacted: Revision,
+}
+
+impl From<KvState> for KvStore {
+    fn from(state: KvState) -> Self {
+        KvStore {
+            data_bytes: state.keys.values().map(data_size).sum(),
+            history_bytes: state.history.iter().map(event_size).sum(),
+            history_byte_limit: DEFAULT_HISTORY_BYTES,
+            revision: state.revision,
+            keys: state.keys,
+            leases: state.leases,
+            next_lease: state.next_lease,
+            history: state.history,
+            history_limit: state.history_limit,
+            compacted: state.compacted,
+        }
+    }
+}
+
+/// The bytes one key takes against the quota.
+fn data_size(kv: &KeyValue) -> u64 {
+    (kv.key.len() + kv.value.len()) as u64
+}
+
+/// The bytes one event takes in the history (its key, value and metadata).
+fn event_size(event: &Event) -> usize {
+    event.kv.key.len() + event.kv.value.len() + 64
 }
 
 impl Default for KvStore {
@@ -384,7 +441,27 @@ impl KvStore {
             history: VecDeque::new(),
             history_limit: history_limit.max(1),
             compacted: 0,
+            data_bytes: 0,
+            history_bytes: 0,
+            history_byte_limit: DEFAULT_HISTORY_BYTES,
         }
+    }
+
+    /// Bounds the history in bytes as well as in events (this member's
+    /// setting; a store decoded from a snapshot starts with the default).
+    /// Takes effect with the next change.
+    pub fn set_history_bytes(&mut self, limit: usize) {
+        self.history_byte_limit = limit.max(1);
+    }
+
+    /// Bytes of the keys and values held: what the store quota counts.
+    pub fn data_bytes(&self) -> u64 {
+        self.data_bytes
+    }
+
+    /// How many leases exist.
+    pub fn lease_count(&self) -> usize {
+        self.leases.len()
     }
 
     /// The revision of the last change.
@@ -589,6 +666,8 @@ impl KvStore {
             kind: EventKind::Put,
             kv: kv.clone(),
         });
+        self.data_bytes += data_size(&kv);
+        self.data_bytes -= prev.as_ref().map_or(0, data_size);
         self.keys.insert(key.to_string(), kv);
         OpResult::Put { prev }
     }
@@ -612,6 +691,7 @@ impl KvStore {
         let mut deleted = Vec::with_capacity(doomed.len());
         for key in doomed {
             let kv = self.keys.remove(&key).expect("collected from the map");
+            self.data_bytes -= data_size(&kv);
             if let Some(l) = kv.lease.and_then(|id| self.leases.get_mut(&id)) {
                 l.keys.remove(&key);
             }
@@ -670,17 +750,23 @@ impl KvStore {
         }
     }
 
-    /// Appends events to the history, dropping whole old revisions past the limit.
+    /// Appends events to the history, dropping whole old revisions past
+    /// either limit (events or bytes).
     fn record(&mut self, events: &[Event]) {
         self.history.extend(events.iter().cloned());
-        while self.history.len() > self.history_limit {
+        self.history_bytes += events.iter().map(event_size).sum::<usize>();
+        while self.history.len() > self.history_limit
+            || self.history_bytes > self.history_byte_limit
+        {
             let oldest = self.history[0].revision();
             // Never split a revision: a watcher resumes at revision boundaries.
             if oldest == self.revision {
                 break;
             }
             while self.history.front().is_some_and(|e| e.revision() == oldest) {
-                self.history.pop_front();
+                if let Some(gone) = self.history.pop_front() {
+                    self.history_bytes -= event_size(&gone);
+                }
             }
             self.compacted = oldest;
         }
@@ -1004,5 +1090,24 @@ mod tests {
         let bytes = postcard::to_stdvec(&one).unwrap();
         let restored: KvStore = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(restored, one);
+    }
+
+    #[test]
+    fn the_history_is_bounded_in_bytes_and_byte_counts_survive_a_snapshot() {
+        let mut s = KvStore::new(1000);
+        s.set_history_bytes(4 * 1024);
+        for i in 0..10 {
+            put(&mut s, &format!("k{i}"), &"x".repeat(1000));
+        }
+        assert!(s.history.len() <= 4, "{} events kept", s.history.len());
+        assert!(s.oldest_watchable() > 1);
+        assert_eq!(s.events_since("", s.revision()).unwrap().len(), 1);
+        assert_eq!(s.data_bytes(), 10 * (2 + 1000));
+        s.apply(&Command::delete("k0", false));
+        assert_eq!(s.data_bytes(), 9 * (2 + 1000));
+        let bytes = crate::consensus::codec::encode(&s);
+        let decoded: KvStore = crate::consensus::codec::decode(&bytes).unwrap();
+        assert_eq!(decoded.data_bytes(), s.data_bytes());
+        assert_eq!(decoded.history_bytes, s.history_bytes);
     }
 }

@@ -24,19 +24,40 @@
 //!   the leader's clock moves only at ticks;
 //! - a new leader adds one election timeout to the checkpointed time left.
 //!
-//! This assumes the members' clocks run at the same rate (not in step).
+//! Clocks: members' clocks are not in step, and need not run at the same
+//! rate either, within a bound: every span the leader measures (a TTL, the
+//! time left at a checkpoint) is stretched by [`ClockBounds::drift_per_mille`],
+//! so a leader whose clock runs that much fast still waits the whole TTL of
+//! real time. A faster clock than that ends leases early (tests/sim.rs runs
+//! members at different rates, and catches a lessor without the stretch).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::kv::{Command, KvStore, LeaseId, Outcome};
+
+/// What the leader knows of its own clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockBounds {
+    /// Its resolution: the clock is read at ticks only.
+    pub tick_ms: u64,
+    /// How much faster than real time it may run, in thousandths.
+    pub drift_per_mille: u64,
+}
+
+impl ClockBounds {
+    /// `ms` of real time, measured on a clock that may run fast.
+    fn stretch(&self, ms: u64) -> u64 {
+        ms.saturating_add(ms.saturating_mul(self.drift_per_mille).div_ceil(1000))
+    }
+}
 
 /// The leader's lease deadlines; exists only while this member leads.
 #[derive(Debug, Clone)]
 pub struct Lessor {
     /// The term this member leads; the lessor is valid in it only.
     term: u64,
-    /// Added to every deadline: the clock is read at ticks only.
-    slack_ms: u64,
+    /// Its clock's resolution and drift.
+    clock: ClockBounds,
     /// When each lease runs out, in the node's milliseconds.
     deadlines: BTreeMap<LeaseId, u64>,
     /// Leases whose expiry was proposed, with the tick it was proposed at.
@@ -46,15 +67,20 @@ pub struct Lessor {
 impl Lessor {
     /// The lessor of a member that just became leader: every lease gets its
     /// checkpointed remaining time plus `grace_ms` (one election timeout),
-    /// never a fresh TTL and never an instant expiry. `tick_ms` is the
-    /// clock's resolution.
-    pub fn promote(kv: &KvStore, term: u64, now_ms: u64, grace_ms: u64, tick_ms: u64) -> Lessor {
+    /// never a fresh TTL and never an instant expiry.
+    pub fn promote(
+        kv: &KvStore,
+        term: u64,
+        now_ms: u64,
+        grace_ms: u64,
+        clock: ClockBounds,
+    ) -> Lessor {
         Lessor {
             term,
-            slack_ms: tick_ms,
+            clock,
             deadlines: kv
                 .leases()
-                .map(|l| (l.id, now_ms + l.remaining_ms + grace_ms))
+                .map(|l| (l.id, now_ms + clock.stretch(l.remaining_ms) + grace_ms))
                 .collect(),
             expiring: BTreeMap::new(),
         }
@@ -69,7 +95,8 @@ impl Lessor {
     pub fn applied(&mut self, command: &Command, outcome: &Outcome, now_ms: u64) {
         match outcome {
             Outcome::LeaseGranted { id, ttl_ms } | Outcome::LeaseKept { id, ttl_ms } => {
-                self.deadlines.insert(*id, now_ms + ttl_ms + self.slack_ms);
+                let deadline = now_ms + self.clock.stretch(*ttl_ms) + self.clock.tick_ms;
+                self.deadlines.insert(*id, deadline);
             }
             Outcome::LeasesEnded { ended, .. } => {
                 for id in ended {
@@ -151,6 +178,25 @@ impl Lessor {
 mod tests {
     use super::*;
 
+    const EXACT: ClockBounds = ClockBounds {
+        tick_ms: 10,
+        drift_per_mille: 0,
+    };
+
+    #[test]
+    fn spans_are_stretched_by_the_drift_bound() {
+        let (kv, id) = granted(1000);
+        let fast = ClockBounds {
+            tick_ms: 10,
+            drift_per_mille: 20,
+        };
+        let mut lessor = Lessor::promote(&kv, 1, 0, 100, fast);
+        assert_eq!(lessor.deadlines[&id], 1000 + 20 + 100);
+        let kept = Outcome::LeaseKept { id, ttl_ms: 1000 };
+        lessor.applied(&Command::LeaseKeepAlive { id }, &kept, 500);
+        assert_eq!(lessor.deadlines[&id], 500 + 1020 + 10);
+    }
+
     fn granted(ttl_ms: u64) -> (KvStore, LeaseId) {
         let mut kv = KvStore::default();
         match kv.apply(&Command::LeaseGrant { ttl_ms }).0 {
@@ -169,7 +215,7 @@ mod tests {
         kv.apply(&Command::LeaseCheckpoint {
             remaining: vec![(id, 300)],
         });
-        let mut lessor = Lessor::promote(&kv, 2, 5_000, 200, 10);
+        let mut lessor = Lessor::promote(&kv, 2, 5_000, 200, EXACT);
         assert!(lessor.tick(5_499, 1, 10, false, none_renewing).is_empty());
         assert_eq!(
             lessor.tick(5_500, 2, 10, false, none_renewing),
@@ -185,7 +231,7 @@ mod tests {
     #[test]
     fn deadlines_count_from_one_tick_after_the_apply() {
         let (kv, id) = granted(1_000);
-        let mut lessor = Lessor::promote(&kv, 1, 0, 0, 10);
+        let mut lessor = Lessor::promote(&kv, 1, 0, 0, EXACT);
         let kept = Outcome::LeaseKept { id, ttl_ms: 1_000 };
         lessor.applied(&Command::LeaseKeepAlive { id }, &kept, 500);
         assert!(lessor.tick(1_509, 1, 10, false, none_renewing).is_empty());
@@ -195,7 +241,7 @@ mod tests {
     #[test]
     fn a_keep_alive_not_yet_applied_keeps_its_lease_out_of_expiries_and_checkpoints() {
         let (kv, id) = granted(100);
-        let mut lessor = Lessor::promote(&kv, 1, 0, 0, 10);
+        let mut lessor = Lessor::promote(&kv, 1, 0, 0, EXACT);
         let renewing = || Some(BTreeSet::from([id]));
         assert!(
             lessor.tick(1_000, 1, 10, true, renewing).is_empty(),
@@ -216,7 +262,7 @@ mod tests {
     #[test]
     fn nothing_is_proposed_when_the_log_cannot_be_read_or_nothing_is_due() {
         let (kv, _) = granted(100);
-        let mut lessor = Lessor::promote(&kv, 1, 0, 0, 10);
+        let mut lessor = Lessor::promote(&kv, 1, 0, 0, EXACT);
         assert!(lessor.tick(1_000, 1, 10, true, || None).is_empty());
         let mut asked = false;
         lessor.tick(10, 2, 10, false, || {

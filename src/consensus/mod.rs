@@ -13,6 +13,7 @@
 //! * [`transport`]: peer messages over TCP; [`server`], [`protocol`] and
 //!   [`client`]: the client port; [`listener`]: what both listeners share
 //!   (mutual TLS, connection and frame limits).
+//! * [`limits`]: what one request may ask, and the store quota (no-space alarm).
 //! * [`member`]: what a valid member name and address are.
 //! * [`codec`]: versioned encodings on disk and on the wire.
 //! * [`backup`]: backup files, restoring one into a new cluster, and forcing
@@ -24,6 +25,7 @@ pub mod codec;
 pub mod keys;
 pub mod kv;
 pub mod lessor;
+pub mod limits;
 pub mod listener;
 pub mod log;
 pub mod member;

@@ -33,7 +33,8 @@ use raft::{GetEntriesContext, RawNode, SnapshotStatus, StateRole};
 
 use super::codec::{self, MemberInfo, SnapshotData, SnapshotRef};
 use super::kv::{Command, Compacted, Event, KvStore, LeaseId, Outcome, Revision};
-use super::lessor::Lessor;
+use super::lessor::{ClockBounds, Lessor};
+use super::limits::{Limits, Refused};
 use super::storage::{Batch, DiskError, Durable, LogStore};
 
 /// A one-shot answer to a request, called exactly once.
@@ -78,7 +79,18 @@ pub enum RequestError {
     /// A membership change named a member the cluster does not have.
     #[error("no member with raft id {0:x}; see flotilla member list")]
     NoSuchMember(u64),
+    /// The request breaks a limit, or the store is over its quota; nothing
+    /// was changed.
+    #[error(transparent)]
+    Limit(#[from] Refused),
 }
+
+/// The clock drift a leader allows for by default: 2% (NTP keeps real
+/// clocks within a few hundred ppm; a VM's clock can stray further).
+pub const DEFAULT_CLOCK_DRIFT_PER_MILLE: u64 = 20;
+
+/// Bytes of applied entries between snapshots by default.
+pub const DEFAULT_SNAPSHOT_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Tuning for one member; times in ticks of `tick_ms`.
 #[derive(Debug, Clone)]
@@ -99,10 +111,22 @@ pub struct NodeConfig {
     pub heartbeat_ticks: usize,
     /// Applied entries between snapshots (and log compactions).
     pub snapshot_entries: u64,
+    /// Bytes of applied entries that also trigger a snapshot, once they
+    /// also exceed the keys and values held: the log a restart reads back,
+    /// and holds in memory, stays below about this or the state's own size,
+    /// and a large state is not rewritten for every few MiB written.
+    pub snapshot_bytes: u64,
     /// Events kept for watches.
     pub history_limit: usize,
+    /// Bytes of events kept for watches.
+    pub history_bytes: usize,
+    /// What a request may ask, and the store quota.
+    pub limits: Limits,
     /// Ticks between lease checkpoints on the leader.
     pub checkpoint_ticks: u64,
+    /// How much faster than real time this member's clock may run, in
+    /// thousandths: the lessor stretches every span it measures by it.
+    pub clock_drift_per_mille: u64,
     /// Ticks before a proposal or read without an answer is failed as unknown.
     pub request_ticks: u64,
     /// Where this start of the member begins numbering its requests. A
@@ -125,9 +149,13 @@ impl NodeConfig {
             max_election_ticks: election_ticks * 2,
             heartbeat_ticks: (election_ticks / 5).max(1),
             snapshot_entries: 100_000,
+            snapshot_bytes: DEFAULT_SNAPSHOT_BYTES,
             history_limit: super::kv::DEFAULT_HISTORY_LIMIT,
+            history_bytes: super::kv::DEFAULT_HISTORY_BYTES,
+            limits: Limits::default(),
             checkpoint_ticks: (1000 / tick_ms.max(1)).max(1),
             request_ticks: (10_000 / tick_ms.max(1)).max(10),
+            clock_drift_per_mille: DEFAULT_CLOCK_DRIFT_PER_MILLE,
             first_request: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |since| since.as_micros() as u64),
@@ -160,6 +188,9 @@ pub struct Status {
     pub keys: u64,
     /// Bytes this member's store takes on disk (log, database, snapshots).
     pub store_bytes: u64,
+    /// The no-space alarm: the store is over its quota and refuses writes
+    /// until space is freed (see [`super::limits`]).
+    pub no_space: bool,
 }
 
 /// Where this member's log stands, for metrics ([`Core::progress`]).
@@ -222,8 +253,17 @@ pub struct Core<D: Durable> {
     deferred: Vec<Entry>,
     /// A member was just added: snapshot and compact now, so the newcomer is
     /// sent a snapshot (which carries the membership) instead of a log that
-    /// starts after the founding membership.
+    /// starts after the founding membership. The leader only: it is the one
+    /// sending; see `snapshot_at` for the others.
     snapshot_now: bool,
+    /// A member was added: this follower snapshots at this tick, so that it
+    /// too holds a snapshot naming the newcomer should it lead (a leader
+    /// whose snapshot lacks a member takes one at once). Staggered by member id,
+    /// so the members do not all pause for a snapshot at once (a large
+    /// store's snapshot cost a whole cluster three elections).
+    snapshot_at: Option<u64>,
+    /// Bytes of entries applied since the last snapshot.
+    applied_bytes: u64,
 }
 
 /// Names one proposal or read of one member: the member's full Raft id in
@@ -254,6 +294,7 @@ impl<D: Durable> Core<D> {
     ) -> Result<Core<D>, DiskError> {
         let mut recovered = disk.load()?;
         let mut kv = KvStore::new(config.history_limit);
+        kv.set_history_bytes(config.history_bytes);
         let mut members = BTreeMap::new();
         let mut applied = 0;
         let mut disk = disk;
@@ -264,6 +305,7 @@ impl<D: Durable> Core<D> {
         if let Some(snap) = &recovered.snapshot {
             let data: SnapshotData = codec::decode(&snap.data)?;
             kv = data.kv;
+            kv.set_history_bytes(config.history_bytes);
             members = data.members;
             applied = snap.get_metadata().index;
         }
@@ -276,7 +318,7 @@ impl<D: Durable> Core<D> {
                 apply_members(&mut members, &cc, info);
             }
         }
-        let store = LogStore::from_recovered(&recovered)?;
+        let store = LogStore::from_recovered(&recovered, disk.snapshot_dir().is_some())?;
         let raft_config = raft::Config {
             id: config.id,
             election_tick: config.election_ticks,
@@ -320,6 +362,8 @@ impl<D: Durable> Core<D> {
             lessor: None,
             commit_dirty: false,
             snapshot_now: false,
+            snapshot_at: None,
+            applied_bytes: 0,
             removed: !in_group,
             deferred: Vec::new(),
         })
@@ -362,6 +406,7 @@ impl<D: Durable> Core<D> {
                 .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()),
             keys: self.kv.key_count() as u64,
             store_bytes: self.disk.size_bytes(),
+            no_space: self.config.limits.over_quota(&self.kv),
         }
     }
 
@@ -423,12 +468,24 @@ impl<D: Durable> Core<D> {
     }
 
     /// Proposes a command; `reply` gets its outcome once applied here.
+    ///
+    /// A command that breaks this member's [`Limits`] is refused before it
+    /// is proposed: it changes nothing and costs no log entry.
     pub fn propose(&mut self, command: &Command, reply: Callback<Result<Outcome, RequestError>>) {
         if let Some(refused) = self.refusal() {
             return reply(Err(refused));
         }
+        let limits = &self.config.limits;
+        if let Err(refused) = limits.check(command, &self.kv) {
+            return reply(Err(refused.into()));
+        }
+        let data = codec::encode(command);
+        if data.len() > limits.request_bytes {
+            let refused = Refused::RequestTooLarge(data.len(), limits.request_bytes);
+            return reply(Err(refused.into()));
+        }
         let id = self.request_id();
-        match self.raw.propose(ctx_bytes(id), codec::encode(command)) {
+        match self.raw.propose(ctx_bytes(id), data) {
             Ok(()) => self.track(id, reply),
             Err(_) => reply(Err(RequestError::NoLeader)),
         }
@@ -693,7 +750,11 @@ impl<D: Durable> Core<D> {
 
     fn start_lessor(&mut self) {
         let (term, now, grace) = (self.raw.raft.term, self.now_ms, self.config.election_ms());
-        let lessor = Lessor::promote(&self.kv, term, now, grace, self.config.tick_ms);
+        let clock = ClockBounds {
+            tick_ms: self.config.tick_ms,
+            drift_per_mille: self.config.clock_drift_per_mille,
+        };
+        let lessor = Lessor::promote(&self.kv, term, now, grace, clock);
         self.lessor = Some(lessor);
     }
 
@@ -819,6 +880,11 @@ impl<D: Durable> Core<D> {
             }
             self.leader = leader;
         }
+        if role == StateRole::Leader && self.snapshot_lacks_members() {
+            // Leading now: a newcomer may need this member's snapshot, and
+            // refuses one that does not name it (found by tests/sim.rs).
+            self.snapshot_now = true;
+        }
         if role == StateRole::Leader && self.lessor.is_none() {
             self.start_lessor();
         } else if role != StateRole::Leader {
@@ -833,8 +899,10 @@ impl<D: Durable> Core<D> {
     /// members; found by tests/sim.rs).
     fn install(&mut self, data: SnapshotData, meta: &raft::eraftpb::SnapshotMetadata) {
         self.kv = data.kv;
+        self.kv.set_history_bytes(self.config.history_bytes);
         self.members = data.members;
         self.applied = meta.index;
+        self.applied_bytes = 0;
         self.conf_state = meta.get_conf_state().clone();
         let me = self.config.id;
         self.removed =
@@ -876,6 +944,7 @@ impl<D: Durable> Core<D> {
                 break;
             }
             self.applied = entry.index;
+            self.applied_bytes += entry.data.len() as u64;
             let request = ctx_id(&entry.context);
             match entry.get_entry_type() {
                 EntryType::EntryNormal if entry.data.is_empty() => {}
@@ -956,10 +1025,16 @@ impl<D: Durable> Core<D> {
         let known = |id: u64| {
             self.conf_state.voters.contains(&id) || self.conf_state.learners.contains(&id)
         };
-        self.snapshot_now |= cc
+        let newcomer = cc
             .get_changes()
             .iter()
             .any(|c| c.get_change_type() != ConfChangeType::RemoveNode && !known(c.node_id));
+        if newcomer && self.is_leader() {
+            self.snapshot_now = true;
+        } else if newcomer {
+            let stagger = self.config.election_ticks as u64 * (1 + self.config.id % 5);
+            self.snapshot_at = Some(self.ticks + stagger);
+        }
         apply_members(&mut self.members, &cc, info);
         self.conf_state = cs.clone();
         let batch = Batch {
@@ -983,6 +1058,20 @@ impl<D: Durable> Core<D> {
             }
         }
         Ok(Ok(Outcome::Checkpointed))
+    }
+
+    /// Whether the latest snapshot leaves out a current member (it was taken
+    /// before that member was added, or this member restarted before its
+    /// staggered snapshot was due).
+    fn snapshot_lacks_members(&self) -> bool {
+        let taken = self.store.snapshot_conf_state();
+        let known = |id: &u64| taken.voters.contains(id) || taken.learners.contains(id);
+        !self
+            .conf_state
+            .voters
+            .iter()
+            .chain(&self.conf_state.learners)
+            .all(known)
     }
 
     /// The voter (not this member) whose log matches the leader's furthest.
@@ -1028,11 +1117,20 @@ impl<D: Durable> Core<D> {
         // Members snapshot at different points (up to a tenth of the interval
         // apart, by id), so they never all pause for a snapshot at once.
         let stagger = self.config.id % (self.config.snapshot_entries / 10).max(1);
-        let due = self.applied >= last + self.config.snapshot_entries + stagger;
-        if !(due || self.snapshot_now && self.applied > last) {
+        // Writing a snapshot costs the whole state: after as many bytes of
+        // log as it holds at least, so each written byte is rewritten about
+        // once more, not once per snapshot_bytes.
+        let bytes = self.config.snapshot_bytes.max(self.kv.data_bytes());
+        let byte_stagger = bytes / 100 * (self.config.id % 10);
+        let due = self.applied >= last + self.config.snapshot_entries + stagger
+            || self.applied_bytes >= bytes.saturating_add(byte_stagger);
+        let asked = self.snapshot_now || self.snapshot_at.is_some_and(|at| self.ticks >= at);
+        if !(due || asked && self.applied > last) {
             return Ok(());
         }
         self.snapshot_now = false;
+        self.snapshot_at = None;
+        self.applied_bytes = 0;
         let Some(term) = self.store.term_of(self.applied) else {
             return Ok(());
         };
@@ -1199,6 +1297,7 @@ mod tests {
     #[test]
     fn leases_expire_on_the_leader_and_take_their_keys() {
         let mut core = single(MemDisk::new());
+        core.config.limits.min_lease_ttl_ms = 100;
         run(&mut core, 30);
         let granted = Arc::new(Mutex::new(None));
         let slot = granted.clone();

@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::kv::{Command, Event, KeyValue, Outcome, Revision};
+use super::limits::Refused;
 use super::node::{RequestError, Status};
 
 /// How often a member sends an empty `Events` frame on an idle watch.
@@ -21,6 +22,38 @@ pub const WATCH_HEARTBEAT: Duration = Duration::from_secs(1);
 /// How long a client waits on a silent watch before it gives the member up
 /// and resumes the watch on another.
 pub const WATCH_SILENCE: Duration = Duration::from_secs(3);
+
+/// About how many bytes of events one `Events` frame carries: a watch's
+/// backlog (up to the whole history) goes out in frames of this size, never
+/// one frame that could outgrow the frame limit and so never get through.
+pub const WATCH_FRAME_BYTES: usize = 4 * 1024 * 1024;
+
+/// Splits events into batches of about `max_bytes` each, at revision
+/// boundaries only (a client resumes a watch after the last revision it
+/// received, so a batch MUST end with a whole revision): a batch is closed
+/// before a revision that would start past `max_bytes`, so it exceeds that
+/// by at most its last revision.
+pub fn batches(events: Vec<Event>, max_bytes: usize) -> Vec<Vec<Event>> {
+    let mut out = Vec::new();
+    let mut batch: Vec<Event> = Vec::new();
+    let mut bytes = 0;
+    for event in events {
+        let size = event.kv.key.len() + event.kv.value.len() + 64;
+        let new_revision = batch
+            .last()
+            .is_some_and(|e| e.revision() != event.revision());
+        if new_revision && bytes + size > max_bytes {
+            out.push(std::mem::take(&mut batch));
+            bytes = 0;
+        }
+        bytes += size;
+        batch.push(event);
+    }
+    if !batch.is_empty() {
+        out.push(batch);
+    }
+    out
+}
 
 /// A client's request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,8 +121,11 @@ pub enum ErrorKind {
     /// A watch asked for history that is gone: list again.
     Compacted,
     /// The caller's identity may not make this request; nothing changed.
-    /// Last of the variants, so older members' answers still decode.
     Denied,
+    /// The store is over its quota (the no-space alarm): writes that add
+    /// data are refused until space is freed; nothing was changed. New
+    /// variants go last, so older members' answers still decode.
+    NoSpace,
 }
 
 /// A member's answer.
@@ -125,11 +161,53 @@ impl From<RequestError> for Response {
             RequestError::NoLeader => ErrorKind::NoLeader,
             RequestError::Unknown => ErrorKind::Unknown,
             RequestError::Stopped(_) => ErrorKind::Stopped,
-            RequestError::Invalid(_) | RequestError::NoSuchMember(_) => ErrorKind::Invalid,
+            RequestError::Limit(Refused::NoSpace { .. }) => ErrorKind::NoSpace,
+            RequestError::Invalid(_) | RequestError::NoSuchMember(_) | RequestError::Limit(_) => {
+                ErrorKind::Invalid
+            }
         };
         Response::Error {
             kind,
             message: e.to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consensus::kv::{EventKind, KeyValue};
+
+    fn event(revision: Revision, bytes: usize) -> Event {
+        Event {
+            kind: EventKind::Put,
+            kv: KeyValue {
+                key: format!("k{revision}"),
+                value: vec![0; bytes],
+                create_revision: revision,
+                mod_revision: revision,
+                version: 1,
+                lease: None,
+            },
+        }
+    }
+
+    #[test]
+    fn batches_stay_near_the_size_and_keep_revisions_whole() {
+        let events = vec![
+            event(1, 400),
+            event(2, 400),
+            event(2, 400),
+            event(3, 2000),
+            event(4, 10),
+        ];
+        let got: Vec<Vec<Revision>> = batches(events, 1000)
+            .iter()
+            .map(|b| b.iter().map(Event::revision).collect())
+            .collect();
+        // A batch is closed before a revision that would take it past the
+        // size, never inside one.
+        assert_eq!(got, [vec![1, 2, 2], vec![3], vec![4]]);
+        assert!(batches(Vec::new(), 1000).is_empty());
     }
 }

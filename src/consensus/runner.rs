@@ -190,66 +190,48 @@ fn read(kv: &super::kv::KvStore, key: &str, prefix: bool) -> (Vec<KeyValue>, Rev
     (kvs, kv.revision())
 }
 
+/// Why the node thread ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// Asked to ([`Msg::Stop`]), or every [`Handle`] was dropped.
+    Stopped,
+    /// A fatal error (the disk failed, the Raft thread panicked). The member
+    /// cannot go on: the daemon MUST end with a failure status, so systemd
+    /// restarts it from what it persisted, instead of staying up with its
+    /// ports bound answering every request with an error.
+    Failed(String),
+}
+
 /// Starts the node thread; it runs until [`Msg::Stop`], until every [`Handle`]
-/// is dropped, or until the disk fails. `transport` is built with a handle so
-/// it can report unreachable peers.
+/// is dropped, or until a fatal error, and returns why it ended. `transport`
+/// is built with a handle so it can report unreachable peers.
+///
+/// A panic on the thread is caught and returned as [`Exit::Failed`]: the
+/// unwinding drops the requests in hand, whose callers read "outcome
+/// unknown" (they may have been proposed), never "refused".
 pub fn spawn<D: Durable + 'static, T: Transport>(
-    mut core: Core<D>,
+    core: Core<D>,
     tick: Duration,
     transport: impl FnOnce(Handle) -> T,
-) -> (Handle, JoinHandle<()>) {
+) -> (Handle, JoinHandle<Exit>) {
     let (tx, rx) = mpsc::channel::<Msg>();
     let transport = transport(Handle { tx: tx.clone() });
     let thread = std::thread::Builder::new()
         .name("raft".into())
         .spawn(move || {
-            let start = Instant::now();
-            let mut next_tick = start + tick;
-            let mut members = core.members().clone();
-            transport.set_peers(&members);
-            let mut published = Published::default();
-            loop {
-                let wait = next_tick.saturating_duration_since(Instant::now());
-                let mut running = match rx.recv_timeout(wait) {
-                    Ok(msg) => handle(&mut core, msg),
-                    Err(RecvTimeoutError::Timeout) => true,
-                    Err(RecvTimeoutError::Disconnected) => false,
-                };
-                // Drain everything queued: one Ready pass (one fsync) for all of it.
-                while running {
-                    match rx.try_recv() {
-                        Ok(msg) => running = handle(&mut core, msg),
-                        Err(_) => break,
-                    }
-                }
-                if !running {
-                    break;
-                }
-                let now = Instant::now();
-                while now >= next_tick {
-                    let ms = u64::try_from(next_tick.duration_since(start).as_millis())
-                        .unwrap_or(u64::MAX);
-                    core.tick(ms);
-                    next_tick += tick;
-                }
-                match core.handle_ready() {
-                    Ok(messages) => {
-                        if !messages.is_empty() {
-                            transport.send(messages);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!("raft storage failed, stopping this member: {e}");
-                        break;
-                    }
-                }
-                published.publish(&core);
-                // Compared by reference each pass; cloned only when membership changed.
-                if *core.members() != members {
-                    members = core.members().clone();
-                    transport.set_peers(&members);
-                }
+            let run = std::panic::AssertUnwindSafe(|| drive(core, tick, &rx, &transport));
+            let exit = std::panic::catch_unwind(run).unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".into());
+                Exit::Failed(format!("the Raft thread panicked: {what}"))
+            });
+            if let Exit::Failed(why) = &exit {
+                tracing::error!("this Raft member stopped: {why}");
             }
+            exit
         })
         .expect("spawning the raft thread");
     (Handle { tx }, thread)
@@ -284,6 +266,58 @@ impl Published {
             METRICS.store_bytes.set(status.store_bytes);
             METRICS.store_keys.set(status.keys);
             METRICS.leases.set(core.kv().leases().count() as u64);
+        }
+    }
+}
+
+/// The node thread's loop; see [`spawn`].
+fn drive<D: Durable, T: Transport>(
+    mut core: Core<D>,
+    tick: Duration,
+    rx: &mpsc::Receiver<Msg>,
+    transport: &T,
+) -> Exit {
+    let start = Instant::now();
+    let mut next_tick = start + tick;
+    let mut members = core.members().clone();
+    transport.set_peers(&members);
+    let mut published = Published::default();
+    loop {
+        let wait = next_tick.saturating_duration_since(Instant::now());
+        let mut running = match rx.recv_timeout(wait) {
+            Ok(msg) => handle(&mut core, msg),
+            Err(RecvTimeoutError::Timeout) => true,
+            Err(RecvTimeoutError::Disconnected) => false,
+        };
+        // Drain everything queued: one Ready pass (one fsync) for all of it.
+        while running {
+            match rx.try_recv() {
+                Ok(msg) => running = handle(&mut core, msg),
+                Err(_) => break,
+            }
+        }
+        if !running {
+            return Exit::Stopped;
+        }
+        let now = Instant::now();
+        while now >= next_tick {
+            let ms = u64::try_from(next_tick.duration_since(start).as_millis()).unwrap_or(u64::MAX);
+            core.tick(ms);
+            next_tick += tick;
+        }
+        match core.handle_ready() {
+            Ok(messages) => {
+                if !messages.is_empty() {
+                    transport.send(messages);
+                }
+            }
+            Err(e) => return Exit::Failed(format!("its storage failed: {e}")),
+        }
+        published.publish(&core);
+        // Compared by reference each pass; cloned only when membership changed.
+        if *core.members() != members {
+            members = core.members().clone();
+            transport.set_peers(&members);
         }
     }
 }
@@ -347,7 +381,9 @@ fn handle<D: Durable>(core: &mut Core<D>, msg: Msg) -> bool {
 mod tests {
     use super::*;
     use crate::consensus::node::NodeConfig;
-    use crate::consensus::storage::MemDisk;
+    use crate::consensus::storage::{Batch, DiskError, MemDisk, Recovered};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     /// A single member sends nothing.
     struct Nowhere;
@@ -379,9 +415,67 @@ mod tests {
         // not have been applied, as far as the caller can know.
         let in_hand = handle.propose(Command::put("k", "w", None)).await;
         assert_eq!(in_hand, Err(RequestError::Unknown));
-        thread.join().unwrap();
+        let exit = thread.join().unwrap();
+        assert!(
+            matches!(&exit, Exit::Failed(why) if why.contains("storage failed")),
+            "{exit:?}"
+        );
         // Sent after the thread is gone: certainly not applied.
         let after = handle.propose(Command::put("k", "x", None)).await;
         assert!(matches!(after, Err(RequestError::Stopped(_))), "{after:?}");
+    }
+
+    /// A disk whose driver panics once armed (a bug, not an I/O error).
+    struct PanickingDisk {
+        inner: MemDisk,
+        armed: Arc<AtomicBool>,
+    }
+
+    impl Durable for PanickingDisk {
+        fn load(&self) -> Result<Recovered, DiskError> {
+            self.inner.load()
+        }
+
+        fn save(&mut self, batch: &Batch) -> Result<(), DiskError> {
+            assert!(
+                !self.armed.load(Ordering::SeqCst),
+                "a bug in the disk layer"
+            );
+            self.inner.save(batch)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panic_on_the_raft_thread_ends_it_as_failed_and_in_flight_requests_read_unknown() {
+        let armed = Arc::new(AtomicBool::new(false));
+        let disk = PanickingDisk {
+            inner: MemDisk::new(),
+            armed: armed.clone(),
+        };
+        let members = BTreeMap::from([(
+            1,
+            MemberInfo {
+                name: "n1".into(),
+                peer_addr: "127.0.0.1:1".into(),
+            },
+        )]);
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let core = Core::new(NodeConfig::new(1, 5, 50), disk, &members, &logger).unwrap();
+        let (handle, thread) = spawn(core, Duration::from_millis(5), |_| Nowhere);
+        while handle.status().await.unwrap().leader == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        armed.store(true, Ordering::SeqCst);
+        let in_hand = handle.propose(Command::put("k", "w", None)).await;
+        assert_eq!(in_hand, Err(RequestError::Unknown));
+        let exit = thread.join().expect("the panic is caught on the thread");
+        assert!(
+            matches!(&exit, Exit::Failed(why) if why.contains("panicked: a bug in the disk layer")),
+            "{exit:?}"
+        );
+        assert!(matches!(
+            handle.status().await,
+            Err(RequestError::Stopped(_))
+        ));
     }
 }

@@ -12,7 +12,7 @@ use tokio::io::{BufReader, BufWriter};
 use super::codec::{self, CodecError, FrameLimits, MemberInfo};
 use super::listener::{Accepted, Listener};
 use super::node::{RequestError, WatchMsg, member_id};
-use super::protocol::{ErrorKind, Request, Response, WATCH_HEARTBEAT};
+use super::protocol::{ErrorKind, Request, Response, WATCH_FRAME_BYTES, WATCH_HEARTBEAT, batches};
 use super::runner::Handle;
 use crate::tls::Identity;
 
@@ -180,13 +180,19 @@ async fn stream_watch<W: tokio::io::AsyncWrite + Unpin>(
                 continue;
             }
         };
-        let response = match message {
-            WatchMsg::Events(batch) => Response::Events(batch),
-            WatchMsg::Compacted(c) => Response::Error {
-                kind: ErrorKind::Compacted,
-                message: c.to_string(),
-            },
-        };
-        send(write, &response).await?;
+        match message {
+            WatchMsg::Events(events) => {
+                for batch in batches(events, WATCH_FRAME_BYTES) {
+                    send(write, &Response::Events(batch)).await?;
+                }
+            }
+            WatchMsg::Compacted(c) => {
+                let error = Response::Error {
+                    kind: ErrorKind::Compacted,
+                    message: c.to_string(),
+                };
+                send(write, &error).await?;
+            }
+        }
     }
 }

@@ -7,8 +7,11 @@
 //! deterministic simulation, where a "crash" discards whatever was not synced.
 //!
 //! [`LogStore`] is the in-memory view raft-rs reads through its `Storage` trait:
-//! raft-rs's own `MemStorage` for entries and states, plus our snapshot with
-//! the state machine's data so lagging members can catch up.
+//! raft-rs's own `MemStorage` for entries and states (only the log since the
+//! last snapshot: snapshots are taken every `snapshot_entries` entries or
+//! `snapshot_bytes` bytes, whichever comes first, so a restart reads back a
+//! bounded log), plus our snapshot, whose data stays in its file on a real
+//! disk and is streamed from there to a lagging member.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -110,6 +113,17 @@ pub trait Durable: Send {
     fn size_bytes(&self) -> u64 {
         0
     }
+    /// Where snapshot data is kept as files named by [`snapshot_file_name`],
+    /// if it is: then the log view keeps no copy of it in memory, and the
+    /// transport streams it to a follower from the file.
+    fn snapshot_dir(&self) -> Option<&Path> {
+        None
+    }
+}
+
+/// The file name of a snapshot's data under [`Durable::snapshot_dir`].
+pub fn snapshot_file_name(meta: &raft::eraftpb::SnapshotMetadata) -> String {
+    format!("snapshot-{:016x}-{:016x}.bin", meta.term, meta.index)
 }
 
 /// The Raft state in a redb database under the member's data directory.
@@ -152,11 +166,7 @@ impl RedbDisk {
     }
 
     fn snapshot_file(&self, snapshot: &Snapshot) -> std::path::PathBuf {
-        let meta = snapshot.get_metadata();
-        self.dir.join(format!(
-            "snapshot-{:016x}-{:016x}.bin",
-            meta.term, meta.index
-        ))
+        self.dir.join(snapshot_file_name(snapshot.get_metadata()))
     }
 
     /// Writes a snapshot's data durably under its own name.
@@ -309,6 +319,10 @@ impl Durable for RedbDisk {
         Ok(())
     }
 
+    fn snapshot_dir(&self) -> Option<&Path> {
+        Some(&self.dir)
+    }
+
     fn size_bytes(&self) -> u64 {
         // The database and the snapshot files beside it.
         std::fs::read_dir(&self.dir)
@@ -412,11 +426,19 @@ impl Durable for MemDisk {
 pub struct LogStore {
     mem: MemStorage,
     snapshot: Arc<RwLock<Snapshot>>,
+    /// The snapshot's data lives in a file ([`Durable::snapshot_dir`]): the
+    /// view keeps its metadata only, and hands raft-rs a `MsgSnapshot`
+    /// without data, which the transport fills from the file as it sends.
+    data_in_file: bool,
 }
 
 impl LogStore {
-    /// Rebuilds the in-memory view from what the disk recovered.
-    pub fn from_recovered(recovered: &Recovered) -> Result<LogStore, DiskError> {
+    /// Rebuilds the in-memory view from what the disk recovered;
+    /// `data_in_file` as [`Durable::snapshot_dir`] says.
+    pub fn from_recovered(
+        recovered: &Recovered,
+        data_in_file: bool,
+    ) -> Result<LogStore, DiskError> {
         let mem = MemStorage::new();
         let mut snapshot = Snapshot::default();
         {
@@ -445,22 +467,39 @@ impl LogStore {
             hard_state.commit = hard_state.commit.max(after);
             core.set_hardstate(hard_state);
         }
-        Ok(LogStore {
+        let store = LogStore {
             mem,
-            snapshot: Arc::new(RwLock::new(snapshot)),
-        })
+            snapshot: Arc::new(RwLock::new(Snapshot::default())),
+            data_in_file,
+        };
+        store.keep(&snapshot);
+        Ok(store)
+    }
+
+    /// Makes `snapshot` the one raft-rs is handed, without its data when
+    /// that is in a file.
+    fn keep(&self, snapshot: &Snapshot) {
+        let mut kept = self.snapshot.write().expect("snapshot lock");
+        if self.data_in_file {
+            kept.set_metadata(snapshot.get_metadata().clone());
+            kept.data = Default::default();
+        } else {
+            *kept = snapshot.clone();
+        }
     }
 
     /// Applies a saved batch to the in-memory view (after [`Durable::save`]).
     pub fn apply(&self, batch: &Batch) -> raft::Result<()> {
         let mut core = self.mem.wl();
         if let Some(snap) = &batch.installed {
-            core.apply_snapshot(snap.clone())?;
-            *self.snapshot.write().expect("snapshot lock") = snap.clone();
+            let mut metadata_only = Snapshot::default();
+            metadata_only.set_metadata(snap.get_metadata().clone());
+            core.apply_snapshot(metadata_only)?;
+            self.keep(snap);
         }
         if let Some(snap) = &batch.taken {
             core.compact(snap.get_metadata().index)?;
-            *self.snapshot.write().expect("snapshot lock") = snap.clone();
+            self.keep(snap);
         }
         core.append(&batch.entries)?;
         if let Some(hs) = &batch.hard_state {
@@ -470,6 +509,16 @@ impl LogStore {
             core.set_conf_state(cs.clone());
         }
         Ok(())
+    }
+
+    /// The membership the latest snapshot records.
+    pub fn snapshot_conf_state(&self) -> ConfState {
+        self.snapshot
+            .read()
+            .expect("snapshot lock")
+            .get_metadata()
+            .get_conf_state()
+            .clone()
     }
 
     /// The latest snapshot's index (0 when there is none).
@@ -516,7 +565,8 @@ impl raft::Storage for LogStore {
 
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         let snapshot = self.snapshot.read().expect("snapshot lock").clone();
-        if snapshot.get_metadata().index < request_index || snapshot.data.is_empty() {
+        let has_data = self.data_in_file || !snapshot.data.is_empty();
+        if snapshot.get_metadata().index < request_index || !has_data {
             // The node makes a fresh snapshot soon; raft-rs asks again.
             return Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,

@@ -34,9 +34,13 @@
 //! flow control paces the sender), then one byte back from the receiver once
 //! it has the whole snapshot and handed it to its node. Only then is the
 //! snapshot reported delivered ([`Msg::SnapshotSent`]); any failure on the
-//! way reports it failed, and Raft sends a fresh one later.
+//! way reports it failed, and Raft sends a fresh one later. The sender reads
+//! the data from the snapshot's file as it writes (the log view keeps no copy
+//! in memory, see `storage::LogStore`), so a large snapshot costs it a chunk
+//! or two of memory, not the whole.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,6 +55,7 @@ use super::listener::{Accepted, Listener};
 use super::node::member_id;
 use super::runner::{self, Handle, Msg};
 use super::sockets::limit_unacked;
+use super::storage::snapshot_file_name;
 use crate::tls::stream::BoxStream;
 use crate::tls::{ClientTls, Identity, Role};
 
@@ -82,7 +87,9 @@ fn encode(message: &Message) -> Vec<u8> {
     frame
 }
 
-fn decode(frame: &[u8]) -> Result<Message, CodecError> {
+/// Decodes one ordinary peer frame (version byte, protobuf Raft message).
+/// Public for the fuzz target (`fuzz/fuzz_targets/peer_frame.rs`).
+pub fn decode(frame: &[u8]) -> Result<Message, CodecError> {
     let (&version, body) = frame
         .split_first()
         .ok_or_else(|| CodecError::Malformed("empty frame".into()))?;
@@ -178,17 +185,28 @@ pub struct TcpTransport {
     runtime: tokio::runtime::Handle,
     peers: Peers,
     node: Handle,
+    /// Where snapshot data is read from when a `MsgSnapshot` comes without
+    /// it ([`super::storage::Durable::snapshot_dir`]).
+    snapshot_dir: Option<PathBuf>,
 }
 
 impl TcpTransport {
     /// A transport for member `me` whose writer tasks run on `runtime`;
-    /// give the same `peers` to [`serve_peers`].
-    pub fn new(me: u64, runtime: tokio::runtime::Handle, node: Handle, peers: Peers) -> Self {
+    /// give the same `peers` to [`serve_peers`]. `snapshot_dir` is the
+    /// disk's [`super::storage::Durable::snapshot_dir`].
+    pub fn new(
+        me: u64,
+        runtime: tokio::runtime::Handle,
+        node: Handle,
+        peers: Peers,
+        snapshot_dir: Option<PathBuf>,
+    ) -> Self {
         TcpTransport {
             me,
             runtime,
             peers,
             node,
+            snapshot_dir,
         }
     }
 }
@@ -206,6 +224,7 @@ impl runner::Transport for TcpTransport {
                 self.runtime.spawn(stream_snapshot(
                     peer,
                     message,
+                    self.snapshot_dir.clone(),
                     self.node.clone(),
                     self.peers.tls.clone(),
                 ));
@@ -257,16 +276,32 @@ impl runner::Transport for TcpTransport {
 }
 
 /// Sends one snapshot on a connection of its own and reports how it ended;
-/// `peer` is the peer's address and name.
+/// `peer` is the peer's address and name. A message without data takes it
+/// from its file under `dir`, a chunk at a time: the sender never holds the
+/// whole snapshot in memory.
 async fn stream_snapshot(
     peer: Option<(String, Option<String>)>,
     message: Message,
+    dir: Option<PathBuf>,
     node: Handle,
     tls: Option<Arc<ClientTls>>,
 ) {
     let to = message.to;
     let sent = async {
         let (addr, name) = peer.ok_or_else(|| format!("no address for raft peer {to:x}"))?;
+        let snapshot = message.get_snapshot();
+        let file = match &dir {
+            Some(dir) if snapshot.get_data().is_empty() => {
+                let path = dir.join(snapshot_file_name(snapshot.get_metadata()));
+                // Opened before connecting: a newer snapshot may replace
+                // the file, and an open file outlives its name.
+                let unreadable = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+                let file = std::fs::File::open(&path).map_err(unreadable)?;
+                let len = file.metadata().map_err(unreadable)?.len();
+                Some((read_in_background(file), len))
+            }
+            _ => None,
+        };
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
             .await
             .map_err(|_| format!("connecting to {addr} timed out"))?
@@ -276,9 +311,14 @@ async fn stream_snapshot(
         let mut stream = secure(tcp, tls.as_deref(), name.as_deref().unwrap_or_default())
             .await
             .map_err(|e| format!("{addr}: {e}"))?;
-        send_snapshot(&mut stream, &message)
-            .await
-            .map_err(|e| format!("sending to {addr}: {e}"))
+        let sent = match file {
+            Some((file, len)) => send_snapshot(&mut stream, &message, file, len).await,
+            None => {
+                let data = message.get_snapshot().get_data();
+                send_snapshot(&mut stream, &message, data, data.len() as u64).await
+            }
+        };
+        sent.map_err(|e| format!("sending to {addr}: {e}"))
     };
     let delivered = match sent.await {
         Ok(()) => true,
@@ -290,27 +330,62 @@ async fn stream_snapshot(
     let _ = node.send(Msg::SnapshotSent { to, delivered });
 }
 
-/// Writes a snapshot stream (header, data chunks) and waits for the
-/// receiver's confirmation. Each step must progress within [`SNAPSHOT_STALL`].
+/// A file's bytes as an async reader: read on a blocking thread into a
+/// pipe one chunk deep, so a slow receiver holds the reads back and no more
+/// than a chunk or two of the file is in memory at once.
+fn read_in_background(mut file: std::fs::File) -> tokio::io::DuplexStream {
+    use tokio::io::AsyncWriteExt;
+    let (reader, mut writer) = tokio::io::duplex(CHUNK);
+    let runtime = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut chunk = vec![0u8; CHUNK];
+        // A read error ends the pipe early: the sender sees the data end
+        // before its announced length and reports the snapshot failed.
+        while let Ok(n @ 1..) = file.read(&mut chunk) {
+            if runtime.block_on(writer.write_all(&chunk[..n])).is_err() {
+                return;
+            }
+        }
+    });
+    reader
+}
+
+/// Writes a snapshot stream (header, then the `len` bytes of `data` in
+/// chunks, read as they are sent) and waits for the receiver's
+/// confirmation. Each step must progress within [`SNAPSHOT_STALL`]; TCP's
+/// flow control paces the reads.
 pub async fn send_snapshot<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     message: &Message,
+    mut data: impl AsyncRead + Unpin,
+    len: u64,
 ) -> Result<(), CodecError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let stalled = || CodecError::Io(std::io::ErrorKind::TimedOut.into());
-    let data = message.get_snapshot().get_data();
     let mut header = message.clone();
     header.mut_snapshot().data = Default::default();
     let mut frame = vec![SNAPSHOT_STREAM, codec::FORMAT_VERSION];
-    frame.extend_from_slice(&(data.len() as u64).to_be_bytes());
+    frame.extend_from_slice(&len.to_be_bytes());
     header
         .write_to_vec(&mut frame)
         .expect("protobuf encoding of an in-memory message cannot fail");
     let mut writer = BufWriter::new(&mut *stream);
-    for part in std::iter::once(frame.as_slice()).chain(data.chunks(CHUNK)) {
-        tokio::time::timeout(SNAPSHOT_STALL, codec::write_frame(&mut writer, part))
-            .await
-            .map_err(|_| stalled())??;
+    tokio::time::timeout(SNAPSHOT_STALL, codec::write_frame(&mut writer, &frame))
+        .await
+        .map_err(|_| stalled())??;
+    let mut chunk = vec![0u8; CHUNK];
+    let mut left = len;
+    while left > 0 {
+        let want = usize::try_from(left).map_or(CHUNK, |l| l.min(CHUNK));
+        data.read_exact(&mut chunk[..want]).await?;
+        tokio::time::timeout(
+            SNAPSHOT_STALL,
+            codec::write_frame(&mut writer, &chunk[..want]),
+        )
+        .await
+        .map_err(|_| stalled())??;
+        left -= want as u64;
     }
     tokio::time::timeout(SNAPSHOT_STALL, writer.flush())
         .await
@@ -339,6 +414,30 @@ pub async fn receive_snapshot<R: AsyncRead + Unpin>(
     admitted: &(dyn Fn(&Message) -> Result<(), String> + Sync),
 ) -> Result<Message, CodecError> {
     let malformed = |what: &str| CodecError::Malformed(format!("snapshot stream: {what}"));
+    let (mut message, len) = snapshot_header(header)?;
+    admitted(&message).map_err(CodecError::Malformed)?;
+    // Grows as data arrives: a header alone must not make us allocate what
+    // it announces.
+    let mut data = Vec::with_capacity(len.min(CHUNK));
+    while data.len() < len {
+        let chunk = tokio::time::timeout(SNAPSHOT_STALL, codec::read_frame(reader))
+            .await
+            .map_err(|_| CodecError::Io(std::io::ErrorKind::TimedOut.into()))??
+            .ok_or_else(|| malformed("ended early"))?;
+        if data.len() + chunk.len() > len {
+            return Err(malformed("more data than announced"));
+        }
+        data.extend_from_slice(&chunk);
+    }
+    message.mut_snapshot().data = data.into();
+    Ok(message)
+}
+
+/// Decodes the frame that opens a snapshot stream: the `MsgSnapshot`
+/// without its data, and the data's announced length (within the limit).
+/// Public for the fuzz target (`fuzz/fuzz_targets/peer_frame.rs`).
+pub fn snapshot_header(header: &[u8]) -> Result<(Message, usize), CodecError> {
+    let malformed = |what: &str| CodecError::Malformed(format!("snapshot stream: {what}"));
     let rest = header
         .strip_prefix(&[SNAPSHOT_STREAM])
         .ok_or_else(|| malformed("no stream header"))?;
@@ -357,26 +456,13 @@ pub async fn receive_snapshot<R: AsyncRead + Unpin>(
             "{len} bytes exceeds the {MAX_SNAPSHOT}-byte limit"
         )));
     }
-    let mut message =
+    let message =
         Message::parse_from_bytes(body).map_err(|e| CodecError::Malformed(e.to_string()))?;
     if message.get_msg_type() != MessageType::MsgSnapshot {
         return Err(malformed("not a snapshot message"));
     }
-    admitted(&message).map_err(CodecError::Malformed)?;
     let len = usize::try_from(len).map_err(|_| malformed("too long for this machine"))?;
-    let mut data = Vec::with_capacity(len);
-    while data.len() < len {
-        let chunk = tokio::time::timeout(SNAPSHOT_STALL, codec::read_frame(reader))
-            .await
-            .map_err(|_| CodecError::Io(std::io::ErrorKind::TimedOut.into()))??
-            .ok_or_else(|| malformed("ended early"))?;
-        if data.len() + chunk.len() > len {
-            return Err(malformed("more data than announced"));
-        }
-        data.extend_from_slice(&chunk);
-    }
-    message.mut_snapshot().data = data.into();
-    Ok(message)
+    Ok((message, len))
 }
 
 /// Runs the TLS handshake (when the transport has TLS) with the peer that
@@ -595,8 +681,44 @@ mod tests {
             receiver.write_all(&[SNAPSHOT_RECEIVED]).await.unwrap();
             got
         });
-        send_snapshot(&mut sender, &message).await.unwrap();
+        let data = message.get_snapshot().get_data().to_vec();
+        send_snapshot(&mut sender, &message, data.as_slice(), data.len() as u64)
+            .await
+            .unwrap();
         assert_eq!(receiving.await.unwrap(), expected);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_in_a_file_streams_from_it_chunk_by_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut message = Message::default();
+        message.set_msg_type(MessageType::MsgSnapshot);
+        message.mut_snapshot().mut_metadata().index = 9;
+        message.mut_snapshot().mut_metadata().term = 2;
+        let data: Vec<u8> = (0..2 * CHUNK + 77).map(|i| (i % 253) as u8).collect();
+        let path = dir
+            .path()
+            .join(snapshot_file_name(message.get_snapshot().get_metadata()));
+        std::fs::write(&path, &data).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let (mut sender, receiver) = tokio::io::duplex(64 * 1024);
+        let receiving = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let mut receiver = tokio::io::BufReader::new(receiver);
+            let header = codec::read_frame(&mut receiver).await.unwrap().unwrap();
+            let got = receive_snapshot(&mut receiver, &header, &|_| Ok(()))
+                .await
+                .unwrap();
+            receiver.write_all(&[SNAPSHOT_RECEIVED]).await.unwrap();
+            got
+        });
+        let reader = read_in_background(file);
+        send_snapshot(&mut sender, &message, reader, data.len() as u64)
+            .await
+            .unwrap();
+        let got = receiving.await.unwrap();
+        assert_eq!(got.get_snapshot().get_data(), data.as_slice());
+        assert_eq!(got.get_snapshot().get_metadata().index, 9);
     }
 
     #[tokio::test]
@@ -605,7 +727,10 @@ mod tests {
         message.set_msg_type(MessageType::MsgSnapshot);
         message.mut_snapshot().data = vec![7u8; 3 * CHUNK].into();
         let (mut sender, receiver) = tokio::io::duplex(1024 * 1024);
-        let sending = tokio::spawn(async move { send_snapshot(&mut sender, &message).await });
+        let sending = tokio::spawn(async move {
+            let data = message.get_snapshot().get_data().to_vec();
+            send_snapshot(&mut sender, &message, data.as_slice(), data.len() as u64).await
+        });
         let mut receiver = tokio::io::BufReader::new(receiver);
         let header = codec::read_frame(&mut receiver).await.unwrap().unwrap();
         let first = codec::read_frame(&mut receiver).await.unwrap().unwrap();
