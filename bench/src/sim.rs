@@ -265,12 +265,29 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
         .await
         .map_err(|e| anyhow!(e))?;
     let submitted = bulk_start.elapsed();
-    if !fleet_sim::wait_running(&fleet.journal, args.units, limit).await {
-        bail!(
-            "only {} of {} units ran within {limit:?}",
-            fleet.journal.running_units(),
-            args.units
-        );
+    let mut said = Instant::now();
+    while fleet.journal.running_units() < args.units {
+        let running = fleet.journal.running_units();
+        if bulk_start.elapsed() > limit {
+            println!(
+                "{}",
+                json!({"phase": "bulk_start", "run": header, "timed_out_secs": limit.as_secs(),
+                    "running": running})
+            );
+            bail!(
+                "only {running} of {} units ran within {limit:?}",
+                args.units
+            );
+        }
+        if said.elapsed() >= Duration::from_secs(10) {
+            eprintln!(
+                "{:.0} s: {running} of {} units run",
+                bulk_start.elapsed().as_secs_f64(),
+                args.units
+            );
+            said = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let all_running = bulk_start.elapsed();
     probing.store(false, std::sync::atomic::Ordering::SeqCst);

@@ -22,7 +22,7 @@
 //! going to the smallest machine id so every node decides the same. A `Global`
 //! unit goes to every eligible machine.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use super::colocation::{Rule, between, missing_peer};
@@ -158,17 +158,21 @@ pub fn decide(cluster: Cluster<'_>, name: &UnitName, requirements: &Requirements
             outcome: Outcome::NotPlaceable { reason },
         };
     }
-    let others: Vec<&Placed<'_>> = cluster.placed.iter().filter(|p| p.name != name).collect();
+    // Grouped by machine once: a decision costs machines plus placed units,
+    // not their product (30,000 units on 1,000 machines made it 30 million
+    // comparisons per unit).
+    let mut by_machine: HashMap<&str, Vec<&Placed<'_>>> = HashMap::new();
+    for placed in cluster.placed.iter().filter(|p| p.name != name) {
+        by_machine.entry(placed.machine).or_default().push(placed);
+    }
 
     let mut candidates = Vec::new();
     let mut rejected = Vec::new();
     for machine in cluster.machines {
-        let here: Vec<&Placed<'_>> = others
-            .iter()
-            .copied()
-            .filter(|p| p.machine == machine.id)
-            .collect();
-        match check_machine(machine, &here, name, requirements) {
+        let here = by_machine
+            .get(machine.id.as_str())
+            .map_or(&[][..], Vec::as_slice);
+        match check_machine(machine, here, name, requirements) {
             Ok(displaces) => candidates.push((machine, here.len(), displaces)),
             Err(why) => rejected.push((machine.id.clone(), why)),
         }
