@@ -45,8 +45,10 @@ pub use crate::registry::schedule::{Change, Seen, Wanted, World};
 use crate::registry::Revision;
 use crate::units::UnitName;
 use crate::units::colocation;
-use crate::units::placement::{Cluster, Decision, Machine, Outcome, Placed, decide};
-use pairs::Pairs;
+use crate::units::placement::{
+    Cluster, Decision, Here, Machine, Outcome, Placed, decide, decide_with,
+};
+use pairs::{Occupants, Pairs};
 
 /// What one pass decided.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -85,7 +87,7 @@ struct Pass<'w> {
     world: &'w World,
     plan: Plan,
     /// (unit, machine) pairs that occupy a machine: proposed or claimed.
-    occupants: Pairs,
+    occupants: Occupants<'w>,
     /// (unit, machine) pairs proposed once this pass is written: the stored
     /// proposals not withdrawn, and the new ones. A unit claimed on a machine
     /// without one is being stopped there.
@@ -104,7 +106,10 @@ impl<'w> Pass<'w> {
                 live.insert((unit.clone(), machine.clone()));
             }
         }
-        let mut occupants = live.clone();
+        let mut occupants = Occupants::new(&world.wanted);
+        for pair in live.iter() {
+            occupants.insert(pair.clone());
+        }
         for (unit, on) in &world.claims {
             for machine in on {
                 occupants.insert((unit.clone(), machine.clone()));
@@ -220,15 +225,10 @@ impl<'w> Pass<'w> {
 
     /// [`Pass::decide`] with every machine's verdict.
     fn decision(&self, unit: &UnitName, wanted: &Wanted, exclude: Option<&str>) -> Decision {
-        let placed: Vec<Placed<'_>> = self
-            .occupants
-            .iter()
-            .filter(|(u, m)| {
-                !wanted.requirements.machine_of.contains(u)
-                    || self.live.contains(&(u.clone(), m.clone()))
-            })
-            .filter_map(|(u, m)| self.placed_unit(u, m))
-            .collect();
+        let rules = &wanted.requirements;
+        // A unit that names no other can only be kept off a machine by a unit
+        // that excludes others: it needs the load and those, not every unit.
+        let names_none = !colocation::excludes_any(rules) && rules.machine_of.is_empty();
         let fewer: Vec<Machine>;
         let machines = match exclude {
             Some(exclude) => {
@@ -243,11 +243,36 @@ impl<'w> Pass<'w> {
             }
             None => &self.world.machines,
         };
-        let cluster = Cluster {
+        decide_with(
             machines,
-            placed: &placed,
-        };
-        decide(cluster, unit, &wanted.requirements)
+            |machine: &Machine| {
+                let id = machine.id.as_str();
+                if names_none {
+                    let me = usize::from(self.occupants.has(unit, id));
+                    return Here {
+                        load: self.occupants.load(id) - me,
+                        units: self
+                            .occupants
+                            .excluding_on(id)
+                            .filter_map(|u| self.placed_unit(u, id))
+                            .collect(),
+                    };
+                }
+                let units: Vec<Placed<'_>> = self
+                    .occupants
+                    .on(id)
+                    .filter(|u| *u != unit)
+                    .filter(|u| !rules.machine_of.contains(u) || self.live.has(u, id))
+                    .filter_map(|u| self.placed_unit(u, id))
+                    .collect();
+                Here {
+                    load: units.len(),
+                    units,
+                }
+            },
+            unit,
+            rules,
+        )
     }
 
     /// Proposes `unit` where placement decides, displacing what it replaces
