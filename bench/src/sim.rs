@@ -340,9 +340,9 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
     );
 
     // 4. failover.
-    let killed: Vec<usize> = (0..args.hosts)
-        .filter(|i| (*i as f64 * args.kill_fraction).fract() + args.kill_fraction >= 1.0)
-        .collect();
+    // Every k-th host, k = 1 / fraction: 10% of 1,000 hosts is 100 of them.
+    let every = (1.0 / args.kill_fraction.max(1e-9)).round().max(1.0) as usize;
+    let killed: Vec<usize> = (0..args.hosts).step_by(every).collect();
     let killed_ids: BTreeMap<String, usize> = killed
         .iter()
         .map(|i| (fleet.hosts[*i].id.clone(), *i))
