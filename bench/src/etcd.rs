@@ -8,7 +8,6 @@
 //! write to the same disk.
 
 use std::fs::File;
-use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -43,7 +42,8 @@ impl EtcdCluster {
     pub async fn start(etcd_bin: &Path, base_dir: &Path) -> Result<EtcdCluster> {
         std::fs::create_dir_all(base_dir)
             .with_context(|| format!("creating {}", base_dir.display()))?;
-        let ports = free_ports(2 * MEMBERS)?;
+        let ports =
+            crate::fleet_sim::free_ports(2 * MEMBERS).context("reserving loopback ports")?;
         let client_urls: Vec<String> = (0..MEMBERS)
             .map(|i| format!("http://127.0.0.1:{}", ports[2 * i]))
             .collect();
@@ -150,20 +150,6 @@ impl Drop for EtcdCluster {
             let _ = child.wait();
         }
     }
-}
-
-/// Reserves `n` distinct free TCP ports on 127.0.0.1 by binding them all at
-/// once and releasing them. Another process could take one in between; etcd
-/// then fails to start and says so in its log.
-pub(crate) fn free_ports(n: usize) -> Result<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
-        .collect::<std::io::Result<Vec<_>>>()
-        .context("reserving loopback ports")?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
 }
 
 /// Writes to an etcd cluster through the `etcd-client` crate (gRPC).

@@ -7,11 +7,19 @@
 //!
 //! `flotilla-bench schedule` measures the scheduler instead: unit start and
 //! failover times in a lab of real systemd hosts (see `schedule.rs`).
+//!
+//! `flotilla-bench sim` measures flotilla at scale: thousands of production
+//! agents over a modelled systemd against a real 3-member cluster (see
+//! `sim.rs`).
 
 mod driver;
 mod etcd;
+#[path = "../../tests/support/fleet_sim.rs"]
+mod fleet_sim;
 mod flotilla_target;
+mod plot;
 mod schedule;
+mod sim;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -22,7 +30,8 @@ use serde::Serialize;
 
 use crate::driver::{KvTarget, LoadReport, LoadSpec};
 use crate::etcd::{EtcdCluster, EtcdTarget};
-use crate::flotilla_target::{FlotillaCluster, FlotillaTarget};
+use crate::fleet_sim::Servers;
+use crate::flotilla_target::FlotillaTarget;
 
 /// Command line of the benchmark binary.
 #[derive(Parser, Debug)]
@@ -40,6 +49,9 @@ enum Command {
     Kv(KvArgs),
     /// Start and failover times of units in a 3-host lab (root, Debian 12).
     Schedule(schedule::ScheduleArgs),
+    /// Many simulated hosts (the real agent over a modelled systemd) against
+    /// a real 3-member cluster: placement, API, idle and failover at scale.
+    Sim(sim::SimArgs),
 }
 
 /// Options of `flotilla-bench kv`.
@@ -122,6 +134,7 @@ async fn main() -> Result<()> {
     match cli.command {
         Command::Kv(args) => kv(args).await,
         Command::Schedule(args) => tokio::task::block_in_place(|| schedule::run(&args)),
+        Command::Sim(args) => sim::run(args).await,
     }
 }
 
@@ -185,9 +198,14 @@ async fn start(target: Target, args: &KvArgs, dir: &Path) -> Result<Started> {
             })
         }
         Target::Flotilla => {
-            let bin = args.flotilla_bin.clone().unwrap_or_else(flotilla_target::default_binary);
-            let cluster = FlotillaCluster::start(&bin, dir).await?;
-            let target = FlotillaTarget::new(cluster.endpoints());
+            let bin = args
+                .flotilla_bin
+                .clone()
+                .unwrap_or_else(flotilla_target::default_binary);
+            let cluster = Servers::start(&bin, dir, false, &[])
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let target = FlotillaTarget::new(cluster.endpoints.clone());
             Ok(Started {
                 target: Box::new(target),
                 _cluster: Box::new(cluster),

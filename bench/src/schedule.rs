@@ -84,11 +84,22 @@ struct Lab {
 
 impl Lab {
     fn up(bin: &Path, ttl: u64, election_ms: u64) -> Result<Lab> {
-        let dir = tempfile::Builder::new().prefix("flotilla-bench-lab").tempdir()?;
-        let out = run_lab(bin, dir.path(), &[
-            "up", "--hosts", "3", "--ttl", &ttl.to_string(),
-            "--election-timeout-ms", &election_ms.to_string(),
-        ])?;
+        let dir = tempfile::Builder::new()
+            .prefix("flotilla-bench-lab")
+            .tempdir()?;
+        let out = run_lab(
+            bin,
+            dir.path(),
+            &[
+                "up",
+                "--hosts",
+                "3",
+                "--ttl",
+                &ttl.to_string(),
+                "--election-timeout-ms",
+                &election_ms.to_string(),
+            ],
+        )?;
         let up: Value = serde_json::from_slice(&out.stdout)?;
         let hosts = up["hosts"]
             .as_array()
@@ -116,7 +127,11 @@ impl Lab {
             .args(args)
             .output()?;
         if !out.status.success() {
-            bail!("flotilla {:?}: {}", args.first(), String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "flotilla {:?}: {}",
+                args.first(),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(out)
     }
@@ -131,7 +146,10 @@ impl Lab {
                 && let Some(machine) = row["machine"].as_str()
                 && let Some((host, _)) = self.hosts.iter().find(|(_, id)| id == machine)
             {
-                active.push((row["unit"].as_str().unwrap_or_default().to_string(), host.clone()));
+                active.push((
+                    row["unit"].as_str().unwrap_or_default().to_string(),
+                    host.clone(),
+                ));
             }
         }
         Ok(active)
@@ -161,7 +179,10 @@ fn run_lab(bin: &Path, dir: &Path, args: &[&str]) -> Result<Output> {
         .env("FLOTILLA_LAB_DIR", dir)
         .output()?;
     if !out.status.success() {
-        bail!("flotilla lab {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "flotilla lab {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(out)
 }
@@ -188,7 +209,10 @@ fn one(bin: &Path, units: usize, ttl: u64, election_ms: u64) -> Result<ScheduleL
     let mut args = vec!["start"];
     args.extend(names.iter().map(String::as_str));
     lab.cli(&args)?;
-    wait(Duration::from_secs(300), || Ok(lab.active()?.len() == units))?;
+    wait(
+        Duration::from_secs(300),
+        || Ok(lab.active()?.len() == units),
+    )?;
     let start_secs = started.elapsed().as_secs_f64();
 
     // The peer: the same units straight through systemd on h1.
@@ -223,9 +247,11 @@ fn one(bin: &Path, units: usize, ttl: u64, election_ms: u64) -> Result<ScheduleL
     run_lab(&lab.bin, lab.dir.path(), &["kill", &victim])?;
     wait(Duration::from_secs(ttl * 3 + 60), || {
         let active = lab.active()?;
-        Ok(moving
-            .iter()
-            .all(|u| active.iter().any(|(unit, host)| unit == u && *host != victim)))
+        Ok(moving.iter().all(|u| {
+            active
+                .iter()
+                .any(|(unit, host)| unit == u && *host != victim)
+        }))
     })?;
     let failover_secs = killed.elapsed().as_secs_f64();
     Ok(ScheduleLine {

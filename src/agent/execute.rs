@@ -8,24 +8,27 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::Arc;
 
+use super::backend::Backend;
 use super::files::{LocalUnit, UnitFiles};
 use super::reconcile::Action;
-use super::systemd::{self, Systemd, UnitState};
+use super::systemd::{self, UnitState};
 use crate::registry::machine::MachineStore;
 use crate::units::UnitName;
 
 /// systemd, the agent's unit files, and what systemd last said of them.
 pub struct Host {
-    systemd: Systemd,
+    systemd: Arc<dyn Backend>,
     files: UnitFiles,
     /// systemd's states of local units, as last read.
     states: BTreeMap<UnitName, UnitState>,
 }
 
 impl Host {
-    /// systemd over `systemd`, unit files under `units_dir`.
-    pub fn new(systemd: Systemd, units_dir: &Path) -> Host {
+    /// The service manager `systemd` (D-Bus in production), unit files
+    /// under `units_dir`.
+    pub fn new(systemd: Arc<dyn Backend>, units_dir: &Path) -> Host {
         Host {
             systemd,
             files: UnitFiles::new(units_dir),
@@ -162,8 +165,8 @@ impl Host {
             let action = action.clone();
             calls.spawn(async move {
                 match &action {
-                    Action::Stop(unit) => systemd.stop(unit.as_str()).await.map(drop),
-                    Action::Start(unit) => systemd.start(unit.as_str()).await.map(drop),
+                    Action::Stop(unit) => systemd.stop(unit.as_str()).await,
+                    Action::Start(unit) => systemd.start(unit.as_str()).await,
                     _ => Ok(()),
                 }
             });

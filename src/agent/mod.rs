@@ -2,11 +2,14 @@
 //!
 //! It speaks to the store only in the registry's terms
 //! ([`crate::registry::machine`]: presence, claims, releases, reports) and to
-//! systemd only through [`execute::Host`].
+//! systemd only through [`execute::Host`], over a [`backend::Backend`].
 //!
 //! * [`run`]: the loop: what wakes the agent and what it does each time.
 //! * [`presence`]: join, keep the lease alive, fence, leave.
 //! * [`pass`]: one pass: claim, bring systemd to the claims, release.
+//! * [`backend`]: the seam to the service manager: what the agent asks of
+//!   systemd, as a trait ([`systemd`] implements it over D-Bus; the scale
+//!   simulator swaps in a model).
 //! * [`execute`]: this host's systemd and unit files; actions carried out.
 //! * [`report`]: systemd's states of local units, written into the store.
 //! * [`identity`]: machine id, instance id, host name, published address.
@@ -18,6 +21,7 @@
 //! * [`systemd`]: the client for systemd's D-Bus API (link, reload, start,
 //!   stop, unit states), over systemd's private socket or the system bus.
 
+pub mod backend;
 pub mod execute;
 pub mod files;
 pub mod identity;

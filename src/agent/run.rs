@@ -10,7 +10,7 @@
 //!    report of systemd's states ([`super::report`]).
 //!
 //! The store is reached only through the registry ([`MachineStore`]), systemd
-//! only through [`Host`].
+//! only through [`Host`], over a [`Backend`] (D-Bus in production).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::{Notify, watch};
 
+use super::backend::Backend;
 use super::execute::Host;
 use super::identity;
 use super::pass::Waiting;
@@ -84,17 +85,40 @@ pub(super) struct Agent {
     pub(super) applied: BTreeMap<UnitName, Target>,
 }
 
-/// Runs the agent until `stop` turns true.
-pub async fn run(
-    mut config: AgentConfig,
-    mut stop: watch::Receiver<bool>,
-) -> Result<(), AgentError> {
+/// Runs the agent until `stop` turns true, driving this host's systemd over
+/// D-Bus.
+pub async fn run(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result<(), AgentError> {
     let me = identify(&config)?;
     let Some(systemd) =
         until_stopped(&mut stop, "systemd's D-Bus API", Systemd::connect_system).await
     else {
         return Ok(());
     };
+    drive(config, me, Arc::new(systemd), stop).await;
+    Ok(())
+}
+
+/// Runs the same agent as [`run`] over another service manager: the seam the
+/// scale simulator (`flotilla-bench sim`) and its smoke test use to run many
+/// agents in one process, each against a modelled systemd.
+pub async fn run_on(
+    config: AgentConfig,
+    systemd: Arc<dyn Backend>,
+    stop: watch::Receiver<bool>,
+) -> Result<(), AgentError> {
+    let me = identify(&config)?;
+    drive(config, me, systemd, stop).await;
+    Ok(())
+}
+
+/// The agent of the module doc, as `me`, over `systemd`, until `stop` turns
+/// true.
+async fn drive(
+    mut config: AgentConfig,
+    me: MachineRecord,
+    systemd: Arc<dyn Backend>,
+    mut stop: watch::Receiver<bool>,
+) {
     let changes = match systemd.watch_changes().await {
         Ok(changes) => Some(changes),
         Err(e) => {
@@ -111,7 +135,7 @@ pub async fn run(
     })
     .await
     else {
-        return Ok(());
+        return;
     };
     let proposals = Arc::new(Notify::new());
     let watcher = tokio::spawn(machine::wake_on_own_changes(
@@ -137,7 +161,6 @@ pub async fn run(
             .leave(&mut agent.store, &mut agent.host)
             .await;
     }
-    Ok(())
 }
 
 /// This machine's presence record, from its identity and the configuration.

@@ -265,6 +265,18 @@ pub enum Error {
         #[source]
         source: zbus::Error,
     },
+
+    /// A service manager other than systemd's D-Bus API behind the agent's
+    /// [`super::backend::Backend`] (the scale simulator's model) refused a call.
+    #[error("the service manager could not {action} {unit}: {reason}")]
+    Refused {
+        /// What was asked, e.g. "start".
+        action: &'static str,
+        /// The unit it was asked about.
+        unit: String,
+        /// Why it refused.
+        reason: String,
+    },
 }
 
 /// The result of a call to systemd.

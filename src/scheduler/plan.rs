@@ -38,13 +38,17 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 mod handover;
+mod pairs;
 
 pub use crate::registry::schedule::{Change, Seen, Wanted, World};
 
 use crate::registry::Revision;
 use crate::units::UnitName;
 use crate::units::colocation;
-use crate::units::placement::{Cluster, Decision, Machine, Outcome, Placed, decide};
+use crate::units::placement::{
+    Cluster, Decision, Here, Machine, Outcome, Placed, decide, decide_with,
+};
+use pairs::{Occupants, Pairs};
 
 /// What one pass decided.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -83,25 +87,29 @@ struct Pass<'w> {
     world: &'w World,
     plan: Plan,
     /// (unit, machine) pairs that occupy a machine: proposed or claimed.
-    occupants: BTreeSet<(UnitName, String)>,
+    occupants: Occupants<'w>,
     /// (unit, machine) pairs proposed once this pass is written: the stored
     /// proposals not withdrawn, and the new ones. A unit claimed on a machine
     /// without one is being stopped there.
-    live: BTreeSet<(UnitName, String)>,
+    live: Pairs,
     /// Proposals withdrawn in this pass.
     withdrawn: BTreeSet<(UnitName, String)>,
-    alive: BTreeSet<&'w str>,
+    /// The machines that may take work, by id.
+    alive: BTreeMap<&'w str, &'w Machine>,
 }
 
 impl<'w> Pass<'w> {
     fn new(world: &'w World) -> Self {
-        let mut live = BTreeSet::new();
+        let mut live = Pairs::default();
         for (unit, on) in &world.proposals {
             for machine in on.keys() {
                 live.insert((unit.clone(), machine.clone()));
             }
         }
-        let mut occupants = live.clone();
+        let mut occupants = Occupants::new(&world.wanted);
+        for pair in live.iter() {
+            occupants.insert(pair.clone());
+        }
         for (unit, on) in &world.claims {
             for machine in on {
                 occupants.insert((unit.clone(), machine.clone()));
@@ -113,7 +121,7 @@ impl<'w> Pass<'w> {
             occupants,
             live,
             withdrawn: BTreeSet::new(),
-            alive: world.machines.iter().map(|m| m.id.as_str()).collect(),
+            alive: world.machines.iter().map(|m| (m.id.as_str(), m)).collect(),
         }
     }
 
@@ -168,7 +176,7 @@ impl<'w> Pass<'w> {
     /// evicts nobody; a unit already evicted evicts nobody more.
     fn evict_conflicts(&mut self) {
         let mut by_machine: BTreeMap<String, Vec<UnitName>> = BTreeMap::new();
-        for (unit, machine) in &self.live {
+        for (unit, machine) in self.live.iter() {
             if self.world.wanted.contains_key(unit) {
                 by_machine
                     .entry(machine.clone())
@@ -217,27 +225,54 @@ impl<'w> Pass<'w> {
 
     /// [`Pass::decide`] with every machine's verdict.
     fn decision(&self, unit: &UnitName, wanted: &Wanted, exclude: Option<&str>) -> Decision {
-        let placed: Vec<Placed<'_>> = self
-            .occupants
-            .iter()
-            .filter(|(u, m)| {
-                !wanted.requirements.machine_of.contains(u)
-                    || self.live.contains(&(u.clone(), m.clone()))
-            })
-            .filter_map(|(u, m)| self.placed_unit(u, m))
-            .collect();
-        let machines: Vec<Machine> = self
-            .world
-            .machines
-            .iter()
-            .filter(|m| Some(m.id.as_str()) != exclude)
-            .cloned()
-            .collect();
-        let cluster = Cluster {
-            machines: &machines,
-            placed: &placed,
+        let rules = &wanted.requirements;
+        // A unit that names no other can only be kept off a machine by a unit
+        // that excludes others: it needs the load and those, not every unit.
+        let names_none = !colocation::excludes_any(rules) && rules.machine_of.is_empty();
+        let fewer: Vec<Machine>;
+        let machines = match exclude {
+            Some(exclude) => {
+                fewer = self
+                    .world
+                    .machines
+                    .iter()
+                    .filter(|m| m.id != exclude)
+                    .cloned()
+                    .collect();
+                &fewer
+            }
+            None => &self.world.machines,
         };
-        decide(cluster, unit, &wanted.requirements)
+        decide_with(
+            machines,
+            |machine: &Machine| {
+                let id = machine.id.as_str();
+                if names_none {
+                    let me = usize::from(self.occupants.has(unit, id));
+                    return Here {
+                        load: self.occupants.load(id) - me,
+                        units: self
+                            .occupants
+                            .excluding_on(id)
+                            .filter_map(|u| self.placed_unit(u, id))
+                            .collect(),
+                    };
+                }
+                let units: Vec<Placed<'_>> = self
+                    .occupants
+                    .on(id)
+                    .filter(|u| *u != unit)
+                    .filter(|u| !rules.machine_of.contains(u) || self.live.has(u, id))
+                    .filter_map(|u| self.placed_unit(u, id))
+                    .collect();
+                Here {
+                    load: units.len(),
+                    units,
+                }
+            },
+            unit,
+            rules,
+        )
     }
 
     /// Proposes `unit` where placement decides, displacing what it replaces
@@ -264,7 +299,7 @@ impl<'w> Pass<'w> {
     }
 
     /// `unit` on `machine` as placement counts it, when it should run at all.
-    fn placed_unit<'p>(&'p self, unit: &'p UnitName, machine: &'p String) -> Option<Placed<'p>> {
+    fn placed_unit<'p>(&'p self, unit: &'p UnitName, machine: &'p str) -> Option<Placed<'p>> {
         self.world.wanted.get(unit).map(|w| Placed {
             name: unit,
             requirements: &w.requirements,
@@ -341,7 +376,7 @@ impl<'w> Pass<'w> {
             self.withdraw(unit, &machine);
             return;
         }
-        if !self.alive.contains(machine.as_str()) {
+        if !self.alive.contains_key(machine.as_str()) {
             if claimed {
                 // Drained: its agent stops the unit and releases it first.
                 self.withdraw(unit, &machine);
@@ -365,23 +400,19 @@ impl<'w> Pass<'w> {
 
     /// Whether `machine` may still run `unit` given everything else there.
     fn still_eligible(&self, unit: &UnitName, wanted: &Wanted, machine: &str) -> bool {
-        let only: Vec<Machine> = self
-            .world
-            .machines
-            .iter()
-            .filter(|m| m.id == machine)
-            .cloned()
-            .collect();
+        let only = self
+            .alive
+            .get(machine)
+            .map_or(&[][..], |m| std::slice::from_ref(*m));
         // Units that stay there: one being stopped does not count.
         let placed: Vec<Placed<'_>> = self
             .live
-            .iter()
-            .filter(|(_, m)| m == machine)
-            .filter_map(|(u, m)| self.placed_unit(u, m))
+            .on(machine)
+            .filter_map(|u| self.placed_unit(u, machine))
             .collect();
         let decision = decide(
             Cluster {
-                machines: &only,
+                machines: only,
                 placed: &placed,
             },
             unit,

@@ -107,6 +107,14 @@ pub fn excluded_globs(rules: &Requirements) -> impl Iterator<Item = &str> {
         .map(|glob| glob.as_str())
 }
 
+/// Whether a unit with `rules` can keep any other unit off its machine (it
+/// has `Conflicts=` or `Replaces=` globs). Two units of which neither can
+/// always share a machine, which lets placement skip them (see
+/// [`super::placement::decide_with`]).
+pub fn excludes_any(rules: &Requirements) -> bool {
+    !rules.conflicts.is_empty() || !rules.replaces.is_empty()
+}
+
 /// The option of a unit with `rules` that names `other`; `Conflicts` first.
 #[inline]
 fn naming(rules: &Requirements, other: &UnitName) -> Option<Rule> {

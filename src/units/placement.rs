@@ -22,7 +22,7 @@
 //! going to the smallest machine id so every node decides the same. A `Global`
 //! unit goes to every eligible machine.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use super::colocation::{Rule, between, missing_peer};
@@ -151,25 +151,67 @@ pub struct Decision {
 /// Entries for `name` itself in `cluster.placed` are ignored, so the answer is
 /// "where it belongs given everything else", whether it is placed yet or not.
 pub fn decide(cluster: Cluster<'_>, name: &UnitName, requirements: &Requirements) -> Decision {
-    if let Some(reason) = ambiguous_machine_id(cluster.machines, requirements) {
+    // Grouped by machine once: a decision costs machines plus placed units,
+    // not their product (30,000 units on 1,000 machines made it 30 million
+    // comparisons per unit).
+    let mut by_machine: HashMap<&str, Vec<Placed<'_>>> = HashMap::new();
+    for placed in cluster.placed.iter().filter(|p| p.name != name) {
+        by_machine.entry(placed.machine).or_default().push(*placed);
+    }
+    decide_with(
+        cluster.machines,
+        |machine| {
+            let units = by_machine
+                .get(machine.id.as_str())
+                .cloned()
+                .unwrap_or_default();
+            Here {
+                load: units.len(),
+                units,
+            }
+        },
+        name,
+        requirements,
+    )
+}
+
+/// One machine's units, as a decision needs them.
+#[derive(Debug, Clone, Default)]
+pub struct Here<'a> {
+    /// How many units occupy the machine, the one decided not counted: the
+    /// load that "least loaded" compares.
+    pub load: usize,
+    /// The units whose rules are checked against the one decided: all of
+    /// them, or, for a unit that names no other (no `Conflicts=`,
+    /// `Replaces=` or `MachineOf=`), only those that can exclude others
+    /// ([`super::colocation::excludes_any`]); the rest could never keep it
+    /// off the machine.
+    pub units: Vec<Placed<'a>>,
+}
+
+/// [`decide`] with each machine's units given by `here`, so a caller that
+/// keeps them indexed (the scheduler's pass) decides a unit without walking
+/// every placed unit.
+pub fn decide_with<'a>(
+    machines: &'a [Machine],
+    here: impl Fn(&'a Machine) -> Here<'a>,
+    name: &UnitName,
+    requirements: &Requirements,
+) -> Decision {
+    if let Some(reason) = ambiguous_machine_id(machines, requirements) {
         return Decision {
             eligible: Vec::new(),
             rejected: Vec::new(),
             outcome: Outcome::NotPlaceable { reason },
         };
     }
-    let others: Vec<&Placed<'_>> = cluster.placed.iter().filter(|p| p.name != name).collect();
-
     let mut candidates = Vec::new();
     let mut rejected = Vec::new();
-    for machine in cluster.machines {
-        let here: Vec<&Placed<'_>> = others
-            .iter()
-            .copied()
-            .filter(|p| p.machine == machine.id)
-            .collect();
-        match check_machine(machine, &here, name, requirements) {
-            Ok(displaces) => candidates.push((machine, here.len(), displaces)),
+    for machine in machines {
+        let Here { load, units } = here(machine);
+        let units: Vec<&Placed<'_>> = units.iter().filter(|p| p.name != name).collect();
+        match check_machine(machine, &units, name, requirements) {
+            Ok(displaces) => candidates.push((machine, load, displaces)),
             Err(why) => rejected.push((machine.id.clone(), why)),
         }
     }
@@ -185,7 +227,7 @@ pub fn decide(cluster: Cluster<'_>, name: &UnitName, requirements: &Requirements
 
     let outcome = if candidates.is_empty() {
         Outcome::NotPlaceable {
-            reason: explain_rejections(cluster.machines.len(), &rejected),
+            reason: explain_rejections(machines.len(), &rejected),
         }
     } else if requirements.global {
         let mut machines = eligible.clone();

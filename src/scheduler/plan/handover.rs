@@ -61,7 +61,7 @@ impl Pass<'_> {
             self.withdraw(unit, extra);
         }
         let claimed = self.claimed(unit, &to);
-        let lost = !self.alive.contains(to.as_str())
+        let lost = !self.alive.contains_key(to.as_str())
             || (!claimed && self.world.stale.contains(&(unit.clone(), to.clone())));
         if lost {
             // Gone, drained too, or never claimed it: pick again next pass.

@@ -1,0 +1,552 @@
+//! `flotilla-bench sim`: flotilla at scale, on the real code.
+//!
+//! A 3-member cluster of `flotilla daemon` processes (store-only members:
+//! Raft, scheduler and API; no agent) on loopback, and `--hosts` agents in
+//! this process, each the production agent over a modelled systemd
+//! (`tests/support/fleet_sim.rs`, shared with the CI smoke test). Phases:
+//!
+//! 1. join: every host publishes its presence;
+//! 2. bulk start: `--units` units started in batches (one registry call per
+//!    batch, as `flotilla start` of many units does), while a prober times
+//!    the API's list calls; until every unit runs;
+//! 3. idle: nothing changes for `--idle-secs`: Raft entries/s (keep-alives),
+//!    CPU of each member and of the simulator;
+//! 4. failover: a tenth of the hosts die at once; per moved unit, the time
+//!    from its old host's lease expiry (the store deleting its presence) to
+//!    the unit running elsewhere, and from the kill to the last such start;
+//! 5. checks: every unit runs on exactly one live host and `list-units`
+//!    says so; no unit ever ran twice, no conflict was ever violated.
+//!
+//! Prints one JSON line per phase on stdout; exits non-zero if a check fails.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use flotilla::consensus::client::{Client, member_status};
+use flotilla::consensus::kv::EventKind;
+use flotilla::registry::keys;
+use serde::Serialize;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::fleet_sim::{self, Fleet, Model, Servers};
+
+/// Options of `flotilla-bench sim`.
+#[derive(clap::Args, Debug)]
+pub struct SimArgs {
+    /// Simulated hosts (agents in this process).
+    #[arg(long, default_value_t = 100)]
+    pub hosts: usize,
+    /// Units to start.
+    #[arg(long, default_value_t = 1000)]
+    pub units: usize,
+    /// Units per start call.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// The agents' presence TTL, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub ttl_secs: u64,
+    /// Shortest modelled start, in milliseconds.
+    #[arg(long, default_value_t = 10)]
+    pub start_min_ms: u64,
+    /// Longest modelled start, in milliseconds (uniform in between).
+    #[arg(long, default_value_t = 100)]
+    pub start_max_ms: u64,
+    /// Chance that the modelled systemd refuses a start call.
+    #[arg(long, default_value_t = 0.01)]
+    pub start_failure: f64,
+    /// Length of the idle window, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub idle_secs: u64,
+    /// Fraction of hosts killed in the failover phase.
+    #[arg(long, default_value_t = 0.1)]
+    pub kill_fraction: f64,
+    /// How long each phase may take before the run fails, in seconds.
+    #[arg(long, default_value_t = 600)]
+    pub phase_timeout_secs: u64,
+    /// Write a PNG of the latency distributions here.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Where the members' data and the hosts' files go (removed afterwards).
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    pub work_dir: PathBuf,
+    /// The flotilla binary [default: ../target/release/flotilla next to this crate].
+    #[arg(long)]
+    pub flotilla_bin: Option<PathBuf>,
+}
+
+/// Latency summary in milliseconds.
+#[derive(Serialize, Debug, Clone, Copy, Default)]
+struct Summary {
+    n: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+fn summary(samples: &mut [Duration]) -> Summary {
+    samples.sort();
+    let at = |q: f64| {
+        if samples.is_empty() {
+            return 0.0;
+        }
+        let i = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1;
+        ms(samples[i])
+    };
+    Summary {
+        n: samples.len(),
+        p50_ms: at(0.50),
+        p99_ms: at(0.99),
+        max_ms: samples.last().map_or(0.0, |d| ms(*d)),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// Runs the simulation with its files under a fresh directory in `--work-dir`.
+pub async fn run(args: SimArgs) -> Result<()> {
+    let work = tempfile::Builder::new()
+        .prefix("flotilla-sim-")
+        .tempdir_in(&args.work_dir)
+        .with_context(|| format!("creating a temp dir in {}", args.work_dir.display()))?;
+    eprintln!("data under {}", work.path().display());
+    let result = run_in(&args, work.path()).await;
+    if result.is_err() {
+        let kept = work.keep();
+        eprintln!("kept {} (member logs m0.log..m2.log)", kept.display());
+    }
+    result
+}
+
+/// Everything a phase samples from outside: the members' Raft index, disk
+/// bytes and CPU, and this process's CPU.
+#[derive(Debug, Clone)]
+struct Gauges {
+    at: Instant,
+    applied: u64,
+    store_bytes: Vec<u64>,
+    cpu_ticks: Vec<u64>,
+    own_ticks: u64,
+    leader: usize,
+}
+
+async fn gauges(servers: &Servers) -> Result<Gauges> {
+    let mut applied = 0;
+    let mut store_bytes = Vec::new();
+    let mut leader = 0;
+    for (i, endpoint) in servers.endpoints.iter().enumerate() {
+        let status = member_status(endpoint, Duration::from_secs(5))
+            .await
+            .with_context(|| format!("status of member m{i}"))?;
+        applied = applied.max(status.applied);
+        store_bytes.push(status.store_bytes);
+        if status.leader == status.id {
+            leader = i;
+        }
+    }
+    Ok(Gauges {
+        at: Instant::now(),
+        applied,
+        store_bytes,
+        cpu_ticks: servers.pids().iter().map(|p| cpu_ticks(*p)).collect(),
+        own_ticks: cpu_ticks(std::process::id()),
+        leader,
+    })
+}
+
+/// utime + stime of process `pid`, in clock ticks (0 if unreadable).
+fn cpu_ticks(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(11) + field(12)
+}
+
+/// Resident and peak resident memory of `pid`, in MiB.
+fn rss_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let round = |k: f64| (k / 1024.0 * 10.0).round() / 10.0;
+    (round(kib("VmRSS:")), round(kib("VmHWM:")))
+}
+
+/// Share of one core each process used between two gauges, in percent.
+fn cpu_percent(before: &Gauges, after: &Gauges) -> (Vec<f64>, f64) {
+    let secs = after.at.duration_since(before.at).as_secs_f64().max(1e-9);
+    // Linux reports in USER_HZ, 100 on every architecture flotilla runs on.
+    let pct = |ticks: u64| (ticks as f64 / 100.0 / secs * 1000.0).round() / 10.0;
+    let members = after
+        .cpu_ticks
+        .iter()
+        .zip(&before.cpu_ticks)
+        .map(|(a, b)| pct(a.saturating_sub(*b)))
+        .collect();
+    (
+        members,
+        pct(after.own_ticks.saturating_sub(before.own_ticks)),
+    )
+}
+
+async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
+    let bin = args
+        .flotilla_bin
+        .clone()
+        .unwrap_or_else(crate::flotilla_target::default_binary);
+    let limit = Duration::from_secs(args.phase_timeout_secs);
+    let ttl = Duration::from_secs(args.ttl_secs);
+    let servers = Servers::start(&bin, &dir.join("servers"), true, &[])
+        .await
+        .map_err(|e| anyhow!(e))?;
+    let client = Client::connect(&servers.endpoints).await?;
+    let model = Model {
+        start_min: Duration::from_millis(args.start_min_ms),
+        start_max: Duration::from_millis(args.start_max_ms),
+        start_failure: args.start_failure,
+    };
+    let header = json!({"hosts": args.hosts, "units": args.units, "ttl_secs": args.ttl_secs,
+        "batch": args.batch, "start_ms": [args.start_min_ms, args.start_max_ms],
+        "start_failure": args.start_failure});
+
+    // 1. join.
+    let started = Instant::now();
+    let mut fleet = Fleet::start(
+        args.hosts,
+        &servers.endpoints,
+        ttl,
+        model,
+        &dir.join("hosts"),
+    );
+    loop {
+        let count = client.range(keys::MACHINES, true, false).await?.0.len();
+        if count >= args.hosts {
+            break;
+        }
+        if started.elapsed() > limit {
+            bail!(
+                "only {count} of {} hosts joined within {limit:?}",
+                args.hosts
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "{}",
+        json!({"phase": "join", "run": header, "secs": started.elapsed().as_secs_f64()})
+    );
+
+    // 2. bulk start, with the API probed meanwhile.
+    let names = fleet_sim::unit_names(args.units, args.hosts);
+    let before = gauges(&servers).await?;
+    let probing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let probe = tokio::spawn(probe_api(servers.apis.clone(), probing.clone()));
+    let bulk_start = Instant::now();
+    let sent = fleet_sim::submit_all(&client, &names, args.batch)
+        .await
+        .map_err(|e| anyhow!(e))?;
+    let submitted = bulk_start.elapsed();
+    let mut said = Instant::now();
+    while fleet.journal.running_units() < args.units {
+        let running = fleet.journal.running_units();
+        if bulk_start.elapsed() > limit {
+            println!(
+                "{}",
+                json!({"phase": "bulk_start", "run": header, "timed_out_secs": limit.as_secs(),
+                    "running": running})
+            );
+            bail!(
+                "only {running} of {} units ran within {limit:?}",
+                args.units
+            );
+        }
+        if said.elapsed() >= Duration::from_secs(10) {
+            eprintln!(
+                "{:.0} s: {running} of {} units run",
+                bulk_start.elapsed().as_secs_f64(),
+                args.units
+            );
+            said = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let all_running = bulk_start.elapsed();
+    probing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let api = probe.await?;
+    let after = gauges(&servers).await?;
+    let first_start = first_starts(&fleet, None);
+    let mut start_latency: Vec<Duration> = names
+        .iter()
+        .filter_map(|n| Some(first_start.get(n.as_str())?.duration_since(sent[n])))
+        .collect();
+    let start_summary = summary(&mut start_latency);
+    let (cpu, sim_cpu) = cpu_percent(&before, &after);
+    let entries = after.applied.saturating_sub(before.applied);
+    let leader_bytes =
+        after.store_bytes[after.leader].saturating_sub(before.store_bytes[after.leader]);
+    let mut api_summaries = BTreeMap::new();
+    for (path, samples) in &api {
+        let mut samples = samples.clone();
+        api_summaries.insert(path.clone(), summary(&mut samples));
+    }
+    println!(
+        "{}",
+        json!({"phase": "bulk_start", "run": header,
+            "submit_secs": submitted.as_secs_f64(),
+            "all_running_secs": all_running.as_secs_f64(),
+            "placements_per_sec": (args.units as f64 / all_running.as_secs_f64()).round(),
+            "submit_to_running": start_summary,
+            "api": api_summaries,
+            "raft_entries_per_placement": entries as f64 / args.units as f64,
+            "leader_store_bytes_per_placement": leader_bytes as f64 / args.units as f64,
+            "member_cpu_pct": cpu, "leader": after.leader, "sim_cpu_pct": sim_cpu})
+    );
+
+    // 3. idle.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = gauges(&servers).await?;
+    let sim_events = fleet.journal.events().len();
+    tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+    let after = gauges(&servers).await?;
+    let (cpu, sim_cpu) = cpu_percent(&before, &after);
+    let secs = after.at.duration_since(before.at).as_secs_f64();
+    println!(
+        "{}",
+        json!({"phase": "idle", "run": header, "secs": secs,
+            "raft_entries_per_sec": ((after.applied - before.applied) as f64 / secs).round(),
+            "member_cpu_pct": cpu, "leader": after.leader,
+            "sim_cpu_pct": sim_cpu,
+            "sim_cpu_pct_per_agent": (sim_cpu / args.hosts as f64 * 1000.0).round() / 1000.0,
+            "starts_or_stops_while_idle": fleet.journal.events().len() - sim_events})
+    );
+
+    // 4. failover.
+    // Every k-th host, k = 1 / fraction: 10% of 1,000 hosts is 100 of them.
+    let every = (1.0 / args.kill_fraction.max(1e-9)).round().max(1.0) as usize;
+    let killed: Vec<usize> = (0..args.hosts).step_by(every).collect();
+    let killed_ids: BTreeMap<String, usize> = killed
+        .iter()
+        .map(|i| (fleet.hosts[*i].id.clone(), *i))
+        .collect();
+    let placement = fleet.journal.placement();
+    let affected: BTreeMap<String, usize> = placement
+        .iter()
+        .filter_map(|(unit, hosts)| {
+            let host = hosts.iter().find(|h| killed.contains(h))?;
+            Some((unit.clone(), *host))
+        })
+        .collect();
+    let (_, revision) = client.range(keys::MACHINES, true, true).await?;
+    let expiries = Arc::new(Mutex::new(HashMap::new()));
+    let watcher = tokio::spawn(watch_expiries(
+        servers.endpoints.clone(),
+        revision + 1,
+        killed_ids.clone(),
+        expiries.clone(),
+    ));
+    let kill_at = Instant::now();
+    for i in &killed {
+        fleet.kill(*i).await;
+    }
+    let deadline = Instant::now() + limit;
+    loop {
+        let now = fleet.journal.placement();
+        let missing = affected
+            .keys()
+            .filter(|u| {
+                !now.get(*u)
+                    .is_some_and(|h| h.iter().any(|h| !fleet.dead.contains(h)))
+            })
+            .count();
+        if missing == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{missing} of {} moved units still not running after {limit:?}",
+                affected.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    watcher.abort();
+    let moved_at = first_starts(&fleet, Some(kill_at));
+    let expiries = expiries.lock().expect("expiries lock").clone();
+    let mut after_expiry = Vec::new();
+    let mut done = Duration::ZERO;
+    for (unit, host) in &affected {
+        let Some(at) = moved_at.get(unit.as_str()) else {
+            continue;
+        };
+        done = done.max(at.duration_since(kill_at));
+        if let Some(expired) = expiries.get(host) {
+            after_expiry.push(at.saturating_duration_since(*expired));
+        }
+    }
+    let mut expiry_after_kill: Vec<Duration> = expiries
+        .values()
+        .map(|e| e.duration_since(kill_at))
+        .collect();
+    let failover_summary = summary(&mut after_expiry.clone());
+    println!(
+        "{}",
+        json!({"phase": "failover", "run": header, "killed_hosts": killed.len(),
+            "moved_units": affected.len(),
+            "expiries_seen": expiries.len(),
+            "kill_to_expiry": summary(&mut expiry_after_kill),
+            "expiry_to_running": failover_summary,
+            "kill_to_all_running_secs": done.as_secs_f64()})
+    );
+
+    // 5. checks.
+    let deadline = Instant::now() + limit;
+    let mut last = String::new();
+    let ok = loop {
+        let journal = fleet.journal.check_settled(&names, &fleet.dead);
+        let store = fleet_sim::check_store(&client, &names, &fleet).await;
+        if let (Ok(()), Ok(())) = (&journal, &store) {
+            break true;
+        }
+        last = format!("journal: {journal:?}; store: {store:?}");
+        if Instant::now() > deadline || !fleet.journal.violations().is_empty() {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let memory: Vec<_> = servers.pids().iter().map(|p| rss_mib(*p)).collect();
+    let own = rss_mib(std::process::id());
+    println!(
+        "{}",
+        json!({"phase": "end", "run": header, "checks_passed": ok,
+            "violations": fleet.journal.violations().len(),
+            "member_rss_mib": memory.iter().map(|m| m.0).collect::<Vec<_>>(),
+            "member_peak_rss_mib": memory.iter().map(|m| m.1).collect::<Vec<_>>(),
+            "sim_rss_mib": own.0, "sim_peak_rss_mib": own.1})
+    );
+    if let Some(path) = &args.plot {
+        let api_samples: Vec<(String, Vec<Duration>)> = api.into_iter().collect();
+        crate::plot::latencies(
+            path,
+            &format!("{} hosts, {} units", args.hosts, args.units),
+            &[
+                ("submit → running".to_string(), start_latency),
+                ("lease expiry → running elsewhere".to_string(), after_expiry),
+            ],
+            &api_samples,
+        )?;
+        eprintln!("plot written to {}", path.display());
+    }
+    fleet.stop_all().await;
+    if !ok {
+        bail!("checks failed: {last}");
+    }
+    Ok(())
+}
+
+/// Each unit's first start (after `since`, if given) in the journal.
+fn first_starts(fleet: &Fleet, since: Option<Instant>) -> HashMap<String, Instant> {
+    let mut first = HashMap::new();
+    for event in fleet.journal.events() {
+        if event.started && since.is_none_or(|s| event.at >= s) && !fleet.dead.contains(&event.host)
+        {
+            first.entry(event.unit).or_insert(event.at);
+        }
+    }
+    first
+}
+
+/// Notes when the store deletes the presence of each killed host (its lease
+/// expired), from revision `from` on.
+async fn watch_expiries(
+    endpoints: Vec<String>,
+    from: u64,
+    killed: BTreeMap<String, usize>,
+    seen: Arc<Mutex<HashMap<usize, Instant>>>,
+) {
+    let Ok(client) = Client::connect(&endpoints).await else {
+        return;
+    };
+    let mut watch = client.watch(keys::MACHINES, from);
+    while let Ok(events) = watch.next().await {
+        let now = Instant::now();
+        for event in events {
+            if event.kind != EventKind::Delete {
+                continue;
+            }
+            if let Some(id) = event.kv.key.strip_prefix(keys::MACHINES)
+                && let Some(host) = killed.get(id)
+            {
+                seen.lock()
+                    .expect("expiries lock")
+                    .entry(*host)
+                    .or_insert(now);
+            }
+        }
+    }
+}
+
+/// The API paths timed while loaded: what `list-units` and `list-machines`
+/// call (their first page).
+const PROBED: [&str; 3] = ["/fleet/v1/units", "/fleet/v1/state", "/fleet/v1/machines"];
+
+/// GETs each of [`PROBED`] in turn, round-robin over the members, until
+/// `running` turns false; returns each path's latencies.
+async fn probe_api(
+    apis: Vec<String>,
+    running: Arc<std::sync::atomic::AtomicBool>,
+) -> BTreeMap<String, Vec<Duration>> {
+    let mut samples: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
+    let mut i = 0usize;
+    while running.load(std::sync::atomic::Ordering::SeqCst) {
+        for path in PROBED {
+            let api = &apis[i % apis.len()];
+            i += 1;
+            let start = Instant::now();
+            if get(api, path).await.is_ok() {
+                samples
+                    .entry(path.to_string())
+                    .or_default()
+                    .push(start.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    samples
+}
+
+/// One HTTP/1.1 GET; Ok when the answer is 200.
+async fn get(api: &str, path: &str) -> Result<()> {
+    let mut stream = tokio::net::TcpStream::connect(api).await?;
+    let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    stream.write_all(head.as_bytes()).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    if response.starts_with(b"HTTP/1.1 200") {
+        Ok(())
+    } else {
+        bail!(
+            "GET {path}: {}",
+            String::from_utf8_lossy(&response[..response.len().min(200)])
+        )
+    }
+}
