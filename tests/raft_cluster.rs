@@ -184,8 +184,8 @@ impl Cluster {
             }
             assert!(
                 Instant::now() < deadline,
-                "no leader within 15 s; logs in {}",
-                log_dir(&self.members[0].dir)
+                "no leader within 15 s; the members' logs end:\n{}",
+                self.log_tails()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -214,8 +214,19 @@ fn new_member(root: &Path, i: usize) -> Member {
     }
 }
 
-fn log_dir(p: &Path) -> String {
-    p.parent().unwrap().display().to_string()
+impl Cluster {
+    /// The last lines of every member's log, for a failure message: the
+    /// logs live in a temporary dir that goes with the failed test.
+    fn log_tails(&self) -> String {
+        let mut out = String::new();
+        for m in &self.members {
+            let log = std::fs::read_to_string(m.dir.with_extension("log")).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+            out.push_str(&format!("--- {}:\n{tail}\n", m.name));
+        }
+        out
+    }
 }
 
 impl Drop for Cluster {
@@ -752,8 +763,8 @@ async fn a_member_joins_a_store_larger_than_one_frame() {
         }
         assert!(
             Instant::now() < deadline,
-            "the newcomer never received the snapshot; logs in {}",
-            log_dir(&cluster.members[0].dir)
+            "the newcomer never received the snapshot; the members' logs end:\n{}",
+            cluster.log_tails()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
