@@ -70,3 +70,4 @@ pub fn text(bytes: &[u8]) -> String {
 }
 
 pub mod cluster;
+pub mod daemon;
