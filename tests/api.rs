@@ -229,6 +229,7 @@ impl Machine {
                 .into(),
             },
             target: Some(target),
+            reason: None,
         };
         self.store.report(&[(name, Some(state))]).await.unwrap();
     }

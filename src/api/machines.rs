@@ -16,7 +16,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::Shared;
@@ -28,9 +28,10 @@ use crate::registry::records::Renewal;
 use crate::units::fleet::is_metadata_key;
 
 /// A machine as `GET /fleet/v1/machines` shows it: fleet's fields, then
-/// flotilla's.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
+/// flotilla's. The CLI reads it back leniently (fleet sent only the first
+/// three): every field may be missing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
 pub struct MachineJson {
     /// Its `/etc/machine-id`.
     pub id: String,
@@ -86,8 +87,8 @@ fn is_overdue(renewal: Renewal, age_ms: u64) -> bool {
 }
 
 /// `GET /fleet/v1/machines`: fleet's page of machines.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
 pub struct MachineList {
     /// The machines with a live presence, by id.
     pub machines: Vec<MachineJson>,

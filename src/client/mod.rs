@@ -9,12 +9,14 @@
 //! * [`endpoint`]: parsing `--endpoint`, and remembering which one answered.
 //! * [`ssh`]: the system ssh command for tunnels and `flotilla ssh`.
 //! * [`tunnel`]: `--tunnel`: the API through an ssh-forwarded socket.
-//! * [`wire`]: the JSON the API answers with.
+//!
+//! The JSON it reads is the API's own types ([`crate::api`]), each read
+//! leniently (missing fields default, unknown ones are ignored), so the CLI
+//! works against flotilla's API today and a newer one tomorrow.
 
 pub mod endpoint;
 pub mod ssh;
 pub mod tunnel;
-pub mod wire;
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -23,13 +25,14 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
+use crate::api::error::ErrorBody;
+use crate::api::explain::Explanation;
+use crate::api::machines::{MachineJson, MachineList};
+use crate::api::units::{StateJson, StateList, UnitJson, UnitList};
 use crate::registry::records::DesiredState;
 use crate::units::{UnitName, UnitOption};
 use endpoint::{Endpoint, Memory};
 use tunnel::Tunnel;
-use wire::{
-    ErrorBody, Explanation, MachineJson, MachinePage, StateJson, StatePage, UnitJson, UnitPage,
-};
 
 /// Why a call to the API failed.
 #[derive(Debug, thiserror::Error)]
@@ -380,7 +383,7 @@ impl ApiClient {
 
     /// `GET /fleet/v1/units`: every unit, templates included.
     pub async fn units(&self) -> Result<Vec<UnitJson>, Error> {
-        self.pages("/fleet/v1/units", &[], |p: UnitPage| {
+        self.pages("/fleet/v1/units", &[], |p: UnitList| {
             (p.units, p.next_page_token)
         })
         .await
@@ -442,7 +445,7 @@ impl ApiClient {
             .map(|u| vec![("unitName", u.to_string())])
             .unwrap_or_default();
         let mut states = self
-            .pages("/fleet/v1/state", &query, |p: StatePage| {
+            .pages("/fleet/v1/state", &query, |p: StateList| {
                 (p.states, p.next_page_token)
             })
             .await?;
@@ -455,7 +458,7 @@ impl ApiClient {
 
     /// `GET /fleet/v1/machines`.
     pub async fn machines(&self) -> Result<Vec<MachineJson>, Error> {
-        self.pages("/fleet/v1/machines", &[], |p: MachinePage| {
+        self.pages("/fleet/v1/machines", &[], |p: MachineList| {
             (p.machines, p.next_page_token)
         })
         .await

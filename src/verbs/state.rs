@@ -12,9 +12,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 
+use flotilla::api::units::UnitJson;
 use flotilla::cli::{BlockArgs, DestroyArgs, RestartArgs, StartArgs, StateArgs, SubmitArgs};
 use flotilla::client::ApiClient;
-use flotilla::client::wire::UnitJson;
 use flotilla::registry::records::DesiredState;
 use flotilla::units::UnitName;
 
@@ -39,7 +39,7 @@ pub async fn submit(args: SubmitArgs, outer: &ApiArgs) -> Result<ExitCode> {
         match outcome {
             Created::New => outln!("Unit {} inactive", target.name)?,
             Created::Replaced => {
-                let desired = units[target.name.as_str()].desired();
+                let desired = units[target.name.as_str()].desired_state;
                 outln!("Unit {} replaced ({desired})", target.name)?;
             }
             Created::Kept => {}
@@ -76,7 +76,7 @@ async fn set_all(
     let mut waited = Vec::new();
     for name in names {
         let unit = units.get(name.as_str());
-        if unit.is_none_or(|u| u.desired() != desired) {
+        if unit.is_none_or(|u| u.desired_state != desired) {
             client
                 .set_desired(name, desired)
                 .await
@@ -121,7 +121,7 @@ pub async fn stop(args: StateArgs, outer: &ApiArgs) -> Result<ExitCode> {
     let found = create::existing(&names, &units, "stop")?;
     let idle: Vec<String> = found
         .iter()
-        .filter(|(_, u)| u.desired() == DesiredState::Inactive && !u.is_global())
+        .filter(|(_, u)| u.desired_state == DesiredState::Inactive && !u.is_global())
         .map(|(n, _)| n.to_string())
         .collect();
     if !idle.is_empty() {
@@ -164,12 +164,14 @@ pub async fn restart(args: RestartArgs, outer: &ApiArgs) -> Result<ExitCode> {
             outln!("Triggered global unit {name} restart")?;
             continue;
         }
-        if unit.desired() == DesiredState::Inactive {
+        if unit.desired_state == DesiredState::Inactive {
             eprintln!("error: cannot restart {name}: it is not loaded anywhere (start it instead)");
             stuck.push(name.to_string());
             continue;
         }
-        if unit.current() == DesiredState::Launched || unit.desired() == DesiredState::Launched {
+        if unit.current_state == DesiredState::Launched
+            || unit.desired_state == DesiredState::Launched
+        {
             client.set_desired(name, DesiredState::Loaded).await?;
             let down = wait::wait(
                 &client,
