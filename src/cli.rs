@@ -49,8 +49,8 @@ pub struct ApiArgs {
     /// [default: 10]
     #[arg(long, value_name = "SECS")]
     pub request_timeout: Option<f64>,
-    /// Reach the API through ssh to this host, HOST[:PORT] (its --endpoint is
-    /// then the one on that host) [env: FLOTILLA_TUNNEL]
+    /// Reach the API through ssh to this host, HOST[:PORT] (each --endpoint
+    /// as that host reaches it, tried in order) [env: FLOTILLA_TUNNEL]
     #[arg(long, value_name = "HOST[:PORT]")]
     pub tunnel: Option<String>,
     /// ssh settings, for --tunnel, ssh, status and journal.
@@ -319,9 +319,9 @@ pub struct RestartArgs {
     /// Units (or their files, submitted first as by start).
     #[arg(required = true, value_name = "UNIT|FILE")]
     pub units: Vec<String>,
-    /// How many times to check each step (every 500 ms) before giving up; 0 waits for ever.
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub block_attempts: u32,
+    /// `--no-block`, or how many times to check each step (every 500 ms).
+    #[command(flatten)]
+    pub block: BlockArgs,
     #[command(flatten)]
     pub api: ApiArgs,
 }

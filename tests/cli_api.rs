@@ -276,3 +276,85 @@ fn output_into_a_closed_pipe_ends_quietly() {
         assert!(text(&out.stderr).is_empty(), "{}", text(&out.stderr));
     }
 }
+
+#[test]
+fn bulk_progress_is_a_bar_on_a_terminal_and_lines_when_piped() {
+    let daemon = Daemon::start();
+    let names: Vec<String> = (1..=5).map(|i| format!("p{i}.service")).collect();
+    for name in &names {
+        daemon.write(name, "[Service]\nExecStart=/bin/true\n");
+    }
+    let mut args = vec!["load", "--no-block"];
+    args.extend(names.iter().map(String::as_str));
+    daemon.ok(&args);
+    // Nothing runs them (no agent), so unloading them arrives at once.
+    let unload = |on_terminal: bool| -> String {
+        let verb = format!(
+            "'{}' unload {}",
+            env!("CARGO_BIN_EXE_flotilla"),
+            names.join(" ")
+        );
+        let mut shell = Command::new(if on_terminal { "script" } else { "bash" });
+        if on_terminal {
+            // script(1) gives the verb a pseudo-terminal and copies it out.
+            shell.args(["-qec", &verb, "/dev/null"]);
+        } else {
+            shell.args(["-c", &verb]);
+        }
+        for (key, value) in daemon.command().get_envs() {
+            match value {
+                Some(value) => shell.env(key, value),
+                None => shell.env_remove(key),
+            };
+        }
+        let out = shell.output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        format!("{}{}", text(&out.stdout), text(&out.stderr))
+    };
+    let piped = unload(false);
+    assert!(piped.contains("5/5 units inactive\n"), "{piped:?}");
+    assert!(
+        !piped.contains('\r') && !piped.contains("\x1b["),
+        "{piped:?}"
+    );
+
+    daemon.ok(&args);
+    let terminal = unload(true);
+    assert!(
+        terminal.contains("\r\x1b[K[##############################] 5/5 inactive"),
+        "{terminal:?}"
+    );
+    assert!(
+        terminal.contains("Unit p5.service inactive\r\n"),
+        "{terminal:?}"
+    );
+    assert!(
+        terminal.ends_with("\r\x1b[K"),
+        "the bar is cleared: {terminal:?}"
+    );
+}
+
+#[test]
+fn restart_follows_fleetctl_v1() {
+    let daemon = Daemon::start();
+    daemon.write("one.service", "[Service]\nExecStart=/bin/true\n");
+    daemon.write(
+        "all.service",
+        "[Service]\nExecStart=/bin/true\n[X-Fleet]\nGlobal=true\n",
+    );
+    daemon.ok(&["submit", "one.service", "all.service"]);
+    // A global unit: set loaded then launched, never waited for.
+    let out = daemon.ok(&["restart", "all.service"]);
+    assert_eq!(
+        out,
+        "Triggered global unit all.service stop\nTriggered global unit all.service start\n"
+    );
+    // Nothing runs one.service (no agent): fleetctl refused "in state inactive".
+    let err = daemon.fails(&["restart", "--no-block", "one.service"]);
+    assert!(err.contains("one.service: it is inactive"), "{err}");
+    let help = daemon.ok(&["restart", "--help"]);
+    assert!(
+        help.contains("--no-block") && help.contains("--block-attempts"),
+        "{help}"
+    );
+}

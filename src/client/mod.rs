@@ -160,13 +160,12 @@ impl ApiClient {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let list = list_key(&settings.endpoints);
         let remembered = settings.memory.as_ref().and_then(|m| m.recall(&list));
-        let mut order = endpoint::ordered(&settings.endpoints, remembered.as_deref());
+        let order = endpoint::ordered(&settings.endpoints, remembered.as_deref());
         let tunnel = match &settings.tunnel {
             Some((host, ssh)) => {
-                // Through a tunnel only the first endpoint is used, on the far side.
-                order.truncate(1);
+                // One forward per endpoint, tried in order on the far side.
                 let wait = settings.timeout.max(Duration::from_secs(10));
-                Some(Tunnel::open(ssh, host, &order[0], wait)?)
+                Some(Tunnel::open(ssh, host, &order, wait)?)
             }
             None => None,
         };
@@ -185,8 +184,12 @@ impl ApiClient {
             .no_proxy()
             .connect_timeout(connect_timeout)
             .user_agent(concat!("flotilla/", env!("CARGO_PKG_VERSION")));
+        let forwarded = self.order.iter().position(|e| e == endpoint);
         let socket = match (&self.tunnel, endpoint) {
-            (Some(tunnel), _) => Some(tunnel.socket().to_path_buf()),
+            (Some(tunnel), _) => {
+                let index = forwarded.expect("every endpoint tried is in the order");
+                Some(tunnel.socket(index).to_path_buf())
+            }
             (None, Endpoint::Unix(path)) => Some(path.clone()),
             (None, Endpoint::Http(_)) => None,
         };
@@ -257,6 +260,11 @@ impl ApiClient {
                     });
                 }
                 Err(err) if err.is_connect() || err.is_timeout() => {
+                    last = format!("{}: {}", connection.shown, cause(&err));
+                }
+                // Through a tunnel, an endpoint ssh cannot reach on the far
+                // side is a connection that closes unanswered: try the next.
+                Err(err) if self.tunnel.is_some() && index + 1 < count && !settled => {
                     last = format!("{}: {}", connection.shown, cause(&err));
                 }
                 Err(err) => {

@@ -145,8 +145,12 @@ pub async fn unload(args: StateArgs, outer: &ApiArgs) -> Result<ExitCode> {
     finish(&client, waited, Goal::Inactive, block, "unload").await
 }
 
-/// `flotilla restart`: each unit stopped and started again, one after
-/// another, so a service of several instances keeps serving.
+/// `flotilla restart`, as fleetctl v1.0.0's: each unit fleet's
+/// `currentState` says is launched is set loaded, then launched again,
+/// waiting for each step unless `--no-block` ("Triggered unit X stop/start").
+/// A unit that is only loaded runs nothing to restart and is skipped; an
+/// inactive one ends the verb with an error. A global unit is set loaded,
+/// then launched, without waiting.
 pub async fn restart(args: RestartArgs, outer: &ApiArgs) -> Result<ExitCode> {
     let targets = targets::with_files(&args.units, false)?;
     let client = connect::client(&connect::api_args(args.api, outer)?)?;
@@ -154,49 +158,44 @@ pub async fn restart(args: RestartArgs, outer: &ApiArgs) -> Result<ExitCode> {
     create::create(&client, &targets, &mut units, false, None).await?;
     let mut machines = Machines::default();
     let mut stuck = Vec::new();
+    let attempts = args.block.block_attempts;
     for target in &targets {
         let name = &target.name;
         let unit = &units[name.as_str()];
         let one = std::slice::from_ref(name);
-        if unit.is_global() {
-            client.set_desired(name, DesiredState::Loaded).await?;
-            client.set_desired(name, DesiredState::Launched).await?;
-            outln!("Triggered global unit {name} restart")?;
-            continue;
-        }
-        if unit.desired_state == DesiredState::Inactive {
-            eprintln!("error: cannot restart {name}: it is not loaded anywhere (start it instead)");
-            stuck.push(name.to_string());
-            continue;
-        }
-        if unit.current_state == DesiredState::Launched
-            || unit.desired_state == DesiredState::Launched
-        {
-            client.set_desired(name, DesiredState::Loaded).await?;
-            let down = wait::wait(
-                &client,
-                one,
-                Goal::Loaded,
-                args.block_attempts,
-                &mut machines,
-            )
-            .await?;
-            if !down.is_empty() {
-                stuck.push(format!("{name} ({})", down[0].why));
-                continue;
+        let global = unit.is_global();
+        if !global {
+            match unit.current_state {
+                DesiredState::Inactive => bail!(
+                    "cannot restart {name}: it is inactive, so nothing runs to restart \
+                     (start it: flotilla start {name})"
+                ),
+                DesiredState::Loaded => {
+                    eprintln!(
+                        "warning: {name} is loaded, not launched: nothing runs to restart; \
+                         skipped (start it: flotilla start {name})"
+                    );
+                    continue;
+                }
+                DesiredState::Launched => {}
             }
         }
-        client.set_desired(name, DesiredState::Launched).await?;
-        let up = wait::wait(
-            &client,
-            one,
-            Goal::Launched,
-            args.block_attempts,
-            &mut machines,
-        )
-        .await?;
-        if let Some(s) = up.first() {
-            stuck.push(format!("{name} ({})", s.why));
+        for (goal, state, step) in [
+            (Goal::Loaded, DesiredState::Loaded, "stop"),
+            (Goal::Launched, DesiredState::Launched, "start"),
+        ] {
+            client.set_desired(name, state).await?;
+            if global {
+                outln!("Triggered global unit {name} {step}")?;
+            } else if args.block.no_block {
+                outln!("Triggered unit {name} {step}")?;
+            } else {
+                let late = wait::wait(&client, one, goal, attempts, &mut machines).await?;
+                if let Some(s) = late.first() {
+                    stuck.push(format!("{name} ({})", s.why));
+                    break;
+                }
+            }
         }
     }
     if stuck.is_empty() {
