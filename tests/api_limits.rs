@@ -71,6 +71,22 @@ fn stored(daemon: &Daemon) -> String {
     daemon.ok(&["list-unit-files", "--no-legend"])
 }
 
+/// Waits until `GET path` with the token answers 200 on TCP; how long it took.
+fn serves_again(addr: &str, path: &str) -> Duration {
+    let started = Instant::now();
+    loop {
+        let answer = raw(addr, &get(path, Some(TOKEN)));
+        if answer.starts_with("HTTP/1.1 200") {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the API did not serve again: {answer}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// How many descriptors the daemon has open now.
 fn open_fds(daemon: &Daemon) -> usize {
     std::fs::read_dir(format!("/proc/{}/fd", daemon.child.id()))
@@ -249,18 +265,7 @@ fn thousands_of_idle_connections_stay_bounded() {
     assert_eq!(stored(&daemon), "");
 
     // The idle ones are closed after the header timeout; then TCP serves again.
-    let started = Instant::now();
-    loop {
-        let answer = raw(&addr, &get("/fleet/v1/units", Some(TOKEN)));
-        if answer.starts_with("HTTP/1.1 200") {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "TCP did not serve again after the flood: {answer}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    serves_again(&addr, "/fleet/v1/units");
     drop(flood);
     assert!(
         daemon.log().contains("api_max_connections"),
@@ -312,20 +317,6 @@ fn out_of_descriptors_the_accept_loop_pauses_instead_of_spinning() {
     );
 
     drop(flood);
-    let started = Instant::now();
-    loop {
-        let answer = raw(&addr, &get("/health", Some(TOKEN)));
-        if answer.starts_with("HTTP/1.1 200") {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the API did not serve again: {answer}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    eprintln!(
-        "serving again {:?} after the flood ended",
-        started.elapsed()
-    );
+    let took = serves_again(&addr, "/health");
+    eprintln!("serving again {took:?} after the flood ended");
 }
