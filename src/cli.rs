@@ -149,7 +149,8 @@ pub enum Command {
     Load(StartArgs),
     /// Stop and unload units; they stay submitted (desired state inactive).
     Unload(StateArgs),
-    /// Stop and start units again, one after another; waits until each is active.
+    /// Stop and start launched units again, one after another (as fleetctl did: a unit
+    /// only loaded is skipped, an inactive one is an error); waits unless --no-block.
     Restart(RestartArgs),
     /// Remove units from the cluster (they stop wherever they run). A unit
     /// that does not exist is not an error.
