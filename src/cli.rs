@@ -26,9 +26,30 @@ pub struct Cli {
         value_delimiter = ','
     )]
     pub store_endpoint: Vec<String>,
+    /// The certificate the store verbs present (`kv`, `member`, `cluster`, `lock`).
+    #[command(flatten)]
+    pub store_tls: StoreTlsArgs,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The identity the store's verbs present when the cluster uses TLS: the
+/// cluster CA, and a certificate and key from `flotilla tls issue` (an
+/// admin's, to change units or members). The environment variables are the
+/// daemon's own `tls_*` settings, so on a member host they already point at
+/// its certificate.
+#[derive(Debug, Clone, Default, Args)]
+pub struct StoreTlsArgs {
+    /// The cluster CA certificate (ca.pem)
+    #[arg(long, env = "FLOTILLA_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This user's or host's certificate
+    #[arg(long, env = "FLOTILLA_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert
+    #[arg(long, env = "FLOTILLA_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// How the unit verbs reach the API (fleetctl's global flags). Each may be
@@ -134,6 +155,12 @@ pub enum Command {
     /// Read and write the cluster's key-value store directly (for operators and debugging).
     #[command(subcommand)]
     Kv(KvCommand),
+    /// Back up the store to a file, or make a new cluster's data dir from one.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Make the cluster CA and certificates for members, agents and admins.
+    #[command(subcommand)]
+    Tls(TlsCommand),
     /// Boot and drive a lab of real-systemd hosts on this machine (root, Debian 12).
     #[command(subcommand)]
     Lab(crate::lab::LabCommand),
@@ -468,16 +495,71 @@ pub enum MemberCommand {
     },
 }
 
+/// `flotilla snapshot ...`
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Save a consistent backup of the store, read from a live member (over
+    /// --store-endpoint), to FILE.
+    Save {
+        /// Where to write it (replaced atomically).
+        file: PathBuf,
+    },
+    /// Make a new cluster's data dir from a backup. Run it on every founding
+    /// member with the same --initial-cluster, then start each with
+    /// `flotilla daemon --name NAME --data-dir DIR`.
+    Restore {
+        /// The backup file.
+        file: PathBuf,
+        /// The new member's data dir (its Raft store must not exist yet).
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// The new cluster's founding members, name=host:port,...
+        #[arg(long, value_name = "MEMBERS")]
+        initial_cluster: String,
+    },
+}
+
 /// `flotilla cluster ...`
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
     /// Members, leader, each member's lag, quorum, store size, machines whose
-    /// presence lease expired. Exit status 0 when healthy; 1 when a member does
-    /// not answer, no leader is known or quorum is lost (or nothing answers).
+    /// renewal is overdue or whose presence lease expired. Exit status 0 when
+    /// healthy; 1 when a member does not answer, no leader is known, quorum is
+    /// lost or a machine's renewal is overdue (or nothing answers).
     Health {
         /// Print the report as JSON (on stdout, healthy or not).
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// `flotilla tls ...`
+#[derive(Debug, Subcommand)]
+pub enum TlsCommand {
+    /// Make a new cluster CA in DIR (ca.pem, ca.key) and print the cluster id.
+    /// Keep ca.key off the hosts.
+    Init {
+        /// Where to write it (created if missing; must not hold a CA yet).
+        dir: PathBuf,
+    },
+    /// Issue a certificate and key for a member, an agent or an admin, signed
+    /// by the CA; writes NAME.pem, NAME.key and ca.pem into --out.
+    Issue {
+        /// A member's name, an agent's machine id (/etc/machine-id), or an
+        /// admin's user name.
+        name: String,
+        /// member (a Raft server), agent (an agent-only host), admin (a person or tool).
+        #[arg(long)]
+        role: String,
+        /// The CA's directory (from `flotilla tls init`).
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// Where to write the files [default: the CA's directory]
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = crate::tls::ca::DEFAULT_DAYS)]
+        days: u32,
     },
 }
 
@@ -588,6 +670,11 @@ pub struct DaemonArgs {
     /// On SIGTERM stop and unload this host's units and leave [config: leave_on_stop].
     #[arg(long)]
     pub leave_on_stop: bool,
+    /// Disaster recovery when a quorum is lost for good: start a one-member
+    /// cluster from this member's data dir, keeping every entry its log holds.
+    /// Use it once, on one survivor; then add members (flotilla member add).
+    #[arg(long)]
+    pub force_new_cluster: bool,
 }
 
 impl DaemonArgs {

@@ -132,6 +132,25 @@ pub struct Config {
     /// this long (`0`: never, as locksmith). Must not be shorter than
     /// `reboot_timeout`, or a slow reboot would free the lock while down.
     pub stale_after: String,
+    /// The cluster CA certificate (`flotilla tls init`). With `tls_cert` and
+    /// `tls_key` it turns on mutual TLS on the store's peer and client ports
+    /// and for this host's own store clients; all three empty: TLS off, and
+    /// the store's listeners bind to loopback only.
+    pub tls_ca: PathBuf,
+    /// This host's certificate (`flotilla tls issue`): a member's names it,
+    /// an agent-only host's names its machine id.
+    pub tls_cert: PathBuf,
+    /// The key of `tls_cert`.
+    pub tls_key: PathBuf,
+    /// Connections each store listener (peer, client) serves at once; more
+    /// are closed as they arrive.
+    pub max_connections: u64,
+    /// The largest frame (request, Raft message) a store listener reads.
+    pub max_frame_bytes: u64,
+    /// How long one frame may take to arrive once it started, in ms.
+    pub frame_read_timeout_ms: u64,
+    /// How long a TLS handshake on a store listener may take, in ms.
+    pub tls_handshake_timeout_ms: u64,
     /// The file holding the id of the current boot, which tells the reboot
     /// coordinator that a reboot really happened.
     pub boot_id_file: PathBuf,
@@ -337,6 +356,13 @@ impl Default for Config {
             reboot_timeout: "10m".to_string(),
             stale_after: "0".to_string(),
             boot_id_file: PathBuf::from("/proc/sys/kernel/random/boot_id"),
+            tls_ca: PathBuf::new(),
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
+            max_connections: 1024,
+            max_frame_bytes: 64 * 1024 * 1024,
+            frame_read_timeout_ms: 10_000,
+            tls_handshake_timeout_ms: 5_000,
         }
     }
 }
@@ -756,6 +782,7 @@ fn validate(loaded: &Loaded) -> Result<(), Error> {
             format!("{} must be an absolute path", config.boot_id_file.display()),
         ));
     }
+    validate_store_security(config).map_err(|(key, message)| invalid(key, message))?;
     tracing_subscriber::EnvFilter::try_new(&config.log).map_err(|e| {
         invalid(
             "log",
@@ -763,6 +790,93 @@ fn validate(loaded: &Loaded) -> Result<(), Error> {
         )
     })?;
     Ok(())
+}
+
+/// Checks the TLS files (all three or none) and the listener limits.
+fn validate_store_security(config: &Config) -> Result<(), (&'static str, String)> {
+    let files = [
+        ("tls_ca", &config.tls_ca),
+        ("tls_cert", &config.tls_cert),
+        ("tls_key", &config.tls_key),
+    ];
+    let set = files
+        .iter()
+        .filter(|(_, p)| !p.as_os_str().is_empty())
+        .count();
+    if set != 0 && set != files.len() {
+        let (key, _) = files
+            .iter()
+            .find(|(_, p)| p.as_os_str().is_empty())
+            .expect("one is empty");
+        return Err((
+            key,
+            "TLS needs all of tls_ca, tls_cert and tls_key (make them with `flotilla tls init` \
+             and `flotilla tls issue`), or none"
+                .to_string(),
+        ));
+    }
+    for (key, path) in files {
+        if !path.as_os_str().is_empty() && !path.is_absolute() {
+            return Err((key, format!("{} must be an absolute path", path.display())));
+        }
+    }
+    let ranges: [(&'static str, u64, u64, u64); 4] = [
+        ("max_connections", config.max_connections, 1, 1_000_000),
+        (
+            "max_frame_bytes",
+            config.max_frame_bytes,
+            64 * 1024,
+            crate::consensus::codec::MAX_FRAME as u64,
+        ),
+        (
+            "frame_read_timeout_ms",
+            config.frame_read_timeout_ms,
+            100,
+            3_600_000,
+        ),
+        (
+            "tls_handshake_timeout_ms",
+            config.tls_handshake_timeout_ms,
+            100,
+            600_000,
+        ),
+    ];
+    for (key, value, low, high) in ranges {
+        if !(low..=high).contains(&value) {
+            return Err((key, format!("{value} must be between {low} and {high}")));
+        }
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Whether mutual TLS is configured (see `tls_ca`).
+    pub fn tls_enabled(&self) -> bool {
+        !self.tls_ca.as_os_str().is_empty()
+    }
+
+    /// The store listeners' limits.
+    pub fn listener_limits(&self) -> crate::consensus::listener::ListenerLimits {
+        use std::time::Duration;
+        crate::consensus::listener::ListenerLimits {
+            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+            handshake_timeout: Duration::from_millis(self.tls_handshake_timeout_ms),
+            frame: crate::consensus::codec::FrameLimits {
+                max_bytes: usize::try_from(self.max_frame_bytes).unwrap_or(usize::MAX),
+                deadline: Duration::from_millis(self.frame_read_timeout_ms),
+            },
+        }
+    }
+}
+
+/// Whether `host:port` (already checked) only listens on this machine.
+pub fn is_loopback(addr: &str) -> bool {
+    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The shortest API token accepted: guessing one must be hopeless.
@@ -783,8 +897,9 @@ fn check_token(token: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Parses `name=host:port,name=host:port`.
-fn parse_members(spec: &str) -> Result<Vec<Member>, String> {
+/// Parses `name=host:port,name=host:port` (`initial_cluster`; also
+/// `flotilla snapshot restore --initial-cluster`).
+pub fn parse_members(spec: &str) -> Result<Vec<Member>, String> {
     let mut members: Vec<Member> = Vec::new();
     for entry in spec.split(',').map(str::trim) {
         let (name, addr) = entry

@@ -13,9 +13,15 @@
 //!
 //! Shutdown (SIGTERM/SIGINT): the agent stops first (leaving units running
 //! unless `leave_on_stop`), then the Raft member.
+//!
+//! With `tls_ca`/`tls_cert`/`tls_key` set, the store's listeners speak mutual
+//! TLS, client requests pass the registry's role policy
+//! ([`crate::registry::access`]), and every store client of this process
+//! (agent, scheduler, API, reboot coordinator) presents this host's
+//! certificate. Without them the store's listeners bind to loopback only.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -26,35 +32,49 @@ use crate::agent::{self, notify};
 use crate::config::Loaded;
 use crate::consensus::codec::MemberInfo;
 use crate::consensus::kv::Command;
+use crate::consensus::listener::Listener;
 use crate::consensus::node::{Core, NodeConfig, RequestError, member_id};
 use crate::consensus::runner::{self, Msg};
 use crate::consensus::storage::RedbDisk;
-use crate::consensus::{log, server, transport};
+use crate::consensus::{backup, log, server, transport};
 use crate::lock::{self, coordinator::CoordinatorConfig};
 use crate::scheduler;
+use crate::tls::{Role, Trust};
 
 /// Reads the configuration again (for SIGHUP).
 pub type Reload<'a> = &'a (dyn Fn() -> std::result::Result<Loaded, crate::config::Error> + Sync);
 
 /// Runs the daemon until SIGTERM or SIGINT; SIGHUP rereads the configuration
 /// and applies what can change at runtime (today: `metadata` and `log`).
-pub fn run(loaded: &Loaded, reload: Reload<'_>) -> Result<()> {
+/// `force_new_cluster` first turns this member's store into a one-member
+/// cluster ([`crate::consensus::backup::force_new_cluster`]).
+pub fn run(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(loaded, reload))
+    runtime.block_on(serve(loaded, reload, force_new_cluster))
 }
 
 /// How long an unclaimed proposal waits before the scheduler moves it.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn serve(loaded: &Loaded, reload: Reload<'_>) -> Result<()> {
+async fn serve(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> Result<()> {
     let config = &loaded.config;
     let (metadata_tx, metadata_rx) = tokio::sync::watch::channel(config.metadata.clone());
     let (stop_agent, stopped) = tokio::sync::watch::channel(false);
     let agent_only = !config.endpoint_list().is_empty();
+    if agent_only && force_new_cluster {
+        anyhow::bail!(
+            "--force-new-cluster needs a Raft member's data dir; this host is agent-only \
+             (endpoints is set)"
+        );
+    }
+    let trust = load_trust(config)?;
+    if let Some(trust) = &trust {
+        crate::tls::stream::set_default_client(trust.client.clone());
+    }
     let member = if agent_only {
         tracing::info!(
             "agent-only host: the store is at {}",
@@ -62,12 +82,12 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>) -> Result<()> {
         );
         None
     } else {
-        Some(start_member(loaded).await?)
+        Some(start_member(loaded, trust.as_ref(), force_new_cluster).await?)
     };
     let endpoints = if agent_only {
         config.endpoint_list()
     } else {
-        vec![local_client_addr(&config.client_listen)]
+        vec![local_client_addr(&config.client_listen, trust.is_some())]
     };
     let agent = config.agent.then(|| {
         let agent_config = AgentConfig {
@@ -161,17 +181,75 @@ fn public_ip(config: &crate::config::Config, agent_only: bool) -> Option<String>
     (!ip.is_loopback() && !ip.is_unspecified()).then(|| ip.to_string())
 }
 
-/// The address this host's own clients reach the member at.
-fn local_client_addr(listen: &str) -> String {
+/// The address this host's own clients reach the member at (without TLS
+/// the member listens on loopback only).
+fn local_client_addr(listen: &str, tls: bool) -> String {
     match listen.rsplit_once(':') {
+        Some((_, port)) if !tls && !crate::config::is_loopback(listen) => {
+            format!("127.0.0.1:{port}")
+        }
         Some(("0.0.0.0" | "[::]", port)) => format!("127.0.0.1:{port}"),
         _ => listen.to_string(),
     }
 }
 
+/// Loads this host's certificate when TLS is configured, and checks that it
+/// fits the host: a member's names the member, an agent's the machine id.
+fn load_trust(config: &crate::config::Config) -> Result<Option<Trust>> {
+    if !config.tls_enabled() {
+        return Ok(None);
+    }
+    let trust = Trust::load(&config.tls_ca, &config.tls_cert, &config.tls_key)
+        .context("cannot load this host's TLS identity (tls_ca, tls_cert, tls_key)")?;
+    let agent_only = !config.endpoint_list().is_empty();
+    let me = &trust.me;
+    if !agent_only && (me.role != Role::Member || me.name != config.name) {
+        anyhow::bail!(
+            "{} names {me}, but this host is member {:?}: issue it one with              `flotilla tls issue {} --role member`",
+            config.tls_cert.display(),
+            config.name,
+            config.name
+        );
+    }
+    if agent_only && me.role == Role::Agent && config.agent {
+        let id = agent::identity::machine_id(Path::new(MACHINE_ID))?;
+        if me.name != id {
+            anyhow::bail!(
+                "{} names {me}, but this machine's id is {id}: an agent's certificate is                  named by its machine id (`flotilla tls issue {id} --role agent`)",
+                config.tls_cert.display()
+            );
+        }
+    }
+    tracing::info!("TLS on: this host is {me} of cluster {}", me.cluster);
+    Ok(Some(trust))
+}
+
+/// Where this machine's id is read.
+const MACHINE_ID: &str = "/etc/machine-id";
+
+/// The address a store listener binds: `listen`, or without TLS its port on
+/// 127.0.0.1 (and a loud warning when that is not what was configured).
+fn store_bind_addr(key: &str, listen: &str, tls: bool) -> String {
+    if tls || crate::config::is_loopback(listen) {
+        return listen.to_string();
+    }
+    let port = listen.rsplit_once(':').map_or("", |(_, port)| port);
+    let bound = format!("127.0.0.1:{port}");
+    tracing::error!(
+        "TLS IS OFF: the store accepts anyone who reaches it, so {key} {listen} is bound to          {bound} only; other hosts cannot reach this member. Set tls_ca, tls_cert and          tls_key (see SECURITY.md) to serve other hosts."
+    );
+    bound
+}
+
 /// Starts this host's Raft member; returns its handle and thread.
-async fn start_member(loaded: &Loaded) -> Result<(runner::Handle, std::thread::JoinHandle<()>)> {
+async fn start_member(
+    loaded: &Loaded,
+    trust: Option<&Trust>,
+    force_new_cluster: bool,
+) -> Result<(runner::Handle, std::thread::JoinHandle<()>)> {
     let config = &loaded.config;
+    let peer_listen = store_bind_addr("peer_listen", &config.peer_listen, trust.is_some());
+    let client_listen = store_bind_addr("client_listen", &config.client_listen, trust.is_some());
     let id = member_id(&config.name);
     let founding: BTreeMap<u64, MemberInfo> = loaded
         .members()
@@ -193,30 +271,49 @@ async fn start_member(loaded: &Loaded) -> Result<(runner::Handle, std::thread::J
         founding.clone()
     };
 
-    let peers = TcpListener::bind(&config.peer_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen for peers on {} (peer_listen); is another daemon using it?",
-                config.peer_listen
-            )
-        })?;
-    let clients = TcpListener::bind(&config.client_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen for clients on {} (client_listen); is another daemon using it?",
-                config.client_listen
-            )
-        })?;
+    let peers = TcpListener::bind(&peer_listen).await.with_context(|| {
+        format!(
+            "cannot listen for peers on {peer_listen} (peer_listen); is another daemon using it?"
+        )
+    })?;
+    let clients = TcpListener::bind(&client_listen).await.with_context(|| {
+        format!(
+            "cannot listen for clients on {client_listen} (client_listen); is another daemon using it?"
+        )
+    })?;
+    let limits = config.listener_limits();
+    let server_tls = trust.map(|t| t.server.clone());
+    let peers = Listener::new(peers, server_tls.clone(), limits.clone(), "peer");
+    let clients = Listener::new(clients, server_tls, limits, "client");
 
     let raft_dir = config.data_dir.join("raft");
-    let disk = RedbDisk::open(&raft_dir).with_context(|| {
+    let mut disk = RedbDisk::open(&raft_dir).with_context(|| {
         format!(
             "cannot open the Raft store in {}; is another flotilla daemon using this data_dir?",
             raft_dir.display()
         )
     })?;
+    if force_new_cluster {
+        let me = MemberInfo {
+            name: config.name.clone(),
+            peer_addr: config.peer_listen.clone(),
+        };
+        let forced = backup::force_new_cluster(&mut disk, id, me)
+            .context("cannot force a new cluster from this data dir")?;
+        tracing::warn!(
+            "forced a new one-member cluster from this data dir at log index {} (revision {}, \
+             {} log entries kept beyond the last snapshot); left behind: {}. Start without \
+             --force-new-cluster from now on, and add members with flotilla member add",
+            forced.index,
+            forced.revision,
+            forced.entries,
+            if forced.dropped.is_empty() {
+                "nobody".to_string()
+            } else {
+                forced.dropped.join(", ")
+            }
+        );
+    }
     let tick_ms = (config.election_timeout_ms / 10).max(5);
     let mut node_config = NodeConfig::new(id, tick_ms, config.election_timeout_ms);
     node_config.snapshot_entries = config.snapshot_entries;
@@ -234,25 +331,33 @@ async fn start_member(loaded: &Loaded) -> Result<(runner::Handle, std::thread::J
         );
     }
     let runtime = tokio::runtime::Handle::current();
-    let table = transport::Peers::default();
+    let table = transport::Peers::new(trust.map(|t| t.client.clone()));
     let writers = table.clone();
     let (node, thread) = runner::spawn(core, Duration::from_millis(tick_ms), |handle| {
         transport::TcpTransport::new(id, runtime, handle, writers)
     });
-    if !config.client_listen.starts_with("0.0.0.0") && !config.client_listen.starts_with("[::]") {
+    if !client_listen.starts_with("0.0.0.0") && !client_listen.starts_with("[::]") {
         tokio::spawn(publish_client_addr(
             node.clone(),
             config.name.clone(),
-            config.client_listen.clone(),
+            client_listen.clone(),
         ));
     }
-    tokio::spawn(transport::serve_peers(peers, node.clone(), table));
-    tokio::spawn(server::serve_clients(clients, node.clone()));
+    tokio::spawn(transport::serve_peers(peers, node.clone(), table, id));
+    tokio::spawn(server::serve_clients(
+        clients,
+        node.clone(),
+        std::sync::Arc::new(crate::registry::access::RolePolicy),
+    ));
     tracing::info!(
-        "flotilla member {} (raft id {id:x}) serving clients on {} and peers on {}",
+        "flotilla member {} (raft id {id:x}) serving clients on {client_listen} and peers on \
+         {peer_listen}{}",
         config.name,
-        config.client_listen,
-        config.peer_listen
+        if trust.is_some() {
+            " (mutual TLS)"
+        } else {
+            " (no TLS: loopback only)"
+        }
     );
     Ok((node, thread))
 }

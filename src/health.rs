@@ -10,7 +10,8 @@
 //! those it remembers whose presence lease expired.
 //!
 //! The cluster is unhealthy when no leader is known, when fewer than a
-//! majority of members follow it, or when any member does not answer; the
+//! majority of members follow it, when any member does not answer, or when
+//! a live machine's renewal is overdue (it is about to lose its units); the
 //! report names each problem. Machines with expired leases are reported but
 //! do not make the cluster unhealthy: a retired host stays remembered.
 
@@ -241,6 +242,13 @@ pub fn assess(
             members.len()
         ));
     }
+    for m in &machines.overdue {
+        problems.push(format!(
+            "machine {} last renewed its presence {} s ago (TTL {} s): it loses its units \
+             when its lease runs out (flotilla list-machines; check the host and its agent)",
+            m.machine, m.renewed_secs_ago, m.ttl_secs
+        ));
+    }
     let mut rows = Vec::new();
     for (id, info) in members {
         let answer = answers.get(id);
@@ -334,6 +342,15 @@ impl Health {
             );
         }
         let _ = write!(out, "\nmachines: {} live", self.machines.live.len());
+        if !self.machines.overdue.is_empty() {
+            let overdue: Vec<&str> = self
+                .machines
+                .overdue
+                .iter()
+                .map(|m| m.machine.as_str())
+                .collect();
+            let _ = write!(out, " ({} overdue: {})", overdue.len(), overdue.join(", "));
+        }
         if self.machines.expired.is_empty() {
             out.push('\n');
         } else {
@@ -431,8 +448,40 @@ mod tests {
     fn no_machines() -> Liveness {
         Liveness {
             live: Vec::new(),
+            overdue: Vec::new(),
             expired: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_machine_overdue_with_its_renewal_is_unhealthy_an_expired_one_is_not() {
+        let answers: BTreeMap<u64, Answer> =
+            [up(1, 2, 5, 100), up(2, 2, 5, 100), up(3, 2, 5, 100)].into();
+        let mut machines = no_machines();
+        machines.live = vec!["aaaa".into(), "bbbb".into()];
+        machines.expired = vec![crate::registry::liveness::ExpiredMachine {
+            machine: "cccc".into(),
+            drained: false,
+            proposals: 0,
+        }];
+        let health = assess(&members(3), &answers, machines.clone());
+        assert!(health.healthy, "{:?}", health.problems);
+        machines.overdue = vec![crate::registry::liveness::OverdueMachine {
+            machine: "bbbb".into(),
+            renewed_secs_ago: 8,
+            ttl_secs: 10,
+        }];
+        let health = assess(&members(3), &answers, machines);
+        assert!(!health.healthy);
+        assert_eq!(health.problems.len(), 1, "{:?}", health.problems);
+        assert!(
+            health.problems[0].contains("machine bbbb last renewed its presence 8 s ago"),
+            "{:?}",
+            health.problems
+        );
+        let table = health.table();
+        assert!(table.contains("1 overdue"), "{table}");
+        assert!(table.contains("cccc"), "{table}");
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //!   rules, hashing, which units may share a machine, the placement decision
 //!   and the claim check. No I/O.
 //! * [`consensus`]: the embedded Raft store; today its state machine.
+//! * [`tls`]: the cluster CA, certificates naming a role, mutual TLS on the
+//!   store's ports.
 //! * [`agent`]: the per-host agent: presence, claims, systemd over D-Bus.
 //! * [`registry`]: the cluster's records of units and machines, and every
 //!   transaction on them: the user's, the scheduler's and each machine's.
@@ -17,6 +19,7 @@
 //! * [`config`]: the daemon's configuration loader (file, environment, flags).
 //! * [`daemon`]: `flotilla daemon`, wiring the roles together.
 //! * [`health`]: `flotilla cluster health`: members, leader, lag, quorum, machines.
+//! * [`metrics`]: the daemon's counters, gauges and latency histograms, as `/metrics` serves them.
 //! * [`logging`]: log lines for journald or for people; the filter reloadable on SIGHUP.
 //! * [`api`]: the daemon's HTTP JSON API, fleet's `/fleet/v1` with fleet's semantics
 //!   and flotilla's `/flotilla/v1` (explain, drain, status, journal), on a unix socket and TCP.
@@ -38,7 +41,9 @@ pub mod health;
 pub mod lab;
 pub mod lock;
 pub mod logging;
+pub mod metrics;
 pub mod registry;
 pub mod scheduler;
+pub mod tls;
 pub mod units;
 pub mod verify;

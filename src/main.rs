@@ -7,7 +7,8 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 
 use flotilla::cli::{
-    Cli, ClusterCommand, Command, DaemonArgs, KvCommand, MemberCommand, VerifyArgs,
+    Cli, ClusterCommand, Command, DaemonArgs, KvCommand, MemberCommand, StoreTlsArgs, TlsCommand,
+    VerifyArgs,
 };
 use flotilla::config;
 use flotilla::consensus::client::Client;
@@ -54,19 +55,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Daemon(args) => run_daemon(&args),
         Command::Member(command) => {
             flotilla::logging::init("warn");
+            store_identity(&cli.store_tls)?;
             client_runtime()?.block_on(run_member(&cli.store_endpoint, command))
         }
         Command::Cluster(command) => {
             flotilla::logging::init("warn");
+            store_identity(&cli.store_tls)?;
             client_runtime()?.block_on(run_cluster(&cli.store_endpoint, command))
         }
         Command::Kv(command) => {
             flotilla::logging::init("warn");
+            store_identity(&cli.store_tls)?;
             client_runtime()?.block_on(run_kv(&cli.store_endpoint, command))
         }
+        Command::Snapshot(command) => {
+            flotilla::logging::init("warn");
+            store_identity(&cli.store_tls)?;
+            client_runtime()?.block_on(verbs::snapshot::run(&cli.store_endpoint, command))
+        }
+        Command::Tls(command) => run_tls(command),
         Command::Lab(command) => flotilla::lab::run(command),
         Command::Lock(args) => {
             flotilla::logging::init("warn");
+            store_identity(&cli.store_tls)?;
             client_runtime()?.block_on(lock_verbs::run(&cli.store_endpoint, args))
         }
         Command::Completion { shell } => {
@@ -118,12 +129,70 @@ async fn run_api_verb(outer: &flotilla::cli::ApiArgs, command: Command) -> Resul
         | Command::Member(_)
         | Command::Cluster(_)
         | Command::Kv(_)
+        | Command::Snapshot(_)
+        | Command::Tls(_)
         | Command::Lock(_)
         | Command::Lab(_)
         | Command::Completion { .. }
         | Command::Man { .. }
         | Command::Version => unreachable!("dispatched in run()"),
     }
+}
+
+/// Makes the store verbs present the certificate given with --tls-ca,
+/// --tls-cert and --tls-key (or FLOTILLA_TLS_*); none of them: plaintext.
+fn store_identity(args: &StoreTlsArgs) -> Result<()> {
+    let (ca, cert, key) = match (&args.tls_ca, &args.tls_cert, &args.tls_key) {
+        (None, None, None) => return Ok(()),
+        (Some(ca), Some(cert), Some(key)) => (ca, cert, key),
+        _ => bail!(
+            "give all of --tls-ca, --tls-cert and --tls-key (or FLOTILLA_TLS_CA, \
+             FLOTILLA_TLS_CERT, FLOTILLA_TLS_KEY), or none"
+        ),
+    };
+    let trust = flotilla::tls::Trust::load(ca, cert, key)
+        .context("cannot load the certificate for the store (--tls-ca, --tls-cert, --tls-key)")?;
+    flotilla::tls::stream::set_default_client(trust.client);
+    Ok(())
+}
+
+/// `flotilla tls init|issue`.
+fn run_tls(command: TlsCommand) -> Result<ExitCode> {
+    use flotilla::tls::{Role, ca};
+    match command {
+        TlsCommand::Init { dir } => {
+            let made = ca::init(&dir).context("cannot make the cluster CA")?;
+            outln!(
+                "cluster {}: CA certificate {}, key {} (keep the key off the hosts)\n\
+                 next: flotilla tls issue NAME --role member|agent|admin --ca {}",
+                made.cluster,
+                made.cert.display(),
+                made.key.display(),
+                dir.display()
+            )?;
+        }
+        TlsCommand::Issue {
+            name,
+            role,
+            ca: ca_dir,
+            out,
+            days,
+        } => {
+            let role: Role = role.parse().map_err(Usage)?;
+            let out = out.unwrap_or_else(|| ca_dir.clone());
+            let issued = ca::issue(&name, role, &ca_dir, &out, days)
+                .with_context(|| format!("cannot issue a certificate for {name}"))?;
+            outln!(
+                "{} of cluster {}: certificate {}, key {}, CA {}",
+                issued.identity,
+                issued.identity.cluster,
+                issued.cert.display(),
+                issued.key.display(),
+                issued.ca.display()
+            )?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn client_runtime() -> Result<tokio::runtime::Runtime> {
@@ -292,6 +361,6 @@ fn run_daemon(args: &DaemonArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let reload = || config::load(&source, &env, &overrides);
-    flotilla::daemon::run(&loaded, &reload)?;
+    flotilla::daemon::run(&loaded, &reload, args.force_new_cluster)?;
     Ok(ExitCode::SUCCESS)
 }

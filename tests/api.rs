@@ -684,3 +684,48 @@ async fn machines_are_patched_drained_explained_and_report_states() {
         )
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_members_machines_units_and_locks() {
+    let daemon = Daemon::start().await;
+    let id = "bb000000000000000000000000000001";
+    let machine = daemon
+        .machine(id, "fake-7", &[("role", "<b>web</b>")])
+        .await;
+    let unit = json!({"desiredState": "launched", "options": service("/bin/true", &[])});
+    let answer = daemon
+        .call("PUT", "/fleet/v1/units/page.service", Some(&unit))
+        .await;
+    assert_eq!(answer.status, 201, "{answer:?}");
+    daemon
+        .wait_for("/fleet/v1/units/page.service", "placed", |u| {
+            u["machineID"] == id
+        })
+        .await;
+    machine.claim("page.service").await;
+    let stored = daemon.get("/fleet/v1/units/page.service").await;
+    machine.report(&stored, "active", Target::Launched).await;
+    let client = Client::connect(std::slice::from_ref(&daemon.store))
+        .await
+        .unwrap();
+    flotilla::registry::lock::acquire(&client, "reboot", id, 1, None)
+        .await
+        .unwrap();
+
+    let page = daemon.raw("GET", "/ui", "", b"").await;
+    assert_eq!(page.status, 200, "{page:?}");
+    let html = page.body;
+    for shown in [
+        "leader <b>m0</b>",
+        "<meta http-equiv=refresh",
+        "<td>page.service<td>launched<td>fake-7<td class=ok>active<td>running</tr>",
+        "<td>fake-7<td>10.0.0.7<td>1<td>",
+        // Metadata is shown as text, never as markup.
+        "role=&lt;b&gt;web&lt;/b&gt;",
+        "<td>reboot<td>1<td>fake-7 (",
+    ] {
+        assert!(html.contains(shown), "the page lacks {shown:?}:\n{html}");
+    }
+    assert!(!html.contains("<b>web</b>"), "{html}");
+    assert_eq!(daemon.raw("POST", "/ui", "", b"").await.status, 405);
+}

@@ -613,3 +613,64 @@ fn bash_completion_offers_the_real_verbs() {
         "an unknown shell is a usage error"
     );
 }
+
+#[test]
+fn tls_init_and_issue_make_private_files_and_refuse_bad_requests() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let ca_arg = ca.to_str().unwrap();
+    let out = flotilla(&["tls", "init", ca_arg]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("flotilla tls issue"),
+        "{}",
+        stdout(&out)
+    );
+    let again = flotilla(&["tls", "init", ca_arg]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        stderr(&again).contains("already holds a CA"),
+        "{}",
+        stderr(&again)
+    );
+
+    let out_dir = dir.path().join("h1");
+    let out_arg = out_dir.to_str().unwrap();
+    let out = flotilla(&[
+        "tls", "issue", "h1", "--role", "member", "--ca", ca_arg, "--out", out_arg,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("member \"h1\""), "{}", stdout(&out));
+    for file in ["h1.pem", "h1.key", "ca.pem"] {
+        let mode = std::fs::metadata(out_dir.join(file))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
+
+    let role = flotilla(&["tls", "issue", "h2", "--role", "root", "--ca", ca_arg]);
+    assert_eq!(role.status.code(), Some(2));
+    assert!(
+        stderr(&role).contains("member, agent or admin"),
+        "{}",
+        stderr(&role)
+    );
+    let name = flotilla(&["tls", "issue", "H/2", "--role", "agent", "--ca", ca_arg]);
+    assert_eq!(name.status.code(), Some(1));
+    assert!(stderr(&name).contains("invalid name"), "{}", stderr(&name));
+    let missing = dir.path().join("nowhere");
+    let no_ca = flotilla(&[
+        "tls",
+        "issue",
+        "h2",
+        "--role",
+        "agent",
+        "--ca",
+        missing.to_str().unwrap(),
+    ]);
+    assert_eq!(no_ca.status.code(), Some(1));
+    assert!(stderr(&no_ca).contains("ca.pem"), "{}", stderr(&no_ca));
+    assert!(!ca.join("h2.pem").exists(), "nothing was issued");
+}

@@ -58,6 +58,15 @@ fn assert_none_failed(cluster: &Cluster, pattern: &str) {
     }
 }
 
+/// How many hosts' systemd runs each unit matching `pattern`.
+fn copies(cluster: &Cluster, pattern: &str) -> BTreeMap<String, usize> {
+    let mut copies: BTreeMap<String, usize> = BTreeMap::new();
+    for unit in systemd_view(cluster, pattern).into_values().flatten() {
+        *copies.entry(unit).or_default() += 1;
+    }
+    copies
+}
+
 /// Active units matching `pattern`, by host, from systemd itself.
 fn systemd_view(cluster: &Cluster, pattern: &str) -> BTreeMap<String, Vec<String>> {
     cluster
@@ -189,9 +198,74 @@ fn conflicting_instances_spread_wait_and_take_over() {
     );
 }
 
+/// One scrape of `GET /metrics` on `host`'s unix socket: each series (name
+/// and labels) with its value.
+type Scrape = BTreeMap<String, f64>;
+
+fn scrape(cluster: &Cluster, host: &str) -> Scrape {
+    let out = cluster.exec(
+        host,
+        &[
+            "curl",
+            "-sS",
+            "--fail",
+            "--unix-socket",
+            "/run/flotilla/api.sock",
+            "http://x/metrics",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "scraping {host}: {}",
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The sum of `series` over several hosts' scrapes (absent counts 0).
+fn total(scrapes: &[Scrape], series: &str) -> f64 {
+    scrapes.iter().filter_map(|s| s.get(series)).sum()
+}
+
+fn scrape_all(cluster: &Cluster, hosts: &[String]) -> Vec<Scrape> {
+    hosts.iter().map(|h| scrape(cluster, h)).collect()
+}
+
+/// The metrics issue 15 names, as `/metrics` spells them (a prefix is
+/// enough: histograms have several series, some are labelled).
+const METRIC_NAMES: [&str; 18] = [
+    "flotilla_raft_term ",
+    "flotilla_raft_commit_index",
+    "flotilla_raft_applied_index",
+    "flotilla_raft_leader_changes_total",
+    "flotilla_raft_proposal_duration_seconds_bucket",
+    "flotilla_disk_fsync_duration_seconds_count",
+    "flotilla_store_size_bytes",
+    "flotilla_store_keys",
+    "flotilla_leases",
+    "flotilla_units{desired_state=\"launched\"}",
+    "flotilla_unit_states{active_state=",
+    "flotilla_units_claimed",
+    "flotilla_placements_total",
+    "flotilla_claim_conflicts_total",
+    "flotilla_lease_expiries_total",
+    "flotilla_systemd_call_duration_seconds_count{method=\"StartUnit\"}",
+    "flotilla_api_request_duration_seconds_count{method=\"GET\",route=",
+    "flotilla_machines",
+];
+
 #[test]
 fn killed_hosts_units_move_within_the_ttl() {
     let cluster = Cluster::up(3, 3);
+    let all: Vec<String> = cluster.hosts.iter().map(|h| h.name.clone()).collect();
+    let before = scrape_all(&cluster, &all);
     cluster.submit(&[("plain@.service", PLAIN)]);
     let names: Vec<String> = (1..=9).map(|i| format!("plain@{i}.service")).collect();
     let mut args = vec!["start", "--no-block"];
@@ -200,6 +274,45 @@ fn killed_hosts_units_move_within_the_ttl() {
     wait_for(Duration::from_secs(15), "9 active units", || {
         (cluster.active().len() == 9).then_some(())
     });
+
+    // Metrics: every name is there, and starting 9 units moved the counters.
+    let started = scrape_all(&cluster, &all);
+    for name in METRIC_NAMES {
+        for (host, scrape) in all.iter().zip(&started) {
+            assert!(
+                scrape
+                    .keys()
+                    .any(|series| format!("{series} ").starts_with(name)),
+                "{host}'s /metrics has no {name}: {scrape:?}"
+            );
+        }
+    }
+    let rise = |after: &[Scrape], before: &[Scrape], series: &str| {
+        total(after, series) - total(before, series)
+    };
+    assert!(rise(&started, &before, "flotilla_placements_total") >= 9.0);
+    let starts = "flotilla_systemd_call_duration_seconds_count{method=\"StartUnit\"}";
+    assert!(rise(&started, &before, starts) >= 9.0);
+    assert!(
+        rise(
+            &started,
+            &before,
+            "flotilla_raft_proposal_duration_seconds_count"
+        ) >= 9.0
+    );
+    assert!(rise(&started, &before, "flotilla_raft_applied_index") >= 9.0 * 3.0);
+    for scrape in &started {
+        assert_eq!(scrape["flotilla_units{desired_state=\"launched\"}"], 9.0);
+        assert_eq!(scrape["flotilla_unit_states{active_state=\"active\"}"], 9.0);
+        assert_eq!(scrape["flotilla_machines"], 3.0);
+        assert_eq!(scrape["flotilla_store_reachable"], 1.0);
+    }
+    eprintln!(
+        "metrics after 9 starts: placements +{}, StartUnit calls +{}, leases {}",
+        rise(&started, &before, "flotilla_placements_total"),
+        rise(&started, &before, starts),
+        started[0]["flotilla_leases"]
+    );
 
     // A follower host first, then the Raft leader's host.
     let leader = cluster.leader();
@@ -216,7 +329,7 @@ fn killed_hosts_units_move_within_the_ttl() {
         // last checkpointed remaining time plus one election timeout, so a
         // lease can outlive the kill by up to about a second more than the
         // TTL; then the usual path runs (as for the follower, about 1 s).
-        (leader, cluster.ttl + Duration::from_secs(3)),
+        (leader.clone(), cluster.ttl + Duration::from_secs(3)),
     ] {
         let moving: Vec<String> = cluster
             .active()
@@ -237,6 +350,29 @@ fn killed_hosts_units_move_within_the_ttl() {
         });
         // From the kill, not from the first poll.
         let took = killed.elapsed();
+        if victim != leader {
+            // Metrics: the survivors applied the expiry and re-placed the units.
+            let survivors: Vec<String> = all.iter().filter(|h| **h != victim).cloned().collect();
+            let was: Vec<Scrape> = all
+                .iter()
+                .zip(&started)
+                .filter(|(h, _)| **h != victim)
+                .map(|(_, s)| s.clone())
+                .collect();
+            let now = scrape_all(&cluster, &survivors);
+            for (host, (now, was)) in survivors.iter().zip(now.iter().zip(&was)) {
+                let expired =
+                    now["flotilla_lease_expiries_total"] - was["flotilla_lease_expiries_total"];
+                assert!(expired >= 1.0, "{host} applied no lease expiry");
+                assert_eq!(now["flotilla_machines"], 2.0, "{host}");
+            }
+            let placed = rise(&now, &was, "flotilla_placements_total");
+            assert!(
+                placed >= moving.len() as f64,
+                "{placed} placements for {} moved units",
+                moving.len()
+            );
+        }
         eprintln!(
             "{} units moved off killed {victim} in {took:?} (bound {bound:?})",
             moving.len()
@@ -878,10 +1014,7 @@ fn losing_quorum_stops_nothing_and_recovery_restarts_nothing() {
     for unit in &mine {
         assert_eq!(active[unit], [survivor], "{unit} stayed on {survivor}");
     }
-    let mut copies: BTreeMap<String, usize> = BTreeMap::new();
-    for unit in systemd_view(&cluster, "plain@*").into_values().flatten() {
-        *copies.entry(unit).or_default() += 1;
-    }
+    let copies = copies(&cluster, "plain@*");
     assert_eq!(copies.len(), 6, "every unit runs: {copies:?}");
     assert!(
         copies.values().all(|n| *n == 1),
@@ -1057,4 +1190,274 @@ fn a_frozen_member_neither_hangs_the_cli_nor_stops_the_cluster() {
         &["systemctl", "kill", "--signal=SIGCONT", "flotilla.service"],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// Runs a shell snippet on `host` that must succeed; returns its stdout.
+fn sh(cluster: &Cluster, host: &str, script: &str) -> String {
+    let out = cluster.exec(host, &["sh", "-c", script]);
+    assert!(
+        out.status.success(),
+        "{host}: {script}: {}",
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// One `key = value` line of `host`'s daemon configuration, as written.
+fn config_line(cluster: &Cluster, host: &str, key: &str) -> String {
+    sh(cluster, host, "cat /etc/flotilla/flotilla.toml")
+        .lines()
+        .find(|l| l.starts_with(&format!("{key} =")))
+        .unwrap_or_else(|| panic!("{host}'s config has no {key}"))
+        .to_string()
+}
+
+#[test]
+fn a_survivor_forced_into_a_new_cluster_keeps_every_unit_running_and_takes_new_members() {
+    // h1-h3 hold the Raft seats; h4 and h5 run only the agent.
+    let cluster = Cluster::up_with(5, 3, 3);
+    cluster.submit(&[("plain@.service", PLAIN)]);
+    let names: Vec<String> = (1..=10).map(|i| format!("plain@{i}.service")).collect();
+    let mut args = vec!["start", "--no-block"];
+    args.extend(names.iter().map(String::as_str));
+    cluster.ok(&args);
+    wait_for(Duration::from_secs(20), "10 active units", || {
+        (cluster.active().len() == 10).then_some(())
+    });
+    let survivors = ["h3", "h4", "h5"];
+    let running: BTreeMap<&str, Vec<(String, String)>> = survivors
+        .iter()
+        .map(|h| {
+            let units = cluster.systemd_active(h, "plain@*");
+            (
+                *h,
+                units
+                    .iter()
+                    .map(|u| (u.clone(), cluster.entered(h, u)))
+                    .collect(),
+            )
+        })
+        .collect();
+
+    // Two of the three members die for good: no quorum, ever again.
+    cluster.lab(&["kill", "h1"]);
+    cluster.lab(&["kill", "h2"]);
+    std::thread::sleep(cluster.ttl);
+
+    // h3's daemon restarts once with --force-new-cluster (a drop-in, as an
+    // operator would do it), then the drop-in goes for later restarts.
+    let forced = Instant::now();
+    sh(
+        &cluster,
+        "h3",
+        "mkdir -p /run/systemd/system/flotilla.service.d && \
+         printf '[Service]\\nExecStart=\\nExecStart=/usr/bin/flotilla daemon \
+         --config /etc/flotilla/flotilla.toml --force-new-cluster\\n' \
+         > /run/systemd/system/flotilla.service.d/recover.conf && \
+         systemctl daemon-reload && systemctl restart flotilla && \
+         rm /run/systemd/system/flotilla.service.d/recover.conf && systemctl daemon-reload",
+    );
+    let members = cluster.ok(&["member", "list"]);
+    assert_eq!(members.lines().count(), 2, "h3 alone: {members}");
+    assert!(
+        members.contains("h3") && members.contains("yes"),
+        "{members}"
+    );
+    // The dead hosts' units come back on the survivors; each runs once.
+    wait_for(
+        Duration::from_secs(30),
+        "10 active units after the recovery",
+        || {
+            let active = cluster.active();
+            (active.len() == 10
+                && active.values().all(|h| {
+                    h.len() == 1 && !h.contains(&"h1".to_string()) && !h.contains(&"h2".to_string())
+                }))
+            .then_some(())
+        },
+    );
+    eprintln!(
+        "10 units active again {:?} after the forced restart",
+        forced.elapsed()
+    );
+
+    // Two new members: h4 and h5 become Raft members (added, then restarted
+    // as members joining an existing cluster).
+    let h3_peer = config_line(&cluster, "h3", "peer_listen");
+    let h3_peer = h3_peer.split('"').nth(1).unwrap().to_string();
+    let mut initial = format!("h3={h3_peer}");
+    // The members' client addresses: they listen on 0.0.0.0 and publish none.
+    let mut stores = vec![h3_peer.replace(":4002", ":4001")];
+    for host in ["h4", "h5"] {
+        let ip = sh(&cluster, host, "hostname -I");
+        let ip = ip.split_whitespace().next().unwrap().to_string();
+        let peer = format!("{ip}:4002");
+        // One membership change at a time: the last newcomer's promotion may
+        // still be on its way.
+        wait_for(Duration::from_secs(20), "member add to be taken", || {
+            let out = cluster.flotilla(&["member", "add", host, &peer]);
+            out.status.success().then_some(())
+        });
+        initial.push_str(&format!(",{host}={peer}"));
+        let mut config: Vec<String> = sh(&cluster, host, "cat /etc/flotilla/flotilla.toml")
+            .lines()
+            .filter(|l| !l.starts_with("endpoints ="))
+            .map(str::to_string)
+            .collect();
+        config.push("client_listen = \"0.0.0.0:4001\"".into());
+        config.push(format!("peer_listen = \"{peer}\""));
+        config.push(format!("initial_cluster = \"{initial}\""));
+        config.push("initial_cluster_state = \"existing\"".into());
+        config.push(config_line(&cluster, "h3", "election_timeout_ms"));
+        let out = cluster.exec(
+            host,
+            &[
+                "sh",
+                "-c",
+                "printf '%s\\n' \"$0\" > /etc/flotilla/flotilla.toml && systemctl restart flotilla",
+                &config.join("\n"),
+            ],
+        );
+        assert!(out.status.success(), "{host}: {}", text(&out.stderr));
+        stores.push(format!("{ip}:4001"));
+    }
+    let members = cluster.ok(&["member", "list"]);
+    assert_eq!(members.lines().count(), 4, "h3, h4, h5: {members}");
+    // Healthy: all three answer and follow the leader.
+    let stores = stores.join(",");
+    let (report, _) = wait_for(
+        Duration::from_secs(30),
+        "a healthy 3-member cluster",
+        || {
+            let out =
+                cluster.flotilla(&["--store-endpoint", &stores, "cluster", "health", "--json"]);
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            (out.status.success() && report["quorum"]["following"] == 3).then_some(report)
+        },
+    );
+    eprintln!("after adding h4 and h5: {}", report["members"]);
+    cluster.ok(&["kv", "put", "/after-recovery", "ok"]);
+
+    // Throughout, nothing that ran on a survivor stopped or restarted.
+    for (host, units) in &running {
+        let now = cluster.systemd_active(host, "plain@*");
+        for (unit, entered) in units {
+            assert!(now.contains(unit), "{unit} still runs on {host}: {now:?}");
+            assert_eq!(
+                &cluster.entered(host, unit),
+                entered,
+                "{unit} on {host} was not restarted"
+            );
+        }
+    }
+    let copies = copies(&cluster, "plain@*");
+    assert_eq!(copies.len(), 10, "every unit runs: {copies:?}");
+    assert!(
+        copies.values().all(|n| *n == 1),
+        "each runs once: {copies:?}"
+    );
+}
+
+/// Each unit file's name, desired state and hash, as `list-unit-files` shows them.
+fn unit_files(cluster: &Cluster) -> BTreeMap<String, (String, String)> {
+    let out = cluster.ok(&["list-unit-files", "--json"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    rows.iter()
+        .map(|r| {
+            let field = |k: &str| r[k].as_str().unwrap_or_default().to_string();
+            (field("unit"), (field("desired"), field("hash")))
+        })
+        .collect()
+}
+
+#[test]
+fn a_backup_restored_into_fresh_stores_gives_back_every_unit_and_agents_converge() {
+    let cluster = Cluster::up(3, 5);
+    cluster.submit(&[("plain@.service", PLAIN)]);
+    cluster.ok(&["start", "plain@1", "plain@2", "plain@3", "plain@4"]);
+    cluster.ok(&["load", "plain@5"]);
+    cluster.ok(&["submit", "plain@6"]);
+    let files = unit_files(&cluster);
+    assert_eq!(files.len(), 7, "the template and 6 instances: {files:?}");
+    // Where every host sees it (the hosts' /tmp is their own).
+    let kept = tempfile::Builder::new()
+        .prefix("flotilla-backup-test")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let file = kept.path().join("store.snap");
+    let file = file.to_str().unwrap();
+    let saved = cluster.ok(&["snapshot", "save", file]);
+    eprintln!("{}", saved.trim());
+
+    // Every member loses its store; the units keep running meanwhile.
+    let hosts = ["h1", "h2", "h3"];
+    for host in hosts {
+        sh(
+            &cluster,
+            host,
+            "systemctl stop flotilla && rm -r /var/lib/flotilla/raft",
+        );
+    }
+    for host in hosts {
+        let initial = config_line(&cluster, host, "initial_cluster");
+        let initial = initial.split('"').nth(1).unwrap().to_string();
+        sh(
+            &cluster,
+            host,
+            &format!(
+                "flotilla snapshot restore {file} --data-dir /var/lib/flotilla \
+                 --initial-cluster {initial}"
+            ),
+        );
+    }
+    let restored = Instant::now();
+    for host in hosts {
+        sh(&cluster, host, "systemctl start flotilla");
+    }
+    assert_eq!(
+        unit_files(&cluster),
+        files,
+        "every unit, desired state and body"
+    );
+    // The agents converge: the 4 launched units active, each on one host;
+    // plain@5 loaded (placed, not running); plain@6 nowhere.
+    wait_for(Duration::from_secs(30), "the launched units active", || {
+        let active = cluster.active();
+        (active.len() == 4 && active.values().all(|h| h.len() == 1)).then_some(())
+    });
+    eprintln!(
+        "4 units active {:?} after the restored members started",
+        restored.elapsed()
+    );
+    let copies = copies(&cluster, "plain@*");
+    let expected: BTreeMap<String, usize> =
+        (1..=4).map(|i| (format!("plain@{i}.service"), 1)).collect();
+    assert_eq!(copies, expected, "systemd runs each launched unit once");
+    let rows = cluster.rows();
+    let loaded: Vec<&support::cluster::Row> = rows
+        .iter()
+        .filter(|r| r.unit == "plain@5.service")
+        .collect();
+    assert_eq!(loaded.len(), 1, "{rows:?}");
+    assert!(loaded[0].machine.is_some(), "plain@5 is placed: {rows:?}");
+    assert!(
+        !rows.iter().any(|r| r.unit == "plain@6.service"),
+        "plain@6 stays inactive: {rows:?}"
+    );
+    // The states above could be the backup's own; these are the agents'
+    // work on the restored cluster: past two TTLs every machine is still
+    // present (it renews its lease), and changes reach systemd.
+    std::thread::sleep(cluster.ttl * 2);
+    assert_eq!(cluster.machines().len(), 3, "every agent renews");
+    cluster.ok(&["stop", "plain@1"]);
+    cluster.ok(&["start", "plain@6"]);
+    let running: BTreeSet<String> = systemd_view(&cluster, "plain@*")
+        .into_values()
+        .flatten()
+        .collect();
+    let expected: BTreeSet<String> = [2, 3, 4, 6]
+        .iter()
+        .map(|i| format!("plain@{i}.service"))
+        .collect();
+    assert_eq!(running, expected, "systemd follows the restored cluster");
 }

@@ -166,9 +166,14 @@ fn doctor(dir: &Path) {
     );
 }
 
-/// `flotilla --store-endpoint E ARGS...`: the store verbs (kv, member).
-fn flotilla(endpoint: &str, args: &[&str]) -> Output {
+/// `flotilla --store-endpoint E ARGS...`: the store verbs (kv, member), as
+/// the lab's admin.
+fn flotilla(lab: &Lab, endpoint: &str, args: &[&str]) -> Output {
+    let tls = |key: &str| lab.up[key].as_str().unwrap().to_string();
     Command::new(FLOTILLA)
+        .env("FLOTILLA_TLS_CA", tls("tls_ca"))
+        .env("FLOTILLA_TLS_CERT", tls("tls_cert"))
+        .env("FLOTILLA_TLS_KEY", tls("tls_key"))
         .arg("--store-endpoint")
         .arg(endpoint)
         .args(args)
@@ -282,7 +287,7 @@ fn lab_verbs_on_one_lab() {
         3,
         "the first 3 hosts serve Raft"
     );
-    let members = flotilla(&endpoint, &["member", "list"]);
+    let members = flotilla(&lab, &endpoint, &["member", "list"]);
     let members = text(&members.stdout);
     assert_eq!(
         members.lines().filter(|l| l.contains(" h")).count(),
@@ -290,7 +295,7 @@ fn lab_verbs_on_one_lab() {
         "{members}"
     );
     assert!(members.contains("yes"), "a leader: {members}");
-    let put = flotilla(&endpoint, &["kv", "put", "lab/key", "value"]);
+    let put = flotilla(&lab, &endpoint, &["kv", "put", "lab/key", "value"]);
     assert!(put.status.success(), "{}", text(&put.stderr));
     // h4 holds no Raft seat but runs flotilla all the same: its agent.
     assert_eq!(
@@ -392,7 +397,7 @@ fn lab_verbs_on_one_lab() {
     );
     let h3 = format!("{}:4001", lab.ip("h3"));
     eventually("h3 to serve the key again", Duration::from_secs(20), || {
-        let out = flotilla(&h3, &["kv", "get", "--serializable", "lab/key"]);
+        let out = flotilla(&lab, &h3, &["kv", "get", "--serializable", "lab/key"]);
         (text(&out.stdout).trim() == "value").then_some(())
     });
     step("kill and start", started);
@@ -513,6 +518,7 @@ fn lab_two_labs_side_by_side() {
     // Each lab's cluster works from outside; neither lab reaches the other.
     for lab in [&a, &b] {
         let out = flotilla(
+            lab,
             lab.up["store_endpoint"].as_str().unwrap(),
             &["member", "list"],
         );

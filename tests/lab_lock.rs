@@ -115,7 +115,8 @@ struct History {
 
 impl History {
     fn start(cluster: &Cluster, prefix: &str) -> History {
-        let mut child = Command::new(FLOTILLA)
+        let mut child = cluster
+            .command()
             .args([
                 "--store-endpoint",
                 &cluster.store_endpoint,
@@ -558,7 +559,8 @@ fn concurrent_acquires_and_a_killed_holder_with_and_without_stale_after() {
     assert_eq!(out, "Old: 1\nNew: 2\n");
     let racers: Vec<Child> = (0..24)
         .map(|i| {
-            Command::new(FLOTILLA)
+            cluster
+                .command()
                 .args([
                     "--store-endpoint",
                     &cluster.store_endpoint,

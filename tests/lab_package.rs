@@ -156,13 +156,18 @@ fn the_package_installs_joins_the_cluster_and_runs_a_unit() {
         ["disabled", "inactive"]
     );
 
-    // Configure it as an agent of the lab's store and start it.
+    // Configure it as an agent of the lab's store, with the agent
+    // certificate the lab issued it, and start it.
     let h1 = cluster.store_endpoint.split(',').next().unwrap();
+    let tls = format!(
+        "tls_ca = \"/etc/flotilla/tls/ca.pem\"\\ntls_cert = \"/etc/flotilla/tls/{machine}.pem\"\\n\
+         tls_key = \"/etc/flotilla/tls/{machine}.key\"\\n"
+    );
     sh(
         &cluster,
         HOST,
         &format!(
-            "printf 'endpoints = \"{h1}\"\\nttl_secs = 3\\n[metadata]\\ninstalled = \"deb\"\\n' \
+            "printf 'endpoints = \"{h1}\"\\nttl_secs = 3\\n{tls}[metadata]\\ninstalled = \"deb\"\\n' \
              > /etc/flotilla/flotilla.toml && systemctl enable --now flotilla"
         ),
     );

@@ -2,6 +2,9 @@
 //! clients write and a watcher listens, then check that every acknowledged
 //! write survived, a new leader took over, and the watcher saw every revision
 //! exactly once.
+//!
+//! The members speak mutual TLS, each with its member certificate of one
+//! test CA ([`support::pki`]); the test's own clients present an admin's.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -11,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use flotilla::consensus::client::{Client, ClientError};
 use flotilla::consensus::kv::Revision;
+use flotilla::tls::Role;
 
 mod support;
 
@@ -41,6 +45,7 @@ impl Cluster {
 
     /// A cluster of `n` founding members, none started yet.
     fn prepare(n: usize) -> Cluster {
+        support::pki::shared();
         let root = tempfile::tempdir().unwrap();
         let members: Vec<Member> = (0..n).map(|i| new_member(root.path(), i)).collect();
         let initial = members
@@ -57,12 +62,25 @@ impl Cluster {
 
     /// Adds a member through `flotilla member add` and starts it joining.
     async fn add_member(&mut self) -> usize {
+        let endpoints = self.endpoints();
+        self.add_member_via(&endpoints).await
+    }
+
+    /// [`Cluster::add_member`], asking the members at `endpoints`.
+    async fn add_member_via(&mut self, endpoints: &[String]) -> usize {
         let i = self.members.len();
         let member = new_member(self.root.path(), i);
-        let out = cli(
-            &self.endpoints(),
-            &["member", "add", &member.name, &member.peer],
-        );
+        // One membership change at a time: the last newcomer's promotion
+        // may still be on its way.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let out = loop {
+            let out = cli(endpoints, &["member", "add", &member.name, &member.peer]);
+            let busy = String::from_utf8_lossy(&out.stderr).contains("still being applied");
+            if !busy || Instant::now() > deadline {
+                break out;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
         assert!(
             out.status.success(),
             "{}",
@@ -84,6 +102,11 @@ impl Cluster {
     }
 
     fn boot_as(&mut self, i: usize, state: &str) {
+        self.boot_with(i, state, &[]);
+    }
+
+    /// Starts member `i` with `extra` daemon flags.
+    fn boot_with(&mut self, i: usize, state: &str, extra: &[&str]) {
         let m = &mut self.members[i];
         let log = std::fs::File::create(m.dir.with_extension("log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
@@ -96,8 +119,10 @@ impl Cluster {
             .env_remove("FLOTILLA_CONFIG")
             // A store-only member: no agent, no API listeners on the outer machine.
             .arg("--no-agent")
+            .args(extra)
             .env("FLOTILLA_API_SOCKET", "")
             .env("FLOTILLA_API_LISTEN", "")
+            .envs(support::pki::shared().env(&m.name, Role::Member))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -149,6 +174,7 @@ impl Cluster {
 fn cli(endpoints: &[String], args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_flotilla"))
         .args(["--store-endpoint", &endpoints.join(",")])
+        .envs(support::pki::shared().env("tester", Role::Admin))
         .args(args)
         .output()
         .unwrap()
@@ -331,6 +357,17 @@ async fn connect_when_up(endpoint: &str) -> Client {
     }
 }
 
+/// Writes `/k/0` .. `/k/{n-1}`, each acknowledged; returns their keys.
+async fn put_keys(client: &Client, n: usize) -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    for i in 0..n {
+        let key = format!("/k/{i}");
+        client.put(&key, b"v".to_vec()).await.unwrap();
+        keys.insert(key);
+    }
+    keys
+}
+
 /// Waits until `client`'s member serves every key in `keys` from its own state.
 async fn caught_up(client: &Client, keys: &BTreeSet<String>, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -352,12 +389,7 @@ async fn members_are_added_from_a_snapshot_and_removed_at_runtime() {
     cluster.leader(None).await;
     let client = Client::connect(&cluster.endpoints()).await.unwrap();
     // More writes than --snapshot-entries, so the log is compacted.
-    let mut keys = BTreeSet::new();
-    for i in 0..120 {
-        let key = format!("/k/{i}");
-        client.put(&key, b"v".to_vec()).await.unwrap();
-        keys.insert(key);
-    }
+    let keys = put_keys(&client, 120).await;
     let added = cluster.add_member().await;
     let newcomer = connect_when_up(&cluster.members[added].client).await;
     caught_up(&newcomer, &keys, "the added member").await;
@@ -542,6 +574,43 @@ async fn cluster_health_sees_every_member_and_fails_when_members_die() {
     assert_eq!(report["machines"]["live"], serde_json::json!(["live0001"]));
     assert_eq!(report["machines"]["expired"][0]["machine"], "gone0001");
 
+    // The live machine misses renewals (its last one 9 s ago, TTL 10 s):
+    // unhealthy, naming it; renewed again, healthy again.
+    let renew = |ago_ms: u64| {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let renewal = records::Renewal {
+            at_ms: now_ms - ago_ms,
+            ttl_ms: 10_000,
+        };
+        let key = keys::renewal("live0001");
+        let client = &client;
+        async move {
+            let value = records::encode(&renewal);
+            client
+                .put_with_lease(&key, value, Some(lease))
+                .await
+                .unwrap();
+        }
+    };
+    renew(9_000).await;
+    let (code, report) = health(&endpoints);
+    assert_eq!(code, Some(1), "{report:#}");
+    assert_eq!(report["machines"]["overdue"][0]["machine"], "live0001");
+    let problems = report["problems"].to_string();
+    assert!(
+        problems.contains("machine live0001 last renewed its presence 9 s ago"),
+        "{problems}"
+    );
+    let shown = cli(&endpoints, &["cluster", "health"]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("(1 overdue: live0001)"), "{shown}");
+    renew(1_000).await;
+    let (code, report) = health(&endpoints);
+    assert_eq!(code, Some(0), "{report:#}");
+
     // A follower dies: quorum holds, but the cluster is unhealthy, naming it.
     let follower = (leader + 1) % 3;
     cluster.kill9(follower);
@@ -670,4 +739,183 @@ async fn a_member_joins_a_store_larger_than_one_frame() {
     client.put("/after-join", b"ok".to_vec()).await.unwrap();
     let status = newcomer.status().await.unwrap();
     assert_eq!(status.members.len(), 2, "{status:?}");
+}
+
+/// Every key under `prefix` with its value, as a linearizable read sees it.
+async fn contents(client: &Client, prefix: &str) -> BTreeMap<String, Vec<u8>> {
+    let (kvs, _) = client.range(prefix, true, false).await.unwrap();
+    kvs.into_iter().map(|kv| (kv.key, kv.value)).collect()
+}
+
+/// Submits `n` units, starts the even ones and loads every third, through
+/// the registry as the API does; returns each unit's name and desired state.
+async fn submit_units(client: &Client, n: usize) -> BTreeMap<String, String> {
+    use flotilla::registry::ops;
+    use flotilla::registry::records::DesiredState;
+    use flotilla::units::{Unit, UnitName};
+    for i in 0..n {
+        let name = UnitName::parse(&format!("backup-{i}.service")).unwrap();
+        let text = format!("[Service]\nExecStart=/bin/sleep {i}\n");
+        let unit = Unit::from_text(&name, &text).unwrap();
+        let desired = match i % 3 {
+            0 => DesiredState::Launched,
+            1 => DesiredState::Loaded,
+            _ => DesiredState::Inactive,
+        };
+        ops::submit_as(client, &unit, desired).await.unwrap();
+    }
+    ops::unit_records(client)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.name.to_string(), format!("{} {}", r.desired, r.hash)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_of_a_live_cluster_restores_into_a_new_cluster() {
+    let cluster = Cluster::start(3);
+    cluster.leader(None).await;
+    let client = Client::connect(&cluster.endpoints()).await.unwrap();
+    let units = submit_units(&client, 30).await;
+    // More writes than --snapshot-entries: the backup comes from a compacted log.
+    for i in 0..80 {
+        client.put(&format!("/k/{i}"), vec![b'v'; i]).await.unwrap();
+    }
+    let before = contents(&client, "/flotilla/units/").await;
+    let raw = contents(&client, "/k/").await;
+    let kept = tempfile::tempdir().unwrap();
+    let file = kept.path().join("store.backup");
+    let file_arg = file.to_str().unwrap();
+    let out = cli(&cluster.endpoints(), &["snapshot", "save", file_arg]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim());
+    // Written after the save: not in the backup.
+    client.put("/k/later", b"x".to_vec()).await.unwrap();
+    drop(cluster);
+
+    let mut fresh = Cluster::prepare(3);
+    // Bad input changes nothing: a damaged file, bad members.
+    let damaged = fresh.root.path().join("damaged.backup");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&damaged, &bytes[..bytes.len() - 10]).unwrap();
+    let dir0 = fresh.members[0].dir.to_str().unwrap().to_string();
+    let restore = |file: &str, dir: &str, members: &str| {
+        let args = [
+            "snapshot",
+            "restore",
+            file,
+            "--data-dir",
+            dir,
+            "--initial-cluster",
+            members,
+        ];
+        cli(&[], &args)
+    };
+    let out = restore(damaged.to_str().unwrap(), &dir0, &fresh.initial);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("damaged"), "{err}");
+    let out = restore(file_arg, &dir0, "m0");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !fresh.members[0].dir.exists(),
+        "a refused restore made the data dir"
+    );
+
+    for i in 0..3 {
+        let dir = fresh.members[i].dir.to_str().unwrap().to_string();
+        let out = restore(file_arg, &dir, &fresh.initial);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = restore(file_arg, &dir0, &fresh.initial);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "restoring over a store is refused"
+    );
+    for i in 0..3 {
+        fresh.boot(i);
+    }
+    fresh.leader(None).await;
+    let client = Client::connect(&fresh.endpoints()).await.unwrap();
+    assert_eq!(contents(&client, "/flotilla/units/").await, before);
+    assert_eq!(
+        contents(&client, "/k/").await,
+        raw,
+        "every key, and not /k/later"
+    );
+    let restored: BTreeMap<String, String> = flotilla::registry::ops::unit_records(&client)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.name.to_string(), format!("{} {}", r.desired, r.hash)))
+        .collect();
+    assert_eq!(
+        restored, units,
+        "every unit with its desired state and body"
+    );
+    client
+        .put("/k/after-restore", b"ok".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(client.status().await.unwrap().members.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_new_cluster_recovers_a_survivor_of_a_lost_quorum() {
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.leader(None).await;
+    let client = Client::connect(&cluster.endpoints()).await.unwrap();
+    let mut acked = put_keys(&client, 120).await;
+    drop(client);
+    // The leader and another member die for good; a follower survives (its
+    // own record of what was committed may lag the leader's).
+    let survivor = (0..3).find(|i| *i != leader).unwrap();
+    for i in (0..3).filter(|i| *i != survivor) {
+        cluster.kill9(i);
+    }
+    cluster.kill9(survivor);
+    cluster.boot_with(survivor, "new", &["--force-new-cluster"]);
+    let only = vec![cluster.members[survivor].client.clone()];
+    let client = connect_when_up(&only[0]).await;
+    caught_up(&client, &acked, "the forced survivor").await;
+    let status = client.status().await.unwrap();
+    assert_eq!(status.members.len(), 1, "{status:?}");
+    client.put("/k/forced", b"ok".to_vec()).await.unwrap();
+    acked.insert("/k/forced".to_string());
+
+    // Two new members join the one-member cluster and catch up.
+    let dead: Vec<usize> = (0..3).filter(|i| *i != survivor).collect();
+    for _ in 0..2 {
+        let added = cluster.add_member_via(&only).await;
+        let newcomer = connect_when_up(&cluster.members[added].client).await;
+        caught_up(&newcomer, &acked, "a member added after the recovery").await;
+    }
+    let status = client.status().await.unwrap();
+    assert_eq!(status.members.len(), 3, "{status:?}");
+    // Restarted without the flag, the survivor keeps the new membership.
+    cluster.kill9(survivor);
+    cluster.boot(survivor);
+    let live: Vec<String> = (0..cluster.members.len())
+        .filter(|i| !dead.contains(i))
+        .map(|i| cluster.members[i].client.clone())
+        .collect();
+    let client = Client::connect(&live).await.unwrap();
+    client.put("/k/after", b"ok".to_vec()).await.unwrap();
+    let status = client.status().await.unwrap();
+    assert_eq!(status.members.len(), 3, "{status:?}");
 }

@@ -240,7 +240,14 @@ impl Host {
                 tracing::warn!("agent: the body of {unit} is not in the store; not loading it");
                 continue;
             };
-            match self.files.write(unit, body.text()) {
+            let text = match body.verified_text(hash) {
+                Ok(text) => text,
+                Err(e) => {
+                    tracing::error!("agent: not loading {unit}: {e}");
+                    continue;
+                }
+            };
+            match self.files.write(unit, &text) {
                 Ok(path) => {
                     let has_install = body
                         .file()

@@ -186,6 +186,7 @@ impl Agent {
             .map(|unit| (unit, &candidate_rules[unit]))
             .collect();
         if !self.store.claim(view, &claiming).await? {
+            crate::metrics::METRICS.claim_conflicts.add(1);
             return Ok(true);
         }
         for unit in &chosen_now {

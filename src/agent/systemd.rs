@@ -30,6 +30,7 @@ use zbus::message::Type as MessageType;
 use zbus::proxy::CacheProperties;
 use zbus::{Connection, MatchRule, Message, MessageStream, ObjectPath, OwnedObjectPath, proxy};
 
+use crate::metrics::time_systemd;
 use crate::registry::unit_state::OCCUPYING_STATES;
 
 /// The D-Bus error systemd answers when a unit it was asked about is not loaded.
@@ -382,10 +383,12 @@ impl Systemd {
             .iter()
             .map(|f| unit_file_text(f))
             .collect::<Result<Vec<&str>>>()?;
-        self.manager
-            .link_unit_files(&texts, true, true)
-            .await
-            .map_err(call("link", &texts.join(" ")))
+        time_systemd(
+            "LinkUnitFiles",
+            self.manager.link_unit_files(&texts, true, true),
+        )
+        .await
+        .map_err(call("link", &texts.join(" ")))
     }
 
     /// Removes the runtime links of many units at once.
@@ -393,10 +396,12 @@ impl Systemd {
         if names.is_empty() {
             return Ok(Vec::new());
         }
-        self.manager
-            .disable_unit_files(names, true)
-            .await
-            .map_err(call("disable", &names.join(" ")))
+        time_systemd(
+            "DisableUnitFiles",
+            self.manager.disable_unit_files(names, true),
+        )
+        .await
+        .map_err(call("disable", &names.join(" ")))
     }
 
     /// The LOAD/ACTIVE/SUB states of many units in one call. A unit systemd
@@ -406,9 +411,7 @@ impl Systemd {
         if names.is_empty() {
             return Ok(Vec::new());
         }
-        let units = self
-            .manager
-            .list_units_by_names(names)
+        let units = time_systemd("ListUnitsByNames", self.manager.list_units_by_names(names))
             .await
             .map_err(call("list", &names.join(" ")))?;
         let mut found: std::collections::HashMap<String, UnitState> =
@@ -455,8 +458,7 @@ impl Systemd {
 
     /// `systemctl daemon-reload`.
     pub async fn reload(&self) -> Result<()> {
-        self.manager
-            .reload()
+        time_systemd("Reload", self.manager.reload())
             .await
             .map_err(call("reload", "its unit files"))
     }
@@ -464,8 +466,7 @@ impl Systemd {
     /// Queues a start job (mode "replace"); returns the job's object path. The
     /// job runs after this returns: watch [`Systemd::state`] or the signals.
     pub async fn start(&self, name: &str) -> Result<OwnedObjectPath> {
-        self.manager
-            .start_unit(name, "replace")
+        time_systemd("StartUnit", self.manager.start_unit(name, "replace"))
             .await
             .map_err(call("start", name))
     }
@@ -473,7 +474,7 @@ impl Systemd {
     /// Queues a stop job (mode "replace"). A unit that is not loaded is already
     /// stopped, so that answer is success (`None`), not an error.
     pub async fn stop(&self, name: &str) -> Result<Option<OwnedObjectPath>> {
-        match self.manager.stop_unit(name, "replace").await {
+        match time_systemd("StopUnit", self.manager.stop_unit(name, "replace")).await {
             Ok(job) => Ok(Some(job)),
             Err(e) if is_no_such_unit(&e) => Ok(None),
             Err(e) => Err(call("stop", name)(e)),

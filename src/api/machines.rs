@@ -24,7 +24,6 @@ use super::error::ApiError;
 use super::paging::{Query, page_of};
 use crate::registry::metadata::{self, Change};
 use crate::registry::ops::{self, MachineRow};
-use crate::registry::records::Renewal;
 use crate::units::fleet::is_metadata_key;
 
 /// A machine as `GET /fleet/v1/machines` shows it: fleet's fields, then
@@ -69,21 +68,11 @@ impl MachineJson {
             hostname: row.record.hostname,
             last_renewal: row.renewal.map(|r| rfc3339(r.at_ms)),
             renewed_secs_ago: age_ms.map(|ms| ms / 1000),
-            overdue: row
-                .renewal
-                .zip(age_ms)
-                .is_some_and(|(r, age)| is_overdue(r, age)),
+            overdue: row.renewal.is_some_and(|r| r.is_overdue(now_ms)),
             drained: row.drained,
             units: row.units,
         }
     }
-}
-
-/// Whether a renewal `age_ms` old is overdue: agents renew every third of
-/// their TTL, so two missed renewals leave a third of it before the lease
-/// ends.
-fn is_overdue(renewal: Renewal, age_ms: u64) -> bool {
-    age_ms > renewal.ttl_ms / 3 * 2
 }
 
 /// `GET /fleet/v1/machines`: fleet's page of machines.
@@ -267,7 +256,7 @@ fn rfc3339(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::records::MachineRecord;
+    use crate::registry::records::{MachineRecord, Renewal};
     use std::collections::BTreeMap;
 
     #[test]

@@ -18,6 +18,8 @@
 //! | `GET /flotilla/v1/units/NAME/status` | `systemctl status -l NAME` on the unit's host (text) |
 //! | `GET /flotilla/v1/units/NAME/journal?lines=&follow=&output=` | `journalctl` of the unit on its host (text, streamed with `follow=true`) |
 //! | `GET /health` | `ok` |
+//! | `GET /metrics` | Prometheus text format ([`crate::metrics`]) |
+//! | `GET /ui` | the status page: members, machines, units, reboot locks (HTML, reloads itself) |
 //!
 //! Errors are fleet's `{"error":{"code":N,"message":"..."}}`, with a `"hint"`
 //! where flotilla knows the next step ([`error`]). Unknown query parameters
@@ -40,6 +42,8 @@
 //! * [`discovery`]: fleet's discovery document.
 //! * [`explain`]: why a unit runs where it does, machine by machine.
 //! * [`status`]: `systemctl status` and `journalctl` of units on this host.
+//! * [`page`]: `GET /ui`, the read-only status page.
+//! * [`scrape`]: `GET /metrics` and the timing of every request by route.
 //! * [`socket`]: binding the root-only unix socket.
 //! * [`serve`]: the accept loop and its limits.
 
@@ -47,7 +51,9 @@ pub mod discovery;
 pub mod error;
 pub mod explain;
 pub mod machines;
+pub mod page;
 pub mod paging;
+pub mod scrape;
 pub mod serve;
 pub mod socket;
 pub mod status;
@@ -176,6 +182,8 @@ fn only(allowed: &'static str) -> impl Fn() -> std::future::Ready<ApiError> + Cl
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/health", get(|| async { "ok" }))
+        .route("/metrics", get(scrape::metrics).fallback(only("GET")))
+        .route("/ui", get(page::page).fallback(only("GET")))
         .route("/fleet/v1/units", get(units::list).fallback(only("GET")))
         .route(
             // A catch-all, so a name with '/' in it reaches the name check (400)
@@ -220,6 +228,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/flotilla/v1/units/{name}/journal",
             get(status::journal).fallback(only("GET")),
         )
+        .route_layer(middleware::from_fn(scrape::time_request))
         .fallback(|| async {
             ApiError::not_found("no such endpoint").with_hint(
                 "see /fleet/v1/units, /fleet/v1/state, /fleet/v1/machines, \
@@ -420,6 +429,8 @@ mod tests {
         let launched = br#"{"desiredState":"launched"}"#;
         let cases: Vec<(Vec<u8>, u16)> = vec![
             (get("/health"), 200),
+            (get("/metrics"), 200),
+            (request("POST", "/metrics", "", b""), 405),
             (get("/fleet/v1/units"), 503),
             (get("/fleet/v1/discovery?alt=json"), 200),
             (request("POST", "/fleet/v1/discovery", "", b""), 400),
@@ -502,5 +513,19 @@ mod tests {
         let good = format!("Authorization: Bearer {token}\r\n");
         let (status, body) = call(&path, health(&good)).await;
         assert_eq!((status, body.as_str()), (200, "ok"));
+        let metrics = |headers: &str| request("GET", "/metrics", headers, b"");
+        let (status, _) = call(&path, metrics("")).await;
+        assert_eq!(status, 401, "/metrics wants the token too");
+        let (status, _) = call(&path, request("GET", "/ui", "", b"")).await;
+        assert_eq!(status, 401, "the status page wants the token too");
+        let (status, body) = call(&path, metrics(&good)).await;
+        assert_eq!(status, 200);
+        assert!(body.contains("flotilla_store_reachable 0"), "{body}");
+        assert!(
+            body.contains(
+                "flotilla_api_request_duration_seconds_count{method=\"GET\",route=\"/health\"}"
+            ),
+            "{body}"
+        );
     }
 }

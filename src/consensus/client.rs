@@ -16,13 +16,18 @@
 //! with [`Watch::require_leader`] is also ended by a member that has no leader
 //! (cut off from the majority), and resumes on another, as etcd's
 //! require-leader watches do.
+//!
+//! With an identity ([`crate::tls::ClientTls`]: given to
+//! [`Client::connect_with`], or the process's own set at start with
+//! [`crate::tls::stream::set_default_client`]) every connection is mutual TLS
+//! and reaches only members of the same cluster.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::io::{BufReader, BufWriter};
+use tokio::io::{BufReader, BufWriter, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Mutex;
 
 use super::codec::{self, CodecError};
@@ -31,6 +36,8 @@ use super::kv::{
 };
 use super::node::Status;
 use super::protocol::{ErrorKind, Request, Response, WATCH_SILENCE};
+use crate::tls::ClientTls;
+use crate::tls::stream::BoxStream;
 
 /// The head start each endpoint gets over the next when connecting.
 const STAGGER: Duration = Duration::from_millis(150);
@@ -67,6 +74,9 @@ pub enum ClientError {
     /// The member refused the request.
     #[error("{0}")]
     Refused(String),
+    /// The caller's certificate does not allow the request; nothing changed.
+    #[error("{0}")]
+    Denied(String),
     /// The lease named does not exist (expired or revoked).
     #[error("lease {0:x} not found (it expired or was revoked); grant a new lease")]
     LeaseNotFound(LeaseId),
@@ -79,23 +89,31 @@ pub enum ClientError {
 }
 
 struct Conn {
-    read: BufReader<OwnedReadHalf>,
-    write: BufWriter<OwnedWriteHalf>,
+    read: BufReader<ReadHalf<BoxStream>>,
+    write: BufWriter<WriteHalf<BoxStream>>,
 }
+
+/// How long a TLS handshake with a member may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Opens the first endpoint that answers, preferring them in order from
 /// `start`: each attempt starts [`STAGGER`] after the previous one rather
 /// than after it fails, so a dead member (whose address swallows packets
 /// until the connect timeout) costs a fraction of a second, not seconds.
-async fn open_first(endpoints: &[String], start: usize) -> Result<(usize, Conn), ClientError> {
+async fn open_first(
+    endpoints: &[String],
+    start: usize,
+    tls: &Option<Arc<ClientTls>>,
+) -> Result<(usize, Conn), ClientError> {
     let mut attempts = tokio::task::JoinSet::new();
     for offset in 0..endpoints.len() {
         let i = (start + offset) % endpoints.len();
         let endpoint = endpoints[i].clone();
         let delay = STAGGER * u32::try_from(offset).unwrap_or(u32::MAX);
+        let tls = tls.clone();
         attempts.spawn(async move {
             tokio::time::sleep(delay).await;
-            (i, open(&endpoint).await)
+            (i, open(&endpoint, &tls).await)
         });
     }
     let mut last = String::from("no endpoints given");
@@ -112,13 +130,22 @@ async fn open_first(endpoints: &[String], start: usize) -> Result<(usize, Conn),
     })
 }
 
-async fn open(endpoint: &str) -> Result<Conn, String> {
-    let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(endpoint))
+async fn open(endpoint: &str, tls: &Option<Arc<ClientTls>>) -> Result<Conn, String> {
+    let tcp = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(endpoint))
         .await
         .map_err(|_| "connection timed out".to_string())?
         .map_err(|e| e.to_string())?;
-    let _ = stream.set_nodelay(true);
-    let (read, write) = stream.into_split();
+    let _ = tcp.set_nodelay(true);
+    let stream: BoxStream = match tls {
+        Some(tls) => {
+            tls.connect(tcp, HANDSHAKE_TIMEOUT)
+                .await
+                .map_err(|e| e.to_string())?
+                .0
+        }
+        None => Box::new(tcp),
+    };
+    let (read, write) = tokio::io::split(stream);
     Ok(Conn {
         read: BufReader::new(read),
         write: BufWriter::new(write),
@@ -144,6 +171,7 @@ impl Conn {
 /// A connection to the cluster.
 pub struct Client {
     endpoints: Vec<String>,
+    tls: Option<Arc<ClientTls>>,
     timeout: Duration,
     conn: Mutex<Option<(usize, Conn)>>,
     /// Where the next reconnect starts: past a member that just failed us,
@@ -152,10 +180,20 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to the first reachable endpoint (`host:port`).
+    /// Connects to the first reachable endpoint (`host:port`), as this
+    /// process's identity (plaintext when it has none).
     pub async fn connect(endpoints: &[String]) -> Result<Client, ClientError> {
+        Client::connect_with(endpoints, crate::tls::stream::default_client()).await
+    }
+
+    /// [`Client::connect`] as `tls`'s identity (`None`: plaintext).
+    pub async fn connect_with(
+        endpoints: &[String],
+        tls: Option<Arc<ClientTls>>,
+    ) -> Result<Client, ClientError> {
         let client = Client {
             endpoints: endpoints.to_vec(),
+            tls,
             timeout: DEFAULT_TIMEOUT,
             conn: Mutex::new(None),
             prefer: AtomicUsize::new(0),
@@ -189,7 +227,12 @@ impl Client {
             {
                 Ok(Ok(answer)) => answer,
                 Ok(Err(e)) => {
-                    last = format!("{}: {e}", self.endpoints[i]);
+                    let hint = if self.tls.is_none() {
+                        " (if the cluster uses TLS, give --tls-ca, --tls-cert and --tls-key)"
+                    } else {
+                        ""
+                    };
+                    last = format!("{}: {e}{hint}", self.endpoints[i]);
                     from = i + 1;
                     continue;
                 }
@@ -203,7 +246,7 @@ impl Client {
             if let Response::Status(status) = status
                 && let Some(leader) = status.leader_client_addr
                 && leader != self.endpoints[i]
-                && let Ok(to_leader) = open(&leader).await
+                && let Ok(to_leader) = open(&leader, &self.tls).await
             {
                 conn = to_leader;
             }
@@ -232,7 +275,7 @@ impl Client {
     }
 
     async fn open_first(&self, start: usize) -> Result<(usize, Conn), ClientError> {
-        open_first(&self.endpoints, start).await
+        open_first(&self.endpoints, start, &self.tls).await
     }
 
     /// Sends one request; retries while no leader is known or before the request left.
@@ -294,6 +337,7 @@ impl Client {
                         ErrorKind::Unknown => ClientError::Unknown(message),
                         ErrorKind::Compacted => ClientError::Compacted(message),
                         ErrorKind::Stopped | ErrorKind::Invalid => ClientError::Refused(message),
+                        ErrorKind::Denied => ClientError::Denied(message),
                     });
                 }
                 Ok(Ok(response)) => return Ok(response),
@@ -425,6 +469,15 @@ impl Client {
         }
     }
 
+    /// A backup file of the store, read at a linearizable point by the
+    /// member this client talks to ([`super::backup`]).
+    pub async fn snapshot(&self) -> Result<Vec<u8>, ClientError> {
+        match self.call(Request::Snapshot).await? {
+            Response::Snapshot(file) => Ok(file),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Adds a member as a learner (promoted to a voter once caught up); start
     /// it afterwards with `--initial-cluster-state existing`.
     pub async fn member_add(&self, name: &str, peer_addr: &str) -> Result<(), ClientError> {
@@ -454,6 +507,7 @@ impl Client {
     pub fn watch(&self, prefix: &str, from: Revision) -> Watch {
         Watch {
             endpoints: self.endpoints.clone(),
+            tls: self.tls.clone(),
             prefix: prefix.to_string(),
             next: from.max(1),
             conn: None,
@@ -471,7 +525,8 @@ pub async fn member_status(endpoint: &str, timeout: Duration) -> Result<Status, 
         last,
     };
     let ask = async {
-        let mut conn = open(endpoint).await.map_err(unreachable)?;
+        let tls = crate::tls::stream::default_client();
+        let mut conn = open(endpoint, &tls).await.map_err(unreachable)?;
         match conn.call(&Request::Status).await {
             Ok(Response::Status(status)) => Ok(status),
             Ok(other) => Err(unexpected(&other)),
@@ -497,6 +552,7 @@ fn unexpected(response: &Response) -> ClientError {
 /// revision it has not delivered, so no event is missed or repeated.
 pub struct Watch {
     endpoints: Vec<String>,
+    tls: Option<Arc<ClientTls>>,
     prefix: String,
     next: Revision,
     conn: Option<Conn>,
@@ -526,7 +582,7 @@ impl Watch {
             if self.conn.is_none() {
                 match self.subscribe().await {
                     Ok(conn) => self.conn = Some(conn),
-                    Err(e @ ClientError::Compacted(_)) => return Err(e),
+                    Err(e @ (ClientError::Compacted(_) | ClientError::Denied(_))) => return Err(e),
                     Err(e) => {
                         failures += 1;
                         if failures > 3 * self.endpoints.len().max(1) {
@@ -587,7 +643,7 @@ impl Watch {
 
     async fn subscribe(&mut self) -> Result<Conn, ClientError> {
         let start = self.endpoint % self.endpoints.len().max(1);
-        let (at, mut conn) = open_first(&self.endpoints, start).await?;
+        let (at, mut conn) = open_first(&self.endpoints, start, &self.tls).await?;
         self.endpoint = at;
         let endpoint = &self.endpoints[at];
         let (prefix, from) = (self.prefix.clone(), self.next);
@@ -605,6 +661,10 @@ impl Watch {
                 message,
                 kind: ErrorKind::Compacted,
             }) => Err(ClientError::Compacted(message)),
+            Ok(Response::Error {
+                message,
+                kind: ErrorKind::Denied,
+            }) => Err(ClientError::Denied(message)),
             Ok(Response::Error {
                 message,
                 kind: ErrorKind::NoLeader,

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -104,19 +105,61 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> Resu
 
 /// Reads one frame written by [`write_frame`]; `Ok(None)` at a clean end of stream.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Vec<u8>>, CodecError> {
+    read_frame_within(r, &FrameLimits::UNBOUNDED_WAIT).await
+}
+
+/// What a listener lets one frame cost it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameLimits {
+    /// The largest frame accepted (at most [`MAX_FRAME`]).
+    pub max_bytes: usize,
+    /// How long a frame may take to arrive once its first byte has: a
+    /// sender that dribbles a frame ties up a connection for this long at
+    /// most. Waiting for a frame to start is not limited.
+    pub deadline: Duration,
+}
+
+impl FrameLimits {
+    /// [`MAX_FRAME`] and no practical deadline: for answers a client waits for.
+    pub const UNBOUNDED_WAIT: FrameLimits = FrameLimits {
+        max_bytes: MAX_FRAME,
+        deadline: Duration::from_secs(24 * 3600),
+    };
+}
+
+/// How much of an announced frame is allocated before its bytes arrive: the
+/// buffer grows with the data, never to what a header merely claims.
+const FIRST_ALLOCATION: usize = 64 * 1024;
+
+/// [`read_frame`] within `limits`: a frame longer than `limits.max_bytes` is
+/// refused from its header, and one that does not arrive in full within
+/// `limits.deadline` of its first byte fails with `TimedOut`.
+pub async fn read_frame_within<R: AsyncRead + Unpin>(
+    r: &mut R,
+    limits: &FrameLimits,
+) -> Result<Option<Vec<u8>>, CodecError> {
     let mut len = [0u8; 4];
-    match r.read_exact(&mut len).await {
+    match r.read(&mut len[..1]).await {
+        Ok(0) => return Ok(None),
         Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e.into()),
     }
-    let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(CodecError::TooLarge(len));
-    }
-    let mut buf = vec![0u8; len];
-    r.read_exact(&mut buf).await?;
-    Ok(Some(buf))
+    let rest = async {
+        r.read_exact(&mut len[1..]).await?;
+        let len = u32::from_be_bytes(len) as usize;
+        if len > limits.max_bytes.min(MAX_FRAME) {
+            return Err(CodecError::TooLarge(len));
+        }
+        let mut buf = Vec::with_capacity(len.min(FIRST_ALLOCATION));
+        (&mut *r).take(len as u64).read_to_end(&mut buf).await?;
+        if buf.len() < len {
+            return Err(CodecError::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+        Ok(Some(buf))
+    };
+    tokio::time::timeout(limits.deadline, rest)
+        .await
+        .map_err(|_| CodecError::Io(io::ErrorKind::TimedOut.into()))?
 }
 
 #[cfg(test)]
@@ -175,6 +218,43 @@ mod tests {
         assert_eq!(read_frame(&mut b).await.unwrap().unwrap(), b"hello");
         assert_eq!(read_frame(&mut b).await.unwrap().unwrap(), b"");
         assert!(read_frame(&mut b).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn an_announced_frame_is_not_allocated_before_it_arrives() {
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        let limits = FrameLimits {
+            max_bytes: MAX_FRAME,
+            deadline: Duration::from_millis(200),
+        };
+        a.write_all(&(MAX_FRAME as u32).to_be_bytes())
+            .await
+            .unwrap();
+        a.write_all(b"only a little").await.unwrap();
+        // Reads into a buffer sized by what arrived; gives up at the deadline.
+        let started = std::time::Instant::now();
+        let err = read_frame_within(&mut b, &limits).await.unwrap_err();
+        assert!(matches!(err, CodecError::Io(ref e) if e.kind() == io::ErrorKind::TimedOut));
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        let small = FrameLimits {
+            max_bytes: 10,
+            deadline: Duration::from_secs(1),
+        };
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        a.write_all(&11u32.to_be_bytes()).await.unwrap();
+        assert!(matches!(
+            read_frame_within(&mut b, &small).await,
+            Err(CodecError::TooLarge(11))
+        ));
+        drop(a);
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        write_frame(&mut a, b"0123456789").await.unwrap();
+        drop(a);
+        assert_eq!(
+            read_frame_within(&mut b, &small).await.unwrap().unwrap(),
+            b"0123456789"
+        );
+        assert!(read_frame_within(&mut b, &small).await.unwrap().is_none());
     }
 
     #[tokio::test]

@@ -11,15 +11,20 @@
 //! * [`node`]: THE Ready loop around raft-rs; [`runner`] runs it on a thread.
 //! * [`storage`]: the Raft log and snapshots on redb, fsynced before any ack.
 //! * [`transport`]: peer messages over TCP; [`server`], [`protocol`] and
-//!   [`client`]: the client port.
+//!   [`client`]: the client port; [`listener`]: what both listeners share
+//!   (mutual TLS, connection and frame limits).
 //! * [`member`]: what a valid member name and address are.
 //! * [`codec`]: versioned encodings on disk and on the wire.
+//! * [`backup`]: backup files, restoring one into a new cluster, and forcing
+//!   a new cluster from a survivor's disk.
 
+pub mod backup;
 pub mod client;
 pub mod codec;
 pub mod keys;
 pub mod kv;
 pub mod lessor;
+pub mod listener;
 pub mod log;
 pub mod member;
 pub mod node;

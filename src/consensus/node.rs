@@ -162,6 +162,19 @@ pub struct Status {
     pub store_bytes: u64,
 }
 
+/// Where this member's log stands, for metrics ([`Core::progress`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// The current term.
+    pub term: u64,
+    /// The highest index known committed.
+    pub commit: u64,
+    /// The highest index applied.
+    pub applied: u64,
+    /// The leader's id, 0 when unknown.
+    pub leader: u64,
+}
+
 struct Pending {
     reply: Callback<Result<Outcome, RequestError>>,
     deadline: u64,
@@ -245,25 +258,7 @@ impl<D: Durable> Core<D> {
         let mut applied = 0;
         let mut disk = disk;
         if recovered.is_empty() && !bootstrap.is_empty() {
-            let cs = ConfState {
-                voters: bootstrap.keys().copied().collect(),
-                ..ConfState::default()
-            };
-            // The founding membership is the first snapshot, so a member that
-            // restarts before anything is written still knows its peers.
-            let mut snap = Snapshot::default();
-            snap.mut_metadata().set_conf_state(cs.clone());
-            snap.data = codec::encode(&SnapshotData {
-                kv: kv.clone(),
-                members: bootstrap.clone(),
-            })
-            .into();
-            let batch = Batch {
-                installed: Some(snap),
-                conf_state: Some(cs),
-                ..Batch::default()
-            };
-            disk.save(&batch)?;
+            disk.save(&founding_batch(&kv, bootstrap))?;
             recovered = disk.load()?;
         }
         if let Some(snap) = &recovered.snapshot {
@@ -367,6 +362,17 @@ impl<D: Durable> Core<D> {
                 .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()),
             keys: self.kv.key_count() as u64,
             store_bytes: self.disk.size_bytes(),
+        }
+    }
+
+    /// Term, commit and applied index and leader: what the daemon publishes
+    /// as metrics after every pass, so cheap to read.
+    pub fn progress(&self) -> Progress {
+        Progress {
+            term: self.raw.raft.term,
+            commit: self.raw.raft.raft_log.committed,
+            applied: self.applied,
+            leader: self.leader,
         }
     }
 
@@ -875,6 +881,12 @@ impl<D: Durable> Core<D> {
                 EntryType::EntryNormal if entry.data.is_empty() => {}
                 EntryType::EntryNormal => {
                     let command: Command = codec::decode(&entry.data)?;
+                    if let Command::LeaseExpire { ids } = &command {
+                        let live = ids.iter().filter(|id| self.kv.lease(**id).is_some());
+                        crate::metrics::METRICS
+                            .lease_expiries
+                            .add(live.count() as u64);
+                    }
                     let (outcome, made) = self.kv.apply(&command);
                     if let Some(lessor) = &mut self.lessor {
                         lessor.applied(&command, &outcome, self.now_ms);
@@ -1041,6 +1053,25 @@ impl<D: Durable> Core<D> {
         self.store
             .apply(&batch)
             .map_err(|e| DiskError::Corrupt(format!("compaction failed: {e}")))
+    }
+}
+
+/// What a brand-new cluster's disk first holds: the founding membership,
+/// with the state machine `kv` (empty, or restored from a backup), as the
+/// snapshot at index 0, so a member that restarts before anything is
+/// written still knows its peers.
+pub fn founding_batch(kv: &KvStore, members: &BTreeMap<u64, MemberInfo>) -> Batch {
+    let cs = ConfState {
+        voters: members.keys().copied().collect(),
+        ..ConfState::default()
+    };
+    let mut snap = Snapshot::default();
+    snap.mut_metadata().set_conf_state(cs.clone());
+    snap.data = codec::encode(&SnapshotRef { kv, members }).into();
+    Batch {
+        installed: Some(snap),
+        conf_state: Some(cs),
+        ..Batch::default()
     }
 }
 

@@ -68,6 +68,10 @@ pub enum Request {
         /// First revision wanted (the list's revision + 1).
         from: Revision,
     },
+    /// A backup file of the state machine, read at a linearizable point
+    /// ([`super::backup`]). After the older variants, so their encodings
+    /// do not change.
+    Snapshot,
 }
 
 /// Broad classes of failure, so a client can decide whether to retry.
@@ -83,6 +87,9 @@ pub enum ErrorKind {
     Invalid,
     /// A watch asked for history that is gone: list again.
     Compacted,
+    /// The caller's identity may not make this request; nothing changed.
+    /// Last of the variants, so older members' answers still decode.
+    Denied,
 }
 
 /// A member's answer.
@@ -108,6 +115,8 @@ pub enum Response {
         /// What happened and what to do.
         message: String,
     },
+    /// A backup file's bytes. Last, so older encodings do not change.
+    Snapshot(Vec<u8>),
 }
 
 impl From<RequestError> for Response {

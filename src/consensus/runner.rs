@@ -18,6 +18,7 @@ use super::codec::MemberInfo;
 use super::kv::{Command, KeyValue, Outcome, Revision};
 use super::node::{Core, RequestError, Status, WatchMsg};
 use super::storage::Durable;
+use crate::metrics::METRICS;
 
 /// A request to the node thread.
 pub enum Msg {
@@ -61,6 +62,12 @@ pub enum Msg {
     Status {
         /// Where it goes.
         reply: oneshot::Sender<Status>,
+    },
+    /// A backup file of the state machine, read at a linearizable point
+    /// ([`super::backup`]).
+    Backup {
+        /// Where the file's bytes go.
+        reply: oneshot::Sender<Result<Vec<u8>, RequestError>>,
     },
     /// A message from a peer.
     Raft(Message),
@@ -144,6 +151,11 @@ impl Handle {
         self.ask(|reply| Msg::MemberChange { id, add, reply }).await
     }
 
+    /// A backup file of the state machine, as of now (linearizable).
+    pub async fn backup(&self) -> Result<Vec<u8>, RequestError> {
+        self.ask(|reply| Msg::Backup { reply }).await
+    }
+
     /// This member's view of the cluster.
     pub async fn status(&self) -> Result<Status, RequestError> {
         let (reply, answer) = oneshot::channel();
@@ -195,6 +207,7 @@ pub fn spawn<D: Durable + 'static, T: Transport>(
             let mut next_tick = start + tick;
             let mut members = core.members().clone();
             transport.set_peers(&members);
+            let mut published = Published::default();
             loop {
                 let wait = next_tick.saturating_duration_since(Instant::now());
                 let mut running = match rx.recv_timeout(wait) {
@@ -230,6 +243,7 @@ pub fn spawn<D: Durable + 'static, T: Transport>(
                         break;
                     }
                 }
+                published.publish(&core);
                 // Compared by reference each pass; cloned only when membership changed.
                 if *core.members() != members {
                     members = core.members().clone();
@@ -241,15 +255,52 @@ pub fn spawn<D: Durable + 'static, T: Transport>(
     (Handle { tx }, thread)
 }
 
+/// What the node thread last published as metrics ([`crate::metrics`]).
+#[derive(Default)]
+struct Published {
+    leader: Option<u64>,
+    /// When the figures that cost a directory read or a walk of the
+    /// leases were last published: at most once a second.
+    slow: Option<Instant>,
+}
+
+impl Published {
+    fn publish<D: Durable>(&mut self, core: &Core<D>) {
+        let progress = core.progress();
+        METRICS.raft_term.set(progress.term);
+        METRICS.raft_commit_index.set(progress.commit);
+        METRICS.raft_applied_index.set(progress.applied);
+        METRICS.raft_is_leader.set(u64::from(core.is_leader()));
+        if self.leader.is_some_and(|was| was != progress.leader) {
+            METRICS.raft_leader_changes.add(1);
+        }
+        self.leader = Some(progress.leader);
+        if self
+            .slow
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
+        {
+            self.slow = Some(Instant::now());
+            let status = core.status();
+            METRICS.store_bytes.set(status.store_bytes);
+            METRICS.store_keys.set(status.keys);
+            METRICS.leases.set(core.kv().leases().count() as u64);
+        }
+    }
+}
+
 /// Handles one message; false means stop.
 fn handle<D: Durable>(core: &mut Core<D>, msg: Msg) -> bool {
     match msg {
-        Msg::Propose { command, reply } => core.propose(
-            &command,
-            Box::new(move |r| {
-                let _ = reply.send(r);
-            }),
-        ),
+        Msg::Propose { command, reply } => {
+            let started = Instant::now();
+            core.propose(
+                &command,
+                Box::new(move |r| {
+                    METRICS.raft_proposal_seconds.observe(started.elapsed());
+                    let _ = reply.send(r);
+                }),
+            )
+        }
         Msg::Range {
             key,
             prefix,
@@ -277,6 +328,12 @@ fn handle<D: Durable>(core: &mut Core<D>, msg: Msg) -> bool {
         ),
         Msg::Status { reply } => {
             let _ = reply.send(core.status());
+        }
+        Msg::Backup { reply } => {
+            let members = core.members().clone();
+            core.read_index(Box::new(move |r| {
+                let _ = reply.send(r.map(|kv| super::backup::encode(kv, &members)));
+            }));
         }
         Msg::Raft(m) => core.step(m),
         Msg::Unreachable(id) => core.report_unreachable(id),

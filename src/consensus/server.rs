@@ -1,39 +1,61 @@
 //! The client listener: one task per connection, one request at a time.
+//!
+//! On a TLS listener every request is first put to the [`Authorize`] policy
+//! with the caller's identity; a refused request changes nothing and is
+//! answered with a `Denied` error. The policy comes from outside (the daemon
+//! injects the registry's): this module knows roles, not keys.
+
+use std::sync::Arc;
 
 use tokio::io::{BufReader, BufWriter};
-use tokio::net::{TcpListener, TcpStream};
 
-use super::codec::{self, CodecError, MemberInfo};
+use super::codec::{self, CodecError, FrameLimits, MemberInfo};
+use super::listener::{Accepted, Listener};
 use super::node::{RequestError, WatchMsg, member_id};
 use super::protocol::{ErrorKind, Request, Response, WATCH_HEARTBEAT};
 use super::runner::Handle;
+use crate::tls::Identity;
 
-/// Serves clients on `listener` until the process ends.
-pub async fn serve_clients(listener: TcpListener, node: Handle) {
-    loop {
-        let Ok((stream, from)) = listener.accept().await else {
-            continue;
-        };
-        let node = node.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection(stream, node).await {
-                tracing::debug!("client {from}: {e}");
-            }
-        });
-    }
+/// Decides whether a caller may make a request.
+pub trait Authorize: Send + Sync {
+    /// `Ok` when `who` may make `request`; otherwise why not, and what to do
+    /// instead, for the caller.
+    fn check(&self, who: &Identity, request: &Request) -> Result<(), String>;
 }
 
-async fn connection(stream: TcpStream, node: Handle) -> Result<(), CodecError> {
-    let _ = stream.set_nodelay(true);
-    // A client that went away without a reset (its host died) is noticed:
-    // on a watch when heartbeats stay unacknowledged, on an idle connection
-    // by keepalive probes. Its task and socket end either way.
-    super::sockets::limit_unacked(&stream);
-    super::sockets::probe_when_idle(&stream);
-    let (read, write) = stream.into_split();
+/// Serves clients on `listener` until the process ends; on a TLS listener
+/// every request passes `policy` first.
+pub async fn serve_clients(listener: Listener, node: Handle, policy: Arc<dyn Authorize>) {
+    let frame = listener.limits().frame.clone();
+    listener
+        .serve(move |accepted: Accepted| {
+            let node = node.clone();
+            let policy = policy.clone();
+            let frame = frame.clone();
+            async move {
+                let from = accepted.from;
+                if let Err(e) = connection(accepted, node, &*policy, &frame).await {
+                    tracing::debug!("client {from}: {e}");
+                }
+            }
+        })
+        .await;
+}
+
+async fn connection(
+    accepted: Accepted,
+    node: Handle,
+    policy: &dyn Authorize,
+    frame_limits: &FrameLimits,
+) -> Result<(), CodecError> {
+    let Accepted {
+        stream, who, slot, ..
+    } = accepted;
+    let _slot = slot;
+    let (read, write) = tokio::io::split(stream);
     let mut read = BufReader::new(read);
     let mut write = BufWriter::new(write);
-    while let Some(frame) = codec::read_frame(&mut read).await? {
+    while let Some(frame) = codec::read_frame_within(&mut read, frame_limits).await? {
         let request = match codec::decode::<Request>(&frame) {
             Ok(request) => request,
             Err(e) => {
@@ -45,6 +67,17 @@ async fn connection(stream: TcpStream, node: Handle) -> Result<(), CodecError> {
                 return Ok(());
             }
         };
+        if let Some(who) = &who
+            && let Err(why) = policy.check(who, &request)
+        {
+            tracing::info!("refused a request of {who}: {why}");
+            let answer = Response::Error {
+                kind: ErrorKind::Denied,
+                message: format!("permission denied for {who}: {why}"),
+            };
+            send(&mut write, &answer).await?;
+            continue;
+        }
         match request {
             Request::Watch { prefix, from } => {
                 return stream_watch(&node, prefix, from, false, &mut write).await;
@@ -82,6 +115,7 @@ async fn answer(node: &Handle, request: Request) -> Response {
             .await
             .map(|(kvs, revision)| Response::Range { kvs, revision }),
         Request::Status => node.status().await.map(Response::Status),
+        Request::Snapshot => node.backup().await.map(Response::Snapshot),
         Request::MemberAdd { name, peer_addr } => {
             if let Err(message) = super::member::check(&name, &peer_addr) {
                 return Response::Error {

@@ -298,7 +298,11 @@ impl Durable for RedbDisk {
             }
         }
         // redb's default durability is Immediate: commit returns after fsync.
+        let started = std::time::Instant::now();
         txn.commit().map_err(|e| self.error(e))?;
+        crate::metrics::METRICS
+            .disk_fsync_seconds
+            .observe(started.elapsed());
         if let Some(snapshot) = snapshot {
             self.remove_other_snapshot_files(&self.snapshot_file(snapshot));
         }

@@ -5,7 +5,16 @@
 //! never blocks the Raft thread, and when the queue is full or the peer is down
 //! messages are dropped. That is safe: Raft retransmits, and the peer is
 //! reported unreachable so the leader stops pipelining to it. Reconnects back
-//! off up to one second. TLS wraps the stream here when it comes.
+//! off up to one second.
+//!
+//! With TLS (the cluster's normal setting) every peer connection is mutual
+//! TLS: a member dials only peers whose certificate names the member it
+//! meant to reach, and accepts only connections holding a member
+//! certificate. Every Raft message received must then come `from` the Raft
+//! id of the member its certificate names, that member must be a current
+//! one (or the address book of a member still joining), and it must be
+//! addressed to this member; anything else is dropped with the connection,
+//! before the Raft node sees it ([`admit`]).
 //!
 //! A peer whose host died (power off, a killed network namespace) sends no
 //! reset: the kernel would keep a connection to it "open" and queue our
@@ -34,12 +43,16 @@ use std::time::Duration;
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
 use tokio::io::{AsyncRead, AsyncWrite, BufWriter};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc};
 
-use super::codec::{self, CodecError, MemberInfo};
+use super::codec::{self, CodecError, FrameLimits, MemberInfo};
+use super::listener::{Accepted, Listener};
+use super::node::member_id;
 use super::runner::{self, Handle, Msg};
-use super::sockets::{limit_unacked, probe_when_idle};
+use super::sockets::limit_unacked;
+use crate::tls::stream::BoxStream;
+use crate::tls::{ClientTls, Identity, Role};
 
 /// Messages queued per peer before new ones are dropped.
 const QUEUE: usize = 4096;
@@ -86,19 +99,77 @@ struct Peer {
     back: Arc<Notify>,
 }
 
-/// The peers' writers, shared by the transport (which sends through them)
-/// and the peer listener (which tells a writer when its peer dialed in).
+/// The peers' writers and the current members, shared by the transport
+/// (which sends through the writers) and the peer listener (which tells a
+/// writer when its peer dialed in, and admits only current members).
 #[derive(Clone, Default)]
-pub struct Peers(Arc<Mutex<HashMap<u64, Peer>>>);
+pub struct Peers {
+    table: Arc<Mutex<PeerTable>>,
+    tls: Option<Arc<ClientTls>>,
+}
+
+#[derive(Default)]
+struct PeerTable {
+    writers: HashMap<u64, Peer>,
+    /// Every member this one knows (itself included), by Raft id: its name.
+    members: BTreeMap<u64, String>,
+}
 
 impl Peers {
+    /// An empty table whose writers dial with `tls` (`None`: plaintext).
+    pub fn new(tls: Option<Arc<ClientTls>>) -> Peers {
+        Peers {
+            table: Arc::default(),
+            tls,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PeerTable> {
+        self.table.lock().expect("peer table lock")
+    }
+
     /// Peer `id` connected to us: if its writer is waiting to reconnect, it
     /// tries at once instead of sitting out its back-off.
     fn dialed_in(&self, id: u64) {
-        if let Some(peer) = self.0.lock().expect("peer table lock").get(&id) {
+        if let Some(peer) = self.lock().writers.get(&id) {
             peer.back.notify_one();
         }
     }
+}
+
+/// Whether a Raft message that arrived on a connection authenticated as
+/// `who` may reach member `me`, whose known members are `members` (empty
+/// while it has not even an address book); `who` is `None` on a plaintext,
+/// loopback-only listener. See the module docs.
+pub fn admit(
+    who: Option<&Identity>,
+    message: &Message,
+    me: u64,
+    members: &BTreeMap<u64, String>,
+) -> Result<(), String> {
+    let Some(who) = who else {
+        return Ok(());
+    };
+    if who.role != Role::Member {
+        return Err(format!("{who} holds no member certificate"));
+    }
+    let claimed = member_id(&who.name);
+    if message.from != claimed {
+        return Err(format!(
+            "{who} (raft id {claimed:x}) sent a message from raft id {:x}",
+            message.from
+        ));
+    }
+    if !members.is_empty() && members.get(&claimed) != Some(&who.name) {
+        return Err(format!("{who} is not a current member"));
+    }
+    if message.to != me {
+        return Err(format!(
+            "{who} sent a message for raft id {:x}, not this member ({me:x})",
+            message.to
+        ));
+    }
+    Ok(())
 }
 
 /// The TCP transport: one writer task per peer, created as members appear.
@@ -124,16 +195,23 @@ impl TcpTransport {
 
 impl runner::Transport for TcpTransport {
     fn send(&self, messages: Vec<Message>) {
-        let peers = self.peers.0.lock().expect("peer table lock");
+        let table = self.peers.lock();
         for message in messages {
             let to = message.to;
             if message.get_msg_type() == MessageType::MsgSnapshot {
-                let addr = peers.get(&to).map(|p| p.addr.clone());
-                self.runtime
-                    .spawn(stream_snapshot(addr, message, self.node.clone()));
+                let peer = table
+                    .writers
+                    .get(&to)
+                    .map(|p| (p.addr.clone(), table.members.get(&to).cloned()));
+                self.runtime.spawn(stream_snapshot(
+                    peer,
+                    message,
+                    self.node.clone(),
+                    self.peers.tls.clone(),
+                ));
                 continue;
             }
-            match peers.get(&to) {
+            match table.writers.get(&to) {
                 Some(peer) => {
                     if peer.queue.try_send(message).is_err() {
                         let _ = self.node.send(Msg::Unreachable(to));
@@ -145,7 +223,12 @@ impl runner::Transport for TcpTransport {
     }
 
     fn set_peers(&self, members: &BTreeMap<u64, MemberInfo>) {
-        let mut peers = self.peers.0.lock().expect("peer table lock");
+        let mut table = self.peers.lock();
+        table.members = members
+            .iter()
+            .map(|(id, m)| (*id, m.name.clone()))
+            .collect();
+        let peers = &mut table.writers;
         peers.retain(|id, peer| members.get(id).is_some_and(|m| m.peer_addr == peer.addr));
         for (id, member) in members {
             if *id == self.me || peers.contains_key(id) {
@@ -155,10 +238,11 @@ impl runner::Transport for TcpTransport {
             let back = Arc::new(Notify::new());
             self.runtime.spawn(write_to_peer(
                 *id,
-                member.peer_addr.clone(),
+                member.clone(),
                 rx,
                 self.node.clone(),
                 back.clone(),
+                self.peers.tls.clone(),
             ));
             peers.insert(
                 *id,
@@ -172,17 +256,26 @@ impl runner::Transport for TcpTransport {
     }
 }
 
-/// Sends one snapshot on a connection of its own and reports how it ended.
-async fn stream_snapshot(addr: Option<String>, message: Message, node: Handle) {
+/// Sends one snapshot on a connection of its own and reports how it ended;
+/// `peer` is the peer's address and name.
+async fn stream_snapshot(
+    peer: Option<(String, Option<String>)>,
+    message: Message,
+    node: Handle,
+    tls: Option<Arc<ClientTls>>,
+) {
     let to = message.to;
     let sent = async {
-        let addr = addr.ok_or_else(|| format!("no address for raft peer {to:x}"))?;
-        let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
+        let (addr, name) = peer.ok_or_else(|| format!("no address for raft peer {to:x}"))?;
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
             .await
             .map_err(|_| format!("connecting to {addr} timed out"))?
             .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-        let _ = stream.set_nodelay(true);
-        limit_unacked(&stream);
+        let _ = tcp.set_nodelay(true);
+        limit_unacked(&tcp);
+        let mut stream = secure(tcp, tls.as_deref(), name.as_deref().unwrap_or_default())
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
         send_snapshot(&mut stream, &message)
             .await
             .map_err(|e| format!("sending to {addr}: {e}"))
@@ -238,10 +331,12 @@ pub async fn send_snapshot<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Reads the data of a snapshot stream whose first frame was `header`, and
-/// returns the whole message.
+/// returns the whole message; `admitted` judges the header's message before
+/// any data is read.
 pub async fn receive_snapshot<R: AsyncRead + Unpin>(
     reader: &mut R,
     header: &[u8],
+    admitted: &(dyn Fn(&Message) -> Result<(), String> + Sync),
 ) -> Result<Message, CodecError> {
     let malformed = |what: &str| CodecError::Malformed(format!("snapshot stream: {what}"));
     let rest = header
@@ -267,6 +362,7 @@ pub async fn receive_snapshot<R: AsyncRead + Unpin>(
     if message.get_msg_type() != MessageType::MsgSnapshot {
         return Err(malformed("not a snapshot message"));
     }
+    admitted(&message).map_err(CodecError::Malformed)?;
     let len = usize::try_from(len).map_err(|_| malformed("too long for this machine"))?;
     let mut data = Vec::with_capacity(len);
     while data.len() < len {
@@ -283,11 +379,28 @@ pub async fn receive_snapshot<R: AsyncRead + Unpin>(
     Ok(message)
 }
 
+/// Runs the TLS handshake (when the transport has TLS) with the peer that
+/// should be member `name`; an error when it is anyone else.
+async fn secure(tcp: TcpStream, tls: Option<&ClientTls>, name: &str) -> Result<BoxStream, String> {
+    let Some(tls) = tls else {
+        return Ok(Box::new(tcp));
+    };
+    let (stream, who) = tls
+        .connect(tcp, CONNECT_TIMEOUT)
+        .await
+        .map_err(|e| e.to_string())?;
+    if who.name != name {
+        return Err(format!("the peer is {who}, not member {name:?}"));
+    }
+    Ok(stream)
+}
+
 /// Connects to a peer within [`CONNECT_TIMEOUT`], with [`limit_unacked`] set.
 /// `None` when it cannot, or when `back` says to start over at once.
-async fn dial(addr: &str, back: &Notify) -> Option<TcpStream> {
+async fn dial(member: &MemberInfo, back: &Notify, tls: Option<&ClientTls>) -> Option<BoxStream> {
+    let addr = &member.peer_addr;
     let attempt = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr));
-    let stream = tokio::select! {
+    let tcp = tokio::select! {
         connected = attempt => connected.ok()?.ok()?,
         () = back.notified() => return None,
     };
@@ -297,24 +410,31 @@ async fn dial(addr: &str, back: &Notify) -> Option<TcpStream> {
         () = back.notified() => {}
         () = std::future::ready(()) => {}
     }
-    let _ = stream.set_nodelay(true);
-    limit_unacked(&stream);
-    Some(stream)
+    let _ = tcp.set_nodelay(true);
+    limit_unacked(&tcp);
+    match secure(tcp, tls, &member.name).await {
+        Ok(stream) => Some(stream),
+        Err(e) => {
+            tracing::warn!("raft peer {} at {addr}: {e}", member.name);
+            None
+        }
+    }
 }
 
 /// Keeps one connection to a peer and writes its queue to it; ends when the
 /// peer is removed (its queue's sender is dropped).
 async fn write_to_peer(
     id: u64,
-    addr: String,
+    member: MemberInfo,
     mut queue: mpsc::Receiver<Message>,
     node: Handle,
     back: Arc<Notify>,
+    tls: Option<Arc<ClientTls>>,
 ) {
     use tokio::io::AsyncWriteExt;
     let mut backoff = FIRST_BACKOFF;
     loop {
-        let Some(stream) = dial(&addr, &back).await else {
+        let Some(stream) = dial(&member, &back, tls.as_deref()).await else {
             let _ = node.send(Msg::Unreachable(id));
             // Drop what queued up while the peer was away; Raft resends.
             while queue.try_recv().is_ok() {}
@@ -354,51 +474,77 @@ async fn write_to_peer(
     }
 }
 
-/// Accepts peer connections and hands their messages to the node thread;
-/// `peers` is the transport's, so a peer that dials in is redialled at once.
-pub async fn serve_peers(listener: TcpListener, node: Handle, peers: Peers) {
+/// Accepts peer connections and hands their messages to member `me`'s node
+/// thread, each first put to [`admit`]; `peers` is the transport's, so a
+/// peer that dials in is redialled at once.
+pub async fn serve_peers(listener: Listener, node: Handle, peers: Peers, me: u64) {
+    let frame = listener.limits().frame.clone();
+    listener
+        .serve(move |accepted: Accepted| {
+            let (node, peers, frame) = (node.clone(), peers.clone(), frame.clone());
+            async move { peer_connection(accepted, node, peers, me, frame).await }
+        })
+        .await;
+}
+
+async fn peer_connection(
+    accepted: Accepted,
+    node: Handle,
+    peers: Peers,
+    me: u64,
+    frame: FrameLimits,
+) {
+    let Accepted {
+        stream,
+        who,
+        from,
+        slot: _slot,
+    } = accepted;
+    if let Some(who) = &who
+        && who.role != Role::Member
+    {
+        tracing::warn!("peer connection from {from} refused: {who} holds no member certificate");
+        return;
+    }
+    let admitted = |message: &Message| {
+        let members = &peers.lock().members;
+        admit(who.as_ref(), message, me, members)
+    };
+    let mut stream = tokio::io::BufReader::new(stream);
+    let mut greeted = false;
     loop {
-        let Ok((stream, from)) = listener.accept().await else {
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        probe_when_idle(&stream);
-        let node = node.clone();
-        let peers = peers.clone();
-        tokio::spawn(async move {
-            let mut stream = tokio::io::BufReader::new(stream);
-            let mut greeted = false;
-            loop {
-                match codec::read_frame(&mut stream).await {
-                    Ok(Some(frame)) if frame.first() == Some(&SNAPSHOT_STREAM) => {
-                        if let Err(e) = take_snapshot(&mut stream, &frame, &node).await {
-                            tracing::warn!("snapshot from peer {from} not received: {e}");
-                        }
+        match codec::read_frame_within(&mut stream, &frame).await {
+            Ok(Some(frame)) if frame.first() == Some(&SNAPSHOT_STREAM) => {
+                if let Err(e) = take_snapshot(&mut stream, &frame, &node, &admitted).await {
+                    tracing::warn!("snapshot from peer {from} not received: {e}");
+                }
+                return;
+            }
+            Ok(Some(frame)) => match decode(&frame) {
+                Ok(message) => {
+                    if let Err(why) = admitted(&message) {
+                        tracing::warn!("dropping connection from peer {from}: {why}");
                         return;
                     }
-                    Ok(Some(frame)) => match decode(&frame) {
-                        Ok(message) => {
-                            if !greeted {
-                                greeted = true;
-                                peers.dialed_in(message.from);
-                            }
-                            if node.send(Msg::Raft(message)).is_err() {
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!("dropping connection from peer {from}: {e}");
-                            return;
-                        }
-                    },
-                    Ok(None) => return,
-                    Err(e) => {
-                        tracing::debug!("peer connection from {from} ended: {e}");
+                    if !greeted {
+                        greeted = true;
+                        peers.dialed_in(message.from);
+                    }
+                    if node.send(Msg::Raft(message)).is_err() {
                         return;
                     }
                 }
+                Err(e) => {
+                    tracing::warn!("dropping connection from peer {from}: {e}");
+                    return;
+                }
+            },
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!("peer connection from {from} ended: {e}");
+                return;
             }
-        });
+        }
     }
 }
 
@@ -407,9 +553,10 @@ async fn take_snapshot<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     header: &[u8],
     node: &Handle,
+    admitted: &(dyn Fn(&Message) -> Result<(), String> + Sync),
 ) -> Result<(), CodecError> {
     use tokio::io::AsyncWriteExt;
-    let message = receive_snapshot(stream, header).await?;
+    let message = receive_snapshot(stream, header, admitted).await?;
     node.send(Msg::Raft(message))
         .map_err(|e| CodecError::Io(std::io::Error::other(e.to_string())))?;
     stream.write_all(&[SNAPSHOT_RECEIVED]).await?;
@@ -442,7 +589,9 @@ mod tests {
             let mut receiver = tokio::io::BufReader::new(receiver);
             let header = codec::read_frame(&mut receiver).await.unwrap().unwrap();
             assert!(header.len() < 1024, "the header carries no data");
-            let got = receive_snapshot(&mut receiver, &header).await.unwrap();
+            let got = receive_snapshot(&mut receiver, &header, &|_| Ok(()))
+                .await
+                .unwrap();
             receiver.write_all(&[SNAPSHOT_RECEIVED]).await.unwrap();
             got
         });
@@ -469,15 +618,73 @@ mod tests {
         let mut short = header.clone();
         short.truncate(5);
         assert!(
-            receive_snapshot(&mut tokio::io::empty(), &short)
+            receive_snapshot(&mut tokio::io::empty(), &short, &|_| Ok(()))
                 .await
                 .is_err()
         );
         assert!(
-            receive_snapshot(&mut tokio::io::empty(), &header)
+            receive_snapshot(&mut tokio::io::empty(), &header, &|_| Ok(()))
                 .await
                 .is_err(),
             "a stream that ends before its data is refused"
+        );
+    }
+
+    #[test]
+    fn only_current_members_speaking_as_themselves_are_admitted() {
+        let who = |role, name: &str| Identity {
+            cluster: "c".into(),
+            role,
+            name: name.into(),
+        };
+        let (m1, m2) = (member_id("m1"), member_id("m2"));
+        let members = BTreeMap::from([(m1, "m1".to_string()), (m2, "m2".to_string())]);
+        let from = |from, to| Message {
+            from,
+            to,
+            ..Message::default()
+        };
+        let m2_cert = who(Role::Member, "m2");
+        assert_eq!(admit(Some(&m2_cert), &from(m2, m1), m1, &members), Ok(()));
+        assert_eq!(
+            admit(None, &from(m2, m1), m1, &members),
+            Ok(()),
+            "plaintext"
+        );
+        let refused = [
+            (who(Role::Member, "m2"), from(m1, m1), "sent a message from"),
+            (
+                who(Role::Agent, "m2"),
+                from(m2, m1),
+                "no member certificate",
+            ),
+            (
+                who(Role::Admin, "m2"),
+                from(m2, m1),
+                "no member certificate",
+            ),
+            (
+                who(Role::Member, "m9"),
+                from(member_id("m9"), m1),
+                "not a current member",
+            ),
+            (who(Role::Member, "m2"), from(m2, m2), "not this member"),
+        ];
+        for (cert, message, why) in refused {
+            let err = admit(Some(&cert), &message, m1, &members).unwrap_err();
+            assert!(err.contains(why), "{cert}: {err}");
+        }
+        // A member still joining knows nobody yet: any member certificate
+        // speaking as itself is heard.
+        let joiner = who(Role::Member, "m9");
+        assert_eq!(
+            admit(
+                Some(&joiner),
+                &from(member_id("m9"), m1),
+                m1,
+                &BTreeMap::new()
+            ),
+            Ok(())
         );
     }
 

@@ -151,6 +151,12 @@ impl LabDir {
         self.path.join("ssh").join("id_ed25519")
     }
 
+    /// The lab's cluster CA (`ca.pem`, `ca.key`) and the outer CLI's admin
+    /// certificate (`admin.pem`, `admin.key`).
+    pub fn tls(&self) -> PathBuf {
+        self.path.join("tls")
+    }
+
     /// The known_hosts file listing every host's ssh host keys, by IP and name.
     pub fn known_hosts(&self) -> PathBuf {
         self.path.join("ssh").join("known_hosts")

@@ -66,6 +66,9 @@ pub const MASKED_UNITS: &[&str] = &[
 /// The target every host boots into.
 pub const TARGET: &str = "flotilla-lab.target";
 
+/// Where a lab host keeps its certificate, its key and the lab's CA.
+const LAB_TLS: &str = "/etc/flotilla/tls";
+
 /// Where the daemon's config lives inside a host.
 pub const DAEMON_CONFIG: &str = "/etc/flotilla/flotilla.toml";
 
@@ -320,6 +323,28 @@ impl Disk {
             format!("0.0.0.0:{}", super::state::API_PORT).into(),
         );
         set("api_token", lab.api_token.clone().into());
+        // Mutual TLS on the store: a member certificate for a server, an
+        // agent certificate (named by the machine id) for an agent-only host.
+        let (tls_name, role) = if host.server {
+            (host.name.as_str(), crate::tls::Role::Member)
+        } else {
+            (host.machine_id.as_str(), crate::tls::Role::Agent)
+        };
+        self.mkdirs(LAB_TLS.trim_start_matches('/'))?;
+        crate::tls::ca::issue(
+            tls_name,
+            role,
+            &dir.tls(),
+            &self.upper.join(LAB_TLS.trim_start_matches('/')),
+            crate::tls::ca::DEFAULT_DAYS,
+        )
+        .with_context(|| format!("cannot issue the certificate of {}", host.name))?;
+        set(
+            "tls_ca",
+            format!("{LAB_TLS}/{}", crate::tls::ca::CA_CERT).into(),
+        );
+        set("tls_cert", format!("{LAB_TLS}/{tls_name}.pem").into());
+        set("tls_key", format!("{LAB_TLS}/{tls_name}.key").into());
         if !host.server {
             // An agent-only host: no Raft seat, the servers' store.
             set("endpoints", lab.endpoint().into());

@@ -228,6 +228,12 @@ pub struct UpOutput {
     pub hosts: Vec<UpHost>,
     /// Path of a private key that root on every host accepts.
     pub ssh_key: PathBuf,
+    /// The lab's cluster CA certificate: `flotilla --tls-ca`.
+    pub tls_ca: PathBuf,
+    /// An admin certificate of the lab's CA, for the store verbs: `--tls-cert`.
+    pub tls_cert: PathBuf,
+    /// Its key: `--tls-key`.
+    pub tls_key: PathBuf,
     /// The lab's directory (pass it as `--dir` to the other verbs).
     pub dir: PathBuf,
 }

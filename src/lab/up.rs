@@ -73,6 +73,7 @@ pub fn run(args: &UpArgs) -> Result<ExitCode> {
     }
     let exe = std::env::current_exe().context("cannot find the flotilla binary")?;
     disk::prepare_lab(&dir, &exe)?;
+    let admin = lab_ca(&dir)?;
     std::thread::scope(|scope| {
         let jobs: Vec<_> = lab
             .hosts
@@ -127,6 +128,9 @@ pub fn run(args: &UpArgs) -> Result<ExitCode> {
             })
             .collect(),
         ssh_key: dir.ssh_key(),
+        tls_ca: admin.ca.clone(),
+        tls_cert: admin.cert.clone(),
+        tls_key: admin.key.clone(),
         dir: dir.path().to_path_buf(),
     };
     println!("{}", serde_json::to_string(&output)?);
@@ -155,9 +159,28 @@ pub fn run(args: &UpArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Makes the lab's cluster CA (a new one for every lab) and an admin
+/// certificate for the outer machine's store verbs, which this process
+/// presents too (it waits for the cluster through the store).
+fn lab_ca(dir: &LabDir) -> Result<crate::tls::ca::Issued> {
+    use crate::tls::{Role, Trust, ca};
+    let tls = dir.tls();
+    if tls.exists() {
+        std::fs::remove_dir_all(&tls)
+            .with_context(|| format!("cannot remove {}", tls.display()))?;
+    }
+    ca::init(&tls).context("cannot make the lab's CA")?;
+    let admin = ca::issue("admin", Role::Admin, &tls, &tls, ca::DEFAULT_DAYS)
+        .context("cannot issue the lab's admin certificate")?;
+    let trust = Trust::load(&admin.ca, &admin.cert, &admin.key)
+        .context("cannot load the lab's admin certificate")?;
+    crate::tls::stream::set_default_client(trust.client);
+    Ok(admin)
+}
+
 /// The `export` lines that point flotilla at the lab: the API and its
-/// token, the store, the lab's directory, and ssh as root with the lab's
-/// key and known_hosts.
+/// token, the store and the admin certificate for it, the lab's directory,
+/// and ssh as root with the lab's key and known_hosts.
 fn env_lines(lab: &LabState, dir: &LabDir, exe: &std::path::Path) -> String {
     let bin = exe
         .parent()
@@ -168,6 +191,18 @@ fn env_lines(lab: &LabState, dir: &LabDir, exe: &std::path::Path) -> String {
         format!("export FLOTILLA_ENDPOINT={}", lab.api_endpoint()),
         format!("export FLOTILLA_API_TOKEN={}", lab.api_token),
         format!("export FLOTILLA_STORE_ENDPOINT={}", lab.endpoint()),
+        format!(
+            "export FLOTILLA_TLS_CA={}",
+            dir.tls().join(crate::tls::ca::CA_CERT).display()
+        ),
+        format!(
+            "export FLOTILLA_TLS_CERT={}",
+            dir.tls().join("admin.pem").display()
+        ),
+        format!(
+            "export FLOTILLA_TLS_KEY={}",
+            dir.tls().join("admin.key").display()
+        ),
         format!("export FLOTILLA_LAB_DIR={}", dir.path().display()),
         "export FLOTILLA_SSH_USERNAME=root".to_string(),
         format!("export FLOTILLA_SSH_IDENTITY={}", dir.ssh_key().display()),

@@ -51,6 +51,24 @@ impl Body {
             .as_ref()
     }
 
+    /// The text an agent writes for a unit whose record names `hash`: the
+    /// canonical form of this body, checked to hash to `hash`. A body is
+    /// stored under its own hash by the API, but whoever could write the
+    /// store directly could store any text under any hash; an agent loads
+    /// only what it verified, and writes exactly the form it verified.
+    pub fn verified_text(&self, hash: &UnitHash) -> Result<String, String> {
+        let file = self
+            .file()
+            .map_err(|e| format!("the body stored under {hash} does not parse: {e}"))?;
+        if file.hash() != *hash {
+            return Err(format!(
+                "the body stored under {hash} hashes to {}; refusing it",
+                file.hash()
+            ));
+        }
+        Ok(file.to_text())
+    }
+
     /// The unit `name` with this body, checked as `flotilla submit` checks one.
     pub fn unit(&self, name: &UnitName) -> Result<Unit, units::Error> {
         Unit::from_file(name, self.file().map_err(Clone::clone)?.clone())
@@ -140,6 +158,18 @@ mod tests {
             body.unit(&name("side@1.service")).unwrap().hash(),
             body.file().unwrap().hash()
         );
+    }
+
+    #[test]
+    fn a_body_is_loaded_only_under_its_own_hash() {
+        let text = "[Service]\nExecStart=/bin/true\n";
+        let good = Body::new(text.into());
+        let hash = good.file().unwrap().hash();
+        assert_eq!(good.verified_text(&hash).unwrap(), text);
+        let forged = Body::new("[Service]\nExecStart=/bin/evil\n".into());
+        let err = forged.verified_text(&hash).unwrap_err();
+        assert!(err.contains("refusing"), "{err}");
+        assert!(Body::new("garbage".into()).verified_text(&hash).is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! one place means no role formats a key or a value on its own.
 //!
 //! * [`keys`]: one function per key family.
+//! * [`access`]: which identity may write which keys (the store's policy).
 //! * [`records`]: the JSON values stored under those keys.
 //! * [`bodies`]: unit bodies by hash, read and parsed once ([`BodyCache`]).
 //! * [`unit_state`]: systemd's LOAD/ACTIVE/SUB and the questions asked of them.
@@ -19,6 +20,7 @@
 //! * [`metadata`]: machine metadata set through the API, merged with the
 //!   machine's own wherever metadata is read.
 
+pub mod access;
 pub mod bodies;
 pub mod error;
 pub mod keys;

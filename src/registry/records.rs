@@ -154,6 +154,15 @@ pub struct Renewal {
     pub ttl_ms: u64,
 }
 
+impl Renewal {
+    /// Whether this renewal, seen at `now_ms` (Unix milliseconds), is
+    /// overdue: agents renew every third of their TTL, so two missed
+    /// renewals leave a third of it before the lease ends.
+    pub fn is_overdue(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.at_ms) > self.ttl_ms / 3 * 2
+    }
+}
+
 /// Why a stored record could not be read.
 #[derive(Debug, thiserror::Error)]
 #[error("the record at {key} is unreadable ({source}); was it written by a newer flotilla?")]

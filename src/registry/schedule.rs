@@ -336,18 +336,32 @@ pub async fn apply(client: &Client, changes: &[Change]) -> Result<(), ClientErro
             ops.extend(o);
         }
         let (ok, _, _) = client.txn(compare, ops, Vec::new()).await?;
+        if ok {
+            count_placements(batch);
+        }
         if ok || batch.len() == 1 {
             continue;
         }
         for change in batch {
             let (compare, ops) = transaction(change);
             let (ok, _, _) = client.txn(compare, ops, Vec::new()).await?;
-            if !ok {
+            if ok {
+                count_placements(std::slice::from_ref(change));
+            } else {
                 tracing::debug!("scheduler: stale change skipped: {change:?}");
             }
         }
     }
     Ok(())
+}
+
+/// Counts the proposals among written `changes` ([`crate::metrics`]).
+fn count_placements(changes: &[Change]) {
+    let placed = changes
+        .iter()
+        .filter(|c| matches!(c, Change::Propose { .. }))
+        .count();
+    crate::metrics::METRICS.placements.add(placed as u64);
 }
 
 /// The guarded writes of one change.

@@ -13,11 +13,13 @@
 //! * [`lists`]: list-units, list-unit-files, list-machines, cat, explain, drain.
 //! * [`table`]: fleetctl's tab-aligned tables and `--fields`.
 //! * [`remote`]: ssh, status and journal on a unit's host.
+//! * [`snapshot`]: backups of the store (over the store's protocol, not the API).
 
 pub mod connect;
 pub mod create;
 pub mod lists;
 pub mod remote;
+pub mod snapshot;
 pub mod state;
 pub mod table;
 pub mod targets;

@@ -43,6 +43,8 @@ pub struct Cluster {
     pub known_hosts: String,
     /// The lab's ssh key (root on every host).
     pub ssh_key: String,
+    /// The lab's CA, and the admin certificate and key for the store verbs.
+    pub tls: [String; 3],
     /// The hosts, in order.
     pub hosts: Vec<Host>,
     /// The presence TTL the lab was booted with.
@@ -106,6 +108,7 @@ impl Cluster {
             store_endpoint: field("store_endpoint"),
             known_hosts: field("known_hosts"),
             ssh_key: field("ssh_key"),
+            tls: [field("tls_ca"), field("tls_cert"), field("tls_key")],
             dir,
             hosts,
             ttl: Duration::from_secs(ttl_secs),
@@ -125,6 +128,9 @@ impl Cluster {
             .env("FLOTILLA_ENDPOINT", &self.endpoint)
             .env("FLOTILLA_API_TOKEN", &self.api_token)
             .env("FLOTILLA_STORE_ENDPOINT", &self.store_endpoint)
+            .env("FLOTILLA_TLS_CA", &self.tls[0])
+            .env("FLOTILLA_TLS_CERT", &self.tls[1])
+            .env("FLOTILLA_TLS_KEY", &self.tls[2])
             .env("FLOTILLA_SSH_USERNAME", "root")
             .env("FLOTILLA_SSH_IDENTITY", &self.ssh_key)
             .env("FLOTILLA_KNOWN_HOSTS_FILE", &self.known_hosts)

@@ -71,3 +71,4 @@ pub fn text(bytes: &[u8]) -> String {
 
 pub mod cluster;
 pub mod daemon;
+pub mod pki;

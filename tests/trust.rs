@@ -1,0 +1,537 @@
+//! The attacks of the trust issue, replayed against a real `flotilla daemon`
+//! member with mutual TLS: forged Raft messages on the peer port from
+//! callers that are not members, writes on the client port from callers
+//! without a certificate or with an agent's, oversized partial frames,
+//! thousands of idle connections and handshakes that never finish. Each is
+//! refused or bounded, the store is unchanged and the member goes on serving.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla::consensus::client::{Client, ClientError};
+use flotilla::consensus::codec::{self, SnapshotData};
+use flotilla::consensus::kv::{Command as KvCommand, KvStore};
+use flotilla::consensus::node::member_id;
+use flotilla::tls::Role;
+use protobuf::Message as _;
+use raft::eraftpb::{Message, MessageType};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+mod support;
+
+use support::pki::{Pki, shared};
+use support::{FLOTILLA, free_port, text};
+
+/// One member, `m1`, alone in its cluster, with TLS and the limits given.
+struct Member {
+    process: Child,
+    client: String,
+    peer: String,
+    dir: tempfile::TempDir,
+}
+
+impl Member {
+    async fn start(limits: &[(&str, &str)]) -> Member {
+        Member::start_with(limits, None).await
+    }
+
+    /// [`Member::start`], with at most `files` file descriptors if given.
+    async fn start_with(limits: &[(&str, &str)], files: Option<u32>) -> Member {
+        let pki = shared();
+        let dir = tempfile::tempdir().unwrap();
+        let client = format!("127.0.0.1:{}", free_port());
+        let peer = format!("127.0.0.1:{}", free_port());
+        let log = std::fs::File::create(dir.path().join("m1.log")).unwrap();
+        let mut command = match files {
+            Some(n) => {
+                let mut prlimit = Command::new("prlimit");
+                prlimit
+                    .arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(FLOTILLA);
+                prlimit
+            }
+            None => Command::new(FLOTILLA),
+        };
+        let process = command
+            .args(["daemon", "--name", "m1", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--client-listen", &client, "--peer-listen", &peer])
+            .args(["--initial-cluster", &format!("m1={peer}")])
+            .args([
+                "--election-timeout-ms",
+                "300",
+                "--log",
+                "info",
+                "--no-agent",
+            ])
+            .env_remove("FLOTILLA_CONFIG")
+            .env("FLOTILLA_API_SOCKET", "")
+            .env("FLOTILLA_API_LISTEN", "")
+            .envs(pki.env("m1", Role::Member))
+            .envs(limits.iter().map(|(k, v)| (format!("FLOTILLA_{k}"), *v)))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let member = Member {
+            process,
+            client,
+            peer,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(client) = member.admin().await
+                && client.status().await.is_ok_and(|s| s.leader != 0)
+            {
+                return member;
+            }
+            assert!(Instant::now() < deadline, "m1 did not elect itself");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn admin(&self) -> Result<Client, ClientError> {
+        Client::connect_with(
+            std::slice::from_ref(&self.client),
+            Some(shared().client("tester", Role::Admin)),
+        )
+        .await
+    }
+
+    async fn as_role(&self, name: &str, role: Role) -> Client {
+        Client::connect_with(
+            std::slice::from_ref(&self.client),
+            Some(shared().client(name, role)),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Every key and value in the store but the member's own bookkeeping.
+    async fn contents(&self) -> Vec<(String, Vec<u8>)> {
+        let client = self.admin().await.unwrap();
+        let (kvs, _) = client.range("/", true, false).await.unwrap();
+        kvs.into_iter()
+            .filter(|kv| !kv.key.starts_with("/flotilla/raft/"))
+            .map(|kv| (kv.key, kv.value))
+            .collect()
+    }
+
+    /// The member answers, still leads, and takes a write.
+    async fn still_serving(&self, term: u64) {
+        let client = self.admin().await.unwrap();
+        let status = client.status().await.unwrap();
+        assert_eq!(status.leader, member_id("m1"));
+        assert_eq!(status.term, term, "no forged term was taken");
+        assert_eq!(status.members.len(), 1);
+        client.put("/after", b"ok".to_vec()).await.unwrap();
+        client.delete("/after", false).await.unwrap();
+    }
+
+    fn pid(&self) -> u32 {
+        self.process.id()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("m1.log")).unwrap()
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// A TLS connection to `addr` that trusts the cluster's CA and presents
+/// `cert`/`key` (of any CA), or no certificate at all.
+async fn tls_as(
+    addr: &str,
+    client_cert: Option<(PathBuf, PathBuf)>,
+) -> std::io::Result<impl AsyncRead + AsyncWrite + Unpin> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let pki = shared();
+    let ca_pem = std::fs::read(pki.ca()).unwrap();
+    let ca = CertificateDer::pem_slice_iter(&ca_pem)
+        .next()
+        .unwrap()
+        .unwrap();
+    let cluster = flotilla::tls::identity::cluster_id_of_ca(&ca).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match client_cert {
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(&cert)
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            let key = PrivateKeyDer::from_pem_file(&key).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from(flotilla::tls::identity::server_name(&cluster)).unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+}
+
+/// Whether the other end closes `stream` within `limit` (whatever it says
+/// first, such as a TLS alert).
+async fn hung_up<S: AsyncRead + Unpin>(stream: &mut S, limit: Duration) -> bool {
+    let drain = async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(limit, drain).await.is_ok()
+}
+
+fn raft_frame(message: &Message) -> Vec<u8> {
+    let mut frame = vec![codec::FORMAT_VERSION];
+    message.write_to_vec(&mut frame).unwrap();
+    frame
+}
+
+/// The heartbeat of the issue: a huge term and commit index.
+fn forged_heartbeat(from: u64) -> Message {
+    let mut message = Message {
+        from,
+        to: member_id("m1"),
+        term: 1_000_000,
+        commit: u64::MAX / 2,
+        ..Message::default()
+    };
+    message.set_msg_type(MessageType::MsgHeartbeat);
+    message
+}
+
+/// The snapshot of the issue: a store holding only the attacker's unit.
+fn forged_snapshot(from: u64) -> Message {
+    let mut kv = KvStore::default();
+    kv.apply(&KvCommand::put(
+        "/flotilla/units/evil.service",
+        "launched",
+        None,
+    ));
+    let data = codec::encode(&SnapshotData {
+        kv,
+        members: Default::default(),
+    });
+    let mut message = Message {
+        from,
+        to: member_id("m1"),
+        term: 1_000_000,
+        ..Message::default()
+    };
+    message.set_msg_type(MessageType::MsgSnapshot);
+    let snapshot = message.mut_snapshot();
+    snapshot.data = data.into();
+    snapshot.mut_metadata().index = 1_000_000;
+    snapshot.mut_metadata().term = 1_000_000;
+    snapshot.mut_metadata().mut_conf_state().voters = vec![from];
+    message
+}
+
+/// Sends the forged heartbeat on one connection and the forged snapshot on
+/// another, as the transport would; both must go unheard.
+async fn attack_peer_port<S, F, Fut>(connect: F, from: u64, who: &str)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<S>>,
+{
+    if let Ok(mut stream) = connect().await {
+        for _ in 0..5 {
+            let sent = codec::write_frame(&mut stream, &raft_frame(&forged_heartbeat(from))).await;
+            if sent.is_err() || stream.flush().await.is_err() {
+                break;
+            }
+        }
+        // The member hangs up on it (after a TLS alert, perhaps).
+        assert!(
+            hung_up(&mut stream, Duration::from_secs(5)).await,
+            "{who}: the peer port kept a connection that sent forged heartbeats"
+        );
+    }
+    if let Ok(mut stream) = connect().await {
+        let sent =
+            flotilla::consensus::transport::send_snapshot(&mut stream, &forged_snapshot(from))
+                .await;
+        assert!(sent.is_err(), "{who}: a forged snapshot was confirmed");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_peer_port_hears_only_current_members_speaking_as_themselves() {
+    let member = Member::start(&[]).await;
+    let admin = member.admin().await.unwrap();
+    admin.put("/acked", b"kept".to_vec()).await.unwrap();
+    let before = member.contents().await;
+    let term = admin.status().await.unwrap().term;
+    let pki = shared();
+    let peer = member.peer.clone();
+    let m1 = member_id("m1");
+
+    // No certificate: plain TCP, and TLS without a client certificate.
+    attack_peer_port(|| TcpStream::connect(peer.clone()), m1, "plain TCP").await;
+    attack_peer_port(|| tls_as(&peer, None), m1, "TLS without a certificate").await;
+    // A member certificate named m1, from another cluster's CA.
+    let other = Pki::new();
+    let foreign = other.issue("m1", Role::Member);
+    attack_peer_port(
+        || tls_as(&peer, Some(foreign.clone())),
+        m1,
+        "another CA's m1",
+    )
+    .await;
+    // Valid certificates of this CA that are not a member's, claiming to be m1.
+    for role in [Role::Agent, Role::Admin] {
+        let cert = pki.issue("m1", role);
+        attack_peer_port(|| tls_as(&peer, Some(cert.clone())), m1, role.as_str()).await;
+    }
+    // A member certificate of a name that is no member: as itself, and as m1.
+    let stranger = pki.issue("m9", Role::Member);
+    for from in [member_id("m9"), m1] {
+        attack_peer_port(|| tls_as(&peer, Some(stranger.clone())), from, "member m9").await;
+    }
+
+    assert_eq!(member.contents().await, before, "the store changed");
+    member.still_serving(term).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_port_refuses_strangers_and_keeps_agents_to_their_machine() {
+    let member = Member::start(&[]).await;
+    let endpoints = vec![member.client.clone()];
+    let admin = member.admin().await.unwrap();
+    admin.put("/acked", b"kept".to_vec()).await.unwrap();
+    let term = admin.status().await.unwrap().term;
+
+    // No certificate at all: the member does not even answer.
+    let plain = Client::connect_with(&endpoints, None).await;
+    assert!(plain.is_err(), "a plaintext client was served");
+
+    // An agent (machine aaaa) writes its own machine's keys, nothing else.
+    let agent = member.as_role("aaaa", Role::Agent).await;
+    agent
+        .put("/flotilla/machines/aaaa", b"{}".to_vec())
+        .await
+        .unwrap();
+    let before = member.contents().await;
+    let denied = |result: Result<_, ClientError>, what: &str| match result {
+        Err(ClientError::Denied(message)) => {
+            assert!(message.contains("permission denied"), "{what}: {message}")
+        }
+        other => panic!("{what}: not denied: {other:?}"),
+    };
+    for (key, what) in [
+        ("/flotilla/units/evil.service", "a unit write"),
+        ("/flotilla/bodies/0000", "a body write"),
+        ("/flotilla/machines/bbbb", "another machine's record"),
+    ] {
+        denied(agent.put(key, b"{}".to_vec()).await.map(drop), what);
+    }
+    denied(
+        agent.delete("/flotilla/m/bbbb/", true).await.map(drop),
+        "another machine's claims",
+    );
+    denied(agent.member_add("evil", "127.0.0.1:9").await, "member add");
+    // The CLI says so, and exits non-zero.
+    let out = Command::new(FLOTILLA)
+        .args(["--store-endpoint", &member.client, "member", "add", "evil"])
+        .arg("127.0.0.1:9")
+        .envs(shared().env("aaaa", Role::Agent))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("permission denied"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    assert_eq!(member.contents().await, before, "the store changed");
+    member.still_serving(term).await;
+    // An admin may do what the agent may not.
+    admin
+        .put("/flotilla/units/ok.service", b"{}".to_vec())
+        .await
+        .unwrap();
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_bound_connections_frames_and_handshakes() {
+    let member = Member::start(&[
+        ("MAX_CONNECTIONS", "64"),
+        ("FRAME_READ_TIMEOUT_MS", "1000"),
+        ("TLS_HANDSHAKE_TIMEOUT_MS", "1000"),
+    ])
+    .await;
+    let pid = member.pid();
+    let admin = member.admin().await.unwrap();
+    admin.put("/acked", b"kept".to_vec()).await.unwrap();
+    let term = admin.status().await.unwrap().term;
+    let before = member.contents().await;
+
+    // 20 authenticated connections each announce a 64 MiB frame and send 1 KiB.
+    let rss_before = rss_kib(pid);
+    let agent = shared().issue("aaaa", Role::Agent);
+    let mut partial = Vec::new();
+    for _ in 0..20 {
+        let mut stream = tls_as(&member.client, Some(agent.clone())).await.unwrap();
+        stream
+            .write_all(&(codec::MAX_FRAME as u32).to_be_bytes())
+            .await
+            .unwrap();
+        stream.write_all(&[7u8; 1024]).await.unwrap();
+        stream.flush().await.unwrap();
+        partial.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let grown_mib = rss_kib(pid).saturating_sub(rss_before) / 1024;
+    assert!(
+        grown_mib < 64,
+        "20 partial 64 MiB frames cost {grown_mib} MiB"
+    );
+    // Each is dropped at the frame deadline.
+    for stream in &mut partial {
+        assert!(
+            hung_up(stream, Duration::from_secs(5)).await,
+            "a partial frame was kept"
+        );
+    }
+    drop(partial);
+
+    // 3000 idle connections that never start their handshake.
+    let baseline = open_fds(pid);
+    let addr: SocketAddr = member.client.parse().unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..3000 {
+        if let Ok(stream) = TcpStream::connect(addr).await {
+            idle.push(stream);
+        }
+    }
+    assert!(idle.len() > 2500, "only {} connections opened", idle.len());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = open_fds(pid).saturating_sub(baseline);
+    assert!(
+        held <= 64 + 8,
+        "the member holds {held} connections beyond its baseline"
+    );
+    // The slow handshakes end at the handshake timeout, so the member serves
+    // again while all 3000 are still open on this side.
+    let started = Instant::now();
+    loop {
+        let ok = match member.admin().await {
+            Ok(client) => client.get("/acked").await.is_ok(),
+            Err(_) => false,
+        };
+        if ok {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the member did not serve again after the idle connections' handshake timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut closed = 0;
+    for stream in idle.iter_mut().take(200) {
+        let mut byte = [0u8; 1];
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(50), stream.read(&mut byte)).await
+        {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 200, "idle connections were kept open");
+    drop(idle);
+
+    assert_eq!(member.contents().await, before, "the store changed");
+    member.still_serving(term).await;
+}
+
+/// CPU time (user + system) the process has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // Fields 14 and 15 of stat; the name (field 2) and state (3) come first.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_the_member_pauses_instead_of_spinning() {
+    let member = Member::start_with(
+        &[
+            ("MAX_CONNECTIONS", "100000"),
+            ("TLS_HANDSHAKE_TIMEOUT_MS", "1000"),
+        ],
+        Some(96),
+    )
+    .await;
+    let pid = member.pid();
+    let admin = member.admin().await.unwrap();
+    admin.put("/acked", b"kept".to_vec()).await.unwrap();
+    let term = admin.status().await.unwrap().term;
+    drop(admin);
+
+    let addr: SocketAddr = member.client.parse().unwrap();
+    let mut flood = Vec::new();
+    for _ in 0..400 {
+        if let Ok(stream) = TcpStream::connect(addr).await {
+            flood.push(stream);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_ticks(pid) - before;
+    // A spinning accept loop burns a whole core: 200 ticks in 2 s.
+    assert!(
+        used < 60,
+        "the member used {used} ticks in 2 s while out of files"
+    );
+    let log = member.log();
+    assert_eq!(
+        log.matches("out of file descriptors").count(),
+        1,
+        "said once: {log}"
+    );
+    drop(flood);
+    member.still_serving(term).await;
+}
