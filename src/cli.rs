@@ -70,8 +70,8 @@ pub struct ApiArgs {
     /// [default: 10]
     #[arg(long, value_name = "SECS")]
     pub request_timeout: Option<f64>,
-    /// Reach the API through ssh to this host, HOST[:PORT] (its --endpoint is
-    /// then the one on that host) [env: FLOTILLA_TUNNEL]
+    /// Reach the API through ssh to this host, HOST[:PORT] (each --endpoint
+    /// as that host reaches it, tried in order) [env: FLOTILLA_TUNNEL]
     #[arg(long, value_name = "HOST[:PORT]")]
     pub tunnel: Option<String>,
     /// ssh settings, for --tunnel, ssh, status and journal.
@@ -176,7 +176,8 @@ pub enum Command {
     Load(StartArgs),
     /// Stop and unload units; they stay submitted (desired state inactive).
     Unload(StateArgs),
-    /// Stop and start units again, one after another; waits until each is active.
+    /// Stop and start launched units again, one after another (as fleetctl did: a unit
+    /// only loaded is skipped, an inactive one is an error); waits unless --no-block.
     Restart(RestartArgs),
     /// Remove units from the cluster (they stop wherever they run). A unit
     /// that does not exist is not an error.
@@ -346,9 +347,9 @@ pub struct RestartArgs {
     /// Units (or their files, submitted first as by start).
     #[arg(required = true, value_name = "UNIT|FILE")]
     pub units: Vec<String>,
-    /// How many times to check each step (every 500 ms) before giving up; 0 waits for ever.
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub block_attempts: u32,
+    /// `--no-block`, or how many times to check each step (every 500 ms).
+    #[command(flatten)]
+    pub block: BlockArgs,
     #[command(flatten)]
     pub api: ApiArgs,
 }

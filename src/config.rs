@@ -109,14 +109,28 @@ pub struct Config {
     /// The HTTP API's unix socket (fleet's `/fleet/v1`). It is made mode 0600,
     /// so only root may use it and it needs no token; empty disables it.
     pub api_socket: PathBuf,
-    /// The HTTP API's TCP address (`host:port`); empty disables it. Anything
-    /// but loopback needs `api_token`, as the port is then open to the network.
+    /// The HTTP API's TCP address (`host:port`); empty (the default)
+    /// disables it. It needs `api_token`, loopback included: any local user
+    /// reaches a loopback port, and root has the unix socket.
     pub api_listen: String,
     /// A bearer token every TCP request to the API must carry
     /// (`Authorization: Bearer TOKEN`); empty means none. The unix socket
     /// never asks for it. `--check-config` shows it redacted.
     #[serde(serialize_with = "redacted")]
     pub api_token: String,
+    /// How long an API client may take to send a request's headers (a
+    /// duration, `10s`): a connection that sends nothing is closed then, so
+    /// idle and slow clients cannot hold connections for ever.
+    pub api_header_timeout: String,
+    /// The largest request body the API accepts, in bytes (413 beyond).
+    pub api_max_body_bytes: u64,
+    /// Connections each API listener serves at once; one more is answered
+    /// 503 and closed, so a flood cannot take all the process's descriptors.
+    pub api_max_connections: u64,
+    /// The longest pause, in milliseconds, after the API fails to accept a
+    /// connection (out of descriptors): it retries after 10 ms, doubling up
+    /// to this, instead of spinning.
+    pub api_accept_backoff_ms: u64,
     /// What this host does when it needs a reboot (`/run/reboot-required`
     /// exists or `flotilla lock need-reboot` asked): `lock` takes a slot of
     /// its group's reboot lock, drains, reboots and releases the slot once
@@ -263,6 +277,53 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The API listeners' limits, typed; `Err((key, message))` names the
+    /// first key whose value is unusable.
+    pub fn api_limits(&self) -> Result<crate::api::serve::Limits, (&'static str, String)> {
+        let header_timeout = crate::lock::window::parse_duration(&self.api_header_timeout)
+            .map_err(|m| ("api_header_timeout", m))?;
+        if !(1..=3600).contains(&header_timeout.as_secs()) {
+            return Err((
+                "api_header_timeout",
+                "must be between 1s and 1h, e.g. 10s".to_string(),
+            ));
+        }
+        let min_body = crate::api::MIN_BODY_BYTES as u64;
+        if !(min_body..=64 << 20).contains(&self.api_max_body_bytes) {
+            return Err((
+                "api_max_body_bytes",
+                format!(
+                    "{} must be between {min_body} (a largest unit file, JSON-quoted) and \
+                     67108864",
+                    self.api_max_body_bytes
+                ),
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.api_max_connections) {
+            return Err((
+                "api_max_connections",
+                format!("{} must be between 1 and 1000000", self.api_max_connections),
+            ));
+        }
+        if !(10..=60_000).contains(&self.api_accept_backoff_ms) {
+            return Err((
+                "api_accept_backoff_ms",
+                format!(
+                    "{} must be between 10 and 60000",
+                    self.api_accept_backoff_ms
+                ),
+            ));
+        }
+        Ok(crate::api::serve::Limits {
+            header_timeout,
+            max_body_bytes: self.api_max_body_bytes as usize,
+            max_connections: self.api_max_connections as usize,
+            accept_backoff: std::time::Duration::from_millis(self.api_accept_backoff_ms),
+        })
+    }
+}
+
 /// The reboot coordinator's settings, from [`Config::reboot_settings`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RebootSettings {
@@ -311,8 +372,12 @@ impl Default for Config {
             units_dir: PathBuf::from("/run/flotilla/units"),
             leave_on_stop: false,
             api_socket: PathBuf::from("/run/flotilla/api.sock"),
-            api_listen: "127.0.0.1:4003".to_string(),
+            api_listen: String::new(),
             api_token: String::new(),
+            api_header_timeout: "10s".to_string(),
+            api_max_body_bytes: 1024 * 1024,
+            api_max_connections: 512,
+            api_accept_backoff_ms: 1000,
             reboot_strategy: "lock".to_string(),
             reboot_group: String::new(),
             reboot_window_start: String::new(),
@@ -791,18 +856,21 @@ fn validate(loaded: &Loaded) -> Result<(), Error> {
     }
     if !config.api_listen.is_empty() {
         check_address(&config.api_listen).map_err(|m| invalid("api_listen", m))?;
-        if config.api_token.is_empty() && !is_loopback(&config.api_listen) {
+        if config.api_token.is_empty() {
             return Err(invalid(
                 "api_listen",
                 format!(
-                    "{:?} is reachable from other machines, so the API needs a token: set \
-                     api_token (e.g. to the output of `openssl rand -hex 32`) or listen on \
-                     127.0.0.1",
+                    "serving the API on {:?} needs a token, loopback included (any local \
+                     user reaches it): set api_token (e.g. to the output of `openssl rand \
+                     -hex 32`), or api_listen to \"\" and use the unix socket",
                     config.api_listen
                 ),
             ));
         }
     }
+    config
+        .api_limits()
+        .map_err(|(key, message)| invalid(key, message))?;
     config
         .reboot_settings()
         .map_err(|(key, message)| invalid(key, message))?;
@@ -1133,9 +1201,25 @@ mod tests {
     }
 
     #[test]
-    fn api_keys_need_a_token_off_loopback_and_never_show_it() {
+    fn api_keys_need_a_token_and_never_show_it() {
         let flag = |key: &'static str, value: &str| (key, "--flag", toml::Value::from(value));
         let f = file("name = \"n1\"\n");
+        let defaults = load(&explicit(&f), &[], &[]).unwrap();
+        assert!(defaults.config.api_listen.is_empty(), "no TCP by default");
+        assert_eq!(
+            defaults.config.api_limits(),
+            Ok(crate::api::serve::Limits::default())
+        );
+        for listen in [
+            "0.0.0.0:4003",
+            "127.0.0.1:4003",
+            "[::1]:4003",
+            "localhost:4003",
+        ] {
+            let open = [flag("api_listen", listen)];
+            let err = load(&explicit(&f), &[], &open).unwrap_err();
+            assert!(err.to_string().contains("api_token"), "{listen}: {err}");
+        }
         let open = [flag("api_listen", "0.0.0.0:4003")];
         let err = load(&explicit(&f), &[], &open).unwrap_err();
         assert!(
@@ -1163,6 +1247,8 @@ mod tests {
             ("api_token", "has a space in it, long enough"),
             ("api_socket", "relative/api.sock"),
             ("api_listen", "nonsense"),
+            ("api_header_timeout", "0s"),
+            ("api_header_timeout", "soon"),
         ] {
             let err = load(&explicit(&f), &[], &[flag(key, value)]).unwrap_err();
             assert!(
@@ -1175,10 +1261,19 @@ mod tests {
         let loaded = load(&explicit(&f), &[], &off).unwrap();
         assert!(loaded.config.api_listen.is_empty());
         assert!(loaded.config.api_socket.as_os_str().is_empty());
-        for local in ["127.0.0.1:4003", "[::1]:4003", "localhost:4003"] {
-            assert!(is_loopback(local), "{local}");
+
+        let number = |key: &'static str, value: i64| (key, "--flag", toml::Value::from(value));
+        for (key, value) in [
+            ("api_max_body_bytes", 1000),
+            ("api_max_connections", 0),
+            ("api_accept_backoff_ms", 0),
+        ] {
+            let err = load(&explicit(&f), &[], &[number(key, value)]).unwrap_err();
+            assert!(
+                matches!(&err, Error::Invalid { key: k, .. } if *k == key),
+                "{key}={value}: {err}"
+            );
         }
-        assert!(!is_loopback("10.0.0.1:4003"));
     }
 
     #[test]

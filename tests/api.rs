@@ -24,6 +24,9 @@ mod support;
 
 use support::{Answer, free_port};
 
+/// The daemon's `api_token`: TCP wants it, loopback included.
+const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
 /// A store-only daemon with its API on loopback TCP.
 struct Daemon {
     child: Child,
@@ -62,6 +65,7 @@ impl Daemon {
             .env_remove("FLOTILLA_CONFIG")
             .env("FLOTILLA_API_SOCKET", "")
             .env("FLOTILLA_API_LISTEN", format!("127.0.0.1:{api}"))
+            .env("FLOTILLA_API_TOKEN", TOKEN)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -88,7 +92,7 @@ impl Daemon {
         }
     }
 
-    /// One raw request; `None` if nothing answers yet.
+    /// One raw request with the token; `None` if nothing answers yet.
     async fn try_call(
         &self,
         method: &str,
@@ -99,7 +103,7 @@ impl Daemon {
         let mut stream = tokio::net::TcpStream::connect(&self.api).await.ok()?;
         let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\
-             Content-Length: {}\r\n\r\n",
+             Authorization: Bearer {TOKEN}\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
         stream.write_all(head.as_bytes()).await.ok()?;
@@ -225,6 +229,7 @@ impl Machine {
                 .into(),
             },
             target: Some(target),
+            reason: None,
         };
         self.store.report(&[(name, Some(state))]).await.unwrap();
     }

@@ -2,134 +2,13 @@
 //! member (no agent, so nothing is ever placed) serving its API on a unix
 //! socket and on TCP with a token. What needs real hosts is in the lab tests.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 
 mod support;
 
-use support::{free_port, text};
-
-/// A running store-only daemon and a directory for unit files.
-struct Daemon {
-    dir: tempfile::TempDir,
-    child: Child,
-    socket: PathBuf,
-    http: String,
-}
-
-impl Daemon {
-    fn start() -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let (client, peer, api) = (free_port(), free_port(), free_port());
-        let socket = dir.path().join("api.sock");
-        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
-            .args(["daemon", "--name", "n1", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args(["--client-listen", &format!("127.0.0.1:{client}")])
-            .args(["--peer-listen", &format!("127.0.0.1:{peer}")])
-            .args(["--initial-cluster", &format!("n1=127.0.0.1:{peer}")])
-            .args([
-                "--election-timeout-ms",
-                "300",
-                "--no-agent",
-                "--log",
-                "warn",
-            ])
-            .env_remove("FLOTILLA_CONFIG")
-            .env("FLOTILLA_API_SOCKET", &socket)
-            .env("FLOTILLA_API_LISTEN", format!("127.0.0.1:{api}"))
-            .env("FLOTILLA_API_TOKEN", TOKEN)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let daemon = Daemon {
-            dir,
-            child,
-            socket,
-            http: format!("http://127.0.0.1:{api}"),
-        };
-        let started = Instant::now();
-        loop {
-            if daemon.run(&["list-unit-files"]).status.success() {
-                return daemon;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "the daemon did not serve its API: {}",
-                std::fs::read_to_string(daemon.dir.path().join("daemon.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// `flotilla` pointed at the unix socket, with a private cache.
-    fn command(&self) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_flotilla"));
-        command
-            .env(
-                "FLOTILLA_ENDPOINT",
-                format!("unix://{}", self.socket.display()),
-            )
-            .env("XDG_CACHE_HOME", self.dir.path().join("cache"))
-            .env_remove("FLOTILLA_API_TOKEN")
-            .env_remove("FLOTILLA_TUNNEL")
-            .current_dir(self.dir.path());
-        command
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command().args(args).output().unwrap()
-    }
-
-    /// Runs a verb that must succeed; returns its stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "flotilla {args:?}: {}{}",
-            text(&out.stdout),
-            text(&out.stderr)
-        );
-        text(&out.stdout)
-    }
-
-    /// Runs a verb that must fail with exit 1; returns its stderr.
-    fn fails(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert_eq!(
-            out.status.code(),
-            Some(1),
-            "flotilla {args:?}: {}{}",
-            text(&out.stdout),
-            text(&out.stderr)
-        );
-        let err = text(&out.stderr);
-        assert!(err.contains("error: "), "{args:?}: {err}");
-        err
-    }
-
-    fn write(&self, name: &str, body: &str) -> PathBuf {
-        let path = self.dir.path().join(name);
-        std::fs::write(&path, body).unwrap();
-        path
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use support::daemon::{Daemon, TOKEN};
+use support::text;
 
 const APP: &str = "[Unit]\nDescription=my app\n[Service]\nExecStart=/bin/sleep infinity\n\
                    [X-Fleet]\nConflicts=myapp@*.service\n";
@@ -396,4 +275,86 @@ fn output_into_a_closed_pipe_ends_quietly() {
         assert!(printed.starts_with("UNIT\t"), "{printed}");
         assert!(text(&out.stderr).is_empty(), "{}", text(&out.stderr));
     }
+}
+
+#[test]
+fn bulk_progress_is_a_bar_on_a_terminal_and_lines_when_piped() {
+    let daemon = Daemon::start();
+    let names: Vec<String> = (1..=5).map(|i| format!("p{i}.service")).collect();
+    for name in &names {
+        daemon.write(name, "[Service]\nExecStart=/bin/true\n");
+    }
+    let mut args = vec!["load", "--no-block"];
+    args.extend(names.iter().map(String::as_str));
+    daemon.ok(&args);
+    // Nothing runs them (no agent), so unloading them arrives at once.
+    let unload = |on_terminal: bool| -> String {
+        let verb = format!(
+            "'{}' unload {}",
+            env!("CARGO_BIN_EXE_flotilla"),
+            names.join(" ")
+        );
+        let mut shell = Command::new(if on_terminal { "script" } else { "bash" });
+        if on_terminal {
+            // script(1) gives the verb a pseudo-terminal and copies it out.
+            shell.args(["-qec", &verb, "/dev/null"]);
+        } else {
+            shell.args(["-c", &verb]);
+        }
+        for (key, value) in daemon.command().get_envs() {
+            match value {
+                Some(value) => shell.env(key, value),
+                None => shell.env_remove(key),
+            };
+        }
+        let out = shell.output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        format!("{}{}", text(&out.stdout), text(&out.stderr))
+    };
+    let piped = unload(false);
+    assert!(piped.contains("5/5 units inactive\n"), "{piped:?}");
+    assert!(
+        !piped.contains('\r') && !piped.contains("\x1b["),
+        "{piped:?}"
+    );
+
+    daemon.ok(&args);
+    let terminal = unload(true);
+    assert!(
+        terminal.contains("\r\x1b[K[##############################] 5/5 inactive"),
+        "{terminal:?}"
+    );
+    assert!(
+        terminal.contains("Unit p5.service inactive\r\n"),
+        "{terminal:?}"
+    );
+    assert!(
+        terminal.ends_with("\r\x1b[K"),
+        "the bar is cleared: {terminal:?}"
+    );
+}
+
+#[test]
+fn restart_follows_fleetctl_v1() {
+    let daemon = Daemon::start();
+    daemon.write("one.service", "[Service]\nExecStart=/bin/true\n");
+    daemon.write(
+        "all.service",
+        "[Service]\nExecStart=/bin/true\n[X-Fleet]\nGlobal=true\n",
+    );
+    daemon.ok(&["submit", "one.service", "all.service"]);
+    // A global unit: set loaded then launched, never waited for.
+    let out = daemon.ok(&["restart", "all.service"]);
+    assert_eq!(
+        out,
+        "Triggered global unit all.service stop\nTriggered global unit all.service start\n"
+    );
+    // Nothing runs one.service (no agent): fleetctl refused "in state inactive".
+    let err = daemon.fails(&["restart", "--no-block", "one.service"]);
+    assert!(err.contains("one.service: it is inactive"), "{err}");
+    let help = daemon.ok(&["restart", "--help"]);
+    assert!(
+        help.contains("--no-block") && help.contains("--block-attempts"),
+        "{help}"
+    );
 }

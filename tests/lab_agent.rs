@@ -867,6 +867,98 @@ fn a_host_running_a_conflicting_unit_outside_flotilla_is_skipped() {
 }
 
 #[test]
+fn a_unit_named_like_one_of_the_hosts_own_is_refused_not_loaded_over_it() {
+    let cluster = Cluster::up(1, 3);
+    let h1 = &cluster.hosts[0].name;
+    let show = |unit: &str, property: &str| {
+        let out = cluster.exec(h1, &["systemctl", "show", "-P", property, unit]);
+        text(&out.stdout).trim().to_string()
+    };
+    let sshd_path = show("ssh.service", "FragmentPath");
+    assert!(sshd_path.starts_with("/lib/systemd/system/"), "{sshd_path}");
+    let sshd_started = cluster.entered(h1, "ssh.service");
+    // A transient unit (systemd-run) is the host's own just the same.
+    let out = cluster.exec(
+        h1,
+        &[
+            "systemd-run",
+            "--unit=busy.service",
+            "/bin/sleep",
+            "infinity",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    cluster.submit(&[
+        ("ssh.service", PLAIN),
+        ("busy.service", PLAIN),
+        ("mine.service", PLAIN),
+    ]);
+    cluster.ok(&[
+        "start",
+        "--no-block",
+        "ssh.service",
+        "busy.service",
+        "mine.service",
+    ]);
+
+    let units = |cluster: &Cluster| -> serde_json::Value {
+        let out = cluster.ok(&["list-units", "--json"]);
+        serde_json::from_str(&out).unwrap()
+    };
+    let (rows, _) = wait_for(Duration::from_secs(20), "two refusals reported", || {
+        let rows = units(&cluster);
+        let failed = rows
+            .as_array()?
+            .iter()
+            .filter(|r| r["active"] == "failed" && r["reason"].is_string())
+            .count();
+        (failed == 2).then_some(rows)
+    });
+    let reason = |unit: &str| -> String {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["unit"] == unit)
+            .and_then(|r| r["reason"].as_str())
+            .unwrap_or_else(|| panic!("no reason for {unit}: {rows}"))
+            .to_string()
+    };
+    assert!(reason("ssh.service").contains(&sshd_path), "{rows}");
+    assert!(
+        reason("busy.service").contains("/run/systemd/transient/busy.service"),
+        "{rows}"
+    );
+    assert_eq!(
+        cluster.active().keys().collect::<Vec<_>>(),
+        ["mine.service"]
+    );
+
+    // systemd still runs the host's own, from its own file, never restarted.
+    assert_eq!(show("ssh.service", "FragmentPath"), sshd_path);
+    assert_eq!(show("ssh.service", "ActiveState"), "active");
+    assert_eq!(cluster.entered(h1, "ssh.service"), sshd_started);
+    assert_eq!(show("busy.service", "ActiveState"), "active");
+    let out = cluster.exec(h1, &["ls", "/run/flotilla/units", "/run/systemd/system"]);
+    let listed = text(&out.stdout);
+    assert!(listed.contains("mine.service"), "{listed}");
+    assert!(!listed.contains("ssh.service"), "{listed}");
+    assert!(!listed.contains("busy.service"), "{listed}");
+
+    let explained = cluster.ok(&["explain", "ssh.service"]);
+    assert!(explained.contains("not loaded"), "{explained}");
+    assert!(explained.contains(&sshd_path), "{explained}");
+
+    // Destroying flotilla's ssh.service leaves the host's alone.
+    cluster.ok(&["destroy", "ssh.service", "busy.service"]);
+    wait_for(Duration::from_secs(15), "the refusals gone", || {
+        (units(&cluster).as_array()?.len() == 1).then_some(())
+    });
+    assert_eq!(show("ssh.service", "ActiveState"), "active");
+    assert_eq!(cluster.entered(h1, "ssh.service"), sshd_started);
+    assert_eq!(show("busy.service", "ActiveState"), "active");
+}
+
+#[test]
 fn losing_quorum_stops_nothing_and_recovery_restarts_nothing() {
     let cluster = Cluster::up(3, 3);
     cluster.submit(&[("plain@.service", PLAIN)]);

@@ -186,6 +186,15 @@ fn ssh_status_journal_and_the_tunnel_reach_a_units_host() {
         "list-units",
     ]);
     assert!(tunneled.contains("hello.service\t"), "{tunneled}");
+    // Every endpoint is tried through the tunnel: a dead first one is skipped.
+    let tunneled = cluster.ok(&[
+        "--tunnel",
+        &h2_ip,
+        "--endpoint",
+        "http://127.0.0.1:1,unix:///run/flotilla/api.sock",
+        "list-units",
+    ]);
+    assert!(tunneled.contains("hello.service\t"), "{tunneled}");
     let through = cluster.ok(&["--tunnel", &h2_ip, "ssh", "hello.service", "hostname"]);
     assert_eq!(through.trim(), host);
 
@@ -339,6 +348,15 @@ fn fleets_client_scenarios_replace_restart_and_200_units() {
             "{unit} was restarted"
         );
     }
+    let out = run(&["restart", "--no-block"], &names(1));
+    assert_eq!(
+        out,
+        "Triggered unit app@1.service stop\nTriggered unit app@1.service start\n"
+    );
+    wait_for(Duration::from_secs(15), "app@1 active again", || {
+        let host = on_host("app@1.service");
+        (cluster.systemd_active(&host, "app@1.service").len() == 1).then_some(())
+    });
     run(&["stop"], &names(3));
     let rows = unit_rows(&cluster);
     assert_eq!(rows.len(), 3, "{rows:?}");

@@ -51,6 +51,10 @@ pub trait Backend: Send + Sync + 'static {
     /// Removes the runtime links of many units, in one call.
     fn disable_runtime_all<'a>(&'a self, names: &'a [&'a str]) -> Call<'a, ()>;
 
+    /// The file a unit was loaded from (empty: none, e.g. transient), or
+    /// `None` when no unit of that name is loaded.
+    fn fragment_path<'a>(&'a self, name: &'a str) -> Call<'a, Option<String>>;
+
     /// Forgets that a unit failed; a unit that is not loaded is fine.
     fn reset_failed<'a>(&'a self, name: &'a str) -> Call<'a, ()>;
 
@@ -61,6 +65,10 @@ pub trait Backend: Send + Sync + 'static {
 }
 
 impl Backend for Systemd {
+    fn fragment_path<'a>(&'a self, name: &'a str) -> Call<'a, Option<String>> {
+        Box::pin(Systemd::fragment_path(self, name))
+    }
+
     fn states<'a>(&'a self, names: &'a [&'a str]) -> Call<'a, Vec<(String, UnitState)>> {
         Box::pin(Systemd::states(self, names))
     }

@@ -76,6 +76,36 @@ impl Host {
         }
     }
 
+    /// Among `held`, names systemd holds while flotilla has no file for them
+    /// here, those it has from anywhere but flotilla's units directory: the
+    /// host's own `ssh.service` from `/lib/systemd/system`, a transient or a
+    /// masked unit. Loading flotilla's unit under such a name would override
+    /// the host's own (the runtime link comes first in systemd's search
+    /// path), so it is refused; each with why, in words for list-units. A
+    /// unit systemd cannot be asked about is refused too, until it can.
+    pub async fn taken(&self, held: &BTreeSet<UnitName>) -> BTreeMap<UnitName, String> {
+        let mut taken = BTreeMap::new();
+        for unit in held {
+            let ours = self.files.path(unit);
+            let why = match self.systemd.fragment_path(unit.as_str()).await {
+                Ok(None) => continue,
+                Ok(Some(path)) if Path::new(&path) == ours => continue,
+                Ok(Some(path)) if path.is_empty() => format!(
+                    "this host's systemd already has a unit {unit} (without a unit file: \
+                     transient or generated); flotilla does not load its own over it; give \
+                     the flotilla unit another name"
+                ),
+                Ok(Some(path)) => format!(
+                    "this host's systemd already has {unit} from {path}; flotilla does not \
+                     load its own over it; give the flotilla unit another name"
+                ),
+                Err(e) => format!("cannot ask systemd whether {unit} is the host's own: {e}"),
+            };
+            taken.insert(unit.clone(), why);
+        }
+        taken
+    }
+
     /// The active units here, not managed by flotilla, that match one of
     /// `patterns` (a candidate's `Conflicts=`/`Replaces=` globs).
     pub async fn foreign_units_matching(

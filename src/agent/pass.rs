@@ -6,7 +6,9 @@
 //! outside flotilla; the claim itself is one transaction of the registry
 //! ([`MachineStore::claim`]). Bringing systemd along is [`reconcile`]'s
 //! decision, carried out by [`super::execute`]. A claim is released only once
-//! its unit is unloaded here.
+//! its unit is unloaded here. A claimed unit whose name the host's systemd
+//! already has from elsewhere ([`super::execute::Host::taken`]) is not
+//! loaded; it is reported failed, with the reason.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -78,6 +80,15 @@ impl Agent {
             .filter(|u| self.host.state(u).is_some_and(UnitState::is_held))
             .cloned()
             .collect();
+        // A name the host's systemd has from elsewhere is never loaded over.
+        let taken = self.host.taken(&held).await;
+        let mut refused = BTreeMap::new();
+        for (unit, why) in taken {
+            if let Some(want) = desired.remove(&unit) {
+                refused.insert(unit, (want.hash, why));
+            }
+        }
+        self.reports.refuse(refused);
         let actions = reconcile::reconcile(&desired, &actual, &held);
         if !actions.is_empty() {
             tracing::debug!("agent: {} actions", actions.len());

@@ -5,23 +5,39 @@
 //!
 //! Only what changed since the last report is written, in one transaction on
 //! the presence lease (so a dead host's reports vanish with it); a unit gone
-//! from here has its report deleted. The loop reports after every pass, and
+//! from here has its report deleted. A unit the agent refused to load
+//! (its name is the host's own) is reported failed, with the reason. The loop reports after every pass, and
 //! systemd's signals make sure a pass's states are fresh.
 
 use std::collections::BTreeMap;
 
 use super::execute::Host;
+use crate::registry::UnitState;
 use crate::registry::machine::MachineStore;
 use crate::registry::records::{ReportedState, Target};
-use crate::units::UnitName;
+use crate::units::{UnitHash, UnitName};
 
 /// What was last written to the store, per unit.
 #[derive(Debug, Default)]
 pub struct Reports {
     reported: BTreeMap<UnitName, ReportedState>,
+    /// Units claimed here that the agent refused to load: their body and why.
+    refused: BTreeMap<UnitName, (UnitHash, String)>,
 }
 
 impl Reports {
+    /// The units the last pass refused to load (replacing the previous set):
+    /// each is reported failed with its reason until it is no longer refused,
+    /// and logged when first refused.
+    pub fn refuse(&mut self, refused: BTreeMap<UnitName, (UnitHash, String)>) {
+        for (unit, (_, why)) in &refused {
+            if !self.refused.contains_key(unit) {
+                tracing::warn!("agent: not loading {unit}: {why}");
+            }
+        }
+        self.refused = refused;
+    }
+
     /// Forgets `unit`'s report (its claim and report were just released).
     pub fn forget(&mut self, unit: &UnitName) {
         self.reported.remove(unit);
@@ -49,6 +65,26 @@ impl Reports {
                 hash: found.hash,
                 state: state.clone(),
                 target: applied.get(unit).copied(),
+                reason: None,
+            };
+            if self.reported.get(unit) != Some(&record) {
+                self.reported.insert(unit.clone(), record.clone());
+                changed.push((unit.clone(), Some(record)));
+            }
+        }
+        for (unit, (hash, why)) in &self.refused {
+            if local.contains_key(unit) {
+                continue;
+            }
+            let record = ReportedState {
+                hash: *hash,
+                state: UnitState {
+                    load: "error".into(),
+                    active: "failed".into(),
+                    sub: "failed".into(),
+                },
+                target: None,
+                reason: Some(why.clone()),
             };
             if self.reported.get(unit) != Some(&record) {
                 self.reported.insert(unit.clone(), record.clone());
@@ -58,7 +94,7 @@ impl Reports {
         let gone: Vec<UnitName> = self
             .reported
             .keys()
-            .filter(|u| !local.contains_key(*u))
+            .filter(|u| !local.contains_key(*u) && !self.refused.contains_key(*u))
             .cloned()
             .collect();
         for unit in gone {

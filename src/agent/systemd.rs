@@ -173,6 +173,10 @@ pub trait Unit {
     /// When the unit last became active, in µs since the epoch (0: never).
     #[zbus(property)]
     fn active_enter_timestamp(&self) -> zbus::Result<u64>;
+
+    /// The unit file systemd loaded it from (empty: none, e.g. transient).
+    #[zbus(property)]
+    fn fragment_path(&self) -> zbus::Result<String>;
 }
 
 /// A unit's three states, the registry's own type: what systemd reports is
@@ -525,6 +529,21 @@ impl Systemd {
         };
         let unit = self.unit(path).await.map_err(&read)?;
         unit.active_enter_timestamp().await.map_err(&read)
+    }
+
+    /// The file systemd loaded the unit `name` from (its FragmentPath; empty
+    /// for a unit without one, such as a transient unit), or `None` when
+    /// systemd holds no unit of that name. Tells the host's own units from
+    /// flotilla's, whose files lie in the agent's units directory.
+    pub async fn fragment_path(&self, name: &str) -> Result<Option<String>> {
+        let read = call("read the unit file of", name);
+        let path = match self.manager.get_unit(name).await {
+            Ok(path) => path,
+            Err(e) if is_no_such_unit(&e) => return Ok(None),
+            Err(e) => return Err(read(e)),
+        };
+        let unit = self.unit(path).await.map_err(&read)?;
+        unit.fragment_path().await.map(Some).map_err(&read)
     }
 
     /// The names of the loaded units that match one of the glob `patterns`

@@ -10,7 +10,7 @@
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 
 use crate::consensus::client::ClientError;
 use crate::registry::ops::RegistryError;
@@ -69,13 +69,37 @@ impl ApiError {
     }
 
     /// fleet's error body, with the hint if any.
-    fn body(&self) -> serde_json::Value {
-        let mut error = json!({ "code": self.status.as_u16(), "message": self.message });
-        if let Some(hint) = &self.hint {
-            error["hint"] = json!(hint);
+    fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                code: self.status.as_u16(),
+                message: self.message.clone(),
+                hint: self.hint.clone(),
+            },
         }
-        json!({ "error": error })
     }
+}
+
+/// fleet's error body, `{"error":{"code","message"}}`, plus flotilla's
+/// `hint`; the CLI reads it back (every field optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// The inside of [`ErrorBody`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ErrorDetail {
+    /// The HTTP status again.
+    pub code: u16,
+    /// What went wrong.
+    pub message: String,
+    /// What to do next.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
 }
 
 impl IntoResponse for ApiError {
@@ -144,6 +168,7 @@ pub fn different_options(name: &units::UnitName) -> ApiError {
 mod tests {
     use super::*;
     use crate::units::UnitName;
+    use serde_json::json;
 
     fn status(err: impl Into<ApiError>) -> u16 {
         err.into().status.as_u16()
@@ -180,12 +205,13 @@ mod tests {
 
     #[test]
     fn body_is_fleets_shape() {
-        let body = ApiError::not_found("no such unit").body();
+        let body = serde_json::to_value(ApiError::not_found("no such unit").body()).unwrap();
         assert_eq!(
             body,
             json!({ "error": { "code": 404, "message": "no such unit" } })
         );
-        let body = ApiError::conflict("busy").with_hint("wait").body();
+        let body =
+            serde_json::to_value(ApiError::conflict("busy").with_hint("wait").body()).unwrap();
         assert_eq!(
             body,
             json!({ "error": { "code": 409, "message": "busy", "hint": "wait" } })

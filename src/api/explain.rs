@@ -13,7 +13,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::Shared;
 use super::error::ApiError;
@@ -25,9 +25,10 @@ use crate::scheduler::plan;
 use crate::units::UnitKind;
 use crate::units::placement::{Decision, Outcome};
 
-/// The answer of `explain`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
+/// The answer of `explain` (the CLI reads it back, every field but the
+/// unit optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
 pub struct Explanation {
     /// The unit.
     pub unit: String,
@@ -35,7 +36,8 @@ pub struct Explanation {
     pub desired_state: DesiredState,
     /// The machines that claimed it.
     pub placed_on: Vec<String>,
-    /// Why it cannot be placed, when it cannot.
+    /// Why it cannot be placed, when it cannot; else why a machine that
+    /// claimed it refused to load it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// Every machine present, with the verdict on it.
@@ -43,7 +45,8 @@ pub struct Explanation {
 }
 
 /// One machine's verdict.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Verdict {
     /// The machine id.
     pub id: String,
@@ -70,6 +73,13 @@ pub async fn explain(
     let record = ops::unit_record(client, &name).await?;
     let reading = schedule::read_world(client, &shared.bodies).await?;
     let machines = ops::machines(client).await?;
+    // Why a machine that claimed the unit refused to load it, by machine.
+    let refused: std::collections::BTreeMap<String, String> = ops::unit_rows(client)
+        .await?
+        .into_iter()
+        .filter(|row| row.name == name)
+        .filter_map(|row| Some((row.machine?, row.state?.reason?)))
+        .collect();
     let mut world = reading.world;
     let unschedulable = reading
         .unschedulable
@@ -112,14 +122,21 @@ pub async fn explain(
                     format!("drained: it takes no units (undo: flotilla drain --undo {id})"),
                 )
             } else {
-                let situation = if placed_on.contains(&id) {
-                    Some("the unit runs here")
+                let situation = if let Some(why) = refused.get(&id) {
+                    Some(format!("claimed here but not loaded: {why}"))
+                } else if placed_on.contains(&id) {
+                    Some("the unit runs here".to_string())
                 } else if proposed_on.contains(&&id) {
-                    Some("the unit is proposed here")
+                    Some("the unit is proposed here".to_string())
                 } else {
                     None
                 };
-                verdict(decision.as_ref(), unschedulable.as_deref(), &id, situation)
+                verdict(
+                    decision.as_ref(),
+                    unschedulable.as_deref(),
+                    &id,
+                    situation.as_deref(),
+                )
             };
             Verdict {
                 hostname: row.record.hostname,
@@ -138,7 +155,8 @@ pub async fn explain(
         .or_else(|| match decision.map(|d| d.outcome) {
             Some(Outcome::NotPlaceable { reason }) => Some(reason),
             _ => None,
-        });
+        })
+        .or_else(|| refused.values().next().cloned());
     Ok(Json(Explanation {
         unit: name.to_string(),
         desired_state: record.desired,

@@ -16,7 +16,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::Shared;
@@ -27,9 +27,10 @@ use crate::registry::ops::{self, MachineRow};
 use crate::units::fleet::is_metadata_key;
 
 /// A machine as `GET /fleet/v1/machines` shows it: fleet's fields, then
-/// flotilla's.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
+/// flotilla's. The CLI reads it back leniently (fleet sent only the first
+/// three): every field may be missing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
 pub struct MachineJson {
     /// Its `/etc/machine-id`.
     pub id: String,
@@ -75,8 +76,8 @@ impl MachineJson {
 }
 
 /// `GET /fleet/v1/machines`: fleet's page of machines.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
 pub struct MachineList {
     /// The machines with a live presence, by id.
     pub machines: Vec<MachineJson>,

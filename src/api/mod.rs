@@ -26,11 +26,14 @@
 //! are ignored (fleetctl sends `alt=json`); a bad `nextPageToken` is 400.
 //!
 //! Who may call it: the unix socket is mode 0600, so only root ([`socket`]);
-//! on TCP, every request carries `Authorization: Bearer TOKEN` when
-//! `api_token` is set (config refuses a non-loopback `api_listen` without
-//! one). The API is a client of the store like the CLI: it goes through
-//! [`crate::registry`] with a [`Client`] of this daemon's store endpoints,
-//! connected on first use, so it serves (with 503s) before the store answers.
+//! on TCP, every request carries `Authorization: Bearer TOKEN`, loopback
+//! included (any local user reaches a loopback port): without `api_token`
+//! there is no TCP listener. Each listener bounds what clients may take
+//! ([`serve`]): a header timeout, a body limit, a connection cap and a
+//! back-off when accepting fails. The API is a client of the store like the
+//! CLI: it goes through [`crate::registry`] with a [`Client`] of this
+//! daemon's store endpoints, connected on first use, so it serves (with
+//! 503s) before the store answers.
 //!
 //! * [`error`]: failures as statuses and fleet's error body.
 //! * [`paging`]: fleet's page tokens and lenient query strings.
@@ -42,6 +45,7 @@
 //! * [`page`]: `GET /ui`, the read-only status page.
 //! * [`scrape`]: `GET /metrics` and the timing of every request by route.
 //! * [`socket`]: binding the root-only unix socket.
+//! * [`serve`]: the accept loop and its limits.
 
 pub mod discovery;
 pub mod error;
@@ -50,6 +54,7 @@ pub mod machines;
 pub mod page;
 pub mod paging;
 pub mod scrape;
+pub mod serve;
 pub mod socket;
 pub mod status;
 pub mod units;
@@ -73,9 +78,9 @@ use crate::consensus::client::Client;
 use crate::registry::BodyCache;
 use error::ApiError;
 
-/// The largest request body accepted (413 beyond). A unit is at most
-/// [`crate::units::MAX_UNIT_BYTES`]; JSON quoting may grow it, not fourfold.
-pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// The smallest `api_max_body_bytes` allowed: a unit is at most
+/// [`crate::units::MAX_UNIT_BYTES`], and JSON quoting may grow it, not fourfold.
+pub const MIN_BODY_BYTES: usize = 4 * crate::units::MAX_UNIT_BYTES;
 
 /// Why the API could not start.
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +132,8 @@ pub struct Shared {
     /// This host's machine id, if known: status and journal are answered
     /// only for units claimed here.
     machine_id: Option<String>,
+    /// The largest request body accepted (`api_max_body_bytes`).
+    max_body_bytes: usize,
 }
 
 impl Shared {
@@ -139,6 +146,15 @@ impl Shared {
             bodies: BodyCache::new(),
             stops: units::RecentStops::default(),
             machine_id,
+            max_body_bytes: serve::Limits::default().max_body_bytes,
+        }
+    }
+
+    /// The same, accepting request bodies up to `max_body_bytes`.
+    pub fn with_max_body_bytes(self, max_body_bytes: usize) -> Shared {
+        Shared {
+            max_body_bytes,
+            ..self
         }
     }
 
@@ -219,11 +235,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
                  /fleet/v1/discovery and /flotilla/v1/explain/UNIT",
             )
         })
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(shared.max_body_bytes))
         .with_state(shared)
 }
 
-/// `router` behind a bearer-token check (the TCP router when `api_token` is set).
+/// `router` behind a bearer-token check (the TCP router).
 pub fn router_with_token(shared: Arc<Shared>, token: &str) -> Router {
     let expected: Arc<[u8; 32]> = Arc::new(Sha256::digest(token.as_bytes()).into());
     router(shared).layer(middleware::from_fn_with_state(expected, require_token))
@@ -276,12 +292,17 @@ impl Drop for Api {
 /// A listener left at its default that cannot be bound (a second daemon on
 /// one machine, as tests run them; a daemon without root) is logged and
 /// skipped; one the operator configured must bind, or the daemon stops.
+/// TCP always wants the token (config refuses an `api_listen` without
+/// `api_token`).
 pub async fn start(loaded: &Loaded, endpoints: &[String]) -> Result<Api, Error> {
     let config = &loaded.config;
+    let limits = config.api_limits().unwrap_or_default();
     let machine_id = crate::agent::identity::machine_id(std::path::Path::new("/etc/machine-id"))
         .map_err(|e| tracing::debug!("the API does not know this host's machine id: {e}"))
         .ok();
-    let shared = Arc::new(Shared::new(endpoints.to_vec(), machine_id));
+    let shared = Arc::new(
+        Shared::new(endpoints.to_vec(), machine_id).with_max_body_bytes(limits.max_body_bytes),
+    );
     let mut api = Api::default();
     let tolerated = |key: &str, err: Error| {
         if loaded.origin(key) == Origin::Default {
@@ -295,43 +316,41 @@ pub async fn start(loaded: &Loaded, endpoints: &[String]) -> Result<Api, Error> 
     if !config.api_socket.as_os_str().is_empty() {
         match socket::bind(&config.api_socket).await {
             Ok((listener, owned)) => {
-                tracing::info!("API on unix socket {}", config.api_socket.display());
+                let name = format!("unix socket {}", config.api_socket.display());
+                tracing::info!("API on {name}");
                 let app = router(shared.clone());
-                api.tasks.push(tokio::spawn(async move {
-                    if let Err(e) = axum::serve(listener, app).await {
-                        tracing::error!("the API's unix socket stopped: {e}");
-                    }
-                }));
+                api.tasks.push(tokio::spawn(serve::serve(
+                    listener,
+                    app,
+                    limits.clone(),
+                    name,
+                )));
                 api.socket = Some(owned);
             }
             Err(err) => tolerated("api_socket", err)?,
         }
     }
 
-    if !config.api_listen.is_empty() {
+    if !config.api_listen.is_empty() && config.api_token.is_empty() {
+        // The config check refuses this; never serve TCP without a token anyway.
+        tracing::error!(
+            "not serving the API on {}: api_listen needs api_token",
+            config.api_listen
+        );
+    } else if !config.api_listen.is_empty() {
         match TcpListener::bind(&config.api_listen).await {
             Ok(listener) => {
-                let app = if config.api_token.is_empty() {
-                    router(shared.clone())
-                } else {
-                    router_with_token(shared.clone(), &config.api_token)
-                };
+                let app = router_with_token(shared.clone(), &config.api_token);
                 let addr = listener
                     .local_addr()
                     .map_or_else(|_| config.api_listen.clone(), |a| a.to_string());
-                tracing::info!(
-                    "API on http://{addr}{}",
-                    if config.api_token.is_empty() {
-                        ""
-                    } else {
-                        " (bearer token required)"
-                    }
-                );
-                api.tasks.push(tokio::spawn(async move {
-                    if let Err(e) = axum::serve(listener, app).await {
-                        tracing::error!("the API's TCP listener stopped: {e}");
-                    }
-                }));
+                tracing::info!("API on http://{addr} (bearer token required)");
+                api.tasks.push(tokio::spawn(serve::serve(
+                    listener,
+                    app,
+                    limits,
+                    format!("http://{addr}"),
+                )));
             }
             Err(source) => tolerated(
                 "api_listen",
@@ -356,7 +375,8 @@ mod tests {
         let path = dir.path().join("api.sock");
         let (listener, owned) = socket::bind(&path).await.unwrap();
         std::mem::forget(owned);
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let limits = serve::Limits::default();
+        tokio::spawn(serve::serve(listener, app, limits, "test".to_string()));
         (dir, path)
     }
 
@@ -439,7 +459,10 @@ mod tests {
                 415,
             ),
             (
-                put("/fleet/v1/units/a.service", &vec![b' '; MAX_BODY_BYTES + 1]),
+                put(
+                    "/fleet/v1/units/a.service",
+                    &vec![b' '; serve::Limits::default().max_body_bytes + 1],
+                ),
                 413,
             ),
             (get("/fleet/v1/units?nextPageToken=garbage!"), 400),

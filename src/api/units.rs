@@ -49,37 +49,17 @@ use crate::units::{Unit, UnitFile, UnitKind, UnitName, UnitOption};
 /// to ask after its PUT, shorter than its 500 ms between polls twice over.
 pub const STOP_GRACE: Duration = Duration::from_millis(900);
 
-/// One unit-file option as fleet's API writes it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OptionJson {
-    /// Section without brackets, e.g. `Service`.
-    pub section: String,
-    /// Key, e.g. `ExecStart`.
-    pub name: String,
-    /// Value; may be empty.
-    pub value: String,
-}
-
-impl From<&UnitOption> for OptionJson {
-    fn from(option: &UnitOption) -> OptionJson {
-        OptionJson {
-            section: option.section.clone(),
-            name: option.name.clone(),
-            value: option.value.clone(),
-        }
-    }
-}
-
 /// A unit as `GET /fleet/v1/units[/NAME]` shows it: fleet's fields, then
-/// flotilla's (fleetctl ignores fields it does not know).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
+/// flotilla's (fleetctl ignores fields it does not know). The CLI reads it
+/// back leniently, as fleetctl read fleet's: every field but the name may be
+/// missing, and unknown fields are ignored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
 pub struct UnitJson {
     /// The unit's name.
     pub name: String,
     /// Its body, option by option.
-    pub options: Vec<OptionJson>,
+    pub options: Vec<UnitOption>,
     /// What the user asked for: `inactive`, `loaded` or `launched`.
     pub desired_state: DesiredState,
     /// fleet's current state (see the module doc).
@@ -89,16 +69,30 @@ pub struct UnitJson {
     pub machine_id: Option<String>,
     /// The content address of its body (64 hex digits).
     pub hash: String,
-    /// Why the scheduler cannot place it, while it cannot.
+    /// Why the scheduler cannot place it, while it cannot; else why a
+    /// machine that claimed it refused to load it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// The machines that claimed it (several for a global unit).
     pub machines: Vec<String>,
 }
 
+impl UnitJson {
+    /// The body as a validated unit (its hash, `[X-Fleet]` rules, text).
+    pub fn unit(&self) -> Result<Unit, crate::units::Error> {
+        let name = UnitName::parse(&self.name)?;
+        Unit::from_file(&name, UnitFile::from_options(self.options.clone())?)
+    }
+
+    /// Whether its `[X-Fleet]` says `Global=true` (an unreadable body is not).
+    pub fn is_global(&self) -> bool {
+        self.unit().is_ok_and(|u| u.requirements().global)
+    }
+}
+
 /// `GET /fleet/v1/units`: fleet's page of units.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
 pub struct UnitList {
     /// The units of this page, by name.
     pub units: Vec<UnitJson>,
@@ -108,8 +102,8 @@ pub struct UnitList {
 }
 
 /// `GET /fleet/v1/state`: fleet's page of unit states.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
 pub struct StateList {
     /// One per unit and machine, by unit name then machine.
     pub states: Vec<StateJson>,
@@ -130,7 +124,7 @@ pub struct PutUnit {
     /// The state to set.
     pub desired_state: Option<DesiredState>,
     /// The unit's body; an empty list counts as absent, as in fleet.
-    pub options: Option<Vec<OptionJson>>,
+    pub options: Option<Vec<UnitOption>>,
     /// Read-only; ignored.
     #[serde(default)]
     pub current_state: Option<IgnoredAny>,
@@ -149,7 +143,8 @@ pub struct PutUnit {
 }
 
 /// One unit on one machine, as `GET /fleet/v1/state` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct StateJson {
     /// The unit.
     pub name: String,
@@ -246,16 +241,8 @@ pub fn parse_put(body: &[u8]) -> Result<PutUnit, ApiError> {
 }
 
 /// Builds and validates the unit `name` from fleet's options list.
-pub fn unit_from_options(name: &UnitName, options: &[OptionJson]) -> Result<Unit, ApiError> {
-    let options = options
-        .iter()
-        .map(|o| UnitOption {
-            section: o.section.clone(),
-            name: o.name.clone(),
-            value: o.value.clone(),
-        })
-        .collect();
-    let file = UnitFile::from_options(options)?;
+pub fn unit_from_options(name: &UnitName, options: &[UnitOption]) -> Result<Unit, ApiError> {
+    let file = UnitFile::from_options(options.to_vec())?;
     Ok(Unit::from_file(name, file)?)
 }
 
@@ -270,7 +257,7 @@ async fn options(
     client: &Client,
     bodies: &BodyCache,
     record: &UnitRecord,
-) -> Result<Vec<OptionJson>, ApiError> {
+) -> Result<Vec<UnitOption>, ApiError> {
     let body = bodies.of(client, record).await?;
     let file = body.file().map_err(|e| {
         ApiError::new(
@@ -278,7 +265,7 @@ async fn options(
             format!("the stored body of {} is unreadable: {e}", record.name),
         )
     })?;
-    Ok(file.options().iter().map(OptionJson::from).collect())
+    Ok(file.options().to_vec())
 }
 
 /// What a unit's view is built from, besides its record.
@@ -322,7 +309,11 @@ async fn unit_json(
         current_state: current,
         machine_id,
         hash: record.hash.to_string(),
-        reason: facts.reasons.get(&record.name).cloned(),
+        reason: facts.reasons.get(&record.name).cloned().or_else(|| {
+            placed
+                .iter()
+                .find_map(|r| r.state.as_ref().and_then(|s| s.reason.clone()))
+        }),
         machines: placed
             .iter()
             .filter(|r| r.claimed)
@@ -534,12 +525,36 @@ mod tests {
         UnitName::parse(n).unwrap()
     }
 
-    fn option(section: &str, key: &str, value: &str) -> OptionJson {
-        OptionJson {
+    fn option(section: &str, key: &str, value: &str) -> UnitOption {
+        UnitOption {
             section: section.into(),
             name: key.into(),
             value: value.into(),
         }
+    }
+
+    #[test]
+    fn fleets_sparse_json_and_flotillas_extras_both_read_back() {
+        let sparse: UnitJson = serde_json::from_str(r#"{"name":"a.service"}"#).unwrap();
+        assert_eq!(sparse.current_state, DesiredState::Inactive);
+        assert!(sparse.options.is_empty() && sparse.machine_id.is_none());
+        let rich: UnitJson = serde_json::from_str(
+            r#"{"name":"g.service","desiredState":"launched","currentState":"launched",
+                "options":[{"section":"Service","name":"ExecStart","value":"/bin/true"},
+                           {"section":"X-Fleet","name":"Global","value":"true"}],
+                "hash":"abc","reason":"none eligible","machines":["m1","m2"],"future":1}"#,
+        )
+        .unwrap();
+        assert!(rich.is_global());
+        assert_eq!(rich.machines.len(), 2);
+        assert_eq!(rich.reason.as_deref(), Some("none eligible"));
+        let back: UnitJson = serde_json::from_value(serde_json::to_value(&rich).unwrap()).unwrap();
+        assert_eq!(back, rich, "what the API writes, the CLI reads");
+        let page: UnitList = serde_json::from_str("{}").unwrap();
+        assert!(page.units.is_empty() && page.next_page_token.is_none());
+        let machine: crate::api::machines::MachineJson =
+            serde_json::from_str(r#"{"id":"m1","primaryIP":"10.0.0.1"}"#).unwrap();
+        assert!(machine.metadata.is_empty() && !machine.drained && machine.hostname.is_empty());
     }
 
     #[test]
@@ -556,7 +571,7 @@ mod tests {
             "[Service]\nExecStart=/bin/sleep infinity\n\n[X-Fleet]\nConflicts=web*.service\n";
         let parsed = Unit::from_text(&name("web.service"), text).unwrap();
         assert_eq!(unit.hash(), parsed.hash());
-        let back: Vec<OptionJson> = unit.file().options().iter().map(OptionJson::from).collect();
+        let back = unit.file().options();
         assert_eq!(
             back[0],
             option("Service", "ExecStart", "/bin/sleep infinity")
@@ -645,6 +660,7 @@ mod tests {
                 sub: String::new(),
             },
             target: None,
+            reason: None,
         };
         let cases = [
             (Some(reported("loaded", "active")), DesiredState::Launched),

@@ -9,12 +9,14 @@
 //! * [`endpoint`]: parsing `--endpoint`, and remembering which one answered.
 //! * [`ssh`]: the system ssh command for tunnels and `flotilla ssh`.
 //! * [`tunnel`]: `--tunnel`: the API through an ssh-forwarded socket.
-//! * [`wire`]: the JSON the API answers with.
+//!
+//! The JSON it reads is the API's own types ([`crate::api`]), each read
+//! leniently (missing fields default, unknown ones are ignored), so the CLI
+//! works against flotilla's API today and a newer one tomorrow.
 
 pub mod endpoint;
 pub mod ssh;
 pub mod tunnel;
-pub mod wire;
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -23,13 +25,14 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
+use crate::api::error::ErrorBody;
+use crate::api::explain::Explanation;
+use crate::api::machines::{MachineJson, MachineList};
+use crate::api::units::{StateJson, StateList, UnitJson, UnitList};
 use crate::registry::records::DesiredState;
 use crate::units::{UnitName, UnitOption};
 use endpoint::{Endpoint, Memory};
 use tunnel::Tunnel;
-use wire::{
-    ErrorBody, Explanation, MachineJson, MachinePage, StateJson, StatePage, UnitJson, UnitPage,
-};
 
 /// Why a call to the API failed.
 #[derive(Debug, thiserror::Error)]
@@ -157,13 +160,12 @@ impl ApiClient {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let list = list_key(&settings.endpoints);
         let remembered = settings.memory.as_ref().and_then(|m| m.recall(&list));
-        let mut order = endpoint::ordered(&settings.endpoints, remembered.as_deref());
+        let order = endpoint::ordered(&settings.endpoints, remembered.as_deref());
         let tunnel = match &settings.tunnel {
             Some((host, ssh)) => {
-                // Through a tunnel only the first endpoint is used, on the far side.
-                order.truncate(1);
+                // One forward per endpoint, tried in order on the far side.
                 let wait = settings.timeout.max(Duration::from_secs(10));
-                Some(Tunnel::open(ssh, host, &order[0], wait)?)
+                Some(Tunnel::open(ssh, host, &order, wait)?)
             }
             None => None,
         };
@@ -182,8 +184,12 @@ impl ApiClient {
             .no_proxy()
             .connect_timeout(connect_timeout)
             .user_agent(concat!("flotilla/", env!("CARGO_PKG_VERSION")));
+        let forwarded = self.order.iter().position(|e| e == endpoint);
         let socket = match (&self.tunnel, endpoint) {
-            (Some(tunnel), _) => Some(tunnel.socket().to_path_buf()),
+            (Some(tunnel), _) => {
+                let index = forwarded.expect("every endpoint tried is in the order");
+                Some(tunnel.socket(index).to_path_buf())
+            }
             (None, Endpoint::Unix(path)) => Some(path.clone()),
             (None, Endpoint::Http(_)) => None,
         };
@@ -254,6 +260,11 @@ impl ApiClient {
                     });
                 }
                 Err(err) if err.is_connect() || err.is_timeout() => {
+                    last = format!("{}: {}", connection.shown, cause(&err));
+                }
+                // Through a tunnel, an endpoint ssh cannot reach on the far
+                // side is a connection that closes unanswered: try the next.
+                Err(err) if self.tunnel.is_some() && index + 1 < count && !settled => {
                     last = format!("{}: {}", connection.shown, cause(&err));
                 }
                 Err(err) => {
@@ -380,7 +391,7 @@ impl ApiClient {
 
     /// `GET /fleet/v1/units`: every unit, templates included.
     pub async fn units(&self) -> Result<Vec<UnitJson>, Error> {
-        self.pages("/fleet/v1/units", &[], |p: UnitPage| {
+        self.pages("/fleet/v1/units", &[], |p: UnitList| {
             (p.units, p.next_page_token)
         })
         .await
@@ -442,7 +453,7 @@ impl ApiClient {
             .map(|u| vec![("unitName", u.to_string())])
             .unwrap_or_default();
         let mut states = self
-            .pages("/fleet/v1/state", &query, |p: StatePage| {
+            .pages("/fleet/v1/state", &query, |p: StateList| {
                 (p.states, p.next_page_token)
             })
             .await?;
@@ -455,7 +466,7 @@ impl ApiClient {
 
     /// `GET /fleet/v1/machines`.
     pub async fn machines(&self) -> Result<Vec<MachineJson>, Error> {
-        self.pages("/fleet/v1/machines", &[], |p: MachinePage| {
+        self.pages("/fleet/v1/machines", &[], |p: MachineList| {
             (p.machines, p.next_page_token)
         })
         .await

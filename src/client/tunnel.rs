@@ -1,10 +1,12 @@
 //! `--tunnel HOST[:PORT]`: reach a remote cluster's API through ssh, as
 //! fleetctl's `--tunnel` did.
 //!
-//! The system ssh forwards a fresh unix socket in a private directory here to
-//! the API on the far side (its unix socket, or its `HOST:PORT`), so the
-//! remote API needs nothing installed for it and every request then goes
-//! through the local socket. The ssh process lives as long as the [`Tunnel`].
+//! The system ssh forwards fresh unix sockets in a private directory here,
+//! one per endpoint, to the APIs on the far side (a unix socket, or a
+//! `HOST:PORT` as the tunnel host reaches it), so the remote API needs
+//! nothing installed for it and every request goes through a local socket;
+//! the client tries them in order as it tries endpoints without a tunnel.
+//! The ssh process lives as long as the [`Tunnel`].
 
 use std::io::Read;
 use std::os::unix::fs::DirBuilderExt;
@@ -48,22 +50,22 @@ pub enum TunnelError {
     },
 }
 
-/// A running `ssh -N -L LOCAL:REMOTE HOST`; dropping it stops ssh and
-/// removes the local socket.
+/// A running `ssh -N -L LOCAL:REMOTE... HOST`; dropping it stops ssh and
+/// removes the local sockets.
 #[derive(Debug)]
 pub struct Tunnel {
     child: Child,
     dir: PathBuf,
-    socket: PathBuf,
+    sockets: Vec<PathBuf>,
 }
 
 impl Tunnel {
-    /// Opens a tunnel through `host` (`HOST[:PORT]`) to `remote`, waiting up
-    /// to `wait` for ssh to authenticate and set up the forward.
+    /// Opens a tunnel through `host` (`HOST[:PORT]`) to each of `remotes`,
+    /// waiting up to `wait` for ssh to authenticate and set up the forwards.
     pub fn open(
         ssh: &SshOptions,
         host: &str,
-        remote: &Endpoint,
+        remotes: &[Endpoint],
         wait: Duration,
     ) -> Result<Tunnel, TunnelError> {
         let (host_name, port) = split_host_port(host, 22).map_err(TunnelError::Address)?;
@@ -76,11 +78,9 @@ impl Tunnel {
             .mode(0o700)
             .create(&dir)
             .map_err(TunnelError::Directory)?;
-        let socket = dir.join("api.sock");
-        let target = match remote {
-            Endpoint::Unix(path) => path.display().to_string(),
-            Endpoint::Http(_) => remote.host_port().expect("http endpoints have one"),
-        };
+        let sockets: Vec<PathBuf> = (0..remotes.len())
+            .map(|i| dir.join(format!("api-{i}.sock")))
+            .collect();
         // The tunnel host itself is reached directly, never through itself.
         let direct = SshOptions {
             jump: None,
@@ -98,8 +98,17 @@ impl Tunnel {
                 "-o",
                 "BatchMode=yes",
             ])
-            .args(["-o", "StreamLocalBindUnlink=yes", "-L"])
-            .arg(format!("{}:{target}", socket.display()))
+            .args(["-o", "StreamLocalBindUnlink=yes"]);
+        for (socket, remote) in sockets.iter().zip(remotes) {
+            let target = match remote {
+                Endpoint::Unix(path) => path.display().to_string(),
+                Endpoint::Http(_) => remote.host_port().expect("http endpoints have one"),
+            };
+            command
+                .arg("-L")
+                .arg(format!("{}:{target}", socket.display()));
+        }
+        command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -107,16 +116,20 @@ impl Tunnel {
             let _ = std::fs::remove_dir_all(&dir);
             TunnelError::Spawn(e)
         })?;
-        let mut tunnel = Tunnel { child, dir, socket };
+        let mut tunnel = Tunnel {
+            child,
+            dir,
+            sockets,
+        };
         tunnel.wait_up(host, wait)?;
         Ok(tunnel)
     }
 
-    /// Waits until ssh has bound the local socket, or says why it did not.
+    /// Waits until ssh has bound every local socket, or says why it did not.
     fn wait_up(&mut self, host: &str, wait: Duration) -> Result<(), TunnelError> {
         let started = Instant::now();
         loop {
-            if self.socket.exists() {
+            if self.sockets.iter().all(|s| s.exists()) {
                 return Ok(());
             }
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -139,9 +152,9 @@ impl Tunnel {
         }
     }
 
-    /// The local socket that reaches the remote API.
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    /// The local socket that reaches the `index`th of the remote endpoints.
+    pub fn socket(&self, index: usize) -> &Path {
+        &self.sockets[index]
     }
 }
 

@@ -12,10 +12,11 @@ use super::UnitState;
 use crate::units::{UnitHash, UnitName};
 
 /// The state a user asks for, fleet's three desired states.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DesiredState {
-    /// Stored only; runs nowhere.
+    /// Stored only; runs nowhere (what fleet's API leaves out).
+    #[default]
     Inactive,
     /// Placed on a machine, file written and linked, not started.
     Loaded,
@@ -110,7 +111,8 @@ pub struct Claim {
 /// what the agent last did with it.
 ///
 /// Stored as one flat object, `{"hash","load","active","sub","target"}`;
-/// `target` is absent in reports of older agents.
+/// `target` is absent in reports of older agents, `reason` in all but
+/// refusals.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReportedState {
     /// The body loaded there.
@@ -122,6 +124,11 @@ pub struct ReportedState {
     /// it asked systemd to start it, whatever systemd made of that.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<Target>,
+    /// Why the agent refused to load the unit there (its name is the host's
+    /// own unit, `ssh.service`): the report then says failed, and this shows
+    /// in list-units and explain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl ReportedState {
@@ -194,6 +201,7 @@ mod tests {
                 sub: "running".into(),
             },
             target: Some(Target::Launched),
+            reason: None,
         };
         let json: serde_json::Value = serde_json::from_slice(&encode(&record)).unwrap();
         let fields: Vec<&str> = json
@@ -223,6 +231,7 @@ mod tests {
                 sub: String::new(),
             },
             target,
+            reason: None,
         };
         let cases = [
             ("failed", Some(Target::Launched), DesiredState::Launched),

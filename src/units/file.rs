@@ -22,8 +22,10 @@ use super::MAX_UNIT_BYTES;
 use super::hash::UnitHash;
 use super::problem::Problems;
 
-/// One `Name=Value` assignment and the section it belongs to.
+/// One `Name=Value` assignment and the section it belongs to; also fleet's
+/// API's option object, `{"section","name","value"}` (nothing else).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct UnitOption {
     /// Section name without brackets, e.g. `Service`.
     pub section: String,

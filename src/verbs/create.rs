@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, Result, bail};
 
+use flotilla::api::units::UnitJson;
 use flotilla::client::ApiClient;
-use flotilla::client::wire::UnitJson;
 use flotilla::registry::records::DesiredState;
 use flotilla::units::{Unit, UnitName};
 
@@ -50,7 +50,11 @@ pub async fn create(
         let stored = units.get(name.as_str());
         let (unit, created, state) = match stored {
             Some(stored) => match keep_or_replace(target, stored, replace)? {
-                Some(unit) => (unit, Created::Replaced, desired.unwrap_or(stored.desired())),
+                Some(unit) => (
+                    unit,
+                    Created::Replaced,
+                    desired.unwrap_or(stored.desired_state),
+                ),
                 None => {
                     outcomes.push(Created::Kept);
                     continue;

@@ -7,8 +7,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
+use flotilla::api::machines::MachineJson;
+use flotilla::api::units::{StateJson, UnitJson};
 use flotilla::cli::{ApiArgs, DrainArgs, ListArgs, UnitArg};
-use flotilla::client::wire::{MachineJson, StateJson, UnitJson};
 use flotilla::registry::records::DesiredState;
 use flotilla::units::UnitName;
 
@@ -89,7 +90,7 @@ pub async fn list_units(args: ListArgs, outer: &ApiArgs) -> Result<ExitCode> {
         ));
     }
     for unit in units.values() {
-        let wanted = unit.desired() != DesiredState::Inactive;
+        let wanted = unit.desired_state != DesiredState::Inactive;
         let template = UnitName::parse(&unit.name).is_ok_and(|n| n.instance() == Some(""));
         if wanted && !template && !reported.contains(&unit.name.as_str()) {
             rows.push(unit_row(&args, Some(unit), None, &unit.name, &machines));
@@ -134,11 +135,14 @@ fn unit_row<'a>(
         row.insert("hash", json!(hash.map(|h| shown_hash(&h, args.full))));
     }
     row.insert("ip", json!(ip));
-    row.insert("hostname", json!(machine.and_then(|m| m.hostname.clone())));
+    row.insert(
+        "hostname",
+        json!(machine.map(|m| &m.hostname).filter(|h| !h.is_empty())),
+    );
     row.insert("load", json!(state.map(|s| &s.load)));
     row.insert("active", json!(state.map(|s| &s.active)));
     row.insert("sub", json!(state.map(|s| &s.sub)));
-    row.insert("desired", json!(unit.map(|u| u.desired().to_string())));
+    row.insert("desired", json!(unit.map(|u| u.desired_state.to_string())));
     row.insert("reason", json!(unit.and_then(|u| u.reason.clone())));
     row
 }
@@ -181,7 +185,7 @@ pub async fn list_unit_files(args: ListArgs, outer: &ApiArgs) -> Result<ExitCode
                 }
             })
         };
-        let state = (!global).then(|| unit.current().to_string());
+        let state = (!global).then(|| unit.current_state.to_string());
         let mut row = BTreeMap::new();
         row.insert("unit", json!(unit.name));
         row.insert(
@@ -192,8 +196,8 @@ pub async fn list_unit_files(args: ListArgs, outer: &ApiArgs) -> Result<ExitCode
                 shown_hash(&hash, args.full)
             }),
         );
-        row.insert("dstate", json!(unit.desired().to_string()));
-        row.insert("desired", json!(unit.desired().to_string()));
+        row.insert("dstate", json!(unit.desired_state.to_string()));
+        row.insert("desired", json!(unit.desired_state.to_string()));
         row.insert("state", json!(state));
         row.insert("target", json!(target));
         row.insert("global", json!(global.to_string()));
@@ -241,7 +245,10 @@ pub async fn list_machines(args: ListArgs, outer: &ApiArgs) -> Result<ExitCode> 
                 row.insert("metadata", json!(metadata.join(",")));
             }
             row.insert("ip", json!(m.primary_ip));
-            row.insert("hostname", json!(m.hostname));
+            row.insert(
+                "hostname",
+                json!(Some(&m.hostname).filter(|h| !h.is_empty())),
+            );
             row.insert("drained", json!(m.drained.to_string()));
             row.insert("renewed", json!(renewed));
             row
@@ -271,9 +278,7 @@ pub async fn explain(args: UnitArg, outer: &ApiArgs) -> Result<ExitCode> {
     let Some(explained) = client.explain(&name).await? else {
         return Err(no_such_unit(&client, &name).await);
     };
-    let desired = explained
-        .desired_state
-        .map_or_else(|| "-".to_string(), |d| d.to_string());
+    let desired = explained.desired_state.to_string();
     let placed: Vec<String> = explained
         .placed_on
         .iter()

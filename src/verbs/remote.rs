@@ -10,9 +10,10 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
 
+use flotilla::api::machines::MachineJson;
+use flotilla::api::units::UnitJson;
 use flotilla::cli::{ApiArgs, JournalArgs, SshVerbArgs, StatusArgs};
 use flotilla::client::ApiClient;
-use flotilla::client::wire::{MachineJson, UnitJson};
 use flotilla::registry::records::DesiredState;
 use flotilla::units::UnitName;
 
@@ -29,9 +30,7 @@ fn matching<'a>(machines: &'a [MachineJson], given: &str) -> Vec<&'a MachineJson
     }
     machines
         .iter()
-        .filter(|m| {
-            m.id.starts_with(given) || m.primary_ip == given || m.hostname.as_deref() == Some(given)
-        })
+        .filter(|m| m.id.starts_with(given) || m.primary_ip == given || m.hostname == given)
         .collect()
 }
 
@@ -48,7 +47,11 @@ fn one_machine<'a>(machines: &'a [MachineJson], given: &str) -> Result<Option<&'
                     format!(
                         "{} ({})",
                         machine_legend(&m.id, Some(&m.primary_ip), false),
-                        m.hostname.as_deref().unwrap_or("-")
+                        if m.hostname.is_empty() {
+                            "-"
+                        } else {
+                            &m.hostname
+                        }
                     )
                 })
                 .collect();
@@ -73,7 +76,7 @@ fn host_of<'a>(unit: &UnitJson, machines: &'a [MachineJson]) -> Result<&'a Machi
         bail!(
             "unit {} does not appear to be scheduled anywhere (its state is {})",
             unit.name,
-            unit.current()
+            unit.current_state
         );
     };
     machines.iter().find(|m| m.id == id).with_context(|| {
@@ -173,7 +176,7 @@ async fn loaded_unit(client: &ApiClient, name: &UnitName, running: &str) -> Resu
             "Unable to determine status of global unit {name}: use flotilla ssh MACHINE systemctl status {name}"
         );
     }
-    if unit.current() == DesiredState::Inactive || unit.machine_id.is_none() {
+    if unit.current_state == DesiredState::Inactive || unit.machine_id.is_none() {
         bail!("Unit {name} does not appear to be {running}.");
     }
     Ok(unit)

@@ -12,9 +12,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 
+use flotilla::api::units::UnitJson;
 use flotilla::cli::{BlockArgs, DestroyArgs, RestartArgs, StartArgs, StateArgs, SubmitArgs};
 use flotilla::client::ApiClient;
-use flotilla::client::wire::UnitJson;
 use flotilla::registry::records::DesiredState;
 use flotilla::units::UnitName;
 
@@ -39,7 +39,7 @@ pub async fn submit(args: SubmitArgs, outer: &ApiArgs) -> Result<ExitCode> {
         match outcome {
             Created::New => outln!("Unit {} inactive", target.name)?,
             Created::Replaced => {
-                let desired = units[target.name.as_str()].desired();
+                let desired = units[target.name.as_str()].desired_state;
                 outln!("Unit {} replaced ({desired})", target.name)?;
             }
             Created::Kept => {}
@@ -76,7 +76,7 @@ async fn set_all(
     let mut waited = Vec::new();
     for name in names {
         let unit = units.get(name.as_str());
-        if unit.is_none_or(|u| u.desired() != desired) {
+        if unit.is_none_or(|u| u.desired_state != desired) {
             client
                 .set_desired(name, desired)
                 .await
@@ -121,7 +121,7 @@ pub async fn stop(args: StateArgs, outer: &ApiArgs) -> Result<ExitCode> {
     let found = create::existing(&names, &units, "stop")?;
     let idle: Vec<String> = found
         .iter()
-        .filter(|(_, u)| u.desired() == DesiredState::Inactive && !u.is_global())
+        .filter(|(_, u)| u.desired_state == DesiredState::Inactive && !u.is_global())
         .map(|(n, _)| n.to_string())
         .collect();
     if !idle.is_empty() {
@@ -145,8 +145,12 @@ pub async fn unload(args: StateArgs, outer: &ApiArgs) -> Result<ExitCode> {
     finish(&client, waited, Goal::Inactive, block, "unload").await
 }
 
-/// `flotilla restart`: each unit stopped and started again, one after
-/// another, so a service of several instances keeps serving.
+/// `flotilla restart`, as fleetctl v1.0.0's: each unit fleet's
+/// `currentState` says is launched is set loaded, then launched again,
+/// waiting for each step unless `--no-block` ("Triggered unit X stop/start").
+/// A unit that is only loaded runs nothing to restart and is skipped; an
+/// inactive one ends the verb with an error. A global unit is set loaded,
+/// then launched, without waiting.
 pub async fn restart(args: RestartArgs, outer: &ApiArgs) -> Result<ExitCode> {
     let targets = targets::with_files(&args.units, false)?;
     let client = connect::client(&connect::api_args(args.api, outer)?)?;
@@ -154,47 +158,44 @@ pub async fn restart(args: RestartArgs, outer: &ApiArgs) -> Result<ExitCode> {
     create::create(&client, &targets, &mut units, false, None).await?;
     let mut machines = Machines::default();
     let mut stuck = Vec::new();
+    let attempts = args.block.block_attempts;
     for target in &targets {
         let name = &target.name;
         let unit = &units[name.as_str()];
         let one = std::slice::from_ref(name);
-        if unit.is_global() {
-            client.set_desired(name, DesiredState::Loaded).await?;
-            client.set_desired(name, DesiredState::Launched).await?;
-            outln!("Triggered global unit {name} restart")?;
-            continue;
-        }
-        if unit.desired() == DesiredState::Inactive {
-            eprintln!("error: cannot restart {name}: it is not loaded anywhere (start it instead)");
-            stuck.push(name.to_string());
-            continue;
-        }
-        if unit.current() == DesiredState::Launched || unit.desired() == DesiredState::Launched {
-            client.set_desired(name, DesiredState::Loaded).await?;
-            let down = wait::wait(
-                &client,
-                one,
-                Goal::Loaded,
-                args.block_attempts,
-                &mut machines,
-            )
-            .await?;
-            if !down.is_empty() {
-                stuck.push(format!("{name} ({})", down[0].why));
-                continue;
+        let global = unit.is_global();
+        if !global {
+            match unit.current_state {
+                DesiredState::Inactive => bail!(
+                    "cannot restart {name}: it is inactive, so nothing runs to restart \
+                     (start it: flotilla start {name})"
+                ),
+                DesiredState::Loaded => {
+                    eprintln!(
+                        "warning: {name} is loaded, not launched: nothing runs to restart; \
+                         skipped (start it: flotilla start {name})"
+                    );
+                    continue;
+                }
+                DesiredState::Launched => {}
             }
         }
-        client.set_desired(name, DesiredState::Launched).await?;
-        let up = wait::wait(
-            &client,
-            one,
-            Goal::Launched,
-            args.block_attempts,
-            &mut machines,
-        )
-        .await?;
-        if let Some(s) = up.first() {
-            stuck.push(format!("{name} ({})", s.why));
+        for (goal, state, step) in [
+            (Goal::Loaded, DesiredState::Loaded, "stop"),
+            (Goal::Launched, DesiredState::Launched, "start"),
+        ] {
+            client.set_desired(name, state).await?;
+            if global {
+                outln!("Triggered global unit {name} {step}")?;
+            } else if args.block.no_block {
+                outln!("Triggered unit {name} {step}")?;
+            } else {
+                let late = wait::wait(&client, one, goal, attempts, &mut machines).await?;
+                if let Some(s) = late.first() {
+                    stuck.push(format!("{name} ({})", s.why));
+                    break;
+                }
+            }
         }
     }
     if stuck.is_empty() {

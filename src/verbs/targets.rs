@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
+use flotilla::api::units::UnitJson;
 use flotilla::client::ApiClient;
-use flotilla::client::wire::UnitJson;
 use flotilla::units::{self, Unit, UnitKind, UnitName, suggest};
 use flotilla::verify;
 

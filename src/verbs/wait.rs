@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
+use flotilla::api::machines::MachineJson;
+use flotilla::api::units::StateJson;
 use flotilla::client::ApiClient;
-use flotilla::client::wire::{MachineJson, StateJson};
 use flotilla::registry::records::DesiredState;
 use flotilla::registry::unit_state::OCCUPYING_STATES;
 use flotilla::units::UnitName;
@@ -239,7 +240,7 @@ pub async fn wait(
                 }
                 continue;
             };
-            let current = unit.current();
+            let current = unit.current_state;
             let legend = match &unit.machine_id {
                 Some(id) => Some(machines.legend(client, id).await?),
                 None => None,

@@ -336,9 +336,11 @@ enum Activity {
     Active,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct FakeUnit {
     linked: bool,
+    /// The unit file it was linked from, as systemd's FragmentPath.
+    file: Option<String>,
     activity: Activity,
     /// Bumped by every start or stop, so a start that finishes after a
     /// later stop does nothing.
@@ -554,13 +556,25 @@ impl Backend for FakeBackend {
                 if let Some(name) = file.file_name().and_then(|n| n.to_str()) {
                     let unit = units.entry(name.to_string()).or_insert(FakeUnit {
                         linked: true,
+                        file: None,
                         activity: Activity::Inactive,
                         generation: 0,
                     });
                     unit.linked = true;
+                    unit.file = Some(file.display().to_string());
                 }
             }
             Ok(())
+        })
+    }
+
+    fn fragment_path<'a>(&'a self, name: &'a str) -> Call<'a, Option<String>> {
+        Box::pin(async move {
+            self.0.check_alive("read the unit file of", name)?;
+            let units = self.0.units.lock().expect("units lock");
+            Ok(units
+                .get(name)
+                .map(|unit| unit.file.clone().unwrap_or_default()))
         })
     }
 

@@ -70,4 +70,5 @@ pub fn text(bytes: &[u8]) -> String {
 }
 
 pub mod cluster;
+pub mod daemon;
 pub mod pki;

@@ -166,6 +166,7 @@ mod tests {
                     sub: "running".into(),
                 },
                 target: Some(proposal.target),
+                reason: None,
             },
         );
     }
