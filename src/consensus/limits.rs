@@ -46,7 +46,7 @@ impl Default for Limits {
         Limits {
             request_bytes: DEFAULT_REQUEST_BYTES,
             value_bytes: 1024 * 1024,
-            txn_ops: 128,
+            txn_ops: 16_384,
             min_lease_ttl_ms: 1000,
             max_lease_ttl_ms: 24 * 3600 * 1000,
             leases: 10_000,
