@@ -998,7 +998,22 @@ async fn a_member_whose_disk_fills_exits_with_a_failure_and_clients_move_on() {
         .await
         .unwrap()
         .with_timeout(Duration::from_secs(10));
-    after.put("/after", b"ok".to_vec()).await.unwrap();
+    // If the dead member led, the first put may meet the election that
+    // follows ("outcome unknown"): the same put again is safe.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match after.put("/after", b"ok".to_vec()).await {
+            Ok(_) => break,
+            Err(e @ (ClientError::Unknown(_) | ClientError::NoLeader(_))) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the survivors never took a put: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("put after the member died: {e}"),
+        }
+    }
     assert_eq!(after.get("/after").await.unwrap().unwrap().value, b"ok");
 }
 
