@@ -24,12 +24,12 @@ use super::backend::Backend;
 use super::execute::Host;
 use super::identity;
 use super::pass::Waiting;
-use super::presence::{Presence, renew_interval};
+use super::presence::Presence;
 use super::report::Reports;
 use super::systemd::Systemd;
 use crate::consensus::client::Client;
 use crate::registry::machine::{self, MachineStore};
-use crate::registry::records::{MachineRecord, Target};
+use crate::registry::records::{MachineRecord, Target, renew_interval};
 use crate::units::UnitName;
 
 /// How often the agent reconciles when nothing wakes it.

@@ -399,7 +399,7 @@ impl Coordinator {
                 Ok(states) => {
                     for (name, state) in states {
                         if let Ok(name) = UnitName::parse(&name) {
-                            local.insert(name, (state.load, state.active));
+                            local.insert(name, state);
                         }
                     }
                 }
