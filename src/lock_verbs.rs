@@ -123,6 +123,13 @@ async fn status(client: &Client, group: &str, as_json: bool) -> Result<()> {
     outln!("Group: {group}")?;
     outln!("Available: {}", semaphore.available())?;
     outln!("Max: {}", semaphore.max)?;
+    if semaphore.holders.len() > semaphore.max as usize {
+        outln!(
+            "Held by {}, more than Max: set-max lowered the limit below the holders, who keep \
+             their slots; nobody else gets one until enough of them release",
+            semaphore.holders.len()
+        )?;
+    }
     if !semaphore.holders.is_empty() {
         outln!()?;
         outln!("{:<34} SINCE", "MACHINE")?;
