@@ -11,8 +11,9 @@ use serde_json::json;
 
 use flotilla::cli::{LockArgs, LockCommand};
 use flotilla::consensus::client::Client;
+use flotilla::duration::show_duration;
 use flotilla::lock::coordinator::unix_now;
-use flotilla::lock::window::{format_utc, show_duration};
+use flotilla::lock::window::format_utc;
 use flotilla::registry::lock::{self as store, Acquired, RebootMark, is_group_name};
 
 /// Runs one `flotilla lock` verb.

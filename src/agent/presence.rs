@@ -26,8 +26,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::execute::Host;
+use crate::registry::RegistryError;
 use crate::registry::machine::{LeaseKeeper, Leftover, MachineStore, Renewed, StoredPresence};
-use crate::registry::ops::RegistryError;
 use crate::registry::records::{MachineRecord, renew_interval};
 use crate::units::UnitName;
 

@@ -23,7 +23,6 @@ use tokio::sync::{Notify, watch};
 use super::backend::Backend;
 use super::execute::Host;
 use super::identity;
-use super::pass::Waiting;
 use super::presence::Presence;
 use super::report::Reports;
 use super::systemd::Systemd;
@@ -71,6 +70,31 @@ pub enum AgentError {
     /// The host's identity is unusable.
     #[error(transparent)]
     Identity(#[from] identity::IdentityError),
+}
+
+/// Why each proposal is not claimed yet ([`Agent::pass`] notes it), kept to
+/// log only changes.
+#[derive(Debug, Default)]
+pub(super) struct Waiting(BTreeMap<UnitName, String>);
+
+impl Waiting {
+    /// Logs why `unit` is not claimed, if that changed.
+    pub(super) fn note(&mut self, unit: &UnitName, why: String) {
+        if self.0.get(unit) != Some(&why) {
+            tracing::info!("agent: not claiming {unit} yet: {why}");
+            self.0.insert(unit.clone(), why);
+        }
+    }
+
+    /// `unit` was claimed: it waits no more.
+    pub(super) fn claimed(&mut self, unit: &UnitName) {
+        self.0.remove(unit);
+    }
+
+    /// Nothing waits to be claimed.
+    pub(super) fn clear(&mut self) {
+        self.0.clear();
+    }
 }
 
 /// Everything the loop drives: the store, this host, its presence, what it

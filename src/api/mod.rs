@@ -73,14 +73,10 @@ use tokio::net::TcpListener;
 use tokio::sync::OnceCell;
 use tokio::task::JoinHandle;
 
-use crate::config::{Loaded, Origin};
+use crate::config::{ApiLimits, Loaded, Origin};
 use crate::consensus::client::Client;
 use crate::registry::BodyCache;
 use error::ApiError;
-
-/// The smallest `api_max_body_bytes` allowed: a unit is at most
-/// [`crate::units::MAX_UNIT_BYTES`], and JSON quoting may grow it, not fourfold.
-pub const MIN_BODY_BYTES: usize = 4 * crate::units::MAX_UNIT_BYTES;
 
 /// Why the API could not start.
 #[derive(Debug, thiserror::Error)]
@@ -146,7 +142,7 @@ impl Shared {
             bodies: BodyCache::new(),
             stops: units::RecentStops::default(),
             machine_id,
-            max_body_bytes: serve::Limits::default().max_body_bytes,
+            max_body_bytes: ApiLimits::default().max_body_bytes,
         }
     }
 
@@ -375,7 +371,7 @@ mod tests {
         let path = dir.path().join("api.sock");
         let (listener, owned) = socket::bind(&path).await.unwrap();
         std::mem::forget(owned);
-        let limits = serve::Limits::default();
+        let limits = ApiLimits::default();
         tokio::spawn(serve::serve(listener, app, limits, "test".to_string()));
         (dir, path)
     }
@@ -461,7 +457,7 @@ mod tests {
             (
                 put(
                     "/fleet/v1/units/a.service",
-                    &vec![b' '; serve::Limits::default().max_body_bytes + 1],
+                    &vec![b' '; ApiLimits::default().max_body_bytes + 1],
                 ),
                 413,
             ),

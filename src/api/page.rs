@@ -18,8 +18,8 @@ use axum::response::{IntoResponse, Response};
 
 use super::Shared;
 use crate::consensus::client::Client;
-use crate::lock::semaphore::Semaphore;
 use crate::registry::ops::{self, MachineRow, UnitRow};
+use crate::registry::semaphore::Semaphore;
 use crate::registry::{RegistryError, lock};
 
 /// Seconds between reloads of the page.

@@ -39,9 +39,9 @@ use super::Shared;
 use super::error::ApiError;
 use super::paging::{Query, page_of};
 use crate::consensus::client::Client;
-use crate::registry::ops::{self, RegistryError, Submitted, UnitRow};
+use crate::registry::ops::{self, Submitted, UnitRow};
 use crate::registry::records::{DesiredState, ReportedState, UnitRecord};
-use crate::registry::{BodyCache, UnitState};
+use crate::registry::{BodyCache, RegistryError, UnitState};
 use crate::units::{Unit, UnitFile, UnitKind, UnitName, UnitOption};
 
 /// How long a unit lowered from launched to loaded through this daemon

@@ -26,15 +26,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
 use super::reboot;
+use super::settings::RebootSettings;
 use super::step::{self, Facts, Hold, Need, Stays, Step, Strategy};
-use super::window::show_duration;
 use crate::agent::systemd::Systemd;
-use crate::config::RebootSettings;
 use crate::consensus::client::Client;
-use crate::lock::semaphore::LockError;
+use crate::duration::show_duration;
 use crate::registry::BodyCache;
 use crate::registry::lock::{self as store, HostView, LockOpError, RebootMark};
 use crate::registry::ops;
+use crate::registry::semaphore::LockError;
 use crate::units::UnitName;
 
 /// The Debian/Ubuntu convention: package updates that need a reboot leave

@@ -15,8 +15,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use super::error::RegistryError;
 use super::keys;
-use super::ops::RegistryError;
 use super::records::UnitRecord;
 use crate::consensus::client::{Client, ClientError};
 use crate::units::{self, Requirements, Unit, UnitFile, UnitHash, UnitName};

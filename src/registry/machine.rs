@@ -20,8 +20,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
 
 use super::bodies::{Body, BodyCache};
+use super::error::RegistryError;
 use super::keys::{self, MachineKey};
-use super::ops::RegistryError;
 use super::records::{
     self, Claim, DesiredState, MachineRecord, Proposal, Renewal, ReportedState, Target, UnitRecord,
 };
