@@ -27,6 +27,7 @@ use super::presence::Presence;
 use super::report::Reports;
 use super::systemd::Systemd;
 use crate::consensus::client::Client;
+use crate::registry::BodyCache;
 use crate::registry::machine::{self, MachineStore};
 use crate::registry::records::{MachineRecord, Target, renew_interval};
 use crate::units::UnitName;
@@ -62,6 +63,8 @@ pub struct AgentConfig {
     pub leave_on_stop: bool,
     /// New metadata while running (the daemon's SIGHUP reload).
     pub metadata_updates: Option<watch::Receiver<BTreeMap<String, String>>>,
+    /// Unit bodies by hash, shared with the daemon's other roles.
+    pub bodies: Arc<BodyCache>,
 }
 
 /// Why the agent could not run at all.
@@ -169,7 +172,13 @@ async fn drive(
     ));
     let mut wakeups = Wakeups::new(proposals, config.metadata_updates.take(), changes);
     let mut agent = Agent {
-        store: MachineStore::new(client, &me.id, &me.instance, config.ttl),
+        store: MachineStore::new(
+            client,
+            &me.id,
+            &me.instance,
+            config.ttl,
+            config.bodies.clone(),
+        ),
         host: Host::new(systemd, &config.units_dir),
         presence: Presence::new(me, config.ttl),
         reports: Reports::default(),

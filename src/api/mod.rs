@@ -122,7 +122,7 @@ pub struct Shared {
     client: OnceCell<Client>,
     /// Bodies by hash, kept across requests (a body never changes under its
     /// hash); `GET /fleet/v1/units` drops those of units no longer stored.
-    bodies: BodyCache,
+    bodies: Arc<BodyCache>,
     /// Units this daemon recently lowered from launched to loaded.
     stops: units::RecentStops,
     /// This host's machine id, if known: status and journal are answered
@@ -139,11 +139,16 @@ impl Shared {
         Shared {
             endpoints,
             client: OnceCell::new(),
-            bodies: BodyCache::new(),
+            bodies: Arc::new(BodyCache::new()),
             stops: units::RecentStops::default(),
             machine_id,
             max_body_bytes: ApiLimits::default().max_body_bytes,
         }
+    }
+
+    /// The same, reading unit bodies through `bodies` (the daemon's one cache).
+    pub fn with_bodies(self, bodies: Arc<BodyCache>) -> Shared {
+        Shared { bodies, ..self }
     }
 
     /// The same, accepting request bodies up to `max_body_bytes`.
@@ -290,14 +295,20 @@ impl Drop for Api {
 /// skipped; one the operator configured must bind, or the daemon stops.
 /// TCP always wants the token (config refuses an `api_listen` without
 /// `api_token`).
-pub async fn start(loaded: &Loaded, endpoints: &[String]) -> Result<Api, Error> {
+pub async fn start(
+    loaded: &Loaded,
+    endpoints: &[String],
+    bodies: Arc<BodyCache>,
+) -> Result<Api, Error> {
     let config = &loaded.config;
     let limits = config.api_limits().unwrap_or_default();
     let machine_id = crate::agent::identity::machine_id(std::path::Path::new("/etc/machine-id"))
         .map_err(|e| tracing::debug!("the API does not know this host's machine id: {e}"))
         .ok();
     let shared = Arc::new(
-        Shared::new(endpoints.to_vec(), machine_id).with_max_body_bytes(limits.max_body_bytes),
+        Shared::new(endpoints.to_vec(), machine_id)
+            .with_max_body_bytes(limits.max_body_bytes)
+            .with_bodies(bodies),
     );
     let mut api = Api::default();
     let tolerated = |key: &str, err: Error| {
