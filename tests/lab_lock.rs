@@ -12,6 +12,9 @@
 //!   one time line. ActiveExit (leaving `active`) is used as the end, the
 //!   stricter of ActiveExit and InactiveEnter.
 //!
+//! * The rolling reboot asks two hosts with `lock need-reboot` and the third
+//!   only with `/run/reboot-required`, the Debian/Ubuntu convention.
+//!
 //! Root on Debian 12 is needed; nextest runs the lab binaries one test at a time.
 
 use std::collections::{BTreeMap, BTreeSet};
