@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::consensus::member::{check_address, check_name};
+use crate::lock::settings::RebootSettings;
 
 /// Where the daemon looks for its configuration when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/flotilla/flotilla.toml";
@@ -200,9 +201,7 @@ impl Config {
 
     /// The reboot coordinator's settings, typed; `Err((key, message))` names
     /// the first key whose value is unusable.
-    pub fn reboot_settings(
-        &self,
-    ) -> Result<crate::lock::settings::RebootSettings, (&'static str, String)> {
+    pub fn reboot_settings(&self) -> Result<RebootSettings, (&'static str, String)> {
         use crate::duration::{parse_duration, show_duration};
         use crate::lock::step::Strategy;
         use crate::lock::window::Window;
@@ -268,7 +267,7 @@ impl Config {
                 ),
             ));
         }
-        Ok(crate::lock::settings::RebootSettings {
+        Ok(RebootSettings {
             strategy,
             group,
             window,
