@@ -104,6 +104,9 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> 
             metadata: config.metadata.clone(),
             leave_on_stop: config.leave_on_stop,
             metadata_updates: Some(metadata_rx),
+            // Other daemons forward to this host's API only over HTTPS.
+            api_listen: (trust.is_some() && !config.api_listen.is_empty())
+                .then(|| config.api_listen.clone()),
         };
         tokio::spawn(agent::run::run(agent_config, stopped.clone()))
     });
@@ -128,7 +131,7 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> 
         });
     }
     // Serves until dropped, when serve() returns.
-    let _api = crate::api::start(loaded, &endpoints)
+    let _api = crate::api::start(loaded, &endpoints, trust.as_ref())
         .await
         .context("cannot start the HTTP API")?;
     let mut scheduler = member

@@ -174,6 +174,7 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            api: None,
         };
         assert!(store.publish(&record, None).await.unwrap(), "presence");
         Machine { store, record }

@@ -63,6 +63,9 @@ pub struct AgentConfig {
     pub leave_on_stop: bool,
     /// New metadata while running (the daemon's SIGHUP reload).
     pub metadata_updates: Option<watch::Receiver<BTreeMap<String, String>>>,
+    /// The HTTPS API's `api_listen`, when the daemon serves one (TLS on):
+    /// published with the presence ([`identity::api_address`]).
+    pub api_listen: Option<String>,
 }
 
 /// Why the agent could not run at all.
@@ -172,12 +175,17 @@ fn identify(config: &AgentConfig) -> Result<MachineRecord, AgentError> {
         .clone()
         .or_else(|| identity::detect_ip(&config.endpoints).map(|ip| ip.to_string()))
         .unwrap_or_else(|| "127.0.0.1".to_string());
+    let api = config
+        .api_listen
+        .as_deref()
+        .and_then(|listen| identity::api_address(listen, &ip));
     let me = MachineRecord {
         id,
         instance,
         hostname: identity::hostname(),
         ip,
         metadata: config.metadata.clone(),
+        api,
     };
     tracing::info!(
         "agent: machine {} ({}), instance {}",

@@ -651,6 +651,7 @@ impl Fleet {
                 metadata: BTreeMap::new(),
                 leave_on_stop: false,
                 metadata_updates: None,
+                api_listen: None,
             };
             let systemd = FakeSystemd::new(i, model, journal.clone());
             let backend: Arc<dyn Backend> = Arc::new(FakeBackend(systemd.clone()));
