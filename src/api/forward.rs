@@ -58,7 +58,10 @@ pub async fn forward(
     path_and_query: &str,
     follow: bool,
 ) -> Result<Response, ApiError> {
-    let named = format!("machine {} ({}, {})", machine.id, machine.hostname, machine.ip);
+    let named = format!(
+        "machine {} ({}, {})",
+        machine.id, machine.hostname, machine.ip
+    );
     let Some(addr) = machine.api.as_deref() else {
         return Err(ApiError::bad_gateway(format!(
             "{named} publishes no API address, so this daemon cannot ask it"
@@ -99,7 +102,10 @@ pub async fn forward(
         .map_err(|_| unreachable(format!("no answer within {ANSWER_TIMEOUT:?}")))?
         .map_err(|e| unreachable(e.to_string()))?;
     let (head, incoming) = answer.into_parts();
-    if matches!(head.status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+    if matches!(
+        head.status,
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+    ) {
         return Err(ApiError::bad_gateway(format!(
             "the API of {named} refused this host ({}): is its certificate of this cluster?",
             head.status
@@ -113,7 +119,10 @@ pub async fn forward(
     };
     let mut response = Response::new(Body::from_stream(body));
     *response.status_mut() = head.status;
-    for name in [header::CONTENT_TYPE.as_str(), super::status::EXIT_STATUS_HEADER] {
+    for name in [
+        header::CONTENT_TYPE.as_str(),
+        super::status::EXIT_STATUS_HEADER,
+    ] {
         if let Some(value) = head.headers.get(name) {
             response.headers_mut().insert(name, value.clone());
         }

@@ -296,7 +296,9 @@ async fn authorize(State(auth): State<Arc<Auth>>, request: Request, next: Next) 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     let token = match (given, &auth.token) {
-        (Some(given), Some(expected)) => same_digest(&Sha256::digest(given.as_bytes()).into(), expected),
+        (Some(given), Some(expected)) => {
+            same_digest(&Sha256::digest(given.as_bytes()).into(), expected)
+        }
         _ => false,
     };
     let caller = request
@@ -427,17 +429,31 @@ pub async fn start(
                     Some(trust) => {
                         tracing::info!(
                             "API on https://{addr} (a client certificate of this cluster{})",
-                            if token.is_some() { " or the bearer token" } else { "" }
+                            if token.is_some() {
+                                " or the bearer token"
+                            } else {
+                                ""
+                            }
                         );
                         let listener = serve::TlsListener {
                             tcp: listener,
                             tls: trust.api_server.clone(),
                         };
-                        tokio::spawn(serve::serve(listener, app, limits, format!("https://{addr}")))
+                        tokio::spawn(serve::serve(
+                            listener,
+                            app,
+                            limits,
+                            format!("https://{addr}"),
+                        ))
                     }
                     None => {
                         tracing::info!("API on http://{addr} (bearer token required)");
-                        tokio::spawn(serve::serve(listener, app, limits, format!("http://{addr}")))
+                        tokio::spawn(serve::serve(
+                            listener,
+                            app,
+                            limits,
+                            format!("http://{addr}"),
+                        ))
                     }
                 };
                 api.tasks.push(task);
@@ -589,6 +605,39 @@ mod tests {
                 assert_eq!(parsed["error"]["code"], expected, "{shown}: {body}");
             }
         }
+    }
+
+    #[test]
+    fn certificates_grant_by_role_and_agents_only_read() {
+        let who = |role| Identity {
+            cluster: "c".into(),
+            role,
+            name: "x".into(),
+        };
+        let (admin, member, agent) = (who(Role::Admin), who(Role::Member), who(Role::Agent));
+        let status = |caller: Option<&Identity>, token, method: Method| {
+            access(caller, token, &method, true).map_err(|e| e.status.as_u16())
+        };
+        for method in [
+            Method::GET,
+            Method::PUT,
+            Method::DELETE,
+            Method::PATCH,
+            Method::POST,
+        ] {
+            assert_eq!(status(Some(&admin), false, method.clone()), Ok(()));
+            assert_eq!(status(Some(&member), false, method.clone()), Ok(()));
+            assert_eq!(status(None, true, method.clone()), Ok(()));
+            assert_eq!(status(Some(&agent), true, method.clone()), Ok(()), "token");
+            assert_eq!(status(None, false, method.clone()), Err(401));
+        }
+        assert_eq!(status(Some(&agent), false, Method::GET), Ok(()));
+        assert_eq!(status(Some(&agent), false, Method::HEAD), Ok(()));
+        for method in [Method::PUT, Method::DELETE, Method::PATCH, Method::POST] {
+            assert_eq!(status(Some(&agent), false, method), Err(403));
+        }
+        let plain = access(None, false, &Method::GET, false).unwrap_err();
+        assert!(!plain.message.contains("certificate"), "{}", plain.message);
     }
 
     #[tokio::test]

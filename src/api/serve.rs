@@ -149,7 +149,9 @@ impl Accept for TlsListener {
     ) -> impl Future<Output = Option<(BoxStream, Caller)>> + Send + 'static {
         let tls = self.tls.clone();
         async move {
-            let from = io.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
+            let from = io
+                .peer_addr()
+                .map_or_else(|_| "?".into(), |a| a.to_string());
             if !starts_with_tls(&io, timeout).await? {
                 refuse_plaintext(io).await;
                 tracing::debug!("API connection from {from}: plain HTTP to the TLS port");

@@ -645,15 +645,11 @@ fn tls_error(err: &reqwest::Error) -> Option<&rustls::Error> {
         if let Some(tls) = cause.downcast_ref::<rustls::Error>() {
             return Some(tls);
         }
-        // An io::Error's source() skips the error it wraps.
-        if let Some(tls) = cause
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        {
-            return Some(tls);
-        }
-        next = cause.source();
+        // An io::Error's source() skips the error it wraps: go into it.
+        next = match cause.downcast_ref::<std::io::Error>() {
+            Some(io) => io.get_ref().map(|inner| inner as _),
+            None => cause.source(),
+        };
     }
     None
 }

@@ -106,8 +106,8 @@ impl ServerCertVerifier for ClusterServer {
             ocsp_response,
             now,
         )?;
-        let who = Identity::from_der(end_entity)
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let who =
+            Identity::from_der(end_entity).map_err(|e| rustls::Error::General(e.to_string()))?;
         if who.cluster != self.cluster || who.role == Role::Admin {
             return Err(rustls::Error::General(format!(
                 "the API presented the certificate of {who} of cluster {}, not a member's or \

@@ -160,7 +160,14 @@ impl Roots {
         &self,
         cert: &Path,
         key: &Path,
-    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>, Identity), TlsError> {
+    ) -> Result<
+        (
+            Vec<CertificateDer<'static>>,
+            PrivateKeyDer<'static>,
+            Identity,
+        ),
+        TlsError,
+    > {
         let chain = certs_in(cert)?;
         let me = Identity::from_der(&chain[0]).map_err(|e| TlsError::BadFile {
             path: cert.to_path_buf(),
@@ -195,9 +202,8 @@ impl ServerTls {
         timeout: Duration,
     ) -> Result<(BoxStream, Identity), TlsError> {
         let (stream, who) = self.accept_maybe_anonymous(tcp, timeout).await?;
-        let who = who.ok_or_else(|| {
-            TlsError::Identity("the other end presented no certificate".into())
-        })?;
+        let who =
+            who.ok_or_else(|| TlsError::Identity("the other end presented no certificate".into()))?;
         Ok((stream, who))
     }
 

@@ -102,8 +102,9 @@ fn https(tls: &TlsArgs) -> Result<Arc<rustls::ClientConfig>> {
                 .into(),
         )
     })?;
-    let config = flotilla::tls::https::api_client_config(ca, identity(tls)?)
-        .context("cannot load the certificates for the https API (--tls-ca, --tls-cert, --tls-key)")?;
+    let config = flotilla::tls::https::api_client_config(ca, identity(tls)?).context(
+        "cannot load the certificates for the https API (--tls-ca, --tls-cert, --tls-key)",
+    )?;
     Ok(Arc::new(config))
 }
 

@@ -244,10 +244,7 @@ pub async fn status(args: StatusArgs, outer: &ApiArgs) -> Result<ExitCode> {
 /// the daemon asked could not ask the unit's host, whose name it gives).
 fn via_api_error(err: flotilla::client::Error, verb: &str, name: &UnitName) -> anyhow::Error {
     let context = match err.status() {
-        Some(502) => format!(
-            "cannot read {name}'s {verb} from its host through the API; or use ssh: \
-             flotilla {verb} {name}"
-        ),
+        Some(502) => format!("cannot read {name}'s {verb} from its host through the API"),
         Some(404) => format!("no unit {name} in the cluster (see flotilla list-unit-files)"),
         _ => format!("cannot read {name}'s {verb} through the API"),
     };

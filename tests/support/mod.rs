@@ -71,4 +71,5 @@ pub fn text(bytes: &[u8]) -> String {
 
 pub mod cluster;
 pub mod daemon;
+pub mod machine;
 pub mod pki;
