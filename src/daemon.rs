@@ -18,7 +18,10 @@
 //! TLS, client requests pass the registry's role policy
 //! ([`crate::registry::access`]), and every store client of this process
 //! (agent, scheduler, API, reboot coordinator) presents this host's
-//! certificate. Without them the store's listeners bind to loopback only.
+//! certificate; the API's TCP listener speaks HTTPS with it, the agent
+//! publishes that listener's address with its presence, and the API asks
+//! other hosts' APIs with it ([`crate::api::forward`]). Without them the
+//! store's listeners bind to loopback only.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

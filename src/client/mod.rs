@@ -2,8 +2,9 @@
 //!
 //! Every unit verb goes through here, so the API is the one door by which
 //! people change the cluster: root on a cluster host uses the unix socket
-//! with no configuration; anyone else an `http(s)://` endpoint with a bearer
-//! token, or `--tunnel` over ssh. Lists are read page by page
+//! with no configuration; anyone else an `https://` endpoint with the cluster
+//! CA and a certificate or the bearer token (`http://` with the token where
+//! the daemons have no TLS), or `--tunnel` over ssh. Lists are read page by page
 //! (`nextPageToken`), as fleet served them.
 //!
 //! * [`endpoint`]: parsing `--endpoint`, and remembering which one answered.
