@@ -32,6 +32,11 @@ use support::machine::Machine;
 use support::pki::{Pki, shared};
 use support::text;
 
+/// The stdout of a `flotilla` run that must have succeeded.
+fn ok(out: &Output) -> String {
+    support::succeeded(out, "flotilla")
+}
+
 const UNIT: &str = "[Service]\nExecStart=/bin/sleep infinity\n";
 
 /// `flotilla ARGS` against the daemon's https endpoint, with `env` (the
@@ -51,6 +56,15 @@ fn identity_env(pki: &Pki, name: &str, role: Role) -> Vec<(&'static str, PathBuf
     pki.env(name, role).to_vec()
 }
 
+/// The CLI's variables for a CA, a certificate and its key.
+fn files<'a>(ca: &'a Path, cert: &'a Path, key: &'a Path) -> [(&'static str, &'a Path); 3] {
+    [
+        ("FLOTILLA_TLS_CA", ca),
+        ("FLOTILLA_TLS_CERT", cert),
+        ("FLOTILLA_TLS_KEY", key),
+    ]
+}
+
 fn as_refs<'a>(env: &'a [(&'static str, PathBuf)]) -> Vec<(&'static str, &'a Path)> {
     env.iter().map(|(k, v)| (*k, v.as_path())).collect()
 }
@@ -68,16 +82,6 @@ fn refused(out: &Output, code: i32, says: &str) -> String {
     assert!(err.starts_with("error: "), "{err}");
     assert!(err.contains(says), "wanted {says:?} in: {err}");
     err
-}
-
-fn succeeded(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
 }
 
 /// A certificate of `pki`'s cluster for admin `name` that expired yesterday.
@@ -140,25 +144,25 @@ fn https_callers_need_a_certificate_of_the_cluster_or_the_token() {
     assert!(err.contains("api_token"), "{err}");
     // With the token, over TLS, everything goes.
     let token = https(&daemon, &ca_only, &["--api-token", TOKEN, "submit", file]);
-    assert_eq!(succeeded(&token), "Unit web.service inactive\n");
+    assert_eq!(ok(&token), "Unit web.service inactive\n");
 
     // An admin's certificate may do all the token may.
-    succeeded(&https(
+    ok(&https(
         &daemon,
         &as_refs(&admin),
         &["start", "--no-block", "web.service"],
     ));
-    let listed = succeeded(&https(
+    let listed = ok(&https(
         &daemon,
         &as_refs(&admin),
         &["list-unit-files", "--no-legend", "--fields", "unit,dstate"],
     ));
     assert_eq!(listed, "web.service\tlaunched\n");
     // So may a member's.
-    succeeded(&https(&daemon, &as_refs(&member), &["list-machines"]));
+    ok(&https(&daemon, &as_refs(&member), &["list-machines"]));
 
     // An agent's certificate reads, and is refused every change.
-    let read = succeeded(&https(
+    let read = ok(&https(
         &daemon,
         &as_refs(&agent),
         &["list-unit-files", "--no-legend", "--fields", "unit,dstate"],
@@ -205,49 +209,30 @@ fn https_callers_need_a_certificate_of_the_cluster_or_the_token() {
     // This cluster's CA with another cluster's certificate: refused before
     // it is sent.
     let (cert, key) = other.issue("mallory", Role::Admin);
-    let mixed = [
-        ("FLOTILLA_TLS_CA", ca.as_path()),
-        ("FLOTILLA_TLS_CERT", cert.as_path()),
-        ("FLOTILLA_TLS_KEY", key.as_path()),
-    ];
     refused(
-        &https(&daemon, &mixed, &["list-units"]),
+        &https(&daemon, &files(&ca, &cert, &key), &["list-units"]),
         1,
         "another cluster's CA",
     );
     // An expired certificate: its dates in the message.
     let (cert, key) = expired_admin(pki, "late");
-    let expired = [
-        ("FLOTILLA_TLS_CA", ca.as_path()),
-        ("FLOTILLA_TLS_CERT", cert.as_path()),
-        ("FLOTILLA_TLS_KEY", key.as_path()),
-    ];
     refused(
-        &https(&daemon, &expired, &["list-units"]),
+        &https(&daemon, &files(&ca, &cert, &key), &["list-units"]),
         1,
         "is valid only from",
     );
     // The flags work after the verb too, and a certificate needs its key.
-    let out = daemon
-        .command()
-        .args(["list-units", "--endpoint", &daemon.http, "--tls-ca"])
-        .arg(&ca)
-        .arg("--tls-cert")
-        .arg(&admin[1].1)
-        .output()
-        .unwrap();
-    refused(&out, 2, "--tls-key");
-    let out = daemon
-        .command()
-        .args(["list-unit-files", "--endpoint", &daemon.http, "--tls-ca"])
-        .arg(&ca)
-        .arg("--tls-cert")
-        .arg(&admin[1].1)
-        .arg("--tls-key")
-        .arg(&admin[2].1)
-        .output()
-        .unwrap();
-    assert!(succeeded(&out).contains("web.service"));
+    let after_verb = |verb: &str, with_key: bool| {
+        let mut command = daemon.command();
+        command.args([verb, "--endpoint", &daemon.http, "--tls-ca"]);
+        command.arg(&ca).arg("--tls-cert").arg(&admin[1].1);
+        if with_key {
+            command.arg("--tls-key").arg(&admin[2].1);
+        }
+        command.output().unwrap()
+    };
+    refused(&after_verb("list-units", false), 2, "--tls-key");
+    assert!(ok(&after_verb("list-unit-files", true)).contains("web.service"));
 
     let after = daemon.ok(&["list-unit-files", "--no-legend", "--fields", "unit,dstate"]);
     assert_eq!(after, listed, "nothing refused changed anything");
@@ -364,19 +349,6 @@ async fn the_tls_port_refuses_strangers_and_stays_bounded() {
     assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
     assert!(answer.contains("https://HOST:PORT"), "{answer}");
 
-    // No certificate: 401 for everything, /health included.
-    let none = tls_call(&daemon, pki, None, &get("/health")).await.unwrap();
-    assert!(none.starts_with("HTTP/1.1 401 "), "{none}");
-    let none = tls_call(
-        &daemon,
-        pki,
-        None,
-        &put("/fleet/v1/units/x.service", launched),
-    )
-    .await
-    .unwrap();
-    assert!(none.starts_with("HTTP/1.1 401 "), "{none}");
-
     // Another cluster's certificate, or an expired one: no HTTP answer at all.
     let other = Pki::new();
     let (cert, key) = other.issue("mallory", Role::Admin);
@@ -386,34 +358,53 @@ async fn the_tls_port_refuses_strangers_and_stays_bounded() {
     let late = tls_call(&daemon, pki, Some((&cert, &key)), &get("/health")).await;
     assert!(late.is_err(), "{late:?}");
 
-    // An agent reads, and may not write; an admin may.
-    let read = tls_call(&daemon, pki, agent, &get("/fleet/v1/units"))
-        .await
-        .unwrap();
-    assert!(read.starts_with("HTTP/1.1 200 "), "{read}");
-    let write = tls_call(
-        &daemon,
-        pki,
-        agent,
-        &put("/fleet/v1/units/x.service", launched),
-    )
-    .await
-    .unwrap();
-    assert!(write.starts_with("HTTP/1.1 403 "), "{write}");
-    assert!(write.contains("may only read"), "{write}");
-    let units = tls_call(&daemon, pki, admin, &get("/fleet/v1/units"))
-        .await
-        .unwrap();
-    assert!(!units.contains("x.service"), "nothing stored: {units}");
-    let write = tls_call(
-        &daemon,
-        pki,
-        admin,
-        &put("/fleet/v1/units/x.service", launched),
-    )
-    .await
-    .unwrap();
-    assert!(write.starts_with("HTTP/1.1 201 "), "{write}");
+    // No certificate: 401 for everything, /health included; an agent
+    // reads, and may not write.
+    let write = put("/fleet/v1/units/x.service", launched);
+    let cases = [
+        (
+            "no certificate",
+            None,
+            get("/health"),
+            "HTTP/1.1 401 ",
+            "certificate",
+        ),
+        (
+            "no certificate",
+            None,
+            write.clone(),
+            "HTTP/1.1 401 ",
+            "certificate",
+        ),
+        (
+            "an agent reads",
+            agent,
+            get("/fleet/v1/units"),
+            "HTTP/1.1 200 ",
+            "units",
+        ),
+        (
+            "an agent writes",
+            agent,
+            write.clone(),
+            "HTTP/1.1 403 ",
+            "may only read",
+        ),
+    ];
+    for (what, client, request, status, says) in cases {
+        let answer = tls_call(&daemon, pki, client, &request)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(answer.starts_with(status), "{what}: {answer}");
+        assert!(answer.contains(says), "{what}: {answer}");
+    }
+    assert_eq!(
+        daemon.ok(&["list-unit-files", "--no-legend"]),
+        "",
+        "nothing stored"
+    );
+    let admin_write = tls_call(&daemon, pki, admin, &write).await.unwrap();
+    assert!(admin_write.starts_with("HTTP/1.1 201 "), "{admin_write}");
 
     // Callers that open connections and never finish a handshake, or send
     // half of one, are cut off after the header timeout (1 s here); the
@@ -493,7 +484,7 @@ async fn via_api_of_a_unit_elsewhere_asks_its_host_or_names_it() {
         // Each unit may run only on its machine.
         let file = daemon.write(&unit, &format!("{UNIT}[X-Fleet]\nMachineID={id}\n"));
         let machine = Machine::join(&daemon.store, &id, host, &[], api.clone()).await;
-        succeeded(&https(
+        ok(&https(
             &daemon,
             &as_refs(&admin),
             &["start", "--no-block", file.to_str().unwrap()],

@@ -6,14 +6,13 @@
 //!
 //! Root on Debian 12 is needed; nextest runs the lab binaries one test at a time.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod support;
 
 use support::cluster::{Cluster, wait_for};
-use support::text;
+use support::{read_ticks, text};
 
 fn unit_dir(cluster: &Cluster) -> std::path::PathBuf {
     let dir = cluster.dir().join("files");
@@ -104,21 +103,7 @@ fn ssh_status_journal_and_the_tunnel_reach_a_units_host() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut ticks = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for line in BufReader::new(follow.stdout.take().unwrap()).lines() {
-        let line = line.unwrap();
-        if let Some(n) = line
-            .rsplit("tick ")
-            .next()
-            .and_then(|n| n.trim().parse::<u32>().ok())
-        {
-            ticks.push(n);
-        }
-        if ticks.len() >= 4 || Instant::now() > deadline {
-            break;
-        }
-    }
+    let ticks = read_ticks(follow.stdout.take().unwrap(), 4, Duration::from_secs(20));
     follow.kill().unwrap();
     follow.wait().unwrap();
     assert!(ticks.len() >= 4, "journal -f printed {ticks:?}");

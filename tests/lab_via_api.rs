@@ -10,14 +10,13 @@
 //!
 //! Root on Debian 12 is needed; nextest runs the lab binaries one test at a time.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod support;
 
 use support::cluster::{Cluster, wait_for};
-use support::text;
+use support::{read_ticks, succeeded, text};
 
 const HELLO: &str = "[Service]\nExecStart=/bin/sh -c \"echo hello-from-h3; exec sleep infinity\"\n";
 const TICKER: &str = "[Service]\nExecStart=/bin/sh -c \"i=0; while true; do i=$$((i+1)); \
@@ -40,16 +39,6 @@ fn via(cluster: &Cluster, api: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn ok(out: &Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what}: {}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
 #[test]
 fn status_and_journal_via_api_reach_units_on_other_hosts() {
     let cluster = Cluster::up_with(3, 2, 10);
@@ -68,7 +57,7 @@ fn status_and_journal_via_api_reach_units_on_other_hosts() {
     assert!(h1_api.starts_with("https://"), "{h1_api}");
 
     // status through h1 of a unit on h3 (an agent-only host).
-    let status = ok(
+    let status = succeeded(
         &via(&cluster, &h1_api, &["status", "--via-api", "hello.service"]),
         "status --via-api through h1",
     );
@@ -108,21 +97,7 @@ fn status_and_journal_via_api_reach_units_on_other_hosts() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut ticks = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for line in BufReader::new(follow.stdout.take().unwrap()).lines() {
-        let Ok(line) = line else { break };
-        if let Some(n) = line
-            .rsplit("tick ")
-            .next()
-            .and_then(|n| n.trim().parse::<u32>().ok())
-        {
-            ticks.push(n);
-        }
-        if ticks.len() >= 6 || Instant::now() > deadline {
-            break;
-        }
-    }
+    let ticks = read_ticks(follow.stdout.take().unwrap(), 6, Duration::from_secs(20));
     let journalctl_on_h2 = || {
         let out = cluster.exec("h2", &["pgrep", "-f", "journalctl --unit ticker.service"]);
         out.status.success()
@@ -145,7 +120,7 @@ fn status_and_journal_via_api_reach_units_on_other_hosts() {
 
     // Through the agent-only host h3, of a unit on the member h2.
     let h3_api = api_of(&cluster, "h3");
-    let status = ok(
+    let status = succeeded(
         &via(
             &cluster,
             &h3_api,

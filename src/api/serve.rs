@@ -84,11 +84,14 @@ pub trait Accept: Send + 'static {
     fn try_write(io: &Self::Io, bytes: &[u8]);
     /// Makes an accepted connection ready for HTTP, in the connection's own
     /// task (a TLS handshake: within `timeout`); `None` when it is refused.
+    /// Without TLS: as it is, from nobody in particular.
     fn open(
         &self,
         io: Self::Io,
-        timeout: Duration,
-    ) -> impl Future<Output = Option<(BoxStream, Caller)>> + Send + 'static;
+        _timeout: Duration,
+    ) -> impl Future<Output = Option<(BoxStream, Caller)>> + Send + 'static {
+        std::future::ready(Some((Box::new(io) as BoxStream, Caller::default())))
+    }
 }
 
 impl Accept for TcpListener {
@@ -99,13 +102,6 @@ impl Accept for TcpListener {
     fn try_write(io: &Self::Io, bytes: &[u8]) {
         let _ = io.try_write(bytes);
     }
-    fn open(
-        &self,
-        io: Self::Io,
-        _: Duration,
-    ) -> impl Future<Output = Option<(BoxStream, Caller)>> + Send + 'static {
-        std::future::ready(Some((Box::new(io) as BoxStream, Caller::default())))
-    }
 }
 
 impl Accept for UnixListener {
@@ -115,13 +111,6 @@ impl Accept for UnixListener {
     }
     fn try_write(io: &Self::Io, bytes: &[u8]) {
         let _ = io.try_write(bytes);
-    }
-    fn open(
-        &self,
-        io: Self::Io,
-        _: Duration,
-    ) -> impl Future<Output = Option<(BoxStream, Caller)>> + Send + 'static {
-        std::future::ready(Some((Box::new(io) as BoxStream, Caller::default())))
     }
 }
 
@@ -333,33 +322,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn busy_answer_is_well_formed() {
-        let text = std::str::from_utf8(BUSY).unwrap();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        let length: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("Content-Length: "))
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert_eq!(length, body.len());
-        let parsed: serde_json::Value = serde_json::from_str(body).unwrap();
-        assert_eq!(parsed["error"]["code"], 503);
-    }
-
-    #[test]
-    fn plaintext_answer_is_well_formed() {
-        let text = std::str::from_utf8(PLAINTEXT).unwrap();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        let length: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("Content-Length: "))
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert_eq!(length, body.len());
-        let parsed: serde_json::Value = serde_json::from_str(body).unwrap();
-        assert_eq!(parsed["error"]["code"], 400);
+    fn canned_answers_are_well_formed() {
+        for (answer, code) in [(BUSY, 503), (PLAINTEXT, 400)] {
+            let text = std::str::from_utf8(answer).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(length, body.len(), "{text}");
+            let parsed: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert_eq!(parsed["error"]["code"], code);
+        }
     }
 
     #[test]

@@ -134,14 +134,7 @@ impl Daemon {
 
     /// Runs a verb that must succeed; returns its stdout.
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "flotilla {args:?}: {}{}",
-            text(&out.stdout),
-            text(&out.stderr)
-        );
-        text(&out.stdout)
+        super::succeeded(&self.run(args), &format!("flotilla {args:?}"))
     }
 
     /// Runs a verb that must fail with exit 1; returns its stderr.
