@@ -180,6 +180,15 @@ fn ssh_status_journal_and_the_tunnel_reach_a_units_host() {
         "list-units",
     ]);
     assert!(tunneled.contains("hello.service\t"), "{tunneled}");
+    // An https endpoint through the tunnel: TLS end to end, checked as always.
+    let tunneled = cluster.ok(&[
+        "--tunnel",
+        &h2_ip,
+        "--endpoint",
+        "https://127.0.0.1:4003",
+        "list-units",
+    ]);
+    assert!(tunneled.contains("hello.service\t"), "{tunneled}");
     let through = cluster.ok(&["--tunnel", &h2_ip, "ssh", "hello.service", "hostname"]);
     assert_eq!(through.trim(), host);
 
