@@ -69,9 +69,11 @@ trap '"$bin" lab down --dir "$lab" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 up=$("$bin" lab up --hosts 3 --dir "$lab" --election-timeout-ms 300 --ttl 3)
 echo "$up"
 field() { printf '%s' "$up" | sed -n "s/.*\"$1\":\"\([^\"]*\)\".*/\1/p"; }
-# The CLI talks to the hosts' API (with the lab's token); member and kv to the store.
+# The CLI talks to the hosts' API (https, with the lab's CA and admin certificate,
+# or its token); member and kv to the store (mutual TLS, the same certificate).
 export FLOTILLA_ENDPOINT=$(field endpoint) FLOTILLA_API_TOKEN=$(field api_token)
 export FLOTILLA_STORE_ENDPOINT=$(field store_endpoint)
+export FLOTILLA_TLS_CA=$(field tls_ca) FLOTILLA_TLS_CERT=$(field tls_cert) FLOTILLA_TLS_KEY=$(field tls_key)
 fl() { "$bin" "$@"; }
 
 say "7. the three daemons formed one Raft group; a write to any member is replicated"

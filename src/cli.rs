@@ -8,7 +8,9 @@ use clap::{Args, Parser, Subcommand};
 ///
 /// The unit verbs talk to the daemon's HTTP API, as fleetctl talked to fleet's:
 /// by default its root-only socket on this host, unix:///run/flotilla/api.sock;
-/// from elsewhere `--endpoint http://HOST:4003 --api-token TOKEN` or `--tunnel HOST`.
+/// from elsewhere `--endpoint https://HOST:4003` with the cluster CA and a
+/// certificate (--tls-ca, --tls-cert, --tls-key) or `--api-token TOKEN`, or
+/// `--tunnel HOST`.
 /// `kv` and `member` speak the store's own protocol (`--store-endpoint`).
 /// Exit codes: 0 success, 1 failure, 2 bad usage.
 #[derive(Debug, Parser)]
@@ -26,29 +28,29 @@ pub struct Cli {
         value_delimiter = ','
     )]
     pub store_endpoint: Vec<String>,
-    /// The certificate the store verbs present (`kv`, `member`, `cluster`, `lock`).
-    #[command(flatten)]
-    pub store_tls: StoreTlsArgs,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
-/// The identity the store's verbs present when the cluster uses TLS: the
-/// cluster CA, and a certificate and key from `flotilla tls issue` (an
-/// admin's, to change units or members). The environment variables are the
-/// daemon's own `tls_*` settings, so on a member host they already point at
-/// its certificate.
+/// The identity the CLI presents when the cluster uses TLS, to the store
+/// (`kv`, `member`, `cluster`, `snapshot`, `lock`) and to an `https://` API
+/// endpoint: the cluster CA, and a certificate and key from `flotilla tls
+/// issue` (an admin's, to change units or members; without one, an https
+/// API wants `--api-token`). The environment variables are the daemon's own
+/// `tls_*` settings, so on a member host they already point at its
+/// certificate.
 #[derive(Debug, Clone, Default, Args)]
-pub struct StoreTlsArgs {
-    /// The cluster CA certificate (ca.pem)
-    #[arg(long, env = "FLOTILLA_TLS_CA", value_name = "FILE")]
+pub struct TlsArgs {
+    /// The cluster CA certificate (ca.pem), which the store's and an https
+    /// API's certificates must be signed by [env: FLOTILLA_TLS_CA]
+    #[arg(long, value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
-    /// This user's or host's certificate
-    #[arg(long, env = "FLOTILLA_TLS_CERT", value_name = "FILE")]
+    /// This user's or host's certificate [env: FLOTILLA_TLS_CERT]
+    #[arg(long, value_name = "FILE")]
     pub tls_cert: Option<PathBuf>,
-    /// The key of --tls-cert
-    #[arg(long, env = "FLOTILLA_TLS_KEY", value_name = "FILE")]
+    /// The key of --tls-cert [env: FLOTILLA_TLS_KEY]
+    #[arg(long, value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
 }
 
@@ -57,12 +59,14 @@ pub struct StoreTlsArgs {
 /// variable (the flags win).
 #[derive(Debug, Clone, Default, Args)]
 pub struct ApiArgs {
-    /// The API: unix:///PATH or http(s)://HOST:PORT; several comma-separated are
-    /// tried in order and the one that answers is remembered
+    /// The API: unix:///PATH, or https://HOST:PORT (daemons with TLS; needs
+    /// --tls-ca) or http://HOST:PORT; several comma-separated are tried in
+    /// order and the one that answers is remembered
     /// [env: FLOTILLA_ENDPOINT] [default: unix:///run/flotilla/api.sock]
     #[arg(long, value_name = "URL")]
     pub endpoint: Option<String>,
-    /// Bearer token for an http(s) endpoint: the daemons' api_token
+    /// Bearer token for an http(s) endpoint: the daemons' api_token (over
+    /// https a certificate, --tls-cert, may stand in for it)
     /// [env: FLOTILLA_API_TOKEN]
     #[arg(long, value_name = "TOKEN")]
     pub api_token: Option<String>,
@@ -77,6 +81,10 @@ pub struct ApiArgs {
     /// ssh settings, for --tunnel, ssh, status and journal.
     #[command(flatten)]
     pub ssh: SshArgs,
+    /// The cluster CA and this user's certificate, for https endpoints and
+    /// the store.
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// How `ssh`, `status`, `journal` and `--tunnel` log in to cluster hosts.
@@ -134,6 +142,11 @@ impl ApiArgs {
                     .ssh
                     .known_hosts_file
                     .or_else(|| outer.ssh.known_hosts_file.clone()),
+            },
+            tls: TlsArgs {
+                tls_ca: self.tls.tls_ca.or_else(|| outer.tls.tls_ca.clone()),
+                tls_cert: self.tls.tls_cert.or_else(|| outer.tls.tls_cert.clone()),
+                tls_key: self.tls.tls_key.or_else(|| outer.tls.tls_key.clone()),
             },
         }
     }
@@ -440,7 +453,8 @@ pub struct StatusArgs {
     /// Units.
     #[arg(required = true, value_name = "UNIT")]
     pub units: Vec<String>,
-    /// Ask the unit's host through the API instead of ssh (no ssh keys needed).
+    /// Read it through the API instead of ssh (no ssh keys needed): the daemon
+    /// reached asks the unit's host, over mutual TLS.
     #[arg(long)]
     pub via_api: bool,
     /// Forward the ssh agent (off by default).
@@ -468,7 +482,8 @@ pub struct JournalArgs {
     /// Run journalctl with sudo.
     #[arg(long)]
     pub sudo: bool,
-    /// Read the journal through the API instead of ssh (no ssh keys needed).
+    /// Read the journal through the API instead of ssh (no ssh keys needed): the
+    /// daemon reached asks the unit's host, over mutual TLS.
     #[arg(long, conflicts_with = "sudo")]
     pub via_api: bool,
     /// Forward the ssh agent (off by default).

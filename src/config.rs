@@ -111,11 +111,17 @@ pub struct Config {
     /// so only root may use it and it needs no token; empty disables it.
     pub api_socket: PathBuf,
     /// The HTTP API's TCP address (`host:port`); empty (the default)
-    /// disables it. It needs `api_token`, loopback included: any local user
-    /// reaches a loopback port, and root has the unix socket.
+    /// disables it. It needs `api_token` or TLS (`tls_*`), loopback
+    /// included: any local user reaches a loopback port, and root has the
+    /// unix socket. With TLS it speaks HTTPS only with this host's
+    /// certificate, and callers present a certificate of the cluster or the
+    /// token (an agent's certificate may only read). With TLS and a
+    /// non-loopback address, the host publishes it with its presence, so
+    /// other daemons can ask it for the status and journal of its units.
     pub api_listen: String,
     /// A bearer token every TCP request to the API must carry
-    /// (`Authorization: Bearer TOKEN`); empty means none. The unix socket
+    /// (`Authorization: Bearer TOKEN`) unless it comes with a client
+    /// certificate of the cluster (TLS); empty means none. The unix socket
     /// never asks for it. `--check-config` shows it redacted.
     #[serde(serialize_with = "redacted")]
     pub api_token: String,
@@ -874,13 +880,15 @@ fn validate(loaded: &Loaded) -> Result<(), Error> {
     }
     if !config.api_listen.is_empty() {
         check_address(&config.api_listen).map_err(|m| invalid("api_listen", m))?;
-        if config.api_token.is_empty() {
+        if config.api_token.is_empty() && !config.tls_enabled() {
             return Err(invalid(
                 "api_listen",
                 format!(
-                    "serving the API on {:?} needs a token, loopback included (any local \
-                     user reaches it): set api_token (e.g. to the output of `openssl rand \
-                     -hex 32`), or api_listen to \"\" and use the unix socket",
+                    "serving the API on {:?} needs a token or TLS, loopback included (any \
+                     local user reaches it): set api_token (e.g. to the output of `openssl \
+                     rand -hex 32`), or tls_ca, tls_cert and tls_key (callers then present \
+                     a certificate of the cluster), or api_listen to \"\" and use the unix \
+                     socket",
                     config.api_listen
                 ),
             ));
@@ -1248,6 +1256,15 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("api_token"), "{err}");
+
+        // With TLS, a client certificate may stand in for the token.
+        let tls = env(&[
+            ("FLOTILLA_TLS_CA", "/etc/flotilla/tls/ca.pem"),
+            ("FLOTILLA_TLS_CERT", "/etc/flotilla/tls/n1.pem"),
+            ("FLOTILLA_TLS_KEY", "/etc/flotilla/tls/n1.key"),
+        ]);
+        let loaded = load(&explicit(&f), &tls, &open).unwrap();
+        assert!(loaded.config.api_token.is_empty() && loaded.config.tls_enabled());
 
         let token = "0123456789abcdef0123";
         let vars = env(&[("FLOTILLA_API_TOKEN", token)]);

@@ -18,7 +18,10 @@
 //! TLS, client requests pass the registry's role policy
 //! ([`crate::registry::access`]), and every store client of this process
 //! (agent, scheduler, API, reboot coordinator) presents this host's
-//! certificate. Without them the store's listeners bind to loopback only.
+//! certificate; the API's TCP listener speaks HTTPS with it, the agent
+//! publishes that listener's address with its presence, and the API asks
+//! other hosts' APIs with it ([`crate::api::forward`]). Without them the
+//! store's listeners bind to loopback only.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -111,6 +114,9 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> 
             leave_on_stop: config.leave_on_stop,
             metadata_updates: Some(metadata_rx),
             bodies: bodies.clone(),
+            // Other daemons forward to this host's API only over HTTPS.
+            api_listen: (trust.is_some() && !config.api_listen.is_empty())
+                .then(|| config.api_listen.clone()),
         };
         tokio::spawn(agent::run::run(agent_config, stopped.clone()))
     });
@@ -136,7 +142,7 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> 
         });
     }
     // Serves until dropped, when serve() returns.
-    let _api = crate::api::start(loaded, &endpoints, bodies.clone())
+    let _api = crate::api::start(loaded, &endpoints, bodies.clone(), trust.as_ref())
         .await
         .context("cannot start the HTTP API")?;
     let mut scheduler = member.as_ref().map(|(node, _)| {

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 
 use flotilla::cli::{
-    Cli, ClusterCommand, Command, DaemonArgs, KvCommand, MemberCommand, StoreTlsArgs, TlsCommand,
+    ApiArgs, Cli, ClusterCommand, Command, DaemonArgs, KvCommand, MemberCommand, TlsCommand,
     VerifyArgs,
 };
 use flotilla::config;
@@ -55,29 +55,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Daemon(args) => run_daemon(&args),
         Command::Member(command) => {
             flotilla::logging::init("warn");
-            store_identity(&cli.store_tls)?;
+            store_identity(&cli.api)?;
             client_runtime()?.block_on(run_member(&cli.store_endpoint, command))
         }
         Command::Cluster(command) => {
             flotilla::logging::init("warn");
-            store_identity(&cli.store_tls)?;
+            store_identity(&cli.api)?;
             client_runtime()?.block_on(run_cluster(&cli.store_endpoint, command))
         }
         Command::Kv(command) => {
             flotilla::logging::init("warn");
-            store_identity(&cli.store_tls)?;
+            store_identity(&cli.api)?;
             client_runtime()?.block_on(run_kv(&cli.store_endpoint, command))
         }
         Command::Snapshot(command) => {
             flotilla::logging::init("warn");
-            store_identity(&cli.store_tls)?;
+            store_identity(&cli.api)?;
             client_runtime()?.block_on(verbs::snapshot::run(&cli.store_endpoint, command))
         }
         Command::Tls(command) => run_tls(command),
         Command::Lab(command) => flotilla::lab::run(command),
         Command::Lock(args) => {
             flotilla::logging::init("warn");
-            store_identity(&cli.store_tls)?;
+            store_identity(&cli.api)?;
             client_runtime()?.block_on(lock_verbs::run(&cli.store_endpoint, args))
         }
         Command::Completion { shell } => {
@@ -141,7 +141,8 @@ async fn run_api_verb(outer: &flotilla::cli::ApiArgs, command: Command) -> Resul
 
 /// Makes the store verbs present the certificate given with --tls-ca,
 /// --tls-cert and --tls-key (or FLOTILLA_TLS_*); none of them: plaintext.
-fn store_identity(args: &StoreTlsArgs) -> Result<()> {
+fn store_identity(args: &ApiArgs) -> Result<()> {
+    let args = verbs::connect::resolve_tls(&args.tls);
     let (ca, cert, key) = match (&args.tls_ca, &args.tls_cert, &args.tls_key) {
         (None, None, None) => return Ok(()),
         (Some(ca), Some(cert), Some(key)) => (ca, cert, key),

@@ -2,12 +2,14 @@
 //! call sequences (start and wait, restart, a failing ExecStart, --replace,
 //! destroy, lists with filters) against the units systemd really runs; a
 //! loaded unit systemd starts itself; templates whose `[X-Fleet]` uses `%i`
-//! with metadata set through PATCH; status and journal through the API;
+//! with metadata set through PATCH; status and journal through the API (of
+//! the unit's host, and of another host, which asks it over mutual TLS);
 //! explain on a draining host; and a host cut off past its lease that
 //! claims back, without a restart, what nobody else took.
 //!
 //! Every request is made with curl INSIDE a lab host (the hosts see the outer
-//! machine's files, curl included), on that host's root-only unix socket.
+//! machine's files, curl included), on that host's root-only unix socket
+//! (and its HTTPS port, with the lab's CA).
 //! Root on Debian 12 is needed; nextest runs the lab binaries one test at a
 //! time.
 
@@ -273,18 +275,32 @@ fn fleetctl_sequences_run_on_real_systemd() {
         2
     );
 
-    // TCP (the lab's hosts listen on every address, with the lab's token).
-    let tcp = curl(&cluster, "h1", "curl http://127.0.0.1:4003/fleet/v1/units");
+    // TCP (the lab's hosts listen on every address with TLS, with the lab's
+    // token): HTTPS only, checked against the lab's CA under the cluster's
+    // name; a caller needs the token or a certificate of the cluster.
+    let ca = flotilla::tls::stream::certs_in(std::path::Path::new(&cluster.tls[0])).unwrap();
+    let cluster_id = flotilla::tls::identity::cluster_id_of_ca(&ca[0]).unwrap();
+    let name = flotilla::tls::identity::server_name(&cluster_id);
+    let https = format!(
+        "curl --cacert /etc/flotilla/tls/ca.pem --resolve {name}:4003:127.0.0.1 \
+         https://{name}:4003/fleet/v1/units"
+    );
+    let tcp = curl(&cluster, "h1", &https);
     assert_eq!(tcp.status, 401, "{tcp:?}");
     let tcp = curl(
         &cluster,
         "h1",
-        &format!(
-            "curl -H 'Authorization: Bearer {}' http://127.0.0.1:4003/fleet/v1/units",
-            cluster.api_token
-        ),
+        &format!("{https} -H 'Authorization: Bearer {}'", cluster.api_token),
     );
     assert_eq!(tcp.status, 200, "{tcp:?}");
+    let tcp = curl(
+        &cluster,
+        "h1",
+        &format!("{https} --cert /etc/flotilla/tls/h1.pem --key /etc/flotilla/tls/h1.key"),
+    );
+    assert_eq!(tcp.status, 200, "a member's certificate: {tcp:?}");
+    let plain = curl(&cluster, "h1", "curl http://127.0.0.1:4003/fleet/v1/units");
+    assert_eq!(plain.status, 400, "plain HTTP to the TLS port: {plain:?}");
 
     // destroy: gone from the registry, from /state and from systemd; again: 404.
     for unit in [web, bad] {
@@ -370,7 +386,8 @@ fn loaded_units_templates_status_journal_and_explain() {
     );
 
     // status and journal through the API, from the unit's host; another
-    // host's daemon names that host instead (501).
+    // host's daemon asks the unit's host (over mutual TLS) and says which
+    // machine answered.
     let status = api_on(
         &cluster,
         "h1",
@@ -421,13 +438,27 @@ fn loaded_units_templates_status_journal_and_explain() {
         "/flotilla/v1/units/hello.service/status",
         None,
     );
-    assert_eq!(remote.status, 501, "{remote:?}");
+    assert_eq!(remote.status, 200, "{remote:?}");
     assert!(
-        remote.json()["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains(&h1),
-        "{remote:?}"
+        remote.body.contains("Active: active (running)"),
+        "{}",
+        remote.body
+    );
+    let headers = cluster.exec(
+        "h2",
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "curl -sS -D - -o /dev/null --unix-socket {SOCKET} \
+                 'http://x/flotilla/v1/units/hello.service/status'"
+            ),
+        ],
+    );
+    let headers = text(&headers.stdout).to_ascii_lowercase();
+    assert!(
+        headers.contains(&format!("flotilla-machine: {h1}")),
+        "answered by the unit's host: {headers}"
     );
 
     // A template whose MachineMetadata uses %i (fleet's metadata@.service):

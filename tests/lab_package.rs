@@ -48,13 +48,7 @@ fn build_package(out: &Path) -> PathBuf {
 /// Runs a shell script inside `host`; it must succeed. Returns stdout.
 fn sh(cluster: &Cluster, host: &str, script: &str) -> String {
     let out = cluster.exec(host, &["sh", "-c", script]);
-    assert!(
-        out.status.success(),
-        "on {host}: {script}: {}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
+    support::succeeded(&out, &format!("on {host}: {script}"))
 }
 
 /// Copies a file of the outer machine into `host` (through `lab exec`'s stdin).

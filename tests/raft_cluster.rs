@@ -571,6 +571,7 @@ async fn cluster_health_sees_every_member_and_fails_when_members_die() {
         hostname: "live".into(),
         ip: "127.0.0.1".into(),
         metadata: BTreeMap::new(),
+        api: None,
     };
     client
         .put_with_lease(

@@ -120,9 +120,47 @@ pub fn detect_ip(endpoints: &[String]) -> Option<IpAddr> {
     })
 }
 
+/// Where other hosts reach this host's API listening on `listen`, given
+/// the address `ip` it publishes: `listen` itself when it names an address,
+/// `ip` with its port when it listens on every address, `None` when only
+/// this host can reach it (loopback) or its port is not known (0).
+pub fn api_address(listen: &str, ip: &str) -> Option<String> {
+    let (host, port) = listen.rsplit_once(':')?;
+    if port == "0" || port.is_empty() {
+        return None;
+    }
+    let bare = host.trim_matches(['[', ']']);
+    match bare.parse::<IpAddr>() {
+        Ok(addr) if addr.is_loopback() => None,
+        Ok(addr) if addr.is_unspecified() => Some(match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V6(_)) => format!("[{ip}]:{port}"),
+            _ => format!("{ip}:{port}"),
+        }),
+        Err(_) if bare == "localhost" || bare.is_empty() => None,
+        _ => Some(listen.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_address_is_what_other_hosts_can_reach() {
+        let cases = [
+            ("0.0.0.0:4003", "10.0.0.5", Some("10.0.0.5:4003")),
+            ("[::]:4003", "fd00::5", Some("[fd00::5]:4003")),
+            ("10.0.0.7:4003", "10.0.0.5", Some("10.0.0.7:4003")),
+            ("api.example:4003", "10.0.0.5", Some("api.example:4003")),
+            ("127.0.0.1:4003", "10.0.0.5", None),
+            ("[::1]:4003", "10.0.0.5", None),
+            ("localhost:4003", "10.0.0.5", None),
+            ("0.0.0.0:0", "10.0.0.5", None),
+        ];
+        for (listen, ip, expected) in cases {
+            assert_eq!(api_address(listen, ip).as_deref(), expected, "{listen}");
+        }
+    }
 
     #[test]
     fn machine_id_must_be_32_hex_digits() {

@@ -65,6 +65,9 @@ pub struct AgentConfig {
     pub metadata_updates: Option<watch::Receiver<BTreeMap<String, String>>>,
     /// Unit bodies by hash, shared with the daemon's other roles.
     pub bodies: Arc<BodyCache>,
+    /// The HTTPS API's `api_listen`, when the daemon serves one (TLS on):
+    /// published with the presence ([`identity::api_address`]).
+    pub api_listen: Option<String>,
 }
 
 /// Why the agent could not run at all.
@@ -205,12 +208,17 @@ fn identify(config: &AgentConfig) -> Result<MachineRecord, AgentError> {
         .clone()
         .or_else(|| identity::detect_ip(&config.endpoints).map(|ip| ip.to_string()))
         .unwrap_or_else(|| "127.0.0.1".to_string());
+    let api = config
+        .api_listen
+        .as_deref()
+        .and_then(|listen| identity::api_address(listen, &ip));
     let me = MachineRecord {
         id,
         instance,
         hostname: identity::hostname(),
         ip,
         metadata: config.metadata.clone(),
+        api,
     };
     tracing::info!(
         "agent: machine {} ({}), instance {}",

@@ -59,13 +59,29 @@ impl ApiError {
         ApiError::new(StatusCode::CONFLICT, message)
     }
 
-    /// 401: a TCP request without the configured bearer token.
-    pub fn unauthorized() -> ApiError {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
+    /// 401: a TCP request without the configured bearer token, nor (on a
+    /// TLS listener, `tls`) a client certificate of the cluster.
+    pub fn unauthorized(tls: bool) -> ApiError {
+        let message = if tls {
+            "this API needs a client certificate of this cluster (flotilla --tls-cert FILE \
+             --tls-key FILE, from `flotilla tls issue NAME --role admin`) or the header \
+             `Authorization: Bearer TOKEN` with the daemon's api_token (or use the unix socket \
+             as root)"
+        } else {
             "this API needs the header `Authorization: Bearer TOKEN` with the daemon's \
-             api_token (or use the unix socket as root)",
-        )
+             api_token (or use the unix socket as root)"
+        };
+        ApiError::new(StatusCode::UNAUTHORIZED, message)
+    }
+
+    /// 403: the caller is known, and may not do this.
+    pub fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, message)
+    }
+
+    /// 502: another host's API, asked on the caller's behalf, failed.
+    pub fn bad_gateway(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_GATEWAY, message)
     }
 
     /// fleet's error body, with the hint if any.
@@ -200,7 +216,7 @@ mod tests {
         for (err, code) in cases {
             assert_eq!(err.status.as_u16(), code, "{err}");
         }
-        assert_eq!(status(ApiError::unauthorized()), 401);
+        assert_eq!(status(ApiError::unauthorized(false)), 401);
     }
 
     #[test]
@@ -216,7 +232,7 @@ mod tests {
             body,
             json!({ "error": { "code": 409, "message": "busy", "hint": "wait" } })
         );
-        let response = ApiError::unauthorized().into_response();
+        let response = ApiError::unauthorized(true).into_response();
         assert_eq!(response.headers()[header::WWW_AUTHENTICATE], "Bearer");
     }
 }

@@ -268,6 +268,7 @@ mod tests {
                 hostname: "h1".into(),
                 ip: "10.0.0.1".into(),
                 metadata: BTreeMap::from([("region".to_string(), "eu".to_string())]),
+                api: None,
             },
             drained: false,
             units: 2,

@@ -15,7 +15,7 @@
 //! | `GET /fleet/v1/discovery` | fleet's discovery document |
 //! | `POST`/`DELETE /flotilla/v1/machines/M/drain` | drain / undrain machine M (id, id prefix, host name or address) |
 //! | `GET /flotilla/v1/explain/NAME` | every machine and why the unit may or may not run there |
-//! | `GET /flotilla/v1/units/NAME/status` | `systemctl status -l NAME` on the unit's host (text) |
+//! | `GET /flotilla/v1/units/NAME/status` | `systemctl status -l NAME` on the unit's host (text; asked of that host's API when elsewhere) |
 //! | `GET /flotilla/v1/units/NAME/journal?lines=&follow=&output=` | `journalctl` of the unit on its host (text, streamed with `follow=true`) |
 //! | `GET /health` | `ok` |
 //! | `GET /metrics` | Prometheus text format ([`crate::metrics`]) |
@@ -25,10 +25,18 @@
 //! where flotilla knows the next step ([`error`]). Unknown query parameters
 //! are ignored (fleetctl sends `alt=json`); a bad `nextPageToken` is 400.
 //!
-//! Who may call it: the unix socket is mode 0600, so only root ([`socket`]);
-//! on TCP, every request carries `Authorization: Bearer TOKEN`, loopback
-//! included (any local user reaches a loopback port): without `api_token`
-//! there is no TCP listener. Each listener bounds what clients may take
+//! Who may call it: the unix socket is mode 0600, so only root ([`socket`]).
+//! On TCP, loopback included (any local user reaches a loopback port), every
+//! request is authenticated ([`router_tcp`]). Without TLS it must carry
+//! `Authorization: Bearer TOKEN` (without `api_token` there is no TCP
+//! listener). With the daemon's `tls_*` settings the listener speaks HTTPS
+//! only, presenting the host's certificate ([`serve::TlsListener`]), and a
+//! request is let in by the token OR by a client certificate of this
+//! cluster: a member's or an admin's may do everything the token may; an
+//! agent's (a host's) may only read (`GET`/`HEAD`: lists, states, explain,
+//! status and journal, which is what one daemon asks another on a caller's
+//! behalf, see [`status`]) and gets 403 for any write; a certificate of
+//! another CA fails the handshake. Each listener bounds what clients may take
 //! ([`serve`]): a header timeout, a body limit, a connection cap and a
 //! back-off when accepting fails. The API is a client of the store like the
 //! CLI: it goes through [`crate::registry`] with a [`Client`] of this
@@ -41,7 +49,8 @@
 //! * [`machines`]: the machines, their metadata and drain.
 //! * [`discovery`]: fleet's discovery document.
 //! * [`explain`]: why a unit runs where it does, machine by machine.
-//! * [`status`]: `systemctl status` and `journalctl` of units on this host.
+//! * [`status`]: `systemctl status` and `journalctl` of a unit, from its host.
+//! * [`forward`]: asking another host's API for them, over mutual TLS.
 //! * [`page`]: `GET /ui`, the read-only status page.
 //! * [`scrape`]: `GET /metrics` and the timing of every request by route.
 //! * [`socket`]: binding the root-only unix socket.
@@ -50,6 +59,7 @@
 pub mod discovery;
 pub mod error;
 pub mod explain;
+pub mod forward;
 pub mod machines;
 pub mod page;
 pub mod paging;
@@ -64,7 +74,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, delete, get};
@@ -76,7 +86,9 @@ use tokio::task::JoinHandle;
 use crate::config::{ApiLimits, Loaded, Origin};
 use crate::consensus::client::Client;
 use crate::registry::BodyCache;
+use crate::tls::{ClientTls, Identity, Role, Trust};
 use error::ApiError;
+use serve::Caller;
 
 /// Why the API could not start.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +142,9 @@ pub struct Shared {
     machine_id: Option<String>,
     /// The largest request body accepted (`api_max_body_bytes`).
     max_body_bytes: usize,
+    /// This host's certificate as a client, with which it asks the unit's
+    /// host's API for status and journal; `None` without TLS (then it cannot).
+    forwarder: Option<Arc<ClientTls>>,
 }
 
 impl Shared {
@@ -143,6 +158,16 @@ impl Shared {
             stops: units::RecentStops::default(),
             machine_id,
             max_body_bytes: ApiLimits::default().max_body_bytes,
+            forwarder: None,
+        }
+    }
+
+    /// The same, asking other hosts' APIs as `client` (this host's
+    /// certificate) for status and journal of their units.
+    pub fn with_forwarder(self, client: Arc<ClientTls>) -> Shared {
+        Shared {
+            forwarder: Some(client),
+            ..self
         }
     }
 
@@ -240,28 +265,74 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// `router` behind a bearer-token check (the TCP router).
+/// `router` behind a bearer-token check (the TCP router without TLS).
 pub fn router_with_token(shared: Arc<Shared>, token: &str) -> Router {
-    let expected: Arc<[u8; 32]> = Arc::new(Sha256::digest(token.as_bytes()).into());
-    router(shared).layer(middleware::from_fn_with_state(expected, require_token))
+    router_tcp(shared, Some(token), false)
 }
 
-/// Lets a request through only with `Authorization: Bearer TOKEN`.
-async fn require_token(
-    State(expected): State<Arc<[u8; 32]>>,
-    request: Request,
-    next: Next,
-) -> Response {
+/// `router` behind the TCP listener's authentication (see the module doc):
+/// the bearer `token` if set, or with `tls` a client certificate of the
+/// cluster (its [`Caller`], which the TLS listener puts in every request).
+pub fn router_tcp(shared: Arc<Shared>, token: Option<&str>, tls: bool) -> Router {
+    let auth = Arc::new(Auth {
+        token: token.map(|t| Sha256::digest(t.as_bytes()).into()),
+        tls,
+    });
+    router(shared).layer(middleware::from_fn_with_state(auth, authorize))
+}
+
+/// What the TCP router accepts as proof of who calls.
+struct Auth {
+    /// The SHA-256 of `api_token`, if one is set.
+    token: Option<[u8; 32]>,
+    /// Whether the listener speaks TLS (client certificates are possible).
+    tls: bool,
+}
+
+/// Lets a request through when [`access`] allows it.
+async fn authorize(State(auth): State<Arc<Auth>>, request: Request, next: Next) -> Response {
     let given = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(token) if same_digest(&Sha256::digest(token.as_bytes()).into(), &expected) => {
-            next.run(request).await
+    let token = match (given, &auth.token) {
+        (Some(given), Some(expected)) => {
+            same_digest(&Sha256::digest(given.as_bytes()).into(), expected)
         }
-        _ => ApiError::unauthorized().into_response(),
+        _ => false,
+    };
+    let caller = request
+        .extensions()
+        .get::<Caller>()
+        .and_then(|c| c.0.as_ref());
+    match access(caller, token, request.method(), auth.tls) {
+        Ok(()) => next.run(request).await,
+        Err(refused) => refused.into_response(),
+    }
+}
+
+/// Whether a TCP request may go on: with the token, or a member's or an
+/// admin's certificate, anything; with an agent's certificate, reads only.
+pub fn access(
+    caller: Option<&Identity>,
+    token: bool,
+    method: &Method,
+    tls: bool,
+) -> Result<(), ApiError> {
+    if token {
+        return Ok(());
+    }
+    match caller {
+        None => Err(ApiError::unauthorized(tls)),
+        Some(who) => match who.role {
+            Role::Member | Role::Admin => Ok(()),
+            Role::Agent if method == Method::GET || method == Method::HEAD => Ok(()),
+            Role::Agent => Err(ApiError::forbidden(format!(
+                "{who} may only read through the API; changes need an admin's certificate \
+                 (flotilla tls issue NAME --role admin) or the api_token"
+            ))),
+        },
     }
 }
 
@@ -288,28 +359,33 @@ impl Drop for Api {
 }
 
 /// Starts the API on `api_socket` and `api_listen` (each unless empty), with
-/// a store client for `endpoints`.
+/// a store client for `endpoints`; with `trust` (this host's certificate)
+/// `api_listen` speaks HTTPS and the API asks other hosts' APIs for the
+/// status and journal of their units.
 ///
 /// A listener left at its default that cannot be bound (a second daemon on
 /// one machine, as tests run them; a daemon without root) is logged and
 /// skipped; one the operator configured must bind, or the daemon stops.
-/// TCP always wants the token (config refuses an `api_listen` without
-/// `api_token`).
+/// TCP always wants the token or, with TLS, a client certificate (config
+/// refuses an `api_listen` with neither `api_token` nor TLS).
 pub async fn start(
     loaded: &Loaded,
     endpoints: &[String],
     bodies: Arc<BodyCache>,
+    trust: Option<&Trust>,
 ) -> Result<Api, Error> {
     let config = &loaded.config;
     let limits = config.api_limits().unwrap_or_default();
     let machine_id = crate::agent::identity::machine_id(std::path::Path::new("/etc/machine-id"))
         .map_err(|e| tracing::debug!("the API does not know this host's machine id: {e}"))
         .ok();
-    let shared = Arc::new(
-        Shared::new(endpoints.to_vec(), machine_id)
-            .with_max_body_bytes(limits.max_body_bytes)
-            .with_bodies(bodies),
-    );
+    let mut shared = Shared::new(endpoints.to_vec(), machine_id)
+        .with_max_body_bytes(limits.max_body_bytes)
+        .with_bodies(bodies);
+    if let Some(trust) = trust {
+        shared = shared.with_forwarder(trust.client.clone());
+    }
+    let shared = Arc::new(shared);
     let mut api = Api::default();
     let tolerated = |key: &str, err: Error| {
         if loaded.origin(key) == Origin::Default {
@@ -338,26 +414,52 @@ pub async fn start(
         }
     }
 
-    if !config.api_listen.is_empty() && config.api_token.is_empty() {
-        // The config check refuses this; never serve TCP without a token anyway.
+    let token = Some(config.api_token.as_str()).filter(|t| !t.is_empty());
+    if !config.api_listen.is_empty() && token.is_none() && trust.is_none() {
+        // The config check refuses this; never serve TCP unauthenticated anyway.
         tracing::error!(
-            "not serving the API on {}: api_listen needs api_token",
+            "not serving the API on {}: api_listen needs api_token or TLS",
             config.api_listen
         );
     } else if !config.api_listen.is_empty() {
         match TcpListener::bind(&config.api_listen).await {
             Ok(listener) => {
-                let app = router_with_token(shared.clone(), &config.api_token);
                 let addr = listener
                     .local_addr()
                     .map_or_else(|_| config.api_listen.clone(), |a| a.to_string());
-                tracing::info!("API on http://{addr} (bearer token required)");
-                api.tasks.push(tokio::spawn(serve::serve(
-                    listener,
-                    app,
-                    limits,
-                    format!("http://{addr}"),
-                )));
+                let app = router_tcp(shared.clone(), token, trust.is_some());
+                let task = match trust {
+                    Some(trust) => {
+                        tracing::info!(
+                            "API on https://{addr} (a client certificate of this cluster{})",
+                            if token.is_some() {
+                                " or the bearer token"
+                            } else {
+                                ""
+                            }
+                        );
+                        let listener = serve::TlsListener {
+                            tcp: listener,
+                            tls: trust.api_server.clone(),
+                        };
+                        tokio::spawn(serve::serve(
+                            listener,
+                            app,
+                            limits,
+                            format!("https://{addr}"),
+                        ))
+                    }
+                    None => {
+                        tracing::info!("API on http://{addr} (bearer token required)");
+                        tokio::spawn(serve::serve(
+                            listener,
+                            app,
+                            limits,
+                            format!("http://{addr}"),
+                        ))
+                    }
+                };
+                api.tasks.push(task);
             }
             Err(source) => tolerated(
                 "api_listen",
@@ -506,6 +608,39 @@ mod tests {
                 assert_eq!(parsed["error"]["code"], expected, "{shown}: {body}");
             }
         }
+    }
+
+    #[test]
+    fn certificates_grant_by_role_and_agents_only_read() {
+        let who = |role| Identity {
+            cluster: "c".into(),
+            role,
+            name: "x".into(),
+        };
+        let (admin, member, agent) = (who(Role::Admin), who(Role::Member), who(Role::Agent));
+        let status = |caller: Option<&Identity>, token, method: Method| {
+            access(caller, token, &method, true).map_err(|e| e.status.as_u16())
+        };
+        for method in [
+            Method::GET,
+            Method::PUT,
+            Method::DELETE,
+            Method::PATCH,
+            Method::POST,
+        ] {
+            assert_eq!(status(Some(&admin), false, method.clone()), Ok(()));
+            assert_eq!(status(Some(&member), false, method.clone()), Ok(()));
+            assert_eq!(status(None, true, method.clone()), Ok(()));
+            assert_eq!(status(Some(&agent), true, method.clone()), Ok(()), "token");
+            assert_eq!(status(None, false, method.clone()), Err(401));
+        }
+        assert_eq!(status(Some(&agent), false, Method::GET), Ok(()));
+        assert_eq!(status(Some(&agent), false, Method::HEAD), Ok(()));
+        for method in [Method::PUT, Method::DELETE, Method::PATCH, Method::POST] {
+            assert_eq!(status(Some(&agent), false, method), Err(403));
+        }
+        let plain = access(None, false, &Method::GET, false).unwrap_err();
+        assert!(!plain.message.contains("certificate"), "{}", plain.message);
     }
 
     #[tokio::test]

@@ -8,26 +8,45 @@
 //! (and with them the store's and the agent's), and then accept fails in a
 //! loop. So each listener here runs its own accept loop and serves every
 //! connection with hyper's HTTP/1 server, the header timeout armed.
+//!
+//! With TLS ([`TlsListener`], the daemon's `tls_*` settings) each TCP
+//! connection first completes its handshake (within the header timeout) in
+//! its own task, and every request on it carries the client certificate's
+//! [`Caller`] for the authorization layer ([`super::router_tcp`]). A client
+//! that speaks plain HTTP to it gets a plain 400 saying to use `https://`.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::Router;
+use axum::{Extension, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::sync::Semaphore;
 
 use crate::config::ApiLimits;
+use crate::tls::stream::BoxStream;
+use crate::tls::{Identity, ServerTls};
 
 /// What a client over the cap reads before its connection closes.
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n\
 Connection: close\r\nContent-Length: 96\r\n\r\n\
 {\"error\":{\"code\":503,\"message\":\"too many connections to this API (api_max_connections); retry\"}}";
 
-/// A listener the API serves: TCP or the unix socket.
+/// What a plain HTTP client of a TLS listener reads before its connection closes.
+const PLAINTEXT: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n\
+Connection: close\r\nContent-Length: 116\r\n\r\n\
+{\"error\":{\"code\":400,\"message\":\"this port speaks HTTPS only: use https://HOST:PORT with the cluster CA (--tls-ca)\"}}";
+
+/// Who sent a request, as its connection's TLS handshake showed: the
+/// identity in the client's certificate, if it presented one. Every request
+/// carries it as an extension (the unix socket's and plaintext TCP's: none).
+#[derive(Debug, Clone, Default)]
+pub struct Caller(pub Option<Identity>);
+
+/// A listener the API serves: TCP, TCP with TLS, or the unix socket.
 pub trait Accept: Send + 'static {
     /// One accepted connection.
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
@@ -35,10 +54,20 @@ pub trait Accept: Send + 'static {
     fn next(&mut self) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
     /// Writes what it can of `bytes` without waiting (the over-cap answer).
     fn try_write(io: &Self::Io, bytes: &[u8]);
+    /// Makes an accepted connection ready for HTTP, in the connection's own
+    /// task (a TLS handshake: within `timeout`); `None` when it is refused.
+    /// Without TLS: as it is, from nobody in particular.
+    fn open(
+        &self,
+        io: Self::Io,
+        _timeout: Duration,
+    ) -> impl Future<Output = Option<(BoxStream, Caller)>> + Send + 'static {
+        std::future::ready(Some((Box::new(io) as BoxStream, Caller::default())))
+    }
 }
 
 impl Accept for TcpListener {
-    type Io = tokio::net::TcpStream;
+    type Io = TcpStream;
     async fn next(&mut self) -> std::io::Result<Self::Io> {
         self.accept().await.map(|(io, _)| io)
     }
@@ -55,6 +84,69 @@ impl Accept for UnixListener {
     fn try_write(io: &Self::Io, bytes: &[u8]) {
         let _ = io.try_write(bytes);
     }
+}
+
+/// A TCP listener whose connections speak TLS with the host's certificate
+/// ([`crate::tls::Trust::api_server`]: a client certificate is optional).
+pub struct TlsListener {
+    /// The TCP listener.
+    pub tcp: TcpListener,
+    /// The host's TLS server side.
+    pub tls: Arc<ServerTls>,
+}
+
+impl Accept for TlsListener {
+    type Io = TcpStream;
+    async fn next(&mut self) -> std::io::Result<Self::Io> {
+        self.tcp.accept().await.map(|(io, _)| io)
+    }
+    // A TLS client would read plain bytes as garbage: over the cap, it is
+    // only closed.
+    fn try_write(_: &Self::Io, _: &[u8]) {}
+    fn open(
+        &self,
+        io: Self::Io,
+        timeout: Duration,
+    ) -> impl Future<Output = Option<(BoxStream, Caller)>> + Send + 'static {
+        let tls = self.tls.clone();
+        async move {
+            let from = io
+                .peer_addr()
+                .map_or_else(|_| "?".into(), |a| a.to_string());
+            if !starts_with_tls(&io, timeout).await? {
+                refuse_plaintext(io).await;
+                tracing::debug!("API connection from {from}: plain HTTP to the TLS port");
+                return None;
+            }
+            match tls.accept_maybe_anonymous(io, timeout).await {
+                Ok((stream, who)) => Some((stream, Caller(who))),
+                Err(e) => {
+                    tracing::info!("API connection from {from} refused: {e}");
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// Whether the connection's first byte opens a TLS handshake record;
+/// `None` when nothing arrives within `timeout` (or it closed).
+async fn starts_with_tls(io: &TcpStream, timeout: Duration) -> Option<bool> {
+    const HANDSHAKE_RECORD: u8 = 0x16;
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(timeout, io.peek(&mut first)).await {
+        Ok(Ok(1)) => Some(first[0] == HANDSHAKE_RECORD),
+        _ => None,
+    }
+}
+
+/// Answers a plain HTTP request on a TLS port with [`PLAINTEXT`], having
+/// read what it sent (so closing does not reset the answer away).
+async fn refuse_plaintext(mut io: TcpStream) {
+    let mut sink = [0u8; 8192];
+    let _ = tokio::time::timeout(Duration::from_millis(200), io.read(&mut sink)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), io.write_all(PLAINTEXT)).await;
+    let _ = io.shutdown().await;
 }
 
 /// Serves `app` on `listener` until the task is dropped, within `limits`;
@@ -102,8 +194,11 @@ pub async fn serve<L: Accept>(mut listener: L, app: Router, limits: ApiLimits, n
         };
         let app = app.clone();
         let timeout = limits.header_timeout;
+        let opened = listener.open(io, timeout);
         tokio::spawn(async move {
-            let _ = connection(io, app, timeout).await;
+            if let Some((io, caller)) = opened.await {
+                let _ = connection_as(io, app, timeout, caller).await;
+            }
             drop(slot);
         });
     }
@@ -116,6 +211,20 @@ pub async fn connection<I>(io: I, app: Router, header_timeout: Duration) -> hype
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    connection_as(io, app, header_timeout, Caller::default()).await
+}
+
+/// [`connection`], each request carrying `caller`.
+pub async fn connection_as<I>(
+    io: I,
+    app: Router,
+    header_timeout: Duration,
+    caller: Caller,
+) -> hyper::Result<()>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let app = app.layer(Extension(caller));
     hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
@@ -185,18 +294,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn busy_answer_is_well_formed() {
-        let text = std::str::from_utf8(BUSY).unwrap();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        let length: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("Content-Length: "))
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert_eq!(length, body.len());
-        let parsed: serde_json::Value = serde_json::from_str(body).unwrap();
-        assert_eq!(parsed["error"]["code"], 503);
+    fn canned_answers_are_well_formed() {
+        for (answer, code) in [(BUSY, 503), (PLAINTEXT, 400)] {
+            let text = std::str::from_utf8(answer).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(length, body.len(), "{text}");
+            let parsed: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert_eq!(parsed["error"]["code"], code);
+        }
     }
 
     #[test]

@@ -2,15 +2,14 @@
 //! words about a unit (`systemctl status -l`, `journalctl`), for people
 //! without ssh keys to the unit's host.
 //!
-//! Only the daemon on the unit's host answers: it runs `systemctl` or
-//! `journalctl` itself, on a checked unit name, with a fixed argument list
-//! (no shell). A request that reaches another host's daemon is NOT forwarded:
-//! it gets 501 naming the unit's host and address. Forwarding would mean
-//! sending the cluster's API token to whatever address a machine publishes
-//! in its presence record, and any agent host may write its own record, so
-//! one compromised agent host could collect the admin token; without
-//! verified TLS between daemons that cannot be made safe. Ask the unit's
-//! host's API instead, or use ssh (`flotilla status UNIT`).
+//! systemd answers on the unit's host only. The daemon there runs
+//! `systemctl` or `journalctl` itself, on a checked unit name, with a fixed
+//! argument list (no shell). A daemon on another host asks that one for the
+//! caller, over HTTPS with its own certificate ([`super::forward`]), and
+//! streams its answer back (with the answering machine in the
+//! `Flotilla-Machine` header); without TLS it cannot, and says so (502),
+//! naming the unit's host. A request another daemon forwarded is answered
+//! only for units of this host (409 otherwise: the unit moved meanwhile).
 //!
 //! `status` answers `text/plain` with systemctl's exit status in the
 //! `Flotilla-Exit-Status` header (3 for a unit that is not running, as
@@ -28,16 +27,18 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::process::{Child, ChildStdout, Command};
 
 use super::Shared;
 use super::error::ApiError;
+use super::forward::{self, FORWARDED_HEADER};
 use super::paging::Query;
 use super::units::unit_name;
 use crate::registry::ops;
+use crate::registry::records::MachineRecord;
 use crate::units::UnitName;
 
 /// The most journal lines one request may ask for.
@@ -72,9 +73,13 @@ const OUTPUT_MODES: [&str; 15] = [
 pub async fn status(
     State(shared): State<Arc<Shared>>,
     path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    uri: Uri,
 ) -> Result<Response, ApiError> {
     let name = unit_name(path)?;
-    ensure_here(&shared, &name, "status").await?;
+    if let Where::There(machine) = locate(&shared, &name, &headers).await? {
+        return ask(&shared, &name, &machine, &uri, false, "status").await;
+    }
     let mut command = Command::new("systemctl");
     command.args(["status", "-l", "--no-pager", "--", name.as_str()]);
     run_to_end(command).await
@@ -85,6 +90,8 @@ pub async fn journal(
     State(shared): State<Arc<Shared>>,
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    uri: Uri,
 ) -> Result<Response, ApiError> {
     let name = unit_name(path)?;
     let query = Query::parse(query.as_deref());
@@ -116,7 +123,9 @@ pub async fn journal(
             )));
         }
     };
-    ensure_here(&shared, &name, "journal").await?;
+    if let Where::There(machine) = locate(&shared, &name, &headers).await? {
+        return ask(&shared, &name, &machine, &uri, follow, "journal").await;
+    }
     let mut command = Command::new("journalctl");
     let lines = lines.to_string();
     command.args([
@@ -145,37 +154,69 @@ pub async fn journal(
     Ok(text_response(StatusCode::OK, Body::from_stream(stream)))
 }
 
-/// Refuses unless the unit is claimed by this host (see the module doc).
-async fn ensure_here(shared: &Shared, name: &UnitName, verb: &str) -> Result<(), ApiError> {
+/// Where a unit's systemd answers.
+enum Where {
+    /// On this host.
+    Here,
+    /// On this other machine.
+    There(MachineRecord),
+}
+
+/// Finds the unit's host: this one if it claimed the unit, else the first
+/// machine that did (one that publishes its API, if any does). A request
+/// another daemon forwarded must be for this host (see the module doc).
+async fn locate(shared: &Shared, name: &UnitName, headers: &HeaderMap) -> Result<Where, ApiError> {
     let client = shared.client().await?;
     ops::unit_record(client, name).await?;
-    let rows = ops::unit_rows(client).await?;
-    let claimed: Vec<(&str, &str)> = rows
-        .iter()
-        .filter(|r| r.name == *name && r.claimed)
-        .filter_map(|r| Some((r.machine.as_deref()?, r.ip.as_deref().unwrap_or("-"))))
-        .collect();
+    let mut hosts = ops::claimed_by(client, name).await?;
     let here = shared.machine_id.as_deref();
-    if claimed.iter().any(|(id, _)| Some(*id) == here) {
-        return Ok(());
+    if hosts.iter().any(|m| Some(m.id.as_str()) == here) {
+        return Ok(Where::Here);
     }
-    let Some((id, ip)) = claimed.first() else {
+    hosts.sort_by_key(|m| m.api.is_none());
+    let Some(machine) = hosts.into_iter().next() else {
         return Err(ApiError::conflict(format!(
             "unit {name} does not appear to be loaded: no machine runs it"
         ))
         .with_hint(format!("start it first: flotilla start {name}")));
     };
-    Err(ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        format!(
-            "unit {name} runs on machine {id} ({ip}); this daemon reads systemd only on its own \
-             host, and does not forward requests to other hosts"
-        ),
-    )
-    .with_hint(format!(
-        "ask the API of {ip} (flotilla --endpoint http://{ip}:PORT {verb} --via-api {name}), \
-         or use ssh: flotilla {verb} {name}"
-    )))
+    if let Some(from) = headers.get(FORWARDED_HEADER) {
+        return Err(ApiError::conflict(format!(
+            "unit {name} runs on machine {} ({}), not on this host, which {} asked; it \
+             moved meanwhile",
+            machine.id,
+            machine.ip,
+            String::from_utf8_lossy(from.as_bytes())
+        ))
+        .with_hint("ask again"));
+    }
+    Ok(Where::There(machine))
+}
+
+/// Asks `machine`'s API for this request (see [`forward`]); without TLS
+/// here, says that it cannot.
+async fn ask(
+    shared: &Shared,
+    name: &UnitName,
+    machine: &MachineRecord,
+    uri: &Uri,
+    follow: bool,
+    verb: &str,
+) -> Result<Response, ApiError> {
+    let Some(client) = &shared.forwarder else {
+        return Err(ApiError::bad_gateway(format!(
+            "unit {name} runs on machine {} ({}); this daemon has no TLS (tls_ca, tls_cert, \
+             tls_key), so it cannot ask that host's API",
+            machine.id, machine.ip
+        ))
+        .with_hint(format!(
+            "turn on TLS (see SECURITY.md), ask that host's API (flotilla --endpoint \
+             https://{}:PORT {verb} --via-api {name}), or use ssh: flotilla {verb} {name}",
+            machine.ip
+        )));
+    };
+    let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+    forward::forward(client, machine, path, follow).await
 }
 
 /// Runs `command` to its end (within [`COMMAND_TIMEOUT`]) and answers its

@@ -72,6 +72,11 @@ impl Endpoint {
         Ok(Endpoint::Http(given.trim_end_matches('/').to_string()))
     }
 
+    /// Whether this is an `https://` endpoint (it needs the cluster CA).
+    pub fn is_https(&self) -> bool {
+        matches!(self, Endpoint::Http(url) if url.starts_with("https://"))
+    }
+
     /// Parses a comma-separated list; at least one.
     pub fn parse_list(given: &str) -> Result<Vec<Endpoint>, EndpointError> {
         let list: Vec<Endpoint> = given

@@ -2,8 +2,9 @@
 //!
 //! Every unit verb goes through here, so the API is the one door by which
 //! people change the cluster: root on a cluster host uses the unix socket
-//! with no configuration; anyone else an `http(s)://` endpoint with a bearer
-//! token, or `--tunnel` over ssh. Lists are read page by page
+//! with no configuration; anyone else an `https://` endpoint with the cluster
+//! CA and a certificate or the bearer token (`http://` with the token where
+//! the daemons have no TLS), or `--tunnel` over ssh. Lists are read page by page
 //! (`nextPageToken`), as fleet served them.
 //!
 //! * [`endpoint`]: parsing `--endpoint`, and remembering which one answered.
@@ -78,6 +79,17 @@ pub enum Error {
         /// What was wrong with it.
         reason: String,
     },
+    /// The TLS handshake with an endpoint failed: the wrong CA, a refused
+    /// or expired certificate, or no TLS at the other end.
+    #[error("TLS with the API at {endpoint} failed ({reason}); {hint}")]
+    Tls {
+        /// Where.
+        endpoint: String,
+        /// What rustls said.
+        reason: String,
+        /// The likely cause and what to do.
+        hint: String,
+    },
     /// The tunnel could not be opened.
     #[error(transparent)]
     Tunnel(#[from] tunnel::TunnelError),
@@ -105,6 +117,10 @@ const FIRST_TRY: Duration = Duration::from_secs(2);
 pub struct Settings {
     /// The endpoints, tried in order (the remembered good one first).
     pub endpoints: Vec<Endpoint>,
+    /// The TLS of `https://` endpoints: the cluster CA, a server name
+    /// pinned to the cluster, and this user's certificate if given
+    /// ([`crate::tls::https`]); `None` when no endpoint is https.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     /// The bearer token for TCP endpoints.
     pub token: Option<String>,
     /// The limit on one request (not on `journal --follow`'s stream).
@@ -201,6 +217,10 @@ impl ApiClient {
             Some(path) => builder.unix_socket(path),
             None => builder,
         };
+        let builder = match &self.settings.tls {
+            Some(tls) if endpoint.is_https() => builder.tls_backend_preconfigured((**tls).clone()),
+            _ => builder,
+        };
         let http = builder.build().map_err(|e| Error::Setup(e.to_string()))?;
         let shown = match &self.settings.tunnel {
             Some((host, _)) => format!("{endpoint} (through {host})"),
@@ -248,7 +268,17 @@ impl ApiClient {
             if let Some(body) = body {
                 request = request.json(body);
             }
-            match request.send().await {
+            let sent = request.send().await;
+            if let Err(err) = &sent
+                && let Some(hint) = tls_hint(err)
+            {
+                return Err(Error::Tls {
+                    endpoint: connection.shown,
+                    reason: cause(err),
+                    hint,
+                });
+            }
+            match sent {
                 Ok(response) => {
                     self.settle(&connection);
                     return Ok((connection.shown, response));
@@ -609,16 +639,67 @@ fn cause(err: &reqwest::Error) -> String {
     source.to_string()
 }
 
+/// The rustls error inside a reqwest error, if TLS is what failed.
+fn tls_error(err: &reqwest::Error) -> Option<&rustls::Error> {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(cause) = next {
+        if let Some(tls) = cause.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        // An io::Error's source() skips the error it wraps: go into it.
+        next = match cause.downcast_ref::<std::io::Error>() {
+            Some(io) => io.get_ref().map(|inner| inner as _),
+            None => cause.source(),
+        };
+    }
+    None
+}
+
+/// The likely cause of a failed TLS handshake and what to do, or `None`
+/// when TLS is not what failed.
+fn tls_hint(err: &reqwest::Error) -> Option<String> {
+    use rustls::{AlertDescription, CertificateError};
+    let hint = match tls_error(err)? {
+        rustls::Error::InvalidCertificate(CertificateError::Expired) => {
+            "the daemon's certificate has expired: issue it a new one (flotilla tls issue) and \
+             restart it"
+        }
+        rustls::Error::InvalidCertificate(_) | rustls::Error::General(_) => {
+            "the daemon's certificate is not one of this cluster's: is --tls-ca (FLOTILLA_TLS_CA) \
+             the ca.pem of this cluster?"
+        }
+        rustls::Error::AlertReceived(AlertDescription::CertificateExpired) => {
+            "the daemon refused this certificate as expired: issue a new one (flotilla tls \
+             issue NAME --role admin)"
+        }
+        rustls::Error::AlertReceived(AlertDescription::CertificateRequired) => {
+            "the daemon wants a client certificate: give --tls-cert and --tls-key"
+        }
+        rustls::Error::AlertReceived(_) => {
+            "the daemon refused this certificate (--tls-cert): is it one of this cluster's, \
+             issued by `flotilla tls issue` with this cluster's CA?"
+        }
+        rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
+            "the other end does not speak TLS: a daemon without tls_* serves http://, not \
+             https://"
+        }
+        _ => "check --tls-ca, --tls-cert and --tls-key against the daemon's tls_* settings",
+    };
+    Some(hint.to_string())
+}
+
 /// What to try when no endpoint answered.
 fn unreachable_hint(order: &[Endpoint], last: &str) -> String {
     let unix_only = order.iter().all(|e| matches!(e, Endpoint::Unix(_)));
     if unix_only && last.contains("ermission denied") {
         "; the API's socket is root's only: run as root, or use \
-         --endpoint http://HOST:4003 with --api-token"
+         --endpoint https://HOST:4003 with --tls-ca and a certificate (--tls-cert, --tls-key) \
+         or --api-token"
             .to_string()
     } else if unix_only {
         "; is the daemon running on this host (systemctl status flotilla)? From elsewhere use \
-         --endpoint http://HOST:4003 (or FLOTILLA_ENDPOINT) with --api-token, or --tunnel HOST"
+         --endpoint https://HOST:4003 (or FLOTILLA_ENDPOINT) with --tls-ca and a certificate \
+         or --api-token, or --tunnel HOST"
             .to_string()
     } else {
         "; check the address and that the daemon there serves api_listen".to_string()

@@ -174,7 +174,7 @@ impl LabState {
     pub fn api_endpoint(&self) -> String {
         self.hosts
             .iter()
-            .map(|h| format!("http://{}:{API_PORT}", h.ip))
+            .map(|h| format!("https://{}:{API_PORT}", h.ip))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -349,7 +349,7 @@ mod tests {
         assert_eq!(lab.gateway(), Ipv4Addr::new(10, 99, 7, 254));
         assert_eq!(
             lab.api_endpoint(),
-            "http://10.99.7.1:4003,http://10.99.7.2:4003,http://10.99.7.3:4003,http://10.99.7.4:4003"
+            "https://10.99.7.1:4003,https://10.99.7.2:4003,https://10.99.7.3:4003,https://10.99.7.4:4003"
         );
         let json = serde_json::to_string(&lab).unwrap();
         let back: LabState = serde_json::from_str(&json).unwrap();

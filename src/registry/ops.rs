@@ -349,6 +349,29 @@ fn pick_machine(machines: Vec<MachineRecord>, given: &str) -> Result<MachineReco
     }
 }
 
+/// The machines that claimed unit `name` (several for a global unit), with
+/// their presence records: where its systemd status and journal are.
+pub async fn claimed_by(
+    client: &Client,
+    name: &UnitName,
+) -> Result<Vec<MachineRecord>, RegistryError> {
+    let (per_machine, _) = client.range(keys::PER_MACHINE, true, false).await?;
+    let ids: BTreeSet<String> = per_machine
+        .iter()
+        .filter_map(|kv| match keys::parse_machine_key(&kv.key) {
+            Some(MachineKey::Claim(id, unit)) if unit == *name => Some(id),
+            _ => None,
+        })
+        .collect();
+    let mut found = Vec::new();
+    for id in ids {
+        if let Some(kv) = client.get(&keys::machine(&id)).await? {
+            found.push(records::decode(&kv.key, &kv.value)?);
+        }
+    }
+    Ok(found)
+}
+
 /// The scheduler's reason for every unit it cannot place.
 pub async fn reasons(client: &Client) -> Result<BTreeMap<UnitName, String>, RegistryError> {
     let (kvs, _) = client.range(keys::REASONS, true, false).await?;
@@ -495,6 +518,7 @@ mod tests {
             hostname: hostname.to_string(),
             ip: ip.to_string(),
             metadata: BTreeMap::new(),
+            api: None,
         }
     }
 

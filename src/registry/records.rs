@@ -67,6 +67,11 @@ pub struct MachineRecord {
     pub ip: String,
     /// Matched by `MachineMetadata=`.
     pub metadata: BTreeMap<String, String>,
+    /// Where other daemons reach its HTTPS API (`host:port`), to ask it for
+    /// the status and journal of its units; absent without TLS, or when its
+    /// API is not on TCP or only on loopback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
 }
 
 /// What the scheduler places for a machine to claim and run.

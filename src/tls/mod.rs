@@ -1,4 +1,5 @@
-//! Who is at the other end of a store connection.
+//! Who is at the other end of a store connection, or of an HTTPS call to
+//! the API.
 //!
 //! Whoever writes the store runs commands as root on every host, so the
 //! store's peer and client ports speak mutual TLS: a cluster CA
@@ -12,8 +13,10 @@
 //! * [`ca`]: making the CA and issuing certificates.
 //! * [`stream`]: the rustls configurations, and the handshakes that yield the
 //!   other end's [`Identity`].
+//! * [`https`]: the configuration of an HTTPS client of the daemon's API.
 
 pub mod ca;
+pub mod https;
 pub mod identity;
 pub mod stream;
 

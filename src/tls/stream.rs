@@ -33,8 +33,11 @@ pub type BoxStream = Box<dyn Duplex>;
 pub struct Trust {
     /// This node's own identity, read from its certificate.
     pub me: Identity,
-    /// For its listeners.
+    /// For its store listeners: a client certificate is required.
     pub server: Arc<ServerTls>,
+    /// For its HTTP API's TCP listener: a client certificate is checked
+    /// when presented, and may be absent (the caller then needs the token).
+    pub api_server: Arc<ServerTls>,
     /// For the connections it opens.
     pub client: Arc<ClientTls>,
 }
@@ -63,24 +66,121 @@ impl Trust {
     /// Loads the CA certificate, this node's certificate and its key, and
     /// checks that they belong together.
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Trust, TlsError> {
+        let roots = Roots::load(ca)?;
+        let (chain, private, me) = roots.identity(cert, key)?;
+        let provider = provider();
+        let bad_pair = |e: rustls::Error| TlsError::BadFile {
+            path: key.to_path_buf(),
+            what: format!("does not go with {} ({e})", cert.display()),
+        };
+        let server = |anonymous: bool| -> Result<Arc<ServerTls>, TlsError> {
+            let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                roots.store.clone(),
+                provider.clone(),
+            );
+            let builder = if anonymous {
+                builder.allow_unauthenticated()
+            } else {
+                builder
+            };
+            let verifier = builder
+                .build()
+                .map_err(|e| TlsError::Generate(e.to_string()))?;
+            let config = rustls::ServerConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .map_err(|e| TlsError::Generate(e.to_string()))?
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(chain.clone(), private.clone_key())
+                .map_err(bad_pair)?;
+            Ok(Arc::new(ServerTls {
+                acceptor: TlsAcceptor::from(Arc::new(config)),
+                cluster: roots.cluster.clone(),
+            }))
+        };
+        let client = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Generate(e.to_string()))?
+            .with_root_certificates(roots.store.clone())
+            .with_client_auth_cert(chain.clone(), private.clone_key())
+            .map_err(bad_pair)?;
+        let server_name = ServerName::try_from(identity::server_name(&roots.cluster))
+            .map_err(|e| TlsError::Generate(e.to_string()))?;
+        Ok(Trust {
+            server: server(false)?,
+            api_server: server(true)?,
+            client: Arc::new(ClientTls {
+                connector: TlsConnector::from(Arc::new(client)),
+                server_name,
+                cluster: roots.cluster.clone(),
+                me: me.clone(),
+            }),
+            me,
+        })
+    }
+}
+
+/// The ring provider, the one crypto provider of the whole binary.
+pub(super) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A cluster CA loaded for verifying: its certificates and its cluster id.
+pub(super) struct Roots {
+    pub(super) store: Arc<rustls::RootCertStore>,
+    pub(super) cluster: String,
+    path: std::path::PathBuf,
+}
+
+impl Roots {
+    /// Loads the CA certificate file `ca`.
+    pub(super) fn load(ca: &Path) -> Result<Roots, TlsError> {
         let ca_certs = certs_in(ca)?;
         let cluster =
             identity::cluster_id_of_ca(&ca_certs[0]).map_err(|what| TlsError::BadFile {
                 path: ca.to_path_buf(),
                 what,
             })?;
+        let mut store = rustls::RootCertStore::empty();
+        for der in ca_certs {
+            store.add(der).map_err(|e| TlsError::BadFile {
+                path: ca.to_path_buf(),
+                what: format!("not a usable CA certificate ({e})"),
+            })?;
+        }
+        Ok(Roots {
+            store: Arc::new(store),
+            cluster,
+            path: ca.to_path_buf(),
+        })
+    }
+
+    /// Loads a certificate of this CA's cluster and its key; returns the
+    /// chain, the key and the identity the certificate names.
+    pub(super) fn identity(
+        &self,
+        cert: &Path,
+        key: &Path,
+    ) -> Result<
+        (
+            Vec<CertificateDer<'static>>,
+            PrivateKeyDer<'static>,
+            Identity,
+        ),
+        TlsError,
+    > {
         let chain = certs_in(cert)?;
         let me = Identity::from_der(&chain[0]).map_err(|e| TlsError::BadFile {
             path: cert.to_path_buf(),
             what: e.to_string(),
         })?;
-        if me.cluster != cluster {
+        if me.cluster != self.cluster {
             return Err(TlsError::BadFile {
                 path: cert.to_path_buf(),
                 what: format!(
-                    "was issued by another cluster's CA ({}), not by {} ({cluster})",
+                    "was issued by another cluster's CA ({}), not by {} ({})",
                     me.cluster,
-                    ca.display()
+                    self.path.display(),
+                    self.cluster
                 ),
             });
         }
@@ -89,69 +189,44 @@ impl Trust {
                 path: key.to_path_buf(),
                 what: format!("not a private key in PEM form ({e})"),
             })?;
-        let mut roots = rustls::RootCertStore::empty();
-        for der in ca_certs {
-            roots.add(der).map_err(|e| TlsError::BadFile {
-                path: ca.to_path_buf(),
-                what: format!("not a usable CA certificate ({e})"),
-            })?;
-        }
-        let roots = Arc::new(roots);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let bad_pair = |e: rustls::Error| TlsError::BadFile {
-            path: key.to_path_buf(),
-            what: format!("does not go with {} ({e})", cert.display()),
-        };
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            roots.clone(),
-            provider.clone(),
-        )
-        .build()
-        .map_err(|e| TlsError::Generate(e.to_string()))?;
-        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| TlsError::Generate(e.to_string()))?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain.clone(), private.clone_key())
-            .map_err(bad_pair)?;
-        let client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| TlsError::Generate(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, private)
-            .map_err(bad_pair)?;
-        let server_name = ServerName::try_from(identity::server_name(&cluster))
-            .map_err(|e| TlsError::Generate(e.to_string()))?;
-        Ok(Trust {
-            server: Arc::new(ServerTls {
-                acceptor: TlsAcceptor::from(Arc::new(server)),
-                cluster: cluster.clone(),
-            }),
-            client: Arc::new(ClientTls {
-                connector: TlsConnector::from(Arc::new(client)),
-                server_name,
-                cluster,
-                me: me.clone(),
-            }),
-            me,
-        })
+        Ok((chain, private, me))
     }
 }
 
 impl ServerTls {
     /// Runs the server side of the handshake within `timeout`; returns the
-    /// stream and the client's identity.
+    /// stream and the client's identity (a store listener: required).
     pub async fn accept(
         &self,
         tcp: TcpStream,
         timeout: Duration,
     ) -> Result<(BoxStream, Identity), TlsError> {
+        let (stream, who) = self.accept_maybe_anonymous(tcp, timeout).await?;
+        let who =
+            who.ok_or_else(|| TlsError::Identity("the other end presented no certificate".into()))?;
+        Ok((stream, who))
+    }
+
+    /// Like [`ServerTls::accept`], but a client without a certificate is
+    /// let through as `None` (the API's listener, where a token may stand in
+    /// for it; see [`Trust::api_server`]). A certificate that is presented
+    /// must be of this cluster.
+    pub async fn accept_maybe_anonymous(
+        &self,
+        tcp: TcpStream,
+        timeout: Duration,
+    ) -> Result<(BoxStream, Option<Identity>), TlsError> {
         let tls = tokio::time::timeout(timeout, self.acceptor.accept(tcp))
             .await
             .map_err(|_| TlsError::Handshake(format!("not finished within {timeout:?}")))?
             .map_err(|e| TlsError::Handshake(e.to_string()))?;
-        let who = peer_identity(tls.get_ref().1.peer_certificates())?;
-        if who.cluster != self.cluster {
+        let who = match tls.get_ref().1.peer_certificates() {
+            Some(certs) if !certs.is_empty() => Some(peer_identity(Some(certs))?),
+            _ => None,
+        };
+        if let Some(who) = &who
+            && who.cluster != self.cluster
+        {
             return Err(TlsError::Identity(format!(
                 "{who} belongs to cluster {}, not {}",
                 who.cluster, self.cluster
@@ -170,6 +245,19 @@ impl ClientTls {
         tcp: TcpStream,
         timeout: Duration,
     ) -> Result<(BoxStream, Identity), TlsError> {
+        self.connect_to(tcp, timeout, |who| who.role == Role::Member)
+            .await
+    }
+
+    /// Like [`ClientTls::connect`], with `wanted` deciding which holder of a
+    /// certificate of this cluster the other end may be (another host's API:
+    /// that host's own certificate).
+    pub async fn connect_to(
+        &self,
+        tcp: TcpStream,
+        timeout: Duration,
+        wanted: impl FnOnce(&Identity) -> bool,
+    ) -> Result<(BoxStream, Identity), TlsError> {
         let tls = tokio::time::timeout(
             timeout,
             self.connector.connect(self.server_name.clone(), tcp),
@@ -178,9 +266,9 @@ impl ClientTls {
         .map_err(|_| TlsError::Handshake(format!("not finished within {timeout:?}")))?
         .map_err(|e| TlsError::Handshake(e.to_string()))?;
         let who = peer_identity(tls.get_ref().1.peer_certificates())?;
-        if who.role != Role::Member || who.cluster != self.cluster {
+        if who.cluster != self.cluster || !wanted(&who) {
             return Err(TlsError::Identity(format!(
-                "the other end is {who} of cluster {}, not a member of cluster {}",
+                "the other end is {who} of cluster {}, not who was expected in cluster {}",
                 who.cluster, self.cluster
             )));
         }
@@ -193,7 +281,7 @@ impl ClientTls {
     }
 }
 
-fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Result<Identity, TlsError> {
+pub(super) fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Result<Identity, TlsError> {
     let leaf = certs
         .and_then(|c| c.first())
         .ok_or_else(|| TlsError::Identity("the other end presented no certificate".into()))?;

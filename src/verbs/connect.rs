@@ -1,11 +1,13 @@
 //! The global flags made real: an API client and the ssh options, with
 //! fleetctl's defaults filled in where the user gave nothing.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use flotilla::cli::ApiArgs;
+use flotilla::cli::{ApiArgs, TlsArgs};
 use flotilla::client::endpoint::{self, Endpoint, Memory};
 use flotilla::client::ssh::SshOptions;
 use flotilla::client::{ApiClient, Settings};
@@ -59,7 +61,51 @@ pub fn resolve(args: &ApiArgs) -> Result<ApiArgs, Usage> {
         .known_hosts_file
         .take()
         .or_else(|| env("FLOTILLA_KNOWN_HOSTS_FILE").map(Into::into));
+    args.tls = resolve_tls(&args.tls);
     Ok(args)
+}
+
+/// `--tls-ca`, `--tls-cert` and `--tls-key`, with `FLOTILLA_TLS_*` where a
+/// flag was not given.
+pub fn resolve_tls(tls: &TlsArgs) -> TlsArgs {
+    let or_env = |given: &Option<std::path::PathBuf>, name: &str| {
+        given.clone().or_else(|| env(name).map(Into::into))
+    };
+    TlsArgs {
+        tls_ca: or_env(&tls.tls_ca, "FLOTILLA_TLS_CA"),
+        tls_cert: or_env(&tls.tls_cert, "FLOTILLA_TLS_CERT"),
+        tls_key: or_env(&tls.tls_key, "FLOTILLA_TLS_KEY"),
+    }
+}
+
+/// The certificate and its key of (resolved) `tls`: both or neither.
+fn identity(tls: &TlsArgs) -> Result<Option<(&Path, &Path)>, Usage> {
+    match (&tls.tls_cert, &tls.tls_key) {
+        (Some(cert), Some(key)) => Ok(Some((cert, key))),
+        (None, None) => Ok(None),
+        _ => Err(Usage(
+            "give both --tls-cert and --tls-key (or FLOTILLA_TLS_CERT and FLOTILLA_TLS_KEY), \
+             or neither"
+                .into(),
+        )),
+    }
+}
+
+/// The TLS of https endpoints, from (resolved) `tls`: the cluster CA is
+/// required (a daemon's certificate is signed by nothing else), the
+/// certificate optional (without it the token must do).
+fn https(tls: &TlsArgs) -> Result<Arc<rustls::ClientConfig>> {
+    let ca = tls.tls_ca.as_deref().ok_or_else(|| {
+        Usage(
+            "an https:// endpoint needs the cluster CA to check the daemon's certificate: \
+             --tls-ca FILE (ca.pem of `flotilla tls init`) or FLOTILLA_TLS_CA"
+                .into(),
+        )
+    })?;
+    let config = flotilla::tls::https::api_client_config(ca, identity(tls)?).context(
+        "cannot load the certificates for the https API (--tls-ca, --tls-cert, --tls-key)",
+    )?;
+    Ok(Arc::new(config))
 }
 
 /// The ssh options, from resolved flags (`forward_agent` from verbs with `-A`).
@@ -80,8 +126,8 @@ pub fn ssh_options(args: &ApiArgs, forward_agent: bool) -> SshOptions {
 }
 
 /// The client settings from resolved flags, checked (a bad endpoint or
-/// timeout is a usage error).
-pub fn settings(args: &ApiArgs) -> Result<Settings, Usage> {
+/// timeout is a usage error, so is an https endpoint without --tls-ca).
+pub fn settings(args: &ApiArgs) -> Result<Settings> {
     let given = args.endpoint.as_deref().unwrap_or(endpoint::DEFAULT);
     let endpoints = Endpoint::parse_list(given).map_err(|e| Usage(e.to_string()))?;
     let secs = args.request_timeout.unwrap_or(REQUEST_TIMEOUT_SECS);
@@ -93,8 +139,14 @@ pub fn settings(args: &ApiArgs) -> Result<Settings, Usage> {
                 "--request-timeout {secs} must be a positive number of seconds"
             ))
         })?;
+    let tls = if endpoints.iter().any(Endpoint::is_https) {
+        Some(https(&args.tls)?)
+    } else {
+        None
+    };
     Ok(Settings {
         endpoints,
+        tls,
         token: args.api_token.clone(),
         timeout,
         tunnel: args

@@ -240,14 +240,11 @@ pub async fn status(args: StatusArgs, outer: &ApiArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The API answers `--via-api` only on the unit's own host (501 elsewhere,
-/// with its own hint: the daemons do not forward the cluster's token).
+/// What `--via-api` failed at: the unit, or reaching its host's API (502:
+/// the daemon asked could not ask the unit's host, whose name it gives).
 fn via_api_error(err: flotilla::client::Error, verb: &str, name: &UnitName) -> anyhow::Error {
     let context = match err.status() {
-        Some(501) => format!(
-            "this endpoint is not {name}'s host; point --endpoint at that host's API, \
-             or use ssh: flotilla {verb} {name}"
-        ),
+        Some(502) => format!("cannot read {name}'s {verb} from its host through the API"),
         Some(404) => format!("no unit {name} in the cluster (see flotilla list-unit-files)"),
         _ => format!("cannot read {name}'s {verb} through the API"),
     };

@@ -146,14 +146,7 @@ impl Cluster {
 
     /// Runs a flotilla verb that must succeed; returns its stdout.
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.flotilla(args);
-        assert!(
-            out.status.success(),
-            "flotilla {args:?} failed: {}{}",
-            text(&out.stdout),
-            text(&out.stderr)
-        );
-        text(&out.stdout)
+        super::succeeded(&self.flotilla(args), &format!("flotilla {args:?} failed"))
     }
 
     /// Writes unit files into a temporary directory and submits them.

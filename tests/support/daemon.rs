@@ -1,12 +1,15 @@
 //! A real store-only daemon (no agent, so nothing is ever placed) serving its
-//! API on a unix socket and on loopback TCP with a token, for tests of the
-//! CLI and of the API's listeners that need no systemd.
+//! API on a unix socket and on loopback TCP with a token (HTTPS when started
+//! with a cluster CA), for tests of the CLI and of the API's listeners that
+//! need no systemd.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use super::pki::Pki;
 use super::{free_port, text};
+use flotilla::tls::Role;
 
 /// The daemons' `api_token`.
 pub const TOKEN: &str = "0123456789abcdef0123456789abcdef";
@@ -17,7 +20,7 @@ pub struct Daemon {
     pub child: Child,
     /// The API's unix socket.
     pub socket: PathBuf,
-    /// The API's TCP base URL, `http://127.0.0.1:PORT`.
+    /// The API's TCP base URL, `http://127.0.0.1:PORT` (`https://` with TLS).
     pub http: String,
     /// The store's client address (`--store-endpoint`), `127.0.0.1:PORT`.
     pub store: String,
@@ -32,6 +35,16 @@ impl Daemon {
     /// Starts one with extra environment (`FLOTILLA_API_MAX_CONNECTIONS`...)
     /// and waits until its API reaches its store.
     pub fn start_with(env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_in(env, None)
+    }
+
+    /// Starts one as member `n1` of `pki`'s cluster: mutual TLS on its store,
+    /// HTTPS on its TCP API (which still takes the token too).
+    pub fn start_tls(pki: &Pki, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_in(env, Some(pki))
+    }
+
+    fn start_in(env: &[(&str, &str)], pki: Option<&Pki>) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let (client, peer, api) = (free_port(), free_port(), free_port());
         let socket = dir.path().join("api.sock");
@@ -53,16 +66,22 @@ impl Daemon {
             .env("FLOTILLA_API_SOCKET", &socket)
             .env("FLOTILLA_API_LISTEN", format!("127.0.0.1:{api}"))
             .env("FLOTILLA_API_TOKEN", TOKEN)
+            .envs(
+                pki.map(|pki| pki.env("n1", Role::Member))
+                    .into_iter()
+                    .flatten(),
+            )
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap();
+        let scheme = if pki.is_some() { "https" } else { "http" };
         let daemon = Daemon {
             dir,
             child,
             socket,
-            http: format!("http://127.0.0.1:{api}"),
+            http: format!("{scheme}://127.0.0.1:{api}"),
             store: format!("127.0.0.1:{client}"),
         };
         let started = Instant::now();
@@ -86,7 +105,9 @@ impl Daemon {
 
     /// `host:port` of the TCP API.
     pub fn tcp_addr(&self) -> &str {
-        self.http.trim_start_matches("http://")
+        self.http
+            .split_once("://")
+            .map_or(&self.http, |(_, addr)| addr)
     }
 
     /// `flotilla` pointed at the unix socket, with a private cache.
@@ -100,6 +121,9 @@ impl Daemon {
             .env("XDG_CACHE_HOME", self.dir.path().join("cache"))
             .env_remove("FLOTILLA_API_TOKEN")
             .env_remove("FLOTILLA_TUNNEL")
+            .env_remove("FLOTILLA_TLS_CA")
+            .env_remove("FLOTILLA_TLS_CERT")
+            .env_remove("FLOTILLA_TLS_KEY")
             .current_dir(self.dir.path());
         command
     }
@@ -110,14 +134,7 @@ impl Daemon {
 
     /// Runs a verb that must succeed; returns its stdout.
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "flotilla {args:?}: {}{}",
-            text(&out.stdout),
-            text(&out.stderr)
-        );
-        text(&out.stdout)
+        super::succeeded(&self.run(args), &format!("flotilla {args:?}"))
     }
 
     /// Runs a verb that must fail with exit 1; returns its stderr.

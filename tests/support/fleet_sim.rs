@@ -652,6 +652,7 @@ impl Fleet {
                 leave_on_stop: false,
                 metadata_updates: None,
                 bodies: Arc::new(BodyCache::new()),
+                api_listen: None,
             };
             let systemd = FakeSystemd::new(i, model, journal.clone());
             let backend: Arc<dyn Backend> = Arc::new(FakeBackend(systemd.clone()));

@@ -64,6 +64,44 @@ impl Answer {
     }
 }
 
+/// The stdout of a command that must have succeeded (`what` names it in
+/// the failure message, with its output).
+pub fn succeeded(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// The numbers of the `tick N` lines `journal -f` of a ticker prints, read
+/// from `output` until `count` of them arrived or `limit` passed.
+pub fn read_ticks(
+    output: impl std::io::Read,
+    count: usize,
+    limit: std::time::Duration,
+) -> Vec<u32> {
+    use std::io::BufRead;
+    let mut ticks = Vec::new();
+    let deadline = std::time::Instant::now() + limit;
+    for line in std::io::BufReader::new(output).lines() {
+        let Ok(line) = line else { break };
+        if let Some(n) = line
+            .rsplit("tick ")
+            .next()
+            .and_then(|n| n.trim().parse::<u32>().ok())
+        {
+            ticks.push(n);
+        }
+        if ticks.len() >= count || std::time::Instant::now() > deadline {
+            break;
+        }
+    }
+    ticks
+}
+
 /// Process output as text, for assertions and messages.
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -71,4 +109,5 @@ pub fn text(bytes: &[u8]) -> String {
 
 pub mod cluster;
 pub mod daemon;
+pub mod machine;
 pub mod pki;
