@@ -96,6 +96,15 @@ impl Compare {
         Compare::revision_is(key, read.map_or(0, |kv| kv.mod_revision))
     }
 
+    /// Holds while `key` exists with exactly `value`.
+    pub fn value_is(key: &str, value: Vec<u8>) -> Compare {
+        Compare {
+            key: key.to_string(),
+            op: CompareOp::Equal,
+            target: Target::Value(value),
+        }
+    }
+
     /// Holds while `key` exists.
     pub fn exists(key: &str) -> Compare {
         Compare {
@@ -239,6 +248,28 @@ impl Command {
         }
     }
 
+    /// The leases this command uses: the one it keeps alive or revokes, or
+    /// those its puts attach keys to (in either branch). Not the leases a
+    /// grant makes, nor those the leader's lease clock expires or checkpoints.
+    pub fn leases(&self) -> BTreeSet<LeaseId> {
+        match self {
+            Command::LeaseKeepAlive { id } | Command::LeaseRevoke { id } => BTreeSet::from([*id]),
+            Command::Txn {
+                success, failure, ..
+            } => success
+                .iter()
+                .chain(failure)
+                .filter_map(|op| match op {
+                    Op::Put { lease, .. } => *lease,
+                    _ => None,
+                })
+                .collect(),
+            Command::LeaseGrant { .. }
+            | Command::LeaseExpire { .. }
+            | Command::LeaseCheckpoint { .. } => BTreeSet::new(),
+        }
+    }
+
     /// A transaction that deletes one key, or a prefix.
     pub fn delete(key: impl Into<String>, prefix: bool) -> Self {
         Command::Txn {
@@ -354,6 +385,15 @@ pub struct Lease {
     pub remaining_ms: u64,
     /// Keys attached to it.
     pub keys: BTreeSet<String>,
+    /// The agent (machine id) whose certificate granted it; `None` for a
+    /// lease granted by a member, an admin, a caller without TLS, or by a
+    /// release that did not record owners. Fixed at grant: an agent may keep
+    /// alive, revoke and attach keys to its own leases only
+    /// ([`crate::registry::access`]). Not in the snapshot's main body: it
+    /// travels in the snapshot's extension ([`super::codec::encode_snapshot`]),
+    /// which older releases skip.
+    #[serde(skip)]
+    pub owner: Option<String>,
 }
 
 /// How many bytes of change events the history keeps by default.
@@ -502,6 +542,25 @@ impl KvStore {
         self.leases.values()
     }
 
+    /// The owner of every lease that has one: what a snapshot's extension
+    /// carries ([`super::codec::encode_snapshot`]).
+    pub fn lease_owners(&self) -> BTreeMap<LeaseId, String> {
+        self.leases
+            .values()
+            .filter_map(|l| Some((l.id, l.owner.clone()?)))
+            .collect()
+    }
+
+    /// Restores the owners a snapshot's extension carried; a lease it does
+    /// not name keeps no owner.
+    pub fn set_lease_owners(&mut self, owners: BTreeMap<LeaseId, String>) {
+        for (id, owner) in owners {
+            if let Some(lease) = self.leases.get_mut(&id) {
+                lease.owner = Some(owner);
+            }
+        }
+    }
+
     /// The events for keys starting with `prefix` from revision `from` on.
     pub fn events_since(&self, prefix: &str, from: Revision) -> Result<Vec<Event>, Compacted> {
         if from <= self.compacted {
@@ -521,6 +580,12 @@ impl KvStore {
 
     /// Applies one committed command; returns its outcome and the events it made.
     pub fn apply(&mut self, command: &Command) -> (Outcome, Vec<Event>) {
+        self.apply_for(command, None)
+    }
+
+    /// Applies one committed command proposed for the agent `agent` (its
+    /// log entry says so): a lease it grants is that agent's.
+    pub fn apply_for(&mut self, command: &Command, agent: Option<&str>) -> (Outcome, Vec<Event>) {
         let mut events = Vec::new();
         let outcome = match command {
             Command::Txn {
@@ -528,7 +593,7 @@ impl KvStore {
                 success,
                 failure,
             } => self.txn(compare, success, failure, &mut events),
-            Command::LeaseGrant { ttl_ms } => self.grant(*ttl_ms),
+            Command::LeaseGrant { ttl_ms } => self.grant(*ttl_ms, agent),
             Command::LeaseKeepAlive { id } => match self.leases.get_mut(id) {
                 Some(lease) => {
                     lease.remaining_ms = lease.ttl_ms;
@@ -711,7 +776,7 @@ impl KvStore {
         deleted
     }
 
-    fn grant(&mut self, ttl_ms: u64) -> Outcome {
+    fn grant(&mut self, ttl_ms: u64, owner: Option<&str>) -> Outcome {
         if ttl_ms == 0 {
             return Outcome::Failed(KvError::ZeroTtl);
         }
@@ -724,6 +789,7 @@ impl KvStore {
                 ttl_ms,
                 remaining_ms: ttl_ms,
                 keys: BTreeSet::new(),
+                owner: owner.map(str::to_string),
             },
         );
         Outcome::LeaseGranted { id, ttl_ms }

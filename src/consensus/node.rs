@@ -31,7 +31,7 @@ use raft::eraftpb::{
 };
 use raft::{GetEntriesContext, RawNode, SnapshotStatus, StateRole};
 
-use super::codec::{self, MemberInfo, SnapshotData, SnapshotRef};
+use super::codec::{self, MemberInfo, SnapshotData};
 use super::kv::{Command, Compacted, Event, KvStore, LeaseId, Outcome, Revision};
 use super::lessor::{ClockBounds, Lessor};
 use super::limits::{Limits, Refused};
@@ -303,7 +303,7 @@ impl<D: Durable> Core<D> {
             recovered = disk.load()?;
         }
         if let Some(snap) = &recovered.snapshot {
-            let data: SnapshotData = codec::decode(&snap.data)?;
+            let data = codec::decode_snapshot(&snap.data)?;
             kv = data.kv;
             kv.set_history_bytes(config.history_bytes);
             members = data.members;
@@ -472,6 +472,18 @@ impl<D: Durable> Core<D> {
     /// A command that breaks this member's [`Limits`] is refused before it
     /// is proposed: it changes nothing and costs no log entry.
     pub fn propose(&mut self, command: &Command, reply: Callback<Result<Outcome, RequestError>>) {
+        self.propose_for(command, None, reply);
+    }
+
+    /// [`Core::propose`] on behalf of the agent `agent` (the machine id its
+    /// certificate names): its log entry records the agent, so a lease it
+    /// grants is that agent's on every member ([`super::kv::Lease::owner`]).
+    pub fn propose_for(
+        &mut self,
+        command: &Command,
+        agent: Option<&str>,
+        reply: Callback<Result<Outcome, RequestError>>,
+    ) {
         if let Some(refused) = self.refusal() {
             return reply(Err(refused));
         }
@@ -479,7 +491,7 @@ impl<D: Durable> Core<D> {
         if let Err(refused) = limits.check(command, &self.kv) {
             return reply(Err(refused.into()));
         }
-        let data = codec::encode(command);
+        let data = codec::encode_entry(command, agent);
         if data.len() > limits.request_bytes {
             let refused = Refused::RequestTooLarge(data.len(), limits.request_bytes);
             return reply(Err(refused.into()));
@@ -799,7 +811,7 @@ impl<D: Durable> Core<D> {
         let mut installed = None;
         if !ready.snapshot().is_empty() {
             let snap = ready.snapshot().clone();
-            installed = Some(codec::decode::<SnapshotData>(&snap.data)?);
+            installed = Some(codec::decode_snapshot(&snap.data)?);
             batch.conf_state = Some(snap.get_metadata().get_conf_state().clone());
             batch.installed = Some(snap);
         }
@@ -949,14 +961,14 @@ impl<D: Durable> Core<D> {
             match entry.get_entry_type() {
                 EntryType::EntryNormal if entry.data.is_empty() => {}
                 EntryType::EntryNormal => {
-                    let command: Command = codec::decode(&entry.data)?;
+                    let (command, agent) = codec::decode_entry(&entry.data)?;
                     if let Command::LeaseExpire { ids } = &command {
                         let live = ids.iter().filter(|id| self.kv.lease(**id).is_some());
                         crate::metrics::METRICS
                             .lease_expiries
                             .add(live.count() as u64);
                     }
-                    let (outcome, made) = self.kv.apply(&command);
+                    let (outcome, made) = self.kv.apply_for(&command, agent.as_deref());
                     if let Some(lessor) = &mut self.lessor {
                         lessor.applied(&command, &outcome, self.now_ms);
                     }
@@ -1138,11 +1150,7 @@ impl<D: Durable> Core<D> {
         snap.mut_metadata().index = self.applied;
         snap.mut_metadata().term = term;
         snap.mut_metadata().set_conf_state(self.conf_state.clone());
-        snap.data = codec::encode(&SnapshotRef {
-            kv: &self.kv,
-            members: &self.members,
-        })
-        .into();
+        snap.data = codec::encode_snapshot(&self.kv, &self.members).into();
         let batch = Batch {
             taken: Some(snap),
             ..Batch::default()
@@ -1165,7 +1173,7 @@ pub fn founding_batch(kv: &KvStore, members: &BTreeMap<u64, MemberInfo>) -> Batc
     };
     let mut snap = Snapshot::default();
     snap.mut_metadata().set_conf_state(cs.clone());
-    snap.data = codec::encode(&SnapshotRef { kv, members }).into();
+    snap.data = codec::encode_snapshot(kv, members).into();
     Batch {
         installed: Some(snap),
         conf_state: Some(cs),

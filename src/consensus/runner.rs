@@ -15,7 +15,7 @@ use raft::eraftpb::Message;
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
 use super::codec::MemberInfo;
-use super::kv::{Command, KeyValue, Outcome, Revision};
+use super::kv::{Command, KeyValue, Lease, LeaseId, Outcome, Revision};
 use super::node::{Core, RequestError, Status, WatchMsg};
 use super::storage::Durable;
 use crate::metrics::METRICS;
@@ -26,8 +26,19 @@ pub enum Msg {
     Propose {
         /// The command.
         command: Command,
+        /// The agent it is proposed for (see [`Core::propose_for`]).
+        agent: Option<String>,
         /// Where the outcome goes.
         reply: oneshot::Sender<Result<Outcome, RequestError>>,
+    },
+    /// Read one lease.
+    Lease {
+        /// The lease.
+        id: LeaseId,
+        /// Confirm leadership first (ReadIndex); false serves local state.
+        linearizable: bool,
+        /// Where the lease goes (`None`: no such lease).
+        reply: oneshot::Sender<Result<Option<Lease>, RequestError>>,
     },
     /// Read one key or a prefix.
     Range {
@@ -123,7 +134,40 @@ impl Handle {
 
     /// Proposes a command and waits until this member applied it.
     pub async fn propose(&self, command: Command) -> Result<Outcome, RequestError> {
-        self.ask(|reply| Msg::Propose { command, reply }).await
+        self.propose_for(command, None).await
+    }
+
+    /// [`Handle::propose`] on behalf of the agent `agent` ([`Core::propose_for`]).
+    pub async fn propose_for(
+        &self,
+        command: Command,
+        agent: Option<String>,
+    ) -> Result<Outcome, RequestError> {
+        self.ask(|reply| Msg::Propose {
+            command,
+            agent,
+            reply,
+        })
+        .await
+    }
+
+    /// Lease `id` as this member knows it; when it knows none, as the
+    /// leader's latest state does (a member behind the one that granted a
+    /// lease may not have applied the grant yet). `None`: no such lease.
+    pub async fn lease(&self, id: LeaseId) -> Result<Option<Lease>, RequestError> {
+        for linearizable in [false, true] {
+            let found = self
+                .ask(|reply| Msg::Lease {
+                    id,
+                    linearizable,
+                    reply,
+                })
+                .await?;
+            if found.is_some() {
+                return Ok(found);
+            }
+        }
+        Ok(None)
     }
 
     /// Reads a key or prefix; linearizable unless `linearizable` is false.
@@ -325,16 +369,31 @@ fn drive<D: Durable, T: Transport>(
 /// Handles one message; false means stop.
 fn handle<D: Durable>(core: &mut Core<D>, msg: Msg) -> bool {
     match msg {
-        Msg::Propose { command, reply } => {
+        Msg::Propose {
+            command,
+            agent,
+            reply,
+        } => {
             let started = Instant::now();
-            core.propose(
+            core.propose_for(
                 &command,
+                agent.as_deref(),
                 Box::new(move |r| {
                     METRICS.raft_proposal_seconds.observe(started.elapsed());
                     let _ = reply.send(r);
                 }),
             )
         }
+        Msg::Lease {
+            id,
+            linearizable: false,
+            reply,
+        } => {
+            let _ = reply.send(Ok(core.kv().lease(id).cloned()));
+        }
+        Msg::Lease { id, reply, .. } => core.read_index(Box::new(move |r| {
+            let _ = reply.send(r.map(|kv| kv.lease(id).cloned()));
+        })),
         Msg::Range {
             key,
             prefix,
