@@ -418,6 +418,141 @@ async fn caught_up(client: &Client, keys: &BTreeSet<String>, what: &str) {
     }
 }
 
+/// The index of the newest snapshot file in a member's data dir (files are
+/// `snapshot-<term>-<index>.bin`, both in hex); 0 without one.
+fn newest_snapshot_file(dir: &Path) -> u64 {
+    std::fs::read_dir(dir.join("raft"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let index = name
+                .strip_prefix("snapshot-")?
+                .strip_suffix(".bin")?
+                .split('-')
+                .nth(1)?;
+            u64::from_str_radix(index, 16).ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Snapshots are encoded and written off the Raft thread: those files are
+/// what a follower that fell behind the compacted log installs, and what
+/// the whole cluster restarts from after a kill -9.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_written_off_the_raft_thread_catch_up_a_follower_and_restart_the_cluster() {
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.leader(None).await;
+    let lagging = (0..3).find(|i| *i != leader).unwrap();
+    cluster.kill9(lagging);
+    let running: Vec<String> = (0..3)
+        .filter(|i| *i != lagging)
+        .map(|i| cluster.members[i].client.clone())
+        .collect();
+    let client = Client::connect(&running).await.unwrap();
+    // Far more writes than --snapshot-entries: several snapshots, each
+    // compacting the log past where the stopped member's ends.
+    let keys = put_keys(&client, 240).await;
+    for i in (0..3).filter(|i| *i != lagging) {
+        let index = newest_snapshot_file(&cluster.members[i].dir);
+        assert!(
+            index >= 150,
+            "{}: newest snapshot at {index}",
+            cluster.members[i].name
+        );
+    }
+    cluster.boot(lagging);
+    let follower = connect_when_up(&cluster.members[lagging].client).await;
+    caught_up(&follower, &keys, "the member that fell behind").await;
+    assert!(newest_snapshot_file(&cluster.members[lagging].dir) >= 150);
+
+    for i in 0..3 {
+        cluster.kill9(i);
+    }
+    for i in 0..3 {
+        cluster.boot(i);
+    }
+    cluster.leader(None).await;
+    for i in 0..3 {
+        let member = connect_when_up(&cluster.members[i].client).await;
+        caught_up(&member, &keys, &cluster.members[i].name).await;
+    }
+    let client = Client::connect(&cluster.endpoints()).await.unwrap();
+    client.put("/after", b"ok".to_vec()).await.unwrap();
+}
+
+/// A measurement, not a test (run by hand; numbers in BENCHMARKS.md): how
+/// long puts wait while a member with a large state snapshots every 50
+/// entries. One member is filled with `FLOTILLA_MEASURE_MIB` MiB (default
+/// 270) of 1 MiB values, then 400 small puts are made one after another and
+/// timed. `FLOTILLA_MEASURE_BIN` names the binary to measure (default: this
+/// build), so a release that snapshots on the Raft thread can be compared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: run by hand"]
+async fn measure_put_latency_while_a_large_state_snapshots() {
+    let root = tempfile::tempdir().unwrap();
+    let m = new_member(root.path(), 0);
+    let bin = std::env::var("FLOTILLA_MEASURE_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_flotilla").to_string());
+    let mib: usize = std::env::var("FLOTILLA_MEASURE_MIB").map_or(270, |v| v.parse().unwrap());
+    let log = std::fs::File::create(m.dir.with_extension("log")).unwrap();
+    let mut child = Command::new(&bin)
+        .args(["daemon", "--name", &m.name, "--data-dir"])
+        .arg(&m.dir)
+        .args(["--client-listen", &m.client, "--peer-listen", &m.peer])
+        .args(["--initial-cluster", &format!("{}={}", m.name, m.peer)])
+        .args(["--snapshot-entries", "50", "--election-timeout-ms", "1000"])
+        .args(["--log", "info", "--no-agent"])
+        .env_remove("FLOTILLA_CONFIG")
+        .env("FLOTILLA_API_SOCKET", "")
+        .env("FLOTILLA_API_LISTEN", "")
+        .envs(support::pki::shared().env(&m.name, Role::Member))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let client = connect_when_up(&m.client).await;
+    let value: Vec<u8> = (0..1024 * 1024).map(|i| (i % 251) as u8).collect();
+    for i in 0..mib {
+        loop {
+            match client.put(&format!("/big/{i:04}"), value.clone()).await {
+                Ok(_) => break,
+                Err(e) => eprintln!("filling: {e}; again"),
+            }
+        }
+    }
+    let mut waits = Vec::new();
+    let started = Instant::now();
+    for i in 0..400 {
+        let put = Instant::now();
+        let outcome = client.put(&format!("/small/{i}"), b"x".to_vec()).await;
+        waits.push((put.elapsed(), outcome.is_ok()));
+    }
+    let total = started.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut times: Vec<Duration> = waits.iter().map(|(d, _)| *d).collect();
+    times.sort();
+    let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize];
+    let failed = waits.iter().filter(|(_, ok)| !ok).count();
+    let log = std::fs::read_to_string(m.dir.with_extension("log")).unwrap_or_default();
+    let snapshots: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("snapshot at index"))
+        .collect();
+    eprintln!(
+        "{bin}: {mib} MiB state, 400 puts in {total:?}: p50 {:?} p99 {:?} max {:?}, {failed} failed",
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    );
+    for line in snapshots.iter().rev().take(3) {
+        eprintln!("  {line}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_are_added_from_a_snapshot_and_removed_at_runtime() {
     let mut cluster = Cluster::start(3);

@@ -12,6 +12,7 @@
 //! and the one that last changed it.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -403,14 +404,23 @@ pub const DEFAULT_HISTORY_BYTES: usize = 64 * 1024 * 1024;
 ///
 /// The byte counts are not serialised (a snapshot's format is unchanged):
 /// they are recounted when a store is decoded ([`KvState`]).
+///
+/// Keys and history events are held behind `Arc`s, so a clone copies the
+/// maps' structure and the key strings but shares every value: a member
+/// takes a consistent copy of a large state on its Raft thread in a few
+/// milliseconds and encodes and writes the snapshot on another thread while
+/// the original moves on ([`super::snapshot`]). An `Arc` serialises as what
+/// it holds, so the snapshot format is unchanged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "KvState")]
 pub struct KvStore {
     revision: Revision,
-    keys: BTreeMap<String, KeyValue>,
+    #[serde(serialize_with = "shared::map")]
+    keys: BTreeMap<String, Arc<KeyValue>>,
     leases: BTreeMap<LeaseId, Lease>,
     next_lease: LeaseId,
-    history: VecDeque<Event>,
+    #[serde(serialize_with = "shared::seq")]
+    history: VecDeque<Arc<Event>>,
     history_limit: usize,
     /// Every revision up to this one has left the history.
     compacted: Revision,
@@ -423,6 +433,27 @@ pub struct KvStore {
     /// The most bytes of events the history keeps; a member's own setting.
     #[serde(skip)]
     history_byte_limit: usize,
+}
+
+/// Serde for the `Arc`s of [`KvStore`]: each written as the value it holds.
+mod shared {
+    use std::sync::Arc;
+
+    use serde::Serializer;
+
+    pub fn map<K: serde::Serialize, V: serde::Serialize, S: Serializer>(
+        map: &std::collections::BTreeMap<K, Arc<V>>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(map.iter().map(|(k, v)| (k, &**v)))
+    }
+
+    pub fn seq<T: serde::Serialize, S: Serializer>(
+        seq: &std::collections::VecDeque<Arc<T>>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(seq.iter().map(|v| &**v))
+    }
 }
 
 /// [`KvStore`] as a snapshot holds it: the fields it serialises, in order.
@@ -444,10 +475,14 @@ impl From<KvState> for KvStore {
             history_bytes: state.history.iter().map(event_size).sum(),
             history_byte_limit: DEFAULT_HISTORY_BYTES,
             revision: state.revision,
-            keys: state.keys,
+            keys: state
+                .keys
+                .into_iter()
+                .map(|(k, v)| (k, Arc::new(v)))
+                .collect(),
             leases: state.leases,
             next_lease: state.next_lease,
-            history: state.history,
+            history: state.history.into_iter().map(Arc::new).collect(),
             history_limit: state.history_limit,
             compacted: state.compacted,
         }
@@ -521,7 +556,7 @@ impl KvStore {
 
     /// One key.
     pub fn get(&self, key: &str) -> Option<&KeyValue> {
-        self.keys.get(key)
+        self.keys.get(key).map(|kv| &**kv)
     }
 
     /// Every key starting with `prefix`, in key order.
@@ -529,7 +564,7 @@ impl KvStore {
         self.keys
             .range(prefix.to_string()..)
             .take_while(move |(k, _)| k.starts_with(prefix))
-            .map(|(_, kv)| kv)
+            .map(|(_, kv)| &**kv)
     }
 
     /// One lease.
@@ -574,7 +609,7 @@ impl KvStore {
             .history
             .range(start..)
             .filter(|e| e.kv.key.starts_with(prefix))
-            .cloned()
+            .map(|e| Event::clone(e))
             .collect())
     }
 
@@ -732,9 +767,11 @@ impl KvStore {
             kv: kv.clone(),
         });
         self.data_bytes += data_size(&kv);
-        self.data_bytes -= prev.as_ref().map_or(0, data_size);
-        self.keys.insert(key.to_string(), kv);
-        OpResult::Put { prev }
+        self.data_bytes -= prev.as_ref().map_or(0, |p| data_size(p));
+        self.keys.insert(key.to_string(), Arc::new(kv));
+        OpResult::Put {
+            prev: prev.map(Arc::unwrap_or_clone),
+        }
     }
 
     fn delete(
@@ -755,7 +792,7 @@ impl KvStore {
         };
         let mut deleted = Vec::with_capacity(doomed.len());
         for key in doomed {
-            let kv = self.keys.remove(&key).expect("collected from the map");
+            let kv = Arc::unwrap_or_clone(self.keys.remove(&key).expect("collected from the map"));
             self.data_bytes -= data_size(&kv);
             if let Some(l) = kv.lease.and_then(|id| self.leases.get_mut(&id)) {
                 l.keys.remove(&key);
@@ -819,7 +856,7 @@ impl KvStore {
     /// Appends events to the history, dropping whole old revisions past
     /// either limit (events or bytes).
     fn record(&mut self, events: &[Event]) {
-        self.history.extend(events.iter().cloned());
+        self.history.extend(events.iter().cloned().map(Arc::new));
         self.history_bytes += events.iter().map(event_size).sum::<usize>();
         while self.history.len() > self.history_limit
             || self.history_bytes > self.history_byte_limit
