@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
+use imbl::{OrdMap, Vector};
 use serde::{Deserialize, Serialize};
 
 /// A point in the store's history; 0 means "before anything was written".
@@ -405,22 +406,24 @@ pub const DEFAULT_HISTORY_BYTES: usize = 64 * 1024 * 1024;
 /// The byte counts are not serialised (a snapshot's format is unchanged):
 /// they are recounted when a store is decoded ([`KvState`]).
 ///
-/// Keys and history events are held behind `Arc`s, so a clone copies the
-/// maps' structure and the key strings but shares every value: a member
-/// takes a consistent copy of a large state on its Raft thread in a few
-/// milliseconds and encodes and writes the snapshot on another thread while
-/// the original moves on ([`super::snapshot`]). An `Arc` serialises as what
-/// it holds, so the snapshot format is unchanged.
+/// The keys are a persistent map (`imbl::OrdMap`: a B-tree whose nodes are
+/// shared between copies and copied only when a copy changes them) of values
+/// behind `Arc`s, and the history a persistent vector (`imbl::Vector`) of
+/// events behind `Arc`s. So a clone costs next to nothing: a member takes a consistent copy of a large state on its Raft
+/// thread and encodes and writes the snapshot on another thread while the
+/// original moves on ([`super::snapshot`]); the original then copies only the
+/// nodes it changes while the copy lives. Both serialise as what they hold,
+/// so the snapshot format is unchanged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "KvState")]
 pub struct KvStore {
     revision: Revision,
     #[serde(serialize_with = "shared::map")]
-    keys: BTreeMap<String, Arc<KeyValue>>,
+    keys: OrdMap<String, Arc<KeyValue>>,
     leases: BTreeMap<LeaseId, Lease>,
     next_lease: LeaseId,
     #[serde(serialize_with = "shared::seq")]
-    history: VecDeque<Arc<Event>>,
+    history: Vector<Arc<Event>>,
     history_limit: usize,
     /// Every revision up to this one has left the history.
     compacted: Revision,
@@ -441,15 +444,15 @@ mod shared {
 
     use serde::Serializer;
 
-    pub fn map<K: serde::Serialize, V: serde::Serialize, S: Serializer>(
-        map: &std::collections::BTreeMap<K, Arc<V>>,
+    pub fn map<K: serde::Serialize + Ord + Clone, V: serde::Serialize, S: Serializer>(
+        map: &imbl::OrdMap<K, Arc<V>>,
         serializer: S,
     ) -> Result<S::Ok, S::Error> {
         serializer.collect_map(map.iter().map(|(k, v)| (k, &**v)))
     }
 
     pub fn seq<T: serde::Serialize, S: Serializer>(
-        seq: &std::collections::VecDeque<Arc<T>>,
+        seq: &imbl::Vector<Arc<T>>,
         serializer: S,
     ) -> Result<S::Ok, S::Error> {
         serializer.collect_seq(seq.iter().map(|v| &**v))
@@ -510,10 +513,10 @@ impl KvStore {
     pub fn new(history_limit: usize) -> Self {
         KvStore {
             revision: 0,
-            keys: BTreeMap::new(),
+            keys: OrdMap::new(),
             leases: BTreeMap::new(),
             next_lease: 1,
-            history: VecDeque::new(),
+            history: Vector::new(),
             history_limit: history_limit.max(1),
             compacted: 0,
             data_bytes: 0,
@@ -604,10 +607,17 @@ impl KvStore {
                 compacted: self.compacted,
             });
         }
-        let start = self.history.partition_point(|e| e.revision() < from);
+        let start = self
+            .history
+            .binary_search_by(|e| match e.revision() < from {
+                true => std::cmp::Ordering::Less,
+                false => std::cmp::Ordering::Greater,
+            })
+            .unwrap_or_else(|at| at);
         Ok(self
             .history
-            .range(start..)
+            .skip(start)
+            .iter()
             .filter(|e| e.kv.key.starts_with(prefix))
             .map(|e| Event::clone(e))
             .collect())

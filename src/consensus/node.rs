@@ -22,6 +22,11 @@
 //!
 //! Every message of a pass leaves through its return value, so none is sent
 //! before the pass's fsync.
+//!
+//! A snapshot due at the end of a pass is, on a disk that keeps snapshots in
+//! files, only a copy of the state handed to the driver as a
+//! [`super::snapshot::Job`] to encode and write on another thread; the pass
+//! after [`Core::snapshot_written`] records it and compacts the log.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 

@@ -4,7 +4,9 @@
 //! [`Msg`] over one channel. Each loop pass drains every queued message before
 //! running the Ready pass, so all proposals that arrived meanwhile share one
 //! log append and one fsync: that is the write batching. A thread, not a tokio
-//! task, because the fsync blocks.
+//! task, because the fsync blocks. A snapshot the node hands out is encoded
+//! and written on a thread of its own, which reports back over the same
+//! channel ([`super::snapshot`]).
 
 use std::collections::BTreeMap;
 use std::sync::mpsc::{self, RecvTimeoutError};
