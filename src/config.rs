@@ -970,6 +970,19 @@ fn validate_store_security(config: &Config) -> Result<(), (&'static str, String)
             return Err((key, format!("{value} must be between {low} and {high}")));
         }
     }
+    // A log entry travels to the other members in one peer frame, whatever
+    // its size: one the frame limit refuses would stall replication to them.
+    let entry_room = config.max_request_bytes.saturating_add(64 * 1024);
+    if config.max_frame_bytes < entry_room {
+        return Err((
+            "max_frame_bytes",
+            format!(
+                "{} is below max_request_bytes ({}) + 64 KiB: the largest request's log entry \
+                 could not reach the other members; raise max_frame_bytes to at least {entry_room}",
+                config.max_frame_bytes, config.max_request_bytes
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -1224,6 +1237,20 @@ mod tests {
                 "{key}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn a_peer_frame_must_carry_the_largest_request() {
+        let f = file("name = \"n1\"\n");
+        let small = [("max_frame_bytes", "--flag", toml::Value::from(1024 * 1024))];
+        let err = load(&explicit(&f), &[], &small).unwrap_err().to_string();
+        assert!(err.contains("max_request_bytes"), "{err}");
+        let fits = [
+            ("max_frame_bytes", "--flag", toml::Value::from(1024 * 1024)),
+            ("max_request_bytes", "--flag", toml::Value::from(512 * 1024)),
+            ("max_value_bytes", "--flag", toml::Value::from(256 * 1024)),
+        ];
+        assert!(load(&explicit(&f), &[], &fits).is_ok());
     }
 
     #[test]

@@ -8,8 +8,10 @@
 //! wait for a quorum to report ready, or a cluster booting at once deadlocks).
 //!
 //! With the agent, the reboot coordinator runs too (unless
-//! `reboot_strategy = "off"`), and with `stale_after` set every host frees
-//! the reboot-lock slots of holders gone that long ([`crate::lock`]).
+//! `reboot_strategy = "off"`), and with `stale_after` set every member frees
+//! the reboot-lock slots of holders gone that long ([`crate::lock`]; an
+//! agent may not release another machine's slot, so agent-only hosts leave
+//! it to the members).
 //!
 //! Shutdown (SIGTERM/SIGINT): the agent stops first (leaving units running
 //! unless `leave_on_stop`), then the Raft member.
@@ -123,8 +125,15 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> 
     let reboot = config
         .reboot_settings()
         .map_err(|(key, message)| anyhow::anyhow!("invalid {key}: {message}"))?;
-    if let Some(after) = reboot.stale_after {
-        tokio::spawn(lock::stale::run(endpoints.clone(), after, stopped.clone()));
+    match reboot.stale_after {
+        Some(after) if !agent_only => {
+            tokio::spawn(lock::stale::run(endpoints.clone(), after, stopped.clone()));
+        }
+        Some(_) => tracing::info!(
+            "stale_after is ignored on an agent-only host: the members free stale reboot-lock \
+             holders (set it in their configuration)"
+        ),
+        None => {}
     }
     if config.agent && reboot.strategy != lock::step::Strategy::Off {
         let coordinator = CoordinatorConfig {

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flotilla::consensus::client::{Client, ClientError};
-use flotilla::consensus::kv::Revision;
+use flotilla::consensus::kv::{Op, Revision};
 use flotilla::tls::Role;
 
 mod support;
@@ -30,6 +30,10 @@ struct Member {
     disk_mib: Option<u32>,
     /// Settings for this member, as `FLOTILLA_<KEY>` variables.
     env: Vec<(String, String)>,
+    /// The binary to run (default: this build's).
+    bin: Option<String>,
+    /// Its `--log` level.
+    log: &'static str,
 }
 
 struct Cluster {
@@ -128,7 +132,7 @@ impl Cluster {
                     .arg(env!("CARGO_BIN_EXE_flotilla"));
                 c
             }
-            None => Command::new(env!("CARGO_BIN_EXE_flotilla")),
+            None => Command::new(m.bin.as_deref().unwrap_or(env!("CARGO_BIN_EXE_flotilla"))),
         };
         let child = command
             .args(["daemon", "--name", &m.name, "--data-dir"])
@@ -136,7 +140,7 @@ impl Cluster {
             .args(["--client-listen", &m.client, "--peer-listen", &m.peer])
             .args(["--initial-cluster", &self.initial])
             .args(["--initial-cluster-state", state, "--snapshot-entries", "50"])
-            .args(["--election-timeout-ms", "300", "--log", "warn"])
+            .args(["--election-timeout-ms", "300", "--log", m.log])
             .env_remove("FLOTILLA_CONFIG")
             .envs(m.env.iter().map(|(k, v)| (k, v)))
             // A store-only member: no agent, no API listeners on the outer machine.
@@ -211,6 +215,8 @@ fn new_member(root: &Path, i: usize) -> Member {
         process: None,
         disk_mib: None,
         env: Vec::new(),
+        bin: None,
+        log: "warn",
     }
 }
 
@@ -415,6 +421,138 @@ async fn caught_up(client: &Client, keys: &BTreeSet<String>, what: &str) {
         }
         assert!(Instant::now() < deadline, "{what} did not catch up");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The index of the newest snapshot file in a member's data dir (files are
+/// `snapshot-<term>-<index>.bin`, both in hex); 0 without one.
+fn newest_snapshot_file(dir: &Path) -> u64 {
+    std::fs::read_dir(dir.join("raft"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let index = name
+                .strip_prefix("snapshot-")?
+                .strip_suffix(".bin")?
+                .split('-')
+                .nth(1)?;
+            u64::from_str_radix(index, 16).ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Snapshots are encoded and written off the Raft thread: those files are
+/// what a follower that fell behind the compacted log installs, and what
+/// the whole cluster restarts from after a kill -9.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_written_off_the_raft_thread_catch_up_a_follower_and_restart_the_cluster() {
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.leader(None).await;
+    let lagging = (0..3).find(|i| *i != leader).unwrap();
+    cluster.kill9(lagging);
+    let running: Vec<String> = (0..3)
+        .filter(|i| *i != lagging)
+        .map(|i| cluster.members[i].client.clone())
+        .collect();
+    let client = Client::connect(&running).await.unwrap();
+    // Far more writes than --snapshot-entries: several snapshots, each
+    // compacting the log past where the stopped member's ends.
+    let keys = put_keys(&client, 240).await;
+    for i in (0..3).filter(|i| *i != lagging) {
+        let index = newest_snapshot_file(&cluster.members[i].dir);
+        assert!(
+            index >= 150,
+            "{}: newest snapshot at {index}",
+            cluster.members[i].name
+        );
+    }
+    cluster.boot(lagging);
+    let follower = connect_when_up(&cluster.members[lagging].client).await;
+    caught_up(&follower, &keys, "the member that fell behind").await;
+    assert!(newest_snapshot_file(&cluster.members[lagging].dir) >= 150);
+
+    for i in 0..3 {
+        cluster.kill9(i);
+    }
+    for i in 0..3 {
+        cluster.boot(i);
+    }
+    cluster.leader(None).await;
+    for i in 0..3 {
+        let member = connect_when_up(&cluster.members[i].client).await;
+        caught_up(&member, &keys, &cluster.members[i].name).await;
+    }
+    let client = Client::connect(&cluster.endpoints()).await.unwrap();
+    client.put("/after", b"ok".to_vec()).await.unwrap();
+}
+
+/// A measurement, not a test (run by hand; numbers in BENCHMARKS.md): how
+/// long puts wait while a member with a large state snapshots every 50
+/// entries. One member is filled with `FLOTILLA_MEASURE_MIB` MiB (default
+/// 270) of values of `FLOTILLA_MEASURE_VALUE_KIB` KiB (default 1024), then
+/// small puts are made one after another for `FLOTILLA_MEASURE_SECS`
+/// seconds (default 30) and timed. `FLOTILLA_MEASURE_BIN` names the binary
+/// to measure (default: this build), so a release that snapshots on the Raft
+/// thread can be compared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: run by hand"]
+async fn measure_put_latency_while_a_large_state_snapshots() {
+    let mut cluster = Cluster::prepare(1);
+    let bin = std::env::var("FLOTILLA_MEASURE_BIN").ok();
+    cluster.members[0].bin = bin.clone();
+    cluster.members[0].log = "info";
+    cluster.boot(0);
+    let m = &cluster.members[0];
+    let bin = bin.unwrap_or_else(|| env!("CARGO_BIN_EXE_flotilla").to_string());
+    let mib: usize = std::env::var("FLOTILLA_MEASURE_MIB").map_or(270, |v| v.parse().unwrap());
+    let client = connect_when_up(&m.client).await;
+    let setting = |name: &str, default: usize| -> usize {
+        std::env::var(name).map_or(default, |v| v.parse().unwrap())
+    };
+    let value_kib = setting("FLOTILLA_MEASURE_VALUE_KIB", 1024);
+    let secs = setting("FLOTILLA_MEASURE_SECS", 30) as u64;
+    let value: Vec<u8> = (0..value_kib * 1024).map(|i| (i % 251) as u8).collect();
+    let (values, per_txn) = (mib * 1024 / value_kib, (1024 / value_kib).max(1));
+    for batch in 0..values.div_ceil(per_txn) {
+        let ops: Vec<Op> = (batch * per_txn..((batch + 1) * per_txn).min(values))
+            .map(|i| Op::put(format!("/big/{i:07}"), value.clone()))
+            .collect();
+        while let Err(e) = client.txn(Vec::new(), ops.clone(), Vec::new()).await {
+            eprintln!("filling: {e}; again");
+        }
+    }
+    let mut waits = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(secs) {
+        let put = Instant::now();
+        let outcome = client
+            .put(&format!("/small/{}", waits.len()), b"x".to_vec())
+            .await;
+        waits.push((put.elapsed(), outcome.is_ok()));
+    }
+    let total = started.elapsed();
+    let mut times: Vec<Duration> = waits.iter().map(|(d, _)| *d).collect();
+    times.sort();
+    let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize];
+    let failed = waits.iter().filter(|(_, ok)| !ok).count();
+    let log = std::fs::read_to_string(m.dir.with_extension("log")).unwrap_or_default();
+    let snapshots: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("snapshot at index"))
+        .collect();
+    eprintln!(
+        "{bin}: {mib} MiB state in {value_kib} KiB values, {} puts in {total:?}: p50 {:?} \
+         p99 {:?} max {:?}, {failed} failed",
+        waits.len(),
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    );
+    for line in snapshots {
+        eprintln!("  {line}");
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use flotilla::consensus::client::{Client, ClientError};
 use flotilla::consensus::codec::{self, SnapshotData};
-use flotilla::consensus::kv::{Command as KvCommand, KvStore};
+use flotilla::consensus::kv::{Command as KvCommand, Compare, KvStore, Op};
 use flotilla::consensus::node::member_id;
 use flotilla::tls::Role;
 use protobuf::Message as _;
@@ -41,55 +41,35 @@ impl Member {
 
     /// [`Member::start`], with at most `files` file descriptors if given.
     async fn start_with(limits: &[(&str, &str)], files: Option<u32>) -> Member {
-        let pki = shared();
         let dir = tempfile::tempdir().unwrap();
         let client = format!("127.0.0.1:{}", free_port());
         let peer = format!("127.0.0.1:{}", free_port());
-        let log = std::fs::File::create(dir.path().join("m1.log")).unwrap();
-        let mut command = match files {
-            Some(n) => {
-                let mut prlimit = Command::new("prlimit");
-                prlimit
-                    .arg(format!("--nofile={n}:{n}"))
-                    .arg("--")
-                    .arg(FLOTILLA);
-                prlimit
-            }
-            None => Command::new(FLOTILLA),
-        };
-        let process = command
-            .args(["daemon", "--name", "m1", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args(["--client-listen", &client, "--peer-listen", &peer])
-            .args(["--initial-cluster", &format!("m1={peer}")])
-            .args([
-                "--election-timeout-ms",
-                "300",
-                "--log",
-                "info",
-                "--no-agent",
-            ])
-            .env_remove("FLOTILLA_CONFIG")
-            .env("FLOTILLA_API_SOCKET", "")
-            .env("FLOTILLA_API_LISTEN", "")
-            .envs(pki.env("m1", Role::Member))
-            .envs(limits.iter().map(|(k, v)| (format!("FLOTILLA_{k}"), *v)))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let process = spawn_member(dir.path(), &client, &peer, limits, files);
         let member = Member {
             process,
             client,
             peer,
             dir,
         };
+        member.until_it_leads().await;
+        member
+    }
+
+    /// Kills the member and starts it again on its data dir with `limits`.
+    async fn restart(&mut self, limits: &[(&str, &str)]) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+        self.process = spawn_member(self.dir.path(), &self.client, &self.peer, limits, None);
+        self.until_it_leads().await;
+    }
+
+    async fn until_it_leads(&self) {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            if let Ok(client) = member.admin().await
+            if let Ok(client) = self.admin().await
                 && client.status().await.is_ok_and(|s| s.leader != 0)
             {
-                return member;
+                return;
             }
             assert!(Instant::now() < deadline, "m1 did not elect itself");
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -148,6 +128,54 @@ impl Drop for Member {
         let _ = self.process.kill();
         let _ = self.process.wait();
     }
+}
+
+/// Starts `flotilla daemon` as m1 on `dir`, logging to `dir/m1.log`.
+fn spawn_member(
+    dir: &std::path::Path,
+    client: &str,
+    peer: &str,
+    limits: &[(&str, &str)],
+    files: Option<u32>,
+) -> Child {
+    let pki = shared();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("m1.log"))
+        .unwrap();
+    let mut command = match files {
+        Some(n) => {
+            let mut prlimit = Command::new("prlimit");
+            prlimit
+                .arg(format!("--nofile={n}:{n}"))
+                .arg("--")
+                .arg(FLOTILLA);
+            prlimit
+        }
+        None => Command::new(FLOTILLA),
+    };
+    command
+        .args(["daemon", "--name", "m1", "--data-dir"])
+        .arg(dir.join("data"))
+        .args(["--client-listen", client, "--peer-listen", peer])
+        .args(["--initial-cluster", &format!("m1={peer}")])
+        .args([
+            "--election-timeout-ms",
+            "300",
+            "--log",
+            "info",
+            "--no-agent",
+        ])
+        .env_remove("FLOTILLA_CONFIG")
+        .env("FLOTILLA_API_SOCKET", "")
+        .env("FLOTILLA_API_LISTEN", "")
+        .envs(pki.env("m1", Role::Member))
+        .envs(limits.iter().map(|(k, v)| (format!("FLOTILLA_{k}"), *v)))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
 }
 
 /// A TLS connection to `addr` that trusts the cluster's CA and presents
@@ -382,6 +410,134 @@ async fn the_client_port_refuses_strangers_and_keeps_agents_to_their_machine() {
         .put("/flotilla/units/ok.service", b"{}".to_vec())
         .await
         .unwrap();
+}
+
+/// Whether `result` is a refusal by the role policy.
+fn is_denied<T: std::fmt::Debug>(result: &Result<T, impl std::fmt::Debug>) -> bool {
+    format!("{result:?}").contains("permission denied")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_uses_only_its_own_leases_and_reboot_lock_slot_across_restarts() {
+    use flotilla::registry::lock as locks;
+    // Snapshots every few entries: the owners must live through one.
+    let limits = [("SNAPSHOT_ENTRIES", "10")];
+    let mut member = Member::start(&limits).await;
+    let (mut a, mut b) = (
+        member.as_role("aaaa", Role::Agent).await,
+        member.as_role("bbbb", Role::Agent).await,
+    );
+    let ttl = Duration::from_secs(120);
+    let la = a.grant(ttl).await.unwrap();
+    let presence = Op::put_on_lease("/flotilla/machines/aaaa".into(), b"{}".to_vec(), la);
+    a.txn(Vec::new(), vec![presence], Vec::new()).await.unwrap();
+    let lb = b.grant(ttl).await.unwrap();
+
+    // b may not keep a's lease alive, revoke it or hang its keys on it.
+    let on_las = |key: &str| Op::put_on_lease(key.into(), b"{}".to_vec(), la);
+    for _ in 0..2 {
+        let attempts = [
+            format!("{:?}", b.keep_alive(la).await),
+            format!("{:?}", b.revoke(la).await),
+            format!(
+                "{:?}",
+                b.txn(
+                    Vec::new(),
+                    vec![on_las("/flotilla/machines/bbbb")],
+                    Vec::new()
+                )
+                .await
+            ),
+            format!("{:?}", a.revoke(lb).await),
+        ];
+        for attempt in &attempts {
+            assert!(attempt.contains("permission denied"), "{attempt}");
+            assert!(attempt.contains("granted by agent"), "{attempt}");
+        }
+        // Its own leases work; the lease it was refused lives.
+        a.keep_alive(la).await.unwrap();
+        b.keep_alive(lb).await.unwrap();
+        let admin = member.admin().await.unwrap();
+        let lease = admin.get("/flotilla/machines/aaaa").await.unwrap().unwrap();
+        assert_eq!(lease.lease, Some(la));
+        // A lease nobody granted is not found, not someone's.
+        assert!(matches!(
+            b.keep_alive(la + 1000).await,
+            Err(ClientError::LeaseNotFound(_))
+        ));
+        // Enough entries for a snapshot and a compaction, then a restart
+        // from them: the owners are still known.
+        for _ in 0..12 {
+            a.keep_alive(la).await.unwrap();
+        }
+        member.restart(&limits).await;
+        a = member.as_role("aaaa", Role::Agent).await;
+        b = member.as_role("bbbb", Role::Agent).await;
+    }
+
+    // A lease without an owner (an admin's; one granted before owners were
+    // recorded): an agent's only while it holds that agent's presence.
+    let admin = member.admin().await.unwrap();
+    let old = admin.grant(ttl).await.unwrap();
+    assert!(is_denied(&b.keep_alive(old).await));
+    let presence = Op::put_on_lease("/flotilla/machines/bbbb".into(), b"{}".to_vec(), old);
+    assert!(is_denied(
+        &b.txn(Vec::new(), vec![presence.clone()], Vec::new()).await
+    ));
+    admin
+        .txn(Vec::new(), vec![presence], Vec::new())
+        .await
+        .unwrap();
+    b.keep_alive(old).await.unwrap();
+    assert!(is_denied(&a.keep_alive(old).await));
+    b.revoke(old).await.unwrap();
+
+    // The reboot lock: each agent takes and gives back its own slot only.
+    let now = 1_700_000_000;
+    let group = locks::DEFAULT_GROUP;
+    locks::acquire(&a, group, "aaaa", now, Some("boot-a"))
+        .await
+        .unwrap();
+    let full = locks::acquire(&b, group, "bbbb", now, None).await;
+    assert!(format!("{full:?}").contains("Full"), "{full:?}");
+    assert!(is_denied(&locks::set_max(&b, group, 5).await));
+    assert!(is_denied(&locks::release(&b, group, "aaaa").await));
+    assert!(is_denied(
+        &locks::acquire(&b, "other", "cccc", now, None).await
+    ));
+    let holder = locks::read(&admin, group).await.unwrap().semaphore.holders[0].clone();
+    assert!(is_denied(&locks::release_stale(&b, group, &holder).await));
+    // A write that compares nothing, or only the revision, is refused.
+    let key = "/flotilla/lock/default";
+    let read = admin.get(key).await.unwrap().unwrap();
+    let free = br#"{"max":1,"holders":[]}"#.to_vec();
+    for compare in [
+        Vec::new(),
+        vec![Compare::revision_is(key, read.mod_revision)],
+    ] {
+        let txn = b
+            .txn(compare, vec![Op::put(key.into(), free.clone())], Vec::new())
+            .await;
+        assert!(is_denied(&txn), "{txn:?}");
+    }
+    let stored = locks::read(&admin, group).await.unwrap().semaphore;
+    assert_eq!(stored.max, 1);
+    assert_eq!(stored.holders, vec![holder]);
+    // What an admin may do, and what b may do once a slot is free.
+    locks::set_max(&admin, group, 2).await.unwrap();
+    locks::acquire(&b, group, "bbbb", now, None).await.unwrap();
+    locks::release(&b, group, "bbbb").await.unwrap();
+    locks::release(&a, group, "aaaa").await.unwrap();
+    let stored = locks::read(&admin, group).await.unwrap().semaphore;
+    assert!(stored.holders.is_empty());
+    // An agent's own reboot mark is its own to set.
+    let mark = locks::RebootMark {
+        since: now,
+        force: false,
+        from_boot: None,
+    };
+    locks::mark_reboot(&a, "aaaa", &mark).await.unwrap();
+    assert!(is_denied(&locks::mark_reboot(&a, "bbbb", &mark).await));
 }
 
 fn rss_kib(pid: u32) -> u64 {

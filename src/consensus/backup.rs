@@ -24,8 +24,8 @@ use std::path::Path;
 use raft::eraftpb::{ConfState, EntryType, Snapshot};
 use sha2::{Digest, Sha256};
 
-use super::codec::{self, CodecError, MemberInfo, SnapshotData, SnapshotRef};
-use super::kv::{Command, KvStore, Revision};
+use super::codec::{self, CodecError, MemberInfo, SnapshotData};
+use super::kv::{KvStore, Revision};
 use super::node::founding_batch;
 use super::storage::{Batch, DiskError, Durable, RedbDisk};
 
@@ -66,7 +66,7 @@ pub enum BackupError {
 
 /// The bytes of a backup file of `kv` and `members`.
 pub fn encode(kv: &KvStore, members: &BTreeMap<u64, MemberInfo>) -> Vec<u8> {
-    let body = codec::encode(&SnapshotRef { kv, members });
+    let body = codec::encode_snapshot(kv, members);
     let mut file = Vec::with_capacity(MAGIC.len() + 32 + body.len());
     file.extend_from_slice(MAGIC);
     file.extend_from_slice(&Sha256::digest(&body));
@@ -84,7 +84,7 @@ pub fn decode(file: &[u8]) -> Result<SnapshotData, BackupError> {
     if Sha256::digest(body).as_slice() != sum {
         return Err(BackupError::Damaged);
     }
-    Ok(codec::decode(body)?)
+    Ok(codec::decode_snapshot(body)?)
 }
 
 /// Writes a new cluster's Raft store into `raft_dir` from a backup, with
@@ -128,7 +128,7 @@ pub fn force_new_cluster<D: Durable>(
     }
     let (mut data, mut index, mut term) = match &recovered.snapshot {
         Some(snap) => (
-            codec::decode::<SnapshotData>(&snap.data)?,
+            codec::decode_snapshot(&snap.data)?,
             snap.get_metadata().index,
             snap.get_metadata().term,
         ),
@@ -145,8 +145,8 @@ pub fn force_new_cluster<D: Durable>(
     let after = index;
     for entry in recovered.entries.iter().filter(|e| e.index > after) {
         if entry.get_entry_type() == EntryType::EntryNormal && !entry.data.is_empty() {
-            let command: Command = codec::decode(&entry.data)?;
-            data.kv.apply(&command);
+            let (command, agent) = codec::decode_entry(&entry.data)?;
+            data.kv.apply_for(&command, agent.as_deref());
         }
         // Membership changes are not replayed: the only member is `me`.
         index = entry.index;
@@ -168,11 +168,7 @@ pub fn force_new_cluster<D: Durable>(
     snap.mut_metadata().index = index;
     snap.mut_metadata().term = term;
     snap.mut_metadata().set_conf_state(cs.clone());
-    snap.data = codec::encode(&SnapshotRef {
-        kv: &data.kv,
-        members: &members,
-    })
-    .into();
+    snap.data = codec::encode_snapshot(&data.kv, &members).into();
     let mut hard_state = recovered.hard_state.clone();
     hard_state.term = hard_state.term.max(term);
     hard_state.commit = index;
@@ -193,6 +189,7 @@ pub fn force_new_cluster<D: Durable>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::consensus::kv::Command;
 
     fn members(names: &[&str]) -> BTreeMap<u64, MemberInfo> {
         names

@@ -5,6 +5,13 @@
 //! cluster can be upgraded member by member: a reader accepts its own version
 //! and the one before it, and writers keep writing the older version until the
 //! whole cluster runs the new release.
+//!
+//! A value may also be followed by an *extension*: more data, after the
+//! value's end, that an older release never reads (postcard stops reading
+//! at the end of the value it was asked for). A snapshot carries the lease
+//! owners there and a log entry the agent it was proposed for, so members
+//! of the first release still read what this one writes during a rolling
+//! upgrade; they only do not learn the owners.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -14,7 +21,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::kv::KvStore;
+use super::kv::{Command, KvStore, LeaseId};
 
 /// The format this release writes.
 pub const FORMAT_VERSION: u8 = 1;
@@ -55,13 +62,18 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 
 /// Decodes a value written by [`encode`].
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    postcard::from_bytes(version_checked(bytes)?).map_err(|e| CodecError::Malformed(e.to_string()))
+}
+
+/// The bytes after the version byte, if this release reads that version.
+fn version_checked(bytes: &[u8]) -> Result<&[u8], CodecError> {
     let (&version, body) = bytes
         .split_first()
         .ok_or_else(|| CodecError::Malformed("empty".to_string()))?;
     if !(OLDEST_READABLE..=FORMAT_VERSION).contains(&version) {
         return Err(CodecError::Version { found: version });
     }
-    postcard::from_bytes(body).map_err(|e| CodecError::Malformed(e.to_string()))
+    Ok(body)
 }
 
 /// Serde for byte strings (`#[serde(with = "codec::bytes")]`): one copy of
@@ -130,11 +142,71 @@ pub struct SnapshotData {
 /// [`SnapshotData`] by reference: encodes to the same bytes without copying the
 /// state machine first (a large store takes ~100 ms to clone).
 #[derive(Serialize)]
-pub struct SnapshotRef<'a> {
-    /// The state machine.
-    pub kv: &'a KvStore,
-    /// Known members by Raft id.
-    pub members: &'a BTreeMap<u64, MemberInfo>,
+struct SnapshotRef<'a> {
+    kv: &'a KvStore,
+    members: &'a BTreeMap<u64, MemberInfo>,
+}
+
+/// What follows a snapshot's body: data this release keeps that the first
+/// release's format has no room for. An older release reads the body and
+/// never looks past it (postcard stops at a value's end), so a snapshot
+/// with an extension still installs there; it only loses what the
+/// extension says.
+#[derive(Serialize, Deserialize, Default)]
+struct SnapshotExtension {
+    /// The owner of every lease that has one ([`super::kv::Lease::owner`]).
+    lease_owners: BTreeMap<LeaseId, String>,
+}
+
+/// A snapshot's bytes: the versioned [`SnapshotData`] of `kv` and `members`,
+/// then, when some lease has an owner, a [`SnapshotExtension`]. Without
+/// owners the bytes are exactly what the first release wrote.
+pub fn encode_snapshot(kv: &KvStore, members: &BTreeMap<u64, MemberInfo>) -> Vec<u8> {
+    let body = encode(&SnapshotRef { kv, members });
+    let lease_owners = kv.lease_owners();
+    if lease_owners.is_empty() {
+        return body;
+    }
+    postcard::to_extend(&SnapshotExtension { lease_owners }, body)
+        .expect("postcard cannot fail on maps of integers and strings")
+}
+
+/// Reads bytes written by [`encode_snapshot`] (or by a release before it).
+pub fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotData, CodecError> {
+    let (mut data, extension): (SnapshotData, Option<SnapshotExtension>) = decode_extended(bytes)?;
+    if let Some(extension) = extension {
+        data.kv.set_lease_owners(extension.lease_owners);
+    }
+    Ok(data)
+}
+
+/// A log entry's bytes: the versioned `command`, then, for a command a member
+/// proposed on behalf of an agent, that agent's machine id (as a trailing
+/// string an older release does not read: see [`SnapshotExtension`]).
+pub fn encode_entry(command: &Command, agent: Option<&str>) -> Vec<u8> {
+    let body = encode(command);
+    match agent {
+        None => body,
+        Some(agent) => postcard::to_extend(agent, body).expect("postcard cannot fail on a string"),
+    }
+}
+
+/// Reads bytes written by [`encode_entry`]: the command and its agent.
+pub fn decode_entry(bytes: &[u8]) -> Result<(Command, Option<String>), CodecError> {
+    decode_extended(bytes)
+}
+
+/// Decodes a value written by [`encode`] and the extension after it, if any.
+fn decode_extended<T: DeserializeOwned, E: DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<(T, Option<E>), CodecError> {
+    let body = version_checked(bytes)?;
+    let malformed = |e: postcard::Error| CodecError::Malformed(e.to_string());
+    let (value, rest) = postcard::take_from_bytes(body).map_err(malformed)?;
+    if rest.is_empty() {
+        return Ok((value, None));
+    }
+    Ok((value, Some(postcard::from_bytes(rest).map_err(malformed)?)))
 }
 
 /// Writes one length-prefixed frame: `u32` big-endian length, then the bytes.
@@ -223,13 +295,48 @@ mod tests {
                 peer_addr: "127.0.0.1:1".into(),
             },
         )]);
-        let by_ref = encode(&SnapshotRef {
-            kv: &kv,
-            members: &members,
-        });
+        let by_ref = encode_snapshot(&kv, &members);
+        assert_eq!(
+            by_ref,
+            encode(&SnapshotData {
+                kv: kv.clone(),
+                members: members.clone()
+            })
+        );
         let decoded: SnapshotData = decode(&by_ref).unwrap();
         assert_eq!(decoded.kv, kv);
         assert_eq!(decoded.members, members);
+    }
+
+    #[test]
+    fn lease_owners_and_agents_ride_in_extensions_older_readers_skip() {
+        let mut kv = KvStore::default();
+        let grant = Command::LeaseGrant { ttl_ms: 1000 };
+        kv.apply_for(&grant, Some("aaaa"));
+        kv.apply(&grant);
+        let members = BTreeMap::new();
+        let bytes = encode_snapshot(&kv, &members);
+        // This release reads the owners back...
+        let back = decode_snapshot(&bytes).unwrap();
+        assert_eq!(back.kv, kv);
+        assert_eq!(back.kv.lease(1).unwrap().owner.as_deref(), Some("aaaa"));
+        assert_eq!(back.kv.lease(2).unwrap().owner, None);
+        // ...a reader of the first format (plain decode) reads the rest.
+        let old: SnapshotData = decode(&bytes).unwrap();
+        assert_eq!(old.kv.lease(1).unwrap().owner, None);
+        assert_eq!(old.kv.key_count(), kv.key_count());
+        // Entries alike.
+        let entry = encode_entry(&grant, Some("aaaa"));
+        assert_eq!(
+            decode_entry(&entry).unwrap(),
+            (grant.clone(), Some("aaaa".into()))
+        );
+        assert_eq!(decode::<Command>(&entry).unwrap(), grant);
+        assert_eq!(decode_entry(&encode(&grant)).unwrap(), (grant, None));
+        // A damaged extension is refused, not ignored.
+        let mut bad = encode(&Command::LeaseGrant { ttl_ms: 5 });
+        bad.push(200);
+        assert!(decode_entry(&bad).is_err());
     }
 
     #[test]

@@ -12,7 +12,9 @@
 //! and the one that last changed it.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
+use imbl::{OrdMap, Vector};
 use serde::{Deserialize, Serialize};
 
 /// A point in the store's history; 0 means "before anything was written".
@@ -94,6 +96,15 @@ impl Compare {
     /// Holds while `key` is exactly as `read` found it (`None`: still absent).
     pub fn unchanged(key: &str, read: Option<&KeyValue>) -> Compare {
         Compare::revision_is(key, read.map_or(0, |kv| kv.mod_revision))
+    }
+
+    /// Holds while `key` exists with exactly `value`.
+    pub fn value_is(key: &str, value: Vec<u8>) -> Compare {
+        Compare {
+            key: key.to_string(),
+            op: CompareOp::Equal,
+            target: Target::Value(value),
+        }
     }
 
     /// Holds while `key` exists.
@@ -239,6 +250,28 @@ impl Command {
         }
     }
 
+    /// The leases this command uses: the one it keeps alive or revokes, or
+    /// those its puts attach keys to (in either branch). Not the leases a
+    /// grant makes, nor those the leader's lease clock expires or checkpoints.
+    pub fn leases(&self) -> BTreeSet<LeaseId> {
+        match self {
+            Command::LeaseKeepAlive { id } | Command::LeaseRevoke { id } => BTreeSet::from([*id]),
+            Command::Txn {
+                success, failure, ..
+            } => success
+                .iter()
+                .chain(failure)
+                .filter_map(|op| match op {
+                    Op::Put { lease, .. } => *lease,
+                    _ => None,
+                })
+                .collect(),
+            Command::LeaseGrant { .. }
+            | Command::LeaseExpire { .. }
+            | Command::LeaseCheckpoint { .. } => BTreeSet::new(),
+        }
+    }
+
     /// A transaction that deletes one key, or a prefix.
     pub fn delete(key: impl Into<String>, prefix: bool) -> Self {
         Command::Txn {
@@ -354,6 +387,15 @@ pub struct Lease {
     pub remaining_ms: u64,
     /// Keys attached to it.
     pub keys: BTreeSet<String>,
+    /// The agent (machine id) whose certificate granted it; `None` for a
+    /// lease granted by a member, an admin, a caller without TLS, or by a
+    /// release that did not record owners. Fixed at grant: an agent may keep
+    /// alive, revoke and attach keys to its own leases only
+    /// ([`crate::registry::access`]). Not in the snapshot's main body: it
+    /// travels in the snapshot's extension ([`super::codec::encode_snapshot`]),
+    /// which older releases skip.
+    #[serde(skip)]
+    pub owner: Option<String>,
 }
 
 /// How many bytes of change events the history keeps by default.
@@ -363,14 +405,25 @@ pub const DEFAULT_HISTORY_BYTES: usize = 64 * 1024 * 1024;
 ///
 /// The byte counts are not serialised (a snapshot's format is unchanged):
 /// they are recounted when a store is decoded ([`KvState`]).
+///
+/// The keys are a persistent map (`imbl::OrdMap`: a B-tree whose nodes are
+/// shared between copies and copied only when a copy changes them) of values
+/// behind `Arc`s, and the history a persistent vector (`imbl::Vector`) of
+/// events behind `Arc`s. So a clone costs next to nothing: a member takes a consistent copy of a large state on its Raft
+/// thread and encodes and writes the snapshot on another thread while the
+/// original moves on ([`super::snapshot`]); the original then copies only the
+/// nodes it changes while the copy lives. Both serialise as what they hold,
+/// so the snapshot format is unchanged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "KvState")]
 pub struct KvStore {
     revision: Revision,
-    keys: BTreeMap<String, KeyValue>,
+    #[serde(serialize_with = "shared::map")]
+    keys: OrdMap<String, Arc<KeyValue>>,
     leases: BTreeMap<LeaseId, Lease>,
     next_lease: LeaseId,
-    history: VecDeque<Event>,
+    #[serde(serialize_with = "shared::seq")]
+    history: Vector<Arc<Event>>,
     history_limit: usize,
     /// Every revision up to this one has left the history.
     compacted: Revision,
@@ -383,6 +436,27 @@ pub struct KvStore {
     /// The most bytes of events the history keeps; a member's own setting.
     #[serde(skip)]
     history_byte_limit: usize,
+}
+
+/// Serde for the `Arc`s of [`KvStore`]: each written as the value it holds.
+mod shared {
+    use std::sync::Arc;
+
+    use serde::Serializer;
+
+    pub fn map<K: serde::Serialize + Ord + Clone, V: serde::Serialize, S: Serializer>(
+        map: &imbl::OrdMap<K, Arc<V>>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(map.iter().map(|(k, v)| (k, &**v)))
+    }
+
+    pub fn seq<T: serde::Serialize, S: Serializer>(
+        seq: &imbl::Vector<Arc<T>>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(seq.iter().map(|v| &**v))
+    }
 }
 
 /// [`KvStore`] as a snapshot holds it: the fields it serialises, in order.
@@ -404,10 +478,14 @@ impl From<KvState> for KvStore {
             history_bytes: state.history.iter().map(event_size).sum(),
             history_byte_limit: DEFAULT_HISTORY_BYTES,
             revision: state.revision,
-            keys: state.keys,
+            keys: state
+                .keys
+                .into_iter()
+                .map(|(k, v)| (k, Arc::new(v)))
+                .collect(),
             leases: state.leases,
             next_lease: state.next_lease,
-            history: state.history,
+            history: state.history.into_iter().map(Arc::new).collect(),
             history_limit: state.history_limit,
             compacted: state.compacted,
         }
@@ -435,10 +513,10 @@ impl KvStore {
     pub fn new(history_limit: usize) -> Self {
         KvStore {
             revision: 0,
-            keys: BTreeMap::new(),
+            keys: OrdMap::new(),
             leases: BTreeMap::new(),
             next_lease: 1,
-            history: VecDeque::new(),
+            history: Vector::new(),
             history_limit: history_limit.max(1),
             compacted: 0,
             data_bytes: 0,
@@ -481,7 +559,7 @@ impl KvStore {
 
     /// One key.
     pub fn get(&self, key: &str) -> Option<&KeyValue> {
-        self.keys.get(key)
+        self.keys.get(key).map(|kv| &**kv)
     }
 
     /// Every key starting with `prefix`, in key order.
@@ -489,7 +567,7 @@ impl KvStore {
         self.keys
             .range(prefix.to_string()..)
             .take_while(move |(k, _)| k.starts_with(prefix))
-            .map(|(_, kv)| kv)
+            .map(|(_, kv)| &**kv)
     }
 
     /// One lease.
@@ -502,6 +580,25 @@ impl KvStore {
         self.leases.values()
     }
 
+    /// The owner of every lease that has one: what a snapshot's extension
+    /// carries ([`super::codec::encode_snapshot`]).
+    pub fn lease_owners(&self) -> BTreeMap<LeaseId, String> {
+        self.leases
+            .values()
+            .filter_map(|l| Some((l.id, l.owner.clone()?)))
+            .collect()
+    }
+
+    /// Restores the owners a snapshot's extension carried; a lease it does
+    /// not name keeps no owner.
+    pub fn set_lease_owners(&mut self, owners: BTreeMap<LeaseId, String>) {
+        for (id, owner) in owners {
+            if let Some(lease) = self.leases.get_mut(&id) {
+                lease.owner = Some(owner);
+            }
+        }
+    }
+
     /// The events for keys starting with `prefix` from revision `from` on.
     pub fn events_since(&self, prefix: &str, from: Revision) -> Result<Vec<Event>, Compacted> {
         if from <= self.compacted {
@@ -510,17 +607,30 @@ impl KvStore {
                 compacted: self.compacted,
             });
         }
-        let start = self.history.partition_point(|e| e.revision() < from);
+        let start = self
+            .history
+            .binary_search_by(|e| match e.revision() < from {
+                true => std::cmp::Ordering::Less,
+                false => std::cmp::Ordering::Greater,
+            })
+            .unwrap_or_else(|at| at);
         Ok(self
             .history
-            .range(start..)
+            .skip(start)
+            .iter()
             .filter(|e| e.kv.key.starts_with(prefix))
-            .cloned()
+            .map(|e| Event::clone(e))
             .collect())
     }
 
     /// Applies one committed command; returns its outcome and the events it made.
     pub fn apply(&mut self, command: &Command) -> (Outcome, Vec<Event>) {
+        self.apply_for(command, None)
+    }
+
+    /// Applies one committed command proposed for the agent `agent` (its
+    /// log entry says so): a lease it grants is that agent's.
+    pub fn apply_for(&mut self, command: &Command, agent: Option<&str>) -> (Outcome, Vec<Event>) {
         let mut events = Vec::new();
         let outcome = match command {
             Command::Txn {
@@ -528,7 +638,7 @@ impl KvStore {
                 success,
                 failure,
             } => self.txn(compare, success, failure, &mut events),
-            Command::LeaseGrant { ttl_ms } => self.grant(*ttl_ms),
+            Command::LeaseGrant { ttl_ms } => self.grant(*ttl_ms, agent),
             Command::LeaseKeepAlive { id } => match self.leases.get_mut(id) {
                 Some(lease) => {
                     lease.remaining_ms = lease.ttl_ms;
@@ -667,9 +777,11 @@ impl KvStore {
             kv: kv.clone(),
         });
         self.data_bytes += data_size(&kv);
-        self.data_bytes -= prev.as_ref().map_or(0, data_size);
-        self.keys.insert(key.to_string(), kv);
-        OpResult::Put { prev }
+        self.data_bytes -= prev.as_ref().map_or(0, |p| data_size(p));
+        self.keys.insert(key.to_string(), Arc::new(kv));
+        OpResult::Put {
+            prev: prev.map(Arc::unwrap_or_clone),
+        }
     }
 
     fn delete(
@@ -690,7 +802,7 @@ impl KvStore {
         };
         let mut deleted = Vec::with_capacity(doomed.len());
         for key in doomed {
-            let kv = self.keys.remove(&key).expect("collected from the map");
+            let kv = Arc::unwrap_or_clone(self.keys.remove(&key).expect("collected from the map"));
             self.data_bytes -= data_size(&kv);
             if let Some(l) = kv.lease.and_then(|id| self.leases.get_mut(&id)) {
                 l.keys.remove(&key);
@@ -711,7 +823,7 @@ impl KvStore {
         deleted
     }
 
-    fn grant(&mut self, ttl_ms: u64) -> Outcome {
+    fn grant(&mut self, ttl_ms: u64, owner: Option<&str>) -> Outcome {
         if ttl_ms == 0 {
             return Outcome::Failed(KvError::ZeroTtl);
         }
@@ -724,6 +836,7 @@ impl KvStore {
                 ttl_ms,
                 remaining_ms: ttl_ms,
                 keys: BTreeSet::new(),
+                owner: owner.map(str::to_string),
             },
         );
         Outcome::LeaseGranted { id, ttl_ms }
@@ -753,7 +866,7 @@ impl KvStore {
     /// Appends events to the history, dropping whole old revisions past
     /// either limit (events or bytes).
     fn record(&mut self, events: &[Event]) {
-        self.history.extend(events.iter().cloned());
+        self.history.extend(events.iter().cloned().map(Arc::new));
         self.history_bytes += events.iter().map(event_size).sum::<usize>();
         while self.history.len() > self.history_limit
             || self.history_bytes > self.history_byte_limit

@@ -9,7 +9,8 @@
 //! * [`lessor`]: the leader's clock for leases: when each one runs out, and
 //!   the expiries and checkpoints the leader proposes.
 //! * [`node`]: THE Ready loop around raft-rs; [`runner`] runs it on a thread.
-//! * [`storage`]: the Raft log and snapshots on redb, fsynced before any ack.
+//! * [`storage`]: the Raft log and snapshots on redb, fsynced before any ack;
+//!   [`snapshot`]: snapshots encoded and written off the Raft thread.
 //! * [`transport`]: peer messages over TCP; [`server`], [`protocol`] and
 //!   [`client`]: the client port; [`listener`]: what both listeners share
 //!   (mutual TLS, connection and frame limits).
@@ -33,6 +34,7 @@ pub mod node;
 pub mod protocol;
 pub mod runner;
 pub mod server;
+pub mod snapshot;
 mod sockets;
 pub mod storage;
 pub mod transport;

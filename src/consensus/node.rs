@@ -22,6 +22,11 @@
 //!
 //! Every message of a pass leaves through its return value, so none is sent
 //! before the pass's fsync.
+//!
+//! A snapshot due at the end of a pass is, on a disk that keeps snapshots in
+//! files, only a copy of the state handed to the driver as a
+//! [`super::snapshot::Job`] to encode and write on another thread; the pass
+//! after [`Core::snapshot_written`] records it and compacts the log.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -31,10 +36,11 @@ use raft::eraftpb::{
 };
 use raft::{GetEntriesContext, RawNode, SnapshotStatus, StateRole};
 
-use super::codec::{self, MemberInfo, SnapshotData, SnapshotRef};
+use super::codec::{self, MemberInfo, SnapshotData};
 use super::kv::{Command, Compacted, Event, KvStore, LeaseId, Outcome, Revision};
 use super::lessor::{ClockBounds, Lessor};
 use super::limits::{Limits, Refused};
+use super::snapshot::Job;
 use super::storage::{Batch, DiskError, Durable, LogStore};
 
 /// A one-shot answer to a request, called exactly once.
@@ -264,6 +270,12 @@ pub struct Core<D: Durable> {
     snapshot_at: Option<u64>,
     /// Bytes of entries applied since the last snapshot.
     applied_bytes: u64,
+    /// A snapshot for the driver to encode and write off this thread
+    /// ([`Core::take_snapshot_job`]).
+    snapshot_job: Option<Job>,
+    /// The index of the snapshot being written off this thread, if one is:
+    /// no other is started until [`Core::snapshot_written`] hears of it.
+    snapshot_writing: Option<u64>,
 }
 
 /// Names one proposal or read of one member: the member's full Raft id in
@@ -303,7 +315,7 @@ impl<D: Durable> Core<D> {
             recovered = disk.load()?;
         }
         if let Some(snap) = &recovered.snapshot {
-            let data: SnapshotData = codec::decode(&snap.data)?;
+            let data = codec::decode_snapshot(&snap.data)?;
             kv = data.kv;
             kv.set_history_bytes(config.history_bytes);
             members = data.members;
@@ -364,6 +376,8 @@ impl<D: Durable> Core<D> {
             snapshot_now: false,
             snapshot_at: None,
             applied_bytes: 0,
+            snapshot_job: None,
+            snapshot_writing: None,
             removed: !in_group,
             deferred: Vec::new(),
         })
@@ -472,6 +486,18 @@ impl<D: Durable> Core<D> {
     /// A command that breaks this member's [`Limits`] is refused before it
     /// is proposed: it changes nothing and costs no log entry.
     pub fn propose(&mut self, command: &Command, reply: Callback<Result<Outcome, RequestError>>) {
+        self.propose_for(command, None, reply);
+    }
+
+    /// [`Core::propose`] on behalf of the agent `agent` (the machine id its
+    /// certificate names): its log entry records the agent, so a lease it
+    /// grants is that agent's on every member ([`super::kv::Lease::owner`]).
+    pub fn propose_for(
+        &mut self,
+        command: &Command,
+        agent: Option<&str>,
+        reply: Callback<Result<Outcome, RequestError>>,
+    ) {
         if let Some(refused) = self.refusal() {
             return reply(Err(refused));
         }
@@ -479,7 +505,7 @@ impl<D: Durable> Core<D> {
         if let Err(refused) = limits.check(command, &self.kv) {
             return reply(Err(refused.into()));
         }
-        let data = codec::encode(command);
+        let data = codec::encode_entry(command, agent);
         if data.len() > limits.request_bytes {
             let refused = Refused::RequestTooLarge(data.len(), limits.request_bytes);
             return reply(Err(refused.into()));
@@ -799,7 +825,7 @@ impl<D: Durable> Core<D> {
         let mut installed = None;
         if !ready.snapshot().is_empty() {
             let snap = ready.snapshot().clone();
-            installed = Some(codec::decode::<SnapshotData>(&snap.data)?);
+            installed = Some(codec::decode_snapshot(&snap.data)?);
             batch.conf_state = Some(snap.get_metadata().get_conf_state().clone());
             batch.installed = Some(snap);
         }
@@ -949,14 +975,14 @@ impl<D: Durable> Core<D> {
             match entry.get_entry_type() {
                 EntryType::EntryNormal if entry.data.is_empty() => {}
                 EntryType::EntryNormal => {
-                    let command: Command = codec::decode(&entry.data)?;
+                    let (command, agent) = codec::decode_entry(&entry.data)?;
                     if let Command::LeaseExpire { ids } = &command {
                         let live = ids.iter().filter(|id| self.kv.lease(**id).is_some());
                         crate::metrics::METRICS
                             .lease_expiries
                             .add(live.count() as u64);
                     }
-                    let (outcome, made) = self.kv.apply(&command);
+                    let (outcome, made) = self.kv.apply_for(&command, agent.as_deref());
                     if let Some(lessor) = &mut self.lessor {
                         lessor.applied(&command, &outcome, self.now_ms);
                     }
@@ -1112,7 +1138,15 @@ impl<D: Durable> Core<D> {
         }
     }
 
+    /// Takes a snapshot when one is due. On a disk that keeps snapshots in
+    /// files (the daemon's), only a copy of the state is taken here, as a
+    /// [`Job`] for the driver to write off this thread; on one that does not
+    /// (the simulation's, which must stay on one thread to stay
+    /// deterministic) the snapshot is encoded and saved at once.
     fn maybe_snapshot(&mut self) -> Result<(), DiskError> {
+        if self.snapshot_writing.is_some() {
+            return Ok(());
+        }
         let last = self.store.snapshot_index();
         // Members snapshot at different points (up to a tenth of the interval
         // apart, by id), so they never all pause for a snapshot at once.
@@ -1138,19 +1172,52 @@ impl<D: Durable> Core<D> {
         snap.mut_metadata().index = self.applied;
         snap.mut_metadata().term = term;
         snap.mut_metadata().set_conf_state(self.conf_state.clone());
-        snap.data = codec::encode(&SnapshotRef {
-            kv: &self.kv,
-            members: &self.members,
-        })
-        .into();
+        if let Some(dir) = self.disk.snapshot_dir() {
+            let job = Job::new(snap.take_metadata(), &self.kv, &self.members, dir.into());
+            self.snapshot_writing = Some(job.index());
+            self.snapshot_job = Some(job);
+            return Ok(());
+        }
+        snap.data = codec::encode_snapshot(&self.kv, &self.members).into();
+        self.save_taken(snap, false)
+    }
+
+    /// Saves a snapshot this member took and compacts the log up to it.
+    fn save_taken(&mut self, snap: Snapshot, written: bool) -> Result<(), DiskError> {
         let batch = Batch {
             taken: Some(snap),
+            taken_written: written,
+            // The membership as of now: a change applied while the snapshot
+            // was being written is newer than the one the snapshot records.
+            conf_state: Some(self.conf_state.clone()),
             ..Batch::default()
         };
         self.disk.save(&batch)?;
         self.store
             .apply(&batch)
             .map_err(|e| DiskError::Corrupt(format!("compaction failed: {e}")))
+    }
+
+    /// The snapshot the driver is to encode and write off this thread
+    /// ([`Job::write`]), then report with [`Core::snapshot_written`].
+    pub fn take_snapshot_job(&mut self) -> Option<Job> {
+        self.snapshot_job.take()
+    }
+
+    /// How writing the snapshot of a [`Job`] ended: once written, it is
+    /// recorded and the log compacted up to it (unless a snapshot installed
+    /// from the leader meanwhile is newer). A failed write is the disk's
+    /// failure, fatal as any other.
+    pub fn snapshot_written(
+        &mut self,
+        written: Result<Snapshot, DiskError>,
+    ) -> Result<(), DiskError> {
+        self.snapshot_writing = None;
+        let snap = written?;
+        if snap.get_metadata().index <= self.store.snapshot_index() {
+            return Ok(());
+        }
+        self.save_taken(snap, true)
     }
 }
 
@@ -1165,7 +1232,7 @@ pub fn founding_batch(kv: &KvStore, members: &BTreeMap<u64, MemberInfo>) -> Batc
     };
     let mut snap = Snapshot::default();
     snap.mut_metadata().set_conf_state(cs.clone());
-    snap.data = codec::encode(&SnapshotRef { kv, members }).into();
+    snap.data = codec::encode_snapshot(kv, members).into();
     Batch {
         installed: Some(snap),
         conf_state: Some(cs),
@@ -1345,6 +1412,111 @@ mod tests {
         let mut again = Core::new(config, disk, &BTreeMap::new(), &logger()).unwrap();
         run(&mut again, 30);
         assert_eq!(again.kv().range("k").count(), 20);
+    }
+
+    /// Ticks a single member on a real disk `ticks` times.
+    fn run_on<D: Durable>(core: &mut Core<D>, ticks: u64) {
+        for _ in 0..ticks {
+            let now = core.now_ms + 10;
+            core.tick(now);
+            core.handle_ready().unwrap();
+        }
+    }
+
+    /// Puts `k<from>..` until the member hands out a snapshot job.
+    fn put_until_a_job<D: Durable>(core: &mut Core<D>, from: &mut usize) -> Job {
+        for _ in 0..50 {
+            core.propose(
+                &Command::put(format!("k{from:03}"), "v", None),
+                Box::new(|_| {}),
+            );
+            *from += 1;
+            run_on(core, 1);
+            if let Some(job) = core.take_snapshot_job() {
+                return job;
+            }
+        }
+        panic!("no snapshot became due");
+    }
+
+    fn snapshot_files(dir: &std::path::Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("snapshot-"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_snapshot_written_off_the_thread_counts_once_recorded_and_a_crash_before_loses_nothing() {
+        use crate::consensus::storage::RedbDisk;
+        let dir = tempfile::tempdir().unwrap();
+        let members = BTreeMap::from([(
+            1,
+            MemberInfo {
+                name: "n1".into(),
+                peer_addr: "x:1".into(),
+            },
+        )]);
+        let mut config = NodeConfig::new(1, 10, 100);
+        config.snapshot_entries = 5;
+        let open = |bootstrap: &BTreeMap<u64, MemberInfo>| {
+            let disk = RedbDisk::open(dir.path()).unwrap();
+            let mut core = Core::new(config.clone(), disk, bootstrap, &logger()).unwrap();
+            run_on(&mut core, 30);
+            assert!(core.is_leader());
+            core
+        };
+        let mut core = open(&members);
+        let mut next = 0;
+        let job = put_until_a_job(&mut core, &mut next);
+        let first = job.index();
+        // The member goes on while the job is out, and starts no other.
+        for _ in 0..12 {
+            core.propose(
+                &Command::put(format!("k{next:03}"), "v", None),
+                Box::new(|_| {}),
+            );
+            next += 1;
+            run_on(&mut core, 1);
+            assert!(core.take_snapshot_job().is_none());
+        }
+        let snap = job.write().unwrap();
+        assert_eq!(snap.get_metadata().index, first);
+        assert!(snap.data.is_empty(), "the data is in its file only");
+        // A crash now: the file is written, the database does not name it.
+        let before = core.kv().clone();
+        drop(core);
+        let mut core = open(&BTreeMap::new());
+        assert_eq!(core.kv().range("k").count(), next, "nothing lost");
+        assert_eq!(core.kv().revision(), before.revision());
+        assert!(
+            core.store.snapshot_index() < first,
+            "the unnamed file was not used"
+        );
+
+        // Recorded this time: the log is compacted, the leftover removed, and
+        // a restart starts from the new snapshot.
+        let job = put_until_a_job(&mut core, &mut next);
+        let second = job.index();
+        core.snapshot_written(job.write()).unwrap();
+        assert_eq!(core.store.snapshot_index(), second);
+        let files = snapshot_files(dir.path());
+        assert_eq!(files.len(), 1, "{files:?}");
+        assert!(
+            files[0].ends_with(&format!("-{second:016x}.bin")),
+            "{files:?}"
+        );
+        let log_len = core.disk.load().unwrap().entries.len();
+        assert!(log_len < 5, "the log was compacted: {log_len} entries");
+        let revision = core.kv().revision();
+        drop(core);
+        let core = open(&BTreeMap::new());
+        assert_eq!(core.store.snapshot_index(), second);
+        assert_eq!(core.kv().range("k").count(), next);
+        assert_eq!(core.kv().revision(), revision);
     }
 
     #[test]

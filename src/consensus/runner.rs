@@ -4,20 +4,22 @@
 //! [`Msg`] over one channel. Each loop pass drains every queued message before
 //! running the Ready pass, so all proposals that arrived meanwhile share one
 //! log append and one fsync: that is the write batching. A thread, not a tokio
-//! task, because the fsync blocks.
+//! task, because the fsync blocks. A snapshot the node hands out is encoded
+//! and written on a thread of its own, which reports back over the same
+//! channel ([`super::snapshot`]).
 
 use std::collections::BTreeMap;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use raft::eraftpb::Message;
+use raft::eraftpb::{Message, Snapshot};
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
 use super::codec::MemberInfo;
-use super::kv::{Command, KeyValue, Outcome, Revision};
+use super::kv::{Command, KeyValue, Lease, LeaseId, Outcome, Revision};
 use super::node::{Core, RequestError, Status, WatchMsg};
-use super::storage::Durable;
+use super::storage::{DiskError, Durable};
 use crate::metrics::METRICS;
 
 /// A request to the node thread.
@@ -26,8 +28,19 @@ pub enum Msg {
     Propose {
         /// The command.
         command: Command,
+        /// The agent it is proposed for (see [`Core::propose_for`]).
+        agent: Option<String>,
         /// Where the outcome goes.
         reply: oneshot::Sender<Result<Outcome, RequestError>>,
+    },
+    /// Read one lease.
+    Lease {
+        /// The lease.
+        id: LeaseId,
+        /// Confirm leadership first (ReadIndex); false serves local state.
+        linearizable: bool,
+        /// Where the lease goes (`None`: no such lease).
+        reply: oneshot::Sender<Result<Option<Lease>, RequestError>>,
     },
     /// Read one key or a prefix.
     Range {
@@ -80,6 +93,8 @@ pub enum Msg {
         /// Whether it got the whole snapshot.
         delivered: bool,
     },
+    /// How writing a snapshot off the Raft thread ended ([`super::snapshot`]).
+    SnapshotWritten(Result<Snapshot, DiskError>),
     /// Stop the member: the thread exits after this message.
     Stop,
 }
@@ -123,7 +138,40 @@ impl Handle {
 
     /// Proposes a command and waits until this member applied it.
     pub async fn propose(&self, command: Command) -> Result<Outcome, RequestError> {
-        self.ask(|reply| Msg::Propose { command, reply }).await
+        self.propose_for(command, None).await
+    }
+
+    /// [`Handle::propose`] on behalf of the agent `agent` ([`Core::propose_for`]).
+    pub async fn propose_for(
+        &self,
+        command: Command,
+        agent: Option<String>,
+    ) -> Result<Outcome, RequestError> {
+        self.ask(|reply| Msg::Propose {
+            command,
+            agent,
+            reply,
+        })
+        .await
+    }
+
+    /// Lease `id` as this member knows it; when it knows none, as the
+    /// leader's latest state does (a member behind the one that granted a
+    /// lease may not have applied the grant yet). `None`: no such lease.
+    pub async fn lease(&self, id: LeaseId) -> Result<Option<Lease>, RequestError> {
+        for linearizable in [false, true] {
+            let found = self
+                .ask(|reply| Msg::Lease {
+                    id,
+                    linearizable,
+                    reply,
+                })
+                .await?;
+            if found.is_some() {
+                return Ok(found);
+            }
+        }
+        Ok(None)
     }
 
     /// Reads a key or prefix; linearizable unless `linearizable` is false.
@@ -216,10 +264,12 @@ pub fn spawn<D: Durable + 'static, T: Transport>(
 ) -> (Handle, JoinHandle<Exit>) {
     let (tx, rx) = mpsc::channel::<Msg>();
     let transport = transport(Handle { tx: tx.clone() });
+    let writer_tx = tx.clone();
     let thread = std::thread::Builder::new()
         .name("raft".into())
         .spawn(move || {
-            let run = std::panic::AssertUnwindSafe(|| drive(core, tick, &rx, &transport));
+            let run =
+                std::panic::AssertUnwindSafe(|| drive(core, tick, &rx, &writer_tx, &transport));
             let exit = std::panic::catch_unwind(run).unwrap_or_else(|panic| {
                 let what = panic
                     .downcast_ref::<&str>()
@@ -275,6 +325,7 @@ fn drive<D: Durable, T: Transport>(
     mut core: Core<D>,
     tick: Duration,
     rx: &mpsc::Receiver<Msg>,
+    tx: &mpsc::Sender<Msg>,
     transport: &T,
 ) -> Exit {
     let start = Instant::now();
@@ -286,18 +337,20 @@ fn drive<D: Durable, T: Transport>(
         let wait = next_tick.saturating_duration_since(Instant::now());
         let mut running = match rx.recv_timeout(wait) {
             Ok(msg) => handle(&mut core, msg),
-            Err(RecvTimeoutError::Timeout) => true,
-            Err(RecvTimeoutError::Disconnected) => false,
+            Err(RecvTimeoutError::Timeout) => Ok(true),
+            Err(RecvTimeoutError::Disconnected) => Ok(false),
         };
         // Drain everything queued: one Ready pass (one fsync) for all of it.
-        while running {
+        while running == Ok(true) {
             match rx.try_recv() {
                 Ok(msg) => running = handle(&mut core, msg),
                 Err(_) => break,
             }
         }
-        if !running {
-            return Exit::Stopped;
+        match running {
+            Ok(true) => {}
+            Ok(false) => return Exit::Stopped,
+            Err(e) => return Exit::Failed(format!("its storage failed: {e}")),
         }
         let now = Instant::now();
         while now >= next_tick {
@@ -313,6 +366,17 @@ fn drive<D: Durable, T: Transport>(
             }
             Err(e) => return Exit::Failed(format!("its storage failed: {e}")),
         }
+        if let Some(job) = core.take_snapshot_job() {
+            let tx = tx.clone();
+            let spawned = std::thread::Builder::new()
+                .name("snapshot".into())
+                .spawn(move || {
+                    let _ = tx.send(Msg::SnapshotWritten(job.write()));
+                });
+            if let Err(e) = spawned {
+                return Exit::Failed(format!("cannot start the snapshot writer: {e}"));
+            }
+        }
         published.publish(&core);
         // Compared by reference each pass; cloned only when membership changed.
         if *core.members() != members {
@@ -322,19 +386,34 @@ fn drive<D: Durable, T: Transport>(
     }
 }
 
-/// Handles one message; false means stop.
-fn handle<D: Durable>(core: &mut Core<D>, msg: Msg) -> bool {
+/// Handles one message; false means stop, an error that the disk failed.
+fn handle<D: Durable>(core: &mut Core<D>, msg: Msg) -> Result<bool, String> {
     match msg {
-        Msg::Propose { command, reply } => {
+        Msg::Propose {
+            command,
+            agent,
+            reply,
+        } => {
             let started = Instant::now();
-            core.propose(
+            core.propose_for(
                 &command,
+                agent.as_deref(),
                 Box::new(move |r| {
                     METRICS.raft_proposal_seconds.observe(started.elapsed());
                     let _ = reply.send(r);
                 }),
             )
         }
+        Msg::Lease {
+            id,
+            linearizable: false,
+            reply,
+        } => {
+            let _ = reply.send(Ok(core.kv().lease(id).cloned()));
+        }
+        Msg::Lease { id, reply, .. } => core.read_index(Box::new(move |r| {
+            let _ = reply.send(r.map(|kv| kv.lease(id).cloned()));
+        })),
         Msg::Range {
             key,
             prefix,
@@ -365,16 +444,29 @@ fn handle<D: Durable>(core: &mut Core<D>, msg: Msg) -> bool {
         }
         Msg::Backup { reply } => {
             let members = core.members().clone();
-            core.read_index(Box::new(move |r| {
-                let _ = reply.send(r.map(|kv| super::backup::encode(kv, &members)));
+            // The copy is cheap (values are shared); encoding a large
+            // state is not, so it happens off this thread.
+            core.read_index(Box::new(move |r| match r {
+                Ok(kv) => {
+                    let kv = kv.clone();
+                    std::thread::spawn(move || {
+                        let _ = reply.send(Ok(super::backup::encode(&kv, &members)));
+                    });
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
             }));
         }
         Msg::Raft(m) => core.step(m),
         Msg::Unreachable(id) => core.report_unreachable(id),
         Msg::SnapshotSent { to, delivered } => core.report_snapshot(to, delivered),
-        Msg::Stop => return false,
+        Msg::SnapshotWritten(written) => {
+            core.snapshot_written(written).map_err(|e| e.to_string())?;
+        }
+        Msg::Stop => return Ok(false),
     }
-    true
+    Ok(true)
 }
 
 #[cfg(test)]

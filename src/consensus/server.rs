@@ -4,23 +4,38 @@
 //! with the caller's identity; a refused request changes nothing and is
 //! answered with a `Denied` error. The policy comes from outside (the daemon
 //! injects the registry's): this module knows roles, not keys.
+//!
+//! An agent's request that names leases (a keep-alive, a revoke, a put
+//! attached to a lease) is also put to the policy with each lease as this
+//! member knows it, or as the leader does when this member knows none yet;
+//! a lease nobody knows is answered "not found" without a proposal. A lease
+//! an agent grants is proposed on its behalf, so it records the agent as its
+//! owner. Checking before proposing is sound because a lease's owner never
+//! changes and a lease id is never used twice: a lease found owned by an
+//! agent is that agent's or gone by the time the request applies.
 
 use std::sync::Arc;
 
 use tokio::io::{BufReader, BufWriter};
 
 use super::codec::{self, CodecError, FrameLimits, MemberInfo};
+use super::kv::{KvError, Lease, Outcome};
 use super::listener::{Accepted, Listener};
 use super::node::{RequestError, WatchMsg, member_id};
 use super::protocol::{ErrorKind, Request, Response, WATCH_FRAME_BYTES, WATCH_HEARTBEAT, batches};
 use super::runner::Handle;
-use crate::tls::Identity;
+use crate::tls::{Identity, Role};
 
 /// Decides whether a caller may make a request.
 pub trait Authorize: Send + Sync {
     /// `Ok` when `who` may make `request`; otherwise why not, and what to do
     /// instead, for the caller.
     fn check(&self, who: &Identity, request: &Request) -> Result<(), String>;
+
+    /// `Ok` when the agent `who` may keep `lease` alive, revoke it or attach
+    /// keys to it. Asked, after [`Authorize::check`] allowed the request, for
+    /// each lease an agent's request names.
+    fn may_use_lease(&self, who: &Identity, lease: &Lease) -> Result<(), String>;
 }
 
 /// Serves clients on `listener` until the process ends; on a TLS listener
@@ -78,6 +93,16 @@ async fn connection(
             send(&mut write, &answer).await?;
             continue;
         }
+        let agent = who
+            .as_ref()
+            .filter(|who| who.role == Role::Agent)
+            .map(|who| (who, who.name.clone()));
+        if let Some((who, _)) = agent
+            && let Some(refusal) = lease_refusal(&node, policy, who, &request).await
+        {
+            send(&mut write, &refusal).await?;
+            continue;
+        }
         match request {
             Request::Watch { prefix, from } => {
                 return stream_watch(&node, prefix, from, false, &mut write).await;
@@ -87,10 +112,42 @@ async fn connection(
             }
             _ => {}
         }
-        let answer = answer(&node, request).await;
+        let answer = answer(&node, request, agent.map(|(_, name)| name)).await;
         send(&mut write, &answer).await?;
     }
     Ok(())
+}
+
+/// Why an agent's request may not use the leases it names, as the answer
+/// to send (`None`: it may). See the module docs.
+async fn lease_refusal(
+    node: &Handle,
+    policy: &dyn Authorize,
+    who: &Identity,
+    request: &Request,
+) -> Option<Response> {
+    let Request::Command(command) = request else {
+        return None;
+    };
+    for id in command.leases() {
+        let lease = match node.lease(id).await {
+            Ok(Some(lease)) => lease,
+            Ok(None) => {
+                return Some(Response::Outcome(Outcome::Failed(KvError::LeaseNotFound(
+                    id,
+                ))));
+            }
+            Err(e) => return Some(Response::from(e)),
+        };
+        if let Err(why) = policy.may_use_lease(who, &lease) {
+            tracing::info!("refused a request of {who}: {why}");
+            return Some(Response::Error {
+                kind: ErrorKind::Denied,
+                message: format!("permission denied for {who}: {why}"),
+            });
+        }
+    }
+    None
 }
 
 async fn send<W: tokio::io::AsyncWrite + Unpin>(
@@ -103,9 +160,14 @@ async fn send<W: tokio::io::AsyncWrite + Unpin>(
     Ok(())
 }
 
-async fn answer(node: &Handle, request: Request) -> Response {
+/// Serves a request the caller may make; `agent` is the caller's machine id
+/// when an agent makes it (its grants become its leases).
+async fn answer(node: &Handle, request: Request, agent: Option<String>) -> Response {
     let result = match request {
-        Request::Command(command) => node.propose(command).await.map(Response::Outcome),
+        Request::Command(command) => node
+            .propose_for(command, agent)
+            .await
+            .map(Response::Outcome),
         Request::Range {
             key,
             prefix,

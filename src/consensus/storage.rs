@@ -84,6 +84,10 @@ pub struct Batch {
     /// A snapshot this member took of its own state: entries before its index
     /// are dropped (the entry at the index is kept, so the log is never empty).
     pub taken: Option<Snapshot>,
+    /// The `taken` snapshot's data is already durable in its file (written
+    /// off the Raft thread by [`write_snapshot_data`]); `save` only records
+    /// it. Only for a disk with a [`Durable::snapshot_dir`].
+    pub taken_written: bool,
     /// New entries; any stored entries at or after the first one are replaced.
     pub entries: Vec<Entry>,
     /// The new hard state.
@@ -124,6 +128,30 @@ pub trait Durable: Send {
 /// The file name of a snapshot's data under [`Durable::snapshot_dir`].
 pub fn snapshot_file_name(meta: &raft::eraftpb::SnapshotMetadata) -> String {
     format!("snapshot-{:016x}-{:016x}.bin", meta.term, meta.index)
+}
+
+/// Writes the data of the snapshot `meta` describes durably into `dir`, under
+/// [`snapshot_file_name`]: to a `.partial` file, fsynced, renamed into place,
+/// and the directory fsynced. Safe on any thread: a snapshot file counts only
+/// once the database names it ([`Durable::save`] of a `taken` snapshot), so
+/// one written before a crash, or superseded, is an unnamed leftover that
+/// the next snapshot's save removes.
+pub fn write_snapshot_data(
+    dir: &Path,
+    meta: &raft::eraftpb::SnapshotMetadata,
+    data: &[u8],
+) -> Result<(), DiskError> {
+    use std::io::Write;
+    let target = dir.join(snapshot_file_name(meta));
+    let partial = target.with_extension("partial");
+    let io = |e: std::io::Error| DiskError::Failed(format!("writing {}: {e}", partial.display()));
+    let mut file = std::fs::File::create(&partial).map_err(io)?;
+    file.write_all(data).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&partial, &target).map_err(io)?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io)
 }
 
 /// The Raft state in a redb database under the member's data directory.
@@ -171,17 +199,7 @@ impl RedbDisk {
 
     /// Writes a snapshot's data durably under its own name.
     fn write_snapshot_file(&self, snapshot: &Snapshot) -> Result<(), DiskError> {
-        use std::io::Write;
-        let target = self.snapshot_file(snapshot);
-        let partial = target.with_extension("partial");
-        let io = |e: std::io::Error| self.error(format!("writing {}: {e}", partial.display()));
-        let mut file = std::fs::File::create(&partial).map_err(io)?;
-        file.write_all(&snapshot.data).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&partial, &target).map_err(io)?;
-        std::fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io)
+        write_snapshot_data(&self.dir, snapshot.get_metadata(), &snapshot.data)
     }
 
     /// Removes snapshot files other than `keep` (older ones, or a crash's leftovers).
@@ -265,7 +283,9 @@ impl Durable for RedbDisk {
             return Ok(());
         }
         let snapshot = batch.installed.as_ref().or(batch.taken.as_ref());
-        if let Some(snapshot) = snapshot {
+        if let Some(snapshot) = snapshot
+            && !(batch.taken_written && batch.installed.is_none())
+        {
             self.write_snapshot_file(snapshot)?;
         }
         let txn = self.db.begin_write().map_err(|e| self.error(e))?;

@@ -2,7 +2,9 @@
 //!
 //! locksmith left the lock of a host that died while holding it taken
 //! forever, and no other host ever rebooted again until a person noticed.
-//! With `stale_after` set, every daemon watches the holders of every group:
+//! With `stale_after` set, every member's daemon watches the holders of every
+//! group (an agent's certificate may not free another machine's slot, so
+//! agent-only hosts do not run this):
 //! a holder whose machine has no presence for that long, continuously, as
 //! this daemon saw it, is released with a compare-and-swap that only frees
 //! exactly that holding. Absence is timed from this daemon's own

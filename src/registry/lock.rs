@@ -8,6 +8,11 @@
 //! lost a race changes nothing and the change is computed again from a fresh
 //! read. So however many hosts race, the stored value only ever moves through
 //! values the pure operations produced, and never has more than `max` holders.
+//!
+//! The transaction also compares the value itself with the one read: that is
+//! what lets the store's role policy judge an agent's change of a semaphore
+//! from the request alone ([`super::access`]: an agent may add or remove only
+//! itself as a holder), since the write can only apply to the value compared.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -84,6 +89,20 @@ pub struct Read {
     pub semaphore: Semaphore,
     /// The key's mod revision.
     pub revision: Revision,
+    /// The value's bytes as stored (empty when never written).
+    stored: Vec<u8>,
+}
+
+impl Read {
+    /// The compares that hold only while the semaphore is still as read:
+    /// its mod revision, and its value when it exists.
+    fn unchanged(&self, key: &str) -> Vec<Compare> {
+        let mut compare = vec![Compare::revision_is(key, self.revision)];
+        if self.revision != 0 {
+            compare.push(Compare::value_is(key, self.stored.clone()));
+        }
+        compare
+    }
 }
 
 /// Reads the semaphore of `group` (linearizable).
@@ -93,10 +112,12 @@ pub async fn read(client: &Client, group: &str) -> Result<Read, LockOpError> {
         Some(kv) => Read {
             semaphore: records::decode(&kv.key, &kv.value)?,
             revision: kv.mod_revision,
+            stored: kv.value,
         },
         None => Read {
             semaphore: Semaphore::default(),
             revision: 0,
+            stored: Vec::new(),
         },
     })
 }
@@ -137,7 +158,7 @@ async fn change<T>(
         let Some(next) = next else {
             return Ok((read.semaphore, answer));
         };
-        let compare = vec![Compare::revision_is(&key, read.revision)];
+        let compare = read.unchanged(&key);
         let ops = vec![Op::put(key.clone(), records::encode(&next))];
         let (ok, _, _) = client.txn(compare, ops, Vec::new()).await?;
         if ok {

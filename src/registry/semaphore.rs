@@ -141,6 +141,21 @@ impl Semaphore {
         Ok(next)
     }
 
+    /// Whether `next` differs from this value only in `id`'s own holding: `id`
+    /// took a free slot, gave its slot back or recorded its boot, while the
+    /// limit and every other holder stayed as they were. What an agent may do
+    /// to a semaphore ([`crate::registry::access`]).
+    pub fn changes_only_holder(&self, next: &Semaphore, id: &str) -> bool {
+        let others = |s: &Semaphore| -> Vec<Holder> {
+            s.holders.iter().filter(|h| h.id != id).cloned().collect()
+        };
+        let took = self.holder(id).is_none() && next.holder(id).is_some();
+        next.max == self.max
+            && others(self) == others(next)
+            && next.holders.iter().filter(|h| h.id == id).count() <= 1
+            && (!took || next.holders.len() <= next.max as usize)
+    }
+
     /// The value with a new limit. Lowering it below the current holders keeps
     /// them (they are already rebooting) and admits nobody until enough leave.
     pub fn set_max(&self, max: u32) -> Semaphore {
@@ -190,6 +205,36 @@ mod tests {
             Semaphore::default().lock("", 0, None),
             Err(LockError::EmptyHolder)
         );
+    }
+
+    #[test]
+    fn only_a_holders_own_changes_count_as_its_own() {
+        let s = Semaphore::default().set_max(2).lock("m1", 1, None).unwrap();
+        let mine = [
+            s.lock("m2", 2, Some("b")).unwrap(),
+            s.unlock("m1").unwrap(),
+            s.record_boot("m1", "b").unwrap(),
+        ];
+        assert!(s.changes_only_holder(&mine[0], "m2"));
+        assert!(s.changes_only_holder(&mine[1], "m1"));
+        assert!(s.changes_only_holder(&mine[2], "m1"));
+        assert!(s.changes_only_holder(&s, "m2"), "no change at all");
+        // Someone else's holding, the limit, or a slot past the limit.
+        assert!(!s.changes_only_holder(&mine[0], "m1"));
+        assert!(!s.changes_only_holder(&mine[1], "m2"));
+        assert!(!s.changes_only_holder(&s.set_max(3), "m1"));
+        let full = Semaphore::default().lock("m1", 1, None).unwrap();
+        let mut over = full.clone();
+        over.holders.push(Holder {
+            id: "m2".into(),
+            since: 2,
+            boot_id: None,
+        });
+        assert!(!full.changes_only_holder(&over, "m2"));
+        let mut twice = over.clone();
+        twice.max = 3;
+        twice.holders.push(twice.holders[1].clone());
+        assert!(!full.set_max(3).changes_only_holder(&twice, "m2"));
     }
 
     #[test]

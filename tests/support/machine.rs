@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use flotilla::consensus::client::Client;
-use flotilla::registry::{BodyCache, UnitState};
 use flotilla::registry::machine::MachineStore;
 use flotilla::registry::records::{MachineRecord, ReportedState, Target};
+use flotilla::registry::{BodyCache, UnitState};
 use flotilla::units::{Requirements, UnitName};
 
 /// A machine the test plays: its registry handle and presence record.
