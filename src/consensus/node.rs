@@ -884,7 +884,9 @@ impl<D: Durable> Core<D> {
             self.install(data, snap.get_metadata());
         }
         send(messages);
-        send(ready.take_persisted_messages());
+        let mut persisted = ready.take_persisted_messages();
+        self.drop_stale_acks(&mut persisted);
+        send(persisted);
 
         self.apply_entries(ready.take_committed_entries())?;
         for rs in ready.take_read_states() {
@@ -905,6 +907,23 @@ impl<D: Durable> Core<D> {
         self.raw.advance_apply();
         self.serve_reads();
         self.maybe_snapshot()
+    }
+
+    /// Drops acknowledgements of appends made in an older term than this
+    /// member's current one. A member that steps both an old leader's
+    /// append and a newer leader's conflicting one before its Ready pass
+    /// acknowledges the first (index and all) and then truncates it: the
+    /// pass persists only the newer entries, yet raft-rs would still send
+    /// the old leader an acknowledgement of entries this member never
+    /// persisted, which that leader could count toward a commit the new
+    /// leader does not hold (found by tests/sim.rs: lease seed 1352). A
+    /// leader never overwrites its own term's entries, so an ack in the
+    /// current term is true; a dropped message is one Raft retransmits.
+    fn drop_stale_acks(&self, messages: &mut Vec<Message>) {
+        let term = self.raw.raft.term;
+        messages.retain(|m| {
+            m.get_msg_type() != MessageType::MsgAppendResponse || m.reject || m.term >= term
+        });
     }
 
     fn store_hard_state(&self) -> HardState {
