@@ -20,8 +20,10 @@
 //! 5. serve reads whose ReadIndex is now applied;
 //! 6. `advance`, and handle the light ready the same way.
 //!
-//! Every message of a pass leaves through its return value, so none is sent
-//! before the pass's fsync.
+//! Messages leave through [`Core::handle_ready_with`]'s `send` at the step
+//! boundaries above (after step 3, and after step 6 for the light ready), so
+//! none is sent before the pass's fsync; [`Core::handle_ready`] collects them
+//! all and returns them at the end of the pass.
 //!
 //! A snapshot due at the end of a pass is, on a disk that keeps snapshots in
 //! files, only a copy of the state handed to the driver as a
@@ -32,7 +34,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use protobuf::Message as _;
 use raft::eraftpb::{
-    ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, Snapshot,
+    ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, MessageType,
+    Snapshot,
 };
 use raft::{GetEntriesContext, RawNode, SnapshotStatus, StateRole};
 
@@ -142,6 +145,26 @@ pub struct NodeConfig {
     /// (found by tests/sim.rs). Defaults to the wall clock in microseconds;
     /// the simulation sets it from its seed.
     pub first_request: u64,
+    /// A deliberate defect for the simulation's mutation runs (tests/sim.rs,
+    /// RELIABILITY.md), which prove its checkers catch the bug it names.
+    /// Always [`Mutation::None`] in the daemon.
+    #[doc(hidden)]
+    pub mutation: Mutation,
+}
+
+/// Bugs the simulation can switch on in a [`Core`] to show that its checks
+/// fail when the Ready contract is broken (see [`NodeConfig::mutation`]).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mutation {
+    /// The Ready contract kept.
+    #[default]
+    None,
+    /// Hand a pass's messages, votes and acknowledgements included, to
+    /// `send` before the pass's fsync.
+    SendBeforePersist,
+    /// Go on as if saved when the disk refuses a pass's batch.
+    IgnoreDiskErrors,
 }
 
 impl NodeConfig {
@@ -165,6 +188,7 @@ impl NodeConfig {
             first_request: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |since| since.as_micros() as u64),
+            mutation: Mutation::None,
         }
     }
 
@@ -556,11 +580,7 @@ impl<D: Durable> Core<D> {
             )));
         }
         if self.change_pending() {
-            return reply(Err(RequestError::Invalid(
-                "another membership change is still being applied; nothing was changed, \
-                 retry in a moment (flotilla member list shows the current members)"
-                    .into(),
-            )));
+            return reply(Err(change_pending_refusal()));
         }
         let mut cc = ConfChangeV2::default();
         let kind = if add.is_some() {
@@ -659,7 +679,26 @@ impl<D: Durable> Core<D> {
     }
 
     /// Delivers a message from a peer.
-    pub fn step(&mut self, message: Message) {
+    ///
+    /// A membership change a follower forwards while another is pending is
+    /// turned, on the leader, into an empty entry that keeps its request id:
+    /// raft-rs would append it as an empty entry WITHOUT the id, so the
+    /// follower's caller heard nothing until its deadline ("outcome
+    /// unknown", found by tests/sim.rs); each member applies the kept entry
+    /// as a refusal of that request (see `Core::apply_committed`).
+    pub fn step(&mut self, mut message: Message) {
+        if message.get_msg_type() == MessageType::MsgPropose
+            && self.is_leader()
+            && self.change_pending()
+        {
+            for entry in message.mut_entries().iter_mut() {
+                if entry.get_entry_type() != EntryType::EntryNormal {
+                    let context = std::mem::take(&mut entry.context);
+                    *entry = Entry::default();
+                    entry.context = context;
+                }
+            }
+        }
         // Messages from removed or unknown members, or stale ones, are refused
         // by raft-rs itself; nothing to do about the error.
         let _ = self.raw.step(message);
@@ -811,11 +850,27 @@ impl<D: Durable> Core<D> {
     /// Runs one Ready pass; returns the messages to send to peers.
     pub fn handle_ready(&mut self) -> Result<Vec<Message>, DiskError> {
         let mut out = Vec::new();
+        self.handle_ready_with(&mut |messages| out.extend(messages))?;
+        Ok(out)
+    }
+
+    /// Runs one Ready pass, handing messages to `send` at the step where the
+    /// Ready contract lets them leave: never before the pass's fsync. The
+    /// simulation crashes a member between those steps; on an error, what
+    /// `send` was given already left.
+    pub fn handle_ready_with(
+        &mut self,
+        send: &mut dyn FnMut(Vec<Message>),
+    ) -> Result<(), DiskError> {
         if !self.raw.has_ready() {
-            return Ok(out);
+            return Ok(());
         }
         let mut ready = self.raw.ready();
-        out.extend(ready.take_messages());
+        let mut messages = ready.take_messages();
+        if self.config.mutation == Mutation::SendBeforePersist {
+            send(std::mem::take(&mut messages));
+            send(ready.take_persisted_messages());
+        }
 
         if let Some(ss) = ready.ss() {
             self.on_soft_state(ss.leader_id, ss.raft_state);
@@ -838,7 +893,10 @@ impl<D: Durable> Core<D> {
                 batch.hard_state = Some(self.store_hard_state());
             }
             self.commit_dirty = false;
-            self.disk.save(&batch)?;
+            match self.disk.save(&batch) {
+                Err(_) if self.config.mutation == Mutation::IgnoreDiskErrors => {}
+                saved => saved?,
+            }
         } else if batch.hard_state.is_some() {
             // Only the commit index moved: raft-rs says no sync is needed (a
             // quorum can always recompute it). Keep it in memory and let the
@@ -851,7 +909,10 @@ impl<D: Durable> Core<D> {
         if let (Some(data), Some(snap)) = (installed, &batch.installed) {
             self.install(data, snap.get_metadata());
         }
-        out.extend(ready.take_persisted_messages());
+        send(messages);
+        let mut persisted = ready.take_persisted_messages();
+        self.drop_stale_acks(&mut persisted);
+        send(persisted);
 
         self.apply_entries(ready.take_committed_entries())?;
         for rs in ready.take_read_states() {
@@ -866,13 +927,29 @@ impl<D: Durable> Core<D> {
         if let Some(commit) = light.commit_index() {
             self.store_set_commit(commit);
         }
-        out.extend(light.take_messages());
+        send(light.take_messages());
         self.apply_entries(light.take_committed_entries())?;
         self.apply_deferred()?;
         self.raw.advance_apply();
         self.serve_reads();
-        self.maybe_snapshot()?;
-        Ok(out)
+        self.maybe_snapshot()
+    }
+
+    /// Drops acknowledgements of appends made in an older term than this
+    /// member's current one. A member that steps both an old leader's
+    /// append and a newer leader's conflicting one before its Ready pass
+    /// acknowledges the first (index and all) and then truncates it: the
+    /// pass persists only the newer entries, yet raft-rs would still send
+    /// the old leader an acknowledgement of entries this member never
+    /// persisted, which that leader could count toward a commit the new
+    /// leader does not hold (found by tests/sim.rs: lease seed 1352). A
+    /// leader never overwrites its own term's entries, so an ack in the
+    /// current term is true; a dropped message is one Raft retransmits.
+    fn drop_stale_acks(&self, messages: &mut Vec<Message>) {
+        let term = self.raw.raft.term;
+        messages.retain(|m| {
+            m.get_msg_type() != MessageType::MsgAppendResponse || m.reject || m.term >= term
+        });
     }
 
     fn store_hard_state(&self) -> HardState {
@@ -973,7 +1050,11 @@ impl<D: Durable> Core<D> {
             self.applied_bytes += entry.data.len() as u64;
             let request = ctx_id(&entry.context);
             match entry.get_entry_type() {
-                EntryType::EntryNormal if entry.data.is_empty() => {}
+                // A leader's own empty entry answers nobody; one that kept a
+                // request id is a membership change refused (see `step`).
+                EntryType::EntryNormal if entry.data.is_empty() => {
+                    self.answer(request, Err(change_pending_refusal()));
+                }
                 EntryType::EntryNormal => {
                     let (command, agent) = codec::decode_entry(&entry.data)?;
                     if let Command::LeaseExpire { ids } = &command {
@@ -1238,6 +1319,15 @@ pub fn founding_batch(kv: &KvStore, members: &BTreeMap<u64, MemberInfo>) -> Batc
         conf_state: Some(cs),
         ..Batch::default()
     }
+}
+
+/// The answer to a membership change asked while another is pending.
+fn change_pending_refusal() -> RequestError {
+    RequestError::Invalid(
+        "another membership change is still being applied; nothing was changed, \
+         retry in a moment (flotilla member list shows the current members)"
+            .into(),
+    )
 }
 
 fn decode_conf_change(entry: &Entry) -> Option<(ConfChangeV2, Option<MemberInfo>)> {

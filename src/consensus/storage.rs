@@ -368,6 +368,21 @@ pub struct MemDisk {
     sync: Arc<AtomicBool>,
     /// Saves left before every save fails; `u64::MAX` for never.
     saves_left: Arc<AtomicU64>,
+    /// Power, and where a power cut inside a Ready pass is armed.
+    power: Arc<Mutex<Power>>,
+    /// Bytes the platters hold; a save that would need more is refused
+    /// whole (a full disk). `u64::MAX` for no limit.
+    capacity: Arc<AtomicU64>,
+}
+
+/// A [`MemDisk`]'s power supply, for crashes between the steps of a pass.
+#[derive(Debug, Default)]
+struct Power {
+    /// Cut at the save this many saves (of one kind, if given) from now
+    /// (0: the next one), before or after its write.
+    armed: Option<(u64, bool, Option<SaveKind>)>,
+    /// Where the power was cut, while it is off.
+    cut: Option<String>,
 }
 
 impl Default for MemDisk {
@@ -383,7 +398,97 @@ impl MemDisk {
             synced: Arc::default(),
             sync: Arc::new(AtomicBool::new(true)),
             saves_left: Arc::new(AtomicU64::new(u64::MAX)),
+            power: Arc::default(),
+            capacity: Arc::new(AtomicU64::new(u64::MAX)),
         }
+    }
+
+    /// Arms a power cut at the save `saves` saves from now, counting only
+    /// saves of kind `only` if given: before its write reaches the platters,
+    /// or just after (`after_write`). Once the power is off every save fails
+    /// and nothing more reaches the platters, so the Core stops within the
+    /// pass; the simulation mutes what it still says.
+    pub fn cut_power_at_save(&self, saves: u64, after_write: bool, only: Option<SaveKind>) {
+        self.power.lock().expect("sim disk lock").armed = Some((saves, after_write, only));
+    }
+
+    /// Cuts the power now (between two saves), saying where.
+    pub fn cut_power(&self, at: impl Into<String>) {
+        let mut power = self.power.lock().expect("sim disk lock");
+        power.armed = None;
+        power.cut = Some(at.into());
+    }
+
+    /// Where the power was cut, while it is off.
+    pub fn power_cut(&self) -> Option<String> {
+        self.power.lock().expect("sim disk lock").cut.clone()
+    }
+
+    /// True unless the power was cut.
+    pub fn is_powered(&self) -> bool {
+        self.power.lock().expect("sim disk lock").cut.is_none()
+    }
+
+    /// Power back on, with no cut armed (the member is restarted).
+    pub fn restore_power(&self) {
+        *self.power.lock().expect("sim disk lock") = Power::default();
+    }
+
+    /// Lets the platters hold `bytes` (entries, snapshots, states, by their
+    /// encoded size); a save that would need more fails whole, as a full
+    /// disk refuses a commit. `u64::MAX` lifts the limit.
+    pub fn set_capacity(&self, bytes: u64) {
+        self.capacity.store(bytes, Ordering::SeqCst);
+    }
+
+    /// Bytes the platters hold now.
+    pub fn used_bytes(&self) -> u64 {
+        recovered_bytes(&self.synced.lock().expect("sim disk lock"))
+    }
+
+    /// The synced hard state (term, vote, commit).
+    pub fn synced_hard_state(&self) -> HardState {
+        self.synced
+            .lock()
+            .expect("sim disk lock")
+            .hard_state
+            .clone()
+    }
+
+    /// The last log index on the platters: the last entry's, or the
+    /// snapshot's when no entry follows it.
+    pub fn synced_last_index(&self) -> u64 {
+        let disk = self.synced.lock().expect("sim disk lock");
+        let snapshot = disk.snapshot.as_ref().map_or(0, |s| s.get_metadata().index);
+        disk.entries
+            .last()
+            .map_or(snapshot, |e| e.index.max(snapshot))
+    }
+
+    /// Whether the power cut armed for this save fires, before or after its
+    /// write (`after_write`); counts the save down otherwise.
+    fn power_cut_fires(&self, after_write: bool, batch: &Batch) -> bool {
+        let mut power = self.power.lock().expect("sim disk lock");
+        let Some((left, after, only)) = power.armed else {
+            return false;
+        };
+        let kind = SaveKind::of(batch);
+        if only.is_some_and(|only| only != kind) {
+            return false;
+        }
+        if left > 0 {
+            if after_write {
+                power.armed = Some((left - 1, after, only));
+            }
+            return false;
+        }
+        if after != after_write {
+            return false;
+        }
+        power.armed = None;
+        let when = if after_write { "after" } else { "before" };
+        power.cut = Some(format!("{when} the {} write", kind.name()));
+        true
     }
 
     /// Turns syncing off (or back on) for this disk and all its clones. With
@@ -406,6 +511,9 @@ impl Durable for MemDisk {
     }
 
     fn save(&mut self, batch: &Batch) -> Result<(), DiskError> {
+        if !self.is_powered() || self.power_cut_fires(false, batch) {
+            return Err(DiskError::Failed("simulated power cut".into()));
+        }
         let left = self.saves_left.load(Ordering::SeqCst);
         if left == 0 {
             return Err(DiskError::Failed("simulated disk failure".into()));
@@ -417,27 +525,95 @@ impl Durable for MemDisk {
             return Ok(());
         }
         let mut disk = self.synced.lock().expect("sim disk lock");
-        if let Some(snapshot) = batch.installed.as_ref().or(batch.taken.as_ref()) {
-            let index = snapshot.get_metadata().index;
-            if batch.installed.is_some() {
-                disk.entries.clear();
-            } else {
-                disk.entries.retain(|e| e.index >= index);
+        let capacity = self.capacity.load(Ordering::SeqCst);
+        if capacity != u64::MAX {
+            let mut after = disk.clone();
+            write_batch(&mut after, batch);
+            if recovered_bytes(&after) > capacity {
+                return Err(DiskError::Failed(
+                    "simulated full disk: no space left on device".into(),
+                ));
             }
-            disk.conf_state = snapshot.get_metadata().get_conf_state().clone();
-            disk.snapshot = Some(snapshot.clone());
         }
-        if let Some(first) = batch.entries.first() {
-            disk.entries.retain(|e| e.index < first.index);
-            disk.entries.extend(batch.entries.iter().cloned());
-        }
-        if let Some(hs) = &batch.hard_state {
-            disk.hard_state = hs.clone();
-        }
-        if let Some(cs) = &batch.conf_state {
-            disk.conf_state = cs.clone();
-        }
+        write_batch(&mut disk, batch);
+        drop(disk);
+        // Written: a cut armed "after the write" fires now; the Core learns
+        // of it at its next save, and the simulation at once.
+        self.power_cut_fires(true, batch);
         Ok(())
+    }
+}
+
+/// Which step of a Ready pass a save belongs to, by what it writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveKind {
+    /// Entries, hard state or a snapshot received (the pass's fsync).
+    Persist,
+    /// A membership change recorded while applying it.
+    MembershipRecord,
+    /// A snapshot the member took of its own state.
+    Snapshot,
+}
+
+impl SaveKind {
+    fn of(batch: &Batch) -> SaveKind {
+        if batch.taken.is_some() {
+            SaveKind::Snapshot
+        } else if batch.entries.is_empty()
+            && batch.installed.is_none()
+            && batch.hard_state.is_none()
+        {
+            SaveKind::MembershipRecord
+        } else {
+            SaveKind::Persist
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            SaveKind::Persist => "persist",
+            SaveKind::MembershipRecord => "membership record",
+            SaveKind::Snapshot => "snapshot",
+        }
+    }
+}
+
+/// Bytes `disk` takes, by the encoded size of what it holds.
+fn recovered_bytes(disk: &Recovered) -> u64 {
+    use protobuf::Message as _;
+    let entries: u64 = disk
+        .entries
+        .iter()
+        .map(|e| u64::from(e.compute_size()))
+        .sum();
+    let snapshot = disk
+        .snapshot
+        .as_ref()
+        .map_or(0, |s| u64::from(s.compute_size()));
+    entries + snapshot + u64::from(disk.hard_state.compute_size())
+}
+
+/// Writes `batch` onto `disk`, as one atomic commit.
+fn write_batch(disk: &mut Recovered, batch: &Batch) {
+    if let Some(snapshot) = batch.installed.as_ref().or(batch.taken.as_ref()) {
+        let index = snapshot.get_metadata().index;
+        if batch.installed.is_some() {
+            disk.entries.clear();
+        } else {
+            disk.entries.retain(|e| e.index >= index);
+        }
+        disk.conf_state = snapshot.get_metadata().get_conf_state().clone();
+        disk.snapshot = Some(snapshot.clone());
+    }
+    if let Some(first) = batch.entries.first() {
+        disk.entries.retain(|e| e.index < first.index);
+        disk.entries.extend(batch.entries.iter().cloned());
+    }
+    if let Some(hs) = &batch.hard_state {
+        disk.hard_state = hs.clone();
+    }
+    if let Some(cs) = &batch.conf_state {
+        disk.conf_state = cs.clone();
     }
 }
 

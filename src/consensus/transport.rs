@@ -634,8 +634,10 @@ async fn peer_connection(
     }
 }
 
-/// Receives a snapshot stream, hands the snapshot to the node, confirms.
-async fn take_snapshot<S: AsyncRead + AsyncWrite + Unpin>(
+/// Receives a snapshot stream whose header frame was `header`, hands the
+/// snapshot to the node, and confirms. Public for
+/// tests/transport_faults.rs, which drives it over a faulty pipe.
+pub async fn take_snapshot<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     header: &[u8],
     node: &Handle,
