@@ -45,6 +45,7 @@ use crate::consensus::storage::RedbDisk;
 use crate::consensus::{backup, log, server, transport};
 use crate::lock::{self, coordinator::CoordinatorConfig};
 use crate::registry::BodyCache;
+use crate::roles::Roles;
 use crate::scheduler;
 use crate::tls::{Role, Trust};
 
@@ -74,7 +75,7 @@ const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 async fn serve(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> Result<()> {
     let config = &loaded.config;
     let (metadata_tx, metadata_rx) = tokio::sync::watch::channel(config.metadata.clone());
-    let (stop_agent, stopped) = tokio::sync::watch::channel(false);
+    let (stop_roles, stopped) = tokio::sync::watch::channel(false);
     let agent_only = !config.endpoint_list().is_empty();
     if agent_only && force_new_cluster {
         anyhow::bail!(
@@ -104,7 +105,8 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> 
     // under its hash, and each role still checks what it uses (the agent
     // loads only a body that hashes to its record's hash).
     let bodies = Arc::new(BodyCache::new());
-    let agent = config.agent.then(|| {
+    let mut roles = Roles::new();
+    if config.agent {
         let agent_config = AgentConfig {
             endpoints: endpoints.clone(),
             data_dir: config.data_dir.clone(),
@@ -120,14 +122,23 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> 
             api_listen: (trust.is_some() && !config.api_listen.is_empty())
                 .then(|| config.api_listen.clone()),
         };
-        tokio::spawn(agent::run::run(agent_config, stopped.clone()))
-    });
+        let stopped = stopped.clone();
+        roles.spawn("the agent", async move {
+            agent::run::run(agent_config, stopped)
+                .await
+                .map_err(|e| e.to_string())
+        });
+    }
     let reboot = config
         .reboot_settings()
         .map_err(|(key, message)| anyhow::anyhow!("invalid {key}: {message}"))?;
     match reboot.stale_after {
         Some(after) if !agent_only => {
-            tokio::spawn(lock::stale::run(endpoints.clone(), after, stopped.clone()));
+            let run = lock::stale::run(endpoints.clone(), after, stopped.clone());
+            roles.spawn("the stale reboot-lock holder sweeper", async move {
+                run.await;
+                Ok(())
+            });
         }
         Some(_) => tracing::info!(
             "stale_after is ignored on an agent-only host: the members free stale reboot-lock \
@@ -143,21 +154,26 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> 
             reboot_required: PathBuf::from(lock::coordinator::REBOOT_REQUIRED),
             bodies: bodies.clone(),
         };
-        let stopped = stopped.clone();
-        tokio::spawn(async move {
-            if let Err(e) = lock::coordinator::run(coordinator, stopped).await {
-                tracing::error!("the reboot coordinator cannot run: {e}");
-            }
+        let run = lock::coordinator::run(coordinator, stopped.clone());
+        roles.spawn("the reboot coordinator", async move {
+            run.await.map_err(|e| e.to_string())
         });
     }
     // Serves until dropped, when serve() returns.
     let _api = crate::api::start(loaded, &endpoints, bodies.clone(), trust.as_ref())
         .await
         .context("cannot start the HTTP API")?;
-    let mut scheduler = member.as_ref().map(|(node, _)| {
+    if let Some((node, _)) = &member {
         let run = scheduler::run(node.clone(), endpoints, CLAIM_TIMEOUT, bodies);
-        tokio::spawn(run)
-    });
+        let mut stop = stopped.clone();
+        roles.spawn("the scheduler", async move {
+            tokio::select! {
+                _ = run => {}
+                _ = stop.changed() => {}
+            }
+            Ok(())
+        });
+    }
     match notify::notify("READY=1\nSTATUS=serving") {
         Ok(_) => {}
         Err(e) => tracing::warn!("cannot tell systemd we are ready: {e}"),
@@ -174,23 +190,16 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> 
         Err(e) => tracing::error!("configuration not reloaded: {e}"),
     });
     // Fail whole: a member whose Raft thread ended on its own (a disk error,
-    // a panic), or whose scheduler task died, takes the daemon down with a
-    // failure status, so systemd restarts it, rather than leaving its ports
-    // bound answering errors.
+    // a panic), or any role that ended before it was asked to (the agent,
+    // the scheduler, the reboot coordinator, the stale-holder sweeper), takes
+    // the daemon down with a failure status, so systemd restarts it, rather
+    // than leaving its ports bound answering errors or a host that no longer
+    // runs its units.
     let member_failed = async {
         match member.as_mut() {
             Some((_, exited)) => match exited.await {
                 runner::Exit::Failed(why) => why,
                 runner::Exit::Stopped => "its Raft thread stopped unasked".into(),
-            },
-            None => std::future::pending().await,
-        }
-    };
-    let scheduler_failed = async {
-        match scheduler.as_mut() {
-            Some(task) => match task.await {
-                Err(e) => format!("the scheduler task failed: {e}"),
-                Ok(()) => "the scheduler task ended unasked".into(),
             },
             None => std::future::pending().await,
         }
@@ -201,26 +210,20 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> 
             None
         }
         why = member_failed => Some(why),
-        why = scheduler_failed => Some(why),
+        why = roles.ended() => Some(why),
     };
     if let Some(why) = why {
         let _ = notify::notify("STOPPING=1");
         anyhow::bail!(
-            "this member cannot go on: {why}; exiting so systemd restarts it \
-             (check the disk under data_dir if this repeats)"
+            "this daemon cannot go on: {why}; exiting so systemd restarts it \
+             (if this repeats, the lines logged before this one say what failed: \
+             a disk under data_dir, the cluster's reachability, /etc/machine-id)"
         );
     }
     tracing::info!("shutting down");
     let _ = notify::notify("STOPPING=1");
-    let _ = stop_agent.send(true);
-    if let Some(agent) = agent {
-        match tokio::time::timeout(Duration::from_secs(60), agent).await {
-            Ok(Ok(Err(e))) => tracing::error!("agent: {e}"),
-            Ok(Err(e)) => tracing::error!("the agent task failed: {e}"),
-            Err(_) => tracing::error!("the agent did not stop within 60 s"),
-            Ok(Ok(Ok(()))) => {}
-        }
-    }
+    let _ = stop_roles.send(true);
+    roles.finish(Duration::from_secs(60)).await;
     if let Some((node, exited)) = member {
         let _ = node.send(Msg::Stop);
         if let runner::Exit::Failed(why) = exited.await {

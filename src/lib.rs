@@ -45,6 +45,7 @@ pub mod lock;
 pub mod logging;
 pub mod metrics;
 pub mod registry;
+pub mod roles;
 pub mod scheduler;
 pub mod tls;
 pub mod units;
