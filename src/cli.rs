@@ -200,7 +200,9 @@ pub enum Command {
     /// Show units and their systemd states, one row per unit and machine.
     ///
     /// Fields: unit, machine, active, sub (the default), load, hash, and
-    /// flotilla's desired, reason (why it is not placed), hostname, ip.
+    /// flotilla's desired, reason (why it is not placed), hostname, ip,
+    /// overdue (the machine missed two renewals of its presence; MACHINE
+    /// then ends in "(overdue)": its states may be stale).
     ListUnits(ListArgs),
     /// Show every submitted unit: its hash, desired and current state, and target.
     ///

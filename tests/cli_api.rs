@@ -400,3 +400,66 @@ fn set_max_below_the_holders_keeps_them_and_status_says_so() {
     ok(&["release", "b"]);
     ok(&["acquire", "c"]);
 }
+
+/// A machine that missed two renewals still shows the states it reported
+/// last; list-units marks its units so those rows read as stale.
+#[test]
+fn units_on_a_machine_overdue_with_its_renewal_are_marked() {
+    use flotilla::consensus::client::Client;
+    use flotilla::registry::{keys, records};
+    use support::machine::Machine;
+
+    let daemon = Daemon::start();
+    daemon.write("app.service", "[Service]\nExecStart=/bin/sleep infinity\n");
+    daemon.ok(&["start", "--no-block", "app"]);
+    let files: serde_json::Value =
+        serde_json::from_str(&daemon.ok(&["list-unit-files", "--json"])).unwrap();
+    let unit = serde_json::json!({"name": "app.service", "hash": files[0]["hash"]});
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let id = "0123456789abcdef0123456789abcdef";
+    let machine = runtime.block_on(async {
+        let machine = Machine::join(&daemon.store, id, "fake-7", &[], None).await;
+        machine.claim("app.service").await;
+        machine
+            .report(&unit, "active", records::Target::Launched)
+            .await;
+        machine
+    });
+    let fresh = daemon.ok(&["list-units", "--no-legend"]);
+    assert_eq!(
+        fresh, "app.service\t01234567.../10.0.0.7\tactive\trunning\n",
+        "a machine renewing on time is not marked"
+    );
+
+    // Its last renewal 25 s ago with a TTL of 30 s: two renewals (10 s
+    // each) missed.
+    runtime.block_on(async {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let stamp = records::Renewal {
+            at_ms: now_ms - 25_000,
+            ttl_ms: 30_000,
+        };
+        let client = Client::connect(std::slice::from_ref(&daemon.store))
+            .await
+            .unwrap();
+        client
+            .put(&keys::renewal(id), records::encode(&stamp))
+            .await
+            .unwrap();
+    });
+    let stale = daemon.ok(&["list-units", "--no-legend"]);
+    assert_eq!(
+        stale,
+        "app.service\t01234567.../10.0.0.7 (overdue)\tactive\trunning\n"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&daemon.ok(&["list-units", "--json"])).unwrap();
+    assert_eq!(json[0]["overdue"], true, "{json}");
+    assert_eq!(json[0]["machine"], id, "--json keeps the bare id");
+    let machines = daemon.ok(&["list-machines", "--fields", "machine,renewed"]);
+    assert!(machines.contains("s ago (overdue)"), "{machines}");
+    drop(machine);
+}

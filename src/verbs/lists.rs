@@ -17,8 +17,9 @@ use super::targets::no_such_unit;
 use super::{connect, create, machine_legend, out, outln, table};
 
 /// Fields of list-units; the first four are fleetctl's default.
-const UNIT_FIELDS: [&str; 10] = [
+const UNIT_FIELDS: [&str; 11] = [
     "unit", "machine", "active", "sub", "load", "hash", "desired", "reason", "hostname", "ip",
+    "overdue",
 ];
 
 /// Fields of list-unit-files; the first five are fleetctl's default.
@@ -117,6 +118,9 @@ fn unit_row<'a>(
         .or_else(|| unit.and_then(|u| u.machine_id.clone()));
     let machine = id.as_ref().and_then(|id| machines.get(id));
     let ip = machine.map(|m| m.primary_ip.clone());
+    // The machine missed two renewals: its states are getting stale and
+    // it is about to lose its units.
+    let overdue = machine.is_some_and(|m| m.overdue);
     let hash = match (state, unit.and_then(|u| u.unit().ok())) {
         (Some(s), _) if !s.hash.is_empty() => Some(s.hash.clone()),
         (_, Some(u)) => Some(u.hash().to_string()),
@@ -130,7 +134,8 @@ fn unit_row<'a>(
     } else {
         let legend = id
             .as_ref()
-            .map(|id| machine_legend(id, ip.as_deref(), args.full));
+            .map(|id| machine_legend(id, ip.as_deref(), args.full))
+            .map(|l| if overdue { format!("{l} (overdue)") } else { l });
         row.insert("machine", json!(legend));
         row.insert("hash", json!(hash.map(|h| shown_hash(&h, args.full))));
     }
@@ -144,6 +149,7 @@ fn unit_row<'a>(
     row.insert("sub", json!(state.map(|s| &s.sub)));
     row.insert("desired", json!(unit.map(|u| u.desired_state.to_string())));
     row.insert("reason", json!(unit.and_then(|u| u.reason.clone())));
+    row.insert("overdue", json!(overdue));
     row
 }
 
