@@ -90,6 +90,27 @@ impl Daemon {
         }
     }
 
+    /// `flotilla ARGS` pointed at this API over TCP with the token, as a user
+    /// elsewhere runs it; must succeed; returns its stdout.
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(args)
+            .env("FLOTILLA_ENDPOINT", format!("http://{}", self.api))
+            .env("FLOTILLA_API_TOKEN", TOKEN)
+            .env("XDG_CACHE_HOME", self._dir.path().join("cache"))
+            .env_remove("FLOTILLA_TUNNEL")
+            .env_remove("FLOTILLA_TLS_CA")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "flotilla {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
     /// One raw request with the token; `None` if nothing answers yet.
     async fn try_call(
         &self,
@@ -371,6 +392,10 @@ async fn machines_are_patched_drained_explained_and_report_states() {
         metadata_of(&machines, id2),
         BTreeMap::from([("region".into(), "ap".into())])
     );
+    // As fleetctl's list-machines shows it, through the CLI.
+    let listed = "aa000000000000000000000000000001\t10.0.0.1\tregion=eu,role=web\n\
+                  aa000000000000000000000000000002\t10.0.0.2\tregion=ap\n";
+    assert_eq!(daemon.cli(&["list-machines", "--no-legend", "-l"]), listed);
     // A bad operation anywhere: 400, and nothing of the patch applied.
     for bad in [
         json!([{"op": "add", "path": format!("/{id1}/metadata/rack"), "value": "r1"},
@@ -393,6 +418,11 @@ async fn machines_are_patched_drained_explained_and_report_states() {
     assert_eq!(
         metadata_of(&daemon.get("/fleet/v1/machines").await, id1),
         expected1
+    );
+    assert_eq!(
+        daemon.cli(&["list-machines", "--no-legend", "-l"]),
+        listed,
+        "refused patches changed nothing"
     );
     // The patch outlives the machine's presence: it leaves and rejoins.
     m1.rejoin().await;
@@ -494,6 +524,34 @@ async fn machines_are_patched_drained_explained_and_report_states() {
         "{explained}"
     );
     assert_eq!(explained["machines"][0]["hostname"], "fake-1");
+    // The same three verdicts as `flotilla explain` prints them (words
+    // compared: the table pads its columns with tabs).
+    let explain = |unit: &str| -> String {
+        let shown = daemon.cli(&["explain", unit]);
+        shown.split_whitespace().collect::<Vec<_>>().join(" ")
+    };
+    let shown = explain("cache");
+    assert!(
+        shown.starts_with(
+            "cache.service (desired launched): proposed to aa000000.../10.0.0.1, \
+             not claimed by its agent yet MACHINE HOSTNAME ELIGIBLE WHY"
+        ),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("fake-2 no conflicts with db.service"),
+        "{shown}"
+    );
+    let shown = explain("web.service");
+    assert!(
+        shown.contains("fake-2 no metadata role does not match"),
+        "{shown}"
+    );
+    let shown = explain("mars");
+    assert!(
+        shown.starts_with("mars.service (desired launched): not placed: none of the 2 machines"),
+        "{shown}"
+    );
 
     // Drain by host name; an ambiguous prefix is 409, an unknown one 404.
     let answer = daemon
@@ -521,6 +579,8 @@ async fn machines_are_patched_drained_explained_and_report_states() {
     let explained = daemon.get("/flotilla/v1/explain/web.service").await;
     let (eligible, why) = verdict(&explained, id1);
     assert!(!eligible && why.starts_with("drained"), "{why}");
+    let shown = explain("web");
+    assert!(shown.contains("fake-1 no drained"), "{shown}");
     let machines = daemon.get("/fleet/v1/machines").await;
     assert_eq!(machines["machines"][0]["drained"], true);
     let path = "/flotilla/v1/machines/10.0.0.1/drain";

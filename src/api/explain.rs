@@ -37,6 +37,8 @@ pub struct Explanation {
     pub desired_state: DesiredState,
     /// The machines that claimed it.
     pub placed_on: Vec<String>,
+    /// The machines the scheduler proposed it to, claimed or not yet.
+    pub proposed_on: Vec<String>,
     /// Why it cannot be placed, when it cannot; else why a machine that
     /// claimed it refused to load it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -162,6 +164,7 @@ pub async fn explain(
         unit: name.to_string(),
         desired_state: record.desired,
         placed_on,
+        proposed_on: proposed_on.into_iter().cloned().collect(),
         reason,
         machines: verdicts,
     }))

@@ -285,18 +285,24 @@ pub async fn explain(args: UnitArg, outer: &ApiArgs) -> Result<ExitCode> {
         return Err(no_such_unit(&client, &name).await);
     };
     let desired = explained.desired_state.to_string();
-    let placed: Vec<String> = explained
-        .placed_on
-        .iter()
-        .map(|id| {
-            let m = explained.machines.iter().find(|m| &m.id == id);
-            machine_legend(id, m.map(|m| m.ip.as_str()), false)
-        })
-        .collect();
-    let place = match (&explained.reason, placed.is_empty()) {
-        (Some(reason), _) => format!("not placed: {reason}"),
-        (None, false) => format!("placed on {}", placed.join(", ")),
-        (None, true) => "not placed".to_string(),
+    let legends = |ids: &[String]| -> Vec<String> {
+        ids.iter()
+            .map(|id| {
+                let m = explained.machines.iter().find(|m| &m.id == id);
+                machine_legend(id, m.map(|m| m.ip.as_str()), false)
+            })
+            .collect()
+    };
+    let placed = legends(&explained.placed_on);
+    let proposed = legends(&explained.proposed_on);
+    let place = match (&explained.reason, placed.is_empty(), proposed.is_empty()) {
+        (Some(reason), _, _) => format!("not placed: {reason}"),
+        (None, false, _) => format!("placed on {}", placed.join(", ")),
+        (None, true, false) => format!(
+            "proposed to {}, not claimed by its agent yet",
+            proposed.join(", ")
+        ),
+        (None, true, true) => "not placed".to_string(),
     };
     outln!("{} (desired {desired}): {place}", explained.unit)?;
     let rows: Vec<Vec<String>> = explained
