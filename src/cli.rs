@@ -11,7 +11,8 @@ use clap::{Args, Parser, Subcommand};
 /// from elsewhere `--endpoint https://HOST:4003` with the cluster CA and a
 /// certificate (--tls-ca, --tls-cert, --tls-key) or `--api-token TOKEN`, or
 /// `--tunnel HOST`.
-/// `kv` and `member` speak the store's own protocol (`--store-endpoint`).
+/// `kv`, `member`, `cluster`, `snapshot` and `lock` speak the store's own
+/// protocol (`--store-endpoint`).
 /// Exit codes: 0 success, 1 failure, 2 bad usage.
 #[derive(Debug, Parser)]
 #[command(name = "flotilla", version, about, long_about)]
@@ -19,7 +20,8 @@ pub struct Cli {
     /// How to reach the API (these may also follow the verb).
     #[command(flatten)]
     pub api: ApiArgs,
-    /// The store's members, host:port, comma-separated; tried in order (`kv`, `member`).
+    /// The store's members, host:port, comma-separated; tried in order (`kv`,
+    /// `member`, `cluster`, `snapshot`, `lock`).
     #[arg(
         long,
         env = "FLOTILLA_STORE_ENDPOINT",
