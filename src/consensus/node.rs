@@ -1539,6 +1539,45 @@ mod tests {
         names
     }
 
+    /// Few entries of large values still snapshot and compact the log once
+    /// their bytes pass `snapshot_bytes`, so a restart reads back a bounded
+    /// log whatever the entry count.
+    #[test]
+    fn snapshots_are_taken_by_bytes_as_well_as_by_entries() {
+        let disk = MemDisk::new();
+        let mut members = BTreeMap::new();
+        members.insert(
+            1,
+            MemberInfo {
+                name: "n1".into(),
+                peer_addr: "x:1".into(),
+            },
+        );
+        let mut config = NodeConfig::new(1, 10, 100);
+        config.snapshot_entries = 1_000_000;
+        config.snapshot_bytes = 64 * 1024;
+        let mut core = Core::new(config, disk.clone(), &members, &logger()).unwrap();
+        run(&mut core, 30);
+        let value = vec![b'x'; 8 * 1024];
+        // One key rewritten: the state stays at one value, the log grows.
+        let put = |core: &mut Core<MemDisk>| {
+            core.propose(&Command::put("big", value.clone(), None), Box::new(|_| {}));
+            run(core, 1);
+        };
+        for _ in 0..6 {
+            put(&mut core);
+        }
+        assert_eq!(core.store.snapshot_index(), 0, "48 KiB is under 64 KiB");
+        for _ in 0..4 {
+            put(&mut core);
+        }
+        assert!(core.store.snapshot_index() > 0, "80 KiB passed 64 KiB");
+        assert!(
+            disk.load().unwrap().entries.len() < 5,
+            "the log was compacted"
+        );
+    }
+
     #[test]
     fn a_snapshot_written_off_the_thread_counts_once_recorded_and_a_crash_before_loses_nothing() {
         use crate::consensus::storage::RedbDisk;
