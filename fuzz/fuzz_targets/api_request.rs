@@ -1,16 +1,19 @@
 //! Fuzz target: the HTTP API's request handling, in process, through the
 //! same HTTP/1 server and router the daemon runs (`flotilla::api::serve`).
 //!
-//! The first input byte picks the listener: even, the TCP router (bearer
-//! token required); odd, the unix socket's (root-only, no token). The rest
-//! is written as raw bytes to one connection. The store behind the router is
+//! The first input byte picks the listener (its value modulo 4): 0, the TCP
+//! router with a bearer token; 1, the unix socket's (root-only, no token);
+//! 2, the TCP router over TLS without a token, the caller holding an agent's
+//! client certificate (read only); 3, the same with no client certificate.
+//! The rest is written as raw bytes to one connection. The store behind the router is
 //! unreachable, so anything that passes input checking ends in a 503; the
 //! fuzzer is after the checking itself: the parser, the routes, names,
 //! query strings, page tokens, JSON bodies and patches.
 //!
 //! Properties, beyond "no panic, no hang":
-//! * on the TCP router, no request without the token gets anything but 401
-//!   (or hyper's own refusal of bytes that are not HTTP);
+//! * on the TCP router, no request without the token (or, over TLS, without
+//!   a client certificate) gets anything but 401 (or hyper's own refusal of
+//!   bytes that are not HTTP);
 //! * every answer is well-formed HTTP/1.1, and every JSON error body is
 //!   fleet's `{"error":{"code":N,...}}` with N the response's status.
 
@@ -19,7 +22,9 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use flotilla::api::serve::Caller;
 use flotilla::api::{self, Shared};
+use flotilla::tls::{Identity, Role};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -89,15 +94,33 @@ fuzz_target!(|data: &[u8]| {
     let Some((&which, request)) = data.split_first() else {
         return;
     };
-    let with_token = which % 2 == 0;
+    // 0: TCP with the token; 1: the unix socket's router; 2: TCP over TLS
+    // without a token, the caller an agent's certificate (read only);
+    // 3: the same without a client certificate (nothing passes).
+    let mode = which % 4;
+    let with_token = mode == 0;
+    let stranger = mode == 3;
     let response = runtime().block_on(async {
-        let app = if with_token {
-            api::router_with_token(shared(), TOKEN)
-        } else {
-            api::router(shared())
+        let (app, caller) = match mode {
+            0 => (api::router_with_token(shared(), TOKEN), Caller::default()),
+            1 => (api::router(shared()), Caller::default()),
+            _ => {
+                let agent = Identity {
+                    cluster: "fuzz".to_string(),
+                    role: Role::Agent,
+                    name: "fuzz-host".to_string(),
+                };
+                let caller = Caller((mode == 2).then_some(agent));
+                (api::router_tcp(shared(), None, true), caller)
+            }
         };
         let (mut client, server) = tokio::io::duplex(1 << 20);
-        let serving = tokio::spawn(api::serve::connection(server, app, Duration::from_secs(1)));
+        let serving = tokio::spawn(api::serve::connection_as(
+            server,
+            app,
+            Duration::from_secs(1),
+            caller,
+        ));
         let _ = client.write_all(request).await;
         let _ = client.shutdown().await;
         let mut response = Vec::new();
@@ -109,7 +132,7 @@ fuzz_target!(|data: &[u8]| {
     let authorized = find(request, TOKEN.as_bytes()).is_some();
     for (status, head, body) in answers(&response) {
         assert!((100..600).contains(&status), "status {status}");
-        if with_token && !authorized {
+        if (with_token && !authorized) || stranger {
             // hyper refuses what it cannot parse before any route runs.
             assert!(
                 status == 401
