@@ -1388,7 +1388,8 @@ mod tests {
         slog::Logger::root(slog::Discard, slog::o!())
     }
 
-    fn single(disk: MemDisk) -> Core<MemDisk> {
+    /// A one-member cluster of member 1 on `disk`, set up by `config`.
+    fn single_with(disk: MemDisk, config: NodeConfig) -> Core<MemDisk> {
         let mut members = BTreeMap::new();
         members.insert(
             1,
@@ -1397,7 +1398,11 @@ mod tests {
                 peer_addr: "127.0.0.1:1".into(),
             },
         );
-        Core::new(NodeConfig::new(1, 10, 100), disk, &members, &logger()).unwrap()
+        Core::new(config, disk, &members, &logger()).unwrap()
+    }
+
+    fn single(disk: MemDisk) -> Core<MemDisk> {
+        single_with(disk, NodeConfig::new(1, 10, 100))
     }
 
     fn run(core: &mut Core<MemDisk>, ticks: u64) {
@@ -1477,17 +1482,9 @@ mod tests {
     #[test]
     fn snapshots_compact_the_log_and_restore() {
         let disk = MemDisk::new();
-        let mut members = BTreeMap::new();
-        members.insert(
-            1,
-            MemberInfo {
-                name: "n1".into(),
-                peer_addr: "x:1".into(),
-            },
-        );
         let mut config = NodeConfig::new(1, 10, 100);
         config.snapshot_entries = 5;
-        let mut core = Core::new(config.clone(), disk.clone(), &members, &logger()).unwrap();
+        let mut core = single_with(disk.clone(), config.clone());
         run(&mut core, 30);
         for i in 0..20 {
             core.propose(&Command::put(format!("k{i}"), "v", None), Box::new(|_| {}));
@@ -1545,18 +1542,10 @@ mod tests {
     #[test]
     fn snapshots_are_taken_by_bytes_as_well_as_by_entries() {
         let disk = MemDisk::new();
-        let mut members = BTreeMap::new();
-        members.insert(
-            1,
-            MemberInfo {
-                name: "n1".into(),
-                peer_addr: "x:1".into(),
-            },
-        );
         let mut config = NodeConfig::new(1, 10, 100);
         config.snapshot_entries = 1_000_000;
         config.snapshot_bytes = 64 * 1024;
-        let mut core = Core::new(config, disk.clone(), &members, &logger()).unwrap();
+        let mut core = single_with(disk.clone(), config);
         run(&mut core, 30);
         let value = vec![b'x'; 8 * 1024];
         // One key rewritten: the state stays at one value, the log grows.
