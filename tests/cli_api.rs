@@ -195,6 +195,14 @@ fn a_unit_that_cannot_be_placed_fails_after_its_attempts_naming_it() {
         "{err}"
     );
     assert!(err.contains("within 3 checks"), "{err}");
+    // The scheduler's reason is named, not only the state.
+    assert!(
+        err.contains(
+            "lonely.service (did not reach launched within 3 checks: not placed: \
+             no machines are registered"
+        ),
+        "{err}"
+    );
 }
 
 #[test]
