@@ -478,3 +478,34 @@ async fn wait_for_shutdown(on_hangup: impl Fn()) -> Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::store_bind_addr;
+
+    /// Without TLS a store port never listens beyond loopback, whatever
+    /// the configuration says; with TLS it binds what was configured.
+    #[test]
+    fn without_tls_the_store_binds_loopback_only() {
+        assert_eq!(
+            store_bind_addr("client_listen", "0.0.0.0:4001", false),
+            "127.0.0.1:4001"
+        );
+        assert_eq!(
+            store_bind_addr("peer_listen", "10.1.2.3:4002", false),
+            "127.0.0.1:4002"
+        );
+        assert_eq!(
+            store_bind_addr("peer_listen", "[::]:4002", false),
+            "127.0.0.1:4002"
+        );
+        assert_eq!(
+            store_bind_addr("client_listen", "127.0.0.1:4001", false),
+            "127.0.0.1:4001"
+        );
+        assert_eq!(
+            store_bind_addr("client_listen", "0.0.0.0:4001", true),
+            "0.0.0.0:4001"
+        );
+    }
+}
