@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{free_port, text};
+use super::{free_port, succeeded, text};
 
 /// The daemons' `api_token`.
 pub const TOKEN: &str = "0123456789abcdef0123456789abcdef";
@@ -107,14 +107,7 @@ impl Daemon {
 
     /// Runs a verb that must succeed; returns its stdout.
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "flotilla {args:?}: {}{}",
-            text(&out.stdout),
-            text(&out.stderr)
-        );
-        text(&out.stdout)
+        succeeded(&self.run(args), &format!("flotilla {args:?}"))
     }
 
     /// Runs a verb that must fail with exit 1; returns its stderr.
