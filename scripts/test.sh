@@ -7,6 +7,7 @@ source scripts/lib.sh
 
 ensure_toolchain
 ensure_nextest
+ensure_browser
 
 say "formatting (cargo fmt --check)"
 cargo fmt --all --check
