@@ -4,9 +4,11 @@
 //! the text under a hash never changes, and neither does anything parsed from
 //! it. The scheduler (the `[X-Fleet]` rules of every unit it places), the
 //! agent (the rules of what it claims, the text of what it loads), the API
-//! (the options it shows) and the user operations (a template's body for its
-//! instances) each keep a [`BodyCache`] rather than fetching and parsing on
-//! their own terms.
+//! (the options it shows) and the reboot coordinator (the rules of the units
+//! it drains) share one [`BodyCache`] per daemon (built in
+//! [`crate::daemon`]) rather than fetching and parsing on their own terms;
+//! a user operation that needs a template's body for its instances reads it
+//! through a cache of its own call.
 //!
 //! A template's instances share its body (and hash) but not its rules (`%i`
 //! expands to each instance's name), so a [`Body`] keeps the rules per unit
@@ -15,8 +17,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use super::error::RegistryError;
 use super::keys;
-use super::ops::RegistryError;
 use super::records::UnitRecord;
 use crate::consensus::client::{Client, ClientError};
 use crate::units::{self, Requirements, Unit, UnitFile, UnitHash, UnitName};

@@ -25,11 +25,17 @@ use crate::units::UnitName;
 /// How often the scheduler runs a pass when nothing wakes it.
 const TICK: Duration = Duration::from_millis(500);
 
-/// Runs the scheduler whenever this member leads, until the member stops.
-pub async fn run(node: Handle, endpoints: Vec<String>, claim_timeout: Duration) {
+/// Runs the scheduler whenever this member leads, until the member stops,
+/// reading unit bodies through `bodies` (the daemon's one cache).
+pub async fn run(
+    node: Handle,
+    endpoints: Vec<String>,
+    claim_timeout: Duration,
+    bodies: Arc<BodyCache>,
+) {
     let mut scheduler = Scheduler {
         claim_timeout,
-        bodies: BodyCache::new(),
+        bodies,
         first_seen: HashMap::new(),
         unplaceable: BTreeMap::new(),
     };
@@ -51,7 +57,7 @@ pub async fn run(node: Handle, endpoints: Vec<String>, claim_timeout: Duration) 
 struct Scheduler {
     claim_timeout: Duration,
     /// Unit bodies, for their `[X-Fleet]` rules.
-    bodies: BodyCache,
+    bodies: Arc<BodyCache>,
     /// When each unclaimed proposal (unit, machine, revision) was first seen.
     first_seen: HashMap<(UnitName, String, Revision), Instant>,
     /// The last reason logged for each unit that cannot be placed, to log
