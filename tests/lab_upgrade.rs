@@ -10,8 +10,9 @@
 //!
 //! The old release is built from git: the tag `v0.1.0`, or its commit
 //! [`RELEASE_COMMIT`] when a clone lacks the tag, extracted with `git archive`
-//! and built (the binary only, dev profile) in a directory of its own under
-//! the current target dir, which later runs reuse. Without git or that commit
+//! and built (the binary only, dev profile, not incremental) into the target
+//! dir of the build under test, reusing the dependencies built there (see
+//! [`previous_release`]); later runs find it built. Without git or that commit
 //! the test fails saying so: it never passes without upgrading anything.
 //!
 //! Root on Debian 12 is needed; nextest runs the lab binaries one test at a time.
@@ -76,22 +77,32 @@ fn release_commit(repo: &Path) -> String {
         })
 }
 
+/// The name the release's binary is built under: its own, so that building
+/// it in the target dir of the build under test never overwrites that one's
+/// `flotilla` (other tests run it meanwhile).
+const RELEASE_BIN: &str = "flotilla-previous-release";
+
 /// Builds the release's `flotilla` binary (once; later runs find it built)
 /// and returns its path.
+///
+/// The release's source goes to `TARGET/previous-release/src-COMMIT/` (from
+/// `git archive`), its `[[bin]]` renamed [`RELEASE_BIN`], and is built with
+/// `cargo build --bin` (dev profile) into the target dir of the build under
+/// test: the dependencies both share (same versions, features and profile)
+/// are already built there, so only flotilla itself and the few dependencies
+/// whose features differ compile. Its library's artifacts never mix with the
+/// build under test's (a package from another path hashes apart).
 fn previous_release() -> PathBuf {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let commit = release_commit(repo);
-    // FLOTILLA is TARGET/debug/flotilla: build beside it, in a target dir
-    // of the release's own (TARGET/previous-release, its source in there
-    // too), so its artifacts never mix with the build under test (same
-    // crate name and version: they would overwrite each other) and survive
-    // for the next run.
+    // FLOTILLA is TARGET/PROFILE/flotilla.
     let target = Path::new(FLOTILLA)
         .parent()
         .and_then(Path::parent)
         .expect("the binary under test lives in TARGET/PROFILE/");
-    let home = target.join("previous-release");
-    let source = home.join(format!("src-{}", &commit[..12]));
+    let source = target
+        .join("previous-release")
+        .join(format!("src-{}", &commit[..12]));
     let done = source.join(".extracted");
     if !done.exists() {
         let _ = std::fs::remove_dir_all(&source);
@@ -111,15 +122,56 @@ fn previous_release() -> PathBuf {
             tar.wait().unwrap().success(),
             "tar could not extract {RELEASE}"
         );
+        let manifest = source.join("Cargo.toml");
+        let toml = std::fs::read_to_string(&manifest).unwrap();
+        let bin = "[[bin]]\nname = \"flotilla\"\n";
+        assert!(
+            toml.contains(bin),
+            "{RELEASE}'s Cargo.toml names its binary as expected"
+        );
+        let renamed = toml.replace(bin, &format!("[[bin]]\nname = \"{RELEASE_BIN}\"\n"));
+        std::fs::write(&manifest, renamed).unwrap();
         std::fs::write(&done, &commit).unwrap();
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_string());
     let started = Instant::now();
-    let built = Command::new(cargo)
-        .args(["build", "--locked", "--bin", "flotilla", "--manifest-path"])
+    let mut build = Command::new(cargo);
+    // The variables cargo and nextest set for this test (CARGO_MANIFEST_DIR,
+    // CARGO_PKG_NAME, OUT_DIR, ...) go: build scripts rerun when they change
+    // (ring's does), which would rebuild the shared dependencies here and
+    // again in the next build of the checkout.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        let per_test = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_BIN_",
+            "CARGO_CFG_",
+            "CARGO_FEATURE_",
+            "NEXTEST",
+            "__NEXTEST",
+        ]
+        .iter()
+        .any(|prefix| name.starts_with(prefix))
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+                "OUT_DIR",
+            ]
+            .contains(&name.as_ref());
+        if per_test {
+            build.env_remove(name.as_ref());
+        }
+    }
+    let built = build
+        .args(["build", "--locked", "--bin", RELEASE_BIN, "--manifest-path"])
         .arg(source.join("Cargo.toml"))
-        .env("CARGO_TARGET_DIR", &home)
+        .env("CARGO_TARGET_DIR", target)
         .env_remove("CARGO_BUILD_TARGET_DIR")
+        // Built once: incremental state would only cost time and disk.
+        .env("CARGO_INCREMENTAL", "0")
         .output()
         .expect("cargo runs");
     assert!(
@@ -127,12 +179,16 @@ fn previous_release() -> PathBuf {
         "building flotilla {RELEASE} ({commit}) failed: {}",
         text(&built.stderr)
     );
+    let compiled = text(&built.stderr)
+        .lines()
+        .filter(|l| l.trim_start().starts_with("Compiling "))
+        .count();
     eprintln!(
-        "flotilla {RELEASE} ({}) built in {:.1} s",
+        "flotilla {RELEASE} ({}) built in {:.1} s ({compiled} crates compiled)",
         &commit[..12],
         started.elapsed().as_secs_f64()
     );
-    home.join("debug/flotilla")
+    target.join("debug").join(RELEASE_BIN)
 }
 
 /// Where each running unit is, and when systemd last entered `active` for
