@@ -45,6 +45,5 @@ ensure_nextest() {
 # ensure_browser: headless Chromium (and a font to draw text with), which the
 # status page's browser test (tests/api.rs) renders the page in.
 ensure_browser() {
-    command -v chromium >/dev/null 2>&1 && return 0
     ensure_packages chromium fonts-dejavu-core
 }

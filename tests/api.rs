@@ -840,6 +840,16 @@ async fn the_status_page_renders_in_headless_chromium() {
     let profile = dir.path().join("profile");
 
     let started = Instant::now();
+    // Straight at the API, without the token, the browser gets the 401.
+    let refused = chromium(
+        &profile,
+        &["--dump-dom", &format!("http://{}/ui", daemon.api)],
+    )
+    .await;
+    assert!(
+        refused.contains("Authorization: Bearer TOKEN") && !refused.contains("leader <b>"),
+        "without the token the page is refused:\n{refused}"
+    );
     let dom = chromium(&profile, &["--dump-dom", &url]).await;
     for shown in [
         "<title>flotilla</title>",
