@@ -41,3 +41,9 @@ ensure_nextest() {
         cargo install cargo-nextest --locked
     fi
 }
+
+# ensure_browser: headless Chromium (and a font to draw text with), which the
+# status page's browser test (tests/api.rs) renders the page in.
+ensure_browser() {
+    ensure_packages chromium fonts-dejavu-core
+}

@@ -206,6 +206,14 @@ pub struct Metrics {
     pub disk_fsync_seconds: Histogram,
     /// Bytes the member's store takes on disk.
     pub store_bytes: Gauge,
+    /// Bytes of keys and values the member holds: what the quota counts.
+    pub store_quota_used_bytes: Gauge,
+    /// The member's quota (`quota_bytes`), next to its use so one scrape
+    /// gives the ratio an alert wants.
+    pub store_quota_bytes: Gauge,
+    /// 1 while the member's NOSPACE alarm is on (over its quota: writes
+    /// that add data are refused).
+    pub store_no_space: Gauge,
     /// Keys in the member's state machine.
     pub store_keys: Gauge,
     /// Leases alive in the member's state machine.
@@ -233,6 +241,9 @@ pub static METRICS: Metrics = Metrics {
     raft_proposal_seconds: Histogram::new(),
     disk_fsync_seconds: Histogram::new(),
     store_bytes: Gauge::new(),
+    store_quota_used_bytes: Gauge::new(),
+    store_quota_bytes: Gauge::new(),
+    store_no_space: Gauge::new(),
     store_keys: Gauge::new(),
     leases: Gauge::new(),
     lease_expiries: Counter::new(),
@@ -285,7 +296,7 @@ pub fn render(cluster: Option<&Cluster>) -> String {
         "gauge",
     );
     let _ = writeln!(out, "{name} {}", u64::from(cluster.is_some()));
-    let gauges: [(&str, &str, &Gauge); 7] = [
+    let gauges: [(&str, &str, &Gauge); 10] = [
         (
             "flotilla_raft_term",
             "The Raft term this member is in.",
@@ -310,6 +321,21 @@ pub fn render(cluster: Option<&Cluster>) -> String {
             "flotilla_store_size_bytes",
             "Bytes this member's store takes on disk (log, database, snapshots).",
             &m.store_bytes,
+        ),
+        (
+            "flotilla_store_quota_used_bytes",
+            "Bytes of keys and values this member holds: what its quota counts.",
+            &m.store_quota_used_bytes,
+        ),
+        (
+            "flotilla_store_quota_bytes",
+            "This member's store quota (quota_bytes).",
+            &m.store_quota_bytes,
+        ),
+        (
+            "flotilla_store_nospace_alarm",
+            "1 while this member's NOSPACE alarm is on (over its quota: writes are refused).",
+            &m.store_no_space,
         ),
         (
             "flotilla_store_keys",

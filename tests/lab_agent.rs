@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 mod support;
 
 use support::cluster::{Cluster, wait_for};
-use support::{HELLO, text};
+use support::{HELLO, Scrape, parse_metrics, text};
 
 const PLAIN: &str = "\
 [Service]
@@ -198,10 +198,7 @@ fn conflicting_instances_spread_wait_and_take_over() {
     );
 }
 
-/// One scrape of `GET /metrics` on `host`'s unix socket: each series (name
-/// and labels) with its value.
-type Scrape = BTreeMap<String, f64>;
-
+/// One scrape of `GET /metrics` on `host`'s unix socket.
 fn scrape(cluster: &Cluster, host: &str) -> Scrape {
     let out = cluster.exec(
         host,
@@ -219,14 +216,7 @@ fn scrape(cluster: &Cluster, host: &str) -> Scrape {
         "scraping {host}: {}",
         text(&out.stderr)
     );
-    text(&out.stdout)
-        .lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            Some((series.to_string(), value.parse().ok()?))
-        })
-        .collect()
+    parse_metrics(&text(&out.stdout))
 }
 
 /// The sum of `series` over several hosts' scrapes (absent counts 0).
@@ -240,7 +230,7 @@ fn scrape_all(cluster: &Cluster, hosts: &[String]) -> Vec<Scrape> {
 
 /// The metrics issue 15 names, as `/metrics` spells them (a prefix is
 /// enough: histograms have several series, some are labelled).
-const METRIC_NAMES: [&str; 18] = [
+const METRIC_NAMES: [&str; 21] = [
     "flotilla_raft_term ",
     "flotilla_raft_commit_index",
     "flotilla_raft_applied_index",
@@ -248,6 +238,9 @@ const METRIC_NAMES: [&str; 18] = [
     "flotilla_raft_proposal_duration_seconds_bucket",
     "flotilla_disk_fsync_duration_seconds_count",
     "flotilla_store_size_bytes",
+    "flotilla_store_quota_used_bytes",
+    "flotilla_store_quota_bytes",
+    "flotilla_store_nospace_alarm",
     "flotilla_store_keys",
     "flotilla_leases",
     "flotilla_units{desired_state=\"launched\"}",
@@ -301,7 +294,15 @@ fn killed_hosts_units_move_within_the_ttl() {
         ) >= 9.0
     );
     assert!(rise(&started, &before, "flotilla_raft_applied_index") >= 9.0 * 3.0);
+    // The quota's use grew with 9 units' records, claims and states (the
+    // default quota stays, far away: no alarm).
+    assert!(rise(&started, &before, "flotilla_store_quota_used_bytes") >= 9.0 * 100.0);
     for scrape in &started {
+        assert_eq!(
+            scrape["flotilla_store_quota_bytes"],
+            2.0 * 1024.0 * 1024.0 * 1024.0
+        );
+        assert_eq!(scrape["flotilla_store_nospace_alarm"], 0.0);
         assert_eq!(scrape["flotilla_units{desired_state=\"launched\"}"], 9.0);
         assert_eq!(scrape["flotilla_unit_states{active_state=\"active\"}"], 9.0);
         assert_eq!(scrape["flotilla_machines"], 3.0);
@@ -1192,20 +1193,10 @@ fn a_frozen_member_neither_hangs_the_cli_nor_stops_the_cluster() {
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
-/// Runs a shell snippet on `host` that must succeed; returns its stdout.
-fn sh(cluster: &Cluster, host: &str, script: &str) -> String {
-    let out = cluster.exec(host, &["sh", "-c", script]);
-    assert!(
-        out.status.success(),
-        "{host}: {script}: {}",
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
 /// One `key = value` line of `host`'s daemon configuration, as written.
 fn config_line(cluster: &Cluster, host: &str, key: &str) -> String {
-    sh(cluster, host, "cat /etc/flotilla/flotilla.toml")
+    cluster
+        .sh(host, "cat /etc/flotilla/flotilla.toml")
         .lines()
         .find(|l| l.starts_with(&format!("{key} =")))
         .unwrap_or_else(|| panic!("{host}'s config has no {key}"))
@@ -1247,8 +1238,7 @@ fn a_survivor_forced_into_a_new_cluster_keeps_every_unit_running_and_takes_new_m
     // h3's daemon restarts once with --force-new-cluster (a drop-in, as an
     // operator would do it), then the drop-in goes for later restarts.
     let forced = Instant::now();
-    sh(
-        &cluster,
+    cluster.sh(
         "h3",
         "mkdir -p /run/systemd/system/flotilla.service.d && \
          printf '[Service]\\nExecStart=\\nExecStart=/usr/bin/flotilla daemon \
@@ -1290,7 +1280,7 @@ fn a_survivor_forced_into_a_new_cluster_keeps_every_unit_running_and_takes_new_m
     // The members' client addresses: they listen on 0.0.0.0 and publish none.
     let mut stores = vec![h3_peer.replace(":4002", ":4001")];
     for host in ["h4", "h5"] {
-        let ip = sh(&cluster, host, "hostname -I");
+        let ip = cluster.sh(host, "hostname -I");
         let ip = ip.split_whitespace().next().unwrap().to_string();
         let peer = format!("{ip}:4002");
         // One membership change at a time: the last newcomer's promotion may
@@ -1328,7 +1318,8 @@ fn a_survivor_forced_into_a_new_cluster_keeps_every_unit_running_and_takes_new_m
             ],
         );
         assert!(out.status.success(), "{host}: {}", text(&out.stderr));
-        let mut config: Vec<String> = sh(&cluster, host, "cat /etc/flotilla/flotilla.toml")
+        let mut config: Vec<String> = cluster
+            .sh(host, "cat /etc/flotilla/flotilla.toml")
             .lines()
             .filter(|l| {
                 !l.starts_with("endpoints =")
@@ -1427,8 +1418,7 @@ fn a_backup_restored_into_fresh_stores_gives_back_every_unit_and_agents_converge
     // Every member loses its store; the units keep running meanwhile.
     let hosts = ["h1", "h2", "h3"];
     for host in hosts {
-        sh(
-            &cluster,
+        cluster.sh(
             host,
             "systemctl stop flotilla && rm -r /var/lib/flotilla/raft",
         );
@@ -1436,8 +1426,7 @@ fn a_backup_restored_into_fresh_stores_gives_back_every_unit_and_agents_converge
     for host in hosts {
         let initial = config_line(&cluster, host, "initial_cluster");
         let initial = initial.split('"').nth(1).unwrap().to_string();
-        sh(
-            &cluster,
+        cluster.sh(
             host,
             &format!(
                 "flotilla snapshot restore {file} --data-dir /var/lib/flotilla \
@@ -1447,7 +1436,7 @@ fn a_backup_restored_into_fresh_stores_gives_back_every_unit_and_agents_converge
     }
     let restored = Instant::now();
     for host in hosts {
-        sh(&cluster, host, "systemctl start flotilla");
+        cluster.sh(host, "systemctl start flotilla");
     }
     assert_eq!(
         unit_files(&cluster),

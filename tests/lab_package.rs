@@ -45,36 +45,10 @@ fn build_package(out: &Path) -> PathBuf {
     PathBuf::from(path)
 }
 
-/// Runs a shell script inside `host`; it must succeed. Returns stdout.
-fn sh(cluster: &Cluster, host: &str, script: &str) -> String {
-    let out = cluster.exec(host, &["sh", "-c", script]);
-    support::succeeded(&out, &format!("on {host}: {script}"))
-}
-
-/// Copies a file of the outer machine into `host` (through `lab exec`'s stdin).
-fn copy_in(cluster: &Cluster, host: &str, from: &Path, to: &str) {
-    let out = Command::new(FLOTILLA)
-        .args([
-            "lab",
-            "exec",
-            host,
-            "--",
-            "sh",
-            "-c",
-            &format!("cat > {to}"),
-        ])
-        .env("FLOTILLA_LAB_DIR", cluster.dir())
-        .stdin(std::fs::File::open(from).unwrap())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-}
-
 /// The journal entries of the daemon's current run, as JSON objects.
 fn journal(cluster: &Cluster) -> Vec<Value> {
-    let invocation = sh(cluster, HOST, "systemctl show -P InvocationID flotilla");
-    let out = sh(
-        cluster,
+    let invocation = cluster.sh(HOST, "systemctl show -P InvocationID flotilla");
+    let out = cluster.sh(
         HOST,
         &format!(
             "journalctl --no-pager -o json _SYSTEMD_INVOCATION_ID={}",
@@ -107,14 +81,13 @@ fn the_package_installs_joins_the_cluster_and_runs_a_unit() {
 
     // Take the lab's own flotilla off h2 (its unit, binary and config); the
     // data directory, this machine's identity, stays, as on an upgrade.
-    sh(
-        &cluster,
+    cluster.sh(
         HOST,
         "systemctl stop flotilla && rm /etc/systemd/system/flotilla.service \
          /usr/bin/flotilla /etc/flotilla/flotilla.toml && systemctl daemon-reload",
     );
-    copy_in(&cluster, HOST, &deb, "/root/flotilla.deb");
-    let installed = sh(&cluster, HOST, "dpkg -i /root/flotilla.deb 2>&1");
+    cluster.copy_in(HOST, &deb, "/root/flotilla.deb", "");
+    let installed = cluster.sh(HOST, "dpkg -i /root/flotilla.deb 2>&1");
     assert!(
         installed.contains("systemctl enable --now flotilla"),
         "{installed}"
@@ -124,14 +97,10 @@ fn the_package_installs_joins_the_cluster_and_runs_a_unit() {
     let shipped =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("dist/flotilla.toml"))
             .unwrap();
-    assert_eq!(
-        sh(&cluster, HOST, "cat /etc/flotilla/flotilla.toml"),
-        shipped
-    );
-    let version = sh(&cluster, HOST, "/usr/bin/flotilla --version");
+    assert_eq!(cluster.sh(HOST, "cat /etc/flotilla/flotilla.toml"), shipped);
+    let version = cluster.sh(HOST, "/usr/bin/flotilla --version");
     assert!(version.starts_with("flotilla "), "{version}");
-    sh(
-        &cluster,
+    cluster.sh(
         HOST,
         "grep -q list-machines /usr/share/bash-completion/completions/flotilla && \
          test -s /usr/share/zsh/vendor-completions/_flotilla && \
@@ -140,8 +109,7 @@ fn the_package_installs_joins_the_cluster_and_runs_a_unit() {
          test -s /usr/share/man/man1/flotilla-start.1.gz && \
          test \"$(stat -c %a /var/lib/flotilla)\" = 700",
     );
-    let state = sh(
-        &cluster,
+    let state = cluster.sh(
         HOST,
         "systemctl is-enabled flotilla; systemctl is-active flotilla; true",
     );
@@ -157,16 +125,13 @@ fn the_package_installs_joins_the_cluster_and_runs_a_unit() {
         "tls_ca = \"/etc/flotilla/tls/ca.pem\"\\ntls_cert = \"/etc/flotilla/tls/{machine}.pem\"\\n\
          tls_key = \"/etc/flotilla/tls/{machine}.key\"\\n"
     );
-    sh(
-        &cluster,
-        HOST,
+    cluster.sh(HOST,
         &format!(
             "printf 'endpoints = \"{h1}\"\\nttl_secs = 3\\n{tls}[metadata]\\ninstalled = \"deb\"\\n' \
              > /etc/flotilla/flotilla.toml && systemctl enable --now flotilla"
         ),
     );
-    let unit = sh(
-        &cluster,
+    let unit = cluster.sh(
         HOST,
         "systemctl show -P FragmentPath flotilla; \
          readlink /proc/$(systemctl show -P MainPID flotilla)/exe",
@@ -208,8 +173,7 @@ fn the_package_installs_joins_the_cluster_and_runs_a_unit() {
     );
 
     // SIGHUP applies a new filter: the unit's start is then logged at debug.
-    sh(
-        &cluster,
+    cluster.sh(
         HOST,
         "sed -i '1i log = \"flotilla=debug\"' /etc/flotilla/flotilla.toml && \
          systemctl reload flotilla",
@@ -237,9 +201,8 @@ fn the_package_installs_joins_the_cluster_and_runs_a_unit() {
     );
 
     // Removing the package stops the daemon; the unit it started runs on.
-    sh(&cluster, HOST, "dpkg -r flotilla");
-    let after = sh(
-        &cluster,
+    cluster.sh(HOST, "dpkg -r flotilla");
+    let after = cluster.sh(
         HOST,
         "systemctl is-active flotilla; test -e /usr/bin/flotilla && echo binary-left; \
          test -e /etc/flotilla/flotilla.toml && echo config-kept; true",

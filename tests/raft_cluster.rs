@@ -18,7 +18,7 @@ use flotilla::tls::Role;
 
 mod support;
 
-use support::free_port;
+use support::{Scrape, free_port, parse_metrics};
 
 struct Member {
     name: String,
@@ -142,12 +142,14 @@ impl Cluster {
             .args(["--initial-cluster-state", state, "--snapshot-entries", "50"])
             .args(["--election-timeout-ms", "300", "--log", m.log])
             .env_remove("FLOTILLA_CONFIG")
-            .envs(m.env.iter().map(|(k, v)| (k, v)))
-            // A store-only member: no agent, no API listeners on the outer machine.
+            // A store-only member: no agent, no API listeners on the outer
+            // machine (unless the member's own settings, which come after,
+            // ask for them).
             .arg("--no-agent")
             .args(extra)
             .env("FLOTILLA_API_SOCKET", "")
             .env("FLOTILLA_API_LISTEN", "")
+            .envs(m.env.iter().map(|(k, v)| (k, v)))
             .envs(support::pki::shared().env(&m.name, Role::Member))
             .stdout(Stdio::null())
             .stderr(log)
@@ -1156,18 +1158,73 @@ async fn a_member_whose_disk_fills_exits_with_a_failure_and_clients_move_on() {
     assert_eq!(after.get("/after").await.unwrap().unwrap().value, b"ok");
 }
 
+/// The body of `GET PATH` on the API socket `socket`; empty while nothing
+/// answers.
+async fn api_get(socket: &Path, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::UnixStream::connect(socket).await else {
+        return String::new();
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut response = String::new();
+    if stream.write_all(request.as_bytes()).await.is_err()
+        || stream.read_to_string(&mut response).await.is_err()
+    {
+        return String::new();
+    }
+    response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, body)| body)
+        .to_string()
+}
+
+/// One scrape of `GET /metrics` on the API socket `socket`; empty while
+/// nothing answers.
+async fn scrape(socket: &Path) -> Scrape {
+    parse_metrics(&api_get(socket, "/metrics").await)
+}
+
+/// Scrapes `socket` until `check` holds of the scrape (the member publishes
+/// its store figures about once a second); returns that scrape.
+async fn scrape_until(socket: &Path, what: &str, check: impl Fn(&Scrape) -> bool) -> Scrape {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let scrape = scrape(socket).await;
+        if check(&scrape) {
+            return scrape;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/metrics never showed {what}: {scrape:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+const QUOTA_USED: &str = "flotilla_store_quota_used_bytes";
+const ALARM: &str = "flotilla_store_nospace_alarm";
+
 /// Issue 10, quota: 1 MiB puts against a member with a 4 MiB quota are
 /// refused once the store is over it (the no-space alarm, shown by its
-/// status and by `cluster health`), while reads and deletes still work; a
-/// delete that brings the store back under the quota clears the alarm.
+/// status, by `cluster health` and by `/metrics`), while reads and deletes
+/// still work; a delete that brings the store back under the quota clears
+/// the alarm. `/metrics` follows the quota's use throughout (issue 15).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn puts_over_the_quota_are_refused_until_a_delete_frees_space() {
     let mut cluster = Cluster::prepare(1);
-    cluster.members[0]
-        .env
-        .push(("FLOTILLA_QUOTA_BYTES".into(), (4 << 20).to_string()));
+    let socket = cluster.root.path().join("api.sock");
+    cluster.members[0].env.extend([
+        ("FLOTILLA_QUOTA_BYTES".into(), (4 << 20).to_string()),
+        ("FLOTILLA_API_SOCKET".into(), socket.display().to_string()),
+    ]);
     cluster.boot(0);
     cluster.leader(None).await;
+    let empty = scrape_until(&socket, "the quota, its use and the alarm off", |s| {
+        s.get(ALARM) == Some(&0.0) && s.contains_key(QUOTA_USED)
+    })
+    .await;
+    assert_eq!(empty["flotilla_store_quota_bytes"], (4 << 20) as f64);
+    assert!(empty[QUOTA_USED] < (1 << 20) as f64, "{empty:?}");
     let client = Client::connect(&cluster.endpoints()).await.unwrap();
     let value = vec![0x44; 1024 * 1024 - 64];
     let mut accepted = 0;
@@ -1194,8 +1251,23 @@ async fn puts_over_the_quota_are_refused_until_a_delete_frees_space() {
     let (code, report) = health(&cluster.endpoints());
     assert_ne!(code, Some(0), "{report}");
     assert!(report.to_string().contains("NOSPACE"), "{report}");
+    let full = scrape_until(&socket, "the alarm on", |s| s.get(ALARM) == Some(&1.0)).await;
+    assert!(full[QUOTA_USED] > (4 << 20) as f64, "{full:?}");
+    let page = api_get(&socket, "/ui").await;
+    assert!(page.contains("alarm: NOSPACE"), "the status page: {page}");
     // Deleting brings the store under its quota: the alarm clears.
     assert_eq!(client.delete("/q/0", false).await.unwrap(), 1);
     assert!(!client.status().await.unwrap().no_space);
+    let freed = scrape_until(&socket, "the alarm off again", |s| {
+        s.get(ALARM) == Some(&0.0)
+    })
+    .await;
+    assert!(api_get(&socket, "/ui").await.contains("alarms: none"));
+    assert!(
+        freed[QUOTA_USED] <= full[QUOTA_USED] - (1 << 20) as f64 + 64.0,
+        "the delete freed about 1 MiB: {} then {}",
+        full[QUOTA_USED],
+        freed[QUOTA_USED]
+    );
     client.put("/q/again", b"fits".to_vec()).await.unwrap();
 }

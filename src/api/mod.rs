@@ -19,7 +19,7 @@
 //! | `GET /flotilla/v1/units/NAME/journal?lines=&follow=&output=` | `journalctl` of the unit on its host (text, streamed with `follow=true`) |
 //! | `GET /health` | `ok` |
 //! | `GET /metrics` | Prometheus text format ([`crate::metrics`]) |
-//! | `GET /ui` | the status page: members, machines, units, reboot locks (HTML, reloads itself) |
+//! | `GET /ui` | the status page: members, alarms, machines, units, reboot locks (HTML, reloads itself) |
 //!
 //! Errors are fleet's `{"error":{"code":N,"message":"..."}}`, with a `"hint"`
 //! where flotilla knows the next step ([`error`]). Unknown query parameters

@@ -1,6 +1,6 @@
 //! `GET /ui`: the status page, one read-only HTML page rendered on the
-//! server from the store: the leader and members, the machines, every unit
-//! with its states and machine, and the reboot locks. It reloads itself
+//! server from the store: the leader and members, the store's alarms, the
+//! machines, every unit with its states and machine, and the reboot locks. It reloads itself
 //! every [`REFRESH_SECS`] seconds (a `<meta http-equiv="refresh">`: no script,
 //! no frontend build) and is served on the API's listeners, so the TCP one
 //! asks for the token like every other route.
@@ -30,6 +30,9 @@ struct View {
     leader: String,
     term: u64,
     revision: u64,
+    /// The NOSPACE alarm of the member that answered (see
+    /// [`crate::consensus::limits`]).
+    no_space: bool,
     members: Vec<(String, String, bool)>,
     machines: Vec<MachineRow>,
     units: Vec<UnitRow>,
@@ -79,6 +82,7 @@ async fn read(client: &Client) -> Result<View, String> {
         leader,
         term: status.term,
         revision: status.revision,
+        no_space: status.no_space,
         members,
         machines: ops::machines(client).await.map_err(text)?,
         units: ops::unit_rows(client).await.map_err(text)?,
@@ -98,6 +102,12 @@ fn render(view: &View) -> String {
         view.term,
         view.revision
     );
+    html.push_str(if view.no_space {
+        "<p class=bad>alarm: NOSPACE, the store is over its quota (quota_bytes): writes \
+         that add data are refused until keys are deleted</p>"
+    } else {
+        "<p>alarms: none</p>"
+    });
     html.push_str("<h2>Members</h2><table><tr><th>name<th>peer address<th>role</tr>");
     for (name, peer, leads) in &view.members {
         let role = if *leads { "leader" } else { "member" };

@@ -464,6 +464,12 @@ impl<D: Durable> Core<D> {
         &self.members
     }
 
+    /// The request limits and store quota this member enforces (the
+    /// metrics publish the quota next to its use).
+    pub fn limits(&self) -> &Limits {
+        &self.config.limits
+    }
+
     /// The state machine, for serializable reads and tests.
     pub fn kv(&self) -> &KvStore {
         &self.kv

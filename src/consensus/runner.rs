@@ -314,6 +314,9 @@ impl Published {
             self.slow = Some(Instant::now());
             let status = core.status();
             METRICS.store_bytes.set(status.store_bytes);
+            METRICS.store_quota_used_bytes.set(core.kv().data_bytes());
+            METRICS.store_quota_bytes.set(core.limits().quota_bytes);
+            METRICS.store_no_space.set(u64::from(status.no_space));
             METRICS.store_keys.set(status.keys);
             METRICS.leases.set(core.kv().leases().count() as u64);
         }

@@ -2,13 +2,13 @@
 //! end-to-end tests of the agent and scheduler. Torn down when dropped.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{FLOTILLA, lab_in, text};
+use super::{FLOTILLA, lab_with, succeeded, text};
 
 /// One lab host, as `lab up` printed it.
 #[derive(Debug, Clone)]
@@ -33,6 +33,9 @@ pub struct Row {
 /// A running lab with flotilla on every host.
 pub struct Cluster {
     dir: tempfile::TempDir,
+    /// The flotilla that booted the lab (and so runs on its hosts until
+    /// replaced) and drives its `lab` verbs.
+    lab_binary: PathBuf,
     /// `--endpoint` value: every host's API.
     pub endpoint: String,
     /// `--api-token` value.
@@ -61,6 +64,13 @@ impl Cluster {
     /// Like [`Cluster::up`] with the first `servers` hosts as Raft servers and
     /// the others agent-only.
     pub fn up_with(hosts: u16, servers: u16, ttl_secs: u64) -> Cluster {
+        Cluster::up_on(Path::new(FLOTILLA), hosts, servers, ttl_secs)
+    }
+
+    /// Like [`Cluster::up_with`], the lab booted by (and its hosts running)
+    /// the flotilla at `binary`; the CLI verbs stay the binary under test's.
+    pub fn up_on(binary: &Path, hosts: u16, servers: u16, ttl_secs: u64) -> Cluster {
+        let lab_in = |dir: &Path, args: &[&str]| lab_with(binary, dir, args);
         let dir = tempfile::Builder::new()
             .prefix("flotilla-cluster-test")
             .tempdir()
@@ -110,6 +120,7 @@ impl Cluster {
             ssh_key: field("ssh_key"),
             tls: [field("tls_ca"), field("tls_cert"), field("tls_key")],
             dir,
+            lab_binary: binary.to_path_buf(),
             hosts,
             ttl: Duration::from_secs(ttl_secs),
         }
@@ -146,7 +157,7 @@ impl Cluster {
 
     /// Runs a flotilla verb that must succeed; returns its stdout.
     pub fn ok(&self, args: &[&str]) -> String {
-        super::succeeded(&self.flotilla(args), &format!("flotilla {args:?} failed"))
+        succeeded(&self.flotilla(args), &format!("flotilla {args:?}"))
     }
 
     /// Writes unit files into a temporary directory and submits them.
@@ -175,12 +186,45 @@ impl Cluster {
     pub fn exec(&self, host: &str, command: &[&str]) -> Output {
         let mut args = vec!["exec", host, "--"];
         args.extend(command);
-        lab_in(self.dir(), &args)
+        self.lab_out(&args)
+    }
+
+    /// Runs a shell script inside `host`; it must succeed. Returns stdout.
+    pub fn sh(&self, host: &str, script: &str) -> String {
+        let out = self.exec(host, &["sh", "-c", script]);
+        succeeded(&out, &format!("on {host}: {script}"))
+    }
+
+    /// Copies a file of the outer machine into `host` (through `lab exec`'s
+    /// stdin), as `to`; the shell command `then` runs after it if not empty.
+    pub fn copy_in(&self, host: &str, from: &Path, to: &str, then: &str) {
+        let script = if then.is_empty() {
+            format!("cat > {to}")
+        } else {
+            format!("cat > {to} && {then}")
+        };
+        let out = Command::new(&self.lab_binary)
+            .args(["lab", "exec", host, "--", "sh", "-c", &script])
+            .env("FLOTILLA_LAB_DIR", self.dir())
+            .stdin(std::fs::File::open(from).unwrap())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "copying {} into {host}: {}",
+            from.display(),
+            text(&out.stderr)
+        );
+    }
+
+    /// Runs `flotilla lab ARGS...` for this lab, with the binary that booted it.
+    fn lab_out(&self, args: &[&str]) -> Output {
+        lab_with(&self.lab_binary, self.dir(), args)
     }
 
     /// Runs a lab verb (kill, start, partition, heal, ...) that must succeed.
     pub fn lab(&self, args: &[&str]) {
-        let out = lab_in(self.dir(), args);
+        let out = self.lab_out(args);
         assert!(
             out.status.success(),
             "lab {args:?} failed: {}",
@@ -349,7 +393,7 @@ impl Drop for Cluster {
         if std::thread::panicking() {
             self.print_journals();
         }
-        let out = lab_in(self.dir.path(), &["down"]);
+        let out = self.lab_out(&["down"]);
         if !out.status.success() {
             eprintln!("lab down failed: {}", text(&out.stderr));
         }

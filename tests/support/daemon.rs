@@ -8,7 +8,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use super::pki::Pki;
-use super::{free_port, text};
+use super::{free_port, succeeded, text};
 use flotilla::tls::Role;
 
 /// The daemons' `api_token`.
@@ -134,7 +134,7 @@ impl Daemon {
 
     /// Runs a verb that must succeed; returns its stdout.
     pub fn ok(&self, args: &[&str]) -> String {
-        super::succeeded(&self.run(args), &format!("flotilla {args:?}"))
+        succeeded(&self.run(args), &format!("flotilla {args:?}"))
     }
 
     /// Runs a verb that must fail with exit 1; returns its stderr.

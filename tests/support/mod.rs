@@ -22,7 +22,14 @@ Conflicts=hello@*.service
 
 /// Runs `flotilla lab ARGS...` for the lab in `dir`.
 pub fn lab_in(dir: &Path, args: &[&str]) -> Output {
-    Command::new(FLOTILLA)
+    lab_with(Path::new(FLOTILLA), dir, args)
+}
+
+/// Runs `BINARY lab ARGS...` for the lab in `dir`: a lab is driven by the
+/// flotilla that booted it (the rolling-upgrade test boots one on an older
+/// release).
+pub fn lab_with(binary: &Path, dir: &Path, args: &[&str]) -> Output {
+    Command::new(binary)
         .arg("lab")
         .args(args)
         .env("FLOTILLA_LAB_DIR", dir)
@@ -64,12 +71,27 @@ impl Answer {
     }
 }
 
-/// The stdout of a command that must have succeeded (`what` names it in
-/// the failure message, with its output).
+/// One scrape of `GET /metrics`: each series (name and labels) with its value.
+pub type Scrape = std::collections::BTreeMap<String, f64>;
+
+/// Reads Prometheus's text format (comments skipped) into a [`Scrape`].
+pub fn parse_metrics(exposition: &str) -> Scrape {
+    exposition
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The stdout of a command that must have succeeded; a failure shows
+/// `what` (the command) with its output.
 pub fn succeeded(out: &Output, what: &str) -> String {
     assert!(
         out.status.success(),
-        "{what}: {}{}",
+        "{what} failed: {}{}",
         text(&out.stdout),
         text(&out.stderr)
     );
