@@ -264,6 +264,41 @@ fn writer(cluster: &Cluster, stop: &AtomicBool) -> (u32, Duration) {
     (taken, longest)
 }
 
+/// The lab's endpoint list (one API per host, in host order) with host
+/// number `index`'s API asked over HTTPS.
+fn https_for_host(endpoints: &str, index: usize) -> String {
+    endpoints
+        .split(',')
+        .enumerate()
+        .map(|(i, e)| match e.strip_prefix("http://") {
+            Some(rest) if i == index => format!("https://{rest}"),
+            _ => e.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Whether `check` held within `limit` (tried every 200 ms).
+fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+/// Sets its flag when dropped: stops the writer however the step ends.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 #[test]
 fn a_rolling_upgrade_from_the_previous_release_moves_and_restarts_nothing() {
     let old = previous_release();
@@ -279,7 +314,7 @@ fn a_rolling_upgrade_from_the_previous_release_moves_and_restarts_nothing() {
 
     // Three hosts, all Raft servers, on the old release; a presence TTL of
     // 10 s, which a restart stays well within (the agent adopts its lease).
-    let cluster = Cluster::up_on(&old, 3, 3, 10);
+    let mut cluster = Cluster::up_on(&old, 3, 3, 10);
     assert_every_host_runs(&cluster, &old_sha);
     cluster.submit(&[("hello@.service", HELLO), ("plain@.service", PLAIN)]);
     cluster.ok(&[
@@ -307,6 +342,9 @@ fn a_rolling_upgrade_from_the_previous_release_moves_and_restarts_nothing() {
         let started = Instant::now();
         let (taken, longest) = std::thread::scope(|scope| {
             let writes = scope.spawn(|| writer(&cluster, &stop));
+            // A failed check below must stop the writer too, or the scope
+            // waits for it forever instead of failing the test.
+            let _stop_on_panic = StopOnDrop(&stop);
             // Let the writer take a few writes before the restart.
             std::thread::sleep(Duration::from_millis(500));
             // As a package upgrade does: the new binary beside the old one,
@@ -321,12 +359,24 @@ fn a_rolling_upgrade_from_the_previous_release_moves_and_restarts_nothing() {
                  && systemctl restart flotilla",
             );
             let machine = cluster.id_of(&host).to_string();
-            wait_for(Duration::from_secs(30), "the host to rejoin", || {
-                (running_binary(&cluster, &host) == new_sha
-                    && cluster.machines().contains(&machine)
-                    && cluster.flotilla(&["cluster", "health"]).status.success())
-                .then_some(())
+            let mut last = String::new();
+            let rejoined = wait_until(Duration::from_secs(30), || {
+                let binary = running_binary(&cluster, &host) == new_sha;
+                // Asked of the store: this host's API changes protocol.
+                let health = cluster.flotilla(&["cluster", "health", "--json"]);
+                let report: serde_json::Value =
+                    serde_json::from_slice(&health.stdout).unwrap_or_default();
+                let present = report["machines"]["live"]
+                    .as_array()
+                    .is_some_and(|live| live.iter().any(|m| m == machine.as_str()));
+                last = format!(
+                    "runs the new binary: {binary}; present: {present}; cluster health: {}{}",
+                    text(&health.stdout),
+                    text(&health.stderr)
+                );
+                binary && present && health.status.success()
             });
+            assert!(rejoined, "{host} did not rejoin within 30 s: {last}");
             // Keep writing a little past the rejoin, then stop the writer.
             std::thread::sleep(Duration::from_millis(500));
             stop.store(true, Ordering::Relaxed);
@@ -339,6 +389,10 @@ fn a_rolling_upgrade_from_the_previous_release_moves_and_restarts_nothing() {
             started.elapsed().as_secs_f64()
         );
         assert!(taken >= 2, "the writer got writes through: {taken}");
+        // With TLS on, this release serves the API's TCP port over HTTPS
+        // where v0.1.0 spoke HTTP with a token: a client switches the
+        // upgraded host's endpoint to https:// (docs/operations.md).
+        cluster.endpoint = https_for_host(&cluster.endpoint, step);
 
         // Nothing stopped, restarted or moved; the store agrees they run.
         assert_eq!(running(&cluster), before, "after upgrading {host}");
