@@ -198,6 +198,17 @@ impl Net {
         }
     }
 
+    /// The open connections and blocked directions, for a failure report.
+    pub fn describe(&self) -> String {
+        let state = self.lock();
+        let mut links: Vec<(u64, u64)> = state.links.values().map(|l| (l.from, l.to)).collect();
+        links.sort_unstable();
+        format!(
+            "open connections (from, to) {links:?}, blocked {:?}, targets {:?}, {:?}",
+            state.blocked, state.targets, state.counts
+        )
+    }
+
     /// What the layer did so far.
     pub fn counts(&self) -> Counts {
         self.lock().counts.clone()
