@@ -68,6 +68,9 @@ pub struct Counts {
     pub late_cuts: u64,
     /// Snapshot streams relayed: (from, to, bytes of data announced).
     pub snapshot_streams: Vec<(u64, u64, u64)>,
+    /// Snapshot streams relayed whole to their receiver's listener (the
+    /// confirmation may still be lost): (from, to, bytes).
+    pub snapshots_relayed: Vec<(u64, u64, u64)>,
     /// Snapshot streams whose receiver's confirmation came back through
     /// the layer: (from, to, bytes).
     pub snapshots_confirmed: Vec<(u64, u64, u64)>,
@@ -244,14 +247,23 @@ impl Net {
         self.lock().links.remove(&id);
     }
 
-    fn note_snapshot(&self, from: u64, to: u64, len: u64, confirmed: bool) {
+    fn note_snapshot(&self, from: u64, to: u64, len: u64, stage: Stage) {
         let mut state = self.lock();
-        if confirmed {
-            state.counts.snapshots_confirmed.push((from, to, len));
-        } else {
-            state.counts.snapshot_streams.push((from, to, len));
-        }
+        let list = match stage {
+            Stage::Opened => &mut state.counts.snapshot_streams,
+            Stage::Relayed => &mut state.counts.snapshots_relayed,
+            Stage::Confirmed => &mut state.counts.snapshots_confirmed,
+        };
+        list.push((from, to, len));
     }
+}
+
+/// How far a snapshot stream got through the layer.
+#[derive(Clone, Copy)]
+enum Stage {
+    Opened,
+    Relayed,
+    Confirmed,
 }
 
 struct Opened {
@@ -328,8 +340,14 @@ async fn relay(net: Arc<Net>, to: u64, client: TcpStream) {
     };
     let _ = upstream.set_nodelay(true);
     let (mut upstream_read, mut upstream_write) = upstream.into_split();
+    // A snapshot stream is whole once its header, its data and the data's
+    // frame headers went through.
+    let whole = snapshot.map(|len| {
+        let chunks = len.div_ceil(transport::CHUNK as u64);
+        4 + first.len() as u64 + len + 4 * chunks
+    });
     if let Some(len) = snapshot {
-        net.note_snapshot(from, to, len, false);
+        net.note_snapshot(from, to, len, Stage::Opened);
     }
 
     // Toward the member: each piece is held until its time, in order.
@@ -339,12 +357,22 @@ async fn relay(net: Arc<Net>, to: u64, client: TcpStream) {
     framed.extend_from_slice(&first);
     let _ = pieces.send((Instant::now() + latency, framed));
     let late = extra.clone();
+    let relayed = net.clone();
     let mut forward = tokio::spawn(async move {
+        let mut written = 0;
         while let Some((at, bytes)) = queued.recv().await {
             let at = at + Duration::from_millis(late.load(Ordering::SeqCst));
             tokio::time::sleep_until(at).await;
             if upstream_write.write_all(&bytes).await.is_err() {
                 return;
+            }
+            let before = written;
+            written += bytes.len() as u64;
+            if let (Some(whole), Some(len)) = (whole, snapshot)
+                && before < whole
+                && written >= whole
+            {
+                relayed.note_snapshot(from, to, len, Stage::Relayed);
             }
         }
         let _ = upstream_write.shutdown().await;
@@ -355,7 +383,7 @@ async fn relay(net: Arc<Net>, to: u64, client: TcpStream) {
         let mut byte = [0u8; 1];
         while let Ok(1..) = upstream_read.read(&mut byte).await {
             if let Some(len) = snapshot {
-                note.note_snapshot(from, to, len, true);
+                note.note_snapshot(from, to, len, Stage::Confirmed);
             }
             if client_write.write_all(&byte).await.is_err() {
                 return;
