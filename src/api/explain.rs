@@ -71,7 +71,7 @@ pub async fn explain(
     }
     let client = shared.client().await?;
     let record = ops::unit_record(client, &name).await?;
-    let reading = schedule::read_world(client, &shared.bodies).await?;
+    let reading = schedule::read_world(client).await?;
     let machines = ops::machines(client).await?;
     // Why a machine that claimed the unit refused to load it, by machine.
     let refused: std::collections::BTreeMap<String, String> = ops::unit_rows(client)

@@ -415,7 +415,7 @@ impl Coordinator {
         view: &HostView,
         stuck: &[UnitName],
     ) -> Result<String, LockOpError> {
-        let placement = store::placement_view(&*self.client().await?, &self.bodies).await?;
+        let placement = store::placement_view(&*self.client().await?).await?;
         let reasons: Vec<String> = stuck
             .iter()
             .map(|unit| {

@@ -104,14 +104,14 @@ impl BodyCache {
         client: &Client,
         hash: &UnitHash,
     ) -> Result<Option<Arc<Body>>, ClientError> {
-        if let Some(body) = self.lock().get(hash) {
-            return Ok(Some(body.clone()));
+        if let Some(body) = self.cached(hash) {
+            return Ok(Some(body));
         }
         let Some(kv) = client.get(&keys::body(hash)).await? else {
             return Ok(None);
         };
-        let body = Arc::new(Body::new(String::from_utf8_lossy(&kv.value).into_owned()));
-        Ok(Some(self.lock().entry(*hash).or_insert(body).clone()))
+        self.insert(*hash, &kv.value);
+        Ok(self.cached(hash))
     }
 
     /// The body of the unit `record`; a body gone from the store means the
@@ -124,6 +124,29 @@ impl BodyCache {
         self.get(client, &record.hash)
             .await?
             .ok_or_else(|| RegistryError::NoSuchUnit(record.name.clone()))
+    }
+
+    /// The body stored under `hash` if this cache holds it; never reads the
+    /// store (the scheduler's view fills its cache from the store's watch).
+    pub fn cached(&self, hash: &UnitHash) -> Option<Arc<Body>> {
+        self.lock().get(hash).cloned()
+    }
+
+    /// Remembers the stored text of the body under `hash`; returns whether it
+    /// was new (a body already held keeps its parsed rules).
+    pub fn insert(&self, hash: UnitHash, text: &[u8]) -> bool {
+        let mut bodies = self.lock();
+        if bodies.contains_key(&hash) {
+            return false;
+        }
+        let body = Body::new(String::from_utf8_lossy(text).into_owned());
+        bodies.insert(hash, Arc::new(body));
+        true
+    }
+
+    /// Forgets the body under `hash` (deleted from the store).
+    pub fn remove(&self, hash: &UnitHash) {
+        self.lock().remove(hash);
     }
 
     /// Forgets every body whose hash is not in `live` (units destroyed or

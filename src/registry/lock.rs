@@ -386,11 +386,8 @@ pub struct PlacementView {
 /// Reads a [`PlacementView`]: the scheduler's own reading of the world
 /// ([`super::schedule::read_world`]), so the coordinator explains with exactly
 /// what the scheduler decides from.
-pub async fn placement_view(
-    client: &Client,
-    bodies: &BodyCache,
-) -> Result<PlacementView, LockOpError> {
-    let world = super::schedule::read_world(client, bodies).await?.world;
+pub async fn placement_view(client: &Client) -> Result<PlacementView, LockOpError> {
+    let world = super::schedule::read_world(client).await?.world;
     let mut placed = Vec::new();
     for (unit, wanted) in &world.wanted {
         let on: BTreeSet<&String> = world
