@@ -181,8 +181,10 @@ impl Scheduler {
 
     /// One pass over the view; returns the revision of its last write (0: none).
     async fn pass(&mut self, client: &Client, view: &mut View) -> Result<Revision, ClientError> {
+        let started = Instant::now();
         self.age_proposals(view.world_mut());
         let plan = plan::plan(view.world());
+        let planned = started.elapsed();
         let unplaceable: BTreeMap<&UnitName, &String> = view
             .unschedulable()
             .chain(plan.unplaceable.iter().map(|(u, r)| (u, r)))
@@ -196,9 +198,14 @@ impl Scheduler {
         self.unplaceable.retain(|u, _| unplaceable.contains_key(u));
         let mut written = schedule::record_reasons(client, view.reasons(), &unplaceable).await?;
         if !plan.changes.is_empty() {
-            tracing::debug!("scheduler: {} changes", plan.changes.len());
             written = written.max(schedule::apply(client, &plan.changes).await?);
         }
+        tracing::debug!(
+            "scheduler: pass over {} units planned in {planned:?}, {} changes, done in {:?}",
+            view.world().wanted.len(),
+            plan.changes.len(),
+            started.elapsed()
+        );
         Ok(written)
     }
 
