@@ -244,7 +244,8 @@ pub struct LockArgs {
 #[derive(Debug, Subcommand)]
 pub enum LockCommand {
     /// Show free slots, the limit, the holders (machine id, since when) and
-    /// the machines asked to reboot.
+    /// the machines asked to reboot. There can be more holders than the limit
+    /// only after set-max lowered it below them; status then says so.
     Status {
         /// Print JSON instead of text.
         #[arg(long)]
@@ -262,7 +263,9 @@ pub enum LockCommand {
         /// The holder's id [default: this machine's id, /etc/machine-id].
         id: Option<String>,
     },
-    /// Set how many machines may hold the lock at once (0 stops every reboot).
+    /// Set how many machines may take the lock at once (0 stops every new
+    /// reboot). Lowering it below the current holders keeps them (they may
+    /// be rebooting already) and admits nobody until enough of them release.
     SetMax {
         /// The new limit.
         max: u32,

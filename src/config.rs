@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::consensus::member::{check_address, check_name};
+use crate::lock::settings::RebootSettings;
 
 /// Where the daemon looks for its configuration when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/flotilla/flotilla.toml";
@@ -201,8 +202,9 @@ impl Config {
     /// The reboot coordinator's settings, typed; `Err((key, message))` names
     /// the first key whose value is unusable.
     pub fn reboot_settings(&self) -> Result<RebootSettings, (&'static str, String)> {
+        use crate::duration::{parse_duration, show_duration};
         use crate::lock::step::Strategy;
-        use crate::lock::window::{Window, parse_duration, show_duration};
+        use crate::lock::window::Window;
         let strategy = match self.reboot_strategy.as_str() {
             "lock" => Strategy::Lock,
             "reboot" => Strategy::Reboot,
@@ -280,8 +282,8 @@ impl Config {
 impl Config {
     /// The API listeners' limits, typed; `Err((key, message))` names the
     /// first key whose value is unusable.
-    pub fn api_limits(&self) -> Result<crate::api::serve::Limits, (&'static str, String)> {
-        let header_timeout = crate::lock::window::parse_duration(&self.api_header_timeout)
+    pub fn api_limits(&self) -> Result<ApiLimits, (&'static str, String)> {
+        let header_timeout = crate::duration::parse_duration(&self.api_header_timeout)
             .map_err(|m| ("api_header_timeout", m))?;
         if !(1..=3600).contains(&header_timeout.as_secs()) {
             return Err((
@@ -289,7 +291,7 @@ impl Config {
                 "must be between 1s and 1h, e.g. 10s".to_string(),
             ));
         }
-        let min_body = crate::api::MIN_BODY_BYTES as u64;
+        let min_body = MIN_BODY_BYTES as u64;
         if !(min_body..=64 << 20).contains(&self.api_max_body_bytes) {
             return Err((
                 "api_max_body_bytes",
@@ -315,7 +317,7 @@ impl Config {
                 ),
             ));
         }
-        Ok(crate::api::serve::Limits {
+        Ok(ApiLimits {
             header_timeout,
             max_body_bytes: self.api_max_body_bytes as usize,
             max_connections: self.api_max_connections as usize,
@@ -324,23 +326,39 @@ impl Config {
     }
 }
 
-/// The reboot coordinator's settings, from [`Config::reboot_settings`].
+/// The smallest `api_max_body_bytes` allowed: a unit is at most
+/// [`crate::units::MAX_UNIT_BYTES`], and JSON quoting may grow it, not fourfold.
+const MIN_BODY_BYTES: usize = 4 * crate::units::MAX_UNIT_BYTES;
+
+/// How much one listener of the API lets its clients take; from the
+/// `api_*` settings ([`Config::api_limits`]). The API shows the loaded
+/// configuration, so it sits above this module and takes its settings type
+/// from here ([`crate::api::serve::serve`] enforces them).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RebootSettings {
-    /// What to do when a reboot is needed.
-    pub strategy: crate::lock::step::Strategy,
-    /// The lock group.
-    pub group: String,
-    /// When reboots may start (`None`: any time).
-    pub window: Option<crate::lock::window::Window>,
-    /// How long the drain may take.
-    pub drain_timeout: std::time::Duration,
-    /// How long a reboot may take.
-    pub reboot_timeout: std::time::Duration,
-    /// When an absent holder's slot is freed (`None`: never).
-    pub stale_after: Option<std::time::Duration>,
-    /// Where this boot's id is read.
-    pub boot_id_file: PathBuf,
+pub struct ApiLimits {
+    /// How long a connection may take to send a request's headers, the first
+    /// and each later one on a kept-alive connection; then it is closed.
+    pub header_timeout: std::time::Duration,
+    /// The largest request body (413 beyond).
+    pub max_body_bytes: usize,
+    /// Connections one listener serves at once; one more is answered 503
+    /// and closed at once.
+    pub max_connections: usize,
+    /// The longest pause after a failed `accept` (no descriptors left): the
+    /// loop waits 10 ms, doubling up to this, instead of spinning, and logs
+    /// it at most once a minute.
+    pub accept_backoff: std::time::Duration,
+}
+
+impl Default for ApiLimits {
+    fn default() -> ApiLimits {
+        ApiLimits {
+            header_timeout: std::time::Duration::from_secs(10),
+            max_body_bytes: 1024 * 1024,
+            max_connections: 512,
+            accept_backoff: std::time::Duration::from_secs(1),
+        }
+    }
 }
 
 impl Default for Config {
@@ -1206,10 +1224,7 @@ mod tests {
         let f = file("name = \"n1\"\n");
         let defaults = load(&explicit(&f), &[], &[]).unwrap();
         assert!(defaults.config.api_listen.is_empty(), "no TCP by default");
-        assert_eq!(
-            defaults.config.api_limits(),
-            Ok(crate::api::serve::Limits::default())
-        );
+        assert_eq!(defaults.config.api_limits(), Ok(ApiLimits::default()));
         for listen in [
             "0.0.0.0:4003",
             "127.0.0.1:4003",

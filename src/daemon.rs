@@ -22,6 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -38,6 +39,7 @@ use crate::consensus::runner::{self, Msg};
 use crate::consensus::storage::RedbDisk;
 use crate::consensus::{backup, log, server, transport};
 use crate::lock::{self, coordinator::CoordinatorConfig};
+use crate::registry::BodyCache;
 use crate::scheduler;
 use crate::tls::{Role, Trust};
 
@@ -93,6 +95,10 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> 
     } else {
         vec![local_client_addr(&config.client_listen, trust.is_some())]
     };
+    // One cache of unit bodies for every role here: a body never changes
+    // under its hash, and each role still checks what it uses (the agent
+    // loads only a body that hashes to its record's hash).
+    let bodies = Arc::new(BodyCache::new());
     let agent = config.agent.then(|| {
         let agent_config = AgentConfig {
             endpoints: endpoints.clone(),
@@ -104,6 +110,7 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> 
             metadata: config.metadata.clone(),
             leave_on_stop: config.leave_on_stop,
             metadata_updates: Some(metadata_rx),
+            bodies: bodies.clone(),
         };
         tokio::spawn(agent::run::run(agent_config, stopped.clone()))
     });
@@ -119,6 +126,7 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> 
             settings: reboot,
             machine_id_path: PathBuf::from("/etc/machine-id"),
             reboot_required: PathBuf::from(lock::coordinator::REBOOT_REQUIRED),
+            bodies: bodies.clone(),
         };
         let stopped = stopped.clone();
         tokio::spawn(async move {
@@ -128,12 +136,13 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> 
         });
     }
     // Serves until dropped, when serve() returns.
-    let _api = crate::api::start(loaded, &endpoints)
+    let _api = crate::api::start(loaded, &endpoints, bodies.clone())
         .await
         .context("cannot start the HTTP API")?;
-    let mut scheduler = member
-        .as_ref()
-        .map(|(node, _)| tokio::spawn(scheduler::run(node.clone(), endpoints, CLAIM_TIMEOUT)));
+    let mut scheduler = member.as_ref().map(|(node, _)| {
+        let run = scheduler::run(node.clone(), endpoints, CLAIM_TIMEOUT, bodies);
+        tokio::spawn(run)
+    });
     match notify::notify("READY=1\nSTATUS=serving") {
         Ok(_) => {}
         Err(e) => tracing::warn!("cannot tell systemd we are ready: {e}"),

@@ -17,6 +17,7 @@
 //! * [`lock`]: reboot coordination: the semaphore, reboot windows, and each
 //!   host's reboot coordinator (drain make-before-break, reboot, release).
 //! * [`config`]: the daemon's configuration loader (file, environment, flags).
+//! * [`duration`]: durations as settings and messages write them (`1h30m`).
 //! * [`daemon`]: `flotilla daemon`, wiring the roles together.
 //! * [`health`]: `flotilla cluster health`: members, leader, lag, quorum, machines.
 //! * [`metrics`]: the daemon's counters, gauges and latency histograms, as `/metrics` serves them.
@@ -37,6 +38,7 @@ pub mod client;
 pub mod config;
 pub mod consensus;
 pub mod daemon;
+pub mod duration;
 pub mod health;
 pub mod lab;
 pub mod lock;

@@ -11,8 +11,9 @@ use serde_json::json;
 
 use flotilla::cli::{LockArgs, LockCommand};
 use flotilla::consensus::client::Client;
+use flotilla::duration::show_duration;
 use flotilla::lock::coordinator::unix_now;
-use flotilla::lock::window::{format_utc, show_duration};
+use flotilla::lock::window::format_utc;
 use flotilla::registry::lock::{self as store, Acquired, RebootMark, is_group_name};
 
 /// Runs one `flotilla lock` verb.
@@ -123,6 +124,13 @@ async fn status(client: &Client, group: &str, as_json: bool) -> Result<()> {
     outln!("Group: {group}")?;
     outln!("Available: {}", semaphore.available())?;
     outln!("Max: {}", semaphore.max)?;
+    if semaphore.holders.len() > semaphore.max as usize {
+        outln!(
+            "Held by {}, more than Max: set-max lowered the limit below the holders, who keep \
+             their slots; nobody else gets one until enough of them release",
+            semaphore.holders.len()
+        )?;
+    }
     if !semaphore.holders.is_empty() {
         outln!()?;
         outln!("{:<34} SINCE", "MACHINE")?;

@@ -12,12 +12,12 @@ use flotilla::cli::{
 };
 use flotilla::config;
 use flotilla::consensus::client::Client;
+use flotilla::registry::records::DesiredState;
 use flotilla::verify;
 
 mod lock_verbs;
 mod verbs;
 
-use verbs::wait::Goal;
 use verbs::{Usage, out, outln};
 
 fn main() -> ExitCode {
@@ -109,8 +109,8 @@ async fn run_api_verb(outer: &flotilla::cli::ApiArgs, command: Command) -> Resul
     use verbs::{lists, remote, state};
     match command {
         Command::Submit(args) => state::submit(args, outer).await,
-        Command::Start(args) => state::start_or_load(args, outer, Goal::Launched).await,
-        Command::Load(args) => state::start_or_load(args, outer, Goal::Loaded).await,
+        Command::Start(args) => state::start_or_load(args, outer, DesiredState::Launched).await,
+        Command::Load(args) => state::start_or_load(args, outer, DesiredState::Loaded).await,
         Command::Stop(args) => state::stop(args, outer).await,
         Command::Unload(args) => state::unload(args, outer).await,
         Command::Restart(args) => state::restart(args, outer).await,

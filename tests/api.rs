@@ -9,15 +9,16 @@
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use flotilla::consensus::client::Client;
-use flotilla::registry::UnitState;
 use flotilla::registry::machine::MachineStore;
 use flotilla::registry::records::{MachineRecord, ReportedState, Target};
+use flotilla::registry::{BodyCache, UnitState};
 use flotilla::units::{Requirements, UnitName};
 
 mod support;
@@ -163,7 +164,9 @@ impl Daemon {
         let client = Client::connect(std::slice::from_ref(&self.store))
             .await
             .unwrap();
-        let mut store = MachineStore::new(client, id, "test-instance", Duration::from_secs(30));
+        let bodies = Arc::new(BodyCache::new());
+        let mut store =
+            MachineStore::new(client, id, "test-instance", Duration::from_secs(30), bodies);
         store.take_lease().await.unwrap();
         let record = MachineRecord {
             id: id.to_string(),

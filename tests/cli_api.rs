@@ -1,6 +1,7 @@
 //! The CLI against a real daemon's API, without systemd: one store-only
 //! member (no agent, so nothing is ever placed) serving its API on a unix
-//! socket and on TCP with a token. What needs real hosts is in the lab tests.
+//! socket and on TCP with a token (`flotilla lock` speaks to its store
+//! directly). What needs real hosts is in the lab tests.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -357,4 +358,45 @@ fn restart_follows_fleetctl_v1() {
         help.contains("--no-block") && help.contains("--block-attempts"),
         "{help}"
     );
+}
+
+#[test]
+fn set_max_below_the_holders_keeps_them_and_status_says_so() {
+    let daemon = Daemon::start();
+    let lock = |args: &[&str]| {
+        let mut all = vec!["--store-endpoint", daemon.store.as_str(), "lock"];
+        all.extend_from_slice(args);
+        daemon.run(&all)
+    };
+    let ok = |args: &[&str]| {
+        let out = lock(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    assert_eq!(ok(&["set-max", "2"]), "Old: 1\nNew: 2\n");
+    ok(&["acquire", "a"]);
+    ok(&["acquire", "b"]);
+    let status = ok(&["status"]);
+    assert!(!status.contains("more than Max"), "{status}");
+
+    assert_eq!(ok(&["set-max", "1"]), "Old: 2\nNew: 1\n");
+    let status = ok(&["status"]);
+    assert!(status.contains("Available: 0\nMax: 1\n"), "{status}");
+    assert!(
+        status.contains("Held by 2, more than Max")
+            && status.contains("a ")
+            && status.contains("b "),
+        "both holders kept, and said so: {status}"
+    );
+    let refused = lock(&["acquire", "c"]);
+    assert!(!refused.status.success());
+    assert!(text(&refused.stderr).contains("reboot lock is full"));
+
+    // One release still leaves the lock full at the new max; nobody is admitted.
+    ok(&["release", "a"]);
+    let status = ok(&["status"]);
+    assert!(!status.contains("more than Max"), "{status}");
+    assert!(!lock(&["acquire", "c"]).status.success());
+    ok(&["release", "b"]);
+    ok(&["acquire", "c"]);
 }

@@ -12,6 +12,9 @@
 //!   one time line. ActiveExit (leaving `active`) is used as the end, the
 //!   stricter of ActiveExit and InactiveEnter.
 //!
+//! * The rolling reboot asks two hosts with `lock need-reboot` and the third
+//!   only with `/run/reboot-required`, the Debian/Ubuntu convention.
+//!
 //! Root on Debian 12 is needed; nextest runs the lab binaries one test at a time.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -107,10 +110,12 @@ fn journal(cluster: &Cluster, host: &str) -> String {
 }
 
 /// Every event of `flotilla kv watch PREFIX`, from the next revision on, kept
-/// by a reader thread until [`History::stop`].
+/// by a reader thread until [`History::stop`], which checks that the watch
+/// ran all along (a watch that ended early would hide revisions).
 struct History {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    errors: Arc<Mutex<String>>,
 }
 
 impl History {
@@ -126,7 +131,7 @@ impl History {
             ])
             .env_remove("FLOTILLA_ENDPOINT")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -137,9 +142,23 @@ impl History {
                 sink.lock().unwrap().push(line);
             }
         });
+        let errors = Arc::new(Mutex::new(String::new()));
+        let err = child.stderr.take().unwrap();
+        let sink = errors.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let mut errors = sink.lock().unwrap();
+                errors.push_str(&line);
+                errors.push('\n');
+            }
+        });
         // The watch starts at the revision after its first read.
         std::thread::sleep(Duration::from_millis(500));
-        History { child, lines }
+        History {
+            child,
+            lines,
+            errors,
+        }
     }
 
     /// Every semaphore value written, in revision order: (revision, max, holders).
@@ -175,7 +194,20 @@ impl History {
         values
     }
 
+    /// Ends the watch, first asserting it was still running: the history
+    /// is whole only if the watch never stopped.
     fn stop(&mut self) {
+        let ended = self.child.try_wait().expect("the watch's status");
+        self.end();
+        if let Some(status) = ended {
+            panic!(
+                "the lock watch ended early ({status}), so its history misses revisions: {}",
+                self.errors.lock().unwrap()
+            );
+        }
+    }
+
+    fn end(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -183,7 +215,7 @@ impl History {
 
 impl Drop for History {
     fn drop(&mut self) {
-        self.stop();
+        self.end();
     }
 }
 
@@ -453,10 +485,15 @@ fn three_hosts_reboot_one_at_a_time_and_the_service_never_goes_down() {
         })
     };
 
+    // h1 and h2 are marked with `lock need-reboot`; h3 only gets the
+    // Debian/Ubuntu `/run/reboot-required` file, which its coordinator reads
+    // (the reboot's fresh /run removes it).
     let started = Instant::now();
-    for host in &cluster.hosts {
+    for host in &cluster.hosts[..2] {
         cluster.ok(&["lock", "need-reboot", &host.machine_id]);
     }
+    let out = cluster.exec("h3", &["touch", "/run/reboot-required"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
     let (_, took) = wait_for(
         Duration::from_secs(150),
         "all three hosts rebooted, the lock free and no request left",
@@ -479,6 +516,11 @@ fn three_hosts_reboot_one_at_a_time_and_the_service_never_goes_down() {
     );
     sampling.store(false, Ordering::Relaxed);
     sampler.join().unwrap();
+    let out = cluster.exec("h3", &["test", "-e", "/run/reboot-required"]);
+    assert!(
+        !out.status.success(),
+        "h3's new boot has no reboot-required"
+    );
     wait_for(
         Duration::from_secs(20),
         "both hello instances active again",
@@ -590,10 +632,11 @@ fn concurrent_acquires_and_a_killed_holder_with_and_without_stale_after() {
         assert!(err.contains("reboot lock is full"), "{err}");
     }
     let status = lock_status(&cluster);
-    assert_eq!(holders(&status).len(), 2);
+    let winners = holders(&status);
+    assert_eq!(winners.len(), 2);
     assert_eq!(status["available"], 0);
     // Acquiring a lock already held succeeds; releasing one not held fails.
-    let winner = holders(&status)[0].clone();
+    let winner = winners[0].clone();
     assert!(
         cluster
             .ok(&["lock", "lock", &winner])
@@ -678,7 +721,13 @@ fn concurrent_acquires_and_a_killed_holder_with_and_without_stale_after() {
     );
 
     history.stop();
-    assert_never_over(&history, 2);
+    let values = assert_never_over(&history, 2);
+    assert!(
+        values
+            .iter()
+            .any(|(_, _, ids)| winners.iter().all(|w| ids.contains(w))),
+        "the watch saw both winners {winners:?} hold at once: {values:?}"
+    );
 }
 
 #[test]

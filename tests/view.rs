@@ -229,7 +229,7 @@ async fn catch_up(
 /// followed view with fresh loads, midway and at the end.
 async fn check(client: &Client, changes: &[Change]) {
     client.delete(keys::ROOT, true).await.unwrap();
-    let mut view = View::load(client).await.unwrap();
+    let mut view = View::load(client, Default::default()).await.unwrap();
     let mut watch = client.watch(keys::ROOT, view.revision() + 1);
     let mut pending = VecDeque::new();
     let mid = changes.len() / 2;
@@ -240,7 +240,7 @@ async fn check(client: &Client, changes: &[Change]) {
             // A write the view ignores, so the revision read has an event.
             let marker = keys::renewal("view-test");
             client.put(&marker, b"{}".to_vec()).await.unwrap();
-            let fresh = View::load(client).await.unwrap();
+            let fresh = View::load(client, Default::default()).await.unwrap();
             catch_up(&mut view, &mut watch, &mut pending, fresh.revision()).await;
             assert_eq!(
                 view.reading(),

@@ -57,7 +57,8 @@ enum Command {
 /// Options of `flotilla-bench kv`.
 #[derive(clap::Args, Debug)]
 struct KvArgs {
-    /// Stores to benchmark, in order; each gets a fresh 3-member cluster.
+    /// Stores to benchmark, in order; each gets a fresh 3-member cluster
+    /// (`etcd-leader`: etcd with every client connected to its leader only).
     #[arg(long, value_delimiter = ',', default_value = "etcd")]
     target: Vec<Target>,
     /// Concurrent clients (one connection each) to measure at.
@@ -90,8 +91,12 @@ struct KvArgs {
 enum Target {
     /// flotilla's embedded Raft KV store.
     Flotilla,
-    /// etcd from Debian's `etcd-server`, via its gRPC API.
+    /// etcd from Debian's `etcd-server`, via its gRPC API, each client
+    /// spreading its requests over every member (followers forward puts).
     Etcd,
+    /// The same etcd with every client pinned to the leader: etcd's best
+    /// case, so a ratio against it is against etcd at its best.
+    EtcdLeader,
 }
 
 /// A started cluster and the target that writes to it. Fields drop in order:
@@ -106,7 +111,7 @@ struct Started {
 /// One result as printed on stdout: a single JSON line.
 #[derive(Serialize, Debug)]
 struct ResultLine {
-    /// `"etcd"` or `"flotilla"`.
+    /// `"etcd"`, `"etcd-leader"` or `"flotilla"`.
     target: &'static str,
     /// Concurrent clients.
     clients: usize,
@@ -189,9 +194,14 @@ async fn kv_in(args: &KvArgs, dir: &Path) -> Result<Vec<ResultLine>> {
 /// Starts a fresh cluster of `target` with its data under `dir`.
 async fn start(target: Target, args: &KvArgs, dir: &Path) -> Result<Started> {
     match target {
-        Target::Etcd => {
+        Target::Etcd | Target::EtcdLeader => {
             let cluster = EtcdCluster::start(&args.etcd_bin, dir).await?;
-            let target = EtcdTarget::new(cluster.endpoints());
+            let target = if target == Target::EtcdLeader {
+                EtcdTarget::pinned_to_leader(cluster.endpoints()).await?
+            } else {
+                EtcdTarget::new(cluster.endpoints())
+            };
+            eprintln!("etcd: clients connect to {:?}", target.endpoints());
             Ok(Started {
                 target: Box::new(target),
                 _cluster: Box::new(cluster),
@@ -219,6 +229,7 @@ fn target_name(target: Target) -> &'static str {
     match target {
         Target::Flotilla => "flotilla",
         Target::Etcd => "etcd",
+        Target::EtcdLeader => "etcd-leader",
     }
 }
 
@@ -242,12 +253,12 @@ fn result_line(target: &'static str, args: &KvArgs, report: &LoadReport) -> Resu
 /// Prints all results as an aligned table on stderr.
 fn print_table(lines: &[ResultLine]) {
     eprintln!(
-        "\n{:<9} {:>7} {:>10} {:>9} {:>9} {:>9} {:>7}",
+        "\n{:<11} {:>7} {:>10} {:>9} {:>9} {:>9} {:>7}",
         "target", "clients", "writes/s", "p50 ms", "p99 ms", "max ms", "errors"
     );
     for l in lines {
         eprintln!(
-            "{:<9} {:>7} {:>10.1} {:>9.3} {:>9.3} {:>9.3} {:>7}",
+            "{:<11} {:>7} {:>10.1} {:>9.3} {:>9.3} {:>9.3} {:>7}",
             l.target, l.clients, l.writes_per_sec, l.p50_ms, l.p99_ms, l.max_ms, l.errors
         );
     }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use super::backend::Backend;
 use super::files::{LocalUnit, UnitFiles};
-use super::reconcile::Action;
+use super::reconcile::{self, Action};
 use super::systemd::{self, UnitState};
 use crate::registry::machine::MachineStore;
 use crate::units::UnitName;
@@ -144,10 +144,7 @@ impl Host {
             return;
         }
         tracing::info!("agent: {why}: stopping {} units from before", gone.len());
-        let mut actions: Vec<Action> = gone.iter().cloned().map(Action::Stop).collect();
-        actions.extend(gone.into_iter().map(Action::Unload));
-        actions.push(Action::Reload);
-        self.execute(store, &actions).await;
+        self.execute(store, &reconcile::remove(&gone)).await;
     }
 
     /// Asks systemd for each action in order; failures are logged and the

@@ -23,19 +23,6 @@ use crate::units::claim::{self, Ruled};
 use crate::units::colocation;
 use crate::units::{Requirements, UnitHash, UnitName};
 
-/// Why each proposal is not claimed yet, kept to log only changes.
-#[derive(Debug, Default)]
-pub struct Waiting(BTreeMap<UnitName, String>);
-
-impl Waiting {
-    fn note(&mut self, unit: &UnitName, why: String) {
-        if self.0.get(unit) != Some(&why) {
-            tracing::info!("agent: not claiming {unit} yet: {why}");
-            self.0.insert(unit.clone(), why);
-        }
-    }
-}
-
 impl Agent {
     /// One pass; returns whether another should follow at once (a claim raced).
     pub(super) async fn pass(&mut self) -> Result<bool, ClientError> {
@@ -117,7 +104,7 @@ impl Agent {
             .map(|(u, (p, _))| (u.clone(), p.hash))
             .collect();
         if unclaimed.is_empty() {
-            self.waiting.0.clear();
+            self.waiting.clear();
             return Ok(false);
         }
         // Rules of every unit present here and of every candidate.
@@ -190,7 +177,7 @@ impl Agent {
             return Ok(true);
         }
         for unit in &chosen_now {
-            self.waiting.0.remove(unit);
+            self.waiting.claimed(unit);
         }
         Ok(false)
     }

@@ -26,18 +26,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::execute::Host;
+use crate::registry::RegistryError;
 use crate::registry::machine::{LeaseKeeper, Leftover, MachineStore, Renewed, StoredPresence};
-use crate::registry::ops::RegistryError;
-use crate::registry::records::MachineRecord;
+use crate::registry::records::{MachineRecord, renew_interval};
 use crate::units::UnitName;
-
-/// How often a presence lease of `ttl` is renewed: a third of it, so two
-/// renewals can fail before it expires. Everything timed against renewals
-/// (the store's call timeout, retries, what counts as cut off) derives
-/// from this.
-pub fn renew_interval(ttl: Duration) -> Duration {
-    ttl / 3
-}
 
 /// How soon to retry renewing or joining after a failure: when the store
 /// comes back (a new leader after a quorum outage), the lease's remaining

@@ -113,12 +113,12 @@ pub fn reconcile(
             unloads.push(Action::Unload(name.clone()));
         }
     }
-    let mut reload = !unloads.is_empty();
+    let mut reload_for_loads = false;
     for (name, want) in desired {
         let have = actual.get(name).filter(|have| have.hash == Some(want.hash));
         if have.is_none() {
             loads.push(Action::Load(name.clone(), want.hash));
-            reload |= held.contains(name);
+            reload_for_loads |= held.contains(name);
         }
         let running = have.is_some_and(|h| h.activity == Activity::Running);
         let failed = have.is_some_and(|h| h.activity == Activity::Failed);
@@ -126,7 +126,30 @@ pub fn reconcile(
             starts.push(Action::Start(name.clone()));
         }
     }
-    let reload = reload.then_some(Action::Reload);
+    in_order(stops, unloads, loads, reload_for_loads, starts)
+}
+
+/// The actions that stop and unload `units` whatever systemd reports of
+/// them: every unit file of the agent's but those still wanted, when it
+/// joins again after its lease expired or leaves the cluster. A unit not
+/// running stops at once, so each is stopped without asking first.
+pub fn remove(units: &[UnitName]) -> Vec<Action> {
+    let stops = units.iter().cloned().map(Action::Stop).collect();
+    let unloads = units.iter().cloned().map(Action::Unload).collect();
+    in_order(stops, unloads, Vec::new(), false, Vec::new())
+}
+
+/// One batch in the module's order: stops, unloads, loads, the daemon
+/// reload (when anything was unloaded, or `reload_for_loads`: a load under a
+/// name systemd holds), then starts.
+fn in_order(
+    stops: Vec<Action>,
+    unloads: Vec<Action>,
+    loads: Vec<Action>,
+    reload_for_loads: bool,
+    starts: Vec<Action>,
+) -> Vec<Action> {
+    let reload = (!unloads.is_empty() || reload_for_loads).then_some(Action::Reload);
     stops
         .into_iter()
         .chain(unloads)
@@ -189,6 +212,22 @@ mod tests {
 
     use Activity::*;
     use Target::*;
+
+    #[test]
+    fn removing_stops_then_unloads_then_reloads_once() {
+        let units = [name("a.service"), name("b.service")];
+        assert_eq!(
+            remove(&units),
+            vec![
+                Action::Stop(units[0].clone()),
+                Action::Stop(units[1].clone()),
+                Action::Unload(units[0].clone()),
+                Action::Unload(units[1].clone()),
+                Action::Reload,
+            ]
+        );
+        assert!(remove(&[]).is_empty(), "nothing to remove, no reload");
+    }
 
     #[test]
     fn nothing_to_do_when_converged() {

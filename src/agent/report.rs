@@ -78,11 +78,7 @@ impl Reports {
             }
             let record = ReportedState {
                 hash: *hash,
-                state: UnitState {
-                    load: "error".into(),
-                    active: "failed".into(),
-                    sub: "failed".into(),
-                },
+                state: UnitState::refused(),
                 target: None,
                 reason: Some(why.clone()),
             };

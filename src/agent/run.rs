@@ -23,13 +23,13 @@ use tokio::sync::{Notify, watch};
 use super::backend::Backend;
 use super::execute::Host;
 use super::identity;
-use super::pass::Waiting;
-use super::presence::{Presence, renew_interval};
+use super::presence::Presence;
 use super::report::Reports;
 use super::systemd::Systemd;
 use crate::consensus::client::Client;
+use crate::registry::BodyCache;
 use crate::registry::machine::{self, MachineStore};
-use crate::registry::records::{MachineRecord, Target};
+use crate::registry::records::{MachineRecord, Target, renew_interval};
 use crate::units::UnitName;
 
 /// How often the agent reconciles when nothing wakes it.
@@ -63,6 +63,8 @@ pub struct AgentConfig {
     pub leave_on_stop: bool,
     /// New metadata while running (the daemon's SIGHUP reload).
     pub metadata_updates: Option<watch::Receiver<BTreeMap<String, String>>>,
+    /// Unit bodies by hash, shared with the daemon's other roles.
+    pub bodies: Arc<BodyCache>,
 }
 
 /// Why the agent could not run at all.
@@ -71,6 +73,31 @@ pub enum AgentError {
     /// The host's identity is unusable.
     #[error(transparent)]
     Identity(#[from] identity::IdentityError),
+}
+
+/// Why each proposal is not claimed yet ([`Agent::pass`] notes it), kept to
+/// log only changes.
+#[derive(Debug, Default)]
+pub(super) struct Waiting(BTreeMap<UnitName, String>);
+
+impl Waiting {
+    /// Logs why `unit` is not claimed, if that changed.
+    pub(super) fn note(&mut self, unit: &UnitName, why: String) {
+        if self.0.get(unit) != Some(&why) {
+            tracing::info!("agent: not claiming {unit} yet: {why}");
+            self.0.insert(unit.clone(), why);
+        }
+    }
+
+    /// `unit` was claimed: it waits no more.
+    pub(super) fn claimed(&mut self, unit: &UnitName) {
+        self.0.remove(unit);
+    }
+
+    /// Nothing waits to be claimed.
+    pub(super) fn clear(&mut self) {
+        self.0.clear();
+    }
 }
 
 /// Everything the loop drives: the store, this host, its presence, what it
@@ -145,7 +172,13 @@ async fn drive(
     ));
     let mut wakeups = Wakeups::new(proposals, config.metadata_updates.take(), changes);
     let mut agent = Agent {
-        store: MachineStore::new(client, &me.id, &me.instance, config.ttl),
+        store: MachineStore::new(
+            client,
+            &me.id,
+            &me.instance,
+            config.ttl,
+            config.bodies.clone(),
+        ),
         host: Host::new(systemd, &config.units_dir),
         presence: Presence::new(me, config.ttl),
         reports: Reports::default(),

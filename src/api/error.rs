@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 use crate::consensus::client::ClientError;
-use crate::registry::ops::RegistryError;
+use crate::registry::RegistryError;
 use crate::units;
 
 /// A failed request: the status to answer with and a message for people.

@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 use super::Shared;
 use super::error::ApiError;
 use super::units::unit_name;
-use crate::registry::ops::{self, RegistryError};
+use crate::registry::RegistryError;
+use crate::registry::ops;
 use crate::registry::records::{DesiredState, Proposal, Target};
 use crate::registry::schedule::{self, Wanted};
 use crate::scheduler::plan;
@@ -71,7 +72,7 @@ pub async fn explain(
     }
     let client = shared.client().await?;
     let record = ops::unit_record(client, &name).await?;
-    let reading = schedule::read_world(client).await?;
+    let reading = schedule::read_world(client, &shared.bodies).await?;
     let machines = ops::machines(client).await?;
     // Why a machine that claimed the unit refused to load it, by machine.
     let refused: std::collections::BTreeMap<String, String> = ops::unit_rows(client)

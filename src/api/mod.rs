@@ -73,14 +73,10 @@ use tokio::net::TcpListener;
 use tokio::sync::OnceCell;
 use tokio::task::JoinHandle;
 
-use crate::config::{Loaded, Origin};
+use crate::config::{ApiLimits, Loaded, Origin};
 use crate::consensus::client::Client;
 use crate::registry::BodyCache;
 use error::ApiError;
-
-/// The smallest `api_max_body_bytes` allowed: a unit is at most
-/// [`crate::units::MAX_UNIT_BYTES`], and JSON quoting may grow it, not fourfold.
-pub const MIN_BODY_BYTES: usize = 4 * crate::units::MAX_UNIT_BYTES;
 
 /// Why the API could not start.
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +122,7 @@ pub struct Shared {
     client: OnceCell<Client>,
     /// Bodies by hash, kept across requests (a body never changes under its
     /// hash); `GET /fleet/v1/units` drops those of units no longer stored.
-    bodies: BodyCache,
+    bodies: Arc<BodyCache>,
     /// Units this daemon recently lowered from launched to loaded.
     stops: units::RecentStops,
     /// This host's machine id, if known: status and journal are answered
@@ -143,11 +139,16 @@ impl Shared {
         Shared {
             endpoints,
             client: OnceCell::new(),
-            bodies: BodyCache::new(),
+            bodies: Arc::new(BodyCache::new()),
             stops: units::RecentStops::default(),
             machine_id,
-            max_body_bytes: serve::Limits::default().max_body_bytes,
+            max_body_bytes: ApiLimits::default().max_body_bytes,
         }
+    }
+
+    /// The same, reading unit bodies through `bodies` (the daemon's one cache).
+    pub fn with_bodies(self, bodies: Arc<BodyCache>) -> Shared {
+        Shared { bodies, ..self }
     }
 
     /// The same, accepting request bodies up to `max_body_bytes`.
@@ -294,14 +295,20 @@ impl Drop for Api {
 /// skipped; one the operator configured must bind, or the daemon stops.
 /// TCP always wants the token (config refuses an `api_listen` without
 /// `api_token`).
-pub async fn start(loaded: &Loaded, endpoints: &[String]) -> Result<Api, Error> {
+pub async fn start(
+    loaded: &Loaded,
+    endpoints: &[String],
+    bodies: Arc<BodyCache>,
+) -> Result<Api, Error> {
     let config = &loaded.config;
     let limits = config.api_limits().unwrap_or_default();
     let machine_id = crate::agent::identity::machine_id(std::path::Path::new("/etc/machine-id"))
         .map_err(|e| tracing::debug!("the API does not know this host's machine id: {e}"))
         .ok();
     let shared = Arc::new(
-        Shared::new(endpoints.to_vec(), machine_id).with_max_body_bytes(limits.max_body_bytes),
+        Shared::new(endpoints.to_vec(), machine_id)
+            .with_max_body_bytes(limits.max_body_bytes)
+            .with_bodies(bodies),
     );
     let mut api = Api::default();
     let tolerated = |key: &str, err: Error| {
@@ -375,7 +382,7 @@ mod tests {
         let path = dir.path().join("api.sock");
         let (listener, owned) = socket::bind(&path).await.unwrap();
         std::mem::forget(owned);
-        let limits = serve::Limits::default();
+        let limits = ApiLimits::default();
         tokio::spawn(serve::serve(listener, app, limits, "test".to_string()));
         (dir, path)
     }
@@ -461,7 +468,7 @@ mod tests {
             (
                 put(
                     "/fleet/v1/units/a.service",
-                    &vec![b' '; serve::Limits::default().max_body_bytes + 1],
+                    &vec![b' '; ApiLimits::default().max_body_bytes + 1],
                 ),
                 413,
             ),

@@ -18,8 +18,8 @@ use axum::response::{IntoResponse, Response};
 
 use super::Shared;
 use crate::consensus::client::Client;
-use crate::lock::semaphore::Semaphore;
 use crate::registry::ops::{self, MachineRow, UnitRow};
+use crate::registry::semaphore::Semaphore;
 use crate::registry::{RegistryError, lock};
 
 /// Seconds between reloads of the page.
@@ -169,12 +169,11 @@ fn render(view: &View) -> String {
                 format!("{}{claimed}", escape(host))
             },
         );
-        let (active, sub) = u.state.as_ref().map_or(("-", "-"), |s| {
-            (s.state.active.as_str(), s.state.sub.as_str())
-        });
-        let class = match active {
-            "active" => "ok",
-            "failed" => "bad",
+        let state = u.state.as_ref().map(|s| &s.state);
+        let (active, sub) = state.map_or(("-", "-"), |s| (s.active.as_str(), s.sub.as_str()));
+        let class = match state {
+            Some(s) if s.is_active() => "ok",
+            Some(s) if s.is_failed() => "bad",
             _ => "",
         };
         let _ = write!(

@@ -20,34 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 
-/// How much one listener of the API lets its clients take; from the
-/// `api_*` settings ([`crate::config::Config::api_limits`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limits {
-    /// How long a connection may take to send a request's headers, the first
-    /// and each later one on a kept-alive connection; then it is closed.
-    pub header_timeout: Duration,
-    /// The largest request body (413 beyond).
-    pub max_body_bytes: usize,
-    /// Connections one listener serves at once; one more is answered 503
-    /// and closed at once.
-    pub max_connections: usize,
-    /// The longest pause after a failed `accept` (no descriptors left): the
-    /// loop waits 10 ms, doubling up to this, instead of spinning, and logs
-    /// it at most once a minute.
-    pub accept_backoff: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Limits {
-        Limits {
-            header_timeout: Duration::from_secs(10),
-            max_body_bytes: 1024 * 1024,
-            max_connections: 512,
-            accept_backoff: Duration::from_secs(1),
-        }
-    }
-}
+use crate::config::ApiLimits;
 
 /// What a client over the cap reads before its connection closes.
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n\
@@ -86,7 +59,7 @@ impl Accept for UnixListener {
 
 /// Serves `app` on `listener` until the task is dropped, within `limits`;
 /// `name` says which listener in the logs.
-pub async fn serve<L: Accept>(mut listener: L, app: Router, limits: Limits, name: String) {
+pub async fn serve<L: Accept>(mut listener: L, app: Router, limits: ApiLimits, name: String) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut failures = Backoff::new(limits.accept_backoff);
     let (mut refused, mut failed) = (Throttled::default(), Throttled::default());

@@ -39,9 +39,9 @@ use super::Shared;
 use super::error::ApiError;
 use super::paging::{Query, page_of};
 use crate::consensus::client::Client;
-use crate::registry::BodyCache;
-use crate::registry::ops::{self, RegistryError, Submitted, UnitRow};
+use crate::registry::ops::{self, Submitted, UnitRow};
 use crate::registry::records::{DesiredState, ReportedState, UnitRecord};
+use crate::registry::{BodyCache, RegistryError, UnitState};
 use crate::units::{Unit, UnitFile, UnitKind, UnitName, UnitOption};
 
 /// How long a unit lowered from launched to loaded through this daemon
@@ -165,6 +165,16 @@ pub struct StateJson {
 }
 
 impl StateJson {
+    /// systemd's three states in this row, so a client asks the questions
+    /// of [`UnitState`] rather than reading the strings itself.
+    pub fn unit_state(&self) -> UnitState {
+        UnitState {
+            load: self.load.clone(),
+            active: self.active.clone(),
+            sub: self.sub.clone(),
+        }
+    }
+
     /// The state a row reports, if any.
     fn of(row: &UnitRow) -> Option<StateJson> {
         let (machine, state) = (row.machine.as_ref()?, row.state.as_ref()?);

@@ -26,15 +26,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
 use super::reboot;
+use super::settings::RebootSettings;
 use super::step::{self, Facts, Hold, Need, Stays, Step, Strategy};
-use super::window::show_duration;
 use crate::agent::systemd::Systemd;
-use crate::config::RebootSettings;
 use crate::consensus::client::Client;
-use crate::lock::semaphore::LockError;
+use crate::duration::show_duration;
 use crate::registry::BodyCache;
 use crate::registry::lock::{self as store, HostView, LockOpError, RebootMark};
 use crate::registry::ops;
+use crate::registry::semaphore::LockError;
 use crate::units::UnitName;
 
 /// The Debian/Ubuntu convention: package updates that need a reboot leave
@@ -57,6 +57,9 @@ pub struct CoordinatorConfig {
     pub machine_id_path: PathBuf,
     /// The file whose presence says a reboot is needed ([`REBOOT_REQUIRED`]).
     pub reboot_required: PathBuf,
+    /// Unit bodies by hash, for the rules of the units on this host; shared
+    /// with the daemon's other roles.
+    pub bodies: Arc<BodyCache>,
 }
 
 /// Why the coordinator could not start.
@@ -102,7 +105,6 @@ pub async fn run(
         client: None,
         systemd: None,
         timers: Timers::default(),
-        bodies: BodyCache::new(),
         said: String::new(),
     };
     loop {
@@ -129,8 +131,6 @@ struct Coordinator {
     client: Option<Arc<Client>>,
     systemd: Option<Systemd>,
     timers: Timers,
-    /// Unit bodies by hash, for the rules of the units on this host.
-    bodies: BodyCache,
     /// The last thing logged, to log changes only.
     said: String,
 }
@@ -188,7 +188,7 @@ impl Coordinator {
             self.timers = Timers::default();
             return Ok(false);
         }
-        let view = store::host_view(&client, &self.bodies, &self.me).await?;
+        let view = store::host_view(&client, &self.config.bodies, &self.me).await?;
         let (moving, staying) = step::drain_progress(&view);
         let now = Instant::now();
         if view.drained && self.timers.drain_started.is_none() {
@@ -399,7 +399,7 @@ impl Coordinator {
                 Ok(states) => {
                     for (name, state) in states {
                         if let Ok(name) = UnitName::parse(&name) {
-                            local.insert(name, (state.load, state.active));
+                            local.insert(name, state);
                         }
                     }
                 }
@@ -415,7 +415,7 @@ impl Coordinator {
         view: &HostView,
         stuck: &[UnitName],
     ) -> Result<String, LockOpError> {
-        let placement = store::placement_view(&*self.client().await?).await?;
+        let placement = store::placement_view(&*self.client().await?, &self.config.bodies).await?;
         let reasons: Vec<String> = stuck
             .iter()
             .map(|unit| {

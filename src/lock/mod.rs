@@ -1,9 +1,10 @@
 //! locksmith-style reboot coordination: hosts that need a reboot take turns,
-//! and move their units away before they go down.
+//! and move their units away before they go down. The semaphore they take
+//! turns on is a record of the store, so it lives in the registry
+//! ([`crate::registry::semaphore`], its transactions in
+//! [`crate::registry::lock`]).
 //!
-//! * [`semaphore`]: the reboot semaphore as pure operations on one value, which
-//!   the cluster stores under one key and changes only by compare-and-swap
-//!   (the transactions are in [`crate::registry::lock`]).
+//! * [`settings`]: the coordinator's `reboot_*` settings, as the config builds them.
 //! * [`window`]: reboot windows, durations and UTC dates, pure.
 //! * [`step`]: what a host's coordinator does next, as a pure function.
 //! * [`coordinator`]: the per-host loop inside `flotilla daemon` that gathers
@@ -13,7 +14,7 @@
 
 pub mod coordinator;
 pub mod reboot;
-pub mod semaphore;
+pub mod settings;
 pub mod stale;
 pub mod step;
 pub mod window;

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::semaphore::Holder;
 use crate::consensus::client::Client;
 use crate::registry::lock as store;
+use crate::registry::semaphore::Holder;
 
 /// Since when each absent holder has been seen absent, by (group, holder id).
 #[derive(Debug, Default)]
@@ -90,7 +90,7 @@ async fn pass(
                 tracing::warn!(
                     "reboot lock {group}: released {}, absent for more than {} (stale_after)",
                     holder.id,
-                    super::window::show_duration(after)
+                    crate::duration::show_duration(after)
                 );
             }
         }

@@ -15,8 +15,8 @@
 use std::time::Duration;
 
 use super::window::WindowState;
+use crate::registry::UnitState;
 use crate::registry::lock::{HostUnit, HostView};
-use crate::registry::records::Target;
 use crate::units::UnitName;
 use crate::units::placement::{Cluster, Outcome, Placed, decide};
 
@@ -227,12 +227,12 @@ fn stays(unit: &HostUnit) -> Option<Stays> {
 
 /// Whether this machine is healthy after a boot: in the cluster (`present`:
 /// its lease is live) and every unit proposed to it claimed and in its
-/// target state as systemd HERE reports it (`active`: ActiveState by unit;
-/// the store's reports may still be the previous boot's). `Err` says what
-/// is still missing.
+/// target state ([`UnitState::reached`]) as systemd HERE reports it (`local`,
+/// by unit; the store's reports may still be the previous boot's). `Err`
+/// says what is still missing.
 pub fn health(
     view: &HostView,
-    local: &std::collections::BTreeMap<UnitName, (String, String)>,
+    local: &std::collections::BTreeMap<UnitName, UnitState>,
 ) -> Result<(), String> {
     if !view.present {
         return Err("this machine is not in the cluster yet (no presence)".to_string());
@@ -242,15 +242,10 @@ pub fn health(
         let Some(proposal) = unit.proposal else {
             continue;
         };
-        let (load, active) = local
-            .get(&unit.name)
-            .map_or(("-", "-"), |(l, a)| (l.as_str(), a.as_str()));
-        let ready = unit.claimed
-            && match proposal.target {
-                Target::Launched => active == "active",
-                Target::Loaded => load == "loaded",
-            };
+        let state = local.get(&unit.name);
+        let ready = unit.claimed && state.is_some_and(|s| s.reached(proposal.target));
         if !ready {
+            let active = state.map_or("-", |s| s.active.as_str());
             waiting.push(format!("{} is {active}", unit.name));
         }
     }
@@ -306,7 +301,7 @@ pub fn explain(
 mod tests {
     use super::*;
     use crate::registry::lock::PlacementView;
-    use crate::registry::records::Proposal;
+    use crate::registry::records::{Proposal, Target};
     use crate::units::placement::Machine;
     use crate::units::{Requirements, Unit};
     use std::collections::BTreeMap;
@@ -507,13 +502,18 @@ mod tests {
             health(&view, &local),
             Err("waiting for a.service is -, b.service is -".into())
         );
-        local.insert(name("a.service"), ("loaded".into(), "activating".into()));
-        local.insert(name("b.service"), ("loaded".into(), "inactive".into()));
+        let state = |load: &str, active: &str| UnitState {
+            load: load.into(),
+            active: active.into(),
+            sub: String::new(),
+        };
+        local.insert(name("a.service"), state("loaded", "activating"));
+        local.insert(name("b.service"), state("loaded", "inactive"));
         assert_eq!(
             health(&view, &local),
             Err("waiting for a.service is activating".into())
         );
-        local.insert(name("a.service"), ("loaded".into(), "active".into()));
+        local.insert(name("a.service"), state("loaded", "active"));
         assert_eq!(health(&view, &local), Ok(()));
         view.units[0].claimed = false;
         assert!(

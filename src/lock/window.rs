@@ -9,6 +9,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::duration::show_duration;
+
 const DAY: u64 = 86_400;
 const WEEK: u64 = 7 * DAY;
 /// Day names as written in a window start, Monday first.
@@ -156,60 +158,6 @@ fn parse_offset(text: &str) -> Option<i64> {
     (hours <= 14 && minutes <= 59).then_some(sign * (hours * 3600 + minutes * 60))
 }
 
-/// A duration as the configuration writes it: `90s`, `5m`, `1h30m`, `2d`.
-pub fn show_duration(d: Duration) -> String {
-    let mut secs = d.as_secs();
-    if secs == 0 {
-        return "0s".to_string();
-    }
-    let mut out = String::new();
-    for (unit, size) in [("d", DAY), ("h", 3600), ("m", 60), ("s", 1)] {
-        if secs >= size {
-            out.push_str(&format!("{}{unit}", secs / size));
-            secs %= size;
-        }
-    }
-    out
-}
-
-/// Parses a duration written as numbers with units, `90s`, `5m`, `1h30m`,
-/// `2d` (a bare number is seconds).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("{text:?} is not a duration; write e.g. 90s, 5m, 1h30m or 2d");
-    let text = text.trim();
-    if text.is_empty() {
-        return Err(bad());
-    }
-    if let Ok(secs) = text.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    let mut total: u64 = 0;
-    let mut number = String::new();
-    for c in text.chars() {
-        if c.is_ascii_digit() {
-            number.push(c);
-            continue;
-        }
-        let size = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => DAY,
-            _ => return Err(bad()),
-        };
-        let n: u64 = number.parse().map_err(|_| bad())?;
-        total = n
-            .checked_mul(size)
-            .and_then(|s| total.checked_add(s))
-            .ok_or_else(bad)?;
-        number.clear();
-    }
-    if !number.is_empty() {
-        return Err(bad());
-    }
-    Ok(Duration::from_secs(total))
-}
-
 /// A time as `2024-05-02 04:00:12 UTC`, from seconds since the Unix epoch.
 pub fn format_utc(secs: u64) -> String {
     let days = secs / DAY;
@@ -242,6 +190,7 @@ pub fn civil_from_days(days: u64) -> (u64, u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::duration::parse_duration;
 
     /// 2024-05-02 was a Thursday; this is its midnight UTC.
     const THU: u64 = 1_714_608_000;
@@ -327,27 +276,6 @@ mod tests {
         assert!(Window::parse("04:00", Duration::from_secs(2 * DAY)).is_err());
         assert!(Window::parse("Thu 04:00", Duration::from_secs(2 * DAY)).is_ok());
         assert!(Window::parse("04:00", Duration::from_secs(30)).is_err());
-    }
-
-    #[test]
-    fn durations_round_trip() {
-        for (text, secs) in [
-            ("90s", 90),
-            ("5m", 300),
-            ("1h30m", 5400),
-            ("2d", 172_800),
-            ("7", 7),
-        ] {
-            assert_eq!(
-                parse_duration(text),
-                Ok(Duration::from_secs(secs)),
-                "{text}"
-            );
-        }
-        assert_eq!(show_duration(Duration::from_secs(5400)), "1h30m");
-        for bad in ["", "m", "5x", "1h5", "-5s", "99999999999999999999d"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
     }
 
     #[test]

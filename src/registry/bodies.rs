@@ -4,9 +4,11 @@
 //! the text under a hash never changes, and neither does anything parsed from
 //! it. The scheduler (the `[X-Fleet]` rules of every unit it places), the
 //! agent (the rules of what it claims, the text of what it loads), the API
-//! (the options it shows) and the user operations (a template's body for its
-//! instances) each keep a [`BodyCache`] rather than fetching and parsing on
-//! their own terms.
+//! (the options it shows) and the reboot coordinator (the rules of the units
+//! it drains) share one [`BodyCache`] per daemon (built in
+//! [`crate::daemon`]) rather than fetching and parsing on their own terms;
+//! a user operation that needs a template's body for its instances reads it
+//! through a cache of its own call.
 //!
 //! A template's instances share its body (and hash) but not its rules (`%i`
 //! expands to each instance's name), so a [`Body`] keeps the rules per unit
@@ -15,8 +17,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use super::error::RegistryError;
 use super::keys;
-use super::ops::RegistryError;
 use super::records::UnitRecord;
 use crate::consensus::client::{Client, ClientError};
 use crate::units::{self, Requirements, Unit, UnitFile, UnitHash, UnitName};
@@ -104,14 +106,13 @@ impl BodyCache {
         client: &Client,
         hash: &UnitHash,
     ) -> Result<Option<Arc<Body>>, ClientError> {
-        if let Some(body) = self.cached(hash) {
-            return Ok(Some(body));
+        if let Some(body) = self.lock().get(hash) {
+            return Ok(Some(body.clone()));
         }
         let Some(kv) = client.get(&keys::body(hash)).await? else {
             return Ok(None);
         };
-        self.insert(*hash, &kv.value);
-        Ok(self.cached(hash))
+        Ok(Some(self.insert(*hash, &kv.value)))
     }
 
     /// The body of the unit `record`; a body gone from the store means the
@@ -126,22 +127,15 @@ impl BodyCache {
             .ok_or_else(|| RegistryError::NoSuchUnit(record.name.clone()))
     }
 
-    /// The body stored under `hash` if this cache holds it; never reads the
-    /// store (the scheduler's view fills its cache from the store's watch).
-    pub fn cached(&self, hash: &UnitHash) -> Option<Arc<Body>> {
-        self.lock().get(hash).cloned()
-    }
-
-    /// Remembers the stored text of the body under `hash`; returns whether it
-    /// was new (a body already held keeps its parsed rules).
-    pub fn insert(&self, hash: UnitHash, text: &[u8]) -> bool {
-        let mut bodies = self.lock();
-        if bodies.contains_key(&hash) {
-            return false;
-        }
-        let body = Body::new(String::from_utf8_lossy(text).into_owned());
-        bodies.insert(hash, Arc::new(body));
-        true
+    /// Remembers the stored text of the body under `hash` and returns the
+    /// body held for it (one already held keeps its parsed rules): the
+    /// scheduler's view fills the cache from the store's watch this way,
+    /// without a read of its own.
+    pub fn insert(&self, hash: UnitHash, text: &[u8]) -> Arc<Body> {
+        self.lock()
+            .entry(hash)
+            .or_insert_with(|| Arc::new(Body::new(String::from_utf8_lossy(text).into_owned())))
+            .clone()
     }
 
     /// Forgets the body under `hash` (deleted from the store).

@@ -2,7 +2,7 @@
 //! the marks of machines asked to reboot, and the reads the reboot
 //! coordinator makes about its own machine.
 //!
-//! A semaphore is one JSON value per group (see [`crate::lock::semaphore`]).
+//! A semaphore is one JSON value per group (see [`super::semaphore`]).
 //! Every change reads it, computes the new value purely and writes it back in
 //! ONE transaction that compares the key's mod revision; a transaction that
 //! lost a race changes nothing and the change is computed again from a fresh
@@ -10,6 +10,7 @@
 //! values the pure operations produced, and never has more than `max` holders.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -17,9 +18,9 @@ use serde::{Deserialize, Serialize};
 use super::bodies::BodyCache;
 use super::keys::{self, MachineKey};
 use super::records::{self, Proposal, RecordError};
+use super::semaphore::{Holder, LockError, Semaphore};
 use crate::consensus::client::{Client, ClientError};
 use crate::consensus::kv::{Compare, Op, Revision};
-use crate::lock::semaphore::{Holder, LockError, Semaphore};
 use crate::units::placement::Machine;
 use crate::units::{Requirements, UnitName};
 
@@ -54,7 +55,7 @@ pub enum LockOpError {
     },
     /// A registry operation (the drain mark) failed.
     #[error(transparent)]
-    Registry(#[from] super::ops::RegistryError),
+    Registry(#[from] super::error::RegistryError),
     /// Not a usable group name.
     #[error("{0:?} is not a lock group name: use 1-63 letters, digits, '-', '_' or '.'")]
     BadGroup(String),
@@ -386,8 +387,11 @@ pub struct PlacementView {
 /// Reads a [`PlacementView`]: the scheduler's own reading of the world
 /// ([`super::schedule::read_world`]), so the coordinator explains with exactly
 /// what the scheduler decides from.
-pub async fn placement_view(client: &Client) -> Result<PlacementView, LockOpError> {
-    let world = super::schedule::read_world(client).await?.world;
+pub async fn placement_view(
+    client: &Client,
+    bodies: &Arc<BodyCache>,
+) -> Result<PlacementView, LockOpError> {
+    let world = super::schedule::read_world(client, bodies).await?.world;
     let mut placed = Vec::new();
     for (unit, wanted) in &world.wanted {
         let on: BTreeSet<&String> = world

@@ -20,8 +20,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
 
 use super::bodies::{Body, BodyCache};
+use super::error::RegistryError;
 use super::keys::{self, MachineKey};
-use super::ops::RegistryError;
 use super::records::{
     self, Claim, DesiredState, MachineRecord, Proposal, Renewal, ReportedState, Target, UnitRecord,
 };
@@ -143,20 +143,26 @@ pub struct MachineStore {
     /// The presence lease's TTL.
     ttl: Duration,
     lease: Option<LeaseId>,
-    bodies: BodyCache,
+    bodies: Arc<BodyCache>,
 }
 
 impl MachineStore {
     /// Machine `id`, install `instance`, over `client`, with presence leases
-    /// of `ttl`; no lease yet.
-    pub fn new(client: Client, id: &str, instance: &str, ttl: Duration) -> MachineStore {
+    /// of `ttl`, reading unit bodies through `bodies`; no lease yet.
+    pub fn new(
+        client: Client,
+        id: &str,
+        instance: &str,
+        ttl: Duration,
+        bodies: Arc<BodyCache>,
+    ) -> MachineStore {
         MachineStore {
             client: Arc::new(client),
             id: id.to_string(),
             instance: instance.to_string(),
             ttl,
             lease: None,
-            bodies: BodyCache::new(),
+            bodies,
         }
     }
 

@@ -12,8 +12,8 @@
 
 use std::collections::BTreeMap;
 
+use super::error::RegistryError;
 use super::keys;
-use super::ops::RegistryError;
 use crate::consensus::client::{Client, ClientError};
 use crate::consensus::kv::{KeyValue, Op};
 

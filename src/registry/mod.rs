@@ -15,8 +15,10 @@
 //! * [`schedule`]: the scheduler's reads of the world and writes of proposals.
 //! * [`view`]: the scheduler's world, read once and kept current by a watch.
 //! * [`machine`]: one machine's presence, claims, releases and reports.
-//! * [`lock`]: the reboot semaphores and reboot marks, and what a machine's
-//!   reboot coordinator reads about itself.
+//! * [`semaphore`]: the reboot semaphore as pure operations on its one
+//!   stored value (who may take a slot, and when one is refused).
+//! * [`lock`]: the reboot semaphores' compare-and-swap transactions, reboot
+//!   marks, and what a machine's reboot coordinator reads about itself.
 //! * [`liveness`]: live machines, and those whose presence lease expired.
 //! * [`metadata`]: machine metadata set through the API, merged with the
 //!   machine's own wherever metadata is read.
@@ -32,6 +34,7 @@ pub mod metadata;
 pub mod ops;
 pub mod records;
 pub mod schedule;
+pub mod semaphore;
 pub mod unit_state;
 pub mod view;
 

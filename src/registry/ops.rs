@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::bodies::BodyCache;
-pub use super::error::RegistryError;
+use super::error::RegistryError;
 use super::keys::{self, MachineKey};
 use super::metadata;
 use super::records::{

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -24,13 +25,20 @@ pub enum DesiredState {
     Launched,
 }
 
-impl fmt::Display for DesiredState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl DesiredState {
+    /// fleet's word for the state, as its API and fleetctl's lines spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
             DesiredState::Inactive => "inactive",
             DesiredState::Loaded => "loaded",
             DesiredState::Launched => "launched",
-        })
+        }
+    }
+}
+
+impl fmt::Display for DesiredState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -154,12 +162,21 @@ pub struct Renewal {
     pub ttl_ms: u64,
 }
 
+/// How often a presence lease of `ttl` is renewed: a third of it, so two
+/// renewals can fail before it expires. The agent renews on it (and times
+/// everything against renewals from it: the store's call timeout, retries,
+/// what counts as cut off); [`Renewal::is_overdue`] reads it back.
+pub fn renew_interval(ttl: Duration) -> Duration {
+    ttl / 3
+}
+
 impl Renewal {
     /// Whether this renewal, seen at `now_ms` (Unix milliseconds), is
-    /// overdue: agents renew every third of their TTL, so two missed
-    /// renewals leave a third of it before the lease ends.
+    /// overdue: two [`renew_interval`]s have passed without another, which
+    /// leaves a third of the TTL before the lease ends.
     pub fn is_overdue(&self, now_ms: u64) -> bool {
-        now_ms.saturating_sub(self.at_ms) > self.ttl_ms / 3 * 2
+        let since = Duration::from_millis(now_ms.saturating_sub(self.at_ms));
+        since > 2 * renew_interval(Duration::from_millis(self.ttl_ms))
     }
 }
 
@@ -190,6 +207,20 @@ pub fn decode<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, RecordE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_renewal_is_overdue_after_two_missed_renewals() {
+        let ttl = Duration::from_secs(9);
+        assert_eq!(renew_interval(ttl), Duration::from_secs(3));
+        let renewal = Renewal {
+            at_ms: 1_000_000,
+            ttl_ms: 9_000,
+        };
+        assert!(!renewal.is_overdue(1_000_000));
+        assert!(!renewal.is_overdue(1_006_000), "two intervals exactly");
+        assert!(renewal.is_overdue(1_006_001));
+        assert!(!renewal.is_overdue(999_000), "a clock behind the stamp");
+    }
 
     #[test]
     fn reported_states_are_one_flat_object() {

@@ -14,7 +14,9 @@
 //! API and `explain` can show it on any host.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
+use super::bodies::BodyCache;
 use super::keys;
 use super::records::{self, Proposal, ReportedState};
 use super::view::View;
@@ -126,9 +128,10 @@ pub struct Reading {
 /// [`metadata::merge`]), drain marks, proposals, claims, placement pointers,
 /// reported states and stored reasons, in one read at one revision, with the
 /// `[X-Fleet]` rules of each unit from its stored body: a [`View`] loaded for
-/// one use (the scheduler keeps its own current instead).
-pub async fn read_world(client: &Client) -> Result<Reading, ClientError> {
-    Ok(View::load(client).await?.reading())
+/// one use (the scheduler keeps its own current instead), parsing bodies
+/// through `bodies` (the daemon's one cache).
+pub async fn read_world(client: &Client, bodies: &Arc<BodyCache>) -> Result<Reading, ClientError> {
+    Ok(View::load(client, bodies.clone()).await?.reading())
 }
 
 /// Stores the reason of every unit in `now` (units that cannot be placed)

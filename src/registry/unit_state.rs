@@ -40,6 +40,17 @@ impl UnitState {
         }
     }
 
+    /// What the agent reports for a unit it refused to load (its file is
+    /// bad or breaks a rule here): `error`/`failed`/`failed`, so every
+    /// reader sees it failed without systemd ever holding it.
+    pub fn refused() -> UnitState {
+        UnitState {
+            load: "error".to_string(),
+            active: "failed".to_string(),
+            sub: "failed".to_string(),
+        }
+    }
+
     /// Running or on its way: active, activating or reloading. A unit in
     /// these states needs no start, and a loaded-only unit in them is stopped.
     pub fn is_running(&self) -> bool {
@@ -73,12 +84,19 @@ impl UnitState {
         self.load != "not-found"
     }
 
-    /// Whether the unit is where `target` puts it, as `--block` waits for:
-    /// launched is active; loaded is loaded and not active.
+    /// Whether the unit is in the state `target` puts it in: the one
+    /// definition of "in its target state", asked when a draining machine's
+    /// replacement is ready to take over and when a rebooted host is healthy.
+    ///
+    /// Launched is reached when the unit is `active`. Loaded is reached when
+    /// systemd has its file loaded (LoadState `loaded`), whatever it runs:
+    /// the agent stops a loaded-only unit that runs, and neither a handover
+    /// nor a boot's health waits for that stop (`stop --block` waits for it
+    /// on its own, until no machine reports the unit occupying).
     pub fn reached(&self, target: Target) -> bool {
         match target {
             Target::Launched => self.is_active(),
-            Target::Loaded => self.is_loaded() && !self.is_active(),
+            Target::Loaded => self.is_loaded(),
         }
     }
 
@@ -140,12 +158,17 @@ mod tests {
     }
 
     #[test]
-    fn block_waits_for_active_or_loaded_and_stopped() {
+    fn launched_is_reached_when_active_and_loaded_when_loaded() {
         assert!(state("loaded", "active").reached(Target::Launched));
         assert!(!state("loaded", "activating").reached(Target::Launched));
+        assert!(!state("loaded", "failed").reached(Target::Launched));
         assert!(state("loaded", "inactive").reached(Target::Loaded));
         assert!(state("loaded", "failed").reached(Target::Loaded));
-        assert!(!state("loaded", "active").reached(Target::Loaded));
+        assert!(
+            state("loaded", "active").reached(Target::Loaded),
+            "a loaded-only unit still running has its file loaded"
+        );
+        assert!(!state("masked", "inactive").reached(Target::Loaded));
         assert!(!state("not-found", "inactive").reached(Target::Loaded));
     }
 

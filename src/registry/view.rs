@@ -13,11 +13,12 @@
 //! sequences of registry changes). The view is loaded again only when its
 //! watch breaks (history compacted away) or its member starts leading.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::bodies::BodyCache;
+use super::bodies::{Body, BodyCache};
 use super::keys::{self, MachineKey};
 use super::metadata::{self, Dynamic};
 use super::records::{self, MachineRecord, Proposal, ReportedState, Target, UnitRecord};
@@ -32,8 +33,12 @@ use crate::units::{UnitHash, UnitKind, UnitName};
 pub struct View {
     /// The last revision applied.
     revision: Revision,
-    /// Every stored body, by hash, parsed on first use.
-    bodies: BodyCache,
+    /// Where bodies are parsed once per daemon: the view hands what it reads
+    /// to the daemon's cache and keeps the same parsed body.
+    cache: Arc<BodyCache>,
+    /// Every stored body, by hash (exactly those the store holds, whatever
+    /// the shared cache keeps or forgets).
+    bodies: HashMap<UnitHash, Arc<Body>>,
     /// Every unit record, wanted or not.
     units: BTreeMap<UnitName, UnitRecord>,
     /// The units of each body hash, to decide again when a body comes or goes.
@@ -57,18 +62,25 @@ pub struct View {
 }
 
 impl View {
-    /// Reads the whole registry in one range (one revision).
-    pub async fn load(client: &Client) -> Result<View, ClientError> {
+    /// Reads the whole registry in one range (one revision), parsing bodies
+    /// into `cache` (the daemon's one cache), which afterwards holds only the
+    /// bodies still stored.
+    pub async fn load(client: &Client, cache: Arc<BodyCache>) -> Result<View, ClientError> {
         let (kvs, revision) = client.range(keys::ROOT, true, false).await?;
-        Ok(View::from_kvs(&kvs, revision))
+        Ok(View::from_kvs(&kvs, revision, cache))
     }
 
     /// The view of a registry holding exactly `kvs`, read at `revision`.
-    pub fn from_kvs(kvs: &[KeyValue], revision: Revision) -> View {
-        let mut view = View::default();
+    pub fn from_kvs(kvs: &[KeyValue], revision: Revision, cache: Arc<BodyCache>) -> View {
+        let mut view = View {
+            cache,
+            ..View::default()
+        };
         for kv in kvs {
             view.put(kv);
         }
+        let live: HashSet<UnitHash> = view.bodies.keys().copied().collect();
+        view.cache.keep_only(&live);
         view.settle();
         view.revision = revision;
         view.touched = true;
@@ -146,7 +158,9 @@ impl View {
                 }
             }
         } else if let Some(hash) = keys::parse_body_key(key) {
-            if self.bodies.insert(hash, &kv.value) {
+            if !self.bodies.contains_key(&hash) {
+                let body = self.cache.insert(hash, &kv.value);
+                self.bodies.insert(hash, body);
                 self.evaluate_units_of(&hash);
             }
         } else if let Some(id) = key.strip_prefix(keys::MACHINES) {
@@ -215,6 +229,7 @@ impl View {
             self.set_unit(&name, None);
         } else if let Some(hash) = keys::parse_body_key(key) {
             self.bodies.remove(&hash);
+            self.cache.remove(&hash);
             self.evaluate_units_of(&hash);
         } else if let Some(id) = key.strip_prefix(keys::MACHINES) {
             self.machines_changed |= self.machines.remove(id).is_some();
@@ -290,7 +305,7 @@ impl View {
         if name.kind() == UnitKind::Template {
             return;
         }
-        let requirements = match self.bodies.cached(&record.hash) {
+        let requirements = match self.bodies.get(&record.hash) {
             None => Err("it has no stored body (destroy it and submit it again)".to_string()),
             Some(body) => body
                 .requirements(name)
@@ -429,7 +444,7 @@ mod tests {
     #[test]
     fn only_what_the_scheduler_decides_from_wakes_it() {
         let unit = UnitName::parse("web@1.service").unwrap();
-        let mut view = View::from_kvs(&[], 1);
+        let mut view = View::from_kvs(&[], 1, Arc::default());
         assert!(view.take_touched(), "a fresh view asks for a first pass");
         assert!(!view.take_touched());
         let put = |key: String, revision| event(EventKind::Put, key, b"{}", revision);

@@ -16,6 +16,7 @@
 pub mod plan;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -25,9 +26,9 @@ use tokio::time::Instant;
 use crate::consensus::client::{Client, ClientError};
 use crate::consensus::kv::Event;
 use crate::consensus::runner::Handle;
-use crate::registry::Revision;
 use crate::registry::schedule::{self, World};
 use crate::registry::view::{self, View, WatchEnded};
+use crate::registry::{BodyCache, Revision};
 use crate::units::UnitName;
 
 /// How often a pass runs when nothing asks for one: a safety net only.
@@ -39,10 +40,17 @@ const CATCH_UP: Duration = Duration::from_secs(1);
 /// How often a scheduler with nothing to do checks that it still leads.
 const LEADERSHIP: Duration = Duration::from_millis(200);
 
-/// Runs the scheduler whenever this member leads, until the member stops.
-pub async fn run(node: Handle, endpoints: Vec<String>, claim_timeout: Duration) {
+/// Runs the scheduler whenever this member leads, until the member stops,
+/// reading unit bodies through `bodies` (the daemon's one cache).
+pub async fn run(
+    node: Handle,
+    endpoints: Vec<String>,
+    claim_timeout: Duration,
+    bodies: Arc<BodyCache>,
+) {
     let mut scheduler = Scheduler {
         claim_timeout,
+        bodies,
         first_seen: HashMap::new(),
         next_stale: None,
         unplaceable: BTreeMap::new(),
@@ -64,6 +72,9 @@ pub async fn run(node: Handle, endpoints: Vec<String>, claim_timeout: Duration) 
 
 struct Scheduler {
     claim_timeout: Duration,
+    /// The daemon's one cache of unit bodies, which the view parses
+    /// `[X-Fleet]` rules into.
+    bodies: Arc<BodyCache>,
     /// When each unclaimed proposal (unit, machine, revision) was first seen.
     first_seen: HashMap<(UnitName, String, Revision), Instant>,
     /// When the next unclaimed proposal reaches the claim bound.
@@ -85,8 +96,12 @@ struct Followed {
 
 impl Followed {
     /// Loads the view and starts following the registry from its revision.
-    async fn start(client: &Client, endpoints: &[String]) -> Result<Followed, ClientError> {
-        let view = View::load(client).await?;
+    async fn start(
+        client: &Client,
+        endpoints: &[String],
+        bodies: &Arc<BodyCache>,
+    ) -> Result<Followed, ClientError> {
+        let view = View::load(client, bodies.clone()).await?;
         let (tx, events) = mpsc::unbounded_channel();
         let task = tokio::spawn(view::follow(endpoints.to_vec(), view.revision() + 1, tx));
         Ok(Followed { view, events, task })
@@ -118,7 +133,7 @@ impl Scheduler {
     /// Schedules until this member no longer leads.
     async fn lead(&mut self, node: &Handle, endpoints: &[String]) -> Result<(), ClientError> {
         let client = Client::connect(endpoints).await?;
-        let mut followed = Followed::start(&client, endpoints).await?;
+        let mut followed = Followed::start(&client, endpoints, &self.bodies).await?;
         self.first_seen.clear();
         self.next_stale = None;
         // The revision of the last pass's writes, and since when it is awaited.
@@ -170,7 +185,7 @@ impl Scheduler {
                     };
                     if let Some(WatchEnded(e)) = ended {
                         tracing::info!("scheduler: registry watch ended ({e}); reading it again");
-                        followed = Followed::start(&client, endpoints).await?;
+                        followed = Followed::start(&client, endpoints, &self.bodies).await?;
                         written = 0;
                     }
                 }

@@ -20,7 +20,7 @@ use flotilla::units::UnitName;
 
 use super::create::{self, Created};
 use super::targets::{self, did_you_mean};
-use super::wait::{self, Goal, Machines};
+use super::wait::{self, Machines};
 use super::{connect, outln};
 use flotilla::cli::ApiArgs;
 
@@ -48,11 +48,15 @@ pub async fn submit(args: SubmitArgs, outer: &ApiArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `flotilla start` (`goal` launched) and `flotilla load` (loaded).
-pub async fn start_or_load(args: StartArgs, outer: &ApiArgs, goal: Goal) -> Result<ExitCode> {
-    let (verb, desired) = match goal {
-        Goal::Launched => ("start", DesiredState::Launched),
-        _ => ("load", DesiredState::Loaded),
+/// `flotilla start` (`desired` launched) and `flotilla load` (loaded).
+pub async fn start_or_load(
+    args: StartArgs,
+    outer: &ApiArgs,
+    desired: DesiredState,
+) -> Result<ExitCode> {
+    let verb = match desired {
+        DesiredState::Launched => "start",
+        _ => "load",
     };
     let targets = targets::with_files(&args.units, args.force)?;
     let block = attempts(&args.block);
@@ -61,7 +65,7 @@ pub async fn start_or_load(args: StartArgs, outer: &ApiArgs, goal: Goal) -> Resu
     create::create(&client, &targets, &mut units, args.replace, Some(desired)).await?;
     let names: Vec<UnitName> = targets.iter().map(|t| t.name.clone()).collect();
     let waited = set_all(&client, &names, &units, desired, verb).await?;
-    finish(&client, waited, goal, block, verb).await
+    finish(&client, waited, desired, block, verb).await
 }
 
 /// Sets `desired` on every unit that is not there yet; returns the units to
@@ -95,7 +99,7 @@ async fn set_all(
 async fn finish(
     client: &ApiClient,
     names: Vec<UnitName>,
-    goal: Goal,
+    goal: DesiredState,
     block: Option<u32>,
     verb: &str,
 ) -> Result<ExitCode> {
@@ -131,7 +135,7 @@ pub async fn stop(args: StateArgs, outer: &ApiArgs) -> Result<ExitCode> {
         );
     }
     let waited = set_all(&client, &names, &units, DesiredState::Loaded, "stop").await?;
-    finish(&client, waited, Goal::Loaded, block, "stop").await
+    finish(&client, waited, DesiredState::Loaded, block, "stop").await
 }
 
 /// `flotilla unload`: units to inactive (still submitted).
@@ -142,7 +146,7 @@ pub async fn unload(args: StateArgs, outer: &ApiArgs) -> Result<ExitCode> {
     let units = create::unit_map(&client).await?;
     create::existing(&names, &units, "unload")?;
     let waited = set_all(&client, &names, &units, DesiredState::Inactive, "unload").await?;
-    finish(&client, waited, Goal::Inactive, block, "unload").await
+    finish(&client, waited, DesiredState::Inactive, block, "unload").await
 }
 
 /// `flotilla restart`, as fleetctl v1.0.0's: each unit fleet's
@@ -180,9 +184,9 @@ pub async fn restart(args: RestartArgs, outer: &ApiArgs) -> Result<ExitCode> {
                 DesiredState::Launched => {}
             }
         }
-        for (goal, state, step) in [
-            (Goal::Loaded, DesiredState::Loaded, "stop"),
-            (Goal::Launched, DesiredState::Launched, "start"),
+        for (state, step) in [
+            (DesiredState::Loaded, "stop"),
+            (DesiredState::Launched, "start"),
         ] {
             client.set_desired(name, state).await?;
             if global {
@@ -190,7 +194,7 @@ pub async fn restart(args: RestartArgs, outer: &ApiArgs) -> Result<ExitCode> {
             } else if args.block.no_block {
                 outln!("Triggered unit {name} {step}")?;
             } else {
-                let late = wait::wait(&client, one, goal, attempts, &mut machines).await?;
+                let late = wait::wait(&client, one, state, attempts, &mut machines).await?;
                 if let Some(s) = late.first() {
                     stuck.push(format!("{name} ({})", s.why));
                     break;

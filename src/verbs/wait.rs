@@ -25,8 +25,7 @@ use anyhow::Result;
 use flotilla::api::machines::MachineJson;
 use flotilla::api::units::StateJson;
 use flotilla::client::ApiClient;
-use flotilla::registry::records::DesiredState;
-use flotilla::registry::unit_state::OCCUPYING_STATES;
+use flotilla::registry::records::{DesiredState, Target};
 use flotilla::units::UnitName;
 
 use super::{machine_legend, outln};
@@ -165,35 +164,6 @@ impl Progress {
     }
 }
 
-/// The state fleetctl's verbs wait for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Goal {
-    /// Unloaded from its machine (unload, a replaced body).
-    Inactive,
-    /// Loaded, not running (load, stop).
-    Loaded,
-    /// Running: launched, and active in systemd (start, restart).
-    Launched,
-}
-
-impl Goal {
-    fn word(self) -> &'static str {
-        match self {
-            Goal::Inactive => "inactive",
-            Goal::Loaded => "loaded",
-            Goal::Launched => "launched",
-        }
-    }
-
-    fn state(self) -> DesiredState {
-        match self {
-            Goal::Inactive => DesiredState::Inactive,
-            Goal::Loaded => DesiredState::Loaded,
-            Goal::Launched => DesiredState::Launched,
-        }
-    }
-}
-
 /// Where one unit is in the wait.
 #[derive(Debug, Default)]
 struct Watch {
@@ -202,18 +172,20 @@ struct Watch {
     last: String,
 }
 
-/// Waits until every unit in `names` reaches `goal`, for `attempts` checks
-/// (0: for ever). Returns the units that did not, with why.
+/// Waits until every unit in `names` reaches `goal` (the desired state the
+/// verb set: inactive for unload, loaded for load and stop, launched for
+/// start and restart), for `attempts` checks (0: for ever). Returns the
+/// units that did not, with why.
 pub async fn wait(
     client: &ApiClient,
     names: &[UnitName],
-    goal: Goal,
+    goal: DesiredState,
     attempts: u32,
     machines: &mut Machines,
 ) -> Result<Vec<Stuck>> {
     let mut watches: BTreeMap<&UnitName, Watch> =
         names.iter().map(|n| (n, Watch::default())).collect();
-    let mut progress = Progress::new(names.len(), goal.word());
+    let mut progress = Progress::new(names.len(), goal.as_str());
     let mut failed: Vec<Stuck> = Vec::new();
     let mut checks = 0u32;
     loop {
@@ -228,7 +200,7 @@ pub async fn wait(
         let mut arrived = Vec::new();
         for (name, watch) in &mut watches {
             let Some(unit) = units.get(name.as_str()) else {
-                if goal == Goal::Inactive {
+                if goal == DesiredState::Inactive {
                     arrived.push((*name).clone());
                     progress.arrived();
                 } else {
@@ -257,17 +229,16 @@ pub async fn wait(
             let reported = || states.iter().filter(|s| s.name == name.as_str());
             let reached = match goal {
                 // Unloaded: no machine reports it any more.
-                Goal::Inactive => current == goal.state() && reported().next().is_none(),
+                DesiredState::Inactive => current == goal && reported().next().is_none(),
                 // Stopped: no machine reports it running (or on its way).
-                Goal::Loaded => {
-                    current == goal.state()
-                        && reported().all(|s| !OCCUPYING_STATES.contains(&s.active.as_str()))
+                DesiredState::Loaded => {
+                    current == goal && reported().all(|s| !s.unit_state().is_occupying())
                 }
-                Goal::Launched => {
+                DesiredState::Launched => {
                     let rows: Vec<&StateJson> = reported()
                         .filter(|s| unit.machine_id.as_ref().is_none_or(|m| &s.machine_id == m))
                         .collect();
-                    if rows.iter().any(|s| s.active == "failed") {
+                    if rows.iter().any(|s| s.unit_state().is_failed()) {
                         watch.failed_checks += 1;
                     } else {
                         watch.failed_checks = 0;
@@ -290,12 +261,15 @@ pub async fn wait(
                     if let Some(row) = rows.first() {
                         watch.last = format!("systemd reports it {} ({})", row.active, row.sub);
                     }
-                    watch.announced && rows.iter().any(|s| s.active == "active")
+                    watch.announced
+                        && rows
+                            .iter()
+                            .any(|s| s.unit_state().reached(Target::Launched))
                 }
             };
             if reached {
-                if goal != Goal::Launched {
-                    progress.line(&format!("Unit {name} {}{on}", goal.word()))?;
+                if goal != DesiredState::Launched {
+                    progress.line(&format!("Unit {name} {goal}{on}"))?;
                 }
                 progress.arrived();
                 arrived.push((*name).clone());
@@ -316,8 +290,7 @@ pub async fn wait(
             failed.extend(watches.into_iter().map(|(name, watch)| Stuck {
                 name: name.clone(),
                 why: format!(
-                    "did not reach {} within {attempts} checks: {}",
-                    goal.word(),
+                    "did not reach {goal} within {attempts} checks: {}",
                     watch.last
                 ),
             }));

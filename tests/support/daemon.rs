@@ -19,6 +19,8 @@ pub struct Daemon {
     pub socket: PathBuf,
     /// The API's TCP base URL, `http://127.0.0.1:PORT`.
     pub http: String,
+    /// The store's client address (`--store-endpoint`), `127.0.0.1:PORT`.
+    pub store: String,
 }
 
 impl Daemon {
@@ -61,6 +63,7 @@ impl Daemon {
             child,
             socket,
             http: format!("http://127.0.0.1:{api}"),
+            store: format!("127.0.0.1:{client}"),
         };
         let started = Instant::now();
         loop {

@@ -26,8 +26,8 @@ use flotilla::agent::backend::{Backend, Call};
 use flotilla::agent::run::AgentConfig;
 use flotilla::agent::systemd::{Error as SystemdError, UnitState};
 use flotilla::consensus::client::Client;
-use flotilla::registry::ops;
 use flotilla::registry::records::DesiredState;
+use flotilla::registry::{BodyCache, ops};
 use flotilla::units::{Unit, UnitName};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::sync::watch;
@@ -651,6 +651,7 @@ impl Fleet {
                 metadata: BTreeMap::new(),
                 leave_on_stop: false,
                 metadata_updates: None,
+                bodies: Arc::new(BodyCache::new()),
             };
             let systemd = FakeSystemd::new(i, model, journal.clone());
             let backend: Arc<dyn Backend> = Arc::new(FakeBackend(systemd.clone()));

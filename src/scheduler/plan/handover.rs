@@ -20,7 +20,6 @@
 //! two proposals and keeps one, a claimed one first.
 
 use super::{Pass, Seen, Wanted};
-use crate::registry::records::Target;
 use crate::units::UnitName;
 
 impl Pass<'_> {
@@ -92,11 +91,7 @@ impl Pass<'_> {
         else {
             return false;
         };
-        state.hash == wanted.proposal.hash
-            && match wanted.proposal.target {
-                Target::Launched => state.state.is_active(),
-                Target::Loaded => state.state.is_loaded(),
-            }
+        state.hash == wanted.proposal.hash && state.state.reached(wanted.proposal.target)
     }
 }
 
@@ -105,7 +100,7 @@ mod tests {
     use super::super::{Change, World, plan};
     use super::*;
     use crate::registry::UnitState;
-    use crate::registry::records::{Proposal, ReportedState};
+    use crate::registry::records::{Proposal, ReportedState, Target};
     use crate::units::Unit;
     use crate::units::placement::Machine;
 

@@ -1,4 +1,7 @@
-//! The reboot semaphore: at most `max` machines may hold it, i.e. be rebooting.
+//! The reboot semaphore: at most `max` machines may take it, i.e. be rebooting.
+//! No lock ever takes a slot beyond `max`; lowering `max` below the current
+//! holders ([`Semaphore::set_max`]) keeps them, so only then can the holders
+//! outnumber it, until enough release.
 //!
 //! The whole semaphore is one value in the store. Every change is computed here,
 //! purely, from the current value, and written back with a transaction that
