@@ -10,13 +10,16 @@
 //!
 //! `flotilla-bench sim` measures flotilla at scale: thousands of production
 //! agents over a modelled systemd against a real 3-member cluster (see
-//! `sim.rs`).
+//! `sim.rs`); `flotilla-bench idle-faults` counts false lease expiries and
+//! unit moves of an idle simulated fleet while the leader is killed twice
+//! and one member is CPU-starved (see `idle_faults.rs`).
 
 mod driver;
 mod etcd;
 #[path = "../../tests/support/fleet_sim.rs"]
 mod fleet_sim;
 mod flotilla_target;
+mod idle_faults;
 mod plot;
 mod schedule;
 mod sim;
@@ -52,6 +55,10 @@ enum Command {
     /// Many simulated hosts (the real agent over a modelled systemd) against
     /// a real 3-member cluster: placement, API, idle and failover at scale.
     Sim(sim::SimArgs),
+    /// The false-positive test: a simulated fleet idle while the Raft leader
+    /// is killed twice and one member is CPU-starved; counts lease expiries
+    /// and unit moves.
+    IdleFaults(idle_faults::IdleFaultsArgs),
 }
 
 /// Options of `flotilla-bench kv`.
@@ -140,6 +147,7 @@ async fn main() -> Result<()> {
         Command::Kv(args) => kv(args).await,
         Command::Schedule(args) => tokio::task::block_in_place(|| schedule::run(&args)),
         Command::Sim(args) => sim::run(args).await,
+        Command::IdleFaults(args) => idle_faults::run(args).await,
     }
 }
 
