@@ -10,13 +10,16 @@
 //!
 //! `flotilla-bench sim` measures flotilla at scale: thousands of production
 //! agents over a modelled systemd against a real 3-member cluster (see
-//! `sim.rs`).
+//! `sim.rs`); `flotilla-bench idle-faults` counts false lease expiries and
+//! unit moves of an idle simulated fleet while the leader is killed twice
+//! and one member is CPU-starved (see `idle_faults.rs`).
 
 mod driver;
 mod etcd;
 #[path = "../../tests/support/fleet_sim.rs"]
 mod fleet_sim;
 mod flotilla_target;
+mod idle_faults;
 mod plot;
 mod schedule;
 mod sim;
@@ -52,12 +55,17 @@ enum Command {
     /// Many simulated hosts (the real agent over a modelled systemd) against
     /// a real 3-member cluster: placement, API, idle and failover at scale.
     Sim(sim::SimArgs),
+    /// The false-positive test: a simulated fleet idle while the Raft leader
+    /// is killed twice and one member is CPU-starved; counts lease expiries
+    /// and unit moves.
+    IdleFaults(idle_faults::IdleFaultsArgs),
 }
 
 /// Options of `flotilla-bench kv`.
 #[derive(clap::Args, Debug)]
 struct KvArgs {
-    /// Stores to benchmark, in order; each gets a fresh 3-member cluster.
+    /// Stores to benchmark, in order; each gets a fresh 3-member cluster
+    /// (`etcd-leader`: etcd with every client connected to its leader only).
     #[arg(long, value_delimiter = ',', default_value = "etcd")]
     target: Vec<Target>,
     /// Concurrent clients (one connection each) to measure at.
@@ -90,8 +98,12 @@ struct KvArgs {
 enum Target {
     /// flotilla's embedded Raft KV store.
     Flotilla,
-    /// etcd from Debian's `etcd-server`, via its gRPC API.
+    /// etcd from Debian's `etcd-server`, via its gRPC API, each client
+    /// spreading its requests over every member (followers forward puts).
     Etcd,
+    /// The same etcd with every client pinned to the leader: etcd's best
+    /// case, so a ratio against it is against etcd at its best.
+    EtcdLeader,
 }
 
 /// A started cluster and the target that writes to it. Fields drop in order:
@@ -106,7 +118,7 @@ struct Started {
 /// One result as printed on stdout: a single JSON line.
 #[derive(Serialize, Debug)]
 struct ResultLine {
-    /// `"etcd"` or `"flotilla"`.
+    /// `"etcd"`, `"etcd-leader"` or `"flotilla"`.
     target: &'static str,
     /// Concurrent clients.
     clients: usize,
@@ -135,6 +147,7 @@ async fn main() -> Result<()> {
         Command::Kv(args) => kv(args).await,
         Command::Schedule(args) => tokio::task::block_in_place(|| schedule::run(&args)),
         Command::Sim(args) => sim::run(args).await,
+        Command::IdleFaults(args) => idle_faults::run(args).await,
     }
 }
 
@@ -189,9 +202,14 @@ async fn kv_in(args: &KvArgs, dir: &Path) -> Result<Vec<ResultLine>> {
 /// Starts a fresh cluster of `target` with its data under `dir`.
 async fn start(target: Target, args: &KvArgs, dir: &Path) -> Result<Started> {
     match target {
-        Target::Etcd => {
+        Target::Etcd | Target::EtcdLeader => {
             let cluster = EtcdCluster::start(&args.etcd_bin, dir).await?;
-            let target = EtcdTarget::new(cluster.endpoints());
+            let target = if target == Target::EtcdLeader {
+                EtcdTarget::pinned_to_leader(cluster.endpoints()).await?
+            } else {
+                EtcdTarget::new(cluster.endpoints())
+            };
+            eprintln!("etcd: clients connect to {:?}", target.endpoints());
             Ok(Started {
                 target: Box::new(target),
                 _cluster: Box::new(cluster),
@@ -219,6 +237,7 @@ fn target_name(target: Target) -> &'static str {
     match target {
         Target::Flotilla => "flotilla",
         Target::Etcd => "etcd",
+        Target::EtcdLeader => "etcd-leader",
     }
 }
 
@@ -242,12 +261,12 @@ fn result_line(target: &'static str, args: &KvArgs, report: &LoadReport) -> Resu
 /// Prints all results as an aligned table on stderr.
 fn print_table(lines: &[ResultLine]) {
     eprintln!(
-        "\n{:<9} {:>7} {:>10} {:>9} {:>9} {:>9} {:>7}",
+        "\n{:<11} {:>7} {:>10} {:>9} {:>9} {:>9} {:>7}",
         "target", "clients", "writes/s", "p50 ms", "p99 ms", "max ms", "errors"
     );
     for l in lines {
         eprintln!(
-            "{:<9} {:>7} {:>10.1} {:>9.3} {:>9.3} {:>9.3} {:>7}",
+            "{:<11} {:>7} {:>10.1} {:>9.3} {:>9.3} {:>9.3} {:>7}",
             l.target, l.clients, l.writes_per_sec, l.p50_ms, l.p99_ms, l.max_ms, l.errors
         );
     }

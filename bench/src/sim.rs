@@ -259,7 +259,11 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
     let names = fleet_sim::unit_names(args.units, args.hosts);
     let before = gauges(&servers).await?;
     let probing = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let probe = tokio::spawn(probe_api(servers.apis.clone(), probing.clone()));
+    let probe = tokio::spawn(probe_api(
+        servers.apis.clone(),
+        servers.api_token.clone(),
+        probing.clone(),
+    ));
     let bulk_start = Instant::now();
     let sent = fleet_sim::submit_all(&client, &names, args.batch)
         .await
@@ -513,6 +517,7 @@ const PROBED: [&str; 3] = ["/fleet/v1/units", "/fleet/v1/state", "/fleet/v1/mach
 /// `running` turns false; returns each path's latencies.
 async fn probe_api(
     apis: Vec<String>,
+    token: String,
     running: Arc<std::sync::atomic::AtomicBool>,
 ) -> BTreeMap<String, Vec<Duration>> {
     let mut samples: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
@@ -522,7 +527,7 @@ async fn probe_api(
             let api = &apis[i % apis.len()];
             i += 1;
             let start = Instant::now();
-            if get(api, path).await.is_ok() {
+            if get(api, &token, path).await.is_ok() {
                 samples
                     .entry(path.to_string())
                     .or_default()
@@ -534,10 +539,13 @@ async fn probe_api(
     samples
 }
 
-/// One HTTP/1.1 GET; Ok when the answer is 200.
-async fn get(api: &str, path: &str) -> Result<()> {
+/// One HTTP/1.1 GET with the API's bearer `token`; Ok when the answer is 200.
+async fn get(api: &str, token: &str, path: &str) -> Result<()> {
     let mut stream = tokio::net::TcpStream::connect(api).await?;
-    let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let head = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Connection: close\r\n\r\n"
+    );
     stream.write_all(head.as_bytes()).await?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await?;

@@ -112,8 +112,7 @@ impl BodyCache {
         let Some(kv) = client.get(&keys::body(hash)).await? else {
             return Ok(None);
         };
-        let body = Arc::new(Body::new(String::from_utf8_lossy(&kv.value).into_owned()));
-        Ok(Some(self.lock().entry(*hash).or_insert(body).clone()))
+        Ok(Some(self.insert(*hash, &kv.value)))
     }
 
     /// The body of the unit `record`; a body gone from the store means the
@@ -126,6 +125,22 @@ impl BodyCache {
         self.get(client, &record.hash)
             .await?
             .ok_or_else(|| RegistryError::NoSuchUnit(record.name.clone()))
+    }
+
+    /// Remembers the stored text of the body under `hash` and returns the
+    /// body held for it (one already held keeps its parsed rules): the
+    /// scheduler's view fills the cache from the store's watch this way,
+    /// without a read of its own.
+    pub fn insert(&self, hash: UnitHash, text: &[u8]) -> Arc<Body> {
+        self.lock()
+            .entry(hash)
+            .or_insert_with(|| Arc::new(Body::new(String::from_utf8_lossy(text).into_owned())))
+            .clone()
+    }
+
+    /// Forgets the body under `hash` (deleted from the store).
+    pub fn remove(&self, hash: &UnitHash) {
+        self.lock().remove(hash);
     }
 
     /// Forgets every body whose hash is not in `live` (units destroyed or

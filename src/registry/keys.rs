@@ -24,6 +24,8 @@ use crate::units::{UnitHash, UnitName};
 
 /// Root of every flotilla record.
 pub const ROOT: &str = "/flotilla/";
+/// Prefix of every unit body.
+pub const BODIES: &str = "/flotilla/bodies/";
 /// Prefix of every unit record.
 pub const UNITS: &str = "/flotilla/units/";
 /// Prefix of every machine's presence record.
@@ -50,7 +52,12 @@ pub fn unit(name: &UnitName) -> String {
 
 /// The body with this hash.
 pub fn body(hash: &UnitHash) -> String {
-    format!("/flotilla/bodies/{hash}")
+    format!("{BODIES}{hash}")
+}
+
+/// The hash a body key is stored under; `None` for anything else.
+pub fn parse_body_key(key: &str) -> Option<UnitHash> {
+    key.strip_prefix(BODIES)?.parse().ok()
 }
 
 /// The presence record of machine `id`.
@@ -204,5 +211,10 @@ mod tests {
             Some(("abc", "region"))
         );
         assert_eq!(parse_metadata_key("/flotilla/metadata/abc"), None);
+        let hash = crate::units::UnitFile::parse("[Service]\nExecStart=/bin/true\n")
+            .unwrap()
+            .hash();
+        assert_eq!(parse_body_key(&body(&hash)), Some(hash));
+        assert_eq!(parse_body_key("/flotilla/bodies/xyz"), None);
     }
 }

@@ -15,6 +15,7 @@
 //! itself as a holder), since the write can only apply to the value compared.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -409,7 +410,7 @@ pub struct PlacementView {
 /// what the scheduler decides from.
 pub async fn placement_view(
     client: &Client,
-    bodies: &BodyCache,
+    bodies: &Arc<BodyCache>,
 ) -> Result<PlacementView, LockOpError> {
     let world = super::schedule::read_world(client, bodies).await?.world;
     let mut placed = Vec::new();

@@ -13,6 +13,7 @@
 //! * [`error`]: [`RegistryError`], why an operation changed nothing.
 //! * [`ops`]: the user-facing operations (submit, start, stop, destroy, list).
 //! * [`schedule`]: the scheduler's reads of the world and writes of proposals.
+//! * [`view`]: the scheduler's world, read once and kept current by a watch.
 //! * [`machine`]: one machine's presence, claims, releases and reports.
 //! * [`semaphore`]: the reboot semaphore as pure operations on its one
 //!   stored value (who may take a slot, and when one is refused).
@@ -35,6 +36,7 @@ pub mod records;
 pub mod schedule;
 pub mod semaphore;
 pub mod unit_state;
+pub mod view;
 
 pub use crate::consensus::kv::{LeaseId, Revision};
 pub use bodies::BodyCache;

@@ -1,29 +1,44 @@
 //! The scheduler: on the Raft leader only, turns units that should run into
 //! proposals under each chosen machine's own prefix.
 //!
-//! It reads the world through the registry ([`crate::registry::schedule`]),
-//! runs one pure [`plan`] pass and has the registry write the changes as
-//! guarded transactions; then it sleeps until something it reads changes (a
-//! watch on the registry, ignoring state reports) or a short tick passes,
-//! which is how unclaimed proposals age into being moved. A deposed leader's
-//! scheduler stops; any stale write it still makes fails its compares.
+//! It keeps the world in memory ([`crate::registry::view`]): read once when
+//! its member starts leading, then kept current by a watch on the registry.
+//! A pass runs the pure [`plan`] over that view and has the registry write
+//! the changes as guarded transactions; the next pass waits until the view
+//! shows those writes (or a short bound passes), so it never decides twice
+//! from the same facts. Passes run only when something the scheduler decides
+//! from changed, when an unclaimed proposal reaches the claim bound (which
+//! moves it), and every [`BACKSTOP`] as a safety net: an idle cluster costs
+//! it nothing. A broken watch (history compacted) reloads the view. A deposed
+//! leader's scheduler stops; any stale write it still makes fails its
+//! compares.
 
 pub mod plan;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::consensus::client::{Client, ClientError};
+use crate::consensus::kv::Event;
 use crate::consensus::runner::Handle;
 use crate::registry::schedule::{self, World};
+use crate::registry::view::{self, View, WatchEnded};
 use crate::registry::{BodyCache, Revision};
 use crate::units::UnitName;
 
-/// How often the scheduler runs a pass when nothing wakes it.
-const TICK: Duration = Duration::from_millis(500);
+/// How often a pass runs when nothing asks for one: a safety net only.
+const BACKSTOP: Duration = Duration::from_secs(30);
+/// How long a burst of writes may take to land before a pass starts.
+const DEBOUNCE: Duration = Duration::from_millis(5);
+/// The longest a pass waits for the view to show the previous pass's writes.
+const CATCH_UP: Duration = Duration::from_secs(1);
+/// How often a scheduler with nothing to do checks that it still leads.
+const LEADERSHIP: Duration = Duration::from_millis(200);
 
 /// Runs the scheduler whenever this member leads, until the member stops,
 /// reading unit bodies through `bodies` (the daemon's one cache).
@@ -37,6 +52,7 @@ pub async fn run(
         claim_timeout,
         bodies,
         first_seen: HashMap::new(),
+        next_stale: None,
         unplaceable: BTreeMap::new(),
     };
     loop {
@@ -56,77 +72,164 @@ pub async fn run(
 
 struct Scheduler {
     claim_timeout: Duration,
-    /// Unit bodies, for their `[X-Fleet]` rules.
+    /// The daemon's one cache of unit bodies, which the view parses
+    /// `[X-Fleet]` rules into.
     bodies: Arc<BodyCache>,
     /// When each unclaimed proposal (unit, machine, revision) was first seen.
     first_seen: HashMap<(UnitName, String, Revision), Instant>,
+    /// When the next unclaimed proposal reaches the claim bound.
+    next_stale: Option<Instant>,
     /// The last reason logged for each unit that cannot be placed, to log
     /// changes only.
     unplaceable: BTreeMap<UnitName, String>,
+}
+
+/// Batches of registry events, or why the watch ended.
+type Events = mpsc::UnboundedReceiver<Result<Vec<Event>, WatchEnded>>;
+
+/// The view and the watch task that keeps it current.
+struct Followed {
+    view: View,
+    events: Events,
+    task: JoinHandle<()>,
+}
+
+impl Followed {
+    /// Loads the view and starts following the registry from its revision.
+    async fn start(
+        client: &Client,
+        endpoints: &[String],
+        bodies: &Arc<BodyCache>,
+    ) -> Result<Followed, ClientError> {
+        let view = View::load(client, bodies.clone()).await?;
+        let (tx, events) = mpsc::unbounded_channel();
+        let task = tokio::spawn(view::follow(endpoints.to_vec(), view.revision() + 1, tx));
+        Ok(Followed { view, events, task })
+    }
+
+    /// Applies every batch already received; `Err` when the watch ended.
+    fn drain(&mut self) -> Result<(), WatchEnded> {
+        loop {
+            match self.events.try_recv() {
+                Ok(batch) => self.view.apply(&batch?),
+                Err(mpsc::error::TryRecvError::Empty) => return Ok(()),
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    return Err(WatchEnded(ClientError::Protocol(
+                        "the registry watch task ended".into(),
+                    )));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Followed {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 impl Scheduler {
     /// Schedules until this member no longer leads.
     async fn lead(&mut self, node: &Handle, endpoints: &[String]) -> Result<(), ClientError> {
         let client = Client::connect(endpoints).await?;
-        let wake = Arc::new(Notify::new());
-        let revision = schedule::revision(&client).await?;
-        let watcher = tokio::spawn(schedule::wake_on_changes(
-            endpoints.to_vec(),
-            revision + 1,
-            wake.clone(),
-        ));
+        let mut followed = Followed::start(&client, endpoints, &self.bodies).await?;
         self.first_seen.clear();
-        let result = async {
-            loop {
-                self.pass(&client).await?;
-                tokio::select! {
-                    _ = wake.notified() => {
-                        // Let a burst of writes land before the next pass.
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    _ = tokio::time::sleep(TICK) => {}
-                }
+        self.next_stale = None;
+        // The revision of the last pass's writes, and since when it is awaited.
+        let mut written: Revision = 0;
+        let mut written_at = Instant::now();
+        let mut backstop = Instant::now() + BACKSTOP;
+        let mut checked = Instant::now();
+        loop {
+            let now = Instant::now();
+            if followed.view.revision() < written && now >= written_at + CATCH_UP {
+                tracing::debug!("scheduler: the view did not show revision {written} in time");
+                written = 0;
+            }
+            let caught_up = followed.view.revision() >= written;
+            let due = self.next_stale.is_some_and(|at| at <= now) || backstop <= now;
+            if caught_up && (followed.view.take_touched() || due) {
+                written = self.pass(&client, &mut followed.view).await?;
+                written_at = Instant::now();
+                backstop = written_at + BACKSTOP;
+            }
+            if checked.elapsed() >= LEADERSHIP {
                 match node.status().await {
-                    Ok(status) if status.leader == status.id => {}
+                    Ok(status) if status.leader == status.id => checked = Instant::now(),
                     _ => return Ok(()),
                 }
             }
-        }
-        .await;
-        watcher.abort();
-        result
-    }
-
-    async fn pass(&mut self, client: &Client) -> Result<(), ClientError> {
-        let mut reading = schedule::read_world(client, &self.bodies).await?;
-        self.age_proposals(&mut reading.world);
-        let plan = plan::plan(&reading.world);
-        let unplaceable: Vec<&(UnitName, String)> = reading
-            .unschedulable
-            .iter()
-            .chain(&plan.unplaceable)
-            .collect();
-        for (unit, reason) in &unplaceable {
-            if self.unplaceable.get(unit) != Some(reason) {
-                tracing::warn!("cannot place {unit}: {reason}");
-                self.unplaceable.insert(unit.clone(), reason.clone());
+            let mut wake = checked + LEADERSHIP;
+            if followed.view.revision() < written {
+                wake = wake.min(written_at + CATCH_UP);
+            } else {
+                wake = wake.min(backstop);
+                if let Some(at) = self.next_stale {
+                    wake = wake.min(at);
+                }
+            }
+            tokio::select! {
+                batch = followed.events.recv() => {
+                    let ended = match batch {
+                        Some(Ok(batch)) => {
+                            followed.view.apply(&batch);
+                            // Let a burst of writes land before the next pass.
+                            tokio::time::sleep(DEBOUNCE).await;
+                            followed.drain().err()
+                        }
+                        Some(Err(ended)) => Some(ended),
+                        None => Some(WatchEnded(ClientError::Protocol(
+                            "the registry watch task ended".into(),
+                        ))),
+                    };
+                    if let Some(WatchEnded(e)) = ended {
+                        tracing::info!("scheduler: registry watch ended ({e}); reading it again");
+                        followed = Followed::start(&client, endpoints, &self.bodies).await?;
+                        written = 0;
+                    }
+                }
+                _ = tokio::time::sleep_until(wake) => {}
             }
         }
-        let still: BTreeSet<&UnitName> = unplaceable.iter().map(|(u, _)| u).collect();
-        self.unplaceable.retain(|u, _| still.contains(u));
-        schedule::record_reasons(client, &reading.reasons, &unplaceable).await?;
-        if !plan.changes.is_empty() {
-            tracing::debug!("scheduler: {} changes", plan.changes.len());
-            schedule::apply(client, &plan.changes).await?;
+    }
+
+    /// One pass over the view; returns the revision of its last write (0: none).
+    async fn pass(&mut self, client: &Client, view: &mut View) -> Result<Revision, ClientError> {
+        let started = Instant::now();
+        self.age_proposals(view.world_mut());
+        let plan = plan::plan(view.world());
+        let planned = started.elapsed();
+        let unplaceable: BTreeMap<&UnitName, &String> = view
+            .unschedulable()
+            .chain(plan.unplaceable.iter().map(|(u, r)| (u, r)))
+            .collect();
+        for (unit, reason) in &unplaceable {
+            if self.unplaceable.get(*unit) != Some(*reason) {
+                tracing::warn!("cannot place {unit}: {reason}");
+                self.unplaceable.insert((*unit).clone(), (*reason).clone());
+            }
         }
-        Ok(())
+        self.unplaceable.retain(|u, _| unplaceable.contains_key(u));
+        let mut written = schedule::record_reasons(client, view.reasons(), &unplaceable).await?;
+        if !plan.changes.is_empty() {
+            written = written.max(schedule::apply(client, &plan.changes).await?);
+        }
+        tracing::debug!(
+            "scheduler: pass over {} units planned in {planned:?}, {} changes, done in {:?}",
+            view.world().wanted.len(),
+            plan.changes.len(),
+            started.elapsed()
+        );
+        Ok(written)
     }
 
     /// Marks proposals nobody claimed within the bound as stale.
     fn age_proposals(&mut self, world: &mut World) {
         let now = Instant::now();
         let mut live = HashMap::new();
+        world.stale.clear();
+        self.next_stale = None;
         for (unit, on) in &world.proposals {
             for (machine, seen) in on {
                 let claimed = world.claims.get(unit).is_some_and(|c| c.contains(machine));
@@ -135,8 +238,11 @@ impl Scheduler {
                 }
                 let key = (unit.clone(), machine.clone(), seen.mod_revision);
                 let since = self.first_seen.get(&key).copied().unwrap_or(now);
-                if now.duration_since(since) >= self.claim_timeout {
+                let bound = since + self.claim_timeout;
+                if bound <= now {
                     world.stale.insert((unit.clone(), machine.clone()));
+                } else if self.next_stale.is_none_or(|at| bound < at) {
+                    self.next_stale = Some(bound);
                 }
                 live.insert(key, since);
             }

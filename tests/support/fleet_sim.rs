@@ -36,6 +36,10 @@ use tokio::task::JoinHandle;
 /// How many Raft members the simulated fleet's store has.
 pub const MEMBERS: usize = 3;
 
+/// Each member's `max_connections`: room for 5,000 simulated hosts' two
+/// store connections each on one member (keep `ulimit -n` above it).
+pub const MAX_CONNECTIONS: usize = 12_000;
+
 /// `n` free TCP ports on loopback (all bound at once, so they differ, then
 /// released).
 pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
@@ -48,6 +52,14 @@ pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
         .collect()
 }
 
+/// 32 random bytes in hex: an API token.
+fn random_token() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// Three `flotilla daemon` members on loopback; dropping it kills them.
 pub struct Servers {
     children: Vec<Option<Child>>,
@@ -55,7 +67,14 @@ pub struct Servers {
     pub endpoints: Vec<String>,
     /// Each member's HTTP API, `host:port` (empty strings when started without).
     pub apis: Vec<String>,
+    /// The bearer token every request to those APIs carries (the API on TCP
+    /// refuses to start without one), random per cluster.
+    pub api_token: String,
     dir: PathBuf,
+    /// What [`Servers::restart`] runs again.
+    bin: PathBuf,
+    peers: Vec<String>,
+    extra: Vec<String>,
 }
 
 impl Servers {
@@ -76,34 +95,18 @@ impl Servers {
         let apis: Vec<String> = (0..MEMBERS)
             .map(|i| if api { at(3 * i + 2) } else { String::new() })
             .collect();
-        let initial = peers
-            .iter()
-            .enumerate()
-            .map(|(i, p)| format!("m{i}={p}"))
-            .collect::<Vec<_>>()
-            .join(",");
         let mut servers = Servers {
             children: Vec::new(),
             endpoints: endpoints.clone(),
-            apis: apis.clone(),
+            apis,
+            api_token: random_token().map_err(|e| format!("reading /dev/urandom: {e}"))?,
             dir: dir.to_path_buf(),
+            bin: bin.to_path_buf(),
+            peers,
+            extra: extra.iter().map(|e| e.to_string()).collect(),
         };
         for i in 0..MEMBERS {
-            let log = File::create(dir.join(format!("m{i}.log")))
-                .map_err(|e| format!("creating m{i}.log: {e}"))?;
-            let child = Command::new(bin)
-                .args(["daemon", "--name", &format!("m{i}"), "--data-dir"])
-                .arg(dir.join(format!("m{i}")))
-                .args(["--client-listen", &endpoints[i], "--peer-listen", &peers[i]])
-                .args(["--initial-cluster", &initial, "--log", "warn", "--no-agent"])
-                .args(extra)
-                .env_remove("FLOTILLA_CONFIG")
-                .env("FLOTILLA_API_SOCKET", "")
-                .env("FLOTILLA_API_LISTEN", &apis[i])
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .map_err(|e| format!("starting {}: {e} (build it first)", bin.display()))?;
+            let child = servers.spawn(i)?;
             servers.children.push(Some(child));
         }
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -126,6 +129,56 @@ impl Servers {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Starts the process of member `i` (its data dir kept across restarts;
+    /// its log appended to).
+    fn spawn(&self, i: usize) -> Result<Child, String> {
+        let initial = self
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("m{i}={p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("m{i}.log")))
+            .map_err(|e| format!("opening m{i}.log: {e}"))?;
+        Command::new(&self.bin)
+            .args(["daemon", "--name", &format!("m{i}"), "--data-dir"])
+            .arg(self.dir.join(format!("m{i}")))
+            .args(["--client-listen", &self.endpoints[i]])
+            .args(["--peer-listen", &self.peers[i]])
+            .args(["--initial-cluster", &initial, "--log", "warn", "--no-agent"])
+            .args(&self.extra)
+            .env_remove("FLOTILLA_CONFIG")
+            .env("FLOTILLA_API_SOCKET", "")
+            .env("FLOTILLA_API_LISTEN", &self.apis[i])
+            .env("FLOTILLA_API_TOKEN", &self.api_token)
+            // Two store connections per simulated host, all of them possibly
+            // on one member: the default (1,024) turns away hosts past ~500.
+            .env("FLOTILLA_MAX_CONNECTIONS", MAX_CONNECTIONS.to_string())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("starting {}: {e} (build it first)", self.bin.display()))
+    }
+
+    /// Kills member `i` at once (SIGKILL: no clean shutdown), as a crash would.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.children[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts member `i` again on its data dir, after [`Servers::kill`].
+    pub fn restart(&mut self, i: usize) -> Result<(), String> {
+        self.kill(i);
+        self.children[i] = Some(self.spawn(i)?);
+        Ok(())
     }
 
     /// Each member's process id (0 once killed).
