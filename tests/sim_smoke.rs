@@ -70,25 +70,13 @@ async fn settle(
     names: &[flotilla::units::UnitName],
     servers: &Servers,
 ) {
-    let started = std::time::Instant::now();
-    let mut last = String::new();
-    while started.elapsed() < SETTLE {
-        let journal = fleet.journal.check_settled(names, &fleet.dead);
-        let store = fleet_sim::check_store(client, names, fleet).await;
-        match (journal, store) {
-            (Ok(()), Ok(())) => return,
-            (journal, store) => {
-                let violations = fleet.journal.violations();
-                assert!(violations.is_empty(), "violated: {violations:#?}");
-                last = format!("{journal:?} {store:?}");
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+    let every = Duration::from_millis(250);
+    if let Err(last) = fleet_sim::settled(client, names, fleet, SETTLE, every).await {
+        panic!(
+            "not settled within {SETTLE:?}: {last}\nm0 log: {}",
+            servers.log(0)
+        );
     }
-    panic!(
-        "not settled within {SETTLE:?}: {last}\nm0 log: {}",
-        servers.log(0)
-    );
 }
 
 /// The checks above can fail: the journal flags a unit started on a second

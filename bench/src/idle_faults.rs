@@ -288,20 +288,10 @@ async fn run_in(args: &IdleFaultsArgs, dir: &Path) -> Result<()> {
         .fold(f64::INFINITY, f64::min);
 
     // Checks: every unit runs once, on a live host, and the store says so.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut last = String::new();
-    let ok = loop {
-        let journal = fleet.journal.check_settled(&names, &fleet.dead);
-        let store = fleet_sim::check_store(&client, &names, &fleet).await;
-        if let (Ok(()), Ok(())) = (&journal, &store) {
-            break true;
-        }
-        last = format!("journal: {journal:?}; store: {store:?}");
-        if Instant::now() > deadline || !fleet.journal.violations().is_empty() {
-            break false;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let (limit, every) = (Duration::from_secs(120), Duration::from_millis(500));
+    let settled = fleet_sim::settled(&client, &names, &fleet, limit, every).await;
+    let ok = settled.is_ok();
+    let last = settled.err().unwrap_or_default();
     println!(
         "{}",
         json!({"phase": "idle_faults", "hosts": args.hosts, "units": args.units,

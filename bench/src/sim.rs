@@ -423,20 +423,10 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
     );
 
     // 5. checks.
-    let deadline = Instant::now() + limit;
-    let mut last = String::new();
-    let ok = loop {
-        let journal = fleet.journal.check_settled(&names, &fleet.dead);
-        let store = fleet_sim::check_store(&client, &names, &fleet).await;
-        if let (Ok(()), Ok(())) = (&journal, &store) {
-            break true;
-        }
-        last = format!("journal: {journal:?}; store: {store:?}");
-        if Instant::now() > deadline || !fleet.journal.violations().is_empty() {
-            break false;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let every = Duration::from_millis(250);
+    let settled = fleet_sim::settled(&client, &names, &fleet, limit, every).await;
+    let ok = settled.is_ok();
+    let last = settled.err().unwrap_or_default();
     let memory: Vec<_> = servers.pids().iter().map(|p| rss_mib(*p)).collect();
     let own = rss_mib(std::process::id());
     println!(

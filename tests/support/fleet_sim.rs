@@ -821,6 +821,35 @@ pub async fn wait_running(journal: &Journal, want: usize, limit: Duration) -> bo
     journal.running_units() >= want
 }
 
+/// Waits up to `limit`, checking every `every`, until the fleet settled:
+/// [`Journal::check_settled`] and [`check_store`] both pass. `Err` with
+/// the last problems seen when the time ran out, or at once when the
+/// journal saw a violation (a unit twice, conflicting units together).
+pub async fn settled(
+    client: &Client,
+    names: &[UnitName],
+    fleet: &Fleet,
+    limit: Duration,
+    every: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let journal = fleet.journal.check_settled(names, &fleet.dead);
+        let store = check_store(client, names, fleet).await;
+        if let (Ok(()), Ok(())) = (&journal, &store) {
+            return Ok(());
+        }
+        let violations = fleet.journal.violations();
+        if !violations.is_empty() {
+            return Err(format!("violated: {violations:#?}"));
+        }
+        if Instant::now() > deadline {
+            return Err(format!("journal: {journal:?}; store: {store:?}"));
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// What the store says: each unit's rows of `list-units` must be one, on a
 /// live simulated host, reported active there.
 pub async fn check_store(client: &Client, names: &[UnitName], fleet: &Fleet) -> Result<(), String> {
