@@ -59,20 +59,12 @@ pub struct IdleFaultsArgs {
 
 /// Runs the test with its files under a fresh directory in `--work-dir`.
 pub async fn run(args: IdleFaultsArgs) -> Result<()> {
-    let work = tempfile::Builder::new()
-        .prefix("flotilla-idle-")
-        .tempdir_in(&args.work_dir)
-        .with_context(|| format!("creating a temp dir in {}", args.work_dir.display()))?;
-    eprintln!("data under {}", work.path().display());
-    let result = run_in(&args, work.path()).await;
-    if result.is_err() {
-        let kept = work.keep();
-        eprintln!(
-            "kept {} (member logs servers/m0.log..m2.log)",
-            kept.display()
-        );
-    }
-    result
+    let args = &args;
+    let logs = "servers/m0.log..m2.log";
+    crate::sim::in_fresh_dir(&args.work_dir, "flotilla-idle-", logs, |dir| async move {
+        run_in(args, &dir).await
+    })
+    .await
 }
 
 /// A cgroup (v1 `cpu` controller) that holds one process to a share of a

@@ -110,15 +110,33 @@ fn ms(d: Duration) -> f64 {
 
 /// Runs the simulation with its files under a fresh directory in `--work-dir`.
 pub async fn run(args: SimArgs) -> Result<()> {
+    let args = &args;
+    in_fresh_dir(
+        &args.work_dir,
+        "flotilla-sim-",
+        "m0.log..m2.log",
+        |dir| async move { run_in(args, &dir).await },
+    )
+    .await
+}
+
+/// Runs `body` in a fresh directory named `prefix...` under `work_dir`,
+/// removed after a success and kept after a failure (said on stderr, with
+/// where the member logs `logs` are in it).
+pub async fn in_fresh_dir<F, Fut>(work_dir: &Path, prefix: &str, logs: &str, body: F) -> Result<()>
+where
+    F: FnOnce(PathBuf) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
     let work = tempfile::Builder::new()
-        .prefix("flotilla-sim-")
-        .tempdir_in(&args.work_dir)
-        .with_context(|| format!("creating a temp dir in {}", args.work_dir.display()))?;
+        .prefix(prefix)
+        .tempdir_in(work_dir)
+        .with_context(|| format!("creating a temp dir in {}", work_dir.display()))?;
     eprintln!("data under {}", work.path().display());
-    let result = run_in(&args, work.path()).await;
+    let result = body(work.path().to_path_buf()).await;
     if result.is_err() {
         let kept = work.keep();
-        eprintln!("kept {} (member logs m0.log..m2.log)", kept.display());
+        eprintln!("kept {} (member logs {logs})", kept.display());
     }
     result
 }
