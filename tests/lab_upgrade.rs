@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 
 mod support;
 
-use support::cluster::{Cluster, wait_for};
+use support::cluster::{Cluster, wait_for, wait_for_state};
 use support::{FLOTILLA, HELLO, text};
 
 /// The release upgraded from.
@@ -278,18 +278,6 @@ fn https_for_host(endpoints: &str, index: usize) -> String {
         .join(",")
 }
 
-/// Whether `check` held within `limit` (tried every 200 ms).
-fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let started = Instant::now();
-    while started.elapsed() < limit {
-        if check() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    false
-}
-
 /// Sets its flag when dropped: stops the writer however the step ends.
 struct StopOnDrop<'a>(&'a AtomicBool);
 
@@ -359,8 +347,8 @@ fn a_rolling_upgrade_from_the_previous_release_moves_and_restarts_nothing() {
                  && systemctl restart flotilla",
             );
             let machine = cluster.id_of(&host).to_string();
-            let mut last = String::new();
-            let rejoined = wait_until(Duration::from_secs(30), || {
+            let rejoined = format!("{host} to rejoin");
+            wait_for_state(Duration::from_secs(30), &rejoined, || {
                 let binary = running_binary(&cluster, &host) == new_sha;
                 // Asked of the store: this host's API changes protocol.
                 let health = cluster.flotilla(&["cluster", "health", "--json"]);
@@ -369,14 +357,15 @@ fn a_rolling_upgrade_from_the_previous_release_moves_and_restarts_nothing() {
                 let present = report["machines"]["live"]
                     .as_array()
                     .is_some_and(|live| live.iter().any(|m| m == machine.as_str()));
-                last = format!(
+                if binary && present && health.status.success() {
+                    return Ok(());
+                }
+                Err(format!(
                     "runs the new binary: {binary}; present: {present}; cluster health: {}{}",
                     text(&health.stdout),
                     text(&health.stderr)
-                );
-                binary && present && health.status.success()
+                ))
             });
-            assert!(rejoined, "{host} did not rejoin within 30 s: {last}");
             // Keep writing a little past the rejoin, then stop the writer.
             std::thread::sleep(Duration::from_millis(500));
             stop.store(true, Ordering::Relaxed);

@@ -110,10 +110,10 @@ pub async fn explain(
         .get(&name)
         .map(|on| on.iter().cloned().collect())
         .unwrap_or_default();
-    let proposed_on: Vec<&String> = world
+    let proposed_on: Vec<String> = world
         .proposals
         .get(&name)
-        .map(|on| on.keys().collect())
+        .map(|on| on.keys().cloned().collect())
         .unwrap_or_default();
     let verdicts = machines
         .into_iter()
@@ -129,7 +129,7 @@ pub async fn explain(
                     Some(format!("claimed here but not loaded: {why}"))
                 } else if placed_on.contains(&id) {
                     Some("the unit runs here".to_string())
-                } else if proposed_on.contains(&&id) {
+                } else if proposed_on.contains(&id) {
                     Some("the unit is proposed here".to_string())
                 } else {
                     None
@@ -164,7 +164,7 @@ pub async fn explain(
         unit: name.to_string(),
         desired_state: record.desired,
         placed_on,
-        proposed_on: proposed_on.into_iter().cloned().collect(),
+        proposed_on,
         reason,
         machines: verdicts,
     }))

@@ -407,14 +407,30 @@ pub fn wait_for<T>(
     what: &str,
     mut check: impl FnMut() -> Option<T>,
 ) -> (T, Duration) {
+    wait_for_state(limit, what, || check().ok_or_else(String::new))
+}
+
+/// [`wait_for`] whose `check` says what it saw while not there yet
+/// (`Err`): the panic after `limit` names the last of it.
+pub fn wait_for_state<T>(
+    limit: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> (T, Duration) {
     let started = Instant::now();
     loop {
-        if let Some(value) = check() {
-            return (value, started.elapsed());
-        }
+        let last = match check() {
+            Ok(value) => return (value, started.elapsed()),
+            Err(last) => last,
+        };
+        let seen = if last.is_empty() {
+            String::new()
+        } else {
+            format!("; last seen: {last}")
+        };
         assert!(
             started.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
+            "timed out after {limit:?} waiting for {what}{seen}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
