@@ -57,8 +57,15 @@
 //! confirmation was lost is reported failed (Raft sends it again) though
 //! installed.
 //!
-//! Not covered here: TLS on the peer connections, and a stalled stream (its
-//! 30-second timeout would cost each seed 30 s of real time).
+//! **A stalled snapshot stream** (`stalled_snapshot_streams_end_on_both_sides`):
+//! the same pipe stops taking writes at a seeded byte of the data, or
+//! before the receiver's confirmation, without hanging up. Both sides must
+//! end on their own timeout (300 ms here through the transport's
+//! `*_within` variants; 30 s in the daemon): the sender reports the
+//! snapshot failed, the receiver gives up, and the member holds the
+//! snapshot only if its data arrived whole.
+//!
+//! Not covered here: TLS on the peer connections.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -174,6 +181,9 @@ struct Faulty {
     yield_per_mille: u64,
     /// Break after this many bytes written.
     cut_at: Option<u64>,
+    /// Stop taking writes, for good and without an error, after this many
+    /// bytes: the peer hangs but its connection stays open.
+    stall_at: Option<u64>,
     written: u64,
     /// Set once the cut happened.
     cut: Arc<AtomicBool>,
@@ -187,6 +197,7 @@ impl Faulty {
             max_piece,
             yield_per_mille: 300,
             cut_at,
+            stall_at: None,
             written: 0,
             cut: Arc::default(),
         }
@@ -216,13 +227,17 @@ impl AsyncWrite for Faulty {
             let _ = Pin::new(&mut this.inner).poll_shutdown(cx);
             return Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()));
         }
+        if this.stall_at.is_some_and(|at| this.written >= at) {
+            // Never ready, never woken: only a timeout gets past this.
+            return Poll::Pending;
+        }
         let per_mille = this.yield_per_mille;
         if this.rng.per_mille(per_mille) {
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
         let mut piece = this.rng.between(1, this.max_piece);
-        if let Some(at) = this.cut_at {
+        for at in [this.cut_at, this.stall_at].into_iter().flatten() {
             piece = piece.min(at - this.written);
         }
         let piece = buf.len().min(piece as usize);
@@ -391,6 +406,108 @@ fn snapshots_over_a_frame_survive_a_faulty_pipe_into_the_runner() {
     }
     eprintln!("{seeds} transfers of a {data}-byte snapshot: {ended:?}");
     assert!(ended.contains_key("Delivered") && ended.contains_key("Cut"));
+}
+
+/// Each side's wait for a stalled stream in [`stalled_snapshot_streams_end_on_both_sides`]
+/// (the daemon's is 30 s).
+const STALL: Duration = Duration::from_millis(300);
+
+/// A snapshot stream whose peer stops reading or writing without hanging
+/// up (a hung process, a black-holed route) must not hold either side
+/// forever: the sender reports it failed (Raft sends another later) and
+/// the receiver gives up on it, having handed the member nothing unless
+/// the data was whole. Per seed, either the data stops at a seeded byte
+/// or the receiver's confirmation never leaves.
+#[test]
+fn stalled_snapshot_streams_end_on_both_sides() {
+    let snapshot = leaders_snapshot();
+    let data = snapshot.get_snapshot().get_data();
+    let total = data.len() as u64 + 64;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let mut ended = BTreeMap::new();
+    for seed in 0..6 {
+        let mut rng = Rng::new(seed);
+        let data_stalls = seed % 2 == 0;
+        let (near, far) = tokio::io::duplex(rng.between(1_024, 512 * 1024) as usize);
+        let mut sender = Faulty::new(near, Rng::new(rng.next_u64()), 1024 * 1024, None);
+        let mut receiver = Faulty::new(far, Rng::new(rng.next_u64()), 16, None);
+        if data_stalls {
+            sender.stall_at = Some(rng.below(total));
+        } else {
+            receiver.stall_at = Some(0);
+        }
+        let core = Core::new(
+            NodeConfig::new(2, 10, 100),
+            MemDisk::new(),
+            &BTreeMap::new(),
+            &logger(),
+        )
+        .expect("a fresh disk");
+        let (node, thread) = runner::spawn(core, Duration::from_millis(10), |_| Quiet);
+        let (sent, received, installed) = runtime.block_on(async {
+            let receiving = async {
+                let mut receiver = tokio::io::BufReader::new(receiver);
+                let header =
+                    match tokio::time::timeout(STALL, codec::read_frame(&mut receiver)).await {
+                        Ok(Ok(Some(header))) => header,
+                        other => return Err(format!("no header: {other:?}")),
+                    };
+                transport::take_snapshot_within(
+                    &mut receiver,
+                    &header,
+                    &node,
+                    &|_: &Message| Ok(()),
+                    STALL,
+                )
+                .await
+                .map_err(|e| e.to_string())
+            };
+            let sending = transport::send_snapshot_within(
+                &mut sender,
+                &snapshot,
+                data,
+                data.len() as u64,
+                STALL,
+            );
+            // Hanging here is the failure this test is about.
+            let (sent, received) = tokio::time::timeout(Duration::from_secs(60), async {
+                tokio::join!(sending, receiving)
+            })
+            .await
+            .unwrap_or_else(|_| panic!("seed {seed}: a stalled stream held on for 60 s"));
+            let index = snapshot.get_snapshot().get_metadata().index;
+            let installed = wait_until_applied(&node, index, !data_stalls).await;
+            if installed {
+                assert_whole(&node, seed).await;
+            }
+            (sent, received, installed)
+        });
+        assert!(
+            sent.is_err(),
+            "seed {seed}: a stalled stream was reported delivered"
+        );
+        assert!(
+            received.is_err(),
+            "seed {seed}: the receiver did not notice the stall"
+        );
+        assert_eq!(
+            installed,
+            !data_stalls,
+            "seed {seed}: installed {installed} with the {} stalled (sender: {sent:?}, \
+             receiver: {received:?})",
+            if data_stalls { "data" } else { "confirmation" }
+        );
+        eprintln!("seed {seed}: sender {sent:?}, receiver {received:?}");
+        *ended
+            .entry(if data_stalls { "data" } else { "confirmation" })
+            .or_insert(0) += 1;
+        node.send(Msg::Stop).expect("the member thread runs");
+        thread.join().expect("the member thread ends");
+    }
+    eprintln!("stalled streams ended on both sides: {ended:?}");
 }
 
 // ---------------------------------------------------------------------

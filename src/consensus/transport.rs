@@ -358,8 +358,21 @@ fn read_in_background(mut file: std::fs::File) -> tokio::io::DuplexStream {
 pub async fn send_snapshot<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     message: &Message,
+    data: impl AsyncRead + Unpin,
+    len: u64,
+) -> Result<(), CodecError> {
+    send_snapshot_within(stream, message, data, len, SNAPSHOT_STALL).await
+}
+
+/// [`send_snapshot`] with each step allowed `stall` instead of
+/// [`SNAPSHOT_STALL`]: tests/transport_faults.rs stalls streams on purpose
+/// and must not wait 30 s for each.
+pub async fn send_snapshot_within<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    message: &Message,
     mut data: impl AsyncRead + Unpin,
     len: u64,
+    stall: Duration,
 ) -> Result<(), CodecError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let stalled = || CodecError::Io(std::io::ErrorKind::TimedOut.into());
@@ -371,7 +384,7 @@ pub async fn send_snapshot<S: AsyncRead + AsyncWrite + Unpin>(
         .write_to_vec(&mut frame)
         .expect("protobuf encoding of an in-memory message cannot fail");
     let mut writer = BufWriter::new(&mut *stream);
-    tokio::time::timeout(SNAPSHOT_STALL, codec::write_frame(&mut writer, &frame))
+    tokio::time::timeout(stall, codec::write_frame(&mut writer, &frame))
         .await
         .map_err(|_| stalled())??;
     let mut chunk = vec![0u8; CHUNK];
@@ -379,20 +392,17 @@ pub async fn send_snapshot<S: AsyncRead + AsyncWrite + Unpin>(
     while left > 0 {
         let want = usize::try_from(left).map_or(CHUNK, |l| l.min(CHUNK));
         data.read_exact(&mut chunk[..want]).await?;
-        tokio::time::timeout(
-            SNAPSHOT_STALL,
-            codec::write_frame(&mut writer, &chunk[..want]),
-        )
-        .await
-        .map_err(|_| stalled())??;
+        tokio::time::timeout(stall, codec::write_frame(&mut writer, &chunk[..want]))
+            .await
+            .map_err(|_| stalled())??;
         left -= want as u64;
     }
-    tokio::time::timeout(SNAPSHOT_STALL, writer.flush())
+    tokio::time::timeout(stall, writer.flush())
         .await
         .map_err(|_| stalled())??;
     drop(writer);
     let mut ack = [0u8];
-    tokio::time::timeout(SNAPSHOT_STALL, stream.read_exact(&mut ack))
+    tokio::time::timeout(stall, stream.read_exact(&mut ack))
         .await
         .map_err(|_| stalled())??;
     if ack[0] == SNAPSHOT_RECEIVED {
@@ -413,6 +423,16 @@ pub async fn receive_snapshot<R: AsyncRead + Unpin>(
     header: &[u8],
     admitted: &(dyn Fn(&Message) -> Result<(), String> + Sync),
 ) -> Result<Message, CodecError> {
+    receive_snapshot_within(reader, header, admitted, SNAPSHOT_STALL).await
+}
+
+/// [`receive_snapshot`], each frame allowed `stall` to arrive.
+async fn receive_snapshot_within<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    header: &[u8],
+    admitted: &(dyn Fn(&Message) -> Result<(), String> + Sync),
+    stall: Duration,
+) -> Result<Message, CodecError> {
     let malformed = |what: &str| CodecError::Malformed(format!("snapshot stream: {what}"));
     let (mut message, len) = snapshot_header(header)?;
     admitted(&message).map_err(CodecError::Malformed)?;
@@ -420,7 +440,7 @@ pub async fn receive_snapshot<R: AsyncRead + Unpin>(
     // it announces.
     let mut data = Vec::with_capacity(len.min(CHUNK));
     while data.len() < len {
-        let chunk = tokio::time::timeout(SNAPSHOT_STALL, codec::read_frame(reader))
+        let chunk = tokio::time::timeout(stall, codec::read_frame(reader))
             .await
             .map_err(|_| CodecError::Io(std::io::ErrorKind::TimedOut.into()))??
             .ok_or_else(|| malformed("ended early"))?;
@@ -643,12 +663,29 @@ pub async fn take_snapshot<S: AsyncRead + AsyncWrite + Unpin>(
     node: &Handle,
     admitted: &(dyn Fn(&Message) -> Result<(), String> + Sync),
 ) -> Result<(), CodecError> {
+    take_snapshot_within(stream, header, node, admitted, SNAPSHOT_STALL).await
+}
+
+/// [`take_snapshot`] with each step allowed `stall` instead of
+/// [`SNAPSHOT_STALL`] (see [`send_snapshot_within`]).
+pub async fn take_snapshot_within<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    header: &[u8],
+    node: &Handle,
+    admitted: &(dyn Fn(&Message) -> Result<(), String> + Sync),
+    stall: Duration,
+) -> Result<(), CodecError> {
     use tokio::io::AsyncWriteExt;
-    let message = receive_snapshot(stream, header, admitted).await?;
+    let message = receive_snapshot_within(stream, header, admitted, stall).await?;
     node.send(Msg::Raft(message))
         .map_err(|e| CodecError::Io(std::io::Error::other(e.to_string())))?;
-    stream.write_all(&[SNAPSHOT_RECEIVED]).await?;
-    stream.flush().await?;
+    let confirm = async {
+        stream.write_all(&[SNAPSHOT_RECEIVED]).await?;
+        stream.flush().await
+    };
+    tokio::time::timeout(stall, confirm)
+        .await
+        .map_err(|_| CodecError::Io(std::io::ErrorKind::TimedOut.into()))??;
     Ok(())
 }
 
