@@ -225,6 +225,12 @@ pub struct Metrics {
     /// Claims by this host's agent that lost a race (another claim, or a
     /// changed proposal, came first) and are retried.
     pub claim_conflicts: Counter,
+    /// API reads of the registry answered from the mirror
+    /// (`registry::mirror`).
+    pub api_mirror_reads: Counter,
+    /// API reads of the registry that went to the store because the mirror
+    /// was not loaded or had not caught up in time.
+    pub api_store_reads: Counter,
     /// systemd D-Bus calls of this host's agent, by method.
     pub systemd_call_seconds: Family,
     /// API requests served by this host, by method and route.
@@ -249,6 +255,8 @@ pub static METRICS: Metrics = Metrics {
     lease_expiries: Counter::new(),
     placements: Counter::new(),
     claim_conflicts: Counter::new(),
+    api_mirror_reads: Counter::new(),
+    api_store_reads: Counter::new(),
     systemd_call_seconds: Family::new(),
     api_request_seconds: Family::new(),
 };
@@ -354,7 +362,7 @@ pub fn render(cluster: Option<&Cluster>) -> String {
             let _ = writeln!(out, "{name} {value}");
         }
     }
-    let counters: [(&str, &str, &Counter); 4] = [
+    let counters: [(&str, &str, &Counter); 6] = [
         (
             "flotilla_raft_leader_changes_total",
             "Times this member saw the Raft leader change.",
@@ -374,6 +382,16 @@ pub fn render(cluster: Option<&Cluster>) -> String {
             "flotilla_claim_conflicts_total",
             "Claims by this host's agent that lost a race and were retried.",
             &m.claim_conflicts,
+        ),
+        (
+            "flotilla_api_mirror_reads_total",
+            "API reads of the registry answered from the API's copy of it.",
+            &m.api_mirror_reads,
+        ),
+        (
+            "flotilla_api_store_reads_total",
+            "API reads of the registry sent to the store: its copy was behind.",
+            &m.api_store_reads,
         ),
     ];
     for (name, help, counter) in counters {

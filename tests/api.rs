@@ -665,6 +665,64 @@ async fn machines_are_patched_drained_explained_and_report_states() {
         .await;
 }
 
+/// The read routes answer from the API's copy of the registry
+/// (`registry::mirror`), yet every read sees every change acknowledged
+/// before it, whether it came through the API or straight to the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_from_the_registry_copy_see_every_write_acknowledged_before_them() {
+    let daemon = Daemon::start().await;
+    let client = Client::connect(std::slice::from_ref(&daemon.store))
+        .await
+        .unwrap();
+    for i in 0..30 {
+        let name = format!("rw{i:02}.service");
+        let path = format!("/fleet/v1/units/{name}");
+        let body = json!({"desiredState": "loaded", "options": service("/bin/true", &[])});
+        let answer = daemon.call("PUT", &path, Some(&body)).await;
+        assert_eq!(answer.status, 201, "{answer:?}");
+        // Through the API, then read at once: there.
+        assert_eq!(daemon.get(&path).await["desiredState"], "loaded");
+        let listed = names(&daemon.get("/fleet/v1/units").await, "units");
+        assert!(listed.contains(&name), "{name} not listed: {listed:?}");
+        // Straight to the store, then read at once through the API: there.
+        let unit = flotilla::units::UnitName::parse(&name).unwrap();
+        flotilla::registry::ops::set_desired(
+            &client,
+            std::slice::from_ref(&unit),
+            flotilla::registry::records::DesiredState::Inactive,
+        )
+        .await
+        .unwrap();
+        assert_eq!(daemon.get(&path).await["desiredState"], "inactive");
+        assert!(
+            flotilla::registry::ops::destroy(&client, &unit)
+                .await
+                .unwrap()
+        );
+        let answer = daemon.call("GET", &path, None).await;
+        assert_eq!(
+            answer.status, 404,
+            "{name} destroyed in the store: {answer:?}"
+        );
+    }
+    // And the copy answered (reads that found it behind went to the store).
+    let metrics = daemon.call("GET", "/metrics", None).await.body;
+    let count = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in /metrics:\n{metrics}"))
+    };
+    let (mirrored, direct) = (
+        count("flotilla_api_mirror_reads_total "),
+        count("flotilla_api_store_reads_total "),
+    );
+    assert!(
+        mirrored >= 100 && direct <= 5,
+        "reads from the copy {mirrored}, from the store {direct}"
+    );
+}
+
 /// A daemon whose status page has something on every table: machine
 /// `fake-7` (metadata with markup in it) running `page.service`, active,
 /// and holding the reboot lock. Returns the machine too: dropping it would

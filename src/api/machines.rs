@@ -92,8 +92,8 @@ pub async fn list(
     RawQuery(query): RawQuery,
 ) -> Result<Json<MachineList>, ApiError> {
     let page = Query::parse(query.as_deref()).page()?;
-    let client = shared.client().await?;
-    let (rows, next_page_token) = page_of(ops::machines(client).await?, page);
+    let registry = shared.registry().await?;
+    let (rows, next_page_token) = page_of(ops::machines(&registry).await?, page);
     let now = now_ms();
     let machines = rows.into_iter().map(|r| MachineJson::of(r, now)).collect();
     Ok(Json(MachineList {

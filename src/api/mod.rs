@@ -86,6 +86,7 @@ use tokio::task::JoinHandle;
 use crate::config::{ApiLimits, Loaded, Origin};
 use crate::consensus::client::Client;
 use crate::registry::BodyCache;
+use crate::registry::mirror::{Mirror, Registry};
 use crate::tls::{ClientTls, Identity, Role, Trust};
 use error::ApiError;
 use serve::Caller;
@@ -132,6 +133,8 @@ pub enum Error {
 pub struct Shared {
     endpoints: Vec<String>,
     client: OnceCell<Client>,
+    /// The registry's copy the read routes answer from.
+    mirror: Mirror,
     /// Bodies by hash, kept across requests (a body never changes under its
     /// hash); `GET /fleet/v1/units` drops those of units no longer stored.
     bodies: Arc<BodyCache>,
@@ -152,6 +155,7 @@ impl Shared {
     /// host with `machine_id`.
     pub fn new(endpoints: Vec<String>, machine_id: Option<String>) -> Shared {
         Shared {
+            mirror: Mirror::new(endpoints.clone()),
             endpoints,
             client: OnceCell::new(),
             bodies: Arc::new(BodyCache::new()),
@@ -191,6 +195,13 @@ impl Shared {
             .client
             .get_or_try_init(|| Client::connect(&self.endpoints))
             .await?)
+    }
+
+    /// What a read route reads the registry from: the mirror, once it holds
+    /// every change acknowledged before this call, else the store itself.
+    pub async fn registry(&self) -> Result<Registry<'_>, ApiError> {
+        let client = self.client().await?;
+        Ok(self.mirror.read(client).await?)
     }
 }
 

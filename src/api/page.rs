@@ -17,7 +17,6 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::Shared;
-use crate::consensus::client::Client;
 use crate::registry::ops::{self, MachineRow, UnitRow};
 use crate::registry::semaphore::Semaphore;
 use crate::registry::{RegistryError, lock};
@@ -42,10 +41,7 @@ struct View {
 
 /// `GET /ui`.
 pub async fn page(State(shared): State<Arc<Shared>>) -> Response {
-    let view = match shared.client().await {
-        Ok(client) => read(client).await,
-        Err(e) => Err(e.to_string()),
-    };
+    let view = read(&shared).await;
     let (status, body) = match view {
         Ok(view) => (StatusCode::OK, render(&view)),
         Err(why) => (
@@ -65,8 +61,10 @@ pub async fn page(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 /// Reads the page's view; the error is shown on the page as it is.
-async fn read(client: &Client) -> Result<View, String> {
+async fn read(shared: &Shared) -> Result<View, String> {
     let text = |e: RegistryError| e.to_string();
+    let client = shared.client().await.map_err(|e| e.to_string())?;
+    let registry = shared.registry().await.map_err(|e| e.to_string())?;
     let status = client.status().await.map_err(|e| e.to_string())?;
     let members = status
         .members
@@ -84,8 +82,8 @@ async fn read(client: &Client) -> Result<View, String> {
         revision: status.revision,
         no_space: status.no_space,
         members,
-        machines: ops::machines(client).await.map_err(text)?,
-        units: ops::unit_rows(client).await.map_err(text)?,
+        machines: ops::machines(&registry).await.map_err(text)?,
+        units: ops::unit_rows(&registry).await.map_err(text)?,
         locks,
         now_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

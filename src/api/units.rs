@@ -340,9 +340,10 @@ pub async fn list(
 ) -> Result<Json<UnitList>, ApiError> {
     let page = Query::parse(query.as_deref()).page()?;
     let client = shared.client().await?;
-    let records = ops::unit_records(client).await?;
-    let rows = ops::unit_rows(client).await?;
-    let reasons = ops::reasons(client).await?;
+    let registry = shared.registry().await?;
+    let records = ops::unit_records(&registry).await?;
+    let rows = ops::unit_rows(&registry).await?;
+    let reasons = ops::reasons(&registry).await?;
     let live = records.iter().map(|r| r.hash).collect();
     shared.bodies.keep_only(&live);
     let (records, next_page_token) = page_of(records, page);
@@ -373,9 +374,10 @@ pub async fn get(
 ) -> Result<Json<UnitJson>, ApiError> {
     let name = unit_name(path)?;
     let client = shared.client().await?;
-    let record = ops::unit_record(client, &name).await?;
-    let rows = ops::unit_rows(client).await?;
-    let reasons = ops::reasons(client).await?;
+    let registry = shared.registry().await?;
+    let record = ops::unit_record(&registry, &name).await?;
+    let rows = ops::unit_rows(&registry).await?;
+    let reasons = ops::reasons(&registry).await?;
     let facts = Facts {
         rows: &rows,
         reasons: &reasons,
@@ -484,8 +486,8 @@ pub async fn states(
     let query = Query::parse(query.as_deref());
     let page = query.page()?;
     let (unit, machine) = (query.first("unitName"), query.first("machineID"));
-    let client = shared.client().await?;
-    let states: Vec<StateJson> = ops::unit_rows(client)
+    let registry = shared.registry().await?;
+    let states: Vec<StateJson> = ops::unit_rows(&registry)
         .await?
         .iter()
         .filter_map(StateJson::of)
@@ -507,8 +509,8 @@ pub async fn state_of(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<StateJson>, ApiError> {
     let name = unit_name(path)?;
-    let client = shared.client().await?;
-    let rows = ops::unit_rows(client).await?;
+    let registry = shared.registry().await?;
+    let rows = ops::unit_rows(&registry).await?;
     let mut reported: Vec<&UnitRow> = rows
         .iter()
         .filter(|r| r.name == name && r.state.is_some())

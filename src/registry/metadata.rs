@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 
 use super::error::RegistryError;
 use super::keys;
+use super::reader::Reader;
 use crate::consensus::client::{Client, ClientError};
 use crate::consensus::kv::{KeyValue, Op};
 
@@ -32,8 +33,8 @@ pub struct Change {
 }
 
 /// Reads every value set through the API.
-pub async fn dynamic(client: &Client) -> Result<Dynamic, ClientError> {
-    let (kvs, _) = client.range(keys::METADATA, true, false).await?;
+pub async fn dynamic(registry: &impl Reader) -> Result<Dynamic, ClientError> {
+    let kvs = registry.read_prefix(keys::METADATA).await?;
     Ok(from_kvs(&kvs))
 }
 

@@ -22,6 +22,9 @@
 //! * [`liveness`]: live machines, and those whose presence lease expired.
 //! * [`metadata`]: machine metadata set through the API, merged with the
 //!   machine's own wherever metadata is read.
+//! * [`reader`]: where the read operations read from: the store, or
+//! * [`mirror`]: the HTTP API's copy of the registry, kept by a watch and
+//!   read after a linearizable barrier.
 
 pub mod access;
 pub mod bodies;
@@ -31,7 +34,9 @@ pub mod liveness;
 pub mod lock;
 pub mod machine;
 pub mod metadata;
+pub mod mirror;
 pub mod ops;
+pub mod reader;
 pub mod records;
 pub mod schedule;
 pub mod semaphore;

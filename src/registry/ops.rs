@@ -12,6 +12,7 @@ use super::bodies::BodyCache;
 use super::error::RegistryError;
 use super::keys::{self, MachineKey};
 use super::metadata;
+use super::reader::Reader;
 use super::records::{
     self, Claim, DesiredState, MachineRecord, Renewal, ReportedState, UnitRecord,
 };
@@ -217,9 +218,12 @@ pub async fn body_text(client: &Client, record: &UnitRecord) -> Result<String, R
 }
 
 /// The record of `name`.
-pub async fn unit_record(client: &Client, name: &UnitName) -> Result<UnitRecord, RegistryError> {
-    let kv = client
-        .get(&keys::unit(name))
+pub async fn unit_record(
+    registry: &impl Reader,
+    name: &UnitName,
+) -> Result<UnitRecord, RegistryError> {
+    let kv = registry
+        .read_key(&keys::unit(name))
         .await?
         .ok_or_else(|| RegistryError::NoSuchUnit(name.clone()))?;
     Ok(records::decode(&kv.key, &kv.value)?)
@@ -252,8 +256,8 @@ pub async fn destroy(client: &Client, name: &UnitName) -> Result<bool, RegistryE
 }
 
 /// Every submitted unit, by name.
-pub async fn unit_records(client: &Client) -> Result<Vec<UnitRecord>, RegistryError> {
-    let (kvs, _) = client.range(keys::UNITS, true, false).await?;
+pub async fn unit_records(registry: &impl Reader) -> Result<Vec<UnitRecord>, RegistryError> {
+    let kvs = registry.read_prefix(keys::UNITS).await?;
     kvs.iter()
         .map(|kv| records::decode(&kv.key, &kv.value).map_err(RegistryError::from))
         .collect()
@@ -274,12 +278,12 @@ pub struct MachineRow {
 }
 
 /// Every machine with a live presence, by id.
-pub async fn machines(client: &Client) -> Result<Vec<MachineRow>, RegistryError> {
-    let (kvs, _) = client.range(keys::MACHINES, true, false).await?;
-    let (drains, _) = client.range(keys::DRAIN, true, false).await?;
-    let (per_machine, _) = client.range(keys::PER_MACHINE, true, false).await?;
-    let (renewals, _) = client.range(keys::RENEWALS, true, false).await?;
-    let dynamic = metadata::dynamic(client).await?;
+pub async fn machines(registry: &impl Reader) -> Result<Vec<MachineRow>, RegistryError> {
+    let kvs = registry.read_prefix(keys::MACHINES).await?;
+    let drains = registry.read_prefix(keys::DRAIN).await?;
+    let per_machine = registry.read_prefix(keys::PER_MACHINE).await?;
+    let renewals = registry.read_prefix(keys::RENEWALS).await?;
+    let dynamic = metadata::dynamic(registry).await?;
     let mut claims: BTreeMap<String, usize> = BTreeMap::new();
     for kv in &per_machine {
         if let Some(MachineKey::Claim(id, _)) = keys::parse_machine_key(&kv.key) {
@@ -352,10 +356,10 @@ fn pick_machine(machines: Vec<MachineRecord>, given: &str) -> Result<MachineReco
 /// The machines that claimed unit `name` (several for a global unit), with
 /// their presence records: where its systemd status and journal are.
 pub async fn claimed_by(
-    client: &Client,
+    registry: &impl Reader,
     name: &UnitName,
 ) -> Result<Vec<MachineRecord>, RegistryError> {
-    let (per_machine, _) = client.range(keys::PER_MACHINE, true, false).await?;
+    let per_machine = registry.read_prefix(keys::PER_MACHINE).await?;
     let ids: BTreeSet<String> = per_machine
         .iter()
         .filter_map(|kv| match keys::parse_machine_key(&kv.key) {
@@ -365,7 +369,7 @@ pub async fn claimed_by(
         .collect();
     let mut found = Vec::new();
     for id in ids {
-        if let Some(kv) = client.get(&keys::machine(&id)).await? {
+        if let Some(kv) = registry.read_key(&keys::machine(&id)).await? {
             found.push(records::decode(&kv.key, &kv.value)?);
         }
     }
@@ -373,8 +377,8 @@ pub async fn claimed_by(
 }
 
 /// The scheduler's reason for every unit it cannot place.
-pub async fn reasons(client: &Client) -> Result<BTreeMap<UnitName, String>, RegistryError> {
-    let (kvs, _) = client.range(keys::REASONS, true, false).await?;
+pub async fn reasons(registry: &impl Reader) -> Result<BTreeMap<UnitName, String>, RegistryError> {
+    let kvs = registry.read_prefix(keys::REASONS).await?;
     Ok(kvs
         .iter()
         .filter_map(|kv| {
@@ -416,11 +420,11 @@ pub struct UnitRow {
 /// Every unit that is loaded or launched, one row per machine it is on (a
 /// global unit has several), and one row without machine while unplaced;
 /// and an unloaded unit on each machine still holding it.
-pub async fn unit_rows(client: &Client) -> Result<Vec<UnitRow>, RegistryError> {
-    let units = unit_records(client).await?;
-    let (per_machine, _) = client.range(keys::PER_MACHINE, true, false).await?;
-    let (states, _) = client.range(keys::STATES, true, false).await?;
-    let machines: BTreeMap<String, MachineRecord> = machines(client)
+pub async fn unit_rows(registry: &impl Reader) -> Result<Vec<UnitRow>, RegistryError> {
+    let units = unit_records(registry).await?;
+    let per_machine = registry.read_prefix(keys::PER_MACHINE).await?;
+    let states = registry.read_prefix(keys::STATES).await?;
+    let machines: BTreeMap<String, MachineRecord> = machines(registry)
         .await?
         .into_iter()
         .map(|row| (row.record.id.clone(), row.record))

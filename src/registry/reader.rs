@@ -1,0 +1,38 @@
+//! Where the registry's read operations read from.
+//!
+//! The user-facing reads ([`super::ops::unit_rows`], [`super::ops::machines`]
+//! and the rest) are the same computation whether the keys come straight from
+//! the store (a CLI's one-off question, a linearizable range per prefix) or
+//! from a [`super::mirror::Snapshot`] (the HTTP API's: every key read at one
+//! revision, after a linearizable barrier, without asking the store's Raft
+//! thread for thousands of keys per request). A [`Reader`] is either.
+
+use std::future::Future;
+
+use crate::consensus::client::{Client, ClientError};
+use crate::consensus::kv::KeyValue;
+
+/// A source of registry keys.
+pub trait Reader: Sync {
+    /// Every key starting with `prefix`, in key order.
+    fn read_prefix(
+        &self,
+        prefix: &str,
+    ) -> impl Future<Output = Result<Vec<KeyValue>, ClientError>> + Send;
+
+    /// One key, if it exists.
+    fn read_key(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<KeyValue>, ClientError>> + Send;
+}
+
+impl Reader for Client {
+    async fn read_prefix(&self, prefix: &str) -> Result<Vec<KeyValue>, ClientError> {
+        Ok(self.range(prefix, true, false).await?.0)
+    }
+
+    async fn read_key(&self, key: &str) -> Result<Option<KeyValue>, ClientError> {
+        self.get(key).await
+    }
+}
