@@ -274,6 +274,19 @@ enum Ended {
     Unconfirmed,
 }
 
+/// A member thread on an empty disk, knowing no cluster: what a snapshot
+/// is streamed into.
+fn fresh_member() -> (runner::Handle, std::thread::JoinHandle<Exit>) {
+    let core = Core::new(
+        NodeConfig::new(2, 10, 100),
+        MemDisk::new(),
+        &BTreeMap::new(),
+        &logger(),
+    )
+    .expect("a fresh disk");
+    runner::spawn(core, Duration::from_millis(10), |_| Quiet)
+}
+
 /// Streams `snapshot` to a fresh member under seed `seed`'s faults and
 /// checks what the member holds afterwards.
 async fn transfer(seed: u64, snapshot: &Message, total: u64) -> Ended {
@@ -287,14 +300,7 @@ async fn transfer(seed: u64, snapshot: &Message, total: u64) -> Ended {
     let sender_cut = sender.cut.clone();
     let receiver = Faulty::new(far, Rng::new(rng.next_u64()), 16, ack_lost.then_some(0));
 
-    let core = Core::new(
-        NodeConfig::new(2, 10, 100),
-        MemDisk::new(),
-        &BTreeMap::new(),
-        &logger(),
-    )
-    .expect("a fresh disk");
-    let (node, thread) = runner::spawn(core, Duration::from_millis(10), |_| Quiet);
+    let (node, thread) = fresh_member();
     let receiving = async {
         let mut receiver = tokio::io::BufReader::new(receiver);
         let header = match codec::read_frame(&mut receiver).await {
@@ -439,14 +445,7 @@ fn stalled_snapshot_streams_end_on_both_sides() {
         } else {
             receiver.stall_at = Some(0);
         }
-        let core = Core::new(
-            NodeConfig::new(2, 10, 100),
-            MemDisk::new(),
-            &BTreeMap::new(),
-            &logger(),
-        )
-        .expect("a fresh disk");
-        let (node, thread) = runner::spawn(core, Duration::from_millis(10), |_| Quiet);
+        let (node, thread) = fresh_member();
         let (sent, received, installed) = runtime.block_on(async {
             let receiving = async {
                 let mut receiver = tokio::io::BufReader::new(receiver);
