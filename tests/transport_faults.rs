@@ -245,7 +245,7 @@ struct Quiet;
 
 impl runner::Transport for Quiet {
     fn send(&self, _: Vec<Message>) {}
-    fn set_peers(&self, _: &BTreeMap<u64, MemberInfo>) {}
+    fn set_peers(&self, _: &BTreeMap<u64, MemberInfo>, _: u64) {}
 }
 
 /// How one seed's transfer ended.
