@@ -1470,7 +1470,10 @@ fn a_member_behind_a_newcomers_addition_catches_up_once_the_newcomer_leads_under
         let (m1, m6) = (member_id("m1"), member_id("m6"));
         assert!(
             cluster
-                .put(&Command::put("/before", "5 members", None), Duration::from_secs(20))
+                .put(
+                    &Command::put("/before", "5 members", None),
+                    Duration::from_secs(20)
+                )
                 .await,
             "the founders never took a write"
         );

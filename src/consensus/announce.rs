@@ -231,7 +231,9 @@ mod tests {
     }
 
     fn members(ids: &[u64]) -> BTreeMap<u64, MemberInfo> {
-        ids.iter().map(|id| (*id, info(&format!("n{id}")))).collect()
+        ids.iter()
+            .map(|id| (*id, info(&format!("n{id}"))))
+            .collect()
     }
 
     fn announced(from: u64, index: u64, ids: &[u64]) -> Announcement {
@@ -312,7 +314,11 @@ mod tests {
         let mut book = Book::new(1);
         assert!(!book.vouch(&announced(2, 5, &[2, 3])));
         assert!(book.members().is_empty());
-        assert_eq!(book.announcement(), None, "not a member: nothing to announce");
+        assert_eq!(
+            book.announcement(),
+            None,
+            "not a member: nothing to announce"
+        );
         book.set_own(&members(&[1, 2]), 3);
         let mine = book.announcement().unwrap();
         assert_eq!((mine.from, mine.index, mine.name.as_str()), (1, 3, "n1"));

@@ -163,10 +163,7 @@ impl Peers {
     /// changed, stopped where the member is gone.
     fn sync(&self, table: &mut PeerTable) {
         let wanted = table.book.members();
-        table.members = wanted
-            .iter()
-            .map(|(id, m)| (*id, m.name.clone()))
-            .collect();
+        table.members = wanted.iter().map(|(id, m)| (*id, m.name.clone())).collect();
         let Some(spawner) = table.spawner.clone() else {
             return;
         };
@@ -821,18 +818,22 @@ async fn peer_connection(
                 return;
             }
             Ok(Some(frame)) if frame.first() == Some(&announce::ANNOUNCEMENT) => {
-                let heard = announce::decode(&frame).and_then(|announcement| {
-                    let members = peers.lock().members.clone();
-                    admit_announcement(who.as_ref(), &announcement, &members)
-                        .map_err(CodecError::Malformed)?;
-                    Ok(announcement)
-                });
+                let heard = announce::decode(&frame)
+                    .map_err(|e| e.to_string())
+                    .and_then(|announcement| {
+                        let members = &peers.lock().members;
+                        admit_announcement(who.as_ref(), &announcement, members)?;
+                        Ok(announcement)
+                    });
                 match heard {
                     Ok(announcement) => {
                         peers.vouch(&announcement);
                     }
-                    Err(e) => {
-                        tracing::warn!("dropping connection from peer {from}: {e}");
+                    Err(why) => {
+                        tracing::warn!(
+                            "ignoring an announcement and dropping the connection from peer \
+                             {from}: {why}"
+                        );
                         return;
                     }
                 }
@@ -1058,6 +1059,105 @@ mod tests {
             ),
             Ok(())
         );
+    }
+
+    #[test]
+    fn only_members_admitted_announcing_as_themselves_are_heard() {
+        let who = |role, name: &str| Identity {
+            cluster: "c".into(),
+            role,
+            name: name.into(),
+        };
+        let (m1, m2) = (member_id("m1"), member_id("m2"));
+        let members = BTreeMap::from([(m1, "m1".to_string()), (m2, "m2".to_string())]);
+        let announced = |from, name: &str| Announcement {
+            from,
+            name: name.into(),
+            index: 9,
+            members: BTreeMap::new(),
+        };
+        let m2_cert = who(Role::Member, "m2");
+        assert_eq!(
+            admit_announcement(Some(&m2_cert), &announced(m2, "m2"), &members),
+            Ok(())
+        );
+        assert_eq!(
+            admit_announcement(None, &announced(m2, "m2"), &members),
+            Ok(()),
+            "plaintext"
+        );
+        let refused = [
+            (who(Role::Member, "m2"), announced(m1, "m1"), "as m1"),
+            (who(Role::Member, "m2"), announced(m2, "m1"), "as m1"),
+            (who(Role::Member, "m2"), announced(m1, "m2"), "as m2"),
+            (
+                who(Role::Agent, "m2"),
+                announced(m2, "m2"),
+                "no member certificate",
+            ),
+            (
+                who(Role::Member, "m9"),
+                announced(member_id("m9"), "m9"),
+                "not a current member",
+            ),
+        ];
+        for (cert, announcement, why) in refused {
+            let err = admit_announcement(Some(&cert), &announcement, &members).unwrap_err();
+            assert!(err.contains(why), "{cert}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_confirmation_after_an_offer_is_read_and_nothing_else_is_taken() {
+        use tokio::io::AsyncWriteExt;
+        let mut offered = Vec::new();
+        codec::write_frame(&mut offered, &announce::capability_frame())
+            .await
+            .unwrap();
+        let mut stream = offered.clone();
+        stream.push(SNAPSHOT_RECEIVED);
+        assert!(confirmation(&mut stream.as_slice()).await.is_ok());
+        assert!(
+            confirmation(&mut [SNAPSHOT_RECEIVED].as_slice())
+                .await
+                .is_ok()
+        );
+        // Anything else in its place is refused, and an offer alone is no
+        // confirmation.
+        let mut other = Vec::new();
+        codec::write_frame(&mut other, &[codec::FORMAT_VERSION, 0])
+            .await
+            .unwrap();
+        other.push(SNAPSHOT_RECEIVED);
+        assert!(confirmation(&mut other.as_slice()).await.is_err());
+        assert!(confirmation(&mut offered.as_slice()).await.is_err());
+        assert!(confirmation(&mut [7u8].as_slice()).await.is_err());
+        let mut huge = vec![0, 0xff, 0xff, 0xff];
+        huge.push(SNAPSHOT_RECEIVED);
+        assert!(matches!(
+            confirmation(&mut huge.as_slice()).await,
+            Err(CodecError::TooLarge(_))
+        ));
+        // A whole stream whose receiver offered first is confirmed.
+        let mut message = Message::default();
+        message.set_msg_type(MessageType::MsgSnapshot);
+        message.mut_snapshot().data = vec![3u8; 1000].into();
+        let (mut sender, receiver) = tokio::io::duplex(64 * 1024);
+        let receiving = tokio::spawn(async move {
+            let mut receiver = tokio::io::BufReader::new(receiver);
+            offer(&mut receiver).await.unwrap();
+            let header = codec::read_frame(&mut receiver).await.unwrap().unwrap();
+            let got = receive_snapshot(&mut receiver, &header, &|_| Ok(()))
+                .await
+                .unwrap();
+            receiver.write_all(&[SNAPSHOT_RECEIVED]).await.unwrap();
+            got
+        });
+        let data = message.get_snapshot().get_data().to_vec();
+        send_snapshot(&mut sender, &message, data.as_slice(), data.len() as u64)
+            .await
+            .unwrap();
+        assert_eq!(receiving.await.unwrap(), message);
     }
 
     #[test]
