@@ -365,6 +365,11 @@ mod tests {
             },
         );
         assert!(encode(&long_address).is_none());
+        // The fuzz target's seed is a valid announcement.
+        let seed = include_bytes!("../../fuzz/seeds/peer_frame/announcement");
+        let seeded = decode(seed).unwrap();
+        assert_eq!((seeded.name.as_str(), seeded.index), ("m2", 42));
+        assert_eq!(seeded.members.len(), 3);
         let mut zero = good;
         zero.from = 0;
         assert!(encode(&zero).is_none());

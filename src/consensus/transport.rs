@@ -12,9 +12,27 @@
 //! meant to reach, and accepts only connections holding a member
 //! certificate. Every Raft message received must then come `from` the Raft
 //! id of the member its certificate names, that member must be a current
-//! one (or the address book of a member still joining), and it must be
-//! addressed to this member; anything else is dropped with the connection,
-//! before the Raft node sees it ([`admit`]).
+//! one (or the address book of a member still joining, or vouched for, see
+//! below), and it must be addressed to this member; anything else is
+//! dropped with the connection, before the Raft node sees it ([`admit`]).
+//!
+//! A member's writers and admission follow the membership it has applied,
+//! so a member behind the addition of a newcomer could neither answer nor
+//! (with TLS) hear it, and once the newcomer led it never caught up. Members
+//! therefore announce their applied membership to each other
+//! ([`super::announce`]): the listener offers to hear announcements on an
+//! ordinary connection (after the first Raft message it admits, or after
+//! [`OFFER_AFTER`] without any, as a peer's writer dials before it has
+//! anything to say), the writer reads its connection for that offer and
+//! then sends its member's announcement, and a new one whenever that
+//! membership changes. An announcement is judged like a message
+//! ([`admit_announcement`]); when it is newer than this member's own
+//! membership, the members it names that this one does not know get a
+//! writer and are admitted until this member's own applied membership is as
+//! new. Releases before announcements neither offer (so they are sent
+//! none) nor read the offer (it stays in their socket buffer); snapshot
+//! streams are offered nothing, since they open with their header at once,
+//! and a sender skips an offer made before its confirmation.
 //!
 //! A peer whose host died (power off, a killed network namespace) sends no
 //! reset: the kernel would keep a connection to it "open" and queue our
