@@ -230,11 +230,6 @@ impl Peers {
         true
     }
 
-    /// The members vouched for now (for tests and status).
-    pub fn vouched(&self) -> BTreeMap<u64, MemberInfo> {
-        self.lock().book.vouched().clone()
-    }
-
     /// Peer `id` connected to us: if its writer is waiting to reconnect, it
     /// tries at once instead of sitting out its back-off.
     fn dialed_in(&self, id: u64) {
