@@ -58,8 +58,17 @@
 //! confirmation was lost is reported failed (Raft sends it again) though
 //! installed.
 //!
-//! Not covered here: TLS on the peer connections, and a stalled stream (its
-//! 30-second timeout would cost each seed 30 s of real time).
+//! **A member behind a newcomer's addition** (the two
+//! `a_member_behind_a_newcomers_addition_...` tests): a member misses the
+//! addition of member 6, member 6 comes to lead, and the member must catch
+//! up, through the fault layer in plaintext and, under mutual TLS with a
+//! real CA, on direct connections ([`TlsCluster`]), where the member does
+//! not even admit the leader's messages until a member it trusts announces
+//! it (`consensus::announce`).
+//!
+//! Not covered here: TLS under the fault layer (it reads frames to learn
+//! each connection's sender), and a stalled stream (its 30-second timeout
+//! would cost each seed 30 s of real time).
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
