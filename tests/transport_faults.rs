@@ -77,6 +77,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use flotilla::consensus::announce;
 use flotilla::consensus::codec::{self, FrameLimits, MemberInfo};
 use flotilla::consensus::kv::{Command, KeyValue};
 use flotilla::consensus::listener::{Listener, ListenerLimits};
@@ -129,9 +130,9 @@ fn member(id: u64) -> MemberInfo {
     }
 }
 
-/// A single-member leader with [`KEYS`] values adds member 2; returns the
+/// A single-member leader with `keys` values of [`VALUE_BYTES`] adds member 2; returns the
 /// `MsgSnapshot` it sends the newcomer.
-fn leaders_snapshot() -> Message {
+fn leaders_snapshot(keys: usize) -> Message {
     let founders = BTreeMap::from([(1, member(1))]);
     let mut leader = Core::new(
         NodeConfig::new(1, 10, 100),
@@ -150,7 +151,7 @@ fn leaders_snapshot() -> Message {
         pass(&mut leader);
     }
     assert!(leader.is_leader());
-    for key in 0..KEYS {
+    for key in 0..keys {
         let put = Command::put(format!("/big/{key:03}"), value(key), None);
         leader.propose(&put, Box::new(|r| assert!(r.is_ok(), "{r:?}")));
         pass(&mut leader);
@@ -378,7 +379,7 @@ async fn assert_whole(node: &runner::Handle, seed: u64) {
 
 #[test]
 fn snapshots_over_a_frame_survive_a_faulty_pipe_into_the_runner() {
-    let snapshot = leaders_snapshot();
+    let snapshot = leaders_snapshot(KEYS);
     let data = snapshot.get_snapshot().get_data().len();
     assert!(
         data > codec::MAX_FRAME,
@@ -1558,5 +1559,136 @@ fn a_member_behind_a_newcomers_addition_catches_up_once_the_newcomer_leads_under
             "m1 did not catch up: applied {applied} of {leader_applied}, leader {leader:x} \
              (m6 is {m6:x}), {members} members known"
         );
+    });
+}
+
+/// A stream that keeps every byte read from it.
+struct Recording<S> {
+    inner: S,
+    read: Vec<u8>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Recording<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let got = buf.filled()[before..].to_vec();
+        self.read.extend_from_slice(&got);
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Recording<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// What the real peer listener sends back, as a sender of the release
+/// before announcements would see it: on a snapshot stream only the
+/// confirmation byte, where that sender reads it; on an ordinary
+/// connection, after the first Raft message and on one that stays idle,
+/// the offer to hear announcements, which such a sender never reads.
+#[test]
+fn the_peer_listener_offers_announcements_on_ordinary_connections_only() {
+    let snapshot = leaders_snapshot(2);
+    let runtime = cluster_runtime();
+    runtime.block_on(async {
+        let core = Core::new(
+            NodeConfig::new(2, TICK_MS, ELECTION_MS),
+            MemDisk::new(),
+            &BTreeMap::new(),
+            &logger(),
+        )
+        .expect("a fresh disk");
+        let (node, thread) = runner::spawn(core, Duration::from_millis(TICK_MS), |_| Quiet);
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback port");
+        let addr = tcp.local_addr().expect("the listener's address");
+        let limits = ListenerLimits {
+            max_connections: 8,
+            handshake_timeout: Duration::from_secs(5),
+            frame: FrameLimits {
+                max_bytes: FRAME_LIMIT,
+                deadline: Duration::from_secs(10),
+            },
+        };
+        let listener = Listener::new(tcp, None, limits, "peer");
+        let serve = tokio::spawn(transport::serve_peers(
+            listener,
+            node.clone(),
+            transport::Peers::new(None),
+            2,
+        ));
+
+        // A snapshot stream: back comes the confirmation byte alone.
+        let mut stream = Recording {
+            inner: tokio::net::TcpStream::connect(addr)
+                .await
+                .expect("connects"),
+            read: Vec::new(),
+        };
+        let data = snapshot.get_snapshot().get_data();
+        transport::send_snapshot(&mut stream, &snapshot, data, data.len() as u64)
+            .await
+            .expect("the snapshot is confirmed");
+        assert_eq!(stream.read, [1], "only the confirmation came back");
+        let index = snapshot.get_snapshot().get_metadata().index;
+        assert!(wait_until_applied(&node, index, true).await);
+
+        // An ordinary connection: the offer follows the first message.
+        let mut ordinary = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connects");
+        let mut heartbeat = Message {
+            from: 1,
+            to: 2,
+            term: snapshot.term,
+            ..Message::default()
+        };
+        heartbeat.set_msg_type(MessageType::MsgHeartbeat);
+        let mut frame = vec![codec::FORMAT_VERSION];
+        protobuf::Message::write_to_vec(&heartbeat, &mut frame).expect("encodes");
+        codec::write_frame(&mut ordinary, &frame)
+            .await
+            .expect("sent");
+        let offer = tokio::time::timeout(Duration::from_secs(5), codec::read_frame(&mut ordinary))
+            .await
+            .expect("an offer")
+            .expect("readable")
+            .expect("a frame");
+        assert!(announce::is_capability(&offer), "{offer:?}");
+        // An idle one is offered too: a writer dials before it has
+        // anything to say.
+        let mut idle = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connects");
+        let offer = tokio::time::timeout(Duration::from_secs(5), codec::read_frame(&mut idle))
+            .await
+            .expect("an offer")
+            .expect("readable")
+            .expect("a frame");
+        assert!(announce::is_capability(&offer), "{offer:?}");
+
+        serve.abort();
+        node.send(Msg::Stop).expect("the member thread runs");
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     });
 }
