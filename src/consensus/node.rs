@@ -1695,6 +1695,42 @@ mod tests {
     }
 
     #[test]
+    fn members_at_follows_membership_changes_not_other_entries_and_survives_restart() {
+        let disk = MemDisk::new();
+        let mut core = single(disk.clone());
+        let founded = core.members_at();
+        run(&mut core, 30);
+        core.propose(&Command::put("k", "v", None), Box::new(|_| {}));
+        run(&mut core, 2);
+        assert!(core.progress().applied > founded);
+        assert_eq!(core.members_at(), founded, "a put changes no membership");
+        let info = MemberInfo {
+            name: "n2".into(),
+            peer_addr: "127.0.0.1:2".into(),
+        };
+        core.propose_member_change(2, Some(info), Box::new(|_| {}));
+        for _ in 0..5 {
+            core.tick(core.now_ms + 10);
+            core.handle_ready().unwrap();
+        }
+        assert!(core.members().contains_key(&2));
+        let added = core.members_at();
+        assert!(
+            added > founded,
+            "the addition is newer: {added} vs {founded}"
+        );
+        assert!(added <= core.progress().applied);
+        drop(core);
+        let again = single(disk);
+        assert!(again.members().contains_key(&2), "replayed or restored");
+        assert!(
+            again.members_at() >= added,
+            "restarted at {} before {added}",
+            again.members_at()
+        );
+    }
+
+    #[test]
     fn member_ids_are_stable_and_nonzero() {
         assert_eq!(member_id("n1"), member_id("n1"));
         assert_ne!(member_id("n1"), member_id("n2"));
