@@ -24,7 +24,7 @@ struct Nowhere;
 
 impl Transport for Nowhere {
     fn send(&self, _: Vec<Message>) {}
-    fn set_peers(&self, _: &BTreeMap<u64, MemberInfo>) {}
+    fn set_peers(&self, _: &BTreeMap<u64, MemberInfo>, _: u64) {}
 }
 
 /// Starts one member with `config` changed by `adjust`; its client address.

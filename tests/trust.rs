@@ -11,8 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use flotilla::consensus::announce::{self, Announcement};
 use flotilla::consensus::client::{Client, ClientError};
-use flotilla::consensus::codec::{self, SnapshotData};
+use flotilla::consensus::codec::{self, MemberInfo, SnapshotData};
 use flotilla::consensus::kv::{Command as KvCommand, Compare, KvStore, Op};
 use flotilla::consensus::node::member_id;
 use flotilla::tls::Role;
@@ -348,6 +349,89 @@ async fn the_peer_port_hears_only_current_members_speaking_as_themselves() {
         attack_peer_port(|| tls_as(&peer, Some(stranger.clone())), from, "member m9").await;
     }
 
+    assert_eq!(member.contents().await, before, "the store changed");
+    member.still_serving(term).await;
+}
+
+/// A membership announcement from `name` (as `from`) claiming that
+/// `members` are the cluster as of a far-off log index.
+fn forged_announcement(from: u64, name: &str, members: &[(&str, &str)]) -> Vec<u8> {
+    let members = members
+        .iter()
+        .map(|(name, addr)| {
+            (
+                member_id(name),
+                MemberInfo {
+                    name: name.to_string(),
+                    peer_addr: addr.to_string(),
+                },
+            )
+        })
+        .collect();
+    announce::encode(&Announcement {
+        from,
+        name: name.into(),
+        index: 1_000_000,
+        members,
+    })
+    .expect("a forged announcement within the limits")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announcements_from_a_member_certificate_that_is_no_member_vouch_for_nobody() {
+    let member = Member::start(&[]).await;
+    let admin = member.admin().await.unwrap();
+    admin.put("/acked", b"kept".to_vec()).await.unwrap();
+    let before = member.contents().await;
+    let term = admin.status().await.unwrap().term;
+    let peer = member.peer.clone();
+    let stranger = shared().issue("m9", Role::Member);
+    // Where m8, one of the vouched-for strangers, would be dialed.
+    let m8 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let m8_addr = m8.local_addr().unwrap().to_string();
+    let m9_addr = format!("127.0.0.1:{}", free_port());
+    let strangers = [("m1", peer.as_str()), ("m8", &m8_addr), ("m9", &m9_addr)];
+
+    // m9 as itself, and m9 claiming to be m1: each connection is offered
+    // announcements (the offer carries nothing), its announcement is
+    // refused and the connection ends.
+    for (from, name) in [(member_id("m9"), "m9"), (member_id("m1"), "m1")] {
+        let mut stream = tls_as(&peer, Some(stranger.clone())).await.unwrap();
+        let offer = tokio::time::timeout(Duration::from_secs(5), codec::read_frame(&mut stream))
+            .await
+            .expect("an idle peer connection is offered announcements")
+            .unwrap()
+            .unwrap();
+        assert!(announce::is_capability(&offer), "offer {offer:?}");
+        let frame = forged_announcement(from, name, &strangers);
+        let sent = codec::write_frame(&mut stream, &frame).await.is_ok();
+        if sent && stream.flush().await.is_ok() {
+            assert!(
+                hung_up(&mut stream, Duration::from_secs(5)).await,
+                "m9 announcing as {name}: the peer port kept the connection"
+            );
+        }
+    }
+    // m1 vouched for nobody: it dials no stranger, and m9 is still refused.
+    let dialed = tokio::time::timeout(Duration::from_secs(2), m8.accept()).await;
+    assert!(dialed.is_err(), "m1 dialed a stranger it was told of");
+    attack_peer_port(
+        || tls_as(&peer, Some(stranger.clone())),
+        member_id("m9"),
+        "member m9 after announcing itself",
+    )
+    .await;
+    let log = member.log();
+    assert!(
+        !log.contains("announced members"),
+        "an announcement was recorded:\n{log}"
+    );
+    assert!(
+        log.contains("sent an announcement as m1")
+            && log.contains("ignoring an announcement and dropping the connection")
+            && log.contains("\"m9\" is not a current member"),
+        "the refusals are not logged:\n{log}"
+    );
     assert_eq!(member.contents().await, before, "the store changed");
     member.still_serving(term).await;
 }

@@ -1,11 +1,13 @@
-//! The peer frame decoder: an ordinary Raft frame, and the header frame
-//! that opens a snapshot stream. Whatever bytes a peer sends, decoding never
-//! panics; a header never announces more than the snapshot limit; an
-//! ordinary frame's message re-encodes to one with the same meaning.
+//! The peer frame decoder: an ordinary Raft frame, the header frame that
+//! opens a snapshot stream, and a membership announcement. Whatever bytes a
+//! peer sends, decoding never panics; a header never announces more than
+//! the snapshot limit; an ordinary frame's message re-encodes to one with
+//! the same meaning; an announcement accepted is within its limits and
+//! encodes back to the same announcement.
 
 #![no_main]
 
-use flotilla::consensus::transport;
+use flotilla::consensus::{announce, member, transport};
 use libfuzzer_sys::fuzz_target;
 use protobuf::Message as _;
 
@@ -40,5 +42,16 @@ fuzz_target!(|data: &[u8]| {
             message.get_msg_type(),
             raft::eraftpb::MessageType::MsgSnapshot
         );
+    }
+    if let Ok(announcement) = announce::decode(data) {
+        assert!(announcement.members.len() <= announce::MAX_MEMBERS);
+        assert_ne!(announcement.from, 0);
+        for (id, info) in &announcement.members {
+            assert_ne!(*id, 0);
+            assert!(info.peer_addr.len() <= announce::MAX_ADDRESS);
+            assert!(member::check(&info.name, &info.peer_addr).is_ok());
+        }
+        let again = announce::encode(&announcement).expect("an accepted announcement encodes");
+        assert_eq!(announce::decode(&again).expect("and decodes again"), announcement);
     }
 });

@@ -11,7 +11,8 @@
 //! * [`node`]: THE Ready loop around raft-rs; [`runner`] runs it on a thread.
 //! * [`storage`]: the Raft log and snapshots on redb, fsynced before any ack;
 //!   [`snapshot`]: snapshots encoded and written off the Raft thread.
-//! * [`transport`]: peer messages over TCP; [`server`], [`protocol`] and
+//! * [`transport`]: peer messages over TCP, and [`announce`]: members
+//!   telling each other their membership so one behind still reaches all; [`server`], [`protocol`] and
 //!   [`client`]: the client port; [`listener`]: what both listeners share
 //!   (mutual TLS, connection and frame limits).
 //! * [`limits`]: what one request may ask, and the store quota (no-space alarm).
@@ -20,6 +21,7 @@
 //! * [`backup`]: backup files, restoring one into a new cluster, and forcing
 //!   a new cluster from a survivor's disk.
 
+pub mod announce;
 pub mod backup;
 pub mod client;
 pub mod codec;

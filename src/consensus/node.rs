@@ -265,6 +265,8 @@ pub struct Core<D: Durable> {
     disk: D,
     kv: KvStore,
     members: BTreeMap<u64, MemberInfo>,
+    /// The log index at which `members` is in force ([`Core::members_at`]).
+    members_at: u64,
     conf_state: ConfState,
     applied: u64,
     leader: u64,
@@ -332,6 +334,7 @@ impl<D: Durable> Core<D> {
         let mut kv = KvStore::new(config.history_limit);
         kv.set_history_bytes(config.history_bytes);
         let mut members = BTreeMap::new();
+        let mut members_at = 0;
         let mut applied = 0;
         let mut disk = disk;
         if recovered.is_empty() && !bootstrap.is_empty() {
@@ -344,6 +347,7 @@ impl<D: Durable> Core<D> {
             kv.set_history_bytes(config.history_bytes);
             members = data.members;
             applied = snap.get_metadata().index;
+            members_at = applied;
         }
         let conf_state = recovered.conf_state.clone();
         // Replay committed membership changes after the snapshot for the address book.
@@ -352,6 +356,7 @@ impl<D: Durable> Core<D> {
                 && let Some((cc, info)) = decode_conf_change(entry)
             {
                 apply_members(&mut members, &cc, info);
+                members_at = entry.index;
             }
         }
         let store = LogStore::from_recovered(&recovered, disk.snapshot_dir().is_some())?;
@@ -386,6 +391,7 @@ impl<D: Durable> Core<D> {
             disk,
             kv,
             members,
+            members_at,
             conf_state,
             applied,
             leader: 0,
@@ -462,6 +468,15 @@ impl<D: Durable> Core<D> {
     /// Members by Raft id: the address book the transport follows.
     pub fn members(&self) -> &BTreeMap<u64, MemberInfo> {
         &self.members
+    }
+
+    /// The log index at which [`Core::members`] is in force: that of the
+    /// membership change (or snapshot) it was applied or replayed from; 0
+    /// for a joining member's address book. Memberships of one cluster are
+    /// ordered by it, which is how a member judges whether a peer's
+    /// announced membership is newer than its own ([`super::announce`]).
+    pub fn members_at(&self) -> u64 {
+        self.members_at
     }
 
     /// The request limits and store quota this member enforces (the
@@ -1010,6 +1025,7 @@ impl<D: Durable> Core<D> {
         self.kv = data.kv;
         self.kv.set_history_bytes(self.config.history_bytes);
         self.members = data.members;
+        self.members_at = meta.index;
         self.applied = meta.index;
         self.applied_bytes = 0;
         self.conf_state = meta.get_conf_state().clone();
@@ -1149,6 +1165,7 @@ impl<D: Durable> Core<D> {
             self.snapshot_at = Some(self.ticks + stagger);
         }
         apply_members(&mut self.members, &cc, info);
+        self.members_at = self.members_at.max(entry.index);
         self.conf_state = cs.clone();
         let batch = Batch {
             conf_state: Some(cs),
@@ -1674,6 +1691,42 @@ mod tests {
         assert!(
             matches!(failed, Err(DiskError::Failed(_))),
             "the member went on: {failed:?}"
+        );
+    }
+
+    #[test]
+    fn members_at_follows_membership_changes_not_other_entries_and_survives_restart() {
+        let disk = MemDisk::new();
+        let mut core = single(disk.clone());
+        let founded = core.members_at();
+        run(&mut core, 30);
+        core.propose(&Command::put("k", "v", None), Box::new(|_| {}));
+        run(&mut core, 2);
+        assert!(core.progress().applied > founded);
+        assert_eq!(core.members_at(), founded, "a put changes no membership");
+        let info = MemberInfo {
+            name: "n2".into(),
+            peer_addr: "127.0.0.1:2".into(),
+        };
+        core.propose_member_change(2, Some(info), Box::new(|_| {}));
+        for _ in 0..5 {
+            core.tick(core.now_ms + 10);
+            core.handle_ready().unwrap();
+        }
+        assert!(core.members().contains_key(&2));
+        let added = core.members_at();
+        assert!(
+            added > founded,
+            "the addition is newer: {added} vs {founded}"
+        );
+        assert!(added <= core.progress().applied);
+        drop(core);
+        let again = single(disk);
+        assert!(again.members().contains_key(&2), "replayed or restored");
+        assert!(
+            again.members_at() >= added,
+            "restarted at {} before {added}",
+            again.members_at()
         );
     }
 

@@ -105,8 +105,9 @@ pub trait Transport: Send + 'static {
     /// Every `MsgSnapshot` MUST be followed by a [`Msg::SnapshotSent`]
     /// saying how its delivery ended (see `Core::report_snapshot`).
     fn send(&self, messages: Vec<Message>);
-    /// The current address book, after a membership change.
-    fn set_peers(&self, peers: &BTreeMap<u64, MemberInfo>);
+    /// The current address book, after a membership change; `at` is the
+    /// log index at which it is in force ([`Core::members_at`]).
+    fn set_peers(&self, peers: &BTreeMap<u64, MemberInfo>, at: u64);
 }
 
 /// The daemon's way to talk to its Raft member. Cheap to clone.
@@ -334,7 +335,8 @@ fn drive<D: Durable, T: Transport>(
     let start = Instant::now();
     let mut next_tick = start + tick;
     let mut members = core.members().clone();
-    transport.set_peers(&members);
+    let mut members_at = core.members_at();
+    transport.set_peers(&members, members_at);
     let mut published = Published::default();
     loop {
         let wait = next_tick.saturating_duration_since(Instant::now());
@@ -382,9 +384,10 @@ fn drive<D: Durable, T: Transport>(
         }
         published.publish(&core);
         // Compared by reference each pass; cloned only when membership changed.
-        if *core.members() != members {
+        if *core.members() != members || core.members_at() != members_at {
             members = core.members().clone();
-            transport.set_peers(&members);
+            members_at = core.members_at();
+            transport.set_peers(&members, members_at);
         }
     }
 }
@@ -485,7 +488,7 @@ mod tests {
 
     impl Transport for Nowhere {
         fn send(&self, _: Vec<Message>) {}
-        fn set_peers(&self, _: &BTreeMap<u64, MemberInfo>) {}
+        fn set_peers(&self, _: &BTreeMap<u64, MemberInfo>, _: u64) {}
     }
 
     #[tokio::test]

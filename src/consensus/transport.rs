@@ -12,9 +12,27 @@
 //! meant to reach, and accepts only connections holding a member
 //! certificate. Every Raft message received must then come `from` the Raft
 //! id of the member its certificate names, that member must be a current
-//! one (or the address book of a member still joining), and it must be
-//! addressed to this member; anything else is dropped with the connection,
-//! before the Raft node sees it ([`admit`]).
+//! one (or the address book of a member still joining, or vouched for, see
+//! below), and it must be addressed to this member; anything else is
+//! dropped with the connection, before the Raft node sees it ([`admit`]).
+//!
+//! A member's writers and admission follow the membership it has applied,
+//! so a member behind the addition of a newcomer could neither answer nor
+//! (with TLS) hear it, and once the newcomer led it never caught up. Members
+//! therefore announce their applied membership to each other
+//! ([`super::announce`]): the listener offers to hear announcements on an
+//! ordinary connection (after the first Raft message it admits, or after
+//! [`OFFER_AFTER`] without any, as a peer's writer dials before it has
+//! anything to say), the writer reads its connection for that offer and
+//! then sends its member's announcement, and a new one whenever that
+//! membership changes. An announcement is judged like a message
+//! ([`admit_announcement`]); when it is newer than this member's own
+//! membership, the members it names that this one does not know get a
+//! writer and are admitted until this member's own applied membership is as
+//! new. Releases before announcements neither offer (so they are sent
+//! none) nor read the offer (it stays in their socket buffer); snapshot
+//! streams are offered nothing, since they open with their header at once,
+//! and a sender skips an offer made before its confirmation.
 //!
 //! A peer whose host died (power off, a killed network namespace) sends no
 //! reset: the kernel would keep a connection to it "open" and queue our
@@ -48,8 +66,9 @@ use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
 use tokio::io::{AsyncRead, AsyncWrite, BufWriter};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 
+use super::announce::{self, Announcement, Book};
 use super::codec::{self, CodecError, FrameLimits, MemberInfo};
 use super::listener::{Accepted, Listener};
 use super::node::member_id;
@@ -78,6 +97,11 @@ const MAX_SNAPSHOT: u64 = 16 * 1024 * 1024 * 1024;
 const SNAPSHOT_STALL: Duration = Duration::from_secs(30);
 /// The receiver's confirmation that it has the whole snapshot.
 const SNAPSHOT_RECEIVED: u8 = 1;
+/// How long the peer listener waits for a connection's first frame before
+/// it offers announcements anyway (see [`peer_connection`]).
+const OFFER_AFTER: Duration = Duration::from_millis(200);
+/// How long a frame from the listener may take to arrive once begun.
+const OFFER_DEADLINE: Duration = Duration::from_secs(10);
 
 fn encode(message: &Message) -> Vec<u8> {
     let mut frame = vec![codec::FORMAT_VERSION];
@@ -108,18 +132,34 @@ struct Peer {
 
 /// The peers' writers and the current members, shared by the transport
 /// (which sends through the writers) and the peer listener (which tells a
-/// writer when its peer dialed in, and admits only current members).
-#[derive(Clone, Default)]
+/// writer when its peer dialed in, admits only current members, and
+/// records the members peers announce).
+#[derive(Clone)]
 pub struct Peers {
     table: Arc<Mutex<PeerTable>>,
     tls: Option<Arc<ClientTls>>,
+    /// The announcement frame of this member's applied membership, for
+    /// every writer whose peer offered to hear it (`None`: nothing to say).
+    announcement: Arc<watch::Sender<Option<Arc<Vec<u8>>>>>,
 }
 
 #[derive(Default)]
 struct PeerTable {
     writers: HashMap<u64, Peer>,
-    /// Every member this one knows (itself included), by Raft id: its name.
+    /// Every member this one admits (itself included), by Raft id: its
+    /// name; [`Book::members`], kept ready for [`admit`].
     members: BTreeMap<u64, String>,
+    /// The applied membership and the members announcements vouched for.
+    book: Book,
+    /// Set by [`TcpTransport::new`]: what starting a writer needs.
+    spawner: Option<Spawner>,
+}
+
+#[derive(Clone)]
+struct Spawner {
+    me: u64,
+    runtime: tokio::runtime::Handle,
+    node: Handle,
 }
 
 impl Peers {
@@ -128,11 +168,66 @@ impl Peers {
         Peers {
             table: Arc::default(),
             tls,
+            announcement: Arc::new(watch::Sender::new(None)),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PeerTable> {
         self.table.lock().expect("peer table lock")
+    }
+
+    /// Brings the writers and the admitted names in line with the book:
+    /// a writer for every member but this one, redialled where its address
+    /// changed, stopped where the member is gone.
+    fn sync(&self, table: &mut PeerTable) {
+        let wanted = table.book.members();
+        table.members = wanted.iter().map(|(id, m)| (*id, m.name.clone())).collect();
+        let Some(spawner) = table.spawner.clone() else {
+            return;
+        };
+        let writers = &mut table.writers;
+        writers.retain(|id, peer| wanted.get(id).is_some_and(|m| m.peer_addr == peer.addr));
+        for (id, member) in wanted {
+            if id == spawner.me || writers.contains_key(&id) {
+                continue;
+            }
+            let (queue, rx) = mpsc::channel(QUEUE);
+            let back = Arc::new(Notify::new());
+            let addr = member.peer_addr.clone();
+            spawner.runtime.spawn(write_to_peer(
+                id,
+                member,
+                rx,
+                spawner.node.clone(),
+                back.clone(),
+                self.tls.clone(),
+                self.announcement.subscribe(),
+            ));
+            writers.insert(id, Peer { addr, queue, back });
+        }
+    }
+
+    /// Records an announcement from an admitted sender ([`Book::vouch`]);
+    /// true when it vouched for members this one did not know.
+    fn vouch(&self, announcement: &Announcement) -> bool {
+        let mut table = self.lock();
+        if !table.book.vouch(announcement) {
+            return false;
+        }
+        tracing::info!(
+            "raft peer {} announced members this one has not applied yet (as of log index {}): {}",
+            announcement.name,
+            announcement.index,
+            table
+                .book
+                .vouched()
+                .values()
+                .map(|m| format!("{} at {}", m.name, m.peer_addr))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        self.sync(&mut table);
+        true
     }
 
     /// Peer `id` connected to us: if its writer is waiting to reconnect, it
@@ -179,9 +274,38 @@ pub fn admit(
     Ok(())
 }
 
+/// Whether an announcement that arrived on a connection authenticated as
+/// `who` may be recorded by a member whose admitted members are `members`:
+/// the rules of [`admit`], with the announcement's sender in place of a
+/// message's. Under TLS the sender must hold a member certificate, announce
+/// as the member it names, and be a member this one admits; `who` is `None`
+/// on a plaintext, loopback-only listener, where anything is heard.
+pub fn admit_announcement(
+    who: Option<&Identity>,
+    announcement: &Announcement,
+    members: &BTreeMap<u64, String>,
+) -> Result<(), String> {
+    let Some(who) = who else {
+        return Ok(());
+    };
+    if who.role != Role::Member {
+        return Err(format!("{who} holds no member certificate"));
+    }
+    let claimed = member_id(&who.name);
+    if announcement.from != claimed || announcement.name != who.name {
+        return Err(format!(
+            "{who} (raft id {claimed:x}) sent an announcement as {} (raft id {:x})",
+            announcement.name, announcement.from
+        ));
+    }
+    if !members.is_empty() && members.get(&claimed) != Some(&who.name) {
+        return Err(format!("{who} is not a current member"));
+    }
+    Ok(())
+}
+
 /// The TCP transport: one writer task per peer, created as members appear.
 pub struct TcpTransport {
-    me: u64,
     runtime: tokio::runtime::Handle,
     peers: Peers,
     node: Handle,
@@ -201,8 +325,16 @@ impl TcpTransport {
         peers: Peers,
         snapshot_dir: Option<PathBuf>,
     ) -> Self {
+        {
+            let mut table = peers.lock();
+            table.book = Book::new(me);
+            table.spawner = Some(Spawner {
+                me,
+                runtime: runtime.clone(),
+                node: node.clone(),
+            });
+        }
         TcpTransport {
-            me,
             runtime,
             peers,
             node,
@@ -241,37 +373,22 @@ impl runner::Transport for TcpTransport {
         }
     }
 
-    fn set_peers(&self, members: &BTreeMap<u64, MemberInfo>) {
+    fn set_peers(&self, members: &BTreeMap<u64, MemberInfo>, at: u64) {
         let mut table = self.peers.lock();
-        table.members = members
-            .iter()
-            .map(|(id, m)| (*id, m.name.clone()))
-            .collect();
-        let peers = &mut table.writers;
-        peers.retain(|id, peer| members.get(id).is_some_and(|m| m.peer_addr == peer.addr));
-        for (id, member) in members {
-            if *id == self.me || peers.contains_key(id) {
-                continue;
+        table.book.set_own(members, at);
+        self.peers.sync(&mut table);
+        let frame = table.book.announcement().and_then(|a| {
+            let frame = announce::encode(&a);
+            if frame.is_none() {
+                tracing::warn!(
+                    "this member's membership exceeds an announcement's limits \
+                     ({} members); peers behind on it are not told",
+                    members.len()
+                );
             }
-            let (queue, rx) = mpsc::channel(QUEUE);
-            let back = Arc::new(Notify::new());
-            self.runtime.spawn(write_to_peer(
-                *id,
-                member.clone(),
-                rx,
-                self.node.clone(),
-                back.clone(),
-                self.peers.tls.clone(),
-            ));
-            peers.insert(
-                *id,
-                Peer {
-                    addr: member.peer_addr.clone(),
-                    queue,
-                    back,
-                },
-            );
-        }
+            frame
+        });
+        self.peers.announcement.send_replace(frame.map(Arc::new));
     }
 }
 
@@ -401,17 +518,43 @@ pub async fn send_snapshot_within<S: AsyncRead + AsyncWrite + Unpin>(
         .await
         .map_err(|_| stalled())??;
     drop(writer);
-    let mut ack = [0u8];
-    tokio::time::timeout(stall, stream.read_exact(&mut ack))
+    tokio::time::timeout(stall, confirmation(stream))
         .await
-        .map_err(|_| stalled())??;
-    if ack[0] == SNAPSHOT_RECEIVED {
-        Ok(())
-    } else {
-        Err(CodecError::Malformed(format!(
-            "unexpected snapshot confirmation {}",
-            ack[0]
-        )))
+        .map_err(|_| stalled())?
+}
+
+/// Reads the receiver's confirmation of a snapshot stream. A listener that
+/// found the stream slow to start may have offered announcements first (see
+/// [`peer_connection`]): that frame starts with a zero byte (its length's
+/// first), never the confirmation's, and is skipped.
+async fn confirmation<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(), CodecError> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        let mut ack = [0u8];
+        stream.read_exact(&mut ack).await?;
+        match ack[0] {
+            SNAPSHOT_RECEIVED => return Ok(()),
+            0 => {
+                let mut rest = [0u8; 3];
+                stream.read_exact(&mut rest).await?;
+                let len = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+                if len > announce::MAX_OFFER {
+                    return Err(CodecError::TooLarge(len));
+                }
+                let mut frame = vec![0u8; len];
+                stream.read_exact(&mut frame).await?;
+                if !announce::is_capability(&frame) {
+                    return Err(CodecError::Malformed(
+                        "unexpected frame instead of the snapshot confirmation".into(),
+                    ));
+                }
+            }
+            other => {
+                return Err(CodecError::Malformed(format!(
+                    "unexpected snapshot confirmation {other}"
+                )));
+            }
+        }
     }
 }
 
@@ -528,7 +671,9 @@ async fn dial(member: &MemberInfo, back: &Notify, tls: Option<&ClientTls>) -> Op
 }
 
 /// Keeps one connection to a peer and writes its queue to it; ends when the
-/// peer is removed (its queue's sender is dropped).
+/// peer is removed (its queue's sender is dropped). Once the peer offers to
+/// hear announcements ([`announce`]), it is sent this member's, and a fresh
+/// one whenever `announcement` changes.
 async fn write_to_peer(
     id: u64,
     member: MemberInfo,
@@ -536,6 +681,7 @@ async fn write_to_peer(
     node: Handle,
     back: Arc<Notify>,
     tls: Option<Arc<ClientTls>>,
+    mut announcement: watch::Receiver<Option<Arc<Vec<u8>>>>,
 ) {
     use tokio::io::AsyncWriteExt;
     let mut backoff = FIRST_BACKOFF;
@@ -554,14 +700,41 @@ async fn write_to_peer(
             continue;
         };
         backoff = FIRST_BACKOFF;
-        let mut writer = BufWriter::new(stream);
+        let (reader, writer) = tokio::io::split(stream);
+        let offered = Arc::new(Notify::new());
+        let listening = AbortOnDrop(tokio::spawn(hear_offer(reader, offered.clone())));
+        let mut writer = BufWriter::new(writer);
+        let mut capable = false;
         loop {
-            let Some(first) = queue.recv().await else {
-                return;
+            let first = tokio::select! {
+                next = queue.recv() => match next {
+                    Some(message) => Some(message),
+                    None => return,
+                },
+                () = offered.notified(), if !capable => {
+                    capable = true;
+                    None
+                }
+                changed = announcement.changed(), if capable => {
+                    if changed.is_err() {
+                        // The transport is gone; the queue closes next.
+                        capable = false;
+                    }
+                    None
+                }
             };
-            let mut failed = codec::write_frame(&mut writer, &encode(&first))
-                .await
-                .is_err();
+            let mut failed = match first {
+                Some(first) => codec::write_frame(&mut writer, &encode(&first))
+                    .await
+                    .is_err(),
+                None => {
+                    let frame = announcement.borrow_and_update().clone();
+                    match frame {
+                        Some(frame) => codec::write_frame(&mut writer, &frame).await.is_err(),
+                        None => false,
+                    }
+                }
+            };
             while !failed {
                 match queue.try_recv() {
                     Ok(next) => {
@@ -576,6 +749,39 @@ async fn write_to_peer(
                 let _ = node.send(Msg::Unreachable(id));
                 break;
             }
+        }
+        drop(listening);
+    }
+}
+
+/// Aborts a task when dropped: a connection's reader ends with it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reads what a peer's listener sends back on an ordinary connection: its
+/// offer to hear announcements, which wakes `offered`. Frames are bounded
+/// to [`announce::MAX_OFFER`] bytes; anything else, or the end of the
+/// connection, ends the reading (the writer finds out about a dead
+/// connection when it writes).
+async fn hear_offer<R: AsyncRead + Unpin>(reader: R, offered: Arc<Notify>) {
+    let limits = FrameLimits {
+        max_bytes: announce::MAX_OFFER,
+        deadline: OFFER_DEADLINE,
+    };
+    let mut reader = tokio::io::BufReader::new(reader);
+    loop {
+        match codec::read_frame_within(&mut reader, &limits).await {
+            Ok(Some(frame)) if announce::is_capability(&frame) => offered.notify_one(),
+            Ok(Some(_)) => {
+                tracing::debug!("a raft peer sent an unknown frame back; no longer read");
+                return;
+            }
+            Ok(None) | Err(_) => return,
         }
     }
 }
@@ -593,6 +799,13 @@ pub async fn serve_peers(listener: Listener, node: Handle, peers: Peers, me: u64
         .await;
 }
 
+/// Serves one peer connection. On an ordinary connection the listener
+/// offers to hear announcements ([`announce`]): after the first Raft frame
+/// it admits, or after [`OFFER_AFTER`] without any frame (a peer's writer
+/// dials at once and may have nothing to say for long; the offer must
+/// still reach it). A snapshot stream opens with its header at once and
+/// is offered nothing, so a sender of the first release reads its
+/// confirmation where it expects it.
 async fn peer_connection(
     accepted: Accepted,
     node: Handle,
@@ -600,6 +813,7 @@ async fn peer_connection(
     me: u64,
     frame: FrameLimits,
 ) {
+    use tokio::io::AsyncBufReadExt;
     let Accepted {
         stream,
         who,
@@ -618,6 +832,16 @@ async fn peer_connection(
     };
     let mut stream = tokio::io::BufReader::new(stream);
     let mut greeted = false;
+    let mut offered = false;
+    if tokio::time::timeout(OFFER_AFTER, stream.fill_buf())
+        .await
+        .is_err()
+    {
+        offered = true;
+        if offer(&mut stream).await.is_err() {
+            return;
+        }
+    }
     loop {
         match codec::read_frame_within(&mut stream, &frame).await {
             Ok(Some(frame)) if frame.first() == Some(&SNAPSHOT_STREAM) => {
@@ -625,6 +849,27 @@ async fn peer_connection(
                     tracing::warn!("snapshot from peer {from} not received: {e}");
                 }
                 return;
+            }
+            Ok(Some(frame)) if frame.first() == Some(&announce::ANNOUNCEMENT) => {
+                let heard = announce::decode(&frame)
+                    .map_err(|e| e.to_string())
+                    .and_then(|announcement| {
+                        let members = &peers.lock().members;
+                        admit_announcement(who.as_ref(), &announcement, members)?;
+                        Ok(announcement)
+                    });
+                match heard {
+                    Ok(announcement) => {
+                        peers.vouch(&announcement);
+                    }
+                    Err(why) => {
+                        tracing::warn!(
+                            "ignoring an announcement and dropping the connection from peer \
+                             {from}: {why}"
+                        );
+                        return;
+                    }
+                }
             }
             Ok(Some(frame)) => match decode(&frame) {
                 Ok(message) => {
@@ -635,6 +880,12 @@ async fn peer_connection(
                     if !greeted {
                         greeted = true;
                         peers.dialed_in(message.from);
+                    }
+                    if !offered {
+                        offered = true;
+                        if offer(&mut stream).await.is_err() {
+                            return;
+                        }
                     }
                     if node.send(Msg::Raft(message)).is_err() {
                         return;
@@ -652,6 +903,14 @@ async fn peer_connection(
             }
         }
     }
+}
+
+/// Writes the offer to hear announcements ([`announce::capability_frame`]).
+async fn offer<S: AsyncWrite + Unpin>(stream: &mut S) -> Result<(), CodecError> {
+    use tokio::io::AsyncWriteExt;
+    codec::write_frame(stream, &announce::capability_frame()).await?;
+    stream.flush().await?;
+    Ok(())
 }
 
 /// Receives a snapshot stream whose header frame was `header`, hands the
@@ -850,6 +1109,105 @@ mod tests {
             ),
             Ok(())
         );
+    }
+
+    #[test]
+    fn only_members_admitted_announcing_as_themselves_are_heard() {
+        let who = |role, name: &str| Identity {
+            cluster: "c".into(),
+            role,
+            name: name.into(),
+        };
+        let (m1, m2) = (member_id("m1"), member_id("m2"));
+        let members = BTreeMap::from([(m1, "m1".to_string()), (m2, "m2".to_string())]);
+        let announced = |from, name: &str| Announcement {
+            from,
+            name: name.into(),
+            index: 9,
+            members: BTreeMap::new(),
+        };
+        let m2_cert = who(Role::Member, "m2");
+        assert_eq!(
+            admit_announcement(Some(&m2_cert), &announced(m2, "m2"), &members),
+            Ok(())
+        );
+        assert_eq!(
+            admit_announcement(None, &announced(m2, "m2"), &members),
+            Ok(()),
+            "plaintext"
+        );
+        let refused = [
+            (who(Role::Member, "m2"), announced(m1, "m1"), "as m1"),
+            (who(Role::Member, "m2"), announced(m2, "m1"), "as m1"),
+            (who(Role::Member, "m2"), announced(m1, "m2"), "as m2"),
+            (
+                who(Role::Agent, "m2"),
+                announced(m2, "m2"),
+                "no member certificate",
+            ),
+            (
+                who(Role::Member, "m9"),
+                announced(member_id("m9"), "m9"),
+                "not a current member",
+            ),
+        ];
+        for (cert, announcement, why) in refused {
+            let err = admit_announcement(Some(&cert), &announcement, &members).unwrap_err();
+            assert!(err.contains(why), "{cert}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_confirmation_after_an_offer_is_read_and_nothing_else_is_taken() {
+        use tokio::io::AsyncWriteExt;
+        let mut offered = Vec::new();
+        codec::write_frame(&mut offered, &announce::capability_frame())
+            .await
+            .unwrap();
+        let mut stream = offered.clone();
+        stream.push(SNAPSHOT_RECEIVED);
+        assert!(confirmation(&mut stream.as_slice()).await.is_ok());
+        assert!(
+            confirmation(&mut [SNAPSHOT_RECEIVED].as_slice())
+                .await
+                .is_ok()
+        );
+        // Anything else in its place is refused, and an offer alone is no
+        // confirmation.
+        let mut other = Vec::new();
+        codec::write_frame(&mut other, &[codec::FORMAT_VERSION, 0])
+            .await
+            .unwrap();
+        other.push(SNAPSHOT_RECEIVED);
+        assert!(confirmation(&mut other.as_slice()).await.is_err());
+        assert!(confirmation(&mut offered.as_slice()).await.is_err());
+        assert!(confirmation(&mut [7u8].as_slice()).await.is_err());
+        let mut huge = vec![0, 0xff, 0xff, 0xff];
+        huge.push(SNAPSHOT_RECEIVED);
+        assert!(matches!(
+            confirmation(&mut huge.as_slice()).await,
+            Err(CodecError::TooLarge(_))
+        ));
+        // A whole stream whose receiver offered first is confirmed.
+        let mut message = Message::default();
+        message.set_msg_type(MessageType::MsgSnapshot);
+        message.mut_snapshot().data = vec![3u8; 1000].into();
+        let (mut sender, receiver) = tokio::io::duplex(64 * 1024);
+        let receiving = tokio::spawn(async move {
+            let mut receiver = tokio::io::BufReader::new(receiver);
+            offer(&mut receiver).await.unwrap();
+            let header = codec::read_frame(&mut receiver).await.unwrap().unwrap();
+            let got = receive_snapshot(&mut receiver, &header, &|_| Ok(()))
+                .await
+                .unwrap();
+            receiver.write_all(&[SNAPSHOT_RECEIVED]).await.unwrap();
+            got
+        });
+        let data = message.get_snapshot().get_data().to_vec();
+        send_snapshot(&mut sender, &message, data.as_slice(), data.len() as u64)
+            .await
+            .unwrap();
+        assert_eq!(receiving.await.unwrap(), message);
     }
 
     #[test]
