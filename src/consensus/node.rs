@@ -40,7 +40,7 @@ use raft::eraftpb::{
 use raft::{GetEntriesContext, RawNode, SnapshotStatus, StateRole};
 
 use super::codec::{self, MemberInfo, SnapshotData};
-use super::kv::{Command, Compacted, Event, KvStore, LeaseId, Outcome, Revision};
+use super::kv::{Command, Compacted, Event, KvError, KvStore, LeaseId, Outcome, Revision};
 use super::lessor::{ClockBounds, Lessor};
 use super::limits::{Limits, Refused};
 use super::snapshot::Job;
@@ -150,7 +150,44 @@ pub struct NodeConfig {
     /// Always [`Mutation::None`] in the daemon.
     #[doc(hidden)]
     pub mutation: Mutation,
+    /// How the keep-alives this member's clients send reach the log.
+    pub keep_alive_batches: KeepAliveBatches,
 }
+
+/// How a member proposes its clients' lease keep-alives.
+///
+/// Every keep-alive is a log entry's worth of work for every member (an
+/// append, an fsync, a replication round, an apply): a fleet renewing its
+/// presence leases kept the leader busy doing nothing else. So a member
+/// holds the keep-alives that arrive between two ticks and proposes them at
+/// the next tick, before the lease clock runs: they share one Ready pass and
+/// one fsync on every member and, once every member reads it, one
+/// [`Command::LeaseKeepAlives`] entry. The lessor's guarantee is untouched:
+/// a keep-alive is acknowledged only once its entry is applied, and the
+/// lease clock counts from that apply, as before; a held keep-alive is one
+/// not sent yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeepAliveBatches {
+    /// Each keep-alive proposed when it arrives, one entry each (the first
+    /// release's way).
+    Immediate,
+    /// Held until the next tick; then one [`Command::LeaseKeepAlives`]
+    /// entry once every member of the group has announced that it reads
+    /// them ([`super::keys::member_features`]), else one entry each.
+    #[default]
+    WhenAllMembersRead,
+    /// Held until the next tick, then one entry for all of them (the
+    /// simulation: its members all run this release).
+    Always,
+}
+
+/// The most keep-alives one [`Command::LeaseKeepAlives`] entry carries
+/// (about 10 bytes each: far below any request size limit).
+const KEEP_ALIVES_PER_ENTRY: usize = 4096;
+
+/// What a member announces, under [`super::keys::member_features`], when it
+/// reads [`Command::LeaseKeepAlives`] entries.
+pub const FEATURE_KEEP_ALIVE_BATCHES: &str = "lease-keep-alives";
 
 /// Bugs the simulation can switch on in a [`Core`] to show that its checks
 /// fail when the Ready contract is broken (see [`NodeConfig::mutation`]).
@@ -189,6 +226,7 @@ impl NodeConfig {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |since| since.as_micros() as u64),
             mutation: Mutation::None,
+            keep_alive_batches: KeepAliveBatches::default(),
         }
     }
 
@@ -237,8 +275,40 @@ pub struct Progress {
 }
 
 struct Pending {
-    reply: Callback<Result<Outcome, RequestError>>,
+    reply: Reply,
     deadline: u64,
+}
+
+/// Who waits for a proposal's outcome.
+enum Reply {
+    /// One caller.
+    One(Callback<Result<Outcome, RequestError>>),
+    /// The callers of the keep-alives one [`Command::LeaseKeepAlives`]
+    /// carries, each with its lease: each gets its own lease's outcome.
+    KeepAlives(Vec<(LeaseId, Callback<Result<Outcome, RequestError>>)>),
+}
+
+impl Reply {
+    fn send(self, result: Result<Outcome, RequestError>) {
+        match self {
+            Reply::One(reply) => reply(result),
+            Reply::KeepAlives(callers) => {
+                let kept: HashMap<LeaseId, u64> = match &result {
+                    Ok(Outcome::LeasesKept { kept, .. }) => kept.iter().copied().collect(),
+                    _ => HashMap::new(),
+                };
+                for (id, reply) in callers {
+                    reply(match &result {
+                        Ok(Outcome::LeasesKept { .. }) => Ok(match kept.get(&id) {
+                            Some(&ttl_ms) => Outcome::LeaseKept { id, ttl_ms },
+                            None => Outcome::Failed(KvError::LeaseNotFound(id)),
+                        }),
+                        other => other.clone(),
+                    });
+                }
+            }
+        }
+    }
 }
 
 struct PendingRead {
@@ -294,6 +364,8 @@ pub struct Core<D: Durable> {
     snapshot_at: Option<u64>,
     /// Bytes of entries applied since the last snapshot.
     applied_bytes: u64,
+    /// Keep-alives held until the next tick ([`KeepAliveBatches`]).
+    keep_alives: Vec<(LeaseId, Callback<Result<Outcome, RequestError>>)>,
     /// A snapshot for the driver to encode and write off this thread
     /// ([`Core::take_snapshot_job`]).
     snapshot_job: Option<Job>,
@@ -400,6 +472,7 @@ impl<D: Durable> Core<D> {
             snapshot_now: false,
             snapshot_at: None,
             applied_bytes: 0,
+            keep_alives: Vec::new(),
             snapshot_job: None,
             snapshot_writing: None,
             removed: !in_group,
@@ -514,7 +587,9 @@ impl<D: Durable> Core<D> {
     /// Proposes a command; `reply` gets its outcome once applied here.
     ///
     /// A command that breaks this member's [`Limits`] is refused before it
-    /// is proposed: it changes nothing and costs no log entry.
+    /// is proposed: it changes nothing and costs no log entry. A keep-alive
+    /// waits for the next tick and goes with the others
+    /// ([`KeepAliveBatches`]); its caller still gets its own lease's outcome.
     pub fn propose(&mut self, command: &Command, reply: Callback<Result<Outcome, RequestError>>) {
         self.propose_for(command, None, reply);
     }
@@ -531,24 +606,85 @@ impl<D: Durable> Core<D> {
         if let Some(refused) = self.refusal() {
             return reply(Err(refused));
         }
+        if let Command::LeaseKeepAlive { id } = command
+            && self.config.keep_alive_batches != KeepAliveBatches::Immediate
+        {
+            // Proposed with the others at the next tick.
+            self.keep_alives.push((*id, reply));
+            return;
+        }
+        self.propose_now(command, agent, Reply::One(reply));
+    }
+
+    /// Proposes `command` now (see [`Core::propose_for`]).
+    fn propose_now(&mut self, command: &Command, agent: Option<&str>, reply: Reply) {
         let limits = &self.config.limits;
         if let Err(refused) = limits.check(command, &self.kv) {
-            return reply(Err(refused.into()));
+            return reply.send(Err(refused.into()));
         }
         let data = codec::encode_entry(command, agent);
         if data.len() > limits.request_bytes {
             let refused = Refused::RequestTooLarge(data.len(), limits.request_bytes);
-            return reply(Err(refused.into()));
+            return reply.send(Err(refused.into()));
         }
         let id = self.request_id();
         match self.raw.propose(ctx_bytes(id), data) {
             Ok(()) => self.track(id, reply),
-            Err(_) => reply(Err(RequestError::NoLeader)),
+            Err(_) => reply.send(Err(RequestError::NoLeader)),
+        }
+    }
+
+    /// Proposes the keep-alives held since the last tick: one
+    /// [`Command::LeaseKeepAlives`] entry (in chunks the request size
+    /// limit allows) when [`Core::batches_keep_alives`], else one entry each.
+    fn propose_keep_alives(&mut self) {
+        if self.keep_alives.is_empty() {
+            return;
+        }
+        let mut held = std::mem::take(&mut self.keep_alives);
+        if let Some(refused) = self.refusal() {
+            return Reply::KeepAlives(held).send(Err(refused));
+        }
+        if held.len() == 1 || !self.batches_keep_alives() {
+            for (id, reply) in held {
+                self.propose_now(&Command::LeaseKeepAlive { id }, None, Reply::One(reply));
+            }
+            return;
+        }
+        while !held.is_empty() {
+            let rest = held.split_off(held.len().min(KEEP_ALIVES_PER_ENTRY));
+            let ids = held.iter().map(|(id, _)| *id).collect();
+            let batch = Command::LeaseKeepAlives { ids };
+            self.propose_now(&batch, None, Reply::KeepAlives(held));
+            held = rest;
+        }
+    }
+
+    /// Whether this member proposes [`Command::LeaseKeepAlives`]: see
+    /// [`KeepAliveBatches`].
+    fn batches_keep_alives(&self) -> bool {
+        match self.config.keep_alive_batches {
+            KeepAliveBatches::Immediate => false,
+            KeepAliveBatches::Always => true,
+            KeepAliveBatches::WhenAllMembersRead => {
+                let reads = |id: &u64| {
+                    self.members.get(id).is_some_and(|m| {
+                        let key = super::keys::member_features(&m.name);
+                        self.kv.get(&key).is_some_and(|kv| {
+                            String::from_utf8_lossy(&kv.value)
+                                .split(',')
+                                .any(|f| f == FEATURE_KEEP_ALIVE_BATCHES)
+                        })
+                    })
+                };
+                let group = self.conf_state.voters.iter();
+                group.chain(&self.conf_state.learners).all(reads)
+            }
         }
     }
 
     /// Remembers a proposal until its entry is applied or its deadline passes.
-    fn track(&mut self, id: RequestId, reply: Callback<Result<Outcome, RequestError>>) {
+    fn track(&mut self, id: RequestId, reply: Reply) {
         let deadline = self.ticks + self.config.request_ticks;
         self.pending.insert(id, Pending { reply, deadline });
     }
@@ -600,7 +736,7 @@ impl<D: Durable> Core<D> {
         }
         let rid = self.request_id();
         match self.raw.propose_conf_change(ctx_bytes(rid), cc) {
-            Ok(()) => self.track(rid, reply),
+            Ok(()) => self.track(rid, Reply::One(reply)),
             Err(e) => reply(Err(RequestError::Invalid(format!(
                 "membership change refused: {e} (one change at a time)"
             )))),
@@ -738,6 +874,9 @@ impl<D: Durable> Core<D> {
         self.raw.tick();
         self.expire_requests();
         self.ask_reads_again();
+        // Before the lease clock: a keep-alive held until now is in the log
+        // ahead of any expiry or checkpoint this tick proposes.
+        self.propose_keep_alives();
         self.run_lessor();
         self.promote_caught_up_learners();
         // A removed leader whose hand-over did not happen tries again.
@@ -779,7 +918,7 @@ impl<D: Durable> Core<D> {
             .collect();
         for id in expired {
             if let Some(p) = self.pending.remove(&id) {
-                (p.reply)(Err(RequestError::Unknown));
+                p.reply.send(Err(RequestError::Unknown));
             }
         }
         let (late, keep): (Vec<_>, Vec<_>) = self.reads.drain(..).partition(|r| r.deadline <= now);
@@ -843,11 +982,14 @@ impl<D: Durable> Core<D> {
         let entries = self.unapplied_entries()?;
         let mut renewing = BTreeSet::new();
         for entry in entries {
-            if entry.get_entry_type() == EntryType::EntryNormal
-                && !entry.data.is_empty()
-                && let Ok(Command::LeaseKeepAlive { id }) = codec::decode(&entry.data)
-            {
-                renewing.insert(id);
+            if entry.get_entry_type() == EntryType::EntryNormal && !entry.data.is_empty() {
+                match codec::decode(&entry.data) {
+                    Ok(Command::LeaseKeepAlive { id }) => {
+                        renewing.insert(id);
+                    }
+                    Ok(Command::LeaseKeepAlives { ids }) => renewing.extend(ids),
+                    _ => {}
+                }
             }
         }
         Some(renewing)
@@ -982,7 +1124,7 @@ impl<D: Durable> Core<D> {
             // Proposals forwarded to the old leader may be lost or may commit:
             // their outcome is unknown to us now.
             for (_, p) in self.pending.drain() {
-                (p.reply)(Err(RequestError::Unknown));
+                p.reply.send(Err(RequestError::Unknown));
             }
             for read in self.reads.drain(..) {
                 (read.serve)(Err(RequestError::NoLeader));
@@ -1109,7 +1251,7 @@ impl<D: Durable> Core<D> {
 
     fn answer(&mut self, request: Option<RequestId>, result: Result<Outcome, RequestError>) {
         if let Some(p) = request.and_then(|id| self.pending.remove(&id)) {
-            (p.reply)(result);
+            p.reply.send(result);
         }
     }
 
@@ -1485,6 +1627,98 @@ mod tests {
         assert!(core.kv().lease(id).is_none());
     }
 
+    /// Proposes `command` on `core`; its outcome after one more tick.
+    fn answer_after_a_tick(
+        core: &mut Core<MemDisk>,
+        command: Command,
+    ) -> Result<Outcome, RequestError> {
+        let slot = Arc::new(Mutex::new(None));
+        let reply = slot.clone();
+        core.propose(
+            &command,
+            Box::new(move |r| *reply.lock().unwrap() = Some(r)),
+        );
+        run(core, 1);
+        let answer = slot.lock().unwrap().take();
+        answer.expect("answered within a tick")
+    }
+
+    #[test]
+    fn keep_alives_of_one_tick_share_one_entry_once_every_member_reads_it() {
+        let mut config = NodeConfig::new(1, 10, 100);
+        config.checkpoint_ticks = u64::MAX;
+        let mut core = single_with(MemDisk::new(), config);
+        core.config.limits.min_lease_ttl_ms = 100;
+        run(&mut core, 30);
+        let mut grant = || match answer_after_a_tick(&mut core, Command::LeaseGrant { ttl_ms: 500 })
+        {
+            Ok(Outcome::LeaseGranted { id, .. }) => id,
+            other => panic!("{other:?}"),
+        };
+        let (a, b) = (grant(), grant());
+        let gone = 999;
+        // Three keep-alives in one tick, one of a lease that does not exist:
+        // each caller gets its own lease's outcome.
+        let keep_all = |core: &mut Core<MemDisk>| {
+            let slots: Vec<_> = [a, gone, b]
+                .into_iter()
+                .map(|id| {
+                    let slot = Arc::new(Mutex::new(None));
+                    let reply = slot.clone();
+                    core.propose(
+                        &Command::LeaseKeepAlive { id },
+                        Box::new(move |r| *reply.lock().unwrap() = Some(r)),
+                    );
+                    slot
+                })
+                .collect();
+            let before = core.raw.raft.raft_log.last_index();
+            run(core, 1);
+            let entries = core.raw.raft.raft_log.last_index() - before;
+            let answers: Vec<_> = slots
+                .iter()
+                .map(|s| s.lock().unwrap().take().expect("answered"))
+                .collect();
+            (entries, answers)
+        };
+        let expected = vec![
+            Ok(Outcome::LeaseKept { id: a, ttl_ms: 500 }),
+            Ok(Outcome::Failed(KvError::LeaseNotFound(gone))),
+            Ok(Outcome::LeaseKept { id: b, ttl_ms: 500 }),
+        ];
+        // Until every member announced that it reads batches: one entry each,
+        // all proposed at the same tick.
+        assert_eq!(keep_all(&mut core), (3, expected.clone()));
+        let features = super::super::keys::member_features("n1");
+        let publish = Command::put(features, FEATURE_KEEP_ALIVE_BATCHES, None);
+        assert!(answer_after_a_tick(&mut core, publish).is_ok());
+        assert_eq!(keep_all(&mut core), (1, expected));
+        // A lone keep-alive needs no batch.
+        let before = core.raw.raft.raft_log.last_index();
+        let lone = answer_after_a_tick(&mut core, Command::LeaseKeepAlive { id: a });
+        assert_eq!(lone, Ok(Outcome::LeaseKept { id: a, ttl_ms: 500 }));
+        assert_eq!(core.raw.raft.raft_log.last_index() - before, 1);
+    }
+
+    #[test]
+    fn held_keep_alives_are_refused_when_the_member_has_no_leader() {
+        let mut core = single(MemDisk::new());
+        run(&mut core, 30);
+        let slot = Arc::new(Mutex::new(None));
+        let reply = slot.clone();
+        core.propose(
+            &Command::LeaseKeepAlive { id: 1 },
+            Box::new(move |r| *reply.lock().unwrap() = Some(r)),
+        );
+        // The leader is gone before the tick that would propose it.
+        core.leader = 0;
+        core.tick(core.now_ms + 10);
+        assert_eq!(
+            slot.lock().unwrap().take(),
+            Some(Err(RequestError::NoLeader))
+        );
+    }
+
     #[test]
     fn snapshots_compact_the_log_and_restore() {
         let disk = MemDisk::new();
@@ -1653,7 +1887,7 @@ mod tests {
         assert_eq!(first as u64, 7);
         // A request still waiting under the next number is never reused.
         let taken = RequestId::from(core.config.id) << 64 | 8;
-        core.track(taken, Box::new(|_| {}));
+        core.track(taken, Reply::One(Box::new(|_| {})));
         assert_eq!(core.request_id() as u64, 9);
     }
 
