@@ -261,6 +261,19 @@ pub struct Status {
     pub no_space: bool,
 }
 
+/// When a lease was last renewed, as one member saw it ([`Core::lease_renewals`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LeaseRenewal {
+    /// The lease.
+    pub id: LeaseId,
+    /// Its TTL in milliseconds.
+    pub ttl_ms: u64,
+    /// Milliseconds since this member applied its grant or last keep-alive;
+    /// `None` when it has not applied one since it started (entries it
+    /// read back from its own disk at start carry no time).
+    pub renewed_ms_ago: Option<u64>,
+}
+
 /// Where this member's log stands, for metrics ([`Core::progress`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {
@@ -366,6 +379,12 @@ pub struct Core<D: Durable> {
     applied_bytes: u64,
     /// Keep-alives held until the next tick ([`KeepAliveBatches`]).
     keep_alives: Vec<(LeaseId, Callback<Result<Outcome, RequestError>>)>,
+    /// When this member applied each lease's grant or last keep-alive, on
+    /// its own clock ([`Core::lease_renewals`]).
+    renewed_at: HashMap<LeaseId, u64>,
+    /// The last log index its disk held at start: entries up to it are read
+    /// back, not renewals happening now, and set no renewal time.
+    replayed_until: u64,
     /// A snapshot for the driver to encode and write off this thread
     /// ([`Core::take_snapshot_job`]).
     snapshot_job: Option<Job>,
@@ -418,6 +437,8 @@ impl<D: Durable> Core<D> {
             applied = snap.get_metadata().index;
         }
         let conf_state = recovered.conf_state.clone();
+        let last_on_disk = recovered.entries.last().map_or(0, |e| e.index);
+        let replayed_until = recovered.hard_state.commit.max(last_on_disk);
         // Replay committed membership changes after the snapshot for the address book.
         for entry in &recovered.entries {
             if entry.index <= recovered.hard_state.commit
@@ -473,6 +494,8 @@ impl<D: Durable> Core<D> {
             snapshot_at: None,
             applied_bytes: 0,
             keep_alives: Vec::new(),
+            renewed_at: HashMap::new(),
+            replayed_until,
             snapshot_job: None,
             snapshot_writing: None,
             removed: !in_group,
@@ -577,6 +600,48 @@ impl<D: Durable> Core<D> {
     /// until the leader promotes them.
     pub fn learners(&self) -> &[u64] {
         &self.conf_state.learners
+    }
+
+    /// When each lease was last renewed, as this member saw it: how
+    /// `list-machines` and `cluster health` tell how long ago a machine was
+    /// last heard of, without a log entry of the agent's own per renewal.
+    /// Served from this member's state, like a serializable read: a member
+    /// cut off from the quorum applies no keep-alives, so its leases look
+    /// overdue, as they are from where it stands.
+    pub fn lease_renewals(&self) -> Vec<LeaseRenewal> {
+        self.kv
+            .leases()
+            .map(|lease| LeaseRenewal {
+                id: lease.id,
+                ttl_ms: lease.ttl_ms,
+                renewed_ms_ago: self
+                    .renewed_at
+                    .get(&lease.id)
+                    .map(|at| self.now_ms.saturating_sub(*at)),
+            })
+            .collect()
+    }
+
+    /// Notes the renewals (grants, keep-alives) and ends of leases that
+    /// applying entry `index` made.
+    fn note_renewals(&mut self, index: u64, outcome: &Outcome) {
+        let now = self.now_ms;
+        let live = index > self.replayed_until;
+        match outcome {
+            Outcome::LeaseGranted { id, .. } | Outcome::LeaseKept { id, .. } if live => {
+                self.renewed_at.insert(*id, now);
+            }
+            Outcome::LeasesKept { kept, .. } if live => {
+                self.renewed_at
+                    .extend(kept.iter().map(|(id, _)| (*id, now)));
+            }
+            Outcome::LeasesEnded { ended, .. } => {
+                for id in ended {
+                    self.renewed_at.remove(id);
+                }
+            }
+            _ => {}
+        }
     }
 
     /// True once this member was removed from the group.
@@ -1162,6 +1227,8 @@ impl<D: Durable> Core<D> {
             lessor.installed(&self.kv);
         }
         let kv = &self.kv;
+        self.renewed_at.retain(|id, _| kv.lease(*id).is_some());
+        let kv = &self.kv;
         self.watchers
             .retain_mut(|w| match kv.events_since(&w.prefix, w.next) {
                 Ok(events) => {
@@ -1212,6 +1279,7 @@ impl<D: Durable> Core<D> {
                             .add(live.count() as u64);
                     }
                     let (outcome, made) = self.kv.apply_for(&command, agent.as_deref());
+                    self.note_renewals(entry.index, &outcome);
                     if let Some(lessor) = &mut self.lessor {
                         lessor.applied(&command, &outcome, self.now_ms);
                     }
@@ -1698,6 +1766,53 @@ mod tests {
         let lone = answer_after_a_tick(&mut core, Command::LeaseKeepAlive { id: a });
         assert_eq!(lone, Ok(Outcome::LeaseKept { id: a, ttl_ms: 500 }));
         assert_eq!(core.raw.raft.raft_log.last_index() - before, 1);
+    }
+
+    #[test]
+    fn a_member_tells_how_long_ago_it_applied_each_leases_last_renewal() {
+        let disk = MemDisk::new();
+        let mut core = single(disk.clone());
+        core.config.limits.min_lease_ttl_ms = 100;
+        run(&mut core, 30);
+        let Ok(Outcome::LeaseGranted { id, .. }) =
+            answer_after_a_tick(&mut core, Command::LeaseGrant { ttl_ms: 5_000 })
+        else {
+            panic!("granted")
+        };
+        run(&mut core, 10);
+        let seen = |ago| {
+            vec![LeaseRenewal {
+                id,
+                ttl_ms: 5_000,
+                renewed_ms_ago: ago,
+            }]
+        };
+        assert_eq!(core.lease_renewals(), seen(Some(100)), "since the grant");
+        let kept = answer_after_a_tick(&mut core, Command::LeaseKeepAlive { id });
+        assert!(matches!(kept, Ok(Outcome::LeaseKept { .. })), "{kept:?}");
+        run(&mut core, 3);
+        assert_eq!(
+            core.lease_renewals(),
+            seen(Some(30)),
+            "since the keep-alive"
+        );
+        // Restarted, it reads the grant and keep-alive back from its disk:
+        // they happened at some time before, not now.
+        drop(core);
+        let mut again = single(disk);
+        run(&mut again, 30);
+        assert_eq!(again.lease_renewals(), seen(None));
+        let kept = answer_after_a_tick(&mut again, Command::LeaseKeepAlive { id });
+        assert!(matches!(kept, Ok(Outcome::LeaseKept { .. })), "{kept:?}");
+        assert_eq!(again.lease_renewals(), seen(Some(0)));
+        // Gone with its lease.
+        let revoked = answer_after_a_tick(&mut again, Command::LeaseRevoke { id });
+        assert!(
+            matches!(revoked, Ok(Outcome::LeasesEnded { .. })),
+            "{revoked:?}"
+        );
+        assert!(again.lease_renewals().is_empty());
+        assert!(again.renewed_at.is_empty());
     }
 
     #[test]

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc as tmpsc, oneshot};
 
 use super::codec::MemberInfo;
 use super::kv::{Command, KeyValue, Lease, LeaseId, Outcome, Revision};
-use super::node::{Core, RequestError, Status, WatchMsg};
+use super::node::{Core, LeaseRenewal, RequestError, Status, WatchMsg};
 use super::storage::{DiskError, Durable};
 use crate::metrics::METRICS;
 
@@ -70,6 +70,11 @@ pub enum Msg {
         add: Option<MemberInfo>,
         /// Where the outcome goes.
         reply: oneshot::Sender<Result<Outcome, RequestError>>,
+    },
+    /// When each lease was last renewed, as this member saw it.
+    LeaseRenewals {
+        /// Where they go.
+        reply: oneshot::Sender<Vec<LeaseRenewal>>,
     },
     /// This member's view of the cluster.
     Status {
@@ -202,6 +207,16 @@ impl Handle {
     /// A backup file of the state machine, as of now (linearizable).
     pub async fn backup(&self) -> Result<Vec<u8>, RequestError> {
         self.ask(|reply| Msg::Backup { reply }).await
+    }
+
+    /// When each lease was last renewed, as this member saw it
+    /// ([`Core::lease_renewals`]).
+    pub async fn lease_renewals(&self) -> Result<Vec<LeaseRenewal>, RequestError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Msg::LeaseRenewals { reply })?;
+        answer
+            .await
+            .map_err(|_| RequestError::Stopped("the Raft thread has exited".into()))
     }
 
     /// This member's view of the cluster.
@@ -444,6 +459,9 @@ fn handle<D: Durable>(core: &mut Core<D>, msg: Msg) -> Result<bool, String> {
         ),
         Msg::Status { reply } => {
             let _ = reply.send(core.status());
+        }
+        Msg::LeaseRenewals { reply } => {
+            let _ = reply.send(core.lease_renewals());
         }
         Msg::Backup { reply } => {
             let members = core.members().clone();

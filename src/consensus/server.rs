@@ -177,6 +177,7 @@ async fn answer(node: &Handle, request: Request, agent: Option<String>) -> Respo
             .await
             .map(|(kvs, revision)| Response::Range { kvs, revision }),
         Request::Status => node.status().await.map(Response::Status),
+        Request::LeaseRenewals => node.lease_renewals().await.map(Response::LeaseRenewals),
         Request::Snapshot => node.backup().await.map(Response::Snapshot),
         Request::MemberAdd { name, peer_addr } => {
             if let Err(message) = super::member::check(&name, &peer_addr) {

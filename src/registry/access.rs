@@ -86,7 +86,8 @@ pub fn agent_may(id: &str, request: &Request) -> Result<(), String> {
         Request::Range { .. }
         | Request::Watch { .. }
         | Request::WatchRequireLeader { .. }
-        | Request::Status => Ok(()),
+        | Request::Status
+        | Request::LeaseRenewals => Ok(()),
         Request::MemberAdd { .. } | Request::MemberRemove { .. } => Err(
             "membership changes need an admin or member certificate (flotilla tls issue NAME --role admin)"
                 .into(),

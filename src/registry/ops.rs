@@ -278,7 +278,7 @@ pub async fn machines(client: &Client) -> Result<Vec<MachineRow>, RegistryError>
     let (kvs, _) = client.range(keys::MACHINES, true, false).await?;
     let (drains, _) = client.range(keys::DRAIN, true, false).await?;
     let (per_machine, _) = client.range(keys::PER_MACHINE, true, false).await?;
-    let (renewals, _) = client.range(keys::RENEWALS, true, false).await?;
+    let renewed = super::liveness::last_renewals(client, &kvs, false).await?;
     let dynamic = metadata::dynamic(client).await?;
     let mut claims: BTreeMap<String, usize> = BTreeMap::new();
     for kv in &per_machine {
@@ -290,13 +290,6 @@ pub async fn machines(client: &Client) -> Result<Vec<MachineRow>, RegistryError>
         .iter()
         .filter_map(|kv| kv.key.strip_prefix(keys::DRAIN))
         .collect();
-    let renewed: BTreeMap<&str, Renewal> = renewals
-        .iter()
-        .filter_map(|kv| {
-            let id = kv.key.strip_prefix(keys::RENEWALS)?;
-            Some((id, records::decode(&kv.key, &kv.value).ok()?))
-        })
-        .collect();
     kvs.iter()
         .map(|kv| {
             let mut record: MachineRecord = records::decode(&kv.key, &kv.value)?;
@@ -304,7 +297,7 @@ pub async fn machines(client: &Client) -> Result<Vec<MachineRow>, RegistryError>
             Ok(MachineRow {
                 drained: drained.contains(record.id.as_str()),
                 units: claims.get(&record.id).copied().unwrap_or(0),
-                renewal: renewed.get(record.id.as_str()).copied(),
+                renewal: renewed.get(&record.id).copied(),
                 record,
             })
         })
