@@ -9,6 +9,8 @@
 //! channel ([`super::snapshot`]).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -118,6 +120,9 @@ pub trait Transport: Send + 'static {
 #[derive(Clone)]
 pub struct Handle {
     tx: mpsc::Sender<Msg>,
+    /// The leader's id as of the thread's last pass (0: none known, or the
+    /// thread exited): read without waking the thread.
+    leader: Arc<AtomicU64>,
 }
 
 impl Handle {
@@ -139,6 +144,15 @@ impl Handle {
         let (reply, answer) = oneshot::channel();
         self.send(make(reply))?;
         answer.await.map_err(|_| RequestError::Unknown)?
+    }
+
+    /// The leader's id as of the Raft thread's last pass, 0 when none is
+    /// known or the thread has exited. Costs the thread nothing: every
+    /// require-leader watch asks it once a second ([`super::server`]), and
+    /// asking the thread's [`Handle::status`] instead cost every member a
+    /// wake-up and a directory read per agent per second.
+    pub fn leader(&self) -> u64 {
+        self.leader.load(Ordering::Relaxed)
     }
 
     /// Proposes a command and waits until this member applied it.
@@ -278,13 +292,19 @@ pub fn spawn<D: Durable + 'static, T: Transport>(
     transport: impl FnOnce(Handle) -> T,
 ) -> (Handle, JoinHandle<Exit>) {
     let (tx, rx) = mpsc::channel::<Msg>();
-    let transport = transport(Handle { tx: tx.clone() });
+    let leader = Arc::new(AtomicU64::new(0));
+    let transport = transport(Handle {
+        tx: tx.clone(),
+        leader: leader.clone(),
+    });
+    let published_leader = leader.clone();
     let writer_tx = tx.clone();
     let thread = std::thread::Builder::new()
         .name("raft".into())
         .spawn(move || {
-            let run =
-                std::panic::AssertUnwindSafe(|| drive(core, tick, &rx, &writer_tx, &transport));
+            let run = std::panic::AssertUnwindSafe(|| {
+                drive(core, tick, &rx, &writer_tx, &transport, &published_leader)
+            });
             let exit = std::panic::catch_unwind(run).unwrap_or_else(|panic| {
                 let what = panic
                     .downcast_ref::<&str>()
@@ -293,13 +313,14 @@ pub fn spawn<D: Durable + 'static, T: Transport>(
                     .unwrap_or_else(|| "no message".into());
                 Exit::Failed(format!("the Raft thread panicked: {what}"))
             });
+            published_leader.store(0, Ordering::Relaxed);
             if let Exit::Failed(why) = &exit {
                 tracing::error!("this Raft member stopped: {why}");
             }
             exit
         })
         .expect("spawning the raft thread");
-    (Handle { tx }, thread)
+    (Handle { tx, leader }, thread)
 }
 
 /// What the node thread last published as metrics ([`crate::metrics`]).
@@ -345,6 +366,7 @@ fn drive<D: Durable, T: Transport>(
     rx: &mpsc::Receiver<Msg>,
     tx: &mpsc::Sender<Msg>,
     transport: &T,
+    leader: &AtomicU64,
 ) -> Exit {
     let start = Instant::now();
     let mut next_tick = start + tick;
@@ -396,6 +418,7 @@ fn drive<D: Durable, T: Transport>(
             }
         }
         published.publish(&core);
+        leader.store(core.progress().leader, Ordering::Relaxed);
         // Compared by reference each pass; cloned only when membership changed.
         if *core.members() != members {
             members = core.members().clone();
