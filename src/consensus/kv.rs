@@ -212,8 +212,10 @@ pub enum Command {
     /// The lease's holder is alive: its full TTL starts again.
     ///
     /// Replicated (not leader-local as in etcd) so that whichever member leads
-    /// next knows when each lease was last renewed; many keep-alives share one
-    /// log append and one fsync.
+    /// next knows when each lease was last renewed. What a client sends; a
+    /// member holds it until its next tick and proposes it with the others
+    /// that arrived meanwhile, as one [`Command::LeaseKeepAlives`] once the
+    /// whole group reads those.
     LeaseKeepAlive {
         /// The lease.
         id: LeaseId,
