@@ -181,8 +181,8 @@ pub enum KeepAliveBatches {
     Always,
 }
 
-/// The most keep-alives one [`Command::LeaseKeepAlives`] entry carries
-/// (about 10 bytes each: far below any request size limit).
+/// The most keep-alives one [`Command::LeaseKeepAlives`] entry carries (at
+/// most 10 bytes each), and fewer when the request size limit is small.
 const KEEP_ALIVES_PER_ENTRY: usize = 4096;
 
 /// What a member announces, under [`super::keys::member_features`], when it
@@ -716,8 +716,11 @@ impl<D: Durable> Core<D> {
             }
             return;
         }
+        // A lease id takes at most 10 bytes in an entry: 16 leaves room for
+        // the rest of it, so no chunk outgrows a small request size limit.
+        let per_entry = (self.config.limits.request_bytes / 16).clamp(1, KEEP_ALIVES_PER_ENTRY);
         while !held.is_empty() {
-            let rest = held.split_off(held.len().min(KEEP_ALIVES_PER_ENTRY));
+            let rest = held.split_off(held.len().min(per_entry));
             let ids = held.iter().map(|(id, _)| *id).collect();
             let batch = Command::LeaseKeepAlives { ids };
             self.propose_now(&batch, None, Reply::KeepAlives(held));
@@ -1813,6 +1816,35 @@ mod tests {
         );
         assert!(again.lease_renewals().is_empty());
         assert!(again.renewed_at.is_empty());
+    }
+
+    #[test]
+    fn a_small_request_limit_splits_a_batch_and_every_caller_is_answered() {
+        let mut config = NodeConfig::new(1, 10, 100);
+        config.checkpoint_ticks = u64::MAX;
+        config.keep_alive_batches = KeepAliveBatches::Always;
+        let mut core = single_with(MemDisk::new(), config);
+        core.config.limits.min_lease_ttl_ms = 100;
+        run(&mut core, 30);
+        let Ok(Outcome::LeaseGranted { id, .. }) =
+            answer_after_a_tick(&mut core, Command::LeaseGrant { ttl_ms: 500 })
+        else {
+            panic!("granted")
+        };
+        core.config.limits.request_bytes = 40;
+        let answered = Arc::new(Mutex::new(Vec::new()));
+        for _ in 0..5 {
+            let answered = answered.clone();
+            core.propose(
+                &Command::LeaseKeepAlive { id },
+                Box::new(move |r| answered.lock().unwrap().push(r)),
+            );
+        }
+        let before = core.raw.raft.raft_log.last_index();
+        run(&mut core, 1);
+        assert_eq!(core.raw.raft.raft_log.last_index() - before, 3, "2 + 2 + 1");
+        let kept = Ok(Outcome::LeaseKept { id, ttl_ms: 500 });
+        assert_eq!(*answered.lock().unwrap(), vec![kept; 5]);
     }
 
     #[test]
