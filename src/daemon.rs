@@ -422,13 +422,12 @@ async fn start_member(
     let (node, thread) = runner::spawn(core, Duration::from_millis(tick_ms), |handle| {
         transport::TcpTransport::new(id, runtime, handle, writers, Some(raft_dir))
     });
-    if !client_listen.starts_with("0.0.0.0") && !client_listen.starts_with("[::]") {
-        tokio::spawn(publish_client_addr(
-            node.clone(),
-            config.name.clone(),
-            client_listen.clone(),
-        ));
-    }
+    let wildcard = client_listen.starts_with("0.0.0.0") || client_listen.starts_with("[::]");
+    tokio::spawn(publish_member(
+        node.clone(),
+        config.name.clone(),
+        (!wildcard).then(|| client_listen.clone()),
+    ));
     tokio::spawn(transport::serve_peers(peers, node.clone(), table, id));
     tokio::spawn(server::serve_clients(
         clients,
@@ -448,15 +447,30 @@ async fn start_member(
     Ok((node, exited(thread)))
 }
 
-/// Records where clients reach this member, so they can write to the leader
-/// directly; retried until a leader accepts it.
-async fn publish_client_addr(node: runner::Handle, name: String, addr: String) {
-    let key = crate::consensus::keys::member_client_addr(&name);
+/// Records where clients reach this member (when it listens on one
+/// address), so they can write to the leader directly, and which entries it
+/// reads that the first release did not
+/// ([`crate::consensus::node::KeepAliveBatches`]); retried until a leader
+/// accepts it.
+async fn publish_member(node: runner::Handle, name: String, addr: Option<String>) {
+    use crate::consensus::kv::Op;
+    use crate::consensus::node::FEATURE_KEEP_ALIVE_BATCHES;
+    let features = crate::consensus::keys::member_features(&name);
+    let mut success = vec![Op::put(
+        features,
+        FEATURE_KEEP_ALIVE_BATCHES.as_bytes().to_vec(),
+    )];
+    if let Some(addr) = addr {
+        let key = crate::consensus::keys::member_client_addr(&name);
+        success.push(Op::put(key, addr.into_bytes()));
+    }
+    let publish = Command::Txn {
+        compare: Vec::new(),
+        success,
+        failure: Vec::new(),
+    };
     loop {
-        match node
-            .propose(Command::put(key.clone(), addr.clone(), None))
-            .await
-        {
+        match node.propose(publish.clone()).await {
             Ok(_) => return,
             Err(RequestError::Stopped(_)) => return,
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,

@@ -34,7 +34,7 @@ use super::codec::{self, CodecError};
 use super::kv::{
     Command, Compare, Event, KeyValue, KvError, LeaseId, Op, OpResult, Outcome, Revision,
 };
-use super::node::Status;
+use super::node::{LeaseRenewal, Status};
 use super::protocol::{ErrorKind, Request, Response, WATCH_SILENCE};
 use crate::tls::ClientTls;
 use crate::tls::stream::BoxStream;
@@ -481,6 +481,23 @@ impl Client {
         }
     }
 
+    /// When each lease was last renewed, as the member this client talks to
+    /// saw it ([`super::node::Core::lease_renewals`]). A member of the first
+    /// release cannot tell: [`ClientError::Refused`].
+    pub async fn lease_renewals(&self) -> Result<Vec<LeaseRenewal>, ClientError> {
+        match self.call(Request::LeaseRenewals).await {
+            Ok(Response::LeaseRenewals(renewals)) => Ok(renewals),
+            Ok(other) => Err(unexpected(&other)),
+            Err(refused @ ClientError::Refused(_)) => {
+                // Such a member hangs up after an undecodable request: the
+                // next request starts on a fresh connection, not a dead one.
+                *self.conn.lock().await = None;
+                Err(refused)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// A backup file of the store, read at a linearizable point by the
     /// member this client talks to ([`super::backup`]).
     pub async fn snapshot(&self) -> Result<Vec<u8>, ClientError> {
@@ -552,7 +569,10 @@ pub async fn member_status(endpoint: &str, timeout: Duration) -> Result<Status, 
 
 /// Requests that change nothing, so retrying them is always safe.
 fn is_read(request: &Request) -> bool {
-    matches!(request, Request::Range { .. } | Request::Status)
+    matches!(
+        request,
+        Request::Range { .. } | Request::Status | Request::LeaseRenewals
+    )
 }
 
 fn unexpected(response: &Response) -> ClientError {

@@ -212,8 +212,10 @@ pub enum Command {
     /// The lease's holder is alive: its full TTL starts again.
     ///
     /// Replicated (not leader-local as in etcd) so that whichever member leads
-    /// next knows when each lease was last renewed; many keep-alives share one
-    /// log append and one fsync.
+    /// next knows when each lease was last renewed. What a client sends; a
+    /// member holds it until its next tick and proposes it with the others
+    /// that arrived meanwhile, as one [`Command::LeaseKeepAlives`] once the
+    /// whole group reads those.
     LeaseKeepAlive {
         /// The lease.
         id: LeaseId,
@@ -233,6 +235,19 @@ pub enum Command {
     LeaseCheckpoint {
         /// `(lease, remaining milliseconds)` pairs.
         remaining: Vec<(LeaseId, u64)>,
+    },
+    /// Many leases' holders are alive: each lease that exists gets its full
+    /// TTL again, as [`Command::LeaseKeepAlive`] does for one. A member
+    /// gathers the keep-alives its clients send during one tick into one of
+    /// these ([`super::node::Core::propose_for`]), so a fleet's renewals
+    /// cost a log entry per member per tick instead of one per renewal; its
+    /// outcome ([`Outcome::LeasesKept`]) says, lease by lease, which were
+    /// kept. Last of the variants: a release that does not know it cannot
+    /// read it, so it is proposed only once every member can
+    /// ([`super::node::KeepAliveBatches`]).
+    LeaseKeepAlives {
+        /// The leases, in the order their keep-alives arrived.
+        ids: Vec<LeaseId>,
     },
 }
 
@@ -256,6 +271,7 @@ impl Command {
     pub fn leases(&self) -> BTreeSet<LeaseId> {
         match self {
             Command::LeaseKeepAlive { id } | Command::LeaseRevoke { id } => BTreeSet::from([*id]),
+            Command::LeaseKeepAlives { ids } => ids.iter().copied().collect(),
             Command::Txn {
                 success, failure, ..
             } => success
@@ -336,6 +352,14 @@ pub enum Outcome {
     Checkpointed,
     /// The command was refused and changed nothing.
     Failed(KvError),
+    /// A [`Command::LeaseKeepAlives`] ran: the leases it renewed, and those
+    /// that no longer existed. Split per lease before any caller sees it.
+    LeasesKept {
+        /// `(lease, TTL in milliseconds)` of each lease renewed.
+        kept: Vec<(LeaseId, u64)>,
+        /// The leases named that did not exist (expired or revoked).
+        missing: Vec<LeaseId>,
+    },
 }
 
 /// Whether an event set or removed its key.
@@ -639,16 +663,20 @@ impl KvStore {
                 failure,
             } => self.txn(compare, success, failure, &mut events),
             Command::LeaseGrant { ttl_ms } => self.grant(*ttl_ms, agent),
-            Command::LeaseKeepAlive { id } => match self.leases.get_mut(id) {
-                Some(lease) => {
-                    lease.remaining_ms = lease.ttl_ms;
-                    Outcome::LeaseKept {
-                        id: *id,
-                        ttl_ms: lease.ttl_ms,
-                    }
-                }
+            Command::LeaseKeepAlive { id } => match self.keep_alive(*id) {
+                Some(ttl_ms) => Outcome::LeaseKept { id: *id, ttl_ms },
                 None => Outcome::Failed(KvError::LeaseNotFound(*id)),
             },
+            Command::LeaseKeepAlives { ids } => {
+                let (mut kept, mut missing) = (Vec::new(), Vec::new());
+                for id in ids {
+                    match self.keep_alive(*id) {
+                        Some(ttl_ms) => kept.push((*id, ttl_ms)),
+                        None => missing.push(*id),
+                    }
+                }
+                Outcome::LeasesKept { kept, missing }
+            }
             Command::LeaseRevoke { id } => self.end_leases(&[*id], &mut events),
             Command::LeaseExpire { ids } => self.end_leases(ids, &mut events),
             Command::LeaseCheckpoint { remaining } => {
@@ -662,6 +690,14 @@ impl KvStore {
         };
         self.record(&events);
         (outcome, events)
+    }
+
+    /// Renews lease `id`: its full TTL is left again. Its TTL, or `None`
+    /// when there is no such lease.
+    fn keep_alive(&mut self, id: LeaseId) -> Option<u64> {
+        let lease = self.leases.get_mut(&id)?;
+        lease.remaining_ms = lease.ttl_ms;
+        Some(lease.ttl_ms)
     }
 
     fn txn(

@@ -95,8 +95,12 @@ impl Lessor {
     pub fn applied(&mut self, command: &Command, outcome: &Outcome, now_ms: u64) {
         match outcome {
             Outcome::LeaseGranted { id, ttl_ms } | Outcome::LeaseKept { id, ttl_ms } => {
-                let deadline = now_ms + self.clock.stretch(*ttl_ms) + self.clock.tick_ms;
-                self.deadlines.insert(*id, deadline);
+                self.renewed(*id, *ttl_ms, now_ms);
+            }
+            Outcome::LeasesKept { kept, .. } => {
+                for (id, ttl_ms) in kept {
+                    self.renewed(*id, *ttl_ms, now_ms);
+                }
             }
             Outcome::LeasesEnded { ended, .. } => {
                 for id in ended {
@@ -111,6 +115,13 @@ impl Lessor {
                 self.expiring.remove(id);
             }
         }
+    }
+
+    /// Lease `id` of `ttl_ms` was granted or renewed by an entry applied at
+    /// `now_ms`.
+    fn renewed(&mut self, id: LeaseId, ttl_ms: u64, now_ms: u64) {
+        let deadline = now_ms + self.clock.stretch(ttl_ms) + self.clock.tick_ms;
+        self.deadlines.insert(id, deadline);
     }
 
     /// Forgets leases a snapshot install removed.
@@ -257,6 +268,31 @@ mod tests {
                 remaining: vec![(id, 60)]
             }]
         );
+    }
+
+    #[test]
+    fn a_batch_of_keep_alives_moves_the_deadline_of_each_lease_it_kept() {
+        let (mut kv, a) = granted(1_000);
+        let b = match kv.apply(&Command::LeaseGrant { ttl_ms: 500 }).0 {
+            Outcome::LeaseGranted { id, .. } => id,
+            other => panic!("{other:?}"),
+        };
+        let mut lessor = Lessor::promote(&kv, 1, 0, 0, EXACT);
+        let batch = Command::LeaseKeepAlives {
+            ids: vec![a, 99, b],
+        };
+        let (outcome, _) = kv.apply(&batch);
+        assert_eq!(
+            outcome,
+            Outcome::LeasesKept {
+                kept: vec![(a, 1_000), (b, 500)],
+                missing: vec![99]
+            }
+        );
+        lessor.applied(&batch, &outcome, 400);
+        assert_eq!(lessor.deadlines[&a], 400 + 1_000 + 10);
+        assert_eq!(lessor.deadlines[&b], 400 + 500 + 10);
+        assert!(!lessor.deadlines.contains_key(&99));
     }
 
     #[test]

@@ -160,6 +160,7 @@ impl Limits {
             // space or hold it steady: never refused, or a full store would
             // also lose every host's presence.
             Command::LeaseKeepAlive { .. }
+            | Command::LeaseKeepAlives { .. }
             | Command::LeaseRevoke { .. }
             | Command::LeaseExpire { .. }
             | Command::LeaseCheckpoint { .. } => Ok(()),

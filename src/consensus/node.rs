@@ -40,7 +40,7 @@ use raft::eraftpb::{
 use raft::{GetEntriesContext, RawNode, SnapshotStatus, StateRole};
 
 use super::codec::{self, MemberInfo, SnapshotData};
-use super::kv::{Command, Compacted, Event, KvStore, LeaseId, Outcome, Revision};
+use super::kv::{Command, Compacted, Event, KvError, KvStore, LeaseId, Outcome, Revision};
 use super::lessor::{ClockBounds, Lessor};
 use super::limits::{Limits, Refused};
 use super::snapshot::Job;
@@ -150,7 +150,44 @@ pub struct NodeConfig {
     /// Always [`Mutation::None`] in the daemon.
     #[doc(hidden)]
     pub mutation: Mutation,
+    /// How the keep-alives this member's clients send reach the log.
+    pub keep_alive_batches: KeepAliveBatches,
 }
+
+/// How a member proposes its clients' lease keep-alives.
+///
+/// Every keep-alive is a log entry's worth of work for every member (an
+/// append, an fsync, a replication round, an apply): a fleet renewing its
+/// presence leases kept the leader busy doing nothing else. So a member
+/// holds the keep-alives that arrive between two ticks and proposes them at
+/// the next tick, before the lease clock runs: they share one Ready pass and
+/// one fsync on every member and, once every member reads it, one
+/// [`Command::LeaseKeepAlives`] entry. The lessor's guarantee is untouched:
+/// a keep-alive is acknowledged only once its entry is applied, and the
+/// lease clock counts from that apply, as before; a held keep-alive is one
+/// not sent yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeepAliveBatches {
+    /// Each keep-alive proposed when it arrives, one entry each (the first
+    /// release's way).
+    Immediate,
+    /// Held until the next tick; then one [`Command::LeaseKeepAlives`]
+    /// entry once every member of the group has announced that it reads
+    /// them ([`super::keys::member_features`]), else one entry each.
+    #[default]
+    WhenAllMembersRead,
+    /// Held until the next tick, then one entry for all of them (the
+    /// simulation: its members all run this release).
+    Always,
+}
+
+/// The most keep-alives one [`Command::LeaseKeepAlives`] entry carries (at
+/// most 10 bytes each), and fewer when the request size limit is small.
+const KEEP_ALIVES_PER_ENTRY: usize = 4096;
+
+/// What a member announces, under [`super::keys::member_features`], when it
+/// reads [`Command::LeaseKeepAlives`] entries.
+pub const FEATURE_KEEP_ALIVE_BATCHES: &str = "lease-keep-alives";
 
 /// Bugs the simulation can switch on in a [`Core`] to show that its checks
 /// fail when the Ready contract is broken (see [`NodeConfig::mutation`]).
@@ -189,6 +226,7 @@ impl NodeConfig {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |since| since.as_micros() as u64),
             mutation: Mutation::None,
+            keep_alive_batches: KeepAliveBatches::default(),
         }
     }
 
@@ -223,6 +261,19 @@ pub struct Status {
     pub no_space: bool,
 }
 
+/// When a lease was last renewed, as one member saw it ([`Core::lease_renewals`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LeaseRenewal {
+    /// The lease.
+    pub id: LeaseId,
+    /// Its TTL in milliseconds.
+    pub ttl_ms: u64,
+    /// Milliseconds since this member applied its grant or last keep-alive;
+    /// `None` when it has not applied one since it started (entries it
+    /// read back from its own disk at start carry no time).
+    pub renewed_ms_ago: Option<u64>,
+}
+
 /// Where this member's log stands, for metrics ([`Core::progress`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {
@@ -237,8 +288,40 @@ pub struct Progress {
 }
 
 struct Pending {
-    reply: Callback<Result<Outcome, RequestError>>,
+    reply: Reply,
     deadline: u64,
+}
+
+/// Who waits for a proposal's outcome.
+enum Reply {
+    /// One caller.
+    One(Callback<Result<Outcome, RequestError>>),
+    /// The callers of the keep-alives one [`Command::LeaseKeepAlives`]
+    /// carries, each with its lease: each gets its own lease's outcome.
+    KeepAlives(Vec<(LeaseId, Callback<Result<Outcome, RequestError>>)>),
+}
+
+impl Reply {
+    fn send(self, result: Result<Outcome, RequestError>) {
+        match self {
+            Reply::One(reply) => reply(result),
+            Reply::KeepAlives(callers) => {
+                let kept: HashMap<LeaseId, u64> = match &result {
+                    Ok(Outcome::LeasesKept { kept, .. }) => kept.iter().copied().collect(),
+                    _ => HashMap::new(),
+                };
+                for (id, reply) in callers {
+                    reply(match &result {
+                        Ok(Outcome::LeasesKept { .. }) => Ok(match kept.get(&id) {
+                            Some(&ttl_ms) => Outcome::LeaseKept { id, ttl_ms },
+                            None => Outcome::Failed(KvError::LeaseNotFound(id)),
+                        }),
+                        other => other.clone(),
+                    });
+                }
+            }
+        }
+    }
 }
 
 struct PendingRead {
@@ -296,6 +379,14 @@ pub struct Core<D: Durable> {
     snapshot_at: Option<u64>,
     /// Bytes of entries applied since the last snapshot.
     applied_bytes: u64,
+    /// Keep-alives held until the next tick ([`KeepAliveBatches`]).
+    keep_alives: Vec<(LeaseId, Callback<Result<Outcome, RequestError>>)>,
+    /// When this member applied each lease's grant or last keep-alive, on
+    /// its own clock ([`Core::lease_renewals`]).
+    renewed_at: HashMap<LeaseId, u64>,
+    /// The last log index its disk held at start: entries up to it are read
+    /// back, not renewals happening now, and set no renewal time.
+    replayed_until: u64,
     /// A snapshot for the driver to encode and write off this thread
     /// ([`Core::take_snapshot_job`]).
     snapshot_job: Option<Job>,
@@ -350,6 +441,8 @@ impl<D: Durable> Core<D> {
             members_at = applied;
         }
         let conf_state = recovered.conf_state.clone();
+        let last_on_disk = recovered.entries.last().map_or(0, |e| e.index);
+        let replayed_until = recovered.hard_state.commit.max(last_on_disk);
         // Replay committed membership changes after the snapshot for the address book.
         for entry in &recovered.entries {
             if entry.index <= recovered.hard_state.commit
@@ -406,6 +499,9 @@ impl<D: Durable> Core<D> {
             snapshot_now: false,
             snapshot_at: None,
             applied_bytes: 0,
+            keep_alives: Vec::new(),
+            renewed_at: HashMap::new(),
+            replayed_until,
             snapshot_job: None,
             snapshot_writing: None,
             removed: !in_group,
@@ -521,6 +617,48 @@ impl<D: Durable> Core<D> {
         &self.conf_state.learners
     }
 
+    /// When each lease was last renewed, as this member saw it: how
+    /// `list-machines` and `cluster health` tell how long ago a machine was
+    /// last heard of, without a log entry of the agent's own per renewal.
+    /// Served from this member's state, like a serializable read: a member
+    /// cut off from the quorum applies no keep-alives, so its leases look
+    /// overdue, as they are from where it stands.
+    pub fn lease_renewals(&self) -> Vec<LeaseRenewal> {
+        self.kv
+            .leases()
+            .map(|lease| LeaseRenewal {
+                id: lease.id,
+                ttl_ms: lease.ttl_ms,
+                renewed_ms_ago: self
+                    .renewed_at
+                    .get(&lease.id)
+                    .map(|at| self.now_ms.saturating_sub(*at)),
+            })
+            .collect()
+    }
+
+    /// Notes the renewals (grants, keep-alives) and ends of leases that
+    /// applying entry `index` made.
+    fn note_renewals(&mut self, index: u64, outcome: &Outcome) {
+        let now = self.now_ms;
+        let live = index > self.replayed_until;
+        match outcome {
+            Outcome::LeaseGranted { id, .. } | Outcome::LeaseKept { id, .. } if live => {
+                self.renewed_at.insert(*id, now);
+            }
+            Outcome::LeasesKept { kept, .. } if live => {
+                self.renewed_at
+                    .extend(kept.iter().map(|(id, _)| (*id, now)));
+            }
+            Outcome::LeasesEnded { ended, .. } => {
+                for id in ended {
+                    self.renewed_at.remove(id);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// True once this member was removed from the group.
     pub fn is_removed(&self) -> bool {
         self.removed
@@ -529,7 +667,9 @@ impl<D: Durable> Core<D> {
     /// Proposes a command; `reply` gets its outcome once applied here.
     ///
     /// A command that breaks this member's [`Limits`] is refused before it
-    /// is proposed: it changes nothing and costs no log entry.
+    /// is proposed: it changes nothing and costs no log entry. A keep-alive
+    /// waits for the next tick and goes with the others
+    /// ([`KeepAliveBatches`]); its caller still gets its own lease's outcome.
     pub fn propose(&mut self, command: &Command, reply: Callback<Result<Outcome, RequestError>>) {
         self.propose_for(command, None, reply);
     }
@@ -546,24 +686,88 @@ impl<D: Durable> Core<D> {
         if let Some(refused) = self.refusal() {
             return reply(Err(refused));
         }
+        if let Command::LeaseKeepAlive { id } = command
+            && self.config.keep_alive_batches != KeepAliveBatches::Immediate
+        {
+            // Proposed with the others at the next tick.
+            self.keep_alives.push((*id, reply));
+            return;
+        }
+        self.propose_now(command, agent, Reply::One(reply));
+    }
+
+    /// Proposes `command` now (see [`Core::propose_for`]).
+    fn propose_now(&mut self, command: &Command, agent: Option<&str>, reply: Reply) {
         let limits = &self.config.limits;
         if let Err(refused) = limits.check(command, &self.kv) {
-            return reply(Err(refused.into()));
+            return reply.send(Err(refused.into()));
         }
         let data = codec::encode_entry(command, agent);
         if data.len() > limits.request_bytes {
             let refused = Refused::RequestTooLarge(data.len(), limits.request_bytes);
-            return reply(Err(refused.into()));
+            return reply.send(Err(refused.into()));
         }
         let id = self.request_id();
         match self.raw.propose(ctx_bytes(id), data) {
             Ok(()) => self.track(id, reply),
-            Err(_) => reply(Err(RequestError::NoLeader)),
+            Err(_) => reply.send(Err(RequestError::NoLeader)),
+        }
+    }
+
+    /// Proposes the keep-alives held since the last tick: one
+    /// [`Command::LeaseKeepAlives`] entry (in chunks the request size
+    /// limit allows) when [`Core::batches_keep_alives`], else one entry each.
+    fn propose_keep_alives(&mut self) {
+        if self.keep_alives.is_empty() {
+            return;
+        }
+        let mut held = std::mem::take(&mut self.keep_alives);
+        if let Some(refused) = self.refusal() {
+            return Reply::KeepAlives(held).send(Err(refused));
+        }
+        if held.len() == 1 || !self.batches_keep_alives() {
+            for (id, reply) in held {
+                self.propose_now(&Command::LeaseKeepAlive { id }, None, Reply::One(reply));
+            }
+            return;
+        }
+        // A lease id takes at most 10 bytes in an entry: 16 leaves room for
+        // the rest of it, so no chunk outgrows a small request size limit.
+        let per_entry = (self.config.limits.request_bytes / 16).clamp(1, KEEP_ALIVES_PER_ENTRY);
+        while !held.is_empty() {
+            let rest = held.split_off(held.len().min(per_entry));
+            let ids = held.iter().map(|(id, _)| *id).collect();
+            let batch = Command::LeaseKeepAlives { ids };
+            self.propose_now(&batch, None, Reply::KeepAlives(held));
+            held = rest;
+        }
+    }
+
+    /// Whether this member proposes [`Command::LeaseKeepAlives`]: see
+    /// [`KeepAliveBatches`].
+    fn batches_keep_alives(&self) -> bool {
+        match self.config.keep_alive_batches {
+            KeepAliveBatches::Immediate => false,
+            KeepAliveBatches::Always => true,
+            KeepAliveBatches::WhenAllMembersRead => {
+                let reads = |id: &u64| {
+                    self.members.get(id).is_some_and(|m| {
+                        let key = super::keys::member_features(&m.name);
+                        self.kv.get(&key).is_some_and(|kv| {
+                            String::from_utf8_lossy(&kv.value)
+                                .split(',')
+                                .any(|f| f == FEATURE_KEEP_ALIVE_BATCHES)
+                        })
+                    })
+                };
+                let group = self.conf_state.voters.iter();
+                group.chain(&self.conf_state.learners).all(reads)
+            }
         }
     }
 
     /// Remembers a proposal until its entry is applied or its deadline passes.
-    fn track(&mut self, id: RequestId, reply: Callback<Result<Outcome, RequestError>>) {
+    fn track(&mut self, id: RequestId, reply: Reply) {
         let deadline = self.ticks + self.config.request_ticks;
         self.pending.insert(id, Pending { reply, deadline });
     }
@@ -615,7 +819,7 @@ impl<D: Durable> Core<D> {
         }
         let rid = self.request_id();
         match self.raw.propose_conf_change(ctx_bytes(rid), cc) {
-            Ok(()) => self.track(rid, reply),
+            Ok(()) => self.track(rid, Reply::One(reply)),
             Err(e) => reply(Err(RequestError::Invalid(format!(
                 "membership change refused: {e} (one change at a time)"
             )))),
@@ -753,6 +957,9 @@ impl<D: Durable> Core<D> {
         self.raw.tick();
         self.expire_requests();
         self.ask_reads_again();
+        // Before the lease clock: a keep-alive held until now is in the log
+        // ahead of any expiry or checkpoint this tick proposes.
+        self.propose_keep_alives();
         self.run_lessor();
         self.promote_caught_up_learners();
         // A removed leader whose hand-over did not happen tries again.
@@ -794,7 +1001,7 @@ impl<D: Durable> Core<D> {
             .collect();
         for id in expired {
             if let Some(p) = self.pending.remove(&id) {
-                (p.reply)(Err(RequestError::Unknown));
+                p.reply.send(Err(RequestError::Unknown));
             }
         }
         let (late, keep): (Vec<_>, Vec<_>) = self.reads.drain(..).partition(|r| r.deadline <= now);
@@ -858,11 +1065,14 @@ impl<D: Durable> Core<D> {
         let entries = self.unapplied_entries()?;
         let mut renewing = BTreeSet::new();
         for entry in entries {
-            if entry.get_entry_type() == EntryType::EntryNormal
-                && !entry.data.is_empty()
-                && let Ok(Command::LeaseKeepAlive { id }) = codec::decode(&entry.data)
-            {
-                renewing.insert(id);
+            if entry.get_entry_type() == EntryType::EntryNormal && !entry.data.is_empty() {
+                match codec::decode(&entry.data) {
+                    Ok(Command::LeaseKeepAlive { id }) => {
+                        renewing.insert(id);
+                    }
+                    Ok(Command::LeaseKeepAlives { ids }) => renewing.extend(ids),
+                    _ => {}
+                }
             }
         }
         Some(renewing)
@@ -997,7 +1207,7 @@ impl<D: Durable> Core<D> {
             // Proposals forwarded to the old leader may be lost or may commit:
             // their outcome is unknown to us now.
             for (_, p) in self.pending.drain() {
-                (p.reply)(Err(RequestError::Unknown));
+                p.reply.send(Err(RequestError::Unknown));
             }
             for read in self.reads.drain(..) {
                 (read.serve)(Err(RequestError::NoLeader));
@@ -1035,6 +1245,8 @@ impl<D: Durable> Core<D> {
         if let Some(lessor) = &mut self.lessor {
             lessor.installed(&self.kv);
         }
+        let kv = &self.kv;
+        self.renewed_at.retain(|id, _| kv.lease(*id).is_some());
         let kv = &self.kv;
         self.watchers
             .retain_mut(|w| match kv.events_since(&w.prefix, w.next) {
@@ -1086,6 +1298,7 @@ impl<D: Durable> Core<D> {
                             .add(live.count() as u64);
                     }
                     let (outcome, made) = self.kv.apply_for(&command, agent.as_deref());
+                    self.note_renewals(entry.index, &outcome);
                     if let Some(lessor) = &mut self.lessor {
                         lessor.applied(&command, &outcome, self.now_ms);
                     }
@@ -1125,7 +1338,7 @@ impl<D: Durable> Core<D> {
 
     fn answer(&mut self, request: Option<RequestId>, result: Result<Outcome, RequestError>) {
         if let Some(p) = request.and_then(|id| self.pending.remove(&id)) {
-            (p.reply)(result);
+            p.reply.send(result);
         }
     }
 
@@ -1502,6 +1715,174 @@ mod tests {
         assert!(core.kv().lease(id).is_none());
     }
 
+    /// Proposes `command` on `core`; its outcome after one more tick.
+    fn answer_after_a_tick(
+        core: &mut Core<MemDisk>,
+        command: Command,
+    ) -> Result<Outcome, RequestError> {
+        let slot = Arc::new(Mutex::new(None));
+        let reply = slot.clone();
+        core.propose(
+            &command,
+            Box::new(move |r| *reply.lock().unwrap() = Some(r)),
+        );
+        run(core, 1);
+        let answer = slot.lock().unwrap().take();
+        answer.expect("answered within a tick")
+    }
+
+    #[test]
+    fn keep_alives_of_one_tick_share_one_entry_once_every_member_reads_it() {
+        let mut config = NodeConfig::new(1, 10, 100);
+        config.checkpoint_ticks = u64::MAX;
+        let mut core = single_with(MemDisk::new(), config);
+        core.config.limits.min_lease_ttl_ms = 100;
+        run(&mut core, 30);
+        let mut grant = || match answer_after_a_tick(&mut core, Command::LeaseGrant { ttl_ms: 500 })
+        {
+            Ok(Outcome::LeaseGranted { id, .. }) => id,
+            other => panic!("{other:?}"),
+        };
+        let (a, b) = (grant(), grant());
+        let gone = 999;
+        // Three keep-alives in one tick, one of a lease that does not exist:
+        // each caller gets its own lease's outcome.
+        let keep_all = |core: &mut Core<MemDisk>| {
+            let slots: Vec<_> = [a, gone, b]
+                .into_iter()
+                .map(|id| {
+                    let slot = Arc::new(Mutex::new(None));
+                    let reply = slot.clone();
+                    core.propose(
+                        &Command::LeaseKeepAlive { id },
+                        Box::new(move |r| *reply.lock().unwrap() = Some(r)),
+                    );
+                    slot
+                })
+                .collect();
+            let before = core.raw.raft.raft_log.last_index();
+            run(core, 1);
+            let entries = core.raw.raft.raft_log.last_index() - before;
+            let answers: Vec<_> = slots
+                .iter()
+                .map(|s| s.lock().unwrap().take().expect("answered"))
+                .collect();
+            (entries, answers)
+        };
+        let expected = vec![
+            Ok(Outcome::LeaseKept { id: a, ttl_ms: 500 }),
+            Ok(Outcome::Failed(KvError::LeaseNotFound(gone))),
+            Ok(Outcome::LeaseKept { id: b, ttl_ms: 500 }),
+        ];
+        // Until every member announced that it reads batches: one entry each,
+        // all proposed at the same tick.
+        assert_eq!(keep_all(&mut core), (3, expected.clone()));
+        let features = super::super::keys::member_features("n1");
+        let publish = Command::put(features, FEATURE_KEEP_ALIVE_BATCHES, None);
+        assert!(answer_after_a_tick(&mut core, publish).is_ok());
+        assert_eq!(keep_all(&mut core), (1, expected));
+        // A lone keep-alive needs no batch.
+        let before = core.raw.raft.raft_log.last_index();
+        let lone = answer_after_a_tick(&mut core, Command::LeaseKeepAlive { id: a });
+        assert_eq!(lone, Ok(Outcome::LeaseKept { id: a, ttl_ms: 500 }));
+        assert_eq!(core.raw.raft.raft_log.last_index() - before, 1);
+    }
+
+    #[test]
+    fn a_member_tells_how_long_ago_it_applied_each_leases_last_renewal() {
+        let disk = MemDisk::new();
+        let mut core = single(disk.clone());
+        core.config.limits.min_lease_ttl_ms = 100;
+        run(&mut core, 30);
+        let Ok(Outcome::LeaseGranted { id, .. }) =
+            answer_after_a_tick(&mut core, Command::LeaseGrant { ttl_ms: 5_000 })
+        else {
+            panic!("granted")
+        };
+        run(&mut core, 10);
+        let seen = |ago| {
+            vec![LeaseRenewal {
+                id,
+                ttl_ms: 5_000,
+                renewed_ms_ago: ago,
+            }]
+        };
+        assert_eq!(core.lease_renewals(), seen(Some(100)), "since the grant");
+        let kept = answer_after_a_tick(&mut core, Command::LeaseKeepAlive { id });
+        assert!(matches!(kept, Ok(Outcome::LeaseKept { .. })), "{kept:?}");
+        run(&mut core, 3);
+        assert_eq!(
+            core.lease_renewals(),
+            seen(Some(30)),
+            "since the keep-alive"
+        );
+        // Restarted, it reads the grant and keep-alive back from its disk:
+        // they happened at some time before, not now.
+        drop(core);
+        let mut again = single(disk);
+        run(&mut again, 30);
+        assert_eq!(again.lease_renewals(), seen(None));
+        let kept = answer_after_a_tick(&mut again, Command::LeaseKeepAlive { id });
+        assert!(matches!(kept, Ok(Outcome::LeaseKept { .. })), "{kept:?}");
+        assert_eq!(again.lease_renewals(), seen(Some(0)));
+        // Gone with its lease.
+        let revoked = answer_after_a_tick(&mut again, Command::LeaseRevoke { id });
+        assert!(
+            matches!(revoked, Ok(Outcome::LeasesEnded { .. })),
+            "{revoked:?}"
+        );
+        assert!(again.lease_renewals().is_empty());
+        assert!(again.renewed_at.is_empty());
+    }
+
+    #[test]
+    fn a_small_request_limit_splits_a_batch_and_every_caller_is_answered() {
+        let mut config = NodeConfig::new(1, 10, 100);
+        config.checkpoint_ticks = u64::MAX;
+        config.keep_alive_batches = KeepAliveBatches::Always;
+        let mut core = single_with(MemDisk::new(), config);
+        core.config.limits.min_lease_ttl_ms = 100;
+        run(&mut core, 30);
+        let Ok(Outcome::LeaseGranted { id, .. }) =
+            answer_after_a_tick(&mut core, Command::LeaseGrant { ttl_ms: 500 })
+        else {
+            panic!("granted")
+        };
+        core.config.limits.request_bytes = 40;
+        let answered = Arc::new(Mutex::new(Vec::new()));
+        for _ in 0..5 {
+            let answered = answered.clone();
+            core.propose(
+                &Command::LeaseKeepAlive { id },
+                Box::new(move |r| answered.lock().unwrap().push(r)),
+            );
+        }
+        let before = core.raw.raft.raft_log.last_index();
+        run(&mut core, 1);
+        assert_eq!(core.raw.raft.raft_log.last_index() - before, 3, "2 + 2 + 1");
+        let kept = Ok(Outcome::LeaseKept { id, ttl_ms: 500 });
+        assert_eq!(*answered.lock().unwrap(), vec![kept; 5]);
+    }
+
+    #[test]
+    fn held_keep_alives_are_refused_when_the_member_has_no_leader() {
+        let mut core = single(MemDisk::new());
+        run(&mut core, 30);
+        let slot = Arc::new(Mutex::new(None));
+        let reply = slot.clone();
+        core.propose(
+            &Command::LeaseKeepAlive { id: 1 },
+            Box::new(move |r| *reply.lock().unwrap() = Some(r)),
+        );
+        // The leader is gone before the tick that would propose it.
+        core.leader = 0;
+        core.tick(core.now_ms + 10);
+        assert_eq!(
+            slot.lock().unwrap().take(),
+            Some(Err(RequestError::NoLeader))
+        );
+    }
+
     #[test]
     fn snapshots_compact_the_log_and_restore() {
         let disk = MemDisk::new();
@@ -1670,7 +2051,7 @@ mod tests {
         assert_eq!(first as u64, 7);
         // A request still waiting under the next number is never reused.
         let taken = RequestId::from(core.config.id) << 64 | 8;
-        core.track(taken, Box::new(|_| {}));
+        core.track(taken, Reply::One(Box::new(|_| {})));
         assert_eq!(core.request_id() as u64, 9);
     }
 

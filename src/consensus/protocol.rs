@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::kv::{Command, Event, KeyValue, Outcome, Revision};
 use super::limits::Refused;
-use super::node::{RequestError, Status};
+use super::node::{LeaseRenewal, RequestError, Status};
 
 /// How often a member sends an empty `Events` frame on an idle watch.
 pub const WATCH_HEARTBEAT: Duration = Duration::from_secs(1);
@@ -105,6 +105,10 @@ pub enum Request {
     /// ([`super::backup`]). After the older variants, so their encodings
     /// do not change.
     Snapshot,
+    /// When each lease was last renewed, as the member asked saw it
+    /// ([`super::node::Core::lease_renewals`]). Last, like `Snapshot`; a
+    /// member of the first release cannot read it and answers `Invalid`.
+    LeaseRenewals,
 }
 
 /// Broad classes of failure, so a client can decide whether to retry.
@@ -151,8 +155,11 @@ pub enum Response {
         /// What happened and what to do.
         message: String,
     },
-    /// A backup file's bytes. Last, so older encodings do not change.
+    /// A backup file's bytes. After the older variants, so their encodings
+    /// do not change.
     Snapshot(Vec<u8>),
+    /// The answer to `Request::LeaseRenewals`, lease by lease. Last.
+    LeaseRenewals(Vec<LeaseRenewal>),
 }
 
 impl From<RequestError> for Response {

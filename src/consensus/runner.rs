@@ -9,6 +9,8 @@
 //! channel ([`super::snapshot`]).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -18,7 +20,7 @@ use tokio::sync::{mpsc as tmpsc, oneshot};
 
 use super::codec::MemberInfo;
 use super::kv::{Command, KeyValue, Lease, LeaseId, Outcome, Revision};
-use super::node::{Core, RequestError, Status, WatchMsg};
+use super::node::{Core, LeaseRenewal, RequestError, Status, WatchMsg};
 use super::storage::{DiskError, Durable};
 use crate::metrics::METRICS;
 
@@ -71,6 +73,11 @@ pub enum Msg {
         /// Where the outcome goes.
         reply: oneshot::Sender<Result<Outcome, RequestError>>,
     },
+    /// When each lease was last renewed, as this member saw it.
+    LeaseRenewals {
+        /// Where they go.
+        reply: oneshot::Sender<Vec<LeaseRenewal>>,
+    },
     /// This member's view of the cluster.
     Status {
         /// Where it goes.
@@ -114,6 +121,9 @@ pub trait Transport: Send + 'static {
 #[derive(Clone)]
 pub struct Handle {
     tx: mpsc::Sender<Msg>,
+    /// The leader's id as of the thread's last pass (0: none known, or the
+    /// thread exited): read without waking the thread.
+    leader: Arc<AtomicU64>,
 }
 
 impl Handle {
@@ -135,6 +145,15 @@ impl Handle {
         let (reply, answer) = oneshot::channel();
         self.send(make(reply))?;
         answer.await.map_err(|_| RequestError::Unknown)?
+    }
+
+    /// The leader's id as of the Raft thread's last pass, 0 when none is
+    /// known or the thread has exited. Costs the thread nothing: every
+    /// require-leader watch asks it once a second ([`super::server`]), and
+    /// asking the thread's [`Handle::status`] instead cost every member a
+    /// wake-up and a directory read per agent per second.
+    pub fn leader(&self) -> u64 {
+        self.leader.load(Ordering::Relaxed)
     }
 
     /// Proposes a command and waits until this member applied it.
@@ -205,6 +224,16 @@ impl Handle {
         self.ask(|reply| Msg::Backup { reply }).await
     }
 
+    /// When each lease was last renewed, as this member saw it
+    /// ([`Core::lease_renewals`]).
+    pub async fn lease_renewals(&self) -> Result<Vec<LeaseRenewal>, RequestError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Msg::LeaseRenewals { reply })?;
+        answer
+            .await
+            .map_err(|_| RequestError::Stopped("the Raft thread has exited".into()))
+    }
+
     /// This member's view of the cluster.
     pub async fn status(&self) -> Result<Status, RequestError> {
         let (reply, answer) = oneshot::channel();
@@ -264,13 +293,19 @@ pub fn spawn<D: Durable + 'static, T: Transport>(
     transport: impl FnOnce(Handle) -> T,
 ) -> (Handle, JoinHandle<Exit>) {
     let (tx, rx) = mpsc::channel::<Msg>();
-    let transport = transport(Handle { tx: tx.clone() });
+    let leader = Arc::new(AtomicU64::new(0));
+    let transport = transport(Handle {
+        tx: tx.clone(),
+        leader: leader.clone(),
+    });
+    let published_leader = leader.clone();
     let writer_tx = tx.clone();
     let thread = std::thread::Builder::new()
         .name("raft".into())
         .spawn(move || {
-            let run =
-                std::panic::AssertUnwindSafe(|| drive(core, tick, &rx, &writer_tx, &transport));
+            let run = std::panic::AssertUnwindSafe(|| {
+                drive(core, tick, &rx, &writer_tx, &transport, &published_leader)
+            });
             let exit = std::panic::catch_unwind(run).unwrap_or_else(|panic| {
                 let what = panic
                     .downcast_ref::<&str>()
@@ -279,13 +314,14 @@ pub fn spawn<D: Durable + 'static, T: Transport>(
                     .unwrap_or_else(|| "no message".into());
                 Exit::Failed(format!("the Raft thread panicked: {what}"))
             });
+            published_leader.store(0, Ordering::Relaxed);
             if let Exit::Failed(why) = &exit {
                 tracing::error!("this Raft member stopped: {why}");
             }
             exit
         })
         .expect("spawning the raft thread");
-    (Handle { tx }, thread)
+    (Handle { tx, leader }, thread)
 }
 
 /// What the node thread last published as metrics ([`crate::metrics`]).
@@ -331,6 +367,7 @@ fn drive<D: Durable, T: Transport>(
     rx: &mpsc::Receiver<Msg>,
     tx: &mpsc::Sender<Msg>,
     transport: &T,
+    leader: &AtomicU64,
 ) -> Exit {
     let start = Instant::now();
     let mut next_tick = start + tick;
@@ -383,6 +420,7 @@ fn drive<D: Durable, T: Transport>(
             }
         }
         published.publish(&core);
+        leader.store(core.progress().leader, Ordering::Relaxed);
         // Compared by reference each pass; cloned only when membership changed.
         if *core.members() != members || core.members_at() != members_at {
             members = core.members().clone();
@@ -447,6 +485,9 @@ fn handle<D: Durable>(core: &mut Core<D>, msg: Msg) -> Result<bool, String> {
         ),
         Msg::Status { reply } => {
             let _ = reply.send(core.status());
+        }
+        Msg::LeaseRenewals { reply } => {
+            let _ = reply.send(core.lease_renewals());
         }
         Msg::Backup { reply } => {
             let members = core.members().clone();

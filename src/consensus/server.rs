@@ -177,6 +177,7 @@ async fn answer(node: &Handle, request: Request, agent: Option<String>) -> Respo
             .await
             .map(|(kvs, revision)| Response::Range { kvs, revision }),
         Request::Status => node.status().await.map(Response::Status),
+        Request::LeaseRenewals => node.lease_renewals().await.map(Response::LeaseRenewals),
         Request::Snapshot => node.backup().await.map(Response::Snapshot),
         Request::MemberAdd { name, peer_addr } => {
             if let Err(message) = super::member::check(&name, &peer_addr) {
@@ -207,8 +208,9 @@ async fn answer(node: &Handle, request: Request, agent: Option<String>) -> Respo
 }
 
 /// Whether the member has a leader; with `require_leader` unset, always.
-async fn leader_known(node: &Handle, require_leader: bool) -> bool {
-    !require_leader || node.status().await.is_ok_and(|s| s.leader != 0)
+/// Asked at every watch heartbeat: read without waking the Raft thread.
+fn leader_known(node: &Handle, require_leader: bool) -> bool {
+    !require_leader || node.leader() != 0
 }
 
 async fn stream_watch<W: tokio::io::AsyncWrite + Unpin>(
@@ -218,7 +220,7 @@ async fn stream_watch<W: tokio::io::AsyncWrite + Unpin>(
     require_leader: bool,
     write: &mut W,
 ) -> Result<(), CodecError> {
-    if !leader_known(node, require_leader).await {
+    if !leader_known(node, require_leader) {
         return send(write, &Response::from(RequestError::NoLeader)).await;
     }
     let mut events = match node.watch(prefix, from) {
@@ -235,7 +237,7 @@ async fn stream_watch<W: tokio::io::AsyncWrite + Unpin>(
                 None => return Ok(()),
             },
             () = tokio::time::sleep(WATCH_HEARTBEAT) => {
-                if !leader_known(node, require_leader).await {
+                if !leader_known(node, require_leader) {
                     return send(write, &Response::from(RequestError::NoLeader)).await;
                 }
                 send(write, &Response::Events(Vec::new())).await?;

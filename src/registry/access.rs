@@ -21,7 +21,8 @@
 //!   (or its absence: the default semaphore), so the change is judged
 //!   against the very value it will replace. Freeing a stale holder is the
 //!   members' job ([`crate::lock::stale`]), `lock set-max` an admin's.
-//! * **Leases**: an agent may keep alive, revoke and attach keys to only the
+//! * **Leases**: an agent may keep alive (one lease per request: the member
+//!   batches them), revoke and attach keys to only the
 //!   leases it granted itself (the store records the owner,
 //!   [`crate::consensus::kv::Lease::owner`]). A lease without an owner (one
 //!   granted by a member or an admin, or before the store recorded owners)
@@ -85,7 +86,8 @@ pub fn agent_may(id: &str, request: &Request) -> Result<(), String> {
         Request::Range { .. }
         | Request::Watch { .. }
         | Request::WatchRequireLeader { .. }
-        | Request::Status => Ok(()),
+        | Request::Status
+        | Request::LeaseRenewals => Ok(()),
         Request::MemberAdd { .. } | Request::MemberRemove { .. } => Err(
             "membership changes need an admin or member certificate (flotilla tls issue NAME --role admin)"
                 .into(),
@@ -116,6 +118,11 @@ fn agent_command(id: &str, command: &Command) -> Result<(), String> {
         Command::LeaseExpire { .. } | Command::LeaseCheckpoint { .. } => {
             Err("only members expire or checkpoint leases".into())
         }
+        // A member batches the keep-alives its clients sent one by one, each
+        // checked for its owner on the way in: an agent sends one at a time.
+        Command::LeaseKeepAlives { .. } => Err(
+            "an agent keeps its lease alive one keep-alive at a time (members batch them)".into(),
+        ),
     }
 }
 
@@ -273,6 +280,15 @@ mod tests {
             ),
             Ok(())
         );
+    }
+
+    #[test]
+    fn an_agent_sends_no_batch_of_keep_alives() {
+        let batch = Request::Command(Command::LeaseKeepAlives { ids: vec![1, 2] });
+        let err = RolePolicy.check(&agent("aaa"), &batch).unwrap_err();
+        assert!(err.contains("one keep-alive at a time"), "{err}");
+        let one = Request::Command(Command::LeaseKeepAlive { id: 1 });
+        assert_eq!(RolePolicy.check(&agent("aaa"), &one), Ok(()));
     }
 
     #[test]

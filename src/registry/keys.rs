@@ -14,7 +14,8 @@
 //! /flotilla/reboot/<id>              RebootMark: `flotilla lock need-reboot` asked <id> to reboot
 //! /flotilla/metadata/<id>/<key>      metadata set through the API ("": key removed)
 //! /flotilla/reasons/<unit>           why the scheduler cannot place <unit>
-//! /flotilla/renewed/<id>             Renewal: when <id> last renewed (on its lease)
+//! /flotilla/renewed/<id>             Renewal: when <id> last renewed (on its lease;
+//!                                    written by agents of the first release only)
 //! ```
 //!
 //! Everything an agent must react to lives under its own `/flotilla/m/<id>/`,
@@ -120,7 +121,9 @@ pub fn reason(name: &UnitName) -> String {
     format!("{REASONS}{name}")
 }
 
-/// When machine `id` last renewed its presence.
+/// When machine `id` last renewed its presence, as an agent of the first
+/// release stamped it (this release's agent removes it: see
+/// [`super::liveness::last_renewals`]).
 pub fn renewal(id: &str) -> String {
     format!("{RENEWALS}{id}")
 }

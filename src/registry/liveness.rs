@@ -7,7 +7,9 @@
 //! name the machines that were here and no longer are.
 //!
 //! A live machine whose last renewal is overdue (two renewals missed) is
-//! named too: it is about to lose its units.
+//! named too: it is about to lose its units. When each machine last renewed
+//! comes from [`last_renewals`]: the member's own view of its presence
+//! lease, or the renewal stamp agents of the first release write.
 //!
 //! Reads are serializable (this member's state, no leader needed): a health
 //! report must still say something when the cluster has lost its quorum.
@@ -18,8 +20,11 @@ use serde::Serialize;
 
 use super::RegistryError;
 use super::keys::{self, MachineKey};
+use super::reader::Reader;
 use super::records::{self, Renewal};
-use crate::consensus::client::Client;
+use crate::consensus::client::{Client, ClientError};
+use crate::consensus::kv::KeyValue;
+use crate::consensus::node::LeaseRenewal;
 
 /// A machine the store knows whose presence lease has expired.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -59,7 +64,8 @@ pub struct Liveness {
 /// host's clock) and which have expired.
 pub async fn liveness(client: &Client) -> Result<Liveness, RegistryError> {
     let (machines, _) = client.range(keys::MACHINES, true, true).await?;
-    let (renewals, _) = client.range(keys::RENEWALS, true, true).await?;
+    let (stamps, _) = client.range(keys::RENEWALS, true, true).await?;
+    let renewals = last_renewals(client, &machines, &stamps).await?;
     let (drains, _) = client.range(keys::DRAIN, true, true).await?;
     let (per_machine, _) = client.range(keys::PER_MACHINE, true, true).await?;
     let live: BTreeSet<String> = machines
@@ -90,19 +96,14 @@ pub async fn liveness(client: &Client) -> Result<Liveness, RegistryError> {
             proposals,
         })
         .collect();
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now_ms = now_ms();
     let overdue = renewals
         .iter()
-        .filter_map(|kv| {
-            let id = kv.key.strip_prefix(keys::RENEWALS)?;
-            let renewal: Renewal = records::decode(&kv.key, &kv.value).ok()?;
-            (live.contains(id) && renewal.is_overdue(now_ms)).then(|| OverdueMachine {
-                machine: id.to_string(),
-                renewed_secs_ago: now_ms.saturating_sub(renewal.at_ms) / 1000,
-                ttl_secs: renewal.ttl_ms / 1000,
-            })
+        .filter(|(id, renewal)| live.contains(*id) && renewal.is_overdue(now_ms))
+        .map(|(id, renewal)| OverdueMachine {
+            machine: id.clone(),
+            renewed_secs_ago: now_ms.saturating_sub(renewal.at_ms) / 1000,
+            ttl_secs: renewal.ttl_ms / 1000,
         })
         .collect();
     Ok(Liveness {
@@ -110,4 +111,122 @@ pub async fn liveness(client: &Client) -> Result<Liveness, RegistryError> {
         overdue,
         expired,
     })
+}
+
+/// Milliseconds since the Unix epoch, now.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// When each live machine (`machines`: their presence records as read)
+/// last renewed its presence, by machine id, given the renewal `stamps`
+/// read with them.
+///
+/// A renewal is a keep-alive of the presence lease and nothing more: the
+/// member `registry` asks says how long ago it applied each lease's
+/// last one ([`Client::lease_renewals`]). A machine whose agent is of the
+/// first release also stamps each renewal (`renewed/<id>`); a stamp, where
+/// there is one, is used as it stands. A member of the first release cannot
+/// say, and then the stamps are all there is.
+pub async fn last_renewals(
+    registry: &impl Reader,
+    machines: &[KeyValue],
+    stamps: &[KeyValue],
+) -> Result<BTreeMap<String, Renewal>, RegistryError> {
+    let seen = match registry.lease_renewals().await {
+        Ok(seen) => seen,
+        Err(ClientError::Refused(why)) => {
+            tracing::debug!("the member cannot say when leases were renewed ({why}); stamps only");
+            Vec::new()
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok(merge_renewals(machines, stamps, &seen, now_ms()))
+}
+
+/// [`last_renewals`]' choice, at `now_ms`: each machine's stamp if it has
+/// one, else the member's view of the lease its presence record is on.
+fn merge_renewals(
+    machines: &[KeyValue],
+    stamps: &[KeyValue],
+    seen: &[LeaseRenewal],
+    now_ms: u64,
+) -> BTreeMap<String, Renewal> {
+    let seen: BTreeMap<_, _> = seen.iter().map(|r| (r.id, r)).collect();
+    let mut renewals: BTreeMap<String, Renewal> = machines
+        .iter()
+        .filter_map(|kv| {
+            let id = kv.key.strip_prefix(keys::MACHINES)?;
+            let lease = seen.get(&kv.lease?)?;
+            let renewal = Renewal {
+                at_ms: now_ms.saturating_sub(lease.renewed_ms_ago?),
+                ttl_ms: lease.ttl_ms,
+            };
+            Some((id.to_string(), renewal))
+        })
+        .collect();
+    for kv in stamps {
+        if let Some(id) = kv.key.strip_prefix(keys::RENEWALS)
+            && let Ok(stamp) = records::decode::<Renewal>(&kv.key, &kv.value)
+        {
+            renewals.insert(id.to_string(), stamp);
+        }
+    }
+    renewals
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(key: String, value: Vec<u8>, lease: Option<u64>) -> KeyValue {
+        KeyValue {
+            key,
+            value,
+            create_revision: 1,
+            mod_revision: 1,
+            version: 1,
+            lease,
+        }
+    }
+
+    #[test]
+    fn a_renewal_is_the_members_view_of_the_lease_unless_an_agent_stamped_it() {
+        let machines = [
+            kv(keys::machine("new"), b"{}".to_vec(), Some(7)),
+            kv(keys::machine("old"), b"{}".to_vec(), Some(8)),
+            kv(keys::machine("unseen"), b"{}".to_vec(), Some(9)),
+            kv(keys::machine("gone"), b"{}".to_vec(), Some(10)),
+        ];
+        let stamp = Renewal {
+            at_ms: 90_000,
+            ttl_ms: 9_000,
+        };
+        let stamps = [kv(keys::renewal("old"), records::encode(&stamp), Some(8))];
+        let seen = |id, renewed_ms_ago| LeaseRenewal {
+            id,
+            ttl_ms: 6_000,
+            renewed_ms_ago,
+        };
+        let seen = [seen(7, Some(4_500)), seen(8, Some(10)), seen(9, None)];
+        let merged = merge_renewals(&machines, &stamps, &seen, 100_000);
+        assert_eq!(
+            merged,
+            BTreeMap::from([
+                (
+                    "new".to_string(),
+                    Renewal {
+                        at_ms: 95_500,
+                        ttl_ms: 6_000
+                    }
+                ),
+                ("old".to_string(), stamp),
+            ])
+        );
+        // Two renewals (2 s each) missed: overdue, by the member's view.
+        assert!(merged["new"].is_overdue(100_000));
+        assert!(!merged["new"].is_overdue(99_000));
+    }
 }

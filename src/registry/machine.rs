@@ -3,8 +3,12 @@
 //! A machine publishes its presence on a lease, reads what the scheduler
 //! proposed to it, claims proposals (on the lease, serialised by its
 //! generation key), releases claims whose proposal went, and reports
-//! systemd's states of its units (on the lease). With every renewal it
-//! stamps the time ([`Renewal`]), so people see how long ago it was heard of.
+//! systemd's states of its units (on the lease). A renewal is a keep-alive
+//! of the lease and nothing else: the members tell how long ago each lease
+//! was renewed ([`super::liveness::last_renewals`]). (Agents of the first
+//! release also stamped each renewal in a key of its own, a second log
+//! entry per renewal; this one removes such a stamp when it takes its lease
+//! over.)
 //! Joining again after its lease expired, it re-claims in one transaction
 //! what nobody else took meanwhile ([`MachineStore::reclaimable`],
 //! [`MachineStore::rejoin`]). Every one of those is one
@@ -15,7 +19,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 
@@ -23,7 +27,7 @@ use super::bodies::{Body, BodyCache};
 use super::error::RegistryError;
 use super::keys::{self, MachineKey};
 use super::records::{
-    self, Claim, DesiredState, MachineRecord, Proposal, Renewal, ReportedState, Target, UnitRecord,
+    self, Claim, DesiredState, MachineRecord, Proposal, ReportedState, Target, UnitRecord,
 };
 use crate::consensus::client::{Client, ClientError};
 use crate::consensus::kv::{Compare, KeyValue, LeaseId, Op, Revision};
@@ -65,22 +69,13 @@ pub enum Renewed {
 pub struct LeaseKeeper {
     client: Arc<Client>,
     lease: LeaseId,
-    id: String,
-    ttl: Duration,
 }
 
 impl LeaseKeeper {
-    /// Renews the lease once, then stamps the time of the renewal (a stamp
-    /// that fails is only logged: the next renewal writes it again).
+    /// Renews the lease once: one keep-alive, which the member batches with
+    /// others into one log entry.
     pub async fn renew(&self) -> Result<Renewed, ClientError> {
-        let renewal = renew(&self.client, self.lease).await?;
-        if renewal == Renewed::Renewed {
-            let op = renewal_stamp(&self.id, self.ttl, self.lease);
-            if let Err(e) = self.client.txn(Vec::new(), vec![op], Vec::new()).await {
-                tracing::debug!("agent: cannot stamp the renewal: {e}");
-            }
-        }
-        Ok(renewal)
+        renew(&self.client, self.lease).await
     }
 }
 
@@ -90,18 +85,6 @@ async fn renew(client: &Client, lease: LeaseId) -> Result<Renewed, ClientError> 
         Err(ClientError::LeaseNotFound(_)) => Ok(Renewed::Expired),
         Err(e) => Err(e),
     }
-}
-
-/// The write of machine `id`'s renewal stamp, now, on `lease`.
-fn renewal_stamp(id: &str, ttl: Duration, lease: LeaseId) -> Op {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let stamp = Renewal {
-        at_ms: u64::try_from(now.as_millis()).unwrap_or(u64::MAX),
-        ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
-    };
-    Op::put_on_lease(keys::renewal(id), records::encode(&stamp), lease)
 }
 
 /// A unit file still on this machine from before its lease expired.
@@ -176,8 +159,6 @@ impl MachineStore {
         self.lease.map(|lease| LeaseKeeper {
             client: self.client.clone(),
             lease,
-            id: self.id.clone(),
-            ttl: self.ttl,
         })
     }
 
@@ -198,6 +179,10 @@ impl MachineStore {
     pub async fn adopt(&mut self, lease: LeaseId) -> Result<Renewed, ClientError> {
         let renewal = renew(&self.client, lease).await?;
         if renewal == Renewed::Renewed {
+            // A renewal stamp an agent of the first release left on the
+            // lease: nobody renews it now, and standing it would say this
+            // machine is overdue.
+            self.client.delete(&keys::renewal(&self.id), false).await?;
             self.lease = Some(lease);
         }
         Ok(renewal)
@@ -234,7 +219,8 @@ impl MachineStore {
     }
 
     /// The guarded writes of `me` as this machine's presence (see
-    /// [`MachineStore::publish`]), with a renewal stamp; `None` without a lease.
+    /// [`MachineStore::publish`]), removing any renewal stamp an agent of
+    /// the first release left; `None` without a lease.
     fn presence_writes(
         &self,
         me: &MachineRecord,
@@ -245,7 +231,7 @@ impl MachineStore {
         let compare = Compare::revision_is(&key, read.map_or(0, |p| p.revision));
         let ops = vec![
             Op::put_on_lease(key, records::encode(me), lease),
-            renewal_stamp(&self.id, self.ttl, lease),
+            Op::delete(keys::renewal(&self.id)),
         ];
         Some((vec![compare], ops))
     }

@@ -32,6 +32,7 @@ use super::keys;
 use super::reader::Reader;
 use crate::consensus::client::{Client, ClientError};
 use crate::consensus::kv::{Event, EventKind, KeyValue, Revision};
+use crate::consensus::node::LeaseRenewal;
 
 /// How long a read waits for a loaded copy to reach the store's revision
 /// before reading the store directly (a copy that is not loaded, starting
@@ -92,30 +93,27 @@ impl Snapshot {
         self.revision
     }
 
-    fn prefix(&self, prefix: &str) -> Vec<KeyValue> {
+    /// Every key starting with `prefix`, in key order.
+    pub fn prefix(&self, prefix: &str) -> Vec<KeyValue> {
         self.kvs
             .range(prefix.to_string()..)
             .take_while(|(k, _)| k.starts_with(prefix))
             .map(|(_, kv)| kv.clone())
             .collect()
     }
-}
 
-impl Reader for Snapshot {
-    async fn read_prefix(&self, prefix: &str) -> Result<Vec<KeyValue>, ClientError> {
-        Ok(self.prefix(prefix))
-    }
-
-    async fn read_key(&self, key: &str) -> Result<Option<KeyValue>, ClientError> {
-        Ok(self.kvs.get(key).cloned())
+    /// One key, if the copy holds it.
+    pub fn key(&self, key: &str) -> Option<KeyValue> {
+        self.kvs.get(key).cloned()
     }
 }
 
 /// A registry read for one request: the mirror's snapshot, or the store
 /// itself when the mirror could not catch up.
 pub enum Registry<'a> {
-    /// The mirror, caught up with the store as of the request.
-    Mirror(Snapshot),
+    /// The mirror, caught up with the store as of the request; what is in
+    /// no key (lease renewals) is asked of the store through the client.
+    Mirror(Snapshot, &'a Client),
     /// The store, read directly.
     Store(&'a Client),
 }
@@ -123,15 +121,23 @@ pub enum Registry<'a> {
 impl Reader for Registry<'_> {
     async fn read_prefix(&self, prefix: &str) -> Result<Vec<KeyValue>, ClientError> {
         match self {
-            Registry::Mirror(snapshot) => snapshot.read_prefix(prefix).await,
+            Registry::Mirror(snapshot, _) => Ok(snapshot.prefix(prefix)),
             Registry::Store(client) => client.read_prefix(prefix).await,
         }
     }
 
     async fn read_key(&self, key: &str) -> Result<Option<KeyValue>, ClientError> {
         match self {
-            Registry::Mirror(snapshot) => snapshot.read_key(key).await,
+            Registry::Mirror(snapshot, _) => Ok(snapshot.key(key)),
             Registry::Store(client) => client.read_key(key).await,
+        }
+    }
+
+    async fn lease_renewals(&self) -> Result<Vec<LeaseRenewal>, ClientError> {
+        match self {
+            Registry::Mirror(_, client) | Registry::Store(client) => {
+                Client::lease_renewals(client).await
+            }
         }
     }
 }
@@ -197,6 +203,7 @@ impl Mirror {
                     snapshot
                         .clone()
                         .expect("wait_for returned a loaded snapshot"),
+                    client,
                 )
             }
             _ => {
@@ -295,16 +302,16 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn the_copy_keeps_registry_keys_but_bodies_and_counts_every_revision() {
+    #[test]
+    fn the_copy_keeps_registry_keys_but_bodies_and_counts_every_revision() {
         let unit = "/flotilla/units/a.service";
         let body = "/flotilla/bodies/00ff";
         let mut copy = Snapshot::from_kvs(
             [kv(unit, "1", 2), kv(body, "b", 2), kv("/other", "x", 3)],
             3,
         );
-        assert_eq!(copy.read_prefix(keys::ROOT).await.unwrap().len(), 1);
-        assert!(copy.read_key(body).await.unwrap().is_none());
+        assert_eq!(copy.prefix(keys::ROOT).len(), 1);
+        assert!(copy.key(body).is_none());
         // A change outside the registry still moves the revision on: the
         // barrier is the store's revision.
         copy.apply(&[event(EventKind::Put, "/other", 4)]);
@@ -313,7 +320,7 @@ mod tests {
             event(EventKind::Put, "/flotilla/units/b.service", 5),
             event(EventKind::Delete, unit, 6),
         ]);
-        let units = copy.read_prefix(keys::UNITS).await.unwrap();
+        let units = copy.prefix(keys::UNITS);
         let names: Vec<&str> = units.iter().map(|kv| kv.key.as_str()).collect();
         assert_eq!(names, ["/flotilla/units/b.service"]);
         assert_eq!(copy.revision(), 6);

@@ -282,7 +282,8 @@ pub async fn machines(registry: &impl Reader) -> Result<Vec<MachineRow>, Registr
     let kvs = registry.read_prefix(keys::MACHINES).await?;
     let drains = registry.read_prefix(keys::DRAIN).await?;
     let per_machine = registry.read_prefix(keys::PER_MACHINE).await?;
-    let renewals = registry.read_prefix(keys::RENEWALS).await?;
+    let stamps = registry.read_prefix(keys::RENEWALS).await?;
+    let renewed = super::liveness::last_renewals(registry, &kvs, &stamps).await?;
     let dynamic = metadata::dynamic(registry).await?;
     let mut claims: BTreeMap<String, usize> = BTreeMap::new();
     for kv in &per_machine {
@@ -294,13 +295,6 @@ pub async fn machines(registry: &impl Reader) -> Result<Vec<MachineRow>, Registr
         .iter()
         .filter_map(|kv| kv.key.strip_prefix(keys::DRAIN))
         .collect();
-    let renewed: BTreeMap<&str, Renewal> = renewals
-        .iter()
-        .filter_map(|kv| {
-            let id = kv.key.strip_prefix(keys::RENEWALS)?;
-            Some((id, records::decode(&kv.key, &kv.value).ok()?))
-        })
-        .collect();
     kvs.iter()
         .map(|kv| {
             let mut record: MachineRecord = records::decode(&kv.key, &kv.value)?;
@@ -308,7 +302,7 @@ pub async fn machines(registry: &impl Reader) -> Result<Vec<MachineRow>, Registr
             Ok(MachineRow {
                 drained: drained.contains(record.id.as_str()),
                 units: claims.get(&record.id).copied().unwrap_or(0),
-                renewal: renewed.get(record.id.as_str()).copied(),
+                renewal: renewed.get(&record.id).copied(),
                 record,
             })
         })

@@ -11,6 +11,7 @@ use std::future::Future;
 
 use crate::consensus::client::{Client, ClientError};
 use crate::consensus::kv::KeyValue;
+use crate::consensus::node::LeaseRenewal;
 
 /// A source of registry keys.
 pub trait Reader: Sync {
@@ -25,6 +26,11 @@ pub trait Reader: Sync {
         &self,
         key: &str,
     ) -> impl Future<Output = Result<Option<KeyValue>, ClientError>> + Send;
+
+    /// When the member asked last applied each lease's keep-alive
+    /// ([`Client::lease_renewals`]): in no key, so always the store's answer.
+    fn lease_renewals(&self)
+    -> impl Future<Output = Result<Vec<LeaseRenewal>, ClientError>> + Send;
 }
 
 impl Reader for Client {
@@ -34,5 +40,9 @@ impl Reader for Client {
 
     async fn read_key(&self, key: &str) -> Result<Option<KeyValue>, ClientError> {
         self.get(key).await
+    }
+
+    async fn lease_renewals(&self) -> Result<Vec<LeaseRenewal>, ClientError> {
+        Client::lease_renewals(self).await
     }
 }

@@ -155,10 +155,12 @@ impl ReportedState {
     }
 }
 
-/// When a machine last renewed its presence, by its own clock.
+/// When a machine last renewed its presence.
 ///
-/// Written by the machine's agent on its presence lease with every renewal,
-/// so `list-machines` can say how long ago each machine was last heard of.
+/// Worked out from the member's view of the presence lease
+/// ([`super::liveness::last_renewals`]), so `list-machines` can say how long
+/// ago each machine was last heard of; agents of the first release also
+/// wrote one on their presence lease with every renewal, by their own clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Renewal {
     /// Milliseconds since the Unix epoch.
