@@ -207,7 +207,7 @@ impl Scheduler {
     /// One pass over the view; returns the revision of its last write (0: none).
     async fn pass(&mut self, client: &Client, view: &mut View) -> Result<Revision, ClientError> {
         let started = Instant::now();
-        self.age_proposals(view.world_mut());
+        self.age_proposals(view.world_mut(), started);
         let plan = plan::plan(view.world());
         let planned = started.elapsed();
         let unplaceable: BTreeMap<&UnitName, &String> = view
@@ -241,8 +241,7 @@ impl Scheduler {
     /// moving them made more writes, which delayed claims more, and a bulk
     /// start of 30,000 units never settled. A wedged host (claiming nothing)
     /// still loses its proposals after the bound.
-    fn age_proposals(&mut self, world: &mut World) {
-        let now = Instant::now();
+    fn age_proposals(&mut self, world: &mut World, now: Instant) {
         let mut claimed: HashMap<String, usize> = HashMap::new();
         for machine in world.claims.values().flatten() {
             *claimed.entry(machine.clone()).or_default() += 1;
@@ -280,5 +279,81 @@ impl Scheduler {
             }
         }
         self.first_seen = live;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::records::{Proposal, Target};
+    use crate::registry::schedule::Seen;
+    use crate::units::UnitHash;
+
+    fn name(unit: &str) -> UnitName {
+        UnitName::parse(unit).unwrap()
+    }
+
+    fn propose(world: &mut World, unit: &str, machine: &str) {
+        let seen = Seen {
+            proposal: Proposal {
+                hash: UnitHash::of_text("x"),
+                target: Target::Launched,
+            },
+            mod_revision: 1,
+        };
+        world
+            .proposals
+            .entry(name(unit))
+            .or_default()
+            .insert(machine.to_string(), seen);
+    }
+
+    fn claim(world: &mut World, unit: &str, machine: &str) {
+        world
+            .claims
+            .entry(name(unit))
+            .or_default()
+            .insert(machine.to_string());
+    }
+
+    /// A proposal goes stale 5 s after it was first seen or its machine last
+    /// claimed something, whichever is later: a busy host keeps its backlog,
+    /// a wedged one loses it.
+    #[test]
+    fn the_claim_bound_counts_from_the_machines_last_claim() {
+        let mut scheduler = Scheduler {
+            claim_timeout: Duration::from_secs(5),
+            bodies: Arc::new(BodyCache::new()),
+            first_seen: HashMap::new(),
+            next_stale: None,
+            claimed: HashMap::new(),
+            progress: HashMap::new(),
+            unplaceable: BTreeMap::new(),
+        };
+        let mut world = World::default();
+        for unit in ["a.service", "b.service", "c.service"] {
+            propose(&mut world, unit, "busy");
+        }
+        claim(&mut world, "a.service", "busy");
+        propose(&mut world, "w.service", "wedged");
+        let start = Instant::now();
+        let at = |secs| start + Duration::from_secs(secs);
+        scheduler.age_proposals(&mut world, at(0));
+        assert!(world.stale.is_empty());
+        claim(&mut world, "b.service", "busy");
+        scheduler.age_proposals(&mut world, at(4));
+        assert!(world.stale.is_empty());
+        scheduler.age_proposals(&mut world, at(6));
+        // 6 s since the proposals, 2 s since busy's last claim.
+        let stale: Vec<_> = world.stale.iter().cloned().collect();
+        assert_eq!(stale, [(name("w.service"), "wedged".to_string())]);
+        scheduler.age_proposals(&mut world, at(9));
+        assert!(
+            world
+                .stale
+                .contains(&(name("c.service"), "busy".to_string())),
+            "{:?}",
+            world.stale
+        );
     }
 }
