@@ -8,7 +8,8 @@
 //! shows those writes (or a short bound passes), so it never decides twice
 //! from the same facts. Passes run only when something the scheduler decides
 //! from changed, when an unclaimed proposal reaches the claim bound (which
-//! moves it), and every [`BACKSTOP`] as a safety net: an idle cluster costs
+//! moves it; the bound counts from the machine's last claim too, so a busy
+//! host's backlog stays put), and every [`BACKSTOP`] as a safety net: an idle cluster costs
 //! it nothing. A broken watch (history compacted) reloads the view. A deposed
 //! leader's scheduler stops; any stale write it still makes fails its
 //! compares.
@@ -53,6 +54,8 @@ pub async fn run(
         bodies,
         first_seen: HashMap::new(),
         next_stale: None,
+        claimed: HashMap::new(),
+        progress: HashMap::new(),
         unplaceable: BTreeMap::new(),
     };
     loop {
@@ -79,6 +82,11 @@ struct Scheduler {
     first_seen: HashMap<(UnitName, String, Revision), Instant>,
     /// When the next unclaimed proposal reaches the claim bound.
     next_stale: Option<Instant>,
+    /// How many units each machine had claimed at the last pass.
+    claimed: HashMap<String, usize>,
+    /// When each machine last claimed more units than before: a machine
+    /// still claiming is working through its proposals, not wedged.
+    progress: HashMap<String, Instant>,
     /// The last reason logged for each unit that cannot be placed, to log
     /// changes only.
     unplaceable: BTreeMap<UnitName, String>,
@@ -136,6 +144,8 @@ impl Scheduler {
         let mut followed = Followed::start(&client, endpoints, &self.bodies).await?;
         self.first_seen.clear();
         self.next_stale = None;
+        self.claimed.clear();
+        self.progress.clear();
         // The revision of the last pass's writes, and since when it is awaited.
         let mut written: Revision = 0;
         let mut written_at = Instant::now();
@@ -197,7 +207,7 @@ impl Scheduler {
     /// One pass over the view; returns the revision of its last write (0: none).
     async fn pass(&mut self, client: &Client, view: &mut View) -> Result<Revision, ClientError> {
         let started = Instant::now();
-        self.age_proposals(view.world_mut());
+        self.age_proposals(view.world_mut(), started);
         let plan = plan::plan(view.world());
         let planned = started.elapsed();
         let unplaceable: BTreeMap<&UnitName, &String> = view
@@ -224,9 +234,29 @@ impl Scheduler {
         Ok(written)
     }
 
-    /// Marks proposals nobody claimed within the bound as stale.
-    fn age_proposals(&mut self, world: &mut World) {
-        let now = Instant::now();
+    /// Marks as stale the proposals nobody claimed within the bound, counted
+    /// from when the proposal was first seen or its machine last claimed
+    /// something, whichever is later. A host working through a bulk start
+    /// (claims queued behind everyone else's writes) keeps its proposals;
+    /// moving them made more writes, which delayed claims more, and a bulk
+    /// start of 30,000 units never settled. A wedged host (claiming nothing)
+    /// still loses its proposals after the bound.
+    fn age_proposals(&mut self, world: &mut World, now: Instant) {
+        let mut claimed: HashMap<String, usize> = HashMap::new();
+        for machine in world.claims.values().flatten() {
+            *claimed.entry(machine.clone()).or_default() += 1;
+        }
+        for (machine, count) in &claimed {
+            if self
+                .claimed
+                .get(machine)
+                .is_some_and(|before| count > before)
+            {
+                self.progress.insert(machine.clone(), now);
+            }
+        }
+        self.progress.retain(|m, _| claimed.contains_key(m));
+        self.claimed = claimed;
         let mut live = HashMap::new();
         world.stale.clear();
         self.next_stale = None;
@@ -238,7 +268,8 @@ impl Scheduler {
                 }
                 let key = (unit.clone(), machine.clone(), seen.mod_revision);
                 let since = self.first_seen.get(&key).copied().unwrap_or(now);
-                let bound = since + self.claim_timeout;
+                let active = self.progress.get(machine).copied();
+                let bound = since.max(active.unwrap_or(since)) + self.claim_timeout;
                 if bound <= now {
                     world.stale.insert((unit.clone(), machine.clone()));
                 } else if self.next_stale.is_none_or(|at| bound < at) {
@@ -248,5 +279,81 @@ impl Scheduler {
             }
         }
         self.first_seen = live;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::records::{Proposal, Target};
+    use crate::registry::schedule::Seen;
+    use crate::units::UnitHash;
+
+    fn name(unit: &str) -> UnitName {
+        UnitName::parse(unit).unwrap()
+    }
+
+    fn propose(world: &mut World, unit: &str, machine: &str) {
+        let seen = Seen {
+            proposal: Proposal {
+                hash: UnitHash::of_text("x"),
+                target: Target::Launched,
+            },
+            mod_revision: 1,
+        };
+        world
+            .proposals
+            .entry(name(unit))
+            .or_default()
+            .insert(machine.to_string(), seen);
+    }
+
+    fn claim(world: &mut World, unit: &str, machine: &str) {
+        world
+            .claims
+            .entry(name(unit))
+            .or_default()
+            .insert(machine.to_string());
+    }
+
+    /// A proposal goes stale 5 s after it was first seen or its machine last
+    /// claimed something, whichever is later: a busy host keeps its backlog,
+    /// a wedged one loses it.
+    #[test]
+    fn the_claim_bound_counts_from_the_machines_last_claim() {
+        let mut scheduler = Scheduler {
+            claim_timeout: Duration::from_secs(5),
+            bodies: Arc::new(BodyCache::new()),
+            first_seen: HashMap::new(),
+            next_stale: None,
+            claimed: HashMap::new(),
+            progress: HashMap::new(),
+            unplaceable: BTreeMap::new(),
+        };
+        let mut world = World::default();
+        for unit in ["a.service", "b.service", "c.service"] {
+            propose(&mut world, unit, "busy");
+        }
+        claim(&mut world, "a.service", "busy");
+        propose(&mut world, "w.service", "wedged");
+        let start = Instant::now();
+        let at = |secs| start + Duration::from_secs(secs);
+        scheduler.age_proposals(&mut world, at(0));
+        assert!(world.stale.is_empty());
+        claim(&mut world, "b.service", "busy");
+        scheduler.age_proposals(&mut world, at(4));
+        assert!(world.stale.is_empty());
+        scheduler.age_proposals(&mut world, at(6));
+        // 6 s since the proposals, 2 s since busy's last claim.
+        let stale: Vec<_> = world.stale.iter().cloned().collect();
+        assert_eq!(stale, [(name("w.service"), "wedged".to_string())]);
+        scheduler.age_proposals(&mut world, at(9));
+        assert!(
+            world
+                .stale
+                .contains(&(name("c.service"), "busy".to_string())),
+            "{:?}",
+            world.stale
+        );
     }
 }

@@ -46,7 +46,7 @@ use crate::registry::Revision;
 use crate::units::UnitName;
 use crate::units::colocation;
 use crate::units::placement::{
-    Cluster, Decision, Here, Machine, Outcome, Placed, decide, decide_with,
+    Cluster, Decision, Here, Machine, Outcome, Placed, decide, decide_with, least_loaded,
 };
 use pairs::{Occupants, Pairs};
 
@@ -61,7 +61,15 @@ pub struct Plan {
 
 /// Runs one pass over `world`.
 pub fn plan(world: &World) -> Plan {
+    plan_with(world, true)
+}
+
+/// [`plan`], deciding units by walking machines in load order when `fast`
+/// ([`least_loaded`]), else with every machine's verdict: the same plan, which
+/// the tests check on random worlds.
+fn plan_with(world: &World, fast: bool) -> Plan {
     let mut pass = Pass::new(world);
+    pass.fast = fast;
     pass.withdraw_unwanted();
     pass.evict_conflicts();
     for (name, wanted) in &world.wanted {
@@ -96,6 +104,9 @@ struct Pass<'w> {
     withdrawn: BTreeSet<(UnitName, String)>,
     /// The machines that may take work, by id.
     alive: BTreeMap<&'w str, &'w Machine>,
+    /// Whether a unit that takes the least-loaded eligible machine is placed
+    /// by walking the machines in load order (see [`plan_with`]).
+    fast: bool,
 }
 
 impl<'w> Pass<'w> {
@@ -106,7 +117,7 @@ impl<'w> Pass<'w> {
                 live.insert((unit.clone(), machine.clone()));
             }
         }
-        let mut occupants = Occupants::new(&world.wanted);
+        let mut occupants = Occupants::new(&world.wanted, &world.machines);
         for pair in live.iter() {
             occupants.insert(pair.clone());
         }
@@ -122,6 +133,7 @@ impl<'w> Pass<'w> {
             live,
             withdrawn: BTreeSet::new(),
             alive: world.machines.iter().map(|m| (m.id.as_str(), m)).collect(),
+            fast: true,
         }
     }
 
@@ -174,33 +186,49 @@ impl<'w> Pass<'w> {
     /// Withdraws one of every two units proposed on one machine that may not
     /// share it. A unit claimed there without a proposal is being stopped and
     /// evicts nobody; a unit already evicted evicts nobody more.
+    ///
+    /// Only machines with a unit that can exclude others can hold such a
+    /// pair, and only pairs with one of those can be one: the rest are
+    /// skipped (they would be allowed), in the same order as a walk over all.
     fn evict_conflicts(&mut self) {
-        let mut by_machine: BTreeMap<String, Vec<UnitName>> = BTreeMap::new();
-        for (unit, machine) in self.live.iter() {
-            if self.world.wanted.contains_key(unit) {
-                by_machine
-                    .entry(machine.clone())
-                    .or_default()
-                    .push(unit.clone());
-            }
-        }
-        for (machine, units) in by_machine {
-            let mut evicted: BTreeSet<&UnitName> = BTreeSet::new();
-            for (i, a) in units.iter().enumerate() {
-                for b in &units[i + 1..] {
-                    if evicted.contains(a) {
+        let wanted = &self.world.wanted;
+        let excludes = |unit: &UnitName| {
+            wanted
+                .get(unit)
+                .is_some_and(|w| colocation::excludes_any(&w.requirements))
+        };
+        let machines: BTreeSet<String> = self
+            .live
+            .iter()
+            .filter(|(unit, _)| excludes(unit))
+            .map(|(_, machine)| machine.clone())
+            .collect();
+        for machine in machines {
+            let units: Vec<(&UnitName, bool)> = self
+                .live
+                .on(&machine)
+                .filter(|u| wanted.contains_key(*u))
+                .map(|u| (u, excludes(u)))
+                .collect();
+            let mut evicted: BTreeSet<UnitName> = BTreeSet::new();
+            for (i, (a, a_excludes)) in units.iter().enumerate() {
+                for (b, b_excludes) in &units[i + 1..] {
+                    if !a_excludes && !b_excludes {
+                        continue;
+                    }
+                    if evicted.contains(*a) {
                         break;
                     }
-                    if evicted.contains(b) {
+                    if evicted.contains(*b) {
                         continue;
                     }
                     if let Some(loser) = self.leaver(a, b) {
-                        evicted.insert(loser);
+                        evicted.insert(loser.clone());
                     }
                 }
             }
             for unit in evicted {
-                self.withdraw(unit, &machine);
+                self.withdraw(&unit, &machine);
             }
         }
     }
@@ -218,9 +246,59 @@ impl<'w> Pass<'w> {
 
     /// Where placement puts `unit` given every occupant (a withdrawn unit still
     /// claimed counts until released, except as a `MachineOf` peer: it is
-    /// leaving), never on `exclude`.
+    /// leaving), never on `exclude`. Most units take the least-loaded machine
+    /// that admits them, found by walking the machines in load order; the
+    /// others (and a unit nothing admits) get the full decision.
     fn decide(&self, unit: &UnitName, wanted: &Wanted, exclude: Option<&str>) -> Outcome {
-        self.decision(unit, wanted, exclude).outcome
+        let rules = &wanted.requirements;
+        if !self.fast {
+            return self.decision(unit, wanted, exclude).outcome;
+        }
+        let names_none = !colocation::excludes_any(rules) && rules.machine_of.is_empty();
+        let fast = least_loaded(
+            self.by_load(unit, exclude),
+            |machine: &Machine| self.here(unit, wanted, names_none, machine),
+            unit,
+            rules,
+        );
+        match fast {
+            Some(outcome) => outcome,
+            None => self.decision(unit, wanted, exclude).outcome,
+        }
+    }
+
+    /// The machines that take work, but `exclude`, in the (load, id) order
+    /// placement compares for `unit`: the load of a machine `unit` is on does
+    /// not count `unit` itself.
+    fn by_load<'p>(
+        &'p self,
+        unit: &UnitName,
+        exclude: Option<&'p str>,
+    ) -> impl Iterator<Item = &'w Machine> + 'p {
+        let mine: Vec<&'p str> = self.occupants.machines_of(unit).collect();
+        let mut own: Vec<(usize, &'w Machine)> = mine
+            .iter()
+            .filter(|id| Some(**id) != exclude)
+            .filter_map(|id| self.alive.get(id))
+            .map(|m| (self.occupants.load(&m.id).saturating_sub(1), *m))
+            .collect();
+        own.sort_by(|a, b| (a.0, &a.1.id).cmp(&(b.0, &b.1.id)));
+        let mut own = own.into_iter().peekable();
+        let mut rest = self
+            .occupants
+            .by_load()
+            .filter(move |(_, id)| Some(*id) != exclude && !mine.contains(id))
+            .filter_map(|(load, id)| self.alive.get(id).map(|m| (load, *m)))
+            .peekable();
+        std::iter::from_fn(move || {
+            let own_first = match (own.peek(), rest.peek()) {
+                (Some(a), Some(b)) => (a.0, a.1.id.as_str()) < (b.0, b.1.id.as_str()),
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            let next = if own_first { own.next() } else { rest.next() };
+            next.map(|(_, machine)| machine)
+        })
     }
 
     /// [`Pass::decide`] with every machine's verdict.
@@ -245,34 +323,46 @@ impl<'w> Pass<'w> {
         };
         decide_with(
             machines,
-            |machine: &Machine| {
-                let id = machine.id.as_str();
-                if names_none {
-                    let me = usize::from(self.occupants.has(unit, id));
-                    return Here {
-                        load: self.occupants.load(id) - me,
-                        units: self
-                            .occupants
-                            .excluding_on(id)
-                            .filter_map(|u| self.placed_unit(u, id))
-                            .collect(),
-                    };
-                }
-                let units: Vec<Placed<'_>> = self
-                    .occupants
-                    .on(id)
-                    .filter(|u| *u != unit)
-                    .filter(|u| !rules.machine_of.contains(u) || self.live.has(u, id))
-                    .filter_map(|u| self.placed_unit(u, id))
-                    .collect();
-                Here {
-                    load: units.len(),
-                    units,
-                }
-            },
+            |machine: &Machine| self.here(unit, wanted, names_none, machine),
             unit,
             rules,
         )
+    }
+
+    /// What placement needs of `machine` to decide `unit`: its load without
+    /// `unit`, and the units there whose rules could matter (for a unit that
+    /// names none, only those that can exclude others).
+    fn here<'p>(
+        &'p self,
+        unit: &'p UnitName,
+        wanted: &'p Wanted,
+        names_none: bool,
+        machine: &'p Machine,
+    ) -> Here<'p> {
+        let id = machine.id.as_str();
+        if names_none {
+            let me = usize::from(self.occupants.has(unit, id));
+            return Here {
+                load: self.occupants.load(id) - me,
+                units: self
+                    .occupants
+                    .excluding_on(id)
+                    .filter_map(|u| self.placed_unit(u, id))
+                    .collect(),
+            };
+        }
+        let rules = &wanted.requirements;
+        let units: Vec<Placed<'_>> = self
+            .occupants
+            .on(id)
+            .filter(|u| *u != unit)
+            .filter(|u| !rules.machine_of.contains(u) || self.live.has(u, id))
+            .filter_map(|u| self.placed_unit(u, id))
+            .collect();
+        Here {
+            load: units.len(),
+            units,
+        }
     }
 
     /// Proposes `unit` where placement decides, displacing what it replaces
@@ -404,12 +494,23 @@ impl<'w> Pass<'w> {
             .alive
             .get(machine)
             .map_or(&[][..], |m| std::slice::from_ref(*m));
-        // Units that stay there: one being stopped does not count.
-        let placed: Vec<Placed<'_>> = self
-            .live
-            .on(machine)
-            .filter_map(|u| self.placed_unit(u, machine))
-            .collect();
+        // Units that stay there: one being stopped does not count. A unit
+        // that names no other can only be kept off by units that exclude
+        // others (checked for every placed unit in every pass, so only those).
+        let rules = &wanted.requirements;
+        let names_none = !colocation::excludes_any(rules) && rules.machine_of.is_empty();
+        let placed: Vec<Placed<'_>> = if names_none {
+            self.occupants
+                .excluding_on(machine)
+                .filter(|u| self.live.has(u, machine))
+                .filter_map(|u| self.placed_unit(u, machine))
+                .collect()
+        } else {
+            self.live
+                .on(machine)
+                .filter_map(|u| self.placed_unit(u, machine))
+                .collect()
+        };
         let decision = decide(
             Cluster {
                 machines: only,

@@ -14,6 +14,8 @@
 //! * [`colocation`]: which units may share a machine (`Conflicts`, `Replaces`,
 //!   `MachineOf`), the one rule placement, eviction and claims all ask.
 //! * [`placement`]: the scheduling decision as a pure function.
+//! * [`load_order`]: machines kept in (load, id) order, so placement can take
+//!   the least-loaded eligible machine without scoring every one.
 //! * [`claim`]: which proposed units a machine may claim now, beside placement.
 //! * [`problem`]: diagnostics with line numbers, shared by all of the above.
 //! * [`suggest`]: the closest known word to a mistyped one ("did you mean ...?").
@@ -24,6 +26,7 @@ pub mod file;
 pub mod fleet;
 pub mod glob;
 pub mod hash;
+pub mod load_order;
 pub mod name;
 pub mod placement;
 pub mod problem;

@@ -3,15 +3,19 @@
 //! "What stays on machine M" is asked once for every placed unit in every
 //! pass; answered by scanning all pairs, a pass over 30,000 placed units cost
 //! 900 million comparisons. The index answers it with the units on M.
-//! [`Occupants`] also counts each machine's wanted units and keeps apart those
-//! that can exclude others, which is all that placing a unit without rules
-//! of its own needs to know of a machine.
+//! [`Occupants`] also counts each machine's wanted units, keeps the machines
+//! that take work in that order ([`LoadOrder`], so placement looks at the
+//! least loaded first) and keeps apart the units that can exclude others,
+//! which is all that placing a unit without rules of its own needs to know
+//! of a machine.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::registry::schedule::Wanted;
 use crate::units::UnitName;
 use crate::units::colocation;
+use crate::units::load_order::LoadOrder;
+use crate::units::placement::Machine;
 
 /// A set of (unit, machine) pairs that also knows each machine's units.
 #[derive(Debug, Clone, Default)]
@@ -55,6 +59,15 @@ impl Pairs {
         self.by_machine.get(machine).into_iter().flatten()
     }
 
+    /// The machines paired with `unit`.
+    pub(super) fn machines_of<'p>(&'p self, unit: &UnitName) -> impl Iterator<Item = &'p str> {
+        let unit = unit.clone();
+        self.all
+            .range((unit.clone(), String::new())..)
+            .take_while(move |(u, _)| *u == unit)
+            .map(|(_, machine)| machine.as_str())
+    }
+
     /// Whether `unit` is paired with `machine` (without building a pair).
     pub(super) fn has(&self, unit: &UnitName, machine: &str) -> bool {
         self.by_machine
@@ -70,16 +83,23 @@ pub(super) struct Occupants<'w> {
     wanted: &'w BTreeMap<UnitName, Wanted>,
     pairs: Pairs,
     load: HashMap<String, usize>,
+    /// The machines that take work, by (load, id).
+    order: LoadOrder,
     excluding: Pairs,
 }
 
 impl<'w> Occupants<'w> {
-    /// None yet, classifying units by `wanted`.
-    pub(super) fn new(wanted: &'w BTreeMap<UnitName, Wanted>) -> Occupants<'w> {
+    /// None yet, classifying units by `wanted`, ordering `machines` (those
+    /// that take work) by load.
+    pub(super) fn new(
+        wanted: &'w BTreeMap<UnitName, Wanted>,
+        machines: &[Machine],
+    ) -> Occupants<'w> {
         Occupants {
             wanted,
             pairs: Pairs::default(),
             load: HashMap::new(),
+            order: LoadOrder::new(machines.iter().map(|m| m.id.as_str())),
             excluding: Pairs::default(),
         }
     }
@@ -90,7 +110,9 @@ impl<'w> Occupants<'w> {
             return false;
         }
         if let Some(wanted) = self.wanted.get(&pair.0) {
-            *self.load.entry(pair.1.clone()).or_default() += 1;
+            let load = self.load.entry(pair.1.clone()).or_default();
+            *load += 1;
+            self.order.set(&pair.1, *load);
             if colocation::excludes_any(&wanted.requirements) {
                 self.excluding.insert(pair.clone());
             }
@@ -107,6 +129,7 @@ impl<'w> Occupants<'w> {
             && let Some(load) = self.load.get_mut(&pair.1)
         {
             *load -= 1;
+            self.order.set(&pair.1, *load);
         }
         self.excluding.remove(pair);
         true
@@ -125,6 +148,17 @@ impl<'w> Occupants<'w> {
     /// How many wanted units are on `machine`.
     pub(super) fn load(&self, machine: &str) -> usize {
         self.load.get(machine).copied().unwrap_or(0)
+    }
+
+    /// The machines that take work with their loads, least loaded first,
+    /// ties by id.
+    pub(super) fn by_load(&self) -> impl Iterator<Item = (usize, &str)> {
+        self.order.iter()
+    }
+
+    /// The machines `unit` is on.
+    pub(super) fn machines_of<'p>(&'p self, unit: &UnitName) -> impl Iterator<Item = &'p str> {
+        self.pairs.machines_of(unit)
     }
 
     /// The wanted units on `machine` that can exclude others.
@@ -152,6 +186,9 @@ mod tests {
         assert_eq!(pairs.on("m3").count(), 0);
         assert!(pairs.contains(&(unit("a.service"), "m2".into())));
         assert!(pairs.has(&unit("a.service"), "m2"));
+        let of_a: Vec<&str> = pairs.machines_of(&unit("a.service")).collect();
+        assert_eq!(of_a, ["m2"]);
+        assert_eq!(pairs.machines_of(&unit("c.service")).count(), 0);
         assert!(!pairs.has(&unit("a.service"), "m1"));
         assert_eq!(pairs.iter().count(), 2);
     }
