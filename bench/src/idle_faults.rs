@@ -178,13 +178,7 @@ async fn run_in(args: &IdleFaultsArgs, dir: &Path) -> Result<()> {
     tokio::time::sleep(Duration::from_secs(5)).await;
 
     // The idle window.
-    let (_, revision) = client.range(keys::MACHINES, true, true).await?;
-    let watcher = Recorder::start(
-        servers.endpoints.clone(),
-        None,
-        keys::MACHINES,
-        revision + 1,
-    );
+    let watcher = Recorder::start(servers.endpoints.clone(), None, keys::MACHINES).await?;
     let events_before = fleet.journal.events().len();
     let first_leader = leader(&servers).await.context("no member leads")?;
     let starved_member = (first_leader + 1) % fleet_sim::MEMBERS;
@@ -232,6 +226,8 @@ async fn run_in(args: &IdleFaultsArgs, dir: &Path) -> Result<()> {
     // Late deletions of the window still arrive within a TTL.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let expired = watcher.expiries();
+    let watch_resyncs = watcher.resyncs();
+    let expiries_listed = watcher.expiries_found_by_listing();
     drop(watcher);
     let events = fleet.journal.events();
     let during = &events[events_before.min(events.len())..];
@@ -259,6 +255,7 @@ async fn run_in(args: &IdleFaultsArgs, dir: &Path) -> Result<()> {
             "starved_throttled_secs": throttled,
             "leader_kills": kills, "down_secs": args.down_secs,
             "lease_expiries": expired.len(), "hosts_expired": expired_hosts.len(),
+            "watch_resyncs": watch_resyncs, "expiries_found_by_listing": expiries_listed,
             "first_expiry_secs": if expired.is_empty() { None } else { Some(first_expiry) },
             "unit_starts": starts, "unit_stops": stops,
             "violations": fleet.journal.violations().len(), "checks_passed": ok})

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
-use flotilla::consensus::client::{Client, member_status_as};
+use flotilla::consensus::client::member_status_as;
 use flotilla::consensus::kv::EventKind;
 use flotilla::registry::keys::{self, MachineKey};
 use flotilla::registry::records::{Renewal, ReportedState, decode};
@@ -258,22 +258,7 @@ async fn one_round(
         .partition(|e| lab.host_at(e) != Some(killed.as_str()));
     let mut ordered = survivors.clone();
     ordered.extend(dying);
-    let client = Client::connect_with(&ordered, Some(tls.clone())).await?;
-    let (_, revision) = client.range(keys::MACHINES, true, false).await?;
-    drop(client);
-    let recorder = Recorder::start(ordered, Some(tls.clone()), keys::ROOT, 1);
-    // Let the watch catch up to now, so arrival times after the kill are live.
-    let caught_up = Instant::now();
-    while recorder
-        .seen()
-        .last()
-        .is_none_or(|s| s.event.revision() < revision)
-    {
-        if caught_up.elapsed() > Duration::from_secs(10) {
-            bail!("the store watch did not reach revision {revision} within 10 s");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let recorder = Recorder::start(ordered, Some(tls.clone()), keys::ROOT).await?;
 
     // The kill, at a phase of the victim's renewal cycle (a third of the
     // TTL) drawn from the clock's nanoseconds: hosts die at any moment, and

@@ -377,13 +377,7 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
             Some((unit.clone(), *host))
         })
         .collect();
-    let (_, revision) = client.range(keys::MACHINES, true, true).await?;
-    let watcher = Recorder::start(
-        servers.endpoints.clone(),
-        None,
-        keys::MACHINES,
-        revision + 1,
-    );
+    let watcher = Recorder::start(servers.endpoints.clone(), None, keys::MACHINES).await?;
     let kill_at = Instant::now();
     for i in &killed {
         fleet.kill(*i).await;
@@ -412,6 +406,7 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
     tokio::time::sleep(Duration::from_millis(200)).await;
     // The first expiry of each killed host; other deletions are not ours.
     let mut expiries: HashMap<usize, Instant> = HashMap::new();
+    let watch_resyncs = watcher.resyncs();
     for (id, at) in watcher.expiries() {
         if let Some(host) = killed_ids.get(&id) {
             expiries.entry(*host).or_insert(at);
@@ -439,7 +434,7 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
         "{}",
         json!({"phase": "failover", "run": header, "killed_hosts": killed.len(),
             "moved_units": affected.len(),
-            "expiries_seen": expiries.len(),
+            "expiries_seen": expiries.len(), "watch_resyncs": watch_resyncs,
             "kill_to_expiry": summary(&mut expiry_after_kill),
             "expiry_to_running": failover_summary,
             "kill_to_all_running_secs": done.as_secs_f64()})
