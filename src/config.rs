@@ -98,7 +98,9 @@ pub struct Config {
     pub endpoints: String,
     /// Run the agent (units on this host's systemd). Off for a store-only member.
     pub agent: bool,
-    /// Presence lease TTL in seconds: a host silent this long is dead to the cluster.
+    /// Presence lease TTL in seconds: a host silent this long is dead to the
+    /// cluster, and its units run elsewhere about this long after it dies
+    /// (see the README on how low it can safely go).
     pub ttl_secs: u64,
     /// The address to publish for this machine; detected when empty.
     pub public_ip: String,

@@ -13,16 +13,15 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use flotilla::consensus::client::{Client, member_status};
-use flotilla::consensus::kv::EventKind;
 use flotilla::registry::keys;
 use serde_json::json;
 
 use crate::fleet_sim::{self, Fleet, Model, Servers};
+use crate::store_watch::Recorder;
 
 /// Options of `flotilla-bench idle-faults`.
 #[derive(clap::Args, Debug)]
@@ -135,38 +134,6 @@ async fn leader(servers: &Servers) -> Option<usize> {
     None
 }
 
-/// Notes every presence record the store deletes (a lease that expired),
-/// from revision `from` on, resubscribing where it left off when the member
-/// it watches through dies.
-async fn watch_expiries(
-    endpoints: Vec<String>,
-    mut from: u64,
-    seen: Arc<Mutex<Vec<(String, Instant)>>>,
-) {
-    loop {
-        let Ok(client) = Client::connect(&endpoints).await else {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        };
-        let mut watch = client.watch(keys::MACHINES, from);
-        while let Ok(events) = watch.next().await {
-            let now = Instant::now();
-            for event in events {
-                if event.kind == EventKind::Delete
-                    && let Some(id) = event.kv.key.strip_prefix(keys::MACHINES)
-                {
-                    seen.lock()
-                        .expect("expiries lock")
-                        .push((id.to_string(), now));
-                }
-            }
-            from = watch.next_revision();
-        }
-        from = from.max(watch.next_revision());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 async fn run_in(args: &IdleFaultsArgs, dir: &Path) -> Result<()> {
     let bin = args
         .flotilla_bin
@@ -211,13 +178,7 @@ async fn run_in(args: &IdleFaultsArgs, dir: &Path) -> Result<()> {
     tokio::time::sleep(Duration::from_secs(5)).await;
 
     // The idle window.
-    let (_, revision) = client.range(keys::MACHINES, true, true).await?;
-    let expiries = Arc::new(Mutex::new(Vec::new()));
-    let watcher = tokio::spawn(watch_expiries(
-        servers.endpoints.clone(),
-        revision + 1,
-        expiries.clone(),
-    ));
+    let watcher = Recorder::start(servers.endpoints.clone(), None, keys::MACHINES).await?;
     let events_before = fleet.journal.events().len();
     let first_leader = leader(&servers).await.context("no member leads")?;
     let starved_member = (first_leader + 1) % fleet_sim::MEMBERS;
@@ -264,12 +225,14 @@ async fn run_in(args: &IdleFaultsArgs, dir: &Path) -> Result<()> {
     let window_secs = window.elapsed().as_secs_f64();
     // Late deletions of the window still arrive within a TTL.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    watcher.abort();
+    let expired = watcher.expiries();
+    let watch_resyncs = watcher.resyncs();
+    let expiries_listed = watcher.expiries_found_by_listing();
+    drop(watcher);
     let events = fleet.journal.events();
     let during = &events[events_before.min(events.len())..];
     let starts = during.iter().filter(|e| e.started).count();
     let stops = during.len() - starts;
-    let expired = expiries.lock().expect("expiries lock").clone();
     let mut expired_hosts: BTreeMap<String, usize> = BTreeMap::new();
     for (id, _) in &expired {
         *expired_hosts.entry(id.clone()).or_default() += 1;
@@ -292,6 +255,7 @@ async fn run_in(args: &IdleFaultsArgs, dir: &Path) -> Result<()> {
             "starved_throttled_secs": throttled,
             "leader_kills": kills, "down_secs": args.down_secs,
             "lease_expiries": expired.len(), "hosts_expired": expired_hosts.len(),
+            "watch_resyncs": watch_resyncs, "expiries_found_by_listing": expiries_listed,
             "first_expiry_secs": if expired.is_empty() { None } else { Some(first_expiry) },
             "unit_starts": starts, "unit_stops": stops,
             "violations": fleet.journal.violations().len(), "checks_passed": ok})

@@ -13,6 +13,12 @@
 //! `sim.rs`); `flotilla-bench idle-faults` counts false lease expiries and
 //! unit moves of an idle simulated fleet while the leader is killed twice
 //! and one member is CPU-starved (see `idle_faults.rs`).
+//!
+//! `flotilla-bench lab-failover` measures the presence TTL as users see it:
+//! kill → units active elsewhere in a lab of real systemd hosts at default
+//! settings, for a follower member's host and the leader's (see
+//! `lab_failover.rs`). It and `schedule` drive their labs through `lab.rs`;
+//! `store_watch.rs` is the one store watch the benches time events with.
 
 mod driver;
 mod etcd;
@@ -20,9 +26,12 @@ mod etcd;
 mod fleet_sim;
 mod flotilla_target;
 mod idle_faults;
+mod lab;
+mod lab_failover;
 mod plot;
 mod schedule;
 mod sim;
+mod store_watch;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -59,6 +68,10 @@ enum Command {
     /// is killed twice and one member is CPU-starved; counts lease expiries
     /// and unit moves.
     IdleFaults(idle_faults::IdleFaultsArgs),
+    /// Kill → units active elsewhere in a lab of real systemd hosts at
+    /// default settings, for a follower member's host and the leader's
+    /// (root, Debian 12).
+    LabFailover(lab_failover::LabFailoverArgs),
 }
 
 /// Options of `flotilla-bench kv`.
@@ -148,6 +161,7 @@ async fn main() -> Result<()> {
         Command::Schedule(args) => tokio::task::block_in_place(|| schedule::run(&args)),
         Command::Sim(args) => sim::run(args).await,
         Command::IdleFaults(args) => idle_faults::run(args).await,
+        Command::LabFailover(args) => lab_failover::run(args).await,
     }
 }
 

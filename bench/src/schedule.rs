@@ -13,12 +13,12 @@
 //!   what the scheduler itself adds.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
-use serde_json::Value;
+
+use crate::lab::Lab;
 
 /// Options of `flotilla-bench schedule`.
 #[derive(clap::Args, Debug)]
@@ -74,119 +74,6 @@ pub fn run(args: &ScheduleArgs) -> Result<()> {
     Ok(())
 }
 
-/// A lab for one measurement, torn down on drop.
-struct Lab {
-    bin: PathBuf,
-    dir: tempfile::TempDir,
-    endpoint: String,
-    hosts: Vec<(String, String)>,
-}
-
-impl Lab {
-    fn up(bin: &Path, ttl: u64, election_ms: u64) -> Result<Lab> {
-        let dir = tempfile::Builder::new()
-            .prefix("flotilla-bench-lab")
-            .tempdir()?;
-        let out = run_lab(
-            bin,
-            dir.path(),
-            &[
-                "up",
-                "--hosts",
-                "3",
-                "--ttl",
-                &ttl.to_string(),
-                "--election-timeout-ms",
-                &election_ms.to_string(),
-            ],
-        )?;
-        let up: Value = serde_json::from_slice(&out.stdout)?;
-        let hosts = up["hosts"]
-            .as_array()
-            .context("lab up output has hosts")?
-            .iter()
-            .map(|h| {
-                (
-                    h["name"].as_str().unwrap_or_default().to_string(),
-                    h["machine_id"].as_str().unwrap_or_default().to_string(),
-                )
-            })
-            .collect();
-        Ok(Lab {
-            bin: bin.to_path_buf(),
-            endpoint: up["endpoint"].as_str().context("endpoint")?.to_string(),
-            dir,
-            hosts,
-        })
-    }
-
-    fn cli(&self, args: &[&str]) -> Result<Output> {
-        let out = Command::new(&self.bin)
-            .arg("--endpoint")
-            .arg(&self.endpoint)
-            .args(args)
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "flotilla {:?}: {}",
-                args.first(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(out)
-    }
-
-    /// Active units per host name, from list-units.
-    fn active(&self) -> Result<Vec<(String, String)>> {
-        let out = self.cli(&["list-units", "--json"])?;
-        let rows: Value = serde_json::from_slice(&out.stdout)?;
-        let mut active = Vec::new();
-        for row in rows.as_array().context("rows")? {
-            if row["active"] == "active"
-                && let Some(machine) = row["machine"].as_str()
-                && let Some((host, _)) = self.hosts.iter().find(|(_, id)| id == machine)
-            {
-                active.push((
-                    row["unit"].as_str().unwrap_or_default().to_string(),
-                    host.clone(),
-                ));
-            }
-        }
-        Ok(active)
-    }
-
-    fn leader(&self) -> Result<String> {
-        let out = self.cli(&["member", "list"])?;
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find(|l| l.trim_end().ends_with("yes"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .map(str::to_string)
-            .context("no leader")
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = run_lab(&self.bin, self.dir.path(), &["down"]);
-    }
-}
-
-fn run_lab(bin: &Path, dir: &Path, args: &[&str]) -> Result<Output> {
-    let out = Command::new(bin)
-        .arg("lab")
-        .args(args)
-        .env("FLOTILLA_LAB_DIR", dir)
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "flotilla lab {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(out)
-}
-
 fn wait(limit: Duration, mut done: impl FnMut() -> Result<bool>) -> Result<Duration> {
     let started = Instant::now();
     while !done()? {
@@ -199,8 +86,18 @@ fn wait(limit: Duration, mut done: impl FnMut() -> Result<bool>) -> Result<Durat
 }
 
 fn one(bin: &Path, units: usize, ttl: u64, election_ms: u64) -> Result<ScheduleLine> {
-    let lab = Lab::up(bin, ttl, election_ms)?;
-    let file = lab.dir.path().join("bench@.service");
+    let lab = Lab::up(
+        bin,
+        &[
+            "--hosts",
+            "3",
+            "--ttl",
+            &ttl.to_string(),
+            "--election-timeout-ms",
+            &election_ms.to_string(),
+        ],
+    )?;
+    let file = lab.dir().join("bench@.service");
     std::fs::write(&file, UNIT)?;
     lab.cli(&["submit", file.to_str().context("utf-8 path")?])?;
     let names: Vec<String> = (1..=units).map(|i| format!("bench@{i}.service")).collect();
@@ -221,20 +118,21 @@ fn one(bin: &Path, units: usize, ttl: u64, election_ms: u64) -> Result<ScheduleL
          systemctl daemon-reload",
         UNIT.replace('\n', "\\n").replace('%', "%%")
     );
-    lab_exec(&lab, "h1", &["sh", "-c", &script])?;
+    lab.exec("h1", &["sh", "-c", &script])?;
     let direct: Vec<String> = (1..=units).map(|i| format!("direct@{i}.service")).collect();
     let started = Instant::now();
     let mut cmd = vec!["systemctl", "start"];
     cmd.extend(direct.iter().map(String::as_str));
-    lab_exec(&lab, "h1", &cmd)?;
+    lab.exec("h1", &cmd)?;
     let systemd_direct_secs = started.elapsed().as_secs_f64();
 
     // Failover: kill a host that is not the leader.
     let leader = lab.leader()?;
     let victim = lab
+        .up
         .hosts
         .iter()
-        .map(|(h, _)| h.clone())
+        .map(|h| h.name.clone())
         .find(|h| *h != leader)
         .context("a follower")?;
     let moving: Vec<String> = lab
@@ -244,7 +142,7 @@ fn one(bin: &Path, units: usize, ttl: u64, election_ms: u64) -> Result<ScheduleL
         .map(|(unit, _)| unit)
         .collect();
     let killed = Instant::now();
-    run_lab(&lab.bin, lab.dir.path(), &["kill", &victim])?;
+    lab.lab(&["kill", &victim])?;
     wait(Duration::from_secs(ttl * 3 + 60), || {
         let active = lab.active()?;
         Ok(moving.iter().all(|u| {
@@ -265,10 +163,4 @@ fn one(bin: &Path, units: usize, ttl: u64, election_ms: u64) -> Result<ScheduleL
         failover_secs,
         failover_after_ttl_secs: failover_secs - ttl as f64,
     })
-}
-
-fn lab_exec(lab: &Lab, host: &str, command: &[&str]) -> Result<Output> {
-    let mut args = vec!["exec", host, "--"];
-    args.extend(command);
-    run_lab(&lab.bin, lab.dir.path(), &args)
 }

@@ -21,18 +21,18 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use flotilla::consensus::client::{Client, member_status};
-use flotilla::consensus::kv::EventKind;
 use flotilla::registry::keys;
 use serde::Serialize;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::fleet_sim::{self, Fleet, Model, Servers};
+use crate::store_watch::Recorder;
 
 /// Options of `flotilla-bench sim`.
 #[derive(clap::Args, Debug)]
@@ -377,14 +377,7 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
             Some((unit.clone(), *host))
         })
         .collect();
-    let (_, revision) = client.range(keys::MACHINES, true, true).await?;
-    let expiries = Arc::new(Mutex::new(HashMap::new()));
-    let watcher = tokio::spawn(watch_expiries(
-        servers.endpoints.clone(),
-        revision + 1,
-        killed_ids.clone(),
-        expiries.clone(),
-    ));
+    let watcher = Recorder::start(servers.endpoints.clone(), None, keys::MACHINES).await?;
     let kill_at = Instant::now();
     for i in &killed {
         fleet.kill(*i).await;
@@ -411,9 +404,16 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    watcher.abort();
+    // The first expiry of each killed host; other deletions are not ours.
+    let mut expiries: HashMap<usize, Instant> = HashMap::new();
+    let watch_resyncs = watcher.resyncs();
+    for (id, at) in watcher.expiries() {
+        if let Some(host) = killed_ids.get(&id) {
+            expiries.entry(*host).or_insert(at);
+        }
+    }
+    drop(watcher);
     let moved_at = first_starts(&fleet, Some(kill_at));
-    let expiries = expiries.lock().expect("expiries lock").clone();
     let mut after_expiry = Vec::new();
     let mut done = Duration::ZERO;
     for (unit, host) in &affected {
@@ -434,7 +434,7 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
         "{}",
         json!({"phase": "failover", "run": header, "killed_hosts": killed.len(),
             "moved_units": affected.len(),
-            "expiries_seen": expiries.len(),
+            "expiries_seen": expiries.len(), "watch_resyncs": watch_resyncs,
             "kill_to_expiry": summary(&mut expiry_after_kill),
             "expiry_to_running": failover_summary,
             "kill_to_all_running_secs": done.as_secs_f64()})
@@ -485,36 +485,6 @@ fn first_starts(fleet: &Fleet, since: Option<Instant>) -> HashMap<String, Instan
         }
     }
     first
-}
-
-/// Notes when the store deletes the presence of each killed host (its lease
-/// expired), from revision `from` on.
-async fn watch_expiries(
-    endpoints: Vec<String>,
-    from: u64,
-    killed: BTreeMap<String, usize>,
-    seen: Arc<Mutex<HashMap<usize, Instant>>>,
-) {
-    let Ok(client) = Client::connect(&endpoints).await else {
-        return;
-    };
-    let mut watch = client.watch(keys::MACHINES, from);
-    while let Ok(events) = watch.next().await {
-        let now = Instant::now();
-        for event in events {
-            if event.kind != EventKind::Delete {
-                continue;
-            }
-            if let Some(id) = event.kv.key.strip_prefix(keys::MACHINES)
-                && let Some(host) = killed.get(id)
-            {
-                seen.lock()
-                    .expect("expiries lock")
-                    .entry(*host)
-                    .or_insert(now);
-            }
-        }
-    }
 }
 
 /// The API paths timed while loaded: what `list-units` and `list-machines`

@@ -549,12 +549,22 @@ impl Client {
 /// Asks the member at `endpoint` itself for its status, where a [`Client`]
 /// would move on to the leader: a health check must hear every member.
 pub async fn member_status(endpoint: &str, timeout: Duration) -> Result<Status, ClientError> {
+    member_status_as(endpoint, crate::tls::stream::default_client(), timeout).await
+}
+
+/// [`member_status`] as `tls`'s identity (`None`: plaintext) rather than
+/// this process's: for a process that talks to several clusters in turn,
+/// each with its own CA (the benchmark booting lab after lab).
+pub async fn member_status_as(
+    endpoint: &str,
+    tls: Option<Arc<ClientTls>>,
+    timeout: Duration,
+) -> Result<Status, ClientError> {
     let unreachable = |last: String| ClientError::Unreachable {
         endpoints: endpoint.to_string(),
         last,
     };
     let ask = async {
-        let tls = crate::tls::stream::default_client();
         let mut conn = open(endpoint, &tls).await.map_err(unreachable)?;
         match conn.call(&Request::Status).await {
             Ok(Response::Status(status)) => Ok(status),
