@@ -628,6 +628,60 @@ struct Cluster {
     summary: ClusterSummary,
 }
 
+/// What both cluster harnesses ([`Cluster`], [`TlsCluster`]) share: their
+/// members by id, each running or not.
+trait Members {
+    /// Each member's id and, while it runs, its node's handle.
+    fn handles(&self) -> Vec<(u64, Option<Handle>)>;
+
+    /// The members running now.
+    fn running(&self) -> Vec<u64> {
+        self.handles()
+            .into_iter()
+            .filter_map(|(id, handle)| handle.map(|_| id))
+            .collect()
+    }
+
+    /// Member `id`'s handle while it runs.
+    fn handle(&self, id: u64) -> Option<Handle> {
+        self.handles()
+            .into_iter()
+            .find(|(i, _)| *i == id)
+            .and_then(|(_, handle)| handle)
+    }
+
+    /// The leader as some running member sees it (0: none known).
+    async fn leader(&self) -> u64 {
+        for (_, handle) in self.handles() {
+            if let Some(handle) = handle
+                && let Ok(status) = handle.status().await
+                && status.leader != 0
+            {
+                return status.leader;
+            }
+        }
+        0
+    }
+}
+
+impl Members for Cluster {
+    fn handles(&self) -> Vec<(u64, Option<Handle>)> {
+        let handles = self.members.iter();
+        handles
+            .map(|(id, m)| (*id, m.running.as_ref().map(|r| r.handle.clone())))
+            .collect()
+    }
+}
+
+impl Members for TlsCluster {
+    fn handles(&self) -> Vec<(u64, Option<Handle>)> {
+        let handles = self.members.iter();
+        handles
+            .map(|(id, m)| (*id, m.running.as_ref().map(|r| r.handle.clone())))
+            .collect()
+    }
+}
+
 impl Cluster {
     async fn new(seed: u64, size: u64) -> Cluster {
         let mut rng = Rng::new(seed);
@@ -754,37 +808,12 @@ impl Cluster {
         self.net.set_target(id, None);
     }
 
-    fn running(&self) -> Vec<u64> {
-        self.members
-            .iter()
-            .filter(|(_, m)| m.running.is_some())
-            .map(|(id, _)| *id)
-            .collect()
-    }
-
     fn down(&self) -> Vec<u64> {
         self.members
             .iter()
             .filter(|(_, m)| m.running.is_none())
             .map(|(id, _)| *id)
             .collect()
-    }
-
-    fn handle(&self, id: u64) -> Option<Handle> {
-        self.members[&id].running.as_ref().map(|r| r.handle.clone())
-    }
-
-    /// The leader as some running member sees it (0: none known).
-    async fn leader(&self) -> u64 {
-        for id in self.running() {
-            if let Some(handle) = self.handle(id)
-                && let Ok(status) = handle.status().await
-                && status.leader != 0
-            {
-                return status.leader;
-            }
-        }
-        0
     }
 
     /// Proposes `command` until some member acknowledges it.
@@ -1531,31 +1560,6 @@ impl TlsCluster {
             running.serve.abort();
             let _ = running.serve.await;
         }
-    }
-
-    fn handle(&self, id: u64) -> Option<Handle> {
-        self.members[&id].running.as_ref().map(|r| r.handle.clone())
-    }
-
-    fn running(&self) -> Vec<u64> {
-        self.members
-            .iter()
-            .filter(|(_, m)| m.running.is_some())
-            .map(|(id, _)| *id)
-            .collect()
-    }
-
-    /// The leader as some running member sees it (0: none known).
-    async fn leader(&self) -> u64 {
-        for id in self.running() {
-            if let Some(handle) = self.handle(id)
-                && let Ok(status) = handle.status().await
-                && status.leader != 0
-            {
-                return status.leader;
-            }
-        }
-        0
     }
 
     /// Proposes `command` through running members until one acknowledges it.

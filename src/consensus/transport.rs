@@ -252,19 +252,14 @@ pub fn admit(
     let Some(who) = who else {
         return Ok(());
     };
-    if who.role != Role::Member {
-        return Err(format!("{who} holds no member certificate"));
-    }
-    let claimed = member_id(&who.name);
+    let claimed = certified_member(who)?;
     if message.from != claimed {
         return Err(format!(
             "{who} (raft id {claimed:x}) sent a message from raft id {:x}",
             message.from
         ));
     }
-    if !members.is_empty() && members.get(&claimed) != Some(&who.name) {
-        return Err(format!("{who} is not a current member"));
-    }
+    is_admitted(who, claimed, members)?;
     if message.to != me {
         return Err(format!(
             "{who} sent a message for raft id {:x}, not this member ({me:x})",
@@ -288,16 +283,32 @@ pub fn admit_announcement(
     let Some(who) = who else {
         return Ok(());
     };
-    if who.role != Role::Member {
-        return Err(format!("{who} holds no member certificate"));
-    }
-    let claimed = member_id(&who.name);
+    let claimed = certified_member(who)?;
     if announcement.from != claimed || announcement.name != who.name {
         return Err(format!(
             "{who} (raft id {claimed:x}) sent an announcement as {} (raft id {:x})",
             announcement.name, announcement.from
         ));
     }
+    is_admitted(who, claimed, members)
+}
+
+/// The Raft id of the member `who`'s certificate names; an error when it
+/// is no member certificate.
+fn certified_member(who: &Identity) -> Result<u64, String> {
+    if who.role != Role::Member {
+        return Err(format!("{who} holds no member certificate"));
+    }
+    Ok(member_id(&who.name))
+}
+
+/// Whether `who`, Raft id `claimed`, is among the admitted `members`
+/// (empty while this member has not even an address book: then anyone).
+fn is_admitted(
+    who: &Identity,
+    claimed: u64,
+    members: &BTreeMap<u64, String>,
+) -> Result<(), String> {
     if !members.is_empty() && members.get(&claimed) != Some(&who.name) {
         return Err(format!("{who} is not a current member"));
     }
@@ -967,10 +978,27 @@ mod tests {
             .collect();
         message.mut_snapshot().data = data.into();
         let (mut sender, receiver) = tokio::io::duplex(64 * 1024);
-        let expected = message.clone();
+        assert_eq!(
+            streamed(&mut sender, receiver, &message, false).await,
+            message
+        );
+    }
+
+    /// Sends `message` as a snapshot stream on `sender` while a task
+    /// receives it on `receiver` (after offering announcements first when
+    /// `offer_first`) and confirms it; returns what was received.
+    async fn streamed(
+        sender: &mut tokio::io::DuplexStream,
+        receiver: tokio::io::DuplexStream,
+        message: &Message,
+        offer_first: bool,
+    ) -> Message {
         let receiving = tokio::spawn(async move {
             use tokio::io::AsyncWriteExt;
             let mut receiver = tokio::io::BufReader::new(receiver);
+            if offer_first {
+                offer(&mut receiver).await.unwrap();
+            }
             let header = codec::read_frame(&mut receiver).await.unwrap().unwrap();
             assert!(header.len() < 1024, "the header carries no data");
             let got = receive_snapshot(&mut receiver, &header, &|_| Ok(()))
@@ -980,10 +1008,10 @@ mod tests {
             got
         });
         let data = message.get_snapshot().get_data().to_vec();
-        send_snapshot(&mut sender, &message, data.as_slice(), data.len() as u64)
+        send_snapshot(sender, message, data.as_slice(), data.len() as u64)
             .await
             .unwrap();
-        assert_eq!(receiving.await.unwrap(), expected);
+        receiving.await.unwrap()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1159,7 +1187,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_snapshot_confirmation_after_an_offer_is_read_and_nothing_else_is_taken() {
-        use tokio::io::AsyncWriteExt;
         let mut offered = Vec::new();
         codec::write_frame(&mut offered, &announce::capability_frame())
             .await
@@ -1193,21 +1220,10 @@ mod tests {
         message.set_msg_type(MessageType::MsgSnapshot);
         message.mut_snapshot().data = vec![3u8; 1000].into();
         let (mut sender, receiver) = tokio::io::duplex(64 * 1024);
-        let receiving = tokio::spawn(async move {
-            let mut receiver = tokio::io::BufReader::new(receiver);
-            offer(&mut receiver).await.unwrap();
-            let header = codec::read_frame(&mut receiver).await.unwrap().unwrap();
-            let got = receive_snapshot(&mut receiver, &header, &|_| Ok(()))
-                .await
-                .unwrap();
-            receiver.write_all(&[SNAPSHOT_RECEIVED]).await.unwrap();
-            got
-        });
-        let data = message.get_snapshot().get_data().to_vec();
-        send_snapshot(&mut sender, &message, data.as_slice(), data.len() as u64)
-            .await
-            .unwrap();
-        assert_eq!(receiving.await.unwrap(), message);
+        assert_eq!(
+            streamed(&mut sender, receiver, &message, true).await,
+            message
+        );
     }
 
     #[test]
