@@ -1263,8 +1263,10 @@ async fn puts_over_the_quota_are_refused_until_a_delete_frees_space() {
     })
     .await;
     assert!(api_get(&socket, "/ui").await.contains("alarms: none"));
+    // About: writes refused while the alarm was on (the daemon's own small
+    // keys) may land once there is room again.
     assert!(
-        freed[QUOTA_USED] <= full[QUOTA_USED] - (1 << 20) as f64 + 64.0,
+        freed[QUOTA_USED] <= full[QUOTA_USED] - (1 << 20) as f64 + 16384.0,
         "the delete freed about 1 MiB: {} then {}",
         full[QUOTA_USED],
         freed[QUOTA_USED]
