@@ -1081,15 +1081,25 @@ mod tests {
         );
     }
 
-    #[test]
-    fn only_current_members_speaking_as_themselves_are_admitted() {
-        let who = |role, name: &str| Identity {
-            cluster: "c".into(),
-            role,
-            name: name.into(),
-        };
+    /// A certificate identity maker, members m1 and m2's Raft ids, and the
+    /// membership of the two: what the admission tests judge against.
+    #[allow(clippy::type_complexity)]
+    fn two_members() -> (fn(Role, &str) -> Identity, u64, u64, BTreeMap<u64, String>) {
+        fn who(role: Role, name: &str) -> Identity {
+            Identity {
+                cluster: "c".into(),
+                role,
+                name: name.into(),
+            }
+        }
         let (m1, m2) = (member_id("m1"), member_id("m2"));
         let members = BTreeMap::from([(m1, "m1".to_string()), (m2, "m2".to_string())]);
+        (who, m1, m2, members)
+    }
+
+    #[test]
+    fn only_current_members_speaking_as_themselves_are_admitted() {
+        let (who, m1, m2, members) = two_members();
         let from = |from, to| Message {
             from,
             to,
@@ -1141,13 +1151,7 @@ mod tests {
 
     #[test]
     fn only_members_admitted_announcing_as_themselves_are_heard() {
-        let who = |role, name: &str| Identity {
-            cluster: "c".into(),
-            role,
-            name: name.into(),
-        };
-        let (m1, m2) = (member_id("m1"), member_id("m2"));
-        let members = BTreeMap::from([(m1, "m1".to_string()), (m2, "m2".to_string())]);
+        let (who, m1, m2, members) = two_members();
         let announced = |from, name: &str| Announcement {
             from,
             name: name.into(),
