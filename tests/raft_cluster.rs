@@ -78,17 +78,7 @@ impl Cluster {
     async fn add_member_via(&mut self, endpoints: &[String]) -> usize {
         let i = self.members.len();
         let member = new_member(self.root.path(), i);
-        // One membership change at a time: the last newcomer's promotion
-        // may still be on its way.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let out = loop {
-            let out = cli(endpoints, &["member", "add", &member.name, &member.peer]);
-            let busy = String::from_utf8_lossy(&out.stderr).contains("still being applied");
-            if !busy || Instant::now() > deadline {
-                break out;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
+        let out = member_change(endpoints, &["member", "add", &member.name, &member.peer]).await;
         assert!(
             out.status.success(),
             "{}",
@@ -206,6 +196,21 @@ fn cli(endpoints: &[String], args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .unwrap()
+}
+
+/// Runs a `flotilla member` verb, asking again while the store refuses it
+/// because another membership change is still being applied (one change at
+/// a time: a newcomer's promotion to voter may still be on its way).
+async fn member_change(endpoints: &[String], args: &[&str]) -> std::process::Output {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = cli(endpoints, args);
+        let busy = String::from_utf8_lossy(&out.stderr).contains("still being applied");
+        if !busy || Instant::now() > deadline {
+            return out;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn new_member(root: &Path, i: usize) -> Member {
@@ -575,7 +580,7 @@ async fn members_are_added_from_a_snapshot_and_removed_at_runtime() {
     let leader = cluster.leader(None).await;
     let victim = (0..3).find(|i| *i != leader).unwrap();
     let name = cluster.members[victim].name.clone();
-    let out = cli(&cluster.endpoints(), &["member", "remove", &name]);
+    let out = member_change(&cluster.endpoints(), &["member", "remove", &name]).await;
     assert!(
         out.status.success(),
         "{}",
@@ -602,7 +607,7 @@ async fn members_are_added_from_a_snapshot_and_removed_at_runtime() {
     // alone would keep it leading), and the other two go on without it.
     let leader = cluster.leader(None).await;
     let name = cluster.members[leader].name.clone();
-    let out = cli(&survivors, &["member", "remove", &name]);
+    let out = member_change(&survivors, &["member", "remove", &name]).await;
     assert!(
         out.status.success(),
         "{}",
