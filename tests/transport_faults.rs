@@ -682,6 +682,53 @@ impl Members for TlsCluster {
     }
 }
 
+/// Boots a member from `disk`: a real runner with a real TCP transport and
+/// a real peer listener on `tcp`, with mutual TLS as `trust` when given.
+/// A member added later (`book`) starts knowing no cluster; a founder
+/// bootstraps from `founders`.
+fn launch(
+    mut config: NodeConfig,
+    disk: &MemDisk,
+    book: Option<&BTreeMap<u64, MemberInfo>>,
+    founders: &BTreeMap<u64, MemberInfo>,
+    tcp: tokio::net::TcpListener,
+    trust: Option<&flotilla::tls::stream::Trust>,
+) -> Running {
+    let id = config.id;
+    config.request_ticks = 200;
+    let bootstrap = if book.is_some() {
+        BTreeMap::new()
+    } else {
+        founders.clone()
+    };
+    let mut core = Core::new(config, disk.clone(), &bootstrap, &logger())
+        .expect("a member's memory disk loads");
+    if let Some(book) = book {
+        core.set_address_book(book.clone());
+    }
+    let limits = ListenerLimits {
+        max_connections: 64,
+        handshake_timeout: Duration::from_secs(5),
+        frame: FrameLimits {
+            max_bytes: FRAME_LIMIT,
+            deadline: Duration::from_secs(10),
+        },
+    };
+    let listener = Listener::new(tcp, trust.map(|t| t.server.clone()), limits, "peer");
+    let peers = transport::Peers::new(trust.map(|t| t.client.clone()));
+    let writers = peers.clone();
+    let runtime = tokio::runtime::Handle::current();
+    let (handle, thread) = runner::spawn(core, Duration::from_millis(TICK_MS), move |handle| {
+        transport::TcpTransport::new(id, runtime, handle, writers, None)
+    });
+    let serve = tokio::spawn(transport::serve_peers(listener, handle.clone(), peers, id));
+    Running {
+        handle,
+        thread,
+        serve,
+    }
+}
+
 impl Cluster {
     async fn new(seed: u64, size: u64) -> Cluster {
         let mut rng = Rng::new(seed);
@@ -1500,18 +1547,7 @@ impl TlsCluster {
         let member = self.members.get_mut(&id).expect("a known member");
         assert!(member.running.is_none());
         let trust = self.pki.trust(&member.name, flotilla::tls::Role::Member);
-        let mut config = NodeConfig::new(id, TICK_MS, ELECTION_MS);
-        config.request_ticks = 200;
-        let bootstrap = if member.book.is_some() {
-            BTreeMap::new()
-        } else {
-            self.founders.clone()
-        };
-        let mut core = Core::new(config, member.disk.clone(), &bootstrap, &logger())
-            .expect("a member's memory disk loads");
-        if let Some(book) = &member.book {
-            core.set_address_book(book.clone());
-        }
+        let config = NodeConfig::new(id, TICK_MS, ELECTION_MS);
         let tcp = match member.bound.take() {
             Some(tcp) => tcp,
             None => {
@@ -1529,27 +1565,15 @@ impl TlsCluster {
                 }
             }
         };
-        let limits = ListenerLimits {
-            max_connections: 64,
-            handshake_timeout: Duration::from_secs(5),
-            frame: FrameLimits {
-                max_bytes: FRAME_LIMIT,
-                deadline: Duration::from_secs(10),
-            },
-        };
-        let listener = Listener::new(tcp, Some(trust.server.clone()), limits, "peer");
-        let peers = transport::Peers::new(Some(trust.client.clone()));
-        let writers = peers.clone();
-        let runtime = tokio::runtime::Handle::current();
-        let (handle, thread) = runner::spawn(core, Duration::from_millis(TICK_MS), move |handle| {
-            transport::TcpTransport::new(id, runtime, handle, writers, None)
-        });
-        let serve = tokio::spawn(transport::serve_peers(listener, handle.clone(), peers, id));
-        member.running = Some(Running {
-            handle,
-            thread,
-            serve,
-        });
+        let running = launch(
+            config,
+            &member.disk,
+            member.book.as_ref(),
+            &self.founders,
+            tcp,
+            Some(&trust),
+        );
+        member.running = Some(running);
     }
 
     async fn stop(&mut self, id: u64) {
