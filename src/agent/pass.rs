@@ -23,11 +23,29 @@ use crate::units::claim::{self, Ruled};
 use crate::units::colocation;
 use crate::units::{Requirements, UnitHash, UnitName};
 
+/// How a pass ended, for the loop to choose when the next one runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Passed {
+    /// A claim raced: another pass should follow at once.
+    pub(super) again: bool,
+    /// Nothing is left that only a later pass would notice: every proposal
+    /// here is claimed, systemd was asked for nothing, no claim was
+    /// released and no unit is refused. Whatever changes next wakes the
+    /// agent by itself (its watch, systemd's signals), so the backstop may
+    /// wait longer ([`super::run`]).
+    pub(super) settled: bool,
+}
+
 impl Agent {
-    /// One pass; returns whether another should follow at once (a claim raced).
-    pub(super) async fn pass(&mut self) -> Result<bool, ClientError> {
+    /// One pass; says whether another should follow at once (a claim raced)
+    /// and whether it left the host settled.
+    pub(super) async fn pass(&mut self) -> Result<Passed, ClientError> {
         let mut view = self.store.own_view().await?;
         let local = self.host.local();
+        let all_claimed = view
+            .proposals
+            .keys()
+            .all(|unit| view.claims.contains_key(unit));
         let again = self.claim(&mut view, &local).await?;
 
         let mut desired = BTreeMap::new();
@@ -75,6 +93,7 @@ impl Agent {
                 refused.insert(unit, (want.hash, why));
             }
         }
+        let none_refused = refused.is_empty();
         self.reports.refuse(refused);
         let actions = reconcile::reconcile(&desired, &actual, &held);
         if !actions.is_empty() {
@@ -87,8 +106,11 @@ impl Agent {
         for (unit, want) in &desired {
             self.applied.insert(unit.clone(), want.target);
         }
-        self.release(&view).await?;
-        Ok(again)
+        let released = self.release(&view).await?;
+        Ok(Passed {
+            again,
+            settled: all_claimed && none_refused && actions.is_empty() && released == 0,
+        })
     }
 
     /// Claims what it may (one transaction); true if the claim raced.
@@ -182,8 +204,9 @@ impl Agent {
         Ok(false)
     }
 
-    /// Drops claims whose proposal is gone, once the unit is unloaded here.
-    async fn release(&mut self, view: &OwnView) -> Result<(), ClientError> {
+    /// Drops claims whose proposal is gone, once the unit is unloaded here;
+    /// returns how many it asked to drop.
+    async fn release(&mut self, view: &OwnView) -> Result<usize, ClientError> {
         let local = self.host.local();
         let released: Vec<&UnitName> = view
             .claims
@@ -193,7 +216,8 @@ impl Agent {
         for unit in &released {
             self.reports.forget(unit);
         }
-        self.store.release(view, &released).await
+        self.store.release(view, &released).await?;
+        Ok(released.len())
     }
 }
 

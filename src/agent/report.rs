@@ -44,15 +44,17 @@ impl Reports {
     }
 
     /// Writes the states of changed units into the store, on the lease, each
-    /// with the target the agent last `applied` to it.
+    /// with the target the agent last `applied` to it. False when the write
+    /// failed: every state goes again at the next report, which should come
+    /// soon.
     pub async fn report(
         &mut self,
         store: &MachineStore,
         host: &mut Host,
         applied: &BTreeMap<UnitName, Target>,
-    ) {
+    ) -> bool {
         if store.lease().is_none() {
-            return;
+            return true;
         }
         let local = host.local();
         host.read_states(local.keys()).await;
@@ -100,6 +102,8 @@ impl Reports {
         if let Err(e) = store.report(&changed).await {
             tracing::debug!("agent: cannot report states: {e}");
             self.reported.clear();
+            return false;
         }
+        true
     }
 }

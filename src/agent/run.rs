@@ -5,15 +5,29 @@
 //!    `FenceAfter=` once their time is up; a cut-off agent does nothing else
 //!    (a pass or a report would only wait for its timeout).
 //! 3. On every change under its own prefix, every systemd signal, new
-//!    metadata, and every few seconds as a backstop: one pass
-//!    ([`super::pass`]: claim, bring systemd to the claims, release), then a
-//!    report of systemd's states ([`super::report`]).
+//!    metadata, and as a backstop: one pass ([`super::pass`]: claim, bring
+//!    systemd to the claims, release), then a report of systemd's states
+//!    ([`super::report`]).
+//!
+//! The watch of its own prefix is how the agent learns of a proposal or of
+//! one withdrawn: it resumes after the last revision it delivered when its
+//! member goes, and wakes the agent on every (re)subscription, so nothing
+//! is missed while it was down. The backstop pass is for what no watch or
+//! signal reports: a pass or a report that failed, a systemd call that
+//! failed, a proposal waiting on a condition (a foreign unit, a peer, a
+//! body), a refused unit. While any of those is left ("unsettled"), it comes
+//! every [`RESYNC`]; once a pass leaves the host settled, only with the full
+//! resync of systemd's states every [`FULL_RESYNC`]. Every pass reads the
+//! prefix linearizably, and each of those reads is a ReadIndex round on the
+//! leader: at 1,000 idle hosts the 5 s backstop alone was ~200 of them a
+//! second (BENCHMARKS.md, issue 14).
 //!
 //! The store is reached only through the registry ([`MachineStore`]), systemd
 //! only through [`Host`], over a [`Backend`] (D-Bus in production).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,11 +46,13 @@ use crate::registry::machine::{self, MachineStore};
 use crate::registry::records::{MachineRecord, Target, renew_interval};
 use crate::units::UnitName;
 
-/// How often the agent reconciles when nothing wakes it.
+/// How soon the agent reconciles again, when nothing wakes it, after a pass
+/// that left something unsettled (see the module doc).
 const RESYNC: Duration = Duration::from_secs(5);
 /// How often the loop checks whether renewals stopped (FenceAfter's resolution).
 const CUT_OFF_TICK: Duration = Duration::from_millis(250);
-/// How often every unit's state is read from systemd again, signals or not.
+/// How often every unit's state is read from systemd again, signals or not,
+/// in a pass of its own: also the backstop of a settled host.
 const FULL_RESYNC: Duration = Duration::from_secs(30);
 /// How long a wake-up waits for the rest of its burst (proposals landing,
 /// systemd signals), so one pass and one report serve them all.
@@ -156,6 +172,9 @@ async fn drive(
             None
         }
     };
+    let backstop = Backstop {
+        signals: changes.is_some(),
+    };
     let timeout = renew_interval(config.ttl).max(Duration::from_secs(1));
     let endpoints = config.endpoints.clone();
     let Some(client) = until_stopped(&mut stop, "the cluster", || async {
@@ -173,7 +192,7 @@ async fn drive(
         me.id.clone(),
         proposals.clone(),
     ));
-    let mut wakeups = Wakeups::new(proposals, config.metadata_updates.take(), changes);
+    let mut wakeups = Wakeups::new(proposals, config.metadata_updates.take(), changes, backstop);
     let mut agent = Agent {
         store: MachineStore::new(
             client,
@@ -252,17 +271,26 @@ impl Agent {
             if last_full.elapsed() >= FULL_RESYNC {
                 last_full = Instant::now();
                 self.host.forget_states();
+                work = true;
             }
             if work && !out_of_touch {
-                wakeups.passed();
-                match self.pass().await {
-                    Ok(true) => wakeups.again(),
-                    Ok(false) => {}
-                    Err(e) => tracing::debug!("agent pass: {e}"),
-                }
-                self.reports
+                let settled = match self.pass().await {
+                    Ok(passed) => {
+                        if passed.again {
+                            wakeups.again();
+                        }
+                        passed.settled
+                    }
+                    Err(e) => {
+                        tracing::debug!("agent pass: {e}");
+                        false
+                    }
+                };
+                let reported = self
+                    .reports
                     .report(&self.store, &mut self.host, &self.applied)
                     .await;
+                wakeups.passed(settled && reported);
             }
             work = match wakeups.next(stop).await {
                 Wakeup::Stop => return,
@@ -316,6 +344,26 @@ enum Wakeup {
     FenceTick,
 }
 
+/// When the backstop pass comes (see the module doc).
+#[derive(Debug, Clone, Copy)]
+struct Backstop {
+    /// systemd's signals reach the agent: without them a unit's state is
+    /// learnt only by reading it, so passes stay every [`RESYNC`].
+    signals: bool,
+}
+
+impl Backstop {
+    /// How long after a pass the next one comes if nothing wakes the agent;
+    /// `settled`: that pass left nothing for a later one to notice.
+    fn after(self, settled: bool) -> Duration {
+        if settled && self.signals {
+            FULL_RESYNC
+        } else {
+            RESYNC
+        }
+    }
+}
+
 /// Everything that wakes the loop, in one place.
 struct Wakeups {
     /// Changes under this machine's prefix (and a raced claim).
@@ -323,9 +371,10 @@ struct Wakeups {
     metadata: Option<watch::Receiver<BTreeMap<String, String>>>,
     changes: Option<UnboundedReceiver<String>>,
     fence_clock: tokio::time::Interval,
+    backstop: Backstop,
     /// The backstop pass: a deadline that survives the loop's other wake-ups
     /// (a fresh sleep in the select would be restarted by every fence tick).
-    resync: tokio::time::Interval,
+    resync: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Wakeups {
@@ -333,23 +382,26 @@ impl Wakeups {
         proposals: Arc<Notify>,
         metadata: Option<watch::Receiver<BTreeMap<String, String>>>,
         changes: Option<UnboundedReceiver<String>>,
+        backstop: Backstop,
     ) -> Wakeups {
         let mut fence_clock = tokio::time::interval(CUT_OFF_TICK);
         fence_clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + RESYNC, RESYNC);
-        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let resync = Box::pin(tokio::time::sleep(RESYNC));
         Wakeups {
             proposals,
             metadata,
             changes,
             fence_clock,
+            backstop,
             resync,
         }
     }
 
-    /// A pass runs now: the backstop counts from here.
-    fn passed(&mut self) {
-        self.resync.reset();
+    /// A pass (and its report) just ran: the backstop counts from here, and
+    /// waits longer if it left the host `settled`.
+    fn passed(&mut self, settled: bool) {
+        let next = tokio::time::Instant::now() + self.backstop.after(settled);
+        self.resync.as_mut().reset(next);
     }
 
     /// Another pass should follow at once.
@@ -380,7 +432,13 @@ impl Wakeups {
                 Wakeup::Changed(units)
             }
             _ = self.fence_clock.tick() => Wakeup::FenceTick,
-            _ = self.resync.tick() => Wakeup::Work,
+            () = self.resync.as_mut() => {
+                // Due again in RESYNC unless a pass sets it first (none runs
+                // while the agent is cut off: the sleep must not fire at once
+                // for ever then).
+                self.resync.as_mut().reset(tokio::time::Instant::now() + RESYNC);
+                Wakeup::Work
+            }
         }
     }
 }
@@ -425,5 +483,24 @@ where
             _ = stop.changed() => return None,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_settled_host_with_signals_waits_for_the_full_resync() {
+        let backstop = Backstop { signals: true };
+        assert_eq!(backstop.after(true), FULL_RESYNC);
+        assert_eq!(backstop.after(false), RESYNC);
+    }
+
+    #[test]
+    fn without_signals_the_backstop_stays_short() {
+        let backstop = Backstop { signals: false };
+        assert_eq!(backstop.after(true), RESYNC);
+        assert_eq!(backstop.after(false), RESYNC);
     }
 }
