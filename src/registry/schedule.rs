@@ -69,6 +69,75 @@ pub struct World {
     pub reported: BTreeMap<(UnitName, String), ReportedState>,
 }
 
+/// What changed in a [`World`] since the last pass, so that the next one
+/// decides only the units whose decision may have changed
+/// ([`crate::scheduler::plan::plan_touched`]) instead of all of them: at
+/// 30,000 units a pass over everything cost the leader B-tree lookups of
+/// every unit's name on every change (issue 14). The [`View`] records it
+/// from the store's events; the scheduler adds what it alone changes (the
+/// `stale` marks) and what its last pass left undone ([`Touched::note_pair`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Touched {
+    /// Everything may have changed (a freshly read world): decide every unit.
+    pub all: bool,
+    /// Units whose wanted entry came, went or changed (record, body, rules).
+    pub wanted: BTreeSet<UnitName>,
+    /// Units whose placement pointer, `stale` marks or reported states changed.
+    pub units: BTreeSet<UnitName>,
+    /// (unit, machine) pairs whose proposal or claim came, went or changed.
+    pub pairs: BTreeSet<(UnitName, String)>,
+    /// Machines that came or went, or whose drain mark or metadata changed.
+    pub machines: BTreeSet<String>,
+}
+
+impl Touched {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        !self.all
+            && self.wanted.is_empty()
+            && self.units.is_empty()
+            && self.pairs.is_empty()
+            && self.machines.is_empty()
+    }
+
+    /// Adds everything `other` holds.
+    pub fn merge(&mut self, other: Touched) {
+        self.all |= other.all;
+        self.wanted.extend(other.wanted);
+        self.units.extend(other.units);
+        self.pairs.extend(other.pairs);
+        self.machines.extend(other.machines);
+    }
+
+    /// Notes a change of the proposal or claim of `unit` on `machine`.
+    pub fn note_pair(&mut self, unit: &UnitName, machine: &str) {
+        if !self.all {
+            self.pairs.insert((unit.clone(), machine.to_string()));
+        }
+    }
+
+    /// Notes a change of the placement pointer, marks or states of `unit`.
+    pub fn note_unit(&mut self, unit: &UnitName) {
+        if !self.all {
+            self.units.insert(unit.clone());
+        }
+    }
+
+    /// Notes a change of whether and how `unit` is wanted.
+    pub fn note_wanted(&mut self, unit: &UnitName) {
+        if !self.all {
+            self.wanted.insert(unit.clone());
+        }
+    }
+
+    /// Notes a change of `machine`'s presence, drain mark or metadata.
+    pub fn note_machine(&mut self, machine: &str) {
+        if !self.all {
+            self.machines.insert(machine.to_string());
+        }
+    }
+}
+
 /// One write the pass asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {

@@ -36,11 +36,12 @@
 //! transactions fail instead of acting on a stale view.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 
 mod handover;
 mod pairs;
 
-pub use crate::registry::schedule::{Change, Seen, Wanted, World};
+pub use crate::registry::schedule::{Change, Seen, Touched, Wanted, World};
 
 use crate::registry::Revision;
 use crate::units::UnitName;
@@ -57,27 +58,105 @@ pub struct Plan {
     pub changes: Vec<Change>,
     /// Units that fit nowhere, with the reason.
     pub unplaceable: Vec<(UnitName, String)>,
+    /// Units that should move but found no room, and stay as they are for
+    /// now (a stale proposal nowhere else fits, a unit displaced again):
+    /// like unplaceable ones, any change anywhere may make room.
+    pub waiting: BTreeSet<UnitName>,
 }
 
-/// Runs one pass over `world`.
+impl Plan {
+    /// What the next pass must decide again because of this one: every
+    /// (unit, machine) pair it writes and every unit it could not place. A
+    /// write that fails (or has not landed yet) leaves the world as it was,
+    /// and the next pass must then make the same decision.
+    pub fn carried(&self) -> Touched {
+        let mut touched = Touched::default();
+        for change in &self.changes {
+            match change {
+                Change::Propose {
+                    unit,
+                    machine,
+                    from,
+                    ..
+                } => {
+                    touched.note_pair(unit, machine);
+                    if let Some((old, _)) = from {
+                        touched.note_pair(unit, old);
+                    }
+                }
+                Change::Update { unit, machine, .. } | Change::Withdraw { unit, machine, .. } => {
+                    touched.note_pair(unit, machine);
+                }
+            }
+        }
+        for unit in self.unplaceable.iter().map(|(u, _)| u).chain(&self.waiting) {
+            touched.note_unit(unit);
+        }
+        touched
+    }
+}
+
+/// Runs one pass over `world`, deciding every unit.
 pub fn plan(world: &World) -> Plan {
-    plan_with(world, true)
+    plan_with(world, None, true)
 }
 
-/// [`plan`], deciding units by walking machines in load order when `fast`
-/// ([`least_loaded`]), else with every machine's verdict: the same plan, which
-/// the tests check on random worlds.
-fn plan_with(world: &World, fast: bool) -> Plan {
+/// Runs one pass over `world` that decides only the units whose decision
+/// `touched` may have changed, which makes the same plan as [`plan`] when
+/// `touched` holds every change since a pass over the world before them,
+/// and what that pass carried ([`Plan::carried`]); the tests check this over
+/// random sequences of changes. A unit's decision depends on its own
+/// records, the machines it is on, and the units there (for a unit that
+/// names no other: only the units there that can exclude others), so a
+/// pass decides:
+/// * the units touched, and every global unit (decided against every machine);
+/// * every unit on a machine that came, went or changed;
+/// * on a machine where a unit came or went, the units there that name
+///   others (all units there when the one that came or went can exclude
+///   others, or its rules changed);
+/// * units that this pass itself moves next to, the same way, as it goes.
+///
+/// Every unit it does not decide would have kept its place unchanged.
+pub fn plan_touched(world: &World, touched: &Touched) -> Plan {
+    plan_with(world, Some(touched), true)
+}
+
+/// [`plan`] or [`plan_touched`], deciding units by walking machines in load
+/// order when `fast` ([`least_loaded`]), else with every machine's verdict:
+/// the same plan, which the tests check on random worlds.
+fn plan_with(world: &World, touched: Option<&Touched>, fast: bool) -> Plan {
     let mut pass = Pass::new(world);
     pass.fast = fast;
-    pass.withdraw_unwanted();
-    pass.evict_conflicts();
-    for (name, wanted) in &world.wanted {
-        if wanted.requirements.global {
-            pass.place_global(name, wanted);
-        } else {
-            pass.place_one(name, wanted);
+    let Some(touched) = touched.filter(|t| !t.all) else {
+        pass.withdraw_unwanted(world.proposals.keys());
+        pass.evict_conflicts(None);
+        for (name, wanted) in &world.wanted {
+            pass.place(name, wanted);
         }
+        return pass.plan;
+    };
+    let machines = pass.focus_on(touched);
+    let first: Vec<UnitName> = pass.focus.iter().flatten().cloned().collect();
+    pass.withdraw_unwanted(first.iter());
+    pass.evict_conflicts(Some(&machines));
+    // In name order, as a full pass; units this pass adds behind the
+    // cursor are decided too.
+    let mut cursor: Option<UnitName> = None;
+    loop {
+        let focus = pass.focus.as_ref().expect("set by focus_on");
+        let next = match &cursor {
+            None => focus.iter().next(),
+            Some(at) => focus
+                .range::<UnitName, _>((Bound::Excluded(at), Bound::Unbounded))
+                .next(),
+        };
+        let Some(name) = next.cloned() else {
+            break;
+        };
+        if let Some(wanted) = world.wanted.get(&name) {
+            pass.place(&name, wanted);
+        }
+        cursor = Some(name);
     }
     pass.plan
 }
@@ -107,6 +186,9 @@ struct Pass<'w> {
     /// Whether a unit that takes the least-loaded eligible machine is placed
     /// by walking the machines in load order (see [`plan_with`]).
     fast: bool,
+    /// The units this pass decides, when not all ([`plan_touched`]); it
+    /// grows as the pass moves units next to others.
+    focus: Option<BTreeSet<UnitName>>,
 }
 
 impl<'w> Pass<'w> {
@@ -134,6 +216,65 @@ impl<'w> Pass<'w> {
             withdrawn: BTreeSet::new(),
             alive: world.machines.iter().map(|m| (m.id.as_str(), m)).collect(),
             fast: true,
+            focus: None,
+        }
+    }
+
+    /// Decides `unit`.
+    fn place(&mut self, unit: &UnitName, wanted: &Wanted) {
+        if wanted.requirements.global {
+            self.place_global(unit, wanted);
+        } else {
+            self.place_one(unit, wanted);
+        }
+    }
+
+    /// Sets the units a pass decides after `touched` (see [`plan_touched`]);
+    /// returns the machines where two units may have come to exclude each other.
+    fn focus_on(&mut self, touched: &Touched) -> BTreeSet<String> {
+        let mut focus: BTreeSet<UnitName> = touched.units.clone();
+        let mut machines = BTreeSet::new();
+        for unit in &touched.wanted {
+            focus.insert(unit.clone());
+            for machine in self.occupants.machines_of(unit) {
+                machines.insert(machine.to_string());
+                focus.extend(self.occupants.on(machine).cloned());
+            }
+        }
+        for (unit, machine) in &touched.pairs {
+            focus.insert(unit.clone());
+            let every = touched.wanted.contains(unit) || self.excludes(unit);
+            self.occupants.neighbours(machine, every, &mut focus);
+            machines.insert(machine.clone());
+        }
+        for machine in &touched.machines {
+            focus.extend(self.occupants.on(machine).cloned());
+        }
+        for (unit, wanted) in &self.world.wanted {
+            if wanted.requirements.global {
+                focus.insert(unit.clone());
+            }
+        }
+        self.focus = Some(focus);
+        machines
+    }
+
+    /// Whether `unit` is wanted and can exclude others.
+    fn excludes(&self, unit: &UnitName) -> bool {
+        self.world
+            .wanted
+            .get(unit)
+            .is_some_and(|w| colocation::excludes_any(&w.requirements))
+    }
+
+    /// `unit` came to or left `machine` in this pass: in a pass that decides
+    /// some units only, it and the units whose decision that may change are
+    /// decided too (those not decided yet).
+    fn moved(&mut self, unit: &UnitName, machine: &str) {
+        let every = self.excludes(unit);
+        if let Some(focus) = self.focus.as_mut() {
+            focus.insert(unit.clone());
+            self.occupants.neighbours(machine, every, focus);
         }
     }
 
@@ -171,14 +312,18 @@ impl<'w> Pass<'w> {
         if !claimed {
             self.occupants.remove(&(unit.clone(), machine.to_string()));
         }
+        self.moved(unit, machine);
     }
 
-    fn withdraw_unwanted(&mut self) {
-        for (unit, on) in &self.world.proposals {
-            if !self.world.wanted.contains_key(unit) {
-                for machine in on.keys() {
-                    self.withdraw(unit, machine);
-                }
+    /// Withdraws every proposal of the units of `units` nobody wants.
+    fn withdraw_unwanted<'u>(&mut self, units: impl Iterator<Item = &'u UnitName>) {
+        let world = self.world;
+        for unit in units {
+            if world.wanted.contains_key(unit) {
+                continue;
+            }
+            for machine in world.proposals.get(unit).into_iter().flat_map(|on| on.keys()) {
+                self.withdraw(unit, machine);
             }
         }
     }
@@ -190,19 +335,27 @@ impl<'w> Pass<'w> {
     /// Only machines with a unit that can exclude others can hold such a
     /// pair, and only pairs with one of those can be one: the rest are
     /// skipped (they would be allowed), in the same order as a walk over all.
-    fn evict_conflicts(&mut self) {
+    /// With `among`, only those machines are looked at.
+    fn evict_conflicts(&mut self, among: Option<&BTreeSet<String>>) {
         let wanted = &self.world.wanted;
         let excludes = |unit: &UnitName| {
             wanted
                 .get(unit)
                 .is_some_and(|w| colocation::excludes_any(&w.requirements))
         };
-        let machines: BTreeSet<String> = self
-            .live
-            .iter()
-            .filter(|(unit, _)| excludes(unit))
-            .map(|(_, machine)| machine.clone())
-            .collect();
+        let machines: BTreeSet<String> = match among {
+            None => self
+                .live
+                .iter()
+                .filter(|(unit, _)| excludes(unit))
+                .map(|(_, machine)| machine.clone())
+                .collect(),
+            Some(among) => among
+                .iter()
+                .filter(|m| self.live.on(m).any(&excludes))
+                .cloned()
+                .collect(),
+        };
         for machine in machines {
             let units: Vec<(&UnitName, bool)> = self
                 .live
@@ -384,7 +537,9 @@ impl<'w> Pass<'w> {
             Outcome::NotPlaceable { reason } => {
                 self.plan.unplaceable.push((unit.clone(), why(reason)));
             }
-            Outcome::Every { .. } => {}
+            Outcome::Every { .. } => {
+                self.plan.waiting.insert(unit.clone());
+            }
         }
     }
 
@@ -541,6 +696,7 @@ impl<'w> Pass<'w> {
                 self.withdrawn.insert((unit.clone(), machine.to_string()));
                 self.occupants.remove(&(unit.clone(), machine.to_string()));
                 self.live.remove(&(unit.clone(), machine.to_string()));
+                self.moved(unit, machine);
                 self.propose(
                     unit,
                     &to,
@@ -556,7 +712,9 @@ impl<'w> Pass<'w> {
                 self.withdraw(unit, machine);
                 self.plan.unplaceable.push((unit.clone(), reason));
             }
-            _ => {}
+            _ => {
+                self.plan.waiting.insert(unit.clone());
+            }
         }
     }
 
@@ -585,6 +743,7 @@ impl<'w> Pass<'w> {
         if !self.claimed(unit, machine) {
             self.occupants.remove(&key);
         }
+        self.moved(unit, machine);
         let world = self.world;
         let Some(wanted) = world.wanted.get(unit).filter(|w| !w.requirements.global) else {
             return;
@@ -602,6 +761,9 @@ impl<'w> Pass<'w> {
                         self.withdrawn.remove(&old);
                         self.live.insert(old.clone());
                         self.occupants.insert(old.clone());
+                        self.moved(unit, &old.1);
+                        // Where it was moving from, for want of room.
+                        self.plan.waiting.insert(unit.clone());
                         if seen.proposal != wanted.proposal {
                             self.update(unit, &old.1, wanted, &seen);
                         }
@@ -616,6 +778,7 @@ impl<'w> Pass<'w> {
             // It would displace yet another unit: left to the next pass.
             _ => {}
         }
+        self.plan.waiting.insert(unit.clone());
         // Not placed now. If this was a move, the proposal it moved from is
         // withdrawn too: units decided since may have taken its place.
         if let Some((old, _)) = from {
@@ -634,6 +797,7 @@ impl<'w> Pass<'w> {
     ) {
         self.occupants.insert((unit.clone(), machine.to_string()));
         self.live.insert((unit.clone(), machine.to_string()));
+        self.moved(unit, machine);
         self.plan.changes.push(Change::Propose {
             unit: unit.clone(),
             machine: machine.to_string(),

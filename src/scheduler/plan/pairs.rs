@@ -86,6 +86,9 @@ pub(super) struct Occupants<'w> {
     /// The machines that take work, by (load, id).
     order: LoadOrder,
     excluding: Pairs,
+    /// Wanted units that name others (exclude them or follow one): whether
+    /// they may stay depends on every unit next to them.
+    naming: Pairs,
 }
 
 impl<'w> Occupants<'w> {
@@ -101,6 +104,7 @@ impl<'w> Occupants<'w> {
             load: HashMap::new(),
             order: LoadOrder::new(machines.iter().map(|m| m.id.as_str())),
             excluding: Pairs::default(),
+            naming: Pairs::default(),
         }
     }
 
@@ -113,8 +117,12 @@ impl<'w> Occupants<'w> {
             let load = self.load.entry(pair.1.clone()).or_default();
             *load += 1;
             self.order.set(&pair.1, *load);
-            if colocation::excludes_any(&wanted.requirements) {
+            let rules = &wanted.requirements;
+            if colocation::excludes_any(rules) {
                 self.excluding.insert(pair.clone());
+            }
+            if colocation::excludes_any(rules) || !rules.machine_of.is_empty() {
+                self.naming.insert(pair.clone());
             }
         }
         self.pairs.insert(pair)
@@ -132,6 +140,7 @@ impl<'w> Occupants<'w> {
             self.order.set(&pair.1, *load);
         }
         self.excluding.remove(pair);
+        self.naming.remove(pair);
         true
     }
 
@@ -159,6 +168,18 @@ impl<'w> Occupants<'w> {
     /// The machines `unit` is on.
     pub(super) fn machines_of<'p>(&'p self, unit: &UnitName) -> impl Iterator<Item = &'p str> {
         self.pairs.machines_of(unit)
+    }
+
+    /// Adds to `into` the units on `machine` whose decision a unit coming or
+    /// leaving there may change: every one when `every` (the unit can
+    /// exclude others), else those that name others.
+    pub(super) fn neighbours(&self, machine: &str, every: bool, into: &mut BTreeSet<UnitName>) {
+        let on = if every {
+            &self.pairs
+        } else {
+            &self.naming
+        };
+        into.extend(on.on(machine).cloned());
     }
 
     /// The wanted units on `machine` that can exclude others.
