@@ -63,6 +63,7 @@ pub async fn run(
         progress: HashMap::new(),
         unplaceable: BTreeMap::new(),
         carried: Touched::default(),
+        index: plan::Index::default(),
     };
     loop {
         match node.status().await {
@@ -99,6 +100,8 @@ struct Scheduler {
     /// What the last pass leaves for the next to decide again
     /// ([`plan::Plan::carried`]).
     carried: Touched,
+    /// Who is where, kept between passes ([`plan::Index`]).
+    index: plan::Index,
 }
 
 /// Batches of registry events, or why the watch ended.
@@ -234,7 +237,7 @@ impl Scheduler {
         }
         view.world_mut().stale = stale;
         touched.merge(std::mem::take(&mut self.carried));
-        let plan = plan::plan_touched(view.world(), &touched);
+        let plan = plan::plan_touched(view.world(), &touched, &mut self.index);
         self.carried = plan.carried();
         let planned = started.elapsed();
         let unplaceable: BTreeMap<&UnitName, &String> = view
@@ -370,6 +373,7 @@ mod tests {
             progress: HashMap::new(),
             unplaceable: BTreeMap::new(),
             carried: Touched::default(),
+            index: plan::Index::default(),
         };
         let mut world = Machines::default();
         for unit in ["a.service", "b.service", "c.service"] {

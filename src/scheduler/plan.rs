@@ -117,8 +117,14 @@ pub fn plan(world: &World) -> Plan {
 /// * units that this pass itself moves next to, the same way, as it goes.
 ///
 /// Every unit it does not decide would have kept its place unchanged.
-pub fn plan_touched(world: &World, touched: &Touched) -> Plan {
-    plan_with(world, Some(touched), true)
+///
+/// `index` is what the last pass left (or [`Index::default`]); it is brought
+/// up to date with `touched` first, and left up to date with `world`.
+pub fn plan_touched(world: &World, touched: &Touched, index: &mut Index) -> Plan {
+    index.sync(world, touched);
+    let (plan, left) = pass_over(Pass::with(world, std::mem::take(index)), Some(touched));
+    *index = left;
+    plan
 }
 
 /// [`plan`] or [`plan_touched`], deciding units by walking machines in load
@@ -127,13 +133,19 @@ pub fn plan_touched(world: &World, touched: &Touched) -> Plan {
 fn plan_with(world: &World, touched: Option<&Touched>, fast: bool) -> Plan {
     let mut pass = Pass::new(world);
     pass.fast = fast;
+    pass_over(pass, touched).0
+}
+
+/// Runs `pass` over every unit, or over those `touched` may have changed.
+fn pass_over<'w>(mut pass: Pass<'w>, touched: Option<&Touched>) -> (Plan, Index) {
+    let world = pass.world;
     let Some(touched) = touched.filter(|t| !t.all) else {
         pass.withdraw_unwanted(world.proposals.keys());
         pass.evict_conflicts(None);
         for (name, wanted) in &world.wanted {
             pass.place(name, wanted);
         }
-        return pass.plan;
+        return pass.finish();
     };
     let machines = pass.focus_on(touched);
     let first: Vec<UnitName> = pass.focus.iter().flatten().cloned().collect();
@@ -158,7 +170,92 @@ fn plan_with(world: &World, touched: Option<&Touched>, fast: bool) -> Plan {
         }
         cursor = Some(name);
     }
-    pass.plan
+    pass.finish()
+}
+
+/// Who is where, as a pass needs to know it: every (unit, machine) pair
+/// proposed or claimed, indexed by machine and by load. Built from a world
+/// it costs a walk over every proposal and claim, which at 30,000 units was
+/// most of a pass that decided a few; the scheduler keeps one between passes
+/// and [`plan_touched`] brings it up to date with what changed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Index {
+    /// (unit, machine) pairs that occupy a machine: proposed or claimed.
+    occupants: Occupants,
+    /// (unit, machine) pairs proposed.
+    live: Pairs,
+}
+
+impl Index {
+    /// The index of `world`.
+    pub fn of(world: &World) -> Index {
+        let mut index = Index {
+            occupants: Occupants::new(&world.machines),
+            live: Pairs::default(),
+        };
+        for (unit, on) in &world.proposals {
+            let wanted = world.wanted.get(unit);
+            for machine in on.keys() {
+                index.live.insert((unit.clone(), machine.clone()));
+                index
+                    .occupants
+                    .insert((unit.clone(), machine.clone()), wanted);
+            }
+        }
+        for (unit, on) in &world.claims {
+            let wanted = world.wanted.get(unit);
+            for machine in on {
+                index
+                    .occupants
+                    .insert((unit.clone(), machine.clone()), wanted);
+            }
+        }
+        index
+    }
+
+    /// Brings the index up to date with `world`, which differs from the
+    /// world it was of by `touched` (everything, when `touched.all`).
+    fn sync(&mut self, world: &World, touched: &Touched) {
+        if touched.all {
+            *self = Index::of(world);
+            return;
+        }
+        let units: BTreeSet<&UnitName> = touched
+            .wanted
+            .iter()
+            .chain(touched.pairs.iter().map(|(unit, _)| unit))
+            .collect();
+        for unit in units {
+            self.resync(world, unit);
+        }
+        if !touched.machines.is_empty() {
+            self.occupants.reorder(&world.machines);
+        }
+    }
+
+    /// Puts every pair of `unit` as `world` has them.
+    fn resync(&mut self, world: &World, unit: &UnitName) {
+        let old: Vec<String> = self
+            .occupants
+            .machines_of(unit)
+            .map(str::to_string)
+            .collect();
+        for machine in old {
+            let pair = (unit.clone(), machine);
+            self.occupants.remove(&pair);
+            self.live.remove(&pair);
+        }
+        let wanted = world.wanted.get(unit);
+        for machine in world.proposals.get(unit).into_iter().flat_map(|on| on.keys()) {
+            self.live.insert((unit.clone(), machine.clone()));
+            self.occupants
+                .insert((unit.clone(), machine.clone()), wanted);
+        }
+        for machine in world.claims.get(unit).into_iter().flatten() {
+            self.occupants
+                .insert((unit.clone(), machine.clone()), wanted);
+        }
+    }
 }
 
 /// The decision the pass makes for `unit` from `world`, machine by machine,
@@ -174,7 +271,7 @@ struct Pass<'w> {
     world: &'w World,
     plan: Plan,
     /// (unit, machine) pairs that occupy a machine: proposed or claimed.
-    occupants: Occupants<'w>,
+    occupants: Occupants,
     /// (unit, machine) pairs proposed once this pass is written: the stored
     /// proposals not withdrawn, and the new ones. A unit claimed on a machine
     /// without one is being stopped there.
@@ -189,35 +286,41 @@ struct Pass<'w> {
     /// The units this pass decides, when not all ([`plan_touched`]); it
     /// grows as the pass moves units next to others.
     focus: Option<BTreeSet<UnitName>>,
+    /// The units this pass moved in `occupants` and `live`.
+    changed: BTreeSet<UnitName>,
 }
 
 impl<'w> Pass<'w> {
     fn new(world: &'w World) -> Self {
-        let mut live = Pairs::default();
-        for (unit, on) in &world.proposals {
-            for machine in on.keys() {
-                live.insert((unit.clone(), machine.clone()));
-            }
-        }
-        let mut occupants = Occupants::new(&world.wanted, &world.machines);
-        for pair in live.iter() {
-            occupants.insert(pair.clone());
-        }
-        for (unit, on) in &world.claims {
-            for machine in on {
-                occupants.insert((unit.clone(), machine.clone()));
-            }
-        }
+        Pass::with(world, Index::of(world))
+    }
+
+    /// A pass over `world` using `index`, which must be up to date with it.
+    fn with(world: &'w World, index: Index) -> Self {
         Pass {
             world,
             plan: Plan::default(),
-            occupants,
-            live,
+            occupants: index.occupants,
+            live: index.live,
             withdrawn: BTreeSet::new(),
             alive: world.machines.iter().map(|m| (m.id.as_str(), m)).collect(),
             fast: true,
             focus: None,
+            changed: BTreeSet::new(),
         }
+    }
+
+    /// The plan, and the index as it was before the pass (the units the
+    /// pass moved put back as the world has them).
+    fn finish(self) -> (Plan, Index) {
+        let mut index = Index {
+            occupants: self.occupants,
+            live: self.live,
+        };
+        for unit in &self.changed {
+            index.resync(self.world, unit);
+        }
+        (self.plan, index)
     }
 
     /// Decides `unit`.
@@ -271,6 +374,7 @@ impl<'w> Pass<'w> {
     /// some units only, it and the units whose decision that may change are
     /// decided too (those not decided yet).
     fn moved(&mut self, unit: &UnitName, machine: &str) {
+        self.changed.insert(unit.clone());
         let every = self.excludes(unit);
         if let Some(focus) = self.focus.as_mut() {
             focus.insert(unit.clone());
@@ -760,7 +864,7 @@ impl<'w> Pass<'w> {
                         let old = (unit.clone(), old);
                         self.withdrawn.remove(&old);
                         self.live.insert(old.clone());
-                        self.occupants.insert(old.clone());
+                        self.occupants.insert(old.clone(), Some(wanted));
                         self.moved(unit, &old.1);
                         // Where it was moving from, for want of room.
                         self.plan.waiting.insert(unit.clone());
@@ -795,7 +899,8 @@ impl<'w> Pass<'w> {
         from: Option<(String, Revision)>,
         placed_revision: Option<Revision>,
     ) {
-        self.occupants.insert((unit.clone(), machine.to_string()));
+        self.occupants
+            .insert((unit.clone(), machine.to_string()), Some(wanted));
         self.live.insert((unit.clone(), machine.to_string()));
         self.moved(unit, machine);
         self.plan.changes.push(Change::Propose {

@@ -1551,6 +1551,7 @@ proptest! {
         let mut w = random_world(&specs, replace_later, &alive, &existing, &loose_claims);
         let mut next: Revision = 1000;
         let mut last = plan(&w);
+        let mut index = Index::of(&w);
         for (landed, events) in steps {
             let before = w.clone();
             let written: Vec<Change> = last
@@ -1567,8 +1568,11 @@ proptest! {
             let mut touched = touched_between(&before, &w);
             touched.merge(last.carried());
             let full = plan(&w);
-            prop_assert_eq!(&plan_touched(&w, &touched), &full, "touched: {:?}", touched);
+            prop_assert_eq!(&plan_touched(&w, &touched, &mut index), &full, "touched: {:?}", touched);
+            // The index kept between passes is the index of the world.
+            prop_assert_eq!(&index, &Index::of(&w));
             last = full;
         }
     }
 }
+
