@@ -231,35 +231,35 @@ pub async fn record_reasons(
     Ok(written)
 }
 
-/// Writes the changes: a batch per transaction, and one by one when a batch
-/// fails its compares (each failure then only costs that change a pass).
+/// Writes the changes: a batch per transaction; when a batch fails its
+/// compares, each half of it is written the same way, down to single
+/// changes, so a few stale changes among a thousand cost a few dozen
+/// transactions. (One by one, a batch with one stale change cost a thousand
+/// transactions: minutes on a loaded leader, with the scheduler waiting.)
 /// Returns the revision of the last successful write (0: none), which a
 /// [`View`] must reach before it shows the pass's own writes.
 pub async fn apply(client: &Client, changes: &[Change]) -> Result<Revision, ClientError> {
     let mut written = 0;
     for batch in changes.chunks(BATCH) {
-        let (mut compare, mut ops) = (Vec::new(), Vec::new());
-        for change in batch {
-            let (c, o) = transaction(change);
-            compare.extend(c);
-            ops.extend(o);
-        }
-        let (ok, _, revision) = client.txn(compare, ops, Vec::new()).await?;
-        if ok {
-            count_placements(batch);
-            written = revision;
-        }
-        if ok || batch.len() == 1 {
-            continue;
-        }
-        for change in batch {
-            let (compare, ops) = transaction(change);
+        // Halves still to write, the next on top: in the order planned.
+        let mut parts = vec![batch];
+        while let Some(part) = parts.pop() {
+            let (mut compare, mut ops) = (Vec::new(), Vec::new());
+            for change in part {
+                let (c, o) = transaction(change);
+                compare.extend(c);
+                ops.extend(o);
+            }
             let (ok, _, revision) = client.txn(compare, ops, Vec::new()).await?;
             if ok {
-                count_placements(std::slice::from_ref(change));
+                count_placements(part);
                 written = revision;
-            } else {
+            } else if let [change] = part {
                 tracing::debug!("scheduler: stale change skipped: {change:?}");
+            } else {
+                let (first, second) = part.split_at(part.len() / 2);
+                parts.push(second);
+                parts.push(first);
             }
         }
     }
