@@ -255,7 +255,13 @@ impl View {
                 Some(MachineKey::Claim(id, unit)) => {
                     self.touched.note_pair(&unit, &id);
                     self.unclaimed.remove(&(unit.clone(), id.clone()));
-                    if self.world.claims.entry(unit).or_default().insert(id.clone()) {
+                    if self
+                        .world
+                        .claims
+                        .entry(unit)
+                        .or_default()
+                        .insert(id.clone())
+                    {
                         *self.claimed.entry(id).or_default() += 1;
                     }
                 }
@@ -523,11 +529,20 @@ mod tests {
             hash: UnitHash::of_text("x"),
             target: Target::Launched,
         });
-        view.apply(&[event(EventKind::Put, keys::proposal("m1", &unit), &proposal, 5)]);
+        view.apply(&[event(
+            EventKind::Put,
+            keys::proposal("m1", &unit),
+            &proposal,
+            5,
+        )]);
         assert_eq!(view.unclaimed().count(), 1, "proposed, not claimed");
         view.apply(&[put(keys::claim("m1", &unit), 6)]);
         let touched = view.take_touched();
-        assert_eq!(touched.pairs, BTreeSet::from([pair.clone()]), "a claim does");
+        assert_eq!(
+            touched.pairs,
+            BTreeSet::from([pair.clone()]),
+            "a claim does"
+        );
         assert_eq!(view.world().claims[&unit].len(), 1);
         assert_eq!(view.unclaimed().count(), 0);
         assert_eq!(view.claimed_per_machine()["m1"], 1);
@@ -548,6 +563,10 @@ mod tests {
         assert!(view.world().claims.is_empty(), "no empty entry is left");
         assert!(view.claimed_per_machine().is_empty());
         let unclaimed: Vec<_> = view.unclaimed().collect();
-        assert_eq!(unclaimed, [(&unit, &"m1".to_string(), 5)], "unclaimed again");
+        assert_eq!(
+            unclaimed,
+            [(&unit, &"m1".to_string(), 5)],
+            "unclaimed again"
+        );
     }
 }

@@ -173,7 +173,8 @@ impl Scheduler {
             let caught_up = followed.view.revision() >= written;
             let stale = self.next_stale.is_some_and(|at| at <= now);
             let full = backstop <= now;
-            if caught_up && (followed.view.is_touched() || !self.carried.is_empty() || stale || full)
+            if caught_up
+                && (followed.view.is_touched() || !self.carried.is_empty() || stale || full)
             {
                 written = self.pass(&client, &mut followed.view, full).await?;
                 written_at = Instant::now();

@@ -246,7 +246,12 @@ impl Index {
             self.live.remove(&pair);
         }
         let wanted = world.wanted.get(unit);
-        for machine in world.proposals.get(unit).into_iter().flat_map(|on| on.keys()) {
+        for machine in world
+            .proposals
+            .get(unit)
+            .into_iter()
+            .flat_map(|on| on.keys())
+        {
             self.live.insert((unit.clone(), machine.clone()));
             self.occupants
                 .insert((unit.clone(), machine.clone()), wanted);
@@ -426,7 +431,12 @@ impl<'w> Pass<'w> {
             if world.wanted.contains_key(unit) {
                 continue;
             }
-            for machine in world.proposals.get(unit).into_iter().flat_map(|on| on.keys()) {
+            for machine in world
+                .proposals
+                .get(unit)
+                .into_iter()
+                .flat_map(|on| on.keys())
+            {
                 self.withdraw(unit, machine);
             }
         }

@@ -231,11 +231,7 @@ impl Occupants {
     /// leaving there may change: every one when `every` (the unit can
     /// exclude others), else those that name others.
     pub(super) fn neighbours(&self, machine: &str, every: bool, into: &mut BTreeSet<UnitName>) {
-        let on = if every {
-            &self.pairs
-        } else {
-            &self.naming
-        };
+        let on = if every { &self.pairs } else { &self.naming };
         into.extend(on.on(machine).cloned());
     }
 

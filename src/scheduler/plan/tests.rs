@@ -1080,7 +1080,10 @@ fn xfleet(index: usize, rule: &Rule, replace_later: bool) -> String {
         Rule::Global(list) => format!("Global=true\nConflicts={}", globs(list)),
         Rule::Pinned(m) => format!("MachineID={}", id(MACHINES[*m])),
         Rule::Region(east) => {
-            format!("MachineMetadata=region={}", if *east { "east" } else { "west" })
+            format!(
+                "MachineMetadata=region={}",
+                if *east { "east" } else { "west" }
+            )
         }
     }
 }
@@ -1332,10 +1335,7 @@ proptest! {
 /// store's events (reported states only while a machine drains) and the
 /// scheduler from its stale marks.
 fn touched_between(old: &World, new: &World) -> Touched {
-    fn keys<'a, K: Ord, V>(
-        a: &'a BTreeMap<K, V>,
-        b: &'a BTreeMap<K, V>,
-    ) -> BTreeSet<&'a K> {
+    fn keys<'a, K: Ord, V>(a: &'a BTreeMap<K, V>, b: &'a BTreeMap<K, V>) -> BTreeSet<&'a K> {
         a.keys().chain(b.keys()).collect()
     }
     let mut t = Touched::default();
@@ -1384,7 +1384,10 @@ fn touched_between(old: &World, new: &World) -> Touched {
         }
     }
     let machines = |w: &World| -> BTreeMap<String, Machine> {
-        w.machines.iter().map(|m| (m.id.clone(), m.clone())).collect()
+        w.machines
+            .iter()
+            .map(|m| (m.id.clone(), m.clone()))
+            .collect()
     };
     let (a, b) = (machines(old), machines(new));
     for machine in keys(&a, &b) {
@@ -1425,8 +1428,8 @@ fn happen(w: &mut World, specs: &[Spec], (what, u, m, flag): Event, next: &mut R
         }
         // A host dies (its claims go with its lease) or joins.
         1 => {
-            let alive = w.machines.iter().any(|x| x.id == machine_id)
-                || w.draining.contains(&machine_id);
+            let alive =
+                w.machines.iter().any(|x| x.id == machine_id) || w.draining.contains(&machine_id);
             if alive {
                 w.machines.retain(|x| x.id != machine_id);
                 w.draining.remove(&machine_id);
@@ -1484,7 +1487,9 @@ fn happen(w: &mut World, specs: &[Spec], (what, u, m, flag): Event, next: &mut R
         5 => {
             let pair = (unit.clone(), machine_id.clone());
             if !w.stale.remove(&pair)
-                && w.proposals.get(&unit).is_some_and(|on| on.contains_key(&machine_id))
+                && w.proposals
+                    .get(&unit)
+                    .is_some_and(|on| on.contains_key(&machine_id))
                 && !is_claimed(w, &unit, &machine_id)
             {
                 w.stale.insert(pair);
@@ -1575,4 +1580,3 @@ proptest! {
         }
     }
 }
-
