@@ -37,7 +37,8 @@ use crate::registry::view::{self, View, WatchEnded};
 use crate::registry::{BodyCache, Revision};
 use crate::units::UnitName;
 
-/// How often a pass runs when nothing asks for one: a safety net only.
+/// How often a pass runs when nothing asks for one, deciding every unit: a
+/// safety net only.
 const BACKSTOP: Duration = Duration::from_secs(30);
 /// How long a burst of writes may take to land before a pass starts.
 const DEBOUNCE: Duration = Duration::from_millis(5);

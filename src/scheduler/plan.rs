@@ -765,7 +765,7 @@ impl<'w> Pass<'w> {
             .map_or(&[][..], |m| std::slice::from_ref(*m));
         // Units that stay there: one being stopped does not count. A unit
         // that names no other can only be kept off by units that exclude
-        // others (checked for every placed unit in every pass, so only those).
+        // others (checked for every placed unit a pass decides, so only those).
         let rules = &wanted.requirements;
         let names_none = !colocation::excludes_any(rules) && rules.machine_of.is_empty();
         let placed: Vec<Placed<'_>> = if names_none {

@@ -1,13 +1,14 @@
 //! The pass's sets of (unit, machine) pairs, also indexed by machine.
 //!
-//! "What stays on machine M" is asked once for every placed unit in every
-//! pass; answered by scanning all pairs, a pass over 30,000 placed units cost
-//! 900 million comparisons. The index answers it with the units on M.
+//! "What stays on machine M" is asked once for every placed unit a pass
+//! decides; answered by scanning all pairs, a pass over 30,000 placed units
+//! cost 900 million comparisons. The index answers it with the units on M.
 //! [`Occupants`] also counts each machine's wanted units, keeps the machines
 //! that take work in that order ([`LoadOrder`], so placement looks at the
 //! least loaded first) and keeps apart the units that can exclude others,
 //! which is all that placing a unit without rules of its own needs to know
-//! of a machine.
+//! of a machine, and the units that name others, whose place depends on
+//! every unit next to them. Both sets outlive a pass ([`super::Index`]).
 
 use std::collections::{BTreeSet, HashMap};
 
