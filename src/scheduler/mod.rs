@@ -174,9 +174,11 @@ impl Scheduler {
             let caught_up = followed.view.revision() >= written;
             let stale = self.next_stale.is_some_and(|at| at <= now);
             let full = backstop <= now;
-            if caught_up
-                && (followed.view.is_touched() || !self.carried.is_empty() || stale || full)
-            {
+            // What the last pass carried waits for the next change: units
+            // nothing can place stay unplaceable until something changes,
+            // and a write that failed did so because the store moved on,
+            // which the view will show.
+            if caught_up && (followed.view.is_touched() || stale || full) {
                 written = self.pass(&client, &mut followed.view, full).await?;
                 written_at = Instant::now();
                 backstop = written_at + BACKSTOP;
