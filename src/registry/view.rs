@@ -22,7 +22,7 @@ use super::bodies::{Body, BodyCache};
 use super::keys::{self, MachineKey};
 use super::metadata::{self, Dynamic};
 use super::records::{self, MachineRecord, Proposal, ReportedState, Target, UnitRecord};
-use super::schedule::{Reading, Seen, Wanted, World};
+use super::schedule::{Reading, Seen, Touched, Wanted, World};
 use crate::consensus::client::{Client, ClientError};
 use crate::consensus::kv::{Event, EventKind, KeyValue, Revision};
 use crate::units::placement::Machine;
@@ -55,10 +55,16 @@ pub struct View {
     unschedulable: BTreeMap<UnitName, String>,
     /// The reasons stored for units that could not be placed.
     reasons: BTreeMap<UnitName, String>,
+    /// Proposals not claimed on their machine, with their revision: what
+    /// the scheduler ages against the claim bound, without a walk over
+    /// every proposal.
+    unclaimed: BTreeMap<(UnitName, String), Revision>,
+    /// How many units each machine has claimed.
+    claimed: HashMap<String, usize>,
     /// Whether `world.machines` must be rebuilt from the records.
     machines_changed: bool,
-    /// Whether anything a pass decides from changed since [`View::take_touched`].
-    touched: bool,
+    /// What a pass decides from that changed since [`View::take_touched`].
+    touched: Touched,
 }
 
 impl View {
@@ -83,15 +89,21 @@ impl View {
         view.cache.keep_only(&live);
         view.settle();
         view.revision = revision;
-        view.touched = true;
+        view.touched = Touched {
+            all: true,
+            ..Touched::default()
+        };
         view
     }
 
     /// Applies a batch of watch events, in order (whole revisions).
     pub fn apply(&mut self, events: &[Event]) {
         for event in events {
-            if concerns_scheduler(&event.kv.key, !self.world.draining.is_empty()) {
-                self.touched = true;
+            if event.kv.key.starts_with(keys::STATES) && !self.drains.is_empty() {
+                // Make-before-break off a draining machine waits for them.
+                if let Some((unit, _)) = keys::parse_state_key(&event.kv.key) {
+                    self.touched.note_unit(&unit);
+                }
             }
             match event.kind {
                 EventKind::Put => self.put(&event.kv),
@@ -107,11 +119,26 @@ impl View {
         self.revision
     }
 
-    /// Whether anything a pass decides from changed since the last call
-    /// (state reports count only while a machine drains; renewal stamps and
-    /// the scheduler's own reasons never do).
-    pub fn take_touched(&mut self) -> bool {
+    /// What a pass decides from that changed since the last call (state
+    /// reports count only while a machine drains; renewal stamps and the
+    /// scheduler's own reasons never do): everything, for a fresh view.
+    pub fn take_touched(&mut self) -> Touched {
         std::mem::take(&mut self.touched)
+    }
+
+    /// Whether anything a pass decides from changed since [`View::take_touched`].
+    pub fn is_touched(&self) -> bool {
+        !self.touched.is_empty()
+    }
+
+    /// Every proposal not claimed on its machine, with its revision.
+    pub fn unclaimed(&self) -> impl Iterator<Item = (&UnitName, &String, Revision)> {
+        self.unclaimed.iter().map(|((u, m), rev)| (u, m, *rev))
+    }
+
+    /// How many units each machine has claimed (machines with none left out).
+    pub fn claimed_per_machine(&self) -> &HashMap<String, usize> {
+        &self.claimed
     }
 
     /// The world a pass plans over.
@@ -174,17 +201,21 @@ impl View {
                 }
             }
             self.machines_changed = true;
+            self.touched.note_machine(id);
         } else if let Some(id) = key.strip_prefix(keys::DRAIN) {
             self.drains.insert(id.to_string());
             self.machines_changed = true;
+            self.touched.note_machine(id);
         } else if let Some((id, name)) = keys::parse_metadata_key(key) {
             self.dynamic.entry(id.to_string()).or_default().insert(
                 name.to_string(),
                 String::from_utf8_lossy(&kv.value).into_owned(),
             );
             self.machines_changed = true;
+            self.touched.note_machine(id);
         } else if let Some(unit) = keys::unit_after(keys::PLACED, key) {
             let machine = String::from_utf8_lossy(&kv.value).into_owned();
+            self.touched.note_unit(&unit);
             self.world.placed.insert(unit, (machine, kv.mod_revision));
         } else if let Some(unit) = keys::unit_after(keys::REASONS, key) {
             let reason = String::from_utf8_lossy(&kv.value).into_owned();
@@ -201,27 +232,56 @@ impl View {
         } else {
             match keys::parse_machine_key(key) {
                 Some(MachineKey::Proposal(id, unit)) => {
+                    self.touched.note_pair(&unit, &id);
                     match records::decode::<Proposal>(key, &kv.value) {
                         Ok(proposal) => {
                             let seen = Seen {
                                 proposal,
                                 mod_revision: kv.mod_revision,
                             };
+                            if !self.is_claimed(&unit, &id) {
+                                self.unclaimed
+                                    .insert((unit.clone(), id.clone()), kv.mod_revision);
+                            }
                             self.world
                                 .proposals
                                 .entry(unit)
                                 .or_default()
                                 .insert(id, seen);
                         }
-                        Err(_) => remove_inner(&mut self.world.proposals, &unit, &id),
+                        Err(_) => self.forget_proposal(&unit, &id),
                     }
                 }
                 Some(MachineKey::Claim(id, unit)) => {
-                    self.world.claims.entry(unit).or_default().insert(id);
+                    self.touched.note_pair(&unit, &id);
+                    self.unclaimed.remove(&(unit.clone(), id.clone()));
+                    if self
+                        .world
+                        .claims
+                        .entry(unit)
+                        .or_default()
+                        .insert(id.clone())
+                    {
+                        *self.claimed.entry(id).or_default() += 1;
+                    }
                 }
                 Some(MachineKey::Generation(_)) | None => {}
             }
         }
+    }
+
+    /// Whether `unit` is claimed on `machine`.
+    fn is_claimed(&self, unit: &UnitName, machine: &str) -> bool {
+        self.world
+            .claims
+            .get(unit)
+            .is_some_and(|on| on.contains(machine))
+    }
+
+    /// Drops the proposal of `unit` on `machine`.
+    fn forget_proposal(&mut self, unit: &UnitName, machine: &str) {
+        remove_inner(&mut self.world.proposals, unit, machine);
+        self.unclaimed.remove(&(unit.clone(), machine.to_string()));
     }
 
     fn delete(&mut self, key: &str) {
@@ -233,8 +293,10 @@ impl View {
             self.evaluate_units_of(&hash);
         } else if let Some(id) = key.strip_prefix(keys::MACHINES) {
             self.machines_changed |= self.machines.remove(id).is_some();
+            self.touched.note_machine(id);
         } else if let Some(id) = key.strip_prefix(keys::DRAIN) {
             self.machines_changed |= self.drains.remove(id);
+            self.touched.note_machine(id);
         } else if let Some((id, name)) = keys::parse_metadata_key(key) {
             if let Some(set) = self.dynamic.get_mut(id) {
                 set.remove(name);
@@ -243,8 +305,10 @@ impl View {
                 }
             }
             self.machines_changed = true;
+            self.touched.note_machine(id);
         } else if let Some(unit) = keys::unit_after(keys::PLACED, key) {
             self.world.placed.remove(&unit);
+            self.touched.note_unit(&unit);
         } else if let Some(unit) = keys::unit_after(keys::REASONS, key) {
             self.reasons.remove(&unit);
         } else if let Some(at) = keys::parse_state_key(key) {
@@ -252,14 +316,33 @@ impl View {
         } else {
             match keys::parse_machine_key(key) {
                 Some(MachineKey::Proposal(id, unit)) => {
-                    remove_inner(&mut self.world.proposals, &unit, &id);
+                    self.touched.note_pair(&unit, &id);
+                    self.forget_proposal(&unit, &id);
                 }
                 Some(MachineKey::Claim(id, unit)) => {
-                    if let Some(on) = self.world.claims.get_mut(&unit) {
-                        on.remove(&id);
-                        if on.is_empty() {
-                            self.world.claims.remove(&unit);
+                    self.touched.note_pair(&unit, &id);
+                    let Some(on) = self.world.claims.get_mut(&unit) else {
+                        return;
+                    };
+                    if on.remove(&id) {
+                        if let Some(count) = self.claimed.get_mut(&id) {
+                            *count -= 1;
+                            if *count == 0 {
+                                self.claimed.remove(&id);
+                            }
                         }
+                        let revision = self
+                            .world
+                            .proposals
+                            .get(&unit)
+                            .and_then(|on| on.get(&id))
+                            .map(|seen| seen.mod_revision);
+                        if let Some(revision) = revision {
+                            self.unclaimed.insert((unit.clone(), id.clone()), revision);
+                        }
+                    }
+                    if on.is_empty() {
+                        self.world.claims.remove(&unit);
                     }
                 }
                 Some(MachineKey::Generation(_)) | None => {}
@@ -294,6 +377,7 @@ impl View {
     /// Decides again whether unit `name` is wanted, unschedulable or
     /// neither, from its record and its body's rules.
     fn evaluate(&mut self, name: &UnitName) {
+        self.touched.note_wanted(name);
         self.world.wanted.remove(name);
         self.unschedulable.remove(name);
         let Some(record) = self.units.get(name) else {
@@ -376,18 +460,6 @@ fn remove_inner<V>(
     }
 }
 
-/// Whether a change under `key` may change what the scheduler decides:
-/// renewal stamps and its own reasons do not, nor do state reports unless a
-/// machine drains (make-before-break waits for them).
-fn concerns_scheduler(key: &str, draining: bool) -> bool {
-    if key.starts_with(keys::STATES) {
-        return draining;
-    }
-    ![keys::RENEWALS, keys::REASONS]
-        .iter()
-        .any(|prefix| key.starts_with(prefix))
-}
-
 /// Why a view's watch ended: the view must be loaded again.
 #[derive(Debug)]
 pub struct WatchEnded(pub ClientError);
@@ -444,22 +516,57 @@ mod tests {
     #[test]
     fn only_what_the_scheduler_decides_from_wakes_it() {
         let unit = UnitName::parse("web@1.service").unwrap();
+        let pair = (unit.clone(), "m1".to_string());
         let mut view = View::from_kvs(&[], 1, Arc::default());
-        assert!(view.take_touched(), "a fresh view asks for a first pass");
-        assert!(!view.take_touched());
+        assert!(view.take_touched().all, "a fresh view asks for a full pass");
+        assert!(!view.is_touched());
         let put = |key: String, revision| event(EventKind::Put, key, b"{}", revision);
         view.apply(&[put(keys::renewal("m1"), 2), put(keys::reason(&unit), 3)]);
         view.apply(&[put(keys::state(&unit, "m1"), 4)]);
-        assert!(!view.take_touched(), "renewals, reasons and states do not");
+        assert!(!view.is_touched(), "renewals, reasons and states do not");
         assert_eq!(view.revision(), 4);
-        view.apply(&[put(keys::claim("m1", &unit), 5)]);
-        assert!(view.take_touched(), "a claim does");
+        let proposal = records::encode(&Proposal {
+            hash: UnitHash::of_text("x"),
+            target: Target::Launched,
+        });
+        view.apply(&[event(
+            EventKind::Put,
+            keys::proposal("m1", &unit),
+            &proposal,
+            5,
+        )]);
+        assert_eq!(view.unclaimed().count(), 1, "proposed, not claimed");
+        view.apply(&[put(keys::claim("m1", &unit), 6)]);
+        let touched = view.take_touched();
+        assert_eq!(
+            touched.pairs,
+            BTreeSet::from([pair.clone()]),
+            "a claim does"
+        );
         assert_eq!(view.world().claims[&unit].len(), 1);
-        view.apply(&[put(keys::drain("m1"), 6)]);
-        assert!(view.take_touched());
-        let gone = event(EventKind::Delete, keys::claim("m1", &unit), b"", 7);
+        assert_eq!(view.unclaimed().count(), 0);
+        assert_eq!(view.claimed_per_machine()["m1"], 1);
+        view.apply(&[put(keys::drain("m1"), 7)]);
+        assert_eq!(
+            view.take_touched().machines,
+            BTreeSet::from(["m1".to_string()])
+        );
+        view.apply(&[put(keys::state(&unit, "m1"), 8)]);
+        assert_eq!(
+            view.take_touched().units,
+            BTreeSet::from([unit.clone()]),
+            "states do while a machine drains"
+        );
+        let gone = event(EventKind::Delete, keys::claim("m1", &unit), b"", 9);
         view.apply(&[gone]);
-        assert!(view.take_touched());
+        assert_eq!(view.take_touched().pairs, BTreeSet::from([pair]));
         assert!(view.world().claims.is_empty(), "no empty entry is left");
+        assert!(view.claimed_per_machine().is_empty());
+        let unclaimed: Vec<_> = view.unclaimed().collect();
+        assert_eq!(
+            unclaimed,
+            [(&unit, &"m1".to_string(), 5)],
+            "unclaimed again"
+        );
     }
 }

@@ -4,7 +4,12 @@
 //! It keeps the world in memory ([`crate::registry::view`]): read once when
 //! its member starts leading, then kept current by a watch on the registry.
 //! A pass runs the pure [`plan`] over that view and has the registry write
-//! the changes as guarded transactions; the next pass waits until the view
+//! the changes as guarded transactions. A pass decides only the units whose
+//! decision what changed since the last pass may change
+//! ([`plan::plan_touched`]: the view notes what its events touch, the
+//! scheduler the proposals that went stale or stopped being stale, and what
+//! its last pass carried), which is the plan a pass over every unit makes;
+//! the backstop pass decides every unit. the next pass waits until the view
 //! shows those writes (or a short bound passes), so it never decides twice
 //! from the same facts. Passes run only when something the scheduler decides
 //! from changed, when an unclaimed proposal reaches the claim bound (which
@@ -16,7 +21,7 @@
 
 pub mod plan;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,12 +32,13 @@ use tokio::time::Instant;
 use crate::consensus::client::{Client, ClientError};
 use crate::consensus::kv::Event;
 use crate::consensus::runner::Handle;
-use crate::registry::schedule::{self, World};
+use crate::registry::schedule::{self, Touched};
 use crate::registry::view::{self, View, WatchEnded};
 use crate::registry::{BodyCache, Revision};
 use crate::units::UnitName;
 
-/// How often a pass runs when nothing asks for one: a safety net only.
+/// How often a pass runs when nothing asks for one, deciding every unit: a
+/// safety net only.
 const BACKSTOP: Duration = Duration::from_secs(30);
 /// How long a burst of writes may take to land before a pass starts.
 const DEBOUNCE: Duration = Duration::from_millis(5);
@@ -57,6 +63,8 @@ pub async fn run(
         claimed: HashMap::new(),
         progress: HashMap::new(),
         unplaceable: BTreeMap::new(),
+        carried: Touched::default(),
+        index: plan::Index::default(),
     };
     loop {
         match node.status().await {
@@ -90,6 +98,11 @@ struct Scheduler {
     /// The last reason logged for each unit that cannot be placed, to log
     /// changes only.
     unplaceable: BTreeMap<UnitName, String>,
+    /// What the last pass leaves for the next to decide again
+    /// ([`plan::Plan::carried`]).
+    carried: Touched,
+    /// Who is where, kept between passes ([`plan::Index`]).
+    index: plan::Index,
 }
 
 /// Batches of registry events, or why the watch ended.
@@ -146,6 +159,7 @@ impl Scheduler {
         self.next_stale = None;
         self.claimed.clear();
         self.progress.clear();
+        self.carried = Touched::default();
         // The revision of the last pass's writes, and since when it is awaited.
         let mut written: Revision = 0;
         let mut written_at = Instant::now();
@@ -158,9 +172,14 @@ impl Scheduler {
                 written = 0;
             }
             let caught_up = followed.view.revision() >= written;
-            let due = self.next_stale.is_some_and(|at| at <= now) || backstop <= now;
-            if caught_up && (followed.view.take_touched() || due) {
-                written = self.pass(&client, &mut followed.view).await?;
+            let stale = self.next_stale.is_some_and(|at| at <= now);
+            let full = backstop <= now;
+            // What the last pass carried waits for the next change: units
+            // nothing can place stay unplaceable until something changes,
+            // and a write that failed did so because the store moved on,
+            // which the view will show.
+            if caught_up && (followed.view.is_touched() || stale || full) {
+                written = self.pass(&client, &mut followed.view, full).await?;
                 written_at = Instant::now();
                 backstop = written_at + BACKSTOP;
             }
@@ -204,11 +223,26 @@ impl Scheduler {
         }
     }
 
-    /// One pass over the view; returns the revision of its last write (0: none).
-    async fn pass(&mut self, client: &Client, view: &mut View) -> Result<Revision, ClientError> {
+    /// One pass over the view, over every unit when `full`, else over those
+    /// whose decision may have changed; returns the revision of its last
+    /// write (0: none).
+    async fn pass(
+        &mut self,
+        client: &Client,
+        view: &mut View,
+        full: bool,
+    ) -> Result<Revision, ClientError> {
         let started = Instant::now();
-        self.age_proposals(view.world_mut(), started);
-        let plan = plan::plan(view.world());
+        let mut touched = view.take_touched();
+        touched.all |= full;
+        let stale = self.age_proposals(view.unclaimed(), view.claimed_per_machine(), started);
+        for (unit, _) in stale.symmetric_difference(&view.world().stale) {
+            touched.note_unit(unit);
+        }
+        view.world_mut().stale = stale;
+        touched.merge(std::mem::take(&mut self.carried));
+        let plan = plan::plan_touched(view.world(), &touched, &mut self.index);
+        self.carried = plan.carried();
         let planned = started.elapsed();
         let unplaceable: BTreeMap<&UnitName, &String> = view
             .unschedulable()
@@ -226,7 +260,12 @@ impl Scheduler {
             written = written.max(schedule::apply(client, &plan.changes).await?);
         }
         tracing::debug!(
-            "scheduler: pass over {} units planned in {planned:?}, {} changes, done in {:?}",
+            "scheduler: pass over {} of {} units planned in {planned:?}, {} changes, done in {:?}",
+            if touched.all {
+                "all".to_string()
+            } else {
+                format!("those touched ({} pairs)", touched.pairs.len())
+            },
             view.world().wanted.len(),
             plan.changes.len(),
             started.elapsed()
@@ -234,86 +273,94 @@ impl Scheduler {
         Ok(written)
     }
 
-    /// Marks as stale the proposals nobody claimed within the bound, counted
-    /// from when the proposal was first seen or its machine last claimed
-    /// something, whichever is later. A host working through a bulk start
+    /// Returns the proposals nobody claimed within the bound (of `unclaimed`:
+    /// unit, machine, revision), counted from when the proposal was first
+    /// seen or its machine last claimed something (`claimed`: each machine's
+    /// count), whichever is later. A host working through a bulk start
     /// (claims queued behind everyone else's writes) keeps its proposals;
     /// moving them made more writes, which delayed claims more, and a bulk
     /// start of 30,000 units never settled. A wedged host (claiming nothing)
-    /// still loses its proposals after the bound.
-    fn age_proposals(&mut self, world: &mut World, now: Instant) {
-        let mut claimed: HashMap<String, usize> = HashMap::new();
-        for machine in world.claims.values().flatten() {
-            *claimed.entry(machine.clone()).or_default() += 1;
-        }
-        for (machine, count) in &claimed {
-            if self
-                .claimed
-                .get(machine)
-                .is_some_and(|before| count > before)
-            {
-                self.progress.insert(machine.clone(), now);
+    /// still loses its proposals after the bound. Costs the unclaimed
+    /// proposals and the machines, not every proposal.
+    fn age_proposals<'v>(
+        &mut self,
+        unclaimed: impl Iterator<Item = (&'v UnitName, &'v String, Revision)>,
+        claimed: &HashMap<String, usize>,
+        now: Instant,
+    ) -> BTreeSet<(UnitName, String)> {
+        for (machine, count) in claimed {
+            match self.claimed.get_mut(machine) {
+                Some(before) if *before == *count => {}
+                Some(before) => {
+                    if count > before {
+                        self.progress.insert(machine.clone(), now);
+                    }
+                    *before = *count;
+                }
+                None => {
+                    self.claimed.insert(machine.clone(), *count);
+                }
             }
         }
+        self.claimed.retain(|m, _| claimed.contains_key(m));
         self.progress.retain(|m, _| claimed.contains_key(m));
-        self.claimed = claimed;
         let mut live = HashMap::new();
-        world.stale.clear();
+        let mut stale = BTreeSet::new();
         self.next_stale = None;
-        for (unit, on) in &world.proposals {
-            for (machine, seen) in on {
-                let claimed = world.claims.get(unit).is_some_and(|c| c.contains(machine));
-                if claimed {
-                    continue;
-                }
-                let key = (unit.clone(), machine.clone(), seen.mod_revision);
-                let since = self.first_seen.get(&key).copied().unwrap_or(now);
-                let active = self.progress.get(machine).copied();
-                let bound = since.max(active.unwrap_or(since)) + self.claim_timeout;
-                if bound <= now {
-                    world.stale.insert((unit.clone(), machine.clone()));
-                } else if self.next_stale.is_none_or(|at| bound < at) {
-                    self.next_stale = Some(bound);
-                }
-                live.insert(key, since);
+        for (unit, machine, revision) in unclaimed {
+            let key = (unit.clone(), machine.clone(), revision);
+            let since = self.first_seen.get(&key).copied().unwrap_or(now);
+            let active = self.progress.get(machine).copied();
+            let bound = since.max(active.unwrap_or(since)) + self.claim_timeout;
+            if bound <= now {
+                stale.insert((unit.clone(), machine.clone()));
+            } else if self.next_stale.is_none_or(|at| bound < at) {
+                self.next_stale = Some(bound);
             }
+            live.insert(key, since);
         }
         self.first_seen = live;
+        stale
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::records::{Proposal, Target};
-    use crate::registry::schedule::Seen;
-    use crate::units::UnitHash;
 
     fn name(unit: &str) -> UnitName {
         UnitName::parse(unit).unwrap()
     }
 
-    fn propose(world: &mut World, unit: &str, machine: &str) {
-        let seen = Seen {
-            proposal: Proposal {
-                hash: UnitHash::of_text("x"),
-                target: Target::Launched,
-            },
-            mod_revision: 1,
-        };
-        world
-            .proposals
-            .entry(name(unit))
-            .or_default()
-            .insert(machine.to_string(), seen);
+    /// Proposals (unit, machine) and which of them are claimed, as the view
+    /// keeps them for the scheduler.
+    #[derive(Default)]
+    struct Machines {
+        proposed: Vec<(UnitName, String)>,
+        claimed: BTreeSet<(UnitName, String)>,
     }
 
-    fn claim(world: &mut World, unit: &str, machine: &str) {
-        world
-            .claims
-            .entry(name(unit))
-            .or_default()
-            .insert(machine.to_string());
+    impl Machines {
+        fn propose(&mut self, unit: &str, machine: &str) {
+            self.proposed.push((name(unit), machine.to_string()));
+        }
+
+        fn claim(&mut self, unit: &str, machine: &str) {
+            self.claimed.insert((name(unit), machine.to_string()));
+        }
+
+        fn age(&self, scheduler: &mut Scheduler, now: Instant) -> BTreeSet<(UnitName, String)> {
+            let unclaimed = self
+                .proposed
+                .iter()
+                .filter(|pair| !self.claimed.contains(*pair))
+                .map(|(u, m)| (u, m, 1));
+            let mut counts: HashMap<String, usize> = HashMap::new();
+            for (_, machine) in &self.claimed {
+                *counts.entry(machine.clone()).or_default() += 1;
+            }
+            scheduler.age_proposals(unclaimed, &counts, now)
+        }
     }
 
     /// A proposal goes stale 5 s after it was first seen or its machine last
@@ -329,31 +376,27 @@ mod tests {
             claimed: HashMap::new(),
             progress: HashMap::new(),
             unplaceable: BTreeMap::new(),
+            carried: Touched::default(),
+            index: plan::Index::default(),
         };
-        let mut world = World::default();
+        let mut world = Machines::default();
         for unit in ["a.service", "b.service", "c.service"] {
-            propose(&mut world, unit, "busy");
+            world.propose(unit, "busy");
         }
-        claim(&mut world, "a.service", "busy");
-        propose(&mut world, "w.service", "wedged");
+        world.claim("a.service", "busy");
+        world.propose("w.service", "wedged");
         let start = Instant::now();
         let at = |secs| start + Duration::from_secs(secs);
-        scheduler.age_proposals(&mut world, at(0));
-        assert!(world.stale.is_empty());
-        claim(&mut world, "b.service", "busy");
-        scheduler.age_proposals(&mut world, at(4));
-        assert!(world.stale.is_empty());
-        scheduler.age_proposals(&mut world, at(6));
+        assert!(world.age(&mut scheduler, at(0)).is_empty());
+        world.claim("b.service", "busy");
+        assert!(world.age(&mut scheduler, at(4)).is_empty());
         // 6 s since the proposals, 2 s since busy's last claim.
-        let stale: Vec<_> = world.stale.iter().cloned().collect();
+        let stale: Vec<_> = world.age(&mut scheduler, at(6)).into_iter().collect();
         assert_eq!(stale, [(name("w.service"), "wedged".to_string())]);
-        scheduler.age_proposals(&mut world, at(9));
+        let stale = world.age(&mut scheduler, at(9));
         assert!(
-            world
-                .stale
-                .contains(&(name("c.service"), "busy".to_string())),
-            "{:?}",
-            world.stale
+            stale.contains(&(name("c.service"), "busy".to_string())),
+            "{stale:?}"
         );
     }
 }

@@ -36,11 +36,12 @@
 //! transactions fail instead of acting on a stale view.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 
 mod handover;
 mod pairs;
 
-pub use crate::registry::schedule::{Change, Seen, Wanted, World};
+pub use crate::registry::schedule::{Change, Seen, Touched, Wanted, World};
 
 use crate::registry::Revision;
 use crate::units::UnitName;
@@ -57,29 +58,209 @@ pub struct Plan {
     pub changes: Vec<Change>,
     /// Units that fit nowhere, with the reason.
     pub unplaceable: Vec<(UnitName, String)>,
+    /// Units that should move but found no room, and stay as they are for
+    /// now (a stale proposal nowhere else fits, a unit displaced again):
+    /// like unplaceable ones, any change anywhere may make room.
+    pub waiting: BTreeSet<UnitName>,
 }
 
-/// Runs one pass over `world`.
+impl Plan {
+    /// What the next pass must decide again because of this one: every
+    /// (unit, machine) pair it writes and every unit it could not place. A
+    /// write that fails (or has not landed yet) leaves the world as it was,
+    /// and the next pass must then make the same decision.
+    pub fn carried(&self) -> Touched {
+        let mut touched = Touched::default();
+        for change in &self.changes {
+            match change {
+                Change::Propose {
+                    unit,
+                    machine,
+                    from,
+                    ..
+                } => {
+                    touched.note_pair(unit, machine);
+                    if let Some((old, _)) = from {
+                        touched.note_pair(unit, old);
+                    }
+                }
+                Change::Update { unit, machine, .. } | Change::Withdraw { unit, machine, .. } => {
+                    touched.note_pair(unit, machine);
+                }
+            }
+        }
+        for unit in self.unplaceable.iter().map(|(u, _)| u).chain(&self.waiting) {
+            touched.note_unit(unit);
+        }
+        touched
+    }
+}
+
+/// Runs one pass over `world`, deciding every unit.
 pub fn plan(world: &World) -> Plan {
-    plan_with(world, true)
+    plan_with(world, None, true)
 }
 
-/// [`plan`], deciding units by walking machines in load order when `fast`
-/// ([`least_loaded`]), else with every machine's verdict: the same plan, which
-/// the tests check on random worlds.
-fn plan_with(world: &World, fast: bool) -> Plan {
+/// Runs one pass over `world` that decides only the units whose decision
+/// `touched` may have changed, which makes the same plan as [`plan`] when
+/// `touched` holds every change since a pass over the world before them,
+/// and what that pass carried ([`Plan::carried`]); the tests check this over
+/// random sequences of changes. A unit's decision depends on its own
+/// records, the machines it is on, and the units there (for a unit that
+/// names no other: only the units there that can exclude others), so a
+/// pass decides:
+/// * the units touched, and every global unit (decided against every machine);
+/// * every unit on a machine that came, went or changed;
+/// * on a machine where a unit came or went, the units there that name
+///   others (all units there when the one that came or went can exclude
+///   others, or its rules changed);
+/// * units that this pass itself moves next to, the same way, as it goes.
+///
+/// Every unit it does not decide would have kept its place unchanged.
+///
+/// `index` is what the last pass left (or [`Index::default`]); it is brought
+/// up to date with `touched` first, and left up to date with `world`.
+pub fn plan_touched(world: &World, touched: &Touched, index: &mut Index) -> Plan {
+    index.sync(world, touched);
+    let (plan, left) = pass_over(Pass::with(world, std::mem::take(index)), Some(touched));
+    *index = left;
+    plan
+}
+
+/// [`plan`] or [`plan_touched`], deciding units by walking machines in load
+/// order when `fast` ([`least_loaded`]), else with every machine's verdict:
+/// the same plan, which the tests check on random worlds.
+fn plan_with(world: &World, touched: Option<&Touched>, fast: bool) -> Plan {
     let mut pass = Pass::new(world);
     pass.fast = fast;
-    pass.withdraw_unwanted();
-    pass.evict_conflicts();
-    for (name, wanted) in &world.wanted {
-        if wanted.requirements.global {
-            pass.place_global(name, wanted);
-        } else {
-            pass.place_one(name, wanted);
+    pass_over(pass, touched).0
+}
+
+/// Runs `pass` over every unit, or over those `touched` may have changed.
+fn pass_over<'w>(mut pass: Pass<'w>, touched: Option<&Touched>) -> (Plan, Index) {
+    let world = pass.world;
+    let Some(touched) = touched.filter(|t| !t.all) else {
+        pass.withdraw_unwanted(world.proposals.keys());
+        pass.evict_conflicts(None);
+        for (name, wanted) in &world.wanted {
+            pass.place(name, wanted);
+        }
+        return pass.finish();
+    };
+    let machines = pass.focus_on(touched);
+    let first: Vec<UnitName> = pass.focus.iter().flatten().cloned().collect();
+    pass.withdraw_unwanted(first.iter());
+    pass.evict_conflicts(Some(&machines));
+    // In name order, as a full pass; units this pass adds behind the
+    // cursor are decided too.
+    let mut cursor: Option<UnitName> = None;
+    loop {
+        let focus = pass.focus.as_ref().expect("set by focus_on");
+        let next = match &cursor {
+            None => focus.iter().next(),
+            Some(at) => focus
+                .range::<UnitName, _>((Bound::Excluded(at), Bound::Unbounded))
+                .next(),
+        };
+        let Some(name) = next.cloned() else {
+            break;
+        };
+        if let Some(wanted) = world.wanted.get(&name) {
+            pass.place(&name, wanted);
+        }
+        cursor = Some(name);
+    }
+    pass.finish()
+}
+
+/// Who is where, as a pass needs to know it: every (unit, machine) pair
+/// proposed or claimed, indexed by machine and by load. Built from a world
+/// it costs a walk over every proposal and claim, which at 30,000 units was
+/// most of a pass that decided a few; the scheduler keeps one between passes
+/// and [`plan_touched`] brings it up to date with what changed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Index {
+    /// (unit, machine) pairs that occupy a machine: proposed or claimed.
+    occupants: Occupants,
+    /// (unit, machine) pairs proposed.
+    live: Pairs,
+}
+
+impl Index {
+    /// The index of `world`.
+    pub fn of(world: &World) -> Index {
+        let mut index = Index {
+            occupants: Occupants::new(&world.machines),
+            live: Pairs::default(),
+        };
+        for (unit, on) in &world.proposals {
+            let wanted = world.wanted.get(unit);
+            for machine in on.keys() {
+                index.live.insert((unit.clone(), machine.clone()));
+                index
+                    .occupants
+                    .insert((unit.clone(), machine.clone()), wanted);
+            }
+        }
+        for (unit, on) in &world.claims {
+            let wanted = world.wanted.get(unit);
+            for machine in on {
+                index
+                    .occupants
+                    .insert((unit.clone(), machine.clone()), wanted);
+            }
+        }
+        index
+    }
+
+    /// Brings the index up to date with `world`, which differs from the
+    /// world it was of by `touched` (everything, when `touched.all`).
+    fn sync(&mut self, world: &World, touched: &Touched) {
+        if touched.all {
+            *self = Index::of(world);
+            return;
+        }
+        let units: BTreeSet<&UnitName> = touched
+            .wanted
+            .iter()
+            .chain(touched.pairs.iter().map(|(unit, _)| unit))
+            .collect();
+        for unit in units {
+            self.resync(world, unit);
+        }
+        if !touched.machines.is_empty() {
+            self.occupants.reorder(&world.machines);
         }
     }
-    pass.plan
+
+    /// Puts every pair of `unit` as `world` has them.
+    fn resync(&mut self, world: &World, unit: &UnitName) {
+        let old: Vec<String> = self
+            .occupants
+            .machines_of(unit)
+            .map(str::to_string)
+            .collect();
+        for machine in old {
+            let pair = (unit.clone(), machine);
+            self.occupants.remove(&pair);
+            self.live.remove(&pair);
+        }
+        let wanted = world.wanted.get(unit);
+        for machine in world
+            .proposals
+            .get(unit)
+            .into_iter()
+            .flat_map(|on| on.keys())
+        {
+            self.live.insert((unit.clone(), machine.clone()));
+            self.occupants
+                .insert((unit.clone(), machine.clone()), wanted);
+        }
+        for machine in world.claims.get(unit).into_iter().flatten() {
+            self.occupants
+                .insert((unit.clone(), machine.clone()), wanted);
+        }
+    }
 }
 
 /// The decision the pass makes for `unit` from `world`, machine by machine,
@@ -95,7 +276,7 @@ struct Pass<'w> {
     world: &'w World,
     plan: Plan,
     /// (unit, machine) pairs that occupy a machine: proposed or claimed.
-    occupants: Occupants<'w>,
+    occupants: Occupants,
     /// (unit, machine) pairs proposed once this pass is written: the stored
     /// proposals not withdrawn, and the new ones. A unit claimed on a machine
     /// without one is being stopped there.
@@ -107,33 +288,102 @@ struct Pass<'w> {
     /// Whether a unit that takes the least-loaded eligible machine is placed
     /// by walking the machines in load order (see [`plan_with`]).
     fast: bool,
+    /// The units this pass decides, when not all ([`plan_touched`]); it
+    /// grows as the pass moves units next to others.
+    focus: Option<BTreeSet<UnitName>>,
+    /// The units this pass moved in `occupants` and `live`.
+    changed: BTreeSet<UnitName>,
 }
 
 impl<'w> Pass<'w> {
     fn new(world: &'w World) -> Self {
-        let mut live = Pairs::default();
-        for (unit, on) in &world.proposals {
-            for machine in on.keys() {
-                live.insert((unit.clone(), machine.clone()));
-            }
-        }
-        let mut occupants = Occupants::new(&world.wanted, &world.machines);
-        for pair in live.iter() {
-            occupants.insert(pair.clone());
-        }
-        for (unit, on) in &world.claims {
-            for machine in on {
-                occupants.insert((unit.clone(), machine.clone()));
-            }
-        }
+        Pass::with(world, Index::of(world))
+    }
+
+    /// A pass over `world` using `index`, which must be up to date with it.
+    fn with(world: &'w World, index: Index) -> Self {
         Pass {
             world,
             plan: Plan::default(),
-            occupants,
-            live,
+            occupants: index.occupants,
+            live: index.live,
             withdrawn: BTreeSet::new(),
             alive: world.machines.iter().map(|m| (m.id.as_str(), m)).collect(),
             fast: true,
+            focus: None,
+            changed: BTreeSet::new(),
+        }
+    }
+
+    /// The plan, and the index as it was before the pass (the units the
+    /// pass moved put back as the world has them).
+    fn finish(self) -> (Plan, Index) {
+        let mut index = Index {
+            occupants: self.occupants,
+            live: self.live,
+        };
+        for unit in &self.changed {
+            index.resync(self.world, unit);
+        }
+        (self.plan, index)
+    }
+
+    /// Decides `unit`.
+    fn place(&mut self, unit: &UnitName, wanted: &Wanted) {
+        if wanted.requirements.global {
+            self.place_global(unit, wanted);
+        } else {
+            self.place_one(unit, wanted);
+        }
+    }
+
+    /// Sets the units a pass decides after `touched` (see [`plan_touched`]);
+    /// returns the machines where two units may have come to exclude each other.
+    fn focus_on(&mut self, touched: &Touched) -> BTreeSet<String> {
+        let mut focus: BTreeSet<UnitName> = touched.units.clone();
+        let mut machines = BTreeSet::new();
+        for unit in &touched.wanted {
+            focus.insert(unit.clone());
+            for machine in self.occupants.machines_of(unit) {
+                machines.insert(machine.to_string());
+                focus.extend(self.occupants.on(machine).cloned());
+            }
+        }
+        for (unit, machine) in &touched.pairs {
+            focus.insert(unit.clone());
+            let every = touched.wanted.contains(unit) || self.excludes(unit);
+            self.occupants.neighbours(machine, every, &mut focus);
+            machines.insert(machine.clone());
+        }
+        for machine in &touched.machines {
+            focus.extend(self.occupants.on(machine).cloned());
+        }
+        for (unit, wanted) in &self.world.wanted {
+            if wanted.requirements.global {
+                focus.insert(unit.clone());
+            }
+        }
+        self.focus = Some(focus);
+        machines
+    }
+
+    /// Whether `unit` is wanted and can exclude others.
+    fn excludes(&self, unit: &UnitName) -> bool {
+        self.world
+            .wanted
+            .get(unit)
+            .is_some_and(|w| colocation::excludes_any(&w.requirements))
+    }
+
+    /// `unit` came to or left `machine` in this pass: in a pass that decides
+    /// some units only, it and the units whose decision that may change are
+    /// decided too (those not decided yet).
+    fn moved(&mut self, unit: &UnitName, machine: &str) {
+        self.changed.insert(unit.clone());
+        let every = self.excludes(unit);
+        if let Some(focus) = self.focus.as_mut() {
+            focus.insert(unit.clone());
+            self.occupants.neighbours(machine, every, focus);
         }
     }
 
@@ -171,14 +421,23 @@ impl<'w> Pass<'w> {
         if !claimed {
             self.occupants.remove(&(unit.clone(), machine.to_string()));
         }
+        self.moved(unit, machine);
     }
 
-    fn withdraw_unwanted(&mut self) {
-        for (unit, on) in &self.world.proposals {
-            if !self.world.wanted.contains_key(unit) {
-                for machine in on.keys() {
-                    self.withdraw(unit, machine);
-                }
+    /// Withdraws every proposal of the units of `units` nobody wants.
+    fn withdraw_unwanted<'u>(&mut self, units: impl Iterator<Item = &'u UnitName>) {
+        let world = self.world;
+        for unit in units {
+            if world.wanted.contains_key(unit) {
+                continue;
+            }
+            for machine in world
+                .proposals
+                .get(unit)
+                .into_iter()
+                .flat_map(|on| on.keys())
+            {
+                self.withdraw(unit, machine);
             }
         }
     }
@@ -190,19 +449,27 @@ impl<'w> Pass<'w> {
     /// Only machines with a unit that can exclude others can hold such a
     /// pair, and only pairs with one of those can be one: the rest are
     /// skipped (they would be allowed), in the same order as a walk over all.
-    fn evict_conflicts(&mut self) {
+    /// With `among`, only those machines are looked at.
+    fn evict_conflicts(&mut self, among: Option<&BTreeSet<String>>) {
         let wanted = &self.world.wanted;
         let excludes = |unit: &UnitName| {
             wanted
                 .get(unit)
                 .is_some_and(|w| colocation::excludes_any(&w.requirements))
         };
-        let machines: BTreeSet<String> = self
-            .live
-            .iter()
-            .filter(|(unit, _)| excludes(unit))
-            .map(|(_, machine)| machine.clone())
-            .collect();
+        let machines: BTreeSet<String> = match among {
+            None => self
+                .live
+                .iter()
+                .filter(|(unit, _)| excludes(unit))
+                .map(|(_, machine)| machine.clone())
+                .collect(),
+            Some(among) => among
+                .iter()
+                .filter(|m| self.live.on(m).any(&excludes))
+                .cloned()
+                .collect(),
+        };
         for machine in machines {
             let units: Vec<(&UnitName, bool)> = self
                 .live
@@ -384,7 +651,9 @@ impl<'w> Pass<'w> {
             Outcome::NotPlaceable { reason } => {
                 self.plan.unplaceable.push((unit.clone(), why(reason)));
             }
-            Outcome::Every { .. } => {}
+            Outcome::Every { .. } => {
+                self.plan.waiting.insert(unit.clone());
+            }
         }
     }
 
@@ -496,7 +765,7 @@ impl<'w> Pass<'w> {
             .map_or(&[][..], |m| std::slice::from_ref(*m));
         // Units that stay there: one being stopped does not count. A unit
         // that names no other can only be kept off by units that exclude
-        // others (checked for every placed unit in every pass, so only those).
+        // others (checked for every placed unit a pass decides, so only those).
         let rules = &wanted.requirements;
         let names_none = !colocation::excludes_any(rules) && rules.machine_of.is_empty();
         let placed: Vec<Placed<'_>> = if names_none {
@@ -541,6 +810,7 @@ impl<'w> Pass<'w> {
                 self.withdrawn.insert((unit.clone(), machine.to_string()));
                 self.occupants.remove(&(unit.clone(), machine.to_string()));
                 self.live.remove(&(unit.clone(), machine.to_string()));
+                self.moved(unit, machine);
                 self.propose(
                     unit,
                     &to,
@@ -556,7 +826,9 @@ impl<'w> Pass<'w> {
                 self.withdraw(unit, machine);
                 self.plan.unplaceable.push((unit.clone(), reason));
             }
-            _ => {}
+            _ => {
+                self.plan.waiting.insert(unit.clone());
+            }
         }
     }
 
@@ -585,6 +857,7 @@ impl<'w> Pass<'w> {
         if !self.claimed(unit, machine) {
             self.occupants.remove(&key);
         }
+        self.moved(unit, machine);
         let world = self.world;
         let Some(wanted) = world.wanted.get(unit).filter(|w| !w.requirements.global) else {
             return;
@@ -601,7 +874,10 @@ impl<'w> Pass<'w> {
                         let old = (unit.clone(), old);
                         self.withdrawn.remove(&old);
                         self.live.insert(old.clone());
-                        self.occupants.insert(old.clone());
+                        self.occupants.insert(old.clone(), Some(wanted));
+                        self.moved(unit, &old.1);
+                        // Where it was moving from, for want of room.
+                        self.plan.waiting.insert(unit.clone());
                         if seen.proposal != wanted.proposal {
                             self.update(unit, &old.1, wanted, &seen);
                         }
@@ -616,6 +892,7 @@ impl<'w> Pass<'w> {
             // It would displace yet another unit: left to the next pass.
             _ => {}
         }
+        self.plan.waiting.insert(unit.clone());
         // Not placed now. If this was a move, the proposal it moved from is
         // withdrawn too: units decided since may have taken its place.
         if let Some((old, _)) = from {
@@ -632,8 +909,10 @@ impl<'w> Pass<'w> {
         from: Option<(String, Revision)>,
         placed_revision: Option<Revision>,
     ) {
-        self.occupants.insert((unit.clone(), machine.to_string()));
+        self.occupants
+            .insert((unit.clone(), machine.to_string()), Some(wanted));
         self.live.insert((unit.clone(), machine.to_string()));
+        self.moved(unit, machine);
         self.plan.changes.push(Change::Propose {
             unit: unit.clone(),
             machine: machine.to_string(),

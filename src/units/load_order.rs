@@ -10,7 +10,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 /// A set of machine ids, each with a load, iterated by (load, id).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LoadOrder {
     ordered: BTreeSet<(usize, String)>,
     load: HashMap<String, usize>,

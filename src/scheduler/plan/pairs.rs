@@ -1,15 +1,16 @@
 //! The pass's sets of (unit, machine) pairs, also indexed by machine.
 //!
-//! "What stays on machine M" is asked once for every placed unit in every
-//! pass; answered by scanning all pairs, a pass over 30,000 placed units cost
-//! 900 million comparisons. The index answers it with the units on M.
+//! "What stays on machine M" is asked once for every placed unit a pass
+//! decides; answered by scanning all pairs, a pass over 30,000 placed units
+//! cost 900 million comparisons. The index answers it with the units on M.
 //! [`Occupants`] also counts each machine's wanted units, keeps the machines
 //! that take work in that order ([`LoadOrder`], so placement looks at the
 //! least loaded first) and keeps apart the units that can exclude others,
 //! which is all that placing a unit without rules of its own needs to know
-//! of a machine.
+//! of a machine, and the units that name others, whose place depends on
+//! every unit next to them. Both sets outlive a pass ([`super::Index`]).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use crate::registry::schedule::Wanted;
 use crate::units::UnitName;
@@ -18,7 +19,7 @@ use crate::units::load_order::LoadOrder;
 use crate::units::placement::Machine;
 
 /// A set of (unit, machine) pairs that also knows each machine's units.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub(super) struct Pairs {
     all: BTreeSet<(UnitName, String)>,
     by_machine: HashMap<String, BTreeSet<UnitName>>,
@@ -40,6 +41,9 @@ impl Pairs {
         let (unit, machine) = pair;
         if let Some(units) = self.by_machine.get_mut(machine) {
             units.remove(unit);
+            if units.is_empty() {
+                self.by_machine.remove(machine);
+            }
         }
         self.all.remove(pair)
     }
@@ -78,44 +82,95 @@ impl Pairs {
 
 /// The units occupying machines (proposed or claimed), with each machine's
 /// count of wanted ones and the wanted ones that can exclude others.
-#[derive(Debug, Clone)]
-pub(super) struct Occupants<'w> {
-    wanted: &'w BTreeMap<UnitName, Wanted>,
+///
+/// It holds no borrow of the world, so the scheduler keeps one between
+/// passes ([`super::Index`]): each unit is classified (wanted or not, what
+/// its rules name) when its first pair goes in, and every pair of a unit is
+/// taken out and put back when its wanted entry changes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(super) struct Occupants {
     pairs: Pairs,
+    /// Each unit with a pair here: as classified when its pairs went in,
+    /// and how many pairs it has.
+    classes: HashMap<UnitName, (Class, usize)>,
     load: HashMap<String, usize>,
     /// The machines that take work, by (load, id).
     order: LoadOrder,
     excluding: Pairs,
+    /// Wanted units that name others (exclude them or follow one): whether
+    /// they may stay depends on every unit next to them.
+    naming: Pairs,
 }
 
-impl<'w> Occupants<'w> {
-    /// None yet, classifying units by `wanted`, ordering `machines` (those
-    /// that take work) by load.
-    pub(super) fn new(
-        wanted: &'w BTreeMap<UnitName, Wanted>,
-        machines: &[Machine],
-    ) -> Occupants<'w> {
+/// What a unit's rules make of it, for the indexes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Class {
+    /// Wanted: counts as load.
+    counted: bool,
+    /// Wanted and can exclude others.
+    excludes: bool,
+    /// Wanted and names others (excludes them, or follows one).
+    names: bool,
+}
+
+impl Class {
+    fn of(wanted: Option<&Wanted>) -> Class {
+        let Some(wanted) = wanted else {
+            return Class {
+                counted: false,
+                excludes: false,
+                names: false,
+            };
+        };
+        let rules = &wanted.requirements;
+        let excludes = colocation::excludes_any(rules);
+        Class {
+            counted: true,
+            excludes,
+            names: excludes || !rules.machine_of.is_empty(),
+        }
+    }
+}
+
+impl Occupants {
+    /// None yet, ordering `machines` (those that take work) by load.
+    pub(super) fn new(machines: &[Machine]) -> Occupants {
         Occupants {
-            wanted,
-            pairs: Pairs::default(),
-            load: HashMap::new(),
             order: LoadOrder::new(machines.iter().map(|m| m.id.as_str())),
-            excluding: Pairs::default(),
+            ..Occupants::default()
         }
     }
 
-    /// Adds a pair; false if it was there.
-    pub(super) fn insert(&mut self, pair: (UnitName, String)) -> bool {
+    /// Orders `machines` (those that take work now) by their loads.
+    pub(super) fn reorder(&mut self, machines: &[Machine]) {
+        self.order = LoadOrder::new(machines.iter().map(|m| m.id.as_str()));
+        for machine in machines {
+            self.order.set(&machine.id, self.load(&machine.id));
+        }
+    }
+
+    /// Adds a pair of a unit wanted as `wanted` (`None`: not wanted); false
+    /// if it was there.
+    pub(super) fn insert(&mut self, pair: (UnitName, String), wanted: Option<&Wanted>) -> bool {
         if self.pairs.contains(&pair) {
             return false;
         }
-        if let Some(wanted) = self.wanted.get(&pair.0) {
+        let (class, count) = self
+            .classes
+            .entry(pair.0.clone())
+            .or_insert_with(|| (Class::of(wanted), 0));
+        *count += 1;
+        let class = *class;
+        if class.counted {
             let load = self.load.entry(pair.1.clone()).or_default();
             *load += 1;
             self.order.set(&pair.1, *load);
-            if colocation::excludes_any(&wanted.requirements) {
-                self.excluding.insert(pair.clone());
-            }
+        }
+        if class.excludes {
+            self.excluding.insert(pair.clone());
+        }
+        if class.names {
+            self.naming.insert(pair.clone());
         }
         self.pairs.insert(pair)
     }
@@ -125,13 +180,25 @@ impl<'w> Occupants<'w> {
         if !self.pairs.remove(pair) {
             return false;
         }
-        if self.wanted.contains_key(&pair.0)
+        let Some((class, count)) = self.classes.get_mut(&pair.0) else {
+            unreachable!("Occupants: every unit with a pair is classified");
+        };
+        let class = *class;
+        *count -= 1;
+        if *count == 0 {
+            self.classes.remove(&pair.0);
+        }
+        if class.counted
             && let Some(load) = self.load.get_mut(&pair.1)
         {
             *load -= 1;
             self.order.set(&pair.1, *load);
+            if *load == 0 {
+                self.load.remove(&pair.1);
+            }
         }
         self.excluding.remove(pair);
+        self.naming.remove(pair);
         true
     }
 
@@ -159,6 +226,14 @@ impl<'w> Occupants<'w> {
     /// The machines `unit` is on.
     pub(super) fn machines_of<'p>(&'p self, unit: &UnitName) -> impl Iterator<Item = &'p str> {
         self.pairs.machines_of(unit)
+    }
+
+    /// Adds to `into` the units on `machine` whose decision a unit coming or
+    /// leaving there may change: every one when `every` (the unit can
+    /// exclude others), else those that name others.
+    pub(super) fn neighbours(&self, machine: &str, every: bool, into: &mut BTreeSet<UnitName>) {
+        let on = if every { &self.pairs } else { &self.naming };
+        into.extend(on.on(machine).cloned());
     }
 
     /// The wanted units on `machine` that can exclude others.

@@ -1,5 +1,6 @@
 use super::*;
-use crate::registry::records::{Proposal, Target};
+use crate::registry::UnitState;
+use crate::registry::records::{Proposal, ReportedState, Target};
 use crate::units::colocation;
 use crate::units::{Unit, UnitHash};
 use proptest::prelude::*;
@@ -597,13 +598,18 @@ fn a_stale_proposal_stays_when_nowhere_else_fits() {
     want(&mut w, "u.service", "");
     proposed(&mut w, "u.service", 'a', 5);
     w.stale.insert((name("u.service"), id('a')));
-    assert_eq!(plan(&w), Plan::default());
+    // It waits for room: the next pass decides it again.
+    let waits = Plan {
+        waiting: BTreeSet::from([name("u.service")]),
+        ..Plan::default()
+    };
+    assert_eq!(plan(&w), waits);
     // Pinned to its machine.
     let mut w = world("ab");
     want(&mut w, "u.service", &format!("MachineID={}", id('a')));
     proposed(&mut w, "u.service", 'a', 5);
     w.stale.insert((name("u.service"), id('a')));
-    assert_eq!(plan(&w), Plan::default());
+    assert_eq!(plan(&w), waits);
     // Claimed after all: a claim is never moved.
     let mut w = world("ab");
     want(&mut w, "u.service", "");
@@ -1040,6 +1046,8 @@ enum Rule {
     Follows(usize),
     Global(Vec<usize>),
     Pinned(usize),
+    /// `MachineMetadata=region=east` (or `west`): machines start without.
+    Region(bool),
 }
 
 fn rule() -> impl Strategy<Value = Rule> {
@@ -1051,6 +1059,7 @@ fn rule() -> impl Strategy<Value = Rule> {
         1 => (0..NAMES.len()).prop_map(Rule::Follows),
         1 => proptest::collection::vec(0..GLOBS.len(), 0..2).prop_map(Rule::Global),
         1 => (0..MACHINES.len()).prop_map(Rule::Pinned),
+        1 => any::<bool>().prop_map(Rule::Region),
     ]
 }
 
@@ -1070,6 +1079,12 @@ fn xfleet(index: usize, rule: &Rule, replace_later: bool) -> String {
         Rule::Global(list) if list.is_empty() => "Global=true".to_string(),
         Rule::Global(list) => format!("Global=true\nConflicts={}", globs(list)),
         Rule::Pinned(m) => format!("MachineID={}", id(MACHINES[*m])),
+        Rule::Region(east) => {
+            format!(
+                "MachineMetadata=region={}",
+                if *east { "east" } else { "west" }
+            )
+        }
     }
 }
 
@@ -1261,7 +1276,7 @@ proptest! {
         for _ in 0..ROUNDS {
             let plan = plan(&w);
             // Walking machines in load order decides as scoring them all.
-            prop_assert_eq!(&plan, &super::plan_with(&w, false));
+            prop_assert_eq!(&plan, &super::plan_with(&w, None, false));
             if plan.changes.is_empty() {
                 if w.claims.values().flatten().count() == load(&w).values().flatten().count() {
                     return check_fixed_point(&w, &plan);
@@ -1311,5 +1326,257 @@ proptest! {
             .flat_map(|i| targets(&plan, &format!("hello@{i}.service")))
             .collect();
         prop_assert_eq!(hosts.len(), placed);
+    }
+}
+
+// ---- passes over what changed ---------------------------------------
+
+/// What changed between two worlds, as the view records it from the
+/// store's events (reported states only while a machine drains) and the
+/// scheduler from its stale marks.
+fn touched_between(old: &World, new: &World) -> Touched {
+    fn keys<'a, K: Ord, V>(a: &'a BTreeMap<K, V>, b: &'a BTreeMap<K, V>) -> BTreeSet<&'a K> {
+        a.keys().chain(b.keys()).collect()
+    }
+    let mut t = Touched::default();
+    for unit in keys(&old.wanted, &new.wanted) {
+        if old.wanted.get(unit) != new.wanted.get(unit) {
+            t.note_wanted(unit);
+        }
+    }
+    let empty = BTreeMap::new();
+    for unit in keys(&old.proposals, &new.proposals) {
+        let (a, b) = (
+            old.proposals.get(unit).unwrap_or(&empty),
+            new.proposals.get(unit).unwrap_or(&empty),
+        );
+        for machine in keys(a, b) {
+            if a.get(machine) != b.get(machine) {
+                t.note_pair(unit, machine);
+            }
+        }
+    }
+    let none = BTreeSet::new();
+    for unit in keys(&old.claims, &new.claims) {
+        let (a, b) = (
+            old.claims.get(unit).unwrap_or(&none),
+            new.claims.get(unit).unwrap_or(&none),
+        );
+        for machine in a.symmetric_difference(b) {
+            t.note_pair(unit, machine);
+        }
+    }
+    for unit in keys(&old.placed, &new.placed) {
+        if old.placed.get(unit) != new.placed.get(unit) {
+            t.note_unit(unit);
+        }
+    }
+    for (unit, _) in old.stale.symmetric_difference(&new.stale) {
+        t.note_unit(unit);
+    }
+    if !old.draining.is_empty() || !new.draining.is_empty() {
+        for (unit, machine) in keys(&old.reported, &new.reported) {
+            if old.reported.get(&(unit.clone(), machine.clone()))
+                != new.reported.get(&(unit.clone(), machine.clone()))
+            {
+                t.note_unit(unit);
+            }
+        }
+    }
+    let machines = |w: &World| -> BTreeMap<String, Machine> {
+        w.machines
+            .iter()
+            .map(|m| (m.id.clone(), m.clone()))
+            .collect()
+    };
+    let (a, b) = (machines(old), machines(new));
+    for machine in keys(&a, &b) {
+        if a.get(machine) != b.get(machine) {
+            t.note_machine(machine);
+        }
+    }
+    for machine in old.draining.symmetric_difference(&new.draining) {
+        t.note_machine(machine);
+    }
+    t
+}
+
+/// One change to the world between two passes: (what, unit, machine, flag).
+type Event = (usize, usize, usize, bool);
+
+/// Changes `w` as the cluster might between two passes.
+fn happen(w: &mut World, specs: &[Spec], (what, u, m, flag): Event, next: &mut Revision) {
+    let unit = name(NAMES[u % NAMES.len()]);
+    let letter = MACHINES[m % MACHINES.len()];
+    let machine_id = id(letter);
+    let all = || MACHINES.iter().map(|c| id(*c));
+    match what % 9 {
+        // An agent claims what it was proposed, or releases a claim.
+        0 => {
+            let proposed = w
+                .proposals
+                .get(&unit)
+                .is_some_and(|on| on.contains_key(&machine_id));
+            if proposed && flag {
+                w.claims.entry(unit).or_default().insert(machine_id);
+            } else if let Some(on) = w.claims.get_mut(&unit) {
+                on.remove(&machine_id);
+                if on.is_empty() {
+                    w.claims.remove(&unit);
+                }
+            }
+        }
+        // A host dies (its claims go with its lease) or joins.
+        1 => {
+            let alive =
+                w.machines.iter().any(|x| x.id == machine_id) || w.draining.contains(&machine_id);
+            if alive {
+                w.machines.retain(|x| x.id != machine_id);
+                w.draining.remove(&machine_id);
+                for on in w.claims.values_mut() {
+                    on.remove(&machine_id);
+                }
+                w.claims.retain(|_, on| !on.is_empty());
+            } else if all().any(|x| x == machine_id) {
+                w.machines.push(machine(letter, &[]));
+                w.machines.sort_by(|a, b| a.id.cmp(&b.id));
+            }
+        }
+        // Drained, or undrained.
+        2 => {
+            if w.draining.remove(&machine_id) {
+                w.machines.push(machine(letter, &[]));
+                w.machines.sort_by(|a, b| a.id.cmp(&b.id));
+            } else if w.machines.iter().any(|x| x.id == machine_id) {
+                w.machines.retain(|x| x.id != machine_id);
+                w.draining.insert(machine_id);
+            }
+        }
+        // New metadata.
+        3 => {
+            if let Some(x) = w.machines.iter_mut().find(|x| x.id == machine_id) {
+                let value = if flag { "east" } else { "west" };
+                x.metadata.insert("region".into(), value.into());
+            }
+        }
+        // A unit is started, stopped or given new rules.
+        4 => {
+            let i = u % NAMES.len();
+            if flag {
+                w.wanted.remove(&unit);
+            } else {
+                let rule = &specs[(i + m) % specs.len()].rule;
+                let text = format!(
+                    "[Service]\nExecStart=/bin/true\n[X-Fleet]\n{}\n",
+                    xfleet(i, rule, true)
+                );
+                let wanted = match Unit::from_text(&unit, &text) {
+                    Ok(parsed) => Wanted {
+                        proposal: Proposal {
+                            hash: parsed.hash(),
+                            target: Target::Launched,
+                        },
+                        requirements: parsed.requirements().clone(),
+                    },
+                    Err(_) => wanted(NAMES[i], ""),
+                };
+                w.wanted.insert(unit, wanted);
+            }
+        }
+        // An unclaimed proposal reaches the claim bound, or is seen afresh.
+        5 => {
+            let pair = (unit.clone(), machine_id.clone());
+            if !w.stale.remove(&pair)
+                && w.proposals
+                    .get(&unit)
+                    .is_some_and(|on| on.contains_key(&machine_id))
+                && !is_claimed(w, &unit, &machine_id)
+            {
+                w.stale.insert(pair);
+            }
+        }
+        // A host reports a state.
+        6 => {
+            let hash = w
+                .wanted
+                .get(&unit)
+                .map_or(UnitHash::of_text("x"), |x| x.proposal.hash);
+            w.reported.insert(
+                (unit, machine_id),
+                ReportedState {
+                    hash,
+                    state: UnitState {
+                        load: "loaded".into(),
+                        active: if flag { "active" } else { "activating" }.into(),
+                        sub: "running".into(),
+                    },
+                    target: Some(Target::Launched),
+                    reason: None,
+                },
+            );
+        }
+        // Someone else's write: a proposal appears (a deposed scheduler).
+        7 => {
+            *next += 1;
+            proposed(w, NAMES[u % NAMES.len()], letter, *next);
+        }
+        // A claim of a unit nobody proposed there (a host being stopped).
+        _ => {
+            if flag {
+                w.claims.entry(unit).or_default().insert(machine_id);
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(500))]
+
+    /// A pass over what changed since the last pass (and what that pass
+    /// carried) plans exactly what a pass over everything plans, whichever
+    /// of the last pass's writes landed and whatever happened meanwhile.
+    #[test]
+    fn a_pass_over_what_changed_plans_as_a_pass_over_everything(
+        specs in proptest::collection::vec(spec(), NAMES.len()),
+        replace_later in any::<bool>(),
+        alive in proptest::collection::vec(proptest::bool::weighted(0.8), MACHINES.len()),
+        existing in proptest::collection::vec(
+            (0..NAMES.len(), 0..MACHINES.len(), any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
+            0..10,
+        ),
+        loose_claims in proptest::collection::vec((0..NAMES.len(), 0..MACHINES.len()), 0..4),
+        steps in proptest::collection::vec(
+            (
+                proptest::collection::vec(proptest::bool::weighted(0.7), 0..16),
+                proptest::collection::vec((0..9usize, 0..NAMES.len(), 0..MACHINES.len(), any::<bool>()), 0..5),
+            ),
+            1..8,
+        ),
+    ) {
+        let mut w = random_world(&specs, replace_later, &alive, &existing, &loose_claims);
+        let mut next: Revision = 1000;
+        let mut last = plan(&w);
+        let mut index = Index::of(&w);
+        for (landed, events) in steps {
+            let before = w.clone();
+            let written: Vec<Change> = last
+                .changes
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| landed.get(*i).copied().unwrap_or(true))
+                .map(|(_, c)| c.clone())
+                .collect();
+            apply(&mut w, &written, &mut next);
+            for event in events {
+                happen(&mut w, &specs, event, &mut next);
+            }
+            let mut touched = touched_between(&before, &w);
+            touched.merge(last.carried());
+            let full = plan(&w);
+            prop_assert_eq!(&plan_touched(&w, &touched, &mut index), &full, "touched: {:?}", touched);
+            // The index kept between passes is the index of the world.
+            prop_assert_eq!(&index, &Index::of(&w));
+            last = full;
+        }
     }
 }
