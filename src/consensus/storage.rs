@@ -445,9 +445,15 @@ impl LogRead for RedbLog {
 ///
 /// Cloning shares the same platters, so a simulated crash rebuilds the node
 /// from the same `MemDisk` and sees only what was synced.
+///
+/// It reads entries back ([`Durable::log_reader`]) as a real disk does, from
+/// everything written since the last [`Durable::load`] (a start), synced or
+/// not, as the page cache serves unsynced writes until a crash loses them.
 #[derive(Clone)]
 pub struct MemDisk {
     synced: Arc<Mutex<Recovered>>,
+    /// What this start wrote, synced or not: what reads are served from.
+    written: Arc<Mutex<Recovered>>,
     sync: Arc<AtomicBool>,
     /// Saves left before every save fails; `u64::MAX` for never.
     saves_left: Arc<AtomicU64>,
@@ -479,6 +485,7 @@ impl MemDisk {
     pub fn new() -> MemDisk {
         MemDisk {
             synced: Arc::default(),
+            written: Arc::default(),
             sync: Arc::new(AtomicBool::new(true)),
             saves_left: Arc::new(AtomicU64::new(u64::MAX)),
             power: Arc::default(),
@@ -590,7 +597,16 @@ impl MemDisk {
 
 impl Durable for MemDisk {
     fn load(&self) -> Result<Recovered, DiskError> {
-        Ok(self.synced.lock().expect("sim disk lock").clone())
+        let synced = self.synced.lock().expect("sim disk lock").clone();
+        // A start: whatever was written but not synced is gone.
+        *self.written.lock().expect("sim disk lock") = synced.clone();
+        Ok(synced)
+    }
+
+    fn log_reader(&self) -> Option<Arc<dyn LogRead>> {
+        Some(Arc::new(MemLog {
+            written: self.written.clone(),
+        }))
     }
 
     fn save(&mut self, batch: &Batch) -> Result<(), DiskError> {
@@ -605,6 +621,7 @@ impl Durable for MemDisk {
             self.saves_left.store(left - 1, Ordering::SeqCst);
         }
         if !self.sync.load(Ordering::SeqCst) {
+            write_batch(&mut self.written.lock().expect("sim disk lock"), batch);
             return Ok(());
         }
         let mut disk = self.synced.lock().expect("sim disk lock");
@@ -620,10 +637,43 @@ impl Durable for MemDisk {
         }
         write_batch(&mut disk, batch);
         drop(disk);
+        write_batch(&mut self.written.lock().expect("sim disk lock"), batch);
         // Written: a cut armed "after the write" fires now; the Core learns
         // of it at its next save, and the simulation at once.
         self.power_cut_fires(true, batch);
         Ok(())
+    }
+}
+
+/// Reads a [`MemDisk`]'s log back: what its member wrote since it started.
+struct MemLog {
+    written: Arc<Mutex<Recovered>>,
+}
+
+impl LogRead for MemLog {
+    fn read_entries(&self, low: u64, high: u64, max_bytes: u64) -> Result<Vec<Entry>, DiskError> {
+        let written = self.written.lock().expect("sim disk lock");
+        // Entries are kept in index order ([`write_batch`]).
+        let from = written.entries.partition_point(|e| e.index < low);
+        let mut entries: Vec<Entry> = Vec::new();
+        let mut bytes = 0u64;
+        for index in low..high {
+            let Some(entry) = written
+                .entries
+                .get(from + entries.len())
+                .filter(|e| e.index == index)
+            else {
+                return Err(DiskError::Corrupt(format!(
+                    "the simulated log lacks entry {index}"
+                )));
+            };
+            bytes += u64::from(entry.compute_size());
+            if !entries.is_empty() && bytes > max_bytes {
+                break;
+            }
+            entries.push(entry.clone());
+        }
+        Ok(entries)
     }
 }
 
@@ -1144,7 +1194,7 @@ mod tests {
     fn a_view_without_a_disk_reader_keeps_the_whole_log() {
         use raft::Storage as _;
         let disk = MemDisk::new();
-        assert!(disk.log_reader().is_none());
+        // Not made `reading_from` a disk: it evicts nothing.
         let view = LogStore::from_recovered(&disk.load().unwrap(), false).unwrap();
         let all: Vec<Entry> = (1..=40).map(|i| entry(i, 1, b"x")).collect();
         view.apply(&Batch {
