@@ -1209,6 +1209,36 @@ mod tests {
     }
 
     #[test]
+    fn a_mem_disk_reads_back_what_this_start_wrote_synced_or_not() {
+        let mut disk = MemDisk::new();
+        disk.load().unwrap();
+        let reader = disk.log_reader().unwrap();
+        disk.save(&Batch {
+            entries: vec![entry(1, 1, b"a"), entry(2, 1, b"b")],
+            ..Batch::default()
+        })
+        .unwrap();
+        disk.set_sync(false);
+        disk.save(&Batch {
+            entries: vec![entry(3, 1, b"c")],
+            ..Batch::default()
+        })
+        .unwrap();
+        let read = reader.read_entries(1, 4, u64::MAX).unwrap();
+        assert_eq!(
+            read,
+            [entry(1, 1, b"a"), entry(2, 1, b"b"), entry(3, 1, b"c")]
+        );
+        assert_eq!(reader.read_entries(2, 4, 0).unwrap(), [entry(2, 1, b"b")]);
+        // A restart: the unsynced entry is gone, for reads too.
+        assert_eq!(disk.load().unwrap().entries.len(), 2);
+        assert!(matches!(
+            reader.read_entries(3, 4, u64::MAX),
+            Err(DiskError::Corrupt(_))
+        ));
+    }
+
+    #[test]
     fn mem_disk_keeps_its_contract_and_forgets_unsynced_writes() {
         let mut disk = MemDisk::new();
         exercise(&mut disk);
