@@ -670,6 +670,10 @@ pub struct DaemonArgs {
     /// Applied entries between snapshots [config: snapshot_entries].
     #[arg(long, value_name = "N")]
     pub snapshot_entries: Option<u64>,
+    /// Applied log entries kept in memory; older ones are read from disk
+    /// when a lagging member needs them [config: log_memory_entries].
+    #[arg(long, value_name = "N")]
+    pub log_memory_entries: Option<u64>,
     /// Machine metadata, repeatable, replaces the configured set [config: metadata].
     #[arg(long, value_name = "KEY=VALUE")]
     pub metadata: Vec<String>,
@@ -744,6 +748,11 @@ impl DaemonArgs {
                 "snapshot_entries",
                 "--snapshot-entries",
                 self.snapshot_entries,
+            ),
+            (
+                "log_memory_entries",
+                "--log-memory-entries",
+                self.log_memory_entries,
             ),
             ("ttl_secs", "--ttl-secs", self.ttl_secs),
         ];

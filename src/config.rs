@@ -68,6 +68,9 @@ pub struct Config {
     pub election_timeout_ms: u64,
     /// Applied log entries between snapshots (and log compactions).
     pub snapshot_entries: u64,
+    /// Applied log entries a member keeps in memory; older ones since the
+    /// last snapshot stay on disk and are read back for a lagging member.
+    pub log_memory_entries: u64,
     /// Bytes of applied log entries that also trigger a snapshot (once they
     /// exceed the keys and values held too), so the log a restart reads back
     /// stays bounded.
@@ -380,6 +383,7 @@ impl Default for Config {
             initial_cluster_state: "new".to_string(),
             election_timeout_ms: 1000,
             snapshot_entries: 100_000,
+            log_memory_entries: crate::consensus::storage::DEFAULT_LOG_MEMORY_ENTRIES,
             snapshot_bytes: 64 * 1024 * 1024,
             watch_history_bytes: 64 * 1024 * 1024,
             max_request_bytes: 1536 * 1024,
@@ -828,6 +832,12 @@ fn validate(loaded: &Loaded) -> Result<(), Error> {
         return Err(invalid(
             "snapshot_entries",
             format!("{} is too small; use at least 10", config.snapshot_entries),
+        ));
+    }
+    if config.log_memory_entries < 1 {
+        return Err(invalid(
+            "log_memory_entries",
+            "0 is too small; use at least 1".to_string(),
         ));
     }
     check_store_limits(config).map_err(|(key, m)| invalid(key, m))?;

@@ -400,6 +400,7 @@ async fn start_member(
     let tick_ms = (config.election_timeout_ms / 10).max(5);
     let mut node_config = NodeConfig::new(id, tick_ms, config.election_timeout_ms);
     node_config.snapshot_entries = config.snapshot_entries;
+    node_config.log_memory_entries = config.log_memory_entries;
     node_config.snapshot_bytes = config.snapshot_bytes;
     node_config.history_bytes = usize::try_from(config.watch_history_bytes).unwrap_or(usize::MAX);
     node_config.limits = config.store_limits();

@@ -130,6 +130,13 @@ impl Cluster {
             .args(["--client-listen", &m.client, "--peer-listen", &m.peer])
             .args(["--initial-cluster", &self.initial])
             .args(["--initial-cluster-state", state, "--snapshot-entries", "50"])
+            // A tiny in-memory log: followers that lag are sent entries read
+            // back from the leader's disk (a measured older release may not
+            // know the flag).
+            .args(match m.bin {
+                None => &["--log-memory-entries", "4"][..],
+                Some(_) => &[][..],
+            })
             .args(["--election-timeout-ms", "300", "--log", m.log])
             .env_remove("FLOTILLA_CONFIG")
             // A store-only member: no agent, no API listeners on the outer
@@ -493,6 +500,43 @@ async fn snapshots_written_off_the_raft_thread_catch_up_a_follower_and_restart_t
         caught_up(&member, &keys, &cluster.members[i].name).await;
     }
     let client = Client::connect(&cluster.endpoints()).await.unwrap();
+    client.put("/after", b"ok".to_vec()).await.unwrap();
+}
+
+/// A follower that fell behind by more entries than the members keep in
+/// memory (`--log-memory-entries 4`), but not past the last snapshot, is
+/// sent the entries it lacks from the leader's disk, and catches up with no
+/// snapshot installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_the_in_memory_log_catches_up_from_the_leaders_disk() {
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.leader(None).await;
+    let lagging = (0..3).find(|i| *i != leader).unwrap();
+    cluster.kill9(lagging);
+    let running: Vec<String> = (0..3)
+        .filter(|i| *i != lagging)
+        .map(|i| cluster.members[i].client.clone())
+        .collect();
+    let client = Client::connect(&running).await.unwrap();
+    // Fewer writes than --snapshot-entries (50), many more than the 4 kept
+    // in memory.
+    let keys = put_keys(&client, 30).await;
+    for i in 0..3 {
+        assert_eq!(
+            newest_snapshot_file(&cluster.members[i].dir),
+            0,
+            "{} took a snapshot: the test needs none",
+            cluster.members[i].name
+        );
+    }
+    cluster.boot(lagging);
+    let follower = connect_when_up(&cluster.members[lagging].client).await;
+    caught_up(&follower, &keys, "the member that fell behind").await;
+    assert_eq!(
+        newest_snapshot_file(&cluster.members[lagging].dir),
+        0,
+        "caught up from log entries, not a snapshot"
+    );
     client.put("/after", b"ok".to_vec()).await.unwrap();
 }
 

@@ -436,6 +436,9 @@ impl Sim {
         self.boots += 1;
         config.first_request = self.boots << 32;
         config.snapshot_entries = self.snapshot_entries;
+        // A small in-memory log (1 to 16 applied entries): followers that
+        // lag are sent entries read back from the leader's disk.
+        config.log_memory_entries = 1 + (self.seed + id) % 16;
         // The workload's leases are shorter than a real member's minimum.
         config.limits.min_lease_ttl_ms = 1;
         let mutated = std::env::var("SIM_CLOCK_DRIFT")

@@ -780,6 +780,9 @@ impl Cluster {
         member.disk.restore_power();
         let mut config = NodeConfig::new(id, TICK_MS, ELECTION_MS);
         config.snapshot_entries = self.snapshot_entries;
+        // A small in-memory log: lagging members get entries read back
+        // from the leader's disk.
+        config.log_memory_entries = 1 + id % 8;
         config.request_ticks = 200;
         let bootstrap = if member.book.is_some() {
             BTreeMap::new()

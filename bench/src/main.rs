@@ -31,6 +31,7 @@ mod lab_failover;
 mod plot;
 mod schedule;
 mod sim;
+mod store_memory;
 mod store_watch;
 
 use std::path::{Path, PathBuf};
@@ -72,6 +73,9 @@ enum Command {
     /// default settings, for a follower member's host and the leader's
     /// (root, Debian 12).
     LabFailover(lab_failover::LabFailoverArgs),
+    /// Where a member's state machine keeps its bytes: decodes a backup
+    /// (`flotilla snapshot save`) and measures each part's heap.
+    StoreMemory(store_memory::StoreMemoryArgs),
 }
 
 /// Options of `flotilla-bench kv`.
@@ -162,6 +166,7 @@ async fn main() -> Result<()> {
         Command::Sim(args) => sim::run(args).await,
         Command::IdleFaults(args) => idle_faults::run(args).await,
         Command::LabFailover(args) => lab_failover::run(args).await,
+        Command::StoreMemory(args) => store_memory::run(args),
     }
 }
 

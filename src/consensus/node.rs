@@ -125,6 +125,10 @@ pub struct NodeConfig {
     /// and holds in memory, stays below about this or the state's own size,
     /// and a large state is not rewritten for every few MiB written.
     pub snapshot_bytes: u64,
+    /// Applied log entries kept in memory when the disk can read older ones
+    /// back ([`LogStore::reading_from`]); the rest of the log since the last
+    /// snapshot is read from the disk when a lagging follower needs it.
+    pub log_memory_entries: u64,
     /// Events kept for watches.
     pub history_limit: usize,
     /// Bytes of events kept for watches.
@@ -216,6 +220,7 @@ impl NodeConfig {
             heartbeat_ticks: (election_ticks / 5).max(1),
             snapshot_entries: 100_000,
             snapshot_bytes: DEFAULT_SNAPSHOT_BYTES,
+            log_memory_entries: super::storage::DEFAULT_LOG_MEMORY_ENTRIES,
             history_limit: super::kv::DEFAULT_HISTORY_LIMIT,
             history_bytes: super::kv::DEFAULT_HISTORY_BYTES,
             limits: Limits::default(),
@@ -452,7 +457,10 @@ impl<D: Durable> Core<D> {
                 members_at = entry.index;
             }
         }
-        let store = LogStore::from_recovered(&recovered, disk.snapshot_dir().is_some())?;
+        let mut store = LogStore::from_recovered(&recovered, disk.snapshot_dir().is_some())?;
+        if let Some(reader) = disk.log_reader() {
+            store = store.reading_from(reader, config.log_memory_entries);
+        }
         let raft_config = raft::Config {
             id: config.id,
             election_tick: config.election_ticks,
@@ -1162,6 +1170,7 @@ impl<D: Durable> Core<D> {
         self.apply_entries(light.take_committed_entries())?;
         self.apply_deferred()?;
         self.raw.advance_apply();
+        self.store.evict(self.applied);
         self.serve_reads();
         self.maybe_snapshot()
     }

@@ -11,12 +11,16 @@
 //! last snapshot: snapshots are taken every `snapshot_entries` entries or
 //! `snapshot_bytes` bytes, whichever comes first, so a restart reads back a
 //! bounded log), plus our snapshot, whose data stays in its file on a real
-//! disk and is streamed from there to a lagging member.
+//! disk and is streamed from there to a lagging member. On a disk that can
+//! read entries back ([`Durable::log_reader`], the daemon's), the view keeps
+//! only the newest applied entries in memory ([`LogStore::evict`]) and reads
+//! older ones, which only a lagging follower needs, from the disk.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::storage::MemStorage;
 use raft::{GetEntriesContext, RaftState, StorageError};
@@ -123,6 +127,22 @@ pub trait Durable: Send {
     fn snapshot_dir(&self) -> Option<&Path> {
         None
     }
+    /// A reader of the saved log, if this disk can read entries back while
+    /// it is written: then the log view keeps only the newest entries in
+    /// memory. `None`: the view keeps the whole log since the last snapshot.
+    fn log_reader(&self) -> Option<Arc<dyn LogRead>> {
+        None
+    }
+}
+
+/// Reads saved entries back, for a log view that keeps only the newest
+/// entries in memory ([`LogStore::evict`]).
+pub trait LogRead: Send + Sync {
+    /// The saved entries from `low` up to, not including, `high`, in order;
+    /// fewer only when their encoded size passed `max_bytes` (the first one
+    /// always comes back). An entry that is not there is an error: the view
+    /// asks only for entries it saved and the disk has not compacted.
+    fn read_entries(&self, low: u64, high: u64, max_bytes: u64) -> Result<Vec<Entry>, DiskError>;
 }
 
 /// The file name of a snapshot's data under [`Durable::snapshot_dir`].
@@ -154,6 +174,19 @@ pub fn write_snapshot_data(
         .map_err(io)
 }
 
+/// The most memory redb may keep for the log's pages (read cache and write
+/// buffer together).
+///
+/// redb's default is 1 GiB, and it keeps every page it writes cached up to
+/// that: a member's resident memory then grew with the log it had written
+/// (55–86 MiB per member at 30,000 units in `flotilla-bench sim`, measured
+/// with heaptrack). The log is written far more than it is read: entries a
+/// follower needs come from the in-memory log view ([`LogStore`]), and the
+/// database is read back whole only at start. A commit touches the tail of
+/// the log's B-tree and the metadata table, a few pages, so a small cache
+/// loses nothing that matters.
+pub const REDB_CACHE_BYTES: usize = 16 * 1024 * 1024;
+
 /// The Raft state in a redb database under the member's data directory.
 ///
 /// Snapshot data lives beside it in `snapshot-<term>-<index>.bin` (written,
@@ -161,7 +194,7 @@ pub fn write_snapshot_data(
 /// rewriting tens of megabytes inside the B-tree costs several times a plain
 /// sequential write; the database keeps the snapshot's metadata.
 pub struct RedbDisk {
-    db: redb::Database,
+    db: Arc<redb::Database>,
     dir: std::path::PathBuf,
     path: String,
 }
@@ -176,9 +209,12 @@ impl RedbDisk {
             message: e.to_string(),
         };
         std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
-        let db = redb::Database::create(&file).map_err(|e| err(&e))?;
+        let db = redb::Database::builder()
+            .set_cache_size(REDB_CACHE_BYTES)
+            .create(&file)
+            .map_err(|e| err(&e))?;
         let disk = RedbDisk {
-            db,
+            db: Arc::new(db),
             dir: dir.to_path_buf(),
             path,
         };
@@ -343,6 +379,13 @@ impl Durable for RedbDisk {
         Some(&self.dir)
     }
 
+    fn log_reader(&self) -> Option<Arc<dyn LogRead>> {
+        Some(Arc::new(RedbLog {
+            db: self.db.clone(),
+            path: self.path.clone(),
+        }))
+    }
+
     fn size_bytes(&self) -> u64 {
         // The database and the snapshot files beside it.
         std::fs::read_dir(&self.dir)
@@ -358,13 +401,59 @@ impl Durable for RedbDisk {
     }
 }
 
+/// Reads a [`RedbDisk`]'s log back (redb serves readers beside its writer).
+struct RedbLog {
+    db: Arc<redb::Database>,
+    path: String,
+}
+
+impl LogRead for RedbLog {
+    fn read_entries(&self, low: u64, high: u64, max_bytes: u64) -> Result<Vec<Entry>, DiskError> {
+        let error = |e: &dyn std::fmt::Display| DiskError::Redb {
+            path: self.path.clone(),
+            message: e.to_string(),
+        };
+        let txn = self.db.begin_read().map_err(|e| error(&e))?;
+        let log = txn.open_table(LOG).map_err(|e| error(&e))?;
+        let mut entries: Vec<Entry> = Vec::new();
+        let mut bytes = 0u64;
+        for item in log.range(low..high).map_err(|e| error(&e))? {
+            let (index, value) = item.map_err(|e| error(&e))?;
+            let expected = low + entries.len() as u64;
+            if index.value() != expected {
+                return Err(DiskError::Corrupt(format!(
+                    "the log on disk lacks entry {expected} (found {} next)",
+                    index.value()
+                )));
+            }
+            bytes += value.value().len() as u64;
+            if !entries.is_empty() && bytes > max_bytes {
+                break;
+            }
+            entries.push(parse(value.value())?);
+        }
+        if entries.is_empty() && low < high {
+            return Err(DiskError::Corrupt(format!(
+                "the log on disk lacks entry {low}"
+            )));
+        }
+        Ok(entries)
+    }
+}
+
 /// An in-memory disk for simulation: `save` is durable only while `sync` is on.
 ///
 /// Cloning shares the same platters, so a simulated crash rebuilds the node
 /// from the same `MemDisk` and sees only what was synced.
+///
+/// It reads entries back ([`Durable::log_reader`]) as a real disk does, from
+/// everything written since the last [`Durable::load`] (a start), synced or
+/// not, as the page cache serves unsynced writes until a crash loses them.
 #[derive(Clone)]
 pub struct MemDisk {
     synced: Arc<Mutex<Recovered>>,
+    /// What this start wrote, synced or not: what reads are served from.
+    written: Arc<Mutex<Recovered>>,
     sync: Arc<AtomicBool>,
     /// Saves left before every save fails; `u64::MAX` for never.
     saves_left: Arc<AtomicU64>,
@@ -396,6 +485,7 @@ impl MemDisk {
     pub fn new() -> MemDisk {
         MemDisk {
             synced: Arc::default(),
+            written: Arc::default(),
             sync: Arc::new(AtomicBool::new(true)),
             saves_left: Arc::new(AtomicU64::new(u64::MAX)),
             power: Arc::default(),
@@ -507,7 +597,16 @@ impl MemDisk {
 
 impl Durable for MemDisk {
     fn load(&self) -> Result<Recovered, DiskError> {
-        Ok(self.synced.lock().expect("sim disk lock").clone())
+        let synced = self.synced.lock().expect("sim disk lock").clone();
+        // A start: whatever was written but not synced is gone.
+        *self.written.lock().expect("sim disk lock") = synced.clone();
+        Ok(synced)
+    }
+
+    fn log_reader(&self) -> Option<Arc<dyn LogRead>> {
+        Some(Arc::new(MemLog {
+            written: self.written.clone(),
+        }))
     }
 
     fn save(&mut self, batch: &Batch) -> Result<(), DiskError> {
@@ -522,6 +621,7 @@ impl Durable for MemDisk {
             self.saves_left.store(left - 1, Ordering::SeqCst);
         }
         if !self.sync.load(Ordering::SeqCst) {
+            write_batch(&mut self.written.lock().expect("sim disk lock"), batch);
             return Ok(());
         }
         let mut disk = self.synced.lock().expect("sim disk lock");
@@ -537,10 +637,43 @@ impl Durable for MemDisk {
         }
         write_batch(&mut disk, batch);
         drop(disk);
+        write_batch(&mut self.written.lock().expect("sim disk lock"), batch);
         // Written: a cut armed "after the write" fires now; the Core learns
         // of it at its next save, and the simulation at once.
         self.power_cut_fires(true, batch);
         Ok(())
+    }
+}
+
+/// Reads a [`MemDisk`]'s log back: what its member wrote since it started.
+struct MemLog {
+    written: Arc<Mutex<Recovered>>,
+}
+
+impl LogRead for MemLog {
+    fn read_entries(&self, low: u64, high: u64, max_bytes: u64) -> Result<Vec<Entry>, DiskError> {
+        let written = self.written.lock().expect("sim disk lock");
+        // Entries are kept in index order ([`write_batch`]).
+        let from = written.entries.partition_point(|e| e.index < low);
+        let mut entries: Vec<Entry> = Vec::new();
+        let mut bytes = 0u64;
+        for index in low..high {
+            let Some(entry) = written
+                .entries
+                .get(from + entries.len())
+                .filter(|e| e.index == index)
+            else {
+                return Err(DiskError::Corrupt(format!(
+                    "the simulated log lacks entry {index}"
+                )));
+            };
+            bytes += u64::from(entry.compute_size());
+            if !entries.is_empty() && bytes > max_bytes {
+                break;
+            }
+            entries.push(entry.clone());
+        }
+        Ok(entries)
     }
 }
 
@@ -626,7 +759,21 @@ pub struct LogStore {
     /// view keeps its metadata only, and hands raft-rs a `MsgSnapshot`
     /// without data, which the transport fills from the file as it sends.
     data_in_file: bool,
+    /// Where entries evicted from memory are read back; `None`: nothing is
+    /// evicted.
+    disk: Option<Arc<dyn LogRead>>,
+    /// Applied entries kept in memory behind the applied index.
+    window: u64,
+    /// The first index the log holds, in memory or on the disk: raft-rs's
+    /// `first_index` (memory's own first index moves on with evictions).
+    first: Arc<AtomicU64>,
 }
+
+/// Applied entries a log view keeps in memory by default when its disk can
+/// read older ones back ([`LogStore::reading_from`]). Every follower that
+/// keeps up is sent entries from memory; one further behind than this, from
+/// the disk.
+pub const DEFAULT_LOG_MEMORY_ENTRIES: u64 = 8192;
 
 impl LogStore {
     /// Rebuilds the in-memory view from what the disk recovered;
@@ -663,13 +810,50 @@ impl LogStore {
             hard_state.commit = hard_state.commit.max(after);
             core.set_hardstate(hard_state);
         }
+        let first = raft::Storage::first_index(&mem).unwrap_or(1);
         let store = LogStore {
             mem,
             snapshot: Arc::new(RwLock::new(Snapshot::default())),
             data_in_file,
+            disk: None,
+            window: DEFAULT_LOG_MEMORY_ENTRIES,
+            first: Arc::new(AtomicU64::new(first)),
         };
         store.keep(&snapshot);
         Ok(store)
+    }
+
+    /// The same view, keeping only the `window` newest applied entries in
+    /// memory ([`LogStore::evict`]) and reading older ones from `disk`.
+    pub fn reading_from(mut self, disk: Arc<dyn LogRead>, window: u64) -> LogStore {
+        self.disk = Some(disk);
+        self.window = window.max(1);
+        self
+    }
+
+    /// Drops from memory the entries more than the window behind `applied`
+    /// (in steps of a window, so the log is not moved on every pass). Only
+    /// applied entries, which are saved and committed and so never replaced,
+    /// leave memory; raft-rs then reads them through [`LogRead`]. Nothing
+    /// happens for a view without a disk reader.
+    pub fn evict(&self, applied: u64) {
+        if self.disk.is_none() {
+            return;
+        }
+        let Ok(in_memory) = raft::Storage::first_index(&self.mem) else {
+            return;
+        };
+        if applied > in_memory + 2 * self.window {
+            let mut core = self.mem.wl();
+            // Cannot fail: the index is past the first one and not past the last.
+            let _ = core.compact(applied - self.window);
+        }
+    }
+
+    /// The error raft-rs gets when the disk cannot read an entry back: the
+    /// node stops on it (a disk failure, as any other).
+    fn read_error(e: DiskError) -> raft::Error {
+        raft::Error::Store(StorageError::Other(Box::new(e)))
     }
 
     /// Makes `snapshot` the one raft-rs is handed, without its data when
@@ -692,10 +876,16 @@ impl LogStore {
             metadata_only.set_metadata(snap.get_metadata().clone());
             core.apply_snapshot(metadata_only)?;
             self.keep(snap);
+            // The whole log was replaced, on the disk too.
+            self.first
+                .store(snap.get_metadata().index + 1, Ordering::SeqCst);
         }
         if let Some(snap) = &batch.taken {
             core.compact(snap.get_metadata().index)?;
             self.keep(snap);
+            // The disk keeps the entry at the snapshot's index, as memory does.
+            self.first
+                .fetch_max(snap.get_metadata().index, Ordering::SeqCst);
         }
         core.append(&batch.entries)?;
         if let Some(hs) = &batch.hard_state {
@@ -728,7 +918,7 @@ impl LogStore {
 
     /// The term of the entry at `index`, when the log still has it.
     pub fn term_of(&self, index: u64) -> Option<u64> {
-        raft::Storage::term(&self.mem, index).ok()
+        raft::Storage::term(self, index).ok()
     }
 }
 
@@ -744,15 +934,49 @@ impl raft::Storage for LogStore {
         max_size: impl Into<Option<u64>>,
         context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
-        self.mem.entries(low, high, max_size, context)
+        let max_size = max_size.into();
+        let in_memory = self.mem.first_index()?;
+        let Some(disk) = self.disk.as_ref().filter(|_| low < in_memory) else {
+            return self.mem.entries(low, high, max_size, context);
+        };
+        if low < self.first.load(Ordering::SeqCst) {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        let budget = max_size.unwrap_or(u64::MAX);
+        let mut entries = disk
+            .read_entries(low, high.min(in_memory), budget)
+            .map_err(Self::read_error)?;
+        let read: u64 = entries.iter().map(|e| u64::from(e.compute_size())).sum();
+        let complete = entries.last().is_some_and(|e| e.index + 1 == in_memory);
+        if complete && high > in_memory && read < budget {
+            entries.extend(self.mem.entries(in_memory, high, budget - read, context)?);
+        }
+        raft::util::limit_size(&mut entries, max_size);
+        Ok(entries)
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
-        self.mem.term(idx)
+        match self.mem.term(idx) {
+            Err(raft::Error::Store(StorageError::Compacted))
+                if idx >= self.first.load(Ordering::SeqCst) =>
+            {
+                let Some(disk) = &self.disk else {
+                    return Err(raft::Error::Store(StorageError::Compacted));
+                };
+                let entries = disk
+                    .read_entries(idx, idx + 1, 0)
+                    .map_err(Self::read_error)?;
+                Ok(entries[0].term)
+            }
+            other => other,
+        }
     }
 
     fn first_index(&self) -> raft::Result<u64> {
-        self.mem.first_index()
+        match self.disk {
+            Some(_) => Ok(self.first.load(Ordering::SeqCst)),
+            None => self.mem.first_index(),
+        }
     }
 
     fn last_index(&self) -> raft::Result<u64> {
@@ -866,6 +1090,152 @@ mod tests {
             matches!(disk.load(), Err(DiskError::Corrupt(_))),
             "a missing snapshot file is corruption"
         );
+    }
+
+    /// Saves `batch` and applies it to `view`, as the node does.
+    fn save_and_view(disk: &mut RedbDisk, view: &LogStore, batch: Batch) {
+        disk.save(&batch).unwrap();
+        view.apply(&batch).unwrap();
+    }
+
+    #[test]
+    fn a_view_with_a_disk_reader_keeps_a_window_and_reads_the_rest_back() {
+        use raft::Storage as _;
+        let dir = tempfile::tempdir().unwrap();
+        let mut disk = RedbDisk::open(dir.path()).unwrap();
+        let view = LogStore::from_recovered(&disk.load().unwrap(), true)
+            .unwrap()
+            .reading_from(disk.log_reader().unwrap(), 4);
+        let all: Vec<Entry> = (1..=40)
+            .map(|i| entry(i, 1 + i / 10, format!("entry {i:03}").as_bytes()))
+            .collect();
+        for chunk in all.chunks(7) {
+            save_and_view(
+                &mut disk,
+                &view,
+                Batch {
+                    entries: chunk.to_vec(),
+                    ..Batch::default()
+                },
+            );
+        }
+        view.evict(38);
+        let in_memory = view.mem.first_index().unwrap();
+        assert_eq!(in_memory, 34, "applied 38, a window of 4");
+        assert_eq!(
+            view.first_index().unwrap(),
+            1,
+            "the disk still has them all"
+        );
+        assert_eq!(view.last_index().unwrap(), 40);
+        let ctx = || GetEntriesContext::empty(false);
+        assert_eq!(view.entries(1, 41, None, ctx()).unwrap(), all);
+        assert_eq!(view.entries(3, 9, None, ctx()).unwrap(), all[2..8]);
+        assert_eq!(view.entries(30, 36, None, ctx()).unwrap(), all[29..35]);
+        for e in &all {
+            assert_eq!(view.term(e.index).unwrap(), e.term, "term of {}", e.index);
+        }
+        // A size limit gives a prefix, at least one entry, from either part.
+        let one = u64::from(all[0].compute_size());
+        assert_eq!(view.entries(1, 41, one * 3, ctx()).unwrap(), all[..3]);
+        assert_eq!(view.entries(1, 41, 0, ctx()).unwrap(), all[..1]);
+        assert_eq!(view.entries(32, 41, one * 4, ctx()).unwrap(), all[31..35]);
+        // Not yet a window's step behind: nothing more leaves memory.
+        view.evict(40);
+        assert_eq!(view.mem.first_index().unwrap(), 34);
+
+        // A snapshot at 20 compacts the disk and the view alike.
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 20;
+        snap.mut_metadata().term = 3;
+        snap.data = b"state".to_vec().into();
+        save_and_view(
+            &mut disk,
+            &view,
+            Batch {
+                taken: Some(snap),
+                ..Batch::default()
+            },
+        );
+        assert_eq!(view.first_index().unwrap(), 20);
+        assert!(matches!(
+            view.entries(19, 25, None, ctx()),
+            Err(raft::Error::Store(StorageError::Compacted))
+        ));
+        assert!(matches!(
+            view.term(19),
+            Err(raft::Error::Store(StorageError::Compacted))
+        ));
+        assert_eq!(view.entries(20, 41, None, ctx()).unwrap(), all[19..]);
+        assert_eq!(view.term(20).unwrap(), 3);
+
+        // A snapshot from the leader replaces the whole log.
+        let mut installed = Snapshot::default();
+        installed.mut_metadata().index = 50;
+        installed.mut_metadata().term = 6;
+        save_and_view(
+            &mut disk,
+            &view,
+            Batch {
+                installed: Some(installed),
+                entries: vec![entry(51, 6, b"after")],
+                ..Batch::default()
+            },
+        );
+        assert_eq!(view.first_index().unwrap(), 51);
+        assert_eq!(
+            view.entries(51, 52, None, ctx()).unwrap(),
+            [entry(51, 6, b"after")]
+        );
+        assert_eq!(view.term(50).unwrap(), 6);
+    }
+
+    #[test]
+    fn a_view_without_a_disk_reader_keeps_the_whole_log() {
+        use raft::Storage as _;
+        let disk = MemDisk::new();
+        // Not made `reading_from` a disk: it evicts nothing.
+        let view = LogStore::from_recovered(&disk.load().unwrap(), false).unwrap();
+        let all: Vec<Entry> = (1..=40).map(|i| entry(i, 1, b"x")).collect();
+        view.apply(&Batch {
+            entries: all.clone(),
+            ..Batch::default()
+        })
+        .unwrap();
+        view.evict(40);
+        assert_eq!(view.mem.first_index().unwrap(), 1);
+        let ctx = GetEntriesContext::empty(false);
+        assert_eq!(view.entries(1, 41, None, ctx).unwrap(), all);
+    }
+
+    #[test]
+    fn a_mem_disk_reads_back_what_this_start_wrote_synced_or_not() {
+        let mut disk = MemDisk::new();
+        disk.load().unwrap();
+        let reader = disk.log_reader().unwrap();
+        disk.save(&Batch {
+            entries: vec![entry(1, 1, b"a"), entry(2, 1, b"b")],
+            ..Batch::default()
+        })
+        .unwrap();
+        disk.set_sync(false);
+        disk.save(&Batch {
+            entries: vec![entry(3, 1, b"c")],
+            ..Batch::default()
+        })
+        .unwrap();
+        let read = reader.read_entries(1, 4, u64::MAX).unwrap();
+        assert_eq!(
+            read,
+            [entry(1, 1, b"a"), entry(2, 1, b"b"), entry(3, 1, b"c")]
+        );
+        assert_eq!(reader.read_entries(2, 4, 0).unwrap(), [entry(2, 1, b"b")]);
+        // A restart: the unsynced entry is gone, for reads too.
+        assert_eq!(disk.load().unwrap().entries.len(), 2);
+        assert!(matches!(
+            reader.read_entries(3, 4, u64::MAX),
+            Err(DiskError::Corrupt(_))
+        ));
     }
 
     #[test]
