@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use super::index::{self, Index};
 use super::keys;
 use super::reader::Reader;
 use crate::consensus::client::{Client, ClientError};
@@ -46,10 +47,12 @@ const RETRY: Duration = Duration::from_secs(1);
 /// The longest pause between loads.
 const MAX_RETRY: Duration = Duration::from_secs(30);
 
-/// The registry as of one store revision; cheap to clone (a persistent map).
+/// The registry as of one store revision, its keys and their [`Index`];
+/// cheap to clone (persistent maps).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     kvs: imbl::OrdMap<String, KeyValue>,
+    index: Index,
     revision: Revision,
 }
 
@@ -61,12 +64,14 @@ fn kept(key: &str) -> bool {
 impl Snapshot {
     /// The copy of a store read whole (`kvs`, any keys) at `revision`.
     pub fn from_kvs(kvs: impl IntoIterator<Item = KeyValue>, revision: Revision) -> Snapshot {
+        let kvs: imbl::OrdMap<String, KeyValue> = kvs
+            .into_iter()
+            .filter(|kv| kept(&kv.key))
+            .map(|kv| (kv.key.clone(), kv))
+            .collect();
         Snapshot {
-            kvs: kvs
-                .into_iter()
-                .filter(|kv| kept(&kv.key))
-                .map(|kv| (kv.key.clone(), kv))
-                .collect(),
+            index: Index::from_kvs(kvs.values()),
+            kvs,
             revision,
         }
     }
@@ -77,9 +82,11 @@ impl Snapshot {
             if kept(&event.kv.key) {
                 match event.kind {
                     EventKind::Put => {
+                        self.index.put(&event.kv);
                         self.kvs.insert(event.kv.key.clone(), event.kv.clone());
                     }
                     EventKind::Delete => {
+                        self.index.delete(&event.kv.key);
                         self.kvs.remove(&event.kv.key);
                     }
                 }
@@ -116,6 +123,17 @@ pub enum Registry<'a> {
     Mirror(Snapshot, &'a Client),
     /// The store, read directly.
     Store(&'a Client),
+}
+
+impl Registry<'_> {
+    /// The registry's [`Index`]: the copy's, kept with it, or one built
+    /// from a read of the store now.
+    pub async fn index(&self) -> Result<Index, ClientError> {
+        match self {
+            Registry::Mirror(snapshot, _) => Ok(snapshot.index.clone()),
+            Registry::Store(client) => Index::read(*client, &index::PREFIXES).await,
+        }
+    }
 }
 
 impl Reader for Registry<'_> {
