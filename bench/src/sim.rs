@@ -10,7 +10,8 @@
 //!    batch, as `flotilla start` of many units does), while a prober times
 //!    the API's list calls; until every unit runs;
 //! 3. idle: nothing changes for `--idle-secs`: Raft entries/s (keep-alives),
-//!    CPU of each member and of the simulator;
+//!    CPU of each member and of the simulator; then the API's list calls
+//!    timed again for 15 s, idle (the loaded numbers' peer);
 //! 4. failover: a tenth of the hosts die at once; per moved unit, the time
 //!    from its old host's lease expiry (the store deleting its presence) to
 //!    the unit running elsewhere, and from the kill to the last such start;

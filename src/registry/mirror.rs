@@ -6,7 +6,9 @@
 //! at the 99th percentile with 1,000 hosts and 30,000 units placing, the
 //! leader's Raft thread busy serving them (issue 14). A [`Mirror`] reads the
 //! registry once (one range, one revision) and then applies the store's
-//! events, so a request reads memory.
+//! events, so a request reads memory. The copy keeps the keys and, updated
+//! with each event, their decoded [`Index`] (units by name, holders, states,
+//! machines): a page of a list reads its page's rows and nothing else.
 //!
 //! Reads stay linearizable: [`Mirror::read`] first asks the store for its
 //! current revision (a linearizable read of one absent key), then waits for
