@@ -22,8 +22,8 @@ use serde_json::Value;
 use super::Shared;
 use super::error::ApiError;
 use super::paging::{Query, page_from};
-use crate::registry::metadata::{self, Change};
 use crate::registry::RegistryError;
+use crate::registry::metadata::{self, Change};
 use crate::registry::ops::{self, MachineRow};
 use crate::units::fleet::is_metadata_key;
 

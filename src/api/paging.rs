@@ -269,7 +269,10 @@ mod tests {
         let mut taken = 0;
         let counted = (0..usize::MAX).inspect(|_| taken += 1);
         let (page, next) = page_from(counted, 2);
-        assert_eq!((page[0], page.len(), next.as_deref()), (100, 100, Some("ZAADAA==")));
+        assert_eq!(
+            (page[0], page.len(), next.as_deref()),
+            (100, 100, Some("ZAADAA=="))
+        );
         assert_eq!(taken, 200);
     }
 }

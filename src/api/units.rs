@@ -39,9 +39,9 @@ use super::Shared;
 use super::error::ApiError;
 use super::paging::{Query, page_from};
 use crate::consensus::client::Client;
+use crate::registry::index::Index;
 use crate::registry::ops::{self, Submitted, UnitRow};
 use crate::registry::records::{DesiredState, ReportedState, UnitRecord};
-use crate::registry::index::Index;
 use crate::registry::{BodyCache, RegistryError, UnitState};
 use crate::units::{Unit, UnitFile, UnitKind, UnitName, UnitOption};
 
@@ -511,7 +511,10 @@ pub async fn state_of(
 ) -> Result<Json<StateJson>, ApiError> {
     let name = unit_name(path)?;
     let index = index(&shared).await?;
-    let rows = index.unit(&name).map(|r| index.rows_of(r)).unwrap_or_default();
+    let rows = index
+        .unit(&name)
+        .map(|r| index.rows_of(r))
+        .unwrap_or_default();
     let mut reported: Vec<&UnitRow> = rows.iter().filter(|r| r.state.is_some()).collect();
     reported.sort_by_key(|r| !r.claimed);
     reported

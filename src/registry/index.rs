@@ -318,11 +318,10 @@ impl Index {
         machine: Option<&'a str>,
     ) -> impl Iterator<Item = (&'a UnitRecord, &'a str, &'a ReportedState)> + 'a {
         type States = OrdMap<String, ReportedState>;
-        let units: Box<dyn Iterator<Item = (&'a UnitName, &'a States)> + 'a> =
-            match unit {
-                Some(unit) => Box::new(self.states.get_key_value(unit).into_iter()),
-                None => Box::new(self.states.iter()),
-            };
+        let units: Box<dyn Iterator<Item = (&'a UnitName, &'a States)> + 'a> = match unit {
+            Some(unit) => Box::new(self.states.get_key_value(unit).into_iter()),
+            None => Box::new(self.states.iter()),
+        };
         units
             .filter_map(|(name, on)| {
                 let record = self.units.get(name)?;
@@ -472,7 +471,12 @@ mod tests {
         assert_eq!(
             shown(&index),
             [
-                ("a.service".into(), Some("m1".into()), true, Some("active".into())),
+                (
+                    "a.service".into(),
+                    Some("m1".into()),
+                    true,
+                    Some("active".into())
+                ),
                 ("b.service".into(), Some("m2".into()), false, None),
                 ("c.service".into(), Some("m1".into()), true, None),
                 ("u.service".into(), None, false, None),

@@ -122,7 +122,7 @@ impl Snapshot {
 pub enum Registry<'a> {
     /// The mirror, caught up with the store as of the request; what is in
     /// no key (lease renewals) is asked of the store through the client.
-    Mirror(Snapshot, &'a Client),
+    Mirror(Box<Snapshot>, &'a Client),
     /// The store, read directly.
     Store(&'a Client),
 }
@@ -220,9 +220,11 @@ impl Mirror {
             Some(Ok(snapshot)) => {
                 metrics.api_mirror_reads.add(1);
                 Registry::Mirror(
-                    snapshot
-                        .clone()
-                        .expect("wait_for returned a loaded snapshot"),
+                    Box::new(
+                        snapshot
+                            .clone()
+                            .expect("wait_for returned a loaded snapshot"),
+                    ),
                     client,
                 )
             }

@@ -8,8 +8,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::bodies::BodyCache;
 use super::LeaseId;
+use super::bodies::BodyCache;
 use super::error::RegistryError;
 use super::index::{self, Index};
 use super::keys::{self, MachineKey};
