@@ -22,7 +22,6 @@ use serde_json::Value;
 use super::Shared;
 use super::error::ApiError;
 use super::paging::{Query, page_from};
-use crate::registry::RegistryError;
 use crate::registry::metadata::{self, Change};
 use crate::registry::ops::{self, MachineRow};
 use crate::units::fleet::is_metadata_key;
@@ -93,10 +92,8 @@ pub async fn list(
     RawQuery(query): RawQuery,
 ) -> Result<Json<MachineList>, ApiError> {
     let page = Query::parse(query.as_deref()).page()?;
-    let registry = shared.registry().await?;
-    let index = registry.index().await?;
-    index.check().map_err(RegistryError::from)?;
-    let seen = ops::renewals_seen(&registry).await?;
+    let index = shared.registry().await?;
+    let seen = ops::renewals_seen(shared.client().await?).await?;
     let now = now_ms();
     let (rows, next_page_token) = page_from(index.machine_rows(&seen, now), page);
     let machines = rows.into_iter().map(|r| MachineJson::of(r, now)).collect();

@@ -330,14 +330,6 @@ async fn unit_json(
     })
 }
 
-/// The registry's index for a read route, refusing to answer from one that
-/// holds an unreadable record.
-async fn index(shared: &Shared) -> Result<Index, ApiError> {
-    let index = shared.registry().await?.index().await?;
-    index.check().map_err(RegistryError::from)?;
-    Ok(index)
-}
-
 /// `GET /fleet/v1/units[?nextPageToken=T]`: every submitted unit, templates
 /// included, by name, a page at a time; only the page's units are looked
 /// at past their names.
@@ -347,7 +339,7 @@ pub async fn list(
 ) -> Result<Json<UnitList>, ApiError> {
     let page = Query::parse(query.as_deref()).page()?;
     let client = shared.client().await?;
-    let index = index(&shared).await?;
+    let index = shared.registry().await?;
     // Bodies of destroyed units go once the cache holds more bodies than
     // there are units (units share bodies, never the other way round).
     if shared.bodies.len() > index.unit_count() {
@@ -377,7 +369,7 @@ pub async fn get(
 ) -> Result<Json<UnitJson>, ApiError> {
     let name = unit_name(path)?;
     let client = shared.client().await?;
-    let index = index(&shared).await?;
+    let index = shared.registry().await?;
     let record = index
         .unit(&name)
         .ok_or_else(|| RegistryError::NoSuchUnit(name.clone()))?;
@@ -484,7 +476,7 @@ pub async fn states(
     let query = Query::parse(query.as_deref());
     let page = query.page()?;
     let (unit, machine) = (query.first("unitName"), query.first("machineID"));
-    let index = index(&shared).await?;
+    let index = shared.registry().await?;
     // Exactly the name given: one that is not a unit's matches nothing.
     let named = unit.map(|u| UnitName::parse(u).ok().filter(|n| n.as_str() == u));
     let (states, next_page_token) = match named {
@@ -510,7 +502,7 @@ pub async fn state_of(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<StateJson>, ApiError> {
     let name = unit_name(path)?;
-    let index = index(&shared).await?;
+    let index = shared.registry().await?;
     let rows = index
         .unit(&name)
         .map(|r| index.rows_of(r))
