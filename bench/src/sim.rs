@@ -575,7 +575,13 @@ async fn served(servers: &fleet_sim::Servers) -> Served {
                 .split("le=\"")
                 .nth(1)
                 .and_then(|l| l.strip_suffix('"'))
-                .map(|l| if l == "+Inf" { f64::INFINITY } else { l.parse().unwrap_or(f64::NAN) });
+                .map(|l| {
+                    if l == "+Inf" {
+                        f64::INFINITY
+                    } else {
+                        l.parse().unwrap_or(f64::NAN)
+                    }
+                });
             let (Some(route), Some(le), Ok(count)) = (route, le, count.trim().parse::<u64>())
             else {
                 continue;
@@ -612,7 +618,13 @@ fn in_process(before: &Served, after: &Served) -> serde_json::Value {
             delta
                 .iter()
                 .find(|(_, c)| *c >= want.max(1))
-                .map(|(le, _)| if le.is_finite() { json!(le * 1e3) } else { json!("inf") })
+                .map(|(le, _)| {
+                    if le.is_finite() {
+                        json!(le * 1e3)
+                    } else {
+                        json!("inf")
+                    }
+                })
         };
         out.insert(
             route.clone(),
