@@ -235,6 +235,12 @@ pub struct Metrics {
     pub systemd_call_seconds: Family,
     /// API requests served by this host, by method and route.
     pub api_request_seconds: Family,
+    /// The linearizable read of the store's revision that each API read of
+    /// the registry starts with (`registry::mirror`'s barrier).
+    pub api_barrier_seconds: Histogram,
+    /// How long API reads then waited for the registry's copy to reach
+    /// that revision.
+    pub api_catch_up_seconds: Histogram,
 }
 
 /// The process's instruments.
@@ -259,6 +265,8 @@ pub static METRICS: Metrics = Metrics {
     api_store_reads: Counter::new(),
     systemd_call_seconds: Family::new(),
     api_request_seconds: Family::new(),
+    api_barrier_seconds: Histogram::new(),
+    api_catch_up_seconds: Histogram::new(),
 };
 
 /// Times a systemd call of `method` (D-Bus name, e.g. `StartUnit`).
@@ -398,7 +406,7 @@ pub fn render(cluster: Option<&Cluster>) -> String {
         header(&mut out, name, help, "counter");
         let _ = writeln!(out, "{name} {}", counter.get());
     }
-    let histograms: [(&str, &str, &dyn Series); 4] = [
+    let histograms: [(&str, &str, &dyn Series); 6] = [
         (
             "flotilla_raft_proposal_duration_seconds",
             "From a proposal reaching the Raft thread to its outcome.",
@@ -418,6 +426,16 @@ pub fn render(cluster: Option<&Cluster>) -> String {
             "flotilla_api_request_duration_seconds",
             "API requests served by this host, by method and route.",
             &m.api_request_seconds,
+        ),
+        (
+            "flotilla_api_barrier_duration_seconds",
+            "The linearizable read of the store's revision each API read starts with.",
+            &m.api_barrier_seconds,
+        ),
+        (
+            "flotilla_api_catch_up_duration_seconds",
+            "API reads waiting for the registry's copy to reach that revision.",
+            &m.api_catch_up_seconds,
         ),
     ];
     for (name, help, histogram) in histograms {

@@ -10,7 +10,8 @@
 //!    batch, as `flotilla start` of many units does), while a prober times
 //!    the API's list calls; until every unit runs;
 //! 3. idle: nothing changes for `--idle-secs`: Raft entries/s (keep-alives),
-//!    CPU of each member and of the simulator;
+//!    CPU of each member and of the simulator; then the API's list calls
+//!    timed again for 15 s, idle (the loaded numbers' peer);
 //! 4. failover: a tenth of the hosts die at once; per moved unit, the time
 //!    from its old host's lease expiry (the store deleting its presence) to
 //!    the unit running elsewhere, and from the kill to the last such start;
@@ -276,6 +277,7 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
     // 2. bulk start, with the API probed meanwhile.
     let names = fleet_sim::unit_names(args.units, args.hosts);
     let before = gauges(&servers).await?;
+    let served_before = served(&servers).await;
     let probing = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let probe = tokio::spawn(probe_api(
         servers.apis.clone(),
@@ -314,6 +316,7 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
     let all_running = bulk_start.elapsed();
     probing.store(false, std::sync::atomic::Ordering::SeqCst);
     let api = probe.await?;
+    let served_loaded = served(&servers).await;
     let after = gauges(&servers).await?;
     let first_start = first_starts(&fleet, None);
     let mut start_latency: Vec<Duration> = names
@@ -338,6 +341,7 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
             "placements_per_sec": (args.units as f64 / all_running.as_secs_f64()).round(),
             "submit_to_running": start_summary,
             "api": api_summaries,
+            "api_in_process": in_process(&served_before, &served_loaded),
             "raft_entries_per_placement": entries as f64 / args.units as f64,
             "leader_store_bytes_per_placement": leader_bytes as f64 / args.units as f64,
             "member_cpu_pct": cpu, "leader": after.leader, "sim_cpu_pct": sim_cpu})
@@ -359,6 +363,29 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
             "sim_cpu_pct": sim_cpu,
             "sim_cpu_pct_per_agent": (sim_cpu / args.hosts as f64 * 1000.0).round() / 1000.0,
             "starts_or_stops_while_idle": fleet.journal.events().len() - sim_events})
+    );
+
+    // 3b. the same API calls, idle: what the bulk start's load adds.
+    let probing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let probe = tokio::spawn(probe_api(
+        servers.apis.clone(),
+        servers.api_token.clone(),
+        probing.clone(),
+    ));
+    tokio::time::sleep(IDLE_PROBE).await;
+    probing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let idle_api = probe.await?;
+    let served_idle = served(&servers).await;
+    let mut idle_summaries = BTreeMap::new();
+    for (path, samples) in &idle_api {
+        let mut samples = samples.clone();
+        idle_summaries.insert(path.clone(), summary(&mut samples));
+    }
+    println!(
+        "{}",
+        json!({"phase": "idle_api", "run": header, "secs": IDLE_PROBE.as_secs(),
+            "api": idle_summaries,
+            "api_in_process": in_process(&served_loaded, &served_idle)})
     );
 
     // 4. failover.
@@ -517,8 +544,104 @@ async fn probe_api(
     samples
 }
 
+/// How long the API is probed once the cluster is idle.
+const IDLE_PROBE: Duration = Duration::from_secs(15);
+
+/// Cumulative bucket counts of `flotilla_api_request_duration_seconds` for
+/// the GETs of [`PROBED`], summed over the members: `route -> [(le, count)]`.
+type Served = BTreeMap<String, Vec<(f64, u64)>>;
+
+/// Each member's own timing of the probed routes, from its `/metrics`
+/// (handler and JSON, not the wait for a connection to be accepted); empty
+/// for a member that does not answer.
+async fn served(servers: &fleet_sim::Servers) -> Served {
+    let mut total = Served::new();
+    for api in &servers.apis {
+        let Ok(text) = get_body(api, &servers.api_token, "/metrics").await else {
+            continue;
+        };
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("flotilla_api_request_duration_seconds_bucket{")
+            else {
+                continue;
+            };
+            let Some((labels, count)) = rest.split_once("} ") else {
+                continue;
+            };
+            let route = PROBED
+                .iter()
+                .find(|p| labels.contains(&format!("method=\"GET\",route=\"{p}\"")));
+            let le = labels
+                .split("le=\"")
+                .nth(1)
+                .and_then(|l| l.strip_suffix('"'))
+                .map(|l| {
+                    if l == "+Inf" {
+                        f64::INFINITY
+                    } else {
+                        l.parse().unwrap_or(f64::NAN)
+                    }
+                });
+            let (Some(route), Some(le), Ok(count)) = (route, le, count.trim().parse::<u64>())
+            else {
+                continue;
+            };
+            let buckets = total.entry(route.to_string()).or_default();
+            match buckets.iter_mut().find(|(b, _)| *b == le) {
+                Some((_, n)) => *n += count,
+                None => buckets.push((le, count)),
+            }
+        }
+    }
+    total
+}
+
+/// The requests served between two [`served`] readings, per route: how many
+/// and the bucket bounds (seconds) holding their median and 99th percentile.
+fn in_process(before: &Served, after: &Served) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for (route, buckets) in after {
+        let earlier = |le: f64| {
+            before
+                .get(route)
+                .and_then(|b| b.iter().find(|(l, _)| *l == le))
+                .map_or(0, |(_, n)| *n)
+        };
+        let mut delta: Vec<(f64, u64)> = buckets
+            .iter()
+            .map(|(le, n)| (*le, n.saturating_sub(earlier(*le))))
+            .collect();
+        delta.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let n = delta.last().map_or(0, |(_, n)| *n);
+        let bound = |q: f64| {
+            let want = (q * n as f64).ceil() as u64;
+            delta
+                .iter()
+                .find(|(_, c)| *c >= want.max(1))
+                .map(|(le, _)| {
+                    if le.is_finite() {
+                        json!(le * 1e3)
+                    } else {
+                        json!("inf")
+                    }
+                })
+        };
+        out.insert(
+            route.clone(),
+            json!({"n": n, "p50_le_ms": bound(0.5), "p99_le_ms": bound(0.99)}),
+        );
+    }
+    serde_json::Value::Object(out)
+}
+
 /// One HTTP/1.1 GET with the API's bearer `token`; Ok when the answer is 200.
 async fn get(api: &str, token: &str, path: &str) -> Result<()> {
+    get_body(api, token, path).await.map(|_| ())
+}
+
+/// One HTTP/1.1 GET with the API's bearer `token`: the whole response
+/// (head and body) when the answer is 200.
+async fn get_body(api: &str, token: &str, path: &str) -> Result<String> {
     let mut stream = tokio::net::TcpStream::connect(api).await?;
     let head = format!(
         "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
@@ -528,7 +651,7 @@ async fn get(api: &str, token: &str, path: &str) -> Result<()> {
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await?;
     if response.starts_with(b"HTTP/1.1 200") {
-        Ok(())
+        Ok(String::from_utf8_lossy(&response).into_owned())
     } else {
         bail!(
             "GET {path}: {}",

@@ -21,7 +21,7 @@ use serde_json::Value;
 
 use super::Shared;
 use super::error::ApiError;
-use super::paging::{Query, page_of};
+use super::paging::{Query, page_from};
 use crate::registry::metadata::{self, Change};
 use crate::registry::ops::{self, MachineRow};
 use crate::units::fleet::is_metadata_key;
@@ -92,9 +92,10 @@ pub async fn list(
     RawQuery(query): RawQuery,
 ) -> Result<Json<MachineList>, ApiError> {
     let page = Query::parse(query.as_deref()).page()?;
-    let registry = shared.registry().await?;
-    let (rows, next_page_token) = page_of(ops::machines(&registry).await?, page);
+    let index = shared.registry().await?;
+    let seen = ops::renewals_seen(shared.client().await?).await?;
     let now = now_ms();
+    let (rows, next_page_token) = page_from(index.machine_rows(&seen, now), page);
     let machines = rows.into_iter().map(|r| MachineJson::of(r, now)).collect();
     Ok(Json(MachineList {
         machines,

@@ -86,7 +86,9 @@ use tokio::task::JoinHandle;
 use crate::config::{ApiLimits, Loaded, Origin};
 use crate::consensus::client::Client;
 use crate::registry::BodyCache;
-use crate::registry::mirror::{Mirror, Registry};
+use crate::registry::RegistryError;
+use crate::registry::index::Index;
+use crate::registry::mirror::Mirror;
 use crate::tls::{ClientTls, Identity, Role, Trust};
 use error::ApiError;
 use serve::Caller;
@@ -197,11 +199,14 @@ impl Shared {
             .await?)
     }
 
-    /// What a read route reads the registry from: the mirror, once it holds
-    /// every change acknowledged before this call, else the store itself.
-    pub async fn registry(&self) -> Result<Registry<'_>, ApiError> {
+    /// What a read route reads: the registry's index, the mirror's once it
+    /// holds every change acknowledged before this call, else read from the
+    /// store; refused while it holds a record that does not decode.
+    pub async fn registry(&self) -> Result<Index, ApiError> {
         let client = self.client().await?;
-        Ok(self.mirror.read(client).await?)
+        let index = self.mirror.read(client).await?;
+        index.check().map_err(RegistryError::from)?;
+        Ok(index)
     }
 }
 

@@ -64,7 +64,7 @@ pub async fn page(State(shared): State<Arc<Shared>>) -> Response {
 async fn read(shared: &Shared) -> Result<View, String> {
     let text = |e: RegistryError| e.to_string();
     let client = shared.client().await.map_err(|e| e.to_string())?;
-    let registry = shared.registry().await.map_err(|e| e.to_string())?;
+    let index = shared.registry().await.map_err(|e| e.to_string())?;
     let status = client.status().await.map_err(|e| e.to_string())?;
     let members = status
         .members
@@ -82,8 +82,8 @@ async fn read(shared: &Shared) -> Result<View, String> {
         revision: status.revision,
         no_space: status.no_space,
         members,
-        machines: ops::machines(&registry).await.map_err(text)?,
-        units: ops::unit_rows(&registry).await.map_err(text)?,
+        machines: ops::machine_rows(client, &index).await.map_err(text)?,
+        units: index.unit_rows().collect(),
         locks,
         now_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -69,11 +69,24 @@ impl Query {
 /// The items of page `page` of `items`, and the token of the next page if
 /// this page ends at or before the last item.
 pub fn page_of<T>(items: Vec<T>, page: u16) -> (Vec<T>, Option<String>) {
+    page_from(items, page)
+}
+
+/// [`page_of`] of items in order, taking no more of them than the page
+/// needs: the ones before it are passed over, none after it is looked at.
+pub fn page_from<T>(items: impl IntoIterator<Item = T>, page: u16) -> (Vec<T>, Option<String>) {
     let size = usize::from(PAGE_SIZE);
-    let start = (usize::from(page) - 1) * size;
+    let start = (usize::from(page.max(1)) - 1) * size;
     let end = start + size;
-    let more = end <= items.len() && page < u16::MAX;
-    let shown = items.into_iter().skip(start).take(size).collect();
+    let mut shown = Vec::new();
+    let mut seen = 0;
+    for item in items.into_iter().take(end) {
+        if seen >= start {
+            shown.push(item);
+        }
+        seen += 1;
+    }
+    let more = seen == end && page < u16::MAX;
     (shown, more.then(|| encode_token(page + 1)))
 }
 
@@ -252,5 +265,14 @@ mod tests {
         assert_eq!((page.len(), next), (0, None));
         let (page, next) = page_of(items(3), 9);
         assert_eq!((page.len(), next), (0, None));
+        // Only what the page needs is taken.
+        let mut taken = 0;
+        let counted = (0..usize::MAX).inspect(|_| taken += 1);
+        let (page, next) = page_from(counted, 2);
+        assert_eq!(
+            (page[0], page.len(), next.as_deref()),
+            (100, 100, Some("ZAADAA=="))
+        );
+        assert_eq!(taken, 200);
     }
 }

@@ -23,7 +23,7 @@
 //! fleetctl's `--replace`); otherwise `desiredState` is required (409
 //! without it, and for a unit that does not exist).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,8 +37,9 @@ use serde::{Deserialize, Serialize};
 
 use super::Shared;
 use super::error::ApiError;
-use super::paging::{Query, page_of};
+use super::paging::{Query, page_from};
 use crate::consensus::client::Client;
+use crate::registry::index::Index;
 use crate::registry::ops::{self, Submitted, UnitRow};
 use crate::registry::records::{DesiredState, ReportedState, UnitRecord};
 use crate::registry::{BodyCache, RegistryError, UnitState};
@@ -178,14 +179,19 @@ impl StateJson {
     /// The state a row reports, if any.
     fn of(row: &UnitRow) -> Option<StateJson> {
         let (machine, state) = (row.machine.as_ref()?, row.state.as_ref()?);
-        Some(StateJson {
-            name: row.name.to_string(),
+        Some(StateJson::reported(&row.name, machine, state))
+    }
+
+    /// What systemd on `machine` reported of `name`.
+    fn reported(name: &UnitName, machine: &str, state: &ReportedState) -> StateJson {
+        StateJson {
+            name: name.to_string(),
             hash: state.hash.to_string(),
-            machine_id: machine.clone(),
+            machine_id: machine.to_string(),
             load: state.state.load.clone(),
             active: state.state.active.clone(),
             sub: state.state.sub.clone(),
-        })
+        }
     }
 }
 
@@ -278,25 +284,17 @@ async fn options(
     Ok(file.options().to_vec())
 }
 
-/// What a unit's view is built from, besides its record.
-struct Facts<'a> {
-    rows: &'a [UnitRow],
-    reasons: &'a BTreeMap<UnitName, String>,
-    stops: &'a RecentStops,
-}
-
-/// A unit's view from its record, its body and the rows placing it.
+/// A unit's view from its record, its body and the rows placing it
+/// ([`Index::rows_of`]).
 async fn unit_json(
     client: &Client,
     bodies: &BodyCache,
-    record: UnitRecord,
-    facts: &Facts<'_>,
+    index: &Index,
+    record: &UnitRecord,
+    stops: &RecentStops,
 ) -> Result<UnitJson, ApiError> {
-    let placed: Vec<&UnitRow> = facts
-        .rows
-        .iter()
-        .filter(|r| r.name == record.name && r.machine.is_some())
-        .collect();
+    let rows = index.rows_of(record);
+    let placed: Vec<&UnitRow> = rows.iter().filter(|r| r.machine.is_some()).collect();
     let machine_id = match placed.as_slice() {
         [one] => one.machine.clone(),
         _ => None,
@@ -308,18 +306,18 @@ async fn unit_json(
         .unwrap_or(DesiredState::Inactive);
     if record.desired == DesiredState::Loaded
         && current == DesiredState::Loaded
-        && facts.stops.recent(&record.name)
+        && stops.recent(&record.name)
     {
         current = DesiredState::Launched;
     }
     Ok(UnitJson {
         name: record.name.to_string(),
-        options: options(client, bodies, &record).await?,
+        options: options(client, bodies, record).await?,
         desired_state: record.desired,
         current_state: current,
         machine_id,
         hash: record.hash.to_string(),
-        reason: facts.reasons.get(&record.name).cloned().or_else(|| {
+        reason: index.reason(&record.name).cloned().or_else(|| {
             placed
                 .iter()
                 .find_map(|r| r.state.as_ref().and_then(|s| s.reason.clone()))
@@ -333,28 +331,25 @@ async fn unit_json(
 }
 
 /// `GET /fleet/v1/units[?nextPageToken=T]`: every submitted unit, templates
-/// included, by name, a page at a time.
+/// included, by name, a page at a time; only the page's units are looked
+/// at past their names.
 pub async fn list(
     State(shared): State<Arc<Shared>>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<UnitList>, ApiError> {
     let page = Query::parse(query.as_deref()).page()?;
     let client = shared.client().await?;
-    let registry = shared.registry().await?;
-    let records = ops::unit_records(&registry).await?;
-    let rows = ops::unit_rows(&registry).await?;
-    let reasons = ops::reasons(&registry).await?;
-    let live = records.iter().map(|r| r.hash).collect();
-    shared.bodies.keep_only(&live);
-    let (records, next_page_token) = page_of(records, page);
-    let facts = Facts {
-        rows: &rows,
-        reasons: &reasons,
-        stops: &shared.stops,
-    };
+    let index = shared.registry().await?;
+    // Bodies of destroyed units go once the cache holds more bodies than
+    // there are units (units share bodies, never the other way round).
+    if shared.bodies.len() > index.unit_count() {
+        let live = index.units().map(|r| r.hash).collect();
+        shared.bodies.keep_only(&live);
+    }
+    let (records, next_page_token) = page_from(index.units(), page);
     let mut units = Vec::with_capacity(records.len());
     for record in records {
-        match unit_json(client, &shared.bodies, record, &facts).await {
+        match unit_json(client, &shared.bodies, &index, record, &shared.stops).await {
             Ok(unit) => units.push(unit),
             // Destroyed while this list was read: it is gone, leave it out.
             Err(e) if e.status == StatusCode::NOT_FOUND => {}
@@ -374,17 +369,12 @@ pub async fn get(
 ) -> Result<Json<UnitJson>, ApiError> {
     let name = unit_name(path)?;
     let client = shared.client().await?;
-    let registry = shared.registry().await?;
-    let record = ops::unit_record(&registry, &name).await?;
-    let rows = ops::unit_rows(&registry).await?;
-    let reasons = ops::reasons(&registry).await?;
-    let facts = Facts {
-        rows: &rows,
-        reasons: &reasons,
-        stops: &shared.stops,
-    };
+    let index = shared.registry().await?;
+    let record = index
+        .unit(&name)
+        .ok_or_else(|| RegistryError::NoSuchUnit(name.clone()))?;
     Ok(Json(
-        unit_json(client, &shared.bodies, record, &facts).await?,
+        unit_json(client, &shared.bodies, &index, record, &shared.stops).await?,
     ))
 }
 
@@ -486,15 +476,18 @@ pub async fn states(
     let query = Query::parse(query.as_deref());
     let page = query.page()?;
     let (unit, machine) = (query.first("unitName"), query.first("machineID"));
-    let registry = shared.registry().await?;
-    let states: Vec<StateJson> = ops::unit_rows(&registry)
-        .await?
-        .iter()
-        .filter_map(StateJson::of)
-        .filter(|s| unit.is_none_or(|u| s.name == u))
-        .filter(|s| machine.is_none_or(|m| s.machine_id == m))
+    let index = shared.registry().await?;
+    // Exactly the name given: one that is not a unit's matches nothing.
+    let named = unit.map(|u| UnitName::parse(u).ok().filter(|n| n.as_str() == u));
+    let (states, next_page_token) = match named {
+        Some(None) => (Vec::new(), None),
+        Some(Some(name)) => page_from(index.reported(Some(&name), machine), page),
+        None => page_from(index.reported(None, machine), page),
+    };
+    let states = states
+        .into_iter()
+        .map(|(record, id, state)| StateJson::reported(&record.name, id, state))
         .collect();
-    let (states, next_page_token) = page_of(states, page);
     Ok(Json(StateList {
         states,
         next_page_token,
@@ -509,12 +502,12 @@ pub async fn state_of(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<StateJson>, ApiError> {
     let name = unit_name(path)?;
-    let registry = shared.registry().await?;
-    let rows = ops::unit_rows(&registry).await?;
-    let mut reported: Vec<&UnitRow> = rows
-        .iter()
-        .filter(|r| r.name == name && r.state.is_some())
-        .collect();
+    let index = shared.registry().await?;
+    let rows = index
+        .unit(&name)
+        .map(|r| index.rows_of(r))
+        .unwrap_or_default();
+    let mut reported: Vec<&UnitRow> = rows.iter().filter(|r| r.state.is_some()).collect();
     reported.sort_by_key(|r| !r.claimed);
     reported
         .first()

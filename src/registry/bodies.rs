@@ -143,6 +143,16 @@ impl BodyCache {
         self.lock().remove(hash);
     }
 
+    /// How many bodies are held.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no body is held.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
     /// Forgets every body whose hash is not in `live` (units destroyed or
     /// replaced), so a long-running cache holds only what is still stored.
     pub fn keep_only(&self, live: &HashSet<UnitHash>) {

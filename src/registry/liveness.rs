@@ -114,7 +114,7 @@ pub async fn liveness(client: &Client) -> Result<Liveness, RegistryError> {
 }
 
 /// Milliseconds since the Unix epoch, now.
-fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -159,12 +159,8 @@ fn merge_renewals(
         .iter()
         .filter_map(|kv| {
             let id = kv.key.strip_prefix(keys::MACHINES)?;
-            let lease = seen.get(&kv.lease?)?;
-            let renewal = Renewal {
-                at_ms: now_ms.saturating_sub(lease.renewed_ms_ago?),
-                ttl_ms: lease.ttl_ms,
-            };
-            Some((id.to_string(), renewal))
+            let lease = seen.get(&kv.lease?).copied();
+            Some((id.to_string(), renewal_of(lease, None, now_ms)?))
         })
         .collect();
     for kv in stamps {
@@ -175,6 +171,23 @@ fn merge_renewals(
         }
     }
     renewals
+}
+
+/// When one machine last renewed, at `now_ms`: its renewal `stamp` if it
+/// has one, else the member's view of its presence `lease`, if it saw a
+/// keep-alive of it.
+pub fn renewal_of(
+    lease: Option<&LeaseRenewal>,
+    stamp: Option<Renewal>,
+    now_ms: u64,
+) -> Option<Renewal> {
+    stamp.or_else(|| {
+        let lease = lease?;
+        Some(Renewal {
+            at_ms: now_ms.saturating_sub(lease.renewed_ms_ago?),
+            ttl_ms: lease.ttl_ms,
+        })
+    })
 }
 
 #[cfg(test)]

@@ -6,7 +6,10 @@
 //! at the 99th percentile with 1,000 hosts and 30,000 units placing, the
 //! leader's Raft thread busy serving them (issue 14). A [`Mirror`] reads the
 //! registry once (one range, one revision) and then applies the store's
-//! events, so a request reads memory.
+//! events, so a request reads memory. The copy is the registry's decoded
+//! [`Index`] (units by name, holders, states, machines), updated with each
+//! event: a page of a list reads its page's rows and nothing else, and the
+//! raw keys are not kept.
 //!
 //! Reads stay linearizable: [`Mirror::read`] first asks the store for its
 //! current revision (a linearizable read of one absent key), then waits for
@@ -17,7 +20,8 @@
 //! outside the registry, and unit bodies (read through the [`super::BodyCache`]
 //! by hash), are not kept. While the copy is not loaded (starting, or
 //! loading again after its watch failed), or does not catch up within
-//! [`CATCH_UP`], the caller reads the store directly instead.
+//! [`CATCH_UP`], the index is read from the store instead (a linearizable
+//! range per indexed prefix, [`index::PREFIXES`]).
 //!
 //! The copy starts with the first read and stops once nobody read it for
 //! [`IDLE`]: a host whose API nobody asks watches nothing.
@@ -28,11 +32,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use super::index::{self, Index};
 use super::keys;
-use super::reader::Reader;
 use crate::consensus::client::{Client, ClientError};
 use crate::consensus::kv::{Event, EventKind, KeyValue, Revision};
-use crate::consensus::node::LeaseRenewal;
 
 /// How long a read waits for a loaded copy to reach the store's revision
 /// before reading the store directly (a copy that is not loaded, starting
@@ -46,10 +49,11 @@ const RETRY: Duration = Duration::from_secs(1);
 /// The longest pause between loads.
 const MAX_RETRY: Duration = Duration::from_secs(30);
 
-/// The registry as of one store revision; cheap to clone (a persistent map).
+/// The registry's [`Index`] as of one store revision; cheap to clone
+/// (persistent maps).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
-    kvs: imbl::OrdMap<String, KeyValue>,
+    index: Index,
     revision: Revision,
 }
 
@@ -60,13 +64,12 @@ fn kept(key: &str) -> bool {
 
 impl Snapshot {
     /// The copy of a store read whole (`kvs`, any keys) at `revision`.
-    pub fn from_kvs(kvs: impl IntoIterator<Item = KeyValue>, revision: Revision) -> Snapshot {
+    pub fn from_kvs<'a>(
+        kvs: impl IntoIterator<Item = &'a KeyValue>,
+        revision: Revision,
+    ) -> Snapshot {
         Snapshot {
-            kvs: kvs
-                .into_iter()
-                .filter(|kv| kept(&kv.key))
-                .map(|kv| (kv.key.clone(), kv))
-                .collect(),
+            index: Index::from_kvs(kvs.into_iter().filter(|kv| kept(&kv.key))),
             revision,
         }
     }
@@ -76,12 +79,8 @@ impl Snapshot {
         for event in events {
             if kept(&event.kv.key) {
                 match event.kind {
-                    EventKind::Put => {
-                        self.kvs.insert(event.kv.key.clone(), event.kv.clone());
-                    }
-                    EventKind::Delete => {
-                        self.kvs.remove(&event.kv.key);
-                    }
+                    EventKind::Put => self.index.put(&event.kv),
+                    EventKind::Delete => self.index.delete(&event.kv.key),
                 }
             }
             self.revision = self.revision.max(event.revision());
@@ -93,52 +92,9 @@ impl Snapshot {
         self.revision
     }
 
-    /// Every key starting with `prefix`, in key order.
-    pub fn prefix(&self, prefix: &str) -> Vec<KeyValue> {
-        self.kvs
-            .range(prefix.to_string()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(_, kv)| kv.clone())
-            .collect()
-    }
-
-    /// One key, if the copy holds it.
-    pub fn key(&self, key: &str) -> Option<KeyValue> {
-        self.kvs.get(key).cloned()
-    }
-}
-
-/// A registry read for one request: the mirror's snapshot, or the store
-/// itself when the mirror could not catch up.
-pub enum Registry<'a> {
-    /// The mirror, caught up with the store as of the request; what is in
-    /// no key (lease renewals) is asked of the store through the client.
-    Mirror(Snapshot, &'a Client),
-    /// The store, read directly.
-    Store(&'a Client),
-}
-
-impl Reader for Registry<'_> {
-    async fn read_prefix(&self, prefix: &str) -> Result<Vec<KeyValue>, ClientError> {
-        match self {
-            Registry::Mirror(snapshot, _) => Ok(snapshot.prefix(prefix)),
-            Registry::Store(client) => client.read_prefix(prefix).await,
-        }
-    }
-
-    async fn read_key(&self, key: &str) -> Result<Option<KeyValue>, ClientError> {
-        match self {
-            Registry::Mirror(snapshot, _) => Ok(snapshot.key(key)),
-            Registry::Store(client) => client.read_key(key).await,
-        }
-    }
-
-    async fn lease_renewals(&self) -> Result<Vec<LeaseRenewal>, ClientError> {
-        match self {
-            Registry::Mirror(_, client) | Registry::Store(client) => {
-                Client::lease_renewals(client).await
-            }
-        }
+    /// The registry's index at [`Snapshot::revision`].
+    pub fn index(&self) -> &Index {
+        &self.index
     }
 }
 
@@ -172,46 +128,41 @@ impl Mirror {
         }
     }
 
-    /// What a request reads: the copy once it reflects every change the
-    /// store acknowledged before this call (asked of `client`), or the store
-    /// itself if the copy is not loaded or does not get there within
-    /// [`CATCH_UP`].
-    pub async fn read<'a>(&self, client: &'a Client) -> Result<Registry<'a>, ClientError> {
+    /// What a request reads: the copy's index once it reflects every change
+    /// the store acknowledged before this call (asked of `client`), or an
+    /// index read from the store now if the copy is not loaded or does not
+    /// get there within [`CATCH_UP`].
+    pub async fn read(&self, client: &Client) -> Result<Index, ClientError> {
         self.shared.touch();
         if !self.shared.running.swap(true, Ordering::SeqCst) {
             tokio::spawn(keep(self.endpoints.clone(), self.shared.clone()));
         }
+        let metrics = &crate::metrics::METRICS;
         // The store's revision now: the key never exists.
+        let asked = Instant::now();
         let (_, barrier) = client.range(keys::ROOT, false, false).await?;
+        metrics.api_barrier_seconds.observe(asked.elapsed());
+        let waited = Instant::now();
         let mut copy = self.shared.copy.subscribe();
         let loaded = copy.borrow().is_some();
-        let caught_up = if loaded {
-            tokio::time::timeout(
-                CATCH_UP,
-                copy.wait_for(|c| c.as_ref().is_some_and(|c| c.revision >= barrier)),
-            )
-            .await
-            .ok()
+        // The copy's index, taken out so no borrow of the copy outlives this.
+        let mirrored = if loaded {
+            let reached = copy.wait_for(|c| c.as_ref().is_some_and(|c| c.revision >= barrier));
+            match tokio::time::timeout(CATCH_UP, reached).await {
+                Ok(Ok(snapshot)) => snapshot.as_ref().map(|s| s.index.clone()),
+                _ => None,
+            }
         } else {
             None
         };
-        let metrics = &crate::metrics::METRICS;
-        Ok(match caught_up {
-            Some(Ok(snapshot)) => {
-                metrics.api_mirror_reads.add(1);
-                Registry::Mirror(
-                    snapshot
-                        .clone()
-                        .expect("wait_for returned a loaded snapshot"),
-                    client,
-                )
-            }
-            _ => {
-                tracing::debug!("the API's registry copy is behind revision {barrier}");
-                metrics.api_store_reads.add(1);
-                Registry::Store(client)
-            }
-        })
+        metrics.api_catch_up_seconds.observe(waited.elapsed());
+        if let Some(index) = mirrored {
+            metrics.api_mirror_reads.add(1);
+            return Ok(index);
+        }
+        tracing::debug!("the API's registry copy is behind revision {barrier}");
+        metrics.api_store_reads.add(1);
+        Index::read(client, &index::PREFIXES).await
     }
 
     /// Whether the task keeping the copy runs (for tests).
@@ -265,7 +216,8 @@ async fn follow(endpoints: &[String], shared: &Shared) -> Result<(), (ClientErro
         .range(keys::ROOT, true, false)
         .await
         .map_err(|e| (e, false))?;
-    let mut copy = Snapshot::from_kvs(kvs, revision);
+    let mut copy = Snapshot::from_kvs(&kvs, revision);
+    drop(kvs);
     shared.copy.send_replace(Some(copy.clone()));
     let mut watch = client.watch("", revision + 1);
     let mut followed = false;
@@ -295,34 +247,48 @@ mod tests {
         }
     }
 
-    fn event(kind: EventKind, key: &str, revision: Revision) -> Event {
+    fn event(kind: EventKind, key: &str, value: &str, revision: Revision) -> Event {
         Event {
             kind,
-            kv: kv(key, "v", revision),
+            kv: kv(key, value, revision),
         }
     }
 
     #[test]
-    fn the_copy_keeps_registry_keys_but_bodies_and_counts_every_revision() {
+    fn the_copy_indexes_registry_keys_but_bodies_and_counts_every_revision() {
         let unit = "/flotilla/units/a.service";
         let body = "/flotilla/bodies/00ff";
+        let record = |n: &str| {
+            format!(
+                r#"{{"name":"{n}","hash":"{}","desired":"launched"}}"#,
+                "0".repeat(64)
+            )
+        };
         let mut copy = Snapshot::from_kvs(
-            [kv(unit, "1", 2), kv(body, "b", 2), kv("/other", "x", 3)],
+            &[
+                kv(unit, &record("a.service"), 2),
+                kv(body, "b", 2),
+                kv("/other", "x", 3),
+            ],
             3,
         );
-        assert_eq!(copy.prefix(keys::ROOT).len(), 1);
-        assert!(copy.key(body).is_none());
+        assert_eq!(copy.index().unit_count(), 1);
         // A change outside the registry still moves the revision on: the
         // barrier is the store's revision.
-        copy.apply(&[event(EventKind::Put, "/other", 4)]);
+        copy.apply(&[event(EventKind::Put, "/other", "v", 4)]);
         assert_eq!(copy.revision(), 4);
         copy.apply(&[
-            event(EventKind::Put, "/flotilla/units/b.service", 5),
-            event(EventKind::Delete, unit, 6),
+            event(
+                EventKind::Put,
+                "/flotilla/units/b.service",
+                &record("b.service"),
+                5,
+            ),
+            event(EventKind::Delete, unit, "", 6),
         ]);
-        let units = copy.prefix(keys::UNITS);
-        let names: Vec<&str> = units.iter().map(|kv| kv.key.as_str()).collect();
-        assert_eq!(names, ["/flotilla/units/b.service"]);
+        let names: Vec<String> = copy.index().units().map(|r| r.name.to_string()).collect();
+        assert_eq!(names, ["b.service"]);
         assert_eq!(copy.revision(), 6);
+        assert!(copy.index().check().is_ok());
     }
 }

@@ -11,6 +11,8 @@
 //! * [`bodies`]: unit bodies by hash, read and parsed once ([`BodyCache`]).
 //! * [`unit_state`]: systemd's LOAD/ACTIVE/SUB and the questions asked of them.
 //! * [`error`]: [`RegistryError`], why an operation changed nothing.
+//! * [`index`]: the registry decoded for the lists, by name, kept per
+//!   change by the API's copy or built from one read.
 //! * [`ops`]: the user-facing operations (submit, start, stop, destroy, list).
 //! * [`schedule`]: the scheduler's reads of the world and writes of proposals.
 //! * [`view`]: the scheduler's world, read once and kept current by a watch.
@@ -29,6 +31,7 @@
 pub mod access;
 pub mod bodies;
 pub mod error;
+pub mod index;
 pub mod keys;
 pub mod liveness;
 pub mod lock;

@@ -8,16 +8,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::LeaseId;
 use super::bodies::BodyCache;
 use super::error::RegistryError;
+use super::index::{self, Index};
 use super::keys::{self, MachineKey};
-use super::metadata;
 use super::reader::Reader;
-use super::records::{
-    self, Claim, DesiredState, MachineRecord, Renewal, ReportedState, UnitRecord,
-};
-use crate::consensus::client::Client;
+use super::records::{self, DesiredState, MachineRecord, Renewal, ReportedState, UnitRecord};
+use crate::consensus::client::{Client, ClientError};
 use crate::consensus::kv::{Compare, KeyValue, Op};
+use crate::consensus::node::LeaseRenewal;
 use crate::units::{Unit, UnitKind, UnitName};
 
 /// What [`submit`] and [`submit_as`] did.
@@ -279,34 +279,36 @@ pub struct MachineRow {
 
 /// Every machine with a live presence, by id.
 pub async fn machines(registry: &impl Reader) -> Result<Vec<MachineRow>, RegistryError> {
-    let kvs = registry.read_prefix(keys::MACHINES).await?;
-    let drains = registry.read_prefix(keys::DRAIN).await?;
-    let per_machine = registry.read_prefix(keys::PER_MACHINE).await?;
-    let stamps = registry.read_prefix(keys::RENEWALS).await?;
-    let renewed = super::liveness::last_renewals(registry, &kvs, &stamps).await?;
-    let dynamic = metadata::dynamic(registry).await?;
-    let mut claims: BTreeMap<String, usize> = BTreeMap::new();
-    for kv in &per_machine {
-        if let Some(MachineKey::Claim(id, _)) = keys::parse_machine_key(&kv.key) {
-            *claims.entry(id).or_default() += 1;
+    let index = Index::read(registry, &index::MACHINE_PREFIXES).await?;
+    machine_rows(registry, &index).await
+}
+
+/// Every machine of `index` ([`Index::machine_rows`]), with when each last
+/// renewed as the member `registry` asks saw it.
+pub async fn machine_rows(
+    registry: &impl Reader,
+    index: &Index,
+) -> Result<Vec<MachineRow>, RegistryError> {
+    index.check()?;
+    let seen = renewals_seen(registry).await?;
+    Ok(index
+        .machine_rows(&seen, super::liveness::now_ms())
+        .collect())
+}
+
+/// The member's view of every lease's last keep-alive, by lease (none from
+/// a member of the first release, which cannot say).
+pub async fn renewals_seen(
+    registry: &impl Reader,
+) -> Result<BTreeMap<LeaseId, LeaseRenewal>, RegistryError> {
+    match registry.lease_renewals().await {
+        Ok(seen) => Ok(seen.into_iter().map(|r| (r.id, r)).collect()),
+        Err(ClientError::Refused(why)) => {
+            tracing::debug!("the member cannot say when leases were renewed ({why}); stamps only");
+            Ok(BTreeMap::new())
         }
+        Err(e) => Err(e.into()),
     }
-    let drained: BTreeSet<&str> = drains
-        .iter()
-        .filter_map(|kv| kv.key.strip_prefix(keys::DRAIN))
-        .collect();
-    kvs.iter()
-        .map(|kv| {
-            let mut record: MachineRecord = records::decode(&kv.key, &kv.value)?;
-            record.metadata = metadata::merge(&record.metadata, dynamic.get(&record.id));
-            Ok(MachineRow {
-                drained: drained.contains(record.id.as_str()),
-                units: claims.get(&record.id).copied().unwrap_or(0),
-                renewal: renewed.get(&record.id).copied(),
-                record,
-            })
-        })
-        .collect()
 }
 
 /// The one machine `given` names: its full id, its host name or its
@@ -413,68 +415,11 @@ pub struct UnitRow {
 
 /// Every unit that is loaded or launched, one row per machine it is on (a
 /// global unit has several), and one row without machine while unplaced;
-/// and an unloaded unit on each machine still holding it.
+/// and an unloaded unit on each machine still holding it ([`Index::rows_of`]).
 pub async fn unit_rows(registry: &impl Reader) -> Result<Vec<UnitRow>, RegistryError> {
-    let units = unit_records(registry).await?;
-    let per_machine = registry.read_prefix(keys::PER_MACHINE).await?;
-    let states = registry.read_prefix(keys::STATES).await?;
-    let machines: BTreeMap<String, MachineRecord> = machines(registry)
-        .await?
-        .into_iter()
-        .map(|row| (row.record.id.clone(), row.record))
-        .collect();
-    let mut holders: BTreeMap<UnitName, BTreeMap<String, bool>> = BTreeMap::new();
-    for kv in &per_machine {
-        match keys::parse_machine_key(&kv.key) {
-            Some(MachineKey::Proposal(id, unit)) => {
-                holders.entry(unit).or_default().entry(id).or_insert(false);
-            }
-            Some(MachineKey::Claim(id, unit)) => {
-                records::decode::<Claim>(&kv.key, &kv.value)?;
-                holders.entry(unit).or_default().insert(id, true);
-            }
-            _ => {}
-        }
-    }
-    let mut reported: BTreeMap<(UnitName, String), ReportedState> = BTreeMap::new();
-    for kv in &states {
-        if let Some(at) = keys::parse_state_key(&kv.key) {
-            reported.insert(at, records::decode(&kv.key, &kv.value)?);
-        }
-    }
-    let mut rows = Vec::new();
-    for record in units {
-        if record.name.kind() == UnitKind::Template {
-            continue;
-        }
-        let on = holders.remove(&record.name).unwrap_or_default();
-        // An inactive unit shows only while a machine still holds it: it is
-        // being unloaded there, and its state says how far that got.
-        if record.desired == DesiredState::Inactive && on.is_empty() {
-            continue;
-        }
-        if on.is_empty() {
-            rows.push(UnitRow {
-                name: record.name.clone(),
-                desired: record.desired,
-                machine: None,
-                ip: None,
-                claimed: false,
-                state: None,
-            });
-        }
-        for (id, claimed) in on {
-            rows.push(UnitRow {
-                state: reported.remove(&(record.name.clone(), id.clone())),
-                ip: machines.get(&id).map(|m| m.ip.clone()),
-                name: record.name.clone(),
-                desired: record.desired,
-                machine: Some(id),
-                claimed,
-            });
-        }
-    }
-    Ok(rows)
+    let index = Index::read(registry, &index::PREFIXES).await?;
+    index.check()?;
+    Ok(index.unit_rows().collect())
 }
 
 /// The units among `names` still proposed, claimed or reported anywhere:

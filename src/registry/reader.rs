@@ -1,11 +1,10 @@
 //! Where the registry's read operations read from.
 //!
 //! The user-facing reads ([`super::ops::unit_rows`], [`super::ops::machines`]
-//! and the rest) are the same computation whether the keys come straight from
-//! the store (a CLI's one-off question, a linearizable range per prefix) or
-//! from a [`super::mirror::Snapshot`] (the HTTP API's: every key read at one
-//! revision, after a linearizable barrier, without asking the store's Raft
-//! thread for thousands of keys per request). A [`Reader`] is either.
+//! and the rest) take a [`Reader`]: the store's [`Client`] (a linearizable
+//! range per prefix), or a double in tests. The HTTP API reads the
+//! [`super::index::Index`] its copy of the registry keeps instead
+//! ([`super::mirror`]), the same computation without reading any key.
 
 use std::future::Future;
 
