@@ -68,6 +68,19 @@ impl Cluster {
         }
     }
 
+    /// Kills a follower with SIGKILL and connects a client to the members
+    /// still running, so the follower falls behind what is written next.
+    async fn stop_a_follower(&mut self) -> (usize, Client) {
+        let leader = self.leader(None).await;
+        let lagging = (0..self.members.len()).find(|i| *i != leader).unwrap();
+        self.kill9(lagging);
+        let running: Vec<String> = (0..self.members.len())
+            .filter(|i| *i != lagging)
+            .map(|i| self.members[i].client.clone())
+            .collect();
+        (lagging, Client::connect(&running).await.unwrap())
+    }
+
     /// Adds a member through `flotilla member add` and starts it joining.
     async fn add_member(&mut self) -> usize {
         let endpoints = self.endpoints();
@@ -464,14 +477,7 @@ fn newest_snapshot_file(dir: &Path) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_written_off_the_raft_thread_catch_up_a_follower_and_restart_the_cluster() {
     let mut cluster = Cluster::start(3);
-    let leader = cluster.leader(None).await;
-    let lagging = (0..3).find(|i| *i != leader).unwrap();
-    cluster.kill9(lagging);
-    let running: Vec<String> = (0..3)
-        .filter(|i| *i != lagging)
-        .map(|i| cluster.members[i].client.clone())
-        .collect();
-    let client = Client::connect(&running).await.unwrap();
+    let (lagging, client) = cluster.stop_a_follower().await;
     // Far more writes than --snapshot-entries: several snapshots, each
     // compacting the log past where the stopped member's ends.
     let keys = put_keys(&client, 240).await;
@@ -510,14 +516,7 @@ async fn snapshots_written_off_the_raft_thread_catch_up_a_follower_and_restart_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_behind_the_in_memory_log_catches_up_from_the_leaders_disk() {
     let mut cluster = Cluster::start(3);
-    let leader = cluster.leader(None).await;
-    let lagging = (0..3).find(|i| *i != leader).unwrap();
-    cluster.kill9(lagging);
-    let running: Vec<String> = (0..3)
-        .filter(|i| *i != lagging)
-        .map(|i| cluster.members[i].client.clone())
-        .collect();
-    let client = Client::connect(&running).await.unwrap();
+    let (lagging, client) = cluster.stop_a_follower().await;
     // Fewer writes than --snapshot-entries (50), many more than the 4 kept
     // in memory.
     let keys = put_keys(&client, 30).await;

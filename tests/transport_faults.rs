@@ -783,47 +783,24 @@ impl Cluster {
         // A small in-memory log: lagging members get entries read back
         // from the leader's disk.
         config.log_memory_entries = 1 + id % 8;
-        config.request_ticks = 200;
-        let bootstrap = if member.book.is_some() {
-            BTreeMap::new()
-        } else {
-            self.founders.clone()
-        };
-        let mut core = Core::new(config, member.disk.clone(), &bootstrap, &logger())
-            .expect("a member's memory disk loads");
-        if let Some(book) = &member.book {
-            core.set_address_book(book.clone());
-        }
         let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("a loopback port");
         let addr = tcp.local_addr().expect("the listener's address");
-        let limits = ListenerLimits {
-            max_connections: 64,
-            handshake_timeout: Duration::from_secs(5),
-            frame: FrameLimits {
-                max_bytes: FRAME_LIMIT,
-                deadline: Duration::from_secs(10),
-            },
-        };
-        let listener = Listener::new(tcp, None, limits, "peer");
-        let peers = transport::Peers::new(None);
-        let writers = peers.clone();
-        let runtime = tokio::runtime::Handle::current();
-        let (handle, thread) = runner::spawn(core, Duration::from_millis(TICK_MS), move |handle| {
-            transport::TcpTransport::new(id, runtime, handle, writers, None)
-        });
-        let serve = tokio::spawn(transport::serve_peers(listener, handle.clone(), peers, id));
+        let running = launch(
+            config,
+            &member.disk,
+            member.book.as_ref(),
+            &self.founders,
+            tcp,
+            None,
+        );
         self.net.set_target(id, Some(addr));
         self.handles
             .lock()
             .expect("handles lock")
-            .insert(id, handle.clone());
-        member.running = Some(Running {
-            handle,
-            thread,
-            serve,
-        });
+            .insert(id, running.handle.clone());
+        member.running = Some(running);
     }
 
     /// Stops member `id` the hard way: its power is cut, inside a Ready
