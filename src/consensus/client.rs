@@ -612,6 +612,16 @@ impl Watch {
         self
     }
 
+    /// Starts this watch on member `seed` (modulo the endpoints) instead of
+    /// the first: many clients with the same endpoint list (every agent)
+    /// then spread their watches, and the heartbeats those cost, over the
+    /// members rather than all holding the first one. It moves on from
+    /// there as any watch does.
+    pub fn starting_at(mut self, seed: usize) -> Self {
+        self.endpoint = seed % self.endpoints.len().max(1);
+        self
+    }
+
     /// The first revision not yet delivered.
     pub fn next_revision(&self) -> Revision {
         self.next

@@ -516,19 +516,61 @@ impl MachineStore {
 /// Wakes `wake` on every change under machine `id`'s own prefix (and once
 /// on every (re)subscription, for what it may have missed), for ever. The
 /// watch requires a leader: a member cut off from the majority learns of no
-/// new proposal, so the watch moves to a member that does.
+/// new proposal, so the watch moves to a member that does. It starts on the
+/// member [`watch_start`] picks for `id`, so a cluster's agents spread their
+/// watches over the members instead of all holding the first endpoint.
 pub async fn wake_on_own_changes(endpoints: Vec<String>, id: String, wake: Arc<Notify>) {
     let prefix = keys::machine_prefix(&id);
     loop {
         if let Ok(client) = Client::connect(&endpoints).await
             && let Ok((_, revision)) = client.range(&prefix, true, true).await
         {
-            let mut watch = client.watch(&prefix, revision + 1).require_leader();
+            let mut watch = client
+                .watch(&prefix, revision + 1)
+                .require_leader()
+                .starting_at(watch_start(&id));
             wake.notify_one();
             while watch.next().await.is_ok() {
                 wake.notify_one();
             }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Where machine `id`'s watch starts among the endpoints (taken modulo
+/// their number): an FNV-1a hash of the id, the same after every restart.
+fn watch_start(id: &str) -> usize {
+    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    hash as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agents_spread_their_watches_over_the_members() {
+        // Machine ids as /etc/machine-id holds them: 32 hex digits.
+        let ids = (1..=1000u64).map(|i| {
+            let mix = |x: u64| x.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
+            format!("{:016x}{:016x}", mix(i), mix(i ^ 0xffff))
+        });
+        for members in [3usize, 5] {
+            let mut held = vec![0usize; members];
+            for id in ids.clone() {
+                held[watch_start(&id) % members] += 1;
+            }
+            let fair = 1000 / members;
+            for (member, n) in held.iter().enumerate() {
+                assert!(
+                    n * 4 > fair * 3 && n * 4 < fair * 5,
+                    "member {member} of {members} holds {n} of 1000 watches: {held:?}"
+                );
+            }
+        }
+        assert_eq!(watch_start("abc"), watch_start("abc"), "stable");
     }
 }
