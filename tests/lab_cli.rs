@@ -400,11 +400,13 @@ fn fleets_client_scenarios_replace_restart_and_200_units() {
     cluster.ok(&["submit", &file]);
     let file = version("v2");
     cluster.ok(&["submit", "--replace", &file]);
-    assert!(cluster.ok(&["cat", "r"]).contains("body-v2"));
+    let cat = cluster.ok(&["cat", "r"]);
+    assert!(cat.contains("body-v2"), "cat r after the v2 replace: {cat}");
     cluster.ok(&["load", &file]);
     let file = version("v3");
     cluster.ok(&["load", "--replace", &file]);
-    assert!(cluster.ok(&["cat", "r"]).contains("body-v3"));
+    let cat = cluster.ok(&["cat", "r"]);
+    assert!(cat.contains("body-v3"), "cat r after the v3 replace: {cat}");
     let host = on_host("r.service");
     let systemd = cluster.exec(&host, &["systemctl", "cat", "r.service"]);
     assert!(

@@ -11,6 +11,10 @@
 //!   a unit systemd reports `failed` on three checks in a row has failed,
 //!   and waiting for it ends at once.
 //!
+//! Only reports of the unit's current body count for loaded and launched
+//! (the state's hash against the unit's): after a `--replace`, the old body
+//! still reported until the agent loads the new file does not end the wait.
+//!
 //! Each unit that gets there prints fleetctl's line on stdout. On a terminal
 //! a progress bar on stderr counts them; piped, stderr gets a plain
 //! `N/M units launched` line as the count moves. A unit the scheduler cannot
@@ -227,16 +231,23 @@ pub async fn wait(
                 progress.note(format!("{name} is not placed: {reason}"));
             }
             let reported = || states.iter().filter(|s| s.name == name.as_str());
+            // Right after a `--replace` its machine still reports the old
+            // body until its agent has written and loaded the new file: only
+            // rows of the unit's current body count as having got there.
+            let current_body =
+                |s: &StateJson| unit.hash.is_empty() || s.hash.is_empty() || s.hash == unit.hash;
             let reached = match goal {
                 // Unloaded: no machine reports it any more.
                 DesiredState::Inactive => current == goal && reported().next().is_none(),
                 // Stopped: no machine reports it running (or on its way).
                 DesiredState::Loaded => {
-                    current == goal && reported().all(|s| !s.unit_state().is_occupying())
+                    current == goal
+                        && reported().all(|s| current_body(s) && !s.unit_state().is_occupying())
                 }
                 DesiredState::Launched => {
                     let rows: Vec<&StateJson> = reported()
                         .filter(|s| unit.machine_id.as_ref().is_none_or(|m| &s.machine_id == m))
+                        .filter(|s| current_body(s))
                         .collect();
                     if rows.iter().any(|s| s.unit_state().is_failed()) {
                         watch.failed_checks += 1;
