@@ -1614,13 +1614,17 @@ fn apply_members(
 /// A stable Raft id for a member name, so every member derives the same ids
 /// from the same `initial_cluster` without coordinating.
 pub fn member_id(name: &str) -> u64 {
-    // FNV-1a, 64-bit; 0 is reserved by raft-rs.
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in name.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash.max(1)
+    // 0 is reserved by raft-rs.
+    stable_hash(name).max(1)
+}
+
+/// FNV-1a (64-bit) of `text`: the same on every host and in every release,
+/// for what must be derived from a name alike everywhere (a member's Raft id,
+/// the member an agent's watch starts on).
+pub fn stable_hash(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]

@@ -539,12 +539,9 @@ pub async fn wake_on_own_changes(endpoints: Vec<String>, id: String, wake: Arc<N
 }
 
 /// Where machine `id`'s watch starts among the endpoints (taken modulo
-/// their number): an FNV-1a hash of the id, the same after every restart.
+/// their number): a stable hash of the id, the same after every restart.
 fn watch_start(id: &str) -> usize {
-    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
-    hash as usize
+    crate::consensus::node::stable_hash(id) as usize
 }
 
 #[cfg(test)]
