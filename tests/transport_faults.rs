@@ -664,21 +664,40 @@ trait Members {
     }
 }
 
+/// A member of either harness: running or not.
+trait Member {
+    fn running(&self) -> Option<&Running>;
+}
+
+impl Member for ClusterMember {
+    fn running(&self) -> Option<&Running> {
+        self.running.as_ref()
+    }
+}
+
+impl Member for TlsMember {
+    fn running(&self) -> Option<&Running> {
+        self.running.as_ref()
+    }
+}
+
+/// Each member's id and, while it runs, its node's handle.
+fn handles_of<M: Member>(members: &BTreeMap<u64, M>) -> Vec<(u64, Option<Handle>)> {
+    let handles = members.iter();
+    handles
+        .map(|(id, m)| (*id, m.running().map(|r| r.handle.clone())))
+        .collect()
+}
+
 impl Members for Cluster {
     fn handles(&self) -> Vec<(u64, Option<Handle>)> {
-        let handles = self.members.iter();
-        handles
-            .map(|(id, m)| (*id, m.running.as_ref().map(|r| r.handle.clone())))
-            .collect()
+        handles_of(&self.members)
     }
 }
 
 impl Members for TlsCluster {
     fn handles(&self) -> Vec<(u64, Option<Handle>)> {
-        let handles = self.members.iter();
-        handles
-            .map(|(id, m)| (*id, m.running.as_ref().map(|r| r.handle.clone())))
-            .collect()
+        handles_of(&self.members)
     }
 }
 
