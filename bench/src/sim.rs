@@ -47,6 +47,12 @@ pub struct SimArgs {
     /// Units per start call.
     #[arg(long, default_value_t = 1000)]
     pub batch: usize,
+    /// Start units at this many per second (in chunks of rate/50, about 50
+    /// start calls a second, each unit's latency counted from its paced send
+    /// time), to measure submit → running below capacity [default: as fast
+    /// as the start calls return, in chunks of --batch].
+    #[arg(long)]
+    pub submit_rate: Option<f64>,
     /// The agents' presence TTL, in seconds.
     #[arg(long, default_value_t = 10)]
     pub ttl_secs: u64,
@@ -232,6 +238,11 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
         .flotilla_bin
         .clone()
         .unwrap_or_else(crate::flotilla_target::default_binary);
+    if let Some(rate) = args.submit_rate
+        && !(rate.is_finite() && rate > 0.0)
+    {
+        bail!("--submit-rate must be a positive number of units per second, not {rate}");
+    }
     let limit = Duration::from_secs(args.phase_timeout_secs);
     let ttl = Duration::from_secs(args.ttl_secs);
     let servers = Servers::start(&bin, &dir.join("servers"), true, &[])
@@ -244,7 +255,7 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
         start_failure: args.start_failure,
     };
     let header = json!({"hosts": args.hosts, "units": args.units, "ttl_secs": args.ttl_secs,
-        "batch": args.batch, "start_ms": [args.start_min_ms, args.start_max_ms],
+        "batch": args.batch, "submit_rate": args.submit_rate, "start_ms": [args.start_min_ms, args.start_max_ms],
         "start_failure": args.start_failure});
 
     // 1. join.
@@ -285,7 +296,7 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
         probing.clone(),
     ));
     let bulk_start = Instant::now();
-    let sent = fleet_sim::submit_all(&client, &names, args.batch)
+    let sent = fleet_sim::submit_paced(&client, &names, args.batch, args.submit_rate)
         .await
         .map_err(|e| anyhow!(e))?;
     let submitted = bulk_start.elapsed();

@@ -13,8 +13,11 @@
 //! ([`record_reasons`]), written only when it changes, so `list-units`, the
 //! API and `explain` can show it on any host.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::ops::Range;
 use std::sync::Arc;
+
+use tokio::task::JoinSet;
 
 use super::bodies::BodyCache;
 use super::keys;
@@ -231,39 +234,159 @@ pub async fn record_reasons(
     Ok(written)
 }
 
-/// Writes the changes: a batch per transaction; when a batch fails its
-/// compares, each half of it is written the same way, down to single
-/// changes, so a few stale changes among a thousand cost a few dozen
-/// transactions. (One by one, a batch with one stale change cost a thousand
-/// transactions: minutes on a loaded leader, with the scheduler waiting.)
-/// Returns the revision of the last successful write (0: none), which a
+/// How many of the scheduler's transactions may be in flight at once: one
+/// per store connection of its [`Writers`] (a member answers one
+/// connection's requests in order). Raft then carries the transactions in
+/// flight in the same log appends and fsyncs, instead of one round trip each.
+pub const WINDOW: usize = 4;
+
+/// The fewest changes a transaction carries when a pass's changes are spread
+/// over the [`WINDOW`]: below this a transaction's round trip costs more than
+/// its changes.
+const SMALLEST: usize = 64;
+
+/// The store connections the scheduler writes over, so that up to
+/// [`WINDOW`] of its transactions are in flight at once ([`apply`]).
+pub struct Writers {
+    clients: Vec<Arc<Client>>,
+}
+
+impl Writers {
+    /// Opens [`WINDOW`] connections to the cluster at `endpoints` (each moves
+    /// to the leader, as every [`Client`] does).
+    pub async fn connect(endpoints: &[String]) -> Result<Writers, ClientError> {
+        let mut clients = Vec::with_capacity(WINDOW);
+        for _ in 0..WINDOW {
+            clients.push(Arc::new(Client::connect(endpoints).await?));
+        }
+        Ok(Writers { clients })
+    }
+
+    /// Writes over the given connections (at least one): one transaction in
+    /// flight per connection.
+    pub fn over(clients: Vec<Arc<Client>>) -> Writers {
+        assert!(!clients.is_empty(), "Writers::over needs a connection");
+        Writers { clients }
+    }
+
+    /// The first connection, for the writes that need no window.
+    pub fn first(&self) -> &Client {
+        &self.clients[0]
+    }
+}
+
+/// Writes the changes, in parts of up to [`BATCH`] changes, one transaction
+/// each, with up to [`WINDOW`] transactions in flight over `writers`; a pass
+/// with fewer changes is spread over the window in parts of at least
+/// [`SMALLEST`]. When a part fails its compares, each half of it is written
+/// the same way, down to single changes, so a few stale changes among a
+/// thousand cost a few dozen transactions. (One by one, a batch with one
+/// stale change cost a thousand transactions: minutes on a loaded leader,
+/// with the scheduler waiting.)
+///
+/// Parts in flight together never share a unit, and a part starts only
+/// after every earlier part (in the order planned, halves of a failed part
+/// included) that shares a unit with it has finished: every key a change
+/// compares or writes is its unit's own (its proposal on a machine, its
+/// claim there, its placement pointer), so transactions in flight together
+/// touch disjoint keys and commute, and the store ends exactly as if the
+/// parts had been written one after the other in plan order. Every compare
+/// is the one a lone write would carry: a deposed leader's stale write still
+/// fails.
+///
+/// Returns the highest revision of a successful write (0: none), which a
 /// [`View`] must reach before it shows the pass's own writes.
-pub async fn apply(client: &Client, changes: &[Change]) -> Result<Revision, ClientError> {
+pub async fn apply(writers: &Writers, changes: &[Change]) -> Result<Revision, ClientError> {
+    let part = changes
+        .len()
+        .div_ceil(writers.clients.len())
+        .clamp(SMALLEST, BATCH);
+    apply_in_parts(writers, changes, part).await
+}
+
+/// [`apply`] with parts of up to `part` changes (tests write small worlds in
+/// many parts this way).
+#[doc(hidden)]
+pub async fn apply_in_parts(
+    writers: &Writers,
+    changes: &[Change],
+    part: usize,
+) -> Result<Revision, ClientError> {
+    let part = part.max(1);
+    // Parts still to write, as ranges of `changes`, in the order planned:
+    // a failed part's halves go back to the front.
+    let mut queue: VecDeque<Range<usize>> = (0..changes.len())
+        .step_by(part)
+        .map(|start| start..(start + part).min(changes.len()))
+        .collect();
+    let mut free: Vec<usize> = (0..writers.clients.len()).rev().collect();
+    // How many changes of each unit the parts in flight hold.
+    let mut busy: HashMap<&UnitName, usize> = HashMap::new();
+    let mut flight = JoinSet::new();
     let mut written = 0;
-    for batch in changes.chunks(BATCH) {
-        // Halves still to write, the next on top: in the order planned.
-        let mut parts = vec![batch];
-        while let Some(part) = parts.pop() {
+    loop {
+        while let (Some(next), Some(&slot)) = (queue.front(), free.last()) {
+            if changes[next.clone()]
+                .iter()
+                .any(|c| busy.contains_key(c.unit()))
+            {
+                // Wait for the earlier part that holds one of its units.
+                break;
+            }
+            let next = queue.pop_front().expect("looked at the front");
+            free.pop();
             let (mut compare, mut ops) = (Vec::new(), Vec::new());
-            for change in part {
+            for change in &changes[next.clone()] {
+                *busy.entry(change.unit()).or_default() += 1;
                 let (c, o) = transaction(change);
                 compare.extend(c);
                 ops.extend(o);
             }
-            let (ok, _, revision) = client.txn(compare, ops, Vec::new()).await?;
-            if ok {
-                count_placements(part);
-                written = revision;
-            } else if let [change] = part {
-                tracing::debug!("scheduler: stale change skipped: {change:?}");
-            } else {
-                let (first, second) = part.split_at(part.len() / 2);
-                parts.push(second);
-                parts.push(first);
+            let client = writers.clients[slot].clone();
+            flight.spawn(async move { (slot, next, client.txn(compare, ops, Vec::new()).await) });
+        }
+        let Some(done) = flight.join_next().await else {
+            break;
+        };
+        let (slot, part, outcome) =
+            done.map_err(|e| ClientError::Unknown(format!("a scheduler write task ended: {e}")))?;
+        free.push(slot);
+        for change in &changes[part.clone()] {
+            if let Some(count) = busy.get_mut(change.unit()) {
+                *count -= 1;
+                if *count == 0 {
+                    busy.remove(change.unit());
+                }
             }
+        }
+        // Any error ends the pass; the writes still in flight are dropped
+        // with their outcome unknown, as a lone write's would be.
+        let (ok, _, revision) = outcome?;
+        let batch = &changes[part.clone()];
+        if ok {
+            count_placements(batch);
+            written = written.max(revision);
+        } else if let [change] = batch {
+            tracing::debug!("scheduler: stale change skipped: {change:?}");
+        } else {
+            let middle = part.start + part.len() / 2;
+            queue.push_front(middle..part.end);
+            queue.push_front(part.start..middle);
         }
     }
     Ok(written)
+}
+
+impl Change {
+    /// The unit the change is about: every key it compares or writes is
+    /// this unit's.
+    pub fn unit(&self) -> &UnitName {
+        match self {
+            Change::Propose { unit, .. }
+            | Change::Update { unit, .. }
+            | Change::Withdraw { unit, .. } => unit,
+        }
+    }
 }
 
 /// Counts the proposals among written `changes` ([`crate::metrics`]).
