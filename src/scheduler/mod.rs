@@ -269,11 +269,14 @@ impl Scheduler {
         self.unplaceable.retain(|u, _| unplaceable.contains_key(u));
         let mut written =
             schedule::record_reasons(writers.first(), view.reasons(), &unplaceable).await?;
+        let mut wrote = schedule::Written::default();
         if !plan.changes.is_empty() {
-            written = written.max(schedule::apply(writers, &plan.changes).await?);
+            wrote = schedule::apply(writers, &plan.changes).await?;
+            written = written.max(wrote.revision);
         }
         tracing::debug!(
-            "scheduler: pass over {} of {} units planned in {planned:?}, {} changes, done in {:?}",
+            "scheduler: pass over {} of {} units planned in {planned:?}, {} changes \
+             ({} transactions, {} stale), done in {:?}",
             if touched.all {
                 "all".to_string()
             } else {
@@ -281,6 +284,8 @@ impl Scheduler {
             },
             view.world().wanted.len(),
             plan.changes.len(),
+            wrote.transactions,
+            wrote.stale,
             started.elapsed()
         );
         Ok(written)
