@@ -48,9 +48,10 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 1000)]
     pub batch: usize,
     /// Start units at this many per second (in chunks of rate/50, about 50
-    /// start calls a second, each unit's latency counted from its paced send
-    /// time), to measure submit → running below capacity [default: as fast
-    /// as the start calls return, in chunks of --batch].
+    /// start calls a second over 8 connections, each sent on time whether or
+    /// not earlier calls returned, each unit's latency counted from its paced
+    /// send time), to measure submit → running below capacity [default: as
+    /// fast as the start calls return, one at a time, in chunks of --batch].
     #[arg(long)]
     pub submit_rate: Option<f64>,
     /// The agents' presence TTL, in seconds.
@@ -84,6 +85,10 @@ pub struct SimArgs {
     #[arg(long)]
     pub flotilla_bin: Option<PathBuf>,
 }
+
+/// Store connections that send the paced start calls (`--submit-rate`): a
+/// call still running does not hold back the next one.
+const SUBMITTERS: usize = 8;
 
 /// Latency summary in milliseconds.
 #[derive(Serialize, Debug, Clone, Copy, Default)]
@@ -296,9 +301,17 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
         probing.clone(),
     ));
     let bulk_start = Instant::now();
-    let sent = fleet_sim::submit_paced(&client, &names, args.batch, args.submit_rate)
-        .await
-        .map_err(|e| anyhow!(e))?;
+    let sent = match args.submit_rate {
+        Some(rate) => {
+            let mut submitters = Vec::new();
+            for _ in 0..SUBMITTERS {
+                submitters.push(Arc::new(Client::connect(&servers.endpoints).await?));
+            }
+            fleet_sim::submit_paced(&submitters, &names, args.batch, rate).await
+        }
+        None => fleet_sim::submit_all(&client, &names, args.batch).await,
+    }
+    .map_err(|e| anyhow!(e))?;
     let submitted = bulk_start.elapsed();
     let mut said = Instant::now();
     while fleet.journal.running_units() < args.units {
