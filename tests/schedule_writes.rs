@@ -46,8 +46,9 @@ impl Transport for Nowhere {
     fn set_peers(&self, _: &BTreeMap<u64, MemberInfo>, _: u64) {}
 }
 
-/// Starts one member; its client address.
-async fn member() -> String {
+/// Starts one member that accepts transactions of up to `txn_ops`
+/// compares and operations; its client address.
+async fn member(txn_ops: usize) -> String {
     let members = BTreeMap::from([(
         1,
         MemberInfo {
@@ -56,13 +57,9 @@ async fn member() -> String {
         },
     )]);
     let logger = slog::Logger::root(slog::Discard, slog::o!());
-    let core = Core::new(
-        NodeConfig::new(1, 10, 100),
-        MemDisk::new(),
-        &members,
-        &logger,
-    )
-    .unwrap();
+    let mut config = NodeConfig::new(1, 10, 100);
+    config.limits.txn_ops = txn_ops;
+    let core = Core::new(config, MemDisk::new(), &members, &logger).unwrap();
     let (node, _thread) = runner::spawn(core, Duration::from_millis(10), |_| Nowhere);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -293,7 +290,9 @@ fn writes_in_flight_together_end_as_writes_one_at_a_time() {
         .build()
         .unwrap();
     let (serial, pipelined) = runtime.block_on(async {
-        let (one, other) = (member().await, member().await);
+        // The second member accepts the fewest operations a member may be
+        // configured to accept (max_txn_ops = 4096).
+        let (one, other) = (member(16_384).await, member(4096).await);
         let serial = Writers::over(vec![connect(&one).await]);
         let mut clients = Vec::new();
         for _ in 0..4 {
@@ -421,5 +420,31 @@ fn writes_in_flight_together_end_as_writes_one_at_a_time() {
                 .unwrap();
             assert_eq!(kv.value == launched, (u + m) % 2 == 0, "{u} on {m}");
         }
+    });
+
+    // A pass's worth of moves (nine operations each, with the reads) fits
+    // the smallest transaction limit a member may be configured with: the
+    // parts are cut by operations too, not only by changes.
+    runtime.block_on(async {
+        let client = pipelined.first();
+        client.delete(keys::ROOT, true).await.unwrap();
+        let changes: Vec<Change> = (0..600)
+            .map(|i| Change::Propose {
+                unit: UnitName::parse(&format!("many@{i}.service")).unwrap(),
+                machine: "m0".into(),
+                proposal: proposal(true),
+                from: Some(("m1".into(), 0)),
+                placed_revision: Some(0),
+            })
+            .collect();
+        let wrote = schedule::apply_in_parts(&pipelined, &changes, 1024)
+            .await
+            .unwrap();
+        assert_eq!((wrote.stale, wrote.transactions), (0, 2), "{wrote:?}");
+        let (kvs, _) = client
+            .range(&keys::machine_prefix("m0"), true, false)
+            .await
+            .unwrap();
+        assert_eq!(kvs.len(), 600);
     });
 }
