@@ -47,6 +47,13 @@ pub struct SimArgs {
     /// Units per start call.
     #[arg(long, default_value_t = 1000)]
     pub batch: usize,
+    /// Start units at this many per second (in chunks of rate/50, about 50
+    /// start calls a second over 8 connections, each sent on time whether or
+    /// not earlier calls returned, each unit's latency counted from its paced
+    /// send time), to measure submit → running below capacity [default: as
+    /// fast as the start calls return, one at a time, in chunks of --batch].
+    #[arg(long)]
+    pub submit_rate: Option<f64>,
     /// The agents' presence TTL, in seconds.
     #[arg(long, default_value_t = 10)]
     pub ttl_secs: u64,
@@ -78,6 +85,10 @@ pub struct SimArgs {
     #[arg(long)]
     pub flotilla_bin: Option<PathBuf>,
 }
+
+/// Store connections that send the paced start calls (`--submit-rate`): a
+/// call still running does not hold back the next one.
+const SUBMITTERS: usize = 8;
 
 /// Latency summary in milliseconds.
 #[derive(Serialize, Debug, Clone, Copy, Default)]
@@ -232,6 +243,11 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
         .flotilla_bin
         .clone()
         .unwrap_or_else(crate::flotilla_target::default_binary);
+    if let Some(rate) = args.submit_rate
+        && !(rate.is_finite() && rate > 0.0)
+    {
+        bail!("--submit-rate must be a positive number of units per second, not {rate}");
+    }
     let limit = Duration::from_secs(args.phase_timeout_secs);
     let ttl = Duration::from_secs(args.ttl_secs);
     let servers = Servers::start(&bin, &dir.join("servers"), true, &[])
@@ -244,7 +260,7 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
         start_failure: args.start_failure,
     };
     let header = json!({"hosts": args.hosts, "units": args.units, "ttl_secs": args.ttl_secs,
-        "batch": args.batch, "start_ms": [args.start_min_ms, args.start_max_ms],
+        "batch": args.batch, "submit_rate": args.submit_rate, "start_ms": [args.start_min_ms, args.start_max_ms],
         "start_failure": args.start_failure});
 
     // 1. join.
@@ -285,9 +301,17 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
         probing.clone(),
     ));
     let bulk_start = Instant::now();
-    let sent = fleet_sim::submit_all(&client, &names, args.batch)
-        .await
-        .map_err(|e| anyhow!(e))?;
+    let sent = match args.submit_rate {
+        Some(rate) => {
+            let mut submitters = Vec::new();
+            for _ in 0..SUBMITTERS {
+                submitters.push(Arc::new(Client::connect(&servers.endpoints).await?));
+            }
+            fleet_sim::submit_paced(&submitters, &names, args.batch, rate).await
+        }
+        None => fleet_sim::submit_all(&client, &names, args.batch).await,
+    }
+    .map_err(|e| anyhow!(e))?;
     let submitted = bulk_start.elapsed();
     let mut said = Instant::now();
     while fleet.journal.running_units() < args.units {

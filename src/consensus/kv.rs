@@ -84,6 +84,30 @@ pub struct Compare {
 }
 
 impl Compare {
+    /// Whether the compare holds for `kv`, its key as read (`None`: absent):
+    /// the store's own test at apply time, so that a writer that read the
+    /// keys in the same transaction knows which of its compares failed.
+    pub fn holds_for(&self, kv: Option<&KeyValue>) -> bool {
+        use std::cmp::Ordering;
+        let ordering = match &self.target {
+            Target::Exists(wanted) => kv.is_some().cmp(wanted),
+            Target::Value(wanted) => match kv {
+                // A missing key has no value: only NotEqual holds.
+                None => return self.op == CompareOp::NotEqual,
+                Some(kv) => kv.value.as_slice().cmp(wanted.as_slice()),
+            },
+            Target::ModRevision(r) => kv.map_or(0, |kv| kv.mod_revision).cmp(r),
+            Target::CreateRevision(r) => kv.map_or(0, |kv| kv.create_revision).cmp(r),
+            Target::Version(v) => kv.map_or(0, |kv| kv.version).cmp(v),
+        };
+        match self.op {
+            CompareOp::Equal => ordering == Ordering::Equal,
+            CompareOp::NotEqual => ordering != Ordering::Equal,
+            CompareOp::Less => ordering == Ordering::Less,
+            CompareOp::Greater => ordering == Ordering::Greater,
+        }
+    }
+
     /// Holds while `key`'s mod revision is `revision` (0: the key is absent).
     pub fn revision_is(key: &str, revision: Revision) -> Compare {
         Compare {
@@ -809,25 +833,7 @@ impl KvStore {
     }
 
     fn holds(&self, compare: &Compare) -> bool {
-        use std::cmp::Ordering;
-        let kv = self.get(&compare.key);
-        let ordering = match &compare.target {
-            Target::Exists(wanted) => kv.is_some().cmp(wanted),
-            Target::Value(wanted) => match kv {
-                // A missing key has no value: only NotEqual holds.
-                None => return compare.op == CompareOp::NotEqual,
-                Some(kv) => kv.value.as_slice().cmp(wanted.as_slice()),
-            },
-            Target::ModRevision(r) => kv.map_or(0, |kv| kv.mod_revision).cmp(r),
-            Target::CreateRevision(r) => kv.map_or(0, |kv| kv.create_revision).cmp(r),
-            Target::Version(v) => kv.map_or(0, |kv| kv.version).cmp(v),
-        };
-        match compare.op {
-            CompareOp::Equal => ordering == Ordering::Equal,
-            CompareOp::NotEqual => ordering != Ordering::Equal,
-            CompareOp::Less => ordering == Ordering::Less,
-            CompareOp::Greater => ordering == Ordering::Greater,
-        }
+        compare.holds_for(self.get(&compare.key))
     }
 
     fn put(

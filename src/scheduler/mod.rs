@@ -9,9 +9,20 @@
 //! ([`plan::plan_touched`]: the view notes what its events touch, the
 //! scheduler the proposals that went stale or stopped being stale, and what
 //! its last pass carried), which is the plan a pass over every unit makes;
-//! the backstop pass decides every unit. the next pass waits until the view
-//! shows those writes (or a short bound passes), so it never decides twice
-//! from the same facts. Passes run only when something the scheduler decides
+//! the backstop pass decides every unit.
+//!
+//! A pass's changes are written with up to [`schedule::WINDOW`] guarded
+//! transactions in flight at once, over as many store connections
+//! ([`schedule::Writers`]); transactions in flight together never share a
+//! unit, so the store ends as if they had been written one after the other,
+//! and each keeps the compares a lone write carries ([`schedule::apply`]).
+//! The next pass still starts only once the view shows the pass's writes (the
+//! highest revision they reached; or a short bound passes), so it never
+//! decides twice from the same facts: a pass planned while writes were still
+//! landing would see a world without them and could propose again what is
+//! already on its way, or put a conflicting unit beside an in-flight
+//! proposal, which no compare stops (a proposal's compares name its own
+//! unit's keys only). Passes run only when something the scheduler decides
 //! from changed, when an unclaimed proposal reaches the claim bound (which
 //! moves it; the bound counts from the machine's last claim too, so a busy
 //! host's backlog stays put), and every [`BACKSTOP`] as a safety net: an idle cluster costs
@@ -32,7 +43,7 @@ use tokio::time::Instant;
 use crate::consensus::client::{Client, ClientError};
 use crate::consensus::kv::Event;
 use crate::consensus::runner::Handle;
-use crate::registry::schedule::{self, Touched};
+use crate::registry::schedule::{self, Touched, Writers};
 use crate::registry::view::{self, View, WatchEnded};
 use crate::registry::{BodyCache, Revision};
 use crate::units::UnitName;
@@ -153,8 +164,9 @@ impl Drop for Followed {
 impl Scheduler {
     /// Schedules until this member no longer leads.
     async fn lead(&mut self, node: &Handle, endpoints: &[String]) -> Result<(), ClientError> {
-        let client = Client::connect(endpoints).await?;
-        let mut followed = Followed::start(&client, endpoints, &self.bodies).await?;
+        let writers = Writers::connect(endpoints).await?;
+        let client = writers.first();
+        let mut followed = Followed::start(client, endpoints, &self.bodies).await?;
         self.first_seen.clear();
         self.next_stale = None;
         self.claimed.clear();
@@ -179,7 +191,7 @@ impl Scheduler {
             // and a write that failed did so because the store moved on,
             // which the view will show.
             if caught_up && (followed.view.is_touched() || stale || full) {
-                written = self.pass(&client, &mut followed.view, full).await?;
+                written = self.pass(&writers, &mut followed.view, full).await?;
                 written_at = Instant::now();
                 backstop = written_at + BACKSTOP;
             }
@@ -214,7 +226,7 @@ impl Scheduler {
                     };
                     if let Some(WatchEnded(e)) = ended {
                         tracing::info!("scheduler: registry watch ended ({e}); reading it again");
-                        followed = Followed::start(&client, endpoints, &self.bodies).await?;
+                        followed = Followed::start(client, endpoints, &self.bodies).await?;
                         written = 0;
                     }
                 }
@@ -228,7 +240,7 @@ impl Scheduler {
     /// write (0: none).
     async fn pass(
         &mut self,
-        client: &Client,
+        writers: &Writers,
         view: &mut View,
         full: bool,
     ) -> Result<Revision, ClientError> {
@@ -255,12 +267,16 @@ impl Scheduler {
             }
         }
         self.unplaceable.retain(|u, _| unplaceable.contains_key(u));
-        let mut written = schedule::record_reasons(client, view.reasons(), &unplaceable).await?;
+        let mut written =
+            schedule::record_reasons(writers.first(), view.reasons(), &unplaceable).await?;
+        let mut wrote = schedule::Written::default();
         if !plan.changes.is_empty() {
-            written = written.max(schedule::apply(client, &plan.changes).await?);
+            wrote = schedule::apply(writers, &plan.changes).await?;
+            written = written.max(wrote.revision);
         }
         tracing::debug!(
-            "scheduler: pass over {} of {} units planned in {planned:?}, {} changes, done in {:?}",
+            "scheduler: pass over {} of {} units planned in {planned:?}, {} changes \
+             ({} transactions, {} stale), done in {:?}",
             if touched.all {
                 "all".to_string()
             } else {
@@ -268,6 +284,8 @@ impl Scheduler {
             },
             view.world().wanted.len(),
             plan.changes.len(),
+            wrote.transactions,
+            wrote.stale,
             started.elapsed()
         );
         Ok(written)

@@ -785,6 +785,22 @@ pub async fn submit_all(
     names: &[UnitName],
     batch: usize,
 ) -> Result<HashMap<UnitName, Instant>, String> {
+    submit_templates(client).await?;
+    let mut sent = HashMap::new();
+    for chunk in names.chunks(batch.max(1)) {
+        let at = Instant::now();
+        ops::set_desired(client, chunk, DesiredState::Launched)
+            .await
+            .map_err(|e| format!("starting {} units: {e}", chunk.len()))?;
+        for name in chunk {
+            sent.insert(name.clone(), at);
+        }
+    }
+    Ok(sent)
+}
+
+/// Submits the templates every simulated unit is an instance of.
+async fn submit_templates(client: &Client) -> Result<(), String> {
     for (name, text) in [
         ("sim@.service", SIM_TEMPLATE),
         ("excl@.service", EXCL_TEMPLATE),
@@ -795,14 +811,43 @@ pub async fn submit_all(
             .await
             .map_err(|e| format!("submitting {name}: {e}"))?;
     }
+    Ok(())
+}
+
+/// [`submit_all`], paced at `rate` units per second: the units go out in
+/// chunks of `rate / 50` (at least one, at most `batch`), so about 50 start
+/// calls a second, each sent at its paced time whether or not the earlier
+/// calls returned (spread over `clients`, one call at a time on each), and
+/// each unit's start counted from that paced time: a cluster that falls
+/// behind the pace shows its queueing in the latencies instead of slowing
+/// the pace down.
+pub async fn submit_paced(
+    clients: &[Arc<Client>],
+    names: &[UnitName],
+    batch: usize,
+    rate: f64,
+) -> Result<HashMap<UnitName, Instant>, String> {
+    submit_templates(&clients[0]).await?;
+    let chunk_len = ((rate / 50.0).floor() as usize).clamp(1, batch.max(1));
+    let began = Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    for (i, chunk) in names.chunks(chunk_len).enumerate() {
+        let due = began + Duration::from_secs_f64((i * chunk_len) as f64 / rate);
+        tokio::time::sleep_until(due.into()).await;
+        let client = clients[i % clients.len()].clone();
+        let chunk = chunk.to_vec();
+        calls.spawn(async move {
+            ops::set_desired(&client, &chunk, DesiredState::Launched)
+                .await
+                .map_err(|e| format!("starting {} units: {e}", chunk.len()))?;
+            Ok::<_, String>((chunk, due))
+        });
+    }
     let mut sent = HashMap::new();
-    for chunk in names.chunks(batch.max(1)) {
-        let at = Instant::now();
-        ops::set_desired(client, chunk, DesiredState::Launched)
-            .await
-            .map_err(|e| format!("starting {} units: {e}", chunk.len()))?;
+    while let Some(call) = calls.join_next().await {
+        let (chunk, due) = call.map_err(|e| e.to_string())??;
         for name in chunk {
-            sent.insert(name.clone(), at);
+            sent.insert(name, due);
         }
     }
     Ok(sent)
