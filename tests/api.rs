@@ -723,6 +723,57 @@ async fn reads_from_the_registry_copy_see_every_write_acknowledged_before_them()
     );
 }
 
+/// Setting desired states makes instances from their submitted template and
+/// writes nothing when one name cannot be made, whether the call names a few
+/// units (read key by key) or many (one read of every unit record).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desired_states_are_set_for_a_few_or_many_units_with_instances_from_their_template() {
+    use flotilla::registry::ops;
+    use flotilla::registry::records::DesiredState;
+    use flotilla::units::{Unit, UnitName};
+    let daemon = Daemon::start().await;
+    let client = Client::connect(std::slice::from_ref(&daemon.store))
+        .await
+        .unwrap();
+    let name = |n: &str| UnitName::parse(n).unwrap();
+    let template = name("app@.service");
+    let unit = Unit::from_text(&template, "[Service]\nExecStart=/bin/true\n").unwrap();
+    ops::submit(&client, &unit, false).await.unwrap();
+    for count in [3usize, 100] {
+        let names: Vec<UnitName> = (0..count)
+            .map(|i| name(&format!("app@{count}x{i}.service")))
+            .collect();
+        // One name without a submitted template: the call fails whole.
+        let mut with_orphan = names.clone();
+        with_orphan.push(name("orphan@1.service"));
+        let refused = ops::set_desired(&client, &with_orphan, DesiredState::Launched).await;
+        assert!(refused.is_err(), "{count} names and an orphan: {refused:?}");
+        for n in &names {
+            assert!(
+                ops::unit_record(&client, n).await.is_err(),
+                "{n} was written"
+            );
+        }
+        let changed = ops::set_desired(&client, &names, DesiredState::Launched)
+            .await
+            .unwrap();
+        assert_eq!(changed, count);
+        for n in &names {
+            let record = ops::unit_record(&client, n).await.unwrap();
+            assert_eq!(record.desired, DesiredState::Launched, "{n}");
+        }
+        // Asked again: nothing to change.
+        let again = ops::set_desired(&client, &names, DesiredState::Launched)
+            .await
+            .unwrap();
+        assert_eq!(again, 0);
+        let stopped = ops::set_desired(&client, &names[..1], DesiredState::Loaded)
+            .await
+            .unwrap();
+        assert_eq!(stopped, 1);
+    }
+}
+
 /// A daemon whose status page has something on every table: machine
 /// `fake-7` (metadata with markup in it) running `page.service`, active,
 /// and holding the reboot lock. Returns the machine too: dropping it would
