@@ -383,6 +383,49 @@ fn writes_in_flight_together_end_as_writes_one_at_a_time() {
         assert_eq!(contents(pipelined.first()).await, before);
     });
 
+    // A proposal that counts on an earlier withdrawal of its unit is not
+    // written when the withdrawal was stale: the unit would be proposed on
+    // two machines (the pointer it compares is the one the withdrawal
+    // would have removed). In one part or in two.
+    for part in [1, 2] {
+        runtime.block_on(async {
+            let held = vec![Held::Proposal(0, 0, true), Held::Placed(0, 0)];
+            let planned = vec![
+                Planned::Withdraw {
+                    unit: 0,
+                    machine: 0,
+                    pick: Pick::Stale,
+                    placed: Some(Pick::Read),
+                },
+                Planned::Propose {
+                    unit: 0,
+                    machine: 1,
+                    launched: true,
+                    from: None,
+                    placed: Some(Pick::Read),
+                },
+            ];
+            let changes = prepare(pipelined.first(), &held, &planned).await;
+            let wrote = schedule::apply_in_parts(&pipelined, &changes, part)
+                .await
+                .unwrap();
+            assert_eq!(
+                (wrote.revision, wrote.stale),
+                (0, 2),
+                "parts of {part}: {wrote:?}"
+            );
+            let elsewhere = pipelined
+                .first()
+                .get(&keys::proposal(MACHINES[1], &unit(0)))
+                .await
+                .unwrap();
+            assert!(
+                elsewhere.is_none(),
+                "proposed on a second machine: {elsewhere:?}"
+            );
+        });
+    }
+
     // A failed part learns from its own reads which changes are stale: with
     // nobody else writing, one failed transaction and one that writes the
     // rest, however many of the part are stale.

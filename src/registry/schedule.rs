@@ -13,7 +13,7 @@
 //! ([`record_reasons`]), written only when it changes, so `list-units`, the
 //! API and `explain` can show it on any host.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use tokio::task::JoinSet;
@@ -308,6 +308,13 @@ pub struct Written {
 /// Each failure drops at least one change; should a failure show none stale
 /// (an answer without the reads), the part is split in halves instead.
 ///
+/// Once a change is skipped as stale, no later proposal of its unit is
+/// written: a proposal may count on an earlier change of its unit (the plan
+/// withdraws a unit's proposal and proposes it elsewhere; with the
+/// withdrawal not written, the proposal would leave the unit proposed on
+/// two machines). Updates and withdrawals after it are still written: they
+/// never add a machine.
+///
 /// Parts in flight together never share a unit, and a part starts only
 /// after every earlier part (in the order planned, retried remainders
 /// included) that shares a unit with it has finished: every key a change
@@ -355,6 +362,9 @@ pub async fn apply_in_parts(
     let mut free: Vec<usize> = (0..writers.clients.len()).rev().collect();
     // How many changes of each unit the parts in flight hold.
     let mut busy: HashMap<&UnitName, usize> = HashMap::new();
+    // Units one of whose changes was skipped: none of their later proposals
+    // is written (see `apply`).
+    let mut cut: HashSet<&UnitName> = HashSet::new();
     let mut flight = JoinSet::new();
     let mut written = Written::default();
     loop {
@@ -363,7 +373,21 @@ pub async fn apply_in_parts(
                 // Wait for the earlier part that holds one of its units.
                 break;
             }
-            let next = queue.pop_front().expect("looked at the front");
+            let mut next = queue.pop_front().expect("looked at the front");
+            next.retain(|&i| {
+                let kept = !cut.contains(changes[i].unit()) || !changes[i].is_proposal();
+                if !kept {
+                    tracing::debug!(
+                        "scheduler: change after a stale one skipped: {:?}",
+                        changes[i]
+                    );
+                    written.stale += 1;
+                }
+                kept
+            });
+            if next.is_empty() {
+                continue;
+            }
             free.pop();
             let (mut compare, mut ops) = (Vec::new(), Vec::new());
             for &i in &next {
@@ -407,16 +431,26 @@ pub async fn apply_in_parts(
         }
         let fresh = still_fresh(changes, &part, &results);
         if fresh.len() < part.len() {
-            for &i in part.iter().filter(|i| fresh.binary_search(i).is_err()) {
-                tracing::debug!("scheduler: stale change skipped: {:?}", changes[i]);
-                written.stale += 1;
+            // In plan order: a proposal after a stale change of its unit goes too.
+            let mut kept = Vec::with_capacity(fresh.len());
+            for &i in &part {
+                let unit = changes[i].unit();
+                let after_cut = changes[i].is_proposal() && cut.contains(unit);
+                if fresh.binary_search(&i).is_ok() && !after_cut {
+                    kept.push(i);
+                } else {
+                    tracing::debug!("scheduler: stale change skipped: {:?}", changes[i]);
+                    written.stale += 1;
+                    cut.insert(unit);
+                }
             }
-            if !fresh.is_empty() {
-                queue.push_front(fresh);
+            if !kept.is_empty() {
+                queue.push_front(kept);
             }
         } else if let [i] = part[..] {
             tracing::debug!("scheduler: stale change skipped: {:?}", changes[i]);
             written.stale += 1;
+            cut.insert(changes[i].unit());
         } else {
             let (first, second) = part.split_at(part.len() / 2);
             queue.push_front(second.to_vec());
@@ -453,6 +487,11 @@ fn still_fresh(changes: &[Change], part: &[usize], reads: &[OpResult]) -> Vec<us
 }
 
 impl Change {
+    /// Whether the change proposes its unit to a machine.
+    fn is_proposal(&self) -> bool {
+        matches!(self, Change::Propose { .. })
+    }
+
     /// The unit the change is about: every key it compares or writes is
     /// this unit's.
     pub fn unit(&self) -> &UnitName {
