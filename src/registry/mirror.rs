@@ -25,12 +25,20 @@
 //!
 //! The copy starts with the first read and stops once nobody read it for
 //! [`IDLE`]: a host whose API nobody asks watches nothing.
+//!
+//! It is the member's one decoded registry. The scheduler on the Raft leader
+//! follows it ([`Mirror::follow`]) instead of watching and decoding the store
+//! a second time: every update of the copy (its load, and each batch of
+//! events with the index after it, [`Update`]) is handed to each follower,
+//! whose [`super::view::View`] adopts the index (persistent maps: shared,
+//! not copied) and keeps only what the scheduler alone needs. The copy does
+//! not stop while anyone follows it.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::index::{self, Index};
 use super::keys;
@@ -98,7 +106,22 @@ impl Snapshot {
     }
 }
 
-/// The copy and the task keeping it (see the module doc).
+/// One update of the copy, as its followers get it: the events of one batch
+/// (none for a load) and the copy after them.
+#[derive(Debug, Clone)]
+pub struct Update {
+    /// The copy's revision before the events: the revision of its load for a
+    /// load, so a follower at an older revision knows it missed events.
+    pub since: Revision,
+    /// The batch's events, in order, every key (not only the registry's).
+    pub events: Arc<[Event]>,
+    /// The copy after them.
+    pub copy: Snapshot,
+}
+
+/// The copy and the task keeping it (see the module doc). Clones share the
+/// one copy.
+#[derive(Clone)]
 pub struct Mirror {
     endpoints: Vec<String>,
     shared: Arc<Shared>,
@@ -107,6 +130,9 @@ pub struct Mirror {
 struct Shared {
     /// The copy; `None` while it is not loaded (or stopped).
     copy: watch::Sender<Option<Snapshot>>,
+    /// Who follows every update ([`Mirror::follow`]); a closed one is dropped
+    /// at the next update.
+    followers: Mutex<Vec<mpsc::UnboundedSender<Update>>>,
     /// Whether the task keeping it runs.
     running: AtomicBool,
     /// When it was last read, in ms since `epoch`.
@@ -121,6 +147,7 @@ impl Mirror {
             endpoints,
             shared: Arc::new(Shared {
                 copy: watch::Sender::new(None),
+                followers: Mutex::new(Vec::new()),
                 running: AtomicBool::new(false),
                 last_read_ms: AtomicU64::new(0),
                 epoch: Instant::now(),
@@ -134,9 +161,7 @@ impl Mirror {
     /// get there within [`CATCH_UP`].
     pub async fn read(&self, client: &Client) -> Result<Index, ClientError> {
         self.shared.touch();
-        if !self.shared.running.swap(true, Ordering::SeqCst) {
-            tokio::spawn(keep(self.endpoints.clone(), self.shared.clone()));
-        }
+        self.run();
         let metrics = &crate::metrics::METRICS;
         // The store's revision now: the key never exists.
         let asked = Instant::now();
@@ -169,6 +194,39 @@ impl Mirror {
     pub fn is_running(&self) -> bool {
         self.shared.running.load(Ordering::SeqCst)
     }
+
+    /// Every update of the copy from now on, until the receiver is dropped;
+    /// the copy keeps running meanwhile. A follower that needs the registry
+    /// as of now loads it after this call, and takes the updates past its
+    /// revision ([`super::view::View::apply_copy`]).
+    pub fn follow(&self) -> mpsc::UnboundedReceiver<Update> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.shared
+            .followers
+            .lock()
+            .expect("no follower list holder panics")
+            .push(tx);
+        self.run();
+        rx
+    }
+
+    /// The copy as it is, if loaded.
+    pub fn current(&self) -> Option<Snapshot> {
+        self.shared.copy.borrow().clone()
+    }
+
+    /// Waits until the copy is loaded, at most `within`.
+    pub async fn loaded(&self, within: Duration) {
+        let mut copy = self.shared.copy.subscribe();
+        let _ = tokio::time::timeout(within, copy.wait_for(Option::is_some)).await;
+    }
+
+    /// Starts the task keeping the copy unless it runs.
+    fn run(&self) {
+        if !self.shared.running.swap(true, Ordering::SeqCst) {
+            tokio::spawn(keep(self.endpoints.clone(), self.shared.clone()));
+        }
+    }
 }
 
 impl Shared {
@@ -180,9 +238,38 @@ impl Shared {
         self.last_read_ms.store(self.now_ms(), Ordering::SeqCst);
     }
 
+    /// Whether nobody read the copy for `idle` and nobody follows it.
     fn idle(&self, idle: Duration) -> bool {
         let last = self.last_read_ms.load(Ordering::SeqCst);
-        Duration::from_millis(self.now_ms().saturating_sub(last)) > idle
+        Duration::from_millis(self.now_ms().saturating_sub(last)) > idle && !self.followed()
+    }
+
+    /// Whether anyone follows the copy.
+    fn followed(&self) -> bool {
+        let mut followers = self
+            .followers
+            .lock()
+            .expect("no follower list holder panics");
+        followers.retain(|tx| !tx.is_closed());
+        !followers.is_empty()
+    }
+
+    /// Publishes `copy` to readers and hands followers the update.
+    fn publish(&self, since: Revision, events: Vec<Event>, copy: &Snapshot) {
+        self.copy.send_replace(Some(copy.clone()));
+        let mut followers = self
+            .followers
+            .lock()
+            .expect("no follower list holder panics");
+        if followers.is_empty() {
+            return;
+        }
+        let update = Update {
+            since,
+            events: events.into(),
+            copy: copy.clone(),
+        };
+        followers.retain(|tx| tx.send(update.clone()).is_ok());
     }
 }
 
@@ -191,26 +278,39 @@ impl Shared {
 async fn keep(endpoints: Vec<String>, shared: Arc<Shared>) {
     let mut pause = RETRY;
     loop {
-        if let Err((e, followed)) = follow(&endpoints, &shared).await {
-            tracing::debug!("the API's registry copy: {e}; loading it again");
-            shared.copy.send_replace(None);
-            if followed {
-                pause = RETRY;
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(MAX_RETRY);
-        }
-        if shared.idle(IDLE) {
-            break;
+        keep_while_used(&endpoints, &shared, &mut pause).await;
+        shared.copy.send_replace(None);
+        shared.running.store(false, Ordering::SeqCst);
+        // A follower that came after the last check, while no task ran,
+        // must still be fed.
+        if !shared.followed() || shared.running.swap(true, Ordering::SeqCst) {
+            return;
         }
     }
-    shared.copy.send_replace(None);
-    shared.running.store(false, Ordering::SeqCst);
+}
+
+/// Loads and follows until nobody read the copy for [`IDLE`] and nobody
+/// follows it.
+async fn keep_while_used(endpoints: &[String], shared: &Shared, pause: &mut Duration) {
+    loop {
+        if let Err((e, followed)) = load_and_watch(endpoints, shared).await {
+            tracing::debug!("the registry copy: {e}; loading it again");
+            shared.copy.send_replace(None);
+            if followed {
+                *pause = RETRY;
+            }
+            tokio::time::sleep(*pause).await;
+            *pause = (*pause * 2).min(MAX_RETRY);
+        }
+        if shared.idle(IDLE) {
+            return;
+        }
+    }
 }
 
 /// One load and the watch after it; returns Ok when the copy went idle,
 /// else why it stopped and whether any change had arrived by then.
-async fn follow(endpoints: &[String], shared: &Shared) -> Result<(), (ClientError, bool)> {
+async fn load_and_watch(endpoints: &[String], shared: &Shared) -> Result<(), (ClientError, bool)> {
     let client = Client::connect(endpoints).await.map_err(|e| (e, false))?;
     let (kvs, revision) = client
         .range(keys::ROOT, true, false)
@@ -218,14 +318,15 @@ async fn follow(endpoints: &[String], shared: &Shared) -> Result<(), (ClientErro
         .map_err(|e| (e, false))?;
     let mut copy = Snapshot::from_kvs(&kvs, revision);
     drop(kvs);
-    shared.copy.send_replace(Some(copy.clone()));
+    shared.publish(revision, Vec::new(), &copy);
     let mut watch = client.watch("", revision + 1);
     let mut followed = false;
     loop {
         let events = watch.next().await.map_err(|e| (e, followed))?;
         followed = true;
+        let since = copy.revision();
         copy.apply(&events);
-        shared.copy.send_replace(Some(copy.clone()));
+        shared.publish(since, events, &copy);
         if shared.idle(IDLE) {
             return Ok(());
         }

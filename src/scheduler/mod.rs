@@ -26,14 +26,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use imbl::OrdMap;
+
 use crate::consensus::client::{Client, ClientError};
-use crate::consensus::kv::Event;
 use crate::consensus::runner::Handle;
+use crate::registry::mirror::{Mirror, Update};
 use crate::registry::schedule::{self, Touched};
-use crate::registry::view::{self, View, WatchEnded};
+use crate::registry::view::View;
 use crate::registry::{BodyCache, Revision};
 use crate::units::UnitName;
 
@@ -46,12 +47,18 @@ const DEBOUNCE: Duration = Duration::from_millis(5);
 const CATCH_UP: Duration = Duration::from_secs(1);
 /// How often a scheduler with nothing to do checks that it still leads.
 const LEADERSHIP: Duration = Duration::from_millis(200);
+/// How long a new leader's scheduler waits for the member's copy of the
+/// registry to load before it loads its view (which it then loads anyway).
+const COPY_LOAD: Duration = Duration::from_secs(5);
 
 /// Runs the scheduler whenever this member leads, until the member stops,
-/// reading unit bodies through `bodies` (the daemon's one cache).
+/// reading unit bodies through `bodies` (the daemon's one cache) and
+/// following the registry through `mirror` (the member's one copy, which the
+/// API reads too).
 pub async fn run(
     node: Handle,
     endpoints: Vec<String>,
+    mirror: Mirror,
     claim_timeout: Duration,
     bodies: Arc<BodyCache>,
 ) {
@@ -71,7 +78,7 @@ pub async fn run(
             Err(_) => return,
             Ok(status) if status.leader == status.id && status.id != 0 => {
                 tracing::info!("this member leads: scheduling");
-                if let Err(e) = scheduler.lead(&node, &endpoints).await {
+                if let Err(e) = scheduler.lead(&node, &endpoints, &mirror).await {
                     tracing::warn!("scheduler: {e}; retrying");
                 }
             }
@@ -105,56 +112,78 @@ struct Scheduler {
     index: plan::Index,
 }
 
-/// Batches of registry events, or why the watch ended.
-type Events = mpsc::UnboundedReceiver<Result<Vec<Event>, WatchEnded>>;
-
-/// The view and the watch task that keeps it current.
+/// The view and the updates of the member's copy that keep it current.
 struct Followed {
     view: View,
-    events: Events,
-    task: JoinHandle<()>,
+    updates: mpsc::UnboundedReceiver<Update>,
+}
+
+/// Why a view must be loaded again.
+#[derive(Debug, thiserror::Error)]
+enum Reload {
+    #[error(transparent)]
+    Behind(#[from] crate::registry::view::Behind),
+    #[error("the registry copy stopped")]
+    Stopped,
 }
 
 impl Followed {
-    /// Loads the view and starts following the registry from its revision.
+    /// Follows the member's copy, then loads the view (so no update past
+    /// the view's revision is missed) and adopts the copy's index when the
+    /// copy is at the view's revision (else its next update does).
     async fn start(
         client: &Client,
-        endpoints: &[String],
+        mirror: &Mirror,
         bodies: &Arc<BodyCache>,
     ) -> Result<Followed, ClientError> {
-        let view = View::load(client, bodies.clone()).await?;
-        let (tx, events) = mpsc::unbounded_channel();
-        let task = tokio::spawn(view::follow(endpoints.to_vec(), view.revision() + 1, tx));
-        Ok(Followed { view, events, task })
+        let updates = mirror.follow();
+        // Loading the view after the copy saves loading it twice (a copy
+        // loaded past the view's revision would make the view load again).
+        mirror.loaded(COPY_LOAD).await;
+        let mut view = View::load(client, bodies.clone()).await?;
+        if let Some(copy) = mirror.current()
+            && copy.revision() == view.revision()
+        {
+            let update = Update {
+                since: copy.revision(),
+                events: Arc::new([]),
+                copy,
+            };
+            // At the view's revision: it cannot be behind.
+            let _ = view.apply_copy(&update);
+        }
+        Ok(Followed { view, updates })
     }
 
-    /// Applies every batch already received; `Err` when the watch ended.
-    fn drain(&mut self) -> Result<(), WatchEnded> {
+    /// Takes one update; `Err` when the view must be loaded again.
+    fn take(&mut self, update: Option<Update>) -> Result<(), Reload> {
+        let update = update.ok_or(Reload::Stopped)?;
+        Ok(self.view.apply_copy(&update)?)
+    }
+
+    /// Takes every update already received; `Err` when the view must be
+    /// loaded again.
+    fn drain(&mut self) -> Result<(), Reload> {
         loop {
-            match self.events.try_recv() {
-                Ok(batch) => self.view.apply(&batch?),
+            match self.updates.try_recv() {
+                Ok(update) => self.take(Some(update))?,
                 Err(mpsc::error::TryRecvError::Empty) => return Ok(()),
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    return Err(WatchEnded(ClientError::Protocol(
-                        "the registry watch task ended".into(),
-                    )));
-                }
+                Err(mpsc::error::TryRecvError::Disconnected) => return Err(Reload::Stopped),
             }
         }
     }
 }
 
-impl Drop for Followed {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 impl Scheduler {
     /// Schedules until this member no longer leads.
-    async fn lead(&mut self, node: &Handle, endpoints: &[String]) -> Result<(), ClientError> {
+    async fn lead(
+        &mut self,
+        node: &Handle,
+        endpoints: &[String],
+        mirror: &Mirror,
+    ) -> Result<(), ClientError> {
         let client = Client::connect(endpoints).await?;
-        let mut followed = Followed::start(&client, endpoints, &self.bodies).await?;
+        let mut followed = Followed::start(&client, mirror, &self.bodies).await?;
         self.first_seen.clear();
         self.next_stale = None;
         self.claimed.clear();
@@ -199,22 +228,18 @@ impl Scheduler {
                 }
             }
             tokio::select! {
-                batch = followed.events.recv() => {
-                    let ended = match batch {
-                        Some(Ok(batch)) => {
-                            followed.view.apply(&batch);
+                update = followed.updates.recv() => {
+                    let taken = match followed.take(update) {
+                        Ok(()) => {
                             // Let a burst of writes land before the next pass.
                             tokio::time::sleep(DEBOUNCE).await;
-                            followed.drain().err()
+                            followed.drain()
                         }
-                        Some(Err(ended)) => Some(ended),
-                        None => Some(WatchEnded(ClientError::Protocol(
-                            "the registry watch task ended".into(),
-                        ))),
+                        Err(e) => Err(e),
                     };
-                    if let Some(WatchEnded(e)) = ended {
-                        tracing::info!("scheduler: registry watch ended ({e}); reading it again");
-                        followed = Followed::start(&client, endpoints, &self.bodies).await?;
+                    if let Err(e) = taken {
+                        tracing::info!("scheduler: {e}; reading the registry again");
+                        followed = Followed::start(&client, mirror, &self.bodies).await?;
                         written = 0;
                     }
                 }
@@ -285,7 +310,7 @@ impl Scheduler {
     fn age_proposals<'v>(
         &mut self,
         unclaimed: impl Iterator<Item = (&'v UnitName, &'v String, Revision)>,
-        claimed: &HashMap<String, usize>,
+        claimed: &OrdMap<String, usize>,
         now: Instant,
     ) -> BTreeSet<(UnitName, String)> {
         for (machine, count) in claimed {
@@ -355,7 +380,7 @@ mod tests {
                 .iter()
                 .filter(|pair| !self.claimed.contains(*pair))
                 .map(|(u, m)| (u, m, 1));
-            let mut counts: HashMap<String, usize> = HashMap::new();
+            let mut counts: OrdMap<String, usize> = OrdMap::new();
             for (_, machine) in &self.claimed {
                 *counts.entry(machine.clone()).or_default() += 1;
             }
