@@ -213,7 +213,7 @@ impl Shared {
         self.copy.apply(events);
         let update = Update {
             since,
-            events: events.to_vec().into(),
+            events: vec![events.to_vec().into()],
             copy: self.copy.clone(),
         };
         self.view.apply_copy(&update).expect("no revision skipped");
@@ -263,12 +263,7 @@ async fn check(client: &Client, changes: &[Change]) {
         view: View::from_kvs(&kvs, revision, Default::default()),
         copy: copy.clone(),
     };
-    let loaded = Update {
-        since: revision,
-        events: Vec::new().into(),
-        copy,
-    };
-    shared.view.apply_copy(&loaded).unwrap();
+    shared.view.apply_copy(&Update::loaded(copy)).unwrap();
     let mut watch = client.watch(keys::ROOT, view.revision() + 1);
     let mut pending = VecDeque::new();
     let mid = changes.len() / 2;

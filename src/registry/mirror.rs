@@ -32,13 +32,17 @@
 //! events with the index after it, [`Update`]) is handed to each follower,
 //! whose [`super::view::View`] adopts the index (persistent maps: shared,
 //! not copied) and keeps only what the scheduler alone needs. The copy does
-//! not stop while anyone follows it.
+//! not stop while anyone follows it. Updates a follower has not taken yet are
+//! merged into one ([`Following`]): the events queue, but only the newest
+//! index is held, since each index a queue held would keep alive the map
+//! nodes its batch replaced (a scheduler busy writing a bulk start's
+//! proposals fell thousands of batches behind).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, watch};
 
 use super::index::{self, Index};
 use super::keys;
@@ -106,17 +110,105 @@ impl Snapshot {
     }
 }
 
-/// One update of the copy, as its followers get it: the events of one batch
-/// (none for a load) and the copy after them.
+/// One update of the copy, as its followers get it: the events of the
+/// batches since the follower last took one (none for a load) and the copy
+/// after them.
 #[derive(Debug, Clone)]
 pub struct Update {
     /// The copy's revision before the events: the revision of its load for a
     /// load, so a follower at an older revision knows it missed events.
     pub since: Revision,
-    /// The batch's events, in order, every key (not only the registry's).
-    pub events: Arc<[Event]>,
+    /// The batches' events, in order, every key (not only the registry's).
+    pub events: Vec<Arc<[Event]>>,
     /// The copy after them.
     pub copy: Snapshot,
+}
+
+impl Update {
+    /// An update of no events: the copy as loaded at its revision.
+    pub fn loaded(copy: Snapshot) -> Update {
+        Update {
+            since: copy.revision(),
+            events: Vec::new(),
+            copy,
+        }
+    }
+
+    /// Every event, in order.
+    pub fn events(&self) -> impl Iterator<Item = &Event> {
+        self.events.iter().flat_map(|batch| batch.iter())
+    }
+}
+
+/// One follower's mailbox: the updates it has not taken, merged.
+#[derive(Default)]
+struct Mailbox {
+    pending: Mutex<Option<Update>>,
+    ready: Notify,
+    /// Set when the follower is dropped.
+    gone: AtomicBool,
+}
+
+impl Mailbox {
+    /// Posts a batch of events (`None`: a load) that took the copy from
+    /// revision `since` to `copy`.
+    fn post(&self, since: Revision, batch: Option<&Arc<[Event]>>, copy: &Snapshot) {
+        let mut pending = self.pending.lock().expect("no mailbox holder panics");
+        match (pending.as_mut(), batch) {
+            (Some(update), Some(batch)) => {
+                update.events.push(batch.clone());
+                update.copy = copy.clone();
+            }
+            // A load replaces what was not taken: the follower sees `since`
+            // jump past its revision and loads again.
+            (_, None) => *pending = Some(Update::loaded(copy.clone())),
+            (None, Some(batch)) => {
+                *pending = Some(Update {
+                    since,
+                    events: vec![batch.clone()],
+                    copy: copy.clone(),
+                });
+            }
+        }
+        drop(pending);
+        self.ready.notify_one();
+    }
+
+    fn take(&self) -> Option<Update> {
+        self.pending
+            .lock()
+            .expect("no mailbox holder panics")
+            .take()
+    }
+}
+
+/// Every update of the copy from [`Mirror::follow`] on, merged while not
+/// taken; dropping it stops the following.
+pub struct Following {
+    mailbox: Arc<Mailbox>,
+}
+
+impl Following {
+    /// The updates since the last call, waiting for one if there is none.
+    pub async fn next(&self) -> Update {
+        loop {
+            if let Some(update) = self.mailbox.take() {
+                return update;
+            }
+            self.mailbox.ready.notified().await;
+        }
+    }
+
+    /// The updates since the last call, if any.
+    pub fn try_next(&self) -> Option<Update> {
+        self.mailbox.take()
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        self.mailbox.gone.store(true, Ordering::SeqCst);
+    }
 }
 
 /// The copy and the task keeping it (see the module doc). Clones share the
@@ -132,7 +224,7 @@ struct Shared {
     copy: watch::Sender<Option<Snapshot>>,
     /// Who follows every update ([`Mirror::follow`]); a closed one is dropped
     /// at the next update.
-    followers: Mutex<Vec<mpsc::UnboundedSender<Update>>>,
+    followers: Mutex<Vec<Arc<Mailbox>>>,
     /// Whether the task keeping it runs.
     running: AtomicBool,
     /// When it was last read, in ms since `epoch`.
@@ -199,15 +291,15 @@ impl Mirror {
     /// the copy keeps running meanwhile. A follower that needs the registry
     /// as of now loads it after this call, and takes the updates past its
     /// revision ([`super::view::View::apply_copy`]).
-    pub fn follow(&self) -> mpsc::UnboundedReceiver<Update> {
-        let (tx, rx) = mpsc::unbounded_channel();
+    pub fn follow(&self) -> Following {
+        let mailbox = Arc::new(Mailbox::default());
         self.shared
             .followers
             .lock()
             .expect("no follower list holder panics")
-            .push(tx);
+            .push(mailbox.clone());
         self.run();
-        rx
+        Following { mailbox }
     }
 
     /// The copy as it is, if loaded.
@@ -250,26 +342,26 @@ impl Shared {
             .followers
             .lock()
             .expect("no follower list holder panics");
-        followers.retain(|tx| !tx.is_closed());
+        followers.retain(|f| !f.gone.load(Ordering::SeqCst));
         !followers.is_empty()
     }
 
-    /// Publishes `copy` to readers and hands followers the update.
-    fn publish(&self, since: Revision, events: Vec<Event>, copy: &Snapshot) {
+    /// Publishes `copy` to readers and posts the update to followers.
+    /// (`events` is `None` for a load.)
+    fn publish(&self, since: Revision, events: Option<Vec<Event>>, copy: &Snapshot) {
         self.copy.send_replace(Some(copy.clone()));
         let mut followers = self
             .followers
             .lock()
             .expect("no follower list holder panics");
+        followers.retain(|f| !f.gone.load(Ordering::SeqCst));
         if followers.is_empty() {
             return;
         }
-        let update = Update {
-            since,
-            events: events.into(),
-            copy: copy.clone(),
-        };
-        followers.retain(|tx| tx.send(update.clone()).is_ok());
+        let batch: Option<Arc<[Event]>> = events.map(Into::into);
+        for follower in followers.iter() {
+            follower.post(since, batch.as_ref(), copy);
+        }
     }
 }
 
@@ -318,7 +410,7 @@ async fn load_and_watch(endpoints: &[String], shared: &Shared) -> Result<(), (Cl
         .map_err(|e| (e, false))?;
     let mut copy = Snapshot::from_kvs(&kvs, revision);
     drop(kvs);
-    shared.publish(revision, Vec::new(), &copy);
+    shared.publish(revision, None, &copy);
     let mut watch = client.watch("", revision + 1);
     let mut followed = false;
     loop {
@@ -326,7 +418,7 @@ async fn load_and_watch(endpoints: &[String], shared: &Shared) -> Result<(), (Cl
         followed = true;
         let since = copy.revision();
         copy.apply(&events);
-        shared.publish(since, events, &copy);
+        shared.publish(since, Some(events), &copy);
         if shared.idle(IDLE) {
             return Ok(());
         }
@@ -391,5 +483,35 @@ mod tests {
         assert_eq!(names, ["b.service"]);
         assert_eq!(copy.revision(), 6);
         assert!(copy.index().check().is_ok());
+    }
+
+    /// Updates a follower has not taken merge into one holding the newest
+    /// copy only; a load replaces them, so the follower sees the gap.
+    #[test]
+    fn updates_not_taken_merge_and_a_load_replaces_them() {
+        let mailbox = Arc::new(Mailbox::default());
+        let following = Following {
+            mailbox: mailbox.clone(),
+        };
+        assert!(following.try_next().is_none());
+        let mut copy = Snapshot::from_kvs(&[], 1);
+        for revision in [2, 3] {
+            let since = copy.revision();
+            let batch = vec![event(EventKind::Put, "/other", "v", revision)];
+            copy.apply(&batch);
+            mailbox.post(since, Some(&batch.into()), &copy);
+        }
+        let update = following.try_next().unwrap();
+        assert_eq!((update.since, update.copy.revision()), (1, 3));
+        let revisions: Vec<Revision> = update.events().map(Event::revision).collect();
+        assert_eq!(revisions, [2, 3]);
+        assert!(following.try_next().is_none(), "taken");
+        let batch: Arc<[Event]> = vec![event(EventKind::Put, "/other", "v", 4)].into();
+        mailbox.post(3, Some(&batch), &Snapshot::from_kvs(&[], 4));
+        mailbox.post(9, None, &Snapshot::from_kvs(&[], 9));
+        let update = following.try_next().unwrap();
+        assert_eq!((update.since, update.events().count()), (9, 0));
+        drop(following);
+        assert!(mailbox.gone.load(Ordering::SeqCst));
     }
 }

@@ -141,7 +141,7 @@ impl View {
             return Ok(());
         }
         let before = std::mem::replace(&mut self.registry, update.copy.index().clone());
-        for event in update.events.iter() {
+        for event in update.events() {
             if event.revision() > self.revision && event.kv.key.starts_with(keys::ROOT) {
                 let old = unit_hash(&before, &event.kv.key);
                 self.note(event.kind, &event.kv, old);
@@ -566,7 +566,7 @@ mod tests {
             copy.apply(&events);
             let update = Update {
                 since,
-                events: events.into(),
+                events: vec![events.into()],
                 copy: copy.clone(),
             };
             view.apply_copy(&update).map(|()| copy.clone())
@@ -586,20 +586,12 @@ mod tests {
             "the same record, not a copy"
         );
         // An update the view is past changes nothing.
-        let old = Update {
-            since: 1,
-            events: Vec::new().into(),
-            copy: Snapshot::from_kvs(&[], 1),
-        };
+        let old = Update::loaded(Snapshot::from_kvs(&[], 1));
         assert_eq!(view.apply_copy(&old), Ok(()));
         assert_eq!(view.revision(), 2);
         assert_eq!(view.world().reported.len(), 1);
         // A copy that loaded again past the view: events are missing.
-        let reloaded = Update {
-            since: 5,
-            events: Vec::new().into(),
-            copy: Snapshot::from_kvs(&[], 5),
-        };
+        let reloaded = Update::loaded(Snapshot::from_kvs(&[], 5));
         assert_eq!(
             view.apply_copy(&reloaded),
             Err(Behind { since: 5, view: 2 })

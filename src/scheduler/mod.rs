@@ -25,16 +25,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use imbl::OrdMap;
 
 use crate::consensus::client::{Client, ClientError};
 use crate::consensus::runner::Handle;
-use crate::registry::mirror::{Mirror, Update};
+use crate::registry::mirror::{Following, Mirror, Update};
 use crate::registry::schedule::{self, Touched};
-use crate::registry::view::View;
+use crate::registry::view::{Behind, View};
 use crate::registry::{BodyCache, Revision};
 use crate::units::UnitName;
 
@@ -115,16 +114,7 @@ struct Scheduler {
 /// The view and the updates of the member's copy that keep it current.
 struct Followed {
     view: View,
-    updates: mpsc::UnboundedReceiver<Update>,
-}
-
-/// Why a view must be loaded again.
-#[derive(Debug, thiserror::Error)]
-enum Reload {
-    #[error(transparent)]
-    Behind(#[from] crate::registry::view::Behind),
-    #[error("the registry copy stopped")]
-    Stopped,
+    updates: Following,
 }
 
 impl Followed {
@@ -144,32 +134,23 @@ impl Followed {
         if let Some(copy) = mirror.current()
             && copy.revision() == view.revision()
         {
-            let update = Update {
-                since: copy.revision(),
-                events: Arc::new([]),
-                copy,
-            };
             // At the view's revision: it cannot be behind.
-            let _ = view.apply_copy(&update);
+            let _ = view.apply_copy(&Update::loaded(copy));
         }
         Ok(Followed { view, updates })
     }
 
     /// Takes one update; `Err` when the view must be loaded again.
-    fn take(&mut self, update: Option<Update>) -> Result<(), Reload> {
-        let update = update.ok_or(Reload::Stopped)?;
-        Ok(self.view.apply_copy(&update)?)
+    fn take(&mut self, update: Update) -> Result<(), Behind> {
+        self.view.apply_copy(&update)
     }
 
-    /// Takes every update already received; `Err` when the view must be
-    /// loaded again.
-    fn drain(&mut self) -> Result<(), Reload> {
-        loop {
-            match self.updates.try_recv() {
-                Ok(update) => self.take(Some(update))?,
-                Err(mpsc::error::TryRecvError::Empty) => return Ok(()),
-                Err(mpsc::error::TryRecvError::Disconnected) => return Err(Reload::Stopped),
-            }
+    /// Takes the updates already posted; `Err` when the view must be loaded
+    /// again.
+    fn drain(&mut self) -> Result<(), Behind> {
+        match self.updates.try_next() {
+            Some(update) => self.take(update),
+            None => Ok(()),
         }
     }
 }
@@ -228,7 +209,7 @@ impl Scheduler {
                 }
             }
             tokio::select! {
-                update = followed.updates.recv() => {
+                update = followed.updates.next() => {
                     let taken = match followed.take(update) {
                         Ok(()) => {
                             // Let a burst of writes land before the next pass.
