@@ -1,13 +1,16 @@
-//! The registry decoded and indexed for the user-facing lists: units by
-//! name, who holds each unit, the states reported per unit and machine, the
-//! machines by id with their claims, drains, metadata and reasons.
+//! The registry decoded and indexed: units by name, who holds each unit,
+//! the states reported per unit and machine, the machines by id with their
+//! claims, drains, metadata and reasons. The records both the lists and the
+//! scheduler read are decoded here and only here.
 //!
 //! `list-units`, `list-machines` and fleet's `/units`, `/state` and
 //! `/machines` are this index read in key order, so a page of 100 costs its
-//! 100 rows: the HTTP API's copy of the registry ([`super::mirror`]) keeps
+//! 100 rows: the member's copy of the registry ([`super::mirror`]) keeps
 //! one current, event by event, and a one-off read (the CLI asking the
 //! store) builds one from the prefixes it read. What a row is (which units
-//! show, with which machine and state) is decided here and only here.
+//! show, with which machine and state) is decided here and only here. On the
+//! Raft leader the scheduler's view ([`super::view`]) holds the copy's index
+//! too (a clone of persistent maps, sharing every node), not one of its own.
 //!
 //! A value that does not decode is kept aside: every question asked of an
 //! index holding one answers the same [`RecordError`] a direct decode gives

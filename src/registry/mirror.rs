@@ -1,4 +1,5 @@
-//! The HTTP API's copy of the registry, kept current by a watch.
+//! The member's one decoded copy of the registry, kept current by one watch:
+//! the HTTP API reads it, and the scheduler on the Raft leader follows it.
 //!
 //! Every `GET /fleet/v1/units` page used to read ten whole prefixes of the
 //! store (every unit, claim, state, machine…) over the API's one store
@@ -23,8 +24,9 @@
 //! [`CATCH_UP`], the index is read from the store instead (a linearizable
 //! range per indexed prefix, [`index::PREFIXES`]).
 //!
-//! The copy starts with the first read and stops once nobody read it for
-//! [`IDLE`]: a host whose API nobody asks watches nothing.
+//! The copy starts with the first read (or follower) and stops once nobody
+//! read it for [`IDLE`] and nobody follows it: a host whose API nobody asks
+//! and whose member does not lead watches nothing.
 //!
 //! It is the member's one decoded registry. The scheduler on the Raft leader
 //! follows it ([`Mirror::follow`]) instead of watching and decoding the store

@@ -2,7 +2,9 @@
 //! proposals under each chosen machine's own prefix.
 //!
 //! It keeps the world in memory ([`crate::registry::view`]): read once when
-//! its member starts leading, then kept current by a watch on the registry.
+//! its member starts leading, then kept current by following the member's
+//! one copy of the registry ([`crate::registry::mirror`], which the API
+//! reads too), whose decoded index the view shares.
 //! A pass runs the pure [`plan`] over that view and has the registry write
 //! the changes as guarded transactions. A pass decides only the units whose
 //! decision what changed since the last pass may change
@@ -15,7 +17,8 @@
 //! from changed, when an unclaimed proposal reaches the claim bound (which
 //! moves it; the bound counts from the machine's last claim too, so a busy
 //! host's backlog stays put), and every [`BACKSTOP`] as a safety net: an idle cluster costs
-//! it nothing. A broken watch (history compacted) reloads the view. A deposed
+//! it nothing. A copy that loaded again (its watch broke: history compacted) reloads
+//! the view. A deposed
 //! leader's scheduler stops; any stale write it still makes fails its
 //! compares.
 
