@@ -1,4 +1,4 @@
-//! The scheduler's view of the registry, kept current by a watch.
+//! The scheduler's view of the registry, kept current by the member's one watch.
 //!
 //! Reading the whole registry for every pass (five range reads of every
 //! unit, machine, proposal and claim, on every change and every half second)
