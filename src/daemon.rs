@@ -45,6 +45,7 @@ use crate::consensus::storage::RedbDisk;
 use crate::consensus::{backup, log, server, transport};
 use crate::lock::{self, coordinator::CoordinatorConfig};
 use crate::registry::BodyCache;
+use crate::registry::mirror::Mirror;
 use crate::roles::Roles;
 use crate::scheduler;
 use crate::tls::{Role, Trust};
@@ -160,11 +161,20 @@ async fn serve(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> 
         });
     }
     // Serves until dropped, when serve() returns.
-    let _api = crate::api::start(loaded, &endpoints, bodies.clone(), trust.as_ref())
-        .await
-        .context("cannot start the HTTP API")?;
+    // The member's one decoded copy of the registry: the API reads it, the
+    // scheduler follows it while this member leads.
+    let mirror = Mirror::new(endpoints.clone());
+    let _api = crate::api::start(
+        loaded,
+        &endpoints,
+        bodies.clone(),
+        mirror.clone(),
+        trust.as_ref(),
+    )
+    .await
+    .context("cannot start the HTTP API")?;
     if let Some((node, _)) = &member {
-        let run = scheduler::run(node.clone(), endpoints, CLAIM_TIMEOUT, bodies);
+        let run = scheduler::run(node.clone(), endpoints, mirror, CLAIM_TIMEOUT, bodies);
         let mut stop = stopped.clone();
         roles.spawn("the scheduler", async move {
             tokio::select! {

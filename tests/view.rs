@@ -3,7 +3,9 @@
 //! machines, drains, metadata, proposals, claims, placement pointers, reasons,
 //! states, prefix deletes, garbage records), a view loaded before the changes
 //! and fed the store's watch events up to a revision equals a view freshly
-//! loaded at that revision.
+//! loaded at that revision, both when it applies the events to its own index
+//! and when it is fed as a daemon's scheduler feeds it, adopting the index
+//! of a copy of the registry (`registry::mirror`) that applied them.
 //!
 //! The members run their own scheduler, which reacts to these changes with
 //! writes of its own: those are part of the history too, and the comparison
@@ -15,6 +17,7 @@ use std::time::{Duration, Instant};
 use flotilla::consensus::client::{Client, Watch};
 use flotilla::consensus::kv::{Event, Op};
 use flotilla::registry::keys;
+use flotilla::registry::mirror::{Snapshot, Update};
 use flotilla::registry::records::{
     self, DesiredState, MachineRecord, Proposal, ReportedState, Target, UnitRecord,
 };
@@ -196,10 +199,32 @@ fn ops(change: &Change) -> Vec<Op> {
     }
 }
 
-/// Applies the watch's events up to and including `revision` to `view`,
-/// keeping later ones in `pending` for the next round.
+/// A view fed as a daemon's scheduler feeds it: by the updates of a copy of
+/// the registry ([`Snapshot`], what the member's `Mirror` keeps), adopting
+/// the copy's index.
+struct Shared {
+    view: View,
+    copy: Snapshot,
+}
+
+impl Shared {
+    fn apply(&mut self, events: &[Event]) {
+        let since = self.copy.revision();
+        self.copy.apply(events);
+        let update = Update {
+            since,
+            events: vec![events.to_vec().into()],
+            copy: self.copy.clone(),
+        };
+        self.view.apply_copy(&update).expect("no revision skipped");
+    }
+}
+
+/// Applies the watch's events up to and including `revision` to `view` and
+/// `shared`, keeping later ones in `pending` for the next round.
 async fn catch_up(
     view: &mut View,
+    shared: &mut Shared,
     watch: &mut Watch,
     pending: &mut VecDeque<Event>,
     revision: Revision,
@@ -223,6 +248,7 @@ async fn catch_up(
             break;
         }
         view.apply(&upto);
+        shared.apply(&upto);
     }
 }
 
@@ -230,7 +256,14 @@ async fn catch_up(
 /// followed view with fresh loads, midway and at the end.
 async fn check(client: &Client, changes: &[Change]) {
     client.delete(keys::ROOT, true).await.unwrap();
-    let mut view = View::load(client, Default::default()).await.unwrap();
+    let (kvs, revision) = client.range(keys::ROOT, true, false).await.unwrap();
+    let mut view = View::from_kvs(&kvs, revision, Default::default());
+    let copy = Snapshot::from_kvs(&kvs, revision);
+    let mut shared = Shared {
+        view: View::from_kvs(&kvs, revision, Default::default()),
+        copy: copy.clone(),
+    };
+    shared.view.apply_copy(&Update::loaded(copy)).unwrap();
     let mut watch = client.watch(keys::ROOT, view.revision() + 1);
     let mut pending = VecDeque::new();
     let mid = changes.len() / 2;
@@ -242,11 +275,24 @@ async fn check(client: &Client, changes: &[Change]) {
             let marker = keys::renewal("view-test");
             client.put(&marker, b"{}".to_vec()).await.unwrap();
             let fresh = View::load(client, Default::default()).await.unwrap();
-            catch_up(&mut view, &mut watch, &mut pending, fresh.revision()).await;
+            catch_up(
+                &mut view,
+                &mut shared,
+                &mut watch,
+                &mut pending,
+                fresh.revision(),
+            )
+            .await;
             assert_eq!(
                 view.reading(),
                 fresh.reading(),
                 "after {} changes: {changes:?}",
+                (i + 1) * 3
+            );
+            assert_eq!(
+                shared.view.reading(),
+                fresh.reading(),
+                "fed by the copy, after {} changes: {changes:?}",
                 (i + 1) * 3
             );
         }

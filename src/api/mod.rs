@@ -177,6 +177,12 @@ impl Shared {
         }
     }
 
+    /// The same, reading the registry from `mirror` (the member's one copy,
+    /// which its scheduler follows too).
+    pub fn with_mirror(self, mirror: Mirror) -> Shared {
+        Shared { mirror, ..self }
+    }
+
     /// The same, reading unit bodies through `bodies` (the daemon's one cache).
     pub fn with_bodies(self, bodies: Arc<BodyCache>) -> Shared {
         Shared { bodies, ..self }
@@ -375,9 +381,9 @@ impl Drop for Api {
 }
 
 /// Starts the API on `api_socket` and `api_listen` (each unless empty), with
-/// a store client for `endpoints`; with `trust` (this host's certificate)
-/// `api_listen` speaks HTTPS and the API asks other hosts' APIs for the
-/// status and journal of their units.
+/// a store client for `endpoints`, reading the registry from `mirror`; with
+/// `trust` (this host's certificate) `api_listen` speaks HTTPS and the API
+/// asks other hosts' APIs for the status and journal of their units.
 ///
 /// A listener left at its default that cannot be bound (a second daemon on
 /// one machine, as tests run them; a daemon without root) is logged and
@@ -388,6 +394,7 @@ pub async fn start(
     loaded: &Loaded,
     endpoints: &[String],
     bodies: Arc<BodyCache>,
+    mirror: Mirror,
     trust: Option<&Trust>,
 ) -> Result<Api, Error> {
     let config = &loaded.config;
@@ -397,7 +404,8 @@ pub async fn start(
         .ok();
     let mut shared = Shared::new(endpoints.to_vec(), machine_id)
         .with_max_body_bytes(limits.max_body_bytes)
-        .with_bodies(bodies);
+        .with_bodies(bodies)
+        .with_mirror(mirror);
     if let Some(trust) = trust {
         shared = shared.with_forwarder(trust.client.clone());
     }

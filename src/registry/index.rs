@@ -1,19 +1,24 @@
-//! The registry decoded and indexed for the user-facing lists: units by
-//! name, who holds each unit, the states reported per unit and machine, the
-//! machines by id with their claims, drains, metadata and reasons.
+//! The registry decoded and indexed: units by name, who holds each unit,
+//! the states reported per unit and machine, the machines by id with their
+//! claims, drains, metadata and reasons. The records both the lists and the
+//! scheduler read are decoded here and only here.
 //!
 //! `list-units`, `list-machines` and fleet's `/units`, `/state` and
 //! `/machines` are this index read in key order, so a page of 100 costs its
-//! 100 rows: the HTTP API's copy of the registry ([`super::mirror`]) keeps
+//! 100 rows: the member's copy of the registry ([`super::mirror`]) keeps
 //! one current, event by event, and a one-off read (the CLI asking the
 //! store) builds one from the prefixes it read. What a row is (which units
-//! show, with which machine and state) is decided here and only here.
+//! show, with which machine and state) is decided here and only here. On the
+//! Raft leader the scheduler's view ([`super::view`]) holds the copy's index
+//! too (a clone of persistent maps, sharing every node), not one of its own.
 //!
 //! A value that does not decode is kept aside: every question asked of an
 //! index holding one answers the same [`RecordError`] a direct decode gives
 //! ([`Index::check`]), as the lists always did.
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::Arc;
 
 use imbl::{OrdMap, OrdSet};
 
@@ -65,14 +70,22 @@ struct Presence {
     lease: Option<LeaseId>,
 }
 
+/// A (unit, machine) pair: the key of the per-pair maps.
+type Pair = (UnitName, String);
+
 /// See the module doc. Cheap to clone: persistent maps.
+///
+/// The per-pair maps are flat, keyed by (unit, machine), not a map per unit:
+/// a persistent map's smallest node holds 16 entries, so a map per unit with
+/// one machine in it cost 16 slots (2.5 KiB per unit for the states).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Index {
     units: OrdMap<UnitName, UnitRecord>,
-    /// Unit → machine → what it holds.
-    holders: OrdMap<UnitName, OrdMap<String, Hold>>,
-    /// Unit → machine → what systemd reported there.
-    states: OrdMap<UnitName, OrdMap<String, ReportedState>>,
+    /// (unit, machine) → what the machine holds of the unit.
+    holders: OrdMap<Pair, Hold>,
+    /// (unit, machine) → what systemd reported there; shared (not copied)
+    /// with the scheduler's world on the leader ([`super::view`]).
+    states: OrdMap<Pair, Arc<ReportedState>>,
     machines: OrdMap<String, Presence>,
     /// Claims per machine.
     claims: OrdMap<String, usize>,
@@ -145,9 +158,9 @@ impl Index {
                 }
                 MachineKey::Generation(_) => {}
             }
-        } else if let Some((unit, id)) = keys::parse_state_key(key) {
+        } else if let Some(at) = keys::parse_state_key(key) {
             let state: ReportedState = records::decode(key, &kv.value)?;
-            self.states.entry(unit).or_default().insert(id, state);
+            self.states.insert(at, Arc::new(state));
         } else if let Some((id, name)) = keys::parse_metadata_key(key) {
             let value = String::from_utf8_lossy(&kv.value).into_owned();
             let set = self.metadata.entry(id.to_string()).or_default();
@@ -179,8 +192,7 @@ impl Index {
                 MachineKey::Claim(id, unit) => {
                     let held = self
                         .holders
-                        .get(&unit)
-                        .and_then(|on| on.get(&id))
+                        .get(&(unit.clone(), id.clone()))
                         .is_some_and(|h| h.claimed);
                     if held {
                         let left = self.claims.get(&id).map_or(0, |n| n.saturating_sub(1));
@@ -194,13 +206,8 @@ impl Index {
                 }
                 MachineKey::Generation(_) => {}
             }
-        } else if let Some((unit, id)) = keys::parse_state_key(key) {
-            if let Some(on) = self.states.get_mut(&unit) {
-                on.remove(&id);
-                if on.is_empty() {
-                    self.states.remove(&unit);
-                }
-            }
+        } else if let Some(at) = keys::parse_state_key(key) {
+            self.states.remove(&at);
         } else if let Some((id, name)) = keys::parse_metadata_key(key) {
             if let Some(set) = self.metadata.get_mut(id) {
                 set.remove(name);
@@ -217,17 +224,25 @@ impl Index {
 
     /// Changes what `machine` holds of `unit`, dropping empty entries.
     fn hold(&mut self, unit: UnitName, machine: String, change: impl FnOnce(&mut Hold)) {
-        let on = self.holders.entry(unit.clone()).or_default();
-        let mut hold = on.get(&machine).copied().unwrap_or_default();
+        let at = (unit, machine);
+        let mut hold = self.holders.get(&at).copied().unwrap_or_default();
         change(&mut hold);
         if hold == Hold::default() {
-            on.remove(&machine);
+            self.holders.remove(&at);
         } else {
-            on.insert(machine, hold);
+            self.holders.insert(at, hold);
         }
-        if on.is_empty() {
-            self.holders.remove(&unit);
-        }
+    }
+
+    /// The entries of `map` for `unit`, by machine.
+    fn of_unit<'a, V>(
+        map: &'a OrdMap<Pair, V>,
+        unit: &'a UnitName,
+    ) -> impl Iterator<Item = (&'a String, &'a V)> + 'a {
+        let from = (unit.clone(), String::new());
+        map.range((Bound::Included(from), Bound::Unbounded))
+            .take_while(move |((u, _), _)| u == unit)
+            .map(|((_, machine), v)| (machine, v))
     }
 
     /// Fails with the first unreadable value's error, if any: what reading
@@ -276,8 +291,8 @@ impl Index {
         if record.name.kind() == UnitKind::Template {
             return Vec::new();
         }
-        let on = self.holders.get(&record.name);
-        let Some(on) = on.filter(|on| !on.is_empty()) else {
+        let on: Vec<(&String, &Hold)> = Index::of_unit(&self.holders, &record.name).collect();
+        if on.is_empty() {
             // An inactive unit shows only while a machine still holds it: it
             // is being unloaded there, and its state says how far that got.
             if record.desired == DesiredState::Inactive {
@@ -291,14 +306,13 @@ impl Index {
                 claimed: false,
                 state: None,
             }];
-        };
-        let states = self.states.get(&record.name);
-        on.iter()
+        }
+        on.into_iter()
             .map(|(id, hold)| UnitRow {
                 name: record.name.clone(),
                 desired: record.desired,
                 ip: self.machines.get(id).map(|m| m.record.ip.clone()),
-                state: states.and_then(|s| s.get(id)).cloned(),
+                state: self.state(&record.name, id).map(|s| (**s).clone()),
                 machine: Some(id.clone()),
                 claimed: hold.claimed,
             })
@@ -317,23 +331,70 @@ impl Index {
         unit: Option<&UnitName>,
         machine: Option<&'a str>,
     ) -> impl Iterator<Item = (&'a UnitRecord, &'a str, &'a ReportedState)> + 'a {
-        type States = OrdMap<String, ReportedState>;
-        let units: Box<dyn Iterator<Item = (&'a UnitName, &'a States)> + 'a> = match unit {
-            Some(unit) => Box::new(self.states.get_key_value(unit).into_iter()),
+        type Entry<'e> = (&'e Pair, &'e Arc<ReportedState>);
+        let states: Box<dyn Iterator<Item = Entry<'a>> + 'a> = match unit {
+            Some(unit) => {
+                let unit = unit.clone();
+                let from = (unit.clone(), String::new());
+                Box::new(
+                    self.states
+                        .range((Bound::Included(from), Bound::Unbounded))
+                        .take_while(move |((u, _), _)| *u == unit),
+                )
+            }
             None => Box::new(self.states.iter()),
         };
-        units
-            .filter_map(|(name, on)| {
+        states
+            .filter(move |((_, id), _)| machine.is_none_or(|m| m == id.as_str()))
+            .filter(|(at, _)| self.holders.contains_key(*at))
+            .filter_map(|((name, id), state)| {
                 let record = self.units.get(name)?;
-                let held = self.holders.get(name)?;
-                (record.name.kind() != UnitKind::Template).then_some((record, on, held))
+                (record.name.kind() != UnitKind::Template).then_some((
+                    record,
+                    id.as_str(),
+                    &**state,
+                ))
             })
-            .flat_map(move |(record, on, held)| {
-                on.iter()
-                    .filter(move |(id, _)| machine.is_none_or(|m| m == id.as_str()))
-                    .filter(|(id, _)| held.contains_key(*id))
-                    .map(move |(id, state)| (record, id.as_str(), state))
-            })
+    }
+
+    /// What systemd reported of `unit` on `machine`, if anything.
+    pub fn state(&self, unit: &UnitName, machine: &str) -> Option<&Arc<ReportedState>> {
+        self.states.get(&(unit.clone(), machine.to_string()))
+    }
+
+    /// The presence records of the machines, by the id in their key.
+    pub fn machine_records(&self) -> impl Iterator<Item = (&String, &MachineRecord)> {
+        self.machines.iter().map(|(id, p)| (id, &p.record))
+    }
+
+    /// Whether machine `id` is marked drained.
+    pub fn is_drained(&self, id: &str) -> bool {
+        self.drained.contains(id)
+    }
+
+    /// Whether any machine is marked drained.
+    pub fn any_drained(&self) -> bool {
+        !self.drained.is_empty()
+    }
+
+    /// The metadata of `record` as every reader sees it: its own, with what
+    /// was set through the API on top ([`metadata::merge`]).
+    pub fn metadata_of(&self, record: &MachineRecord) -> BTreeMap<String, String> {
+        let set: Option<BTreeMap<String, String>> = self
+            .metadata
+            .get(&record.id)
+            .map(|set| set.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+        metadata::merge(&record.metadata, set.as_ref())
+    }
+
+    /// The reasons the scheduler stored for units it cannot place.
+    pub fn reasons(&self) -> &OrdMap<UnitName, String> {
+        &self.reasons
+    }
+
+    /// How many units each machine has claimed (machines with none left out).
+    pub fn claims_per_machine(&self) -> &OrdMap<String, usize> {
+        &self.claims
     }
 
     /// How many machines have a live presence.
@@ -357,11 +418,7 @@ impl Index {
     ) -> impl Iterator<Item = MachineRow> + 'a {
         self.machines.iter().map(move |(id, presence)| {
             let mut record = presence.record.clone();
-            let set: Option<BTreeMap<String, String>> = self
-                .metadata
-                .get(&record.id)
-                .map(|set| set.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
-            record.metadata = metadata::merge(&record.metadata, set.as_ref());
+            record.metadata = self.metadata_of(&presence.record);
             let lease = presence.lease.and_then(|l| seen.get(&l));
             MachineRow {
                 drained: self.drained.contains(record.id.as_str()),

@@ -1,4 +1,5 @@
-//! The HTTP API's copy of the registry, kept current by a watch.
+//! The member's one decoded copy of the registry, kept current by one watch:
+//! the HTTP API reads it, and the scheduler on the Raft leader follows it.
 //!
 //! Every `GET /fleet/v1/units` page used to read ten whole prefixes of the
 //! store (every unit, claim, state, machine…) over the API's one store
@@ -23,14 +24,27 @@
 //! [`CATCH_UP`], the index is read from the store instead (a linearizable
 //! range per indexed prefix, [`index::PREFIXES`]).
 //!
-//! The copy starts with the first read and stops once nobody read it for
-//! [`IDLE`]: a host whose API nobody asks watches nothing.
+//! The copy starts with the first read (or follower) and stops once nobody
+//! read it for [`IDLE`] and nobody follows it: a host whose API nobody asks
+//! and whose member does not lead watches nothing.
+//!
+//! It is the member's one decoded registry. The scheduler on the Raft leader
+//! follows it ([`Mirror::follow`]) instead of watching and decoding the store
+//! a second time: every update of the copy (its load, and each batch of
+//! events with the index after it, [`Update`]) is handed to each follower,
+//! whose [`super::view::View`] adopts the index (persistent maps: shared,
+//! not copied) and keeps only what the scheduler alone needs. The copy does
+//! not stop while anyone follows it. Updates a follower has not taken yet are
+//! merged into one ([`Following`]): the events queue, but only the newest
+//! index is held, since each index a queue held would keep alive the map
+//! nodes its batch replaced (a scheduler busy writing a bulk start's
+//! proposals fell thousands of batches behind).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use super::index::{self, Index};
 use super::keys;
@@ -98,7 +112,110 @@ impl Snapshot {
     }
 }
 
-/// The copy and the task keeping it (see the module doc).
+/// One update of the copy, as its followers get it: the events of the
+/// batches since the follower last took one (none for a load) and the copy
+/// after them.
+#[derive(Debug, Clone)]
+pub struct Update {
+    /// The copy's revision before the events: the revision of its load for a
+    /// load, so a follower at an older revision knows it missed events.
+    pub since: Revision,
+    /// The batches' events, in order, every key (not only the registry's).
+    pub events: Vec<Arc<[Event]>>,
+    /// The copy after them.
+    pub copy: Snapshot,
+}
+
+impl Update {
+    /// An update of no events: the copy as loaded at its revision.
+    pub fn loaded(copy: Snapshot) -> Update {
+        Update {
+            since: copy.revision(),
+            events: Vec::new(),
+            copy,
+        }
+    }
+
+    /// Every event, in order.
+    pub fn events(&self) -> impl Iterator<Item = &Event> {
+        self.events.iter().flat_map(|batch| batch.iter())
+    }
+}
+
+/// One follower's mailbox: the updates it has not taken, merged.
+#[derive(Default)]
+struct Mailbox {
+    pending: Mutex<Option<Update>>,
+    ready: Notify,
+    /// Set when the follower is dropped.
+    gone: AtomicBool,
+}
+
+impl Mailbox {
+    /// Posts a batch of events (`None`: a load) that took the copy from
+    /// revision `since` to `copy`.
+    fn post(&self, since: Revision, batch: Option<&Arc<[Event]>>, copy: &Snapshot) {
+        let mut pending = self.pending.lock().expect("no mailbox holder panics");
+        match (pending.as_mut(), batch) {
+            (Some(update), Some(batch)) => {
+                update.events.push(batch.clone());
+                update.copy = copy.clone();
+            }
+            // A load replaces what was not taken: the follower sees `since`
+            // jump past its revision and loads again.
+            (_, None) => *pending = Some(Update::loaded(copy.clone())),
+            (None, Some(batch)) => {
+                *pending = Some(Update {
+                    since,
+                    events: vec![batch.clone()],
+                    copy: copy.clone(),
+                });
+            }
+        }
+        drop(pending);
+        self.ready.notify_one();
+    }
+
+    fn take(&self) -> Option<Update> {
+        self.pending
+            .lock()
+            .expect("no mailbox holder panics")
+            .take()
+    }
+}
+
+/// Every update of the copy from [`Mirror::follow`] on, merged while not
+/// taken; dropping it stops the following.
+pub struct Following {
+    mailbox: Arc<Mailbox>,
+}
+
+impl Following {
+    /// The updates since the last call, waiting for one if there is none.
+    pub async fn next(&self) -> Update {
+        loop {
+            if let Some(update) = self.mailbox.take() {
+                return update;
+            }
+            self.mailbox.ready.notified().await;
+        }
+    }
+
+    /// The updates since the last call, if any.
+    pub fn try_next(&self) -> Option<Update> {
+        self.mailbox.take()
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        self.mailbox.gone.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The copy and the task keeping it (see the module doc). Clones share the
+/// one copy.
+#[derive(Clone)]
 pub struct Mirror {
     endpoints: Vec<String>,
     shared: Arc<Shared>,
@@ -107,6 +224,9 @@ pub struct Mirror {
 struct Shared {
     /// The copy; `None` while it is not loaded (or stopped).
     copy: watch::Sender<Option<Snapshot>>,
+    /// Who follows every update ([`Mirror::follow`]); a closed one is dropped
+    /// at the next update.
+    followers: Mutex<Vec<Arc<Mailbox>>>,
     /// Whether the task keeping it runs.
     running: AtomicBool,
     /// When it was last read, in ms since `epoch`.
@@ -121,6 +241,7 @@ impl Mirror {
             endpoints,
             shared: Arc::new(Shared {
                 copy: watch::Sender::new(None),
+                followers: Mutex::new(Vec::new()),
                 running: AtomicBool::new(false),
                 last_read_ms: AtomicU64::new(0),
                 epoch: Instant::now(),
@@ -134,9 +255,7 @@ impl Mirror {
     /// get there within [`CATCH_UP`].
     pub async fn read(&self, client: &Client) -> Result<Index, ClientError> {
         self.shared.touch();
-        if !self.shared.running.swap(true, Ordering::SeqCst) {
-            tokio::spawn(keep(self.endpoints.clone(), self.shared.clone()));
-        }
+        self.run();
         let metrics = &crate::metrics::METRICS;
         // The store's revision now: the key never exists.
         let asked = Instant::now();
@@ -169,6 +288,39 @@ impl Mirror {
     pub fn is_running(&self) -> bool {
         self.shared.running.load(Ordering::SeqCst)
     }
+
+    /// Every update of the copy from now on, until the receiver is dropped;
+    /// the copy keeps running meanwhile. A follower that needs the registry
+    /// as of now loads it after this call, and takes the updates past its
+    /// revision ([`super::view::View::apply_copy`]).
+    pub fn follow(&self) -> Following {
+        let mailbox = Arc::new(Mailbox::default());
+        self.shared
+            .followers
+            .lock()
+            .expect("no follower list holder panics")
+            .push(mailbox.clone());
+        self.run();
+        Following { mailbox }
+    }
+
+    /// The copy as it is, if loaded.
+    pub fn current(&self) -> Option<Snapshot> {
+        self.shared.copy.borrow().clone()
+    }
+
+    /// Waits until the copy is loaded, at most `within`.
+    pub async fn loaded(&self, within: Duration) {
+        let mut copy = self.shared.copy.subscribe();
+        let _ = tokio::time::timeout(within, copy.wait_for(Option::is_some)).await;
+    }
+
+    /// Starts the task keeping the copy unless it runs.
+    fn run(&self) {
+        if !self.shared.running.swap(true, Ordering::SeqCst) {
+            tokio::spawn(keep(self.endpoints.clone(), self.shared.clone()));
+        }
+    }
 }
 
 impl Shared {
@@ -180,9 +332,38 @@ impl Shared {
         self.last_read_ms.store(self.now_ms(), Ordering::SeqCst);
     }
 
+    /// Whether nobody read the copy for `idle` and nobody follows it.
     fn idle(&self, idle: Duration) -> bool {
         let last = self.last_read_ms.load(Ordering::SeqCst);
-        Duration::from_millis(self.now_ms().saturating_sub(last)) > idle
+        Duration::from_millis(self.now_ms().saturating_sub(last)) > idle && !self.followed()
+    }
+
+    /// Whether anyone follows the copy.
+    fn followed(&self) -> bool {
+        let mut followers = self
+            .followers
+            .lock()
+            .expect("no follower list holder panics");
+        followers.retain(|f| !f.gone.load(Ordering::SeqCst));
+        !followers.is_empty()
+    }
+
+    /// Publishes `copy` to readers and posts the update to followers.
+    /// (`events` is `None` for a load.)
+    fn publish(&self, since: Revision, events: Option<Vec<Event>>, copy: &Snapshot) {
+        self.copy.send_replace(Some(copy.clone()));
+        let mut followers = self
+            .followers
+            .lock()
+            .expect("no follower list holder panics");
+        followers.retain(|f| !f.gone.load(Ordering::SeqCst));
+        if followers.is_empty() {
+            return;
+        }
+        let batch: Option<Arc<[Event]>> = events.map(Into::into);
+        for follower in followers.iter() {
+            follower.post(since, batch.as_ref(), copy);
+        }
     }
 }
 
@@ -191,26 +372,39 @@ impl Shared {
 async fn keep(endpoints: Vec<String>, shared: Arc<Shared>) {
     let mut pause = RETRY;
     loop {
-        if let Err((e, followed)) = follow(&endpoints, &shared).await {
-            tracing::debug!("the API's registry copy: {e}; loading it again");
-            shared.copy.send_replace(None);
-            if followed {
-                pause = RETRY;
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(MAX_RETRY);
-        }
-        if shared.idle(IDLE) {
-            break;
+        keep_while_used(&endpoints, &shared, &mut pause).await;
+        shared.copy.send_replace(None);
+        shared.running.store(false, Ordering::SeqCst);
+        // A follower that came after the last check, while no task ran,
+        // must still be fed.
+        if !shared.followed() || shared.running.swap(true, Ordering::SeqCst) {
+            return;
         }
     }
-    shared.copy.send_replace(None);
-    shared.running.store(false, Ordering::SeqCst);
+}
+
+/// Loads and follows until nobody read the copy for [`IDLE`] and nobody
+/// follows it.
+async fn keep_while_used(endpoints: &[String], shared: &Shared, pause: &mut Duration) {
+    loop {
+        if let Err((e, followed)) = load_and_watch(endpoints, shared).await {
+            tracing::debug!("the registry copy: {e}; loading it again");
+            shared.copy.send_replace(None);
+            if followed {
+                *pause = RETRY;
+            }
+            tokio::time::sleep(*pause).await;
+            *pause = (*pause * 2).min(MAX_RETRY);
+        }
+        if shared.idle(IDLE) {
+            return;
+        }
+    }
 }
 
 /// One load and the watch after it; returns Ok when the copy went idle,
 /// else why it stopped and whether any change had arrived by then.
-async fn follow(endpoints: &[String], shared: &Shared) -> Result<(), (ClientError, bool)> {
+async fn load_and_watch(endpoints: &[String], shared: &Shared) -> Result<(), (ClientError, bool)> {
     let client = Client::connect(endpoints).await.map_err(|e| (e, false))?;
     let (kvs, revision) = client
         .range(keys::ROOT, true, false)
@@ -218,14 +412,15 @@ async fn follow(endpoints: &[String], shared: &Shared) -> Result<(), (ClientErro
         .map_err(|e| (e, false))?;
     let mut copy = Snapshot::from_kvs(&kvs, revision);
     drop(kvs);
-    shared.copy.send_replace(Some(copy.clone()));
+    shared.publish(revision, None, &copy);
     let mut watch = client.watch("", revision + 1);
     let mut followed = false;
     loop {
         let events = watch.next().await.map_err(|e| (e, followed))?;
         followed = true;
+        let since = copy.revision();
         copy.apply(&events);
-        shared.copy.send_replace(Some(copy.clone()));
+        shared.publish(since, Some(events), &copy);
         if shared.idle(IDLE) {
             return Ok(());
         }
@@ -290,5 +485,35 @@ mod tests {
         assert_eq!(names, ["b.service"]);
         assert_eq!(copy.revision(), 6);
         assert!(copy.index().check().is_ok());
+    }
+
+    /// Updates a follower has not taken merge into one holding the newest
+    /// copy only; a load replaces them, so the follower sees the gap.
+    #[test]
+    fn updates_not_taken_merge_and_a_load_replaces_them() {
+        let mailbox = Arc::new(Mailbox::default());
+        let following = Following {
+            mailbox: mailbox.clone(),
+        };
+        assert!(following.try_next().is_none());
+        let mut copy = Snapshot::from_kvs(&[], 1);
+        for revision in [2, 3] {
+            let since = copy.revision();
+            let batch = vec![event(EventKind::Put, "/other", "v", revision)];
+            copy.apply(&batch);
+            mailbox.post(since, Some(&batch.into()), &copy);
+        }
+        let update = following.try_next().unwrap();
+        assert_eq!((update.since, update.copy.revision()), (1, 3));
+        let revisions: Vec<Revision> = update.events().map(Event::revision).collect();
+        assert_eq!(revisions, [2, 3]);
+        assert!(following.try_next().is_none(), "taken");
+        let batch: Arc<[Event]> = vec![event(EventKind::Put, "/other", "v", 4)].into();
+        mailbox.post(3, Some(&batch), &Snapshot::from_kvs(&[], 4));
+        mailbox.post(9, None, &Snapshot::from_kvs(&[], 9));
+        let update = following.try_next().unwrap();
+        assert_eq!((update.since, update.events().count()), (9, 0));
+        drop(following);
+        assert!(mailbox.gone.load(Ordering::SeqCst));
     }
 }

@@ -11,11 +11,13 @@
 //! * [`bodies`]: unit bodies by hash, read and parsed once ([`BodyCache`]).
 //! * [`unit_state`]: systemd's LOAD/ACTIVE/SUB and the questions asked of them.
 //! * [`error`]: [`RegistryError`], why an operation changed nothing.
-//! * [`index`]: the registry decoded for the lists, by name, kept per
-//!   change by the API's copy or built from one read.
+//! * [`index`]: the registry decoded (the one home of decoding its
+//!   records), by name, kept per change by the member's copy or built from
+//!   one read.
 //! * [`ops`]: the user-facing operations (submit, start, stop, destroy, list).
 //! * [`schedule`]: the scheduler's reads of the world and writes of proposals.
-//! * [`view`]: the scheduler's world, read once and kept current by a watch.
+//! * [`view`]: the scheduler's world, read once and kept current by
+//!   following the member's copy, sharing its index.
 //! * [`machine`]: one machine's presence, claims, releases and reports.
 //! * [`semaphore`]: the reboot semaphore as pure operations on its one
 //!   stored value (who may take a slot, and when one is refused).
@@ -25,8 +27,9 @@
 //! * [`metadata`]: machine metadata set through the API, merged with the
 //!   machine's own wherever metadata is read.
 //! * [`reader`]: where the read operations read from: the store, or
-//! * [`mirror`]: the HTTP API's copy of the registry, kept by a watch and
-//!   read after a linearizable barrier.
+//! * [`mirror`]: the member's one copy of the registry, kept by one watch,
+//!   read by the HTTP API after a linearizable barrier and followed by the
+//!   scheduler.
 
 pub mod access;
 pub mod bodies;

@@ -73,8 +73,16 @@ pub struct World {
     pub draining: BTreeSet<String>,
     /// systemd's states as reported, by (unit, machine); make-before-break
     /// off a draining machine counts a replacement once it is in its target
-    /// state.
-    pub reported: BTreeMap<(UnitName, String), ReportedState>,
+    /// state. The records are the registry index's own
+    /// ([`super::index::Index::state`]), shared, not copied.
+    pub reported: BTreeMap<(UnitName, String), Arc<ReportedState>>,
+}
+
+impl World {
+    /// Whether `unit` is claimed on `machine`.
+    pub fn is_claimed(&self, unit: &UnitName, machine: &str) -> bool {
+        self.claims.get(unit).is_some_and(|on| on.contains(machine))
+    }
 }
 
 /// What changed in a [`World`] since the last pass, so that the next one
@@ -217,7 +225,7 @@ pub async fn read_world(client: &Client, bodies: &Arc<BodyCache>) -> Result<Read
 /// same. Returns the revision of the last write (0: none).
 pub async fn record_reasons(
     client: &Client,
-    stored: &BTreeMap<UnitName, String>,
+    stored: &imbl::OrdMap<UnitName, String>,
     now: &BTreeMap<&UnitName, &String>,
 ) -> Result<Revision, ClientError> {
     let mut ops = Vec::new();

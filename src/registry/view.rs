@@ -1,27 +1,43 @@
-//! The scheduler's view of the registry, kept current by a watch.
+//! The scheduler's view of the registry, kept current by the member's one watch.
 //!
 //! Reading the whole registry for every pass (five range reads of every
 //! unit, machine, proposal and claim, on every change and every half second)
 //! cost the Raft leader most of a core at 1,000 hosts and 30,000 units, with
 //! nothing changing (issue 14). A [`View`] reads everything once, in one range
 //! at one revision ([`View::load`]), then applies the store's events from the
-//! next revision on ([`View::apply`], fed by [`follow`]), so a pass decides
-//! from memory and an idle cluster costs its scheduler nothing.
+//! next revision on, so a pass decides from memory and an idle cluster costs
+//! its scheduler nothing.
+//!
+//! One decoded registry per member: the records the API lists too (units,
+//! machines, drains, metadata, reported states, claim counts, reasons) are
+//! not kept here a second time. The view holds a registry [`Index`], and on a
+//! daemon that index is the member's copy's own ([`super::mirror`], one
+//! watch of the whole store): [`View::apply_copy`] takes each of its updates,
+//! adopts its index (a clone of persistent maps: shared, not copied) and
+//! applies the update's events only to what the scheduler alone keeps
+//! (bodies and the rules parsed from them, proposals with their revisions,
+//! claims by unit, placement pointers, what changed since the last pass).
+//! Records are decoded in one place, [`Index`]; the reported states in the
+//! world a pass plans over are the index's own, behind `Arc`s. A view loaded
+//! for one use (or in tests) applies events to its own index
+//! ([`View::apply`]).
 //!
 //! The events applied in order leave the view equal to a fresh load at the
 //! same revision (`tests/view.rs` checks that against a real store for random
-//! sequences of registry changes). The view is loaded again only when its
-//! watch breaks (history compacted away) or its member starts leading.
+//! sequences of registry changes, fed both ways). The view is loaded again
+//! only when its updates skip revisions (the copy reloaded after its watch
+//! broke) or its member starts leading.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use tokio::sync::mpsc::UnboundedSender;
+use imbl::OrdMap;
 
 use super::bodies::{Body, BodyCache};
+use super::index::Index;
 use super::keys::{self, MachineKey};
-use super::metadata::{self, Dynamic};
-use super::records::{self, MachineRecord, Proposal, ReportedState, Target, UnitRecord};
+use super::mirror::Update;
+use super::records::{self, Proposal, Target};
 use super::schedule::{Reading, Seen, Touched, Wanted, World};
 use crate::consensus::client::{Client, ClientError};
 use crate::consensus::kv::{Event, EventKind, KeyValue, Revision};
@@ -39,32 +55,36 @@ pub struct View {
     /// Every stored body, by hash (exactly those the store holds, whatever
     /// the shared cache keeps or forgets).
     bodies: HashMap<UnitHash, Arc<Body>>,
-    /// Every unit record, wanted or not.
-    units: BTreeMap<UnitName, UnitRecord>,
+    /// The registry decoded: unit records, presence records, drain marks,
+    /// metadata, reported states, claims per machine, stored reasons. The
+    /// member's copy's own index when fed by [`View::apply_copy`].
+    registry: Index,
     /// The units of each body hash, to decide again when a body comes or goes.
     by_hash: HashMap<UnitHash, BTreeSet<UnitName>>,
-    /// Every presence record, by the machine id in its key.
-    machines: BTreeMap<String, MachineRecord>,
-    /// Machines marked drained.
-    drains: BTreeSet<String>,
-    /// Metadata set through the API.
-    dynamic: Dynamic,
     /// What a pass plans over (its `stale` is the scheduler's to fill).
     world: World,
     /// Units that should run but cannot be scheduled at all, with the reason.
     unschedulable: BTreeMap<UnitName, String>,
-    /// The reasons stored for units that could not be placed.
-    reasons: BTreeMap<UnitName, String>,
     /// Proposals not claimed on their machine, with their revision: what
     /// the scheduler ages against the claim bound, without a walk over
     /// every proposal.
     unclaimed: BTreeMap<(UnitName, String), Revision>,
-    /// How many units each machine has claimed.
-    claimed: HashMap<String, usize>,
     /// Whether `world.machines` must be rebuilt from the records.
     machines_changed: bool,
     /// What a pass decides from that changed since [`View::take_touched`].
     touched: Touched,
+}
+
+/// Why a view cannot take an update of the member's copy: the copy went on
+/// from a revision past the view's (it loaded again), so events between are
+/// missing. The view must be loaded again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the registry copy went on from revision {since}, past the view's {view}")]
+pub struct Behind {
+    /// The revision the update starts from.
+    pub since: Revision,
+    /// The view's revision.
+    pub view: Revision,
 }
 
 impl View {
@@ -83,7 +103,7 @@ impl View {
             ..View::default()
         };
         for kv in kvs {
-            view.put(kv);
+            view.own(EventKind::Put, kv);
         }
         let live: HashSet<UnitHash> = view.bodies.keys().copied().collect();
         view.cache.keep_only(&live);
@@ -96,22 +116,40 @@ impl View {
         view
     }
 
-    /// Applies a batch of watch events, in order (whole revisions).
+    /// Applies a batch of watch events, in order (whole revisions), to the
+    /// view's own index and the rest.
     pub fn apply(&mut self, events: &[Event]) {
         for event in events {
-            if event.kv.key.starts_with(keys::STATES) && !self.drains.is_empty() {
-                // Make-before-break off a draining machine waits for them.
-                if let Some((unit, _)) = keys::parse_state_key(&event.kv.key) {
-                    self.touched.note_unit(&unit);
-                }
-            }
-            match event.kind {
-                EventKind::Put => self.put(&event.kv),
-                EventKind::Delete => self.delete(&event.kv.key),
-            }
+            self.own(event.kind, &event.kv);
             self.revision = self.revision.max(event.revision());
         }
         self.settle();
+    }
+
+    /// Takes an update of the member's copy of the registry: adopts its index
+    /// (shared) and applies the events past this view's revision to the rest.
+    /// An update behind the view changes nothing; one that starts past it
+    /// fails with [`Behind`].
+    pub fn apply_copy(&mut self, update: &Update) -> Result<(), Behind> {
+        if update.since > self.revision {
+            return Err(Behind {
+                since: update.since,
+                view: self.revision,
+            });
+        }
+        if update.copy.revision() < self.revision {
+            return Ok(());
+        }
+        let before = std::mem::replace(&mut self.registry, update.copy.index().clone());
+        for event in update.events() {
+            if event.revision() > self.revision && event.kv.key.starts_with(keys::ROOT) {
+                let old = unit_hash(&before, &event.kv.key);
+                self.note(event.kind, &event.kv, old);
+            }
+        }
+        self.revision = update.copy.revision();
+        self.settle();
+        Ok(())
     }
 
     /// The last revision this view reflects.
@@ -137,8 +175,8 @@ impl View {
     }
 
     /// How many units each machine has claimed (machines with none left out).
-    pub fn claimed_per_machine(&self) -> &HashMap<String, usize> {
-        &self.claimed
+    pub fn claimed_per_machine(&self) -> &OrdMap<String, usize> {
+        self.registry.claims_per_machine()
     }
 
     /// The world a pass plans over.
@@ -157,8 +195,8 @@ impl View {
     }
 
     /// The reasons stored for units that could not be placed.
-    pub fn reasons(&self) -> &BTreeMap<UnitName, String> {
-        &self.reasons
+    pub fn reasons(&self) -> &OrdMap<UnitName, String> {
+        self.registry.reasons()
     }
 
     /// A copy of what a one-off reader needs ([`super::schedule::read_world`]).
@@ -170,99 +208,91 @@ impl View {
                 .iter()
                 .map(|(u, r)| (u.clone(), r.clone()))
                 .collect(),
-            reasons: self.reasons.clone(),
+            reasons: self
+                .reasons()
+                .iter()
+                .map(|(u, r)| (u.clone(), r.clone()))
+                .collect(),
         }
     }
 
-    fn put(&mut self, kv: &KeyValue) {
+    /// Applies one event to the view's own index, then to the rest.
+    fn own(&mut self, kind: EventKind, kv: &KeyValue) {
+        let old = unit_hash(&self.registry, &kv.key);
+        match kind {
+            EventKind::Put => self.registry.put(kv),
+            EventKind::Delete => self.registry.delete(&kv.key),
+        }
+        self.note(kind, kv, old);
+    }
+
+    /// Applies one event, already in [`View::registry`], to what the view
+    /// keeps besides it; `old` is the body hash of the unit before, for an
+    /// event of a unit record.
+    fn note(&mut self, kind: EventKind, kv: &KeyValue, old: Option<UnitHash>) {
         let key = kv.key.as_str();
+        let put = kind == EventKind::Put;
         if let Some(name) = keys::unit_after(keys::UNITS, key) {
-            match records::decode::<UnitRecord>(key, &kv.value) {
-                Ok(record) => self.set_unit(&name, Some(record)),
-                Err(e) => {
-                    tracing::warn!("skipping {e}");
-                    self.set_unit(&name, None);
-                }
-            }
+            self.rehash(&name, old);
+            self.evaluate(&name);
         } else if let Some(hash) = keys::parse_body_key(key) {
-            if !self.bodies.contains_key(&hash) {
-                let body = self.cache.insert(hash, &kv.value);
-                self.bodies.insert(hash, body);
+            if put {
+                if !self.bodies.contains_key(&hash) {
+                    let body = self.cache.insert(hash, &kv.value);
+                    self.bodies.insert(hash, body);
+                    self.evaluate_units_of(&hash);
+                }
+            } else {
+                self.bodies.remove(&hash);
+                self.cache.remove(&hash);
                 self.evaluate_units_of(&hash);
             }
-        } else if let Some(id) = key.strip_prefix(keys::MACHINES) {
-            match records::decode::<MachineRecord>(key, &kv.value) {
-                Ok(record) => {
-                    self.machines.insert(id.to_string(), record);
-                }
-                Err(e) => {
-                    tracing::warn!("{e}");
-                    self.machines.remove(id);
-                }
-            }
-            self.machines_changed = true;
-            self.touched.note_machine(id);
-        } else if let Some(id) = key.strip_prefix(keys::DRAIN) {
-            self.drains.insert(id.to_string());
-            self.machines_changed = true;
-            self.touched.note_machine(id);
-        } else if let Some((id, name)) = keys::parse_metadata_key(key) {
-            self.dynamic.entry(id.to_string()).or_default().insert(
-                name.to_string(),
-                String::from_utf8_lossy(&kv.value).into_owned(),
-            );
+        } else if let Some(id) = key
+            .strip_prefix(keys::MACHINES)
+            .or_else(|| key.strip_prefix(keys::DRAIN))
+            .or_else(|| keys::parse_metadata_key(key).map(|(id, _)| id))
+        {
             self.machines_changed = true;
             self.touched.note_machine(id);
         } else if let Some(unit) = keys::unit_after(keys::PLACED, key) {
-            let machine = String::from_utf8_lossy(&kv.value).into_owned();
             self.touched.note_unit(&unit);
-            self.world.placed.insert(unit, (machine, kv.mod_revision));
-        } else if let Some(unit) = keys::unit_after(keys::REASONS, key) {
-            let reason = String::from_utf8_lossy(&kv.value).into_owned();
-            self.reasons.insert(unit, reason);
-        } else if let Some(at) = keys::parse_state_key(key) {
-            match records::decode::<ReportedState>(key, &kv.value) {
-                Ok(state) => {
-                    self.world.reported.insert(at, state);
+            if put {
+                let machine = String::from_utf8_lossy(&kv.value).into_owned();
+                self.world.placed.insert(unit, (machine, kv.mod_revision));
+            } else {
+                self.world.placed.remove(&unit);
+            }
+        } else if let Some((unit, id)) = keys::parse_state_key(key) {
+            if self.registry.any_drained() {
+                // Make-before-break off a draining machine waits for them.
+                self.touched.note_unit(&unit);
+            }
+            match self.registry.state(&unit, &id) {
+                Some(state) => {
+                    let state = state.clone();
+                    self.world.reported.insert((unit, id), state);
                 }
-                Err(_) => {
-                    self.world.reported.remove(&at);
+                None => {
+                    self.world.reported.remove(&(unit, id));
                 }
             }
         } else {
             match keys::parse_machine_key(key) {
                 Some(MachineKey::Proposal(id, unit)) => {
                     self.touched.note_pair(&unit, &id);
-                    match records::decode::<Proposal>(key, &kv.value) {
-                        Ok(proposal) => {
-                            let seen = Seen {
-                                proposal,
-                                mod_revision: kv.mod_revision,
-                            };
-                            if !self.is_claimed(&unit, &id) {
-                                self.unclaimed
-                                    .insert((unit.clone(), id.clone()), kv.mod_revision);
-                            }
-                            self.world
-                                .proposals
-                                .entry(unit)
-                                .or_default()
-                                .insert(id, seen);
-                        }
-                        Err(_) => self.forget_proposal(&unit, &id),
+                    let proposal = records::decode::<Proposal>(key, &kv.value);
+                    match proposal.ok().filter(|_| put) {
+                        Some(proposal) => self.put_proposal(unit, id, proposal, kv.mod_revision),
+                        None => self.forget_proposal(&unit, &id),
                     }
                 }
                 Some(MachineKey::Claim(id, unit)) => {
                     self.touched.note_pair(&unit, &id);
-                    self.unclaimed.remove(&(unit.clone(), id.clone()));
-                    if self
-                        .world
-                        .claims
-                        .entry(unit)
-                        .or_default()
-                        .insert(id.clone())
-                    {
-                        *self.claimed.entry(id).or_default() += 1;
+                    if put {
+                        self.unclaimed.remove(&(unit.clone(), id.clone()));
+                        self.world.claims.entry(unit).or_default().insert(id);
+                    } else {
+                        self.forget_claim(unit, id);
                     }
                 }
                 Some(MachineKey::Generation(_)) | None => {}
@@ -270,12 +300,27 @@ impl View {
         }
     }
 
-    /// Whether `unit` is claimed on `machine`.
-    fn is_claimed(&self, unit: &UnitName, machine: &str) -> bool {
+    /// Keeps the proposal of `unit` on `machine`, read at `revision`.
+    fn put_proposal(
+        &mut self,
+        unit: UnitName,
+        machine: String,
+        proposal: Proposal,
+        revision: Revision,
+    ) {
+        let seen = Seen {
+            proposal,
+            mod_revision: revision,
+        };
+        if !self.world.is_claimed(&unit, &machine) {
+            self.unclaimed
+                .insert((unit.clone(), machine.clone()), revision);
+        }
         self.world
-            .claims
-            .get(unit)
-            .is_some_and(|on| on.contains(machine))
+            .proposals
+            .entry(unit)
+            .or_default()
+            .insert(machine, seen);
     }
 
     /// Drops the proposal of `unit` on `machine`.
@@ -284,94 +329,43 @@ impl View {
         self.unclaimed.remove(&(unit.clone(), machine.to_string()));
     }
 
-    fn delete(&mut self, key: &str) {
-        if let Some(name) = keys::unit_after(keys::UNITS, key) {
-            self.set_unit(&name, None);
-        } else if let Some(hash) = keys::parse_body_key(key) {
-            self.bodies.remove(&hash);
-            self.cache.remove(&hash);
-            self.evaluate_units_of(&hash);
-        } else if let Some(id) = key.strip_prefix(keys::MACHINES) {
-            self.machines_changed |= self.machines.remove(id).is_some();
-            self.touched.note_machine(id);
-        } else if let Some(id) = key.strip_prefix(keys::DRAIN) {
-            self.machines_changed |= self.drains.remove(id);
-            self.touched.note_machine(id);
-        } else if let Some((id, name)) = keys::parse_metadata_key(key) {
-            if let Some(set) = self.dynamic.get_mut(id) {
-                set.remove(name);
-                if set.is_empty() {
-                    self.dynamic.remove(id);
-                }
+    /// Drops the claim of `unit` on `machine`: its proposal there, if any,
+    /// is unclaimed again.
+    fn forget_claim(&mut self, unit: UnitName, machine: String) {
+        let Some(on) = self.world.claims.get_mut(&unit) else {
+            return;
+        };
+        if on.remove(&machine) {
+            let revision = self
+                .world
+                .proposals
+                .get(&unit)
+                .and_then(|on| on.get(&machine))
+                .map(|seen| seen.mod_revision);
+            if let Some(revision) = revision {
+                self.unclaimed.insert((unit.clone(), machine), revision);
             }
-            self.machines_changed = true;
-            self.touched.note_machine(id);
-        } else if let Some(unit) = keys::unit_after(keys::PLACED, key) {
-            self.world.placed.remove(&unit);
-            self.touched.note_unit(&unit);
-        } else if let Some(unit) = keys::unit_after(keys::REASONS, key) {
-            self.reasons.remove(&unit);
-        } else if let Some(at) = keys::parse_state_key(key) {
-            self.world.reported.remove(&at);
-        } else {
-            match keys::parse_machine_key(key) {
-                Some(MachineKey::Proposal(id, unit)) => {
-                    self.touched.note_pair(&unit, &id);
-                    self.forget_proposal(&unit, &id);
-                }
-                Some(MachineKey::Claim(id, unit)) => {
-                    self.touched.note_pair(&unit, &id);
-                    let Some(on) = self.world.claims.get_mut(&unit) else {
-                        return;
-                    };
-                    if on.remove(&id) {
-                        if let Some(count) = self.claimed.get_mut(&id) {
-                            *count -= 1;
-                            if *count == 0 {
-                                self.claimed.remove(&id);
-                            }
-                        }
-                        let revision = self
-                            .world
-                            .proposals
-                            .get(&unit)
-                            .and_then(|on| on.get(&id))
-                            .map(|seen| seen.mod_revision);
-                        if let Some(revision) = revision {
-                            self.unclaimed.insert((unit.clone(), id.clone()), revision);
-                        }
-                    }
-                    if on.is_empty() {
-                        self.world.claims.remove(&unit);
-                    }
-                }
-                Some(MachineKey::Generation(_)) | None => {}
-            }
+        }
+        if on.is_empty() {
+            self.world.claims.remove(&unit);
         }
     }
 
-    /// Stores (or forgets) the record of unit `name` and decides it again.
-    fn set_unit(&mut self, name: &UnitName, record: Option<UnitRecord>) {
-        let old = match record {
-            Some(record) => {
-                self.by_hash
-                    .entry(record.hash)
-                    .or_default()
-                    .insert(name.clone());
-                self.units.insert(name.clone(), record)
-            }
-            None => self.units.remove(name),
-        };
+    /// Files unit `name` under its body hash now, and no longer under `old`.
+    fn rehash(&mut self, name: &UnitName, old: Option<UnitHash>) {
+        let now = self.registry.unit(name).map(|r| r.hash);
+        if let Some(hash) = now {
+            self.by_hash.entry(hash).or_default().insert(name.clone());
+        }
         if let Some(old) = old
-            && self.units.get(name).is_none_or(|now| now.hash != old.hash)
-            && let Some(names) = self.by_hash.get_mut(&old.hash)
+            && now != Some(old)
+            && let Some(names) = self.by_hash.get_mut(&old)
         {
             names.remove(name);
             if names.is_empty() {
-                self.by_hash.remove(&old.hash);
+                self.by_hash.remove(&old);
             }
         }
-        self.evaluate(name);
     }
 
     /// Decides again whether unit `name` is wanted, unschedulable or
@@ -380,7 +374,7 @@ impl View {
         self.touched.note_wanted(name);
         self.world.wanted.remove(name);
         self.unschedulable.remove(name);
-        let Some(record) = self.units.get(name) else {
+        let Some(record) = self.registry.unit(name) else {
             return;
         };
         let Some(target) = Target::of(record.desired) else {
@@ -433,17 +427,24 @@ impl View {
         }
         self.world.machines.clear();
         self.world.draining.clear();
-        for record in self.machines.values() {
-            if self.drains.contains(&record.id) {
+        for (_, record) in self.registry.machine_records() {
+            if self.registry.is_drained(&record.id) {
                 self.world.draining.insert(record.id.clone());
             } else {
                 self.world.machines.push(Machine {
-                    metadata: metadata::merge(&record.metadata, self.dynamic.get(&record.id)),
+                    metadata: self.registry.metadata_of(record),
                     id: record.id.clone(),
                 });
             }
         }
     }
+}
+
+/// The body hash `index` files the unit of `key` under, if `key` is a unit
+/// record's.
+fn unit_hash(index: &Index, key: &str) -> Option<UnitHash> {
+    let name = keys::unit_after(keys::UNITS, key)?;
+    index.unit(&name).map(|r| r.hash)
 }
 
 /// Removes `outer[unit][machine]`, and `unit` once it has no machine left.
@@ -456,41 +457,6 @@ fn remove_inner<V>(
         on.remove(machine);
         if on.is_empty() {
             outer.remove(unit);
-        }
-    }
-}
-
-/// Why a view's watch ended: the view must be loaded again.
-#[derive(Debug)]
-pub struct WatchEnded(pub ClientError);
-
-/// Sends every batch of events under the registry from revision `from` on,
-/// until the watch fails (its history compacted, or no member answers) or
-/// the receiver is gone; then sends why and returns.
-pub async fn follow(
-    endpoints: Vec<String>,
-    from: Revision,
-    events: UnboundedSender<Result<Vec<Event>, WatchEnded>>,
-) {
-    let client = match Client::connect(&endpoints).await {
-        Ok(client) => client,
-        Err(e) => {
-            let _ = events.send(Err(WatchEnded(e)));
-            return;
-        }
-    };
-    let mut watch = client.watch(keys::ROOT, from);
-    loop {
-        match watch.next().await {
-            Ok(batch) => {
-                if events.send(Ok(batch)).is_err() {
-                    return;
-                }
-            }
-            Err(e) => {
-                let _ = events.send(Err(WatchEnded(e)));
-                return;
-            }
         }
     }
 }
@@ -536,7 +502,10 @@ mod tests {
             5,
         )]);
         assert_eq!(view.unclaimed().count(), 1, "proposed, not claimed");
-        view.apply(&[put(keys::claim("m1", &unit), 6)]);
+        let claim = records::encode(&records::Claim {
+            instance: "i".to_string(),
+        });
+        view.apply(&[event(EventKind::Put, keys::claim("m1", &unit), &claim, 6)]);
         let touched = view.take_touched();
         assert_eq!(
             touched.pairs,
@@ -568,5 +537,67 @@ mod tests {
             [(&unit, &"m1".to_string(), 5)],
             "unclaimed again"
         );
+    }
+
+    fn state(active: &str) -> Vec<u8> {
+        records::encode(&crate::registry::records::ReportedState {
+            hash: UnitHash::of_text("x"),
+            state: crate::registry::UnitState {
+                load: "loaded".to_string(),
+                active: active.to_string(),
+                sub: "running".to_string(),
+            },
+            target: None,
+            reason: None,
+        })
+    }
+
+    /// Fed by a copy's updates, the view keeps no record of its own: the
+    /// world's reported states are the copy's, and an update that skips
+    /// revisions is refused.
+    #[test]
+    fn a_view_fed_by_the_copy_shares_its_records_and_refuses_a_gap() {
+        use super::super::mirror::Snapshot;
+        let unit = UnitName::parse("web@1.service").unwrap();
+        let mut view = View::from_kvs(&[], 1, Arc::default());
+        let mut copy = Snapshot::from_kvs(&[], 1);
+        let mut feed = |view: &mut View, events: Vec<Event>| {
+            let since = copy.revision();
+            copy.apply(&events);
+            let update = Update {
+                since,
+                events: vec![events.into()],
+                copy: copy.clone(),
+            };
+            view.apply_copy(&update).map(|()| copy.clone())
+        };
+        let at = (unit.clone(), "m1".to_string());
+        let put = event(
+            EventKind::Put,
+            keys::state(&unit, "m1"),
+            &state("active"),
+            2,
+        );
+        let copy_now = feed(&mut view, vec![put]).unwrap();
+        assert_eq!(view.revision(), 2);
+        let shared = copy_now.index().state(&unit, "m1").unwrap();
+        assert!(
+            Arc::ptr_eq(shared, &view.world().reported[&at]),
+            "the same record, not a copy"
+        );
+        // An update the view is past changes nothing.
+        let old = Update::loaded(Snapshot::from_kvs(&[], 1));
+        assert_eq!(view.apply_copy(&old), Ok(()));
+        assert_eq!(view.revision(), 2);
+        assert_eq!(view.world().reported.len(), 1);
+        // A copy that loaded again past the view: events are missing.
+        let reloaded = Update::loaded(Snapshot::from_kvs(&[], 5));
+        assert_eq!(
+            view.apply_copy(&reloaded),
+            Err(Behind { since: 5, view: 2 })
+        );
+        let gone = event(EventKind::Delete, keys::state(&unit, "m1"), b"", 3);
+        feed(&mut view, vec![gone]).unwrap();
+        assert!(view.world().reported.is_empty());
     }
 }

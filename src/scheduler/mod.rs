@@ -2,7 +2,9 @@
 //! proposals under each chosen machine's own prefix.
 //!
 //! It keeps the world in memory ([`crate::registry::view`]): read once when
-//! its member starts leading, then kept current by a watch on the registry.
+//! its member starts leading, then kept current by following the member's
+//! one copy of the registry ([`crate::registry::mirror`], which the API
+//! reads too), whose decoded index the view shares.
 //! A pass runs the pure [`plan`] over that view and has the registry write
 //! the changes as guarded transactions. A pass decides only the units whose
 //! decision what changed since the last pass may change
@@ -26,7 +28,8 @@
 //! from changed, when an unclaimed proposal reaches the claim bound (which
 //! moves it; the bound counts from the machine's last claim too, so a busy
 //! host's backlog stays put), and every [`BACKSTOP`] as a safety net: an idle cluster costs
-//! it nothing. A broken watch (history compacted) reloads the view. A deposed
+//! it nothing. A copy that loaded again (its watch broke: history compacted) reloads
+//! the view. A deposed
 //! leader's scheduler stops; any stale write it still makes fails its
 //! compares.
 
@@ -36,15 +39,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use imbl::OrdMap;
+
 use crate::consensus::client::{Client, ClientError};
-use crate::consensus::kv::Event;
 use crate::consensus::runner::Handle;
+use crate::registry::mirror::{Following, Mirror, Update};
 use crate::registry::schedule::{self, Touched, Writers};
-use crate::registry::view::{self, View, WatchEnded};
+use crate::registry::view::{Behind, View};
 use crate::registry::{BodyCache, Revision};
 use crate::units::UnitName;
 
@@ -57,12 +60,18 @@ const DEBOUNCE: Duration = Duration::from_millis(5);
 const CATCH_UP: Duration = Duration::from_secs(1);
 /// How often a scheduler with nothing to do checks that it still leads.
 const LEADERSHIP: Duration = Duration::from_millis(200);
+/// How long a new leader's scheduler waits for the member's copy of the
+/// registry to load before it loads its view (which it then loads anyway).
+const COPY_LOAD: Duration = Duration::from_secs(5);
 
 /// Runs the scheduler whenever this member leads, until the member stops,
-/// reading unit bodies through `bodies` (the daemon's one cache).
+/// reading unit bodies through `bodies` (the daemon's one cache) and
+/// following the registry through `mirror` (the member's one copy, which the
+/// API reads too).
 pub async fn run(
     node: Handle,
     endpoints: Vec<String>,
+    mirror: Mirror,
     claim_timeout: Duration,
     bodies: Arc<BodyCache>,
 ) {
@@ -82,7 +91,7 @@ pub async fn run(
             Err(_) => return,
             Ok(status) if status.leader == status.id && status.id != 0 => {
                 tracing::info!("this member leads: scheduling");
-                if let Err(e) = scheduler.lead(&node, &endpoints).await {
+                if let Err(e) = scheduler.lead(&node, &endpoints, &mirror).await {
                     tracing::warn!("scheduler: {e}; retrying");
                 }
             }
@@ -116,57 +125,61 @@ struct Scheduler {
     index: plan::Index,
 }
 
-/// Batches of registry events, or why the watch ended.
-type Events = mpsc::UnboundedReceiver<Result<Vec<Event>, WatchEnded>>;
-
-/// The view and the watch task that keeps it current.
+/// The view and the updates of the member's copy that keep it current.
 struct Followed {
     view: View,
-    events: Events,
-    task: JoinHandle<()>,
+    updates: Following,
 }
 
 impl Followed {
-    /// Loads the view and starts following the registry from its revision.
+    /// Follows the member's copy, then loads the view (so no update past
+    /// the view's revision is missed) and adopts the copy's index when the
+    /// copy is at the view's revision (else its next update does).
     async fn start(
         client: &Client,
-        endpoints: &[String],
+        mirror: &Mirror,
         bodies: &Arc<BodyCache>,
     ) -> Result<Followed, ClientError> {
-        let view = View::load(client, bodies.clone()).await?;
-        let (tx, events) = mpsc::unbounded_channel();
-        let task = tokio::spawn(view::follow(endpoints.to_vec(), view.revision() + 1, tx));
-        Ok(Followed { view, events, task })
-    }
-
-    /// Applies every batch already received; `Err` when the watch ended.
-    fn drain(&mut self) -> Result<(), WatchEnded> {
-        loop {
-            match self.events.try_recv() {
-                Ok(batch) => self.view.apply(&batch?),
-                Err(mpsc::error::TryRecvError::Empty) => return Ok(()),
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    return Err(WatchEnded(ClientError::Protocol(
-                        "the registry watch task ended".into(),
-                    )));
-                }
-            }
+        let updates = mirror.follow();
+        // Loading the view after the copy saves loading it twice (a copy
+        // loaded past the view's revision would make the view load again).
+        mirror.loaded(COPY_LOAD).await;
+        let mut view = View::load(client, bodies.clone()).await?;
+        if let Some(copy) = mirror.current()
+            && copy.revision() == view.revision()
+        {
+            // At the view's revision: it cannot be behind.
+            let _ = view.apply_copy(&Update::loaded(copy));
         }
+        Ok(Followed { view, updates })
     }
-}
 
-impl Drop for Followed {
-    fn drop(&mut self) {
-        self.task.abort();
+    /// Takes one update; `Err` when the view must be loaded again.
+    fn take(&mut self, update: Update) -> Result<(), Behind> {
+        self.view.apply_copy(&update)
+    }
+
+    /// Takes the updates already posted; `Err` when the view must be loaded
+    /// again.
+    fn drain(&mut self) -> Result<(), Behind> {
+        match self.updates.try_next() {
+            Some(update) => self.take(update),
+            None => Ok(()),
+        }
     }
 }
 
 impl Scheduler {
     /// Schedules until this member no longer leads.
-    async fn lead(&mut self, node: &Handle, endpoints: &[String]) -> Result<(), ClientError> {
+    async fn lead(
+        &mut self,
+        node: &Handle,
+        endpoints: &[String],
+        mirror: &Mirror,
+    ) -> Result<(), ClientError> {
         let writers = Writers::connect(endpoints).await?;
         let client = writers.first();
-        let mut followed = Followed::start(client, endpoints, &self.bodies).await?;
+        let mut followed = Followed::start(client, mirror, &self.bodies).await?;
         self.first_seen.clear();
         self.next_stale = None;
         self.claimed.clear();
@@ -211,22 +224,18 @@ impl Scheduler {
                 }
             }
             tokio::select! {
-                batch = followed.events.recv() => {
-                    let ended = match batch {
-                        Some(Ok(batch)) => {
-                            followed.view.apply(&batch);
+                update = followed.updates.next() => {
+                    let taken = match followed.take(update) {
+                        Ok(()) => {
                             // Let a burst of writes land before the next pass.
                             tokio::time::sleep(DEBOUNCE).await;
-                            followed.drain().err()
+                            followed.drain()
                         }
-                        Some(Err(ended)) => Some(ended),
-                        None => Some(WatchEnded(ClientError::Protocol(
-                            "the registry watch task ended".into(),
-                        ))),
+                        Err(e) => Err(e),
                     };
-                    if let Some(WatchEnded(e)) = ended {
-                        tracing::info!("scheduler: registry watch ended ({e}); reading it again");
-                        followed = Followed::start(client, endpoints, &self.bodies).await?;
+                    if let Err(e) = taken {
+                        tracing::info!("scheduler: {e}; reading the registry again");
+                        followed = Followed::start(client, mirror, &self.bodies).await?;
                         written = 0;
                     }
                 }
@@ -303,7 +312,7 @@ impl Scheduler {
     fn age_proposals<'v>(
         &mut self,
         unclaimed: impl Iterator<Item = (&'v UnitName, &'v String, Revision)>,
-        claimed: &HashMap<String, usize>,
+        claimed: &OrdMap<String, usize>,
         now: Instant,
     ) -> BTreeSet<(UnitName, String)> {
         for (machine, count) in claimed {
@@ -373,7 +382,7 @@ mod tests {
                 .iter()
                 .filter(|pair| !self.claimed.contains(*pair))
                 .map(|(u, m)| (u, m, 1));
-            let mut counts: HashMap<String, usize> = HashMap::new();
+            let mut counts: OrdMap<String, usize> = OrdMap::new();
             for (_, machine) in &self.claimed {
                 *counts.entry(machine.clone()).or_default() += 1;
             }

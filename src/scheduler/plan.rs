@@ -666,13 +666,6 @@ impl<'w> Pass<'w> {
         })
     }
 
-    fn claimed(&self, unit: &UnitName, machine: &str) -> bool {
-        self.world
-            .claims
-            .get(unit)
-            .is_some_and(|on| on.contains(machine))
-    }
-
     fn place_global(&mut self, unit: &UnitName, wanted: &Wanted) {
         let targets: BTreeSet<String> = match self.decide(unit, wanted, None) {
             Outcome::Every { machines } => machines.into_iter().collect(),
@@ -716,7 +709,7 @@ impl<'w> Pass<'w> {
             })
             .unwrap_or_default();
         // Never more than one proposal: keep a claimed one, else the first.
-        current.sort_by_key(|(m, _)| (!self.claimed(unit, m), m.clone()));
+        current.sort_by_key(|(m, _)| (!self.world.is_claimed(unit, m), m.clone()));
         for (machine, _) in current.iter().skip(1) {
             self.withdraw(unit, machine);
         }
@@ -728,7 +721,7 @@ impl<'w> Pass<'w> {
             }
             return;
         };
-        let claimed = self.claimed(unit, &machine);
+        let claimed = self.world.is_claimed(unit, &machine);
         if !claimed && self.world.claims.get(unit).is_some_and(|on| !on.is_empty()) {
             // Still running elsewhere, being stopped there: this machine's
             // agent could claim it meanwhile and run it twice.
@@ -854,7 +847,7 @@ impl<'w> Pass<'w> {
             unreachable!("found as a proposal");
         };
         self.live.remove(&key);
-        if !self.claimed(unit, machine) {
+        if !self.world.is_claimed(unit, machine) {
             self.occupants.remove(&key);
         }
         self.moved(unit, machine);

@@ -26,7 +26,7 @@ impl Pass<'_> {
     /// Whether `unit` claimed on `machine` stays there because the machine
     /// is draining (for units placement would otherwise take away at once).
     pub(super) fn stays_while_draining(&self, unit: &UnitName, machine: &str) -> bool {
-        self.world.draining.contains(machine) && self.claimed(unit, machine)
+        self.world.draining.contains(machine) && self.world.is_claimed(unit, machine)
     }
 
     /// Moves `unit` make-before-break if it is claimed on a draining machine;
@@ -59,7 +59,7 @@ impl Pass<'_> {
         for (extra, _) in &others[1..] {
             self.withdraw(unit, extra);
         }
-        let claimed = self.claimed(unit, &to);
+        let claimed = self.world.is_claimed(unit, &to);
         let lost = !self.alive.contains_key(to.as_str())
             || (!claimed && self.world.stale.contains(&(unit.clone(), to.clone())));
         if lost {
@@ -103,6 +103,7 @@ mod tests {
     use crate::registry::records::{Proposal, ReportedState, Target};
     use crate::units::Unit;
     use crate::units::placement::Machine;
+    use std::sync::Arc;
 
     fn name(unit: &str) -> UnitName {
         UnitName::parse(unit).unwrap()
@@ -153,7 +154,7 @@ mod tests {
         w.claims.entry(name(unit)).or_default().insert(id(m));
         w.reported.insert(
             (name(unit), id(m)),
-            ReportedState {
+            Arc::new(ReportedState {
                 hash: proposal.hash,
                 state: UnitState {
                     load: "loaded".into(),
@@ -162,7 +163,7 @@ mod tests {
                 },
                 target: Some(proposal.target),
                 reason: None,
-            },
+            }),
         );
     }
 

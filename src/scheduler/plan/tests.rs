@@ -4,6 +4,7 @@ use crate::registry::records::{Proposal, ReportedState, Target};
 use crate::units::colocation;
 use crate::units::{Unit, UnitHash};
 use proptest::prelude::*;
+use std::sync::Arc;
 
 // ---- building worlds ------------------------------------------------
 
@@ -119,10 +120,6 @@ fn unplaceable(plan: &Plan) -> Vec<&str> {
 
 // ---- simulating the store and the agents ----------------------------
 
-fn is_claimed(w: &World, unit: &UnitName, machine: &str) -> bool {
-    w.claims.get(unit).is_some_and(|on| on.contains(machine))
-}
-
 fn revision_of(w: &World, unit: &UnitName, machine: &str) -> Option<Revision> {
     w.proposals
         .get(unit)
@@ -153,7 +150,7 @@ fn assert_guards_hold(read: &World, changes: &[Change]) {
                 if let Some((old, rev)) = from {
                     assert_ne!(old, machine, "{change:?}");
                     assert_eq!(revision_of(read, unit, old), Some(*rev), "{change:?}");
-                    assert!(!is_claimed(read, unit, old), "{change:?}");
+                    assert!(!read.is_claimed(unit, old), "{change:?}");
                 }
             }
             Change::Update {
@@ -1209,7 +1206,7 @@ fn check_round(read: &World, plan: &Plan, after: &World) -> Result<(), TestCaseE
         for machine in on.keys() {
             // An unclaimed proposal may be claimed at any moment: the unit
             // must not be running anywhere.
-            if !is_claimed(read, unit, machine) {
+            if !read.is_claimed(unit, machine) {
                 prop_assert!(
                     read.claims.get(unit).is_none_or(BTreeSet::is_empty),
                     "{unit} proposed unclaimed on {machine} while claimed on {:?}",
@@ -1490,7 +1487,7 @@ fn happen(w: &mut World, specs: &[Spec], (what, u, m, flag): Event, next: &mut R
                 && w.proposals
                     .get(&unit)
                     .is_some_and(|on| on.contains_key(&machine_id))
-                && !is_claimed(w, &unit, &machine_id)
+                && !w.is_claimed(&unit, &machine_id)
             {
                 w.stale.insert(pair);
             }
@@ -1503,7 +1500,7 @@ fn happen(w: &mut World, specs: &[Spec], (what, u, m, flag): Event, next: &mut R
                 .map_or(UnitHash::of_text("x"), |x| x.proposal.hash);
             w.reported.insert(
                 (unit, machine_id),
-                ReportedState {
+                Arc::new(ReportedState {
                     hash,
                     state: UnitState {
                         load: "loaded".into(),
@@ -1512,7 +1509,7 @@ fn happen(w: &mut World, specs: &[Spec], (what, u, m, flag): Event, next: &mut R
                     },
                     target: Some(Target::Launched),
                     reason: None,
-                },
+                }),
             );
         }
         // Someone else's write: a proposal appears (a deposed scheduler).
