@@ -296,6 +296,7 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
     let names = fleet_sim::unit_names(args.units, args.hosts);
     let before = gauges(&servers).await?;
     let served_before = served(&servers).await;
+    let bulk_kinds_before = entry_kinds(&servers, before.leader).await;
     let probing = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let probe = tokio::spawn(probe_api(
         servers.apis.clone(),
@@ -336,6 +337,12 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
     let api = probe.await?;
     let served_loaded = served(&servers).await;
     let after = gauges(&servers).await?;
+    // Counted by the member that led at the start: a leader change makes
+    // these a follower's (the same entries, applied there too).
+    let bulk_entries = store_tally::entry_kinds_delta(
+        &bulk_kinds_before,
+        &entry_kinds(&servers, before.leader).await,
+    );
     let first_start = first_starts(&fleet, None);
     let mut start_latency: Vec<Duration> = names
         .iter()
@@ -362,19 +369,25 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
             "api_in_process": in_process(&served_before, &served_loaded),
             "raft_entries_per_placement": entries as f64 / args.units as f64,
             "leader_store_bytes_per_placement": leader_bytes as f64 / args.units as f64,
+            "raft_entries_by_kind": bulk_entries,
             "member_cpu_pct": cpu, "leader": after.leader, "sim_cpu_pct": sim_cpu})
     );
 
     // 3. idle.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // Outside the window, and from a follower: a scrape reads the registry
+    // (the cluster's figures), which the idle leader's CPU must not include.
+    let follower = (gauges(&servers).await?.leader + 1) % servers.endpoints.len();
+    let kinds_before = entry_kinds(&servers, follower).await;
+    let tally = Tally::start(&servers.endpoints).await?;
     let before = gauges(&servers).await?;
-    let kinds_before = entry_kinds(&servers, before.leader).await;
-    let tally = Tally::start(&servers.endpoints, before.revision).await?;
     let sim_events = fleet.journal.events().len();
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
     let after = gauges(&servers).await?;
-    let kinds_after = entry_kinds(&servers, before.leader).await;
-    let writes = tally.finish(after.revision, TOP_WRITERS).await;
+    let kinds_after = entry_kinds(&servers, follower).await;
+    let writes = tally
+        .finish(before.revision, after.revision, TOP_WRITERS)
+        .await;
     let entries = store_tally::entry_kinds_delta(&kinds_before, &kinds_after);
     let (cpu, sim_cpu) = cpu_percent(&before, &after);
     let secs = after.at.duration_since(before.at).as_secs_f64();

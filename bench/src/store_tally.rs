@@ -2,8 +2,8 @@
 //!
 //! Entries per second alone could not say why an idle cluster sometimes
 //! wrote 20 times more than usual (issue 14). Two views answer it:
-//! * [`Tally`]: a watch of the whole registry (`/flotilla/`) over a window
-//!   of revisions, each change counted by the kind of key it touched (as
+//! * [`Tally`]: a watch of the whole registry (`/flotilla/`), counted over
+//!   a window of revisions, each change counted by the kind of key it touched (as
 //!   [`flotilla::registry::keys`] lays them out: a claim, a reported state,
 //!   a proposal, ...), and by the machine and the unit it belongs to, so a
 //!   few agents or units writing over and over stand out;
@@ -20,23 +20,15 @@ use flotilla::consensus::kv::{EventKind, Revision};
 use flotilla::registry::keys::{self, MachineKey};
 use serde_json::{Value, json};
 
-/// Changes counted so far.
-#[derive(Debug, Default)]
-struct Counts {
-    /// `kind put|delete` → changes.
-    by_kind: BTreeMap<String, u64>,
-    /// machine id → changes under its keys.
-    by_machine: BTreeMap<String, u64>,
-    /// unit → changes under its keys.
-    by_unit: BTreeMap<String, u64>,
-    /// Changes counted (inside the window).
-    total: u64,
-}
+/// One change as the tally keeps it: its revision, the kind of key and
+/// put or delete, and the machine and unit it belongs to.
+type Change = (Revision, String, Option<String>, Option<String>);
 
-/// A running watch of `/flotilla/` that counts every change with a
-/// revision in `(from, until]`; stops when dropped.
+/// A running watch of `/flotilla/` that keeps every change from its start;
+/// [`Tally::finish`] counts those in a window of revisions. Stops when
+/// dropped.
 pub struct Tally {
-    counts: Arc<Mutex<Counts>>,
+    seen: Arc<Mutex<Vec<Change>>>,
     task: tokio::task::JoinHandle<()>,
     /// Where the watch has got to: the revision after the last it delivered.
     reached: Arc<Mutex<Revision>>,
@@ -90,17 +82,19 @@ pub fn classify(key: &str) -> (&'static str, Option<String>, Option<String>) {
 }
 
 impl Tally {
-    /// Starts counting the changes after revision `from`, through
+    /// Starts watching from the store's current revision, through
     /// `endpoints`.
-    pub async fn start(endpoints: &[String], from: Revision) -> anyhow::Result<Tally> {
+    pub async fn start(endpoints: &[String]) -> anyhow::Result<Tally> {
         let client = Client::connect(endpoints).await?;
-        let counts = Arc::new(Mutex::new(Counts::default()));
+        // The root itself is no key: only the read's revision is wanted.
+        let (_, from) = client.range(keys::ROOT, false, false).await?;
+        let seen = Arc::new(Mutex::new(Vec::new()));
         let reached = Arc::new(Mutex::new(from + 1));
-        let (shared, at) = (counts.clone(), reached.clone());
+        let (shared, at) = (seen.clone(), reached.clone());
         let task = tokio::spawn(async move {
             let mut watch = client.watch(keys::ROOT, from + 1);
             while let Ok(events) = watch.next().await {
-                let mut counts = shared.lock().expect("tally lock");
+                let mut seen = shared.lock().expect("tally lock");
                 for event in events {
                     let (kind, machine, unit) = classify(&event.kv.key);
                     let op = match event.kind {
@@ -108,30 +102,24 @@ impl Tally {
                         EventKind::Delete => "delete",
                     };
                     let revision = event.kv.mod_revision;
-                    counts.total += 1;
-                    *counts.by_kind.entry(format!("{kind} {op}")).or_default() += 1;
-                    if let Some(machine) = machine {
-                        *counts.by_machine.entry(machine).or_default() += 1;
-                    }
-                    if let Some(unit) = unit {
-                        *counts.by_unit.entry(unit).or_default() += 1;
-                    }
+                    seen.push((revision, format!("{kind} {op}"), machine, unit));
                     let mut reached = at.lock().expect("tally lock");
                     *reached = (*reached).max(revision + 1);
                 }
             }
         });
         Ok(Tally {
-            counts,
+            seen,
             task,
             reached,
         })
     }
 
     /// Waits (up to 5 s) until the watch has delivered revision `until`,
-    /// stops it, and returns what it counted: per key kind, and the machines
-    /// and units with the most changes (at most `top` of each).
-    pub async fn finish(self, until: Revision, top: usize) -> Value {
+    /// stops it, and counts the changes after revision `from` up to `until`:
+    /// per key kind, and the machines and units with the most changes (at
+    /// most `top` of each).
+    pub async fn finish(self, from: Revision, until: Revision, top: usize) -> Value {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while *self.reached.lock().expect("tally lock") <= until
             && std::time::Instant::now() < deadline
@@ -139,7 +127,23 @@ impl Tally {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         self.task.abort();
-        let counts = self.counts.lock().expect("tally lock");
+        let seen = self.seen.lock().expect("tally lock");
+        let (mut by_kind, mut by_machine, mut by_unit) =
+            (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+        let mut total = 0u64;
+        for (revision, kind, machine, unit) in seen.iter() {
+            if *revision <= from || *revision > until {
+                continue;
+            }
+            total += 1;
+            *by_kind.entry(kind.clone()).or_insert(0u64) += 1;
+            if let Some(machine) = machine {
+                *by_machine.entry(machine.clone()).or_insert(0u64) += 1;
+            }
+            if let Some(unit) = unit {
+                *by_unit.entry(unit.clone()).or_insert(0u64) += 1;
+            }
+        }
         let most = |map: &BTreeMap<String, u64>| {
             let mut all: Vec<(&String, &u64)> = map.iter().collect();
             all.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
@@ -149,12 +153,12 @@ impl Tally {
                 .collect::<Vec<_>>()
         };
         json!({
-            "changes": counts.total,
-            "by_kind": counts.by_kind,
-            "machines_writing": counts.by_machine.len(),
-            "top_machines": most(&counts.by_machine),
-            "units_written": counts.by_unit.len(),
-            "top_units": most(&counts.by_unit),
+            "changes": total,
+            "by_kind": by_kind,
+            "machines_writing": by_machine.len(),
+            "top_machines": most(&by_machine),
+            "units_written": by_unit.len(),
+            "top_units": most(&by_unit),
         })
     }
 }
