@@ -187,6 +187,88 @@ impl Family {
     }
 }
 
+/// What a Raft log entry did when this member applied it: the label of
+/// `flotilla_raft_entries_applied_total`. Entries per second alone cannot
+/// say who keeps an idle cluster busy (issue 14's idle runs at 115 and 236
+/// entries/s against 5–10); these kinds can, with a store watch for the keys
+/// the writes touched (`flotilla-bench sim`'s idle phase).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A new leader's empty entry.
+    Empty,
+    /// A membership change.
+    Membership,
+    /// A transaction that changed keys (made watch events).
+    Write,
+    /// A transaction that changed nothing: a compare failed, or its ops
+    /// had nothing to do (deleting absent keys).
+    Unchanged,
+    /// One lease keep-alive ([`crate::consensus::kv::Command::LeaseKeepAlive`]).
+    KeepAlive,
+    /// A batch of keep-alives ([`crate::consensus::kv::Command::LeaseKeepAlives`]).
+    KeepAlives,
+    /// A lease granted.
+    LeaseGrant,
+    /// A lease revoked by its holder.
+    LeaseRevoke,
+    /// Leases the leader saw run out.
+    LeaseExpire,
+    /// The leader's record of the time each lease has left.
+    LeaseCheckpoint,
+}
+
+impl EntryKind {
+    /// Every kind, in the exposition's order.
+    pub const ALL: [EntryKind; 10] = [
+        EntryKind::Empty,
+        EntryKind::Membership,
+        EntryKind::Write,
+        EntryKind::Unchanged,
+        EntryKind::KeepAlive,
+        EntryKind::KeepAlives,
+        EntryKind::LeaseGrant,
+        EntryKind::LeaseRevoke,
+        EntryKind::LeaseExpire,
+        EntryKind::LeaseCheckpoint,
+    ];
+
+    /// The `kind` label's value.
+    pub fn label(self) -> &'static str {
+        match self {
+            EntryKind::Empty => "empty",
+            EntryKind::Membership => "membership",
+            EntryKind::Write => "write",
+            EntryKind::Unchanged => "unchanged",
+            EntryKind::KeepAlive => "keep_alive",
+            EntryKind::KeepAlives => "keep_alives",
+            EntryKind::LeaseGrant => "lease_grant",
+            EntryKind::LeaseRevoke => "lease_revoke",
+            EntryKind::LeaseExpire => "lease_expire",
+            EntryKind::LeaseCheckpoint => "lease_checkpoint",
+        }
+    }
+}
+
+/// Applied Raft entries by [`EntryKind`]: one counter each.
+#[derive(Debug)]
+pub struct EntryCounts([Counter; EntryKind::ALL.len()]);
+
+impl EntryCounts {
+    const fn new() -> EntryCounts {
+        EntryCounts([const { Counter::new() }; EntryKind::ALL.len()])
+    }
+
+    /// Counts one applied entry of `kind`.
+    pub fn add(&self, kind: EntryKind) {
+        self.0[kind as usize].add(1);
+    }
+
+    /// Entries of `kind` applied so far.
+    pub fn get(&self, kind: EntryKind) -> u64 {
+        self.0[kind as usize].get()
+    }
+}
+
 /// Every instrument of this process. See the module documentation.
 #[derive(Debug)]
 pub struct Metrics {
@@ -200,6 +282,8 @@ pub struct Metrics {
     pub raft_is_leader: Gauge,
     /// Times this member saw the leader change (to another or to none).
     pub raft_leader_changes: Counter,
+    /// Raft log entries this member applied, by what they did.
+    pub raft_entries_applied: EntryCounts,
     /// From a proposal reaching the Raft thread to its outcome.
     pub raft_proposal_seconds: Histogram,
     /// One durable write of the Raft log (redb commit with its fsync).
@@ -250,6 +334,7 @@ pub static METRICS: Metrics = Metrics {
     raft_applied_index: Gauge::new(),
     raft_is_leader: Gauge::new(),
     raft_leader_changes: Counter::new(),
+    raft_entries_applied: EntryCounts::new(),
     raft_proposal_seconds: Histogram::new(),
     disk_fsync_seconds: Histogram::new(),
     store_bytes: Gauge::new(),
@@ -406,6 +491,19 @@ pub fn render(cluster: Option<&Cluster>) -> String {
         header(&mut out, name, help, "counter");
         let _ = writeln!(out, "{name} {}", counter.get());
     }
+    if m.raft_applied_index.get().is_some() {
+        let name = "flotilla_raft_entries_applied_total";
+        header(
+            &mut out,
+            name,
+            "Raft log entries this member applied, by what they did.",
+            "counter",
+        );
+        for kind in EntryKind::ALL {
+            let n = m.raft_entries_applied.get(kind);
+            let _ = writeln!(out, "{name}{{kind=\"{}\"}} {n}", kind.label());
+        }
+    }
     let histograms: [(&str, &str, &dyn Series); 6] = [
         (
             "flotilla_raft_proposal_duration_seconds",
@@ -498,6 +596,7 @@ fn escape(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     #[test]
     fn histograms_are_cumulative_and_count_everything() {
@@ -546,6 +645,33 @@ mod tests {
             let (_, value) = line.rsplit_once(' ').unwrap();
             assert!(value.parse::<f64>().is_ok(), "{line}");
         }
+    }
+
+    #[test]
+    fn applied_entries_are_counted_by_kind_and_shown_with_the_raft_figures() {
+        let counts = EntryCounts::new();
+        counts.add(EntryKind::Unchanged);
+        counts.add(EntryKind::Unchanged);
+        counts.add(EntryKind::KeepAlives);
+        assert_eq!(counts.get(EntryKind::Unchanged), 2);
+        assert_eq!(counts.get(EntryKind::KeepAlives), 1);
+        assert_eq!(counts.get(EntryKind::Write), 0);
+        let labels: BTreeSet<&str> = EntryKind::ALL.iter().map(|k| k.label()).collect();
+        assert_eq!(labels.len(), EntryKind::ALL.len(), "labels must differ");
+        for (i, kind) in EntryKind::ALL.iter().enumerate() {
+            assert_eq!(*kind as usize, i, "ALL is in declaration order");
+        }
+        METRICS.raft_applied_index.set(7);
+        METRICS.raft_entries_applied.add(EntryKind::LeaseCheckpoint);
+        let text = render(None);
+        assert!(
+            text.contains("flotilla_raft_entries_applied_total{kind=\"lease_checkpoint\"} "),
+            "{text}"
+        );
+        assert!(
+            text.contains("flotilla_raft_entries_applied_total{kind=\"unchanged\"} "),
+            "{text}"
+        );
     }
 
     #[test]

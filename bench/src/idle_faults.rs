@@ -60,9 +60,13 @@ pub struct IdleFaultsArgs {
 pub async fn run(args: IdleFaultsArgs) -> Result<()> {
     let args = &args;
     let logs = "servers/m0.log..m2.log";
-    crate::sim::in_fresh_dir(&args.work_dir, "flotilla-idle-", logs, |dir| async move {
-        run_in(args, &dir).await
-    })
+    crate::sim::in_fresh_dir(
+        &args.work_dir,
+        "flotilla-idle-",
+        logs,
+        false,
+        |dir| async move { run_in(args, &dir).await },
+    )
     .await
 }
 

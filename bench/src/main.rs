@@ -32,6 +32,7 @@ mod plot;
 mod schedule;
 mod sim;
 mod store_memory;
+mod store_tally;
 mod store_watch;
 
 use std::path::{Path, PathBuf};

@@ -10,6 +10,8 @@
 //!    batch, as `flotilla start` of many units does), while a prober times
 //!    the API's list calls; until every unit runs;
 //! 3. idle: nothing changes for `--idle-secs`: Raft entries/s (keep-alives),
+//!    and who makes them: the leader's applied entries by kind and every
+//!    store change by key kind, machine and unit ([`crate::store_tally`]);
 //!    CPU of each member and of the simulator; then the API's list calls
 //!    timed again for 15 s, idle (the loaded numbers' peer);
 //! 4. failover: a tenth of the hosts die at once; per moved unit, the time
@@ -33,6 +35,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::fleet_sim::{self, Fleet, Model, Servers};
+use crate::store_tally::{self, Tally};
 use crate::store_watch::Recorder;
 
 /// Options of `flotilla-bench sim`.
@@ -81,6 +84,9 @@ pub struct SimArgs {
     /// Where the members' data and the hosts' files go (removed afterwards).
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     pub work_dir: PathBuf,
+    /// Keep the work directory (the members' logs) after a successful run too.
+    #[arg(long)]
+    pub keep: bool,
     /// The flotilla binary [default: ../target/release/flotilla next to this crate].
     #[arg(long)]
     pub flotilla_bin: Option<PathBuf>,
@@ -127,15 +133,22 @@ pub async fn run(args: SimArgs) -> Result<()> {
         &args.work_dir,
         "flotilla-sim-",
         "m0.log..m2.log",
+        args.keep,
         |dir| async move { run_in(args, &dir).await },
     )
     .await
 }
 
 /// Runs `body` in a fresh directory named `prefix...` under `work_dir`,
-/// removed after a success and kept after a failure (said on stderr, with
-/// where the member logs `logs` are in it).
-pub async fn in_fresh_dir<F, Fut>(work_dir: &Path, prefix: &str, logs: &str, body: F) -> Result<()>
+/// removed after a success unless `keep`, and kept after a failure (said on
+/// stderr, with where the member logs `logs` are in it).
+pub async fn in_fresh_dir<F, Fut>(
+    work_dir: &Path,
+    prefix: &str,
+    logs: &str,
+    keep: bool,
+    body: F,
+) -> Result<()>
 where
     F: FnOnce(PathBuf) -> Fut,
     Fut: std::future::Future<Output = Result<()>>,
@@ -146,7 +159,7 @@ where
         .with_context(|| format!("creating a temp dir in {}", work_dir.display()))?;
     eprintln!("data under {}", work.path().display());
     let result = body(work.path().to_path_buf()).await;
-    if result.is_err() {
+    if result.is_err() || keep {
         let kept = work.keep();
         eprintln!("kept {} (member logs {logs})", kept.display());
     }
@@ -159,6 +172,8 @@ where
 struct Gauges {
     at: Instant,
     applied: u64,
+    /// The store's revision (the highest a member reports).
+    revision: u64,
     store_bytes: Vec<u64>,
     cpu_ticks: Vec<u64>,
     own_ticks: u64,
@@ -167,6 +182,7 @@ struct Gauges {
 
 async fn gauges(servers: &Servers) -> Result<Gauges> {
     let mut applied = 0;
+    let mut revision = 0;
     let mut store_bytes = Vec::new();
     let mut leader = 0;
     for (i, endpoint) in servers.endpoints.iter().enumerate() {
@@ -174,6 +190,7 @@ async fn gauges(servers: &Servers) -> Result<Gauges> {
             .await
             .with_context(|| format!("status of member m{i}"))?;
         applied = applied.max(status.applied);
+        revision = revision.max(status.revision);
         store_bytes.push(status.store_bytes);
         if status.leader == status.id {
             leader = i;
@@ -182,6 +199,7 @@ async fn gauges(servers: &Servers) -> Result<Gauges> {
     Ok(Gauges {
         at: Instant::now(),
         applied,
+        revision,
         store_bytes,
         cpu_ticks: servers.pids().iter().map(|p| cpu_ticks(*p)).collect(),
         own_ticks: cpu_ticks(std::process::id()),
@@ -294,6 +312,7 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
     let names = fleet_sim::unit_names(args.units, args.hosts);
     let before = gauges(&servers).await?;
     let served_before = served(&servers).await;
+    let bulk_kinds_before = entry_kinds(&servers, before.leader).await;
     let probing = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let probe = tokio::spawn(probe_api(
         servers.apis.clone(),
@@ -342,6 +361,12 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
     let api = probe.await?;
     let served_loaded = served(&servers).await;
     let after = gauges(&servers).await?;
+    // Counted by the member that led at the start: a leader change makes
+    // these a follower's (the same entries, applied there too).
+    let bulk_entries = store_tally::entry_kinds_delta(
+        &bulk_kinds_before,
+        &entry_kinds(&servers, before.leader).await,
+    );
     let first_start = first_starts(&fleet, None);
     let mut start_latency: Vec<Duration> = names
         .iter()
@@ -368,21 +393,35 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
             "api_in_process": in_process(&served_before, &served_loaded),
             "raft_entries_per_placement": entries as f64 / args.units as f64,
             "leader_store_bytes_per_placement": leader_bytes as f64 / args.units as f64,
+            "raft_entries_by_kind": bulk_entries,
             "member_cpu_pct": cpu, "leader": after.leader, "sim_cpu_pct": sim_cpu})
     );
 
     // 3. idle.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // Outside the window, and from a follower: a scrape reads the registry
+    // (the cluster's figures), which the idle leader's CPU must not include.
+    let follower = (gauges(&servers).await?.leader + 1) % servers.endpoints.len();
+    let kinds_before = entry_kinds(&servers, follower).await;
+    let tally = Tally::start(&servers.endpoints).await?;
     let before = gauges(&servers).await?;
     let sim_events = fleet.journal.events().len();
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
     let after = gauges(&servers).await?;
+    let kinds_after = entry_kinds(&servers, follower).await;
+    let writes = tally
+        .finish(before.revision, after.revision, TOP_WRITERS)
+        .await;
+    let entries = store_tally::entry_kinds_delta(&kinds_before, &kinds_after);
     let (cpu, sim_cpu) = cpu_percent(&before, &after);
     let secs = after.at.duration_since(before.at).as_secs_f64();
+    eprintln!("idle: Raft entries by kind {entries:?}; store changes {writes}");
     println!(
         "{}",
         json!({"phase": "idle", "run": header, "secs": secs,
             "raft_entries_per_sec": ((after.applied - before.applied) as f64 / secs).round(),
+            "raft_entries_by_kind": entries,
+            "store_changes": writes,
             "member_cpu_pct": cpu, "leader": after.leader,
             "sim_cpu_pct": sim_cpu,
             "sim_cpu_pct_per_agent": (sim_cpu / args.hosts as f64 * 1000.0).round() / 1000.0,
@@ -524,6 +563,19 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
         bail!("checks failed: {last}");
     }
     Ok(())
+}
+
+/// How many machines and units with the most store changes the idle phase
+/// names.
+const TOP_WRITERS: usize = 5;
+
+/// Member `i`'s applied Raft entries by kind, from its `/metrics` (empty if
+/// it does not answer, or is a release without the counter).
+async fn entry_kinds(servers: &Servers, i: usize) -> BTreeMap<String, u64> {
+    match get_body(&servers.apis[i], &servers.api_token, "/metrics").await {
+        Ok(text) => store_tally::entry_kinds(&text),
+        Err(_) => BTreeMap::new(),
+    }
 }
 
 /// Each unit's first start (after `since`, if given) in the journal.

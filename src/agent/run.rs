@@ -17,7 +17,9 @@
 //! failed, a proposal waiting on a condition (a foreign unit, a peer, a
 //! body), a refused unit. While any of those is left ("unsettled"), it comes
 //! every [`RESYNC`]; once a pass leaves the host settled, only with the full
-//! resync of systemd's states every [`FULL_RESYNC`]. Every pass reads the
+//! resync of systemd's states, every 22.5–30 s ([`FULL_RESYNC`] less a share
+//! fixed by the machine id, so a fleet's agents do not pass in step:
+//! [`Backstop::for_machine`]). Every pass reads the
 //! prefix linearizably, and each of those reads is a ReadIndex round on the
 //! leader: at 1,000 idle hosts the 5 s backstop alone was ~200 of them a
 //! second (BENCHMARKS.md, issue 14).
@@ -51,8 +53,10 @@ use crate::units::UnitName;
 const RESYNC: Duration = Duration::from_secs(5);
 /// How often the loop checks whether renewals stopped (FenceAfter's resolution).
 const CUT_OFF_TICK: Duration = Duration::from_millis(250);
-/// How often every unit's state is read from systemd again, signals or not,
-/// in a pass of its own: also the backstop of a settled host.
+/// How often, at most, every unit's state is read from systemd again,
+/// signals or not, in a pass of its own: also the backstop of a settled
+/// host. Each machine uses its own period, up to a quarter shorter
+/// ([`Backstop::for_machine`]).
 const FULL_RESYNC: Duration = Duration::from_secs(30);
 /// How long a wake-up waits for the rest of its burst (proposals landing,
 /// systemd signals), so one pass and one report serve them all.
@@ -172,9 +176,7 @@ async fn drive(
             None
         }
     };
-    let backstop = Backstop {
-        signals: changes.is_some(),
-    };
+    let backstop = Backstop::for_machine(&me.id, changes.is_some());
     let timeout = renew_interval(config.ttl).max(Duration::from_secs(1));
     let endpoints = config.endpoints.clone();
     let Some(client) = until_stopped(&mut stop, "the cluster", || async {
@@ -268,7 +270,7 @@ impl Agent {
             // Back in touch after a cut: reconcile at once.
             work |= was_out_of_touch && !out_of_touch;
             was_out_of_touch = out_of_touch;
-            if last_full.elapsed() >= FULL_RESYNC {
+            if last_full.elapsed() >= wakeups.backstop.settled {
                 last_full = Instant::now();
                 self.host.forget_states();
                 work = true;
@@ -350,14 +352,34 @@ struct Backstop {
     /// systemd's signals reach the agent: without them a unit's state is
     /// learnt only by reading it, so passes stay every [`RESYNC`].
     signals: bool,
+    /// This machine's full resync period, and the backstop of a settled
+    /// host: [`FULL_RESYNC`] less up to a quarter of it.
+    settled: Duration,
 }
 
 impl Backstop {
+    /// The backstop of machine `id`. A fleet's agents pass together after
+    /// anything that wakes them all (a bulk start, a leader change): with
+    /// one period for all, 1,000 settled agents then read their prefixes
+    /// (a ReadIndex round on the leader each) in the same instant every
+    /// 30 s. Each machine's period is fixed by its id, alike on every start,
+    /// spread over the last quarter below [`FULL_RESYNC`], so their passes
+    /// spread over 7.5 s at once and drift further apart after.
+    fn for_machine(id: &str, signals: bool) -> Backstop {
+        const STEPS: u64 = 1024;
+        let step = crate::consensus::node::stable_hash(id) % STEPS;
+        let spread = (FULL_RESYNC / 4).mul_f64(step as f64 / STEPS as f64);
+        Backstop {
+            signals,
+            settled: FULL_RESYNC - spread,
+        }
+    }
+
     /// How long after a pass the next one comes if nothing wakes the agent;
     /// `settled`: that pass left nothing for a later one to notice.
     fn after(self, settled: bool) -> Duration {
         if settled && self.signals {
-            FULL_RESYNC
+            self.settled
         } else {
             RESYNC
         }
@@ -491,16 +513,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_settled_host_with_signals_waits_for_the_full_resync() {
-        let backstop = Backstop { signals: true };
-        assert_eq!(backstop.after(true), FULL_RESYNC);
+    fn a_settled_host_with_signals_waits_for_its_full_resync() {
+        let backstop = Backstop::for_machine("abc", true);
+        assert_eq!(backstop.after(true), backstop.settled);
+        assert!(backstop.settled <= FULL_RESYNC);
+        assert!(backstop.settled >= FULL_RESYNC * 3 / 4);
         assert_eq!(backstop.after(false), RESYNC);
     }
 
     #[test]
     fn without_signals_the_backstop_stays_short() {
-        let backstop = Backstop { signals: false };
+        let backstop = Backstop::for_machine("abc", false);
         assert_eq!(backstop.after(true), RESYNC);
         assert_eq!(backstop.after(false), RESYNC);
+    }
+
+    /// 1,000 machines with ids as alike as the simulator's (they differ in
+    /// their last hex digits) settle on periods spread over the whole
+    /// quarter below the full resync: no second of it holds more than a
+    /// fifth of them, and each machine keeps its period.
+    #[test]
+    fn settled_backstops_are_spread_over_the_machines() {
+        let ids: Vec<String> = (0..1000u64)
+            .map(|i| format!("{:032x}", 0x5157_0000_0000u64 + i))
+            .collect();
+        let mut per_second = BTreeMap::new();
+        for id in &ids {
+            let settled = Backstop::for_machine(id, true).settled;
+            assert_eq!(settled, Backstop::for_machine(id, true).settled);
+            assert!(settled <= FULL_RESYNC && settled > FULL_RESYNC * 3 / 4);
+            *per_second.entry(settled.as_secs()).or_insert(0) += 1;
+        }
+        // 22.5 s to 30 s: seconds 22 (half of it) to 29, and 30 for a step of 0.
+        assert!(per_second.len() >= 8, "{per_second:?}");
+        assert!(per_second.values().all(|n| *n <= 200), "{per_second:?}");
     }
 }

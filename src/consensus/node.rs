@@ -45,6 +45,7 @@ use super::lessor::{ClockBounds, Lessor};
 use super::limits::{Limits, Refused};
 use super::snapshot::Job;
 use super::storage::{Batch, DiskError, Durable, LogStore};
+use crate::metrics::{EntryKind, METRICS};
 
 /// A one-shot answer to a request, called exactly once.
 pub type Callback<T> = Box<dyn FnOnce(T) + Send>;
@@ -1296,17 +1297,19 @@ impl<D: Durable> Core<D> {
                 // A leader's own empty entry answers nobody; one that kept a
                 // request id is a membership change refused (see `step`).
                 EntryType::EntryNormal if entry.data.is_empty() => {
+                    METRICS.raft_entries_applied.add(EntryKind::Empty);
                     self.answer(request, Err(change_pending_refusal()));
                 }
                 EntryType::EntryNormal => {
                     let (command, agent) = codec::decode_entry(&entry.data)?;
                     if let Command::LeaseExpire { ids } = &command {
                         let live = ids.iter().filter(|id| self.kv.lease(**id).is_some());
-                        crate::metrics::METRICS
-                            .lease_expiries
-                            .add(live.count() as u64);
+                        METRICS.lease_expiries.add(live.count() as u64);
                     }
                     let (outcome, made) = self.kv.apply_for(&command, agent.as_deref());
+                    METRICS
+                        .raft_entries_applied
+                        .add(entry_kind(&command, !made.is_empty()));
                     self.note_renewals(entry.index, &outcome);
                     if let Some(lessor) = &mut self.lessor {
                         lessor.applied(&command, &outcome, self.now_ms);
@@ -1315,6 +1318,7 @@ impl<D: Durable> Core<D> {
                     self.answer(request, Ok(outcome));
                 }
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    METRICS.raft_entries_applied.add(EntryKind::Membership);
                     let result = self.apply_conf_change(&entry)?;
                     self.answer(request, result);
                 }
@@ -1627,11 +1631,56 @@ pub fn stable_hash(text: &str) -> u64 {
     })
 }
 
+/// What an applied `command` was, for the metrics; `changed`: it made watch
+/// events (only a transaction may make none).
+fn entry_kind(command: &Command, changed: bool) -> EntryKind {
+    match command {
+        Command::Txn { .. } if changed => EntryKind::Write,
+        Command::Txn { .. } => EntryKind::Unchanged,
+        Command::LeaseGrant { .. } => EntryKind::LeaseGrant,
+        Command::LeaseKeepAlive { .. } => EntryKind::KeepAlive,
+        Command::LeaseKeepAlives { .. } => EntryKind::KeepAlives,
+        Command::LeaseRevoke { .. } => EntryKind::LeaseRevoke,
+        Command::LeaseExpire { .. } => EntryKind::LeaseExpire,
+        Command::LeaseCheckpoint { .. } => EntryKind::LeaseCheckpoint,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::consensus::storage::MemDisk;
     use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn applied_entries_are_told_apart_by_what_they_did() {
+        let put = Command::put("k", "v", None);
+        assert_eq!(entry_kind(&put, true), EntryKind::Write);
+        // A failed compare, or a delete of nothing: a Raft entry all the same.
+        assert_eq!(entry_kind(&put, false), EntryKind::Unchanged);
+        let kinds = [
+            (Command::LeaseGrant { ttl_ms: 1 }, EntryKind::LeaseGrant),
+            (Command::LeaseKeepAlive { id: 1 }, EntryKind::KeepAlive),
+            (
+                Command::LeaseKeepAlives { ids: vec![1] },
+                EntryKind::KeepAlives,
+            ),
+            (Command::LeaseRevoke { id: 1 }, EntryKind::LeaseRevoke),
+            (
+                Command::LeaseExpire { ids: vec![1] },
+                EntryKind::LeaseExpire,
+            ),
+            (
+                Command::LeaseCheckpoint {
+                    remaining: vec![(1, 1)],
+                },
+                EntryKind::LeaseCheckpoint,
+            ),
+        ];
+        for (command, kind) in kinds {
+            assert_eq!(entry_kind(&command, true), kind, "{command:?}");
+        }
+    }
 
     fn logger() -> slog::Logger {
         slog::Logger::root(slog::Discard, slog::o!())
