@@ -16,68 +16,28 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use flotilla::consensus::client::Client;
-use flotilla::consensus::codec::MemberInfo;
 use flotilla::consensus::kv::Op;
-use flotilla::consensus::listener::Listener;
-use flotilla::consensus::node::{Core, NodeConfig};
-use flotilla::consensus::runner::{self, Transport};
-use flotilla::consensus::server;
-use flotilla::consensus::storage::MemDisk;
-use flotilla::registry::access::RolePolicy;
 use flotilla::registry::keys;
 use flotilla::registry::records::{self, Proposal, Target};
 use flotilla::registry::schedule::{self, Change, Writers};
 use flotilla::units::{UnitFile, UnitName};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-use raft::eraftpb::Message;
 
 const UNITS: [&str; 4] = ["a.service", "b.service", "c.service", "d.service"];
 const MACHINES: [&str; 3] = ["m0", "m1", "m2"];
 
-/// A single member sends nothing.
-struct Nowhere;
-
-impl Transport for Nowhere {
-    fn send(&self, _: Vec<Message>) {}
-    fn set_peers(&self, _: &BTreeMap<u64, MemberInfo>, _: u64) {}
-}
+#[path = "support/lone_member.rs"]
+mod lone_member;
 
 /// Starts one member that accepts transactions of up to `txn_ops`
 /// compares and operations; its client address.
 async fn member(txn_ops: usize) -> String {
-    let members = BTreeMap::from([(
-        1,
-        MemberInfo {
-            name: "n1".into(),
-            peer_addr: "127.0.0.1:1".into(),
-        },
-    )]);
-    let logger = slog::Logger::root(slog::Discard, slog::o!());
-    let mut config = NodeConfig::new(1, 10, 100);
-    config.limits.txn_ops = txn_ops;
-    let core = Core::new(config, MemDisk::new(), &members, &logger).unwrap();
-    let (node, _thread) = runner::spawn(core, Duration::from_millis(10), |_| Nowhere);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let listener = Listener::new(
-        listener,
-        None,
-        flotilla::config::Config::default().listener_limits(),
-        "client",
-    );
-    tokio::spawn(server::serve_clients(
-        listener,
-        node.clone(),
-        Arc::new(RolePolicy),
-    ));
-    while node.status().await.unwrap().leader == 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    addr
+    lone_member::start(|config| config.limits.txn_ops = txn_ops)
+        .await
+        .0
 }
 
 fn unit(u: usize) -> UnitName {

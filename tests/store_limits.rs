@@ -4,62 +4,21 @@
 //! must be clear and change nothing; a watch backlog larger than one frame
 //! must still get through.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use flotilla::consensus::client::{Client, ClientError};
-use flotilla::consensus::codec::{MAX_FRAME, MemberInfo};
+use flotilla::consensus::codec::MAX_FRAME;
 use flotilla::consensus::kv::{Command, Compare, Op};
 use flotilla::consensus::limits::Limits;
-use flotilla::consensus::listener::Listener;
-use flotilla::consensus::node::{Core, NodeConfig};
-use flotilla::consensus::runner::{self, Handle, Transport};
-use flotilla::consensus::server;
-use flotilla::consensus::storage::MemDisk;
-use flotilla::registry::access::RolePolicy;
-use raft::eraftpb::Message;
+use flotilla::consensus::node::NodeConfig;
+use flotilla::consensus::runner::Handle;
 
-/// A single member sends nothing.
-struct Nowhere;
-
-impl Transport for Nowhere {
-    fn send(&self, _: Vec<Message>) {}
-    fn set_peers(&self, _: &BTreeMap<u64, MemberInfo>, _: u64) {}
-}
+#[path = "support/lone_member.rs"]
+mod lone_member;
 
 /// Starts one member with `config` changed by `adjust`; its client address.
 async fn member(adjust: impl FnOnce(&mut NodeConfig)) -> (String, Handle) {
-    let members = BTreeMap::from([(
-        1,
-        MemberInfo {
-            name: "n1".into(),
-            peer_addr: "127.0.0.1:1".into(),
-        },
-    )]);
-    let mut config = NodeConfig::new(1, 10, 100);
-    adjust(&mut config);
-    let logger = slog::Logger::root(slog::Discard, slog::o!());
-    let core = Core::new(config, MemDisk::new(), &members, &logger).unwrap();
-    let (node, _thread) = runner::spawn(core, Duration::from_millis(10), |_| Nowhere);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    // Plaintext, as a member without TLS serves loopback: no identities, so
-    // the role policy is never asked.
-    let listener = Listener::new(
-        listener,
-        None,
-        flotilla::config::Config::default().listener_limits(),
-        "client",
-    );
-    tokio::spawn(server::serve_clients(
-        listener,
-        node.clone(),
-        std::sync::Arc::new(RolePolicy),
-    ));
-    while node.status().await.unwrap().leader == 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    (addr, node)
+    lone_member::start(adjust).await
 }
 
 async fn client(addr: &str) -> Client {
