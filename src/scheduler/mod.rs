@@ -27,11 +27,10 @@
 //! unit's keys only). Passes run only when something the scheduler decides
 //! from changed, when an unclaimed proposal reaches the claim bound (which
 //! moves it; the bound counts from the machine's last claim too, so a busy
-//! host's backlog stays put), and every [`BACKSTOP`] as a safety net: an idle cluster costs
-//! it nothing. A copy that loaded again (its watch broke: history compacted) reloads
-//! the view. A deposed
-//! leader's scheduler stops; any stale write it still makes fails its
-//! compares.
+//! host's backlog stays put), and every [`BACKSTOP`] as a safety net: an
+//! idle cluster costs it nothing. A copy that loaded again (its watch broke:
+//! history compacted) reloads the view. A deposed leader's scheduler stops;
+//! any stale write it still makes fails its compares.
 
 pub mod plan;
 
