@@ -383,15 +383,11 @@ pub async fn apply_in_parts(
             }
             let mut next = queue.pop_front().expect("looked at the front");
             next.retain(|&i| {
-                let kept = !cut.contains(changes[i].unit()) || !changes[i].is_proposal();
-                if !kept {
-                    tracing::debug!(
-                        "scheduler: change after a stale one skipped: {:?}",
-                        changes[i]
-                    );
-                    written.stale += 1;
+                let cut_off = after_cut(&cut, &changes[i]);
+                if cut_off {
+                    skip(&changes[i], &mut written, &mut cut);
                 }
-                kept
+                !cut_off
             });
             if next.is_empty() {
                 continue;
@@ -442,23 +438,17 @@ pub async fn apply_in_parts(
             // In plan order: a proposal after a stale change of its unit goes too.
             let mut kept = Vec::with_capacity(fresh.len());
             for &i in &part {
-                let unit = changes[i].unit();
-                let after_cut = changes[i].is_proposal() && cut.contains(unit);
-                if fresh.binary_search(&i).is_ok() && !after_cut {
+                if fresh.binary_search(&i).is_ok() && !after_cut(&cut, &changes[i]) {
                     kept.push(i);
                 } else {
-                    tracing::debug!("scheduler: stale change skipped: {:?}", changes[i]);
-                    written.stale += 1;
-                    cut.insert(unit);
+                    skip(&changes[i], &mut written, &mut cut);
                 }
             }
             if !kept.is_empty() {
                 queue.push_front(kept);
             }
         } else if let [i] = part[..] {
-            tracing::debug!("scheduler: stale change skipped: {:?}", changes[i]);
-            written.stale += 1;
-            cut.insert(changes[i].unit());
+            skip(&changes[i], &mut written, &mut cut);
         } else {
             let (first, second) = part.split_at(part.len() / 2);
             queue.push_front(second.to_vec());
@@ -466,6 +456,20 @@ pub async fn apply_in_parts(
         }
     }
     Ok(written)
+}
+
+/// Whether `change` is a proposal of a unit one of whose earlier changes was
+/// skipped (`cut`): it is not written (see [`apply`]).
+fn after_cut(cut: &HashSet<&UnitName>, change: &Change) -> bool {
+    change.is_proposal() && cut.contains(change.unit())
+}
+
+/// Skips `change`, found stale or after a stale change of its unit: counted,
+/// logged, and its unit's later proposals cut off.
+fn skip<'c>(change: &'c Change, written: &mut Written, cut: &mut HashSet<&'c UnitName>) {
+    tracing::debug!("scheduler: stale change skipped: {change:?}");
+    written.stale += 1;
+    cut.insert(change.unit());
 }
 
 /// The changes of `part` whose compares all hold for the keys as the failed
