@@ -161,6 +161,14 @@ struct ResultLine {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
+    // The simulated agents run the production agent code, which logs through
+    // `tracing`: `RUST_LOG=flotilla=info` shows why a host lost its lease.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     match cli.command {
         Command::Kv(args) => kv(args).await,
         Command::Schedule(args) => tokio::task::block_in_place(|| schedule::run(&args)),

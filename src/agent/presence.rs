@@ -12,7 +12,8 @@
 //!   nothing). Another instance with this machine id is a duplicate and
 //!   stays out.
 //! * Keep-alive: the lease is renewed every [`renew_interval`] by a task of
-//!   its own, never delayed by systemd. Losing the cluster stops nothing; a
+//!   its own, never delayed by systemd nor queued behind the agent's
+//!   claims and reports on a slow leader ([`LeaseKeeper`]). Losing the cluster stops nothing; a
 //!   lease found expired on reconnect sends the agent back to join.
 //! * Fence: a unit with `FenceAfter=N` is stopped when renewals have failed
 //!   for N seconds; all others keep running through any outage.

@@ -205,6 +205,22 @@ impl Client {
         Ok(client)
     }
 
+    /// A second client of the same cluster, as the same identity and with
+    /// the same timeout, on a connection of its own opened at its first
+    /// request. A client sends one request at a time over its one
+    /// connection, so a request that must not wait behind this client's
+    /// (an agent's lease keep-alive behind its claims and reports on a slow
+    /// leader, see [`Client::keep_alive_if_idle`]) goes through a sibling.
+    pub fn sibling(&self) -> Client {
+        Client {
+            endpoints: self.endpoints.clone(),
+            tls: self.tls.clone(),
+            timeout: self.timeout,
+            conn: Mutex::new(None),
+            prefer: AtomicUsize::new(self.prefer.load(Ordering::Relaxed)),
+        }
+    }
+
     /// Changes how long requests may take, retries included.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
@@ -291,8 +307,18 @@ impl Client {
     /// Sends one request; retries while no leader is known or before the request left.
     async fn call(&self, request: Request) -> Result<Response, ClientError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
-        let mut pause = Duration::from_millis(20);
         let mut slot = self.conn.lock().await;
+        self.call_on(&mut slot, request, deadline).await
+    }
+
+    /// [`Client::call`] over the connection in `slot`, which the caller holds.
+    async fn call_on(
+        &self,
+        slot: &mut Option<(usize, Conn)>,
+        request: Request,
+        deadline: tokio::time::Instant,
+    ) -> Result<Response, ClientError> {
+        let mut pause = Duration::from_millis(20);
         loop {
             let (index, conn) = match slot.as_mut() {
                 Some((i, conn)) => (*i, conn),
@@ -358,14 +384,21 @@ impl Client {
     }
 
     async fn command(&self, command: Command) -> Result<Outcome, ClientError> {
-        match self.call(Request::Command(command)).await? {
-            Response::Outcome(Outcome::Failed(KvError::LeaseNotFound(id))) => {
-                Err(ClientError::LeaseNotFound(id))
-            }
-            Response::Outcome(Outcome::Failed(e)) => Err(ClientError::Refused(e.to_string())),
-            Response::Outcome(outcome) => Ok(outcome),
-            other => Err(unexpected(&other)),
-        }
+        outcome(self.call(Request::Command(command)).await?)
+    }
+
+    /// [`Client::keep_alive`] over this client's connection if none of its
+    /// requests is in flight; `None`, sending nothing, when one is. A lease
+    /// keeper renews here first, so an idle connection to a member gone
+    /// silent is found out (and replaced) before the next real request, and
+    /// goes through a [`Client::sibling`] when this client is busy, instead of
+    /// queueing behind it.
+    pub async fn keep_alive_if_idle(&self, id: LeaseId) -> Option<Result<(), ClientError>> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut slot = self.conn.try_lock().ok()?;
+        let request = Request::Command(Command::LeaseKeepAlive { id });
+        let response = self.call_on(&mut slot, request, deadline).await;
+        Some(response.and_then(outcome).map(|_| ()))
     }
 
     /// Runs a transaction; returns whether the compares held, the results and the revision.
@@ -578,6 +611,18 @@ pub async fn member_status_as(
 }
 
 /// Requests that change nothing, so retrying them is always safe.
+/// What a command's answer says: its outcome, or the error a failed one is.
+fn outcome(response: Response) -> Result<Outcome, ClientError> {
+    match response {
+        Response::Outcome(Outcome::Failed(KvError::LeaseNotFound(id))) => {
+            Err(ClientError::LeaseNotFound(id))
+        }
+        Response::Outcome(Outcome::Failed(e)) => Err(ClientError::Refused(e.to_string())),
+        Response::Outcome(outcome) => Ok(outcome),
+        other => Err(unexpected(&other)),
+    }
+}
+
 fn is_read(request: &Request) -> bool {
     matches!(
         request,

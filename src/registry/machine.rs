@@ -64,10 +64,17 @@ pub enum Renewed {
     Expired,
 }
 
-/// Keeps one lease alive; cheap to hand to a task of its own.
+/// Keeps one lease alive from a task of its own. A keep-alive never queues
+/// behind the machine's claims, reports and reads, which on a loaded leader
+/// can each take up to the client's timeout (a third of the TTL) and would
+/// otherwise let a live host's lease run out: it goes over the machine's
+/// connection when that is free (so a connection to a member gone silent is
+/// found out between the machine's requests), else over a spare connection
+/// of its own, opened the first time it is needed.
 #[derive(Clone)]
 pub struct LeaseKeeper {
     client: Arc<Client>,
+    spare: Arc<Client>,
     lease: LeaseId,
 }
 
@@ -75,12 +82,21 @@ impl LeaseKeeper {
     /// Renews the lease once: one keep-alive, which the member batches with
     /// others into one log entry.
     pub async fn renew(&self) -> Result<Renewed, ClientError> {
-        renew(&self.client, self.lease).await
+        let kept = match self.client.keep_alive_if_idle(self.lease).await {
+            Some(kept) => kept,
+            None => self.spare.keep_alive(self.lease).await,
+        };
+        renewed(kept)
     }
 }
 
 async fn renew(client: &Client, lease: LeaseId) -> Result<Renewed, ClientError> {
-    match client.keep_alive(lease).await {
+    renewed(client.keep_alive(lease).await)
+}
+
+/// What a keep-alive's answer says of its lease.
+fn renewed(kept: Result<(), ClientError>) -> Result<Renewed, ClientError> {
+    match kept {
         Ok(()) => Ok(Renewed::Renewed),
         Err(ClientError::LeaseNotFound(_)) => Ok(Renewed::Expired),
         Err(e) => Err(e),
@@ -158,6 +174,7 @@ impl MachineStore {
     pub fn keeper(&self) -> Option<LeaseKeeper> {
         self.lease.map(|lease| LeaseKeeper {
             client: self.client.clone(),
+            spare: Arc::new(self.client.sibling()),
             lease,
         })
     }
@@ -529,6 +546,9 @@ pub async fn wake_on_own_changes(endpoints: Vec<String>, id: String, wake: Arc<N
                 .watch(&prefix, revision + 1)
                 .require_leader()
                 .starting_at(watch_start(&id));
+            // The watch holds a connection of its own: the client's would
+            // only sit idle on the leader for as long as the watch lasts.
+            drop(client);
             wake.notify_one();
             while watch.next().await.is_ok() {
                 wake.notify_one();
