@@ -59,7 +59,7 @@ pub struct IdleFaultsArgs {
 /// Runs the test with its files under a fresh directory in `--work-dir`.
 pub async fn run(args: IdleFaultsArgs) -> Result<()> {
     let args = &args;
-    let logs = "servers/m0.log..m2.log";
+    let logs = "member logs servers/m0.log..m2.log";
     crate::sim::in_fresh_dir(
         &args.work_dir,
         "flotilla-idle-",

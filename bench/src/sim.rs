@@ -84,6 +84,14 @@ pub struct SimArgs {
     /// Where the members' data and the hosts' files go (removed afterwards).
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     pub work_dir: PathBuf,
+    /// Where the simulated hosts keep their unit files and state (a fresh
+    /// directory in it, removed afterwards) [default: /dev/shm when it is a
+    /// directory, else --work-dir]. 1,000 hosts writing their unit files to
+    /// one ext4 disk cost this process more CPU in the kernel's inode
+    /// allocation than in the agents, CPU the members then lack; real hosts
+    /// each write their own few files to their own disk.
+    #[arg(long)]
+    pub hosts_dir: Option<PathBuf>,
     /// Keep the work directory (the members' logs) after a successful run too.
     #[arg(long)]
     pub keep: bool,
@@ -129,23 +137,38 @@ fn ms(d: Duration) -> f64 {
 /// Runs the simulation with its files under a fresh directory in `--work-dir`.
 pub async fn run(args: SimArgs) -> Result<()> {
     let args = &args;
-    in_fresh_dir(
-        &args.work_dir,
-        "flotilla-sim-",
-        "m0.log..m2.log",
-        args.keep,
-        |dir| async move { run_in(args, &dir).await },
-    )
+    let hosts_dir = hosts_dir(args.hosts_dir.as_deref(), &args.work_dir);
+    in_fresh_dir(&hosts_dir, "flotilla-sim-hosts-", "the simulated hosts' files", args.keep, |hosts| async move {
+        in_fresh_dir(
+            &args.work_dir,
+            "flotilla-sim-",
+            "member logs m0.log..m2.log",
+            args.keep,
+            |dir| async move { run_in(args, &dir, &hosts).await },
+        )
+        .await
+    })
     .await
+}
+
+/// Where the simulated hosts' directories go: `chosen`, else /dev/shm
+/// (tmpfs) when there is one, else `work_dir`.
+pub fn hosts_dir(chosen: Option<&Path>, work_dir: &Path) -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    match chosen {
+        Some(dir) => dir.to_path_buf(),
+        None if shm.is_dir() => shm.to_path_buf(),
+        None => work_dir.to_path_buf(),
+    }
 }
 
 /// Runs `body` in a fresh directory named `prefix...` under `work_dir`,
 /// removed after a success unless `keep`, and kept after a failure (said on
-/// stderr, with where the member logs `logs` are in it).
+/// stderr, with `holds`: what in it is worth reading).
 pub async fn in_fresh_dir<F, Fut>(
     work_dir: &Path,
     prefix: &str,
-    logs: &str,
+    holds: &str,
     keep: bool,
     body: F,
 ) -> Result<()>
@@ -161,7 +184,7 @@ where
     let result = body(work.path().to_path_buf()).await;
     if result.is_err() || keep {
         let kept = work.keep();
-        eprintln!("kept {} (member logs {logs})", kept.display());
+        eprintln!("kept {} ({holds})", kept.display());
     }
     result
 }
@@ -256,7 +279,7 @@ fn cpu_percent(before: &Gauges, after: &Gauges) -> (Vec<f64>, f64) {
     )
 }
 
-async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
+async fn run_in(args: &SimArgs, dir: &Path, hosts_dir: &Path) -> Result<()> {
     let bin = args
         .flotilla_bin
         .clone()
@@ -288,7 +311,7 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
         &servers.endpoints,
         ttl,
         model,
-        &dir.join("hosts"),
+        hosts_dir,
     );
     loop {
         let count = client.range(keys::MACHINES, true, false).await?.0.len();

@@ -37,8 +37,8 @@ impl Host {
     }
 
     /// Every unit file flotilla wrote here (`None`: it no longer parses).
-    pub fn local(&mut self) -> BTreeMap<UnitName, Option<LocalUnit>> {
-        self.files.list().unwrap_or_default()
+    pub async fn local(&mut self) -> BTreeMap<UnitName, Option<LocalUnit>> {
+        self.files.list().await.unwrap_or_default()
     }
 
     /// Notes that systemd says `unit` changed: its state is read again.
@@ -137,6 +137,7 @@ impl Host {
     pub async fn unload_all_but(&mut self, store: &MachineStore, keep: &[UnitName], why: &str) {
         let gone: Vec<UnitName> = self
             .local()
+            .await
             .into_keys()
             .filter(|unit| !keep.contains(unit))
             .collect();
@@ -218,9 +219,13 @@ impl Host {
             .collect();
         let names: Vec<&str> = units.iter().map(|u| u.as_str()).collect();
         self.systemd.disable_runtime_all(&names).await?;
-        for unit in units {
+        for unit in &units {
             self.systemd.reset_failed(unit.as_str()).await?;
-            if let Err(e) = self.files.remove(unit) {
+        }
+        let units: Vec<UnitName> = units.into_iter().cloned().collect();
+        let removed = self.files.remove_all(units.clone()).await;
+        for (unit, removed) in units.iter().zip(removed) {
+            if let Err(e) = removed {
                 tracing::warn!("agent: cannot remove the file of {unit}: {e}");
             }
         }
@@ -230,8 +235,8 @@ impl Host {
     /// Loads a run of units: writes every file, links them in one call, then
     /// enables those with an `[Install]` section.
     async fn load_all(&mut self, store: &MachineStore, batch: &[Action]) -> systemd::Result<()> {
-        let mut paths = Vec::new();
-        let mut installs = Vec::new();
+        let mut texts = Vec::new();
+        let mut has_install = Vec::new();
         for action in batch {
             let Action::Load(unit, hash) = action else {
                 continue;
@@ -247,12 +252,20 @@ impl Host {
                     continue;
                 }
             };
-            match self.files.write(unit, &text) {
+            has_install.push(
+                body.file()
+                    .is_ok_and(|f| f.section("Install").next().is_some()),
+            );
+            texts.push((unit.clone(), text.to_string()));
+        }
+        let names: Vec<UnitName> = texts.iter().map(|(unit, _)| unit.clone()).collect();
+        let written = self.files.write_all(texts).await;
+        let mut paths = Vec::new();
+        let mut installs = Vec::new();
+        for ((unit, written), install) in names.iter().zip(written).zip(has_install) {
+            match written {
                 Ok(path) => {
-                    let has_install = body
-                        .file()
-                        .is_ok_and(|f| f.section("Install").next().is_some());
-                    if has_install {
+                    if install {
                         installs.push(path.clone());
                     }
                     paths.push(path);

@@ -41,7 +41,7 @@ impl Agent {
     /// and whether it left the host settled.
     pub(super) async fn pass(&mut self) -> Result<Passed, ClientError> {
         let mut view = self.store.own_view().await?;
-        let local = self.host.local();
+        let local = self.host.local().await;
         let all_claimed = view
             .proposals
             .keys()
@@ -207,7 +207,7 @@ impl Agent {
     /// Drops claims whose proposal is gone, once the unit is unloaded here;
     /// returns how many it asked to drop.
     async fn release(&mut self, view: &OwnView) -> Result<usize, ClientError> {
-        let local = self.host.local();
+        let local = self.host.local().await;
         let released: Vec<&UnitName> = view
             .claims
             .keys()

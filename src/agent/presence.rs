@@ -189,7 +189,7 @@ impl Presence {
         }
         // A fresh presence: what nobody else took meanwhile is claimed back;
         // everything else stops here first.
-        let local = host.local();
+        let local = host.local().await;
         let leftovers: Vec<Leftover<'_>> = local
             .iter()
             .filter_map(|(name, found)| {
@@ -289,7 +289,7 @@ impl Presence {
             }
             return false;
         }
-        for (unit, found) in &host.local() {
+        for (unit, found) in &host.local().await {
             let Some(secs) = found
                 .as_ref()
                 .and_then(|f| f.unit.requirements().fence_after_secs)

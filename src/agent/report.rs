@@ -56,7 +56,7 @@ impl Reports {
         if store.lease().is_none() {
             return true;
         }
-        let local = host.local();
+        let local = host.local().await;
         host.read_states(local.keys()).await;
         let mut changed = Vec::new();
         for (unit, found) in &local {
