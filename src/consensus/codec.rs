@@ -395,7 +395,7 @@ mod tests {
     fn snapshots_stream_the_bytes_they_encode() {
         let mut kv = KvStore::default();
         for i in 0..300 {
-            kv.apply(&Command::put(&format!("k{i}"), "v".repeat(i), None));
+            kv.apply(&Command::put(format!("k{i}"), "v".repeat(i), None));
         }
         let members = BTreeMap::from([(
             1,

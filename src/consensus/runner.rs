@@ -53,7 +53,7 @@ pub enum Msg {
         /// Confirm leadership first (ReadIndex); false serves local state.
         linearizable: bool,
         /// Where the keys and the revision they were read at go.
-        reply: oneshot::Sender<Result<(Vec<Arc<KeyValue>>, Revision), RequestError>>,
+        reply: oneshot::Sender<Result<RangeRead, RequestError>>,
     },
     /// Stream changes under a prefix from a revision.
     Watch {
@@ -201,7 +201,7 @@ impl Handle {
         key: String,
         prefix: bool,
         linearizable: bool,
-    ) -> Result<(Vec<Arc<KeyValue>>, Revision), RequestError> {
+    ) -> Result<RangeRead, RequestError> {
         self.ask(|reply| Msg::Range {
             key,
             prefix,
@@ -260,7 +260,11 @@ impl Handle {
     }
 }
 
-fn read(kv: &KvStore, key: &str, prefix: bool) -> (Vec<Arc<KeyValue>>, Revision) {
+/// The records a range read found (the store's own, shared) and the
+/// revision it read at.
+pub type RangeRead = (Vec<Arc<KeyValue>>, Revision);
+
+fn read(kv: &KvStore, key: &str, prefix: bool) -> RangeRead {
     let kvs = kv.range_shared(key, prefix).cloned().collect();
     (kvs, kv.revision())
 }
