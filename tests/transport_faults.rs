@@ -1246,7 +1246,7 @@ async fn converge(cluster: &Cluster, seed: u64, within: Duration) -> Result<(), 
     }
     let until = Instant::now() + within;
     loop {
-        let mut states: BTreeMap<u64, (u64, Vec<KeyValue>)> = BTreeMap::new();
+        let mut states: BTreeMap<u64, (u64, Vec<std::sync::Arc<KeyValue>>)> = BTreeMap::new();
         for id in cluster.running() {
             let handle = cluster.handle(id).expect("running");
             if let (Ok(status), Ok((kvs, _))) = (

@@ -229,5 +229,7 @@ async fn requirements(
     hash: &UnitHash,
 ) -> Option<Requirements> {
     let body = store.body(hash).await.ok()??;
-    body.requirements(unit).ok()
+    body.requirements(unit)
+        .ok()
+        .map(|rules| Requirements::clone(&rules))
 }

@@ -473,7 +473,10 @@ impl Client {
             serializable,
         };
         match self.call(request).await? {
-            Response::Range { kvs, revision } => Ok((kvs, revision)),
+            Response::Range { kvs, revision } => Ok((
+                kvs.into_iter().map(Arc::unwrap_or_clone).collect(),
+                revision,
+            )),
             other => Err(unexpected(&other)),
         }
     }

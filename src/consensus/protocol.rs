@@ -8,6 +8,7 @@
 //! frame every [`WATCH_HEARTBEAT`], so a client can tell a quiet watch from a
 //! member that went silent (cut off or powered off: no reset ever comes).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -139,8 +140,10 @@ pub enum Response {
     Outcome(Outcome),
     /// Keys read, and the revision they were read at.
     Range {
-        /// The keys.
-        kvs: Vec<KeyValue>,
+        /// The keys: on the serving member, the store's own records
+        /// (encoded as the records themselves, so the bytes are those of
+        /// a `Vec<KeyValue>`, as older releases read them).
+        kvs: Vec<Arc<KeyValue>>,
         /// The revision of the read.
         revision: Revision,
     },
@@ -183,7 +186,53 @@ impl From<RequestError> for Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::consensus::kv::{EventKind, KeyValue};
+    use crate::consensus::codec;
+    use crate::consensus::kv::{EventKind, KeyValue, KvStore};
+
+    /// A range answer holding the store's own records encodes to the bytes
+    /// of one holding copies (what older members send and read), and reads
+    /// back as such; a read of one key finds that key only.
+    #[test]
+    fn range_answers_of_shared_records_are_the_same_bytes() {
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        enum Copied {
+            Outcome(Outcome),
+            Range {
+                kvs: Vec<KeyValue>,
+                revision: Revision,
+            },
+        }
+        let mut kv = KvStore::default();
+        for key in ["a", "ab", "abc", "b"] {
+            kv.apply(&Command::put(key, format!("value of {key}"), None));
+        }
+        let shared: Vec<Arc<KeyValue>> = kv.range_shared("a", true).cloned().collect();
+        assert_eq!(shared.len(), 3);
+        let one: Vec<&str> = kv
+            .range_shared("ab", false)
+            .map(|r| r.key.as_str())
+            .collect();
+        assert_eq!(one, ["ab"]);
+        assert_eq!(kv.range_shared("x", false).count(), 0);
+        let copies: Vec<KeyValue> = kv.range("a").cloned().collect();
+        let ours = codec::encode(&Response::Range {
+            kvs: shared,
+            revision: kv.revision(),
+        });
+        let theirs = codec::encode(&Copied::Range {
+            kvs: copies.clone(),
+            revision: kv.revision(),
+        });
+        assert_eq!(ours, theirs);
+        match codec::decode::<Response>(&theirs).unwrap() {
+            Response::Range { kvs, revision } => {
+                assert_eq!(revision, kv.revision());
+                let kvs: Vec<KeyValue> = kvs.into_iter().map(Arc::unwrap_or_clone).collect();
+                assert_eq!(kvs, copies);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     fn event(revision: Revision, bytes: usize) -> Event {
         Event {

@@ -19,7 +19,7 @@ use raft::eraftpb::{Message, Snapshot};
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
 use super::codec::MemberInfo;
-use super::kv::{Command, KeyValue, Lease, LeaseId, Outcome, Revision};
+use super::kv::{Command, KeyValue, KvStore, Lease, LeaseId, Outcome, Revision};
 use super::node::{Core, LeaseRenewal, RequestError, Status, WatchMsg};
 use super::storage::{DiskError, Durable};
 use crate::metrics::METRICS;
@@ -53,7 +53,7 @@ pub enum Msg {
         /// Confirm leadership first (ReadIndex); false serves local state.
         linearizable: bool,
         /// Where the keys and the revision they were read at go.
-        reply: oneshot::Sender<Result<(Vec<KeyValue>, Revision), RequestError>>,
+        reply: oneshot::Sender<Result<RangeRead, RequestError>>,
     },
     /// Stream changes under a prefix from a revision.
     Watch {
@@ -195,12 +195,13 @@ impl Handle {
     }
 
     /// Reads a key or prefix; linearizable unless `linearizable` is false.
+    /// The records are the store's own, shared ([`KvStore::range_shared`]).
     pub async fn range(
         &self,
         key: String,
         prefix: bool,
         linearizable: bool,
-    ) -> Result<(Vec<KeyValue>, Revision), RequestError> {
+    ) -> Result<RangeRead, RequestError> {
         self.ask(|reply| Msg::Range {
             key,
             prefix,
@@ -259,12 +260,12 @@ impl Handle {
     }
 }
 
-fn read(kv: &super::kv::KvStore, key: &str, prefix: bool) -> (Vec<KeyValue>, Revision) {
-    let kvs = if prefix {
-        kv.range(key).cloned().collect()
-    } else {
-        kv.get(key).cloned().into_iter().collect()
-    };
+/// The records a range read found (the store's own, shared) and the
+/// revision it read at.
+pub type RangeRead = (Vec<Arc<KeyValue>>, Revision);
+
+fn read(kv: &KvStore, key: &str, prefix: bool) -> RangeRead {
+    let kvs = kv.range_shared(key, prefix).cloned().collect();
     (kvs, kv.revision())
 }
 

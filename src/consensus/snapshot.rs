@@ -7,7 +7,8 @@
 //! state at the snapshot's index, which is cheap because [`KvStore`] shares
 //! its values between copies, and hands it over as a [`Job`]; the member's
 //! runner encodes and writes it on a thread of its own
-//! ([`Job::write`]), and the Raft thread then records it and compacts the log
+//! ([`Job::write`], straight into the file: the encoded state is never held
+//! whole in memory), and the Raft thread then records it and compacts the log
 //! ([`super::node::Core::snapshot_written`]).
 //!
 //! A crash between the write and the compaction loses nothing: until the
@@ -67,18 +68,17 @@ impl Job {
     /// Runs on any thread.
     pub fn write(self) -> Result<Snapshot, DiskError> {
         let started = Instant::now();
-        let data = codec::encode_snapshot(&self.kv, &self.members);
-        let encoded = started.elapsed();
-        drop(self.kv);
-        storage::write_snapshot_data(&self.dir, &self.meta, &data)?;
+        let (kv, members) = (&self.kv, &self.members);
+        let bytes = storage::write_snapshot_with(&self.dir, &self.meta, |file| {
+            codec::write_snapshot(kv, members, file)
+        })?;
         tracing::info!(
-            "snapshot at index {}: copied in {:.1} ms on the Raft thread, {} bytes encoded in \
-             {:.0} ms and written in {:.0} ms off it",
+            "snapshot at index {}: copied in {:.1} ms on the Raft thread, {} bytes encoded and \
+             written in {:.0} ms off it",
             self.meta.index,
             self.copied_in.as_secs_f64() * 1000.0,
-            data.len(),
-            encoded.as_secs_f64() * 1000.0,
-            (started.elapsed() - encoded).as_secs_f64() * 1000.0,
+            bytes,
+            started.elapsed().as_secs_f64() * 1000.0,
         );
         let mut snapshot = Snapshot::default();
         snapshot.set_metadata(self.meta);

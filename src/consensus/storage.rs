@@ -162,16 +162,31 @@ pub fn write_snapshot_data(
     data: &[u8],
 ) -> Result<(), DiskError> {
     use std::io::Write;
+    write_snapshot_with(dir, meta, |file| file.write_all(data))
+}
+
+/// [`write_snapshot_data`] with the data made by `fill` as it writes it
+/// into the (buffered) file: a snapshot job encodes the state straight into
+/// its file ([`super::codec::write_snapshot`]) rather than into memory first.
+/// Returns what `fill` returned.
+pub fn write_snapshot_with<T>(
+    dir: &Path,
+    meta: &raft::eraftpb::SnapshotMetadata,
+    fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<T>,
+) -> Result<T, DiskError> {
     let target = dir.join(snapshot_file_name(meta));
     let partial = target.with_extension("partial");
     let io = |e: std::io::Error| DiskError::Failed(format!("writing {}: {e}", partial.display()));
-    let mut file = std::fs::File::create(&partial).map_err(io)?;
-    file.write_all(data).map_err(io)?;
+    let file = std::fs::File::create(&partial).map_err(io)?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, file);
+    let filled = fill(&mut out).map_err(io)?;
+    let file = out.into_inner().map_err(|e| io(e.into_error()))?;
     file.sync_all().map_err(io)?;
     std::fs::rename(&partial, &target).map_err(io)?;
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(io)
+        .map_err(io)?;
+    Ok(filled)
 }
 
 /// The most memory redb may keep for the log's pages (read cache and write

@@ -137,7 +137,11 @@ impl Index {
     fn index(&mut self, kv: &KeyValue) -> Result<(), RecordError> {
         let key = kv.key.as_str();
         if let Some(name) = keys::unit_after(keys::UNITS, key) {
-            let record: UnitRecord = records::decode(key, &kv.value)?;
+            let mut record: UnitRecord = records::decode(key, &kv.value)?;
+            if record.name == name {
+                // One text for the key and the record's own name.
+                record.name = name.clone();
+            }
             self.units.insert(name, record);
         } else if let Some(id) = key.strip_prefix(keys::MACHINES) {
             let record: MachineRecord = records::decode(key, &kv.value)?;
@@ -150,17 +154,22 @@ impl Index {
             self.drained.insert(id.to_string());
         } else if let Some(at) = keys::parse_machine_key(key) {
             match at {
-                MachineKey::Proposal(id, unit) => self.hold(unit, id, |h| h.proposed = true),
+                MachineKey::Proposal(id, unit) => {
+                    let unit = self.shared_name(unit);
+                    self.hold(unit, id, |h| h.proposed = true);
+                }
                 MachineKey::Claim(id, unit) => {
                     records::decode::<Claim>(key, &kv.value)?;
                     *self.claims.entry(id.clone()).or_default() += 1;
+                    let unit = self.shared_name(unit);
                     self.hold(unit, id, |h| h.claimed = true);
                 }
                 MachineKey::Generation(_) => {}
             }
-        } else if let Some(at) = keys::parse_state_key(key) {
+        } else if let Some((unit, id)) = keys::parse_state_key(key) {
             let state: ReportedState = records::decode(key, &kv.value)?;
-            self.states.insert(at, Arc::new(state));
+            self.states
+                .insert((self.shared_name(unit), id), Arc::new(state));
         } else if let Some((id, name)) = keys::parse_metadata_key(key) {
             let value = String::from_utf8_lossy(&kv.value).into_owned();
             let set = self.metadata.entry(id.to_string()).or_default();
@@ -262,6 +271,18 @@ impl Index {
             fails(records::decode::<Claim>(key, value).map(drop))
         };
         error.map_or(Ok(()), Err)
+    }
+
+    /// `name` as this index already keeps it (the key of its unit record),
+    /// else `name` itself: maps keyed by the same unit then share one text
+    /// ([`UnitName`] clones share it), where each parse of a key made one
+    /// more (issue 14: the registry's index and the scheduler's world key
+    /// several maps by every unit's name).
+    pub fn shared_name(&self, name: UnitName) -> UnitName {
+        match self.units.get_key_value(&name) {
+            Some((kept, _)) => kept.clone(),
+            None => name,
+        }
     }
 
     /// Every submitted unit, templates included, by name.

@@ -391,7 +391,8 @@ async fn rules_of(
     Ok(bodies
         .get(client, &record.hash)
         .await?
-        .and_then(|body| body.requirements(name).ok()))
+        .and_then(|body| body.requirements(name).ok())
+        .map(|rules| Requirements::clone(&rules)))
 }
 
 /// The cluster as placement sees it, for explaining why a unit cannot leave
@@ -423,7 +424,11 @@ pub async fn placement_view(
             .chain(world.claims.get(unit).into_iter().flatten())
             .collect();
         for id in on {
-            placed.push((unit.clone(), wanted.requirements.clone(), id.clone()));
+            placed.push((
+                unit.clone(),
+                Requirements::clone(&wanted.requirements),
+                id.clone(),
+            ));
         }
     }
     Ok(PlacementView {

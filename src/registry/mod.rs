@@ -42,6 +42,7 @@ pub mod machine;
 pub mod metadata;
 pub mod mirror;
 pub mod ops;
+pub mod per_machine;
 pub mod reader;
 pub mod records;
 pub mod schedule;

@@ -20,6 +20,7 @@ use tokio::task::JoinSet;
 
 use super::bodies::BodyCache;
 use super::keys;
+use super::per_machine::{ByMachine, MachineIds};
 use super::records::{self, Proposal, ReportedState};
 use super::view::View;
 use crate::consensus::client::{Client, ClientError};
@@ -41,8 +42,9 @@ const MOST_OPS: usize = 3072;
 pub struct Wanted {
     /// The proposal every machine running it should have.
     pub proposal: Proposal,
-    /// Its `[X-Fleet]` rules.
-    pub requirements: Requirements,
+    /// Its `[X-Fleet]` rules: shared by every unit whose body and name
+    /// give the same rules ([`super::bodies::Body::requirements`]).
+    pub requirements: Arc<Requirements>,
 }
 
 /// A proposal as read, with its revision.
@@ -62,9 +64,9 @@ pub struct World {
     /// Machines that may take work: alive and not drained.
     pub machines: Vec<Machine>,
     /// Every proposal: unit → machine → proposal.
-    pub proposals: BTreeMap<UnitName, BTreeMap<String, Seen>>,
+    pub proposals: BTreeMap<UnitName, ByMachine<Seen>>,
     /// Every claim: unit → machines holding one.
-    pub claims: BTreeMap<UnitName, BTreeSet<String>>,
+    pub claims: BTreeMap<UnitName, MachineIds>,
     /// Placement pointers of non-global units: unit → (machine, mod revision).
     pub placed: BTreeMap<UnitName, (String, Revision)>,
     /// Unclaimed proposals older than the claim bound: (unit, machine).

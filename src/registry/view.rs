@@ -37,6 +37,7 @@ use super::bodies::{Body, BodyCache};
 use super::index::Index;
 use super::keys::{self, MachineKey};
 use super::mirror::Update;
+use super::per_machine::ByMachine;
 use super::records::{self, Proposal, Target};
 use super::schedule::{Reading, Seen, Touched, Wanted, World};
 use crate::consensus::client::{Client, ClientError};
@@ -233,6 +234,7 @@ impl View {
         let key = kv.key.as_str();
         let put = kind == EventKind::Put;
         if let Some(name) = keys::unit_after(keys::UNITS, key) {
+            let name = self.registry.shared_name(name);
             self.rehash(&name, old);
             self.evaluate(&name);
         } else if let Some(hash) = keys::parse_body_key(key) {
@@ -255,6 +257,7 @@ impl View {
             self.machines_changed = true;
             self.touched.note_machine(id);
         } else if let Some(unit) = keys::unit_after(keys::PLACED, key) {
+            let unit = self.registry.shared_name(unit);
             self.touched.note_unit(&unit);
             if put {
                 let machine = String::from_utf8_lossy(&kv.value).into_owned();
@@ -263,6 +266,7 @@ impl View {
                 self.world.placed.remove(&unit);
             }
         } else if let Some((unit, id)) = keys::parse_state_key(key) {
+            let unit = self.registry.shared_name(unit);
             if self.registry.any_drained() {
                 // Make-before-break off a draining machine waits for them.
                 self.touched.note_unit(&unit);
@@ -279,6 +283,7 @@ impl View {
         } else {
             match keys::parse_machine_key(key) {
                 Some(MachineKey::Proposal(id, unit)) => {
+                    let unit = self.registry.shared_name(unit);
                     self.touched.note_pair(&unit, &id);
                     let proposal = records::decode::<Proposal>(key, &kv.value);
                     match proposal.ok().filter(|_| put) {
@@ -287,6 +292,7 @@ impl View {
                     }
                 }
                 Some(MachineKey::Claim(id, unit)) => {
+                    let unit = self.registry.shared_name(unit);
                     self.touched.note_pair(&unit, &id);
                     if put {
                         self.unclaimed.remove(&(unit.clone(), id.clone()));
@@ -448,11 +454,7 @@ fn unit_hash(index: &Index, key: &str) -> Option<UnitHash> {
 }
 
 /// Removes `outer[unit][machine]`, and `unit` once it has no machine left.
-fn remove_inner<V>(
-    outer: &mut BTreeMap<UnitName, BTreeMap<String, V>>,
-    unit: &UnitName,
-    machine: &str,
-) {
+fn remove_inner<V>(outer: &mut BTreeMap<UnitName, ByMachine<V>>, unit: &UnitName, machine: &str) {
     if let Some(on) = outer.get_mut(unit) {
         on.remove(machine);
         if on.is_empty() {

@@ -6,6 +6,7 @@
 //! no leading `.` or `-`, a known unit type suffix, and at most one `@`.
 
 use std::fmt;
+use std::sync::Arc;
 
 use super::Error;
 
@@ -42,8 +43,13 @@ pub enum UnitKind {
 ///
 /// Holding one proves the name is safe to use as a file name and a command
 /// argument; the only ways to build one run the checks in this module.
+///
+/// The text is shared (`Arc<str>`), so a clone costs a count, not an
+/// allocation: the scheduler's indexes on the Raft leader key several maps
+/// by the same names, which at 100,000 units was one heap copy of every name
+/// per map (issue 14).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct UnitName(String);
+pub struct UnitName(Arc<str>);
 
 impl UnitName {
     /// Validates `name` exactly as given: it must already carry a unit type suffix.
@@ -52,7 +58,7 @@ impl UnitName {
             name: name.to_string(),
             reason,
         })?;
-        Ok(UnitName(name.to_string()))
+        Ok(UnitName(Arc::from(name)))
     }
 
     /// Validates a name typed by a user, appending `.service` when it has no suffix at all.
@@ -115,7 +121,11 @@ impl UnitName {
     /// The template an instance was made from: `web@.service` for `web@1.service`.
     pub fn template(&self) -> Option<UnitName> {
         match self.kind() {
-            UnitKind::Instance => Some(UnitName(format!("{}@.{}", self.prefix(), self.suffix()))),
+            UnitKind::Instance => Some(UnitName(Arc::from(format!(
+                "{}@.{}",
+                self.prefix(),
+                self.suffix()
+            )))),
             _ => None,
         }
     }
@@ -124,13 +134,13 @@ impl UnitName {
     pub fn instantiate(&self, instance: &str) -> Result<UnitName, Error> {
         if self.kind() != UnitKind::Template {
             return Err(Error::InvalidName {
-                name: self.0.clone(),
+                name: self.0.to_string(),
                 reason: "only a template (name@.type) has instances".to_string(),
             });
         }
         if instance.is_empty() {
             return Err(Error::InvalidName {
-                name: self.0.clone(),
+                name: self.0.to_string(),
                 reason: "the instance string is empty".to_string(),
             });
         }

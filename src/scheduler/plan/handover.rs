@@ -136,7 +136,7 @@ mod tests {
                     hash: parsed.hash(),
                     target: Target::Launched,
                 },
-                requirements: parsed.requirements().clone(),
+                requirements: Arc::new(parsed.requirements().clone()),
             },
         );
     }

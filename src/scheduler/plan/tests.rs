@@ -1,5 +1,6 @@
 use super::*;
 use crate::registry::UnitState;
+use crate::registry::per_machine::{ByMachine, MachineIds};
 use crate::registry::records::{Proposal, ReportedState, Target};
 use crate::units::colocation;
 use crate::units::{Unit, UnitHash};
@@ -44,7 +45,7 @@ fn wanted(unit: &str, xfleet: &str) -> Wanted {
             hash: parsed.hash(),
             target: Target::Launched,
         },
-        requirements: parsed.requirements().clone(),
+        requirements: Arc::new(parsed.requirements().clone()),
     }
 }
 
@@ -1137,7 +1138,7 @@ fn random_world(
                     hash: parsed.hash(),
                     target: Target::Launched,
                 },
-                requirements: parsed.requirements().clone(),
+                requirements: Arc::new(parsed.requirements().clone()),
             },
             Err(_) => wanted(NAMES[i], ""),
         };
@@ -1182,7 +1183,7 @@ fn check_round(read: &World, plan: &Plan, after: &World) -> Result<(), TestCaseE
             && !is_global(read, unit)
         {
             prop_assert!(
-                read.claims.get(unit).is_none_or(BTreeSet::is_empty),
+                read.claims.get(unit).is_none_or(MachineIds::is_empty),
                 "{change:?} while {unit} is claimed on {:?}",
                 read.claims.get(unit)
             );
@@ -1208,7 +1209,7 @@ fn check_round(read: &World, plan: &Plan, after: &World) -> Result<(), TestCaseE
             // must not be running anywhere.
             if !read.is_claimed(unit, machine) {
                 prop_assert!(
-                    read.claims.get(unit).is_none_or(BTreeSet::is_empty),
+                    read.claims.get(unit).is_none_or(MachineIds::is_empty),
                     "{unit} proposed unclaimed on {machine} while claimed on {:?}",
                     read.claims.get(unit)
                 );
@@ -1341,25 +1342,27 @@ fn touched_between(old: &World, new: &World) -> Touched {
             t.note_wanted(unit);
         }
     }
-    let empty = BTreeMap::new();
+    let empty = ByMachine::default();
     for unit in keys(&old.proposals, &new.proposals) {
         let (a, b) = (
             old.proposals.get(unit).unwrap_or(&empty),
             new.proposals.get(unit).unwrap_or(&empty),
         );
-        for machine in keys(a, b) {
+        let machines: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        for machine in machines {
             if a.get(machine) != b.get(machine) {
                 t.note_pair(unit, machine);
             }
         }
     }
-    let none = BTreeSet::new();
+    let none = MachineIds::default();
     for unit in keys(&old.claims, &new.claims) {
         let (a, b) = (
             old.claims.get(unit).unwrap_or(&none),
             new.claims.get(unit).unwrap_or(&none),
         );
-        for machine in a.symmetric_difference(b) {
+        let differ = a.iter().filter(|m| !b.contains(m));
+        for machine in differ.chain(b.iter().filter(|m| !a.contains(m))) {
             t.note_pair(unit, machine);
         }
     }
@@ -1473,7 +1476,7 @@ fn happen(w: &mut World, specs: &[Spec], (what, u, m, flag): Event, next: &mut R
                             hash: parsed.hash(),
                             target: Target::Launched,
                         },
-                        requirements: parsed.requirements().clone(),
+                        requirements: Arc::new(parsed.requirements().clone()),
                     },
                     Err(_) => wanted(NAMES[i], ""),
                 };
