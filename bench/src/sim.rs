@@ -624,29 +624,39 @@ async fn probe_api(
 const IDLE_PROBE: Duration = Duration::from_secs(15);
 
 /// Cumulative bucket counts of `flotilla_api_request_duration_seconds` for
-/// the GETs of [`PROBED`], summed over the members: `route -> [(le, count)]`.
+/// the GETs of [`PROBED`], summed over the members, and of each of
+/// [`STAGES`] per member (`stage@mN`): `key -> [(le, count)]`.
 type Served = BTreeMap<String, Vec<(f64, u64)>>;
 
 /// Each member's own timing of the probed routes, from its `/metrics`
-/// (handler and JSON, not the wait for a connection to be accepted); empty
-/// for a member that does not answer.
+/// (handler and JSON, not the wait for a connection to be accepted), and of
+/// the stages of a read; empty for a member that does not answer.
 async fn served(servers: &fleet_sim::Servers) -> Served {
     let mut total = Served::new();
-    for api in &servers.apis {
+    for (member, api) in servers.apis.iter().enumerate() {
         let Ok(text) = get_body(api, &servers.api_token, "/metrics").await else {
             continue;
         };
         for line in text.lines() {
-            let Some(rest) = line.strip_prefix("flotilla_api_request_duration_seconds_bucket{")
-            else {
+            let Some((name, rest)) = line.split_once("_bucket{") else {
                 continue;
             };
             let Some((labels, count)) = rest.split_once("} ") else {
                 continue;
             };
-            let route = PROBED
-                .iter()
-                .find(|p| labels.contains(&format!("method=\"GET\",route=\"{p}\"")));
+            // A probed route (all members together), or one stage of a
+            // read (per member: the leader's differ from the followers').
+            let key = if name == "flotilla_api_request_duration_seconds" {
+                PROBED
+                    .iter()
+                    .find(|p| labels.contains(&format!("method=\"GET\",route=\"{p}\"")))
+                    .map(|p| p.to_string())
+            } else {
+                STAGES
+                    .iter()
+                    .find(|(metric, _)| *metric == name)
+                    .map(|(_, stage)| format!("{stage}@m{member}"))
+            };
             let le = labels
                 .split("le=\"")
                 .nth(1)
@@ -658,11 +668,10 @@ async fn served(servers: &fleet_sim::Servers) -> Served {
                         l.parse().unwrap_or(f64::NAN)
                     }
                 });
-            let (Some(route), Some(le), Ok(count)) = (route, le, count.trim().parse::<u64>())
-            else {
+            let (Some(key), Some(le), Ok(count)) = (key, le, count.trim().parse::<u64>()) else {
                 continue;
             };
-            let buckets = total.entry(route.to_string()).or_default();
+            let buckets = total.entry(key).or_default();
             match buckets.iter_mut().find(|(b, _)| *b == le) {
                 Some((_, n)) => *n += count,
                 None => buckets.push((le, count)),
@@ -671,6 +680,21 @@ async fn served(servers: &fleet_sim::Servers) -> Served {
     }
     total
 }
+
+/// The stages of an API read each member times in its `/metrics`, by
+/// histogram, with the short name [`in_process`] reports them under: the
+/// barrier (a linearizable read of the store's revision) as the API saw it,
+/// that read's parts on the Raft thread that served it (queued, ReadIndex
+/// confirmed by a quorum, waiting for the apply), the wait for the API's copy
+/// to reach the revision, and one Raft pass's fsync for scale.
+const STAGES: [(&str, &str); 6] = [
+    ("flotilla_api_barrier_duration_seconds", "api_barrier"),
+    ("flotilla_raft_read_queue_duration_seconds", "raft_read_queue"),
+    ("flotilla_raft_read_confirm_duration_seconds", "raft_read_confirm"),
+    ("flotilla_raft_read_apply_duration_seconds", "raft_read_apply"),
+    ("flotilla_api_catch_up_duration_seconds", "api_catch_up"),
+    ("flotilla_disk_fsync_duration_seconds", "fsync"),
+];
 
 /// The requests served between two [`served`] readings, per route: how many
 /// and the bucket bounds (seconds) holding their median and 99th percentile.

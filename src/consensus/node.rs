@@ -333,6 +333,11 @@ impl Reply {
 struct PendingRead {
     ctx: RequestId,
     index: Option<u64>,
+    /// When it was handed to Raft, and when its index came back (leadership
+    /// confirmed): the two stages of [`METRICS`]' read timings. Wall clock
+    /// for the metrics only; nothing decides by it.
+    began: std::time::Instant,
+    confirmed: Option<std::time::Instant>,
     /// The tick it was last asked of Raft: a leader that has not committed
     /// in its term yet drops ReadIndex requests, so they are asked again.
     asked: u64,
@@ -886,6 +891,8 @@ impl<D: Durable> Core<D> {
         self.reads.push(PendingRead {
             ctx,
             index: None,
+            began: std::time::Instant::now(),
+            confirmed: None,
             asked: self.ticks,
             deadline: self.ticks + self.config.request_ticks,
             serve,
@@ -1160,6 +1167,11 @@ impl<D: Durable> Core<D> {
                 && let Some(read) = self.reads.iter_mut().find(|r| r.ctx == ctx)
             {
                 read.index = Some(rs.index);
+                if read.confirmed.is_none() {
+                    let now = std::time::Instant::now();
+                    METRICS.raft_read_confirm_seconds.observe(now - read.began);
+                    read.confirmed = Some(now);
+                }
             }
         }
 
@@ -1464,6 +1476,9 @@ impl<D: Durable> Core<D> {
             .partition(|r| r.index.is_some_and(|i| i <= applied));
         self.reads = waiting;
         for read in ready {
+            if let Some(confirmed) = read.confirmed {
+                METRICS.raft_read_apply_seconds.observe(confirmed.elapsed());
+            }
             (read.serve)(Ok(&self.kv));
         }
     }

@@ -52,6 +52,8 @@ pub enum Msg {
         prefix: bool,
         /// Confirm leadership first (ReadIndex); false serves local state.
         linearizable: bool,
+        /// When it was sent, for [`METRICS`]' queue timing.
+        sent: Instant,
         /// Where the keys and the revision they were read at go.
         reply: oneshot::Sender<Result<(Vec<KeyValue>, Revision), RequestError>>,
     },
@@ -205,6 +207,7 @@ impl Handle {
             key,
             prefix,
             linearizable,
+            sent: Instant::now(),
             reply,
         })
         .await
@@ -463,14 +466,22 @@ fn handle<D: Durable>(core: &mut Core<D>, msg: Msg) -> Result<bool, String> {
             prefix,
             linearizable: false,
             reply,
+            ..
         } => {
             let _ = reply.send(Ok(read(core.kv(), &key, prefix)));
         }
         Msg::Range {
-            key, prefix, reply, ..
-        } => core.read_index(Box::new(move |r| {
-            let _ = reply.send(r.map(|kv| read(kv, &key, prefix)));
-        })),
+            key,
+            prefix,
+            reply,
+            sent,
+            ..
+        } => {
+            METRICS.raft_read_queue_seconds.observe(sent.elapsed());
+            core.read_index(Box::new(move |r| {
+                let _ = reply.send(r.map(|kv| read(kv, &key, prefix)));
+            }));
+        }
         Msg::Watch {
             prefix,
             from,
