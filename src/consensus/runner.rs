@@ -403,13 +403,18 @@ fn drive<D: Durable, T: Transport>(
             core.tick(ms);
             next_tick += tick;
         }
-        match core.handle_ready() {
-            Ok(messages) => {
-                if !messages.is_empty() {
-                    transport.send(messages);
-                }
+        // Messages leave at each step of the pass that lets them (a
+        // leader's heartbeats before its fsync, the rest after it), not
+        // after the whole pass: a follower's answer to the heartbeat a
+        // linearizable read waits for would otherwise also wait for the
+        // follower to apply a bulk start's transactions.
+        let sent = core.handle_ready_with(&mut |messages| {
+            if !messages.is_empty() {
+                transport.send(messages);
             }
-            Err(e) => return Exit::Failed(format!("its storage failed: {e}")),
+        });
+        if let Err(e) = sent {
+            return Exit::Failed(format!("its storage failed: {e}"));
         }
         if let Some(job) = core.take_snapshot_job() {
             let tx = tx.clone();
