@@ -1828,6 +1828,39 @@ mod tests {
     }
 
     #[test]
+    fn reads_of_one_pass_share_one_read_index_and_later_ones_ask_again() {
+        let mut core = single(MemDisk::new());
+        run(&mut core, 30);
+        assert!(core.is_leader());
+        core.propose(&Command::put("k", "v", None), Box::new(|_| {}));
+        run(&mut core, 1);
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let read = |core: &mut Core<MemDisk>| {
+            let served = served.clone();
+            core.read_index(Box::new(move |r| {
+                let value = r.map(|kv| kv.get("k").map(|kv| kv.value.clone()));
+                served.lock().unwrap().push(value);
+            }));
+        };
+        for _ in 0..3 {
+            read(&mut core);
+        }
+        assert!(core.reads.iter().all(|r| r.ctx.is_none()), "not asked yet");
+        core.ask_reads();
+        let first: Vec<_> = core.reads.iter().map(|r| r.ctx).collect();
+        assert!(first[0].is_some() && first.iter().all(|c| *c == first[0]));
+        // One that arrives after that request began needs a request of its own.
+        read(&mut core);
+        core.ask_reads();
+        let ctxs: Vec<_> = core.reads.iter().map(|r| r.ctx).collect();
+        assert_eq!(&ctxs[..3], &first[..]);
+        assert!(ctxs[3].is_some() && ctxs[3] != first[0]);
+        run(&mut core, 2);
+        assert!(core.reads.is_empty());
+        assert_eq!(*served.lock().unwrap(), vec![Ok(Some(b"v".to_vec())); 4]);
+    }
+
+    #[test]
     fn leases_expire_on_the_leader_and_take_their_keys() {
         let mut core = single(MemDisk::new());
         core.config.limits.min_lease_ttl_ms = 100;
