@@ -314,11 +314,11 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
     let served_before = served(&servers).await;
     let bulk_kinds_before = entry_kinds(&servers, before.leader).await;
     let probing = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let probe = tokio::spawn(probe_api(
+    let probe = spawn_probe(
         servers.apis.clone(),
         servers.api_token.clone(),
         probing.clone(),
-    ));
+    );
     let bulk_start = Instant::now();
     let sent = match args.submit_rate {
         Some(rate) => {
@@ -358,7 +358,7 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
     }
     let all_running = bulk_start.elapsed();
     probing.store(false, std::sync::atomic::Ordering::SeqCst);
-    let api = probe.await?;
+    let api = probe.await??;
     let served_loaded = served(&servers).await;
     let after = gauges(&servers).await?;
     // Counted by the member that led at the start: a leader change makes
@@ -430,14 +430,14 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
 
     // 3b. the same API calls, idle: what the bulk start's load adds.
     let probing = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let probe = tokio::spawn(probe_api(
+    let probe = spawn_probe(
         servers.apis.clone(),
         servers.api_token.clone(),
         probing.clone(),
-    ));
+    );
     tokio::time::sleep(IDLE_PROBE).await;
     probing.store(false, std::sync::atomic::Ordering::SeqCst);
-    let idle_api = probe.await?;
+    let idle_api = probe.await??;
     let served_idle = served(&servers).await;
     let mut idle_summaries = BTreeMap::new();
     for (path, samples) in &idle_api {
@@ -593,6 +593,27 @@ fn first_starts(fleet: &Fleet, since: Option<Instant>) -> HashMap<String, Instan
 /// The API paths timed while loaded: what `list-units` and `list-machines`
 /// call (their first page).
 const PROBED: [&str; 3] = ["/fleet/v1/units", "/fleet/v1/state", "/fleet/v1/machines"];
+
+/// Runs [`probe_api`] on a thread of its own with its own runtime, so its
+/// timings are the API's as a client sees them, not the wait for a turn on
+/// the runtime that also drives the 1,000 simulated agents (its timers and
+/// reads used to queue behind theirs).
+fn spawn_probe(
+    apis: Vec<String>,
+    token: String,
+    running: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::sync::oneshot::Receiver<Result<BTreeMap<String, Vec<Duration>>>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let probed = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| anyhow!("the API prober's runtime: {e}"))
+            .map(|runtime| runtime.block_on(probe_api(apis, token, running)));
+        let _ = tx.send(probed);
+    });
+    rx
+}
 
 /// GETs each of [`PROBED`] in turn, round-robin over the members, until
 /// `running` turns false; returns each path's latencies.
