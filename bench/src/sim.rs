@@ -710,9 +710,18 @@ async fn served(servers: &fleet_sim::Servers) -> Served {
 /// to reach the revision, and one Raft pass's fsync for scale.
 const STAGES: [(&str, &str); 6] = [
     ("flotilla_api_barrier_duration_seconds", "api_barrier"),
-    ("flotilla_raft_read_queue_duration_seconds", "raft_read_queue"),
-    ("flotilla_raft_read_confirm_duration_seconds", "raft_read_confirm"),
-    ("flotilla_raft_read_apply_duration_seconds", "raft_read_apply"),
+    (
+        "flotilla_raft_read_queue_duration_seconds",
+        "raft_read_queue",
+    ),
+    (
+        "flotilla_raft_read_confirm_duration_seconds",
+        "raft_read_confirm",
+    ),
+    (
+        "flotilla_raft_read_apply_duration_seconds",
+        "raft_read_apply",
+    ),
     ("flotilla_api_catch_up_duration_seconds", "api_catch_up"),
     ("flotilla_disk_fsync_duration_seconds", "fsync"),
 ];
