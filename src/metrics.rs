@@ -288,6 +288,15 @@ pub struct Metrics {
     pub raft_proposal_seconds: Histogram,
     /// One durable write of the Raft log (redb commit with its fsync).
     pub disk_fsync_seconds: Histogram,
+    /// A linearizable read's wait in the Raft thread's queue, from its
+    /// request to the thread taking it up (the thread is busy with a pass).
+    pub raft_read_queue_seconds: Histogram,
+    /// A linearizable read's ReadIndex: from asking Raft to the leader's
+    /// leadership being confirmed by a quorum (a heartbeat round).
+    pub raft_read_confirm_seconds: Histogram,
+    /// A linearizable read's wait, once confirmed, for this member to
+    /// apply up to its index.
+    pub raft_read_apply_seconds: Histogram,
     /// Bytes the member's store takes on disk.
     pub store_bytes: Gauge,
     /// Bytes of keys and values the member holds: what the quota counts.
@@ -337,6 +346,9 @@ pub static METRICS: Metrics = Metrics {
     raft_entries_applied: EntryCounts::new(),
     raft_proposal_seconds: Histogram::new(),
     disk_fsync_seconds: Histogram::new(),
+    raft_read_queue_seconds: Histogram::new(),
+    raft_read_confirm_seconds: Histogram::new(),
+    raft_read_apply_seconds: Histogram::new(),
     store_bytes: Gauge::new(),
     store_quota_used_bytes: Gauge::new(),
     store_quota_bytes: Gauge::new(),
@@ -504,7 +516,7 @@ pub fn render(cluster: Option<&Cluster>) -> String {
             let _ = writeln!(out, "{name}{{kind=\"{}\"}} {n}", kind.label());
         }
     }
-    let histograms: [(&str, &str, &dyn Series); 6] = [
+    let histograms: [(&str, &str, &dyn Series); 9] = [
         (
             "flotilla_raft_proposal_duration_seconds",
             "From a proposal reaching the Raft thread to its outcome.",
@@ -514,6 +526,21 @@ pub fn render(cluster: Option<&Cluster>) -> String {
             "flotilla_disk_fsync_duration_seconds",
             "One durable write of the Raft log (commit and fsync).",
             &m.disk_fsync_seconds,
+        ),
+        (
+            "flotilla_raft_read_queue_duration_seconds",
+            "Linearizable reads waiting for the Raft thread to take them up.",
+            &m.raft_read_queue_seconds,
+        ),
+        (
+            "flotilla_raft_read_confirm_duration_seconds",
+            "Linearizable reads from asking Raft to leadership confirmed (ReadIndex).",
+            &m.raft_read_confirm_seconds,
+        ),
+        (
+            "flotilla_raft_read_apply_duration_seconds",
+            "Linearizable reads, once confirmed, waiting for this member to apply.",
+            &m.raft_read_apply_seconds,
         ),
         (
             "flotilla_systemd_call_duration_seconds",

@@ -337,11 +337,11 @@ async fn run_in(args: &SimArgs, dir: &Path, hosts_dir: &Path) -> Result<()> {
     let served_before = served(&servers).await;
     let bulk_kinds_before = entry_kinds(&servers, before.leader).await;
     let probing = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let probe = tokio::spawn(probe_api(
+    let probe = spawn_probe(
         servers.apis.clone(),
         servers.api_token.clone(),
         probing.clone(),
-    ));
+    );
     let bulk_start = Instant::now();
     let sent = match args.submit_rate {
         Some(rate) => {
@@ -381,7 +381,7 @@ async fn run_in(args: &SimArgs, dir: &Path, hosts_dir: &Path) -> Result<()> {
     }
     let all_running = bulk_start.elapsed();
     probing.store(false, std::sync::atomic::Ordering::SeqCst);
-    let api = probe.await?;
+    let api = probe.await??;
     let served_loaded = served(&servers).await;
     let after = gauges(&servers).await?;
     // Counted by the member that led at the start: a leader change makes
@@ -453,14 +453,14 @@ async fn run_in(args: &SimArgs, dir: &Path, hosts_dir: &Path) -> Result<()> {
 
     // 3b. the same API calls, idle: what the bulk start's load adds.
     let probing = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let probe = tokio::spawn(probe_api(
+    let probe = spawn_probe(
         servers.apis.clone(),
         servers.api_token.clone(),
         probing.clone(),
-    ));
+    );
     tokio::time::sleep(IDLE_PROBE).await;
     probing.store(false, std::sync::atomic::Ordering::SeqCst);
-    let idle_api = probe.await?;
+    let idle_api = probe.await??;
     let served_idle = served(&servers).await;
     let mut idle_summaries = BTreeMap::new();
     for (path, samples) in &idle_api {
@@ -617,6 +617,27 @@ fn first_starts(fleet: &Fleet, since: Option<Instant>) -> HashMap<String, Instan
 /// call (their first page).
 const PROBED: [&str; 3] = ["/fleet/v1/units", "/fleet/v1/state", "/fleet/v1/machines"];
 
+/// Runs [`probe_api`] on a thread of its own with its own runtime, so its
+/// timings are the API's as a client sees them, not the wait for a turn on
+/// the runtime that also drives the 1,000 simulated agents (its timers and
+/// reads used to queue behind theirs).
+fn spawn_probe(
+    apis: Vec<String>,
+    token: String,
+    running: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::sync::oneshot::Receiver<Result<BTreeMap<String, Vec<Duration>>>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let probed = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| anyhow!("the API prober's runtime: {e}"))
+            .map(|runtime| runtime.block_on(probe_api(apis, token, running)));
+        let _ = tx.send(probed);
+    });
+    rx
+}
+
 /// GETs each of [`PROBED`] in turn, round-robin over the members, until
 /// `running` turns false; returns each path's latencies.
 async fn probe_api(
@@ -647,29 +668,39 @@ async fn probe_api(
 const IDLE_PROBE: Duration = Duration::from_secs(15);
 
 /// Cumulative bucket counts of `flotilla_api_request_duration_seconds` for
-/// the GETs of [`PROBED`], summed over the members: `route -> [(le, count)]`.
+/// the GETs of [`PROBED`], summed over the members, and of each of
+/// [`STAGES`] per member (`stage@mN`): `key -> [(le, count)]`.
 type Served = BTreeMap<String, Vec<(f64, u64)>>;
 
 /// Each member's own timing of the probed routes, from its `/metrics`
-/// (handler and JSON, not the wait for a connection to be accepted); empty
-/// for a member that does not answer.
+/// (handler and JSON, not the wait for a connection to be accepted), and of
+/// the stages of a read; empty for a member that does not answer.
 async fn served(servers: &fleet_sim::Servers) -> Served {
     let mut total = Served::new();
-    for api in &servers.apis {
+    for (member, api) in servers.apis.iter().enumerate() {
         let Ok(text) = get_body(api, &servers.api_token, "/metrics").await else {
             continue;
         };
         for line in text.lines() {
-            let Some(rest) = line.strip_prefix("flotilla_api_request_duration_seconds_bucket{")
-            else {
+            let Some((name, rest)) = line.split_once("_bucket{") else {
                 continue;
             };
             let Some((labels, count)) = rest.split_once("} ") else {
                 continue;
             };
-            let route = PROBED
-                .iter()
-                .find(|p| labels.contains(&format!("method=\"GET\",route=\"{p}\"")));
+            // A probed route (all members together), or one stage of a
+            // read (per member: the leader's differ from the followers').
+            let key = if name == "flotilla_api_request_duration_seconds" {
+                PROBED
+                    .iter()
+                    .find(|p| labels.contains(&format!("method=\"GET\",route=\"{p}\"")))
+                    .map(|p| p.to_string())
+            } else {
+                STAGES
+                    .iter()
+                    .find(|(metric, _)| *metric == name)
+                    .map(|(_, stage)| format!("{stage}@m{member}"))
+            };
             let le = labels
                 .split("le=\"")
                 .nth(1)
@@ -681,11 +712,10 @@ async fn served(servers: &fleet_sim::Servers) -> Served {
                         l.parse().unwrap_or(f64::NAN)
                     }
                 });
-            let (Some(route), Some(le), Ok(count)) = (route, le, count.trim().parse::<u64>())
-            else {
+            let (Some(key), Some(le), Ok(count)) = (key, le, count.trim().parse::<u64>()) else {
                 continue;
             };
-            let buckets = total.entry(route.to_string()).or_default();
+            let buckets = total.entry(key).or_default();
             match buckets.iter_mut().find(|(b, _)| *b == le) {
                 Some((_, n)) => *n += count,
                 None => buckets.push((le, count)),
@@ -694,6 +724,30 @@ async fn served(servers: &fleet_sim::Servers) -> Served {
     }
     total
 }
+
+/// The stages of an API read each member times in its `/metrics`, by
+/// histogram, with the short name [`in_process`] reports them under: the
+/// barrier (a linearizable read of the store's revision) as the API saw it,
+/// that read's parts on the Raft thread that served it (queued, ReadIndex
+/// confirmed by a quorum, waiting for the apply), the wait for the API's copy
+/// to reach the revision, and one Raft pass's fsync for scale.
+const STAGES: [(&str, &str); 6] = [
+    ("flotilla_api_barrier_duration_seconds", "api_barrier"),
+    (
+        "flotilla_raft_read_queue_duration_seconds",
+        "raft_read_queue",
+    ),
+    (
+        "flotilla_raft_read_confirm_duration_seconds",
+        "raft_read_confirm",
+    ),
+    (
+        "flotilla_raft_read_apply_duration_seconds",
+        "raft_read_apply",
+    ),
+    ("flotilla_api_catch_up_duration_seconds", "api_catch_up"),
+    ("flotilla_disk_fsync_duration_seconds", "fsync"),
+];
 
 /// The requests served between two [`served`] readings, per route: how many
 /// and the bucket bounds (seconds) holding their median and 99th percentile.

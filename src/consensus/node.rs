@@ -10,10 +10,13 @@
 //! Each [`Core::handle_ready`] pass follows raft-rs's Ready contract:
 //! 1. take `messages` (raft-rs would let a leader send them before its own
 //!    append is durable, as etcd does; this loop does not: it returns them
-//!    with the rest, after step 2);
+//!    with the rest, after step 2), except a leader's heartbeats, which
+//!    carry no entries and leave at once: every linearizable read waits for
+//!    their answers;
 //! 2. save the snapshot, entries and hard state in ONE disk batch (one fsync);
 //! 3. take `persisted_messages` (votes and acks, which MUST wait for the fsync);
-//! 4. apply committed entries, answer their proposals, feed watchers (a
+//! 4. serve reads whose ReadIndex came back and is already applied, then
+//!    apply committed entries, answer their proposals, feed watchers (a
 //!    membership change that removes this member, and what follows it, waits
 //!    until after step 6: raft-rs cannot `advance` a leader that already
 //!    left);
@@ -21,9 +24,11 @@
 //! 6. `advance`, and handle the light ready the same way.
 //!
 //! Messages leave through [`Core::handle_ready_with`]'s `send` at the step
-//! boundaries above (after step 3, and after step 6 for the light ready), so
-//! none is sent before the pass's fsync; [`Core::handle_ready`] collects them
-//! all and returns them at the end of the pass.
+//! boundaries above (a leader's heartbeats in step 1, the rest after step 3,
+//! and after step 6 for the light ready), so no entry or vote is sent before
+//! the pass's fsync, nor waits for the pass's apply; [`Core::handle_ready`]
+//! collects them all and returns them at the end of the pass (the daemon's
+//! driver, [`super::runner`], sends them at each step).
 //!
 //! A snapshot due at the end of a pass is, on a disk that keeps snapshots in
 //! files, only a copy of the state handed to the driver as a
@@ -330,9 +335,21 @@ impl Reply {
     }
 }
 
+/// Whether `message` is a leader's heartbeat (see [`Core::handle_ready_with`]).
+fn is_heartbeat(message: &Message) -> bool {
+    message.get_msg_type() == MessageType::MsgHeartbeat
+}
+
 struct PendingRead {
-    ctx: RequestId,
+    /// The ReadIndex request it shares with every read that arrived in the
+    /// same pass; `None` until the pass asks Raft ([`Core::ask_reads`]).
+    ctx: Option<RequestId>,
     index: Option<u64>,
+    /// When it was handed to Raft, and when its index came back (leadership
+    /// confirmed): the two stages of [`METRICS`]' read timings. Wall clock
+    /// for the metrics only; nothing decides by it.
+    began: std::time::Instant,
+    confirmed: Option<std::time::Instant>,
     /// The tick it was last asked of Raft: a leader that has not committed
     /// in its term yet drops ReadIndex requests, so they are asked again.
     asked: u64,
@@ -533,7 +550,7 @@ impl<D: Durable> Core<D> {
         loop {
             let id = RequestId::from(self.config.id) << 64 | RequestId::from(self.next_request);
             self.next_request = self.next_request.wrapping_add(1);
-            if !self.pending.contains_key(&id) && !self.reads.iter().any(|r| r.ctx == id) {
+            if !self.pending.contains_key(&id) && !self.reads.iter().any(|r| r.ctx == Some(id)) {
                 return id;
             }
         }
@@ -876,20 +893,39 @@ impl<D: Durable> Core<D> {
     /// Reads after confirming leadership (ReadIndex): linearizable.
     ///
     /// `serve` runs once the state machine has applied everything committed
-    /// before the read began, and reads the state machine it is handed.
+    /// before the read began, and reads the state machine it is handed. The
+    /// reads that arrive before a Ready pass share one ReadIndex request,
+    /// asked at the start of that pass ([`Core::ask_reads`]): raft-rs sends
+    /// every follower a heartbeat per request, and a leader serving the
+    /// agents' reads during a bulk start was asked about 500 a second.
     pub fn read_index(&mut self, serve: ReadServe) {
         if let Some(refused) = self.refusal() {
             return serve(Err(refused));
         }
-        let ctx = self.request_id();
-        self.raw.read_index(ctx_bytes(ctx));
         self.reads.push(PendingRead {
-            ctx,
+            ctx: None,
             index: None,
             asked: self.ticks,
             deadline: self.ticks + self.config.request_ticks,
+            began: std::time::Instant::now(),
+            confirmed: None,
             serve,
         });
+    }
+
+    /// Asks Raft for one ReadIndex on behalf of every read not yet asked
+    /// for. Each of them began before this request, so the index Raft
+    /// confirms for it serves all of them linearizably.
+    fn ask_reads(&mut self) {
+        if !self.reads.iter().any(|r| r.ctx.is_none()) {
+            return;
+        }
+        let ctx = self.request_id();
+        for read in self.reads.iter_mut().filter(|r| r.ctx.is_none()) {
+            read.ctx = Some(ctx);
+            read.asked = self.ticks;
+        }
+        self.raw.read_index(ctx_bytes(ctx));
     }
 
     /// Registers a watcher for keys under `prefix` from revision `from`.
@@ -992,11 +1028,19 @@ impl<D: Durable> Core<D> {
             return;
         }
         let every = self.config.heartbeat_ticks as u64;
+        let mut again = Vec::new();
         for read in &mut self.reads {
             if read.index.is_none() && self.ticks >= read.asked + every {
                 read.asked = self.ticks;
-                self.raw.read_index(ctx_bytes(read.ctx));
+                if let Some(ctx) = read.ctx
+                    && !again.contains(&ctx)
+                {
+                    again.push(ctx);
+                }
             }
+        }
+        for ctx in again {
+            self.raw.read_index(ctx_bytes(ctx));
         }
     }
 
@@ -1095,13 +1139,15 @@ impl<D: Durable> Core<D> {
     }
 
     /// Runs one Ready pass, handing messages to `send` at the step where the
-    /// Ready contract lets them leave: never before the pass's fsync. The
+    /// Ready contract lets them leave: a leader's heartbeats at once, the
+    /// rest never before the pass's fsync (see the module documentation). The
     /// simulation crashes a member between those steps; on an error, what
     /// `send` was given already left.
     pub fn handle_ready_with(
         &mut self,
         send: &mut dyn FnMut(Vec<Message>),
     ) -> Result<(), DiskError> {
+        self.ask_reads();
         if !self.raw.has_ready() {
             return Ok(());
         }
@@ -1110,6 +1156,18 @@ impl<D: Durable> Core<D> {
         if self.config.mutation == Mutation::SendBeforePersist {
             send(std::mem::take(&mut messages));
             send(ready.take_persisted_messages());
+        }
+        // A leader's heartbeats leave at once: they carry no entries, only
+        // its term and a commit index a quorum already persisted, and the
+        // ReadIndex of every linearizable read waits for their answers.
+        // Held until after this pass's fsync (and, before, its apply), each
+        // read waited for two of the leader's passes instead of none.
+        if self.is_leader() && messages.iter().any(is_heartbeat) {
+            let (beats, rest) = std::mem::take(&mut messages)
+                .into_iter()
+                .partition(is_heartbeat);
+            messages = rest;
+            send(beats);
         }
 
         if let Some(ss) = ready.ss() {
@@ -1154,14 +1212,26 @@ impl<D: Durable> Core<D> {
         self.drop_stale_acks(&mut persisted);
         send(persisted);
 
-        self.apply_entries(ready.take_committed_entries())?;
+        // Reads whose index is confirmed are answered before this pass
+        // applies what it committed: one already applied up to its index
+        // waits for no apply (a bulk start commits transactions of
+        // thousands of operations), and a state past its index serves it
+        // linearizably all the same.
         for rs in ready.take_read_states() {
-            if let Some(ctx) = ctx_id(&rs.request_ctx)
-                && let Some(read) = self.reads.iter_mut().find(|r| r.ctx == ctx)
-            {
+            let Some(ctx) = ctx_id(&rs.request_ctx) else {
+                continue;
+            };
+            let now = std::time::Instant::now();
+            for read in self.reads.iter_mut().filter(|r| r.ctx == Some(ctx)) {
                 read.index = Some(rs.index);
+                if read.confirmed.is_none() {
+                    METRICS.raft_read_confirm_seconds.observe(now - read.began);
+                    read.confirmed = Some(now);
+                }
             }
         }
+        self.serve_reads();
+        self.apply_entries(ready.take_committed_entries())?;
 
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {
@@ -1464,6 +1534,9 @@ impl<D: Durable> Core<D> {
             .partition(|r| r.index.is_some_and(|i| i <= applied));
         self.reads = waiting;
         for read in ready {
+            if let Some(confirmed) = read.confirmed {
+                METRICS.raft_read_apply_seconds.observe(confirmed.elapsed());
+            }
             (read.serve)(Ok(&self.kv));
         }
     }
@@ -1752,6 +1825,39 @@ mod tests {
         let mut again = single(disk);
         run(&mut again, 30);
         assert_eq!(again.kv().get("k").unwrap().value, b"v");
+    }
+
+    #[test]
+    fn reads_of_one_pass_share_one_read_index_and_later_ones_ask_again() {
+        let mut core = single(MemDisk::new());
+        run(&mut core, 30);
+        assert!(core.is_leader());
+        core.propose(&Command::put("k", "v", None), Box::new(|_| {}));
+        run(&mut core, 1);
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let read = |core: &mut Core<MemDisk>| {
+            let served = served.clone();
+            core.read_index(Box::new(move |r| {
+                let value = r.map(|kv| kv.get("k").map(|kv| kv.value.clone()));
+                served.lock().unwrap().push(value);
+            }));
+        };
+        for _ in 0..3 {
+            read(&mut core);
+        }
+        assert!(core.reads.iter().all(|r| r.ctx.is_none()), "not asked yet");
+        core.ask_reads();
+        let first: Vec<_> = core.reads.iter().map(|r| r.ctx).collect();
+        assert!(first[0].is_some() && first.iter().all(|c| *c == first[0]));
+        // One that arrives after that request began needs a request of its own.
+        read(&mut core);
+        core.ask_reads();
+        let ctxs: Vec<_> = core.reads.iter().map(|r| r.ctx).collect();
+        assert_eq!(&ctxs[..3], &first[..]);
+        assert!(ctxs[3].is_some() && ctxs[3] != first[0]);
+        run(&mut core, 2);
+        assert!(core.reads.is_empty());
+        assert_eq!(*served.lock().unwrap(), vec![Ok(Some(b"v".to_vec())); 4]);
     }
 
     #[test]

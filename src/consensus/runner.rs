@@ -52,6 +52,8 @@ pub enum Msg {
         prefix: bool,
         /// Confirm leadership first (ReadIndex); false serves local state.
         linearizable: bool,
+        /// When it was sent, for [`METRICS`]' queue timing.
+        sent: Instant,
         /// Where the keys and the revision they were read at go.
         reply: oneshot::Sender<Result<RangeRead, RequestError>>,
     },
@@ -206,6 +208,7 @@ impl Handle {
             key,
             prefix,
             linearizable,
+            sent: Instant::now(),
             reply,
         })
         .await
@@ -401,13 +404,18 @@ fn drive<D: Durable, T: Transport>(
             core.tick(ms);
             next_tick += tick;
         }
-        match core.handle_ready() {
-            Ok(messages) => {
-                if !messages.is_empty() {
-                    transport.send(messages);
-                }
+        // Messages leave at each step of the pass that lets them (a
+        // leader's heartbeats before its fsync, the rest after it), not
+        // after the whole pass: a follower's answer to the heartbeat a
+        // linearizable read waits for would otherwise also wait for the
+        // follower to apply a bulk start's transactions.
+        let sent = core.handle_ready_with(&mut |messages| {
+            if !messages.is_empty() {
+                transport.send(messages);
             }
-            Err(e) => return Exit::Failed(format!("its storage failed: {e}")),
+        });
+        if let Err(e) = sent {
+            return Exit::Failed(format!("its storage failed: {e}"));
         }
         if let Some(job) = core.take_snapshot_job() {
             let tx = tx.clone();
@@ -464,14 +472,22 @@ fn handle<D: Durable>(core: &mut Core<D>, msg: Msg) -> Result<bool, String> {
             prefix,
             linearizable: false,
             reply,
+            ..
         } => {
             let _ = reply.send(Ok(read(core.kv(), &key, prefix)));
         }
         Msg::Range {
-            key, prefix, reply, ..
-        } => core.read_index(Box::new(move |r| {
-            let _ = reply.send(r.map(|kv| read(kv, &key, prefix)));
-        })),
+            key,
+            prefix,
+            reply,
+            sent,
+            ..
+        } => {
+            METRICS.raft_read_queue_seconds.observe(sent.elapsed());
+            core.read_index(Box::new(move |r| {
+                let _ = reply.send(r.map(|kv| read(kv, &key, prefix)));
+            }));
+        }
         Msg::Watch {
             prefix,
             from,

@@ -19,10 +19,12 @@
 //! whole store, not only the registry, because the barrier is the store's
 //! revision and only a watch of everything sees every revision go by; keys
 //! outside the registry, and unit bodies (read through the [`super::BodyCache`]
-//! by hash), are not kept. While the copy is not loaded (starting, or
-//! loading again after its watch failed), or does not catch up within
-//! [`CATCH_UP`], the index is read from the store instead (a linearizable
-//! range per indexed prefix, [`index::PREFIXES`]).
+//! by hash), are not kept. A read waits for a copy being loaded (the
+//! member's first read starts it) until the load ends; while the copy is
+//! not loaded and no load is under way (pausing after its watch failed), or
+//! it does not catch up within [`CATCH_UP`], the index is read from the
+//! store instead (a linearizable range per indexed prefix,
+//! [`index::PREFIXES`]).
 //!
 //! The copy starts with the first read (or follower) and stops once nobody
 //! read it for [`IDLE`] and nobody follows it: a host whose API nobody asks
@@ -52,8 +54,9 @@ use crate::consensus::client::{Client, ClientError};
 use crate::consensus::kv::{Event, EventKind, KeyValue, Revision};
 
 /// How long a read waits for a loaded copy to reach the store's revision
-/// before reading the store directly (a copy that is not loaded, starting
-/// or reloading after its watch failed, is not waited for).
+/// before reading the store directly (a copy being loaded is waited for
+/// until its load ends; one pausing between attempts after its watch
+/// failed is not waited for).
 const CATCH_UP: Duration = Duration::from_millis(500);
 /// A copy nobody read for this long stops (at its next change).
 pub const IDLE: Duration = Duration::from_secs(300);
@@ -229,6 +232,10 @@ struct Shared {
     followers: Mutex<Vec<Arc<Mailbox>>>,
     /// Whether the task keeping it runs.
     running: AtomicBool,
+    /// Whether a load is under way (from the task's start, or its next
+    /// attempt after a failure, to the load's end): a read waits for it, at
+    /// until it ends, instead of reading the store beside it.
+    loading: watch::Sender<bool>,
     /// When it was last read, in ms since `epoch`.
     last_read_ms: AtomicU64,
     epoch: Instant,
@@ -243,6 +250,7 @@ impl Mirror {
                 copy: watch::Sender::new(None),
                 followers: Mutex::new(Vec::new()),
                 running: AtomicBool::new(false),
+                loading: watch::Sender::new(false),
                 last_read_ms: AtomicU64::new(0),
                 epoch: Instant::now(),
             }),
@@ -263,6 +271,12 @@ impl Mirror {
         metrics.api_barrier_seconds.observe(asked.elapsed());
         let waited = Instant::now();
         let mut copy = self.shared.copy.subscribe();
+        // A copy being loaded is waited for (the load is one range, bounded
+        // by the client's timeout): a member's first read, which starts the
+        // copy, read the whole index from the store beside the load, one
+        // linearizable range per prefix, while the load took the same.
+        let mut loading = self.shared.loading.subscribe();
+        let _ = loading.wait_for(|l| !l).await;
         let loaded = copy.borrow().is_some();
         // The copy's index, taken out so no borrow of the copy outlives this.
         let mirrored = if loaded {
@@ -318,6 +332,7 @@ impl Mirror {
     /// Starts the task keeping the copy unless it runs.
     fn run(&self) {
         if !self.shared.running.swap(true, Ordering::SeqCst) {
+            self.shared.loading.send_replace(true);
             tokio::spawn(keep(self.endpoints.clone(), self.shared.clone()));
         }
     }
@@ -374,6 +389,7 @@ async fn keep(endpoints: Vec<String>, shared: Arc<Shared>) {
     loop {
         keep_while_used(&endpoints, &shared, &mut pause).await;
         shared.copy.send_replace(None);
+        shared.loading.send_replace(false);
         shared.running.store(false, Ordering::SeqCst);
         // A follower that came after the last check, while no task ran,
         // must still be fed.
@@ -387,7 +403,10 @@ async fn keep(endpoints: Vec<String>, shared: Arc<Shared>) {
 /// follows it.
 async fn keep_while_used(endpoints: &[String], shared: &Shared, pause: &mut Duration) {
     loop {
-        if let Err((e, followed)) = load_and_watch(endpoints, shared).await {
+        shared.loading.send_replace(true);
+        let kept = load_and_watch(endpoints, shared).await;
+        shared.loading.send_replace(false);
+        if let Err((e, followed)) = kept {
             tracing::debug!("the registry copy: {e}; loading it again");
             shared.copy.send_replace(None);
             if followed {
@@ -413,6 +432,7 @@ async fn load_and_watch(endpoints: &[String], shared: &Shared) -> Result<(), (Cl
     let mut copy = Snapshot::from_kvs(&kvs, revision);
     drop(kvs);
     shared.publish(revision, None, &copy);
+    shared.loading.send_replace(false);
     let mut watch = client.watch("", revision + 1);
     let mut followed = false;
     loop {
