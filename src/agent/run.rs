@@ -298,7 +298,7 @@ impl Agent {
                     .reports
                     .report(&self.store, &mut self.host, &self.applied)
                     .await;
-                wakeups.passed(settled && reported, failed);
+                let _ = wakeups.passed(settled && reported, failed);
             }
             work = match wakeups.next(stop).await {
                 Wakeup::Stop => return,
@@ -440,7 +440,8 @@ impl Wakeups {
     /// A pass (and its report) just ran: the backstop counts from here, and
     /// waits longer if it left the host `settled`; after a pass whose
     /// systemd calls `failed`, the next comes soon ([`retry_after`]).
-    fn passed(&mut self, settled: bool, failed: bool) {
+    /// Returns how long after now the next pass comes, unless woken sooner.
+    fn passed(&mut self, settled: bool, failed: bool) -> Duration {
         let after = if failed {
             self.failures = self.failures.saturating_add(1);
             retry_after(self.failures)
@@ -451,6 +452,7 @@ impl Wakeups {
         self.resync
             .as_mut()
             .reset(tokio::time::Instant::now() + after);
+        after
     }
 
     /// Another pass should follow at once.
@@ -564,7 +566,7 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_failed_pass_brings_the_next_one_forward_and_a_clean_one_resets_it() {
         let mut wakeups = Wakeups::new(
             Arc::new(Notify::new()),
@@ -572,17 +574,11 @@ mod tests {
             None,
             Backstop::for_machine("abc", true),
         );
-        let deadline = |w: &Wakeups| w.resync.deadline() - tokio::time::Instant::now();
-        wakeups.passed(false, true);
-        assert_eq!(deadline(&wakeups), RETRY);
-        wakeups.passed(false, true);
-        assert_eq!(deadline(&wakeups), RETRY * 2);
-        wakeups.passed(true, false);
-        assert_eq!(deadline(&wakeups), wakeups.backstop.settled);
-        wakeups.passed(false, true);
-        assert_eq!(deadline(&wakeups), RETRY);
-        wakeups.passed(false, false);
-        assert_eq!(deadline(&wakeups), RESYNC);
+        assert_eq!(wakeups.passed(false, true), RETRY);
+        assert_eq!(wakeups.passed(false, true), RETRY * 2);
+        assert_eq!(wakeups.passed(true, false), wakeups.backstop.settled);
+        assert_eq!(wakeups.passed(false, true), RETRY);
+        assert_eq!(wakeups.passed(false, false), RESYNC);
     }
 
     #[test]
