@@ -522,14 +522,17 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
         .map(|e| e.duration_since(kill_at))
         .collect();
     let failover_summary = summary(&mut after_expiry.clone());
+    let moved = Failover {
+        affected: &affected,
+        killed_ids: &killed_ids,
+        expiries: &expiries,
+        moved_at: &moved_at,
+        kill_at,
+    };
     let timeline = failover_timeline(
         &placements,
         &fleet,
-        &affected,
-        &killed_ids,
-        &expiries,
-        &moved_at,
-        kill_at,
+        &moved,
         args.keep.then(|| dir.join("failover-units.csv")).as_deref(),
     );
     drop(placements);
@@ -579,6 +582,21 @@ async fn run_in(args: &SimArgs, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What the failover phase knows of the units it moved, for
+/// [`failover_timeline`].
+struct Failover<'a> {
+    /// Each moved unit and the killed host it ran on.
+    affected: &'a BTreeMap<String, usize>,
+    /// The killed hosts' machine ids and host indexes.
+    killed_ids: &'a BTreeMap<String, usize>,
+    /// Each killed host's lease expiry, as the watch received it.
+    expiries: &'a HashMap<usize, Instant>,
+    /// Each moved unit's first start elsewhere.
+    moved_at: &'a HashMap<String, Instant>,
+    /// When the hosts were killed.
+    kill_at: Instant,
+}
+
 /// `at` as UTC `HH:MM:SS.mmm`, to line the failover phase up with the
 /// members' logs.
 fn chrono_free_utc(at: std::time::SystemTime) -> String {
@@ -609,13 +627,16 @@ fn chrono_free_utc(at: std::time::SystemTime) -> String {
 fn failover_timeline(
     placements: &Recorder,
     fleet: &Fleet,
-    affected: &BTreeMap<String, usize>,
-    killed_ids: &BTreeMap<String, usize>,
-    expiries: &HashMap<usize, Instant>,
-    moved_at: &HashMap<String, Instant>,
-    kill_at: Instant,
+    failover: &Failover<'_>,
     rows_to: Option<&Path>,
 ) -> serde_json::Value {
+    let Failover {
+        affected,
+        killed_ids,
+        expiries,
+        moved_at,
+        kill_at,
+    } = *failover;
     // unit → first proposal / claim on a live host, as received here.
     let mut proposed: HashMap<&str, Instant> = HashMap::new();
     let mut claimed: HashMap<&str, Instant> = HashMap::new();
