@@ -491,7 +491,9 @@ async fn run_in(args: &SimArgs, dir: &Path, hosts_dir: &Path) -> Result<()> {
         })
         .collect();
     let watcher = Recorder::start(servers.endpoints.clone(), None, keys::MACHINES).await?;
+    let placements = Recorder::start(servers.endpoints.clone(), None, keys::PER_MACHINE).await?;
     let kill_at = Instant::now();
+    let kill_wall = chrono_free_utc(std::time::SystemTime::now());
     for i in &killed {
         fleet.kill(*i).await;
     }
@@ -543,6 +545,20 @@ async fn run_in(args: &SimArgs, dir: &Path, hosts_dir: &Path) -> Result<()> {
         .map(|e| e.duration_since(kill_at))
         .collect();
     let failover_summary = summary(&mut after_expiry.clone());
+    let moved = Failover {
+        affected: &affected,
+        killed_ids: &killed_ids,
+        expiries: &expiries,
+        moved_at: &moved_at,
+        kill_at,
+    };
+    let timeline = failover_timeline(
+        &placements,
+        &fleet,
+        &moved,
+        args.keep.then(|| dir.join("failover-units.csv")).as_deref(),
+    );
+    drop(placements);
     println!(
         "{}",
         json!({"phase": "failover", "run": header, "killed_hosts": killed.len(),
@@ -550,7 +566,8 @@ async fn run_in(args: &SimArgs, dir: &Path, hosts_dir: &Path) -> Result<()> {
             "expiries_seen": expiries.len(), "watch_resyncs": watch_resyncs,
             "kill_to_expiry": summary(&mut expiry_after_kill),
             "expiry_to_running": failover_summary,
-            "kill_to_all_running_secs": done.as_secs_f64()})
+            "kill_to_all_running_secs": done.as_secs_f64(),
+            "killed_at_utc": kill_wall, "timeline": timeline})
     );
 
     // 5. checks.
@@ -586,6 +603,160 @@ async fn run_in(args: &SimArgs, dir: &Path, hosts_dir: &Path) -> Result<()> {
         bail!("checks failed: {last}");
     }
     Ok(())
+}
+
+/// What the failover phase knows of the units it moved, for
+/// [`failover_timeline`].
+struct Failover<'a> {
+    /// Each moved unit and the killed host it ran on.
+    affected: &'a BTreeMap<String, usize>,
+    /// The killed hosts' machine ids and host indexes.
+    killed_ids: &'a BTreeMap<String, usize>,
+    /// Each killed host's lease expiry, as the watch received it.
+    expiries: &'a HashMap<usize, Instant>,
+    /// Each moved unit's first start elsewhere.
+    moved_at: &'a HashMap<String, Instant>,
+    /// When the hosts were killed.
+    kill_at: Instant,
+}
+
+/// `at` as UTC `HH:MM:SS.mmm`, to line the failover phase up with the
+/// members' logs.
+fn chrono_free_utc(at: std::time::SystemTime) -> String {
+    let ms = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let day_ms = ms % 86_400_000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        day_ms / 3_600_000,
+        day_ms / 60_000 % 60,
+        day_ms / 1000 % 60,
+        day_ms % 1000
+    )
+}
+
+/// Where a moved unit's time from its old host's lease expiry to running
+/// elsewhere goes, stage by stage, each a summary over the moved units:
+/// expiry seen → its new proposal seen (the scheduler: wake-up, planning,
+/// writing), proposal → the new host's claim seen (the agent's watch, its
+/// pass and claim transaction), claim → the first start call at the fake
+/// systemd, that call → active (the modelled start, and a refused call's
+/// retry). Store events are as this process's watch of the machines'
+/// prefixes received them; units a stage cannot be timed for are left out
+/// of it. Also: the moved units whose start was refused at least once, and
+/// their expiry → running. With `rows_to`, writes each unit's times (ms
+/// after the kill) there as CSV.
+fn failover_timeline(
+    placements: &Recorder,
+    fleet: &Fleet,
+    failover: &Failover<'_>,
+    rows_to: Option<&Path>,
+) -> serde_json::Value {
+    let Failover {
+        affected,
+        killed_ids,
+        expiries,
+        moved_at,
+        kill_at,
+    } = *failover;
+    // unit → first proposal / claim on a live host, as received here.
+    let mut proposed: HashMap<&str, Instant> = HashMap::new();
+    let mut claimed: HashMap<&str, Instant> = HashMap::new();
+    let seen = placements.seen();
+    for s in &seen {
+        if s.listed || s.event.kind != flotilla::consensus::kv::EventKind::Put {
+            continue;
+        }
+        let Some(rest) = s.event.kv.key.strip_prefix(keys::PER_MACHINE) else {
+            continue;
+        };
+        let mut parts = rest.splitn(3, '/');
+        let (Some(machine), Some(kind), Some(unit)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        if killed_ids.contains_key(machine) || !affected.contains_key(unit) {
+            continue;
+        }
+        let firsts = match kind {
+            "p" => &mut proposed,
+            "c" => &mut claimed,
+            _ => continue,
+        };
+        firsts.entry(unit).or_insert(s.at);
+    }
+    let mut called: HashMap<String, Instant> = HashMap::new();
+    let mut refused: HashMap<String, usize> = HashMap::new();
+    for call in fleet.journal.start_calls() {
+        if call.at < kill_at
+            || fleet.dead.contains(&call.host)
+            || !affected.contains_key(&call.unit)
+        {
+            continue;
+        }
+        if call.refused {
+            *refused.entry(call.unit.clone()).or_default() += 1;
+        }
+        called.entry(call.unit).or_insert(call.at);
+    }
+    let between = |from: Option<&Instant>, to: Option<&Instant>| match (from, to) {
+        (Some(a), Some(b)) => Some(b.saturating_duration_since(*a)),
+        _ => None,
+    };
+    let mut stages: [Vec<Duration>; 5] = Default::default();
+    let mut refused_running = Vec::new();
+    let mut rows = String::from(
+        "unit,old_host,expiry_ms,proposal_ms,claim_ms,start_call_ms,active_ms,refused\n",
+    );
+    let since_kill = |at: Option<&Instant>| {
+        at.map_or(String::new(), |at| {
+            format!("{:.1}", ms(at.saturating_duration_since(kill_at)))
+        })
+    };
+    for (unit, host) in affected {
+        let expired = expiries.get(host);
+        rows.push_str(&format!(
+            "{unit},{host},{},{},{},{},{},{}\n",
+            since_kill(expired),
+            since_kill(proposed.get(unit.as_str())),
+            since_kill(claimed.get(unit.as_str())),
+            since_kill(called.get(unit)),
+            since_kill(moved_at.get(unit)),
+            refused.get(unit).copied().unwrap_or(0)
+        ));
+        let times = [
+            between(expired, proposed.get(unit.as_str())),
+            between(proposed.get(unit.as_str()), claimed.get(unit.as_str())),
+            between(claimed.get(unit.as_str()), called.get(unit)),
+            between(called.get(unit), moved_at.get(unit)),
+            between(Some(&kill_at), expired),
+        ];
+        for (stage, time) in stages.iter_mut().zip(times) {
+            stage.extend(time);
+        }
+        if refused.contains_key(unit)
+            && let Some(time) = between(expired, moved_at.get(unit))
+        {
+            refused_running.push(time);
+        }
+    }
+    if let Some(path) = rows_to {
+        if let Err(e) = std::fs::write(path, rows) {
+            eprintln!("cannot write {}: {e}", path.display());
+        }
+    }
+    let [to_proposal, to_claim, to_call, to_active, kill_to_expiry] = &mut stages;
+    json!({
+        "kill_to_expiry": summary(kill_to_expiry),
+        "expiry_to_proposal": summary(to_proposal),
+        "proposal_to_claim": summary(to_claim),
+        "claim_to_start_call": summary(to_call),
+        "start_call_to_active": summary(to_active),
+        "units_refused_once_or_more": refused.len(),
+        "refused_calls": refused.values().sum::<usize>(),
+        "refused_units_expiry_to_running": summary(&mut refused_running),
+    })
 }
 
 /// How many machines and units with the most store changes the idle phase

@@ -145,13 +145,17 @@ impl Host {
             return;
         }
         tracing::info!("agent: {why}: stopping {} units from before", gone.len());
-        self.execute(store, &reconcile::remove(&gone)).await;
+        // Not retried early: the next pass finds what is left.
+        let _ = self.execute(store, &reconcile::remove(&gone)).await;
     }
 
     /// Asks systemd for each action in order; failures are logged and the
-    /// next pass tries again. Runs of loads and of unloads go to systemd as
-    /// one link or disable call each. Bodies to load come from `store`.
-    pub async fn execute(&mut self, store: &MachineStore, actions: &[Action]) {
+    /// next pass tries again (soon: the agent's loop retries a failed call
+    /// with a short backoff, [`super::run`]). Runs of loads and of unloads
+    /// go to systemd as one link or disable call each. Bodies to load come
+    /// from `store`. Returns false when any call failed.
+    pub async fn execute(&mut self, store: &MachineStore, actions: &[Action]) -> bool {
+        let mut all_done = true;
         let mut i = 0;
         while i < actions.len() {
             let run = actions[i..]
@@ -165,7 +169,7 @@ impl Host {
                 Action::Unload(_) => self.unload_all(batch).await,
                 Action::Reload => self.systemd.reload().await,
                 Action::Stop(_) | Action::Start(_) => {
-                    self.jobs(batch).await;
+                    all_done &= self.jobs(batch).await;
                     Ok(())
                 }
             };
@@ -180,13 +184,17 @@ impl Host {
             }
             if let Err(e) = result {
                 tracing::warn!("agent: {e}");
+                all_done = false;
             }
         }
+        all_done
     }
 
     /// Queues the start or stop jobs of a run of units, all calls in flight at
-    /// once so systemd never waits on a round trip between them.
-    async fn jobs(&self, batch: &[Action]) {
+    /// once so systemd never waits on a round trip between them; false when
+    /// any call failed.
+    async fn jobs(&self, batch: &[Action]) -> bool {
+        let mut all_done = true;
         let mut calls = tokio::task::JoinSet::new();
         for action in batch {
             let systemd = self.systemd.clone();
@@ -203,9 +211,11 @@ impl Host {
             match done {
                 Ok(Err(e)) => tracing::warn!("agent: {e}"),
                 Err(e) => tracing::warn!("agent: a systemd call failed to run: {e}"),
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => continue,
             }
+            all_done = false;
         }
+        all_done
     }
 
     /// Unloads a run of units: one disable call, then reset-failed and the files.

@@ -34,6 +34,9 @@ pub(super) struct Passed {
     /// agent by itself (its watch, systemd's signals), so the backstop may
     /// wait longer ([`super::run`]).
     pub(super) settled: bool,
+    /// A systemd call of this pass failed (a start refused, a link that
+    /// failed): the next pass should retry soon, not at the backstop.
+    pub(super) failed: bool,
 }
 
 impl Agent {
@@ -96,9 +99,10 @@ impl Agent {
         let none_refused = refused.is_empty();
         self.reports.refuse(refused);
         let actions = reconcile::reconcile(&desired, &actual, &held);
+        let mut failed = false;
         if !actions.is_empty() {
             tracing::debug!("agent: {} actions", actions.len());
-            self.host.execute(&self.store, &actions).await;
+            failed = !self.host.execute(&self.store, &actions).await;
         }
         // What the agent has now applied: fleet's currentState, reported
         // with each unit's states, and what decides a stop (reconcile).
@@ -110,6 +114,7 @@ impl Agent {
         Ok(Passed {
             again,
             settled: all_claimed && none_refused && actions.is_empty() && released == 0,
+            failed,
         })
     }
 

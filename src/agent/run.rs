@@ -15,8 +15,9 @@
 //! is missed while it was down. The backstop pass is for what no watch or
 //! signal reports: a pass or a report that failed, a systemd call that
 //! failed, a proposal waiting on a condition (a foreign unit, a peer, a
-//! body), a refused unit. While any of those is left ("unsettled"), it comes
-//! every [`RESYNC`]; once a pass leaves the host settled, only with the full
+//! body), a refused unit. After a pass whose systemd calls failed it comes
+//! after [`RETRY`], doubled for each pass in a row that fails, up to
+//! [`RESYNC`]; while anything else is left ("unsettled"), every [`RESYNC`]; once a pass leaves the host settled, only with the full
 //! resync of systemd's states, every 22.5–30 s ([`FULL_RESYNC`] less a share
 //! fixed by the machine id, so a fleet's agents do not pass in step:
 //! [`Backstop::for_machine`]). Every pass reads the
@@ -58,6 +59,11 @@ const CUT_OFF_TICK: Duration = Duration::from_millis(250);
 /// host. Each machine uses its own period, up to a quarter shorter
 /// ([`Backstop::for_machine`]).
 const FULL_RESYNC: Duration = Duration::from_secs(30);
+/// How soon a pass follows one whose systemd calls failed (a start refused):
+/// doubled for each further pass that fails, up to [`RESYNC`]. A refused
+/// start waited the whole [`RESYNC`] before, which at 1,000 hosts was the
+/// failover's 99th percentile (BENCHMARKS.md, issue 14).
+const RETRY: Duration = Duration::from_millis(250);
 /// How long a wake-up waits for the rest of its burst (proposals landing,
 /// systemd signals), so one pass and one report serve them all.
 const COALESCE: Duration = Duration::from_millis(20);
@@ -276,23 +282,23 @@ impl Agent {
                 work = true;
             }
             if work && !out_of_touch {
-                let settled = match self.pass().await {
+                let (settled, failed) = match self.pass().await {
                     Ok(passed) => {
                         if passed.again {
                             wakeups.again();
                         }
-                        passed.settled
+                        (passed.settled, passed.failed)
                     }
                     Err(e) => {
                         tracing::debug!("agent pass: {e}");
-                        false
+                        (false, false)
                     }
                 };
                 let reported = self
                     .reports
                     .report(&self.store, &mut self.host, &self.applied)
                     .await;
-                wakeups.passed(settled && reported);
+                let _ = wakeups.passed(settled && reported, failed);
             }
             work = match wakeups.next(stop).await {
                 Wakeup::Stop => return,
@@ -386,6 +392,15 @@ impl Backstop {
     }
 }
 
+/// How soon a pass follows the `failures`-th pass in a row whose systemd
+/// calls failed (`failures` ≥ 1): [`RETRY`], doubled each time, at most
+/// [`RESYNC`].
+fn retry_after(failures: u32) -> Duration {
+    RETRY
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(RESYNC)
+}
+
 /// Everything that wakes the loop, in one place.
 struct Wakeups {
     /// Changes under this machine's prefix (and a raced claim).
@@ -397,6 +412,8 @@ struct Wakeups {
     /// The backstop pass: a deadline that survives the loop's other wake-ups
     /// (a fresh sleep in the select would be restarted by every fence tick).
     resync: Pin<Box<tokio::time::Sleep>>,
+    /// Passes in a row whose systemd calls failed ([`retry_after`]).
+    failures: u32,
 }
 
 impl Wakeups {
@@ -416,14 +433,26 @@ impl Wakeups {
             fence_clock,
             backstop,
             resync,
+            failures: 0,
         }
     }
 
     /// A pass (and its report) just ran: the backstop counts from here, and
-    /// waits longer if it left the host `settled`.
-    fn passed(&mut self, settled: bool) {
-        let next = tokio::time::Instant::now() + self.backstop.after(settled);
-        self.resync.as_mut().reset(next);
+    /// waits longer if it left the host `settled`; after a pass whose
+    /// systemd calls `failed`, the next comes soon ([`retry_after`]).
+    /// Returns how long after now the next pass comes, unless woken sooner.
+    fn passed(&mut self, settled: bool, failed: bool) -> Duration {
+        let after = if failed {
+            self.failures = self.failures.saturating_add(1);
+            retry_after(self.failures)
+        } else {
+            self.failures = 0;
+            self.backstop.after(settled)
+        };
+        self.resync
+            .as_mut()
+            .reset(tokio::time::Instant::now() + after);
+        after
     }
 
     /// Another pass should follow at once.
@@ -519,6 +548,37 @@ mod tests {
         assert!(backstop.settled <= FULL_RESYNC);
         assert!(backstop.settled >= FULL_RESYNC * 3 / 4);
         assert_eq!(backstop.after(false), RESYNC);
+    }
+
+    /// A pass whose systemd calls failed is followed after 250 ms, then
+    /// 500 ms, 1 s, ... for each further one that fails, never later than
+    /// the unsettled backstop.
+    #[test]
+    fn failed_calls_are_retried_soon_then_less_often() {
+        assert_eq!(retry_after(1), RETRY);
+        assert_eq!(retry_after(2), RETRY * 2);
+        assert_eq!(retry_after(3), RETRY * 4);
+        assert!(retry_after(1) < RESYNC);
+        assert_eq!(retry_after(6), RESYNC);
+        assert_eq!(retry_after(u32::MAX), RESYNC);
+        for failures in 1..40 {
+            assert!(retry_after(failures) <= retry_after(failures + 1));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_pass_brings_the_next_one_forward_and_a_clean_one_resets_it() {
+        let mut wakeups = Wakeups::new(
+            Arc::new(Notify::new()),
+            None,
+            None,
+            Backstop::for_machine("abc", true),
+        );
+        assert_eq!(wakeups.passed(false, true), RETRY);
+        assert_eq!(wakeups.passed(false, true), RETRY * 2);
+        assert_eq!(wakeups.passed(true, false), wakeups.backstop.settled);
+        assert_eq!(wakeups.passed(false, true), RETRY);
+        assert_eq!(wakeups.passed(false, false), RESYNC);
     }
 
     #[test]

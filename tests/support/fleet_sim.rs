@@ -253,6 +253,23 @@ struct JournalInner {
     /// host → units it runs now.
     on_host: HashMap<usize, BTreeSet<String>>,
     violations: Vec<String>,
+    /// Every start call a fake systemd answered: which host, unit, when,
+    /// and whether it was refused (modelled failure).
+    start_calls: Vec<StartCall>,
+}
+
+/// One start call as a fake systemd answered it: where the agent's start
+/// path begins, so a bench can tell the call from the unit turning active.
+#[derive(Debug, Clone)]
+pub struct StartCall {
+    /// Host index.
+    pub host: usize,
+    /// The unit.
+    pub unit: String,
+    /// When the call arrived.
+    pub at: Instant,
+    /// Refused (the modelled failure rate): the agent must call again.
+    pub refused: bool,
 }
 
 /// The conflict group of a unit: units of the template `excl@.service`
@@ -314,6 +331,21 @@ impl Journal {
             at: Instant::now(),
             started: false,
         });
+    }
+
+    fn start_called(&self, host: usize, unit: &str, refused: bool) {
+        let mut j = self.inner.lock().expect("journal lock");
+        j.start_calls.push(StartCall {
+            host,
+            unit: unit.to_string(),
+            at: Instant::now(),
+            refused,
+        });
+    }
+
+    /// Every start call answered so far, in order.
+    pub fn start_calls(&self) -> Vec<StartCall> {
+        self.inner.lock().expect("journal lock").start_calls.clone()
     }
 
     /// Every start and stop so far.
@@ -483,7 +515,9 @@ impl FakeSystemd {
 
     fn do_start(self: &Arc<Self>, name: &str) -> Result<(), SystemdError> {
         self.check_alive("start", name)?;
-        if self.uniform() < self.model.start_failure {
+        let refused = self.uniform() < self.model.start_failure;
+        self.journal.start_called(self.host, name, refused);
+        if refused {
             return self.refuse("start", name, "simulated failure");
         }
         let generation = {
