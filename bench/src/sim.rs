@@ -138,16 +138,22 @@ fn ms(d: Duration) -> f64 {
 pub async fn run(args: SimArgs) -> Result<()> {
     let args = &args;
     let hosts_dir = hosts_dir(args.hosts_dir.as_deref(), &args.work_dir);
-    in_fresh_dir(&hosts_dir, "flotilla-sim-hosts-", "the simulated hosts' files", args.keep, |hosts| async move {
-        in_fresh_dir(
-            &args.work_dir,
-            "flotilla-sim-",
-            "member logs m0.log..m2.log",
-            args.keep,
-            |dir| async move { run_in(args, &dir, &hosts).await },
-        )
-        .await
-    })
+    in_fresh_dir(
+        &hosts_dir,
+        "flotilla-sim-hosts-",
+        "the simulated hosts' files",
+        args.keep,
+        |hosts| async move {
+            in_fresh_dir(
+                &args.work_dir,
+                "flotilla-sim-",
+                "member logs m0.log..m2.log",
+                args.keep,
+                |dir| async move { run_in(args, &dir, &hosts).await },
+            )
+            .await
+        },
+    )
     .await
 }
 
@@ -306,13 +312,7 @@ async fn run_in(args: &SimArgs, dir: &Path, hosts_dir: &Path) -> Result<()> {
 
     // 1. join.
     let started = Instant::now();
-    let mut fleet = Fleet::start(
-        args.hosts,
-        &servers.endpoints,
-        ttl,
-        model,
-        hosts_dir,
-    );
+    let mut fleet = Fleet::start(args.hosts, &servers.endpoints, ttl, model, hosts_dir);
     loop {
         let count = client.range(keys::MACHINES, true, false).await?.0.len();
         if count >= args.hosts {
