@@ -88,11 +88,17 @@ async fn a_page_is_bounded_by_keys_and_bytes_whatever_the_limit_asked() {
         client.txn(Vec::new(), ops, Vec::new()).await.unwrap();
     }
     // A forged limit is clamped to the member's page size.
-    let paged = client.range_all_with("/many/", false, u32::MAX).await.unwrap();
+    let paged = client
+        .range_all_with("/many/", false, u32::MAX)
+        .await
+        .unwrap();
     assert_eq!((paged.pages, paged.kvs.len()), (2, keys_over));
     // A limit of 0 counts as 1: the read still moves on.
     for i in 0..3 {
-        client.put(&format!("/few/{i}"), b"v".to_vec()).await.unwrap();
+        client
+            .put(&format!("/few/{i}"), b"v".to_vec())
+            .await
+            .unwrap();
     }
     let paged = client.range_all_with("/few/", false, 0).await.unwrap();
     assert_eq!((paged.pages, paged.kvs.len()), (3, 3));
@@ -162,7 +168,10 @@ async fn the_copy_loaded_in_pages_while_written_equals_the_store() {
     let replay = store_at(&client, at).await;
     assert_eq!(loaded.index(), &replay.index(), "the copy at revision {at}");
     // And it follows the store from there.
-    let marker = client.put("/elsewhere/marker", b"x".to_vec()).await.unwrap();
+    let marker = client
+        .put("/elsewhere/marker", b"x".to_vec())
+        .await
+        .unwrap();
     let mut copy = mirror.current().unwrap();
     while copy.revision() < marker {
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -425,10 +425,7 @@ async fn keep_while_used(endpoints: &[String], shared: &Shared, pause: &mut Dura
 /// (every change made while the pages were read then applied, a key's
 /// last event winning): never half loaded. A watch whose history was
 /// compacted past the first page fails, and the copy is loaded again.
-async fn load_and_watch(
-    endpoints: &[String],
-    shared: &Shared,
-) -> Result<(), (ClientError, bool)> {
+async fn load_and_watch(endpoints: &[String], shared: &Shared) -> Result<(), (ClientError, bool)> {
     let client = Client::connect(endpoints).await.map_err(|e| (e, false))?;
     let paged = client
         .range_all_with(keys::ROOT, false, shared.page_keys)
