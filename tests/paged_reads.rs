@@ -117,8 +117,11 @@ async fn a_page_is_bounded_by_keys_and_bytes_whatever_the_limit_asked() {
     assert_eq!(keys, want, "every key once, in order");
 }
 
-/// Rewrites and deletes unit records in a loop until `stop`, counting
-/// its writes.
+/// Rewrites and deletes unit records in a loop until `stop` (at most
+/// [`MAX_WRITES`] times, so the watch history a load replays is never
+/// compacted under it), counting its writes.
+const MAX_WRITES: usize = 200;
+
 fn writer(
     client: Client,
     stop: Arc<AtomicBool>,
@@ -126,7 +129,7 @@ fn writer(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut round = 1;
-        while !stop.load(Ordering::SeqCst) {
+        while !stop.load(Ordering::SeqCst) && round <= MAX_WRITES {
             let i = (round * 37) % 300;
             let mut ops = unit_ops(i, round);
             let gone = UnitName::parse(&format!("u{:04}.service", (round * 11) % 300)).unwrap();
