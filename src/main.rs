@@ -296,7 +296,9 @@ async fn run_kv(endpoints: &[String], command: KvCommand) -> Result<ExitCode> {
         KvCommand::Watch { prefix, from } => {
             let from = match from {
                 Some(from) => from,
-                None => client.range(&prefix, true, false).await?.1 + 1,
+                // The store's revision now (one key read, not the prefix:
+                // a whole registry does not fit one answer).
+                None => client.range(&prefix, false, false).await?.1 + 1,
             };
             let mut watch = client.watch(&prefix, from);
             loop {

@@ -35,7 +35,7 @@ use super::kv::{
     Command, Compare, Event, KeyValue, KvError, LeaseId, Op, OpResult, Outcome, Revision,
 };
 use super::node::{LeaseRenewal, Status};
-use super::protocol::{ErrorKind, Request, Response, WATCH_SILENCE};
+use super::protocol::{ErrorKind, PAGE_KEYS, Request, Response, WATCH_SILENCE};
 use crate::tls::ClientTls;
 use crate::tls::stream::BoxStream;
 
@@ -481,6 +481,91 @@ impl Client {
         }
     }
 
+    /// Reads every key under `prefix`, page by page (`Request::RangePage`,
+    /// [`PAGE_KEYS`] keys or about [`super::protocol::PAGE_BYTES`] a page),
+    /// so a prefix too large for one answer frame (a whole registry of
+    /// 100,000 units) can still be read; linearizable unless `serializable`.
+    ///
+    /// The pages are read one after the other, each at the store's revision
+    /// of the moment, so together they are NOT one snapshot: a key changed
+    /// while the pages were read shows as it was when its page was read.
+    /// Nothing is lost, though, as long as the caller that keeps a copy
+    /// replays a watch from [`Paged::revision`] + 1 (the lowest page's
+    /// revision) up to at least [`Paged::last_revision`] (the highest)
+    /// before it trusts the copy: every change a page may have missed or
+    /// caught halfway has its event in that span, and applied in order a
+    /// key's last event wins, while keys unchanged since the first page are
+    /// as read. With `last_revision == revision` the pages are one snapshot.
+    ///
+    /// A member that predates paged reads answers `Invalid` and hangs up:
+    /// the prefix is then read in one `Range` (one snapshot, as before,
+    /// bounded by the frame limit).
+    pub async fn range_all(&self, prefix: &str, serializable: bool) -> Result<Paged, ClientError> {
+        self.range_all_with(prefix, serializable, PAGE_KEYS).await
+    }
+
+    /// [`Client::range_all`] asking for at most `limit` keys a page (the
+    /// member bounds it too): small pages make a store of a few keys read in
+    /// many pages, as a large one would be.
+    pub async fn range_all_with(
+        &self,
+        prefix: &str,
+        serializable: bool,
+        limit: u32,
+    ) -> Result<Paged, ClientError> {
+        let mut paged = Paged {
+            kvs: Vec::new(),
+            revision: 0,
+            last_revision: 0,
+            pages: 0,
+        };
+        let mut after: Option<String> = None;
+        loop {
+            let request = Request::RangePage {
+                key: prefix.to_string(),
+                prefix: true,
+                serializable,
+                after: after.clone(),
+                limit,
+            };
+            let (kvs, revision, more) = match self.call(request).await {
+                Ok(Response::RangePage {
+                    kvs,
+                    revision,
+                    more,
+                }) => (kvs, revision, more),
+                Ok(other) => return Err(unexpected(&other)),
+                Err(ClientError::Refused(why)) => {
+                    // A member of an older release hung up after the request
+                    // it could not decode: start again on a fresh connection.
+                    tracing::debug!("paged read refused ({why}); reading {prefix:?} in one range");
+                    *self.conn.lock().await = None;
+                    let (kvs, revision) = self.range(prefix, true, serializable).await?;
+                    return Ok(Paged {
+                        kvs,
+                        revision,
+                        last_revision: revision,
+                        pages: 1,
+                    });
+                }
+                Err(e) => return Err(e),
+            };
+            paged.revision = if paged.pages == 0 {
+                revision
+            } else {
+                paged.revision.min(revision)
+            };
+            paged.last_revision = paged.last_revision.max(revision);
+            paged.pages += 1;
+            let last = kvs.last().map(|kv| kv.key.clone());
+            paged.kvs.extend(kvs);
+            match last {
+                Some(last) if more => after = Some(last),
+                _ => return Ok(paged),
+            }
+        }
+    }
+
     /// Reads one key (linearizable).
     pub async fn get(&self, key: &str) -> Result<Option<KeyValue>, ClientError> {
         Ok(self.range(key, false, false).await?.0.into_iter().next())
@@ -629,8 +714,27 @@ fn outcome(response: Response) -> Result<Outcome, ClientError> {
 fn is_read(request: &Request) -> bool {
     matches!(
         request,
-        Request::Range { .. } | Request::Status | Request::LeaseRenewals
+        Request::Range { .. }
+            | Request::RangePage { .. }
+            | Request::Status
+            | Request::LeaseRenewals
     )
+}
+
+/// Every key under a prefix read page by page ([`Client::range_all`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paged {
+    /// The keys, in key order.
+    pub kvs: Vec<KeyValue>,
+    /// The lowest revision a page was read at (the first page's, unless a
+    /// later one was served by a member further behind): replay a watch
+    /// from here + 1.
+    pub revision: Revision,
+    /// The highest revision a page was read at: the replay must reach it
+    /// before the keys, with the events applied, are a snapshot.
+    pub last_revision: Revision,
+    /// How many answers it took (1 for a member that reads in one range).
+    pub pages: usize,
 }
 
 fn unexpected(response: &Response) -> ClientError {

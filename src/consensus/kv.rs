@@ -692,6 +692,25 @@ impl KvStore {
             .map(|stored| &*stored.0)
     }
 
+    /// Every key starting with `prefix` and past `after` (all of them when
+    /// `None`), in key order: where the next page of a paged read starts.
+    pub fn range_after<'a>(
+        &'a self,
+        prefix: &'a str,
+        after: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a KeyValue> + 'a {
+        use std::ops::Bound;
+        let start = match after {
+            Some(after) if after >= prefix => Bound::Excluded(after),
+            _ => Bound::Included(prefix),
+        };
+        self.keys
+            .0
+            .range::<_, str>((start, Bound::Unbounded))
+            .take_while(move |stored| stored.0.key.starts_with(prefix))
+            .map(|stored| &*stored.0)
+    }
+
     /// One lease.
     pub fn lease(&self, id: LeaseId) -> Option<&Lease> {
         self.leases.get(&id)

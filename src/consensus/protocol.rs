@@ -29,6 +29,16 @@ pub const WATCH_SILENCE: Duration = Duration::from_secs(3);
 /// one frame that could outgrow the frame limit and so never get through.
 pub const WATCH_FRAME_BYTES: usize = 4 * 1024 * 1024;
 
+/// The most keys one `RangePage` answer carries, whatever the request asks:
+/// a request's `limit` comes from the network and is clamped to this.
+pub const PAGE_KEYS: u32 = 10_000;
+
+/// About how many bytes of keys and values one `RangePage` answer carries:
+/// a page is closed before a key that would take it past this (a page holds
+/// at least one key), so an answer stays far below the frame limit however
+/// large the store grows.
+pub const PAGE_BYTES: usize = 8 * 1024 * 1024;
+
 /// Splits events into batches of about `max_bytes` each, at revision
 /// boundaries only (a client resumes a watch after the last revision it
 /// received, so a batch MUST end with a whole revision): a batch is closed
@@ -110,6 +120,24 @@ pub enum Request {
     /// ([`super::node::Core::lease_renewals`]). Last, like `Snapshot`; a
     /// member of the first release cannot read it and answers `Invalid`.
     LeaseRenewals,
+    /// One page of a `Range`: the keys past `after` (all from the first
+    /// when `None`), in key order, at most `limit` of them (clamped to
+    /// [`PAGE_KEYS`]) and about [`PAGE_BYTES`]. A whole prefix too large
+    /// for one frame is read page by page
+    /// ([`super::client::Client::range_all`]). Last, like `LeaseRenewals`:
+    /// a member that predates it answers `Invalid` and hangs up.
+    RangePage {
+        /// Key or prefix.
+        key: String,
+        /// Treat `key` as a prefix.
+        prefix: bool,
+        /// Serve from this member's state without confirming leadership.
+        serializable: bool,
+        /// The last key of the previous page (exclusive start), if any.
+        after: Option<String>,
+        /// The most keys wanted (clamped to [`PAGE_KEYS`]; 0 counts as 1).
+        limit: u32,
+    },
 }
 
 /// Broad classes of failure, so a client can decide whether to retry.
@@ -161,8 +189,17 @@ pub enum Response {
     /// A backup file's bytes. After the older variants, so their encodings
     /// do not change.
     Snapshot(Vec<u8>),
-    /// The answer to `Request::LeaseRenewals`, lease by lease. Last.
+    /// The answer to `Request::LeaseRenewals`, lease by lease.
     LeaseRenewals(Vec<LeaseRenewal>),
+    /// The answer to `Request::RangePage`. Last.
+    RangePage {
+        /// The page's keys, in key order.
+        kvs: Vec<KeyValue>,
+        /// The revision this page was read at.
+        revision: Revision,
+        /// Whether keys follow the page's last one: ask again after it.
+        more: bool,
+    },
 }
 
 impl From<RequestError> for Response {

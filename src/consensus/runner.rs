@@ -21,6 +21,7 @@ use tokio::sync::{mpsc as tmpsc, oneshot};
 use super::codec::MemberInfo;
 use super::kv::{Command, KeyValue, KvStore, Lease, LeaseId, Outcome, Revision};
 use super::node::{Core, LeaseRenewal, RequestError, Status, WatchMsg};
+use super::protocol::{PAGE_BYTES, PAGE_KEYS};
 use super::storage::{DiskError, Durable};
 use crate::metrics::METRICS;
 
@@ -56,6 +57,21 @@ pub enum Msg {
         sent: Instant,
         /// Where the keys and the revision they were read at go.
         reply: oneshot::Sender<Result<RangeRead, RequestError>>,
+    },
+    /// Read one page of a key or prefix ([`read_page`]).
+    RangePage {
+        /// Key or prefix.
+        key: String,
+        /// Treat `key` as a prefix.
+        prefix: bool,
+        /// The last key of the previous page, if any.
+        after: Option<String>,
+        /// The most keys wanted (clamped by [`read_page`]).
+        limit: u32,
+        /// Confirm leadership first (ReadIndex); false serves local state.
+        linearizable: bool,
+        /// Where the page, its revision and whether more follow go.
+        reply: oneshot::Sender<Result<Page, RequestError>>,
     },
     /// Stream changes under a prefix from a revision.
     Watch {
@@ -214,6 +230,28 @@ impl Handle {
         .await
     }
 
+    /// Reads one page of a key or prefix: the keys past `after`, at most
+    /// `limit` (clamped to [`PAGE_KEYS`]) and about [`PAGE_BYTES`];
+    /// linearizable unless `linearizable` is false.
+    pub async fn range_page(
+        &self,
+        key: String,
+        prefix: bool,
+        after: Option<String>,
+        limit: u32,
+        linearizable: bool,
+    ) -> Result<Page, RequestError> {
+        self.ask(|reply| Msg::RangePage {
+            key,
+            prefix,
+            after,
+            limit,
+            linearizable,
+            reply,
+        })
+        .await
+    }
+
     /// Adds or removes a member.
     pub async fn member_change(
         &self,
@@ -270,6 +308,41 @@ pub type RangeRead = (Vec<Arc<KeyValue>>, Revision);
 fn read(kv: &KvStore, key: &str, prefix: bool) -> RangeRead {
     let kvs = kv.range_shared(key, prefix).cloned().collect();
     (kvs, kv.revision())
+}
+
+/// One page of a paged read: its keys, the revision it was read at, and
+/// whether keys follow its last one.
+pub type Page = (Vec<KeyValue>, Revision, bool);
+
+/// The page of `key` (or of the prefix `key`) past `after`: at most `limit`
+/// keys, clamped to 1..=[`PAGE_KEYS`] (the limit comes from the network),
+/// and closed before a key that would take it past [`PAGE_BYTES`] (it holds
+/// at least one key), so an answer never nears the frame limit.
+pub fn read_page(
+    kv: &super::kv::KvStore,
+    key: &str,
+    prefix: bool,
+    after: Option<&str>,
+    limit: u32,
+) -> Page {
+    if !prefix {
+        let found = kv.get(key).filter(|_| after.is_none_or(|a| key > a));
+        return (found.cloned().into_iter().collect(), kv.revision(), false);
+    }
+    let limit = usize::try_from(limit.clamp(1, PAGE_KEYS)).unwrap_or(1);
+    let mut kvs = Vec::new();
+    let mut bytes = 0;
+    let mut more = false;
+    for found in kv.range_after(key, after) {
+        let size = found.key.len() + found.value.len() + 64;
+        if kvs.len() >= limit || (!kvs.is_empty() && bytes + size > PAGE_BYTES) {
+            more = true;
+            break;
+        }
+        bytes += size;
+        kvs.push(found.clone());
+    }
+    (kvs, kv.revision(), more)
 }
 
 /// Why the node thread ended.
@@ -488,6 +561,32 @@ fn handle<D: Durable>(core: &mut Core<D>, msg: Msg) -> Result<bool, String> {
                 let _ = reply.send(r.map(|kv| read(kv, &key, prefix)));
             }));
         }
+        Msg::RangePage {
+            key,
+            prefix,
+            after,
+            limit,
+            linearizable: false,
+            reply,
+        } => {
+            let _ = reply.send(Ok(read_page(
+                core.kv(),
+                &key,
+                prefix,
+                after.as_deref(),
+                limit,
+            )));
+        }
+        Msg::RangePage {
+            key,
+            prefix,
+            after,
+            limit,
+            reply,
+            ..
+        } => core.read_index(Box::new(move |r| {
+            let _ = reply.send(r.map(|kv| read_page(kv, &key, prefix, after.as_deref(), limit)));
+        })),
         Msg::Watch {
             prefix,
             from,

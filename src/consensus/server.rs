@@ -186,6 +186,20 @@ async fn answer(node: &Handle, request: Request, agent: Option<String>) -> Respo
             .range(key, prefix, !serializable)
             .await
             .map(|(kvs, revision)| Response::Range { kvs, revision }),
+        Request::RangePage {
+            key,
+            prefix,
+            serializable,
+            after,
+            limit,
+        } => node
+            .range_page(key, prefix, after, limit, !serializable)
+            .await
+            .map(|(kvs, revision, more)| Response::RangePage {
+                kvs,
+                revision,
+                more,
+            }),
         Request::Status => node.status().await.map(Response::Status),
         Request::LeaseRenewals => node.lease_renewals().await.map(Response::LeaseRenewals),
         Request::Snapshot => node.backup().await.map(Response::Snapshot),

@@ -84,6 +84,7 @@ pub fn agent_may_use(id: &str, lease: &Lease) -> Result<(), String> {
 pub fn agent_may(id: &str, request: &Request) -> Result<(), String> {
     match request {
         Request::Range { .. }
+        | Request::RangePage { .. }
         | Request::Watch { .. }
         | Request::WatchRequireLeader { .. }
         | Request::Status
@@ -436,6 +437,13 @@ mod tests {
                 key: keys::ROOT.into(),
                 prefix: true,
                 serializable: false,
+            },
+            Request::RangePage {
+                key: keys::ROOT.into(),
+                prefix: true,
+                serializable: false,
+                after: Some(keys::UNITS.into()),
+                limit: 10,
             },
             Request::Watch {
                 prefix: keys::machine_prefix("aaa"),

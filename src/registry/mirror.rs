@@ -6,8 +6,11 @@
 //! connection, each a linearizable range served by the Raft thread: 2.3 s
 //! at the 99th percentile with 1,000 hosts and 30,000 units placing, the
 //! leader's Raft thread busy serving them (issue 14). A [`Mirror`] reads the
-//! registry once (one range, one revision) and then applies the store's
-//! events, so a request reads memory. The copy is the registry's decoded
+//! registry once and then applies the store's events, so a request reads
+//! memory. The registry is read page by page (one answer of 100,000 units
+//! would outgrow the frame limit), each page at its own revision; the watch
+//! replays the changes made meanwhile before the copy is shown
+//! ([`load_and_watch`]). The copy is the registry's decoded
 //! [`Index`] (units by name, holders, states, machines), updated with each
 //! event: a page of a list reads its page's rows and nothing else, and the
 //! raw keys are not kept.
@@ -52,6 +55,7 @@ use super::index::{self, Index};
 use super::keys;
 use crate::consensus::client::{Client, ClientError};
 use crate::consensus::kv::{Event, EventKind, KeyValue, Revision};
+use crate::consensus::protocol::PAGE_KEYS;
 
 /// How long a read waits for a loaded copy to reach the store's revision
 /// before reading the store directly (a copy being loaded is waited for
@@ -239,11 +243,20 @@ struct Shared {
     /// When it was last read, in ms since `epoch`.
     last_read_ms: AtomicU64,
     epoch: Instant,
+    /// The most keys asked for in one page of the load.
+    page_keys: u32,
 }
 
 impl Mirror {
     /// A mirror of the store at `endpoints`; nothing runs before the first read.
     pub fn new(endpoints: Vec<String>) -> Mirror {
+        Mirror::with_page_keys(endpoints, PAGE_KEYS)
+    }
+
+    /// [`Mirror::new`] loading the registry in pages of at most `page_keys`
+    /// keys (the member bounds pages too): small pages make a registry of a
+    /// few units load in many pages, as one of 100,000 does.
+    pub fn with_page_keys(endpoints: Vec<String>, page_keys: u32) -> Mirror {
         Mirror {
             endpoints,
             shared: Arc::new(Shared {
@@ -253,6 +266,7 @@ impl Mirror {
                 loading: watch::Sender::new(false),
                 last_read_ms: AtomicU64::new(0),
                 epoch: Instant::now(),
+                page_keys,
             }),
         }
     }
@@ -423,24 +437,42 @@ async fn keep_while_used(endpoints: &[String], shared: &Shared, pause: &mut Dura
 
 /// One load and the watch after it; returns Ok when the copy went idle,
 /// else why it stopped and whether any change had arrived by then.
+///
+/// The registry is read page by page ([`Client::range_all`]), the pages at
+/// the revisions of their moments; the watch starts after the lowest, and
+/// the copy is published only once its events have reached the highest
+/// (every change made while the pages were read then applied, a key's
+/// last event winning): never half loaded. A watch whose history was
+/// compacted past the first page fails, and the copy is loaded again.
 async fn load_and_watch(endpoints: &[String], shared: &Shared) -> Result<(), (ClientError, bool)> {
     let client = Client::connect(endpoints).await.map_err(|e| (e, false))?;
-    let (kvs, revision) = client
-        .range(keys::ROOT, true, false)
+    let paged = client
+        .range_all_with(keys::ROOT, false, shared.page_keys)
         .await
         .map_err(|e| (e, false))?;
-    let mut copy = Snapshot::from_kvs(&kvs, revision);
-    drop(kvs);
-    shared.publish(revision, None, &copy);
-    shared.loading.send_replace(false);
-    let mut watch = client.watch("", revision + 1);
+    let mut copy = Snapshot::from_kvs(&paged.kvs, paged.revision);
+    let whole_at = paged.last_revision;
+    drop(paged);
+    let mut published = copy.revision() >= whole_at;
+    if published {
+        shared.publish(copy.revision(), None, &copy);
+        shared.loading.send_replace(false);
+    }
+    let mut watch = client.watch("", copy.revision() + 1);
     let mut followed = false;
     loop {
         let events = watch.next().await.map_err(|e| (e, followed))?;
         followed = true;
         let since = copy.revision();
         copy.apply(&events);
-        shared.publish(since, Some(events), &copy);
+        if published {
+            shared.publish(since, Some(events), &copy);
+        } else if copy.revision() >= whole_at {
+            // The pages and the changes made while they were read: whole.
+            published = true;
+            shared.publish(copy.revision(), None, &copy);
+            shared.loading.send_replace(false);
+        }
         if shared.idle(IDLE) {
             return Ok(());
         }

@@ -3,10 +3,11 @@
 //! Reading the whole registry for every pass (five range reads of every
 //! unit, machine, proposal and claim, on every change and every half second)
 //! cost the Raft leader most of a core at 1,000 hosts and 30,000 units, with
-//! nothing changing (issue 14). A [`View`] reads everything once, in one range
-//! at one revision ([`View::load`]), then applies the store's events from the
-//! next revision on, so a pass decides from memory and an idle cluster costs
-//! its scheduler nothing.
+//! nothing changing (issue 14). A [`View`] reads everything once
+//! ([`View::load`]: page by page, replaying the changes made meanwhile, so it
+//! is the registry at one revision), then applies the store's events from
+//! the next revision on, so a pass decides from memory and an idle cluster
+//! costs its scheduler nothing.
 //!
 //! One decoded registry per member: the records the API lists too (units,
 //! machines, drains, metadata, reported states, claim counts, reasons) are
@@ -42,6 +43,7 @@ use super::records::{self, Proposal, Target};
 use super::schedule::{Reading, Seen, Touched, Wanted, World};
 use crate::consensus::client::{Client, ClientError};
 use crate::consensus::kv::{Event, EventKind, KeyValue, Revision};
+use crate::consensus::protocol::PAGE_KEYS;
 use crate::units::placement::Machine;
 use crate::units::{UnitHash, UnitKind, UnitName};
 
@@ -89,12 +91,53 @@ pub struct Behind {
 }
 
 impl View {
-    /// Reads the whole registry in one range (one revision), parsing bodies
-    /// into `cache` (the daemon's one cache), which afterwards holds only the
-    /// bodies still stored.
+    /// Reads the whole registry, parsing bodies into `cache` (the daemon's
+    /// one cache), which afterwards holds only the bodies still stored.
     pub async fn load(client: &Client, cache: Arc<BodyCache>) -> Result<View, ClientError> {
-        let (kvs, revision) = client.range(keys::ROOT, true, false).await?;
-        Ok(View::from_kvs(&kvs, revision, cache))
+        View::load_in_pages(client, cache, PAGE_KEYS).await
+    }
+
+    /// [`View::load`] reading pages of at most `page_keys` keys. The pages
+    /// are read at the revisions of their moments ([`Client::range_all`]):
+    /// the changes made meanwhile are replayed from a watch, from the first
+    /// page's revision on, until the view reaches the last page's, so the
+    /// view returned is the registry at its revision. History compacted
+    /// past the first page fails the load ([`ClientError::Compacted`]): load
+    /// again.
+    pub async fn load_in_pages(
+        client: &Client,
+        cache: Arc<BodyCache>,
+        page_keys: u32,
+    ) -> Result<View, ClientError> {
+        let paged = client.range_all_with(keys::ROOT, false, page_keys).await?;
+        let mut view = View::from_kvs(&paged.kvs, paged.revision, cache);
+        let whole_at = paged.last_revision;
+        drop(paged);
+        if view.revision >= whole_at {
+            return Ok(view);
+        }
+        // Every key of the store: the last page's revision may be a change
+        // outside the registry, which only a watch of everything sees.
+        let mut watch = client.watch("", view.revision + 1);
+        while view.revision < whole_at {
+            let events = watch.next().await?;
+            let registry: Vec<Event> = events
+                .iter()
+                .filter(|e| e.kv.key.starts_with(keys::ROOT))
+                .cloned()
+                .collect();
+            view.apply(&registry);
+            if let Some(last) = events.last() {
+                view.revision = view.revision.max(last.revision());
+            }
+        }
+        let live: HashSet<UnitHash> = view.bodies.keys().copied().collect();
+        view.cache.keep_only(&live);
+        view.touched = Touched {
+            all: true,
+            ..Touched::default()
+        };
+        Ok(view)
     }
 
     /// The view of a registry holding exactly `kvs`, read at `revision`.
