@@ -546,9 +546,6 @@ pub async fn wake_on_own_changes(endpoints: Vec<String>, id: String, wake: Arc<N
                 .watch(&prefix, revision + 1)
                 .require_leader()
                 .starting_at(watch_start(&id));
-            // The watch holds a connection of its own: the client's would
-            // only sit idle on the leader for as long as the watch lasts.
-            drop(client);
             wake.notify_one();
             while watch.next().await.is_ok() {
                 wake.notify_one();
