@@ -419,7 +419,7 @@ impl Default for Config {
             tls_ca: PathBuf::new(),
             tls_cert: PathBuf::new(),
             tls_key: PathBuf::new(),
-            max_connections: 16_384,
+            max_connections: 32_768,
             max_frame_bytes: 64 * 1024 * 1024,
             frame_read_timeout_ms: 10_000,
             tls_handshake_timeout_ms: 5_000,

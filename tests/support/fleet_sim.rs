@@ -36,9 +36,10 @@ use tokio::task::JoinHandle;
 /// How many Raft members the simulated fleet's store has.
 pub const MEMBERS: usize = 3;
 
-/// Each member's `max_connections`: room for 5,000 simulated hosts' two
-/// store connections each on one member (keep `ulimit -n` above it).
-pub const MAX_CONNECTIONS: usize = 12_000;
+/// Each member's `max_connections`: room for 5,000 simulated hosts' three
+/// store connections each on one member (two, and the lease keep-alive's
+/// spare once the agent's own was busy; keep `ulimit -n` above it).
+pub const MAX_CONNECTIONS: usize = 20_000;
 
 /// `n` free TCP ports on loopback (all bound at once, so they differ, then
 /// released).
