@@ -142,18 +142,31 @@ fn writer(
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_copy_loaded_in_pages_while_written_equals_the_store() {
-    let (addr, _node) = lone_member::start(|_| {}).await;
-    let endpoints = vec![addr];
-    let client = Client::connect(&endpoints).await.unwrap();
-    fill(&client, 300).await;
+/// Starts [`writer`] on a sibling of `client` and waits for its first
+/// write: its stop flag, its count of writes and its task.
+async fn writing_beside(
+    client: &Client,
+) -> (
+    Arc<AtomicBool>,
+    Arc<AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
     let stop = Arc::new(AtomicBool::new(false));
     let writes = Arc::new(AtomicUsize::new(0));
     let writing = writer(client.sibling(), stop.clone(), writes.clone());
     while writes.load(Ordering::SeqCst) == 0 {
         tokio::task::yield_now().await;
     }
+    (stop, writes, writing)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_copy_loaded_in_pages_while_written_equals_the_store() {
+    let (addr, _node) = lone_member::start(|_| {}).await;
+    let endpoints = vec![addr];
+    let client = Client::connect(&endpoints).await.unwrap();
+    fill(&client, 300).await;
+    let (stop, writes, writing) = writing_beside(&client).await;
     // Pages of one key: about 300 round trips with the writer beside them.
     let mirror = Mirror::with_page_keys(endpoints.clone(), 1);
     let _following = mirror.follow();
@@ -188,12 +201,7 @@ async fn the_view_loaded_in_pages_while_written_equals_the_store() {
     let (addr, _node) = lone_member::start(|_| {}).await;
     let client = Client::connect(&[addr]).await.unwrap();
     fill(&client, 300).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let writes = Arc::new(AtomicUsize::new(0));
-    let writing = writer(client.sibling(), stop.clone(), writes.clone());
-    while writes.load(Ordering::SeqCst) == 0 {
-        tokio::task::yield_now().await;
-    }
+    let (stop, writes, writing) = writing_beside(&client).await;
     let view = View::load_in_pages(&client, Default::default(), 1)
         .await
         .unwrap();
