@@ -28,10 +28,11 @@ use crate::tls::{Identity, Role};
 
 /// The read and the write buffer of each client connection, in bytes.
 ///
-/// Every host keeps two connections to the store (its requests and its
-/// watch), and clients move to the leader: at 5,000 hosts the leader holds
-/// 10,000 of them, so tokio's default 8 KiB per buffer would cost it about
-/// 160 MiB. Most frames (requests, outcomes, keep-alives) fit in 1 KiB; a
+/// Every host keeps two to four connections to the store (its requests, its
+/// watch, the client that found where the watch starts, and its lease
+/// keep-alive's spare once its requests' connection was busy), and clients
+/// move to the leader: at 5,000 hosts the leader holds 10,000–15,000 of them,
+/// so tokio's default 8 KiB per buffer would cost it 160–240 MiB. Most frames (requests, outcomes, keep-alives) fit in 1 KiB; a
 /// larger one is read or written past the buffer, straight from or into
 /// its own allocation, at the cost of a second system call.
 pub const CONNECTION_BUFFER_BYTES: usize = 1024;
