@@ -558,7 +558,7 @@ impl Client {
             paged.last_revision = paged.last_revision.max(revision);
             paged.pages += 1;
             let last = kvs.last().map(|kv| kv.key.clone());
-            paged.kvs.extend(kvs);
+            paged.kvs.extend(kvs.into_iter().map(Arc::unwrap_or_clone));
             match last {
                 Some(last) if more => after = Some(last),
                 _ => return Ok(paged),

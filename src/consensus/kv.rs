@@ -698,7 +698,7 @@ impl KvStore {
         &'a self,
         prefix: &'a str,
         after: Option<&'a str>,
-    ) -> impl Iterator<Item = &'a KeyValue> + 'a {
+    ) -> impl Iterator<Item = &'a Arc<KeyValue>> + 'a {
         use std::ops::Bound;
         let start = match after {
             Some(after) if after >= prefix => Bound::Excluded(after),
@@ -708,7 +708,7 @@ impl KvStore {
             .0
             .range::<_, str>((start, Bound::Unbounded))
             .take_while(move |stored| stored.0.key.starts_with(prefix))
-            .map(|stored| &*stored.0)
+            .map(|stored| &stored.0)
     }
 
     /// One lease.

@@ -193,8 +193,9 @@ pub enum Response {
     LeaseRenewals(Vec<LeaseRenewal>),
     /// The answer to `Request::RangePage`. Last.
     RangePage {
-        /// The page's keys, in key order.
-        kvs: Vec<KeyValue>,
+        /// The page's keys, in key order: on the serving member the store's
+        /// own records, as in `Range` (the same bytes as a `Vec<KeyValue>`).
+        kvs: Vec<Arc<KeyValue>>,
         /// The revision this page was read at.
         revision: Revision,
         /// Whether keys follow the page's last one: ask again after it.

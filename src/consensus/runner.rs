@@ -311,8 +311,9 @@ fn read(kv: &KvStore, key: &str, prefix: bool) -> RangeRead {
 }
 
 /// One page of a paged read: its keys, the revision it was read at, and
-/// whether keys follow its last one.
-pub type Page = (Vec<KeyValue>, Revision, bool);
+/// whether keys follow its last one. The records are the store's own, shared,
+/// as a [`RangeRead`]'s.
+pub type Page = (Vec<Arc<KeyValue>>, Revision, bool);
 
 /// The page of `key` (or of the prefix `key`) past `after`: at most `limit`
 /// keys, clamped to 1..=[`PAGE_KEYS`] (the limit comes from the network),
@@ -326,8 +327,10 @@ pub fn read_page(
     limit: u32,
 ) -> Page {
     if !prefix {
-        let found = kv.get(key).filter(|_| after.is_none_or(|a| key > a));
-        return (found.cloned().into_iter().collect(), kv.revision(), false);
+        let found = kv
+            .range_shared(key, false)
+            .filter(|_| after.is_none_or(|a| key > a));
+        return (found.cloned().collect(), kv.revision(), false);
     }
     let limit = usize::try_from(limit.clamp(1, PAGE_KEYS)).unwrap_or(1);
     let mut kvs = Vec::new();
