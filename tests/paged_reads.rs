@@ -4,7 +4,10 @@
 //! clamped) and by bytes; the member's registry copy (`registry::mirror`)
 //! and the scheduler's view (`registry::view`) loaded in many small pages
 //! while the registry is being written end equal to the store; and a member
-//! that predates paged reads is read in one range.
+//! that predates paged reads is read in one range. Also named keys read in
+//! one request (`Request::GetKeys`, `Client::get_keys`, what a start call
+//! reads): equal to reading them one by one, bounded in count and bytes,
+//! and read key by key from a member that predates the request.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -13,7 +16,7 @@ use std::time::Duration;
 use flotilla::consensus::client::Client;
 use flotilla::consensus::codec;
 use flotilla::consensus::kv::{KeyValue, Op};
-use flotilla::consensus::protocol::{ErrorKind, PAGE_KEYS, Request, Response};
+use flotilla::consensus::protocol::{ErrorKind, GET_KEYS_MAX, PAGE_KEYS, Request, Response};
 use flotilla::registry::keys;
 use flotilla::registry::mirror::{Mirror, Snapshot};
 use flotilla::registry::records::{self, DesiredState, UnitRecord};
@@ -262,8 +265,9 @@ async fn store_at(client: &Client, revision: u64) -> Past {
     }
 }
 
-/// A member of an older release: it cannot decode `RangePage`, so it
-/// answers `Invalid` and hangs up, as such a member does; it serves `Range`.
+/// A member of an older release: it cannot decode `RangePage` or `GetKeys`,
+/// so it answers `Invalid` and hangs up, as such a member does; it serves
+/// `Range`.
 async fn old_member(kvs: Vec<KeyValue>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -274,16 +278,23 @@ async fn old_member(kvs: Vec<KeyValue>) -> String {
             tokio::spawn(async move {
                 while let Ok(Some(frame)) = codec::read_frame(&mut stream).await {
                     let (answer, hang_up) = match codec::decode::<Request>(&frame).unwrap() {
-                        Request::RangePage { .. } => (
+                        Request::RangePage { .. } | Request::GetKeys { .. } => (
                             Response::Error {
                                 kind: ErrorKind::Invalid,
                                 message: "undecodable request: unknown variant".into(),
                             },
                             true,
                         ),
-                        Request::Range { .. } => (
+                        Request::Range { key, prefix, .. } => (
                             Response::Range {
-                                kvs: kvs.iter().cloned().map(std::sync::Arc::new).collect(),
+                                kvs: kvs
+                                    .iter()
+                                    .filter(|kv| {
+                                        kv.key == key || (prefix && kv.key.starts_with(&key))
+                                    })
+                                    .cloned()
+                                    .map(std::sync::Arc::new)
+                                    .collect(),
                                 revision: 9,
                             },
                             false,
@@ -329,4 +340,105 @@ async fn a_member_without_paged_reads_is_read_in_one_range() {
     assert_eq!(paged.kvs, kvs);
     // The connection it hung up was replaced: the client goes on.
     assert_eq!(client.range(keys::ROOT, true, false).await.unwrap().0, kvs);
+}
+
+/// Sends `request` on a connection of its own and returns the answer.
+async fn ask(addr: &str, request: &Request) -> Response {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    codec::write_frame(&mut stream, &codec::encode(request))
+        .await
+        .unwrap();
+    let frame = codec::read_frame(&mut stream).await.unwrap().unwrap();
+    codec::decode(&frame).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_keys_read_in_one_request_equal_reading_them_one_by_one() {
+    let (addr, _node) = lone_member::start(|_| {}).await;
+    let client = Client::connect(std::slice::from_ref(&addr)).await.unwrap();
+    fill(&client, GET_KEYS_MAX + 100).await;
+    let name = |i: usize| keys::unit(&UnitName::parse(&format!("u{i:04}.service")).unwrap());
+    // Present, missing and repeated keys, in no order; more than one
+    // request's worth, so the client asks in groups.
+    let mut asked: Vec<String> = (0..GET_KEYS_MAX + 100).rev().map(name).collect();
+    asked.push("/flotilla/units/missing.service".into());
+    asked.push(name(0));
+    asked.extend((0..GET_KEYS_MAX).step_by(2).map(name));
+    let mut one_by_one = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for key in &asked {
+        if seen.insert(key.clone()) {
+            one_by_one.extend(client.get(key).await.unwrap());
+        }
+    }
+    assert!(one_by_one.len() > GET_KEYS_MAX, "{} keys", one_by_one.len());
+    assert_eq!(client.get_keys(&asked).await.unwrap(), one_by_one);
+    // One request: a repeated key answers once, a missing one not at all.
+    let request = Request::GetKeys {
+        keys: vec![name(5), "/nope".into(), name(5), name(2)],
+        serializable: true,
+    };
+    match ask(&addr, &request).await {
+        Response::Range { kvs, .. } => {
+            let got: Vec<&str> = kvs.iter().map(|kv| kv.key.as_str()).collect();
+            assert_eq!(got, [name(5), name(2)]);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_keys_are_bounded_in_count_and_bytes() {
+    let (addr, _node) = lone_member::start(|_| {}).await;
+    let client = Client::connect(std::slice::from_ref(&addr)).await.unwrap();
+    let too_many = Request::GetKeys {
+        keys: (0..=GET_KEYS_MAX).map(|i| format!("/k/{i}")).collect(),
+        serializable: false,
+    };
+    match ask(&addr, &too_many).await {
+        Response::Error { kind, message } => {
+            assert_eq!(kind, ErrorKind::Invalid);
+            assert!(message.contains("at most 1024"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Twelve values of 1 MiB: more than one answer may carry.
+    let big: Vec<String> = (0..12).map(|i| format!("/big/{i:02}")).collect();
+    for key in &big {
+        client.put(key, vec![7; 1024 * 1024]).await.unwrap();
+    }
+    let request = Request::GetKeys {
+        keys: big.clone(),
+        serializable: false,
+    };
+    match ask(&addr, &request).await {
+        Response::Error { kind, message } => {
+            assert_eq!(kind, ErrorKind::Invalid);
+            assert!(message.contains("smaller groups"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The client then reads them key by key, and still gets every one.
+    let kvs = client.get_keys(&big).await.unwrap();
+    let got: Vec<&str> = kvs.iter().map(|kv| kv.key.as_str()).collect();
+    assert_eq!(got, big);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_without_named_reads_is_read_key_by_key() {
+    let kvs: Vec<KeyValue> = (0..3)
+        .map(|i| KeyValue {
+            key: format!("/flotilla/x/{i}"),
+            value: b"v".to_vec(),
+            create_revision: 2,
+            mod_revision: 2,
+            version: 1,
+            lease: None,
+        })
+        .collect();
+    let addr = old_member(kvs.clone()).await;
+    let client = Client::connect(&[addr]).await.unwrap();
+    let asked = ["/flotilla/x/2", "/flotilla/x/9", "/flotilla/x/0"].map(String::from);
+    let got = client.get_keys(&asked).await.unwrap();
+    assert_eq!(got, [kvs[2].clone(), kvs[0].clone()]);
 }

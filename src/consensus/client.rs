@@ -35,7 +35,7 @@ use super::kv::{
     Command, Compare, Event, KeyValue, KvError, LeaseId, Op, OpResult, Outcome, Revision,
 };
 use super::node::{LeaseRenewal, Status};
-use super::protocol::{ErrorKind, PAGE_KEYS, Request, Response, WATCH_SILENCE};
+use super::protocol::{ErrorKind, GET_KEYS_MAX, PAGE_KEYS, Request, Response, WATCH_SILENCE};
 use crate::tls::ClientTls;
 use crate::tls::stream::BoxStream;
 
@@ -566,6 +566,48 @@ impl Client {
         }
     }
 
+    /// Reads the records of `keys` that exist, all at one linearizable
+    /// point per group of [`GET_KEYS_MAX`] keys (`Request::GetKeys`): one
+    /// round each, where [`Client::get`] costs a round per key. Keys read
+    /// once each, in the order asked. A group a member refuses (one that
+    /// predates the request, or an answer past its byte bound) is read key
+    /// by key instead.
+    pub async fn get_keys(&self, keys: &[String]) -> Result<Vec<KeyValue>, ClientError> {
+        let mut seen = std::collections::HashSet::new();
+        let keys: Vec<String> = keys
+            .iter()
+            .filter(|key| seen.insert(key.as_str()))
+            .cloned()
+            .collect();
+        let mut kvs = Vec::new();
+        for group in keys.chunks(GET_KEYS_MAX) {
+            let request = Request::GetKeys {
+                keys: group.to_vec(),
+                serializable: false,
+            };
+            match self.call(request).await {
+                Ok(Response::Range { kvs: found, .. }) => {
+                    kvs.extend(found.into_iter().map(Arc::unwrap_or_clone));
+                }
+                Ok(other) => return Err(unexpected(&other)),
+                Err(ClientError::Refused(why)) => {
+                    tracing::debug!(
+                        "reading {} keys at once refused ({why}); reading them one by one",
+                        group.len()
+                    );
+                    // A member of an older release hung up after the
+                    // request it could not decode: go on over a fresh one.
+                    *self.conn.lock().await = None;
+                    for key in group {
+                        kvs.extend(self.get(key).await?);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(kvs)
+    }
+
     /// Reads one key (linearizable).
     pub async fn get(&self, key: &str) -> Result<Option<KeyValue>, ClientError> {
         Ok(self.range(key, false, false).await?.0.into_iter().next())
@@ -716,6 +758,7 @@ fn is_read(request: &Request) -> bool {
         request,
         Request::Range { .. }
             | Request::RangePage { .. }
+            | Request::GetKeys { .. }
             | Request::Status
             | Request::LeaseRenewals
     )

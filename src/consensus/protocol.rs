@@ -39,6 +39,10 @@ pub const PAGE_KEYS: u32 = 10_000;
 /// large the store grows.
 pub const PAGE_BYTES: usize = 8 * 1024 * 1024;
 
+/// The most keys one `GetKeys` request may name: a request names them, so
+/// the member refuses more rather than work through an unbounded list.
+pub const GET_KEYS_MAX: usize = 1_024;
+
 /// Splits events into batches of about `max_bytes` each, at revision
 /// boundaries only (a client resumes a watch after the last revision it
 /// received, so a batch MUST end with a whole revision): a batch is closed
@@ -137,6 +141,18 @@ pub enum Request {
         after: Option<String>,
         /// The most keys wanted (clamped to [`PAGE_KEYS`]; 0 counts as 1).
         limit: u32,
+    },
+    /// Several keys read at one point, in one round (one ReadIndex when
+    /// linearizable), answered as a `Range` of the keys found: a start call
+    /// of twenty units reads its twenty records at once instead of one
+    /// round each. At most [`GET_KEYS_MAX`] keys, and an answer of at most
+    /// about [`PAGE_BYTES`]; more is refused (`Invalid`). Last, like
+    /// `RangePage`: a member that predates it answers `Invalid` and hangs up.
+    GetKeys {
+        /// The keys, each read on its own (no prefixes).
+        keys: Vec<String>,
+        /// Serve from this member's state without confirming leadership.
+        serializable: bool,
     },
 }
 

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc as tmpsc, oneshot};
 use super::codec::MemberInfo;
 use super::kv::{Command, KeyValue, KvStore, Lease, LeaseId, Outcome, Revision};
 use super::node::{Core, LeaseRenewal, RequestError, Status, WatchMsg};
-use super::protocol::{PAGE_BYTES, PAGE_KEYS};
+use super::protocol::{GET_KEYS_MAX, PAGE_BYTES, PAGE_KEYS};
 use super::storage::{DiskError, Durable};
 use crate::metrics::METRICS;
 
@@ -72,6 +72,15 @@ pub enum Msg {
         linearizable: bool,
         /// Where the page, its revision and whether more follow go.
         reply: oneshot::Sender<Result<Page, RequestError>>,
+    },
+    /// Read several keys at one point ([`read_keys`]).
+    GetKeys {
+        /// The keys.
+        keys: Vec<String>,
+        /// Confirm leadership first (ReadIndex); false serves local state.
+        linearizable: bool,
+        /// Where the keys found and the revision go.
+        reply: oneshot::Sender<Result<RangeRead, RequestError>>,
     },
     /// Stream changes under a prefix from a revision.
     Watch {
@@ -252,6 +261,29 @@ impl Handle {
         .await
     }
 
+    /// Reads several keys at one point, in one round: linearizable unless
+    /// `linearizable` is false. More than [`GET_KEYS_MAX`] keys, or an
+    /// answer past about [`PAGE_BYTES`], is refused ([`read_keys`]).
+    pub async fn get_keys(
+        &self,
+        keys: Vec<String>,
+        linearizable: bool,
+    ) -> Result<RangeRead, RequestError> {
+        if keys.len() > GET_KEYS_MAX {
+            return Err(RequestError::Invalid(format!(
+                "{} keys asked at once; at most {GET_KEYS_MAX} are read in one request: ask in \
+                 several",
+                keys.len()
+            )));
+        }
+        self.ask(|reply| Msg::GetKeys {
+            keys,
+            linearizable,
+            reply,
+        })
+        .await
+    }
+
     /// Adds or removes a member.
     pub async fn member_change(
         &self,
@@ -346,6 +378,33 @@ pub fn read_page(
         kvs.push(found.clone());
     }
     (kvs, kv.revision(), more)
+}
+
+/// The records of `keys` that exist (in the order asked, each once), and
+/// the revision they were read at; refused when the answer would pass about
+/// [`PAGE_BYTES`] (the keys come from the network, their values may be
+/// large), so an answer stays far below the frame limit.
+pub fn read_keys(kv: &KvStore, keys: &[String]) -> Result<RangeRead, RequestError> {
+    let mut kvs = Vec::new();
+    let mut bytes = 0;
+    let mut seen = std::collections::HashSet::new();
+    for key in keys {
+        if !seen.insert(key.as_str()) {
+            continue;
+        }
+        for found in kv.range_shared(key, false) {
+            bytes += found.key.len() + found.value.len() + 64;
+            if bytes > PAGE_BYTES {
+                return Err(RequestError::Invalid(format!(
+                    "the {} keys asked hold more than {} MiB; read them in smaller groups",
+                    keys.len(),
+                    PAGE_BYTES >> 20
+                )));
+            }
+            kvs.push(found.clone());
+        }
+    }
+    Ok((kvs, kv.revision()))
 }
 
 /// Why the node thread ended.
@@ -589,6 +648,16 @@ fn handle<D: Durable>(core: &mut Core<D>, msg: Msg) -> Result<bool, String> {
             ..
         } => core.read_index(Box::new(move |r| {
             let _ = reply.send(r.map(|kv| read_page(kv, &key, prefix, after.as_deref(), limit)));
+        })),
+        Msg::GetKeys {
+            keys,
+            linearizable: false,
+            reply,
+        } => {
+            let _ = reply.send(read_keys(core.kv(), &keys));
+        }
+        Msg::GetKeys { keys, reply, .. } => core.read_index(Box::new(move |r| {
+            let _ = reply.send(r.and_then(|kv| read_keys(kv, &keys)));
         })),
         Msg::Watch {
             prefix,

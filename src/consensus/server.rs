@@ -201,6 +201,10 @@ async fn answer(node: &Handle, request: Request, agent: Option<String>) -> Respo
                 revision,
                 more,
             }),
+        Request::GetKeys { keys, serializable } => node
+            .get_keys(keys, !serializable)
+            .await
+            .map(|(kvs, revision)| Response::Range { kvs, revision }),
         Request::Status => node.status().await.map(Response::Status),
         Request::LeaseRenewals => node.lease_renewals().await.map(Response::LeaseRenewals),
         Request::Snapshot => node.backup().await.map(Response::Snapshot),

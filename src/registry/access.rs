@@ -85,6 +85,7 @@ pub fn agent_may(id: &str, request: &Request) -> Result<(), String> {
     match request {
         Request::Range { .. }
         | Request::RangePage { .. }
+        | Request::GetKeys { .. }
         | Request::Watch { .. }
         | Request::WatchRequireLeader { .. }
         | Request::Status
@@ -444,6 +445,10 @@ mod tests {
                 serializable: false,
                 after: Some(keys::UNITS.into()),
                 limit: 10,
+            },
+            Request::GetKeys {
+                keys: vec![keys::machine("bbb")],
+                serializable: false,
             },
             Request::Watch {
                 prefix: keys::machine_prefix("aaa"),

@@ -18,6 +18,7 @@ use super::records::{self, DesiredState, MachineRecord, Renewal, ReportedState, 
 use crate::consensus::client::{Client, ClientError};
 use crate::consensus::kv::{Compare, KeyValue, Op};
 use crate::consensus::node::LeaseRenewal;
+use crate::consensus::protocol::GET_KEYS_MAX;
 use crate::units::{Unit, UnitKind, UnitName};
 
 /// What [`submit`] and [`submit_as`] did.
@@ -187,16 +188,18 @@ pub async fn set_desired(
     Ok(changed)
 }
 
-/// Up to this many unit keys, [`set_desired`] reads each key it needs on its
-/// own; past it, one range of every unit record costs less.
-const NAMED_READS: usize = 64;
+/// Past this many unit keys, [`set_desired`] reads every unit record in one
+/// range instead of the keys it needs.
+const NAMED_READS: usize = 4 * GET_KEYS_MAX;
 
 /// The unit records [`set_desired`] needs for `names`: each name's and, for an
-/// instance, its template's. A few are read key by key, so a start call of
-/// ten units does not read every unit in the cluster (at 15,000 units that
-/// read capped paced starts at 310–400 calls' worth a second, issue 14);
-/// many at once, by one range of every unit record. Each read is
-/// linearizable and every write compares what it read, as before.
+/// instance, its template's. Up to [`NAMED_READS`] keys are read by name, in
+/// one linearizable round per [`GET_KEYS_MAX`] ([`Client::get_keys`]), so a
+/// start call of twenty units neither reads every unit in the cluster (at
+/// 15,000 units that capped paced starts at 310–400 calls' worth a second)
+/// nor waits for twenty rounds one after the other (which capped them at
+/// about 530 units a second over eight connections, issue 14); more, by one
+/// range of every unit record. Every write compares what it read, as before.
 async fn read_named(client: &Client, names: &[UnitName]) -> Result<Vec<KeyValue>, RegistryError> {
     let wanted: BTreeSet<String> = names
         .iter()
@@ -207,11 +210,8 @@ async fn read_named(client: &Client, names: &[UnitName]) -> Result<Vec<KeyValue>
         let (kvs, _) = client.range(keys::UNITS, true, false).await?;
         return Ok(kvs);
     }
-    let mut kvs = Vec::with_capacity(wanted.len());
-    for key in &wanted {
-        kvs.extend(client.get(key).await?);
-    }
-    Ok(kvs)
+    let wanted: Vec<String> = wanted.into_iter().collect();
+    Ok(client.get_keys(&wanted).await?)
 }
 
 /// The instance `name` made from its submitted template (templates' bodies
