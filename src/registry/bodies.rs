@@ -138,6 +138,12 @@ impl BodyCache {
 
     /// The body stored under `hash`, read from the store on first use;
     /// `None` while the store has none (not remembered: it may be written).
+    ///
+    /// A body's key is its content's hash, so whatever a member holds under
+    /// it is the body: it is first read from the member's own state, without
+    /// a linearizable round (one per unit an agent is proposed, and per
+    /// start call), and only a member that does not hold it yet is asked
+    /// again linearizably.
     pub async fn get(
         &self,
         client: &Client,
@@ -146,10 +152,13 @@ impl BodyCache {
         if let Some(body) = self.lock().get(hash) {
             return Ok(Some(body.clone()));
         }
-        let Some(kv) = client.get(&keys::body(hash)).await? else {
-            return Ok(None);
+        let key = keys::body(hash);
+        let (local, _) = client.range(&key, false, true).await?;
+        let found = match local.into_iter().next() {
+            Some(kv) => Some(kv),
+            None => client.get(&key).await?,
         };
-        Ok(Some(self.insert(*hash, &kv.value)))
+        Ok(found.map(|kv| self.insert(*hash, &kv.value)))
     }
 
     /// The body of the unit `record`; a body gone from the store means the
