@@ -1,0 +1,142 @@
+//! The C allocator's settings for a long-running daemon, and giving the
+//! memory it has freed back to the system.
+//!
+//! flotilla allocates through glibc's `malloc`. Measured at 5,000 hosts /
+//! 100,000 units (BENCHMARKS.md, "Memory at 5,000 hosts / 100,000 units"),
+//! each member held 160–257 MiB of memory it had already freed, on top of
+//! 320–518 MiB in use: glibc keeps an arena per thread that allocates, each
+//! grows to its own thread's peak (a bulk start's frames, batches and
+//! queues), and a free chunk below a live one is never returned, so the
+//! process keeps its peak. Two settings, applied once at startup:
+//!
+//! * at most [`ARENAS`] arenas, so the threads' peaks share memory instead
+//!   of each keeping its own;
+//! * every [`TRIM_EVERY`], when more than [`TRIM_ABOVE_BYTES`] are free,
+//!   `malloc_trim(0)`: glibc's own call that hands whole free pages back to
+//!   the kernel wherever they are in the heap (glibc trims on its own only
+//!   the top of each heap, past a threshold that grows to 64 MiB).
+//!
+//! Elsewhere (another C library, another OS) both are no-ops.
+
+use std::time::Duration;
+
+/// The most glibc arenas a daemon uses: the main one and one more. A
+/// member runs five threads that allocate (two async workers, the Raft
+/// thread, its snapshot writer, the blocking pool); glibc's default (eight
+/// per core) gave each its own.
+pub const ARENAS: i32 = 2;
+
+/// How often the daemon checks how much freed memory the allocator holds.
+pub const TRIM_EVERY: Duration = Duration::from_secs(10);
+
+/// Free memory held by the allocator past which the daemon trims.
+pub const TRIM_ABOVE_BYTES: usize = 32 * 1024 * 1024;
+
+/// Sets the allocator's arenas ([`ARENAS`]). Call before the daemon starts
+/// its threads: an arena already made stays.
+pub fn configure() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a parameter of glibc's allocator; any value
+    // is accepted or refused by glibc itself (returning 0).
+    unsafe {
+        if libc::mallopt(libc::M_ARENA_MAX, ARENAS) == 0 {
+            tracing::debug!("glibc refused M_ARENA_MAX={ARENAS}");
+        }
+    }
+}
+
+/// Bytes the allocator holds that nothing uses: free chunks in every arena
+/// (`mallinfo2`'s `fordblks`), whether or not their pages were already
+/// given back. `None` where that is not known.
+pub fn free_bytes() -> Option<usize> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 reads the allocator's statistics under its locks.
+        let info = unsafe { libc::mallinfo2() };
+        Some(info.fordblks)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
+    }
+}
+
+/// Hands every whole free page the allocator holds back to the kernel.
+/// Returns whether any was. Takes each arena's lock in turn while it walks
+/// that arena's free chunks, so run it off the Raft thread.
+pub fn trim() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim(0) only releases free memory; no pointer the
+        // program holds changes.
+        unsafe { libc::malloc_trim(0) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
+/// Every [`TRIM_EVERY`], trims when more than [`TRIM_ABOVE_BYTES`] are
+/// free, until the process ends. The check and the trim run on the
+/// blocking pool.
+///
+/// Free chunks stay counted after their pages went back, so once a member
+/// has held that much it trims at every check; a trim that finds the pages
+/// already released only walks the free lists (58,000 chunks in a member at
+/// 100,000 units), a few milliseconds every 10 s.
+pub async fn give_back_freed() {
+    let mut every = tokio::time::interval(TRIM_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let pass = tokio::task::spawn_blocking(|| {
+            let free = free_bytes()?;
+            if free > TRIM_ABOVE_BYTES {
+                let started = std::time::Instant::now();
+                let released = trim();
+                tracing::debug!(
+                    "allocator: {} MiB free, trimmed in {:?} (pages released: {released})",
+                    free >> 20,
+                    started.elapsed()
+                );
+            }
+            Some(())
+        })
+        .await;
+        match pass {
+            Ok(Some(())) => {}
+            // Not glibc: nothing to do, ever.
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!("the allocator's trim failed: {e}");
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn freed_memory_is_counted_and_can_be_trimmed() {
+        // Many small blocks (below glibc's mmap threshold, so they come
+        // from an arena), then freed: the arena holds them as free chunks.
+        let before = free_bytes().expect("glibc reports its free bytes");
+        let blocks: Vec<Vec<u8>> = (0..4096).map(|i| vec![i as u8; 16 * 1024]).collect();
+        let held: usize = blocks.iter().map(Vec::len).sum();
+        assert_eq!(held, 64 * 1024 * 1024);
+        // The last block stays, pinning the heap's top.
+        let last = blocks.into_iter().rev().take(1).collect::<Vec<_>>();
+        let freed = free_bytes().expect("glibc reports its free bytes");
+        assert!(
+            freed >= before + 32 * 1024 * 1024,
+            "{freed} bytes free after freeing 64 MiB, {before} before"
+        );
+        assert!(trim(), "64 MiB below a live block: whole pages to release");
+        drop(last);
+    }
+}
