@@ -1,49 +1,30 @@
-//! The C allocator's settings for a long-running daemon, and giving the
-//! memory it has freed back to the system.
+//! Giving the memory the C allocator has freed back to the system.
 //!
 //! flotilla allocates through glibc's `malloc`. Measured at 5,000 hosts /
 //! 100,000 units (BENCHMARKS.md, "Memory at 5,000 hosts / 100,000 units"),
-//! each member held 160–257 MiB of memory it had already freed, on top of
-//! 320–518 MiB in use: glibc keeps an arena per thread that allocates, each
-//! grows to its own thread's peak (a bulk start's frames, batches and
-//! queues), and a free chunk below a live one is never returned, so the
-//! process keeps its peak. Two settings, applied once at startup:
+//! each member held 160–257 MiB of memory it had already freed, beside
+//! 305–518 MiB in use, and never shrank after a bulk start: glibc gives
+//! memory back on its own only from the top of each heap (past a threshold
+//! that grows to 64 MiB), and a free chunk below a live one stays mapped.
+//! So every [`TRIM_EVERY`], when more than [`TRIM_ABOVE_BYTES`] are free, the
+//! daemon calls `malloc_trim(0)`, glibc's own call that hands whole free
+//! pages back to the kernel wherever they are in the heap: followers then
+//! ended a 5,000-host run at 367–386 MiB instead of 544–582 MiB.
 //!
-//! * at most [`ARENAS`] arenas, so the threads' peaks share memory instead
-//!   of each keeping its own;
-//! * every [`TRIM_EVERY`], when more than [`TRIM_ABOVE_BYTES`] are free,
-//!   `malloc_trim(0)`: glibc's own call that hands whole free pages back to
-//!   the kernel wherever they are in the heap (glibc trims on its own only
-//!   the top of each heap, past a threshold that grows to 64 MiB).
+//! Capping glibc's arenas (`M_ARENA_MAX=2`) was measured too and is not
+//! done: it left as much memory free in the arenas (236 against 239 MiB in a
+//! follower of the same run), and its idle leader ran at 17.7% of a core
+//! against 9.5% (one run each at load 10–12: a hint, not a measurement).
 //!
-//! Elsewhere (another C library, another OS) both are no-ops.
+//! Elsewhere (another C library, another OS) this is a no-op.
 
 use std::time::Duration;
-
-/// The most glibc arenas a daemon uses: the main one and one more. A
-/// member runs five threads that allocate (two async workers, the Raft
-/// thread, its snapshot writer, the blocking pool); glibc's default (eight
-/// per core) gave each its own.
-pub const ARENAS: i32 = 2;
 
 /// How often the daemon checks how much freed memory the allocator holds.
 pub const TRIM_EVERY: Duration = Duration::from_secs(10);
 
 /// Free memory held by the allocator past which the daemon trims.
 pub const TRIM_ABOVE_BYTES: usize = 32 * 1024 * 1024;
-
-/// Sets the allocator's arenas ([`ARENAS`]). Call before the daemon starts
-/// its threads: an arena already made stays.
-pub fn configure() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets a parameter of glibc's allocator; any value
-    // is accepted or refused by glibc itself (returning 0).
-    unsafe {
-        if libc::mallopt(libc::M_ARENA_MAX, ARENAS) == 0 {
-            tracing::debug!("glibc refused M_ARENA_MAX={ARENAS}");
-        }
-    }
-}
 
 /// Bytes the allocator holds that nothing uses: free chunks in every arena
 /// (`mallinfo2`'s `fordblks`), whether or not their pages were already

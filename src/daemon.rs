@@ -58,13 +58,12 @@ pub type Reload<'a> = &'a (dyn Fn() -> std::result::Result<Loaded, crate::config
 /// `force_new_cluster` first turns this member's store into a one-member
 /// cluster ([`crate::consensus::backup::force_new_cluster`]).
 pub fn run(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> Result<()> {
-    // Before any thread of the runtime allocates: see `allocator`.
-    crate::allocator::configure();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    // Freed memory back to the kernel: see `allocator`.
     runtime.spawn(crate::allocator::give_back_freed());
     let result = runtime.block_on(serve(loaded, reload, force_new_cluster));
     // Dropping a runtime waits for its blocking tasks without end; a member
