@@ -63,6 +63,8 @@ pub fn run(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> Resu
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    // Freed memory back to the kernel: see `allocator`.
+    runtime.spawn(crate::allocator::give_back_freed());
     let result = runtime.block_on(serve(loaded, reload, force_new_cluster));
     // Dropping a runtime waits for its blocking tasks without end; a member
     // that failed must exit now, so systemd restarts it.

@@ -19,6 +19,7 @@
 //! * [`config`]: the daemon's configuration loader (file, environment, flags).
 //! * [`duration`]: durations as settings and messages write them (`1h30m`).
 //! * [`daemon`]: `flotilla daemon`, wiring the roles together.
+//! * [`allocator`]: the daemon gives the memory glibc's malloc has freed back to the kernel.
 //! * [`health`]: `flotilla cluster health`: members, leader, lag, quorum, machines.
 //! * [`metrics`]: the daemon's counters, gauges and latency histograms, as `/metrics` serves them.
 //! * [`logging`]: log lines for journald or for people; the filter reloadable on SIGHUP.
@@ -31,6 +32,7 @@
 //! * [`lab`]: `flotilla lab`, N real-systemd hosts on one machine for end-to-end tests.
 
 pub mod agent;
+pub mod allocator;
 pub mod api;
 pub mod cli;
 pub mod cli_docs;
