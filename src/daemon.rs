@@ -72,7 +72,8 @@ pub fn run(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> Resu
     result
 }
 
-/// How long an unclaimed proposal waits before the scheduler moves it.
+/// How long an unclaimed proposal waits before the scheduler moves it,
+/// beyond what the fleet's recent claims take (the scheduler's `Pace`).
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 
 async fn serve(loaded: &Loaded, reload: Reload<'_>, force_new_cluster: bool) -> Result<()> {

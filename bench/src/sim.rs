@@ -499,14 +499,8 @@ async fn run_in(args: &SimArgs, dir: &Path, hosts_dir: &Path) -> Result<()> {
     }
     let deadline = Instant::now() + limit;
     loop {
-        let now = fleet.journal.placement();
-        let missing = affected
-            .keys()
-            .filter(|u| {
-                !now.get(*u)
-                    .is_some_and(|h| h.iter().any(|h| !fleet.dead.contains(h)))
-            })
-            .count();
+        // Never a copy of the whole placement here: see Journal::not_running.
+        let missing = fleet.journal.not_running(affected.keys(), &fleet.dead);
         if missing == 0 {
             break;
         }
@@ -645,8 +639,10 @@ fn chrono_free_utc(at: std::time::SystemTime) -> String {
 /// retry). Store events are as this process's watch of the machines'
 /// prefixes received them; units a stage cannot be timed for are left out
 /// of it. Also: the moved units whose start was refused at least once, and
-/// their expiry → running. With `rows_to`, writes each unit's times (ms
-/// after the kill) there as CSV.
+/// their expiry → running; and how many proposals of the moved units live
+/// hosts were given and had withdrawn (more than one per unit: the
+/// scheduler moved a proposal nobody claimed within its bound). With
+/// `rows_to`, writes each unit's times (ms after the kill) there as CSV.
 fn failover_timeline(
     placements: &Recorder,
     fleet: &Fleet,
@@ -663,9 +659,23 @@ fn failover_timeline(
     // unit → first proposal / claim on a live host, as received here.
     let mut proposed: HashMap<&str, Instant> = HashMap::new();
     let mut claimed: HashMap<&str, Instant> = HashMap::new();
+    // Proposals of moved units written to live hosts, per unit, and those
+    // withdrawn from live hosts (the scheduler moving an unclaimed one on).
+    let mut proposals: HashMap<&str, usize> = HashMap::new();
+    let mut withdrawn = 0usize;
     let seen = placements.seen();
     for s in &seen {
-        if s.listed || s.event.kind != flotilla::consensus::kv::EventKind::Put {
+        if s.listed {
+            continue;
+        }
+        if s.event.kind != flotilla::consensus::kv::EventKind::Put {
+            if let Some(rest) = s.event.kv.key.strip_prefix(keys::PER_MACHINE)
+                && let [machine, "p", unit] = rest.splitn(3, '/').collect::<Vec<_>>()[..]
+                && !killed_ids.contains_key(machine)
+                && affected.contains_key(unit)
+            {
+                withdrawn += 1;
+            }
             continue;
         }
         let Some(rest) = s.event.kv.key.strip_prefix(keys::PER_MACHINE) else {
@@ -678,6 +688,9 @@ fn failover_timeline(
         };
         if killed_ids.contains_key(machine) || !affected.contains_key(unit) {
             continue;
+        }
+        if kind == "p" {
+            *proposals.entry(unit).or_default() += 1;
         }
         let firsts = match kind {
             "p" => &mut proposed,
@@ -753,6 +766,10 @@ fn failover_timeline(
         "proposal_to_claim": summary(to_claim),
         "claim_to_start_call": summary(to_call),
         "start_call_to_active": summary(to_active),
+        "proposals_written": proposals.values().sum::<usize>(),
+        "units_proposed_more_than_once": proposals.values().filter(|n| **n > 1).count(),
+        "most_proposals_of_a_unit": proposals.values().max().copied().unwrap_or(0),
+        "proposals_withdrawn": withdrawn,
         "units_refused_once_or_more": refused.len(),
         "refused_calls": refused.values().sum::<usize>(),
         "refused_units_expiry_to_running": summary(&mut refused_running),

@@ -8,7 +8,8 @@
 //!   reaches the same state.
 //! * [`lessor`]: the leader's clock for leases: when each one runs out, and
 //!   the expiries and checkpoints the leader proposes.
-//! * [`node`]: THE Ready loop around raft-rs; [`runner`] runs it on a thread.
+//! * [`node`]: THE Ready loop around raft-rs; [`runner`] runs it on a thread;
+//!   [`watchers`]: its watchers, found by prefix for each applied event.
 //! * [`storage`]: the Raft log and snapshots on redb, fsynced before any ack;
 //!   [`snapshot`]: snapshots encoded and written off the Raft thread.
 //! * [`transport`]: peer messages over TCP, and [`announce`]: members
@@ -40,3 +41,4 @@ pub mod snapshot;
 mod sockets;
 pub mod storage;
 pub mod transport;
+pub mod watchers;

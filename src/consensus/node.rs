@@ -50,6 +50,7 @@ use super::lessor::{ClockBounds, Lessor};
 use super::limits::{Limits, Refused};
 use super::snapshot::Job;
 use super::storage::{Batch, DiskError, Durable, LogStore};
+use super::watchers::Watchers;
 use crate::metrics::{EntryKind, METRICS};
 
 /// A one-shot answer to a request, called exactly once.
@@ -357,12 +358,6 @@ struct PendingRead {
     serve: ReadServe,
 }
 
-struct Watcher {
-    prefix: String,
-    next: Revision,
-    sink: WatchSink,
-}
-
 /// One Raft member. See the module documentation.
 pub struct Core<D: Durable> {
     config: NodeConfig,
@@ -381,7 +376,7 @@ pub struct Core<D: Durable> {
     next_request: u64,
     pending: HashMap<RequestId, Pending>,
     reads: Vec<PendingRead>,
-    watchers: Vec<Watcher>,
+    watchers: Watchers,
     /// Leader only: the lease clock.
     lessor: Option<Lessor>,
     commit_dirty: bool,
@@ -519,7 +514,7 @@ impl<D: Durable> Core<D> {
             next_request: first_request,
             pending: HashMap::new(),
             reads: Vec::new(),
-            watchers: Vec::new(),
+            watchers: Watchers::default(),
             lessor: None,
             commit_dirty: false,
             snapshot_now: false,
@@ -943,7 +938,7 @@ impl<D: Durable> Core<D> {
                     return;
                 }
                 let next = from.max(self.kv.revision() + 1);
-                self.watchers.push(Watcher { prefix, next, sink });
+                self.watchers.add(prefix, next, sink);
             }
         }
     }
@@ -1329,16 +1324,7 @@ impl<D: Durable> Core<D> {
         self.renewed_at.retain(|id, _| kv.lease(*id).is_some());
         let kv = &self.kv;
         self.watchers
-            .retain_mut(|w| match kv.events_since(&w.prefix, w.next) {
-                Ok(events) => {
-                    w.next = kv.revision() + 1;
-                    events.is_empty() || (w.sink)(WatchMsg::Events(events))
-                }
-                Err(compacted) => {
-                    (w.sink)(WatchMsg::Compacted(compacted));
-                    false
-                }
-            });
+            .resume(kv.revision(), |prefix, from| kv.events_since(prefix, from));
     }
 
     /// Applies committed entries in order. Before the pass's `advance`, a
@@ -1513,17 +1499,7 @@ impl<D: Durable> Core<D> {
     }
 
     fn notify(&mut self, events: &[Event]) {
-        self.watchers.retain_mut(|w| {
-            let mine: Vec<Event> = events
-                .iter()
-                .filter(|e| e.revision() >= w.next && e.kv.key.starts_with(&w.prefix))
-                .cloned()
-                .collect();
-            if let Some(last) = events.last() {
-                w.next = w.next.max(last.revision() + 1);
-            }
-            mine.is_empty() || (w.sink)(WatchMsg::Events(mine))
-        });
+        self.watchers.feed(events);
     }
 
     fn serve_reads(&mut self) {

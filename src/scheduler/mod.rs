@@ -27,14 +27,16 @@
 //! unit's keys only). Passes run only when something the scheduler decides
 //! from changed, when an unclaimed proposal reaches the claim bound (which
 //! moves it; the bound counts from the machine's last claim too, so a busy
-//! host's backlog stays put), and every [`BACKSTOP`] as a safety net: an
+//! host's backlog stays put, and stretches by what the fleet's recent claims
+//! took, so a loaded fleet's proposals are not moved for being as slow as
+//! everyone's: [`Pace`]), and every [`BACKSTOP`] as a safety net: an
 //! idle cluster costs it nothing. A copy that loaded again (its watch broke:
 //! history compacted) reloads the view. A deposed leader's scheduler stops;
 //! any stale write it still makes fails its compares.
 
 pub mod plan;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,6 +65,62 @@ const LEADERSHIP: Duration = Duration::from_millis(200);
 /// registry to load before it loads its view (which it then loads anyway).
 const COPY_LOAD: Duration = Duration::from_secs(5);
 
+/// How long the fleet's claims stretch the claim bound: the time from a
+/// proposal (as the scheduler first saw it) to its claim, at the 90th
+/// percentile of the claims seen in the last [`Pace::WINDOW`], once there
+/// are at least [`Pace::SAMPLES`] of them (zero until then, and again once
+/// the fleet is quiet).
+///
+/// With a fixed bound, a fleet too loaded to claim within it moved its own
+/// healthy hosts' proposals: at 5,000 hosts on two cores a failover's claims
+/// took ~4 s at the median, and 2,934 of 12,953 proposals were moved on
+/// again (one unit seven times), each move more writes and another agent's
+/// pass, so the slowest claims came 30 s after their first proposal
+/// (BENCHMARKS.md, issue 14). A wedged host still loses its proposals: it
+/// claims nothing, so it adds nothing to the pace, and its proposals go
+/// once they are the bound older than what the claiming hosts take.
+#[derive(Debug, Default)]
+struct Pace {
+    /// When each recent claim was seen, and how long after its proposal.
+    claims: VecDeque<(Instant, Duration)>,
+}
+
+impl Pace {
+    /// How long a claim stays in the pace.
+    const WINDOW: Duration = Duration::from_secs(30);
+    /// How many recent claims it takes to set a pace: a handful of slow
+    /// ones (a small cluster's) leaves the bound as configured.
+    const SAMPLES: usize = 32;
+    /// The most claims kept (the newest), so a bulk start's tens of
+    /// thousands cost no more per pass than this many.
+    const KEPT: usize = 4096;
+
+    /// A claim seen at `now`, `took` after its proposal was first seen.
+    fn claimed(&mut self, now: Instant, took: Duration) {
+        if self.claims.len() == Self::KEPT {
+            self.claims.pop_front();
+        }
+        self.claims.push_back((now, took));
+    }
+
+    /// How much the claim bound stretches at `now` (see [`Pace`]).
+    fn stretch(&mut self, now: Instant) -> Duration {
+        while self
+            .claims
+            .front()
+            .is_some_and(|(at, _)| now.saturating_duration_since(*at) > Self::WINDOW)
+        {
+            self.claims.pop_front();
+        }
+        if self.claims.len() < Self::SAMPLES {
+            return Duration::ZERO;
+        }
+        let mut took: Vec<Duration> = self.claims.iter().map(|(_, took)| *took).collect();
+        let at = took.len() * 9 / 10;
+        *took.select_nth_unstable(at).1
+    }
+}
+
 /// Runs the scheduler whenever this member leads, until the member stops,
 /// reading unit bodies through `bodies` (the daemon's one cache) and
 /// following the registry through `mirror` (the member's one copy, which the
@@ -81,6 +139,7 @@ pub async fn run(
         next_stale: None,
         claimed: HashMap::new(),
         progress: HashMap::new(),
+        pace: Pace::default(),
         unplaceable: BTreeMap::new(),
         carried: Touched::default(),
         index: plan::Index::default(),
@@ -114,6 +173,8 @@ struct Scheduler {
     /// When each machine last claimed more units than before: a machine
     /// still claiming is working through its proposals, not wedged.
     progress: HashMap<String, Instant>,
+    /// What the fleet's recent claims took, which stretches the bound.
+    pace: Pace,
     /// The last reason logged for each unit that cannot be placed, to log
     /// changes only.
     unplaceable: BTreeMap<UnitName, String>,
@@ -183,6 +244,7 @@ impl Scheduler {
         self.next_stale = None;
         self.claimed.clear();
         self.progress.clear();
+        self.pace = Pace::default();
         self.carried = Touched::default();
         // The revision of the last pass's writes, and since when it is awaited.
         let mut written: Revision = 0;
@@ -255,7 +317,13 @@ impl Scheduler {
         let started = Instant::now();
         let mut touched = view.take_touched();
         touched.all |= full;
-        let stale = self.age_proposals(view.unclaimed(), view.claimed_per_machine(), started);
+        let world = view.world();
+        let stale = self.age_proposals(
+            view.unclaimed(),
+            view.claimed_per_machine(),
+            |unit, machine| world.is_claimed(unit, machine),
+            started,
+        );
         for (unit, _) in stale.symmetric_difference(&view.world().stale) {
             touched.note_unit(unit);
         }
@@ -302,16 +370,19 @@ impl Scheduler {
     /// Returns the proposals nobody claimed within the bound (of `unclaimed`:
     /// unit, machine, revision), counted from when the proposal was first
     /// seen or its machine last claimed something (`claimed`: each machine's
-    /// count), whichever is later. A host working through a bulk start
-    /// (claims queued behind everyone else's writes) keeps its proposals;
-    /// moving them made more writes, which delayed claims more, and a bulk
-    /// start of 30,000 units never settled. A wedged host (claiming nothing)
-    /// still loses its proposals after the bound. Costs the unclaimed
-    /// proposals and the machines, not every proposal.
+    /// count), whichever is later, and stretched by the fleet's [`Pace`]. A
+    /// host working through a bulk start (claims queued behind everyone
+    /// else's writes) keeps its proposals; moving them made more writes,
+    /// which delayed claims more, and a bulk start of 30,000 units never
+    /// settled. A wedged host (claiming nothing) still loses its proposals
+    /// after the bound. `is_claimed` says whether a proposal that left
+    /// `unclaimed` did so by its claim (unit, machine): those set the pace.
+    /// Costs the unclaimed proposals and the machines, not every proposal.
     fn age_proposals<'v>(
         &mut self,
         unclaimed: impl Iterator<Item = (&'v UnitName, &'v String, Revision)>,
         claimed: &OrdMap<String, usize>,
+        is_claimed: impl Fn(&UnitName, &str) -> bool,
         now: Instant,
     ) -> BTreeSet<(UnitName, String)> {
         for (machine, count) in claimed {
@@ -333,17 +404,27 @@ impl Scheduler {
         let mut live = HashMap::new();
         let mut stale = BTreeSet::new();
         self.next_stale = None;
+        let timeout = self.claim_timeout + self.pace.stretch(now);
         for (unit, machine, revision) in unclaimed {
             let key = (unit.clone(), machine.clone(), revision);
             let since = self.first_seen.get(&key).copied().unwrap_or(now);
             let active = self.progress.get(machine).copied();
-            let bound = since.max(active.unwrap_or(since)) + self.claim_timeout;
+            let bound = since.max(active.unwrap_or(since)) + timeout;
             if bound <= now {
                 stale.insert((unit.clone(), machine.clone()));
             } else if self.next_stale.is_none_or(|at| bound < at) {
                 self.next_stale = Some(bound);
             }
             live.insert(key, since);
+        }
+        // What left `unclaimed` since the last pass by being claimed sets
+        // the pace of the next passes' bound.
+        for (key, since) in &self.first_seen {
+            let (unit, machine, _) = key;
+            if !live.contains_key(key) && is_claimed(unit, machine) {
+                self.pace
+                    .claimed(now, now.saturating_duration_since(*since));
+            }
         }
         self.first_seen = live;
         stale
@@ -385,26 +466,34 @@ mod tests {
             for (_, machine) in &self.claimed {
                 *counts.entry(machine.clone()).or_default() += 1;
             }
-            scheduler.age_proposals(unclaimed, &counts, now)
+            let is_claimed = |unit: &UnitName, machine: &str| {
+                self.claimed.contains(&(unit.clone(), machine.to_string()))
+            };
+            scheduler.age_proposals(unclaimed, &counts, is_claimed, now)
         }
     }
 
     /// A proposal goes stale 5 s after it was first seen or its machine last
     /// claimed something, whichever is later: a busy host keeps its backlog,
     /// a wedged one loses it.
-    #[test]
-    fn the_claim_bound_counts_from_the_machines_last_claim() {
-        let mut scheduler = Scheduler {
+    fn scheduler() -> Scheduler {
+        Scheduler {
             claim_timeout: Duration::from_secs(5),
             bodies: Arc::new(BodyCache::new()),
             first_seen: HashMap::new(),
             next_stale: None,
             claimed: HashMap::new(),
             progress: HashMap::new(),
+            pace: Pace::default(),
             unplaceable: BTreeMap::new(),
             carried: Touched::default(),
             index: plan::Index::default(),
-        };
+        }
+    }
+
+    #[test]
+    fn the_claim_bound_counts_from_the_machines_last_claim() {
+        let mut scheduler = scheduler();
         let mut world = Machines::default();
         for unit in ["a.service", "b.service", "c.service"] {
             world.propose(unit, "busy");
@@ -424,5 +513,61 @@ mod tests {
             stale.contains(&(name("c.service"), "busy".to_string())),
             "{stale:?}"
         );
+    }
+
+    /// A fleet whose claims take 4 s (40 hosts, each claiming its proposal
+    /// 4 s after it was made) stretches the bound by that: a wedged host's
+    /// proposal is not moved 6 s after it was made, as with the bound alone,
+    /// but once it is 5 s older than what the fleet takes; once the fleet's
+    /// claims are older than the pace's window, the bound is 5 s again.
+    #[test]
+    fn a_slow_fleet_stretches_the_bound_and_a_wedged_host_still_loses_its_proposal() {
+        let mut scheduler = scheduler();
+        let mut world = Machines::default();
+        for i in 0..40 {
+            world.propose(&format!("u{i}.service"), &format!("h{i}"));
+        }
+        world.propose("w.service", "wedged");
+        let start = Instant::now();
+        let at = |secs| start + Duration::from_secs(secs);
+        assert!(world.age(&mut scheduler, at(0)).is_empty());
+        for i in 0..40 {
+            world.claim(&format!("u{i}.service"), &format!("h{i}"));
+        }
+        assert!(world.age(&mut scheduler, at(4)).is_empty());
+        assert!(
+            world.age(&mut scheduler, at(6)).is_empty(),
+            "5 s + the fleet's 4 s"
+        );
+        let stale: Vec<_> = world.age(&mut scheduler, at(10)).into_iter().collect();
+        assert_eq!(stale, [(name("w.service"), "wedged".to_string())]);
+
+        // 35 s after the fleet's claims: no pace, the bound alone.
+        world.propose("x.service", "wedged");
+        let x = (name("x.service"), "wedged".to_string());
+        assert!(!world.age(&mut scheduler, at(39)).contains(&x));
+        let stale = world.age(&mut scheduler, at(45));
+        assert!(stale.contains(&x), "{stale:?}");
+    }
+
+    /// A handful of slow claims (fewer than a pace needs) leaves the bound
+    /// as configured.
+    #[test]
+    fn a_few_slow_claims_do_not_stretch_the_bound() {
+        let mut scheduler = scheduler();
+        let mut world = Machines::default();
+        for i in 0..5 {
+            world.propose(&format!("u{i}.service"), &format!("h{i}"));
+        }
+        world.propose("w.service", "wedged");
+        let start = Instant::now();
+        let at = |secs| start + Duration::from_secs(secs);
+        assert!(world.age(&mut scheduler, at(0)).is_empty());
+        for i in 0..5 {
+            world.claim(&format!("u{i}.service"), &format!("h{i}"));
+        }
+        assert!(world.age(&mut scheduler, at(4)).is_empty());
+        let stale: Vec<_> = world.age(&mut scheduler, at(6)).into_iter().collect();
+        assert_eq!(stale, [(name("w.service"), "wedged".to_string())]);
     }
 }
