@@ -7,13 +7,14 @@
 //! that predates paged reads is read in one range. Also named keys read in
 //! one request (`Request::GetKeys`, `Client::get_keys`, what a start call
 //! reads): equal to reading them one by one, bounded in count and bytes,
-//! and read key by key from a member that predates the request.
+//! and read key by key from a member that predates the request (a few;
+//! many are refused, for the caller to read their prefix).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use flotilla::consensus::client::Client;
+use flotilla::consensus::client::{Client, ClientError, KEY_BY_KEY};
 use flotilla::consensus::codec;
 use flotilla::consensus::kv::{KeyValue, Op};
 use flotilla::consensus::protocol::{ErrorKind, GET_KEYS_MAX, PAGE_KEYS, Request, Response};
@@ -441,4 +442,14 @@ async fn a_member_without_named_reads_is_read_key_by_key() {
     let asked = ["/flotilla/x/2", "/flotilla/x/9", "/flotilla/x/0"].map(String::from);
     let got = client.get_keys(&asked).await.unwrap();
     assert_eq!(got, [kvs[2].clone(), kvs[0].clone()]);
+    // More keys than are worth a round each: refused, for the caller to
+    // read their prefix instead; the client goes on over a fresh connection.
+    let many: Vec<String> = (0..=KEY_BY_KEY)
+        .map(|i| format!("/flotilla/x/{i}"))
+        .collect();
+    match client.get_keys(&many).await {
+        Err(ClientError::Refused(_)) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(client.range(keys::ROOT, true, false).await.unwrap().0, kvs);
 }

@@ -39,6 +39,10 @@ use super::protocol::{ErrorKind, GET_KEYS_MAX, PAGE_KEYS, Request, Response, WAT
 use crate::tls::ClientTls;
 use crate::tls::stream::BoxStream;
 
+/// The most keys [`Client::get_keys`] reads one by one when a member
+/// refuses to read them at once.
+pub const KEY_BY_KEY: usize = 64;
+
 /// The head start each endpoint gets over the next when connecting.
 const STAGGER: Duration = Duration::from_millis(150);
 
@@ -571,7 +575,9 @@ impl Client {
     /// round each, where [`Client::get`] costs a round per key. Keys read
     /// once each, in the order asked. A group a member refuses (one that
     /// predates the request, or an answer past its byte bound) is read key
-    /// by key instead.
+    /// by key instead when it holds at most [`KEY_BY_KEY`] keys; a larger
+    /// one is [`ClientError::Refused`]: that many rounds one after the other
+    /// cost more than the caller's other way (a range of their prefix).
     pub async fn get_keys(&self, keys: &[String]) -> Result<Vec<KeyValue>, ClientError> {
         let mut seen = std::collections::HashSet::new();
         let keys: Vec<String> = keys
@@ -591,13 +597,16 @@ impl Client {
                 }
                 Ok(other) => return Err(unexpected(&other)),
                 Err(ClientError::Refused(why)) => {
+                    // A member of an older release hung up after the
+                    // request it could not decode: go on over a fresh one.
+                    *self.conn.lock().await = None;
+                    if group.len() > KEY_BY_KEY {
+                        return Err(ClientError::Refused(why));
+                    }
                     tracing::debug!(
                         "reading {} keys at once refused ({why}); reading them one by one",
                         group.len()
                     );
-                    // A member of an older release hung up after the
-                    // request it could not decode: go on over a fresh one.
-                    *self.conn.lock().await = None;
                     for key in group {
                         kvs.extend(self.get(key).await?);
                     }

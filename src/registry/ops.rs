@@ -15,7 +15,7 @@ use super::index::{self, Index};
 use super::keys::{self, MachineKey};
 use super::reader::Reader;
 use super::records::{self, DesiredState, MachineRecord, Renewal, ReportedState, UnitRecord};
-use crate::consensus::client::{Client, ClientError};
+use crate::consensus::client::{Client, ClientError, KEY_BY_KEY};
 use crate::consensus::kv::{Compare, KeyValue, Op};
 use crate::consensus::node::LeaseRenewal;
 use crate::consensus::protocol::GET_KEYS_MAX;
@@ -199,7 +199,9 @@ const NAMED_READS: usize = 4 * GET_KEYS_MAX;
 /// 15,000 units that capped paced starts at 310–400 calls' worth a second)
 /// nor waits for twenty rounds one after the other (which capped them at
 /// about 530 units a second over eight connections, issue 14); more, by one
-/// range of every unit record. Every write compares what it read, as before.
+/// range of every unit record, as from a member that predates named reads
+/// when more than [`KEY_BY_KEY`] are wanted. Every write compares what it
+/// read, as before.
 async fn read_named(client: &Client, names: &[UnitName]) -> Result<Vec<KeyValue>, RegistryError> {
     let wanted: BTreeSet<String> = names
         .iter()
@@ -211,7 +213,14 @@ async fn read_named(client: &Client, names: &[UnitName]) -> Result<Vec<KeyValue>
         return Ok(kvs);
     }
     let wanted: Vec<String> = wanted.into_iter().collect();
-    Ok(client.get_keys(&wanted).await?)
+    match client.get_keys(&wanted).await {
+        // A member that predates named reads, and more keys than it is
+        // worth reading one by one: one range, as before named reads.
+        Err(ClientError::Refused(_)) if wanted.len() > KEY_BY_KEY => {
+            Ok(client.range(keys::UNITS, true, false).await?.0)
+        }
+        read => Ok(read?),
+    }
 }
 
 /// The instance `name` made from its submitted template (templates' bodies
