@@ -321,8 +321,8 @@ async fn old_member(kvs: Vec<KeyValue>) -> String {
     addr
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_member_without_paged_reads_is_read_in_one_range() {
+/// An [`old_member`] holding `/flotilla/x/0..3`, its keys and a client of it.
+async fn old_member_of_three_keys() -> (Vec<KeyValue>, Client) {
     let kvs: Vec<KeyValue> = (0..3)
         .map(|i| KeyValue {
             key: format!("/flotilla/x/{i}"),
@@ -334,7 +334,12 @@ async fn a_member_without_paged_reads_is_read_in_one_range() {
         })
         .collect();
     let addr = old_member(kvs.clone()).await;
-    let client = Client::connect(&[addr]).await.unwrap();
+    (kvs, Client::connect(&[addr]).await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_without_paged_reads_is_read_in_one_range() {
+    let (kvs, client) = old_member_of_three_keys().await;
     let paged = client.range_all_with(keys::ROOT, false, 1).await.unwrap();
     assert_eq!(paged.pages, 1, "one range");
     assert_eq!((paged.revision, paged.last_revision), (9, 9));
@@ -427,18 +432,7 @@ async fn named_keys_are_bounded_in_count_and_bytes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_without_named_reads_is_read_key_by_key() {
-    let kvs: Vec<KeyValue> = (0..3)
-        .map(|i| KeyValue {
-            key: format!("/flotilla/x/{i}"),
-            value: b"v".to_vec(),
-            create_revision: 2,
-            mod_revision: 2,
-            version: 1,
-            lease: None,
-        })
-        .collect();
-    let addr = old_member(kvs.clone()).await;
-    let client = Client::connect(&[addr]).await.unwrap();
+    let (kvs, client) = old_member_of_three_keys().await;
     let asked = ["/flotilla/x/2", "/flotilla/x/9", "/flotilla/x/0"].map(String::from);
     let got = client.get_keys(&asked).await.unwrap();
     assert_eq!(got, [kvs[2].clone(), kvs[0].clone()]);
