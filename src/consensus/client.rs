@@ -749,7 +749,6 @@ pub async fn member_status_as(
         .unwrap_or_else(|_| Err(unreachable(format!("no answer within {timeout:?}"))))
 }
 
-/// Requests that change nothing, so retrying them is always safe.
 /// What a command's answer says: its outcome, or the error a failed one is.
 fn outcome(response: Response) -> Result<Outcome, ClientError> {
     match response {
@@ -762,6 +761,7 @@ fn outcome(response: Response) -> Result<Outcome, ClientError> {
     }
 }
 
+/// Requests that change nothing, so retrying them is always safe.
 fn is_read(request: &Request) -> bool {
     matches!(
         request,

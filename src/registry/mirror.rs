@@ -237,8 +237,8 @@ struct Shared {
     /// Whether the task keeping it runs.
     running: AtomicBool,
     /// Whether a load is under way (from the task's start, or its next
-    /// attempt after a failure, to the load's end): a read waits for it, at
-    /// until it ends, instead of reading the store beside it.
+    /// attempt after a failure, to the load's end): a read waits until it
+    /// ends, instead of reading the store beside it.
     loading: watch::Sender<bool>,
     /// When it was last read, in ms since `epoch`.
     last_read_ms: AtomicU64,
@@ -285,8 +285,8 @@ impl Mirror {
         metrics.api_barrier_seconds.observe(asked.elapsed());
         let waited = Instant::now();
         let mut copy = self.shared.copy.subscribe();
-        // A copy being loaded is waited for (the load is one range, bounded
-        // by the client's timeout): a member's first read, which starts the
+        // A copy being loaded is waited for (each of the load's pages is
+        // bounded by the client's timeout): a member's first read, which starts the
         // copy, read the whole index from the store beside the load, one
         // linearizable range per prefix, while the load took the same.
         let mut loading = self.shared.loading.subscribe();

@@ -208,19 +208,16 @@ async fn read_named(client: &Client, names: &[UnitName]) -> Result<Vec<KeyValue>
         .flat_map(|name| std::iter::once(name.clone()).chain(name.template()))
         .map(|name| keys::unit(&name))
         .collect();
-    if wanted.len() > NAMED_READS {
-        let (kvs, _) = client.range(keys::UNITS, true, false).await?;
-        return Ok(kvs);
-    }
-    let wanted: Vec<String> = wanted.into_iter().collect();
-    match client.get_keys(&wanted).await {
-        // A member that predates named reads, and more keys than it is
-        // worth reading one by one: one range, as before named reads.
-        Err(ClientError::Refused(_)) if wanted.len() > KEY_BY_KEY => {
-            Ok(client.range(keys::UNITS, true, false).await?.0)
+    if wanted.len() <= NAMED_READS {
+        let wanted: Vec<String> = wanted.into_iter().collect();
+        match client.get_keys(&wanted).await {
+            // A member that predates named reads, and more keys than it is
+            // worth reading one by one: one range, as before named reads.
+            Err(ClientError::Refused(_)) if wanted.len() > KEY_BY_KEY => {}
+            read => return Ok(read?),
         }
-        read => Ok(read?),
     }
+    Ok(client.range(keys::UNITS, true, false).await?.0)
 }
 
 /// The instance `name` made from its submitted template (templates' bodies

@@ -131,12 +131,7 @@ impl View {
                 view.revision = view.revision.max(last.revision());
             }
         }
-        let live: HashSet<UnitHash> = view.bodies.keys().copied().collect();
-        view.cache.keep_only(&live);
-        view.touched = Touched {
-            all: true,
-            ..Touched::default()
-        };
+        view.loaded();
         Ok(view)
     }
 
@@ -149,15 +144,21 @@ impl View {
         for kv in kvs {
             view.own(EventKind::Put, kv);
         }
-        let live: HashSet<UnitHash> = view.bodies.keys().copied().collect();
-        view.cache.keep_only(&live);
         view.settle();
         view.revision = revision;
-        view.touched = Touched {
+        view.loaded();
+        view
+    }
+
+    /// A view just loaded: the cache keeps only the bodies still stored,
+    /// and the next pass decides everything.
+    fn loaded(&mut self) {
+        let live: HashSet<UnitHash> = self.bodies.keys().copied().collect();
+        self.cache.keep_only(&live);
+        self.touched = Touched {
             all: true,
             ..Touched::default()
         };
-        view
     }
 
     /// Applies a batch of watch events, in order (whole revisions), to the
